@@ -1,0 +1,43 @@
+// The schemas of every seqkern op, declared once. Device implementations live in
+// csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(seqkern, CPU, m)) and, for CUDA tensors, in Python
+// (seqkern/ops/<op>.py registers the Triton launchers of kernels/<op>.py).
+//
+// Conventions shared by the recurrent ops:
+//   * sequences are time-major: input (T, B, input_size);
+//   * batch_sizes (T,) int64 on the CPU, non-increasing, batch_sizes[t] <= B: at step t only rows
+//     [0, batch_sizes[t]) are active (a PackedSequence in sorted order). Inactive rows keep their state
+//     and get zeros in `output`. None means every row is active at every step;
+//   * reverse=true runs t = T-1 ... 0 (the backward direction of a bidirectional layer);
+//   * tensors a flag leaves out (no workspace, no bias gradient, no projection) are returned empty, shape (0,).
+#include <torch/library.h>
+
+TORCH_LIBRARY(seqkern, m) {
+  // One LSTM layer in one direction over a whole sequence.
+  //   input (T,B,I), h0 (B,P), c0 (B,H), w_ih (4H,I), w_hh (4H,P), b_ih/b_hh (4H,), w_hr (P,H);
+  //   P = proj_size if w_hr is given, else H.  Gate order i, f, g, o, as torch.nn.LSTM.
+  //   -> output (T,B,P), h_n (B,P), c_n (B,H),
+  //      gates (T,B,4H) activated [sigmoid i, sigmoid f, tanh g, sigmoid o] and cells (T,B,H) = c_t,
+  //      both only when save_workspace (else empty): what lstm_backward needs.
+  m.def(
+      "lstm_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool save_workspace) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  // Gradients of lstm_forward. grad_bias (4H,) is the gradient of b_ih and of b_hh alike (empty if
+  // not has_bias); grad_w_hr (P,H) is empty without a projection.
+  m.def(
+      "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, "
+      "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, "
+      "Tensor? batch_sizes, bool reverse, bool has_bias) -> (Tensor grad_input, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+  // The fused pointwise part of one LSTM cell step, run on top of the two GEMMs
+  // gates_x = x @ w_ih^T and gates_h = h @ w_hh^T (both (B,4H)); cx (B,H).
+  //   -> hy (B,H), cy (B,H), workspace (B,4H) activated gates for the backward.
+  m.def(
+      "lstm_cell_forward(Tensor gates_x, Tensor gates_h, Tensor cx, Tensor? b_ih, Tensor? b_hh) -> "
+      "(Tensor hy, Tensor cy, Tensor workspace)");
+  //   -> grad_gates (B,4H) (the gradient of gates_x and of gates_h alike), grad_cx (B,H),
+  //      grad_bias (4H,) (empty if not has_bias).
+  m.def(
+      "lstm_cell_backward(Tensor grad_hy, Tensor grad_cy, Tensor cx, Tensor cy, Tensor workspace, "
+      "bool has_bias) -> (Tensor grad_gates, Tensor grad_cx, Tensor grad_bias)");
+}

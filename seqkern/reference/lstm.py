@@ -1,0 +1,84 @@
+"""The LSTM in plain PyTorch, written for clarity (see csrc/ops.cpp for the op contracts).
+
+Gate order i, f, g, o, as torch.nn.LSTM:
+    i, f, o = sigmoid(.), g = tanh(.) of  x W_ih^T + b_ih + h W_hh^T + b_hh
+    c' = f * c + i * g,   h' = o * tanh(c'),   and with a projection h' = (o * tanh(c')) W_hr^T.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _activate(preact: Tensor) -> Tensor:
+    """(..., 4H) pre-activations -> (..., 4H) activated gates [sigmoid i, sigmoid f, tanh g, sigmoid o]."""
+    i, f, g, o = preact.chunk(4, dim=-1)
+    return torch.cat([i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()], dim=-1)
+
+
+def _cell_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Activated gates (B,4H), c (B,H) -> (o * tanh(c'), c')."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c_new = f * c + i * g
+    return o * c_new.tanh(), c_new
+
+
+def lstm_cell_forward(
+    gates_x: Tensor, gates_h: Tensor, cx: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """gates_x, gates_h (B,4H), cx (B,H), b_ih, b_hh (4H,) or None -> hy (B,H), cy (B,H), gates (B,4H)."""
+    preact = gates_x + gates_h
+    if b_ih is not None:
+        preact = preact + b_ih + b_hh
+    gates = _activate(preact)
+    hy, cy = _cell_update(gates, cx)
+    return hy, cy, gates
+
+
+def lstm_forward(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    save_workspace: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One layer, one direction, whole sequence.
+
+    input (T,B,I), h0 (B,P), c0 (B,H) -> output (T,B,P), h_n (B,P), c_n (B,H), gates (T,B,4H), cells (T,B,H)
+    (gates and cells empty unless save_workspace). With batch_sizes (T,), rows b >= batch_sizes[t] are
+    inactive at step t: their state is carried over and their output is zero.
+    """
+    seq_len, batch = input.shape[0], input.shape[1]
+    gates_x = input @ w_ih.t()
+    if b_ih is not None:
+        gates_x = gates_x + (b_ih + b_hh)
+    h, c = h0, c0
+    outputs, all_gates, all_cells = [None] * seq_len, [None] * seq_len, [None] * seq_len
+    steps = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
+    for t in steps:
+        active = batch if batch_sizes is None else int(batch_sizes[t])
+        gates = _activate(gates_x[t, :active] + h[:active] @ w_hh.t())
+        r, c_new = _cell_update(gates, c[:active])
+        h_new = r @ w_hr.t() if w_hr is not None else r
+        if active < batch:
+            # Inactive rows carry their state; the workspace rows there are padding (zeros).
+            h = torch.cat([h_new, h[active:]])
+            c = torch.cat([c_new, c[active:]])
+            h_new = torch.cat([h_new, h_new.new_zeros(batch - active, h_new.shape[1])])
+            c_new = torch.cat([c_new, c_new.new_zeros(batch - active, c_new.shape[1])])
+            gates = torch.cat([gates, gates.new_zeros(batch - active, gates.shape[1])])
+        else:
+            h, c = h_new, c_new
+        outputs[t], all_gates[t], all_cells[t] = h_new, gates, c_new
+    output = torch.stack(outputs) if seq_len else input.new_zeros(0, batch, h0.shape[1])
+    if save_workspace and seq_len:
+        gates_out, cells_out = torch.stack(all_gates), torch.stack(all_cells)
+    else:
+        gates_out, cells_out = input.new_zeros(0), input.new_zeros(0)
+    return output, h, c, gates_out, cells_out
