@@ -9,9 +9,19 @@
 //     and get zeros in `output`. None means every row is active at every step;
 //   * reverse=true runs t = T-1 ... 0 (the backward direction of a bidirectional layer);
 //   * tensors a flag leaves out (no workspace, no bias gradient, no projection) are returned empty, shape (0,).
+#include <Python.h>
 #include <torch/library.h>
 
+// `import seqkern._C` loads this library, which registers the ops below as a side effect; the module
+// itself is empty (the ops are reached through torch.ops.seqkern).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
 TORCH_LIBRARY(seqkern, m) {
+  // The fake (meta) implementations and the autograd formulas are registered in Python by this module.
+  m.set_python_module("seqkern.ops");
   // One LSTM layer in one direction over a whole sequence.
   //   input (T,B,I), h0 (B,P), c0 (B,H), w_ih (4H,I), w_hh (4H,P), b_ih/b_hh (4H,), w_hr (P,H);
   //   P = proj_size if w_hr is given, else H.  Gate order i, f, g, o, as torch.nn.LSTM.

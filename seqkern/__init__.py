@@ -1,1 +1,12 @@
-"""seqkern: hand-written fused kernels for sequence models, behind drop-in torch.nn modules."""
+"""seqkern: hand-written fused kernels for sequence models, behind drop-in torch.nn modules.
+
+    import seqkern
+    lstm = seqkern.nn.LSTM(256, 256, num_layers=2)      # same arguments and state_dict as torch.nn.LSTM
+    with seqkern.backend("reference"): ...             # force an implementation ("cpu", "triton", ...)
+"""
+from seqkern import _extension, ops  # noqa: F401  (loads the kernels, registers the ops)
+from seqkern import nn
+from seqkern.backend import backend
+
+__version__ = "0.1.0"
+__all__ = ["nn", "ops", "backend", "__version__"]

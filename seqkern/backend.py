@@ -1,0 +1,85 @@
+"""Which implementation of an op runs: the pure-PyTorch reference, the C++ CPU kernel, or Triton.
+
+    with seqkern.backend("reference"):   # or "cpu", "triton", "auto"
+        y = lstm(x)
+
+or the environment variable SEQKERN_BACKEND. "auto" (the default) picks the C++ kernel for CPU tensors
+and Triton for CUDA tensors, falling back to the reference for anything neither serves (another device,
+a dtype the kernel lacks, a missing extension). Forcing "triton" on CPU tensors runs the Triton kernels
+under the Triton interpreter: that is how the test suite checks them on a machine without a GPU.
+Forcing a backend that cannot serve the call raises instead of falling back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from seqkern import _extension, _triton
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+ENV_VAR = "SEQKERN_BACKEND"
+
+# A plain module-level stack rather than a threading.local: torch.compile traces reads of it as a
+# guarded constant, where a thread-local would break the graph.
+_override_stack: list[str] = []
+
+
+def _checked(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force `name` for every seqkern op called inside the block (outside any override by SEQKERN_BACKEND)."""
+    _override_stack.append(_checked(name, "seqkern.backend(name)"))
+    try:
+        yield
+    finally:
+        _override_stack.pop()
+
+
+def current() -> str:
+    """The backend in force: the innermost `backend()` block, else $SEQKERN_BACKEND, else "auto"."""
+    if _override_stack:
+        return _override_stack[-1]
+    return _checked(os.environ.get(ENV_VAR, "auto") or "auto", f"${ENV_VAR}")
+
+
+def cpu_kernel_available() -> bool:
+    return _extension.AVAILABLE
+
+
+def triton_available() -> bool:
+    return _triton.available() and _extension.AVAILABLE
+
+
+def resolve(
+    op: str, device: torch.device, dtype: torch.dtype, supported: dict[str, tuple[torch.dtype, ...]]
+) -> str:
+    """The implementation ("reference" | "cpu" | "triton") that runs `op` on `device`/`dtype`.
+
+    `supported` maps "cpu" and "triton" to the dtypes that implementation serves.
+    """
+    name = current()
+    if name == "reference":
+        return "reference"
+    if name == "auto":
+        native = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+        available = {"cpu": cpu_kernel_available, "triton": triton_available}
+        if native is not None and available[native]() and dtype in supported[native]:
+            return native
+        return "reference"
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"seqkern.backend('cpu') cannot run {op} on a {device.type} tensor")
+    if name == "cpu" and not cpu_kernel_available():
+        raise RuntimeError(f"seqkern.backend('cpu'): the C++ extension is not built ({_extension.IMPORT_ERROR})")
+    if name == "triton" and not triton_available():
+        raise RuntimeError("seqkern.backend('triton'): triton (and the op schemas of seqkern._C) are required")
+    if dtype not in supported[name]:
+        raise TypeError(f"seqkern.backend({name!r}): {op} supports {supported[name]}, got {dtype}")
+    return name

@@ -1,0 +1,141 @@
+"""The plumbing every recurrent drop-in shares, written once: input layouts (batch_first, unbatched,
+PackedSequence), argument checks, and the layer/direction loop with dropout between layers.
+
+A recurrent layer is described by its per-layer-direction step, `run_direction(x, state, weights,
+batch_sizes, reverse) -> (output, final_state)`, where `state` is a tuple of (B, size) tensors (LSTM:
+(h, c); GRU and Elman RNN: (h,)) and `weights` the module's parameters of that layer and direction, in
+torch.nn's order. Everything here works on time-major (T, B, features) tensors.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from seqkern._checks import ShapeError, check_floating, check_matches, check_ndim, check_shape, check_tensor
+
+State = tuple[Tensor, ...]
+DirectionFn = Callable[[Tensor, State, Sequence[Tensor], "Tensor | None", bool], tuple[Tensor, State]]
+
+
+@dataclass
+class SequenceLayout:
+    """How the caller's input was laid out, to give the output back in the same layout."""
+
+    batched: bool
+    batch_first: bool
+    packed: PackedSequence | None = None
+    lengths: Tensor | None = None
+
+    @property
+    def batch_sizes(self) -> Tensor | None:
+        return None if self.packed is None else self.packed.batch_sizes
+
+
+def to_time_major(module: torch.nn.Module, input: Tensor | PackedSequence) -> tuple[Tensor, SequenceLayout]:
+    """Checks `input` against the module and returns it as a (T, B, input_size) tensor and its layout.
+
+    A PackedSequence is padded in its sorted order (batch_sizes then marks the active rows per step).
+    """
+    weight = module.weight_ih_l0
+    if isinstance(input, PackedSequence):
+        _check_input_tensor(module, input.data, weight, allowed_ndim=(2,))
+        layout = SequenceLayout(batched=True, batch_first=False, packed=input)
+        padded, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes))
+        layout.lengths = lengths
+        return padded, layout
+    input = check_tensor("input", input)
+    _check_input_tensor(module, input, weight, allowed_ndim=(2, 3))
+    layout = SequenceLayout(batched=input.dim() == 3, batch_first=module.batch_first)
+    if not layout.batched:
+        input = input.unsqueeze(1)
+    elif module.batch_first:
+        input = input.transpose(0, 1)
+    if input.shape[0] == 0:
+        raise ShapeError("input: expected a sequence length larger than 0, got an empty sequence")
+    return input, layout
+
+
+def _check_input_tensor(module: torch.nn.Module, input: Tensor, weight: Tensor, allowed_ndim) -> None:
+    check_floating("input", input)
+    check_ndim("input", input, allowed_ndim)
+    if input.shape[-1] != module.input_size:
+        raise ShapeError(
+            f"input: expected the last dimension to be input_size={module.input_size}, got shape {tuple(input.shape)}"
+        )
+    check_matches("input", input, weight.dtype, weight.device, "the module's parameters")
+
+
+def from_time_major(output: Tensor, layout: SequenceLayout) -> Tensor | PackedSequence:
+    """(T, B, F) output -> the caller's layout (PackedSequence, batch_first, or unbatched)."""
+    if layout.packed is not None:
+        data = pack_padded_sequence(output, layout.lengths, enforce_sorted=True).data
+        packed = layout.packed
+        return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+    if not layout.batched:
+        return output.squeeze(1)
+    return output.transpose(0, 1) if layout.batch_first else output
+
+
+def initial_states(
+    module: torch.nn.Module, hx: Tensor | Sequence[Tensor] | None, names: Sequence[str],
+    sizes: Sequence[int], batch: int, like: Tensor, layout: SequenceLayout,
+) -> list[Tensor]:
+    """Checks the caller's initial states and returns them as (num_layers * num_directions, B, size) tensors.
+
+    `names` are the argument names in messages ("hx" or "hx[0]", "hx[1]"), `sizes` the state widths.
+    """
+    stacked = module.num_layers * (2 if module.bidirectional else 1)
+    if hx is None:
+        return [like.new_zeros(stacked, batch, size) for size in sizes]
+    given = [hx] if isinstance(hx, Tensor) else list(hx)
+    if len(given) != len(names):
+        raise ShapeError(f"hx: expected {len(names)} tensor(s) ({', '.join(names)}), got {len(given)}")
+    states = []
+    for name, size, state in zip(names, sizes, given):
+        state = check_tensor(name, state)
+        check_floating(name, state)
+        expected = (stacked, batch, size) if layout.batched else (stacked, size)
+        check_shape(name, state, expected)
+        check_matches(name, state, like.dtype, like.device, "input")
+        state = state if layout.batched else state.unsqueeze(1)
+        if layout.packed is not None and layout.packed.sorted_indices is not None:
+            state = state.index_select(1, layout.packed.sorted_indices)
+        states.append(state)
+    return states
+
+
+def final_states(states: Sequence[Tensor], layout: SequenceLayout) -> list[Tensor]:
+    """(L*D, B, size) final states in the caller's batch order (and unbatched if the input was)."""
+    if layout.packed is not None and layout.packed.unsorted_indices is not None:
+        states = [s.index_select(1, layout.packed.unsorted_indices) for s in states]
+    return [s if layout.batched else s.squeeze(1) for s in states]
+
+
+def run_stack(
+    module: torch.nn.Module, input: Tensor, states: Sequence[Tensor], run_direction: DirectionFn,
+    batch_sizes: Tensor | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """The layer/direction loop: input (T,B,I), states [(L*D, B, size)] -> output (T,B,D*out), final states."""
+    directions = 2 if module.bidirectional else 1
+    weights_per_direction = len(module._flat_weights) // (module.num_layers * directions)
+    finals: list[State] = []
+    layer_input = input
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            first = index * weights_per_direction
+            weights = module._flat_weights[first : first + weights_per_direction]
+            state = tuple(s[index] for s in states)
+            output, final = run_direction(layer_input, state, weights, batch_sizes, direction == 1)
+            outputs.append(output)
+            finals.append(final)
+        layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
+        if module.dropout and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, training=True)
+    return layer_input, [torch.stack(parts) for parts in zip(*finals)]

@@ -1,0 +1,87 @@
+"""seqkern.nn.LSTM and seqkern.nn.LSTMCell: drop-ins for torch.nn.LSTM and torch.nn.LSTMCell.
+
+They subclass the torch.nn modules, so the constructor, the parameters (names, shapes, initialization),
+state_dict, flatten_parameters(), all_weights, .to(), pickling and isinstance checks are torch.nn's own;
+only forward runs on seqkern's kernels (seqkern.ops.lstm).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from seqkern._checks import ShapeError, check_floating, check_matches, check_ndim, check_shape, check_tensor
+from seqkern.nn import _recurrent
+from seqkern.ops.lstm import lstm_cell, lstm_layer
+
+
+class LSTM(torch.nn.LSTM):
+    """Multi-layer LSTM, the same module as torch.nn.LSTM (same arguments and returns) on fused kernels.
+
+    forward(input, hx=None): input (T,B,I), (B,T,I) with batch_first, (T,I) unbatched, or a PackedSequence;
+    hx = (h_0 (L*D,B,P), c_0 (L*D,B,H)) -> output (T,B,D*P) (same layout as input), (h_n, c_n).
+    """
+
+    def forward(self, input: Tensor | PackedSequence, hx: Sequence[Tensor] | None = None):
+        x, layout = _recurrent.to_time_major(self, input)
+        out_size = self.proj_size or self.hidden_size
+        if hx is not None and isinstance(hx, Tensor):
+            raise ShapeError("hx: expected a tuple (h_0, c_0) for an LSTM, got a single tensor")
+        states = _recurrent.initial_states(
+            self, hx, ("hx[0]", "hx[1]"), (out_size, self.hidden_size), x.shape[1], x, layout
+        )
+        output, (h_n, c_n) = _recurrent.run_stack(self, x, states, _run_direction, layout.batch_sizes)
+        h_n, c_n = _recurrent.final_states([h_n, c_n], layout)
+        return _recurrent.from_time_major(output, layout), (h_n, c_n)
+
+
+def _run_direction(x, state, weights, batch_sizes, reverse):
+    """One layer and direction; weights in torch.nn's order: w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
+    w_ih, w_hh, *rest = weights
+    b_ih, b_hh = (rest[0], rest[1]) if len(rest) >= 2 else (None, None)
+    w_hr = rest[-1] if len(rest) in (1, 3) else None
+    output, h_n, c_n = lstm_layer(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    return output, (h_n, c_n)
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """One LSTM step, the same module as torch.nn.LSTMCell, on the fused cell-step kernel.
+
+    forward(input (B,I) or (I,), hx=(h (B,H), c (B,H)) or None) -> (h', c') of the same batchedness.
+    """
+
+    def forward(self, input: Tensor, hx: Sequence[Tensor] | None = None):
+        input = check_tensor("input", input)
+        check_floating("input", input)
+        check_ndim("input", input, (1, 2))
+        if input.shape[-1] != self.input_size:
+            raise ShapeError(
+                f"input: expected the last dimension to be input_size={self.input_size}, got shape {tuple(input.shape)}"
+            )
+        check_matches("input", input, self.weight_ih.dtype, self.weight_ih.device, "the module's parameters")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        h, c = self._initial_state(hx, x, batched)
+        gates_x = F.linear(x, self.weight_ih)
+        gates_h = F.linear(h, self.weight_hh)
+        hy, cy = lstm_cell(gates_x, gates_h, c, self.bias_ih, self.bias_hh)
+        return (hy, cy) if batched else (hy.squeeze(0), cy.squeeze(0))
+
+    def _initial_state(self, hx, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
+        if hx is None:
+            zeros = x.new_zeros(x.shape[0], self.hidden_size)
+            return zeros, zeros
+        if isinstance(hx, Tensor) or len(hx) != 2:
+            raise ShapeError("hx: expected a tuple (h_0, c_0)")
+        states = []
+        for name, state in zip(("hx[0]", "hx[1]"), hx):
+            state = check_tensor(name, state)
+            check_floating(name, state)
+            expected = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
+            check_shape(name, state, expected)
+            check_matches(name, state, x.dtype, x.device, "input")
+            states.append(state if batched else state.unsqueeze(0))
+        return states[0], states[1]

@@ -1,0 +1,163 @@
+"""The LSTM ops: fake implementations, autograd formulas, Triton registration, and the functional API.
+
+torch.ops.seqkern.lstm_forward / lstm_backward run one layer in one direction over a whole sequence;
+lstm_cell_forward / lstm_cell_backward are the fused pointwise part of one cell step. Their contracts
+(shapes, batch_sizes, empty results) are in csrc/ops.cpp. `lstm_layer` and `lstm_cell` below pick the
+implementation (seqkern.backend) and are what the modules call.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seqkern import _extension, _triton, backend, reference
+from seqkern.ops._registry import kernel_scope, register_triton
+
+SUPPORTED_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16),
+}
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes only, for torch.compile and opcheck.
+# --------------------------------------------------------------------------------------------------
+def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace):
+    seq_len, batch = input.shape[0], input.shape[1]
+    hidden, out_size = c0.shape[-1], h0.shape[-1]
+    output = input.new_empty(seq_len, batch, out_size)
+    if save_workspace:
+        gates, cells = input.new_empty(seq_len, batch, 4 * hidden), input.new_empty(seq_len, batch, hidden)
+    else:
+        gates, cells = _empty(input), _empty(input)
+    return output, h0.new_empty(h0.shape), c0.new_empty(c0.shape), gates, cells
+
+
+def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, output, gates,
+                        cells, batch_sizes, reverse, has_bias):
+    grad_bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else _empty(w_ih)
+    grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else _empty(w_ih)
+    return (input.new_empty(input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), grad_bias, grad_w_hr)
+
+
+def _lstm_cell_forward_fake(gates_x, gates_h, cx, b_ih, b_hh):
+    return cx.new_empty(cx.shape), cx.new_empty(cx.shape), gates_x.new_empty(gates_x.shape)
+
+
+def _lstm_cell_backward_fake(grad_hy, grad_cy, cx, cy, workspace, has_bias):
+    grad_bias = workspace.new_empty(workspace.shape[-1]) if has_bias else _empty(workspace)
+    return workspace.new_empty(workspace.shape), cx.new_empty(cx.shape), grad_bias
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd.
+# --------------------------------------------------------------------------------------------------
+def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _lstm_setup_context(ctx, inputs, output):
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace = inputs
+    out, _, _, gates, cells = output
+    ctx.reverse, ctx.has_bias, ctx.has_proj = reverse, b_ih is not None, w_hr is not None
+    ctx.saved_workspace = save_workspace
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes)
+
+
+def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes = ctx.saved_tensors
+    if not ctx.saved_workspace:
+        raise RuntimeError("seqkern.lstm_forward was called with save_workspace=False: it cannot be differentiated")
+    with kernel_scope(_impl_for_backward(input), input.device):
+        grads = torch.ops.seqkern.lstm_backward(
+            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, h0), _zeros_if_none(grad_c_n, c0),
+            input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes, ctx.reverse, ctx.has_bias,
+        )
+    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
+    bias_grad = grad_bias if ctx.has_bias else None
+    return (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, bias_grad, bias_grad,
+            grad_w_hr if ctx.has_proj else None, None, None, None)
+
+
+def _lstm_cell_setup_context(ctx, inputs, output):
+    _, _, cx, b_ih, _ = inputs
+    _, cy, workspace = output
+    ctx.has_bias = b_ih is not None
+    ctx.save_for_backward(cx, cy, workspace)
+
+
+def _lstm_cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
+    cx, cy, workspace = ctx.saved_tensors
+    with kernel_scope(_impl_for_backward(cx), cx.device):
+        grad_gates, grad_cx, grad_bias = torch.ops.seqkern.lstm_cell_backward(
+            _zeros_if_none(grad_hy, cy), _zeros_if_none(grad_cy, cy), cx, cy, workspace, ctx.has_bias
+        )
+    bias_grad = grad_bias if ctx.has_bias else None
+    return grad_gates, grad_gates, grad_cx, bias_grad, bias_grad
+
+
+def _impl_for_backward(like: Tensor) -> str:
+    """The backward runs on the backend in force when it runs (the forward's, inside a backend block)."""
+    return backend.resolve("lstm", like.device, like.dtype, SUPPORTED_DTYPES)
+
+
+def _register() -> None:
+    for name, fake in [
+        ("lstm_forward", _lstm_forward_fake),
+        ("lstm_backward", _lstm_backward_fake),
+        ("lstm_cell_forward", _lstm_cell_forward_fake),
+        ("lstm_cell_backward", _lstm_cell_backward_fake),
+    ]:
+        torch.library.register_fake(f"seqkern::{name}", fake)
+    torch.library.register_autograd("seqkern::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
+    torch.library.register_autograd(
+        "seqkern::lstm_cell_forward", _lstm_cell_backward, setup_context=_lstm_cell_setup_context
+    )
+    if _triton.available():
+        for name in ("lstm_forward", "lstm_backward", "lstm_cell_forward", "lstm_cell_backward"):
+            register_triton(name, "seqkern.kernels.lstm")
+
+
+if _extension.AVAILABLE:
+    _register()
+
+
+# --------------------------------------------------------------------------------------------------
+# Functional API (what seqkern.nn calls).
+# --------------------------------------------------------------------------------------------------
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lstm_layer(
+    input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, w_hr: Tensor | None = None, batch_sizes: Tensor | None = None, reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction: input (T,B,I), h0 (B,P), c0 (B,H) -> output (T,B,P), h_n, c_n.
+
+    Differentiable with respect to every tensor argument. Arguments are not validated here: the modules
+    of seqkern.nn do that with messages in their own terms (the kernels still refuse bad shapes).
+    """
+    impl = backend.resolve("lstm", input.device, input.dtype, SUPPORTED_DTYPES)
+    save_workspace = _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace)
+    if impl == "reference":
+        return reference.lstm_forward(*args[:-1], False)[:3]
+    with kernel_scope(impl, input.device):
+        return torch.ops.seqkern.lstm_forward(*args)[:3]
+
+
+def lstm_cell(
+    gates_x: Tensor, gates_h: Tensor, cx: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The fused pointwise part of a cell step: gates_x, gates_h (B,4H), cx (B,H) -> hy, cy (B,H)."""
+    impl = backend.resolve("lstm", cx.device, cx.dtype, SUPPORTED_DTYPES)
+    if impl == "reference":
+        return reference.lstm_cell_forward(gates_x, gates_h, cx, b_ih, b_hh)[:2]
+    with kernel_scope(impl, cx.device):
+        return torch.ops.seqkern.lstm_cell_forward(gates_x, gates_h, cx, b_ih, b_hh)[:2]
