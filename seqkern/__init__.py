@@ -6,7 +6,7 @@
 """
 from seqkern import _extension, ops  # noqa: F401  (loads the kernels, registers the ops)
 from seqkern import nn
-from seqkern.backend import backend
+from seqkern.backends import backend, current as current_backend
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "backend", "__version__"]
+__all__ = ["nn", "ops", "backend", "current_backend", "__version__"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch  # noqa: F401  (loads libtorch, which seqkern._C links against)
+
 try:
     from seqkern import _C  # noqa: F401  (importing registers torch.ops.seqkern.*)
 

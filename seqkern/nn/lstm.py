@@ -1,8 +1,11 @@
 """seqkern.nn.LSTM and seqkern.nn.LSTMCell: drop-ins for torch.nn.LSTM and torch.nn.LSTMCell.
 
-They subclass the torch.nn modules, so the constructor, the parameters (names, shapes, initialization),
-state_dict, flatten_parameters(), all_weights, .to(), pickling and isinstance checks are torch.nn's own;
-only forward runs on seqkern's kernels (seqkern.ops.lstm).
+LSTM subclasses torch.nn.RNNBase, the class torch.nn.LSTM itself is a thin layer over, so the parameters
+(names, shapes, initialization, random draws), state_dict, flatten_parameters(), all_weights, .to() and
+pickling are torch.nn's own; only forward runs on seqkern's kernels (seqkern.ops.lstm). It deliberately does
+not subclass torch.nn.LSTM: torch.compile refuses to trace any instance of torch.nn.LSTM/GRU/RNN
+(torch._dynamo.config.allow_rnn), and seqkern's LSTM is meant to be compiled. LSTMCell subclasses
+torch.nn.LSTMCell, which torch.compile traces.
 """
 from __future__ import annotations
 
@@ -18,12 +21,18 @@ from seqkern.nn import _recurrent
 from seqkern.ops.lstm import lstm_cell, lstm_layer
 
 
-class LSTM(torch.nn.LSTM):
+class LSTM(torch.nn.RNNBase):
     """Multi-layer LSTM, the same module as torch.nn.LSTM (same arguments and returns) on fused kernels.
 
     forward(input, hx=None): input (T,B,I), (B,T,I) with batch_first, (T,I) unbatched, or a PackedSequence;
     hx = (h_0 (L*D,B,P), c_0 (L*D,B,H)) -> output (T,B,D*P) (same layout as input), (h_n, c_n).
     """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None) -> None:
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype)
 
     def forward(self, input: Tensor | PackedSequence, hx: Sequence[Tensor] | None = None):
         x, layout = _recurrent.to_time_major(self, input)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqkern import _extension, _triton, backend, reference
+from seqkern import _extension, _triton, backends, reference
 from seqkern.ops._registry import kernel_scope, register_triton
 
 SUPPORTED_DTYPES = {
@@ -103,7 +103,7 @@ def _lstm_cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
 
 def _impl_for_backward(like: Tensor) -> str:
     """The backward runs on the backend in force when it runs (the forward's, inside a backend block)."""
-    return backend.resolve("lstm", like.device, like.dtype, SUPPORTED_DTYPES)
+    return backends.resolve("lstm", like.device, like.dtype, SUPPORTED_DTYPES)
 
 
 def _register() -> None:
@@ -143,7 +143,7 @@ def lstm_layer(
     Differentiable with respect to every tensor argument. Arguments are not validated here: the modules
     of seqkern.nn do that with messages in their own terms (the kernels still refuse bad shapes).
     """
-    impl = backend.resolve("lstm", input.device, input.dtype, SUPPORTED_DTYPES)
+    impl = backends.resolve("lstm", input.device, input.dtype, SUPPORTED_DTYPES)
     save_workspace = _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace)
     if impl == "reference":
@@ -156,7 +156,7 @@ def lstm_cell(
     gates_x: Tensor, gates_h: Tensor, cx: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """The fused pointwise part of a cell step: gates_x, gates_h (B,4H), cx (B,H) -> hy, cy (B,H)."""
-    impl = backend.resolve("lstm", cx.device, cx.dtype, SUPPORTED_DTYPES)
+    impl = backends.resolve("lstm", cx.device, cx.dtype, SUPPORTED_DTYPES)
     if impl == "reference":
         return reference.lstm_cell_forward(gates_x, gates_h, cx, b_ih, b_hh)[:2]
     with kernel_scope(impl, cx.device):

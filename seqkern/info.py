@@ -1,0 +1,63 @@
+"""`python -m seqkern.info`: versions, the backends this machine has, and which implementation each
+op runs for CPU and CUDA tensors (under the backend in force: SEQKERN_BACKEND or "auto")."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import seqkern
+from seqkern import _extension, _triton, backends
+from seqkern.ops import lstm
+
+# op name -> its dtype table; every op module adds its line here.
+OPS = {"lstm": lstm.SUPPORTED_DTYPES}
+
+
+def _triton_version() -> str:
+    if not _triton.available():
+        return "not installed"
+    import triton
+
+    return triton.__version__
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _choice(op: str, device: str, dtypes) -> str:
+    try:
+        return backends.resolve(op, torch.device(device), torch.float32, dtypes)
+    except (RuntimeError, ValueError, TypeError) as error:
+        return f"unavailable ({error})"
+
+
+def report() -> str:
+    cuda = torch.cuda.is_available()
+    lines = [
+        f"seqkern {seqkern.__version__}   torch {torch.__version__}   triton {_triton_version()}   "
+        f"python {platform.python_version()}",
+        f"threads: {torch.get_num_threads()}   CPU: {_cpu_model()}",
+        "backends:",
+        f"  reference  available (pure PyTorch)",
+        f"  cpu        {'available' if _extension.AVAILABLE else 'missing: ' + str(_extension.IMPORT_ERROR)}",
+        f"  triton     {'available' if backends.triton_available() else 'missing'}"
+        f"{'' if cuda else ' (no CUDA device: runs only when forced, under the Triton interpreter)'}",
+        f"backend in force: {backends.current()}",
+        "op         float32 on CPU      float32 on CUDA",
+    ]
+    for op, dtypes in OPS.items():
+        lines.append(f"{op:<10} {_choice(op, 'cpu', dtypes):<19} {_choice(op, 'cuda', dtypes)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
