@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from seqkern.reference._scan import scan
+
 
 def _activate(preact: Tensor) -> Tensor:
     """(..., 4H) pre-activations -> (..., 4H) activated gates [sigmoid i, sigmoid f, tanh g, sigmoid o]."""
@@ -36,49 +38,26 @@ def lstm_cell_forward(
 
 
 def lstm_forward(
-    input: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
-    batch_sizes: Tensor | None,
-    reverse: bool,
-    save_workspace: bool,
+    input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool, save_workspace: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer, one direction, whole sequence.
 
     input (T,B,I), h0 (B,P), c0 (B,H) -> output (T,B,P), h_n (B,P), c_n (B,H), gates (T,B,4H), cells (T,B,H)
-    (gates and cells empty unless save_workspace). With batch_sizes (T,), rows b >= batch_sizes[t] are
-    inactive at step t: their state is carried over and their output is zero.
+    (gates and cells empty unless save_workspace).
     """
-    seq_len, batch = input.shape[0], input.shape[1]
     gates_x = input @ w_ih.t()
     if b_ih is not None:
         gates_x = gates_x + (b_ih + b_hh)
-    h, c = h0, c0
-    outputs, all_gates, all_cells = [None] * seq_len, [None] * seq_len, [None] * seq_len
-    steps = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
-    for t in steps:
-        active = batch if batch_sizes is None else int(batch_sizes[t])
-        gates = _activate(gates_x[t, :active] + h[:active] @ w_hh.t())
-        r, c_new = _cell_update(gates, c[:active])
+
+    def step(gx: Tensor, state: tuple[Tensor, ...]):
+        h, c = state
+        gates = _activate(gx + h @ w_hh.t())
+        r, c_new = _cell_update(gates, c)
         h_new = r @ w_hr.t() if w_hr is not None else r
-        if active < batch:
-            # Inactive rows carry their state; the workspace rows there are padding (zeros).
-            h = torch.cat([h_new, h[active:]])
-            c = torch.cat([c_new, c[active:]])
-            h_new = torch.cat([h_new, h_new.new_zeros(batch - active, h_new.shape[1])])
-            c_new = torch.cat([c_new, c_new.new_zeros(batch - active, c_new.shape[1])])
-            gates = torch.cat([gates, gates.new_zeros(batch - active, gates.shape[1])])
-        else:
-            h, c = h_new, c_new
-        outputs[t], all_gates[t], all_cells[t] = h_new, gates, c_new
-    output = torch.stack(outputs) if seq_len else input.new_zeros(0, batch, h0.shape[1])
-    if save_workspace and seq_len:
-        gates_out, cells_out = torch.stack(all_gates), torch.stack(all_cells)
-    else:
-        gates_out, cells_out = input.new_zeros(0), input.new_zeros(0)
-    return output, h, c, gates_out, cells_out
+        return (h_new, c_new), (h_new, gates, c_new)
+
+    (output, gates, cells), (h_n, c_n) = scan(step, gates_x, (h0, c0), batch_sizes, reverse)
+    if not save_workspace:
+        gates, cells = input.new_zeros(0), input.new_zeros(0)
+    return output, h_n, c_n, gates, cells
