@@ -50,4 +50,38 @@ TORCH_LIBRARY(seqkern, m) {
   m.def(
       "lstm_cell_backward(Tensor grad_hy, Tensor grad_cy, Tensor cx, Tensor cy, Tensor workspace, "
       "bool has_bias) -> (Tensor grad_gates, Tensor grad_cx, Tensor grad_bias)");
+
+  // One GRU layer in one direction over a whole sequence (PyTorch's reset-after form, gate order r, z, n).
+  //   input (T,B,I), h0 (B,H), w_ih (3H,I), w_hh (3H,H), b_ih/b_hh (3H,)
+  //   -> output (T,B,H), h_n (B,H), workspace (T,B,4H) = [r, z, n, h W_hn^T + b_hn] (empty unless save_workspace).
+  m.def(
+      "gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? batch_sizes, bool reverse, bool save_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)");
+  m.def(
+      "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse, bool has_bias) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  // The fused pointwise part of one GRU step on top of gates_x = x w_ih^T and gates_h = h w_hh^T (B,3H), hx (B,H)
+  //   -> hy (B,H), workspace (B,4H) as above.
+  m.def(
+      "gru_cell_forward(Tensor gates_x, Tensor gates_h, Tensor hx, Tensor? b_ih, Tensor? b_hh) -> "
+      "(Tensor hy, Tensor workspace)");
+  //   -> grad_gates_x, grad_gates_h (B,3H) (they differ in the n gate), grad_hx (B,H), grad_b_ih, grad_b_hh (3H,).
+  m.def(
+      "gru_cell_backward(Tensor grad_hy, Tensor hx, Tensor workspace, bool has_bias) -> (Tensor grad_gates_x, "
+      "Tensor grad_gates_h, Tensor grad_hx, Tensor grad_b_ih, Tensor grad_b_hh)");
+  // One Elman RNN layer in one direction: h' = act(x w_ih^T + b_ih + h w_hh^T + b_hh), act = relu if relu
+  // else tanh. input (T,B,I), h0 (B,H), w_ih (H,I), w_hh (H,H) -> output (T,B,H), h_n (B,H).
+  // The backward needs no workspace: the activation's derivative is read off the output.
+  m.def(
+      "rnn_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? batch_sizes, bool reverse, bool relu) -> (Tensor output, Tensor h_n)");
+  //   grad_bias (H,) is the gradient of b_ih and of b_hh alike.
+  m.def(
+      "rnn_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor output, Tensor? batch_sizes, bool reverse, bool relu, bool has_bias) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+  m.def("rnn_cell_forward(Tensor gates_x, Tensor gates_h, Tensor? b_ih, Tensor? b_hh, bool relu) -> Tensor");
+  //   -> grad_preact (B,H) (the gradient of gates_x and of gates_h alike), grad_bias (H,).
+  m.def("rnn_cell_backward(Tensor grad_hy, Tensor hy, bool relu, bool has_bias) -> (Tensor grad_preact, Tensor grad_bias)");
 }

@@ -116,6 +116,40 @@ def final_states(states: Sequence[Tensor], layout: SequenceLayout) -> list[Tenso
     return [s if layout.batched else s.squeeze(1) for s in states]
 
 
+def cell_input(module: torch.nn.Module, input: Tensor) -> tuple[Tensor, bool]:
+    """Checks a cell's input (B, input_size) or (input_size,); returns it as (B, input_size) and whether it was batched."""
+    input = check_tensor("input", input)
+    check_floating("input", input)
+    check_ndim("input", input, (1, 2))
+    if input.shape[-1] != module.input_size:
+        raise ShapeError(
+            f"input: expected the last dimension to be input_size={module.input_size}, got shape {tuple(input.shape)}"
+        )
+    check_matches("input", input, module.weight_ih.dtype, module.weight_ih.device, "the module's parameters")
+    batched = input.dim() == 2
+    return (input if batched else input.unsqueeze(0)), batched
+
+
+def cell_states(
+    module: torch.nn.Module, hx: Tensor | Sequence[Tensor] | None, names: Sequence[str], x: Tensor, batched: bool
+) -> list[Tensor]:
+    """Checks a cell's states (each (B, hidden) or (hidden,) as the input); returns them as (B, hidden), zeros if None."""
+    if hx is None:
+        zeros = x.new_zeros(x.shape[0], module.hidden_size)
+        return [zeros] * len(names)
+    given = [hx] if isinstance(hx, Tensor) else list(hx)
+    if len(given) != len(names) or (len(names) > 1 and isinstance(hx, Tensor)):
+        raise ShapeError(f"hx: expected {'a tuple (' + ', '.join(names) + ')' if len(names) > 1 else 'a tensor'}")
+    states = []
+    for name, state in zip(names, given):
+        state = check_tensor(name, state)
+        check_floating(name, state)
+        check_shape(name, state, (x.shape[0], module.hidden_size) if batched else (module.hidden_size,))
+        check_matches(name, state, x.dtype, x.device, "input")
+        states.append(state if batched else state.unsqueeze(0))
+    return states
+
+
 def run_stack(
     module: torch.nn.Module, input: Tensor, states: Sequence[Tensor], run_direction: DirectionFn,
     batch_sizes: Tensor | None,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from seqkern._checks import ShapeError, check_floating, check_matches, check_ndim, check_shape, check_tensor
+from seqkern._checks import ShapeError
 from seqkern.nn import _recurrent
 from seqkern.ops.lstm import lstm_cell, lstm_layer
 
@@ -63,34 +63,7 @@ class LSTMCell(torch.nn.LSTMCell):
     """
 
     def forward(self, input: Tensor, hx: Sequence[Tensor] | None = None):
-        input = check_tensor("input", input)
-        check_floating("input", input)
-        check_ndim("input", input, (1, 2))
-        if input.shape[-1] != self.input_size:
-            raise ShapeError(
-                f"input: expected the last dimension to be input_size={self.input_size}, got shape {tuple(input.shape)}"
-            )
-        check_matches("input", input, self.weight_ih.dtype, self.weight_ih.device, "the module's parameters")
-        batched = input.dim() == 2
-        x = input if batched else input.unsqueeze(0)
-        h, c = self._initial_state(hx, x, batched)
-        gates_x = F.linear(x, self.weight_ih)
-        gates_h = F.linear(h, self.weight_hh)
-        hy, cy = lstm_cell(gates_x, gates_h, c, self.bias_ih, self.bias_hh)
+        x, batched = _recurrent.cell_input(self, input)
+        h, c = _recurrent.cell_states(self, hx, ("hx[0]", "hx[1]"), x, batched)
+        hy, cy = lstm_cell(F.linear(x, self.weight_ih), F.linear(h, self.weight_hh), c, self.bias_ih, self.bias_hh)
         return (hy, cy) if batched else (hy.squeeze(0), cy.squeeze(0))
-
-    def _initial_state(self, hx, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
-        if hx is None:
-            zeros = x.new_zeros(x.shape[0], self.hidden_size)
-            return zeros, zeros
-        if isinstance(hx, Tensor) or len(hx) != 2:
-            raise ShapeError("hx: expected a tuple (h_0, c_0)")
-        states = []
-        for name, state in zip(("hx[0]", "hx[1]"), hx):
-            state = check_tensor(name, state)
-            check_floating(name, state)
-            expected = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-            check_shape(name, state, expected)
-            check_matches(name, state, x.dtype, x.device, "input")
-            states.append(state if batched else state.unsqueeze(0))
-        return states[0], states[1]

@@ -13,7 +13,10 @@ import importlib
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from seqkern import _triton
 
 _TRITON_KERNELS: dict[torch._ops.OpOverload, Callable] = {}
 
@@ -21,6 +24,14 @@ _TRITON_KERNELS: dict[torch._ops.OpOverload, Callable] = {}
 def op(name: str) -> torch._ops.OpOverload:
     """torch.ops.seqkern.<name>.default."""
     return getattr(torch.ops.seqkern, name).default
+
+
+def register(name: str, fake: Callable, triton_module: str | None) -> None:
+    """Registers the fake implementation of seqkern::<name> and, if Triton is installed and the op has a
+    Triton launcher (`triton_module`.<name>), that launcher as its CUDA kernel."""
+    torch.library.register_fake(f"seqkern::{name}", fake)
+    if triton_module is not None and _triton.available():
+        register_triton(name, triton_module)
 
 
 def register_triton(name: str, module: str) -> None:
@@ -51,3 +62,18 @@ def kernel_scope(impl: str, device: torch.device) -> contextlib.AbstractContextM
     if impl == "triton" and device.type != "cuda":
         return _TritonOnCPU()
     return contextlib.nullcontext()
+
+
+def empty(like: Tensor) -> Tensor:
+    """The (0,)-shaped tensor an op returns for a result its flags leave out."""
+    return like.new_empty(0)
+
+
+def zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    """Autograd passes None for an output nobody used; the backward kernels want zeros."""
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether a forward must save what its backward needs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

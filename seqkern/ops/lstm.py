@@ -10,17 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqkern import _extension, _triton, backends, reference
-from seqkern.ops._registry import kernel_scope, register_triton
+from seqkern import _extension, backends, reference
+from seqkern.ops._registry import empty as _empty
+from seqkern.ops._registry import kernel_scope, needs_grad, register, zeros_if_none
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "triton": (torch.float32, torch.float64, torch.bfloat16),
 }
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,10 +54,6 @@ def _lstm_cell_backward_fake(grad_hy, grad_cy, cx, cy, workspace, has_bias):
 # --------------------------------------------------------------------------------------------------
 # Autograd.
 # --------------------------------------------------------------------------------------------------
-def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
-
-
 def _lstm_setup_context(ctx, inputs, output):
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace = inputs
     out, _, _, gates, cells = output
@@ -75,7 +68,7 @@ def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cell
         raise RuntimeError("seqkern.lstm_forward was called with save_workspace=False: it cannot be differentiated")
     with kernel_scope(_impl_for_backward(input), input.device):
         grads = torch.ops.seqkern.lstm_backward(
-            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, h0), _zeros_if_none(grad_c_n, c0),
+            zeros_if_none(grad_output, out), zeros_if_none(grad_h_n, h0), zeros_if_none(grad_c_n, c0),
             input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes, ctx.reverse, ctx.has_bias,
         )
     grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
@@ -95,7 +88,7 @@ def _lstm_cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
     cx, cy, workspace = ctx.saved_tensors
     with kernel_scope(_impl_for_backward(cx), cx.device):
         grad_gates, grad_cx, grad_bias = torch.ops.seqkern.lstm_cell_backward(
-            _zeros_if_none(grad_hy, cy), _zeros_if_none(grad_cy, cy), cx, cy, workspace, ctx.has_bias
+            zeros_if_none(grad_hy, cy), zeros_if_none(grad_cy, cy), cx, cy, workspace, ctx.has_bias
         )
     bias_grad = grad_bias if ctx.has_bias else None
     return grad_gates, grad_gates, grad_cx, bias_grad, bias_grad
@@ -113,14 +106,11 @@ def _register() -> None:
         ("lstm_cell_forward", _lstm_cell_forward_fake),
         ("lstm_cell_backward", _lstm_cell_backward_fake),
     ]:
-        torch.library.register_fake(f"seqkern::{name}", fake)
+        register(name, fake, triton_module="seqkern.kernels.lstm")
     torch.library.register_autograd("seqkern::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
     torch.library.register_autograd(
         "seqkern::lstm_cell_forward", _lstm_cell_backward, setup_context=_lstm_cell_setup_context
     )
-    if _triton.available():
-        for name in ("lstm_forward", "lstm_backward", "lstm_cell_forward", "lstm_cell_backward"):
-            register_triton(name, "seqkern.kernels.lstm")
 
 
 if _extension.AVAILABLE:
@@ -130,10 +120,6 @@ if _extension.AVAILABLE:
 # --------------------------------------------------------------------------------------------------
 # Functional API (what seqkern.nn calls).
 # --------------------------------------------------------------------------------------------------
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def lstm_layer(
     input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None, w_hr: Tensor | None = None, batch_sizes: Tensor | None = None, reverse: bool = False,
@@ -144,7 +130,7 @@ def lstm_layer(
     of seqkern.nn do that with messages in their own terms (the kernels still refuse bad shapes).
     """
     impl = backends.resolve("lstm", input.device, input.dtype, SUPPORTED_DTYPES)
-    save_workspace = _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    save_workspace = needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace)
     if impl == "reference":
         return reference.lstm_forward(*args[:-1], False)[:3]

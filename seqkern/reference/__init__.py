@@ -3,6 +3,8 @@
 Each function has the signature and the return values of the op of the same name in
 `torch.ops.seqkern`, and is differentiable by PyTorch's autograd.
 """
+from seqkern.reference.gru import gru_cell_forward, gru_forward
 from seqkern.reference.lstm import lstm_cell_forward, lstm_forward
+from seqkern.reference.rnn import rnn_cell_forward, rnn_forward
 
-__all__ = ["lstm_forward", "lstm_cell_forward"]
+__all__ = ["lstm_forward", "lstm_cell_forward", "gru_forward", "gru_cell_forward", "rnn_forward", "rnn_cell_forward"]

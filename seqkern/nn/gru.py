@@ -1,0 +1,63 @@
+"""seqkern.nn.GRU and seqkern.nn.GRUCell: drop-ins for torch.nn.GRU and torch.nn.GRUCell.
+
+GRU subclasses torch.nn.RNNBase (not torch.nn.GRU, which torch.compile refuses to trace), so parameters,
+initialization and state_dict are torch.nn's own; forward runs on seqkern.ops.gru.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from seqkern._checks import ShapeError
+from seqkern.nn import _recurrent
+from seqkern.ops.gru import gru_cell, gru_layer
+
+
+class GRU(torch.nn.RNNBase):
+    """Multi-layer GRU, the same module as torch.nn.GRU (same arguments and returns) on fused kernels.
+
+    forward(input, hx=None): input (T,B,I), (B,T,I) with batch_first, (T,I) unbatched, or a PackedSequence;
+    hx (L*D,B,H) -> output (T,B,D*H) (same layout as input), h_n (L*D,B,H).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None):
+        return _forward_single_state(self, input, hx, _run_gru_direction)
+
+
+def _forward_single_state(module: torch.nn.RNNBase, input, hx, run_direction):
+    """forward of a layer whose state is one tensor h (GRU, Elman RNN)."""
+    x, layout = _recurrent.to_time_major(module, input)
+    if hx is not None and not isinstance(hx, Tensor):
+        raise ShapeError(f"hx: expected a single tensor for a {module.mode}, got {type(hx).__name__}")
+    states = _recurrent.initial_states(module, hx, ("hx",), (module.hidden_size,), x.shape[1], x, layout)
+    output, (h_n,) = _recurrent.run_stack(module, x, states, run_direction, layout.batch_sizes)
+    (h_n,) = _recurrent.final_states([h_n], layout)
+    return _recurrent.from_time_major(output, layout), h_n
+
+
+def _run_gru_direction(x, state, weights, batch_sizes, reverse):
+    w_ih, w_hh, *biases = weights
+    b_ih, b_hh = biases if biases else (None, None)
+    output, h_n = gru_layer(x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+    return output, (h_n,)
+
+
+class GRUCell(torch.nn.GRUCell):
+    """One GRU step, the same module as torch.nn.GRUCell, on the fused cell-step kernel.
+
+    forward(input (B,I) or (I,), hx (B,H) or (H,) or None) -> h' of the same batchedness.
+    """
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, batched = _recurrent.cell_input(self, input)
+        (h,) = _recurrent.cell_states(self, hx, ("hx",), x, batched)
+        hy = gru_cell(F.linear(x, self.weight_ih), F.linear(h, self.weight_hh), h, self.bias_ih, self.bias_hh)
+        return hy if batched else hy.squeeze(0)

@@ -1,0 +1,122 @@
+"""The GRU ops: fake implementations, autograd formulas, Triton registration, and the functional API.
+
+torch.ops.seqkern.gru_forward / gru_backward run one layer in one direction over a whole sequence;
+gru_cell_forward / gru_cell_backward are the fused pointwise part of one cell step (csrc/ops.cpp has the
+contracts). `gru_layer` and `gru_cell` pick the implementation (seqkern.backend); the modules call them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seqkern import _extension, backends, reference
+from seqkern.ops._registry import empty, kernel_scope, needs_grad, register, zeros_if_none
+
+# Filled in as the kernels land; until then every call runs the reference.
+SUPPORTED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cpu": (), "triton": ()}
+
+
+def _gru_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, save_workspace):
+    seq_len, batch, hidden = input.shape[0], input.shape[1], h0.shape[-1]
+    workspace = input.new_empty(seq_len, batch, 4 * hidden) if save_workspace else empty(input)
+    return input.new_empty(seq_len, batch, hidden), h0.new_empty(h0.shape), workspace
+
+
+def _gru_backward_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, workspace, batch_sizes, reverse,
+                       has_bias):
+    bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else empty(w_ih)
+    return (input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape), bias, bias.clone())
+
+
+def _gru_cell_forward_fake(gates_x, gates_h, hx, b_ih, b_hh):
+    return hx.new_empty(hx.shape), hx.new_empty(hx.shape[0], 4 * hx.shape[1])
+
+
+def _gru_cell_backward_fake(grad_hy, hx, workspace, has_bias):
+    gates = hx.new_empty(hx.shape[0], 3 * hx.shape[1])
+    bias = hx.new_empty(3 * hx.shape[1]) if has_bias else empty(hx)
+    return gates, gates.clone(), hx.new_empty(hx.shape), bias, bias.clone()
+
+
+def _gru_setup_context(ctx, inputs, output):
+    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, save_workspace = inputs
+    out, _, workspace = output
+    ctx.reverse, ctx.has_bias, ctx.saved_workspace = reverse, b_ih is not None, save_workspace
+    ctx.save_for_backward(input, h0, w_ih, w_hh, out, workspace, batch_sizes)
+
+
+def _gru_backward(ctx, grad_output, grad_h_n, _grad_workspace):
+    input, h0, w_ih, w_hh, out, workspace, batch_sizes = ctx.saved_tensors
+    if not ctx.saved_workspace:
+        raise RuntimeError("seqkern.gru_forward was called with save_workspace=False: it cannot be differentiated")
+    with kernel_scope(_impl(input), input.device):
+        grads = torch.ops.seqkern.gru_backward(
+            zeros_if_none(grad_output, out), zeros_if_none(grad_h_n, h0), input, h0, w_ih, w_hh, out, workspace,
+            batch_sizes, ctx.reverse, ctx.has_bias,
+        )
+    grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = grads
+    if not ctx.has_bias:
+        grad_b_ih = grad_b_hh = None
+    return grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None, None
+
+
+def _gru_cell_setup_context(ctx, inputs, output):
+    _, _, hx, b_ih, _ = inputs
+    ctx.has_bias = b_ih is not None
+    ctx.save_for_backward(hx, output[1])
+
+
+def _gru_cell_backward(ctx, grad_hy, _grad_workspace):
+    hx, workspace = ctx.saved_tensors
+    with kernel_scope(_impl(hx), hx.device):
+        grad_gates_x, grad_gates_h, grad_hx, grad_b_ih, grad_b_hh = torch.ops.seqkern.gru_cell_backward(
+            zeros_if_none(grad_hy, hx), hx, workspace, ctx.has_bias
+        )
+    if not ctx.has_bias:
+        grad_b_ih = grad_b_hh = None
+    return grad_gates_x, grad_gates_h, grad_hx, grad_b_ih, grad_b_hh
+
+
+def _impl(like: Tensor) -> str:
+    return backends.resolve("gru", like.device, like.dtype, SUPPORTED_DTYPES)
+
+
+def _register() -> None:
+    for name, fake in [
+        ("gru_forward", _gru_forward_fake),
+        ("gru_backward", _gru_backward_fake),
+        ("gru_cell_forward", _gru_cell_forward_fake),
+        ("gru_cell_backward", _gru_cell_backward_fake),
+    ]:
+        register(name, fake, triton_module="seqkern.kernels.gru")
+    torch.library.register_autograd("seqkern::gru_forward", _gru_backward, setup_context=_gru_setup_context)
+    torch.library.register_autograd(
+        "seqkern::gru_cell_forward", _gru_cell_backward, setup_context=_gru_cell_setup_context
+    )
+
+
+if _extension.AVAILABLE:
+    _register()
+
+
+def gru_layer(
+    input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+    batch_sizes: Tensor | None = None, reverse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer in one direction: input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H). Differentiable."""
+    impl = _impl(input)
+    save_workspace = needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh)
+    if impl == "reference":
+        return reference.gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, False)[:2]
+    with kernel_scope(impl, input.device):
+        return torch.ops.seqkern.gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, save_workspace)[:2]
+
+
+def gru_cell(gates_x: Tensor, gates_h: Tensor, hx: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
+    """The fused pointwise part of a GRU step: gates_x, gates_h (B,3H), hx (B,H) -> hy (B,H)."""
+    impl = _impl(hx)
+    if impl == "reference":
+        return reference.gru_cell_forward(gates_x, gates_h, hx, b_ih, b_hh)[0]
+    with kernel_scope(impl, hx.device):
+        return torch.ops.seqkern.gru_cell_forward(gates_x, gates_h, hx, b_ih, b_hh)[0]

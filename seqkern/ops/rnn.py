@@ -1,0 +1,108 @@
+"""The Elman RNN ops: fake implementations, autograd formulas, Triton registration, and the functional API.
+
+torch.ops.seqkern.rnn_forward / rnn_backward run one layer in one direction over a whole sequence;
+rnn_cell_forward / rnn_cell_backward are the fused bias + activation of one cell step (csrc/ops.cpp has
+the contracts). `rnn_layer` and `rnn_cell` pick the implementation (seqkern.backend).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seqkern import _extension, backends, reference
+from seqkern.ops._registry import empty, kernel_scope, register, zeros_if_none
+
+# Filled in as the kernels land; until then every call runs the reference.
+SUPPORTED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cpu": (), "triton": ()}
+
+
+def _rnn_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu):
+    return input.new_empty(input.shape[0], input.shape[1], h0.shape[-1]), h0.new_empty(h0.shape)
+
+
+def _rnn_backward_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, batch_sizes, reverse, relu, has_bias):
+    bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else empty(w_ih)
+    return input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), bias
+
+
+def _rnn_cell_forward_fake(gates_x, gates_h, b_ih, b_hh, relu):
+    return gates_x.new_empty(gates_x.shape)
+
+
+def _rnn_cell_backward_fake(grad_hy, hy, relu, has_bias):
+    return hy.new_empty(hy.shape), hy.new_empty(hy.shape[-1]) if has_bias else empty(hy)
+
+
+def _rnn_setup_context(ctx, inputs, output):
+    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu = inputs
+    ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, b_ih is not None
+    ctx.save_for_backward(input, h0, w_ih, w_hh, output[0], batch_sizes)
+
+
+def _rnn_backward(ctx, grad_output, grad_h_n):
+    input, h0, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
+    with kernel_scope(_impl(input), input.device):
+        grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias = torch.ops.seqkern.rnn_backward(
+            zeros_if_none(grad_output, out), zeros_if_none(grad_h_n, h0), input, h0, w_ih, w_hh, out, batch_sizes,
+            ctx.reverse, ctx.relu, ctx.has_bias,
+        )
+    bias = grad_bias if ctx.has_bias else None
+    return grad_input, grad_h0, grad_w_ih, grad_w_hh, bias, bias, None, None, None
+
+
+def _rnn_cell_setup_context(ctx, inputs, output):
+    _, _, b_ih, _, relu = inputs
+    ctx.relu, ctx.has_bias = relu, b_ih is not None
+    ctx.save_for_backward(output)
+
+
+def _rnn_cell_backward(ctx, grad_hy):
+    (hy,) = ctx.saved_tensors
+    with kernel_scope(_impl(hy), hy.device):
+        grad_preact, grad_bias = torch.ops.seqkern.rnn_cell_backward(grad_hy, hy, ctx.relu, ctx.has_bias)
+    bias = grad_bias if ctx.has_bias else None
+    return grad_preact, grad_preact, bias, bias, None
+
+
+def _impl(like: Tensor) -> str:
+    return backends.resolve("rnn", like.device, like.dtype, SUPPORTED_DTYPES)
+
+
+def _register() -> None:
+    for name, fake in [
+        ("rnn_forward", _rnn_forward_fake),
+        ("rnn_backward", _rnn_backward_fake),
+        ("rnn_cell_forward", _rnn_cell_forward_fake),
+        ("rnn_cell_backward", _rnn_cell_backward_fake),
+    ]:
+        register(name, fake, triton_module="seqkern.kernels.rnn")
+    torch.library.register_autograd("seqkern::rnn_forward", _rnn_backward, setup_context=_rnn_setup_context)
+    torch.library.register_autograd(
+        "seqkern::rnn_cell_forward", _rnn_cell_backward, setup_context=_rnn_cell_setup_context
+    )
+
+
+if _extension.AVAILABLE:
+    _register()
+
+
+def rnn_layer(
+    input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+    batch_sizes: Tensor | None = None, reverse: bool = False, relu: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer in one direction: input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H)."""
+    impl = _impl(input)
+    args = (input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu)
+    if impl == "reference":
+        return reference.rnn_forward(*args)
+    with kernel_scope(impl, input.device):
+        return torch.ops.seqkern.rnn_forward(*args)
+
+
+def rnn_cell(gates_x: Tensor, gates_h: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, relu: bool) -> Tensor:
+    """Bias and activation of an Elman step: gates_x, gates_h (B,H) -> hy (B,H)."""
+    impl = _impl(gates_x)
+    if impl == "reference":
+        return reference.rnn_cell_forward(gates_x, gates_h, b_ih, b_hh, relu)
+    with kernel_scope(impl, gates_x.device):
+        return torch.ops.seqkern.rnn_cell_forward(gates_x, gates_h, b_ih, b_hh, relu)
