@@ -47,7 +47,7 @@ def report() -> str:
         f"python {platform.python_version()}",
         f"threads: {torch.get_num_threads()}   CPU: {_cpu_model()}",
         "backends:",
-        f"  reference  available (pure PyTorch)",
+        "  reference  available (pure PyTorch)",
         f"  cpu        {'available' if _extension.AVAILABLE else 'missing: ' + str(_extension.IMPORT_ERROR)}",
         f"  triton     {'available' if backends.triton_available() else 'missing'}"
         f"{'' if cuda else ' (no CUDA device: runs only when forced, under the Triton interpreter)'}",

@@ -26,3 +26,85 @@ def assert_all_rule(ours: dict[str, Tensor], theirs: dict[str, Tensor], ref64: d
     assert ours.keys() == theirs.keys() == ref64.keys(), (ours.keys(), theirs.keys(), ref64.keys())
     for name in ours:
         assert_rule(name, ours[name], theirs[name], ref64[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# Recurrent modules (LSTM, GRU, RNN) against torch.nn with the same weights.
+# ------------------------------------------------------------------------------------------------
+def _leaf(t: Tensor, dtype) -> Tensor:
+    return t.detach().to(dtype).requires_grad_()
+
+
+def state_sizes(torch_cls, options: dict) -> tuple[int, ...]:
+    """Widths of the states of a layer: LSTM (h: proj_size or hidden, c: hidden); GRU, RNN (h: hidden)."""
+    hidden = options["hidden_size"]
+    if torch_cls is torch.nn.LSTM:
+        return (options.get("proj_size", 0) or hidden, hidden)
+    return (hidden,)
+
+
+def _pack(x: Tensor, lengths, batch_first: bool):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    return x if lengths is None else pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+
+
+def run_recurrent(module, dtype, x64, hx64, cotangents, lengths=None) -> dict[str, Tensor]:
+    """Forward + backward of a weighted sum of every output; returns the outputs and all gradients."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    x = _leaf(x64, dtype)
+    hx = None if hx64 is None else tuple(_leaf(h, dtype) for h in hx64)
+    out, final = module(_pack(x, lengths, module.batch_first), hx if hx is None or len(hx) > 1 else hx[0])
+    finals = final if isinstance(final, tuple) else (final,)
+    results = {"output": out.data if isinstance(out, PackedSequence) else out}
+    results.update({f"state_{i}_n": s for i, s in enumerate(finals)})
+    loss = sum((r.double() * c).sum() for r, c in zip(results.values(), cotangents))
+    module.zero_grad()
+    loss.backward()
+    results["grad_input"] = x.grad
+    for i, h in enumerate(hx or ()):
+        results[f"grad_state_{i}_0"] = h.grad
+    results.update({f"grad_{name}": p.grad for name, p in module.named_parameters()})
+    return results
+
+
+def compare_recurrent(torch_cls, ours_cls, dtype, options, seq_len, batch, *, with_hx=True, lengths=None,
+                      backend="cpu") -> None:
+    """seqkern's module under `backend` vs torch.nn's in `dtype` vs the reference in float64: the rule."""
+    import copy
+
+    import seqkern
+
+    torch.manual_seed(0)
+    theirs = torch_cls(**options).double()
+    ours = ours_cls(**options).double()
+    ours.load_state_dict(theirs.state_dict())
+    ref = copy.deepcopy(ours)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    torch.manual_seed(1)
+    batch_first = options.get("batch_first", False)
+    stacked = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
+    shape = (batch, seq_len, options["input_size"]) if batch_first else (seq_len, batch, options["input_size"])
+    x64 = torch.randn(shape, dtype=torch.float64)
+    hx64 = None
+    if with_hx:
+        hx64 = tuple(torch.randn(stacked, batch, size, dtype=torch.float64) for size in state_sizes(torch_cls, options))
+    with torch.no_grad(), seqkern.backend("reference"):
+        probe = run_recurrent_outputs(ref, x64, lengths)
+    cotangents = [torch.randn_like(p) for p in probe]
+    with seqkern.backend(backend):
+        got = run_recurrent(ours, dtype, x64, hx64, cotangents, lengths)
+    with seqkern.backend("reference"):
+        expected = run_recurrent(ref, torch.float64, x64, hx64, cotangents, lengths)
+    baseline = run_recurrent(theirs, dtype, x64, hx64, cotangents, lengths)
+    assert_all_rule(got, baseline, expected)
+
+
+def run_recurrent_outputs(module, x, lengths) -> list[Tensor]:
+    """The output tensors (output, then each final state) of a forward, for drawing cotangents."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    out, final = module(_pack(x, lengths, module.batch_first))
+    finals = final if isinstance(final, tuple) else (final,)
+    return [out.data if isinstance(out, PackedSequence) else out, *finals]

@@ -4,7 +4,6 @@ gradient under the correctness rule, across constructor options and input layout
 from __future__ import annotations
 
 import copy
-import io
 import os
 import socket
 
@@ -12,10 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import seqkern
-from helpers import assert_all_rule
+from helpers import assert_all_rule, compare_recurrent
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
@@ -29,52 +27,9 @@ def _make_pair(dtype, **options):
     return ours.to(dtype), theirs.to(dtype)
 
 
-def _leaf(t: torch.Tensor, dtype) -> torch.Tensor:
-    return t.detach().to(dtype).requires_grad_()
-
-
-def _run(module, dtype, x64, hx64, cotangents, lengths=None):
-    """Forward + backward of a weighted sum of every output; returns outputs and all gradients."""
-    x = _leaf(x64, dtype)
-    hx = tuple(_leaf(h, dtype) for h in hx64) if hx64 is not None else None
-    inp = pack_padded_sequence(x, lengths, batch_first=module.batch_first, enforce_sorted=False) if lengths is not None else x
-    out, (h_n, c_n) = module(inp, hx)
-    out_tensor = out.data if isinstance(out, PackedSequence) else out
-    results = {"output": out_tensor, "h_n": h_n, "c_n": c_n}
-    loss = sum((r.double() * cot).sum() for r, cot in zip(results.values(), cotangents))
-    module.zero_grad()
-    loss.backward()
-    results["grad_input"] = x.grad
-    if hx is not None:
-        results["grad_h0"], results["grad_c0"] = hx[0].grad, hx[1].grad
-    results.update({f"grad_{name}": p.grad for name, p in module.named_parameters()})
-    return results
-
-
 def _compare(dtype, options, seq_len, batch, with_hx=True, lengths=None, backend="cpu"):
-    ours, theirs = _make_pair(dtype, **options)
-    ref = copy.deepcopy(ours).double()
-    torch.manual_seed(1)
-    batch_first = options.get("batch_first", False)
-    directions = 2 if options.get("bidirectional") else 1
-    layers = options.get("num_layers", 1)
-    hidden, proj = options["hidden_size"], options.get("proj_size", 0)
-    shape = (batch, seq_len, options["input_size"]) if batch_first else (seq_len, batch, options["input_size"])
-    x64 = torch.randn(shape, dtype=torch.float64)
-    hx64 = None
-    if with_hx:
-        hx64 = (torch.randn(layers * directions, batch, proj or hidden, dtype=torch.float64),
-                torch.randn(layers * directions, batch, hidden, dtype=torch.float64))
-    with torch.no_grad(), seqkern.backend("reference"):
-        probe = ref(x64 if lengths is None else pack_padded_sequence(x64, lengths, batch_first=batch_first, enforce_sorted=False))
-    out_probe = probe[0].data if lengths is not None else probe[0]
-    cotangents = [torch.randn_like(out_probe), torch.randn_like(probe[1][0]), torch.randn_like(probe[1][1])]
-    with seqkern.backend(backend):
-        got = _run(ours, dtype, x64, hx64, cotangents, lengths)
-    with seqkern.backend("reference"):
-        expected = _run(ref, torch.float64, x64, hx64, cotangents, lengths)
-    baseline = _run(theirs, dtype, x64, hx64, cotangents, lengths)
-    assert_all_rule(got, baseline, expected)
+    compare_recurrent(torch.nn.LSTM, seqkern.nn.LSTM, dtype, options, seq_len, batch, with_hx=with_hx,
+                      lengths=lengths, backend=backend)
 
 
 OPTIONS = [
@@ -101,10 +56,8 @@ def test_lstm_large_hidden(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("options", OPTIONS[:3], ids=["plain", "bidir-batch_first", "proj-bidir"])
 def test_lstm_packed_sequence(dtype, options):
-    batch_first = options.get("batch_first", False)
     _compare(dtype, options, seq_len=11, batch=5, lengths=torch.tensor([4, 11, 1, 7, 11]))
     _compare(dtype, options, seq_len=6, batch=3, with_hx=False, lengths=torch.tensor([6, 6, 2]))
-    assert batch_first in (True, False)
 
 
 def test_lstm_without_initial_state_and_unbatched():
@@ -182,6 +135,10 @@ def test_lstm_initialization_matches_torch():
 @pytest.mark.parametrize("input_size,hidden,batch,bias", [(5, 7, 3, True), (1, 1, 1, False), (33, 127, 64, True)])
 def test_lstm_cell_matches_torch(dtype, input_size, hidden, batch, bias):
     _compare_cell(dtype, input_size, hidden, batch, bias, backend="cpu")
+
+
+def _leaf(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t.detach().to(dtype).requires_grad_()
 
 
 def _compare_cell(dtype, input_size, hidden, batch, bias, backend, with_hx=True):
