@@ -1,0 +1,339 @@
+"""seqkern.nn.LSTM, GRU, RNN and their cells as drop-ins for torch.nn's: outputs, final states and every
+gradient under the correctness rule, across constructor options and input layouts; the module contract
+(state_dict, initialization, copies, DDP); bad input."""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import seqkern
+from helpers import assert_all_rule, compare_recurrent
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+# (torch.nn class, seqkern class, extra constructor options)
+FAMILIES = {
+    "lstm": (torch.nn.LSTM, seqkern.nn.LSTM, {}),
+    "gru": (torch.nn.GRU, seqkern.nn.GRU, {}),
+    "rnn_tanh": (torch.nn.RNN, seqkern.nn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (torch.nn.RNN, seqkern.nn.RNN, {"nonlinearity": "relu"}),
+}
+CELLS = {
+    "lstm": (torch.nn.LSTMCell, seqkern.nn.LSTMCell, {}),
+    "gru": (torch.nn.GRUCell, seqkern.nn.GRUCell, {}),
+    "rnn_tanh": (torch.nn.RNNCell, seqkern.nn.RNNCell, {"nonlinearity": "tanh"}),
+    "rnn_relu": (torch.nn.RNNCell, seqkern.nn.RNNCell, {"nonlinearity": "relu"}),
+}
+OPTIONS = [
+    dict(input_size=5, hidden_size=7),
+    dict(input_size=3, hidden_size=63, num_layers=2, bias=False, batch_first=True, bidirectional=True),
+    dict(input_size=16, hidden_size=127, bidirectional=True),
+    dict(input_size=1, hidden_size=1, batch_first=True),
+    dict(input_size=12, hidden_size=9, num_layers=3, bias=False),
+]
+LSTM_PROJ_OPTIONS = [
+    dict(input_size=16, hidden_size=127, proj_size=31, bidirectional=True),
+    dict(input_size=12, hidden_size=9, num_layers=3, proj_size=4, bias=False),
+]
+
+
+def _cases():
+    for family in FAMILIES:
+        for options in OPTIONS + (LSTM_PROJ_OPTIONS if family == "lstm" else []):
+            yield family, options
+
+
+def _compare(family, dtype, options, seq_len, batch, **kwargs):
+    torch_cls, ours_cls, extra = FAMILIES[family]
+    compare_recurrent(torch_cls, ours_cls, dtype, {**options, **extra}, seq_len, batch, **kwargs)
+
+
+def _id(options):
+    return "-".join(f"{k}={v}" for k, v in options.items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family,options", list(_cases()), ids=lambda v: v if isinstance(v, str) else _id(v))
+@pytest.mark.parametrize("seq_len,batch", [(1, 1), (9, 3), (33, 64)])
+def test_matches_torch(family, dtype, options, seq_len, batch):
+    _compare(family, dtype, options, seq_len, batch)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_large_hidden(family, dtype):
+    _compare(family, dtype, dict(input_size=64, hidden_size=500, num_layers=2), seq_len=7, batch=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family,options", [(f, o) for f in FAMILIES for o in OPTIONS[:3]] + [("lstm", LSTM_PROJ_OPTIONS[0])],
+                         ids=lambda v: v if isinstance(v, str) else _id(v))
+def test_packed_sequence(family, dtype, options):
+    _compare(family, dtype, options, seq_len=11, batch=5, lengths=torch.tensor([4, 11, 1, 7, 11]))
+    _compare(family, dtype, options, seq_len=6, batch=3, with_hx=False, lengths=torch.tensor([6, 6, 2]))
+
+
+def _pair(family, dtype=torch.float32, **options):
+    torch_cls, ours_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    theirs = torch_cls(**options, **extra).to(dtype)
+    ours = ours_cls(**options, **extra).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _outputs(result):
+    output, state = result
+    return [output, *(state if isinstance(state, tuple) else (state,))]
+
+
+def _assert_same(got, want):
+    for g, w in zip(_outputs(got), _outputs(want)):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_initial_state_and_unbatched(family):
+    options = dict(input_size=4, hidden_size=6, num_layers=2, **({"proj_size": 3} if family == "lstm" else {}))
+    ours, theirs = _pair(family, **options)
+    x = torch.randn(10, 4)
+    _assert_same(ours(x), theirs(x))
+    states = [torch.randn(2, size) for size in ((3, 6) if family == "lstm" else (6,))]
+    hx = tuple(states) if family == "lstm" else states[0]
+    _assert_same(ours(x, hx), theirs(x, hx))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropout_between_layers_matches_torch(family):
+    ours, theirs = _pair(family, input_size=4, hidden_size=8, num_layers=3, dropout=0.5)
+    x = torch.randn(7, 3, 4)
+    torch.manual_seed(5)
+    got = ours(x)
+    torch.manual_seed(5)
+    _assert_same(got, theirs(x))  # the same generator draws give the same dropout masks
+    _assert_same(ours.eval()(x), theirs.eval()(x))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_batch_and_zero_length(family):
+    ours, theirs = _pair(family, input_size=4, hidden_size=6, bidirectional=True)
+    x = torch.randn(5, 0, 4)
+    for got, want in zip(_outputs(ours(x)), _outputs(theirs(x))):
+        assert got.shape == want.shape
+    with pytest.raises(RuntimeError, match="sequence length"):
+        ours(torch.randn(0, 2, 4))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_module_contract(family, tmp_path):
+    options = dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True, **({"proj_size": 3} if family == "lstm" else {}))
+    ours, theirs = _pair(family, **options)
+    assert isinstance(ours, torch.nn.RNNBase) and ours.mode == theirs.mode
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    theirs.load_state_dict(ours.state_dict())
+    ours.flatten_parameters()
+    assert len(ours.all_weights) == 4 and [len(w) for w in ours.all_weights] == [len(w) for w in theirs.all_weights]
+    assert repr(ours) == repr(theirs)
+    x = torch.randn(5, 2, 4)
+    expected = ours(x)[0]
+    path = tmp_path / "module.pt"
+    torch.save(ours, path)
+    for clone in (copy.deepcopy(ours), torch.load(path, weights_only=False)):
+        assert type(clone) is type(ours)
+        torch.testing.assert_close(clone(x)[0], expected)
+    assert copy.deepcopy(ours).double()(x.double())[0].dtype == torch.float64
+    assert ours.to(torch.bfloat16)(x.bfloat16())[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_initialization_matches_torch(family):
+    torch_cls, ours_cls, extra = FAMILIES[family]
+    torch.manual_seed(3)
+    theirs = torch_cls(4, 6, num_layers=2, **extra)
+    torch.manual_seed(3)
+    ours = ours_cls(4, 6, num_layers=2, **extra)
+    for (name, a), (_, b) in zip(theirs.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cells
+# ------------------------------------------------------------------------------------------------
+def _leaf(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t.detach().to(dtype).requires_grad_()
+
+
+def _compare_cell(family, dtype, input_size, hidden, batch, bias, backend="cpu", with_hx=True):
+    torch_cls, ours_cls, extra = CELLS[family]
+    torch.manual_seed(0)
+    theirs = torch_cls(input_size, hidden, bias=bias, **extra).double()
+    ours = ours_cls(input_size, hidden, bias=bias, **extra).double()
+    ours.load_state_dict(theirs.state_dict())
+    ref = copy.deepcopy(ours)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    states = 2 if family == "lstm" else 1
+    x64 = torch.randn(batch, input_size, dtype=torch.float64)
+    hx64 = [torch.randn(batch, hidden, dtype=torch.float64) for _ in range(states)] if with_hx else None
+    cot = [torch.randn(batch, hidden, dtype=torch.float64) for _ in range(states)]
+
+    def run(module, dt):
+        x = _leaf(x64, dt)
+        hx = [_leaf(h, dt) for h in hx64] if hx64 is not None else None
+        out = module(x, None if hx is None else (tuple(hx) if states == 2 else hx[0]))
+        outs = out if isinstance(out, tuple) else (out,)
+        module.zero_grad()
+        sum((o.double() * c).sum() for o, c in zip(outs, cot)).backward()
+        results = {f"state_{i}": o for i, o in enumerate(outs)}
+        results["grad_input"] = x.grad
+        results.update({f"grad_state_{i}_0": h.grad for i, h in enumerate(hx or [])})
+        results.update({f"grad_{n}": p.grad for n, p in module.named_parameters()})
+        return results
+
+    with seqkern.backend(backend):
+        got = run(ours, dtype)
+    with seqkern.backend("reference"):
+        expected = run(ref, torch.float64)
+    assert_all_rule(got, run(theirs, dtype), expected)
+
+
+@pytest.mark.parametrize("family", CELLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("input_size,hidden,batch,bias", [(5, 7, 3, True), (1, 1, 1, False), (33, 127, 64, True)])
+def test_cell_matches_torch(family, dtype, input_size, hidden, batch, bias):
+    _compare_cell(family, dtype, input_size, hidden, batch, bias)
+    _compare_cell(family, dtype, input_size, hidden, batch, bias, with_hx=False)
+
+
+@pytest.mark.parametrize("family", CELLS)
+def test_cell_unbatched_and_zero_batch(family):
+    torch_cls, ours_cls, extra = CELLS[family]
+    torch.manual_seed(0)
+    theirs, ours = torch_cls(4, 6, **extra), ours_cls(4, 6, **extra)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4)
+    for got, want in zip(_as_tuple(ours(x)), _as_tuple(theirs(x))):
+        assert got.shape == want.shape == (6,)
+        torch.testing.assert_close(got, want)
+    assert all(o.shape == (0, 6) for o in _as_tuple(ours(torch.randn(0, 4))))
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, raised before any kernel runs.
+# ------------------------------------------------------------------------------------------------
+COMMON_BAD_INPUT = [
+    (lambda: (torch.randn(5, 2, 7),), ValueError, r"input: .*input_size=4.*\(5, 2, 7\)"),
+    (lambda: (torch.randn(5, 2, 4, 1),), ValueError, r"input: expected a 2-D or 3-D tensor, got shape \(5, 2, 4, 1\)"),
+    (lambda: (torch.randn(4),), ValueError, r"input: expected a 2-D or 3-D"),
+    (lambda: (torch.ones(5, 2, 4, dtype=torch.int64),), TypeError, r"input: expected a floating-point tensor, got dtype torch.int64"),
+    (lambda: (torch.randn(5, 2, 4, dtype=torch.float64),), TypeError, r"input: expected dtype torch.float32 .*got torch.float64"),
+    (lambda: (torch.randn(5, 2, 4, device="meta"),), TypeError, r"input: expected a tensor on cpu .*got one on meta"),
+    (lambda: ([[1.0]],), TypeError, r"input: expected a torch.Tensor, got list"),
+]
+LSTM_BAD_STATE = [
+    (lambda: (torch.randn(5, 2, 4), (torch.randn(2, 2, 6), torch.randn(2, 2, 6))), ValueError, r"hx\[0\]: expected shape \(2, 2, 3\), got \(2, 2, 6\)"),
+    (lambda: (torch.randn(5, 2, 4), (torch.randn(2, 2, 3), torch.randn(1, 2, 6))), ValueError, r"hx\[1\]: expected shape \(2, 2, 6\), got \(1, 2, 6\)"),
+    (lambda: (torch.randn(5, 2, 4), (torch.randn(2, 3), torch.randn(2, 6))), ValueError, r"hx\[0\]: expected shape \(2, 2, 3\), got \(2, 3\)"),
+    (lambda: (torch.randn(5, 2, 4), (torch.randn(2, 2, 3).double(), torch.randn(2, 2, 6))), TypeError, r"hx\[0\]: expected dtype torch.float32"),
+    (lambda: (torch.randn(5, 2, 4), (torch.randn(2, 2, 3), torch.ones(2, 2, 6, dtype=torch.int32))), TypeError, r"hx\[1\]: expected a floating-point"),
+    (lambda: (torch.randn(5, 2, 4), torch.randn(2, 2, 3)), ValueError, r"hx: expected a tuple \(h_0, c_0\)"),
+    (lambda: (torch.randn(5, 2, 4), (torch.randn(2, 2, 3),)), ValueError, r"hx: expected 2 tensor"),
+]
+SINGLE_BAD_STATE = [
+    (lambda: (torch.randn(5, 2, 4), torch.randn(2, 3, 6)), ValueError, r"hx: expected shape \(2, 2, 6\), got \(2, 3, 6\)"),
+    (lambda: (torch.randn(5, 2, 4), torch.randn(2, 2, 6).double()), TypeError, r"hx: expected dtype torch.float32"),
+    (lambda: (torch.randn(5, 2, 4), (torch.randn(2, 2, 6),)), ValueError, r"hx: expected a single tensor"),
+]
+
+
+def _bad_input_cases():
+    for family in FAMILIES:
+        for case in COMMON_BAD_INPUT + (LSTM_BAD_STATE if family == "lstm" else SINGLE_BAD_STATE):
+            yield (family, *case)
+
+
+@pytest.mark.parametrize("family,make_args,error,pattern", list(_bad_input_cases()))
+def test_bad_input(family, make_args, error, pattern):
+    options = dict(input_size=4, hidden_size=6, num_layers=2, **({"proj_size": 3} if family == "lstm" else {}))
+    module = _pair(family, **options)[0]
+    with pytest.raises(error, match=pattern):
+        module(*make_args())
+
+
+@pytest.mark.parametrize("family", CELLS)
+@pytest.mark.parametrize(
+    "make_args,error,pattern",
+    [
+        (lambda: (torch.randn(3, 5),), ValueError, r"input: .*input_size=4"),
+        (lambda: (torch.randn(3, 2, 4),), ValueError, r"input: expected a 1-D or 2-D"),
+        (lambda: (torch.ones(3, 4, dtype=torch.int64),), TypeError, r"input: expected a floating-point"),
+        (lambda: (torch.randn(3, 4, dtype=torch.float64),), TypeError, r"input: expected dtype torch.float32"),
+    ],
+)
+def test_cell_bad_input(family, make_args, error, pattern):
+    torch_cls, ours_cls, extra = CELLS[family]
+    with pytest.raises(error, match=pattern):
+        ours_cls(4, 6, **extra)(*make_args())
+
+
+@pytest.mark.parametrize("family", CELLS)
+def test_cell_bad_state(family):
+    torch_cls, ours_cls, extra = CELLS[family]
+    cell = ours_cls(4, 6, **extra)
+    x = torch.randn(3, 4)
+    wrong = torch.randn(2, 6)
+    with pytest.raises(ValueError, match=r"hx(\[0\])?: expected shape \(3, 6\), got \(2, 6\)"):
+        cell(x, (wrong, torch.randn(3, 6)) if family == "lstm" else wrong)
+    with pytest.raises(TypeError, match=r"expected dtype torch.float32"):
+        cell(x, (torch.randn(3, 6).double(), torch.randn(3, 6)) if family == "lstm" else torch.randn(3, 6).double())
+
+
+# ------------------------------------------------------------------------------------------------
+# DistributedDataParallel, two processes on gloo.
+# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss(result):
+    return sum(o.sum() for o in _outputs(result))
+
+
+def _ddp_worker(rank, world, port, family, state, inputs, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = _pair(family, input_size=4, hidden_size=6, num_layers=2, bidirectional=True)[0]
+    model.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    _loss(ddp(inputs[rank])).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, result_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_distributed_data_parallel(family, tmp_path):
+    single = _pair(family, input_size=4, hidden_size=6, num_layers=2, bidirectional=True)[0]
+    inputs = [torch.randn(5, 3, 4) for _ in range(2)]
+    for x in inputs:  # DDP averages the gradients of the two ranks
+        (_loss(single(x)) / 2).backward()
+    result_path = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), family, single.state_dict(), inputs, str(result_path)), nprocs=2)
+    grads = torch.load(result_path)
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
