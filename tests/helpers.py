@@ -108,3 +108,72 @@ def run_recurrent_outputs(module, x, lengths) -> list[Tensor]:
     out, final = module(_pack(x, lengths, module.batch_first))
     finals = final if isinstance(final, tuple) else (final,)
     return [out.data if isinstance(out, PackedSequence) else out, *finals]
+
+
+# ------------------------------------------------------------------------------------------------
+# Ops: an implementation against the float64 reference, every output and every input gradient.
+# ------------------------------------------------------------------------------------------------
+def cast_args(args, dtype):
+    """Floating-point tensors become fresh leaves in `dtype` that require grad; the rest passes through."""
+    return tuple(
+        a.detach().to(dtype).requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args
+    )
+
+
+def outputs_and_grads(run, args, cotangents, names) -> dict[str, Tensor]:
+    """Outputs of run(*args) and the gradient of each floating-point argument under a weighted sum of them."""
+    outputs = run(*args)
+    results = {f"out{i}": o for i, o in enumerate(outputs)}
+    loss = sum((o.double() * c).sum() for o, c in zip(outputs, cotangents))
+    tensors = {n: a for n, a in zip(names, args) if isinstance(a, Tensor) and a.requires_grad}
+    grads = torch.autograd.grad(loss, list(tensors.values()))
+    results.update({f"grad_{n}": g for n, g in zip(tensors, grads)})
+    return results
+
+
+def check_op(run, reference_fn, args64, names, dtype, backend) -> None:
+    """`run` under `backend` obeys the rule, with the reference in `dtype` standing for torch's same-dtype math."""
+    import seqkern
+
+    outputs = reference_fn(*cast_args(args64, torch.float64))
+    gen = torch.Generator().manual_seed(7)
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outputs]
+    with seqkern.backend("reference"):
+        expected = outputs_and_grads(reference_fn, cast_args(args64, torch.float64), cotangents, names)
+        baseline = outputs_and_grads(reference_fn, cast_args(args64, dtype), cotangents, names)
+    with seqkern.backend(backend):
+        got = outputs_and_grads(run, cast_args(args64, dtype), cotangents, names)
+    assert_all_rule(got, baseline, expected)
+
+
+def batch_sizes_for(lengths, seq_len: int) -> Tensor:
+    """The PackedSequence batch_sizes (T,) of sorted `lengths`."""
+    lengths = torch.tensor(sorted(lengths, reverse=True))
+    return torch.tensor([(lengths > t).sum().item() for t in range(seq_len)], dtype=torch.int64)
+
+
+def gradcheck_op(run, args) -> bool:
+    """torch.autograd.gradcheck of run(*args) with respect to every argument that requires grad."""
+    positions = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.requires_grad]
+
+    def with_inputs(*tensors):
+        full = list(args)
+        for i, t in zip(positions, tensors):
+            full[i] = t
+        return run(*full)
+
+    return torch.autograd.gradcheck(with_inputs, [args[i] for i in positions])
+
+
+def check_compiled_module(module: torch.nn.Module, x: Tensor) -> None:
+    """torch.compile(module, fullgraph=True) gives eager's outputs and input gradient."""
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    x = x.detach().requires_grad_()
+    flat = [o for out in (compiled(x), module(x)) for o in [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]]
+    half = len(flat) // 2
+    for got, want in zip(flat[:half], flat[half:]):
+        torch.testing.assert_close(got, want)
+    grad_compiled = torch.autograd.grad(sum(o.sum() for o in flat[:half]), x)[0]
+    grad_eager = torch.autograd.grad(sum(o.sum() for o in flat[half:]), x)[0]
+    torch.testing.assert_close(grad_compiled, grad_eager)

@@ -7,10 +7,9 @@ import torch
 
 import seqkern
 from seqkern import reference
-from helpers import assert_all_rule
+from helpers import batch_sizes_for, check_compiled_module, check_op, gradcheck_op
 
 OPS = torch.ops.seqkern
-FORWARD_OUTPUTS = ("output", "h_n", "c_n")
 
 
 def _layer_args(seq_len, batch, input_size, hidden, proj=0, bias=True, lengths=None, reverse=False,
@@ -24,34 +23,16 @@ def _layer_args(seq_len, batch, input_size, hidden, proj=0, bias=True, lengths=N
         return t.requires_grad_(requires_grad)
 
     scale = hidden ** -0.5
-    batch_sizes = None
-    if lengths is not None:
-        lengths = torch.tensor(sorted(lengths, reverse=True))
-        batch_sizes = torch.tensor([(lengths > t).sum().item() for t in range(seq_len)], dtype=torch.int64)
     return (
         rand(seq_len, batch, input_size), rand(batch, out_size), rand(batch, hidden),
         rand(4 * hidden, input_size, scale=scale), rand(4 * hidden, out_size, scale=scale),
         rand(4 * hidden, scale=scale) if bias else None, rand(4 * hidden, scale=scale) if bias else None,
-        rand(out_size, hidden, scale=scale) if proj else None, batch_sizes, reverse,
+        rand(out_size, hidden, scale=scale) if proj else None,
+        batch_sizes_for(lengths, seq_len) if lengths is not None else None, reverse,
     )
 
 
-def _cast(args, dtype):
-    return tuple(a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-
-
 TENSOR_NAMES = ("input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
-
-
-def _forward_backward(run, args, cotangents):
-    """Outputs and the gradient of every floating-point argument under a weighted sum of the outputs."""
-    outputs = run(*args)
-    results = dict(zip(FORWARD_OUTPUTS, outputs))
-    loss = sum((r.double() * c).sum() for r, c in zip(outputs, cotangents))
-    tensors = {n: a for n, a in zip(TENSOR_NAMES, args) if isinstance(a, torch.Tensor) and a.requires_grad}
-    grads = torch.autograd.grad(loss, list(tensors.values()))
-    results.update({f"grad_{n}": g for n, g in zip(tensors, grads)})
-    return results
 
 
 def _op_forward(*args):
@@ -62,11 +43,25 @@ def _ref_forward(*args):
     return reference.lstm_forward(*args, False)[:3]
 
 
-def _torch_same_dtype(*args):
-    """PyTorch's own LSTM math in the same dtype, for the rule's baseline (the reference run in `dtype`)."""
-    return _ref_forward(*args)
+CELL_NAMES = ("gates_x", "gates_h", "cx", "b_ih", "b_hh")
 
 
+def _cell_args(batch, hidden, bias=True):
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in [(batch, 4 * hidden), (batch, 4 * hidden), (batch, hidden)]]
+    biases = [torch.randn(4 * hidden, generator=gen, dtype=torch.float64) for _ in range(2)] if bias else [None, None]
+    return (*args, *biases)
+
+
+def _op_cell(*args):
+    return OPS.lstm_cell_forward(*args)[:2]
+
+
+def _ref_cell(*args):
+    return reference.lstm_cell_forward(*args)[:2]
+
+
+CELL_CASES = [dict(batch=1, hidden=1), dict(batch=3, hidden=17, bias=False), dict(batch=64, hidden=127)]
 CASES = [
     dict(seq_len=1, batch=1, input_size=1, hidden=1),
     dict(seq_len=7, batch=3, input_size=5, hidden=63),
@@ -78,21 +73,19 @@ CASES = [
 
 
 def _check_against_reference(run, case, dtype, backend):
-    args64 = _layer_args(**case)
-    outputs = _ref_forward(*_cast(args64, torch.float64))
-    cotangents = [torch.randn_like(o) for o in outputs]
-    with seqkern.backend("reference"):
-        expected = _forward_backward(_ref_forward, _cast(args64, torch.float64), cotangents)
-        baseline = _forward_backward(_torch_same_dtype, _cast(args64, dtype), cotangents)
-    with seqkern.backend(backend):
-        got = _forward_backward(run, _cast(args64, dtype), cotangents)
-    assert_all_rule(got, baseline, expected)
+    check_op(run, _ref_forward, _layer_args(**case), TENSOR_NAMES, dtype, backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_cpu_kernel_against_reference(case, dtype):
     _check_against_reference(_op_forward, case, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CELL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_cpu_cell_kernel_against_reference(case, dtype):
+    check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "cpu")
 
 
 def test_inference_returns_no_workspace():
@@ -113,21 +106,11 @@ def test_inference_returns_no_workspace():
     ids=["plain", "proj-reverse-packed", "no-bias"],
 )
 def test_gradcheck(case):
-    args = _layer_args(**case)
-    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def fn(*tensors_in):
-        it = iter(tensors_in)
-        full = [next(it) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args]
-        return _op_forward(*full)
-
-    assert torch.autograd.gradcheck(fn, tensors)
+    assert gradcheck_op(_op_forward, _layer_args(**case))
 
 
 def test_cell_gradcheck():
-    gen = torch.Generator().manual_seed(0)
-    args = [torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in [(3, 8), (3, 8), (3, 2), (8,), (8,)]]
-    assert torch.autograd.gradcheck(lambda *a: OPS.lstm_cell_forward(*a)[:2], args)
+    assert gradcheck_op(_op_cell, [a.requires_grad_() for a in _cell_args(3, 2)])
 
 
 def _opcheck_cases():
@@ -152,17 +135,7 @@ def test_opcheck(op, args):
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph():
-    torch._dynamo.reset()
-    module = seqkern.nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3)
-    compiled = torch.compile(module, fullgraph=True)
-    x = torch.randn(5, 3, 4, requires_grad=True)
-    out, (h, c) = compiled(x)
-    eager_out, (eager_h, eager_c) = module(x)
-    torch.testing.assert_close(out, eager_out)
-    torch.testing.assert_close(c, eager_c)
-    grad_compiled = torch.autograd.grad(out.sum() + h.sum(), x)[0]
-    grad_eager = torch.autograd.grad(eager_out.sum() + eager_h.sum(), x)[0]
-    torch.testing.assert_close(grad_compiled, grad_eager)
+    check_compiled_module(seqkern.nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3), torch.randn(5, 3, 4))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,27 +159,9 @@ def test_triton_sequence_kernel_against_reference(case, dtype):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("batch,hidden,bias", [(1, 1, True), (3, 17, True), (5, 33, False)])
-def test_triton_cell_kernel_against_reference(batch, hidden, bias, dtype):
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(batch, 4 * hidden), (batch, 4 * hidden), (batch, hidden)] + ([(4 * hidden,)] * 2 if bias else [])
-    args64 = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes] + ([] if bias else [None, None])
-
-    def run(dt, backend, fn):
-        args = [a.to(dt).requires_grad_() if a is not None else None for a in args64]
-        with seqkern.backend(backend):
-            hy, cy = fn(*args)[:2]
-            cot = [torch.randn(batch, hidden, generator=torch.Generator().manual_seed(1), dtype=torch.float64)] * 2
-            loss = (hy.double() * cot[0]).sum() + (cy.double() * 2 * cot[1]).sum()
-            tensors = [a for a in args if a is not None]
-            grads = torch.autograd.grad(loss, tensors)
-        names = ["gates_x", "gates_h", "cx", "b_ih", "b_hh"][: len(tensors)]
-        return {"hy": hy, "cy": cy, **{f"grad_{n}": g for n, g in zip(names, grads)}}
-
-    expected = run(torch.float64, "reference", reference.lstm_cell_forward)
-    baseline = run(dtype, "reference", reference.lstm_cell_forward)
-    got = run(dtype, "triton", OPS.lstm_cell_forward)
-    assert_all_rule(got, baseline, expected)
+@pytest.mark.parametrize("case", CELL_CASES[:2] + [dict(batch=5, hidden=33)], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_triton_cell_kernel_against_reference(case, dtype):
+    check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "triton")
 
 
 @pytest.mark.triton
@@ -221,43 +176,3 @@ def test_triton_module_matches_torch():
     want, (want_h, want_c) = theirs(x)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c, want_c, atol=1e-5, rtol=1e-5)
-
-
-# ------------------------------------------------------------------------------------------------
-# Backend selection.
-# ------------------------------------------------------------------------------------------------
-def test_backend_context_and_environment(monkeypatch):
-    assert seqkern.current_backend() == "auto"
-    with seqkern.backend("reference"):
-        assert seqkern.current_backend() == "reference"
-        with seqkern.backend("cpu"):
-            assert seqkern.current_backend() == "cpu"
-        assert seqkern.current_backend() == "reference"
-    monkeypatch.setenv("SEQKERN_BACKEND", "triton")
-    assert seqkern.current_backend() == "triton"
-    monkeypatch.setenv("SEQKERN_BACKEND", "fast")
-    with pytest.raises(ValueError, match=r"\$SEQKERN_BACKEND: expected one of .* got 'fast'"):
-        seqkern.current_backend()
-    with pytest.raises(ValueError, match=r"seqkern.backend\(name\): expected one of"):
-        with seqkern.backend("gpu"):
-            pass
-
-
-def test_backend_resolution():
-    from seqkern.backends import resolve
-    from seqkern.ops.lstm import SUPPORTED_DTYPES as dtypes
-
-    cpu, meta = torch.device("cpu"), torch.device("meta")
-    assert resolve("lstm", cpu, torch.float32, dtypes) == "cpu"
-    assert resolve("lstm", cpu, torch.float16, dtypes) == "reference"  # auto falls back for a dtype no kernel has
-    assert resolve("lstm", meta, torch.float32, dtypes) == "reference"
-    with seqkern.backend("cpu"), pytest.raises(TypeError, match="float16"):
-        resolve("lstm", cpu, torch.float16, dtypes)
-    with seqkern.backend("cpu"), pytest.raises(ValueError, match="meta"):
-        resolve("lstm", meta, torch.float32, dtypes)
-
-
-def test_float16_falls_back_to_reference():
-    module = seqkern.nn.LSTM(3, 4).half()
-    out, _ = module(torch.randn(2, 1, 3).half())
-    assert out.dtype == torch.float16
