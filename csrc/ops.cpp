@@ -20,8 +20,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(seqkern, m) {
-  // The fake (meta) implementations and the autograd formulas are registered in Python by this module.
-  m.set_python_module("seqkern.ops");
+  // The fake (meta) implementations are registered in Python through this module (importing it imports
+  // the seqkern package, which registers every op's fake implementation and autograd formula).
+  m.set_python_module("seqkern.ops._registry");
   // One LSTM layer in one direction over a whole sequence.
   //   input (T,B,I), h0 (B,P), c0 (B,H), w_ih (4H,I), w_hh (4H,P), b_ih/b_hh (4H,), w_hr (P,H);
   //   P = proj_size if w_hr is given, else H.  Gate order i, f, g, o, as torch.nn.LSTM.

@@ -35,12 +35,26 @@ def _checked(name: str, source: str) -> str:
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Force `name` for every seqkern op called inside the block (outside any override by SEQKERN_BACKEND)."""
+    """Force `name` for every seqkern op called inside the block, over $SEQKERN_BACKEND.
+
+    It governs the modules and functional API, and direct `torch.ops.seqkern.*` calls too: under
+    "triton" those run the Triton launchers even on CPU tensors (under "reference" they still run their
+    kernels: an op *is* a kernel; the reference lives in seqkern.reference).
+    """
     _override_stack.append(_checked(name, "seqkern.backend(name)"))
     try:
-        yield
+        with _op_routing(name):
+            yield
     finally:
         _override_stack.pop()
+
+
+def _op_routing(name: str) -> contextlib.AbstractContextManager:
+    if name != "triton":
+        return contextlib.nullcontext()
+    from seqkern.ops._registry import TritonOnCPU
+
+    return TritonOnCPU()
 
 
 def current() -> str:

@@ -118,11 +118,11 @@ def _opcheck_cases():
         for case in CASES[1:5]:
             args = _layer_args(**case, dtype=torch.float32, requires_grad=requires_grad)
             yield OPS.lstm_forward.default, (*args, requires_grad)
-    gx, gh, cx = torch.randn(3, 24), torch.randn(3, 24), torch.randn(3, 6)
-    yield OPS.lstm_cell_forward.default, (gx.requires_grad_(), gh.requires_grad_(), cx.requires_grad_(), torch.randn(24), torch.randn(24))
-    yield OPS.lstm_cell_forward.default, (gx, gh, cx, None, None)
-    hy, cy, workspace = OPS.lstm_cell_forward(gx, gh, cx, None, None)
-    yield OPS.lstm_cell_backward.default, (torch.randn(3, 6), torch.randn(3, 6), cx, cy, workspace, True)
+    cell = [a.float() if a is not None else None for a in _cell_args(3, 6)]
+    yield OPS.lstm_cell_forward.default, tuple(a.clone().requires_grad_() for a in cell)
+    yield OPS.lstm_cell_forward.default, (*cell[:3], None, None)
+    hy, cy, workspace = OPS.lstm_cell_forward(*cell)
+    yield OPS.lstm_cell_backward.default, (torch.randn_like(hy), torch.randn_like(cy), cell[2], cy, workspace, True)
     args = _layer_args(5, 3, 4, 6, proj=2, dtype=torch.float32, requires_grad=False)
     output, h_n, c_n, gates, cells = OPS.lstm_forward(*args, True)
     yield OPS.lstm_backward.default, (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), args[0], args[1], args[2], args[3], args[4], args[7], output, gates, cells, None, False, True)

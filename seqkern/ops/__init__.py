@@ -1,7 +1,7 @@
 """Op registration (fake implementations, autograd, Triton kernels) and the functional API.
 
-Named by csrc/ops.cpp (`set_python_module`): torch imports this module when it needs the Python
-registrations of a seqkern op.
+Every fake implementation is registered through seqkern.ops._registry, the module csrc/ops.cpp names
+(`set_python_module`) for torch to import when it needs them.
 """
 from seqkern.ops import gru, lstm, rnn
 from seqkern.ops.gru import gru_cell, gru_layer

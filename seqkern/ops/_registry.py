@@ -47,12 +47,16 @@ def register_triton(name: str, module: str) -> None:
     _TRITON_KERNELS[op(name)] = launcher
 
 
-class _TritonOnCPU(TorchDispatchMode):
-    """Runs seqkern ops through their Triton launchers whatever the device (CPU: the interpreter)."""
+class TritonOnCPU(TorchDispatchMode):
+    """While the "triton" backend is in force, runs seqkern ops through their Triton launchers whatever
+    the device (CPU tensors: under the interpreter). Entered by `seqkern.backend("triton")`, so a direct
+    `torch.ops.seqkern.*` call in that block runs Triton too, and by `kernel_scope` for $SEQKERN_BACKEND."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from seqkern import backends
+
         launcher = _TRITON_KERNELS.get(func)
-        if launcher is None:
+        if launcher is None or backends.current() != "triton":
             return func(*args, **(kwargs or {}))
         return launcher(*args, **(kwargs or {}))
 
@@ -60,7 +64,7 @@ class _TritonOnCPU(TorchDispatchMode):
 def kernel_scope(impl: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The context in which torch.ops.seqkern.* runs the kernel of `impl` ("cpu" | "triton") on `device`."""
     if impl == "triton" and device.type != "cuda":
-        return _TritonOnCPU()
+        return TritonOnCPU()
     return contextlib.nullcontext()
 
 

@@ -13,7 +13,10 @@ from seqkern import _extension, backends, reference
 from seqkern.ops._registry import empty, kernel_scope, register, zeros_if_none
 
 # Filled in as the kernels land; until then every call runs the reference.
-SUPPORTED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cpu": (), "triton": ()}
+SUPPORTED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "cpu": (),
+    "triton": (torch.float32, torch.float64, torch.bfloat16),
+}
 
 
 def _rnn_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu):

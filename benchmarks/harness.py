@@ -1,0 +1,511 @@
+"""The benchmark harness every `benchmarks/bench_<op>.py` shares.
+
+A benchmark module describes *what* to run as `Case`s (one shape of one op, with its contenders: the
+seqkern subject and the baselines it is compared against); this module decides *how*: timing (warm-up,
+then the median of an adaptive number of repeats), peak extra memory of one call, the machine's
+matrix-multiply peak measured in the same process, ratios computed side by side, and the outputs
+(table, JSON, PNG bar chart). See DESIGN.md, "Performance rule".
+
+    case = Case(op="lstm", name="infer b32 t100 h256", params={...}, flops=...,
+                contenders={"seqkern": setup_fn, "torch.nn.LSTM": setup_fn, ...})
+    result = run_case(case, budget, matmul_peak_gflops, progress)
+
+A contender's setup builds its module and inputs and returns the call to time; that call returns the
+tensors it computed (outputs, or gradients for training) so the harness can check that every contender
+computed the same thing as the subject before trusting its time.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+SUBJECT = "seqkern"
+MIB = 2**20
+
+# What a contender's timed call returns: the tensors it computed, compared across contenders.
+Call = Callable[[], Sequence[torch.Tensor]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data model.
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One shape of one op and the contenders to time on it.
+
+    `contenders` maps a display name to a setup function returning the call to time; setups run one at
+    a time, so only one contender's inputs and weights are alive at once. `flops` is the useful
+    floating-point work of one call (for GFLOP/s). The entry named SUBJECT is seqkern; the others are
+    baselines, and every ratio is baseline time / seqkern time (>1 means seqkern is faster).
+    """
+
+    op: str
+    name: str
+    params: dict[str, Any]
+    flops: float
+    contenders: dict[str, Callable[[], Call]]
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingBudget:
+    """How long to warm up and time each contender; the repeat count adapts to the cost of one call."""
+
+    seconds_per_measurement: float
+    warmup_seconds: float
+    min_repeats: int
+    max_repeats: int
+
+
+# The default set (5 LSTM cases x 4 contenders, compilation included) takes ~2 min on this machine when idle;
+# under a load of 8 on its 2 cores everything ran ~5x slower. min_repeats bounds a slow case's cost too.
+DEFAULT_BUDGET = TimingBudget(seconds_per_measurement=2.0, warmup_seconds=0.3, min_repeats=5, max_repeats=500)
+QUICK_BUDGET = TimingBudget(seconds_per_measurement=0.05, warmup_seconds=0.0, min_repeats=3, max_repeats=5)
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One contender on one case. `error` is set (and the numbers are None) if the contender failed."""
+
+    contender: str
+    median_s: float | None = None
+    min_s: float | None = None
+    max_s: float | None = None
+    repeats: int = 0
+    first_call_s: float | None = None  # includes one-time costs: torch.compile, lazy init, caches
+    gflops: float | None = None
+    fraction_of_matmul_peak: float | None = None
+    peak_memory_bytes: int | None = None
+    max_rel_diff_vs_subject: float | None = None  # see max_relative_diff
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class CaseResult:
+    case: Case
+    measurements: list[Measurement]
+
+    def measurement(self, contender: str) -> Measurement | None:
+        return next((m for m in self.measurements if m.contender == contender), None)
+
+    def ratios(self) -> dict[str, float]:
+        """Baseline median time / seqkern median time, for every baseline that ran (>1: seqkern faster)."""
+        subject = self.measurement(SUBJECT)
+        if subject is None or subject.median_s is None:
+            return {}
+        return {
+            m.contender: m.median_s / subject.median_s
+            for m in self.measurements
+            if m.contender != SUBJECT and m.median_s is not None
+        }
+
+    def failed(self) -> bool:
+        return any(m.error is not None for m in self.measurements)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "op": self.case.op,
+            "case": self.case.name,
+            "params": self.case.params,
+            "flops": self.case.flops,
+            "notes": self.case.notes,
+            "measurements": [dataclasses.asdict(m) for m in self.measurements],
+            "ratios_vs_seqkern": self.ratios(),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine.
+# --------------------------------------------------------------------------------------------------
+def configure_process() -> None:
+    """Settings every benchmark run shares.
+
+    - every core this process may run on, the same thread count for every contender;
+    - Inductor compiles in this process: its default pool of compile worker processes would otherwise
+      start up after the first compilation and compete with the timings that follow for the 2 cores;
+    - a compiled baseline that runs out of recompilations fails loudly instead of silently running eager.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(cores)
+    torch._inductor.config.compile_threads = 1
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        completed = subprocess.run(
+            # "-dirty" marks numbers measured on uncommitted changes; a failure just means no commit id.
+            ["git", "describe", "--always", "--dirty"], check=False, capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return completed.stdout.strip() or None
+
+
+def environment() -> dict[str, Any]:
+    """Everything a number depends on besides the code: versions, CPU, threads, commit, seqkern's backends."""
+    import seqkern
+
+    return {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "seqkern": seqkern.__version__,
+        "seqkern_cpu_kernels_built": seqkern.backends.cpu_kernel_available(),
+        "seqkern_backend_in_force": seqkern.current_backend(),
+        "mkldnn_enabled": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
+        "git_commit": _git_commit(),
+    }
+
+
+def measure_matmul_peak(budget: TimingBudget, size: int = 2048) -> dict[str, float]:
+    """The sgemm rate of a large square float32 matmul, the yardstick for every "fraction of peak".
+
+    Measured in the same process and with the same thread count as the contenders, so a busy shared
+    machine lowers the yardstick along with the contenders. 2048 is large enough to reach MKL's plateau
+    (~175 GFLOP/s on 2 cores here, 4096 gives ~2% more) and small enough to time in ~0.1 s per call.
+    """
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+
+    def matmul() -> Sequence[torch.Tensor]:
+        torch.mm(a, b, out=out)
+        return (out,)
+
+    timing = time_call(matmul, budget)
+    return {"size": size, "median_s": timing.median_s, "gflops": 2 * size**3 / timing.median_s / 1e9}
+
+
+def environment_warnings(env: dict[str, Any]) -> list[str]:
+    """What makes "seqkern" in the results something else than seqkern's fast path on this machine."""
+    warnings = []
+    if not env["seqkern_cpu_kernels_built"]:
+        warnings.append("seqkern's C++ extension is not built: the seqkern rows time its pure-PyTorch reference")
+    if env["seqkern_backend_in_force"] != "auto":
+        warnings.append(f"SEQKERN_BACKEND={env['seqkern_backend_in_force']}: the seqkern rows time that backend")
+    return warnings
+
+
+def busy_machine_warning(peak_at_start: float, peak_at_end: float, tolerance: float = 0.15) -> str | None:
+    """A warning if the matmul peak moved by more than `tolerance` between the start and the end of a
+    run: other work shared the cores meanwhile, and ratios measured at different moments are suspect."""
+    low, high = sorted((peak_at_start, peak_at_end))
+    if low >= (1 - tolerance) * high:
+        return None
+    return (f"the matmul peak moved from {peak_at_start:.0f} to {peak_at_end:.0f} GFLOP/s during the run: "
+            "the machine was busy, compare these numbers with care (or rerun on an idle machine)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring one call.
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+    first_call_s: float
+    first_result: Sequence[torch.Tensor]
+
+
+def _timed(call: Call) -> tuple[float, Sequence[torch.Tensor]]:
+    start = time.perf_counter()
+    result = call()
+    return time.perf_counter() - start, result
+
+
+def time_call(call: Call, budget: TimingBudget) -> Timing:
+    """Warm up, pick a repeat count from the warm-up's per-call time, return the median of the repeats.
+
+    The first call is timed on its own (it carries compilation and lazy initialisation) and never counts
+    toward the median. The garbage collector is off while timing, as in `timeit`, so a collection
+    triggered by one contender's garbage does not land in another's time.
+    """
+    first_call_s, first_result = _timed(call)
+    warmup_times = [first_call_s]
+    warmup_start = time.perf_counter()
+    while time.perf_counter() - warmup_start < budget.warmup_seconds or len(warmup_times) < 2:
+        warmup_times.append(_timed(call)[0])
+    per_call = statistics.median(warmup_times[1:])
+    repeats = min(budget.max_repeats, max(budget.min_repeats, math.ceil(budget.seconds_per_measurement / per_call)))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        times = [_timed(call)[0] for _ in range(repeats)]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing(statistics.median(times), min(times), max(times), repeats, first_call_s, first_result)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Point file descriptor 2 at /dev/null: kineto logs "USDT ... profiler_start/stop" lines from C++
+    on every profile, whatever KINETO_LOG_LEVEL says once torch is loaded, and they break the progress
+    line. Exceptions still reach Python and are reported."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_memory_bytes(call: Call) -> int:
+    """Peak extra bytes of CPU tensor memory live during one call (its outputs and gradients included).
+
+    The profiler with profile_memory=True records every allocation and free that goes through c10's
+    CPU allocator, from every thread, with a timestamp; the running sum of those events in time order
+    is the memory the call added, and its maximum is the peak (check_peak_memory_measurement verifies
+    this on known allocations at the start of every run). Memory that bypasses c10 (a library's own
+    malloc, Python objects) is invisible, and so are caches filled during warm-up (oneDNN primitives,
+    compiled code): this is the steady-state cost of one more call.
+    """
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        call()
+    allocations = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in allocations:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def check_peak_memory_measurement() -> None:
+    """Fail early if peak_memory_bytes stops seeing allocations (say, a torch upgrade changes the profiler
+    events): a call holding 4 and 2 MiB at once, then freeing the 4 and allocating 1, peaks at 6 MiB."""
+    def known_allocations() -> Sequence[torch.Tensor]:
+        four, two = torch.empty(4 * MIB, dtype=torch.uint8), torch.empty(2 * MIB, dtype=torch.uint8)
+        del four
+        return two, torch.empty(MIB, dtype=torch.uint8)
+
+    measured = peak_memory_bytes(known_allocations)
+    if measured != 6 * MIB:
+        raise RuntimeError(f"peak_memory_bytes measured {measured / MIB:.2f} MiB for a known 6.00 MiB peak")
+
+
+def max_relative_diff(ours: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    """max over tensors of max|ours - reference| / max|reference|: how far apart two contenders' results are.
+
+    Relative to each tensor's largest magnitude because weight gradients summed over a long sequence
+    reach the hundreds while outputs stay below 1; an absolute difference would mean different things.
+    """
+    if len(ours) != len(reference):
+        raise ValueError(f"contenders returned {len(ours)} and {len(reference)} tensors")
+    return max((_relative_diff(a, b) for a, b in zip(ours, reference) if b.numel()), default=0.0)
+
+
+def _relative_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    ours, reference = ours.detach().double(), reference.detach().double()
+    return ((ours - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a case.
+# --------------------------------------------------------------------------------------------------
+class Progress:
+    """One status line on stderr, rewritten in place ("\\r"), so a long run shows where it is.
+
+    When stderr is not a terminal (a CI log), each status is a line of its own instead.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self._width = total, 0, 0
+        self._in_place = sys.stderr.isatty()
+
+    def show(self, text: str) -> None:
+        line = f"[{self.done}/{self.total}] {text}"
+        if not self._in_place:
+            print(line, file=sys.stderr, flush=True)
+            return
+        sys.stderr.write("\r" + line.ljust(self._width))
+        sys.stderr.flush()
+        self._width = len(line)
+
+    def step(self) -> None:
+        self.done += 1
+
+    def clear(self) -> None:
+        """Erase the status line, before printing anything else or at the end."""
+        if not self._in_place:
+            return
+        sys.stderr.write("\r" + " " * self._width + "\r")
+        sys.stderr.flush()
+        self._width = 0
+
+    def warn(self, message: str) -> None:
+        self.clear()
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def measure_contender(
+    case: Case, name: str, budget: TimingBudget, matmul_peak_gflops: float, progress: Progress
+) -> tuple[Measurement, Sequence[torch.Tensor]]:
+    """Set up one contender, time it, profile its memory; a failure becomes the measurement's `error`."""
+    try:
+        progress.show(f"{case.label} | {name} | warm-up and timing")
+        call = case.contenders[name]()
+        timing = time_call(call, budget)
+        progress.show(f"{case.label} | {name} | peak memory")
+        memory = peak_memory_bytes(call)
+    except Exception as error:  # noqa: BLE001 - one broken contender must not hide the others' numbers
+        progress.warn(f"{case.label}: {name} failed: {_describe(error)}")
+        return Measurement(name, error=_describe(error)), ()
+    gflops = case.flops / timing.median_s / 1e9
+    measurement = Measurement(
+        contender=name, median_s=timing.median_s, min_s=timing.min_s, max_s=timing.max_s,
+        repeats=timing.repeats, first_call_s=timing.first_call_s, gflops=gflops,
+        fraction_of_matmul_peak=gflops / matmul_peak_gflops, peak_memory_bytes=memory,
+    )
+    return measurement, timing.first_result
+
+
+def _describe(error: Exception) -> str:
+    """The exception's type and first line (dispatcher errors go on for a hundred lines)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def run_case(case: Case, budget: TimingBudget, matmul_peak_gflops: float, progress: Progress) -> CaseResult:
+    """Every contender of `case`, one after another in this process, the subject first."""
+    if SUBJECT not in case.contenders:
+        raise ValueError(f"{case.label}: no contender named {SUBJECT!r} among {list(case.contenders)}")
+    order = [SUBJECT] + [name for name in case.contenders if name != SUBJECT]
+    measurements, subject_result = [], None
+    for name in order:
+        measurement, result = measure_contender(case, name, budget, matmul_peak_gflops, progress)
+        if name == SUBJECT:
+            subject_result = result
+        elif subject_result and result:
+            measurement.max_rel_diff_vs_subject = max_relative_diff(result, subject_result)
+        measurements.append(measurement)
+        progress.step()
+        gc.collect()  # drop this contender's module and inputs before the next one allocates its own
+    return CaseResult(case, measurements)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting.
+# --------------------------------------------------------------------------------------------------
+_COLUMNS = (
+    "case", "contender", "median ms", "reps", "1st call s", "GFLOP/s", "% peak", "mem MiB", "rel diff", "seqkern x",
+)
+
+
+def _row(result: CaseResult, m: Measurement, first: bool) -> tuple[str, ...]:
+    case = result.case.label if first else ""
+    if m.error is not None:
+        return (case, m.contender, "FAILED") + ("",) * (len(_COLUMNS) - 3)
+    ratio = result.ratios().get(m.contender)
+    diff = m.max_rel_diff_vs_subject
+    return (
+        case, m.contender, f"{m.median_s * 1e3:.3f}", str(m.repeats), f"{m.first_call_s:.2f}", f"{m.gflops:.1f}",
+        f"{100 * m.fraction_of_matmul_peak:.1f}", f"{m.peak_memory_bytes / MIB:.2f}",
+        "" if diff is None else f"{diff:.1e}", "" if ratio is None else f"{ratio:.2f}",
+    )
+
+
+def format_table(results: Sequence[CaseResult], matmul_peak: dict[str, float]) -> str:
+    """A plain-text table, one row per contender; "seqkern x" is that baseline's time / seqkern's, and
+    "1st call s" the untimed first call (torch.compile's compilation shows there).
+
+    Failed contenders get a FAILED row, and their errors are listed under the table.
+    """
+    rows = [_COLUMNS] + [
+        _row(result, m, index == 0) for result in results for index, m in enumerate(result.measurements)
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    at_end = f", {matmul_peak['gflops_at_end']:.1f} at the end" if "gflops_at_end" in matmul_peak else ""
+    header = (
+        f"matmul peak: {matmul_peak['gflops']:.1f} GFLOP/s{at_end} (sgemm {matmul_peak['size']}^2, float32, "
+        f"{torch.get_num_threads()} threads); seqkern x = baseline time / seqkern time (>1: seqkern faster)"
+    )
+    errors = [
+        f"FAILED {result.case.label} / {m.contender}: {m.error}"
+        for result in results for m in result.measurements if m.error is not None
+    ]
+    return "\n".join([header, lines[0], "-" * len(lines[0]), *lines[1:], *errors])
+
+
+def write_json(path: Path, results: Sequence[CaseResult], env: dict[str, Any], matmul_peak: dict[str, float],
+               budget: TimingBudget) -> None:
+    """Results with everything needed to judge them: environment, yardstick, timing budget."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "environment": env,
+        "matmul_peak": matmul_peak,
+        "timing_budget": dataclasses.asdict(budget),
+        "results": [result.to_json() for result in results],
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def plot_ratios(path: Path, results: Sequence[CaseResult]) -> None:
+    """Grouped bars of seqkern's speedup over each baseline, per case, on a log axis with a line at 1.0."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a build machine; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    baselines = list(dict.fromkeys(name for result in results for name in result.ratios()))
+    width = 0.8 / max(1, len(baselines))
+    figure, axes = plt.subplots(figsize=(max(8.0, 1.6 * len(results) + 3), 4.5))
+    for index, baseline in enumerate(baselines):
+        positions = [case_index + (index - (len(baselines) - 1) / 2) * width for case_index in range(len(results))]
+        heights = [result.ratios().get(baseline, math.nan) for result in results]
+        bars = axes.bar(positions, heights, width, label=f"vs {baseline}")
+        axes.bar_label(bars, fmt="%.2f", fontsize=7)
+    axes.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    axes.set_yscale("log")  # speedups over an eager Python loop and over oneDNN differ by orders of magnitude
+    axes.set_xticks(range(len(results)), [result.case.label for result in results], rotation=20, ha="right")
+    axes.set_ylabel("baseline time / seqkern time  (>1: seqkern faster)")
+    axes.set_title(f"seqkern speedup ({torch.get_num_threads()} threads, {cpu_model()})")
+    if baselines:
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a bar
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
