@@ -573,32 +573,23 @@ at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0, const
   return prev.view({-1, prev.size(2)});
 }
 
-/// lhs^T @ rhs over K rows, (N x M): a weight gradient summed over all T*B (time, row) pairs.
-/// One GEMM keeps one running fp32 sum per element over all K products; its error grows ~K: measured
-/// 3.4x the reference's grad_w_hh (which adds up per-step products) at T*B = 448, and 4x torch.nn.LSTM's
-/// grad_w_ih at T*B = 2112. Here products over chunks of 64 rows are rounded on their own and added
-/// pairwise: 7x less error than one GEMM at K = 2112 (64-row chunks; 256 gave 3.4x, 16 gave 9x).
-/// fp64 keeps the single GEMM.
+/// lhs^T @ rhs over K rows (both contiguous), (N x M): a weight gradient summed over all T*B (time, row)
+/// pairs. One GEMM keeps one running fp32 sum per element over all K products; its error grows ~K:
+/// measured 3.4x the reference's grad_w_hh (which adds up per-step products) at T*B = 448, and 4x
+/// torch.nn.LSTM's grad_w_ih at T*B = 2112. Here the rows are cut into at most 16 chunks of >= 64 rows
+/// whose products (one batched GEMM) are rounded on their own, then summed. Chunks of 64 added pairwise
+/// were as accurate but cost 2-3x a single GEMM at K = 3200 (50 small GEMMs and adds); 16 chunks in
+/// one bmm cost about one GEMM plus one pass over 16 partial results. fp64 keeps the single GEMM.
 at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor& rhs) {
-  constexpr int64_t kChunkRows = 64;
-  const int64_t rows = lhs.size(0);
-  if (lhs.scalar_type() == at::kDouble || rows <= kChunkRows) return at::mm(lhs.t(), rhs);
-  // levels[l] holds, if defined, the sum of 2^l chunks not yet merged (a binary counter of partial sums).
-  std::vector<at::Tensor> levels;
-  for (int64_t start = 0; start < rows; start += kChunkRows) {
-    const int64_t n = std::min(kChunkRows, rows - start);
-    at::Tensor part = at::mm(lhs.narrow(0, start, n).t(), rhs.narrow(0, start, n));
-    size_t level = 0;
-    for (; level < levels.size() && levels[level].defined(); ++level) {
-      part.add_(levels[level]);
-      levels[level] = at::Tensor();
-    }
-    if (level == levels.size()) levels.emplace_back();
-    levels[level] = part;
-  }
-  at::Tensor total;
-  for (const at::Tensor& partial : levels)
-    if (partial.defined()) total = total.defined() ? total.add_(partial) : partial;
+  constexpr int64_t kMinChunkRows = 64, kMaxChunks = 16;
+  const int64_t rows = lhs.size(0), n = lhs.size(1), m = rhs.size(1);
+  if (lhs.scalar_type() == at::kDouble || rows < 2 * kMinChunkRows) return at::mm(lhs.t(), rhs);
+  const int64_t chunk_rows = std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
+  const int64_t chunks = rows / chunk_rows, covered = chunks * chunk_rows;
+  const at::Tensor lhs_chunks = lhs.narrow(0, 0, covered).view({chunks, chunk_rows, n});
+  const at::Tensor rhs_chunks = rhs.narrow(0, 0, covered).view({chunks, chunk_rows, m});
+  at::Tensor total = at::bmm(lhs_chunks.transpose(1, 2), rhs_chunks).sum(0);
+  if (covered < rows) total.add_(at::mm(lhs.narrow(0, covered, rows - covered).t(), rhs.narrow(0, covered, rows - covered)));
   return total;
 }
 
@@ -658,7 +649,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Weight and input gradients: a few GEMMs over all T*B rows at once.
   const auto dtype = input_.scalar_type();
   const at::Tensor d_gates_rows = d_gates.view({T * B, 4 * H});
-  const at::Tensor x_rows = input_.reshape({T * B, I}).to(acc);
+  const at::Tensor x_rows = input_.reshape({T * B, I}).to(acc).contiguous();
   const at::Tensor grad_input = at::mm(d_gates_rows, w_ih_.to(acc)).view({T, B, I}).to(dtype);
   const at::Tensor grad_w_ih = sum_of_outer_products(d_gates_rows, x_rows).to(dtype);
   const at::Tensor grad_w_hh = sum_of_outer_products(d_gates_rows, previous_hidden(output_, h0_, sched, acc)).to(dtype);
