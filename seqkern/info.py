@@ -8,10 +8,10 @@ import torch
 
 import seqkern
 from seqkern import _extension, _triton, backends
-from seqkern.ops import lstm
+from seqkern.ops import gru, lstm, rnn
 
 # op name -> its dtype table; every op module adds its line here.
-OPS = {"lstm": lstm.SUPPORTED_DTYPES}
+OPS = {"lstm": lstm.SUPPORTED_DTYPES, "gru": gru.SUPPORTED_DTYPES, "rnn": rnn.SUPPORTED_DTYPES}
 
 
 def _triton_version() -> str:

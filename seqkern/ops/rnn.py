@@ -12,9 +12,8 @@ from torch import Tensor
 from seqkern import _extension, backends, reference
 from seqkern.ops._registry import empty, kernel_scope, register, zeros_if_none
 
-# Filled in as the kernels land; until then every call runs the reference.
-SUPPORTED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
-    "cpu": (),
+SUPPORTED_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "triton": (torch.float32, torch.float64, torch.bfloat16),
 }
 

@@ -1,0 +1,647 @@
+// TO MOVE into recurrence.h (staging file of the GRU/RNN work; the whole file moves, then it is deleted).
+//
+// The layer engine every recurrent cell shares: argument checks, the time schedule (batch_sizes,
+// reverse), the per-thread slices of the recurrent GEMM, the persistent forward and backward time loops,
+// and the batched weight gradients after the loop. It is parameterized by a Cell (see "Cell interface"
+// below); csrc/cpu/gru.cpp and csrc/cpu/rnn.cpp plug in GruCell and ElmanCell.
+//
+// Items that are generic copies of what csrc/cpu/lstm.cpp has in its anonymous namespace (there they say
+// "seqkern lstm" in their messages; here the op name is a parameter): Acc, for_each_chunk, the checks
+// (ArgChecker), Schedule, Slice, SliceSet, loop_threads, previous_hidden, sum_of_outer_products,
+// input_projection. After the merge lstm.cpp should use these and drop its copies.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu/recurrence.h"
+
+namespace seqkern::cpu {
+
+template <typename S>
+using Acc = at::opmath_type<S>;
+
+/// Calls body(u, n) for the SIMD chunks [u, u+n) of [0, units).
+template <typename A, typename Body>
+inline void for_each_chunk(int64_t units, const Body& body) {
+  for (int64_t u = 0; u < units; u += kLanes<A>) body(u, static_cast<int>(std::min<int64_t>(kLanes<A>, units - u)));
+}
+
+/// tanh with ~1 ulp *relative* error in fp32 (Cephes tanhf): an odd polynomial for |x| < 0.625, else
+/// 1 - 2 / (exp(2|x|) + 1). recurrence.h's tanh_simd (2 sigmoid(2x) - 1) has ~1 ulp of 1 absolute error
+/// everywhere, 1.5e-7 at small |x| where torch's is ~1e-9; the Elman RNN, whose only nonlinearity it is,
+/// then missed the 2x rule on fp32 gradients (measured grad_b 2.3x torch's error at T=12, B=32, H=256).
+/// Measured max abs error vs fp64 on [-10, 10]: 7.9e-8 (torch.tanh 3.1e-8, tanh_simd 1.8e-7).
+inline Simd<float> tanh_accurate(Simd<float> x) {
+  using V = Simd<float>;
+  const V abs_x = x < 0.0f ? -x : x;
+  const V z = x * x;
+  V p = broadcast(-5.70498872745e-3f);
+  p = fmadd(p, z, broadcast(2.06390887954e-2f));
+  p = fmadd(p, z, broadcast(-5.37397155531e-2f));
+  p = fmadd(p, z, broadcast(1.33314422036e-1f));
+  p = fmadd(p, z, broadcast(-3.33332819422e-1f));
+  const V small = fmadd(p * z, x, x);
+  const V large_abs = 1.0f - 2.0f / (exp_simd(abs_x * 2.0f) + 1.0f);
+  const V large = x < 0.0f ? -large_abs : large_abs;
+  return abs_x < 0.625f ? small : large;
+}
+
+/// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
+inline Simd<double> tanh_accurate(Simd<double> x) {
+  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::tanh(x[l]);
+  return x;
+}
+
+// ================================================================================================
+// Argument checks (a direct op call must never read or write out of bounds).
+// ================================================================================================
+/// TORCH_CHECKs whose messages name the op ("seqkern gru (CPU): h0 must have shape ...").
+struct ArgChecker {
+  const char* op;
+
+  void shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) const {
+    TORCH_CHECK(t.sizes() == expected, "seqkern ", op, " (CPU): ", name, " must have shape ", expected, ", got ",
+                t.sizes());
+  }
+  void dtype_device(const at::Tensor& t, const at::Tensor& like, const char* name) const {
+    TORCH_CHECK(t.device().is_cpu(), "seqkern ", op, " (CPU): ", name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqkern ", op, " (CPU): ", name, " must have dtype ",
+                like.scalar_type(), ", got ", t.scalar_type());
+  }
+  /// Shape, dtype (that of `like`) and device of t.
+  void tensor(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef expected, const char* name) const {
+    shape(t, expected, name);
+    dtype_device(t, like, name);
+  }
+  void supported_dtype(const at::Tensor& t, const char* name) const {
+    const auto dtype = t.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, "seqkern ", op, " (CPU): ",
+                name, " must be float32, float64 or bfloat16, got ", dtype);
+    dtype_device(t, t, name);
+  }
+  /// Both biases or neither, each (size,) like `like`.
+  void biases(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, int64_t size,
+              const at::Tensor& like) const {
+    TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "seqkern ", op, " (CPU): b_ih and b_hh must be given together");
+    if (!b_ih.has_value()) return;
+    tensor(*b_ih, like, {size}, "b_ih");
+    tensor(*b_hh, like, {size}, "b_hh");
+  }
+  /// batch_sizes (T,) int64 CPU, non-increasing, each in [0, batch]; returned contiguous (or undefined).
+  at::Tensor batch_sizes(const std::optional<at::Tensor>& batch_sizes, int64_t seq_len, int64_t batch) const {
+    if (!batch_sizes.has_value()) return {};
+    TORCH_CHECK(batch_sizes->device().is_cpu() && batch_sizes->scalar_type() == at::kLong, "seqkern ", op,
+                " (CPU): batch_sizes must be an int64 CPU tensor");
+    shape(*batch_sizes, {seq_len}, "batch_sizes");
+    const at::Tensor sizes = batch_sizes->contiguous();
+    const int64_t* data = sizes.data_ptr<int64_t>();
+    for (int64_t t = 0; t < seq_len; ++t) {
+      TORCH_CHECK(data[t] >= 0 && data[t] <= batch, "seqkern ", op, " (CPU): batch_sizes[", t, "] = ", data[t],
+                  " is outside [0, ", batch, "]");
+      TORCH_CHECK(t == 0 || data[t] <= data[t - 1], "seqkern ", op, " (CPU): batch_sizes must be non-increasing");
+    }
+    return sizes;
+  }
+};
+
+/// Sizes of one layer whose only state is h: T steps, B rows, I inputs, H hidden units.
+struct LayerShape {
+  int64_t seq_len, batch, input_size, hidden;
+};
+
+/// Checks input (T,B,I), h0 (B,H), w_ih (gates*H, I), w_hh (gates*H, H) and returns the sizes they imply.
+inline LayerShape check_layer_args(const ArgChecker& check, int gates, const at::Tensor& input, const at::Tensor& h0,
+                             const at::Tensor& w_ih, const at::Tensor& w_hh) {
+  check.supported_dtype(input, "input");
+  TORCH_CHECK(input.dim() == 3, "seqkern ", check.op, " (CPU): input must be (T, B, input_size), got ", input.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % gates == 0, "seqkern ", check.op, " (CPU): w_ih must be (", gates,
+              "*hidden, input_size), got ", w_ih.sizes());
+  const LayerShape d{input.size(0), input.size(1), input.size(2), w_ih.size(0) / gates};
+  check.tensor(w_ih, input, {gates * d.hidden, d.input_size}, "w_ih");
+  check.tensor(w_hh, input, {gates * d.hidden, d.hidden}, "w_hh");
+  check.tensor(h0, input, {d.batch, d.hidden}, "h0");
+  return d;
+}
+
+// ================================================================================================
+// Schedule and slices of the persistent time loop.
+// ================================================================================================
+/// Which time index a processing step touches and how many rows are active there.
+struct Schedule {
+  int64_t seq_len, batch;
+  const int64_t* batch_sizes;  // null: every row active at every step
+  bool reverse;
+
+  /// The time index of forward-processing step `step` (T-1-step in the reverse direction).
+  int64_t time(int64_t step) const { return reverse ? seq_len - 1 - step : step; }
+  int64_t active(int64_t t) const { return batch_sizes ? batch_sizes[t] : batch; }
+  /// Whether row b had already started before time t in processing order (else it starts from h0 at t).
+  bool started_before(int64_t t, int64_t b) const {
+    const int64_t prev_t = reverse ? t + 1 : t - 1;
+    return prev_t >= 0 && prev_t < seq_len && b < active(prev_t);
+  }
+};
+
+/// The schedule of a layer of shape d; sizes is ArgChecker::batch_sizes' result (undefined: all rows active).
+inline Schedule make_schedule(const LayerShape& d, const at::Tensor& sizes, bool reverse) {
+  return {d.seq_len, d.batch, sizes.defined() ? sizes.data_ptr<int64_t>() : nullptr, reverse};
+}
+
+/// One thread's share of a recurrent GEMM: output columns `cols` (each repeated in `groups` gate blocks
+/// padded to `padded` columns), their packed weights, and a (batch x w.width) scratch for the product.
+template <typename A>
+struct Slice {
+  Range cols;
+  int64_t padded = 0;
+  PackedPanels<A> w;
+  A* scratch = nullptr;
+};
+
+/// The slices of `columns` columns for `parts` threads, in one allocation (`storage` keeps it alive).
+template <typename A>
+struct SliceSet {
+  std::vector<Slice<A>> slices;
+  at::Tensor storage;
+
+  SliceSet(int64_t columns, int parts, int groups, int64_t depth, int64_t rows) {
+    int64_t total = 0;
+    for (const Range& r : split_range(columns, parts, kLanes<A>)) {
+      Slice<A> s;
+      s.cols = r;
+      s.padded = PackedPanels<A>::padded_width(r.size());
+      s.w.depth = depth;
+      s.w.width = groups * s.padded;
+      total += (depth + rows) * s.w.width;
+      slices.push_back(s);
+    }
+    storage = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+    A* next = storage.data_ptr<A>();
+    for (Slice<A>& s : slices) {
+      s.w.data = next;
+      s.scratch = next + depth * s.w.width;
+      next += (depth + rows) * s.w.width;
+    }
+  }
+};
+
+/// Threads for a loop doing `macs_per_step` multiply-adds per step over `hidden` units.
+/// 32K multiply-adds is ~1 us of one core at the micro-kernel's speed, the order of a barrier's cost.
+inline int loop_threads(int64_t macs_per_step, int64_t hidden, int64_t lanes) {
+  constexpr int64_t kMinMacsPerThreadStep = 32 * 1024;
+  return persistent_thread_count(macs_per_step, kMinMacsPerThreadStep, (hidden + lanes - 1) / lanes);
+}
+
+// ================================================================================================
+// Cell interface. A Cell (GruCell in gru.cpp, ElmanCell in rnn.cpp) provides, A = accumulation dtype:
+//   kGates            blocks of H rows in W_ih and W_hh (torch.nn's gate order);
+//   kWorkspaceBlocks  blocks of H the forward saves per row for the backward (0: none);
+//   kSameGateGrads    whether the gradients of x W_ih^T and of h W_hh^T are equal (Elman: yes; GRU: they
+//                     differ in the n gate), so that one (T, B, kGates*H) buffer serves both;
+//   kDirectPath       whether h_{t-1} reaches h_t other than through W_hh (GRU: z * h_{t-1});
+//   forward(StepIn, h_prev) -> h_t on one SIMD chunk, saving the workspace if asked;
+//   grad(GradIn, d_h) -> Grad{.., d_h_prev (the direct path)}, and
+//   store_grad(d_gates_x row, d_gates_h row, H, grad, n) (the rows alias if kSameGateGrads).
+// ================================================================================================
+/// What one row's forward step reads and writes at one SIMD chunk of units; every pointer is at the
+/// chunk's first unit, gate block g `stride` elements further (x_stride for gates_x, bias_x, workspace).
+template <typename A, typename In, typename Ws>
+struct StepIn {
+  const In* gates_x;  // x W_ih^T (the layer folds input_bias into it)
+  const In* gates_h;  // h W_hh^T
+  int64_t x_stride, h_stride;
+  const A* bias_x;          // added to gates_x, or null
+  const A* recurrent_bias;  // the cell's bias on the recurrent side (GRU: b_hn), or null
+  Ws* workspace;            // null: not saved
+  int n;                    // units in the chunk
+};
+
+/// What one row's backward step reads at one SIMD chunk (pointers at the chunk's first unit; any a cell
+/// does not need may be null).
+template <typename S>
+struct GradIn {
+  const S* workspace;  // what forward saved, gate block g at g * stride
+  const S* h_prev;     // h_{t-1}
+  const S* h;          // h_t
+  int64_t stride;
+  int n;
+};
+
+// ================================================================================================
+// Layer forward: gates_x for all steps in one GEMM, then the persistent time loop.
+// ================================================================================================
+/// x W_ih^T + bias for all T*B rows in one GEMM, in the accumulation dtype, into `out` (T*B, gates*H).
+inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& bias, at::Tensor& out) {
+  const auto acc = out.scalar_type();
+  const at::Tensor x = input.reshape({-1, input.size(2)}).to(acc);
+  const at::Tensor w = w_ih.to(acc);
+  if (bias.defined()) {
+    at::addmm_out(out, bias, x, w.t());
+  } else {
+    at::mm_out(out, x, w.t());
+  }
+}
+
+/// Thread k owns a slice of hidden units: the kGates rows of W_hh for those units are packed once into its
+/// micro-kernel panels and stay in its L2 for all T steps; per step it computes its gate columns
+/// (h_{t-1} @ W_hh-slice^T), then the cell's fused pointwise update of its units, thread-local since it
+/// owns every gate of each of its units. One barrier per step publishes h_t.
+template <typename Cell, typename S>
+class CellForwardLoop {
+ public:
+  using A = Acc<S>;
+  static constexpr int G = Cell::kGates;
+
+  struct Buffers {
+    const A* gates_x;         // (T, B, G*H) x W_ih^T + input_bias
+    const A* w_hh;            // (G*H, H)
+    const A* recurrent_bias;  // (H,) or null
+    S* output;                // (T, B, H)
+    S* workspace;             // (T, B, kWorkspaceBlocks*H) or null
+    A* h_state;               // (2, B, H): h_{t-1} and h_t alternating; [1] holds h0 on entry
+  };
+
+  CellForwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
+      : cell_(cell), d_(d), sched_(sched), buf_(buf), threads_(threads),
+        slices_(d.hidden, threads, G, d.hidden, d.batch) {}
+
+  /// Runs all T steps; h_n is then h_state[(T-1) & 1].
+  void run() {
+    run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
+      for (size_t s = first; s < slices_.slices.size(); s += stride) pack_slice(slices_.slices[s]);
+      for (int64_t step = 0; step < d_.seq_len; ++step) {
+        for (size_t s = first; s < slices_.slices.size(); s += stride) step_phase(slices_.slices[s], step);
+        barrier.arrive_and_wait();
+      }
+    });
+  }
+
+ private:
+  const A* h_prev(int64_t step) const { return buf_.h_state + ((step + 1) & 1) * d_.batch * d_.hidden; }
+  A* h_cur(int64_t step) const { return buf_.h_state + (step & 1) * d_.batch * d_.hidden; }
+
+  /// Columns [gate block | unit] of the slice <- rows gate*H + unit of W_hh.
+  void pack_slice(Slice<A>& s) const {
+    const int64_t H = d_.hidden;
+    s.w.pack([&](int64_t j) {
+      const int64_t gate = j / s.padded, u = j % s.padded;
+      return std::pair<const A*, int64_t>{u < s.cols.size() ? buf_.w_hh + (gate * H + s.cols.begin + u) * H : nullptr, 1};
+    });
+  }
+
+  /// Gate columns of the slice's units, then their fused pointwise update, for step `step`.
+  void step_phase(const Slice<A>& s, int64_t step) const {
+    const int64_t t = sched_.time(step), active = sched_.active(t);
+    const int64_t B = d_.batch, H = d_.hidden, u0 = s.cols.begin;
+    constexpr int64_t W = Cell::kWorkspaceBlocks;
+    gemm_packed(h_prev(step), H, active, s.w, s.scratch, s.w.width);
+    for (int64_t b = 0; b < active; ++b) {
+      const int64_t row = t * B + b, unit0 = b * H + u0;
+      for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
+        const StepIn<A, A, S> in{buf_.gates_x + row * G * H + u0 + u,
+                                 s.scratch + b * s.w.width + u,
+                                 H,
+                                 s.padded,
+                                 nullptr,
+                                 buf_.recurrent_bias ? buf_.recurrent_bias + u0 + u : nullptr,
+                                 buf_.workspace ? buf_.workspace + row * W * H + u0 + u : nullptr,
+                                 n};
+        const Simd<A> h = cell_.forward(in, load<A>(h_prev(step) + unit0 + u, n));
+        store(h_cur(step) + unit0 + u, h, n);
+        store(buf_.output + row * H + u0 + u, h, n);
+      });
+    }
+    carry_inactive_rows(s.cols, step, active);
+  }
+
+  /// Inactive rows keep their hidden state and get zeros in the output and the workspace.
+  void carry_inactive_rows(Range cols, int64_t step, int64_t active) const {
+    const int64_t t = sched_.time(step), H = d_.hidden;
+    for (int64_t b = active; b < d_.batch; ++b) {
+      const int64_t row = t * d_.batch + b;
+      std::copy(h_prev(step) + b * H + cols.begin, h_prev(step) + b * H + cols.end, h_cur(step) + b * H + cols.begin);
+      fill_zero(buf_.output + row * H + cols.begin, cols.size());
+      if (buf_.workspace)
+        for (int g = 0; g < Cell::kWorkspaceBlocks; ++g)
+          fill_zero(buf_.workspace + (row * Cell::kWorkspaceBlocks + g) * H + cols.begin, cols.size());
+    }
+  }
+
+  const Cell& cell_;
+  LayerShape d_;
+  Schedule sched_;
+  Buffers buf_;
+  int threads_;
+  SliceSet<A> slices_;
+};
+
+/// The whole layer forward: returns output (T,B,H), h_n (B,H); fills `workspace` (T,B,kWorkspaceBlocks*H)
+/// if it is defined. input_bias (G*H,) and recurrent_bias (H,) in the accumulation dtype, or undefined.
+template <typename Cell>
+std::tuple<at::Tensor, at::Tensor> layer_forward(const Cell& cell, const LayerShape& d, const at::Tensor& input,
+                                                 const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                 const at::Tensor& input_bias, const at::Tensor& recurrent_bias,
+                                                 const Schedule& sched, at::Tensor workspace) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden;
+  at::Tensor output = at::empty({T, B, H}, input.options());
+  if (T == 0 || B == 0) return {output, h0.clone()};
+  const auto acc = at::toOpMathType(input.scalar_type());
+  at::Tensor gates_x = at::empty({T * B, Cell::kGates * H}, input.options().dtype(acc));
+  input_projection(input.contiguous(), w_ih, input_bias, gates_x);
+  const at::Tensor w_hh_acc = w_hh.to(acc).contiguous();
+  at::Tensor h_state = at::empty({2, B, H}, gates_x.options());
+  h_state.select(0, 1).copy_(h0);
+  const int64_t macs_per_step = B * Cell::kGates * H * H;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "seqkern_layer_forward", [&] {
+    using A = Acc<scalar_t>;
+    typename CellForwardLoop<Cell, scalar_t>::Buffers buf{
+        gates_x.data_ptr<A>(), w_hh_acc.data_ptr<A>(),
+        recurrent_bias.defined() ? recurrent_bias.data_ptr<A>() : nullptr, output.data_ptr<scalar_t>(),
+        workspace.defined() ? workspace.data_ptr<scalar_t>() : nullptr, h_state.data_ptr<A>()};
+    CellForwardLoop<Cell, scalar_t>(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
+  });
+  return {output, h_state.select(0, (T - 1) & 1).to(input.scalar_type(), false, /*copy=*/true)};
+}
+
+// ================================================================================================
+// Layer backward: the persistent loop over the steps in reverse processing order, then batched GEMMs.
+// ================================================================================================
+/// Per step: the fused pointwise gradient of the thread's units (d_gates, and the direct path into
+/// d_h_prev), barrier, then d_h_prev[:, slice] += d_gates_h @ W_hh[:, slice] on the thread's columns
+/// (W_hh column slice packed and hot). Unit and column slices are the same split, so the next step's
+/// pointwise pass reads exactly the d_h columns this thread wrote: one barrier per step.
+template <typename Cell, typename S>
+class CellBackwardLoop {
+ public:
+  using A = Acc<S>;
+  static constexpr int G = Cell::kGates;
+
+  struct Buffers {
+    const S* grad_output;  // (T, B, H)
+    const S* output;       // (T, B, H) h_t from the forward
+    const S* workspace;    // (T, B, kWorkspaceBlocks*H) or null
+    const S* h0;           // (B, H)
+    const A* w_hh;         // (G*H, H)
+    A* d_gates_x;          // (T, B, G*H) out: gradient of x W_ih^T, zero on inactive rows
+    A* d_gates_h;          // (T, B, G*H) out: gradient of h W_hh^T (may alias d_gates_x, see kSameGateGrads)
+    A* d_h_state;          // (B, H): gradient of h at the current step (seeded by the caller); grad_h0 on exit
+  };
+
+  CellBackwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
+      : cell_(cell), d_(d), sched_(sched), buf_(buf), threads_(threads),
+        slices_(d.hidden, threads, 1, G * d.hidden, d.batch) {}
+
+  void run() {
+    run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
+      for (size_t s = first; s < slices_.slices.size(); s += stride) pack_slice(slices_.slices[s]);
+      for (int64_t step = 0; step < d_.seq_len; ++step) {
+        for (size_t s = first; s < slices_.slices.size(); s += stride) cell_grad_phase(slices_.slices[s], time_of(step));
+        barrier.arrive_and_wait();
+        for (size_t s = first; s < slices_.slices.size(); s += stride) recurrent_phase(slices_.slices[s], step);
+      }
+    });
+  }
+
+ private:
+  /// The time index of backward step `step` (the forward's steps in reverse).
+  int64_t time_of(int64_t step) const { return sched_.time(d_.seq_len - 1 - step); }
+
+  /// Column j <- column c0 + j of W_hh (depth G*H).
+  void pack_slice(Slice<A>& s) const {
+    s.w.pack([&](int64_t j) {
+      return std::pair<const A*, int64_t>{j < s.cols.size() ? buf_.w_hh + s.cols.begin + j : nullptr, d_.hidden};
+    });
+  }
+
+  /// h_{t-1} of row b as the forward read it: the previous step's output, or h0 for a row starting at t.
+  const S* prev_hidden_row(int64_t t, int64_t b) const {
+    const int64_t prev_t = sched_.reverse ? t + 1 : t - 1;
+    return sched_.started_before(t, b) ? buf_.output + (prev_t * d_.batch + b) * d_.hidden : buf_.h0 + b * d_.hidden;
+  }
+
+  /// Fused pointwise gradient of the slice's units at time t; the direct path goes into d_h_state.
+  void cell_grad_phase(const Slice<A>& s, int64_t t) const {
+    const int64_t active = sched_.active(t), B = d_.batch, H = d_.hidden, u0 = s.cols.begin;
+    constexpr int64_t W = Cell::kWorkspaceBlocks;
+    for (int64_t b = 0; b < active; ++b) {
+      const int64_t row = t * B + b;
+      const S* h_prev = prev_hidden_row(t, b) + u0;
+      A* d_h = buf_.d_h_state + b * H + u0;
+      for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
+        const GradIn<S> in{buf_.workspace ? buf_.workspace + row * W * H + u0 + u : nullptr, h_prev + u,
+                           buf_.output + row * H + u0 + u, H, n};
+        const auto grad = cell_.template grad<A>(in, load<A>(d_h + u, n));
+        cell_.store_grad(buf_.d_gates_x + row * G * H + u0 + u, buf_.d_gates_h + row * G * H + u0 + u, H, grad, n);
+        if constexpr (Cell::kDirectPath) store(d_h + u, grad.d_h_prev, n);
+      });
+    }
+    for (int64_t b = active; b < B; ++b)
+      for (int g = 0; g < G; ++g) {
+        fill_zero(buf_.d_gates_x + ((t * B + b) * G + g) * H + u0, s.cols.size());
+        if (!Cell::kSameGateGrads) fill_zero(buf_.d_gates_h + ((t * B + b) * G + g) * H + u0, s.cols.size());
+      }
+  }
+
+  /// d_h for the next backward step at the slice's columns: d_gates_h(t) @ W_hh (+ the direct path) on the
+  /// rows active at t (inactive rows carry theirs), plus grad_output of the next step's time on its active rows.
+  void recurrent_phase(const Slice<A>& s, int64_t step) const {
+    const int64_t t = time_of(step), active = sched_.active(t), B = d_.batch, H = d_.hidden;
+    const bool has_next = step + 1 < d_.seq_len;
+    const int64_t next_t = has_next ? time_of(step + 1) : 0, next_active = has_next ? sched_.active(next_t) : 0;
+    gemm_packed(buf_.d_gates_h + t * B * G * H, G * H, active, s.w, s.scratch, s.w.width);
+    for (int64_t b = 0; b < B; ++b) {
+      A* d_h = buf_.d_h_state + b * H + s.cols.begin;
+      for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
+        Simd<A> v = load<A>(d_h + u, n);
+        if (b < active) v = Cell::kDirectPath ? v + load<A>(s.scratch + b * s.w.width + u) : load<A>(s.scratch + b * s.w.width + u);
+        if (b < next_active) v += load<A>(buf_.grad_output + (next_t * B + b) * H + s.cols.begin + u, n);
+        store(d_h + u, v, n);
+      });
+    }
+  }
+
+  const Cell& cell_;
+  LayerShape d_;
+  Schedule sched_;
+  Buffers buf_;
+  int threads_;
+  SliceSet<A> slices_;
+};
+
+/// The hidden state each step read, (T*B, H) in dtype `acc`: h0 at the first step, the previous step's
+/// output after it, and h0 again for rows that start late (reverse direction with batch_sizes).
+inline at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0, const Schedule& sched,
+                                  at::ScalarType acc) {
+  const int64_t T = sched.seq_len;
+  at::Tensor prev = at::empty(output.sizes(), output.options().dtype(acc));
+  if (T == 0) return prev.view({0, prev.size(2)});
+  prev.select(0, sched.time(0)).copy_(h0);
+  if (T > 1) prev.narrow(0, sched.reverse ? 0 : 1, T - 1).copy_(output.narrow(0, sched.reverse ? 1 : 0, T - 1));
+  if (sched.reverse && sched.batch_sizes)
+    for (int64_t t = 0; t + 1 < T; ++t) {
+      const int64_t lo = sched.batch_sizes[t + 1], hi = sched.batch_sizes[t];
+      if (hi > lo) prev.select(0, t).narrow(0, lo, hi - lo).copy_(h0.narrow(0, lo, hi - lo));
+    }
+  return prev.view({-1, prev.size(2)});
+}
+
+/// lhs^T @ rhs over K rows, (N x M): a weight gradient summed over all T*B (time, row) pairs.
+/// One GEMM keeps one running fp32 sum per element over up to K products, torch.nn one per step. N=768,
+/// M=256 random rows vs fp64, max abs error:
+///   K = 448:   one GEMM 4.6e-5, per-step (32 rows) 1.9e-5, chunks of 64 added pairwise 1.9e-5, of 256 4.9e-5;
+///   K = 3200:  one GEMM 8.0e-5, per-step 1.0e-4, chunks of 64 4.6e-5, of 256 6.1e-5;
+///   K = 16384: one GEMM 3.1e-4, per-step 5.6e-4, chunks of 64 1.1e-4, of 256 1.2e-4.
+/// In the layer: one GEMM gave the GRU's grad_w_hh 3.4x torch.nn's error at T=12, B=32, H=256 (fails the
+/// 2x rule). So products over chunks of max(64, K/8) rows are rounded on their own and added pairwise:
+/// within the per-step error at every K, in at most ~8 GEMMs. (lstm.cpp's fixed 64 rows: 50 GEMMs at
+/// K = 3200, 25.8 ms min / 72 ms median on this shared machine against 16.7 / 23.6 ms for 8 chunks of
+/// 400; one GEMM 10.9 / 16.0 ms.) fp64 keeps one GEMM.
+inline at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor& rhs) {
+  constexpr int64_t kMinChunkRows = 64, kMaxChunks = 8;
+  const int64_t rows = lhs.size(0);
+  if (lhs.scalar_type() == at::kDouble || rows <= kMinChunkRows) return at::mm(lhs.t(), rhs);
+  const int64_t chunk_rows = std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
+  // levels[l] holds, if defined, the sum of 2^l chunks not yet merged (a binary counter of partial sums).
+  std::vector<at::Tensor> levels;
+  for (int64_t start = 0; start < rows; start += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, rows - start);
+    at::Tensor part = at::mm(lhs.narrow(0, start, n).t(), rhs.narrow(0, start, n));
+    size_t level = 0;
+    for (; level < levels.size() && levels[level].defined(); ++level) {
+      part.add_(levels[level]);
+      levels[level] = at::Tensor();
+    }
+    if (level == levels.size()) levels.emplace_back();
+    levels[level] = part;
+  }
+  at::Tensor total;
+  for (const at::Tensor& partial : levels)
+    if (partial.defined()) total = total.defined() ? total.add_(partial) : partial;
+  return total;
+}
+
+/// Gradients of one layer, in the storage dtype; the bias ones undefined unless has_bias.
+struct LayerGrads {
+  at::Tensor input, h0, w_ih, w_hh, b_ih, b_hh;
+};
+
+/// The whole layer backward (shapes checked by the caller): the persistent loop for d_gates and grad_h0,
+/// then grad_input, grad_w_ih, grad_w_hh as GEMMs over all T*B rows and the biases as column sums.
+template <typename Cell>
+LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tensor& grad_output_,
+                          const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0_,
+                          const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output_,
+                          const at::Tensor& workspace_, const Schedule& sched, bool has_bias) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden;
+  const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
+  // Both written in full by the loop (zeros on inactive rows).
+  at::Tensor d_gates_x = at::empty({T * B, Cell::kGates * H}, input.options().dtype(acc));
+  at::Tensor d_gates_h = Cell::kSameGateGrads ? d_gates_x : at::empty_like(d_gates_x);
+  at::Tensor d_h_state = grad_h_n.to(acc).contiguous().clone();
+  const at::Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous(), h0 = h0_.contiguous();
+  if (T > 0 && B > 0) {
+    // Seed d_h for the first backward step: grad_h_n plus that step's grad_output on its active rows.
+    const int64_t first_t = sched.time(T - 1), first_active = sched.active(first_t);
+    d_h_state.narrow(0, 0, first_active).add_(grad_output.select(0, first_t).narrow(0, 0, first_active));
+    const at::Tensor workspace = workspace_.contiguous();
+    const at::Tensor w_hh_acc = w_hh.to(acc).contiguous();
+    const int64_t macs_per_step = B * Cell::kGates * H * H;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "seqkern_layer_backward", [&] {
+      using A = Acc<scalar_t>;
+      typename CellBackwardLoop<Cell, scalar_t>::Buffers buf{
+          grad_output.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
+          Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr, h0.data_ptr<scalar_t>(),
+          w_hh_acc.data_ptr<A>(), d_gates_x.data_ptr<A>(), d_gates_h.data_ptr<A>(), d_h_state.data_ptr<A>()};
+      CellBackwardLoop<Cell, scalar_t>(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
+    });
+  }
+  const at::Tensor x_rows = input.reshape({T * B, d.input_size}).to(acc);
+  LayerGrads grads;
+  grads.input = at::mm(d_gates_x, w_ih.to(acc)).view({T, B, d.input_size}).to(dtype);
+  grads.h0 = d_h_state.to(dtype, false, /*copy=*/true);
+  grads.w_ih = sum_of_outer_products(d_gates_x, x_rows).to(dtype);
+  grads.w_hh = sum_of_outer_products(d_gates_h, previous_hidden(output, h0, sched, acc)).to(dtype);
+  if (has_bias) {
+    grads.b_ih = d_gates_x.sum(0).to(dtype);
+    grads.b_hh = d_gates_h.sum(0).to(dtype);
+  }
+  return grads;
+}
+
+// ================================================================================================
+// Cell ops: the fused pointwise step on (B, gates*H) rows, rows in parallel.
+// ================================================================================================
+/// Rows per at::parallel_for task: about 16K units of pointwise work each.
+inline int64_t cell_grain(int64_t hidden) { return std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, hidden)); }
+
+/// hy (B,H) of one cell step; gates_x, gates_h (B, G*H) contiguous, hx (B,H) or undefined (a cell without
+/// kDirectPath reads none), bias_x (G*H,) / recurrent_bias (H,) in the accumulation dtype or undefined;
+/// workspace (B, kWorkspaceBlocks*H) filled if defined.
+template <typename Cell>
+at::Tensor cell_forward(const Cell& cell, const at::Tensor& gates_x, const at::Tensor& gates_h, const at::Tensor& hx,
+                        const at::Tensor& bias_x, const at::Tensor& recurrent_bias, at::Tensor workspace) {
+  const int64_t B = gates_x.size(0), H = gates_x.size(1) / Cell::kGates;
+  at::Tensor hy = at::empty({B, H}, gates_x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gates_x.scalar_type(), "seqkern_cell_forward", [&] {
+    using A = Acc<scalar_t>;
+    constexpr int64_t G = Cell::kGates, W = Cell::kWorkspaceBlocks;
+    const scalar_t *gx = gates_x.data_ptr<scalar_t>(), *gh = gates_h.data_ptr<scalar_t>();
+    const scalar_t* h = hx.defined() ? hx.data_ptr<scalar_t>() : nullptr;
+    const A* bx = bias_x.defined() ? bias_x.data_ptr<A>() : nullptr;
+    const A* bh = recurrent_bias.defined() ? recurrent_bias.data_ptr<A>() : nullptr;
+    scalar_t* ws = workspace.defined() ? workspace.data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = hy.data_ptr<scalar_t>();
+    at::parallel_for(0, B, cell_grain(H), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for_each_chunk<A>(H, [&](int64_t u, int n) {
+          const StepIn<A, scalar_t, scalar_t> in{gx + b * G * H + u, gh + b * G * H + u, H, H,
+                                                 bx ? bx + u : nullptr, bh ? bh + u : nullptr,
+                                                 ws ? ws + b * W * H + u : nullptr, n};
+          store(out + b * H + u, cell.forward(in, h ? load<A>(h + b * H + u, n) : Simd<A>{}), n);
+        });
+    });
+  });
+  return hy;
+}
+
+/// Gradients of one cell step: of gates_x and of gates_h (B, kGates*H, the same tensor if kSameGateGrads)
+/// in the accumulation dtype and, with kDirectPath, the direct-path gradient of hx (B,H) in the storage dtype. grad_hy (B,H); workspace, hx, hy as GradIn
+/// wants them (undefined if the cell does not read them).
+template <typename Cell>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_backward(const Cell& cell, const at::Tensor& grad_hy, const at::Tensor& workspace,
+                                                 const at::Tensor& hx, const at::Tensor& hy) {
+  const int64_t B = grad_hy.size(0), H = grad_hy.size(1);
+  const auto acc = at::toOpMathType(grad_hy.scalar_type());
+  at::Tensor d_gates_x = at::empty({B, Cell::kGates * H}, grad_hy.options().dtype(acc));
+  at::Tensor d_gates_h = Cell::kSameGateGrads ? d_gates_x : at::empty_like(d_gates_x);
+  at::Tensor grad_hx = Cell::kDirectPath ? at::empty({B, H}, grad_hy.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_hy.scalar_type(), "seqkern_cell_backward", [&] {
+    using A = Acc<scalar_t>;
+    constexpr int64_t W = Cell::kWorkspaceBlocks, G = Cell::kGates;
+    const scalar_t* dh = grad_hy.data_ptr<scalar_t>();
+    const scalar_t* ws = workspace.defined() ? workspace.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* h_prev = hx.defined() ? hx.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* h = hy.defined() ? hy.data_ptr<scalar_t>() : nullptr;
+    A *dgx = d_gates_x.data_ptr<A>(), *dgh = d_gates_h.data_ptr<A>();
+    scalar_t* d_hx = grad_hx.defined() ? grad_hx.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B, cell_grain(H), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for_each_chunk<A>(H, [&](int64_t u, int n) {
+          const int64_t idx = b * H + u;
+          const GradIn<scalar_t> in{ws ? ws + b * W * H + u : nullptr, h_prev ? h_prev + idx : nullptr,
+                                    h ? h + idx : nullptr, H, n};
+          const auto grad = cell.template grad<A>(in, load<A>(dh + idx, n));
+          cell.store_grad(dgx + b * G * H + u, dgh + b * G * H + u, H, grad, n);
+          if constexpr (Cell::kDirectPath) store(d_hx + idx, grad.d_h_prev, n);
+        });
+    });
+  });
+  return {d_gates_x, d_gates_h, grad_hx};
+}
+
+}  // namespace seqkern::cpu
