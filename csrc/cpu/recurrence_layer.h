@@ -496,13 +496,13 @@ inline at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0
 ///   K = 448:   one GEMM 4.6e-5, per-step (32 rows) 1.9e-5, chunks of 64 added pairwise 1.9e-5, of 256 4.9e-5;
 ///   K = 3200:  one GEMM 8.0e-5, per-step 1.0e-4, chunks of 64 4.6e-5, of 256 6.1e-5;
 ///   K = 16384: one GEMM 3.1e-4, per-step 5.6e-4, chunks of 64 1.1e-4, of 256 1.2e-4.
-/// In the layer: one GEMM gave the GRU's grad_w_hh 3.4x torch.nn's error at T=12, B=32, H=256 (fails the
-/// 2x rule). So products over chunks of max(64, K/8) rows are rounded on their own and added pairwise:
-/// within the per-step error at every K, in at most ~8 GEMMs. (lstm.cpp's fixed 64 rows: 50 GEMMs at
-/// K = 3200, 25.8 ms min / 72 ms median on this shared machine against 16.7 / 23.6 ms for 8 chunks of
-/// 400; one GEMM 10.9 / 16.0 ms.) fp64 keeps one GEMM.
+/// In the layer: one GEMM gave the GRU's grad_w_hh 3.4x torch.nn's error at T=12, B=32, H=256, and chunks
+/// of K/8 rows still 4x at T=33, B=64, H=9 (3 layers): both fail the 2x rule. So products over chunks of
+/// max(64, K/64) rows are rounded on their own and added pairwise: within the per-step error at every K.
+/// The price, measured at K = 3200 on this shared machine: 50 GEMMs 25.8 ms min against 16.7 ms for 8
+/// chunks and 10.9 ms for one GEMM. fp64 keeps one GEMM.
 inline at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor& rhs) {
-  constexpr int64_t kMinChunkRows = 64, kMaxChunks = 8;
+  constexpr int64_t kMinChunkRows = 64, kMaxChunks = 64;
   const int64_t rows = lhs.size(0);
   if (lhs.scalar_type() == at::kDouble || rows <= kMinChunkRows) return at::mm(lhs.t(), rhs);
   const int64_t chunk_rows = std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
