@@ -1,0 +1,237 @@
+"""What the recurrent-layer benchmarks (bench_lstm.py, bench_gru.py, bench_rnn.py) share.
+
+A benchmark module describes its layer as a `RecurrentLayer` and lists its `Shape`s; this module builds the
+cases: seqkern.nn.<Layer> against torch.nn.<Layer>, the eager reference, and torch.compile of the reference
+cell, on one layer with input_size = hidden_size, float32.
+
+Every contender gets the same weights (torch.nn's, loaded into seqkern's identical state_dict) and the same
+inputs. Inference runs under torch.no_grad(); training is the forward plus the backward of
+output.sum() + the sum of every final state to every parameter and to the input and initial states.
+
+Not a benchmark itself: the runner only picks up modules named bench_<op>.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import seqkern
+from benchmarks.harness import SUBJECT, Call, Case
+
+SEED = 0
+
+# States (B,H) in the layer's order: (h,) or (h, c).
+States = tuple[Tensor, ...]
+# A reference cell step: (gates_x_t (B,G*H), *states, w_hh (G*H,H)[, b_hh (G*H,)]) -> the new states.
+CellStep = Callable[..., States]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentLayer:
+    """What sets one recurrent layer's benchmark apart from another's.
+
+    `gate_blocks` is G in the (G*H, H) weight matrices (LSTM 4, GRU 3, RNN 1), for the FLOP count.
+    `num_states` is 2 for LSTM, whose modules take and return hx as a tuple (h, c), and 1 for the layers
+    whose hx is the tensor h. `cell_step` is the reference step torch.compile compiles; it gets b_hh as its
+    last argument when `hidden_bias_in_step` (GRU: r multiplies the n part of W_hh h + b_hh), otherwise
+    b_hh is folded into the input projection with b_ih.
+    """
+
+    op: str
+    torch_class: type[torch.nn.RNNBase]
+    seqkern_class: type[torch.nn.RNNBase]
+    gate_blocks: int
+    num_states: int
+    cell_step: CellStep
+    hidden_bias_in_step: bool = False
+    # Constructor keyword arguments both modules get (e.g. nonlinearity); recorded in every case's params.
+    module_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One timed shape: x is (steps, batch, hidden), input_size = hidden_size; training adds the backward."""
+
+    batch: int
+    steps: int
+    hidden: int
+    training: bool
+
+    @property
+    def name(self) -> str:
+        return f"{'train' if self.training else 'infer'} b{self.batch} t{self.steps} h{self.hidden}"
+
+
+# The shapes every recurrent layer is timed on, split so that a layer can add its own between them and keep
+# inference rows before training rows.
+INFERENCE_SHAPES = (
+    Shape(batch=1, steps=512, hidden=256, training=False),  # streaming: one sequence, latency-bound
+    Shape(batch=32, steps=100, hidden=256, training=False),
+)
+TRAINING_SHAPES = (
+    Shape(batch=32, steps=100, hidden=256, training=True),
+    Shape(batch=1, steps=512, hidden=256, training=True),
+)
+# Small enough that the whole smoke run of one op is dominated by its two torch.compile compilations (~15 s).
+QUICK_SHAPES = (
+    Shape(batch=3, steps=8, hidden=32, training=False),
+    Shape(batch=3, steps=8, hidden=32, training=True),
+)
+
+
+def flops(layer: RecurrentLayer, shape: Shape) -> float:
+    """The GEMM work: 2*T*B*G*H*(I+H) forward (I = H here); a backward is about twice a forward."""
+    forward = 2 * shape.steps * shape.batch * layer.gate_blocks * shape.hidden * (2 * shape.hidden)
+    return 3 * forward if shape.training else forward
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules and inputs: rebuilt from the same seed by every contender, so all see identical numbers.
+# --------------------------------------------------------------------------------------------------
+def _torch_module(layer: RecurrentLayer, shape: Shape) -> torch.nn.RNNBase:
+    torch.manual_seed(SEED)
+    return layer.torch_class(shape.hidden, shape.hidden, **layer.module_kwargs)
+
+
+def _seqkern_module(layer: RecurrentLayer, shape: Shape) -> torch.nn.RNNBase:
+    module = layer.seqkern_class(shape.hidden, shape.hidden, **layer.module_kwargs)
+    module.load_state_dict(_torch_module(layer, shape).state_dict())
+    return module
+
+
+def _inputs(layer: RecurrentLayer, shape: Shape) -> tuple[Tensor, States]:
+    """x (T,B,I) and the initial states, each (1,B,H); leaves that collect gradients when training."""
+    generator = torch.Generator().manual_seed(SEED)
+    sizes = [(shape.steps, shape.batch, shape.hidden)] + [(1, shape.batch, shape.hidden)] * layer.num_states
+    x, *states = (torch.randn(size, generator=generator).requires_grad_(shape.training) for size in sizes)
+    return x, tuple(states)
+
+
+# Forward(x (T,B,I), initial states (1,B,H) each) -> (output (T,B,H), final states (1,B,H) each): what
+# differs between contenders.
+Forward = Callable[[Tensor, States], tuple[Tensor, States]]
+
+
+def _timed_call(layer: RecurrentLayer, forward: Forward, parameters: Sequence[Tensor], shape: Shape,
+                context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Call:
+    """The call the harness times: inference returns the output and final states; training returns the
+    output and the gradients of output.sum() + the final states' sums to x, the initial states and every
+    parameter."""
+    x, states = _inputs(layer, shape)
+    if not shape.training:
+        def infer() -> Sequence[Tensor]:
+            with torch.no_grad(), context():
+                output, final_states = forward(x, states)
+            return (output, *final_states)
+        return infer
+
+    leaves = [x, *states, *parameters]
+
+    def train() -> Sequence[Tensor]:
+        with context():
+            output, final_states = forward(x, states)
+            loss = sum(t.sum() for t in (output, *final_states))
+            # autograd.grad rather than backward(): fresh gradients every call, none left in .grad to
+            # accumulate into or to be freed by the next call (which would blur its peak memory).
+            grads = torch.autograd.grad(loss, leaves)
+        return [output.detach(), *grads]
+    return train
+
+
+def _module_forward(layer: RecurrentLayer, module: torch.nn.Module) -> Forward:
+    """The module's own call, with hx and the final state as the tuple (h, c) for LSTM and the tensor h otherwise."""
+    def forward(x: Tensor, states: States) -> tuple[Tensor, States]:
+        output, final = module(x, states if layer.num_states > 1 else states[0])
+        return output, tuple(final) if layer.num_states > 1 else (final,)
+    return forward
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile of the reference cell.
+# --------------------------------------------------------------------------------------------------
+@functools.cache
+def _compiled(step: CellStep) -> CellStep:
+    """A layer's reference cell step under torch.compile, created once per process.
+
+    Dynamo then compiles once per shape and grad mode, on the first call of each case (~2-10 s each here,
+    less when inductor's on-disk cache already holds the kernels). The recompile limit of 8 counts per
+    step function, so per op: the LSTM's 5 default shapes and the GRU's and RNN's 4 stay within it (the
+    harness makes exceeding it an error, not a silent eager run). dynamic=False: each case gets code
+    specialised to its shapes, the strongest version of this baseline and what a user with a fixed shape gets.
+    """
+    return torch.compile(step, fullgraph=True, dynamic=False)
+
+
+def _compiled_reference_forward(layer: RecurrentLayer, module: torch.nn.RNNBase) -> Forward:
+    """The compiled step looped over time in Python, as a user of torch.compile would write the layer.
+
+    The bias sum is taken inside every call, not once here, so that training differentiates it each time.
+    """
+    step = _compiled(layer.cell_step)
+    step_weights = (module.weight_hh_l0, module.bias_hh_l0) if layer.hidden_bias_in_step else (module.weight_hh_l0,)
+
+    def forward(x: Tensor, initial_states: States) -> tuple[Tensor, States]:
+        input_bias = module.bias_ih_l0 if layer.hidden_bias_in_step else module.bias_ih_l0 + module.bias_hh_l0
+        # The input projection of every step is one GEMM outside the loop, as in the reference.
+        gates_x = F.linear(x, module.weight_ih_l0, input_bias)
+        states = tuple(state[0] for state in initial_states)
+        outputs = []
+        for gates_x_t in gates_x:
+            states = step(gates_x_t, *states, *step_weights)
+            outputs.append(states[0])
+        return torch.stack(outputs), tuple(state.unsqueeze(0) for state in states)
+    return forward
+
+
+# --------------------------------------------------------------------------------------------------
+# Contenders and cases.
+# --------------------------------------------------------------------------------------------------
+def _contenders(layer: RecurrentLayer, shape: Shape) -> dict[str, Callable[[], Call]]:
+    """Display name -> setup returning the call to time; the harness runs them one at a time."""
+    def module_contender(make_module: Callable[[RecurrentLayer, Shape], torch.nn.Module],
+                         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        def setup() -> Call:
+            module = make_module(layer, shape).train(shape.training)
+            return _timed_call(layer, _module_forward(layer, module), list(module.parameters()), shape, context)
+        return setup
+
+    def compiled_reference() -> Call:
+        module = _torch_module(layer, shape)
+        return _timed_call(layer, _compiled_reference_forward(layer, module), list(module.parameters()), shape)
+
+    return {
+        SUBJECT: module_contender(_seqkern_module),
+        f"torch.nn.{layer.torch_class.__name__}": module_contender(_torch_module),
+        "reference (eager)": module_contender(_seqkern_module, context=lambda: seqkern.backend("reference")),
+        "torch.compile(reference cell)": compiled_reference,
+    }
+
+
+def _implementation(op: str) -> str:
+    """Which seqkern implementation serves float32 CPU tensors for `op` here ("reference" until its kernel is
+    registered or when the extension is not built)."""
+    supported = getattr(seqkern.ops, op).SUPPORTED_DTYPES
+    return seqkern.backends.resolve(op, torch.device("cpu"), torch.float32, supported)
+
+
+def cases(layer: RecurrentLayer, default_shapes: Sequence[Shape], quick: bool = False) -> list[Case]:
+    """The layer's default set, or with `quick` two tiny shapes that exercise every contender cheaply."""
+    return [
+        Case(
+            op=layer.op,
+            name=shape.name,
+            params={**dataclasses.asdict(shape), "input_size": shape.hidden, "dtype": "float32",
+                    **layer.module_kwargs},
+            flops=flops(layer, shape),
+            contenders=_contenders(layer, shape),
+            notes={"seqkern_implementation": _implementation(layer.op)},
+        )
+        for shape in (QUICK_SHAPES if quick else default_shapes)
+    ]
