@@ -1,14 +1,12 @@
-// TO MOVE into recurrence.h (staging file of the GRU/RNN work; the whole file moves, then it is deleted).
-//
 // The layer engine every recurrent cell shares: argument checks, the time schedule (batch_sizes,
 // reverse), the per-thread slices of the recurrent GEMM, the persistent forward and backward time loops,
 // and the batched weight gradients after the loop. It is parameterized by a Cell (see "Cell interface"
 // below); csrc/cpu/gru.cpp and csrc/cpu/rnn.cpp plug in GruCell and ElmanCell.
 //
-// Items that are generic copies of what csrc/cpu/lstm.cpp has in its anonymous namespace (there they say
-// "seqkern lstm" in their messages; here the op name is a parameter): Acc, for_each_chunk, the checks
-// (ArgChecker), Schedule, Slice, SliceSet, loop_threads, previous_hidden, sum_of_outer_products,
-// input_projection. After the merge lstm.cpp should use these and drop its copies.
+// csrc/cpu/lstm.cpp keeps its own time loops (its c state and projection) but uses the pieces here that
+// are not tied to a Cell: Acc, for_each_chunk, cell_grain, the checks (ArgChecker, check_layer_args),
+// Schedule, Slice (with its weight packing), SliceSet, loop_threads, previous_hidden and
+// sum_of_outer_products.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -110,22 +108,27 @@ struct ArgChecker {
   }
 };
 
-/// Sizes of one layer whose only state is h: T steps, B rows, I inputs, H hidden units.
+/// Sizes of one layer: T steps, B rows, I inputs, H hidden units.
 struct LayerShape {
   int64_t seq_len, batch, input_size, hidden;
 };
 
-/// Checks input (T,B,I), h0 (B,H), w_ih (gates*H, I), w_hh (gates*H, H) and returns the sizes they imply.
+/// Checks input (T,B,I), w_ih (gates*H, I), w_hh (gates*H, P), h0 (B,P) and returns the sizes they imply.
+/// P = H, except with the LSTM's projection w_hr (P,H), which makes h P wide (lstm.cpp passes it here so
+/// that one function checks every layer's shared arguments).
 inline LayerShape check_layer_args(const ArgChecker& check, int gates, const at::Tensor& input, const at::Tensor& h0,
-                             const at::Tensor& w_ih, const at::Tensor& w_hh) {
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                   const std::optional<at::Tensor>& w_hr = std::nullopt) {
   check.supported_dtype(input, "input");
   TORCH_CHECK(input.dim() == 3, "seqkern ", check.op, " (CPU): input must be (T, B, input_size), got ", input.sizes());
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % gates == 0, "seqkern ", check.op, " (CPU): w_ih must be (", gates,
               "*hidden, input_size), got ", w_ih.sizes());
   const LayerShape d{input.size(0), input.size(1), input.size(2), w_ih.size(0) / gates};
+  const int64_t state_size = w_hr.has_value() ? w_hr->size(0) : d.hidden;
   check.tensor(w_ih, input, {gates * d.hidden, d.input_size}, "w_ih");
-  check.tensor(w_hh, input, {gates * d.hidden, d.hidden}, "w_hh");
-  check.tensor(h0, input, {d.batch, d.hidden}, "h0");
+  check.tensor(w_hh, input, {gates * d.hidden, state_size}, "w_hh");
+  check.tensor(h0, input, {d.batch, state_size}, "h0");
+  if (w_hr.has_value()) check.tensor(*w_hr, input, {state_size, d.hidden}, "w_hr");
   return d;
 }
 
@@ -141,10 +144,19 @@ struct Schedule {
   /// The time index of forward-processing step `step` (T-1-step in the reverse direction).
   int64_t time(int64_t step) const { return reverse ? seq_len - 1 - step : step; }
   int64_t active(int64_t t) const { return batch_sizes ? batch_sizes[t] : batch; }
+  /// The time index of backward step `step` (the forward's steps in reverse).
+  int64_t backward_time(int64_t step) const { return time(seq_len - 1 - step); }
   /// Whether row b had already started before time t in processing order (else it starts from h0 at t).
   bool started_before(int64_t t, int64_t b) const {
     const int64_t prev_t = reverse ? t + 1 : t - 1;
     return prev_t >= 0 && prev_t < seq_len && b < active(prev_t);
+  }
+  /// The state row b read at time t, `width` wide: row b of the step before in `sequence` (T, B, width),
+  /// or of `initial` (B, width) for a row that starts at t.
+  template <typename T>
+  const T* previous_row(const T* sequence, const T* initial, int64_t t, int64_t b, int64_t width) const {
+    const int64_t prev_t = reverse ? t + 1 : t - 1;
+    return started_before(t, b) ? sequence + (prev_t * batch + b) * width : initial + b * width;
   }
 };
 
@@ -161,6 +173,22 @@ struct Slice {
   int64_t padded = 0;
   PackedPanels<A> w;
   A* scratch = nullptr;
+
+  /// Columns [group | unit] <- rows group * group_rows + cols.begin + unit of the row-major matrix m
+  /// (rows w.depth long): the slice's gate rows of a (groups*H, depth) W with group_rows = H.
+  void pack_rows(const A* m, int64_t group_rows) {
+    w.pack([&](int64_t j) {
+      const int64_t group = j / padded, u = j % padded;
+      const A* row = u < cols.size() ? m + (group * group_rows + cols.begin + u) * w.depth : nullptr;
+      return std::pair<const A*, int64_t>{row, 1};
+    });
+  }
+  /// Column j <- column cols.begin + j of the row-major matrix m (w.depth rows, each row_length long).
+  void pack_columns(const A* m, int64_t row_length) {
+    w.pack([&](int64_t j) {
+      return std::pair<const A*, int64_t>{j < cols.size() ? m + cols.begin + j : nullptr, row_length};
+    });
+  }
 };
 
 /// The slices of `columns` columns for `parts` threads, in one allocation (`storage` keeps it alive).
@@ -273,7 +301,7 @@ class CellForwardLoop {
   /// Runs all T steps; h_n is then h_state[(T-1) & 1].
   void run() {
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
-      for (size_t s = first; s < slices_.slices.size(); s += stride) pack_slice(slices_.slices[s]);
+      for (size_t s = first; s < slices_.slices.size(); s += stride) slices_.slices[s].pack_rows(buf_.w_hh, d_.hidden);
       for (int64_t step = 0; step < d_.seq_len; ++step) {
         for (size_t s = first; s < slices_.slices.size(); s += stride) step_phase(slices_.slices[s], step);
         barrier.arrive_and_wait();
@@ -284,15 +312,6 @@ class CellForwardLoop {
  private:
   const A* h_prev(int64_t step) const { return buf_.h_state + ((step + 1) & 1) * d_.batch * d_.hidden; }
   A* h_cur(int64_t step) const { return buf_.h_state + (step & 1) * d_.batch * d_.hidden; }
-
-  /// Columns [gate block | unit] of the slice <- rows gate*H + unit of W_hh.
-  void pack_slice(Slice<A>& s) const {
-    const int64_t H = d_.hidden;
-    s.w.pack([&](int64_t j) {
-      const int64_t gate = j / s.padded, u = j % s.padded;
-      return std::pair<const A*, int64_t>{u < s.cols.size() ? buf_.w_hh + (gate * H + s.cols.begin + u) * H : nullptr, 1};
-    });
-  }
 
   /// Gate columns of the slice's units, then their fused pointwise update, for step `step`.
   void step_phase(const Slice<A>& s, int64_t step) const {
@@ -398,9 +417,12 @@ class CellBackwardLoop {
 
   void run() {
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
-      for (size_t s = first; s < slices_.slices.size(); s += stride) pack_slice(slices_.slices[s]);
+      // Column j of a slice <- column j of its units in W_hh (depth G*H).
+      for (size_t s = first; s < slices_.slices.size(); s += stride)
+        slices_.slices[s].pack_columns(buf_.w_hh, d_.hidden);
       for (int64_t step = 0; step < d_.seq_len; ++step) {
-        for (size_t s = first; s < slices_.slices.size(); s += stride) cell_grad_phase(slices_.slices[s], time_of(step));
+        for (size_t s = first; s < slices_.slices.size(); s += stride)
+          cell_grad_phase(slices_.slices[s], sched_.backward_time(step));
         barrier.arrive_and_wait();
         for (size_t s = first; s < slices_.slices.size(); s += stride) recurrent_phase(slices_.slices[s], step);
       }
@@ -408,29 +430,13 @@ class CellBackwardLoop {
   }
 
  private:
-  /// The time index of backward step `step` (the forward's steps in reverse).
-  int64_t time_of(int64_t step) const { return sched_.time(d_.seq_len - 1 - step); }
-
-  /// Column j <- column c0 + j of W_hh (depth G*H).
-  void pack_slice(Slice<A>& s) const {
-    s.w.pack([&](int64_t j) {
-      return std::pair<const A*, int64_t>{j < s.cols.size() ? buf_.w_hh + s.cols.begin + j : nullptr, d_.hidden};
-    });
-  }
-
-  /// h_{t-1} of row b as the forward read it: the previous step's output, or h0 for a row starting at t.
-  const S* prev_hidden_row(int64_t t, int64_t b) const {
-    const int64_t prev_t = sched_.reverse ? t + 1 : t - 1;
-    return sched_.started_before(t, b) ? buf_.output + (prev_t * d_.batch + b) * d_.hidden : buf_.h0 + b * d_.hidden;
-  }
-
   /// Fused pointwise gradient of the slice's units at time t; the direct path goes into d_h_state.
   void cell_grad_phase(const Slice<A>& s, int64_t t) const {
     const int64_t active = sched_.active(t), B = d_.batch, H = d_.hidden, u0 = s.cols.begin;
     constexpr int64_t W = Cell::kWorkspaceBlocks;
     for (int64_t b = 0; b < active; ++b) {
       const int64_t row = t * B + b;
-      const S* h_prev = prev_hidden_row(t, b) + u0;
+      const S* h_prev = sched_.previous_row(buf_.output, buf_.h0, t, b, H) + u0;
       A* d_h = buf_.d_h_state + b * H + u0;
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
         const GradIn<S> in{buf_.workspace ? buf_.workspace + row * W * H + u0 + u : nullptr, h_prev + u,
@@ -450,9 +456,10 @@ class CellBackwardLoop {
   /// d_h for the next backward step at the slice's columns: d_gates_h(t) @ W_hh (+ the direct path) on the
   /// rows active at t (inactive rows carry theirs), plus grad_output of the next step's time on its active rows.
   void recurrent_phase(const Slice<A>& s, int64_t step) const {
-    const int64_t t = time_of(step), active = sched_.active(t), B = d_.batch, H = d_.hidden;
+    const int64_t t = sched_.backward_time(step), active = sched_.active(t), B = d_.batch, H = d_.hidden;
     const bool has_next = step + 1 < d_.seq_len;
-    const int64_t next_t = has_next ? time_of(step + 1) : 0, next_active = has_next ? sched_.active(next_t) : 0;
+    const int64_t next_t = has_next ? sched_.backward_time(step + 1) : 0;
+    const int64_t next_active = has_next ? sched_.active(next_t) : 0;
     gemm_packed(buf_.d_gates_h + t * B * G * H, G * H, active, s.w, s.scratch, s.w.width);
     for (int64_t b = 0; b < B; ++b) {
       A* d_h = buf_.d_h_state + b * H + s.cols.begin;
@@ -501,6 +508,9 @@ inline at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0
 /// max(64, K/64) rows are rounded on their own and added pairwise: within the per-step error at every K.
 /// The price, measured at K = 3200 on this shared machine: 50 GEMMs 25.8 ms min against 16.7 ms for 8
 /// chunks and 10.9 ms for one GEMM. fp64 keeps one GEMM.
+/// The LSTM's weight gradients use it too. lstm.cpp had one bmm over at most 16 chunks, summed by
+/// sum(0): as accurate (N=1024, M=256 vs fp64: K = 2112 6.2e-5 there, 5.5e-5 here; K = 3200 7.3e-5,
+/// 7.6e-5), but it holds all 16 (N x M) partial products at once, this at most log2(64) + 1.
 inline at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor& rhs) {
   constexpr int64_t kMinChunkRows = 64, kMaxChunks = 64;
   const int64_t rows = lhs.size(0);
