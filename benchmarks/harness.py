@@ -76,10 +76,9 @@ class TimingBudget:
     max_repeats: int
 
 
-# The LSTM's 5 cases x 4 contenders (compilation included) take ~2 min on this machine when idle; the whole
-# default set (LSTM, GRU, RNN: 13 cases) took 11.5 min under a load that cut the matmul peak from 170 to
-# 57 GFLOP/s during the run; under a load of 8 on its 2 cores everything ran ~5x slower. min_repeats bounds
-# a slow case's cost too.
+# The whole default set (LSTM, GRU, RNN: 13 cases x 4 contenders, compilation included) took 3 min 38 s on
+# this machine when idle (matmul peak 182 GFLOP/s); under a load of 8 on its 2 cores everything ran ~3-5x
+# slower. min_repeats bounds a slow case's cost too.
 DEFAULT_BUDGET = TimingBudget(seconds_per_measurement=2.0, warmup_seconds=0.3, min_repeats=5, max_repeats=500)
 QUICK_BUDGET = TimingBudget(seconds_per_measurement=0.05, warmup_seconds=0.0, min_repeats=3, max_repeats=5)
 
