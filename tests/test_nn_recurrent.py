@@ -165,6 +165,20 @@ def test_module_contract(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_constructor_device_and_dtype(family):
+    torch_cls, ours_cls, extra = FAMILIES[family]
+    ours = ours_cls(4, 6, device="cpu", dtype=torch.float64, **extra)
+    theirs = torch_cls(4, 6, device="cpu", dtype=torch.float64, **extra)
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in ours.parameters())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    _assert_same(ours(x), theirs(x))
+    cell_cls, our_cell_cls, cell_extra = CELLS[family]
+    cell = our_cell_cls(4, 6, device="cpu", dtype=torch.float64, **cell_extra)
+    assert all(p.dtype == torch.float64 for p in cell.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_initialization_matches_torch(family):
     torch_cls, ours_cls, extra = FAMILIES[family]
     torch.manual_seed(3)
