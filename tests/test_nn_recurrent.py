@@ -347,6 +347,9 @@ def _ddp_worker(rank, world, port, family, state, inputs, result_path):
     _loss(ddp(inputs[rank])).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, result_path)
+    # Rank 0 hosts the rendezvous store: without this barrier it could tear the store down while rank 1
+    # is still using it, and gloo aborts rank 1 (seen as an occasional SIGABRT).
+    dist.barrier()
     dist.destroy_process_group()
 
 
