@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from seqkern.info import cpu_model
+
 SUBJECT = "seqkern"
 MIB = 2**20
 
@@ -149,17 +151,6 @@ def configure_process() -> None:
     torch.set_num_threads(cores)
     torch._inductor.config.compile_threads = 1
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str | None:

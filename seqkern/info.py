@@ -22,7 +22,8 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (benchmarks record it too)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -45,7 +46,7 @@ def report() -> str:
     lines = [
         f"seqkern {seqkern.__version__}   torch {torch.__version__}   triton {_triton_version()}   "
         f"python {platform.python_version()}",
-        f"threads: {torch.get_num_threads()}   CPU: {_cpu_model()}",
+        f"threads: {torch.get_num_threads()}   CPU: {cpu_model()}",
         "backends:",
         "  reference  available (pure PyTorch)",
         f"  cpu        {'available' if _extension.AVAILABLE else 'missing: ' + str(_extension.IMPORT_ERROR)}",
