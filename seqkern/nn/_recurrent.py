@@ -150,6 +150,41 @@ def cell_states(
     return states
 
 
+def forward(module: torch.nn.RNNBase, input: Tensor | PackedSequence, hx, state_sizes: Sequence[int],
+            run_direction: DirectionFn):
+    """The whole forward of a recurrent layer, as torch.nn's: `state_sizes` has one width per state
+    (LSTM: (proj_size or hidden, hidden); GRU, RNN: (hidden,)).
+
+    -> (output, h_n) for a one-state layer, (output, (h_n, c_n)) for the LSTM, in the caller's layout.
+    """
+    x, layout = to_time_major(module, input)
+    _check_hx_kind(module, hx, len(state_sizes))
+    names = ("hx",) if len(state_sizes) == 1 else tuple(f"hx[{i}]" for i in range(len(state_sizes)))
+    states = initial_states(module, hx, names, state_sizes, x.shape[1], x, layout)
+    output, finals = run_stack(module, x, states, run_direction, layout.batch_sizes)
+    finals = final_states(finals, layout)
+    return from_time_major(output, layout), (finals[0] if len(finals) == 1 else tuple(finals))
+
+
+def _check_hx_kind(module: torch.nn.RNNBase, hx, num_states: int) -> None:
+    """An LSTM takes hx as a tuple (h_0, c_0), the other layers as one tensor."""
+    if hx is None:
+        return
+    if num_states > 1 and isinstance(hx, Tensor):
+        raise ShapeError("hx: expected a tuple (h_0, c_0) for an LSTM, got a single tensor")
+    if num_states == 1 and not isinstance(hx, Tensor):
+        raise ShapeError(f"hx: expected a single tensor for a {module.mode}, got {type(hx).__name__}")
+
+
+def split_weights(weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One layer-direction's parameters in torch.nn's order, w_ih, w_hh[, b_ih, b_hh][, w_hr]
+    -> (w_ih, w_hh, b_ih, b_hh, w_hr), None where the layer has none."""
+    w_ih, w_hh, *rest = weights
+    b_ih, b_hh = (rest[0], rest[1]) if len(rest) >= 2 else (None, None)
+    w_hr = rest[-1] if len(rest) in (1, 3) else None
+    return w_ih, w_hh, b_ih, b_hh, w_hr
+
+
 def run_stack(
     module: torch.nn.Module, input: Tensor, states: Sequence[Tensor], run_direction: DirectionFn,
     batch_sizes: Tensor | None,

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from seqkern._checks import ShapeError
 from seqkern.nn import _recurrent
 from seqkern.ops.gru import gru_cell, gru_layer
 
@@ -29,23 +28,11 @@ class GRU(torch.nn.RNNBase):
                          bidirectional, device=device, dtype=dtype)
 
     def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None):
-        return _forward_single_state(self, input, hx, _run_gru_direction)
+        return _recurrent.forward(self, input, hx, (self.hidden_size,), _run_direction)
 
 
-def _forward_single_state(module: torch.nn.RNNBase, input, hx, run_direction):
-    """forward of a layer whose state is one tensor h (GRU, Elman RNN)."""
-    x, layout = _recurrent.to_time_major(module, input)
-    if hx is not None and not isinstance(hx, Tensor):
-        raise ShapeError(f"hx: expected a single tensor for a {module.mode}, got {type(hx).__name__}")
-    states = _recurrent.initial_states(module, hx, ("hx",), (module.hidden_size,), x.shape[1], x, layout)
-    output, (h_n,) = _recurrent.run_stack(module, x, states, run_direction, layout.batch_sizes)
-    (h_n,) = _recurrent.final_states([h_n], layout)
-    return _recurrent.from_time_major(output, layout), h_n
-
-
-def _run_gru_direction(x, state, weights, batch_sizes, reverse):
-    w_ih, w_hh, *biases = weights
-    b_ih, b_hh = biases if biases else (None, None)
+def _run_direction(x, state, weights, batch_sizes, reverse):
+    w_ih, w_hh, b_ih, b_hh, _ = _recurrent.split_weights(weights)
     output, h_n = gru_layer(x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
     return output, (h_n,)
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from seqkern._checks import ShapeError
 from seqkern.nn import _recurrent
 from seqkern.ops.lstm import lstm_cell, lstm_layer
 
@@ -35,23 +34,12 @@ class LSTM(torch.nn.RNNBase):
                          bidirectional, proj_size, device, dtype)
 
     def forward(self, input: Tensor | PackedSequence, hx: Sequence[Tensor] | None = None):
-        x, layout = _recurrent.to_time_major(self, input)
-        out_size = self.proj_size or self.hidden_size
-        if hx is not None and isinstance(hx, Tensor):
-            raise ShapeError("hx: expected a tuple (h_0, c_0) for an LSTM, got a single tensor")
-        states = _recurrent.initial_states(
-            self, hx, ("hx[0]", "hx[1]"), (out_size, self.hidden_size), x.shape[1], x, layout
-        )
-        output, (h_n, c_n) = _recurrent.run_stack(self, x, states, _run_direction, layout.batch_sizes)
-        h_n, c_n = _recurrent.final_states([h_n, c_n], layout)
-        return _recurrent.from_time_major(output, layout), (h_n, c_n)
+        state_sizes = (self.proj_size or self.hidden_size, self.hidden_size)
+        return _recurrent.forward(self, input, hx, state_sizes, _run_direction)
 
 
 def _run_direction(x, state, weights, batch_sizes, reverse):
-    """One layer and direction; weights in torch.nn's order: w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
-    w_ih, w_hh, *rest = weights
-    b_ih, b_hh = (rest[0], rest[1]) if len(rest) >= 2 else (None, None)
-    w_hr = rest[-1] if len(rest) in (1, 3) else None
+    w_ih, w_hh, b_ih, b_hh, w_hr = _recurrent.split_weights(weights)
     output, h_n, c_n = lstm_layer(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     return output, (h_n, c_n)
 

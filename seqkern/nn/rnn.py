@@ -11,7 +11,6 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from seqkern.nn import _recurrent
-from seqkern.nn.gru import _forward_single_state
 from seqkern.ops.rnn import rnn_cell, rnn_layer
 
 _MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
@@ -37,12 +36,11 @@ class RNN(torch.nn.RNNBase):
         relu = self.nonlinearity == "relu"
 
         def run_direction(x, state, weights, batch_sizes, reverse):
-            w_ih, w_hh, *biases = weights
-            b_ih, b_hh = biases if biases else (None, None)
+            w_ih, w_hh, b_ih, b_hh, _ = _recurrent.split_weights(weights)
             output, h_n = rnn_layer(x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu)
             return output, (h_n,)
 
-        return _forward_single_state(self, input, hx, run_direction)
+        return _recurrent.forward(self, input, hx, (self.hidden_size,), run_direction)
 
 
 class RNNCell(torch.nn.RNNCell):
