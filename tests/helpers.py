@@ -177,3 +177,53 @@ def check_compiled_module(module: torch.nn.Module, x: Tensor) -> None:
     grad_compiled = torch.autograd.grad(sum(o.sum() for o in flat[:half]), x)[0]
     grad_eager = torch.autograd.grad(sum(o.sum() for o in flat[half:]), x)[0]
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments of the recurrent ops, drawn in float64 from a fixed seed then cast.
+# ------------------------------------------------------------------------------------------------
+def case_id(case: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+def layer_args(gates: int, seq_len, batch, input_size, hidden, *, proj=0, cell_state=False, bias=True,
+               lengths=None, reverse=False, dtype=torch.float64, requires_grad=True, seed=0) -> tuple:
+    """(input, h0, [c0,] w_ih, w_hh, b_ih, b_hh, [w_hr,] batch_sizes, reverse) of a `gates`-gate layer op:
+    the LSTM (gates=4) has c0 and a w_hr slot (None without a projection), the GRU (3) and RNN (1) neither."""
+    gen = torch.Generator().manual_seed(seed)
+    out_size = proj or hidden
+
+    def rand(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        return t.requires_grad_(requires_grad)
+
+    scale = hidden ** -0.5
+    states = (rand(batch, out_size), *((rand(batch, hidden),) if cell_state else ()))
+    weights = (rand(gates * hidden, input_size, scale=scale), rand(gates * hidden, out_size, scale=scale))
+    biases = (rand(gates * hidden, scale=scale), rand(gates * hidden, scale=scale)) if bias else (None, None)
+    projection = (rand(out_size, hidden, scale=scale) if proj else None,) if cell_state else ()
+    batch_sizes = batch_sizes_for(lengths, seq_len) if lengths is not None else None
+    return (rand(seq_len, batch, input_size), *states, *weights, *biases, *projection, batch_sizes, reverse)
+
+
+def cell_args(gates: int, batch, hidden, *, bias=True, state=True) -> tuple:
+    """(gates_x, gates_h, [state,] b_ih, b_hh) of a `gates`-gate cell op, float64."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(batch, gates * hidden), (batch, gates * hidden)] + ([(batch, hidden)] if state else [])
+    args = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+    biases = [torch.randn(gates * hidden, generator=gen, dtype=torch.float64) for _ in range(2)] if bias else [None, None]
+    return (*args, *biases)
+
+
+# Cases of the single-state layers (GRU, Elman RNN); the LSTM's add projections.
+SINGLE_STATE_LAYER_CASES = [
+    dict(seq_len=1, batch=1, input_size=1, hidden=1),
+    dict(seq_len=7, batch=3, input_size=5, hidden=63),
+    dict(seq_len=9, batch=5, input_size=4, hidden=127, reverse=True),
+    dict(seq_len=6, batch=4, input_size=3, hidden=17, bias=False, lengths=[6, 4, 4, 1]),
+    dict(seq_len=6, batch=4, input_size=3, hidden=17, lengths=[6, 5, 2, 1], reverse=True),
+    dict(seq_len=40, batch=32, input_size=33, hidden=256),
+]
+SINGLE_STATE_TRITON_CASES = [SINGLE_STATE_LAYER_CASES[0], dict(seq_len=4, batch=3, input_size=5, hidden=17),
+                             SINGLE_STATE_LAYER_CASES[3], SINGLE_STATE_LAYER_CASES[4]]
+CELL_CASES = [dict(batch=1, hidden=1), dict(batch=3, hidden=17, bias=False), dict(batch=64, hidden=127)]

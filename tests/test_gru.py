@@ -7,35 +7,23 @@ import torch
 
 import seqkern
 from seqkern import reference
-from helpers import batch_sizes_for, check_compiled_module, check_op, gradcheck_op
+from helpers import (
+    CELL_CASES, SINGLE_STATE_LAYER_CASES, SINGLE_STATE_TRITON_CASES, case_id, cell_args, check_compiled_module,
+    check_op, gradcheck_op, layer_args,
+)
 
 OPS = torch.ops.seqkern
 TENSOR_NAMES = ("input", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
 CELL_NAMES = ("gates_x", "gates_h", "hx", "b_ih", "b_hh")
 
 
-def _layer_args(seq_len, batch, input_size, hidden, bias=True, lengths=None, reverse=False, requires_grad=True,
-                dtype=torch.float64):
+def _layer_args(*sizes, **options):
     """Arguments of gru_forward without save_workspace."""
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).requires_grad_(requires_grad)
-
-    scale = hidden ** -0.5
-    return (
-        rand(seq_len, batch, input_size), rand(batch, hidden),
-        rand(3 * hidden, input_size, scale=scale), rand(3 * hidden, hidden, scale=scale),
-        rand(3 * hidden, scale=scale) if bias else None, rand(3 * hidden, scale=scale) if bias else None,
-        batch_sizes_for(lengths, seq_len) if lengths is not None else None, reverse,
-    )
+    return layer_args(3, *sizes, **options)
 
 
 def _cell_args(batch, hidden, bias=True):
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(batch, 3 * hidden), (batch, 3 * hidden), (batch, hidden)]
-    args = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
-    return (*args, *([torch.randn(3 * hidden, generator=gen, dtype=torch.float64) for _ in range(2)] if bias else [None, None]))
+    return cell_args(3, batch, hidden, bias=bias)
 
 
 def _op_forward(*args):
@@ -54,50 +42,38 @@ def _ref_cell(*args):
     return reference.gru_cell_forward(*args)[:1]
 
 
-CASES = [
-    dict(seq_len=1, batch=1, input_size=1, hidden=1),
-    dict(seq_len=7, batch=3, input_size=5, hidden=63),
-    dict(seq_len=9, batch=5, input_size=4, hidden=127, reverse=True),
-    dict(seq_len=6, batch=4, input_size=3, hidden=17, bias=False, lengths=[6, 4, 4, 1]),
-    dict(seq_len=6, batch=4, input_size=3, hidden=17, lengths=[6, 5, 2, 1], reverse=True),
-    dict(seq_len=40, batch=32, input_size=33, hidden=256),
-]
-CELL_CASES = [dict(batch=1, hidden=1), dict(batch=3, hidden=17, bias=False), dict(batch=64, hidden=127)]
-TRITON_CASES = [CASES[0], dict(seq_len=4, batch=3, input_size=5, hidden=17), CASES[3], CASES[4]]
-
-
-def _id(case):
-    return "-".join(f"{k}={v}" for k, v in case.items())
+CASES = SINGLE_STATE_LAYER_CASES
+TRITON_CASES = SINGLE_STATE_TRITON_CASES
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cpu_kernel_against_reference(case, dtype):
     check_op(_op_forward, _ref_forward, _layer_args(**case), TENSOR_NAMES, dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CELL_CASES, ids=_id)
+@pytest.mark.parametrize("case", CELL_CASES, ids=case_id)
 def test_cpu_cell_kernel_against_reference(case, dtype):
     check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "cpu")
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", TRITON_CASES, ids=_id)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
 def test_triton_sequence_kernel_against_reference(case, dtype):
     check_op(_op_forward, _ref_forward, _layer_args(**case), TENSOR_NAMES, dtype, "triton")
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CELL_CASES[:2], ids=_id)
+@pytest.mark.parametrize("case", CELL_CASES[:2], ids=case_id)
 def test_triton_cell_kernel_against_reference(case, dtype):
     check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "triton")
 
 
 @pytest.mark.parametrize("case", [CASES[1], dict(seq_len=4, batch=3, input_size=2, hidden=3, reverse=True, lengths=[4, 2, 1]),
-                                  dict(seq_len=3, batch=2, input_size=2, hidden=3, bias=False)], ids=_id)
+                                  dict(seq_len=3, batch=2, input_size=2, hidden=3, bias=False)], ids=case_id)
 def test_gradcheck(case):
     case = {**case, "hidden": min(case["hidden"], 5), "seq_len": min(case["seq_len"], 4)}
     assert gradcheck_op(_op_forward, _layer_args(**case))

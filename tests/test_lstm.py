@@ -7,29 +7,14 @@ import torch
 
 import seqkern
 from seqkern import reference
-from helpers import batch_sizes_for, check_compiled_module, check_op, gradcheck_op
+from helpers import CELL_CASES, case_id, cell_args, check_compiled_module, check_op, gradcheck_op, layer_args
 
 OPS = torch.ops.seqkern
 
 
-def _layer_args(seq_len, batch, input_size, hidden, proj=0, bias=True, lengths=None, reverse=False,
-                dtype=torch.float64, requires_grad=True, seed=0):
-    """Arguments of lstm_forward (without save_workspace), drawn in float64 then cast to `dtype`."""
-    gen = torch.Generator().manual_seed(seed)
-    out_size = proj or hidden
-
-    def rand(*shape, scale=1.0):
-        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-        return t.requires_grad_(requires_grad)
-
-    scale = hidden ** -0.5
-    return (
-        rand(seq_len, batch, input_size), rand(batch, out_size), rand(batch, hidden),
-        rand(4 * hidden, input_size, scale=scale), rand(4 * hidden, out_size, scale=scale),
-        rand(4 * hidden, scale=scale) if bias else None, rand(4 * hidden, scale=scale) if bias else None,
-        rand(out_size, hidden, scale=scale) if proj else None,
-        batch_sizes_for(lengths, seq_len) if lengths is not None else None, reverse,
-    )
+def _layer_args(*sizes, **options):
+    """Arguments of lstm_forward (without save_workspace)."""
+    return layer_args(4, *sizes, cell_state=True, **options)
 
 
 TENSOR_NAMES = ("input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
@@ -47,10 +32,7 @@ CELL_NAMES = ("gates_x", "gates_h", "cx", "b_ih", "b_hh")
 
 
 def _cell_args(batch, hidden, bias=True):
-    gen = torch.Generator().manual_seed(0)
-    args = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in [(batch, 4 * hidden), (batch, 4 * hidden), (batch, hidden)]]
-    biases = [torch.randn(4 * hidden, generator=gen, dtype=torch.float64) for _ in range(2)] if bias else [None, None]
-    return (*args, *biases)
+    return cell_args(4, batch, hidden, bias=bias)
 
 
 def _op_cell(*args):
@@ -61,7 +43,6 @@ def _ref_cell(*args):
     return reference.lstm_cell_forward(*args)[:2]
 
 
-CELL_CASES = [dict(batch=1, hidden=1), dict(batch=3, hidden=17, bias=False), dict(batch=64, hidden=127)]
 CASES = [
     dict(seq_len=1, batch=1, input_size=1, hidden=1),
     dict(seq_len=7, batch=3, input_size=5, hidden=63),
@@ -77,13 +58,13 @@ def _check_against_reference(run, case, dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cpu_kernel_against_reference(case, dtype):
     _check_against_reference(_op_forward, case, dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CELL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", CELL_CASES, ids=case_id)
 def test_cpu_cell_kernel_against_reference(case, dtype):
     check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "cpu")
 
@@ -152,14 +133,14 @@ TRITON_CASES = [
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
 def test_triton_sequence_kernel_against_reference(case, dtype):
     _check_against_reference(_op_forward, case, dtype, "triton")
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CELL_CASES[:2] + [dict(batch=5, hidden=33)], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", CELL_CASES[:2] + [dict(batch=5, hidden=33)], ids=case_id)
 def test_triton_cell_kernel_against_reference(case, dtype):
     check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "triton")
 

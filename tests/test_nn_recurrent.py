@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import seqkern
-from helpers import assert_all_rule, compare_recurrent
+from helpers import assert_all_rule, case_id, compare_recurrent
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
@@ -54,12 +54,8 @@ def _compare(family, dtype, options, seq_len, batch, **kwargs):
     compare_recurrent(torch_cls, ours_cls, dtype, {**options, **extra}, seq_len, batch, **kwargs)
 
 
-def _id(options):
-    return "-".join(f"{k}={v}" for k, v in options.items())
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("family,options", list(_cases()), ids=lambda v: v if isinstance(v, str) else _id(v))
+@pytest.mark.parametrize("family,options", list(_cases()), ids=lambda v: v if isinstance(v, str) else case_id(v))
 @pytest.mark.parametrize("seq_len,batch", [(1, 1), (9, 3), (33, 64)])
 def test_matches_torch(family, dtype, options, seq_len, batch):
     _compare(family, dtype, options, seq_len, batch)
@@ -84,7 +80,7 @@ def _packed_cases():
 
 
 @pytest.mark.parametrize("family,dtype,options", list(_packed_cases()),
-                         ids=lambda v: v if isinstance(v, str) else (str(v) if isinstance(v, torch.dtype) else _id(v)))
+                         ids=lambda v: v if isinstance(v, str) else (str(v) if isinstance(v, torch.dtype) else case_id(v)))
 def test_packed_sequence(family, dtype, options):
     _compare(family, dtype, options, seq_len=11, batch=5, lengths=torch.tensor([4, 11, 1, 7, 11]))
     _compare(family, dtype, options, seq_len=6, batch=3, with_hx=False, lengths=torch.tensor([6, 6, 2]))

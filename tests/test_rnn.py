@@ -7,7 +7,10 @@ import torch
 
 import seqkern
 from seqkern import reference
-from helpers import batch_sizes_for, check_compiled_module, check_op, gradcheck_op
+from helpers import (
+    CELL_CASES, SINGLE_STATE_LAYER_CASES, SINGLE_STATE_TRITON_CASES, case_id, cell_args, check_compiled_module,
+    check_op, gradcheck_op, layer_args,
+)
 
 OPS = torch.ops.seqkern
 TENSOR_NAMES = ("input", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
@@ -15,28 +18,13 @@ CELL_NAMES = ("gates_x", "gates_h", "b_ih", "b_hh")
 NONLINEARITIES = {"tanh": False, "relu": True}
 
 
-def _layer_args(seq_len, batch, input_size, hidden, relu, bias=True, lengths=None, reverse=False,
-                requires_grad=True, dtype=torch.float64):
+def _layer_args(*sizes, relu, **options):
     """Arguments of rnn_forward."""
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).requires_grad_(requires_grad)
-
-    scale = hidden ** -0.5
-    return (
-        rand(seq_len, batch, input_size), rand(batch, hidden),
-        rand(hidden, input_size, scale=scale), rand(hidden, hidden, scale=scale),
-        rand(hidden, scale=scale) if bias else None, rand(hidden, scale=scale) if bias else None,
-        batch_sizes_for(lengths, seq_len) if lengths is not None else None, reverse, relu,
-    )
+    return (*layer_args(1, *sizes, **options), relu)
 
 
 def _cell_args(batch, hidden, relu, bias=True):
-    gen = torch.Generator().manual_seed(0)
-    args = [torch.randn(batch, hidden, generator=gen, dtype=torch.float64) for _ in range(2)]
-    biases = [torch.randn(hidden, generator=gen, dtype=torch.float64) for _ in range(2)] if bias else [None, None]
-    return (*args, *biases, relu)
+    return (*cell_args(1, batch, hidden, bias=bias, state=False), relu)
 
 
 def _op_forward(*args):
@@ -51,26 +39,14 @@ def _ref_cell(*args):
     return (reference.rnn_cell_forward(*args),)
 
 
-CASES = [
-    dict(seq_len=1, batch=1, input_size=1, hidden=1),
-    dict(seq_len=7, batch=3, input_size=5, hidden=63),
-    dict(seq_len=9, batch=5, input_size=4, hidden=127, reverse=True),
-    dict(seq_len=6, batch=4, input_size=3, hidden=17, bias=False, lengths=[6, 4, 4, 1]),
-    dict(seq_len=6, batch=4, input_size=3, hidden=17, lengths=[6, 5, 2, 1], reverse=True),
-    dict(seq_len=40, batch=32, input_size=33, hidden=256),
-]
-CELL_CASES = [dict(batch=1, hidden=1), dict(batch=3, hidden=17, bias=False), dict(batch=64, hidden=127)]
-TRITON_CASES = [CASES[0], dict(seq_len=4, batch=3, input_size=5, hidden=17), CASES[3], CASES[4]]
+CASES = SINGLE_STATE_LAYER_CASES
+TRITON_CASES = SINGLE_STATE_TRITON_CASES
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-
-
-def _id(case):
-    return "-".join(f"{k}={v}" for k, v in case.items())
 
 
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cpu_kernel_against_reference(case, dtype, nonlinearity):
     args = _layer_args(**case, relu=NONLINEARITIES[nonlinearity])
     check_op(_op_forward, reference.rnn_forward, args, TENSOR_NAMES, dtype, "cpu")
@@ -78,7 +54,7 @@ def test_cpu_kernel_against_reference(case, dtype, nonlinearity):
 
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CELL_CASES, ids=_id)
+@pytest.mark.parametrize("case", CELL_CASES, ids=case_id)
 def test_cpu_cell_kernel_against_reference(case, dtype, nonlinearity):
     args = _cell_args(**case, relu=NONLINEARITIES[nonlinearity])
     check_op(_op_cell, _ref_cell, args, CELL_NAMES, dtype, "cpu")
@@ -87,7 +63,7 @@ def test_cpu_cell_kernel_against_reference(case, dtype, nonlinearity):
 @pytest.mark.triton
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", TRITON_CASES, ids=_id)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
 def test_triton_sequence_kernel_against_reference(case, dtype, nonlinearity):
     args = _layer_args(**case, relu=NONLINEARITIES[nonlinearity])
     check_op(_op_forward, reference.rnn_forward, args, TENSOR_NAMES, dtype, "triton")
@@ -96,7 +72,7 @@ def test_triton_sequence_kernel_against_reference(case, dtype, nonlinearity):
 @pytest.mark.triton
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CELL_CASES[:2], ids=_id)
+@pytest.mark.parametrize("case", CELL_CASES[:2], ids=case_id)
 def test_triton_cell_kernel_against_reference(case, dtype, nonlinearity):
     args = _cell_args(**case, relu=NONLINEARITIES[nonlinearity])
     check_op(_op_cell, _ref_cell, args, CELL_NAMES, dtype, "triton")
@@ -105,7 +81,7 @@ def test_triton_cell_kernel_against_reference(case, dtype, nonlinearity):
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("case", [dict(seq_len=3, batch=2, input_size=3, hidden=4),
                                   dict(seq_len=4, batch=3, input_size=2, hidden=3, reverse=True, lengths=[4, 2, 1]),
-                                  dict(seq_len=3, batch=2, input_size=2, hidden=3, bias=False)], ids=_id)
+                                  dict(seq_len=3, batch=2, input_size=2, hidden=3, bias=False)], ids=case_id)
 def test_gradcheck(case, nonlinearity):
     assert gradcheck_op(_op_forward, _layer_args(**case, relu=NONLINEARITIES[nonlinearity]))
 
