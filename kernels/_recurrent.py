@@ -81,6 +81,18 @@ def active_rows(t, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES: tl.constexpr):
 
 
 @triton.jit
+def sequence_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The tile of a persistent sequence program: its batch rows, the hidden columns (a program holds whole
+    hidden rows), and the mask and offsets of its part of a (B, H) state."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    hid = tl.arange(0, BLOCK_H)
+    hid_mask = hid < H
+    state_mask = (rows < B)[:, None] & hid_mask[None, :]
+    state_offsets = rows[:, None] * H + hid[None, :]
+    return rows, hid, hid_mask, state_mask, state_offsets
+
+
+@triton.jit
 def step_rows(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr):
     """The time index processed at `step` and the rows active at it."""
     t = time_index(step, T, REVERSE)

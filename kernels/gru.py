@@ -49,6 +49,7 @@ from ._recurrent import (
     recurrent_weight_gradient,
     sequence_blocks,
     sequence_grid,
+    sequence_tile,
     sigmoid,
     step_rows,
     store,
@@ -192,11 +193,7 @@ def _gru_sequence_forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr, SAVE_WORKSPACE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    hid = tl.arange(0, BLOCK_H)
-    hid_mask = hid < H
-    state_mask = (rows < B)[:, None] & hid_mask[None, :]
-    state_offsets = rows[:, None] * H + hid[None, :]
+    rows, hid, hid_mask, state_mask, state_offsets = sequence_tile(B, H, BLOCK_B, BLOCK_H)
     h = tl.load(h_ptr + state_offsets, mask=state_mask, other=0).to(ACC)
     if HAS_BIAS:
         b_r, b_z, b_n = _load_three(b_hh_ptr, hid, hid_mask, H, ACC)
@@ -235,11 +232,7 @@ def _gru_sequence_backward_kernel(
     HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    hid = tl.arange(0, BLOCK_H)
-    hid_mask = hid < H
-    state_mask = (rows < B)[:, None] & hid_mask[None, :]
-    state_offsets = rows[:, None] * H + hid[None, :]
+    rows, hid, hid_mask, state_mask, state_offsets = sequence_tile(B, H, BLOCK_B, BLOCK_H)
     grad_h = tl.load(grad_h_n_ptr + state_offsets, mask=state_mask, other=0).to(ACC)
 
     for reverse_step in range(T):

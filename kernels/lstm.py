@@ -60,6 +60,7 @@ from ._recurrent import (
     recurrent_weight_gradient,
     sequence_blocks,
     sequence_grid,
+    sequence_tile,
     sigmoid,
     step_rows,
     store,
@@ -199,14 +200,9 @@ def _lstm_sequence_forward_kernel(
     ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    in_batch = rows < B
-    hid = tl.arange(0, BLOCK_H)
-    hid_mask = hid < H
+    rows, hid, hid_mask, cell_mask, cell_offsets = sequence_tile(B, H, BLOCK_B, BLOCK_H)
     out_cols = tl.arange(0, BLOCK_P)
     out_mask = out_cols < P
-    cell_mask = in_batch[:, None] & hid_mask[None, :]
-    cell_offsets = rows[:, None] * H + hid[None, :]
     c = tl.load(c0_ptr + cell_offsets, mask=cell_mask, other=0).to(ACC)
 
     for step in range(T):
@@ -253,15 +249,10 @@ def _lstm_sequence_backward_kernel(
     ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    in_batch = rows < B
-    hid = tl.arange(0, BLOCK_H)
-    hid_mask = hid < H
+    rows, hid, hid_mask, cell_mask, cell_offsets = sequence_tile(B, H, BLOCK_B, BLOCK_H)
     out_cols = tl.arange(0, BLOCK_P)
     out_mask = out_cols < P
-    cell_mask = in_batch[:, None] & hid_mask[None, :]
-    cell_offsets = rows[:, None] * H + hid[None, :]
-    hidden_mask = in_batch[:, None] & out_mask[None, :]
+    hidden_mask = (rows < B)[:, None] & out_mask[None, :]
     hidden_offsets = rows[:, None] * P + out_cols[None, :]
     grad_h = tl.load(grad_h_n_ptr + hidden_offsets, mask=hidden_mask, other=0).to(ACC)
     grad_c = tl.load(grad_c_n_ptr + cell_offsets, mask=cell_mask, other=0).to(ACC)

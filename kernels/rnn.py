@@ -40,6 +40,7 @@ from ._recurrent import (
     recurrent_weight_gradient,
     sequence_blocks,
     sequence_grid,
+    sequence_tile,
     step_rows,
     store,
     tanh,
@@ -126,9 +127,7 @@ def _rnn_sequence_forward_kernel(
     HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    hid = tl.arange(0, BLOCK_H)
-    hid_mask = hid < H
+    rows, hid, hid_mask, _, _ = sequence_tile(B, H, BLOCK_B, BLOCK_H)
 
     # No register state: h_t is all the state, and as the next step's GEMM operand it lives in h_ptr in the
     # tensors' dtype (rounded each step, as torch.nn.RNN's is).
@@ -150,11 +149,7 @@ def _rnn_sequence_backward_kernel(
     HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    hid = tl.arange(0, BLOCK_H)
-    hid_mask = hid < H
-    state_mask = (rows < B)[:, None] & hid_mask[None, :]
-    state_offsets = rows[:, None] * H + hid[None, :]
+    rows, hid, hid_mask, state_mask, state_offsets = sequence_tile(B, H, BLOCK_B, BLOCK_H)
     grad_h = tl.load(grad_h_n_ptr + state_offsets, mask=state_mask, other=0).to(ACC)
 
     for reverse_step in range(T):
