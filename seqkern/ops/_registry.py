@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from seqkern import _triton
+from seqkern import _extension, _triton
 
 _TRITON_KERNELS: dict[torch._ops.OpOverload, Callable] = {}
 
@@ -26,12 +26,26 @@ def op(name: str) -> torch._ops.OpOverload:
     return getattr(torch.ops.seqkern, name).default
 
 
-def register(name: str, fake: Callable, triton_module: str | None) -> None:
-    """Registers the fake implementation of seqkern::<name> and, if Triton is installed and the op has a
-    Triton launcher (`triton_module`.<name>), that launcher as its CUDA kernel."""
-    torch.library.register_fake(f"seqkern::{name}", fake)
-    if triton_module is not None and _triton.available():
-        register_triton(name, triton_module)
+def register_ops(
+    fakes: dict[str, Callable],
+    autograd: dict[str, tuple[Callable, Callable]],
+    triton_module: str,
+) -> None:
+    """The Python side of a family of ops (e.g. lstm_forward, lstm_backward, lstm_cell_*):
+
+    `fakes` maps each op name to its fake implementation; `autograd` maps the differentiable ops to
+    (backward, setup_context); each op's Triton launcher `triton_module`.<name> becomes its CUDA kernel
+    if Triton is installed. Without seqkern._C there are no schemas: nothing is registered and the
+    functional API runs the references.
+    """
+    if not _extension.AVAILABLE:
+        return
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"seqkern::{name}", fake)
+        if _triton.available():
+            register_triton(name, triton_module)
+    for name, (backward, setup_context) in autograd.items():
+        torch.library.register_autograd(f"seqkern::{name}", backward, setup_context=setup_context)
 
 
 def register_triton(name: str, module: str) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqkern import _extension, backends, reference
-from seqkern.ops._registry import empty, kernel_scope, needs_grad, register, zeros_if_none
+from seqkern import backends, reference
+from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops, zeros_if_none
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -84,22 +84,19 @@ def _impl(like: Tensor) -> str:
     return backends.resolve("gru", like.device, like.dtype, SUPPORTED_DTYPES)
 
 
-def _register() -> None:
-    for name, fake in [
-        ("gru_forward", _gru_forward_fake),
-        ("gru_backward", _gru_backward_fake),
-        ("gru_cell_forward", _gru_cell_forward_fake),
-        ("gru_cell_backward", _gru_cell_backward_fake),
-    ]:
-        register(name, fake, triton_module="seqkern.kernels.gru")
-    torch.library.register_autograd("seqkern::gru_forward", _gru_backward, setup_context=_gru_setup_context)
-    torch.library.register_autograd(
-        "seqkern::gru_cell_forward", _gru_cell_backward, setup_context=_gru_cell_setup_context
-    )
-
-
-if _extension.AVAILABLE:
-    _register()
+register_ops(
+    fakes={
+        "gru_forward": _gru_forward_fake,
+        "gru_backward": _gru_backward_fake,
+        "gru_cell_forward": _gru_cell_forward_fake,
+        "gru_cell_backward": _gru_cell_backward_fake,
+    },
+    autograd={
+        "gru_forward": (_gru_backward, _gru_setup_context),
+        "gru_cell_forward": (_gru_cell_backward, _gru_cell_setup_context),
+    },
+    triton_module="seqkern.kernels.gru",
+)
 
 
 def gru_layer(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqkern import _extension, backends, reference
+from seqkern import backends, reference
 from seqkern.ops._registry import empty as _empty
-from seqkern.ops._registry import kernel_scope, needs_grad, register, zeros_if_none
+from seqkern.ops._registry import kernel_scope, needs_grad, register_ops, zeros_if_none
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -99,22 +99,19 @@ def _impl_for_backward(like: Tensor) -> str:
     return backends.resolve("lstm", like.device, like.dtype, SUPPORTED_DTYPES)
 
 
-def _register() -> None:
-    for name, fake in [
-        ("lstm_forward", _lstm_forward_fake),
-        ("lstm_backward", _lstm_backward_fake),
-        ("lstm_cell_forward", _lstm_cell_forward_fake),
-        ("lstm_cell_backward", _lstm_cell_backward_fake),
-    ]:
-        register(name, fake, triton_module="seqkern.kernels.lstm")
-    torch.library.register_autograd("seqkern::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
-    torch.library.register_autograd(
-        "seqkern::lstm_cell_forward", _lstm_cell_backward, setup_context=_lstm_cell_setup_context
-    )
-
-
-if _extension.AVAILABLE:
-    _register()
+register_ops(
+    fakes={
+        "lstm_forward": _lstm_forward_fake,
+        "lstm_backward": _lstm_backward_fake,
+        "lstm_cell_forward": _lstm_cell_forward_fake,
+        "lstm_cell_backward": _lstm_cell_backward_fake,
+    },
+    autograd={
+        "lstm_forward": (_lstm_backward, _lstm_setup_context),
+        "lstm_cell_forward": (_lstm_cell_backward, _lstm_cell_setup_context),
+    },
+    triton_module="seqkern.kernels.lstm",
+)
 
 
 # --------------------------------------------------------------------------------------------------

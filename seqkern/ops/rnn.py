@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqkern import _extension, backends, reference
-from seqkern.ops._registry import empty, kernel_scope, register, zeros_if_none
+from seqkern import backends, reference
+from seqkern.ops._registry import empty, kernel_scope, register_ops, zeros_if_none
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -70,22 +70,19 @@ def _impl(like: Tensor) -> str:
     return backends.resolve("rnn", like.device, like.dtype, SUPPORTED_DTYPES)
 
 
-def _register() -> None:
-    for name, fake in [
-        ("rnn_forward", _rnn_forward_fake),
-        ("rnn_backward", _rnn_backward_fake),
-        ("rnn_cell_forward", _rnn_cell_forward_fake),
-        ("rnn_cell_backward", _rnn_cell_backward_fake),
-    ]:
-        register(name, fake, triton_module="seqkern.kernels.rnn")
-    torch.library.register_autograd("seqkern::rnn_forward", _rnn_backward, setup_context=_rnn_setup_context)
-    torch.library.register_autograd(
-        "seqkern::rnn_cell_forward", _rnn_cell_backward, setup_context=_rnn_cell_setup_context
-    )
-
-
-if _extension.AVAILABLE:
-    _register()
+register_ops(
+    fakes={
+        "rnn_forward": _rnn_forward_fake,
+        "rnn_backward": _rnn_backward_fake,
+        "rnn_cell_forward": _rnn_cell_forward_fake,
+        "rnn_cell_backward": _rnn_cell_backward_fake,
+    },
+    autograd={
+        "rnn_forward": (_rnn_backward, _rnn_setup_context),
+        "rnn_cell_forward": (_rnn_cell_backward, _rnn_cell_setup_context),
+    },
+    triton_module="seqkern.kernels.rnn",
+)
 
 
 def rnn_layer(
