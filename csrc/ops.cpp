@@ -85,4 +85,47 @@ TORCH_LIBRARY(seqkern, m) {
   m.def("rnn_cell_forward(Tensor gates_x, Tensor gates_h, Tensor? b_ih, Tensor? b_hh, bool relu) -> Tensor");
   //   -> grad_preact (B,H) (the gradient of gates_x and of gates_h alike), grad_bias (H,).
   m.def("rnn_cell_backward(Tensor grad_hy, Tensor hy, bool relu, bool has_bias) -> (Tensor grad_preact, Tensor grad_bias)");
+
+  // Scaled-dot-product attention, flash style: tiles of keys at a time with an online softmax, never the
+  // (Lq, Lk) score matrix. Memory is linear in the sequence lengths.
+  //   q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), one dtype, any strides with stride(-1) == 1;
+  //   Hq % Hkv == 0 and query head h reads kv head h / (Hq / Hkv) (grouped-/multi-query attention).
+  //   score(i, j) = scale * q_i . k_j + attn_mask[b, h, i, j]; attn_mask is additive, in q's dtype, of shape
+  //   (B,Hq,Lq,Lk) (zero strides where it broadcasts), stride(-1) == 1.
+  //   Variable lengths: with cu_seqlens_q and cu_seqlens_k ((N+1,) int32, non-decreasing, from 0), B == 1 and
+  //   sequence n owns rows [cu_seqlens_q[n], cu_seqlens_q[n+1]) of q and [cu_seqlens_k[n], cu_seqlens_k[n+1]) of k
+  //   and v; max_seqlen_q/k bound their lengths (ignored without cu_seqlens); attn_mask must be None.
+  //   Visibility, with i, j indices inside a sequence of lengths Lq_n, Lk_n and shift = bottom_right ? Lk_n - Lq_n : 0:
+  //   key j is seen by query i iff (window_left < 0 or j >= i + shift - window_left) and
+  //   (window_right < 0 or j <= i + shift + window_right). Causal attention is window_right = 0.
+  //   Dropout (dropout_p > 0; dropout_seed an int64 tensor of shape () on q's device): probability (i, j) of
+  //   head h in sequence n is kept iff dropout_bits(seed, n * Hq + h, i, j) >= dropout_threshold(dropout_p) and
+  //   then scaled by 1 / (1 - dropout_p); seqkern/reference/flash_attention.py defines both functions bit for bit.
+  //   -> out (B,Hq,Lq,Dv) contiguous, q's dtype; lse (B,Hq,Lq) contiguous, float64 for float64 inputs else
+  //   float32: log sum_j exp(score(i, j)) over the visible keys. A row that sees no key (or only -inf scores)
+  //   has out = 0 and lse = -inf.
+  m.def(
+      "flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
+      "bool bottom_right, float dropout_p, Tensor? dropout_seed) -> (Tensor out, Tensor lse)");
+  // Gradients of flash_attention_forward, the probabilities recomputed from the saved lse.
+  //   grad_out (B,Hq,Lq,Dv) any strides with stride(-1) == 1; out and lse as the forward returned them.
+  //   -> grad_q (B,Hq,Lq,D), grad_k (B,Hkv,Lk,D), grad_v (B,Hkv,Lk,Dv) contiguous (grad_k, grad_v summed over
+  //   the query heads that share a kv head); grad_scores (B,Hq,Lq,Lk) = dL/dscore(i, j) (the gradient of an
+  //   additive mask before its broadcast dims are summed) when want_grad_scores, else empty.
+  m.def(
+      "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? attn_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "float scale, int window_left, int window_right, bool bottom_right, float dropout_p, Tensor? dropout_seed, "
+      "bool want_grad_scores) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_scores)");
+  // Decoding: a few queries against a long KV cache, the keys split into num_splits chunks processed in
+  // parallel and merged through their log-sum-exp (0 picks the split from the thread count and the lengths).
+  //   q (B,Hq,Lq,D), k_cache (B,Hkv,S,D), v_cache (B,Hkv,S,Dv), any strides with stride(-1) == 1, Hq % Hkv == 0;
+  //   cache_seqlens (B,) int32: sequence b has keys [0, cache_seqlens[b]) (None: all S). The queries are the
+  //   last Lq positions: query i of sequence b sits at p = cache_seqlens[b] - Lq + i; is_causal hides keys j > p,
+  //   window_left >= 0 hides keys j < p - window_left.
+  //   -> out (B,Hq,Lq,Dv) contiguous, q's dtype; lse (B,Hq,Lq) as flash_attention_forward's. Not differentiable.
+  m.def(
+      "flash_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, float scale, "
+      "bool is_causal, int window_left, int num_splits) -> (Tensor out, Tensor lse)");
 }
