@@ -72,12 +72,20 @@ def triton_available() -> bool:
     return _triton.available() and _extension.AVAILABLE
 
 
+def kernel_registered(kernel: str, dispatch_key: str) -> bool:
+    """Whether the loaded seqkern._C has torch.ops.seqkern.<kernel> with an implementation for
+    `dispatch_key` ("CPU", "CUDA"): an extension built from an older checkout lacks newer ops."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"seqkern::{kernel}", dispatch_key)
+
+
 def resolve(
-    op: str, device: torch.device, dtype: torch.dtype, supported: dict[str, tuple[torch.dtype, ...]]
+    op: str, device: torch.device, dtype: torch.dtype, supported: dict[str, tuple[torch.dtype, ...]],
+    kernel: str | None = None,
 ) -> str:
     """The implementation ("reference" | "cpu" | "triton") that runs `op` on `device`/`dtype`.
 
-    `supported` maps "cpu" and "triton" to the dtypes that implementation serves.
+    `supported` maps "cpu" and "triton" to the dtypes that implementation serves. With `kernel` (the name
+    of one of the op's torch.ops.seqkern entries), "auto" also checks that the loaded extension has it.
     """
     name = current()
     if name == "reference":
@@ -86,7 +94,8 @@ def resolve(
         native = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
         available = {"cpu": cpu_kernel_available, "triton": triton_available}
         if native is not None and available[native]() and dtype in supported[native]:
-            return native
+            if kernel is None or kernel_registered(kernel, device.type.upper()):
+                return native
         return "reference"
     if name == "cpu" and device.type != "cpu":
         raise ValueError(f"seqkern.backend('cpu') cannot run {op} on a {device.type} tensor")

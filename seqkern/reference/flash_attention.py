@@ -101,7 +101,7 @@ def _dense(
     if attn_mask is not None:
         scores = scores + attn_mask.to(compute)
     scores = scores.masked_fill(~visible(len_q, len_k, window_left, window_right, bottom_right, q.device), float("-inf"))
-    # A row with no visible key: out 0, lse -inf, and no NaN in either direction (softmax of a finite stand-in).
+    # A row with no visible key: out 0, lse -inf, no NaN either way (the softmax of a finite stand-in).
     dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
     scores = scores.masked_fill(dead, 0.0)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)

@@ -1,0 +1,352 @@
+"""Flash attention: fake implementations, autograd, Triton registration, and the functional API.
+
+torch.ops.seqkern.flash_attention_forward / _backward / _decode have their contracts in csrc/ops.cpp. The public
+functions here (`attention`, `attention_varlen`, `attention_decode`, exported as seqkern.attention, ...) check
+the user's arguments, turn the SDPA-style options (bool masks, is_causal, window_size, causal_alignment,
+enable_gqa) into the ops' one visibility rule, draw the dropout seed from torch's generator, and pick the
+implementation (seqkern.backend).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from seqkern import backends, reference
+from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
+from seqkern.reference.flash_attention import visible
+from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops
+
+SUPPORTED_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16),
+}
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_fake(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                  window_right, bottom_right, dropout_p, dropout_seed):
+    batch, heads, len_q = q.shape[:3]
+    return q.new_empty(batch, heads, len_q, v.shape[-1]), q.new_empty(batch, heads, len_q, dtype=_lse_dtype(q.dtype))
+
+
+def _backward_fake(grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   scale, window_left, window_right, bottom_right, dropout_p, dropout_seed, want_grad_scores):
+    scores = q.new_empty(*q.shape[:3], k.shape[2]) if want_grad_scores else empty(q)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), scores
+
+
+def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, is_causal, window_left, num_splits):
+    return _forward_fake(q, k_cache, v_cache, None, None, None, 0, 0, scale, window_left, 0, True, 0.0, None)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+     bottom_right, dropout_p, dropout_seed) = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.flags = (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p)
+    ctx.has_mask = attn_mask is not None
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_seed)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p = ctx.flags
+    want_grad_scores = ctx.has_mask and ctx.needs_input_grad[3]
+    with kernel_scope(_impl(q), q.device):
+        grad_q, grad_k, grad_v, grad_scores = torch.ops.seqkern.flash_attention_backward(
+            grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+            window_left, window_right, bottom_right, dropout_p, dropout_seed, want_grad_scores,
+        )
+    return (grad_q, grad_k, grad_v, grad_scores if want_grad_scores else None) + (None,) * 10
+
+
+def _impl(like: Tensor) -> str:
+    return backends.resolve("flash_attention", like.device, like.dtype, SUPPORTED_DTYPES,
+                            kernel="flash_attention_forward")
+
+
+register_ops(
+    fakes={"flash_attention_forward": _forward_fake, "flash_attention_backward": _backward_fake},
+    autograd={"flash_attention_forward": (_backward, _setup_context)},
+    triton_module="seqkern.kernels.flash_attention",
+)
+register_ops(
+    fakes={"flash_attention_decode": _decode_fake}, autograd={}, triton_module="seqkern.kernels.flash_attention_decode"
+)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Argument checks shared by the public functions.
+# ------------------------------------------------------------------------------------------------------------
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], ndims: tuple[int, ...]) -> None:
+    """Same dtype and device; q (..., Hq, Lq, D), k (..., Hkv, Lk, D), v (..., Hkv, Lk, Dv)."""
+    for name, t in zip(names, (q, k, v)):
+        check_tensor(name, t)
+        check_floating(name, t)
+        if t.dim() not in ndims:
+            expected = " or ".join(f"{n}-D" for n in ndims)
+            raise ShapeError(f"{name}: expected a {expected} tensor, got shape {tuple(t.shape)}")
+    for name, t in zip(names[1:], (k, v)):
+        if t.dtype != q.dtype:
+            raise DTypeError(f"{name}: expected dtype {q.dtype} (as {names[0]}), got {t.dtype}")
+        if t.device != q.device:
+            raise DTypeError(f"{name}: expected a tensor on {q.device} (as {names[0]}), got one on {t.device}")
+        if t.dim() != q.dim():
+            raise ShapeError(f"{name}: expected {q.dim()} dims (as {names[0]} {tuple(q.shape)}), got {tuple(t.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ShapeError(f"{names[1]}: expected head dim {q.shape[-1]} (the last dim of {names[0]} "
+                         f"{tuple(q.shape)}), got shape {tuple(k.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ShapeError(f"{names[2]}: expected shape {tuple(k.shape[:-1])} + (Dv,) (as {names[1]} "
+                         f"{tuple(k.shape)}), got {tuple(v.shape)}")
+    if q.dim() == 4 and k.shape[0] != q.shape[0]:
+        raise ShapeError(f"{names[1]}: expected batch {q.shape[0]} (as {names[0]} {tuple(q.shape)}), "
+                         f"got shape {tuple(k.shape)}")
+
+
+def _check_heads(q_heads: int, kv_heads: int, enable_gqa: bool) -> None:
+    if q_heads == kv_heads:
+        return
+    if not enable_gqa:
+        raise ShapeError(f"key/value: expected {q_heads} heads (as query), got {kv_heads}; pass enable_gqa=True "
+                         "for grouped-query attention")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ShapeError(f"key/value: grouped-query attention needs the query heads ({q_heads}) to be a multiple "
+                         f"of the key/value heads, got {kv_heads}")
+
+
+def _window(window_size, is_causal: bool) -> tuple[int, int]:
+    """(window_left, window_right) with -1 for unbounded; is_causal caps the right side at 0."""
+    if window_size is None:
+        left, right = -1, -1
+    else:
+        if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+                and all(isinstance(w, int) or w is None for w in window_size)):
+            raise ShapeError(f"window_size: expected (left, right) ints (-1 or None: unbounded), got {window_size!r}")
+        left, right = (-1 if w is None or w < 0 else w for w in window_size)
+    if is_causal:
+        right = 0
+    return left, right
+
+
+def _check_alignment(causal_alignment: str) -> bool:
+    if causal_alignment not in ALIGNMENTS:
+        raise ShapeError(f"causal_alignment: expected one of {ALIGNMENTS}, got {causal_alignment!r}")
+    return causal_alignment == "bottom_right"
+
+
+def _check_dropout(dropout_p: float) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ShapeError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+
+
+def dropout_seed(dropout_p: float, device: torch.device) -> Tensor | None:
+    """A fresh int64 seed from torch's generator (so torch.manual_seed reproduces the mask), or None."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=device)
+
+
+def _additive_mask(attn_mask: Tensor | None, q: Tensor, len_k: int) -> Tensor | None:
+    """attn_mask (bool: True = take part; or float, q's dtype), broadcastable to (B,Hq,Lq,Lk)
+    -> an additive mask expanded to (B,Hq,Lq,Lk) without copying its broadcast dims (stride(-1) == 1)."""
+    if attn_mask is None:
+        return None
+    check_tensor("attn_mask", attn_mask)
+    if attn_mask.device != q.device:
+        raise DTypeError(f"attn_mask: expected a tensor on {q.device} (as query), got one on {attn_mask.device}")
+    full = (*q.shape[:3], len_k)
+    try:
+        torch.broadcast_shapes(attn_mask.shape, full)
+    except RuntimeError:
+        raise ShapeError(f"attn_mask: expected a shape broadcastable to {full} (batch, heads, Lq, Lk), "
+                         f"got {tuple(attn_mask.shape)}") from None
+    if attn_mask.dim() > 4:
+        raise ShapeError(f"attn_mask: expected at most 4 dims (broadcastable to {full}), got {tuple(attn_mask.shape)}")
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask.dtype != q.dtype:
+        raise DTypeError(f"attn_mask: expected dtype torch.bool or {q.dtype} (as query), got {attn_mask.dtype}")
+    if attn_mask.shape[-1] != len_k or attn_mask.stride(-1) != 1:
+        # The kernels read a mask row as one contiguous run: materialize the key dim only.
+        attn_mask = attn_mask.expand(*attn_mask.shape[:-1], len_k).contiguous()
+    return attn_mask.expand(full)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The public functions.
+# ------------------------------------------------------------------------------------------------------------
+def run_forward(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                 window_right, bottom_right, dropout_p, dropout_seed) -> tuple[Tensor, Tensor]:
+    args = (q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+            window_right, bottom_right, dropout_p, dropout_seed)
+    impl = _impl(q)
+    if impl == "reference":
+        return reference.flash_attention_forward(*args)
+    with kernel_scope(impl, q.device):
+        return torch.ops.seqkern.flash_attention_forward(*args)
+
+
+def attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+    window_size: tuple[int, int] | None = None, causal_alignment: str = "top_left", return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact scaled-dot-product attention that never materializes the (Lq, Lk) scores; the semantics of
+    torch.nn.functional.scaled_dot_product_attention for the arguments they share.
+
+    query (B,Hq,Lq,D) or (Hq,Lq,D), key (B,Hkv,Lk,D), value (B,Hkv,Lk,Dv) -> (B,Hq,Lq,Dv) [, lse (B,Hq,Lq)].
+    attn_mask: bool (True = take part) or additive float in query's dtype, broadcastable to (B,Hq,Lq,Lk); a float
+        mask that requires grad gets its gradient.
+    is_causal / window_size=(left, right): query i sees keys j with i + s - left <= j <= i + s + right (-1 or
+        None: unbounded; is_causal sets right = 0), s = 0 for causal_alignment "top_left" (as SDPA) or Lk - Lq
+        for "bottom_right" (as FlashAttention: the last query sees the last key).
+    enable_gqa: Hq may be a multiple of Hkv (grouped- and multi-query attention).
+    dropout_p: applied to the probabilities whenever > 0 (as SDPA: pass 0.0 at eval); the mask comes from a
+        seed drawn from torch's generator, so torch.manual_seed reproduces it, and the backward reuses it.
+    A query that sees no key gets 0 (forward and backward), never NaN. return_lse also returns the log-sum-exp
+    of each row's scores (float32; float64 for float64 inputs; -inf for such rows), not differentiable.
+    """
+    _check_qkv(query, key, value, ("query", "key", "value"), (3, 4))
+    unbatched = query.dim() == 3
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if attn_mask is not None and attn_mask.dim() == 4:
+            raise ShapeError(f"attn_mask: expected at most 3 dims for unbatched (3-D) query, "
+                             f"got {tuple(attn_mask.shape)}")
+    _check_heads(query.shape[1], key.shape[1], enable_gqa)
+    _check_dropout(dropout_p)
+    window_left, window_right = _window(window_size, is_causal)
+    bottom_right = _check_alignment(causal_alignment)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    mask = _additive_mask(attn_mask, query, key.shape[2])
+    q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
+    out, lse = run_forward(q, k, v, mask, None, None, 0, 0, scale, window_left, window_right, bottom_right,
+                            dropout_p, dropout_seed(dropout_p, q.device))
+    if unbatched:
+        out, lse = out.squeeze(0), lse.squeeze(0)
+    return (out, lse) if return_lse else out
+
+
+def _check_cu_seqlens(name: str, cu_seqlens: Tensor, total: int, device: torch.device) -> list[int]:
+    check_tensor(name, cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ShapeError(f"{name}: expected a 1-D tensor of N+1 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise DTypeError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise DTypeError(f"{name}: expected a tensor on {device} (as query), got one on {cu_seqlens.device}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ShapeError(f"{name}: expected non-decreasing offsets starting at 0, got {bounds[:8]}"
+                         f"{'...' if len(bounds) > 8 else ''}")
+    if bounds[-1] != total:
+        raise ShapeError(f"{name}: the last offset must equal the packed length {total}, got {bounds[-1]}")
+    return bounds
+
+
+def attention_varlen(
+    query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+    enable_gqa: bool = False, *, window_size: tuple[int, int] | None = None, causal_alignment: str = "top_left",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over a packed batch of sequences of different lengths, with no padding (as FlashAttention's
+    flash_attn_varlen_func).
+
+    query (total_q, Hq, D), key (total_k, Hkv, D), value (total_k, Hkv, Dv); sequence n owns rows
+    [cu_seqlens_q[n], cu_seqlens_q[n+1]) of query and [cu_seqlens_k[n], cu_seqlens_k[n+1]) of key/value
+    (cu_seqlens int32 (N+1,), from 0 to the total); max_seqlen_* are the longest lengths.
+    -> (total_q, Hq, Dv) [, lse (Hq, total_q)]. Other arguments as `attention`, per sequence.
+    """
+    _check_qkv(query, key, value, ("query", "key", "value"), (3,))
+    _check_heads(query.shape[1], key.shape[1], enable_gqa)
+    _check_dropout(dropout_p)
+    bounds_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.shape[0], query.device)
+    bounds_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key.shape[0], query.device)
+    if len(bounds_q) != len(bounds_k):
+        raise ShapeError(f"cu_seqlens_k: expected {len(bounds_q)} offsets (as cu_seqlens_q), got {len(bounds_k)}")
+    for name, bounds, given in (("max_seqlen_q", bounds_q, max_seqlen_q), ("max_seqlen_k", bounds_k, max_seqlen_k)):
+        longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+        if given < longest:
+            raise ShapeError(f"{name}: expected at least the longest sequence, {longest}, got {given}")
+    window_left, window_right = _window(window_size, is_causal)
+    bottom_right = _check_alignment(causal_alignment)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    # (total, H, D) -> (1, H, total, D): a strided view the kernels read in place.
+    q, k, v = (_last_dim_contiguous(t).transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    out, lse = run_forward(q, k, v, None, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                            int(max_seqlen_q), int(max_seqlen_k), scale, window_left, window_right, bottom_right,
+                            dropout_p, dropout_seed(dropout_p, q.device))
+    out = out.squeeze(0).transpose(0, 1)
+    return (out, lse.squeeze(0)) if return_lse else out
+
+
+def attention_decode(
+    query: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor | None = None, *,
+    scale: float | None = None, is_causal: bool = False, window_size: tuple[int, int] | None = None,
+    num_splits: int = 0, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Decoding: a few new queries against a long KV cache, split over the cache length across cores and
+    merged through the log-sum-exp. For inference (use `attention` to differentiate).
+
+    query (B,Hq,Lq,D), k_cache (B,Hkv,S,D), v_cache (B,Hkv,S,Dv) (any strides with a contiguous last dim: a
+    (B,S,Hkv,D) cache passed as .transpose(1, 2) is read in place); cache_seqlens (B,) ints: sequence b holds
+    keys [0, cache_seqlens[b]) (None: all S). The queries are each sequence's last Lq positions: is_causal
+    hides later keys, window_size=(left, _) keys more than `left` positions back. Hq % Hkv == 0 (GQA).
+    num_splits: key chunks per (sequence, kv head); 0 chooses. -> (B,Hq,Lq,Dv) [, lse (B,Hq,Lq)].
+    """
+    _check_qkv(query, k_cache, v_cache, ("query", "k_cache", "v_cache"), (4,))
+    _check_heads(query.shape[1], k_cache.shape[1], enable_gqa=True)
+    if cache_seqlens is not None:
+        check_tensor("cache_seqlens", cache_seqlens)
+        if cache_seqlens.shape != (query.shape[0],) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ShapeError(f"cache_seqlens: expected an int32 tensor of shape ({query.shape[0]},), got "
+                             f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+        if cache_seqlens.device != query.device:
+            raise DTypeError(f"cache_seqlens: expected a tensor on {query.device}, got one on {cache_seqlens.device}")
+        if cache_seqlens.numel() and not bool(((cache_seqlens >= 0) & (cache_seqlens <= k_cache.shape[2])).all()):
+            raise ShapeError(f"cache_seqlens: expected lengths in [0, {k_cache.shape[2]}] (the cache size), "
+                             f"got {cache_seqlens.tolist()[:8]}")
+        cache_seqlens = cache_seqlens.to(torch.int32)
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ShapeError(f"num_splits: expected an int >= 0 (0 chooses), got {num_splits!r}")
+    window_left, _ = _window(window_size, False)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    args = (*(_last_dim_contiguous(t) for t in (query, k_cache, v_cache)), cache_seqlens, scale, is_causal,
+            window_left, num_splits)
+    impl = backends.resolve("flash_attention_decode", query.device, query.dtype, SUPPORTED_DTYPES,
+                            kernel="flash_attention_decode")
+    if impl == "reference" or needs_grad(query, k_cache, v_cache):
+        out, lse = reference.flash_attention_decode(*args)
+    else:
+        with kernel_scope(impl, query.device):
+            out, lse = torch.ops.seqkern.flash_attention_decode(*args)
+    return (out, lse) if return_lse else out
+
+
+def attention_probabilities(
+    query: Tensor, key: Tensor, lse: Tensor, attn_mask: Tensor | None, scale: float, window_left: int,
+    window_right: int, bottom_right: bool,
+) -> Tensor:
+    """The attention probabilities, recomputed from the log-sum-exp a forward returned (one matmul, no second
+    softmax): query (B,Hq,Lq,D), key (B,Hkv,Lk,D), lse (B,Hq,Lq), attn_mask additive (B,Hq,Lq,Lk) or None
+    -> (B,Hq,Lq,Lk), rows that see no key all 0. Before dropout."""
+    group = query.shape[1] // key.shape[1]
+    scores = scale * (query @ key.repeat_interleave(group, dim=1).transpose(-1, -2)).to(lse.dtype)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    seen = visible(query.shape[2], key.shape[2], window_left, window_right, bottom_right, query.device)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(~seen, 0.0)
+    return probs.nan_to_num(0.0).to(query.dtype)
