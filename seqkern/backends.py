@@ -72,6 +72,7 @@ def triton_available() -> bool:
     return _triton.available() and _extension.AVAILABLE
 
 
+@torch.compiler.assume_constant_result  # a fact of the loaded build: dynamo must not trace the C++ query
 def kernel_registered(kernel: str, dispatch_key: str) -> bool:
     """Whether the loaded seqkern._C has torch.ops.seqkern.<kernel> with an implementation for
     `dispatch_key` ("CPU", "CUDA"): an extension built from an older checkout lacks newer ops."""

@@ -316,7 +316,9 @@ def attention_decode(
                              f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
         if cache_seqlens.device != query.device:
             raise DTypeError(f"cache_seqlens: expected a tensor on {query.device}, got one on {cache_seqlens.device}")
-        if cache_seqlens.numel() and not bool(((cache_seqlens >= 0) & (cache_seqlens <= k_cache.shape[2])).all()):
+        # Data-dependent: checked eagerly here; under torch.compile the kernels' own bounds checks remain.
+        in_range = torch.compiler.is_compiling() or bool(((cache_seqlens >= 0) & (cache_seqlens <= k_cache.shape[2])).all())
+        if not in_range:
             raise ShapeError(f"cache_seqlens: expected lengths in [0, {k_cache.shape[2]}] (the cache size), "
                              f"got {cache_seqlens.tolist()[:8]}")
         cache_seqlens = cache_seqlens.to(torch.int32)

@@ -1,0 +1,152 @@
+"""seqkern.attention_decode and the flash_attention_decode op: every implementation against full attention
+over each sequence's cached prefix (the float64 reference, and SDPA in the same dtype under the correctness
+rule), split counts, cache layouts, opcheck, torch.compile and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqkern
+from seqkern.reference.flash_attention import visible
+from helpers import assert_rule, case_id
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _case(len_q=1, size=300, lengths=None, *, heads=8, kv_heads=2, dim=64, dim_v=None, causal=True, window=-1,
+          splits=0, seq_first=False):
+    return dict(len_q=len_q, size=size, lengths=lengths, heads=heads, kv_heads=kv_heads, dim=dim,
+                dim_v=dim_v or dim, causal=causal, window=window, splits=splits, seq_first=seq_first)
+
+
+CASES = [
+    _case(),
+    _case(1, 1000, [1000, 1, 517], splits=7),
+    _case(3, 257, [257, 2, 100], dim=40, dim_v=24, window=50),
+    _case(5, 130, None, heads=4, kv_heads=4, dim=128, causal=False, seq_first=True),
+    _case(1, 64, [0, 64], heads=2, kv_heads=1, dim=512, splits=3),
+    _case(2, 4097, [4097], heads=32, kv_heads=8, dim=128, splits=1),
+]
+TRITON_CASES = [
+    _case(1, 70, [70, 1, 33], heads=4, kv_heads=2, dim=16, splits=3),
+    _case(3, 45, [45, 20], heads=2, kv_heads=1, dim=40, dim_v=24, window=9, seq_first=True),
+    _case(2, 37, None, heads=2, kv_heads=2, dim=64, causal=False),
+]
+
+
+def _inputs(case: dict, dtype, seed: int = 0):
+    """q (B,Hq,Lq,D), caches (B,Hkv,S,D|Dv) (as .transpose(1, 2) views of (B,S,Hkv,.) caches if seq_first)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = 2 if case["lengths"] is None else len(case["lengths"])
+    q = torch.randn(batch, case["heads"], case["len_q"], case["dim"], generator=gen, dtype=torch.float64)
+    caches = []
+    for width in (case["dim"], case["dim_v"]):
+        cache = torch.randn(batch, case["size"], case["kv_heads"], width, generator=gen, dtype=torch.float64)
+        caches.append(cache.transpose(1, 2) if case["seq_first"] else cache.transpose(1, 2).contiguous())
+    lengths = None if case["lengths"] is None else torch.tensor(case["lengths"], dtype=torch.int32)
+    return q.to(dtype), caches[0].to(dtype), caches[1].to(dtype), lengths
+
+
+def _decode(case, q, k_cache, v_cache, lengths):
+    return seqkern.attention_decode(q, k_cache, v_cache, lengths, is_causal=case["causal"],
+                                    window_size=(case["window"], 0), num_splits=case["splits"])
+
+
+def _full_attention(case, q, k_cache, v_cache, lengths) -> torch.Tensor:
+    """Each sequence's queries as the last Lq positions of its prefix, through SDPA with an explicit mask."""
+    outs = []
+    for b in range(q.shape[0]):
+        length = k_cache.shape[2] if lengths is None else int(lengths[b])
+        seen = visible(q.shape[2], length, case["window"], 0 if case["causal"] else -1, True)
+        mask = torch.zeros(seen.shape, dtype=q.dtype).masked_fill(~seen, float("-inf"))
+        out = F.scaled_dot_product_attention(q[b : b + 1], k_cache[b : b + 1, :, :length],
+                                             v_cache[b : b + 1, :, :length], attn_mask=mask, enable_gqa=True)
+        outs.append(torch.nan_to_num(out, 0.0))  # a query with no key: SDPA's NaN, our 0
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_against_full_attention(backend, dtype):
+    cases = CASES if backend == "cpu" else TRITON_CASES
+    for case in cases:
+        args64 = _inputs(case, torch.float64)
+        args = _inputs(case, dtype)
+        with seqkern.backend("reference"):
+            expected = _decode(case, *args64)
+        with seqkern.backend(backend):
+            got, lse = seqkern.attention_decode(*args, is_causal=case["causal"], window_size=(case["window"], 0),
+                                                num_splits=case["splits"], return_lse=True)
+        assert_rule(f"out {case_id(case)}", got, _full_attention(case, *args), expected)
+        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_split_counts_agree(backend):
+    case = _case(2, 200, [200, 77], heads=4, kv_heads=1, dim=32)
+    args = _inputs(case, torch.float64)
+    with seqkern.backend(backend):
+        outs = [seqkern.attention_decode(*args, is_causal=True, num_splits=s, return_lse=True) for s in (1, 2, 5, 64)]
+    for out, lse in outs[1:]:
+        torch.testing.assert_close(out, outs[0][0])
+        torch.testing.assert_close(lse, outs[0][1])
+
+
+def test_decode_equals_attention_with_bottom_right_causal():
+    """Decoding the last token is the last row of causal attention over the whole sequence."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, 50, 32, generator=gen) for h in (4, 2, 2))
+    full = seqkern.attention(q, k, v, is_causal=True, enable_gqa=True)
+    step = seqkern.attention_decode(q[:, :, -1:], k, v, is_causal=True)
+    torch.testing.assert_close(step, full[:, :, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_that_require_grad_fall_back_to_the_differentiable_reference():
+    q, k, v, lengths = _inputs(_case(1, 20, [20, 9], heads=2, kv_heads=1, dim=8), torch.float64)
+    q.requires_grad_()
+    out = seqkern.attention_decode(q, k, v, lengths, is_causal=True)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_opcheck():
+    q, k, v, lengths = _inputs(_case(2, 40, [40, 13], heads=4, kv_heads=2, dim=16), torch.float32)
+    torch.library.opcheck(torch.ops.seqkern.flash_attention_decode.default, (q, k, v, lengths, 0.25, True, -1, 3))
+    torch.library.opcheck(torch.ops.seqkern.flash_attention_decode.default, (q, k, v, None, 0.25, False, 5, 0))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    q, k, v, lengths = _inputs(_case(1, 64, [64, 30], heads=4, kv_heads=2, dim=16), torch.float32)
+
+    def step(q, k, v, lengths):
+        return seqkern.attention_decode(q, k, v, lengths, is_causal=True)
+
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(q, k, v, lengths), step(q, k, v, lengths))
+
+
+def _bad(**changes):
+    q, k, v, lengths = _inputs(_case(1, 16, [16, 3], heads=4, kv_heads=2, dim=8), torch.float32)
+    args = {**dict(query=q, k_cache=k, v_cache=v, cache_seqlens=lengths), **changes}
+    return lambda: seqkern.attention_decode(**args)
+
+
+BAD = [
+    ("length beyond the cache", _bad(cache_seqlens=torch.tensor([17, 3], dtype=torch.int32)), ValueError, r"\[0, 16\]"),
+    ("negative length", _bad(cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32)), ValueError, "cache_seqlens"),
+    ("lengths shape", _bad(cache_seqlens=torch.tensor([3], dtype=torch.int32)), ValueError, r"shape \(2,\)"),
+    ("float lengths", _bad(cache_seqlens=torch.tensor([3.0, 3.0])), ValueError, "int32"),
+    ("heads", _bad(k_cache=torch.randn(2, 3, 16, 8), v_cache=torch.randn(2, 3, 16, 8)), ValueError, "multiple"),
+    ("head dim", _bad(k_cache=torch.randn(2, 2, 16, 6)), ValueError, "head dim 8"),
+    ("dtype", _bad(v_cache=torch.randn(2, 2, 16, 8, dtype=torch.float64)), TypeError, "dtype"),
+    ("num_splits", _bad(num_splits=-2), ValueError, "num_splits"),
+    ("3-D query", _bad(query=torch.randn(4, 1, 8)), ValueError, "4-D"),
+]
+
+
+@pytest.mark.parametrize("name, call, error, words", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_gets_a_clear_error(name, call, error, words):
+    with pytest.raises(error, match=words):
+        call()
