@@ -8,10 +8,17 @@ import torch
 
 import seqkern
 from seqkern import _extension, _triton, backends
-from seqkern.ops import gru, lstm, rnn
+from seqkern.ops import flash_attention, gru, lstm, rnn
 
 # op name -> its dtype table; every op module adds its line here.
-OPS = {"lstm": lstm.SUPPORTED_DTYPES, "gru": gru.SUPPORTED_DTYPES, "rnn": rnn.SUPPORTED_DTYPES}
+# op -> (dtypes per implementation, the torch.ops.seqkern entry whose presence in the build decides "auto")
+OPS = {
+    "lstm": (lstm.SUPPORTED_DTYPES, "lstm_forward"),
+    "gru": (gru.SUPPORTED_DTYPES, "gru_forward"),
+    "rnn": (rnn.SUPPORTED_DTYPES, "rnn_forward"),
+    "flash_attention": (flash_attention.SUPPORTED_DTYPES, "flash_attention_forward"),
+    "flash_attention_decode": (flash_attention.SUPPORTED_DTYPES, "flash_attention_decode"),
+}
 
 
 def _triton_version() -> str:
@@ -34,9 +41,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _choice(op: str, device: str, dtypes) -> str:
+def _choice(op: str, device: str, dtypes, kernel: str) -> str:
     try:
-        return backends.resolve(op, torch.device(device), torch.float32, dtypes)
+        return backends.resolve(op, torch.device(device), torch.float32, dtypes, kernel=kernel)
     except (RuntimeError, ValueError, TypeError) as error:
         return f"unavailable ({error})"
 
@@ -53,10 +60,10 @@ def report() -> str:
         f"  triton     {'available' if backends.triton_available() else 'missing'}"
         f"{'' if cuda else ' (no CUDA device: runs only when forced, under the Triton interpreter)'}",
         f"backend in force: {backends.current()}",
-        "op         float32 on CPU      float32 on CUDA",
+        f"{'op':<23} float32 on CPU      float32 on CUDA",
     ]
-    for op, dtypes in OPS.items():
-        lines.append(f"{op:<10} {_choice(op, 'cpu', dtypes):<19} {_choice(op, 'cuda', dtypes)}")
+    for op, (dtypes, kernel) in OPS.items():
+        lines.append(f"{op:<23} {_choice(op, 'cpu', dtypes, kernel):<19} {_choice(op, 'cuda', dtypes, kernel)}")
     return "\n".join(lines)
 
 
