@@ -239,7 +239,7 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _check_cu_seqlens(name: str, cu_seqlens: Tensor, total: int, device: torch.device) -> list[int]:
+def _check_cu_seqlens(name: str, cu_seqlens: Tensor, device: torch.device) -> None:
     check_tensor(name, cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ShapeError(f"{name}: expected a 1-D tensor of N+1 offsets, got shape {tuple(cu_seqlens.shape)}")
@@ -247,13 +247,19 @@ def _check_cu_seqlens(name: str, cu_seqlens: Tensor, total: int, device: torch.d
         raise DTypeError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != device:
         raise DTypeError(f"{name}: expected a tensor on {device} (as query), got one on {cu_seqlens.device}")
+
+
+def _check_offsets(name: str, cu_seqlens: Tensor, total: int, max_seqlen: int, max_name: str) -> None:
+    """The values of cu_seqlens: from 0, non-decreasing, ending at the packed length; max_seqlen covers them."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ShapeError(f"{name}: expected non-decreasing offsets starting at 0, got {bounds[:8]}"
                          f"{'...' if len(bounds) > 8 else ''}")
     if bounds[-1] != total:
         raise ShapeError(f"{name}: the last offset must equal the packed length {total}, got {bounds[-1]}")
-    return bounds
+    longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    if max_seqlen < longest:
+        raise ShapeError(f"{max_name}: expected at least the longest sequence, {longest}, got {max_seqlen}")
 
 
 def attention_varlen(
@@ -273,14 +279,14 @@ def attention_varlen(
     _check_qkv(query, key, value, ("query", "key", "value"), (3,))
     _check_heads(query.shape[1], key.shape[1], enable_gqa)
     _check_dropout(dropout_p)
-    bounds_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.shape[0], query.device)
-    bounds_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key.shape[0], query.device)
-    if len(bounds_q) != len(bounds_k):
-        raise ShapeError(f"cu_seqlens_k: expected {len(bounds_q)} offsets (as cu_seqlens_q), got {len(bounds_k)}")
-    for name, bounds, given in (("max_seqlen_q", bounds_q, max_seqlen_q), ("max_seqlen_k", bounds_k, max_seqlen_k)):
-        longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
-        if given < longest:
-            raise ShapeError(f"{name}: expected at least the longest sequence, {longest}, got {given}")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, query.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ShapeError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} offsets (as cu_seqlens_q), "
+                         f"got {cu_seqlens_k.numel()}")
+    if not torch.compiler.is_compiling():  # data-dependent: under torch.compile the kernels' checks remain
+        _check_offsets("cu_seqlens_q", cu_seqlens_q, query.shape[0], max_seqlen_q, "max_seqlen_q")
+        _check_offsets("cu_seqlens_k", cu_seqlens_k, key.shape[0], max_seqlen_k, "max_seqlen_k")
     window_left, window_right = _window(window_size, is_causal)
     bottom_right = _check_alignment(causal_alignment)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
