@@ -76,7 +76,10 @@ def triton_available() -> bool:
 def kernel_registered(kernel: str, dispatch_key: str) -> bool:
     """Whether the loaded seqkern._C has torch.ops.seqkern.<kernel> with an implementation for
     `dispatch_key` ("CPU", "CUDA"): an extension built from an older checkout lacks newer ops."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"seqkern::{kernel}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"seqkern::{kernel}", dispatch_key)
+    except RuntimeError:  # the build does not even declare the op
+        return False
 
 
 def resolve(
