@@ -54,6 +54,10 @@ class Case:
     a time, so only one contender's inputs and weights are alive at once. `flops` is the useful
     floating-point work of one call (for GFLOP/s). The entry named SUBJECT is seqkern; the others are
     baselines, and every ratio is baseline time / seqkern time (>1 means seqkern is faster).
+
+    Optional: `bytes_moved`, the memory traffic one call cannot avoid (for GB/s, on memory-bound ops);
+    `skipped`, contenders left out of this case on purpose (display name -> why), listed in the table;
+    `memory_only`, for shapes too costly to time: one profiled call per contender, its peak memory only.
     """
 
     op: str
@@ -62,6 +66,9 @@ class Case:
     flops: float
     contenders: dict[str, Callable[[], Call]]
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bytes_moved: float = 0.0
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    memory_only: bool = False
 
     @property
     def label(self) -> str:
@@ -87,7 +94,8 @@ QUICK_BUDGET = TimingBudget(seconds_per_measurement=0.05, warmup_seconds=0.0, mi
 
 @dataclasses.dataclass
 class Measurement:
-    """One contender on one case. `error` is set (and the numbers are None) if the contender failed."""
+    """One contender on one case. `error` is set (and the numbers are None) if the contender failed,
+    `skipped` if the case left it out on purpose; a memory-only case leaves the timing fields None."""
 
     contender: str
     median_s: float | None = None
@@ -97,9 +105,11 @@ class Measurement:
     first_call_s: float | None = None  # includes one-time costs: torch.compile, lazy init, caches
     gflops: float | None = None
     fraction_of_matmul_peak: float | None = None
+    gbytes_per_s: float | None = None  # Case.bytes_moved / median_s, when the case sets bytes_moved
     peak_memory_bytes: int | None = None
     max_rel_diff_vs_subject: float | None = None  # see max_relative_diff
     error: str | None = None
+    skipped: str | None = None
 
 
 @dataclasses.dataclass
@@ -282,6 +292,11 @@ def _stderr_silenced():
 
 
 def peak_memory_bytes(call: Call) -> int:
+    """Peak extra bytes of CPU tensor memory live during one call; see profiled_call."""
+    return profiled_call(call)[0]
+
+
+def profiled_call(call: Call) -> tuple[int, Sequence[torch.Tensor]]:
     """Peak extra bytes of CPU tensor memory live during one call (its outputs and gradients included).
 
     The profiler with profile_memory=True records every allocation and free that goes through c10's
@@ -289,10 +304,11 @@ def peak_memory_bytes(call: Call) -> int:
     is the memory the call added, and its maximum is the peak (check_peak_memory_measurement verifies
     this on known allocations at the start of every run). Memory that bypasses c10 (a library's own
     malloc, Python objects) is invisible, and so are caches filled during warm-up (oneDNN primitives,
-    compiled code): this is the steady-state cost of one more call.
+    compiled code): this is the steady-state cost of one more call. Returns the peak and what the call
+    returned.
     """
     with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        call()
+        result = call()
     allocations = sorted(
         (event.start_ns(), event.nbytes())
         for event in profiler.profiler.kineto_results.events()
@@ -302,7 +318,7 @@ def peak_memory_bytes(call: Call) -> int:
     for _, nbytes in allocations:
         live += nbytes
         peak = max(peak, live)
-    return peak
+    return peak, result
 
 
 def check_peak_memory_measurement() -> None:
@@ -375,10 +391,16 @@ class Progress:
 def measure_contender(
     case: Case, name: str, budget: TimingBudget, matmul_peak_gflops: float, progress: Progress
 ) -> tuple[Measurement, Sequence[torch.Tensor]]:
-    """Set up one contender, time it, profile its memory; a failure becomes the measurement's `error`."""
+    """Set up one contender, time it, profile its memory; a failure becomes the measurement's `error`.
+
+    A memory-only case skips the timing: its one call is the profiled one.
+    """
     try:
-        progress.show(f"{case.label} | {name} | warm-up and timing")
+        progress.show(f"{case.label} | {name} | {'peak memory' if case.memory_only else 'warm-up and timing'}")
         call = case.contenders[name]()
+        if case.memory_only:
+            memory, result = profiled_call(call)
+            return Measurement(name, peak_memory_bytes=memory), result
         timing = time_call(call, budget)
         progress.show(f"{case.label} | {name} | peak memory")
         memory = peak_memory_bytes(call)
@@ -389,7 +411,9 @@ def measure_contender(
     measurement = Measurement(
         contender=name, median_s=timing.median_s, min_s=timing.min_s, max_s=timing.max_s,
         repeats=timing.repeats, first_call_s=timing.first_call_s, gflops=gflops,
-        fraction_of_matmul_peak=gflops / matmul_peak_gflops, peak_memory_bytes=memory,
+        fraction_of_matmul_peak=gflops / matmul_peak_gflops,
+        gbytes_per_s=case.bytes_moved / timing.median_s / 1e9 if case.bytes_moved else None,
+        peak_memory_bytes=memory,
     )
     return measurement, timing.first_result
 
@@ -401,10 +425,11 @@ def _describe(error: Exception) -> str:
 
 
 def run_case(case: Case, budget: TimingBudget, matmul_peak_gflops: float, progress: Progress) -> CaseResult:
-    """Every contender of `case`, one after another in this process, the subject first."""
-    if SUBJECT not in case.contenders:
+    """Every contender of `case`, one after another in this process, the subject first; then a row for
+    each contender the case skipped."""
+    if SUBJECT not in case.contenders and SUBJECT not in case.skipped:
         raise ValueError(f"{case.label}: no contender named {SUBJECT!r} among {list(case.contenders)}")
-    order = [SUBJECT] + [name for name in case.contenders if name != SUBJECT]
+    order = sorted(case.contenders, key=lambda name: name != SUBJECT)  # stable: the subject, then the rest
     measurements, subject_result = [], None
     for name in order:
         measurement, result = measure_contender(case, name, budget, matmul_peak_gflops, progress)
@@ -415,6 +440,7 @@ def run_case(case: Case, budget: TimingBudget, matmul_peak_gflops: float, progre
         measurements.append(measurement)
         progress.step()
         gc.collect()  # drop this contender's module and inputs before the next one allocates its own
+    measurements += [Measurement(name, skipped=why) for name, why in case.skipped.items()]
     return CaseResult(case, measurements)
 
 
@@ -422,20 +448,25 @@ def run_case(case: Case, budget: TimingBudget, matmul_peak_gflops: float, progre
 # Reporting.
 # --------------------------------------------------------------------------------------------------
 _COLUMNS = (
-    "case", "contender", "median ms", "reps", "1st call s", "GFLOP/s", "% peak", "mem MiB", "rel diff", "seqkern x",
+    "case", "contender", "median ms", "reps", "1st call s", "GFLOP/s", "% peak", "GB/s", "mem MiB", "rel diff",
+    "seqkern x",
 )
+
+
+def _number(value: float | None, spec: str, factor: float = 1.0) -> str:
+    return "" if value is None else format(value * factor, spec)
 
 
 def _row(result: CaseResult, m: Measurement, first: bool) -> tuple[str, ...]:
     case = result.case.label if first else ""
-    if m.error is not None:
-        return (case, m.contender, "FAILED") + ("",) * (len(_COLUMNS) - 3)
-    ratio = result.ratios().get(m.contender)
-    diff = m.max_rel_diff_vs_subject
+    if m.error is not None or m.skipped is not None:
+        return (case, m.contender, "FAILED" if m.error is not None else "skipped") + ("",) * (len(_COLUMNS) - 3)
+    timed = m.median_s is not None
     return (
-        case, m.contender, f"{m.median_s * 1e3:.3f}", str(m.repeats), f"{m.first_call_s:.2f}", f"{m.gflops:.1f}",
-        f"{100 * m.fraction_of_matmul_peak:.1f}", f"{m.peak_memory_bytes / MIB:.2f}",
-        "" if diff is None else f"{diff:.1e}", "" if ratio is None else f"{ratio:.2f}",
+        case, m.contender, _number(m.median_s, ".3f", 1e3), str(m.repeats) if timed else "",
+        _number(m.first_call_s, ".2f"), _number(m.gflops, ".1f"), _number(m.fraction_of_matmul_peak, ".1f", 100),
+        _number(m.gbytes_per_s, ".1f"), _number(m.peak_memory_bytes, ".2f", 1 / MIB),
+        _number(m.max_rel_diff_vs_subject, ".1e"), _number(result.ratios().get(m.contender), ".2f"),
     )
 
 
@@ -443,7 +474,8 @@ def format_table(results: Sequence[CaseResult], matmul_peak: dict[str, float]) -
     """A plain-text table, one row per contender; "seqkern x" is that baseline's time / seqkern's, and
     "1st call s" the untimed first call (torch.compile's compilation shows there).
 
-    Failed contenders get a FAILED row, and their errors are listed under the table.
+    Failed contenders get a FAILED row, skipped ones a "skipped" row; the errors and the reasons for
+    skipping are listed under the table.
     """
     rows = [_COLUMNS] + [
         _row(result, m, index == 0) for result in results for index, m in enumerate(result.measurements)
@@ -459,7 +491,11 @@ def format_table(results: Sequence[CaseResult], matmul_peak: dict[str, float]) -
         f"FAILED {result.case.label} / {m.contender}: {m.error}"
         for result in results for m in result.measurements if m.error is not None
     ]
-    return "\n".join([header, lines[0], "-" * len(lines[0]), *lines[1:], *errors])
+    skips = [
+        f"skipped {result.case.label} / {m.contender}: {m.skipped}"
+        for result in results for m in result.measurements if m.skipped is not None
+    ]
+    return "\n".join([header, lines[0], "-" * len(lines[0]), *lines[1:], *skips, *errors])
 
 
 def write_json(path: Path, results: Sequence[CaseResult], env: dict[str, Any], matmul_peak: dict[str, float],
@@ -476,12 +512,16 @@ def write_json(path: Path, results: Sequence[CaseResult], env: dict[str, Any], m
 
 
 def plot_ratios(path: Path, results: Sequence[CaseResult]) -> None:
-    """Grouped bars of seqkern's speedup over each baseline, per case, on a log axis with a line at 1.0."""
+    """Grouped bars of seqkern's speedup over each baseline, per case, on a log axis with a line at 1.0.
+
+    Memory-only cases have no speedup and no place in it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a build machine; must precede the pyplot import
     import matplotlib.pyplot as plt
 
+    results = [result for result in results if not result.case.memory_only]
     baselines = list(dict.fromkeys(name for result in results for name in result.ratios()))
     width = 0.8 / max(1, len(baselines))
     figure, axes = plt.subplots(figsize=(max(8.0, 1.6 * len(results) + 3), 4.5))

@@ -11,10 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_quick_benchmark_run(tmp_path):
+@pytest.mark.parametrize("op", ["lstm", "attention"])
+def test_quick_benchmark_run(tmp_path, op):
     # A subprocess, so torch.compile settings the harness makes do not leak into the test session.
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--only", "lstm", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", op, "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
