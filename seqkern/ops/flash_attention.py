@@ -59,11 +59,14 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p = ctx.flags
     want_grad_scores = ctx.has_mask and ctx.needs_input_grad[3]
-    with kernel_scope(_impl(q), q.device):
-        grad_q, grad_k, grad_v, grad_scores = torch.ops.seqkern.flash_attention_backward(
-            grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-            window_left, window_right, bottom_right, dropout_p, dropout_seed, want_grad_scores,
-        )
+    args = (grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+            window_left, window_right, bottom_right, dropout_p, dropout_seed, want_grad_scores)
+    impl = _impl(q)
+    if impl == "reference":  # e.g. the forward ran under backend("cpu"), the backward under "reference"
+        grad_q, grad_k, grad_v, grad_scores = reference.flash_attention_backward(*args)
+    else:
+        with kernel_scope(impl, q.device):
+            grad_q, grad_k, grad_v, grad_scores = torch.ops.seqkern.flash_attention_backward(*args)
     return (grad_q, grad_k, grad_v, grad_scores if want_grad_scores else None) + (None,) * 10
 
 

@@ -128,7 +128,9 @@ def flash_attention_forward(
     flags = (scale, window_left, window_right, bottom_right, dropout_p, dropout_seed)
     if cu_seqlens_q is None:
         return _dense(q, k, v, attn_mask, *flags, first_sequence=0)
-    outs, lses = [], []
+    batch, heads = q.shape[:2]
+    outs = [q.new_empty(batch, heads, 0, v.shape[-1])]
+    lses = [q.new_empty(batch, heads, 0, dtype=_lse_dtype(q.dtype))]
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for n in range(len(bounds_q) - 1):
         rows, keys = slice(bounds_q[n], bounds_q[n + 1]), slice(bounds_k[n], bounds_k[n + 1])

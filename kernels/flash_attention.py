@@ -1,0 +1,599 @@
+"""Triton kernels for flash_attention_forward / flash_attention_backward (contracts in csrc/ops.cpp, oracle in
+seqkern/reference/flash_attention.py).
+
+FlashAttention-2: the (Lq, Lk) scores never reach memory.
+  * forward, a program per (query block, sequence * query head): the key blocks the block can see are swept
+    once with an online softmax (running max m, running sum l and the output accumulator, fp32 or fp64);
+    out = acc / l, lse = m + log l is saved for the backward.
+  * backward, three launches and no atomics, so the result is deterministic:
+      1. delta_i = rowsum(dO_i * O_i) (= sum_j P_ij dP_ij, dropout included);
+      2. a program per (key block, sequence * kv head) accumulates dK and dV over the query blocks that see
+         its keys, for every query head of its kv group in turn (grouped-query attention needs no atomics);
+      3. a program per (query block, sequence * query head) accumulates dQ over its visible key blocks and
+         writes dS = dL/dscore when asked (grad_scores).
+    The probabilities are recomputed from the saved lse: P = exp(score - lse), dS = P * (dP - delta).
+
+Shared conventions of the kernels:
+  * rows (queries) i and columns (keys) j are indices inside a sequence; with cu_seqlens (VARLEN) sequence n
+    owns rows cu_seqlens[n].. of batch 0, otherwise sequence n is batch n. Programs past a sequence's end exit.
+  * visibility: window_left / window_right arrive as non-negative ints, "no window" as a width no sequence
+    reaches (every key within it), so the kernels need no flag for it; the sweeps visit only the key (query)
+    blocks that intersect the visible band, and the band, the lengths and the additive mask are applied per
+    element inside them.
+  * a score that is -inf everywhere on a row (no visible key) gives out 0 and lse -inf; the backward reads
+    such an lse as +inf so that P = exp(score - lse) is 0, not NaN.
+  * dropout redraws the reference's counter-based hash (lowbias32 on uint32) per (head, i, j) in every kernel.
+  * head dims D, Dv are padded to powers of two >= 16 (tl.dot's minimum) with masked loads.
+
+Supported dtypes: float32, float64, bfloat16 (math and lse in float32; float64 for float64). The launchers take
+CPU tensors too: kernels/_launch.py runs the kernels under the Triton interpreter then.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from seqkern._checks import DTypeError, ShapeError
+from seqkern.reference import flash_attention as reference
+
+from ._launch import dot_operand_dtype, launch
+from ._recurrent import accumulator_dtype, store
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+# tl.dot needs every dimension >= 16: blocks and padded head dims are at least this.
+MIN_DOT_SIZE = 16
+
+
+# ==================================================================================================
+# Device helpers.
+# ==================================================================================================
+@triton.jit
+def _mix(x):
+    """lowbias32 on uint32 (wrapping multiplies): seqkern.reference.flash_attention._mix bit for bit.
+    The multipliers are built as uint32 explicitly: as plain literals they would not fit int32 and make the
+    products int64, which does not wrap at 2^32."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), 0x21F0AAAD, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), 0xD35A2D97, tl.uint32)
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _head_key(seed_ptr, head):
+    """mix(mix(seed_lo ^ head) ^ seed_hi) of the int64 seed at seed_ptr; head = sequence * Hq + query head."""
+    seed = tl.load(seed_ptr)
+    seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return _mix(_mix(seed_lo ^ head.to(tl.uint32)) ^ seed_hi)
+
+
+@triton.jit
+def _kept(head_key, ii, jj, threshold):
+    """Which probabilities (ii, jj) survive dropout: dropout_bits >= threshold. ii, jj broadcast to the tile
+    ((M,1) and (1,N), or transposed); the row key is mixed once per row, the column term once per column."""
+    row_key = _mix(head_key ^ ii.to(tl.uint32))
+    column = jj.to(tl.uint32) * tl.full((), 0x9E3779B1, tl.uint32)
+    return _mix(row_key ^ column) >= threshold
+
+
+@triton.jit
+def _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, n, rows_q, rows_k, bottom_right, VARLEN: tl.constexpr):
+    """Sequence n -> its batch index, first row of q and of k/v, query and key counts, and the diagonal's
+    shift (Lk_n - Lq_n with bottom_right, else 0)."""
+    if VARLEN:
+        start_q = tl.load(cu_seqlens_q_ptr + n)
+        start_k = tl.load(cu_seqlens_k_ptr + n)
+        len_q = tl.load(cu_seqlens_q_ptr + n + 1) - start_q
+        len_k = tl.load(cu_seqlens_k_ptr + n + 1) - start_k
+        batch = 0
+    else:
+        start_q = 0
+        start_k = 0
+        len_q = rows_q
+        len_k = rows_k
+        batch = n
+    return batch, start_q, start_k, len_q, len_k, bottom_right * (len_k - len_q)
+
+
+@triton.jit
+def _key_range(first_row, last_row, shift, window_left, window_right, len_k, BLOCK_N: tl.constexpr):
+    """[lo, hi): the key blocks (lo a multiple of BLOCK_N) holding a key visible to a row in
+    [first_row, last_row]; empty if none. Key j is seen by row i iff i + shift - wl <= j <= i + shift + wr."""
+    lo = tl.maximum(first_row + shift - window_left, 0)
+    hi = tl.minimum(last_row + shift + window_right + 1, len_k)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _query_range(first_col, last_col, shift, window_left, window_right, len_q, BLOCK_M: tl.constexpr):
+    """[lo, hi): the query blocks (lo a multiple of BLOCK_M) holding a row that sees a key in
+    [first_col, last_col]: row i sees j iff j - shift - wr <= i <= j - shift + wl."""
+    lo = tl.maximum(first_col - shift - window_right, 0)
+    hi = tl.minimum(last_col - shift + window_left + 1, len_q)
+    return (lo // BLOCK_M) * BLOCK_M, hi
+
+
+@triton.jit
+def _at(ptr, batch, head, row, stride_b, stride_h, stride_l):
+    """&tensor[batch, head, row], in int64: the offsets of a large tensor (a long packed varlen batch above all)
+    pass 2^31 elements."""
+    return (ptr + tl.cast(batch, tl.int64) * stride_b + tl.cast(head, tl.int64) * stride_h
+            + tl.cast(row, tl.int64) * stride_l)
+
+
+@triton.jit
+def _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK: tl.constexpr):
+    """attn_mask[batch, head] (None without a mask)."""
+    if HAS_MASK:
+        base = _at(mask_ptr, batch, head, 0, stride_mb, stride_mh, 0)
+    else:
+        base = mask_ptr
+    return base
+
+
+@triton.jit
+def _scores(qk, mask_base, stride_mi, stride_mj, ii, jj, len_q, len_k, shift, window_left, window_right,
+            SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
+    """scale * q.k + attn_mask on the visible (ii, jj) of the tile, -inf elsewhere (out of the band or
+    past a sequence's end). ii, jj broadcast to qk's shape, in either orientation."""
+    visible = (ii < len_q) & (jj < len_k) & (jj >= ii + shift - window_left) & (jj <= ii + shift + window_right)
+    scores = qk * SCALE
+    if HAS_MASK:
+        scores += tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=visible, other=0).to(qk.dtype)
+    return tl.where(visible, scores, float("-inf"))
+
+
+@triton.jit
+def _tile(ptr, rows, row_mask, row_stride, cols, col_count, COLS_FIRST: tl.constexpr):
+    """Loads rows x cols of a row-major matrix (rows `row_stride` apart), zeros outside the masks; as
+    (len(rows), len(cols)), or transposed with COLS_FIRST (the K^T / V^T operands of the score products)."""
+    if COLS_FIRST:
+        tile = tl.load(ptr + rows[None, :] * row_stride + cols[:, None],
+                       mask=row_mask[None, :] & (cols < col_count)[:, None], other=0)
+    else:
+        tile = tl.load(ptr + rows[:, None] * row_stride + cols[None, :],
+                       mask=row_mask[:, None] & (cols < col_count)[None, :], other=0)
+    return tile
+
+
+@triton.jit
+def _saved_lse(lse_ptr, rows, row_mask):
+    """The forward's lse of `rows`, +inf where it is -inf (no visible key) or past the end, so that
+    exp(score - lse) is 0 there rather than NaN."""
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+# ==================================================================================================
+# Forward. Grid: (query blocks of the longest sequence, sequences * Hq).
+# ==================================================================================================
+@triton.jit(do_not_specialize=["rows_q", "rows_k"])
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,  # mask, cu_seqlens, seed optional
+    out_ptr, lse_ptr,  # out (B,Hq,rows_q,Dv), (B,Hq,rows_q)
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    stride_mb, stride_mh, stride_mi, stride_mj,
+    Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
+    SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    n = tl.program_id(1) // Hq
+    head = tl.program_id(1) % Hq
+    batch, start_q, start_k, len_q, len_k, shift = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, n, rows_q, rows_k,
+                                                             bottom_right, VARLEN)
+    first_row = tl.program_id(0) * BLOCK_M
+    if first_row >= len_q:
+        return
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < len_q
+    dims = tl.arange(0, BLOCK_D)
+    value_dims = tl.arange(0, BLOCK_DV)
+    k_base = _at(k_ptr, batch, head // group, start_k, stride_kb, stride_kh, stride_kl)
+    v_base = _at(v_ptr, batch, head // group, start_k, stride_vb, stride_vh, stride_vl)
+    mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
+    q = _tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
+              rows, row_mask, stride_ql, dims, D, False).to(DOT)
+    if DROPOUT:
+        head_key = _head_key(seed_ptr, n * Hq + head)
+        threshold = dropout_threshold.to(tl.uint32)
+
+    m = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of the scores
+    l = tl.zeros((BLOCK_M,), ACC)  # running sum of exp(score - m)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
+    lo, hi = _key_range(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k, BLOCK_N)
+    for first_col in range(lo, hi, BLOCK_N):
+        cols = first_col + tl.arange(0, BLOCK_N)
+        k_t = _tile(k_base, cols, cols < len_k, stride_kl, dims, D, True)
+        qk = tl.dot(q, k_t.to(DOT), input_precision="ieee", out_dtype=ACC)
+        s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
+                    window_left, window_right, SCALE, HAS_MASK)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A row that has seen only -inf so far subtracts 0 instead of -inf: exp(-inf - 0) = 0, no NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0, m_new)
+        p = tl.exp(s - m_ref[:, None])
+        alpha = tl.exp(m - m_ref)
+        l = l * alpha + tl.sum(p, 1)
+        if DROPOUT:  # l sums the probabilities before dropout; only the output sees it
+            p = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), p * DROPOUT_SCALE, 0)
+        v = _tile(v_base, cols, cols < len_k, stride_vl, value_dims, Dv, False)
+        acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], input_precision="ieee", out_dtype=ACC)
+        m = m_new
+
+    seen = l > 0
+    out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
+    store(out_ptr + out_rows[:, None] * Dv + value_dims[None, :], acc / tl.where(seen, l, 1)[:, None],
+          row_mask[:, None] & (value_dims < Dv)[None, :])
+    tl.store(lse_ptr + out_rows, tl.where(seen, m + tl.log(tl.where(seen, l, 1)), float("-inf")), mask=row_mask)
+
+
+# ==================================================================================================
+# Backward. delta: grid (row blocks, B * Hq); dK/dV: (key blocks, sequences * Hkv); dQ: (query blocks,
+# sequences * Hq).
+# ==================================================================================================
+@triton.jit
+def _delta_kernel(
+    grad_out_ptr, out_ptr, delta_ptr,  # (B,Hq,rows_q,Dv) x2, out (B,Hq,rows_q)
+    stride_gb, stride_gh, stride_gl, stride_ob, stride_oh, stride_ol,
+    Hq, rows_q, Dv, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    batch = tl.program_id(1) // Hq
+    head = tl.program_id(1) % Hq
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < rows_q
+    value_dims = tl.arange(0, BLOCK_DV)
+    grad_out = _tile(_at(grad_out_ptr, batch, head, 0, stride_gb, stride_gh, 0), rows, row_mask, stride_gl,
+                     value_dims, Dv, False)
+    out = _tile(_at(out_ptr, batch, head, 0, stride_ob, stride_oh, 0), rows, row_mask, stride_ol, value_dims, Dv,
+                False)
+    delta = tl.sum(grad_out.to(ACC) * out.to(ACC), 1)
+    tl.store(delta_ptr + tl.cast(tl.program_id(1), tl.int64) * rows_q + rows, delta, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["rows_q", "rows_k"])
+def _key_gradients_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, mask_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,
+    lse_ptr, delta_ptr,  # (B,Hq,rows_q) each
+    grad_k_ptr, grad_v_ptr,  # out (B,Hkv,rows_k,D), (B,Hkv,rows_k,Dv)
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    stride_gb, stride_gh, stride_gl, stride_mb, stride_mh, stride_mi, stride_mj,
+    Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
+    SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dV_j = sum_i P~_ij dO_i and dK_j = scale sum_i dS_ij q_i over the rows i that see key j, all query heads
+    of the kv group; P~ is P after dropout. Tiles are transposed, (keys, queries), so no operand needs a
+    transpose in registers but q's and dO's."""
+    Hkv = Hq // group
+    n = tl.program_id(1) // Hkv
+    kv_head = tl.program_id(1) % Hkv
+    batch, start_q, start_k, len_q, len_k, shift = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, n, rows_q, rows_k,
+                                                             bottom_right, VARLEN)
+    first_col = tl.program_id(0) * BLOCK_N
+    if first_col >= len_k:
+        return
+    cols = first_col + tl.arange(0, BLOCK_N)
+    col_mask = cols < len_k
+    dims = tl.arange(0, BLOCK_D)
+    value_dims = tl.arange(0, BLOCK_DV)
+    k = _tile(_at(k_ptr, batch, kv_head, start_k, stride_kb, stride_kh, stride_kl),
+              cols, col_mask, stride_kl, dims, D, False).to(DOT)
+    v = _tile(_at(v_ptr, batch, kv_head, start_k, stride_vb, stride_vh, stride_vl),
+              cols, col_mask, stride_vl, value_dims, Dv, False).to(DOT)
+    if DROPOUT:
+        threshold = dropout_threshold.to(tl.uint32)
+
+    grad_k = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    grad_v = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+    lo, hi = _query_range(first_col, first_col + BLOCK_N - 1, shift, window_left, window_right, len_q, BLOCK_M)
+    for head in range(kv_head * group, kv_head * group + group):
+        q_base = _at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql)
+        grad_out_base = _at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl)
+        mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
+        row_base = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q  # into lse and delta
+        if DROPOUT:
+            head_key = _head_key(seed_ptr, n * Hq + head)
+        for first_row in range(lo, hi, BLOCK_M):
+            rows = first_row + tl.arange(0, BLOCK_M)
+            row_mask = rows < len_q
+            q = _tile(q_base, rows, row_mask, stride_ql, dims, D, False).to(DOT)
+            grad_out = _tile(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, False).to(DOT)
+            qk_t = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC)
+            s_t = _scores(qk_t, mask_base, stride_mi, stride_mj, rows[None, :], cols[:, None], len_q, len_k, shift,
+                          window_left, window_right, SCALE, HAS_MASK)
+            p_t = tl.exp(s_t - _saved_lse(lse_ptr + row_base, rows, row_mask)[None, :])
+            dp_t = tl.dot(v, tl.trans(grad_out), input_precision="ieee", out_dtype=ACC)
+            if DROPOUT:
+                kept = _kept(head_key, rows[None, :], cols[:, None], threshold)
+                dp_t = tl.where(kept, dp_t * DROPOUT_SCALE, 0)
+                dropped_p_t = tl.where(kept, p_t * DROPOUT_SCALE, 0)
+            else:
+                dropped_p_t = p_t
+            grad_v = tl.dot(dropped_p_t.to(DOT), grad_out, grad_v, input_precision="ieee", out_dtype=ACC)
+            delta = tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            grad_k = tl.dot(ds_t.to(DOT), q, grad_k, input_precision="ieee", out_dtype=ACC)
+
+    out_rows = tl.cast(batch * Hkv + kv_head, tl.int64) * rows_k + start_k + cols
+    store(grad_k_ptr + out_rows[:, None] * D + dims[None, :], grad_k * SCALE, col_mask[:, None] & (dims < D)[None, :])
+    store(grad_v_ptr + out_rows[:, None] * Dv + value_dims[None, :], grad_v,
+          col_mask[:, None] & (value_dims < Dv)[None, :])
+
+
+@triton.jit(do_not_specialize=["rows_q", "rows_k"])
+def _query_gradients_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, mask_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,
+    lse_ptr, delta_ptr,  # (B,Hq,rows_q) each
+    grad_q_ptr, grad_scores_ptr,  # out (B,Hq,rows_q,D), (B,Hq,rows_q,rows_k) if GRAD_SCORES
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    stride_gb, stride_gh, stride_gl, stride_mb, stride_mh, stride_mi, stride_mj,
+    Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
+    SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, GRAD_SCORES: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dQ_i = scale sum_j dS_ij k_j over the keys row i sees, dS = P * (dP - delta), dP_ij = dO_i . v_j after
+    dropout; dS is grad_scores, written here where its tile lies in memory order."""
+    n = tl.program_id(1) // Hq
+    head = tl.program_id(1) % Hq
+    batch, start_q, start_k, len_q, len_k, shift = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, n, rows_q, rows_k,
+                                                             bottom_right, VARLEN)
+    first_row = tl.program_id(0) * BLOCK_M
+    if first_row >= len_q:
+        return
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < len_q
+    dims = tl.arange(0, BLOCK_D)
+    value_dims = tl.arange(0, BLOCK_DV)
+    k_base = _at(k_ptr, batch, head // group, start_k, stride_kb, stride_kh, stride_kl)
+    v_base = _at(v_ptr, batch, head // group, start_k, stride_vb, stride_vh, stride_vl)
+    mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
+    q = _tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
+              rows, row_mask, stride_ql, dims, D, False).to(DOT)
+    grad_out = _tile(_at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl), rows, row_mask,
+                     stride_gl, value_dims, Dv, False).to(DOT)
+    out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
+    lse = _saved_lse(lse_ptr, out_rows, row_mask)
+    delta = tl.load(delta_ptr + out_rows, mask=row_mask, other=0)
+    if DROPOUT:
+        head_key = _head_key(seed_ptr, n * Hq + head)
+        threshold = dropout_threshold.to(tl.uint32)
+
+    grad_q = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+    lo, hi = _key_range(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k, BLOCK_N)
+    for first_col in range(lo, hi, BLOCK_N):
+        cols = first_col + tl.arange(0, BLOCK_N)
+        col_mask = cols < len_k
+        k_t = _tile(k_base, cols, col_mask, stride_kl, dims, D, True).to(DOT)
+        v_t = _tile(v_base, cols, col_mask, stride_vl, value_dims, Dv, True).to(DOT)
+        qk = tl.dot(q, k_t, input_precision="ieee", out_dtype=ACC)
+        s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
+                    window_left, window_right, SCALE, HAS_MASK)
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(grad_out, v_t, input_precision="ieee", out_dtype=ACC)
+        if DROPOUT:
+            dp = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), dp * DROPOUT_SCALE, 0)
+        ds = p * (dp - delta[:, None])
+        if GRAD_SCORES:
+            store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
+                  row_mask[:, None] & col_mask[None, :])
+        grad_q = tl.dot(ds.to(DOT), tl.trans(k_t), grad_q, input_precision="ieee", out_dtype=ACC)
+
+    store(grad_q_ptr + out_rows[:, None] * D + dims[None, :], grad_q * SCALE, row_mask[:, None] & (dims < D)[None, :])
+
+
+# ==================================================================================================
+# Launchers: argument checks, block sizes, grids.
+# ==================================================================================================
+def _padded(size: int) -> int:
+    return max(MIN_DOT_SIZE, triton.next_power_of_2(size))
+
+
+# (BLOCK_M, BLOCK_N, num_warps) of each kernel at head dims <= 64, for tl.dot on tensor cores (bfloat16), on
+# FMA units (float32 with input_precision="ieee", which rules out TF32, and float64) and under the interpreter.
+# FMA dots hold their operands in registers, so they get smaller tiles. The GPU tiles were chosen with ptxas -v
+# for sm_80 (no GPU here to time them) as the largest that spill at most 16 bytes with every flag on (mask,
+# dropout, varlen) at head dims 64 and 128 in bfloat16 and float32 (float64's dK/dV kernel spills ~360 bytes):
+# the tutorial's 128 x 64 forward with 4 warps spills 14 KB in bfloat16 (the mask tile's 64-bit addresses and
+# the dropout hash come on top of its registers) and 39 KB in float32. The interpreter runs each program in
+# Python, so the fewest, largest tiles are fastest: forward + backward over 6 heads, 256 tokens, head dim 64
+# (float32) take 6.9 s with its tiles, 27 s with the float32 GPU ones.
+_TILES = {
+    "forward": {"mma": (64, 32, 4), "fma": (64, 32, 8), "interpreter": (128, 64, 4)},
+    "key_gradients": {"mma": (32, 64, 8), "fma": (16, 64, 8), "interpreter": (64, 64, 4)},
+    "query_gradients": {"mma": (64, 32, 8), "fma": (32, 16, 4), "interpreter": (64, 64, 4)},
+}
+
+
+def blocks(kernel: str, like: Tensor, head_dim: int, value_dim: int) -> dict:
+    """Tile sizes and warps of `kernel` ("forward", "key_gradients", "query_gradients") for tensors like `like`.
+    Head dims pad to a power of two; past 64 both tile sides shrink in proportion (down to MIN_DOT_SIZE), so
+    that the register tiles of q, k, v and the accumulators stay the size they are at 64 and head dims of 512
+    or 1024 work."""
+    block_d, block_dv = _padded(head_dim), _padded(value_dim)
+    shrink = max(block_d, block_dv) // 64 or 1
+    if like.device.type != "cuda":
+        unit = "interpreter"
+    else:
+        unit = "mma" if like.dtype == torch.bfloat16 else "fma"
+    block_m, block_n, num_warps = _TILES[kernel][unit]
+    # The software pipeline keeps num_stages K/V (Q/dO) tiles in shared memory: 3 stages of float32 tiles at
+    # head dim 512 take 195 KB (ptxas, sm_80), more than an A100's 163 KB.
+    num_stages = 3 if shrink <= 2 else 2 if shrink == 4 else 1
+    return {"BLOCK_M": max(MIN_DOT_SIZE, block_m // shrink), "BLOCK_N": max(MIN_DOT_SIZE, block_n // shrink),
+            "BLOCK_D": block_d, "BLOCK_DV": block_dv, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def _rows(tensor: Tensor) -> Tensor:
+    """`tensor` with stride(-1) == 1, as the kernels address it (a copy only if it is not)."""
+    return tensor if tensor.stride(-1) == 1 or tensor.shape[-1] <= 1 else tensor.contiguous()
+
+
+def _same(name: str, tensor: Tensor, like: Tensor) -> None:
+    if tensor.dtype != like.dtype or tensor.device != like.device:
+        raise DTypeError(f"{name}: expected {like.dtype} on {like.device} (as q), "
+                         f"got {tensor.dtype} on {tensor.device}")
+
+
+def _check_shape(name: str, tensor: Tensor, shape: tuple) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ShapeError(f"{name}: expected shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def _check_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cu_seqlens_q: Tensor | None,
+                     cu_seqlens_k: Tensor | None, dropout_p: float, dropout_seed: Tensor | None) -> Tensor | None:
+    """The checks the forward and the backward share -> attn_mask expanded to (B,Hq,Lq,Lk) (zero strides
+    where it broadcasts), or None."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise DTypeError(f"q: the Triton flash attention kernels support float32, float64, bfloat16; got {q.dtype}")
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _same(name, tensor, q)
+        if tensor.dim() != 4:
+            raise ShapeError(f"{name}: expected a 4-D (B,H,L,D) tensor, got shape {tuple(tensor.shape)}")
+    batch, heads, rows_q, head_dim = q.shape
+    kv_heads, rows_k = k.shape[1], k.shape[2]
+    _check_shape("k", k, (batch, kv_heads, rows_k, head_dim))
+    _check_shape("v", v, (batch, kv_heads, rows_k, v.shape[3]))
+    if (kv_heads == 0 and heads) or (kv_heads and heads % kv_heads):
+        raise ShapeError(f"k: expected a number of heads dividing q's {heads}, got {kv_heads}")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ShapeError("cu_seqlens_q, cu_seqlens_k: expected both or neither")
+    if cu_seqlens_q is not None:
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1 or cu.device != q.device:
+                raise ShapeError(f"{name}: expected a 1-D int32 tensor of N+1 offsets on {q.device}, got "
+                                 f"{cu.dtype} of shape {tuple(cu.shape)} on {cu.device}")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ShapeError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} offsets (as cu_seqlens_q), "
+                             f"got {cu_seqlens_k.numel()}")
+        if batch != 1 or attn_mask is not None:
+            raise ShapeError(f"q, attn_mask: variable lengths need B == 1 and no attn_mask, got B == {batch}"
+                             f"{' and a mask' if attn_mask is not None else ''}")
+    if not 0 <= dropout_p < 1:
+        raise ShapeError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and (dropout_seed is None or dropout_seed.dtype != torch.int64 or dropout_seed.numel() != 1
+                          or dropout_seed.device != q.device):
+        raise DTypeError(f"dropout_seed: expected an int64 tensor of shape () on {q.device} when dropout_p > 0, got "
+                         f"{None if dropout_seed is None else (dropout_seed.dtype, tuple(dropout_seed.shape))}")
+    if attn_mask is None:
+        return None
+    _same("attn_mask", attn_mask, q)
+    try:
+        return attn_mask.expand(batch, heads, rows_q, rows_k)  # the kernels take any mask strides
+    except RuntimeError:
+        raise ShapeError(f"attn_mask: expected a shape broadcastable to {(batch, heads, rows_q, rows_k)}, "
+                         f"got {tuple(attn_mask.shape)}") from None
+
+
+def _sequences(cu_seqlens: Tensor | None, batch: int, rows: int, max_seqlen: int) -> tuple[int, int]:
+    """(number of sequences, the longest's length): the grid's extent over sequences and over blocks."""
+    if cu_seqlens is None:
+        return batch, rows
+    return cu_seqlens.numel() - 1, max(max_seqlen, 0)
+
+
+def _arguments(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_seqlens_q: Tensor | None,
+               cu_seqlens_k: Tensor | None, scale: float, window_left: int, window_right: int, bottom_right: bool,
+               dropout_p: float, dropout_seed: Tensor | None) -> dict:
+    """The kernel arguments the forward and the two gradient kernels share, by name."""
+    # "No window" becomes a width no sequence reaches (rows of q plus rows of k): the kernels' plain
+    # comparisons then see every key, and int32 cannot overflow.
+    unbounded = q.shape[2] + k.shape[2]
+    return {
+        "q_ptr": q, "k_ptr": k, "v_ptr": v, "mask_ptr": mask, "cu_seqlens_q_ptr": cu_seqlens_q,
+        "cu_seqlens_k_ptr": cu_seqlens_k, "seed_ptr": dropout_seed if dropout_p > 0 else None,
+        "stride_qb": q.stride(0), "stride_qh": q.stride(1), "stride_ql": q.stride(2),
+        "stride_kb": k.stride(0), "stride_kh": k.stride(1), "stride_kl": k.stride(2),
+        "stride_vb": v.stride(0), "stride_vh": v.stride(1), "stride_vl": v.stride(2),
+        "stride_mb": mask.stride(0) if mask is not None else 0, "stride_mh": mask.stride(1) if mask is not None else 0,
+        "stride_mi": mask.stride(2) if mask is not None else 0, "stride_mj": mask.stride(3) if mask is not None else 0,
+        "Hq": q.shape[1], "group": q.shape[1] // max(k.shape[1], 1), "rows_q": q.shape[2], "rows_k": k.shape[2],
+        "D": q.shape[3], "Dv": v.shape[3],
+        "window_left": unbounded if window_left < 0 else min(window_left, unbounded),
+        "window_right": unbounded if window_right < 0 else min(window_right, unbounded),
+        "bottom_right": int(bool(bottom_right)), "dropout_threshold": reference.dropout_threshold(dropout_p),
+        # Compile-time floats: a runtime float argument is passed as float32, which would round the scale of
+        # float64 inputs (a new scale or dropout_p compiles a new kernel).
+        "SCALE": float(scale), "DROPOUT_SCALE": 1 / (1 - dropout_p),
+        "VARLEN": cu_seqlens_q is not None, "HAS_MASK": mask is not None, "DROPOUT": dropout_p > 0,
+        "ACC": accumulator_dtype(q.dtype), "DOT": dot_operand_dtype(q.dtype, q.device),
+    }
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cu_seqlens_q: Tensor | None,
+                            cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                            window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
+                            dropout_seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) -> out (B,Hq,Lq,Dv), lse (B,Hq,Lq) (csrc/ops.cpp)."""
+    mask = _check_attention(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed)
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    batch, heads, rows_q, head_dim = q.shape
+    out = q.new_empty(batch, heads, rows_q, v.shape[3])
+    lse = q.new_empty(batch, heads, rows_q, dtype=_lse_dtype(q.dtype))
+    sequences, longest_q = _sequences(cu_seqlens_q, batch, rows_q, max_seqlen_q)
+    tiles = blocks("forward", q, head_dim, v.shape[3])
+    grid = (triton.cdiv(longest_q, tiles["BLOCK_M"]), sequences * heads)
+    if grid[0] and grid[1]:
+        arguments = _arguments(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
+                               bottom_right, dropout_p, dropout_seed)
+        launch(_forward_kernel, grid, q.device)(out_ptr=out, lse_ptr=lse, **arguments, **tiles)
+    return out, lse
+
+
+def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             attn_mask: Tensor | None, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
+                             max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
+                             bottom_right: bool, dropout_p: float, dropout_seed: Tensor | None,
+                             want_grad_scores: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of flash_attention_forward from grad_out (B,Hq,Lq,Dv) and its out, lse -> grad_q (B,Hq,Lq,D),
+    grad_k (B,Hkv,Lk,D), grad_v (B,Hkv,Lk,Dv), grad_scores (B,Hq,Lq,Lk) or empty (csrc/ops.cpp)."""
+    mask = _check_attention(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed)
+    batch, heads, rows_q, head_dim = q.shape
+    for name, tensor in (("grad_out", grad_out), ("out", out)):
+        _same(name, tensor, q)
+        _check_shape(name, tensor, (batch, heads, rows_q, v.shape[3]))
+    _check_shape("lse", lse, (batch, heads, rows_q))
+    if lse.dtype != _lse_dtype(q.dtype):
+        raise DTypeError(f"lse: expected {_lse_dtype(q.dtype)} (as the forward returns it), got {lse.dtype}")
+    q, k, v, grad_out, out, lse = _rows(q), _rows(k), _rows(v), _rows(grad_out), _rows(out), lse.contiguous()
+
+    grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
+    grad_k = torch.empty_like(k, memory_format=torch.contiguous_format)
+    grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
+    # Zeros: the kernels write dS only where it can be non-zero (visible key blocks of each sequence).
+    grad_scores = q.new_zeros(batch, heads, rows_q, k.shape[2]) if want_grad_scores else q.new_empty(0)
+    delta = torch.empty_like(lse)
+    key_tiles = blocks("key_gradients", q, head_dim, v.shape[3])
+    query_tiles = blocks("query_gradients", q, head_dim, v.shape[3])
+    if delta.numel():
+        delta_rows = max(1, min(64, 4096 // query_tiles["BLOCK_DV"]))  # a (rows, Dv) tile of 4096 elements at most
+        launch(_delta_kernel, (triton.cdiv(rows_q, delta_rows), batch * heads), q.device)(
+            grad_out, out, delta, *grad_out.stride()[:3], *out.stride()[:3], heads, rows_q, v.shape[3],
+            ACC=accumulator_dtype(q.dtype), BLOCK_M=delta_rows, BLOCK_DV=query_tiles["BLOCK_DV"],
+        )
+    arguments = _arguments(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, bottom_right,
+                           dropout_p, dropout_seed)
+    arguments.update(grad_out_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, stride_gb=grad_out.stride(0),
+                     stride_gh=grad_out.stride(1), stride_gl=grad_out.stride(2))
+    sequences, longest_k = _sequences(cu_seqlens_k, batch, k.shape[2], max_seqlen_k)
+    grid = (triton.cdiv(longest_k, key_tiles["BLOCK_N"]), sequences * k.shape[1])
+    if grid[0] and grid[1]:
+        launch(_key_gradients_kernel, grid, q.device)(grad_k_ptr=grad_k, grad_v_ptr=grad_v, **arguments,
+                                                      **key_tiles)
+    sequences, longest_q = _sequences(cu_seqlens_q, batch, rows_q, max_seqlen_q)
+    grid = (triton.cdiv(longest_q, query_tiles["BLOCK_M"]), sequences * heads)
+    if grid[0] and grid[1]:
+        launch(_query_gradients_kernel, grid, q.device)(
+            grad_q_ptr=grad_q, grad_scores_ptr=grad_scores if want_grad_scores else None,
+            GRAD_SCORES=bool(want_grad_scores), **arguments, **query_tiles,
+        )
+    return grad_q, grad_k, grad_v, grad_scores
