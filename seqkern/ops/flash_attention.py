@@ -59,7 +59,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p = ctx.flags
     want_grad_scores = ctx.has_mask and ctx.needs_input_grad[3]
-    args = (grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+    args = (_last_dim_contiguous(grad_out), q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
             window_left, window_right, bottom_right, dropout_p, dropout_seed, want_grad_scores)
     impl = _impl(q)
     if impl == "reference":  # e.g. the forward ran under backend("cpu"), the backward under "reference"
@@ -184,7 +184,7 @@ def _additive_mask(attn_mask: Tensor | None, q: Tensor, len_k: int) -> Tensor | 
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -352,12 +352,18 @@ def attention_probabilities(
     window_right: int, bottom_right: bool,
 ) -> Tensor:
     """The attention probabilities, recomputed from the log-sum-exp a forward returned (one matmul, no second
-    softmax): query (B,Hq,Lq,D), key (B,Hkv,Lk,D), lse (B,Hq,Lq), attn_mask additive (B,Hq,Lq,Lk) or None
-    -> (B,Hq,Lq,Lk), rows that see no key all 0. Before dropout."""
+    softmax pass): query (B,Hq,Lq,D), key (B,Hkv,Lk,D), lse (B,Hq,Lq), attn_mask additive (B,Hq,Lq,Lk) or None
+    -> (B,Hq,Lq,Lk), rows that see no key all 0. Before dropout. Differentiable in query, key and the mask."""
     group = query.shape[1] // key.shape[1]
     scores = scale * (query @ key.repeat_interleave(group, dim=1).transpose(-1, -2)).to(lse.dtype)
     if attn_mask is not None:
         scores = scores + attn_mask
     seen = visible(query.shape[2], key.shape[2], window_left, window_right, bottom_right, query.device)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(~seen, 0.0)
-    return probs.nan_to_num(0.0).to(query.dtype)
+    scores = scores.masked_fill(~seen, float("-inf"))
+    with torch.no_grad():
+        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # a row without keys: -inf - -inf
+    # The kernel's lse carries no gradient, yet p = exp(s - lse(s)) depends on s through it too. This lse has
+    # the kernel's value and logsumexp's gradient (d lse / d s = p): zero-valued (s - s.detach()) terms.
+    live = probs > 0
+    lse_with_grad = lse.unsqueeze(-1) + (probs * torch.where(live, scores - scores.detach(), 0.0)).sum(-1, keepdim=True)
+    return torch.where(live, torch.exp(scores - lse_with_grad), 0.0).to(query.dtype)

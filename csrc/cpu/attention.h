@@ -1,0 +1,382 @@
+// Tile machinery shared by the CPU attention kernels (flash_attention.cpp; reusable by the decode kernel):
+//   * tile_gemm: C (+)= A @ B on row-major tiles through a register-blocked AVX-512 micro-kernel;
+//   * exp_attention: exp with exact 0 far below the row maximum (masked scores must weigh exactly 0);
+//   * online_softmax_update: one key tile's step of the streaming softmax of a score row;
+//   * DropoutHash: the counter-based dropout mask of seqkern/reference/flash_attention.py, bit for bit;
+//   * Visibility: which keys a query sees (window / causal / bottom-right), as index ranges;
+//   * for_each_worker: dynamic scheduling of unequal work items over at::parallel_for's threads.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+#include "cpu/recurrence.h"
+
+namespace seqkern::cpu::attention {
+
+// ------------------------------------------------------------------------------------------------
+// Tile GEMM.
+// ------------------------------------------------------------------------------------------------
+/// x in every lane: one vbroadcastss (or the FMA's embedded {1to16} broadcast of a memory operand), where
+/// recurrence.h's broadcast() (Simd{} + x) compiles to a vaddss and a vbroadcastss.
+inline Simd<float> splat(float x) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(x);
+#else
+  return broadcast(x);
+#endif
+}
+inline Simd<double> splat(double x) {
+#if defined(__AVX512F__)
+  return _mm512_set1_pd(x);
+#else
+  return broadcast(x);
+#endif
+}
+
+/// One full vector from / to memory (unaligned).
+template <typename T>
+inline Simd<T> load_vector(const T* p) {
+  Simd<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void store_vector(T* p, Simd<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+/// C[0:MR, 0:NV*L) = A[0:MR, 0:depth) @ B[0:depth, 0:NV*L), or C += that product when kAccumulate.
+/// A and B row-major with leading dims lda, ldb; MR x NV accumulators live in zmm registers (6 x 4 = 24 of
+/// 32), B's row is loaded once per k and each A element is broadcast once. The product is summed from
+/// zero and added to C at the end, so C, when it accumulates over many tiles (dK, dV over all queries),
+/// sums tile partials (two-level summation) rather than one long fp32 chain.
+template <typename T, int MR, int NV, bool kAccumulate>
+inline void tile_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c, int64_t ldc) {
+  using V = Simd<T>;
+  constexpr int L = kLanes<T>;
+  // Fully unrolled loops let GCC keep acc in registers end to end; without the pragmas it kept a stack
+  // copy (zeroed on entry, spilled and reloaded on exit): 6x64x64 fp32 block 457 -> 428 ns best-of-9.
+  V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = V{};
+  for (int64_t k = 0; k < depth; ++k) {
+    V w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = load_vector(b + k * ldb + v * L);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const V a_mk = splat(a[m * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] = fmadd(a_mk, w[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      T* dst = c + m * ldc + v * L;
+      store_vector(dst, kAccumulate ? acc[m][v] + load_vector(dst) : acc[m][v]);
+    }
+}
+
+template <typename T, int NV, bool kAccumulate>
+inline void tile_kernel_rows(int rows, const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c,
+                             int64_t ldc) {
+  switch (rows) {
+    case 1: return tile_kernel<T, 1, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
+    case 2: return tile_kernel<T, 2, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
+    case 3: return tile_kernel<T, 3, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
+    case 4: return tile_kernel<T, 4, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
+    case 5: return tile_kernel<T, 5, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
+    default: return tile_kernel<T, 6, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
+  }
+}
+
+/// C[:, 0:vectors*L) (+)= A (rows x depth) @ B[:, 0:vectors*L), cut into balanced row blocks of at most
+/// 6 (128 rows -> 18 x 6 + 4 x 5 rather than 21 x 6 + a 2-row straggler).
+template <typename T, bool kAccumulate>
+void tile_gemm_columns(int64_t rows, int vectors, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb,
+                       T* c, int64_t ldc) {
+  constexpr int kMaxRows = 6;
+  const int64_t blocks = (rows + kMaxRows - 1) / kMaxRows;
+  int64_t row = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int block_rows = static_cast<int>((rows - row + (blocks - blk) - 1) / (blocks - blk));
+    const T* a_blk = a + row * lda;
+    T* c_blk = c + row * ldc;
+    switch (vectors) {
+      case 1: tile_kernel_rows<T, 1, kAccumulate>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
+      case 2: tile_kernel_rows<T, 2, kAccumulate>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
+      case 3: tile_kernel_rows<T, 3, kAccumulate>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
+      default: tile_kernel_rows<T, 4, kAccumulate>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
+    }
+    row += block_rows;
+  }
+}
+
+/// C (rows x cols) (+)= A (rows x depth) @ B (depth x cols), all row-major; cols a multiple of the lane
+/// count (callers zero-pad their tiles to it). Column chunks of 4 vectors, then depth blocks of 64, outer;
+/// row blocks inner: the B block (64 x 4 vectors = 16 KB) stays in L1 while A's rows stream past it.
+/// Depth blocking, forward at L = 1024, 8 heads, one thread (CPU time, best of 10): D = 128 49.8 -> 45.5 ms,
+/// D = 64 25.9 -> 24.4 ms (PV has depth kKeyTile = 128).
+template <typename T, bool kAccumulate>
+void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+               int64_t ldc) {
+  constexpr int L = kLanes<T>;
+  constexpr int64_t kDepthBlock = 64;
+  for (int64_t col = 0; col < cols; col += 4 * L) {
+    const int vectors = static_cast<int>(std::min<int64_t>(4, (cols - col) / L));
+    for (int64_t k0 = 0; k0 < std::max<int64_t>(depth, 1); k0 += kDepthBlock) {
+      const int64_t k1 = std::min(depth, k0 + kDepthBlock);
+      if (k0 == 0 && !kAccumulate) {
+        tile_gemm_columns<T, false>(rows, vectors, k1 - k0, a + k0, lda, b + k0 * ldb + col, ldb, c + col, ldc);
+      } else {
+        tile_gemm_columns<T, true>(rows, vectors, k1 - k0, a + k0, lda, b + k0 * ldb + col, ldb, c + col, ldc);
+      }
+    }
+  }
+}
+
+/// n rounded up to a multiple of the lane count of T (the padded width of a tile row).
+template <typename T>
+constexpr int64_t pad_lanes(int64_t n) {
+  return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+}
+
+// ------------------------------------------------------------------------------------------------
+// exp and the online softmax.
+// ------------------------------------------------------------------------------------------------
+/// exp(x) for fp32 lanes, exactly 0 for x <= -104 (so -inf, a masked score minus the row max, gives 0),
+/// +inf above 88.7, NaN for NaN. Cody-Waite reduction x = n ln2 + r, Cephes expf's polynomial for e^r
+/// (~1 ulp), 2^n applied by vscalefps, which also flushes the far-negative tail to 0 without a select.
+inline Simd<float> exp_attention(Simd<float> x) {
+  using V = Simd<float>;
+  x = x < -104.0f ? broadcast(-104.0f) : x;  // -inf too (keeps the reduction finite); NaN passes through
+  x = x > 88.75f ? broadcast(88.75f) : x;
+#if defined(__AVX512F__)
+  const V n = _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  V n;
+  for (int l = 0; l < kLanes<float>; ++l) n[l] = std::nearbyint(x[l] * 1.44269504088896341f);
+#endif
+  V r = fmadd(n, broadcast(-0.693359375f), x);
+  r = fmadd(n, broadcast(2.12194440e-4f), r);
+  V p = broadcast(1.9875691500e-4f);
+  p = fmadd(p, r, broadcast(1.3981999507e-3f));
+  p = fmadd(p, r, broadcast(8.3334519073e-3f));
+  p = fmadd(p, r, broadcast(4.1665795894e-2f));
+  p = fmadd(p, r, broadcast(1.6666665459e-1f));
+  p = fmadd(p, r, broadcast(5.0000001201e-1f));
+  p = fmadd(p, r * r, r + 1.0f);
+#if defined(__AVX512F__)
+  return _mm512_scalef_ps(p, n);
+#else
+  for (int l = 0; l < kLanes<float>; ++l) p[l] = std::ldexp(p[l], static_cast<int>(n[l]));
+  return p;
+#endif
+}
+
+/// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed); exp(-inf) = 0 already.
+inline Simd<double> exp_attention(Simd<double> x) {
+  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+/// Horizontal max / sum of a vector (the AVX-512 reductions: a few shuffles instead of 16 scalar steps).
+inline float reduce_max(Simd<float> v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(v);
+#else
+  float m = v[0];
+  for (int l = 1; l < kLanes<float>; ++l) m = std::max(m, v[l]);
+  return m;
+#endif
+}
+inline double reduce_max(Simd<double> v) {
+  double m = v[0];
+  for (int l = 1; l < kLanes<double>; ++l) m = std::max(m, v[l]);
+  return m;
+}
+inline float reduce_sum(Simd<float> v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#else
+  float s = 0;
+  for (int l = 0; l < kLanes<float>; ++l) s += v[l];
+  return s;
+#endif
+}
+inline double reduce_sum(Simd<double> v) {
+  double s = 0;
+  for (int l = 0; l < kLanes<double>; ++l) s += v[l];
+  return s;
+}
+
+/// The streaming softmax of one query row, advanced by one key tile.
+///
+/// Over the tiles seen so far the row keeps row_max m = max_j s_j and row_sum l = sum_j exp(s_j - m), and
+/// its output accumulator holds sum_j exp(s_j - m) v_j. A new tile's scores s[0:width) (already scaled and
+/// masked; -inf where a key is hidden, tile_max their maximum) move the maximum to m' = max(m, tile_max);
+/// the old sums are then off by exp(m - m'), so l' = l exp(m - m') + sum_tile exp(s_j - m'). s is
+/// overwritten with exp(s_j - m') and the returned factor alpha = exp(m - m') must rescale the row's output
+/// accumulator before the tile's P V is added. A row that has seen only -inf keeps m = -inf, l = 0, and
+/// gets p = 0 (never exp(-inf - -inf) = NaN). NaN scores make m, l and alpha NaN (as the reference's out
+/// and lse are), also when the maximum, which skips NaN, came out -inf.
+template <typename T>
+inline T online_softmax_update(T* s, int64_t width, T tile_max, T& row_max, T& row_sum) {
+  using V = Simd<T>;
+  const T new_max = std::max(row_max, tile_max);  // NaN once row_max is NaN
+  if (new_max == -std::numeric_limits<T>::infinity()) {
+    const bool has_nan = std::any_of(s, s + width, [](T x) { return std::isnan(x); });
+    const T value = has_nan ? std::numeric_limits<T>::quiet_NaN() : T(0);
+    std::fill(s, s + width, value);
+    if (has_nan) row_max = row_sum = value;
+    return has_nan ? value : T(1);
+  }
+  const T alpha = std::exp(row_max - new_max);  // exp(-inf) = 0 on the first visible tile
+  const V shift = broadcast(new_max);
+  V sum{};
+  for (int64_t c = 0; c < width; c += kLanes<T>) {
+    const V p = exp_attention(load_vector(s + c) - shift);
+    sum += p;
+    store_vector(s + c, p);
+  }
+  row_max = new_max;
+  row_sum = row_sum * alpha + reduce_sum(sum);
+  return alpha;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Dropout.
+// ------------------------------------------------------------------------------------------------
+/// uint32 lanes matching the lane count of T (16 for float, 8 for double).
+template <typename T>
+struct HashLanes {
+  typedef uint32_t type __attribute__((vector_size(4 * kLanes<T>)));
+};
+
+/// seqkern/reference/flash_attention.py's dropout_bits, on uint32 (the reference's int64 arithmetic
+/// reduced mod 2^32, identical while the head index stays below 2^32):
+///   head_key = mix(mix(seed_lo ^ head) ^ seed_hi), row_key = mix(head_key ^ i),
+///   bits = mix(row_key ^ (j * 0x9E3779B1)); kept iff bits >= threshold = min(floor(p 2^32), 2^32 - 1).
+struct DropoutHash {
+  uint32_t seed_lo = 0, seed_hi = 0, threshold = 0;
+
+  DropoutHash() = default;
+  DropoutHash(int64_t seed, double p)
+      : seed_lo(static_cast<uint32_t>(static_cast<uint64_t>(seed))),
+        seed_hi(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32)),
+        threshold(static_cast<uint32_t>(std::min<double>(std::floor(p * 4294967296.0), 4294967295.0))) {}
+
+  template <typename U>
+  static U mix(U x) {  // lowbias32, on a scalar or a vector of uint32
+    x ^= x >> 16;
+    x *= 0x21F0AAADu;
+    x ^= x >> 15;
+    x *= 0xD35A2D97u;
+    return x ^ (x >> 15);
+  }
+  uint32_t head_key(int64_t head) const {
+    return mix(mix(seed_lo ^ static_cast<uint32_t>(head)) ^ seed_hi);
+  }
+  static uint32_t row_key(uint32_t head_key, int64_t i) { return mix(head_key ^ static_cast<uint32_t>(i)); }
+
+  /// Lanes l of (row_key[l], column j) kept? as a lane mask usable with Simd<T> selects.
+  template <typename T>
+  typename SimdTraits<T>::bits keep(typename HashLanes<T>::type row_keys, uint32_t j) const {
+    using U = typename HashLanes<T>::type;
+    const U bits = mix<U>(row_keys ^ (U{} + j * 0x9E3779B1u));
+    return __builtin_convertvector(bits >= (U{} + threshold), typename SimdTraits<T>::bits);
+  }
+  /// Lanes l of (row i, columns j0 + l) kept?
+  template <typename T>
+  typename SimdTraits<T>::bits keep_row(uint32_t row_key, int64_t j0) const {
+    using U = typename HashLanes<T>::type;
+    U j{};
+    for (int l = 0; l < kLanes<T>; ++l) j[l] = static_cast<uint32_t>(j0 + l);
+    const U bits = mix<U>((U{} + row_key) ^ (j * 0x9E3779B1u));
+    return __builtin_convertvector(bits >= (U{} + threshold), typename SimdTraits<T>::bits);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Visibility.
+// ------------------------------------------------------------------------------------------------
+/// csrc/ops.cpp's rule for one sequence of len_q queries and len_k keys: query i sees keys
+/// [first_key(i), last_key(i)] (empty when first > last), both non-decreasing in i; and conversely
+/// key j is seen by queries [first_query(j), last_query(j)].
+struct Visibility {
+  int64_t len_q = 0, len_k = 0, shift = 0, window_left = -1, window_right = -1;
+
+  /// Windows wider than len_q + len_k see everything already; they are narrowed to that so that no index
+  /// arithmetic below can overflow.
+  Visibility(int64_t len_q_, int64_t len_k_, int64_t window_left_, int64_t window_right_, bool bottom_right)
+      : len_q(len_q_), len_k(len_k_), shift(bottom_right ? len_k_ - len_q_ : 0),
+        window_left(std::min(window_left_, len_q_ + len_k_)), window_right(std::min(window_right_, len_q_ + len_k_)) {}
+
+  int64_t first_key(int64_t i) const { return window_left < 0 ? 0 : std::max<int64_t>(0, i + shift - window_left); }
+  int64_t last_key(int64_t i) const {
+    return window_right < 0 ? len_k - 1 : std::min<int64_t>(len_k - 1, i + shift + window_right);
+  }
+  int64_t first_query(int64_t j) const {
+    return window_right < 0 ? 0 : std::max<int64_t>(0, j - shift - window_right);
+  }
+  int64_t last_query(int64_t j) const {
+    return window_left < 0 ? len_q - 1 : std::min<int64_t>(len_q - 1, j - shift + window_left);
+  }
+};
+
+/// Lanes of `index0 + lane` inside [first, last], as a select mask for Simd<T>.
+template <typename T>
+inline typename SimdTraits<T>::bits lanes_in_range(int64_t index0, int64_t first, int64_t last) {
+  using Bits = typename SimdTraits<T>::bits;
+  using Lane = SimdElement<Bits>;
+  Bits idx{};
+  for (int l = 0; l < kLanes<T>; ++l) idx[l] = static_cast<Lane>(l);
+  // Clamp the bounds into the lane window so they fit the lane type whatever the sequence length.
+  const Lane lo = static_cast<Lane>(std::clamp<int64_t>(first - index0, -1, kLanes<T>));
+  const Lane hi = static_cast<Lane>(std::clamp<int64_t>(last - index0, -1, kLanes<T>));
+  return (idx >= (Bits{} + lo)) & (idx <= (Bits{} + hi));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scheduling.
+// ------------------------------------------------------------------------------------------------
+/// Runs body(worker, item) for items [0, count) over at::parallel_for's threads, each worker taking the
+/// next item from a shared counter, so items of unequal cost (the rows of causal attention) balance
+/// themselves; a caller that puts cheap items last lets the workers finish together.
+/// worker < worker_count(count) identifies per-worker scratch: it is used by one thread at a time.
+inline int64_t worker_count(int64_t count) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+}
+
+template <typename Body>
+void for_each_worker(int64_t count, const Body& body) {
+  if (count <= 0) return;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, worker_count(count), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker)
+      for (int64_t item = next.fetch_add(1); item < count; item = next.fetch_add(1)) body(worker, item);
+  });
+}
+
+/// Indices [0, costs.size()) ordered by decreasing cost (longest-processing-time-first scheduling).
+inline std::vector<int64_t> by_decreasing_cost(const std::vector<int64_t>& costs) {
+  std::vector<int64_t> order(costs.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return costs[x] > costs[y]; });
+  return order;
+}
+
+}  // namespace seqkern::cpu::attention

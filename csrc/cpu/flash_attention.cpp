@@ -1,0 +1,805 @@
+// Flash attention on CPU: flash_attention_forward and flash_attention_backward (contracts in csrc/ops.cpp,
+// oracle in seqkern/reference/flash_attention.py).
+//
+// Tiling. A sequence's queries are cut into tiles of kQueryTile rows and its keys into tiles of kKeyTile.
+// Before the main loop every operand is re-laid once, in the accumulation dtype (fp32 for bf16 storage),
+// into zero-padded tiles whose rows are contiguous and a whole number of SIMD vectors wide, so that every
+// product below is a tile_gemm (attention.h) over plain row-major tiles:
+//   keys    K^T tiles (D x kKeyTile), K tiles (kKeyTile x D), V tiles (kKeyTile x Dv_pad)  [per kv head]
+//   queries (backward only) Q^T, Q, dO^T, dO tiles and per row lse and Delta = rowsum(dO * out)  [per head]
+// These copies are linear in the sequence lengths; the (Lq, Lk) scores exist one tile at a time only.
+//
+// Forward (FlashAttention-2): one work item = (sequence, query head, query tile). The item keeps its
+// output rows O, running max m and running sum l, and streams the visible key tiles:
+//   s = (scale Q) K^T (tile_gemm) + mask, -inf where hidden,
+//   online softmax (attention.h: online_softmax_update) -> P = exp(s - m'), O = alpha O + (P * keep) V,
+// and finally out = O / l / (1 - dropout_p), lse = m + log l. Key tiles no query of the item sees are
+// skipped, which halves causal work; the diagonal tile computes only the columns its rows see.
+//
+// Backward: one work item = (sequence, kv head, key tile), which owns its rows of dK and dV. It loops
+// over the query heads sharing the kv head and over the query tiles that see the key tile, working on
+// transposed score tiles so that every product reads its operands in their stored order:
+//   S^T = K (scale Q)^T, P^T = exp(S^T + mask - lse), dP^T = V dO^T (times keep / (1 - p) with dropout),
+//   dS^T = P^T * (dP^T - Delta), dV += (P^T * keep) dO, dK += scale dS^T Q, dQ^T += scale K^T dS^T
+// (Delta = rowsum(dO * out) = sum_j P dP, dropout included; grad_scores = dS).
+// dQ rows are shared by all key tiles, so each worker thread accumulates dQ^T in its own buffer and the
+// buffers are summed at the end (no atomics). Which buffer a key tile lands in depends on the dynamic
+// schedule, so grad_q may differ between runs in the last bits (rounding order), never more.
+//
+// Work is spread over at::parallel_for's threads by for_each_worker (attention.h): items are pulled from a
+// shared counter, so the unequal items of causal attention balance themselves.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu/attention.h"
+
+namespace seqkern::cpu {
+namespace {
+
+using namespace attention;
+
+template <typename S>
+using Acc = at::opmath_type<S>;
+
+// 128 x 128 tiles: a score tile is 64 KB of fp32 (L2-resident), the PV and dK/dV/dQ products have depth
+// 128, and the per-row softmax bookkeeping is paid once per 128 keys. Against 64-row query tiles (with
+// 128-key tiles), L = 1024, D = 64, 8 heads, one thread, best run side by side: forward 1.05x -> 1.14x SDPA,
+// forward + backward 1.24x -> 1.52x SDPA.
+constexpr int64_t kQueryTile = 128;
+constexpr int64_t kKeyTile = 128;
+constexpr int64_t kRowGroup = 32;  // rows of a diagonal (ragged) tile that share one column range
+
+// ================================================================================================
+// Arguments.
+// ================================================================================================
+/// One attention sequence: rows [q_begin, q_begin + len_q) of batch entry `batch` against keys
+/// [k_begin, k_begin + len_k); its tiles are numbered from q_tile_base / k_tile_base in the packed buffers.
+struct Sequence {
+  int64_t batch, q_begin, len_q, k_begin, len_k, q_tile_base, k_tile_base;
+};
+
+/// Everything both directions read off the arguments.
+struct Problem {
+  int64_t batch = 0, heads = 0, kv_heads = 0, group = 1, len_q = 0, len_k = 0, dim = 0, dim_v = 0;
+  double scale = 1;
+  int64_t window_left = -1, window_right = -1;
+  bool bottom_right = false;
+  bool dropout = false;
+  double dropout_p = 0;
+  DropoutHash hash;
+  std::vector<Sequence> sequences;
+  int64_t q_tiles = 0, k_tiles = 0;  // over all sequences
+  int64_t covered_q = 0, covered_k = 0;  // rows of q and of k/v inside a sequence (the rest get zeros)
+
+  Visibility visibility(const Sequence& s) const {
+    return Visibility(s.len_q, s.len_k, window_left, window_right, bottom_right);
+  }
+  int64_t tiles(int64_t length, int64_t tile) const { return (length + tile - 1) / tile; }
+};
+
+#define FA_CHECK(cond, ...) TORCH_CHECK(cond, "seqkern flash_attention (CPU): ", __VA_ARGS__)
+
+void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
+  FA_CHECK(t.dim() == 0 || t.numel() == 0 || t.stride(-1) == 1 || t.size(-1) <= 1, name, " must have stride(-1) == 1, got strides ",
+           t.strides());
+}
+
+void check_tensor(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef shape, const char* name) {
+  FA_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  FA_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  FA_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(), ", got ",
+           t.scalar_type());
+  check_last_dim_contiguous(t, name);
+}
+
+at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+/// cu_seqlens (N+1,) int32 on the CPU, 0 first, non-decreasing, last <= length; returned as int64 bounds.
+std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, int64_t length, const char* name) {
+  FA_CHECK(cu.device().is_cpu(), name, " must be a CPU tensor, got ", cu.device());
+  FA_CHECK(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  FA_CHECK(cu.dim() == 1 && cu.size(0) >= 1, name, " must be (N+1,), got shape ", cu.sizes());
+  const at::Tensor c = cu.contiguous();
+  const int32_t* data = c.data_ptr<int32_t>();
+  std::vector<int64_t> bounds(data, data + c.size(0));
+  FA_CHECK(bounds[0] == 0, name, "[0] must be 0, got ", bounds[0]);
+  for (size_t n = 1; n < bounds.size(); ++n)
+    FA_CHECK(bounds[n] >= bounds[n - 1], name, " must be non-decreasing, got ", name, "[", n, "] = ", bounds[n],
+             " < ", bounds[n - 1]);
+  FA_CHECK(bounds.back() <= length, name, "[-1] = ", bounds.back(), " exceeds the ", length,
+           " rows of the packed tensor");
+  return bounds;
+}
+
+/// Checks q, k, v and the mask; sets the sizes.
+void read_shapes(Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& attn_mask) {
+  const auto dtype = q.scalar_type();
+  FA_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+           "q must be float32, float64 or bfloat16, got ", dtype);
+  FA_CHECK(q.device().is_cpu(), "q must be a CPU tensor, got ", q.device());
+  FA_CHECK(q.dim() == 4, "q must be (B, Hq, Lq, D), got shape ", q.sizes());
+  FA_CHECK(k.dim() == 4, "k must be (B, Hkv, Lk, D), got shape ", k.sizes());
+  FA_CHECK(v.dim() == 4, "v must be (B, Hkv, Lk, Dv), got shape ", v.sizes());
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.len_q = q.size(2);
+  p.dim = q.size(3);
+  p.kv_heads = k.size(1);
+  p.len_k = k.size(2);
+  p.dim_v = v.size(3);
+  check_last_dim_contiguous(q, "q");
+  check_tensor(k, q, {p.batch, p.kv_heads, p.len_k, p.dim}, "k");
+  check_tensor(v, q, {p.batch, p.kv_heads, p.len_k, p.dim_v}, "v");
+  FA_CHECK(p.kv_heads > 0 ? p.heads % p.kv_heads == 0 : p.heads == 0, "the ", p.heads,
+           " query heads must be a multiple of the ", p.kv_heads, " kv heads");
+  p.group = p.kv_heads > 0 ? p.heads / p.kv_heads : 1;
+  if (attn_mask.has_value()) check_tensor(*attn_mask, q, {p.batch, p.heads, p.len_q, p.len_k}, "attn_mask");
+}
+
+/// Checks dropout_p and the seed; sets the dropout hash.
+void read_dropout(Problem& p, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  FA_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = dropout_p;
+  p.dropout = dropout_p > 0;
+  if (!p.dropout) return;
+  FA_CHECK(dropout_seed.has_value(), "dropout_p > 0 needs a dropout_seed");
+  const at::Tensor& seed = *dropout_seed;
+  FA_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
+           "dropout_seed must be an int64 CPU tensor with one element, got ", seed.scalar_type(), " ", seed.sizes(),
+           " on ", seed.device());
+  p.hash = DropoutHash(seed.item<int64_t>(), dropout_p);
+}
+
+/// The sequences: the B batch entries, or with cu_seqlens the packed sequences of batch entry 0; numbers
+/// their tiles.
+void read_sequences(Problem& p, const std::optional<at::Tensor>& cu_seqlens_q,
+                    const std::optional<at::Tensor>& cu_seqlens_k, bool has_mask) {
+  FA_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+           "cu_seqlens_q and cu_seqlens_k must be given together");
+  if (cu_seqlens_q.has_value()) {
+    FA_CHECK(p.batch == 1, "variable lengths (cu_seqlens) need B == 1, got B = ", p.batch);
+    FA_CHECK(!has_mask, "attn_mask must be None with cu_seqlens");
+    const auto bounds_q = read_cu_seqlens(*cu_seqlens_q, p.len_q, "cu_seqlens_q");
+    const auto bounds_k = read_cu_seqlens(*cu_seqlens_k, p.len_k, "cu_seqlens_k");
+    FA_CHECK(bounds_q.size() == bounds_k.size(), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
+             bounds_q.size(), " and ", bounds_k.size());
+    for (size_t n = 0; n + 1 < bounds_q.size(); ++n)
+      p.sequences.push_back(
+          {0, bounds_q[n], bounds_q[n + 1] - bounds_q[n], bounds_k[n], bounds_k[n + 1] - bounds_k[n], 0, 0});
+    p.covered_q = bounds_q.back();
+    p.covered_k = bounds_k.back();
+  } else {
+    for (int64_t b = 0; b < p.batch; ++b) p.sequences.push_back({b, 0, p.len_q, 0, p.len_k, 0, 0});
+    p.covered_q = p.len_q;
+    p.covered_k = p.len_k;
+  }
+  for (Sequence& s : p.sequences) {
+    s.q_tile_base = p.q_tiles;
+    s.k_tile_base = p.k_tiles;
+    p.q_tiles += p.tiles(s.len_q, kQueryTile);
+    p.k_tiles += p.tiles(s.len_k, kKeyTile);
+  }
+}
+
+/// Checks every argument the two ops share (before any kernel runs); returns the problem they define.
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+                     const std::optional<at::Tensor>& cu_seqlens_k, double scale, int64_t window_left,
+                     int64_t window_right, bool bottom_right, double dropout_p,
+                     const std::optional<at::Tensor>& dropout_seed) {
+  Problem p;
+  read_shapes(p, q, k, v, attn_mask);
+  FA_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  p.scale = scale;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = bottom_right;
+  read_dropout(p, dropout_p, dropout_seed);
+  read_sequences(p, cu_seqlens_q, cu_seqlens_k, attn_mask.has_value());
+  return p;
+}
+
+/// Rows of a (B, H, L, X) tensor with stride(-1) == 1 (any other strides).
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t s0, s1, s2;
+  explicit Rows(const at::Tensor& t)
+      : data(t.data_ptr<std::remove_const_t<T>>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
+  T* operator()(int64_t b, int64_t h, int64_t i) const { return data + b * s0 + h * s1 + i * s2; }
+};
+
+/// For each global tile index of a sequence family, the sequence it belongs to and its index in it.
+std::vector<std::pair<int64_t, int64_t>> tile_owners(const Problem& p, bool keys) {
+  std::vector<std::pair<int64_t, int64_t>> owners;
+  for (size_t n = 0; n < p.sequences.size(); ++n) {
+    const Sequence& s = p.sequences[n];
+    const int64_t count = keys ? p.tiles(s.len_k, kKeyTile) : p.tiles(s.len_q, kQueryTile);
+    for (int64_t t = 0; t < count; ++t) owners.emplace_back(static_cast<int64_t>(n), t);
+  }
+  return owners;
+}
+
+/// Tiles of tile_size elements, one per (head, global tile index), uninitialized until packed (the
+/// packing writes every element, padding included, inside the parallel loop).
+template <typename A>
+struct TileArray {
+  int64_t tiles = 0, tile_size = 0;
+  std::unique_ptr<A[]> data;
+
+  TileArray() = default;
+  TileArray(int64_t heads, int64_t tiles_, int64_t tile_size_)
+      : tiles(tiles_), tile_size(tile_size_), data(new A[heads * tiles_ * tile_size_]) {}
+  A* operator()(int64_t h, int64_t g) const { return data.get() + (h * tiles + g) * tile_size; }
+};
+
+/// The tile of `size` elements at dst: dst[r * ld + c] = factor * src_row(r)[c] for r < rows, c < cols,
+/// converted to A, and 0 everywhere else (the padding); transpose: dst[c * ld + r] instead.
+template <typename A, typename S, typename RowPtr>
+void copy_tile(A* dst, int64_t size, int64_t ld, int64_t rows, int64_t cols, const RowPtr& src_row, bool transpose,
+               A factor = A(1)) {
+  std::fill(dst, dst + size, A(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* src = src_row(r);
+    if (transpose) {
+      for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = factor * static_cast<A>(src[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = factor * static_cast<A>(src[c]);
+    }
+  }
+}
+
+/// A work item: one tile (of queries in the forward, of keys in the backward) of one head of one sequence.
+struct Item {
+  int64_t n, head, tile;
+};
+
+/// The items over `heads` heads and the query tiles (or, with key_tiles, the key tiles) of every sequence,
+/// for for_each_worker. Head-major, so that workers running consecutive items share that
+/// head's packed operands in cache; within a head the tiles in decreasing cost(vis, first_row, end_row)
+/// order (the number of tiles of the other side they see), so the cheap ones come last and the workers
+/// finish together.
+template <typename Cost>
+std::vector<Item> make_items(const Problem& p, int64_t heads, bool key_tiles, const Cost& cost) {
+  const int64_t tile = key_tiles ? kKeyTile : kQueryTile;
+  std::vector<Item> items;
+  for (size_t n = 0; n < p.sequences.size(); ++n) {
+    const Sequence& s = p.sequences[n];
+    const Visibility vis = p.visibility(s);
+    const int64_t length = key_tiles ? s.len_k : s.len_q;
+    std::vector<int64_t> costs(p.tiles(length, tile));
+    for (int64_t t = 0; t < static_cast<int64_t>(costs.size()); ++t)
+      costs[t] = cost(vis, t * tile, std::min(length, (t + 1) * tile));
+    const std::vector<int64_t> order = by_decreasing_cost(costs);
+    for (int64_t h = 0; h < heads; ++h)
+      for (const int64_t t : order) items.push_back({static_cast<int64_t>(n), h, t});
+  }
+  return items;
+}
+
+// ================================================================================================
+// Packed keys (both directions).
+// ================================================================================================
+/// K^T (D x kKeyTile), K (kKeyTile x D; backward only) and V (kKeyTile x Dv_pad) tiles of every kv head
+/// and key tile, zero-padded, in the accumulation dtype.
+template <typename A>
+struct KeyTiles {
+  int64_t dim_v_pad;
+  TileArray<A> kt, k, v;
+};
+
+template <typename S, typename A = Acc<S>>
+KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool with_rows) {
+  const int64_t dim_v_pad = pad_lanes<A>(p.dim_v);
+  KeyTiles<A> t{dim_v_pad, TileArray<A>(p.kv_heads, p.k_tiles, p.dim * kKeyTile), TileArray<A>(),
+                TileArray<A>(p.kv_heads, p.k_tiles, kKeyTile * dim_v_pad)};
+  if (with_rows) t.k = TileArray<A>(p.kv_heads, p.k_tiles, kKeyTile * p.dim);
+  const auto owners = tile_owners(p, /*keys=*/true);
+  const Rows<const S> k_src(k), v_src(v);
+  at::parallel_for(0, p.kv_heads * p.k_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / p.k_tiles, g = item % p.k_tiles;
+      const Sequence& s = p.sequences[owners[g].first];
+      const int64_t j0 = owners[g].second * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
+      const auto k_row = [&](int64_t r) { return k_src(s.batch, h, s.k_begin + j0 + r); };
+      const auto v_row = [&](int64_t r) { return v_src(s.batch, h, s.k_begin + j0 + r); };
+      copy_tile<A, S>(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*transpose=*/true);
+      copy_tile<A, S>(t.v(h, g), t.v.tile_size, dim_v_pad, width, p.dim_v, v_row, false);
+      if (with_rows) copy_tile<A, S>(t.k(h, g), t.k.tile_size, p.dim, width, p.dim, k_row, false);
+    }
+  });
+  return t;
+}
+
+// ================================================================================================
+// Forward.
+// ================================================================================================
+/// One worker's tiles: the query tile, the score/probability tile, the output accumulator and the
+/// per-row softmax state.
+template <typename A>
+struct ForwardScratch {
+  std::vector<A> q, scores, out, row_max, row_sum;
+  ForwardScratch(int64_t dim, int64_t dim_v_pad)
+      : q(kQueryTile * dim), scores(kQueryTile * kKeyTile), out(kQueryTile * dim_v_pad), row_max(kQueryTile),
+        row_sum(kQueryTile) {}
+};
+
+template <typename S>
+struct ForwardArgs {
+  using A = Acc<S>;
+  const Problem& p;
+  const KeyTiles<A>& keys;
+  Rows<const S> q;
+  std::optional<Rows<const S>> mask;
+  S* out;  // (B, Hq, Lq, Dv) contiguous
+  A* lse;  // (B, Hq, Lq) contiguous
+};
+
+/// Scores of row i of the tile, s = S + mask (S already scaled through Q), -inf outside the visible keys
+/// [first, last] (local indices) and on the padding past `width`; returns the row's maximum. A row that
+/// needs neither mask nor hiding is only read.
+template <typename A, typename S>
+A prepare_score_row(A* s, int64_t width, int64_t first, int64_t last, const S* mask_row) {
+  using V = Simd<A>;
+  constexpr int L = kLanes<A>;
+  const int64_t padded = pad_lanes<A>(width);
+  const bool partial = first > 0 || last < padded - 1;
+  const V minus_inf = broadcast(-std::numeric_limits<A>::infinity());
+  V row_max = minus_inf;
+  if (!partial && !mask_row) {
+    for (int64_t c = 0; c < padded; c += L) {
+      const V x = load_vector(s + c);
+      row_max = x > row_max ? x : row_max;
+    }
+    return reduce_max(row_max);
+  }
+  for (int64_t c = 0; c < padded; c += L) {
+    V x = load_vector(s + c);
+    if (mask_row) x += load<A>(mask_row + c, static_cast<int>(std::min<int64_t>(L, width - c)));
+    if (partial) x = lanes_in_range<A>(c, first, last) ? x : minus_inf;
+    store_vector(s + c, x);
+    row_max = x > row_max ? x : row_max;
+  }
+  return reduce_max(row_max);
+}
+
+/// p[c] = 0 for the dropped probabilities of row key `row_key` (columns j0 + c).
+template <typename A>
+void drop_row(A* p, int64_t padded, const DropoutHash& hash, uint32_t row_key, int64_t j0) {
+  using V = Simd<A>;
+  for (int64_t c = 0; c < padded; c += kLanes<A>) {
+    const V x = load_vector(p + c);
+    store_vector(p + c, hash.keep_row<A>(row_key, j0 + c) ? x : V{});
+  }
+}
+
+/// Rows [r0, r1) of query tile rows i0.. against columns [0, width) of key tile kt: S = (scale Q) K^T, the
+/// online softmax of each row, O = alpha O + (P * keep) V.
+template <typename S>
+void forward_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const Sequence& s, int64_t n, int64_t h,
+                  int64_t i0, int64_t r0, int64_t r1, int64_t kt, int64_t width) {
+  using A = Acc<S>;
+  const Problem& p = args.p;
+  const Visibility vis = p.visibility(s);
+  const int64_t j0 = kt * kKeyTile, g = s.k_tile_base + kt, kv_head = h / p.group;
+  const int64_t padded = pad_lanes<A>(width), dim_v_pad = args.keys.dim_v_pad;
+  A* scores = w.scores.data() + r0 * kKeyTile;
+  tile_gemm<A, false>(r1 - r0, padded, p.dim, w.q.data() + r0 * p.dim, p.dim, args.keys.kt(kv_head, g), kKeyTile,
+                      scores, kKeyTile);
+  const uint32_t head_key = p.hash.head_key(n * p.heads + h);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = i0 + r;
+    A* row = w.scores.data() + r * kKeyTile;
+    const S* mask_row = args.mask ? (*args.mask)(s.batch, h, s.q_begin + i) + s.k_begin + j0 : nullptr;
+    const A tile_max = prepare_score_row<A, S>(row, width, vis.first_key(i) - j0,
+                                               std::min(vis.last_key(i) - j0, width - 1), mask_row);
+    const A alpha = online_softmax_update(row, padded, tile_max, w.row_max[r], w.row_sum[r]);
+    if (p.dropout) drop_row(row, padded, p.hash, DropoutHash::row_key(head_key, i), j0);
+    if (alpha != A(1)) {
+      A* o = w.out.data() + r * dim_v_pad;
+      for (int64_t c = 0; c < dim_v_pad; c += kLanes<A>) store_vector(o + c, load_vector(o + c) * alpha);
+    }
+  }
+  tile_gemm<A, true>(r1 - r0, dim_v_pad, width, scores, kKeyTile, args.keys.v(kv_head, g), dim_v_pad,
+                     w.out.data() + r0 * dim_v_pad, dim_v_pad);
+}
+
+/// Query tile `tile` of head h in sequence n: streams its visible key tiles through the online softmax.
+template <typename S>
+void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t n, int64_t h, int64_t tile) {
+  using A = Acc<S>;
+  const Problem& p = args.p;
+  const Sequence& s = p.sequences[n];
+  const Visibility vis = p.visibility(s);
+  const int64_t i0 = tile * kQueryTile, rows = std::min(kQueryTile, s.len_q - i0);
+  const int64_t dim_v_pad = args.keys.dim_v_pad;
+
+  // Q times scale: the scores come out of the GEMM scaled (one rounding of q instead of a multiply per score).
+  copy_tile<A, S>(w.q.data(), rows * p.dim, p.dim, rows, p.dim,
+                  [&](int64_t r) { return args.q(s.batch, h, s.q_begin + i0 + r); }, false, A(p.scale));
+  std::fill(w.out.begin(), w.out.end(), A(0));
+  std::fill(w.row_max.begin(), w.row_max.end(), -std::numeric_limits<A>::infinity());
+  std::fill(w.row_sum.begin(), w.row_sum.end(), A(0));
+
+  const int64_t first_key = vis.first_key(i0), last_key = vis.last_key(i0 + rows - 1);
+  for (int64_t kt = first_key / kKeyTile; first_key <= last_key && kt <= last_key / kKeyTile; ++kt) {
+    const int64_t j0 = kt * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
+    // A tile whose right end the first rows do not see (the diagonal tile of causal attention) goes by
+    // groups of kRowGroup rows, each computing only the columns up to the last key its last row sees:
+    // 3/8 of the diagonal tile's products, 8% of the causal forward's GEMM work at L = 1024 (counted; the
+    // timing difference was inside this shared machine's noise).
+    const bool ragged = vis.last_key(i0) - j0 + 1 < width;
+    const int64_t group = ragged ? kRowGroup : rows;
+    for (int64_t r0 = 0; r0 < rows; r0 += group) {
+      const int64_t r1 = std::min(rows, r0 + group);
+      const int64_t columns = std::min(width, vis.last_key(i0 + r1 - 1) - j0 + 1);
+      if (columns > 0) forward_rows<S>(args, w, s, n, h, i0, r0, r1, kt, columns);  // else: no key seen here
+    }
+  }
+
+  const A keep_scale = p.dropout ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row_index = (s.batch * p.heads + h) * p.len_q + s.q_begin + i0 + r;
+    S* out = args.out + row_index * p.dim_v;
+    const A sum = w.row_sum[r];  // 0: the row saw no key (NaN: NaN scores, passed on)
+    const A inv = sum == 0 ? A(0) : keep_scale / sum;
+    for (int64_t c = 0; c < p.dim_v; c += kLanes<A>)  // rounded once to S here
+      store(out + c, load_vector(w.out.data() + r * dim_v_pad + c) * inv,
+            static_cast<int>(std::min<int64_t>(kLanes<A>, p.dim_v - c)));
+    args.lse[row_index] = sum == 0 ? -std::numeric_limits<A>::infinity() : w.row_max[r] + std::log(sum);
+  }
+}
+
+template <typename S>
+void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const std::optional<at::Tensor>& mask, at::Tensor& out, at::Tensor& lse) {
+  using A = Acc<S>;
+  const KeyTiles<A> keys = pack_keys<S>(p, k, v, /*with_rows=*/false);
+  ForwardArgs<S> args{p, keys, Rows<const S>(q), std::nullopt, out.data_ptr<S>(), lse.data_ptr<A>()};
+  if (mask) args.mask.emplace(*mask);
+
+  const auto key_tiles_seen = [](const Visibility& vis, int64_t i0, int64_t i1) {
+    const int64_t first = vis.first_key(i0), last = vis.last_key(i1 - 1);
+    return first <= last ? last / kKeyTile - first / kKeyTile + 1 : int64_t(0);
+  };
+  const std::vector<Item> items = make_items(p, p.heads, /*key_tiles=*/false, key_tiles_seen);
+  const int64_t workers = worker_count(static_cast<int64_t>(items.size()));
+  std::vector<std::unique_ptr<ForwardScratch<A>>> scratch(workers);
+  for_each_worker(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
+    if (!scratch[worker]) scratch[worker] = std::make_unique<ForwardScratch<A>>(p.dim, keys.dim_v_pad);
+    const Item& it = items[index];
+    forward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  (void)max_seqlen_q;  // the CPU kernel reads the lengths off cu_seqlens itself
+  (void)max_seqlen_k;
+  const Problem p = make_problem(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
+                                 bottom_right, dropout_p, dropout_seed);
+  // Every row inside a sequence is written by the kernel; rows past the last sequence see no key.
+  at::Tensor out = at::empty({p.batch, p.heads, p.len_q, p.dim_v}, q.options());
+  at::Tensor lse = at::empty({p.batch, p.heads, p.len_q}, q.options().dtype(lse_dtype(q)));
+  out.narrow(2, p.covered_q, p.len_q - p.covered_q).zero_();
+  lse.narrow(2, p.covered_q, p.len_q - p.covered_q).fill_(-std::numeric_limits<double>::infinity());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "flash_attention_forward", [&] {
+    forward<scalar_t>(p, q, k, v, attn_mask, out, lse);
+  });
+  return {out, lse};
+}
+
+// ================================================================================================
+// Backward.
+// ================================================================================================
+/// Q^T (D x kQueryTile), Q (kQueryTile x D_pad), dO^T (Dv x kQueryTile), dO (kQueryTile x Dv_pad) tiles of
+/// every head and query tile, and per row lse (+inf on rows that see nothing, so exp(s - lse) = 0) and
+/// Delta = rowsum(dO * out); zero-padded, in the accumulation dtype.
+template <typename A>
+struct QueryTiles {
+  int64_t dim_pad, dim_v_pad;
+  TileArray<A> qt, q, dot, dout, lse, delta;
+};
+
+template <typename S, typename A = Acc<S>>
+QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& out,
+                           const at::Tensor& lse) {
+  const int64_t dim_pad = pad_lanes<A>(p.dim), dim_v_pad = pad_lanes<A>(p.dim_v), heads = p.heads, tiles = p.q_tiles;
+  QueryTiles<A> t{dim_pad,
+                  dim_v_pad,
+                  TileArray<A>(heads, tiles, p.dim * kQueryTile),
+                  TileArray<A>(heads, tiles, kQueryTile * dim_pad),
+                  TileArray<A>(heads, tiles, p.dim_v * kQueryTile),
+                  TileArray<A>(heads, tiles, kQueryTile * dim_v_pad),
+                  TileArray<A>(heads, tiles, kQueryTile),
+                  TileArray<A>(heads, tiles, kQueryTile)};
+  const auto owners = tile_owners(p, /*keys=*/false);
+  const Rows<const S> q_src(q), do_src(grad_out), out_src(out);
+  const A* lse_data = lse.data_ptr<A>();
+  const int64_t lse_s0 = lse.stride(0), lse_s1 = lse.stride(1), lse_s2 = lse.stride(2);
+  at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / tiles, g = item % tiles;
+      const Sequence& s = p.sequences[owners[g].first];
+      const int64_t i0 = owners[g].second * kQueryTile, rows = std::min(kQueryTile, s.len_q - i0);
+      const auto q_row = [&](int64_t r) { return q_src(s.batch, h, s.q_begin + i0 + r); };
+      const auto do_row = [&](int64_t r) { return do_src(s.batch, h, s.q_begin + i0 + r); };
+      // Q^T times scale, as the forward scales Q: S^T comes out of the GEMM with the forward's rounding.
+      copy_tile<A, S>(t.qt(h, g), t.qt.tile_size, kQueryTile, rows, p.dim, q_row, /*transpose=*/true, A(p.scale));
+      copy_tile<A, S>(t.q(h, g), t.q.tile_size, dim_pad, rows, p.dim, q_row, false);
+      copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
+      copy_tile<A, S>(t.dout(h, g), t.dout.tile_size, dim_v_pad, rows, p.dim_v, do_row, false);
+      A* row_lse = t.lse(h, g);
+      A* row_delta = t.delta(h, g);
+      for (int64_t r = 0; r < kQueryTile; ++r) {
+        row_lse[r] = std::numeric_limits<A>::infinity();
+        row_delta[r] = 0;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = s.q_begin + i0 + r;
+        const A value = lse_data[s.batch * lse_s0 + h * lse_s1 + i * lse_s2];
+        row_lse[r] = value == -std::numeric_limits<A>::infinity() ? std::numeric_limits<A>::infinity() : value;
+        const S* o = out_src(s.batch, h, i);
+        const A* d = t.dout(h, g) + r * dim_v_pad;
+        A sum = 0;
+        for (int64_t c = 0; c < p.dim_v; ++c) sum += d[c] * static_cast<A>(o[c]);
+        row_delta[r] = sum;
+      }
+    }
+  });
+  return t;
+}
+
+/// One worker's tiles: S^T / P^T and dP^T / dS^T (kKeyTile x kQueryTile), the key tile's dK and dV rows,
+/// the dropout row keys of a query tile, and the worker's dQ^T accumulator over all heads and query tiles
+/// (dq_t_size elements, zeroed by the worker thread that creates it).
+template <typename A>
+struct BackwardScratch {
+  std::vector<A> probs, grads, dk, dv, dq_t;
+  std::vector<uint32_t> row_keys;
+  BackwardScratch(int64_t dim_pad, int64_t dim_v_pad, int64_t dq_t_size)
+      : probs(kKeyTile * kQueryTile), grads(kKeyTile * kQueryTile), dk(kKeyTile * dim_pad),
+        dv(kKeyTile * dim_v_pad), dq_t(dq_t_size), row_keys(kQueryTile) {}
+};
+
+template <typename S>
+struct BackwardArgs {
+  using A = Acc<S>;
+  const Problem& p;
+  const KeyTiles<A>& keys;
+  const QueryTiles<A>& queries;
+  std::optional<Rows<const S>> mask;
+  S* grad_k;         // (B, Hkv, Lk, D) contiguous
+  S* grad_v;         // (B, Hkv, Lk, Dv) contiguous
+  S* grad_scores;    // (B, Hq, Lq, Lk) contiguous, or null
+};
+
+/// Row r (key j) of the transposed tiles, query columns [c0, kQueryTile): probs = P^T (times keep / (1 - p)),
+/// grads = dS^T, from the scores S^T (already scaled through Q^T) in probs and dP^T in grads. Queries
+/// [first, last] (tile-local) see key j.
+template <typename S>
+void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
+                    int64_t g, int64_t i0, int64_t queries, int64_t j, int64_t first, int64_t last, int64_t r,
+                    int64_t c0) {
+  using A = Acc<S>;
+  using V = Simd<A>;
+  using Keys = typename HashLanes<A>::type;
+  constexpr int L = kLanes<A>;
+  const Problem& p = args.p;
+  const A keep_scale = p.dropout ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
+  const bool partial = first > c0 || last < kQueryTile - 1;
+  const V minus_inf = broadcast(-std::numeric_limits<A>::infinity());
+  A* prob_row = w.probs.data() + r * kQueryTile;
+  A* grad_row = w.grads.data() + r * kQueryTile;
+  const A* lse = args.queries.lse(h, g);
+  const A* delta = args.queries.delta(h, g);
+  for (int64_t c = c0; c < kQueryTile; c += L) {
+    V x = load_vector(prob_row + c), dp = load_vector(grad_row + c);
+    if (args.mask) {  // a column of the mask: strided, read lane by lane
+      for (int l = 0; l < L && c + l < queries; ++l)
+        x[l] += static_cast<A>((*args.mask)(s.batch, h, s.q_begin + i0 + c + l)[s.k_begin + j]);
+    }
+    if (partial) x = lanes_in_range<A>(c, first, last) ? x : minus_inf;
+    const V prob = exp_attention(x - load_vector(lse + c));
+    V kept = prob;
+    if (p.dropout) {
+      Keys keys;
+      std::memcpy(&keys, w.row_keys.data() + c, sizeof(Keys));
+      const auto keep = p.hash.keep<A>(keys, static_cast<uint32_t>(j));
+      kept = keep ? prob * keep_scale : V{};
+      dp = keep ? dp * keep_scale : V{};
+    }
+    store_vector(prob_row + c, kept);
+    store_vector(grad_row + c, prob * (dp - load_vector(delta + c)));
+  }
+}
+
+/// Key rows [r0, r1) of key tile gk against query columns [c0, kQueryTile) of query tile gq (rows i0..,
+/// `queries` of them) of head h: recomputes P^T and dS^T, then dV, dK (rows r0..r1) and dQ^T (columns
+/// c0..) += their products.
+template <typename S>
+void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
+                   int64_t kv_head, int64_t gk, int64_t j0, int64_t gq, int64_t i0, int64_t queries, int64_t r0,
+                   int64_t r1, int64_t c0) {
+  using A = Acc<S>;
+  const Problem& p = args.p;
+  const KeyTiles<A>& keys = args.keys;
+  const QueryTiles<A>& qs = args.queries;
+  const Visibility vis = p.visibility(s);
+  const int64_t rows = r1 - r0, columns = kQueryTile - c0, depth = queries - c0;
+  const int64_t dim_pad = qs.dim_pad, dim_v_pad = keys.dim_v_pad;
+  A* probs = w.probs.data() + r0 * kQueryTile + c0;
+  A* grads = w.grads.data() + r0 * kQueryTile + c0;
+  tile_gemm<A, false>(rows, columns, p.dim, keys.k(kv_head, gk) + r0 * p.dim, p.dim, qs.qt(h, gq) + c0, kQueryTile,
+                      probs, kQueryTile);
+  tile_gemm<A, false>(rows, columns, p.dim_v, keys.v(kv_head, gk) + r0 * dim_v_pad, dim_v_pad, qs.dot(h, gq) + c0,
+                      kQueryTile, grads, kQueryTile);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t j = j0 + r;
+    score_grad_row<S>(args, w, s, h, gq, i0, queries, j, vis.first_query(j) - i0,
+                      std::min(vis.last_query(j) - i0, queries - 1), r, c0);
+  }
+  tile_gemm<A, true>(rows, dim_v_pad, depth, probs, kQueryTile, qs.dout(h, gq) + c0 * dim_v_pad, dim_v_pad,
+                     w.dv.data() + r0 * dim_v_pad, dim_v_pad);
+  tile_gemm<A, true>(rows, dim_pad, depth, grads, kQueryTile, qs.q(h, gq) + c0 * dim_pad, dim_pad,
+                     w.dk.data() + r0 * dim_pad, dim_pad);
+  tile_gemm<A, true>(p.dim, columns, rows, keys.kt(kv_head, gk) + r0, kKeyTile, grads, kQueryTile,
+                     w.dq_t.data() + (h * p.q_tiles + gq) * p.dim * kQueryTile + c0, kQueryTile);
+  if (args.grad_scores) {
+    for (int64_t c = c0; c < queries; ++c) {
+      S* dst = args.grad_scores + ((s.batch * p.heads + h) * p.len_q + s.q_begin + i0 + c) * p.len_k + s.k_begin + j0;
+      for (int64_t r = r0; r < r1; ++r) dst[r] = static_cast<S>(w.grads[r * kQueryTile + c]);
+    }
+  }
+}
+
+/// Key tile `tile` of kv head h in sequence n: dK, dV of its rows, and its dQ^T contributions.
+template <typename S>
+void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int64_t n, int64_t kv_head, int64_t tile) {
+  using A = Acc<S>;
+  const Problem& p = args.p;
+  const KeyTiles<A>& keys = args.keys;
+  const QueryTiles<A>& qs = args.queries;
+  const Sequence& s = p.sequences[n];
+  const Visibility vis = p.visibility(s);
+  const int64_t j0 = tile * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
+  const int64_t gk = s.k_tile_base + tile;
+  std::fill(w.dk.begin(), w.dk.end(), A(0));
+  std::fill(w.dv.begin(), w.dv.end(), A(0));
+
+  const int64_t first_query = vis.first_query(j0), last_query = vis.last_query(j0 + width - 1);
+  for (int64_t h = kv_head * p.group; h < (kv_head + 1) * p.group; ++h) {
+    const uint32_t head_key = p.hash.head_key(n * p.heads + h);
+    for (int64_t qt = first_query / kQueryTile; first_query <= last_query && qt <= last_query / kQueryTile; ++qt) {
+      const int64_t i0 = qt * kQueryTile, queries = std::min(kQueryTile, s.len_q - i0);
+      if (p.dropout)
+        for (int64_t c = 0; c < queries; ++c) w.row_keys[c] = DropoutHash::row_key(head_key, i0 + c);
+      // A query tile whose left part the last keys do not see (the diagonal of causal attention) goes by
+      // groups of kRowGroup key rows, each starting at the vector holding the first query its first row
+      // sees: as in the forward, 3/8 of the diagonal tile's products (counted).
+      const bool ragged = vis.first_query(j0 + width - 1) - i0 >= kLanes<A>;
+      const int64_t group = ragged ? kRowGroup : width;
+      for (int64_t r0 = 0; r0 < width; r0 += group) {
+        const int64_t first = std::max<int64_t>(0, vis.first_query(j0 + r0) - i0);
+        const int64_t c0 = ragged ? first / kLanes<A> * kLanes<A> : 0;
+        if (c0 < queries)  // else no query of the tile sees these keys
+          backward_rows<S>(args, w, s, h, kv_head, gk, j0, s.q_tile_base + qt, i0, queries, r0,
+                           std::min(width, r0 + group), c0);
+      }
+    }
+  }
+  for (int64_t r = 0; r < width; ++r) {
+    const int64_t row = (s.batch * p.kv_heads + kv_head) * p.len_k + s.k_begin + j0 + r;
+    for (int64_t c = 0; c < p.dim; ++c)
+      args.grad_k[row * p.dim + c] = static_cast<S>(w.dk[r * qs.dim_pad + c] * A(p.scale));
+    for (int64_t c = 0; c < p.dim_v; ++c) args.grad_v[row * p.dim_v + c] = static_cast<S>(w.dv[r * keys.dim_v_pad + c]);
+  }
+}
+
+/// grad_q rows = scale * (sum over the workers' dQ^T tiles)^T.
+template <typename S, typename A = Acc<S>>
+void reduce_grad_q(const Problem& p, const std::vector<const A*>& dq_t, at::Tensor& grad_q) {
+  const auto owners = tile_owners(p, /*keys=*/false);
+  const int64_t tile_size = p.dim * kQueryTile;
+  S* out = grad_q.data_ptr<S>();
+  at::parallel_for(0, p.heads * p.q_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> sum(tile_size);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / p.q_tiles, g = item % p.q_tiles;
+      const Sequence& s = p.sequences[owners[g].first];
+      const int64_t i0 = owners[g].second * kQueryTile, rows = std::min(kQueryTile, s.len_q - i0);
+      std::fill(sum.begin(), sum.end(), A(0));
+      for (const A* part : dq_t)
+        for (int64_t e = 0; e < tile_size; ++e) sum[e] += part[item * tile_size + e];
+      for (int64_t r = 0; r < rows; ++r) {
+        S* dst = out + ((s.batch * p.heads + h) * p.len_q + s.q_begin + i0 + r) * p.dim;
+        for (int64_t c = 0; c < p.dim; ++c) dst[c] = static_cast<S>(sum[c * kQueryTile + r] * A(p.scale));
+      }
+    }
+  });
+}
+
+template <typename S>
+void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+              at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, at::Tensor& grad_scores) {
+  using A = Acc<S>;
+  const KeyTiles<A> keys = pack_keys<S>(p, k, v, /*with_rows=*/true);
+  const QueryTiles<A> queries = pack_queries<S>(p, q, grad_out, out, lse);
+  BackwardArgs<S> args{p,
+                       keys,
+                       queries,
+                       std::nullopt,
+                       grad_k.data_ptr<S>(),
+                       grad_v.data_ptr<S>(),
+                       grad_scores.numel() > 0 ? grad_scores.data_ptr<S>() : nullptr};
+  if (mask) args.mask.emplace(*mask);
+
+  const auto query_tiles_seen = [](const Visibility& vis, int64_t j0, int64_t j1) {
+    const int64_t first = vis.first_query(j0), last = vis.last_query(j1 - 1);
+    return first <= last ? last / kQueryTile - first / kQueryTile + 1 : int64_t(0);
+  };
+  const std::vector<Item> items = make_items(p, p.kv_heads, /*key_tiles=*/true, query_tiles_seen);
+  const int64_t workers = worker_count(static_cast<int64_t>(items.size()));
+  std::vector<std::unique_ptr<BackwardScratch<A>>> scratch(workers);
+  for_each_worker(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
+    if (!scratch[worker])
+      scratch[worker] = std::make_unique<BackwardScratch<A>>(queries.dim_pad, keys.dim_v_pad,
+                                                             p.heads * p.q_tiles * p.dim * kQueryTile);
+    const Item& it = items[index];
+    backward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile);
+  });
+  std::vector<const A*> dq_t;
+  for (const auto& w : scratch)
+    if (w) dq_t.push_back(w->dq_t.data());
+  reduce_grad_q<S>(p, dq_t, grad_q);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, bool want_grad_scores) {
+  (void)max_seqlen_q;  // the CPU kernel reads the lengths off cu_seqlens itself
+  (void)max_seqlen_k;
+  const Problem p = make_problem(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
+                                 bottom_right, dropout_p, dropout_seed);
+  check_tensor(grad_out, q, {p.batch, p.heads, p.len_q, p.dim_v}, "grad_out");
+  check_tensor(out, q, {p.batch, p.heads, p.len_q, p.dim_v}, "out");
+  FA_CHECK(lse.device().is_cpu(), "lse must be a CPU tensor, got ", lse.device());
+  FA_CHECK(lse.sizes() == at::IntArrayRef({p.batch, p.heads, p.len_q}), "lse must have shape ",
+           at::IntArrayRef({p.batch, p.heads, p.len_q}), ", got ", lse.sizes());
+  FA_CHECK(lse.scalar_type() == lse_dtype(q), "lse must have dtype ", lse_dtype(q), ", got ", lse.scalar_type());
+  // Every row inside a sequence is written by the kernel; rows past the last sequence get zeros.
+  at::Tensor grad_q = at::empty({p.batch, p.heads, p.len_q, p.dim}, q.options());
+  at::Tensor grad_k = at::empty({p.batch, p.kv_heads, p.len_k, p.dim}, q.options());
+  at::Tensor grad_v = at::empty({p.batch, p.kv_heads, p.len_k, p.dim_v}, q.options());
+  grad_q.narrow(2, p.covered_q, p.len_q - p.covered_q).zero_();
+  grad_k.narrow(2, p.covered_k, p.len_k - p.covered_k).zero_();
+  grad_v.narrow(2, p.covered_k, p.len_k - p.covered_k).zero_();
+  at::Tensor grad_scores = want_grad_scores ? at::zeros({p.batch, p.heads, p.len_q, p.len_k}, q.options())
+                                            : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "flash_attention_backward", [&] {
+    backward<scalar_t>(p, grad_out, q, k, v, out, lse, attn_mask, grad_q, grad_k, grad_v, grad_scores);
+  });
+  return {grad_q, grad_k, grad_v, grad_scores};
+}
+
+}  // namespace
+}  // namespace seqkern::cpu
+
+TORCH_LIBRARY_IMPL(seqkern, CPU, m) {
+  m.impl("flash_attention_forward", &seqkern::cpu::flash_attention_forward_cpu);
+  m.impl("flash_attention_backward", &seqkern::cpu::flash_attention_backward_cpu);
+}
