@@ -161,6 +161,26 @@ def _tile(ptr, rows, row_mask, row_stride, cols, col_count, COLS_FIRST: tl.const
 
 
 @triton.jit
+def _query_block(q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
+                 stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                 stride_mb, stride_mh, HAS_MASK: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What a program over the query block starting at first_row of (sequence, head) loads first, in the
+    forward and in the dQ kernel: its rows and their mask, the head-dim ranges, the bases of its kv head's K
+    and V and of its mask, and its q tile (BLOCK_M, BLOCK_D) as a tl.dot operand."""
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < len_q
+    dims = tl.arange(0, BLOCK_D)
+    value_dims = tl.arange(0, BLOCK_DV)
+    k_base = _at(k_ptr, batch, head // group, start_k, stride_kb, stride_kh, stride_kl)
+    v_base = _at(v_ptr, batch, head // group, start_k, stride_vb, stride_vh, stride_vl)
+    mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
+    q = _tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
+              rows, row_mask, stride_ql, dims, D, False).to(DOT)
+    return rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q
+
+
+@triton.jit
 def _saved_lse(lse_ptr, rows, row_mask):
     """The forward's lse of `rows`, +inf where it is -inf (no visible key) or past the end, so that
     exp(score - lse) is 0 there rather than NaN."""
@@ -189,15 +209,10 @@ def _forward_kernel(
     first_row = tl.program_id(0) * BLOCK_M
     if first_row >= len_q:
         return
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_mask = rows < len_q
-    dims = tl.arange(0, BLOCK_D)
-    value_dims = tl.arange(0, BLOCK_DV)
-    k_base = _at(k_ptr, batch, head // group, start_k, stride_kb, stride_kh, stride_kl)
-    v_base = _at(v_ptr, batch, head // group, start_k, stride_vb, stride_vh, stride_vl)
-    mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
-    q = _tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
-              rows, row_mask, stride_ql, dims, D, False).to(DOT)
+    rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
+        q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
+        stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        stride_mb, stride_mh, HAS_MASK, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
     if DROPOUT:
         head_key = _head_key(seed_ptr, n * Hq + head)
         threshold = dropout_threshold.to(tl.uint32)
@@ -346,15 +361,10 @@ def _query_gradients_kernel(
     first_row = tl.program_id(0) * BLOCK_M
     if first_row >= len_q:
         return
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_mask = rows < len_q
-    dims = tl.arange(0, BLOCK_D)
-    value_dims = tl.arange(0, BLOCK_DV)
-    k_base = _at(k_ptr, batch, head // group, start_k, stride_kb, stride_kh, stride_kl)
-    v_base = _at(v_ptr, batch, head // group, start_k, stride_vb, stride_vh, stride_vl)
-    mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
-    q = _tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
-              rows, row_mask, stride_ql, dims, D, False).to(DOT)
+    rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
+        q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
+        stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        stride_mb, stride_mh, HAS_MASK, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
     grad_out = _tile(_at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl), rows, row_mask,
                      stride_gl, value_dims, Dv, False).to(DOT)
     out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
