@@ -170,15 +170,7 @@ inline Simd<float> exp_attention(Simd<float> x) {
   V n;
   for (int l = 0; l < kLanes<float>; ++l) n[l] = std::nearbyint(x[l] * 1.44269504088896341f);
 #endif
-  V r = fmadd(n, broadcast(-0.693359375f), x);
-  r = fmadd(n, broadcast(2.12194440e-4f), r);
-  V p = broadcast(1.9875691500e-4f);
-  p = fmadd(p, r, broadcast(1.3981999507e-3f));
-  p = fmadd(p, r, broadcast(8.3334519073e-3f));
-  p = fmadd(p, r, broadcast(4.1665795894e-2f));
-  p = fmadd(p, r, broadcast(1.6666665459e-1f));
-  p = fmadd(p, r, broadcast(5.0000001201e-1f));
-  p = fmadd(p, r * r, r + 1.0f);
+  V p = exp_reduced(x, n);
 #if defined(__AVX512F__)
   return _mm512_scalef_ps(p, n);
 #else
