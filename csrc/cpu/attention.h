@@ -25,23 +25,6 @@ namespace seqkern::cpu::attention {
 // ------------------------------------------------------------------------------------------------
 // Tile GEMM.
 // ------------------------------------------------------------------------------------------------
-/// x in every lane: one vbroadcastss (or the FMA's embedded {1to16} broadcast of a memory operand), where
-/// recurrence.h's broadcast() (Simd{} + x) compiles to a vaddss and a vbroadcastss.
-inline Simd<float> splat(float x) {
-#if defined(__AVX512F__)
-  return _mm512_set1_ps(x);
-#else
-  return broadcast(x);
-#endif
-}
-inline Simd<double> splat(double x) {
-#if defined(__AVX512F__)
-  return _mm512_set1_pd(x);
-#else
-  return broadcast(x);
-#endif
-}
-
 /// One full vector from / to memory (unaligned).
 template <typename T>
 inline Simd<T> load_vector(const T* p) {

@@ -55,6 +55,23 @@ inline Simd<T> broadcast(T value) {
   return Simd<T>{} + value;
 }
 
+/// x in every lane as one vbroadcastss/sd (or the FMA's embedded {1to16} broadcast of a memory operand), where
+/// broadcast() (Simd{} + x) compiles to an add and a broadcast: for the inner loops of the attention kernels.
+inline Simd<float> splat(float x) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(x);
+#else
+  return broadcast(x);
+#endif
+}
+inline Simd<double> splat(double x) {
+#if defined(__AVX512F__)
+  return _mm512_set1_pd(x);
+#else
+  return broadcast(x);
+#endif
+}
+
 /// The first n (<= lanes) elements of src converted to Acc; the other lanes are zero.
 template <typename Acc, typename Src>
 inline Simd<Acc> load(const Src* src, int n = kLanes<Acc>) {
