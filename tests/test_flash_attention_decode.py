@@ -66,8 +66,8 @@ def _full_attention(case, q, k_cache, v_cache, lengths) -> torch.Tensor:
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend, dtype", [("cpu", d) for d in DTYPES + [torch.float16]] + [
+    pytest.param("triton", d, marks=pytest.mark.triton) for d in DTYPES], ids=str)
 def test_decode_against_full_attention(backend, dtype):
     cases = CASES if backend == "cpu" else TRITON_CASES
     for case in cases:

@@ -121,8 +121,8 @@ std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, int64_t length, const
 void read_shapes(Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& attn_mask) {
   const auto dtype = q.scalar_type();
-  FA_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
-           "q must be float32, float64 or bfloat16, got ", dtype);
+  FA_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+           "q must be float32, float64, bfloat16 or float16, got ", dtype);
   FA_CHECK(q.device().is_cpu(), "q must be a CPU tensor, got ", q.device());
   FA_CHECK(q.dim() == 4, "q must be (B, Hq, Lq, D), got shape ", q.sizes());
   FA_CHECK(k.dim() == 4, "k must be (B, Hkv, Lk, D), got shape ", k.sizes());
@@ -493,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   at::Tensor lse = at::empty({p.batch, p.heads, p.len_q}, q.options().dtype(lse_dtype(q)));
   out.narrow(2, p.covered_q, p.len_q - p.covered_q).zero_();
   lse.narrow(2, p.covered_q, p.len_q - p.covered_q).fill_(-std::numeric_limits<double>::infinity());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "flash_attention_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attention_forward", [&] {
     forward<scalar_t>(p, q, k, v, attn_mask, out, lse);
   });
   return {out, lse};
@@ -790,7 +790,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backw
   grad_v.narrow(2, p.covered_k, p.len_k - p.covered_k).zero_();
   at::Tensor grad_scores = want_grad_scores ? at::zeros({p.batch, p.heads, p.len_q, p.len_k}, q.options())
                                             : at::empty({0}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "flash_attention_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attention_backward", [&] {
     backward<scalar_t>(p, grad_out, q, k, v, out, lse, attn_mask, grad_q, grad_k, grad_v, grad_scores);
   });
   return {grad_q, grad_k, grad_v, grad_scores};

@@ -122,6 +122,8 @@ inline Simd<A> load_row(const T* src, int n = kLanes<A>) {
   const auto mask = static_cast<uint16_t>(n >= 16 ? 0xFFFF : (1u << n) - 1);
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return widen_bf16(reinterpret_cast<U16x16>(_mm256_maskz_loadu_epi16(mask, src)));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src));
   } else if constexpr (std::is_same_v<T, float>) {
     return _mm512_maskz_loadu_ps(mask, src);
   } else {
@@ -484,7 +486,10 @@ void decode(const DecodeShape& d, const Inputs<T>& in, const Visibility& vis, co
 // The op.
 // ------------------------------------------------------------------------------------------------
 void check_attention_tensor(const at::Tensor& t, const at::Tensor& like, const char* name, const char* layout) {
-  kCheck.supported_dtype(t, name);
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "seqkern flash_attention_decode (CPU): ", name, " must be float32, float64, bfloat16 or float16, got ",
+              dtype);
   kCheck.dtype_device(t, like, name);
   TORCH_CHECK(t.dim() == 4, "seqkern flash_attention_decode (CPU): ", name, " must be ", layout, ", got ", t.sizes());
   TORCH_CHECK(t.numel() == 0 || t.stride(3) == 1 || t.size(3) <= 1, "seqkern flash_attention_decode (CPU): ", name,
@@ -540,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_decode_cpu(const at::Tensor& 
   const Visibility vis{d.len_q, is_causal, window_left};
   // Query rows per register tile: 4 (16 scores per tile in fp32) whenever an item has 4 rows or more.
   const int64_t R = d.rows();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "flash_attention_decode", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attention_decode", [&] {
     const Inputs<scalar_t> in = strided_inputs<scalar_t>(q, k_cache, v_cache);
     if (R >= 4) {
       decode<scalar_t, 4>(d, in, vis, seqlens, scale, num_splits, out, lse);

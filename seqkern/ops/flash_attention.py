@@ -19,7 +19,7 @@ from seqkern.reference.flash_attention import visible
 from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops
 
 SUPPORTED_DTYPES = {
-    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.float64, torch.bfloat16),
 }
 ALIGNMENTS = ("top_left", "bottom_right")
