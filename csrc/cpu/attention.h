@@ -346,6 +346,20 @@ void for_each_worker(int64_t count, const Body& body) {
   });
 }
 
+/// As for_each_worker, but worker w runs the fixed items w, w + W, w + 2W, ... (W = worker_count(count)):
+/// what a worker accumulates, and in which order, does not depend on timing, so sums over per-worker
+/// buffers are reproducible run to run (for a given thread count). Dealt out this way, items sorted by
+/// decreasing cost within each head still give every worker a near-equal share.
+template <typename Body>
+void for_each_worker_strided(int64_t count, const Body& body) {
+  if (count <= 0) return;
+  const int64_t workers = worker_count(count);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker)
+      for (int64_t item = worker; item < count; item += workers) body(worker, item);
+  });
+}
+
 /// Indices [0, costs.size()) ordered by decreasing cost (longest-processing-time-first scheduling).
 inline std::vector<int64_t> by_decreasing_cost(const std::vector<int64_t>& costs) {
   std::vector<int64_t> order(costs.size());

@@ -22,12 +22,13 @@
 //   S^T = K (scale Q)^T, P^T = exp(S^T + mask - lse), dP^T = V dO^T (times keep / (1 - p) with dropout),
 //   dS^T = P^T * (dP^T - Delta), dV += (P^T * keep) dO, dK += scale dS^T Q, dQ^T += scale K^T dS^T
 // (Delta = rowsum(dO * out) = sum_j P dP, dropout included; grad_scores = dS).
-// dQ rows are shared by all key tiles, so each worker thread accumulates dQ^T in its own buffer and the
-// buffers are summed at the end (no atomics). Which buffer a key tile lands in depends on the dynamic
-// schedule, so grad_q may differ between runs in the last bits (rounding order), never more.
+// dQ rows are shared by all key tiles, so each worker accumulates dQ^T in its own buffer and the buffers
+// are summed at the end in worker order (no atomics). The backward deals its key tiles to the workers in a
+// fixed pattern (for_each_worker_strided), so the summation order, hence grad_q, is the same on every run.
 //
-// Work is spread over at::parallel_for's threads by for_each_worker (attention.h): items are pulled from a
-// shared counter, so the unequal items of causal attention balance themselves.
+// Work is spread over at::parallel_for's threads: the forward's items are pulled from a shared counter
+// (for_each_worker, attention.h), so the unequal items of causal attention balance themselves; the backward's
+// are dealt round-robin from the same decreasing-cost order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -472,7 +473,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   const std::vector<Item> items = make_items(p, p.heads, /*key_tiles=*/false, key_tiles_seen);
   const int64_t workers = worker_count(static_cast<int64_t>(items.size()));
   std::vector<std::unique_ptr<ForwardScratch<A>>> scratch(workers);
-  for_each_worker(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
+  for_each_worker_strided(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
     if (!scratch[worker]) scratch[worker] = std::make_unique<ForwardScratch<A>>(p.dim, keys.dim_v_pad);
     const Item& it = items[index];
     forward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile);
@@ -752,7 +753,7 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   const std::vector<Item> items = make_items(p, p.kv_heads, /*key_tiles=*/true, query_tiles_seen);
   const int64_t workers = worker_count(static_cast<int64_t>(items.size()));
   std::vector<std::unique_ptr<BackwardScratch<A>>> scratch(workers);
-  for_each_worker(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
+  for_each_worker_strided(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
     if (!scratch[worker])
       scratch[worker] = std::make_unique<BackwardScratch<A>>(queries.dim_pad, keys.dim_v_pad,
                                                              p.heads * p.q_tiles * p.dim * kQueryTile);
