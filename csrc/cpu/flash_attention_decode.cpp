@@ -32,7 +32,7 @@
 namespace seqkern::cpu {
 namespace {
 
-constexpr ArgChecker kCheck{"flash_attention_decode"};
+constexpr ArgChecker kCheck{"flash_attention_decode", /*accepts_float16=*/true};
 
 /// Keys per block of the online softmax: a block of K (then of V) rows, 64 x 128 fp32 = 32 KB, stays in
 /// L1/L2 while the query tiles pass over it, and the per-row softmax bookkeeping is spread over 64 keys.
@@ -486,10 +486,7 @@ void decode(const DecodeShape& d, const Inputs<T>& in, const Visibility& vis, co
 // The op.
 // ------------------------------------------------------------------------------------------------
 void check_attention_tensor(const at::Tensor& t, const at::Tensor& like, const char* name, const char* layout) {
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "seqkern flash_attention_decode (CPU): ", name, " must be float32, float64, bfloat16 or float16, got ",
-              dtype);
+  kCheck.supported_dtype(t, name);
   kCheck.dtype_device(t, like, name);
   TORCH_CHECK(t.dim() == 4, "seqkern flash_attention_decode (CPU): ", name, " must be ", layout, ", got ", t.sizes());
   TORCH_CHECK(t.numel() == 0 || t.stride(3) == 1 || t.size(3) <= 1, "seqkern flash_attention_decode (CPU): ", name,

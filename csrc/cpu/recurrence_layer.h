@@ -62,6 +62,7 @@ inline Simd<double> tanh_accurate(Simd<double> x) {
 /// TORCH_CHECKs whose messages name the op ("seqkern gru (CPU): h0 must have shape ...").
 struct ArgChecker {
   const char* op;
+  bool accepts_float16 = false;  // the attention kernels serve float16; the recurrent ones do not
 
   void shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) const {
     TORCH_CHECK(t.sizes() == expected, "seqkern ", op, " (CPU): ", name, " must have shape ", expected, ", got ",
@@ -79,8 +80,10 @@ struct ArgChecker {
   }
   void supported_dtype(const at::Tensor& t, const char* name) const {
     const auto dtype = t.scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, "seqkern ", op, " (CPU): ",
-                name, " must be float32, float64 or bfloat16, got ", dtype);
+    const bool supported = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                           (accepts_float16 && dtype == at::kHalf);
+    TORCH_CHECK(supported, "seqkern ", op, " (CPU): ", name, " must be float32, float64, bfloat16",
+                accepts_float16 ? " or float16" : "", ", got ", dtype);
     dtype_device(t, t, name);
   }
   /// Both biases or neither, each (size,) like `like`.
