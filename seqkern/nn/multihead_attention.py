@@ -17,7 +17,7 @@ from torch import Tensor
 
 from seqkern._checks import DTypeError, ShapeError, check_tensor
 from seqkern.ops import flash_attention as ops
-from seqkern.reference.flash_attention import dropout_bits, dropout_threshold
+from seqkern.reference.flash_attention import apply_dropout
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -158,19 +158,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         """The probabilities the output was computed with (after dropout, as torch.nn returns them)."""
         full_mask = None if mask is None else mask.expand(*q.shape[:3], k.shape[2])
         probs = ops.attention_probabilities(q, k, lse, full_mask, 1.0 / math.sqrt(self.head_dim), -1, -1, False)
-        if dropout_p == 0.0:
-            return probs
-        batch, heads, len_q, len_k = probs.shape
-        head_index = (torch.arange(batch, device=q.device)[:, None] * heads + torch.arange(heads, device=q.device))
-        bits = dropout_bits(seed, head_index[:, :, None, None], torch.arange(len_q, device=q.device)[:, None],
-                            torch.arange(len_k, device=q.device))
-        return probs * (bits >= dropout_threshold(dropout_p)).to(probs.dtype) / (1 - dropout_p)
+        return probs if dropout_p == 0.0 else apply_dropout(probs, seed, dropout_p)
 
 
 def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
     """torch.nn's mask convention (bool True = masked out, or an additive float mask) -> additive float."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+        return ops.hiding_mask(mask, dtype)
     if not mask.is_floating_point():
         raise DTypeError(f"{name}: expected a bool or floating-point mask, got {mask.dtype}")
     return mask.to(dtype)

@@ -157,6 +157,11 @@ def dropout_seed(dropout_p: float, device: torch.device) -> Tensor | None:
     return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=device)
 
 
+def hiding_mask(hidden: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask, True where a score is hidden -> the additive mask in `dtype`: -inf there, 0 elsewhere."""
+    return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill(hidden, float("-inf"))
+
+
 def _additive_mask(attn_mask: Tensor | None, q: Tensor, len_k: int) -> Tensor | None:
     """attn_mask (bool: True = take part; or float, q's dtype), broadcastable to (B,Hq,Lq,Lk)
     -> an additive mask expanded to (B,Hq,Lq,Lk) without copying its broadcast dims (stride(-1) == 1)."""
@@ -174,7 +179,7 @@ def _additive_mask(attn_mask: Tensor | None, q: Tensor, len_k: int) -> Tensor | 
     if attn_mask.dim() > 4:
         raise ShapeError(f"attn_mask: expected at most 4 dims (broadcastable to {full}), got {tuple(attn_mask.shape)}")
     if attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        attn_mask = hiding_mask(~attn_mask, q.dtype)
     elif attn_mask.dtype != q.dtype:
         raise DTypeError(f"attn_mask: expected dtype torch.bool or {q.dtype} (as query), got {attn_mask.dtype}")
     if attn_mask.shape[-1] != len_k or attn_mask.stride(-1) != 1:

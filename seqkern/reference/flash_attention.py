@@ -58,6 +58,17 @@ def dropout_threshold(dropout_p: float) -> int:
     return min(int(dropout_p * 2**32), _U32)
 
 
+def apply_dropout(probs: Tensor, seed: Tensor, dropout_p: float, first_sequence: int = 0) -> Tensor:
+    """probs (B,H,Lq,Lk) of sequences first_sequence.. -> the kept ones scaled by 1 / (1 - p), the others 0:
+    the mask every implementation draws for this seed."""
+    batch, heads, len_q, len_k = probs.shape
+    device = probs.device
+    head = (torch.arange(batch, device=device)[:, None] + first_sequence) * heads + torch.arange(heads, device=device)
+    bits = dropout_bits(seed, head[:, :, None, None], torch.arange(len_q, device=device)[:, None],
+                        torch.arange(len_k, device=device)[None, :])
+    return probs * (bits >= dropout_threshold(dropout_p)).to(probs.dtype) / (1 - dropout_p)
+
+
 def visible(
     len_q: int, len_k: int, window_left: int, window_right: int, bottom_right: bool, device=None
 ) -> Tensor:
@@ -90,7 +101,7 @@ def _dense(
     q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), attn_mask broadcastable to (B,Hq,Lq,Lk)
     -> out (B,Hq,Lq,Dv) in q's dtype, lse (B,Hq,Lq).
     """
-    batch, heads, len_q, _ = q.shape
+    heads, len_q = q.shape[1:3]
     len_k = k.shape[2]
     compute = _compute_dtype(q.dtype)
     group = heads // k.shape[1]
@@ -107,14 +118,7 @@ def _dense(
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.exp(scores - lse).masked_fill(dead, 0.0)
     if dropout_p > 0:
-        heads_index = (torch.arange(batch, device=q.device)[:, None] + first_sequence) * heads + torch.arange(
-            heads, device=q.device
-        )
-        bits = dropout_bits(
-            dropout_seed, heads_index[:, :, None, None], torch.arange(len_q, device=q.device)[:, None],
-            torch.arange(len_k, device=q.device)[None, :],
-        )
-        probs = probs * (bits >= dropout_threshold(dropout_p)).to(compute) / (1 - dropout_p)
+        probs = apply_dropout(probs, dropout_seed, dropout_p, first_sequence)
     out = (probs @ vc).to(q.dtype)
     return out, lse.squeeze(-1).masked_fill(dead.squeeze(-1), float("-inf")).to(_lse_dtype(q.dtype))
 
