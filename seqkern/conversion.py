@@ -172,14 +172,15 @@ class _Converter:
 
     @staticmethod
     def _refusal(module: nn.Module, supported: bool) -> str | None:
-        if not supported:
-            base = next((cls for cls in SUPPORTED if isinstance(module, cls)), None)
-            if base is not None:
-                return (f"a subclass of torch.nn.{base.__name__} (it may override forward; its children are "
-                        "converted)")
+        """Why a module of (or derived from) a supported class is not replaced; None: no objection."""
+        base = next((cls for cls in SUPPORTED if isinstance(module, cls)), None)
+        if base is None:
             return None
+        # Checked first: parametrize swaps the module's class for a generated subclass.
         if parametrize.is_parametrized(module):
             return "its weights are parametrized (torch.nn.utils.parametrize): they are computed, not stored"
+        if not supported:
+            return f"a subclass of torch.nn.{base.__name__} (it may override forward; its children are converted)"
         return None
 
     def _children(self, module: nn.Module, path: str) -> None:
