@@ -205,32 +205,39 @@ def _grad_scores_kernel(
     HAS_GRAD_WEIGHTS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dS(i, j) = p(i, j) (dO_i . values_j + gW(i, j) - delta_i), delta_i = dO_i . O_i + sum_j p(i, j) gW(i, j)."""
+    """dS(i, j) = p(i, j) (dO_i . values_j + gW(i, j) - delta_i), delta_i = dO_i . O_i + sum_j p(i, j) gW(i, j).
+    The value dim is swept BLOCK_DV at a time, so any Dv fits the registers and shared memory."""
     batch = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < Lq
-    value_dims = tl.arange(0, BLOCK_DV)
-    grad_out = _load_rows(_batch_base(grad_out_ptr, batch, stride_gb), rows, row_mask, stride_gl, value_dims, Dv,
-                          ACC)
-    out = _load_rows(_batch_base(out_ptr, batch, stride_ob), rows, row_mask, stride_ol, value_dims, Dv, ACC)
-    delta = tl.sum(grad_out * out, 1)
+    grad_out_base = _batch_base(grad_out_ptr, batch, stride_gb)
+    out_base = _batch_base(out_ptr, batch, stride_ob)
+    values_base = _batch_base(values_ptr, batch, stride_vb)
     square = Lq * Lk  # weights, grad_weights and dS are (B,Lq,Lk) contiguous
     weights_base = _batch_base(weights_ptr, batch, square)
     grad_weights_base = _batch_base(grad_weights_ptr, batch, square) if HAS_GRAD_WEIGHTS else grad_weights_ptr
+    grad_scores_base = _batch_base(grad_scores_ptr, batch, square)
+
+    delta = tl.zeros((BLOCK_M,), ACC)
+    for first_dim in range(0, Dv, BLOCK_DV):
+        value_dims = first_dim + tl.arange(0, BLOCK_DV)
+        grad_out = _load_rows(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, ACC)
+        delta += tl.sum(grad_out * _load_rows(out_base, rows, row_mask, stride_ol, value_dims, Dv, ACC), 1)
     if HAS_GRAD_WEIGHTS:
         for first_col in range(0, Lk, BLOCK_N):
             cols = first_col + tl.arange(0, BLOCK_N)
             p = _load_rows(weights_base, rows, row_mask, Lk, cols, Lk, ACC)
             delta += tl.sum(p * _load_rows(grad_weights_base, rows, row_mask, Lk, cols, Lk, ACC), 1)
 
-    values_base = _batch_base(values_ptr, batch, stride_vb)
-    grad_scores_base = _batch_base(grad_scores_ptr, batch, square)
-    grad_out = grad_out.to(DOT)
     for first_col in range(0, Lk, BLOCK_N):
         cols = first_col + tl.arange(0, BLOCK_N)
         col_mask = cols < Lk
-        values = _load_rows(values_base, cols, col_mask, stride_vl, value_dims, Dv, DOT)
-        dp = tl.dot(grad_out, tl.trans(values), input_precision="ieee", out_dtype=ACC)
+        dp = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+        for first_dim in range(0, Dv, BLOCK_DV):
+            value_dims = first_dim + tl.arange(0, BLOCK_DV)
+            grad_out = _load_rows(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, DOT)
+            values = _load_rows(values_base, cols, col_mask, stride_vl, value_dims, Dv, DOT)
+            dp = tl.dot(grad_out, tl.trans(values), dp, input_precision="ieee", out_dtype=ACC)
         if HAS_GRAD_WEIGHTS:
             dp += _load_rows(grad_weights_base, rows, row_mask, Lk, cols, Lk, ACC)
         p = _load_rows(weights_base, rows, row_mask, Lk, cols, Lk, ACC)
@@ -315,12 +322,12 @@ def _values_gradient_kernel(
     Lq, Lk, Dv,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """grad_values = P^T dO for a block of keys. The product runs in ACC: the probabilities are not rounded to
-    bfloat16 (as the composed version's float32 product does not)."""
-    batch = tl.program_id(1)
+    """grad_values = P^T dO for a block of keys and of value dims. The product runs in ACC: the probabilities
+    are not rounded to bfloat16 (the composed version's product is float32 too)."""
+    batch = tl.program_id(2)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < Lk
-    value_dims = tl.arange(0, BLOCK_DV)
+    value_dims = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     grad_out_base = _batch_base(grad_out_ptr, batch, stride_gb)
     weights_base = _batch_base(weights_ptr, batch, Lq * Lk)
 
@@ -345,18 +352,31 @@ def _values_gradient_kernel(
 # GPU: BLOCK_M * BLOCK_N * BLOCK_H bounds the (queries, keys, hidden) broadcast each thread holds in registers.
 # Interpreter: it runs each program in Python, so the fewest, largest tiles are fastest.
 _TILES = {"gpu": (32, 32, 4, 4), "interpreter": (64, 64, 64, 4)}
+# The backward's dO . values products sweep the value dim this many at a time (dS kernel, float32, sm_80:
+# 64 spills 80 bytes at 255 registers, 32 spills 8 at 168).
+_VALUE_CHUNK = 32
 
 
 def _padded(size: int) -> int:
     return max(MIN_DOT_SIZE, triton.next_power_of_2(size))
 
 
-def blocks(like: Tensor, len_q: int, len_k: int, hidden: int, value_dim: int) -> dict:
-    """Tile sizes and warps for tensors like `like` of these sizes."""
+def blocks(kernel: str, like: Tensor, len_q: int, len_k: int, hidden: int, value_dim: int) -> dict:
+    """Tile sizes and warps of the "forward" or the "backward" kernels for tensors like `like` of these sizes.
+
+    The backward sweeps the value dim in chunks of at most _VALUE_CHUNK. The forward holds whole output rows:
+    past a value dim of 64 its query and key blocks shrink in proportion (down to MIN_DOT_SIZE), so that the
+    output accumulator and the values tile stay the size they are at 64. Float64 (registers twice as wide),
+    and the forward past a value dim of 256, take twice the warps."""
     block_m, block_n, block_h, num_warps = _TILES["gpu" if like.device.type == "cuda" else "interpreter"]
-    return {"BLOCK_M": min(block_m, _padded(len_q)), "BLOCK_N": min(block_n, _padded(len_k)),
-            "BLOCK_H": min(block_h, triton.next_power_of_2(max(hidden, 1))), "BLOCK_DV": _padded(value_dim),
-            "num_warps": num_warps}
+    block_dv = _padded(value_dim)
+    shrink = max(block_dv // 64, 1) if kernel == "forward" else 1
+    wide = like.dtype == torch.float64 or shrink > 4
+    return {"BLOCK_M": min(max(MIN_DOT_SIZE, block_m // shrink), _padded(len_q)),
+            "BLOCK_N": min(max(MIN_DOT_SIZE, block_n // shrink), _padded(len_k)),
+            "BLOCK_H": min(block_h, triton.next_power_of_2(max(hidden, 1))),
+            "BLOCK_DV": block_dv if kernel == "forward" else min(block_dv, _VALUE_CHUNK),
+            "num_warps": 2 * num_warps if wide else num_warps}
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -405,7 +425,7 @@ def additive_attention_forward(query_proj: Tensor, key_proj: Tensor, values: Ten
     out = query_proj.new_empty(batch, len_q, value_dim)
     lse = query_proj.new_empty(batch, len_q, dtype=stats)
     weights = query_proj.new_empty(batch, len_q, len_k, dtype=stats) if return_weights else query_proj.new_empty(0)
-    tiles = blocks(query_proj, len_q, len_k, hidden, value_dim)
+    tiles = blocks("forward", query_proj, len_q, len_k, hidden, value_dim)
     grid = (triton.cdiv(len_q, tiles["BLOCK_M"]), batch)
     if grid[0] and grid[1]:
         launch(_forward_kernel, grid, query_proj.device)(
@@ -438,9 +458,9 @@ def additive_attention_backward(grad_out: Tensor, grad_weights: Tensor | None, q
     grad_out, out, weights = _rows(grad_out), _rows(out), weights.contiguous()
     device = query_proj.device
     acc = accumulator_dtype(query_proj.dtype)
-    tiles = blocks(query_proj, len_q, len_k, hidden, value_dim)
+    tiles = blocks("backward", query_proj, len_q, len_k, hidden, value_dim)
     query_blocks, key_blocks = triton.cdiv(len_q, tiles["BLOCK_M"]), triton.cdiv(len_k, tiles["BLOCK_N"])
-    hidden_blocks = triton.cdiv(hidden, tiles["BLOCK_H"])
+    hidden_blocks, value_blocks = triton.cdiv(hidden, tiles["BLOCK_H"]), triton.cdiv(value_dim, tiles["BLOCK_DV"])
     proj_tiles = {name: tiles[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps")}
     value_tiles = {name: tiles[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_DV", "num_warps")}
 
@@ -465,7 +485,8 @@ def additive_attention_backward(grad_out: Tensor, grad_weights: Tensor | None, q
         if hidden:
             launch(_key_proj_gradient_kernel, (key_blocks, hidden_blocks, batch), device)(
                 *projections, grad_key_proj, grad_v_parts, *strides, len_q, len_k, hidden, ACC=acc, **proj_tiles)
-        launch(_values_gradient_kernel, (key_blocks, batch), device)(
-            grad_out, weights, grad_values, grad_out.stride(0), grad_out.stride(1), len_q, len_k, value_dim, ACC=acc,
-            **value_tiles)
+        if value_dim:
+            launch(_values_gradient_kernel, (key_blocks, value_blocks, batch), device)(
+                grad_out, weights, grad_values, grad_out.stride(0), grad_out.stride(1), len_q, len_k, value_dim,
+                ACC=acc, **value_tiles)
     return grad_query_proj, grad_key_proj, grad_values, grad_v_parts.sum(0).to(query_proj.dtype)
