@@ -20,12 +20,12 @@ Lq*Lk*H tanh evaluations, which dominate every kernel here.
          this key block's part of grad_v = sum_ij dS t, the parts summed afterwards in a fixed order;
       4. a program per (key block, chunk of value dims, batch): grad_values = P^T dO.
     Kernels 2 and 3 each recompute t = tanh(query_proj_i + key_proj_j) once; dS is read, not recomputed, so
-    the hidden units can be split across programs.
+    the hidden units can be split across programs. The dS buffer costs B*Lq*Lk floats, as the saved weights.
 
-tanh: triton.language has no tanh of its own (only the backends' libdevice), so it is written with tl.exp;
-see _tanh for its accuracy. Supported dtypes: float32, float64, bfloat16 (math, lse and weights in float32;
-float64 for float64). The launchers take CPU tensors too: kernels/_launch.py runs the kernels under the
-Triton interpreter then.
+tanh: triton.language has no tanh of its own (only the backends' libdevice), so it is written with tl.exp and
+a short series near 0 (_SERIES_BELOW says why); 1 - tanh^2 is computed without cancellation (_tanh_and_slope).
+Supported dtypes: float32, float64, bfloat16 (math, lse and weights in float32; float64 for float64). The
+launchers take CPU tensors too: kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations
 
