@@ -5,12 +5,10 @@ full model, torch.nn's nested-tensor padding semantics, state_dict both ways, su
 bad input."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import seqkern
 from helpers import assert_all_rule, case_id

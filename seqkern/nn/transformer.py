@@ -87,7 +87,10 @@ def _attend(attn: torch.nn.Module, query: Tensor, memory: Tensor, attn_mask: Ten
     # 3-20 ms here depending on the machine's load.
     heads = queries.copy_(_heads_first(out, batch_first, inverse=True)) if not q.requires_grad else \
         _heads_first(out, batch_first, inverse=True).contiguous()
-    output = F.linear(heads.flatten(-2), attn.out_proj.weight, attn.out_proj.bias)  # as torch.nn's MHA
+    # 2-D rows (a view either way), so that F.linear is one addmm with the bias fused: on the strided 3-D view
+    # it would be mm, then a separate pass adding the bias.
+    rows = heads.flatten(-2).flatten(0, 1)
+    output = F.linear(rows, attn.out_proj.weight, attn.out_proj.bias).unflatten(0, heads.shape[:2])
     return output.squeeze(0) if unbatched else output
 
 
@@ -142,14 +145,19 @@ def _owns_block_outputs(layer: torch.nn.Module, cls: type, blocks: tuple[str, ..
             and not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()))
 
 
-def _feed_forward(layer: torch.nn.Module, x: Tensor, in_place: bool) -> Tensor:
-    """linear2(dropout(activation(linear1(x)))). `in_place` (linear1 is a stock torch.nn.Linear: its output is
-    fresh) applies ReLU in place: no second (N, dim_feedforward) buffer, 50 MB at the BERT-base shape, whose
-    first-touch page faults cost 15-80 ms here by the machine's load (relu_ on a reused buffer: 16 ms). Autograd
-    allows it: relu's backward reads only the result."""
+def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
+    """linear2(dropout(activation(linear1(x)))). When linear1 is a stock torch.nn.Linear without forward hooks
+    (its output is then fresh), ReLU runs in place, and GELU too when no gradient is recorded: no second
+    (N, dim_feedforward) buffer, 50 MB at the BERT-base shape, whose first-touch page faults made torch.relu
+    75-110 ms against 16 ms for relu_ here (2 busy cores). Autograd allows relu_: its backward reads only the
+    result; gelu's reads its input."""
     hidden = layer.linear1(x)
-    hidden = hidden.relu_() if in_place and layer.activation is F.relu else layer.activation(hidden)
-    return layer.linear2(layer.dropout(hidden))
+    fresh = type(layer.linear1) is torch.nn.Linear and not layer.linear1._forward_hooks
+    if fresh and layer.activation is F.relu:
+        return layer.linear2(layer.dropout(hidden.relu_()))
+    if fresh and layer.activation is F.gelu and not hidden.requires_grad:
+        return layer.linear2(layer.dropout(torch.ops.aten.gelu_(hidden)))
+    return layer.linear2(layer.dropout(layer.activation(hidden)))
 
 
 def _residual(block_output: Tensor, x: Tensor, in_place: bool) -> Tensor:
@@ -201,7 +209,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         return self.dropout1(_attend(self.self_attn, x, x, attn_mask, key_padding_mask, is_causal))
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout2(_feed_forward(self, x, _owns_block_outputs(self, TransformerEncoderLayer, ())))
+        return self.dropout2(_feed_forward(self, x))
 
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
@@ -253,7 +261,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
         return self.dropout2(_attend(self.multihead_attn, x, mem, attn_mask, key_padding_mask, is_causal))
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout3(_feed_forward(self, x, _owns_block_outputs(self, TransformerDecoderLayer, ())))
+        return self.dropout3(_feed_forward(self, x))
 
 
 # ------------------------------------------------------------------------------------------------------------
