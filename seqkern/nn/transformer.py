@@ -145,25 +145,40 @@ def _owns_block_outputs(layer: torch.nn.Module, cls: type, blocks: tuple[str, ..
             and not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()))
 
 
+def _stock_linear(module: torch.nn.Module) -> bool:
+    """A torch.nn.Linear without hooks: calling F.linear with its parameters is exactly calling it."""
+    return type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
 def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
-    """linear2(dropout(activation(linear1(x)))). When linear1 is a stock torch.nn.Linear without forward hooks
-    (its output is then fresh), ReLU runs in place, and GELU too when no gradient is recorded: no second
-    (N, dim_feedforward) buffer, 50 MB at the BERT-base shape, whose first-touch page faults made torch.relu
-    75-110 ms against 16 ms for relu_ here (2 busy cores). Autograd allows relu_: its backward reads only the
-    result; gelu's reads its input."""
-    hidden = layer.linear1(x)
-    fresh = type(layer.linear1) is torch.nn.Linear and not layer.linear1._forward_hooks
-    if fresh and layer.activation is F.relu:
-        return layer.linear2(layer.dropout(hidden.relu_()))
-    if fresh and layer.activation is F.gelu and not hidden.requires_grad:
-        return layer.linear2(layer.dropout(torch.ops.aten.gelu_(hidden)))
-    return layer.linear2(layer.dropout(layer.activation(hidden)))
+    """linear2(dropout(activation(linear1(x)))), x (..., E) -> (..., E).
+
+    With stock linear layers (_stock_linear) the GEMMs run on 2-D rows, so the hidden activations are a fresh
+    tensor, not a view: ReLU then runs in place on it (GELU too when no gradient is recorded: its backward reads
+    its input), leaving out a second (N, dim_feedforward) buffer, 50 MB at the BERT-base shape, whose
+    first-touch page faults made torch.relu 75-110 ms against 16 ms for relu_ here (2 busy cores). On a view
+    (what F.linear returns for 3-D input) autograd would wrap the in-place op in CopySlices, which copies the
+    whole gradient: 300 ms of the BERT-base training step, measured.
+    """
+    if not (_stock_linear(layer.linear1) and _stock_linear(layer.linear2)):
+        return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+    hidden = F.linear(x.flatten(0, -2), layer.linear1.weight, layer.linear1.bias)
+    if layer.activation is F.relu:
+        hidden = hidden.relu_()
+    elif layer.activation is F.gelu and not hidden.requires_grad:
+        hidden = torch.ops.aten.gelu_(hidden)
+    else:
+        hidden = layer.activation(hidden)
+    return F.linear(layer.dropout(hidden), layer.linear2.weight, layer.linear2.bias).view(x.shape)
 
 
 def _residual(block_output: Tensor, x: Tensor, in_place: bool) -> Tensor:
-    """x + block_output, in the block's own buffer when `in_place` (it is fresh and its autograd node keeps no
-    output): one fresh (N,E) buffer less per residual."""
-    return block_output.add_(x) if in_place else x + block_output
+    """x + block_output, in the block's own buffer when `in_place` (the block's output is fresh and no
+    autograd node keeps it): one fresh (N,E) buffer less per residual. Not on a view that autograd tracks (an
+    eval-mode dropout returns the out-projection's view as is): CopySlices would copy the gradient."""
+    if in_place and not (block_output.requires_grad and block_output._is_view()):
+        return block_output.add_(x)
+    return x + block_output
 
 
 def _layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first,
