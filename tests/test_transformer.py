@@ -357,6 +357,36 @@ def test_dropout_in_training_only():
     torch.testing.assert_close(layer(x), layer(x))
 
 
+def _pass_through_blocks(cls):
+    """Overrides that call the originals: the layer then no longer owns its block outputs (no in-place adds)."""
+    class PassThrough(cls):
+        def _sa_block(self, *args, **kwargs):
+            return super()._sa_block(*args, **kwargs)
+
+        def _ff_block(self, x):
+            return super()._ff_block(x)
+    return PassThrough
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_in_place_residuals_keep_outputs_and_gradients_under_dropout(norm_first):
+    """With dropout the residual adds run in place on the dropout outputs; the same layer without them (a
+    pass-through subclass), drawing the same masks, gives the same output and gradients."""
+    modules = []
+    for cls in (seqkern.nn.TransformerEncoderLayer, _pass_through_blocks(seqkern.nn.TransformerEncoderLayer)):
+        torch.manual_seed(0)
+        modules.append(cls(16, 4, 32, dropout=0.3, norm_first=norm_first).double())
+    x = torch.randn(LEN_T, 2, 16, dtype=torch.float64)
+    results = []
+    for module in modules:
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        output = module(leaf)
+        results.append([output, *torch.autograd.grad(output.sum(), [leaf, *module.parameters()])])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.slow
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
