@@ -389,8 +389,10 @@ def test_in_place_residuals_keep_outputs_and_gradients_under_dropout(norm_first)
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph():
+    """Training (gradients) and eval without autograd (the in-place paths: heads copied into the q slot,
+    in-place GELU and residuals)."""
     torch._dynamo.reset()
-    layer = seqkern.nn.TransformerEncoderLayer(16, 4, 32, 0.0, batch_first=True, norm_first=True)
+    layer = seqkern.nn.TransformerEncoderLayer(16, 4, 32, 0.0, activation="gelu", batch_first=True)
     x = torch.randn(2, LEN_T, 16, requires_grad=True)
     pad = torch.zeros(2, LEN_T, dtype=torch.bool)
     pad[0, -3:] = True
@@ -398,6 +400,9 @@ def test_torch_compile_fullgraph():
     got, want = compiled(x, src_key_padding_mask=pad), layer(x, src_key_padding_mask=pad)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, src_key_padding_mask=pad), layer(x, src_key_padding_mask=pad))
 
 
 # ------------------------------------------------------------------------------------------------------------

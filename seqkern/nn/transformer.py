@@ -175,8 +175,10 @@ def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
 def _residual(block_output: Tensor, x: Tensor, in_place: bool) -> Tensor:
     """x + block_output, in the block's own buffer when `in_place` (the block's output is fresh and no
     autograd node keeps it): one fresh (N,E) buffer less per residual. Not on a view that autograd tracks (an
-    eval-mode dropout returns the out-projection's view as is): CopySlices would copy the gradient."""
-    if in_place and not (block_output.requires_grad and block_output._is_view()):
+    eval-mode dropout returns the out-projection's view as is): CopySlices would copy the gradient. Not under
+    torch.compile, whose memory planning reuses buffers itself (and dynamo cannot trace _is_view)."""
+    if in_place and not torch.compiler.is_compiling() and not (block_output.requires_grad
+                                                                and block_output._is_view()):
         return block_output.add_(x)
     return x + block_output
 
