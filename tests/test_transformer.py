@@ -405,6 +405,19 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(compiled(x, src_key_padding_mask=pad), layer(x, src_key_padding_mask=pad))
 
 
+@pytest.mark.parametrize("tgt_shape, memory_shape", [((0, 5, 16), (0, 4, 16)), ((3, 0, 16), (3, 4, 16)),
+                                                      ((3, 5, 16), (3, 0, 16))])
+def test_empty_batches_and_sequences(tgt_shape, memory_shape):
+    """Empty results of the right shape, and gradients of the right shape (an empty memory: attention 0)."""
+    encoder = seqkern.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    decoder = seqkern.nn.TransformerDecoderLayer(16, 4, 32, batch_first=True)
+    tgt, memory = torch.randn(tgt_shape, requires_grad=True), torch.randn(memory_shape, requires_grad=True)
+    out = decoder(encoder(tgt), memory)
+    assert out.shape == tgt_shape and torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.sum(), (tgt, memory), allow_unused=True)
+    assert grads[0].shape == tgt_shape
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Bad input.
 # ------------------------------------------------------------------------------------------------------------
