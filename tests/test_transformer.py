@@ -275,8 +275,14 @@ def test_state_dict_loads_both_ways(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs, ours = getattr(torch.nn, name)(**options), getattr(seqkern.nn, name)(**options)
+        torch.manual_seed(4)
+        initialized = getattr(torch.nn, name)(**options).state_dict()
+        torch.manual_seed(4)
+        same_seed = getattr(seqkern.nn, name)(**options)
     assert isinstance(ours, getattr(torch.nn, name))
     assert theirs.state_dict().keys() == ours.state_dict().keys()
+    for key, tensor in same_seed.state_dict().items():  # the same random draws as torch.nn's constructor
+        assert torch.equal(tensor, initialized[key]), key
     ours.load_state_dict(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict())
     for key, tensor in ours.state_dict().items():
