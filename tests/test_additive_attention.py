@@ -232,8 +232,8 @@ def test_backward_is_deterministic(impl):
 
 
 def test_tanh_accuracy():
-    """The kernel's fp32 tanh, read off the op with one key and H = 1 (then lse = score = tanh(q + k)): at most 2
-    ulp from tanh in float64 (its comment states the measured maximum) over [-12, 12] and near 0."""
+    """The kernel's fp32 tanh, read off the op with one key and H = 1 (then lse = score = tanh(q + k)): at most 3
+    ulp from tanh in float64 (its comment states the measured maximum, 2.5) over [-12, 12] and near 0."""
     x = torch.cat([torch.linspace(-12, 12, 1 << 20), torch.linspace(-1e-3, 1e-3, 1 << 16),
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, 9.0, 30.0, -1e4])])
     ones = torch.ones(1, 1, 1)
@@ -241,9 +241,10 @@ def test_tanh_accuracy():
         _, lse, _ = torch.ops.seqkern.additive_attention_forward(x.view(1, -1, 1), torch.zeros(1, 1, 1), ones,
                                                                   torch.ones(1), None, False)
     want = torch.tanh(x.double())
-    ulp = torch.finfo(torch.float32).eps * want.abs().float().clamp_min(torch.finfo(torch.float32).tiny)
-    ulps = ((lse.view(-1).double() - want).abs() / ulp.double()).max().item()
-    assert ulps <= 2, ulps
+    magnitude = want.abs().float()
+    ulp = torch.nextafter(magnitude, torch.tensor(float("inf"))).double() - magnitude.double()
+    ulps = ((lse.view(-1).double() - want).abs() / ulp).max().item()
+    assert ulps <= 3, ulps
 
 
 @pytest.mark.parametrize("impl", KERNELS)
