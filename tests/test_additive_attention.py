@@ -381,3 +381,22 @@ def test_op_bad_input_gets_a_clear_error(name, changes, words):
     args.update(changes)
     with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=words):
         torch.ops.seqkern.additive_attention_forward(*args.values())
+
+
+BACKWARD_OP_BAD = [
+    ("grad_out", dict(grad_out=torch.randn(2, 3, 6)), "grad_out must have shape"),
+    ("weights dtype", dict(weights=torch.rand(2, 3, 5, dtype=torch.float64)), "weights must have dtype"),
+    ("weights layout", dict(weights=torch.rand(2, 3, 10)[..., :5]), "weights must be contiguous"),
+    ("grad_weights", dict(grad_weights=torch.rand(2, 3, 4)), "grad_weights must have shape"),
+    ("out", dict(out=torch.randn(2, 3, 7).bfloat16()), "out must have dtype"),
+]
+
+
+@pytest.mark.parametrize("name, changes, words", BACKWARD_OP_BAD, ids=[c[0] for c in BACKWARD_OP_BAD])
+def test_backward_op_bad_input_gets_a_clear_error(name, changes, words):
+    projected = _projected()
+    args = dict(grad_out=torch.randn(2, 3, 7), grad_weights=None, **projected, out=torch.randn(2, 3, 7),
+                weights=torch.rand(2, 3, 5))
+    args.update(changes)
+    with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=words):
+        torch.ops.seqkern.additive_attention_backward(*args.values())
