@@ -25,7 +25,7 @@
 // P^T @ dO in ATen; then one tanh pass over the (i, j) pairs with ds(i, j) = p (dP + grad_weights - delta) != 0
 // (padding and underflowed probabilities skipped), each worker accumulating grad_key_proj of the batch entries
 // it touches and grad_v in its own buffers, summed at the end in worker order. Items are dealt to workers in a
-// fixed pattern (for_each_worker_strided), so the gradients are the same on every run (for a thread count).
+// fixed pattern (run_items), so the gradients are the same on every run (for a thread count).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -133,7 +133,7 @@ void check_last_dim_contiguous(const ArgChecker& check, const at::Tensor& t, con
               " must have stride(-1) == 1, got strides ", t.strides());
 }
 
-/// A tensor of `like`'s dtype (or `dtype`), the given shape, on the CPU, stride(-1) == 1 (contiguous if asked).
+/// t has `like`'s dtype, the given shape, lives on the CPU, has stride(-1) == 1 (and is contiguous if asked).
 void check_operand(const ArgChecker& check, const at::Tensor& t, const at::Tensor& like, at::IntArrayRef shape,
                    const char* name, bool contiguous = false) {
   check.tensor(t, like, shape, name);
@@ -182,7 +182,8 @@ int64_t thread_count(int64_t items, int64_t work) {
 }
 
 /// body(worker, item) for items [0, count) on `workers` threads, worker w taking items w, w + workers, ...
-/// (a fixed deal, so per-worker sums are reproducible); on the calling thread when workers == 1.
+/// (a fixed deal, so per-worker sums are reproducible); on the calling thread, with no parallel region, when
+/// workers == 1. attention.h's for_each_worker_strided deals the same way but always over every thread.
 template <typename Body>
 void run_items(int64_t count, int64_t workers, const Body& body) {
   if (workers <= 1) {
