@@ -1,0 +1,205 @@
+"""GPT: a decoder-only (causal) language model built from encoder layers, with KV-cache generation.
+
+    model = seqkern.models.GPT(vocab_size=65, d_model=256, nhead=4, num_layers=4, dim_feedforward=1024,
+                               max_len=256)
+    logits, loss = model(idx, targets)                  # idx, targets (B, T) -> logits (B, T, vocab)
+    out = model.generate(prompt, 200, temperature=0.8, top_k=20)
+
+Training runs the layers' own forward (pre-norm, causal flash attention). `generate` runs the prompt through
+the layers' weights once (causal `seqkern.attention`), keeping every layer's keys and values in a KV cache,
+then each new token alone against that cache (`seqkern.attention_decode`): O(T) work per token where a model
+without a cache recomputes the whole sequence.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import seqkern
+from seqkern._checks import DTypeError, ShapeError
+from seqkern.models._stack import check_token_ids, encoder_layers
+
+# GPT-2's initialization of the embeddings: with the LM head tied to the token embedding, torch's default
+# N(0, 1) would make the initial logits' scale grow with sqrt(d_model).
+EMBEDDING_INIT_STD = 0.02
+
+
+class KVCache:
+    """The keys and values of every layer of a GPT, for decoding one token at a time.
+
+    buffers[i]: (2, B, heads, max_len, head_dim) — layer i's keys ([0]) and values ([1]), allocated once;
+    positions [0, length) are filled. cache_seqlens: (B,) int32, `length` for every sequence (a batch of
+    prompts of one length grows in step), the argument `seqkern.attention_decode` reads.
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.buffers = [torch.empty(2, batch, heads, max_len, head_dim, dtype=dtype, device=device)
+                        for _ in range(num_layers)]
+        self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.buffers[0].shape[3]
+
+    def extend(self, new: int) -> int:
+        """Make room for `new` positions; returns where they start. Every layer writes them before reading."""
+        if self.length + new > self.max_len:
+            raise ShapeError(f"KVCache: {self.length} cached + {new} new positions exceed max_len={self.max_len}")
+        start, self.length = self.length, self.length + new
+        self.cache_seqlens.fill_(self.length)
+        return start
+
+    def write(self, layer: int, start: int, kv: Tensor) -> None:
+        """kv (2, B, heads, t, head_dim): layer `layer`'s keys and values of positions [start, start + t)."""
+        self.buffers[layer][:, :, :, start:start + kv.shape[3]].copy_(kv)
+
+
+class GPT(nn.Module):
+    """Token + learned position embeddings, `num_layers` pre-norm causal blocks (`layer_cls` with
+    norm_first=True, GELU, batch_first), a final LayerNorm and the LM head (its weight is the token
+    embedding's when `tie_embeddings`).
+
+    layer_cls: any class with torch.nn.TransformerEncoderLayer's constructor and attributes; None means
+    seqkern.nn.TransformerEncoderLayer. torch.nn's own gives the same model (same state_dict) on torch's kernels.
+
+    forward(idx (B, T) int64, targets (B, T) int64 or None) -> logits (B, T, vocab), or (logits, loss) with
+    targets (mean cross-entropy; target -100 is ignored, as in F.cross_entropy).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, nhead: int, num_layers: int, dim_feedforward: int,
+                 max_len: int, dropout: float = 0.0, tie_embeddings: bool = True, layer_norm_eps: float = 1e-5,
+                 layer_cls: type[nn.Module] | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("max_len", max_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ShapeError(f"{name}: expected a positive int, got {value!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.vocab_size, self.max_len, self.nhead = vocab_size, max_len, nhead
+        self.token_embedding = nn.Embedding(vocab_size, d_model, **factory)
+        self.position_embedding = nn.Embedding(max_len, d_model, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = encoder_layers(layer_cls, num_layers, d_model, nhead, dim_feedforward, dropout,
+                                     layer_norm_eps, norm_first=True, **factory)
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False, **factory)
+        nn.init.normal_(self.token_embedding.weight, std=EMBEDDING_INIT_STD)
+        nn.init.normal_(self.position_embedding.weight, std=EMBEDDING_INIT_STD)
+        if tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+
+    @property
+    def d_model(self) -> int:
+        return self.token_embedding.embedding_dim
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        check_token_ids("idx", idx, self.vocab_size, self.max_len)
+        length = idx.shape[1]
+        x = self._embed(idx, 0)
+        causal = nn.Transformer.generate_square_subsequent_mask(length, device=x.device, dtype=x.dtype)
+        for layer in self.layers:
+            x = layer(x, src_mask=causal, is_causal=True)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        if not isinstance(targets, Tensor) or targets.shape != idx.shape or targets.dtype != torch.int64:
+            got = f"{targets.dtype} of shape {tuple(targets.shape)}" if isinstance(targets, Tensor) else type(targets)
+            raise ShapeError(f"targets: expected an int64 tensor of shape {tuple(idx.shape)} (as idx), got {got}")
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def _embed(self, idx: Tensor, start: int) -> Tensor:
+        """idx (B, t) at positions [start, start + t) -> (B, t, d_model)."""
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        return self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+
+    # --------------------------------------------------------------------------------------------------------
+    # Generation.
+    # --------------------------------------------------------------------------------------------------------
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to max_len positions, in the parameters' dtype."""
+        weight = self.token_embedding.weight
+        return KVCache(len(self.layers), batch, self.nhead, self.max_len, self.d_model // self.nhead,
+                       dtype=weight.dtype, device=weight.device)
+
+    @torch.no_grad()
+    def forward_cached(self, idx: Tensor, cache: KVCache) -> Tensor:
+        """The next `t` positions of every sequence through the layers' weights, their keys and values appended
+        to `cache`: idx (B, t) -> logits of the last position (B, vocab). The first call (empty cache) is the
+        prompt's prefill (causal `seqkern.attention`); later calls attend to the cache with
+        `seqkern.attention_decode`. No dropout (inference)."""
+        start = cache.extend(idx.shape[1])
+        x = self.token_embedding(idx) + self.position_embedding.weight[start:start + idx.shape[1]]
+        for index, layer in enumerate(self.layers):
+            x = self._cached_block(layer, index, x, cache, start)
+        return self.lm_head(self.norm(x[:, -1]))
+
+    def _cached_block(self, layer: nn.Module, index: int, x: Tensor, cache: KVCache, start: int) -> Tensor:
+        """One pre-norm block on x (B, t, d) at positions [start, start + t), from the layer's own parameters:
+        x + out_proj(attention(norm1(x))), then + linear2(activation(linear1(norm2(x))))."""
+        attn = layer.self_attn
+        batch, length, d_model = x.shape
+        qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+        # (B, t, 3d) -> (3, B, heads, t, head_dim): strided views, nothing copied.
+        q, k, v = qkv.view(batch, length, 3, self.nhead, d_model // self.nhead).permute(2, 0, 3, 1, 4)
+        cache.write(index, start, torch.stack((k, v)))
+        if start == 0:
+            out = seqkern.attention(q, k, v, is_causal=True)
+        else:
+            keys, values = cache.buffers[index]
+            out = seqkern.attention_decode(q, keys, values, cache.cache_seqlens, is_causal=True)
+        x = x + attn.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+        return x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 do_sample: bool = True, generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+        """Continue each prompt by `max_new_tokens` tokens: idx (B, T) -> (B, T + max_new_tokens), the prompt
+        first. T + max_new_tokens <= max_len.
+
+        do_sample=False takes the most likely token (greedy); otherwise tokens are drawn from
+        softmax(logits / temperature), restricted to the `top_k` most likely when given, with `generator`
+        (reproducible when seeded). use_cache=False recomputes the whole sequence for every token through
+        forward (what a model without a KV cache does; the same tokens). No dropout (inference).
+        """
+        self._check_generate(idx, max_new_tokens, temperature, top_k, do_sample, generator)
+        batch, prompt_len = idx.shape
+        out = idx.new_empty(batch, prompt_len + max_new_tokens)
+        out[:, :prompt_len] = idx
+        cache = self.new_cache(batch) if use_cache else None
+        logits = self.forward_cached(idx, cache) if use_cache else self(idx)[:, -1]
+        for position in range(prompt_len, out.shape[1]):
+            out[:, position] = token = next_token(logits, temperature, top_k, do_sample, generator)
+            if position + 1 < out.shape[1]:
+                logits = self.forward_cached(token[:, None], cache) if use_cache else self(out[:, :position + 1])[:, -1]
+        return out
+
+    def _check_generate(self, idx, max_new_tokens, temperature, top_k, do_sample, generator) -> None:
+        check_token_ids("idx", idx, self.vocab_size, self.max_len)
+        if idx.shape[1] == 0:
+            raise ShapeError(f"idx: expected a prompt of at least one token, got shape {tuple(idx.shape)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ShapeError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if idx.shape[1] + max_new_tokens > self.max_len:
+            raise ShapeError(f"idx: a prompt of {idx.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds "
+                             f"max_len={self.max_len} (the learned positions)")
+        if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ShapeError(f"temperature: expected a number > 0 (do_sample=False for greedy), got {temperature!r}")
+        if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= self.vocab_size):
+            raise ShapeError(f"top_k: expected None or an int in [1, {self.vocab_size}] (vocab_size), got {top_k!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise DTypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+
+
+def next_token(logits: Tensor, temperature: float, top_k: int | None, do_sample: bool,
+               generator: torch.Generator | None) -> Tensor:
+    """logits (B, vocab) -> the next token ids (B,): the argmax, or a draw from softmax(logits / temperature)
+    over the `top_k` largest logits (all when None)."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
