@@ -1,6 +1,9 @@
 """seqkern.models.GPT: the forward and its gradients against the same model on torch.nn's layers (the rule of
 DESIGN.md), KV-cache generation against recomputing the sequence, sampling, tied weights, bad input."""
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +143,14 @@ def test_bad_configuration():
         GPT(**{**CONFIG, "nhead": 5})
     with pytest.raises(ValueError, match="max_len"):
         GPT(**{**CONFIG, "max_len": 0})
+
+
+def test_char_gpt_example_runs():
+    """examples/char_gpt.py end to end in a smoke configuration (~5 s of CPU time)."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "examples" / "char_gpt.py"), "--steps", "2", "--new-tokens", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for expected in ("loss curve", "unigram entropy", "sample", "seqkern is", "same tokens"):
+        assert expected in result.stdout, result.stdout
+    assert "DIFFERENT tokens" not in result.stdout, result.stdout
