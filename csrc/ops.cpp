@@ -128,4 +128,33 @@ TORCH_LIBRARY(seqkern, m) {
   m.def(
       "flash_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, float scale, "
       "bool is_causal, int window_left, int num_splits) -> (Tensor out, Tensor lse)");
+
+  // Additive (Bahdanau) attention, flash style: score(i, j) = v . tanh(query_proj_i + key_proj_j) is computed a
+  // tile of keys at a time with an online softmax, never the (B,Lq,Lk,H) tanh tensor the composed version builds.
+  // The projections (query W_q^T, keys W_k^T) are ordinary GEMMs left to the caller, so a decoder projects its
+  // source keys once for every step.
+  //   query_proj (B,Lq,H), key_proj (B,Lk,H), values (B,Lk,Dv): one dtype, any strides with stride(-1) == 1;
+  //   v (H,) contiguous, same dtype; key_padding_mask (B,Lk) bool, contiguous, True where key j is padding.
+  //   -> out (B,Lq,Dv) contiguous, the inputs' dtype: sum_j p(i, j) values_j;
+  //      lse (B,Lq) contiguous, float64 for float64 inputs else float32: log sum_j exp(score(i, j)) over the
+  //      keys that are not padding;
+  //      weights (B,Lq,Lk) contiguous, lse's dtype: p(i, j) = exp(score(i, j) - lse_i) (0 at padding) when
+  //      return_weights, else empty. (Autograd asks for them: the backward reads p instead of recomputing the
+  //      scores, one tanh pass saved for B*Lq*Lk floats of memory.)
+  //   A row whose keys are all padding (or Lk == 0) has out = 0, lse = -inf and weights 0.
+  m.def(
+      "additive_attention_forward(Tensor query_proj, Tensor key_proj, Tensor values, Tensor v, "
+      "Tensor? key_padding_mask, bool return_weights) -> (Tensor out, Tensor lse, Tensor weights)");
+  // Gradients of additive_attention_forward from the probabilities it returned.
+  //   grad_out (B,Lq,Dv) any strides with stride(-1) == 1; grad_weights (B,Lq,Lk) contiguous in the weights'
+  //   dtype or None: the gradient reaching the returned weights; out and weights as the forward returned them.
+  //   With ds(i, j) = p(i, j) (grad_out_i . values_j + grad_weights(i, j) - delta_i),
+  //   delta_i = grad_out_i . out_i + sum_j p(i, j) grad_weights(i, j), and t = tanh(query_proj_i + key_proj_j):
+  //   -> grad_query_proj (B,Lq,H) = sum_j ds(i, j) v * (1 - t^2), grad_key_proj (B,Lk,H) = sum_i of the same,
+  //      grad_values (B,Lk,Dv) = sum_i p(i, j) grad_out_i, grad_v (H,) = sum_ij ds(i, j) t; contiguous, the
+  //      inputs' dtype.
+  m.def(
+      "additive_attention_backward(Tensor grad_out, Tensor? grad_weights, Tensor query_proj, Tensor key_proj, "
+      "Tensor values, Tensor v, Tensor out, Tensor weights) -> (Tensor grad_query_proj, Tensor grad_key_proj, "
+      "Tensor grad_values, Tensor grad_v)");
 }

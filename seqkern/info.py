@@ -8,7 +8,7 @@ import torch
 
 import seqkern
 from seqkern import _extension, _triton, backends
-from seqkern.ops import flash_attention, gru, lstm, rnn
+from seqkern.ops import additive_attention, flash_attention, gru, lstm, rnn
 
 # op name -> its dtype table; every op module adds its line here.
 # op -> (dtypes per implementation, the torch.ops.seqkern entry whose presence in the build decides "auto")
@@ -18,6 +18,7 @@ OPS = {
     "rnn": (rnn.SUPPORTED_DTYPES, "rnn_forward"),
     "flash_attention": (flash_attention.SUPPORTED_DTYPES, "flash_attention_forward"),
     "flash_attention_decode": (flash_attention.SUPPORTED_DTYPES, "flash_attention_decode"),
+    "additive_attention": (additive_attention.SUPPORTED_DTYPES, "additive_attention_forward"),
 }
 
 

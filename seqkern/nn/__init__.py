@@ -2,6 +2,16 @@
 from seqkern.nn.gru import GRU, GRUCell
 from seqkern.nn.lstm import LSTM, LSTMCell
 from seqkern.nn.multihead_attention import MultiheadAttention
+from seqkern.nn.positional_encoding import PositionalEncoding
 from seqkern.nn.rnn import RNN, RNNCell
+from seqkern.nn.transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 
-__all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell", "RNN", "RNNCell", "MultiheadAttention"]
+__all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell", "RNN", "RNNCell", "MultiheadAttention", "PositionalEncoding",
+           "Transformer", "TransformerEncoder", "TransformerDecoder", "TransformerEncoderLayer",
+           "TransformerDecoderLayer"]

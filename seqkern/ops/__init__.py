@@ -3,12 +3,14 @@
 Every fake implementation is registered through seqkern.ops._registry, the module csrc/ops.cpp names
 (`set_python_module`) for torch to import when it needs them.
 """
-from seqkern.ops import flash_attention, gru, lstm, rnn
+from seqkern.ops import additive_attention, flash_attention, gru, lstm, rnn
+from seqkern.ops.additive_attention import additive_attention_projected
 from seqkern.ops.flash_attention import attention, attention_decode, attention_varlen
 from seqkern.ops.gru import gru_cell, gru_layer
 from seqkern.ops.lstm import lstm_cell, lstm_layer
 from seqkern.ops.rnn import rnn_cell, rnn_layer
 
 __all__ = [
+    "additive_attention", "additive_attention_projected",
     "flash_attention", "attention", "attention_varlen", "attention_decode",
     "lstm", "gru", "rnn", "lstm_layer", "lstm_cell", "gru_layer", "gru_cell", "rnn_layer", "rnn_cell"]

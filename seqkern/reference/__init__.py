@@ -3,6 +3,7 @@
 Each function has the signature and the return values of the op of the same name in
 `torch.ops.seqkern`, and is differentiable by PyTorch's autograd.
 """
+from seqkern.reference.additive_attention import additive_attention_backward, additive_attention_forward
 from seqkern.reference.flash_attention import (
     flash_attention_backward,
     flash_attention_decode,
@@ -13,5 +14,6 @@ from seqkern.reference.lstm import lstm_cell_forward, lstm_forward
 from seqkern.reference.rnn import rnn_cell_forward, rnn_forward
 
 __all__ = [
+    "additive_attention_forward", "additive_attention_backward",
     "flash_attention_forward", "flash_attention_backward", "flash_attention_decode",
     "lstm_forward", "lstm_cell_forward", "gru_forward", "gru_cell_forward", "rnn_forward", "rnn_cell_forward"]

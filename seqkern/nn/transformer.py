@@ -1,0 +1,376 @@
+"""seqkern.nn.Transformer and its parts: drop-ins for torch.nn.Transformer, TransformerEncoder(Layer) and
+TransformerDecoder(Layer), with self- and cross-attention on seqkern's flash attention.
+
+Each class subclasses its torch.nn counterpart and calls torch.nn's constructor, so the constructor arguments,
+attribute names (self_attn, multihead_attn, linear1, linear2, norm1..3, dropout..dropout3, activation,
+norm_first), initialization (the same random draws: same seed, same weights) and state_dict are torch.nn's own,
+isinstance checks hold, and a subclass may override `_sa_block`, `_mha_block`, `_ff_block` or `forward` as it
+would torch.nn's. The attention modules are seqkern.nn.MultiheadAttention.
+
+Differences from torch.nn, all deliberate:
+  * No native fast path and no nested tensors: eval mode runs the same code as training (torch.nn's layer
+    switches to `torch._transformer_encoder_layer_fwd`, which ignores `is_causal`). seqkern.nn.TransformerEncoder
+    still returns what torch.nn's nested-tensor path returns: in the conditions torch.nn takes that path (eval,
+    no gradient, enable_nested_tensor, a right-padded src_key_padding_mask, no mask, ...) the padded positions
+    of the output are 0 before the final `norm`; otherwise they hold what the layers compute there, as in
+    torch.nn.
+  * A query whose keys are all masked gets attention output 0 where torch.nn gets NaN (as
+    seqkern.nn.MultiheadAttention).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
+
+from seqkern._checks import DTypeError, ShapeError, check_tensor
+from seqkern.nn.multihead_attention import MultiheadAttention, _attention_with_seed
+
+Activation = str | Callable[[Tensor], Tensor]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attention computed from a MultiheadAttention's parameters, in the caller's layout.
+# ------------------------------------------------------------------------------------------------------------
+def _use_seqkern_attention(attn: torch.nn.MultiheadAttention) -> None:
+    """Turn the torch.nn.MultiheadAttention that torch.nn's constructor built into seqkern's, in place: the same
+    parameters, drawn by torch.nn's code (one seed gives torch.nn's weights); seqkern's class adds only methods."""
+    attn.__class__ = MultiheadAttention
+
+
+def _runs_inline(attn: torch.nn.Module) -> bool:
+    """Whether `_attend` may compute `attn`'s attention from its parameters instead of calling it: a seqkern
+    MultiheadAttention with packed projections, its forward not overridden and no hooks on it (torch.nn's fast
+    path makes the same hook check)."""
+    return (isinstance(attn, MultiheadAttention) and type(attn).forward is MultiheadAttention.forward
+            and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+            and not attn._forward_hooks and not attn._forward_pre_hooks)
+
+
+def _attend(attn: torch.nn.Module, query: Tensor, memory: Tensor, attn_mask: Tensor | None,
+            key_padding_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """attn(query, memory, memory, need_weights=False)[0]; self-attention when `memory is query`.
+
+    query (L,B,E) | (B,L,E) with batch_first | (L,E), memory the same with S positions -> like query, a fresh
+    tensor when inline. Inline (see _runs_inline) it skips the copies MultiheadAttention.forward makes of a
+    batch-first input: one GEMM projects q, k and v (k and v for cross-attention) in the caller's layout, the
+    kernels read the heads as strided views of its output, and the backward of `unbind` writes their gradients
+    into one buffer. Measured (BERT-base self-attention, batch-first, eval, 2 threads): 200-210 ms against
+    205-217 ms through MultiheadAttention.forward.
+    """
+    if not _runs_inline(attn):
+        return attn(query, memory, memory, key_padding_mask=key_padding_mask, need_weights=False,
+                    attn_mask=attn_mask, is_causal=is_causal)[0]
+    batch_first = attn.batch_first and query.dim() == 3
+    to_seq_first = (lambda t: t.transpose(0, 1)) if batch_first else (lambda t: t)
+    unbatched = not attn._check_inputs(to_seq_first(query), to_seq_first(memory), to_seq_first(memory))
+    if unbatched:  # (L,E): a batch of one, batch-first (views)
+        batch_first, query, memory = True, query.unsqueeze(0), memory.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    if is_causal and attn_mask is None:
+        raise ShapeError("is_causal: the attention needs attn_mask with the is_causal hint (as torch.nn); "
+                         "torch.nn.Transformer.generate_square_subsequent_mask builds it")
+    queries, keys, values = _project(attn, query, memory)
+    q, k, v = (_heads_first(t, batch_first) for t in (queries, keys, values))
+    batch, _, len_q, _ = q.shape
+    causal_kernel = is_causal and key_padding_mask is None  # as torch.nn: the mask is then taken as causal
+    mask = None if causal_kernel else attn._mask(attn_mask, key_padding_mask, batch, len_q, k.shape[2], q.dtype)
+    out, _, _ = _attention_with_seed(q, k, v, mask, attn.dropout if attn.training else 0.0, causal_kernel)
+    # The kernel writes (B,H,L,D); the out-projection needs the caller's (B,L,H*D) or (L,B,H*D) rows: one copy.
+    # Without autograd it lands in the query projection's place, read no more (the GEMM reads rows with any
+    # stride): one fresh (N,E) buffer less, 12.6 MB at the BERT-base shape, whose first-touch page faults cost
+    # 3-20 ms here depending on the machine's load.
+    heads = queries.copy_(_heads_first(out, batch_first, inverse=True)) if not q.requires_grad else \
+        _heads_first(out, batch_first, inverse=True).contiguous()
+    output = F.linear(heads.flatten(-2), attn.out_proj.weight, attn.out_proj.bias)  # as torch.nn's MHA
+    return output.squeeze(0) if unbatched else output
+
+
+def _project(attn: MultiheadAttention, query: Tensor, memory: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """query (N0,N1,E), memory (M0,M1,E) -> q (N0,N1,H,D), k, v (M0,M1,H,D): views of one packed projection for
+    self-attention (`memory is query`), of two (q; k and v) otherwise."""
+    weight, bias, embed, heads = attn.in_proj_weight, attn.in_proj_bias, attn.embed_dim, attn.num_heads
+    if memory is query:
+        return _split_heads(F.linear(query, weight, bias), 3, heads)
+    (q,) = _split_heads(F.linear(query, weight[:embed], None if bias is None else bias[:embed]), 1, heads)
+    k, v = _split_heads(F.linear(memory, weight[embed:], None if bias is None else bias[embed:]), 2, heads)
+    return q, k, v
+
+
+def _heads_first(x: Tensor, batch_first: bool, inverse: bool = False) -> Tensor:
+    """(B,L,H,D) or (L,B,H,D) -> (B,H,L,D), the kernels' layout (a view); `inverse` goes back."""
+    if batch_first:
+        return x.transpose(1, 2)
+    return x.permute(2, 0, 1, 3) if inverse else x.permute(1, 2, 0, 3)
+
+
+def _split_heads(packed: Tensor, parts: int, heads: int) -> tuple[Tensor, ...]:
+    """(N0,N1,parts*E) -> `parts` views (N0,N1,heads,E/heads)."""
+    return packed.unflatten(-1, (parts, heads, -1)).unbind(-3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pieces the layers share.
+# ------------------------------------------------------------------------------------------------------------
+def _check_sequence(name: str, x: Tensor, reference: Tensor, width: int) -> None:
+    """x (L,B,E), (B,L,E) or (L,E) with E = width, in the dtype and on the device of `reference` (a parameter)."""
+    check_tensor(name, x)
+    if x.dim() not in (2, 3):
+        raise ShapeError(f"{name}: expected a 2-D (unbatched) or 3-D tensor, got shape {tuple(x.shape)}")
+    if x.shape[-1] != width:
+        raise ShapeError(f"{name}: expected {width} features (d_model) in the last dim, got shape {tuple(x.shape)}")
+    if x.dtype != reference.dtype or x.device != reference.device:
+        raise DTypeError(f"{name}: expected {reference.dtype} on {reference.device} (as the module's parameters), "
+                         f"got {x.dtype} on {x.device}")
+
+
+def _owns_block_outputs(layer: torch.nn.Module, cls: type, blocks: tuple[str, ...]) -> bool:
+    """Whether the block outputs of `layer` are fresh tensors nothing else holds, which its forward may then
+    update in place: the blocks are `cls`'s own (not overridden), its feed-forward and dropouts are stock
+    torch.nn.Linear / torch.nn.Dropout, its attention runs inline (_runs_inline) and no submodule has hooks
+    (torch.nn's fast path makes the same hook check)."""
+    stock_blocks = all(getattr(type(layer), name) is getattr(cls, name) for name in blocks)
+    stock_modules = all(type(module) in (torch.nn.Linear, torch.nn.Dropout) for name, module in
+                        layer.named_children() if name.startswith(("linear", "dropout")))
+    attentions = [module for module in layer.children() if isinstance(module, torch.nn.MultiheadAttention)]
+    return (stock_blocks and stock_modules and all(_runs_inline(a) for a in attentions)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()))
+
+
+def _feed_forward(layer: torch.nn.Module, x: Tensor, in_place: bool) -> Tensor:
+    """linear2(dropout(activation(linear1(x)))). `in_place` (linear1 is a stock torch.nn.Linear: its output is
+    fresh) applies ReLU in place: no second (N, dim_feedforward) buffer, 50 MB at the BERT-base shape, whose
+    first-touch page faults cost 15-80 ms here by the machine's load (relu_ on a reused buffer: 16 ms). Autograd
+    allows it: relu's backward reads only the result."""
+    hidden = layer.linear1(x)
+    hidden = hidden.relu_() if in_place and layer.activation is F.relu else layer.activation(hidden)
+    return layer.linear2(layer.dropout(hidden))
+
+
+def _residual(block_output: Tensor, x: Tensor, in_place: bool) -> Tensor:
+    """x + block_output, in the block's own buffer when `in_place` (it is fresh and its autograd node keeps no
+    output): one fresh (N,E) buffer less per residual."""
+    return block_output.add_(x) if in_place else x + block_output
+
+
+def _layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first,
+                bias, device, dtype) -> dict[str, Any]:
+    return dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+                activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
+                norm_first=norm_first, bias=bias, device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Layers.
+# ------------------------------------------------------------------------------------------------------------
+class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """Drop-in for torch.nn.TransformerEncoderLayer: self-attention and feed-forward, post- or pre-norm.
+
+    forward(src (S,B,E) | (B,S,E) with batch_first | (S,E), src_mask (S,S) or (B*nhead,S,S), bool (True = not
+    allowed) or float (added), src_key_padding_mask (B,S) bool (True = ignore) or float, is_causal (a hint that
+    src_mask is the causal mask: the causal kernel then runs without reading it)) -> like src.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: Activation = F.relu, layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(**_layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
+                                       batch_first, norm_first, bias, device, dtype))
+        _use_seqkern_attention(self.self_attn)
+
+    def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        _check_sequence("src", src, self.linear1.weight, self.self_attn.embed_dim)
+        own = _owns_block_outputs(self, TransformerEncoderLayer, ("_sa_block", "_ff_block"))
+        x = src
+        if self.norm_first:
+            x = _residual(self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal), x, own)
+            x = _residual(self._ff_block(self.norm2(x)), x, own)
+        else:
+            x = self.norm1(_residual(self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal), x, own))
+            x = self.norm2(_residual(self._ff_block(x), x, own))
+        return x
+
+    def _sa_block(self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+                  is_causal: bool = False) -> Tensor:
+        return self.dropout1(_attend(self.self_attn, x, x, attn_mask, key_padding_mask, is_causal))
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout2(_feed_forward(self, x, _owns_block_outputs(self, TransformerEncoderLayer, ())))
+
+
+class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
+    """Drop-in for torch.nn.TransformerDecoderLayer: self-attention, cross-attention to `memory`, feed-forward.
+
+    forward(tgt (T,B,E) | (B,T,E) with batch_first | (T,E), memory (S,B,E) | (B,S,E) | (S,E), tgt_mask (T,T) or
+    (B*nhead,T,T), memory_mask (T,S) or (B*nhead,T,S), tgt_key_padding_mask (B,T), memory_key_padding_mask (B,S)
+    (masks bool, True = not allowed, or float), tgt_is_causal, memory_is_causal (hints that tgt_mask /
+    memory_mask are causal)) -> like tgt.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: Activation = F.relu, layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(**_layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
+                                       batch_first, norm_first, bias, device, dtype))
+        _use_seqkern_attention(self.self_attn)
+        _use_seqkern_attention(self.multihead_attn)
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
+                memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False) -> Tensor:
+        _check_sequence("tgt", tgt, self.linear1.weight, self.self_attn.embed_dim)
+        _check_sequence("memory", memory, self.linear1.weight, self.self_attn.embed_dim)
+        if memory.dim() != tgt.dim():
+            raise ShapeError(f"memory: expected {tgt.dim()} dims (as tgt {tuple(tgt.shape)}), "
+                             f"got shape {tuple(memory.shape)}")
+        own = _owns_block_outputs(self, TransformerDecoderLayer, ("_sa_block", "_mha_block", "_ff_block"))
+        x = tgt
+        if self.norm_first:
+            x = _residual(self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal), x, own)
+            x = _residual(self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask,
+                                          memory_is_causal), x, own)
+            x = _residual(self._ff_block(self.norm3(x)), x, own)
+        else:
+            x = self.norm1(_residual(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), x, own))
+            x = self.norm2(_residual(self._mha_block(x, memory, memory_mask, memory_key_padding_mask,
+                                                     memory_is_causal), x, own))
+            x = self.norm3(_residual(self._ff_block(x), x, own))
+        return x
+
+    def _sa_block(self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+                  is_causal: bool = False) -> Tensor:
+        return self.dropout1(_attend(self.self_attn, x, x, attn_mask, key_padding_mask, is_causal))
+
+    def _mha_block(self, x: Tensor, mem: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+                   is_causal: bool = False) -> Tensor:
+        return self.dropout2(_attend(self.multihead_attn, x, mem, attn_mask, key_padding_mask, is_causal))
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout3(_feed_forward(self, x, _owns_block_outputs(self, TransformerDecoderLayer, ())))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stacks.
+# ------------------------------------------------------------------------------------------------------------
+class TransformerEncoder(torch.nn.TransformerEncoder):
+    """Drop-in for torch.nn.TransformerEncoder: `num_layers` deep copies of `encoder_layer`, then `norm`.
+
+    forward(src, mask, src_key_padding_mask, is_causal=None (None: detected from mask)) with the shapes of
+    TransformerEncoderLayer.forward -> like src. Padded positions: see the module docstring.
+    """
+
+    def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                is_causal: bool | None = None) -> Tensor:
+        check_tensor("src", src)
+        first = self.layers[0]
+        batch_first = first.self_attn.batch_first
+        is_causal = _detect_is_causal_mask(mask, is_causal, _get_seq_len(src, batch_first))
+        output = src
+        for layer in self.layers:
+            output = layer(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        if self._zeroes_padding(src, mask, src_key_padding_mask):
+            output = output.masked_fill(src_key_padding_mask.bool().unsqueeze(-1), 0.0)
+        return output if self.norm is None else self.norm(output)
+
+    def _zeroes_padding(self, src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | None) -> bool:
+        """Whether torch.nn.TransformerEncoder would run this call on nested tensors (its conditions, in its
+        order), returning 0 at the padded positions."""
+        first = self.layers[0]
+        if not (torch.backends.mha.get_fastpath_enabled() and getattr(self, "use_nested_tensor", False)
+                and not first.training and src.dim() == 3 and key_padding_mask is not None and mask is None
+                and not torch.is_autocast_enabled()):
+            return False
+        if getattr(self, "mask_check", True):
+            if torch.compiler.is_compiling():
+                return False
+            padded = key_padding_mask.bool()
+            if bool((padded[:, :-1] & ~padded[:, 1:]).any()):  # torch.nn: only right padding (left-aligned)
+                return False
+        parameters = (first.self_attn.in_proj_weight, first.self_attn.in_proj_bias, first.self_attn.out_proj.weight,
+                      first.self_attn.out_proj.bias, first.norm1.weight, first.norm1.bias, first.norm2.weight,
+                      first.norm2.bias, first.linear1.weight, first.linear1.bias, first.linear2.weight,
+                      first.linear2.bias)
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in (src, *parameters)))
+
+
+class TransformerDecoder(torch.nn.TransformerDecoder):
+    """Drop-in for torch.nn.TransformerDecoder: `num_layers` deep copies of `decoder_layer`, then `norm`.
+
+    forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+    tgt_is_causal=None (None: detected from tgt_mask), memory_is_causal) with the shapes of
+    TransformerDecoderLayer.forward -> like tgt.
+    """
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
+                memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool | None = None,
+                memory_is_causal: bool = False) -> Tensor:
+        check_tensor("tgt", tgt)
+        seq_len = _get_seq_len(tgt, self.layers[0].self_attn.batch_first)
+        tgt_is_causal = _detect_is_causal_mask(tgt_mask, tgt_is_causal, seq_len)
+        output = tgt
+        for layer in self.layers:
+            output = layer(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                           tgt_key_padding_mask=tgt_key_padding_mask,
+                           memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal,
+                           memory_is_causal=memory_is_causal)
+        return output if self.norm is None else self.norm(output)
+
+
+class Transformer(torch.nn.Transformer):
+    """Drop-in for torch.nn.Transformer(d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
+    dim_feedforward=2048, dropout=0.1, activation=F.relu, custom_encoder=None, custom_decoder=None,
+    layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None), built from
+    seqkern's encoder and decoder (unless custom ones are given), initialized as torch.nn's.
+
+    forward(src (S,B,E) | (B,S,E) | (S,E), tgt (T,B,E) | (B,T,E) | (T,E), src_mask, tgt_mask, memory_mask,
+    src_key_padding_mask, tgt_key_padding_mask, memory_key_padding_mask, src_is_causal, tgt_is_causal,
+    memory_is_causal) -> (T,B,E) | (B,T,E) | (T,E). generate_square_subsequent_mask(sz) is torch.nn's.
+    """
+
+    def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: Activation = F.relu, custom_encoder: Any | None = None,
+                 custom_decoder: Any | None = None, layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None, dtype=None) -> None:
+        layer = _layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                            norm_first, bias, device, dtype)
+        norm = dict(eps=layer_norm_eps, bias=bias, device=device, dtype=dtype)
+        # Built in torch.nn.Transformer's order (encoder layer, its norm, decoder layer, its norm), so the same
+        # seed draws the same weights; torch.nn's constructor then re-initializes them as its own.
+        if custom_encoder is None:
+            custom_encoder = TransformerEncoder(TransformerEncoderLayer(**layer), num_encoder_layers,
+                                                torch.nn.LayerNorm(d_model, **norm))
+        if custom_decoder is None:
+            custom_decoder = TransformerDecoder(TransformerDecoderLayer(**layer), num_decoder_layers,
+                                                torch.nn.LayerNorm(d_model, **norm))
+        super().__init__(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout,
+                         activation, custom_encoder, custom_decoder, layer_norm_eps, batch_first, norm_first, bias,
+                         device, dtype)
+
+    def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                tgt_key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,
+                src_is_causal: bool | None = None, tgt_is_causal: bool | None = None,
+                memory_is_causal: bool = False) -> Tensor:
+        for name, x in (("src", src), ("tgt", tgt)):
+            check_tensor(name, x)
+            if x.shape[-1] != self.d_model:
+                raise ShapeError(f"{name}: expected {self.d_model} features (d_model) in the last dim, "
+                                 f"got shape {tuple(x.shape)}")
+        if src.dim() != tgt.dim():
+            raise ShapeError(f"tgt: expected {src.dim()} dims (as src {tuple(src.shape)}), got {tuple(tgt.shape)}")
+        batch_dim = 0 if self.batch_first else 1
+        if src.dim() == 3 and src.shape[batch_dim] != tgt.shape[batch_dim]:
+            raise ShapeError(f"tgt: expected batch {src.shape[batch_dim]} (as src {tuple(src.shape)}), "
+                             f"got shape {tuple(tgt.shape)}")
+        return super().forward(src, tgt, src_mask, tgt_mask, memory_mask, src_key_padding_mask,
+                               tgt_key_padding_mask, memory_key_padding_mask, src_is_causal, tgt_is_causal,
+                               memory_is_causal)
