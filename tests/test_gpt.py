@@ -55,17 +55,21 @@ def test_forward_and_gradients_follow_the_rule(tie_embeddings):
                     forward_and_grads(theirs, idx, targets, cotangent), expected)
 
 
-def test_cached_generation_equals_recomputing():
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cached_generation_equals_recomputing(backend):
     ours, theirs, ref = (m.eval() for m in twins())
     prompt = tokens(3, 7)
-    greedy = ours.generate(prompt, 25, do_sample=False)
+    with seqkern.backend(backend):
+        greedy = ours.generate(prompt, 25, do_sample=False)
     assert torch.equal(greedy, ours.generate(prompt, 25, do_sample=False, use_cache=False))
     assert torch.equal(greedy, theirs.generate(prompt, 25, do_sample=False, use_cache=False))
     # Each step's logits: the cached step vs torch.nn's model recomputing the prefix vs the float64 reference.
-    cache = ours.new_cache(3)
+    with seqkern.backend(backend):
+        cache = ours.new_cache(3)
     for end in range(7, greedy.shape[1] + 1):
         start = 0 if end == 7 else end - 1
-        step_logits = ours.forward_cached(greedy[:, start:end], cache)
+        with seqkern.backend(backend):
+            step_logits = ours.forward_cached(greedy[:, start:end], cache)
         with torch.no_grad():
             recomputed = theirs(greedy[:, :end])[:, -1]
             with seqkern.backend("reference"):

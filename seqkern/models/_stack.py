@@ -4,13 +4,7 @@ from __future__ import annotations
 import torch
 
 from seqkern._checks import DTypeError, ShapeError
-
-
-def default_layer() -> type[torch.nn.Module]:
-    """seqkern.nn.TransformerEncoderLayer (torch.nn.TransformerEncoderLayer's drop-in on the flash kernels)."""
-    import seqkern.nn
-
-    return getattr(seqkern.nn, "TransformerEncoderLayer", torch.nn.TransformerEncoderLayer)
+from seqkern.nn import TransformerEncoderLayer
 
 
 def encoder_layers(layer_cls: type[torch.nn.Module] | None, num_layers: int, d_model: int, nhead: int,
@@ -26,7 +20,7 @@ def encoder_layers(layer_cls: type[torch.nn.Module] | None, num_layers: int, d_m
         raise ShapeError(f"nhead: expected a divisor of d_model ({d_model}), got {nhead}")
     if not 0.0 <= dropout < 1.0:
         raise ShapeError(f"dropout: expected a probability in [0, 1), got {dropout}")
-    layer_cls = layer_cls or default_layer()
+    layer_cls = layer_cls or TransformerEncoderLayer
     return torch.nn.ModuleList(
         layer_cls(d_model, nhead, dim_feedforward, dropout, activation="gelu", layer_norm_eps=layer_norm_eps,
                   batch_first=True, norm_first=norm_first, device=device, dtype=dtype)
