@@ -39,6 +39,9 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.buffers = [torch.empty(2, batch, heads, max_len, head_dim, dtype=dtype, device=device)
                         for _ in range(num_layers)]
+        # Each layer's (keys, values) views, made once: unpacking a buffer per step is an aten::unbind call
+        # (29 us on average in a profile of d128 decoding, loaded machine).
+        self._keys_values = [(buffer[0], buffer[1]) for buffer in self.buffers]
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.length = 0
         self.scale = head_dim**-0.5
@@ -69,7 +72,7 @@ class KVCache:
     def attend(self, layer: int, q: Tensor) -> Tensor:
         """q (B, heads, t, head_dim), the queries of the last t cached positions (last dim contiguous), attends
         causally to layer `layer`'s cache -> (B, heads, t, head_dim)."""
-        keys, values = self.buffers[layer]
+        keys, values = self._keys_values[layer]
         if self._direct:
             return torch.ops.seqkern.flash_attention_decode(q, keys, values, self.cache_seqlens, self.scale, True,
                                                             -1, 0)[0]
@@ -158,8 +161,9 @@ class GPT(nn.Module):
         """One pre-norm block on x (B, t, d) at positions [start, start + t), from the layer's own parameters:
         x + out_proj(attention(norm1(x))), then + linear2(activation(linear1(norm2(x)))).
 
-        Functional calls on the parameters rather than calling the submodules: a module call costs ~3 us of
-        Python over its function, 5 per layer."""
+        Functional calls on the parameters rather than calling the five submodules: a module call adds 4.5-7 us
+        of Python to its function's (8x8 Linear / LayerNorm, 1 thread, loaded machine: 17-23 us against 13-18).
+        The keys and values go into the cache in one copy from the projection's output view."""
         attn, norm1, norm2 = layer.self_attn, layer.norm1, layer.norm2
         batch, length, d_model = x.shape
         h = F.layer_norm(x, (d_model,), norm1.weight, norm1.bias, norm1.eps)
