@@ -136,6 +136,8 @@ def test_empty_batch_and_new_tokens():
     (lambda m: m.generate(tokens(1, 3), 3, top_k=38), ValueError, "top_k"),
     (lambda m: m.generate(tokens(1, 3), 3, temperature=0.0), ValueError, "temperature"),
     (lambda m: m.generate(tokens(1, 3), 3, generator=0), TypeError, "generator"),
+    (lambda m: m.forward_cached(tokens(2, 3), m.new_cache(3)), ValueError, "cache: expected a KVCache"),
+    (lambda m: m.forward_cached(tokens(2, 3) + 37, m.new_cache(2)), ValueError, "idx: expected ids"),
 ])
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):

@@ -151,6 +151,14 @@ class GPT(nn.Module):
         to `cache`: idx (B, t) -> logits of the last position (B, vocab). The first call (empty cache) is the
         prompt's prefill (causal `seqkern.attention`); later calls attend to the cache with
         `seqkern.attention_decode`. No dropout (inference)."""
+        check_token_ids("idx", idx, self.vocab_size, self.max_len)
+        if not isinstance(cache, KVCache) or cache.cache_seqlens.shape[0] != idx.shape[0]:
+            got = f"one for batch {cache.cache_seqlens.shape[0]}" if isinstance(cache, KVCache) else type(cache).__name__
+            raise ShapeError(f"cache: expected a KVCache of this model (new_cache) for batch {idx.shape[0]}, got {got}")
+        return self._step(idx, cache)
+
+    def _step(self, idx: Tensor, cache: KVCache) -> Tensor:
+        """forward_cached without its argument checks (generate's tokens are valid by construction)."""
         start = cache.extend(idx.shape[1])
         x = self.token_embedding(idx) + self.position_embedding.weight[start:start + idx.shape[1]]
         for index, layer in enumerate(self.layers):
@@ -196,11 +204,11 @@ class GPT(nn.Module):
         out = idx.new_empty(batch, prompt_len + max_new_tokens)
         out[:, :prompt_len] = idx
         cache = self.new_cache(batch) if use_cache else None
-        logits = self.forward_cached(idx, cache) if use_cache else self(idx)[:, -1]
+        logits = self._step(idx, cache) if use_cache else self(idx)[:, -1]
         for position in range(prompt_len, out.shape[1]):
             out[:, position] = token = next_token(logits, temperature, top_k, do_sample, generator)
             if position + 1 < out.shape[1]:
-                logits = self.forward_cached(token[:, None], cache) if use_cache else self(out[:, :position + 1])[:, -1]
+                logits = self._step(token[:, None], cache) if use_cache else self(out[:, :position + 1])[:, -1]
         return out
 
     def _check_generate(self, idx, max_new_tokens, temperature, top_k, do_sample, generator) -> None:
