@@ -119,7 +119,7 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         check_token_ids("idx", idx, self.vocab_size, self.max_len)
         length = idx.shape[1]
-        x = self._embed(idx, 0)
+        x = self.dropout(self._embed(idx, 0))
         causal = nn.Transformer.generate_square_subsequent_mask(length, device=x.device, dtype=x.dtype)
         for layer in self.layers:
             x = layer(x, src_mask=causal, is_causal=True)
@@ -132,9 +132,8 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     def _embed(self, idx: Tensor, start: int) -> Tensor:
-        """idx (B, t) at positions [start, start + t) -> (B, t, d_model)."""
-        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
-        return self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        """idx (B, t) at positions [start, start + t) -> token + position embeddings (B, t, d_model)."""
+        return self.token_embedding(idx) + self.position_embedding.weight[start:start + idx.shape[1]]
 
     # --------------------------------------------------------------------------------------------------------
     # Generation.
@@ -160,7 +159,7 @@ class GPT(nn.Module):
     def _step(self, idx: Tensor, cache: KVCache) -> Tensor:
         """forward_cached without its argument checks (generate's tokens are valid by construction)."""
         start = cache.extend(idx.shape[1])
-        x = self.token_embedding(idx) + self.position_embedding.weight[start:start + idx.shape[1]]
+        x = self._embed(idx, start)
         for index, layer in enumerate(self.layers):
             x = self._cached_block(layer, index, x, cache, start)
         return self.lm_head(self.norm(x[:, -1]))
