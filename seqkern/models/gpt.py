@@ -12,6 +12,9 @@ without a cache recomputes the whole sequence.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -77,6 +80,32 @@ class KVCache:
             return torch.ops.seqkern.flash_attention_decode(q, keys, values, self.cache_seqlens, self.scale, True,
                                                             -1, 0)[0]
         return seqkern.attention_decode(q, keys, values, self.cache_seqlens, scale=self.scale, is_causal=True)
+
+
+class _Block(NamedTuple):
+    """A pre-norm layer's parameters (norms: (weight, bias, eps)), looked up once per generate: reading them
+    through nn.Module attributes at every step made 24 Module.__getattr__ calls per layer (~1 us each; cProfile of
+    d64 decoding, 21,400 calls in 50 generates)."""
+
+    norm1: tuple[Tensor, Tensor, float]
+    in_proj_weight: Tensor
+    in_proj_bias: Tensor | None
+    out_proj_weight: Tensor
+    out_proj_bias: Tensor | None
+    norm2: tuple[Tensor, Tensor, float]
+    linear1_weight: Tensor
+    linear1_bias: Tensor | None
+    linear2_weight: Tensor
+    linear2_bias: Tensor | None
+    activation: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _Block:
+        attn, norm1, norm2 = layer.self_attn, layer.norm1, layer.norm2
+        return cls((norm1.weight, norm1.bias, norm1.eps), attn.in_proj_weight, attn.in_proj_bias,
+                   attn.out_proj.weight, attn.out_proj.bias, (norm2.weight, norm2.bias, norm2.eps),
+                   layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
+                   layer.activation)
 
 
 class GPT(nn.Module):
@@ -154,38 +183,38 @@ class GPT(nn.Module):
         if not isinstance(cache, KVCache) or cache.cache_seqlens.shape[0] != idx.shape[0]:
             got = f"one for batch {cache.cache_seqlens.shape[0]}" if isinstance(cache, KVCache) else type(cache).__name__
             raise ShapeError(f"cache: expected a KVCache of this model (new_cache) for batch {idx.shape[0]}, got {got}")
-        return self._step(idx, cache)
+        return self._step(idx, cache, [_Block.of(layer) for layer in self.layers])
 
-    def _step(self, idx: Tensor, cache: KVCache) -> Tensor:
+    def _step(self, idx: Tensor, cache: KVCache, blocks: list[_Block]) -> Tensor:
         """forward_cached without its argument checks (generate's tokens are valid by construction)."""
         start = cache.extend(idx.shape[1])
         x = self._embed(idx, start)
-        for index, layer in enumerate(self.layers):
-            x = self._cached_block(layer, index, x, cache, start)
+        for index, block in enumerate(blocks):
+            x = self._cached_block(block, index, x, cache, start)
         return self.lm_head(self.norm(x[:, -1]))
 
-    def _cached_block(self, layer: nn.Module, index: int, x: Tensor, cache: KVCache, start: int) -> Tensor:
-        """One pre-norm block on x (B, t, d) at positions [start, start + t), from the layer's own parameters:
+    def _cached_block(self, block: _Block, index: int, x: Tensor, cache: KVCache, start: int) -> Tensor:
+        """One pre-norm layer on x (B, t, d) at positions [start, start + t), from its parameters:
         x + out_proj(attention(norm1(x))), then + linear2(activation(linear1(norm2(x)))).
 
-        Functional calls on the parameters rather than calling the five submodules: a module call adds 4.5-7 us
-        of Python to its function's (8x8 Linear / LayerNorm, 1 thread, loaded machine: 17-23 us against 13-18).
-        The keys and values go into the cache in one copy from the projection's output view."""
-        attn, norm1, norm2 = layer.self_attn, layer.norm1, layer.norm2
+        Functional calls on the parameters rather than calling the layer's five submodules: a module call adds
+        4.5-7 us of Python to its function's (8x8 Linear / LayerNorm, 1 thread, loaded machine: 17-23 us against
+        13-18). The keys and values go into the cache in one copy from the projection's output view."""
         batch, length, d_model = x.shape
-        h = F.layer_norm(x, (d_model,), norm1.weight, norm1.bias, norm1.eps)
+        h = F.layer_norm(x, (d_model,), *block.norm1)
         # (B, t, 3d) -> (3, B, heads, t, head_dim): strided views, nothing copied.
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(batch, length, 3, self.nhead, -1)
+        qkv = F.linear(h, block.in_proj_weight, block.in_proj_bias).view(batch, length, 3, self.nhead, -1)
         qkv = qkv.permute(2, 0, 3, 1, 4)
         cache.write(index, start, qkv[1:])
         if start == 0:
             out = seqkern.attention(qkv[0], qkv[1], qkv[2], is_causal=True)
         else:
             out = cache.attend(index, qkv[0])
-        x = x + F.linear(out.transpose(1, 2).reshape(batch, length, d_model), attn.out_proj.weight, attn.out_proj.bias)
-        h = F.layer_norm(x, (d_model,), norm2.weight, norm2.bias, norm2.eps)
-        return x + F.linear(layer.activation(F.linear(h, layer.linear1.weight, layer.linear1.bias)),
-                            layer.linear2.weight, layer.linear2.bias)
+        x = x + F.linear(out.transpose(1, 2).reshape(batch, length, d_model), block.out_proj_weight,
+                         block.out_proj_bias)
+        h = F.layer_norm(x, (d_model,), *block.norm2)
+        return x + F.linear(block.activation(F.linear(h, block.linear1_weight, block.linear1_bias)),
+                            block.linear2_weight, block.linear2_bias)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -202,12 +231,22 @@ class GPT(nn.Module):
         batch, prompt_len = idx.shape
         out = idx.new_empty(batch, prompt_len + max_new_tokens)
         out[:, :prompt_len] = idx
-        cache = self.new_cache(batch) if use_cache else None
-        logits = self._step(idx, cache) if use_cache else self(idx)[:, -1]
+        if use_cache:
+            cache, blocks = self.new_cache(batch), [_Block.of(layer) for layer in self.layers]
+
+            def logits_after(end: int) -> Tensor:  # the next token's logits given out[:, :end]
+                return self._step(out[:, end - 1:end], cache, blocks)
+
+            logits = self._step(idx, cache, blocks)  # the prompt's prefill
+        else:
+            def logits_after(end: int) -> Tensor:
+                return self(out[:, :end])[:, -1]
+
+            logits = logits_after(prompt_len)
         for position in range(prompt_len, out.shape[1]):
-            out[:, position] = token = next_token(logits, temperature, top_k, do_sample, generator)
+            out[:, position] = next_token(logits, temperature, top_k, do_sample, generator)
             if position + 1 < out.shape[1]:
-                logits = self._step(token[:, None], cache) if use_cache else self(out[:, :position + 1])[:, -1]
+                logits = logits_after(position + 1)
         return out
 
     def _check_generate(self, idx, max_new_tokens, temperature, top_k, do_sample, generator) -> None:
