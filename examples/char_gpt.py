@@ -145,15 +145,18 @@ def sparkline(values: list[float], width: int = 60) -> str:
 # ------------------------------------------------------------------------------------------------------------
 # Generation speed.
 # ------------------------------------------------------------------------------------------------------------
-def tokens_per_second(generate, tokens: int, repeats: int = 3) -> tuple[float, torch.Tensor]:
-    """Median tokens/s of `generate()` (which produces `tokens` tokens) over `repeats` runs after a warm-up."""
-    out = generate()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        generate()
-        times.append(time.perf_counter() - start)
-    return tokens / statistics.median(times), out
+def tokens_per_second(contenders: dict, tokens: int, rounds: int = 5) -> dict[str, tuple[float, torch.Tensor]]:
+    """name -> (median tokens/s, output) of each `generate()` producing `tokens` tokens: one warm-up call each,
+    then `rounds` rounds timing every contender once, interleaved so that a change in the machine's load hits
+    them alike."""
+    outputs = {name: generate() for name, generate in contenders.items()}
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, generate in contenders.items():
+            start = time.perf_counter()
+            generate()
+            times[name].append(time.perf_counter() - start)
+    return {name: (tokens / statistics.median(times[name]), outputs[name]) for name in contenders}
 
 
 def compare_generation(model: GPT, data: Characters, batch: int, new: int) -> None:
@@ -166,7 +169,7 @@ def compare_generation(model: GPT, data: Characters, batch: int, new: int) -> No
         "torch.nn layers, recomputing": lambda: twin.generate(prompt, new, do_sample=False, use_cache=False),
         "torch.nn layers + KV cache + SDPA": lambda: generate_with_sdpa_cache(twin, prompt, new),
     }
-    results = {name: tokens_per_second(run, batch * new) for name, run in contenders.items()}
+    results = tokens_per_second(contenders, batch * new)
     ours, ours_out = results.pop("seqkern GPT (KV cache, decode kernel)")
     print(f"batch {batch}, {prompt.shape[1]}-token prompt, {new} new tokens (greedy):")
     print(f"  {'seqkern GPT (KV cache, decode kernel)':40s} {ours:8.0f} tokens/s")
