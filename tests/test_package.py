@@ -29,8 +29,9 @@ def test_info_reports_backends():
     result = subprocess.run([sys.executable, "-m", "seqkern.info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "cpu        available" in result.stdout
-    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[-5:]}
-    for op in ("lstm", "gru", "rnn", "flash_attention", "flash_attention_decode"):
+    table = result.stdout.split("\nop ", 1)[1].splitlines()[1:]
+    rows = {line.split()[0]: line.split()[1] for line in table if line.strip()}
+    for op in ("lstm", "gru", "rnn", "flash_attention", "flash_attention_decode", "additive_attention"):
         assert rows.get(op) == "cpu", result.stdout
 
 

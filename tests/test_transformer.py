@@ -5,12 +5,10 @@ full model, torch.nn's nested-tensor padding semantics, state_dict both ways, su
 bad input."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import seqkern
 from helpers import assert_all_rule, case_id
@@ -277,8 +275,14 @@ def test_state_dict_loads_both_ways(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs, ours = getattr(torch.nn, name)(**options), getattr(seqkern.nn, name)(**options)
+        torch.manual_seed(4)
+        initialized = getattr(torch.nn, name)(**options).state_dict()
+        torch.manual_seed(4)
+        same_seed = getattr(seqkern.nn, name)(**options)
     assert isinstance(ours, getattr(torch.nn, name))
     assert theirs.state_dict().keys() == ours.state_dict().keys()
+    for key, tensor in same_seed.state_dict().items():  # the same random draws as torch.nn's constructor
+        assert torch.equal(tensor, initialized[key]), key
     ours.load_state_dict(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict())
     for key, tensor in ours.state_dict().items():
@@ -359,10 +363,42 @@ def test_dropout_in_training_only():
     torch.testing.assert_close(layer(x), layer(x))
 
 
+def _pass_through_blocks(cls):
+    """Overrides that call the originals: the layer then no longer owns its block outputs (no in-place adds)."""
+    class PassThrough(cls):
+        def _sa_block(self, *args, **kwargs):
+            return super()._sa_block(*args, **kwargs)
+
+        def _ff_block(self, x):
+            return super()._ff_block(x)
+    return PassThrough
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_in_place_residuals_keep_outputs_and_gradients_under_dropout(norm_first):
+    """With dropout the residual adds run in place on the dropout outputs; the same layer without them (a
+    pass-through subclass), drawing the same masks, gives the same output and gradients."""
+    modules = []
+    for cls in (seqkern.nn.TransformerEncoderLayer, _pass_through_blocks(seqkern.nn.TransformerEncoderLayer)):
+        torch.manual_seed(0)
+        modules.append(cls(16, 4, 32, dropout=0.3, norm_first=norm_first).double())
+    x = torch.randn(LEN_T, 2, 16, dtype=torch.float64)
+    results = []
+    for module in modules:
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        output = module(leaf)
+        results.append([output, *torch.autograd.grad(output.sum(), [leaf, *module.parameters()])])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.slow
 def test_torch_compile_fullgraph():
+    """Training (gradients) and eval without autograd (the in-place paths: heads copied into the q slot,
+    in-place GELU and residuals)."""
     torch._dynamo.reset()
-    layer = seqkern.nn.TransformerEncoderLayer(16, 4, 32, 0.0, batch_first=True, norm_first=True)
+    layer = seqkern.nn.TransformerEncoderLayer(16, 4, 32, 0.0, activation="gelu", batch_first=True)
     x = torch.randn(2, LEN_T, 16, requires_grad=True)
     pad = torch.zeros(2, LEN_T, dtype=torch.bool)
     pad[0, -3:] = True
@@ -370,6 +406,22 @@ def test_torch_compile_fullgraph():
     got, want = compiled(x, src_key_padding_mask=pad), layer(x, src_key_padding_mask=pad)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, src_key_padding_mask=pad), layer(x, src_key_padding_mask=pad))
+
+
+@pytest.mark.parametrize("tgt_shape, memory_shape", [((0, 5, 16), (0, 4, 16)), ((3, 0, 16), (3, 4, 16)),
+                                                      ((3, 5, 16), (3, 0, 16))])
+def test_empty_batches_and_sequences(tgt_shape, memory_shape):
+    """Empty results of the right shape, and gradients of the right shape (an empty memory: attention 0)."""
+    encoder = seqkern.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    decoder = seqkern.nn.TransformerDecoderLayer(16, 4, 32, batch_first=True)
+    tgt, memory = torch.randn(tgt_shape, requires_grad=True), torch.randn(memory_shape, requires_grad=True)
+    out = decoder(encoder(tgt), memory)
+    assert out.shape == tgt_shape and torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.sum(), (tgt, memory), allow_unused=True)
+    assert grads[0].shape == tgt_shape
 
 
 # ------------------------------------------------------------------------------------------------------------

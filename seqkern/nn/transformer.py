@@ -87,7 +87,10 @@ def _attend(attn: torch.nn.Module, query: Tensor, memory: Tensor, attn_mask: Ten
     # 3-20 ms here depending on the machine's load.
     heads = queries.copy_(_heads_first(out, batch_first, inverse=True)) if not q.requires_grad else \
         _heads_first(out, batch_first, inverse=True).contiguous()
-    output = F.linear(heads.flatten(-2), attn.out_proj.weight, attn.out_proj.bias)  # as torch.nn's MHA
+    # 2-D rows (a view either way), so that F.linear is one addmm with the bias fused: on the strided 3-D view
+    # it would be mm, then a separate pass adding the bias.
+    rows = heads.flatten(-2).flatten(0, 1)
+    output = F.linear(rows, attn.out_proj.weight, attn.out_proj.bias).unflatten(0, heads.shape[:2])
     return output.squeeze(0) if unbatched else output
 
 
@@ -142,20 +145,42 @@ def _owns_block_outputs(layer: torch.nn.Module, cls: type, blocks: tuple[str, ..
             and not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()))
 
 
-def _feed_forward(layer: torch.nn.Module, x: Tensor, in_place: bool) -> Tensor:
-    """linear2(dropout(activation(linear1(x)))). `in_place` (linear1 is a stock torch.nn.Linear: its output is
-    fresh) applies ReLU in place: no second (N, dim_feedforward) buffer, 50 MB at the BERT-base shape, whose
-    first-touch page faults cost 15-80 ms here by the machine's load (relu_ on a reused buffer: 16 ms). Autograd
-    allows it: relu's backward reads only the result."""
-    hidden = layer.linear1(x)
-    hidden = hidden.relu_() if in_place and layer.activation is F.relu else layer.activation(hidden)
-    return layer.linear2(layer.dropout(hidden))
+def _stock_linear(module: torch.nn.Module) -> bool:
+    """A torch.nn.Linear without hooks: calling F.linear with its parameters is exactly calling it."""
+    return type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
+    """linear2(dropout(activation(linear1(x)))), x (..., E) -> (..., E).
+
+    With stock linear layers (_stock_linear) the GEMMs run on 2-D rows, so the hidden activations are a fresh
+    tensor, not a view: ReLU then runs in place on it (GELU too when no gradient is recorded: its backward reads
+    its input), leaving out a second (N, dim_feedforward) buffer, 50 MB at the BERT-base shape, whose
+    first-touch page faults made torch.relu 75-110 ms against 16 ms for relu_ here (2 busy cores). On a view
+    (what F.linear returns for 3-D input) autograd would wrap the in-place op in CopySlices, which copies the
+    whole gradient: 300 ms of the BERT-base training step, measured.
+    """
+    if not (_stock_linear(layer.linear1) and _stock_linear(layer.linear2)):
+        return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+    hidden = F.linear(x.flatten(0, -2), layer.linear1.weight, layer.linear1.bias)
+    if layer.activation is F.relu:
+        hidden = hidden.relu_()
+    elif layer.activation is F.gelu and not hidden.requires_grad:
+        hidden = torch.ops.aten.gelu_(hidden)
+    else:
+        hidden = layer.activation(hidden)
+    return F.linear(layer.dropout(hidden), layer.linear2.weight, layer.linear2.bias).view(x.shape)
 
 
 def _residual(block_output: Tensor, x: Tensor, in_place: bool) -> Tensor:
-    """x + block_output, in the block's own buffer when `in_place` (it is fresh and its autograd node keeps no
-    output): one fresh (N,E) buffer less per residual."""
-    return block_output.add_(x) if in_place else x + block_output
+    """x + block_output, in the block's own buffer when `in_place` (the block's output is fresh and no
+    autograd node keeps it): one fresh (N,E) buffer less per residual. Not on a view that autograd tracks (an
+    eval-mode dropout returns the out-projection's view as is): CopySlices would copy the gradient. Not under
+    torch.compile, whose memory planning reuses buffers itself (and dynamo cannot trace _is_view)."""
+    if in_place and not torch.compiler.is_compiling() and not (block_output.requires_grad
+                                                                and block_output._is_view()):
+        return block_output.add_(x)
+    return x + block_output
 
 
 def _layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first,
@@ -201,7 +226,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         return self.dropout1(_attend(self.self_attn, x, x, attn_mask, key_padding_mask, is_causal))
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout2(_feed_forward(self, x, _owns_block_outputs(self, TransformerEncoderLayer, ())))
+        return self.dropout2(_feed_forward(self, x))
 
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
@@ -253,7 +278,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
         return self.dropout2(_attend(self.multihead_attn, x, mem, attn_mask, key_padding_mask, is_causal))
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout3(_feed_forward(self, x, _owns_block_outputs(self, TransformerDecoderLayer, ())))
+        return self.dropout3(_feed_forward(self, x))
 
 
 # ------------------------------------------------------------------------------------------------------------
