@@ -97,6 +97,8 @@ def test_sampling():
     assert torch.equal(draws[0], draws[1])
     assert torch.equal(draws[0][:, :5], prompt)
     assert not torch.equal(draws[0], greedy)  # a hot, untrained model does not sample its argmax 40 times
+    cold = model.generate(prompt, 20, temperature=1e-4, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(cold, greedy)  # temperature -> 0 concentrates the distribution on the argmax
     top_k = 3
     sampled = model.generate(prompt, 20, top_k=top_k, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
