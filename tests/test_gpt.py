@@ -78,6 +78,18 @@ def test_cached_generation_equals_recomputing(backend):
     assert cache.length == greedy.shape[1] and cache.cache_seqlens.tolist() == [greedy.shape[1]] * 3
 
 
+class BiasFreeLayer(torch.nn.TransformerEncoderLayer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, bias=False)
+
+
+def test_cached_generation_of_a_bias_free_layer_class():
+    model = build(layer_cls=BiasFreeLayer).eval()
+    prompt = tokens(2, 5)
+    assert torch.equal(model.generate(prompt, 12, do_sample=False),
+                       model.generate(prompt, 12, do_sample=False, use_cache=False))
+
+
 def test_cache_shapes_and_overflow():
     model = build().eval()
     cache = model.new_cache(2)
