@@ -5,7 +5,7 @@ Text: examples/data/coriolanus_part1.txt, the first 32 KB (Act I up to scene IX)
 corpus (repository karpathy/char-rnn, data/tinyshakespeare/input.txt). Shipped in the repository: nothing is
 downloaded.
 
-    python examples/char_gpt.py                 # ~2-3 minutes on 2 cores
+    python examples/char_gpt.py                 # ~110 s of CPU time (one thread): ~2 minutes on 2 idle cores
     python examples/char_gpt.py --steps 2 --new-tokens 4      # smoke run
 
 Prints the training loss every --log-every steps and as a sparkline, the validation loss against the unigram
