@@ -5,11 +5,11 @@
     with seqkern.backend("reference"): ...             # force an implementation ("cpu", "triton", ...)
 """
 from seqkern import _extension, ops  # noqa: F401  (loads the kernels, registers the ops)
-from seqkern import nn
+from seqkern import models, nn
 from seqkern.ops.additive_attention import additive_attention, additive_attention_projected
 from seqkern.ops.flash_attention import attention, attention_decode, attention_varlen
 from seqkern.backends import backend, current as current_backend
 from seqkern.conversion import ConversionReport, convert
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "attention", "additive_attention", "additive_attention_projected", "attention_varlen", "attention_decode", "backend", "current_backend", "convert", "ConversionReport", "__version__"]
+__all__ = ["nn", "models", "ops", "attention", "additive_attention", "additive_attention_projected", "attention_varlen", "attention_decode", "backend", "current_backend", "convert", "ConversionReport", "__version__"]
