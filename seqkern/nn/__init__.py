@@ -1,6 +1,8 @@
 """Drop-in replacements for torch.nn's sequence layers."""
+from seqkern.nn.additive_attention import AdditiveAttention
 from seqkern.nn.gru import GRU, GRUCell
 from seqkern.nn.lstm import LSTM, LSTMCell
+from seqkern.nn.luong_attention import LuongAttention
 from seqkern.nn.multihead_attention import MultiheadAttention
 from seqkern.nn.positional_encoding import PositionalEncoding
 from seqkern.nn.rnn import RNN, RNNCell
@@ -14,4 +16,4 @@ from seqkern.nn.transformer import (
 
 __all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell", "RNN", "RNNCell", "MultiheadAttention", "PositionalEncoding",
            "Transformer", "TransformerEncoder", "TransformerDecoder", "TransformerEncoderLayer",
-           "TransformerDecoderLayer"]
+           "TransformerDecoderLayer", "AdditiveAttention", "LuongAttention"]

@@ -371,4 +371,5 @@ def attention_probabilities(
     # the kernel's value and logsumexp's gradient (d lse / d s = p): zero-valued (s - s.detach()) terms.
     live = probs > 0
     lse_with_grad = lse.unsqueeze(-1) + (probs * torch.where(live, scores - scores.detach(), 0.0)).sum(-1, keepdim=True)
-    return torch.where(live, torch.exp(scores - lse_with_grad), 0.0).to(query.dtype)
+    # exp of -inf where no key is live (not exp(nan) masked afterwards: a masked nan still sends nan gradients).
+    return torch.exp(torch.where(live, scores - lse_with_grad, float("-inf"))).to(query.dtype)
