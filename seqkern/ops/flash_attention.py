@@ -360,7 +360,9 @@ def attention_probabilities(
     softmax pass): query (B,Hq,Lq,D), key (B,Hkv,Lk,D), lse (B,Hq,Lq), attn_mask additive (B,Hq,Lq,Lk) or None
     -> (B,Hq,Lq,Lk), rows that see no key all 0. Before dropout. Differentiable in query, key and the mask."""
     group = query.shape[1] // key.shape[1]
-    scores = scale * (query @ key.repeat_interleave(group, dim=1).transpose(-1, -2)).to(lse.dtype)
+    # Scores in the lse's dtype: bf16 scores of magnitude ~8 round by ~0.03, which exp turns into 3% weight errors.
+    keys = key.repeat_interleave(group, dim=1).transpose(-1, -2).to(lse.dtype)
+    scores = scale * (query.to(lse.dtype) @ keys)
     if attn_mask is not None:
         scores = scores + attn_mask
     seen = visible(query.shape[2], key.shape[2], window_left, window_right, bottom_right, query.device)
