@@ -89,7 +89,7 @@ def flops(shape: Shape, model: Seq2Seq) -> float:
     per_source = sum(p.numel() for name, p in model.named_parameters() if _per_source_token(name))
     per_target = sum(p.numel() for name, p in model.named_parameters()
                      if not _per_source_token(name) and "embed" not in name)
-    attention = shape.batch * shape.tgt_len * shape.src_len * (4 * model.attention_hidden + 2 * 2 * shape.hidden)
+    attention = shape.batch * shape.tgt_len * shape.src_len * (4 * model.attention.hidden_size + 2 * 2 * shape.hidden)
     forward = 2 * (src_tokens * per_source + tgt_tokens * per_target) + attention
     return 3 * forward if shape.training else forward
 

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op", ["lstm", "attention", "transformer"])
+@pytest.mark.parametrize("op", ["lstm", "attention", "transformer", "seq2seq"])
 def test_quick_benchmark_run(tmp_path, op):
     # A subprocess, so torch.compile settings the harness makes do not leak into the test session.
     result = subprocess.run(
