@@ -68,21 +68,20 @@ MODEL_CASES = [
 @pytest.mark.parametrize("options", MODEL_CASES, ids=lambda o: "-".join(
     [o["rnn"], o["attention"], "bi" if o["bidirectional"] else "uni", "feed" if o["input_feeding"] else "nofeed"]))
 def test_training_step_follows_the_rule(options):
-    ours, theirs, ref = twins(**options)
-    src, lengths, tgt_in, tgt_out = batch()
-    cotangent = torch.randn(*tgt_in.shape, TGT_VOCAB, generator=torch.Generator().manual_seed(3),
-                            dtype=torch.float64)
-    with seqkern.backend("reference"):
-        expected = training_step(ref, src, lengths, tgt_in, tgt_out, cotangent)
-    assert_all_rule(training_step(ours, src, lengths, tgt_in, tgt_out, cotangent),
-                    training_step(theirs, src, lengths, tgt_in, tgt_out, cotangent), expected)
+    assert_step_follows_the_rule(twins(**options), batch())
 
 
-def test_two_layers_with_dropout_in_eval_and_a_key_bias_free_config():
+def test_two_layers_with_dropout_in_eval():
     """num_layers=2 (the bridge per layer, the cell step per layer) with dropout that eval() switches off."""
-    ours, theirs, ref = (m.eval() for m in twins(num_layers=2, dropout=0.3, rnn="lstm", input_feeding=True))
-    src, lengths, tgt_in, tgt_out = batch(rows=3, src_len=6, tgt_len=4)
-    cotangent = torch.randn(*tgt_in.shape, TGT_VOCAB, generator=torch.Generator().manual_seed(4),
+    models = tuple(m.eval() for m in twins(num_layers=2, dropout=0.3, rnn="lstm", input_feeding=True))
+    assert_step_follows_the_rule(models, batch(rows=3, src_len=6, tgt_len=4))
+
+
+def assert_step_follows_the_rule(models, data) -> None:
+    """Our, torch's and the float64 reference model's training steps on one batch, under the rule."""
+    ours, theirs, ref = models
+    src, lengths, tgt_in, tgt_out = data
+    cotangent = torch.randn(*tgt_in.shape, TGT_VOCAB, generator=torch.Generator().manual_seed(3),
                             dtype=torch.float64)
     with seqkern.backend("reference"):
         expected = training_step(ref, src, lengths, tgt_in, tgt_out, cotangent)
