@@ -25,6 +25,12 @@ def check_tensor(name: str, value: object) -> Tensor:
     return value
 
 
+def check_size(name: str, value: object) -> None:
+    """A size-like argument: an int >= 1 (a bool is refused, though Python counts it as an int)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ShapeError(f"{name}: expected a positive int, got {value!r}")
+
+
 def check_floating(name: str, tensor: Tensor) -> None:
     if not tensor.is_floating_point():
         raise DTypeError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")

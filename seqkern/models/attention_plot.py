@@ -4,8 +4,9 @@
     n, m = int(src_lengths[0]), int(decoded.lengths[0])
     plot_attention(decoded.attention[0, :m, :n], source_labels, target_labels, "attention.png")
 
-matplotlib is an optional dependency (`pip install seqkern[plot]`): imported only when a plot is drawn, with the
-Agg backend, so the helper runs on a machine without a display.
+matplotlib is an optional dependency (`pip install seqkern[plot]`), imported only when a plot is drawn. The figure is
+a bare matplotlib.figure.Figure, never pyplot: it renders without a display and leaves the caller's backend (a
+notebook's, say) and pyplot's list of open figures as they were.
 """
 from __future__ import annotations
 
@@ -38,27 +39,22 @@ def plot_attention(weights: Tensor, source_tokens: Sequence[str], target_tokens:
         if len(labels) != size:
             raise ShapeError(f"{name}: expected {size} labels (weights is {tuple(weights.shape)}), got {len(labels)}")
 
-    import matplotlib
-    matplotlib.use("Agg")  # must precede the pyplot import
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows, cols = weights.shape
-    size = [min(max(CELL_INCHES * n + 1.5, MIN_INCHES), MAX_INCHES) for n in (cols, rows)]
-    figure, axes = plt.subplots(figsize=size)
-    try:
-        image = axes.imshow(weights.detach().float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
-                            aspect="auto", interpolation="nearest")
-        axes.set_xticks(range(cols), list(source_tokens), rotation=90)
-        axes.set_yticks(range(rows), list(target_tokens))
-        axes.set_xlabel("source token")
-        axes.set_ylabel("generated token")
-        if title:
-            axes.set_title(title)
-        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
-        figure.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
-    finally:
-        plt.close(figure)
+    figure = Figure(figsize=[min(max(CELL_INCHES * n + 1.5, MIN_INCHES), MAX_INCHES) for n in (cols, rows)])
+    axes = figure.subplots()
+    image = axes.imshow(weights.detach().float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
+                        aspect="auto", interpolation="nearest")
+    axes.set_xticks(range(cols), list(source_tokens), rotation=90)
+    axes.set_yticks(range(rows), list(target_tokens))
+    axes.set_xlabel("source token")
+    axes.set_ylabel("generated token")
+    if title:
+        axes.set_title(title)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
     return path

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqkern.nn
-from seqkern._checks import DTypeError, ShapeError, check_tensor
+from seqkern._checks import DTypeError, ShapeError, check_size, check_tensor
 from seqkern.models._stack import check_token_ids
 from seqkern.nn._recurrent import split_weights
 from seqkern.ops.gru import gru_cell
@@ -247,7 +247,7 @@ class Seq2Seq(nn.Module):
     def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int) -> Decoded:
         """The most likely token at every step, up to eos or max_len tokens -> Decoded (scores: total log-prob)."""
         self._check_source(src, src_lengths)
-        _check_positive("max_len", max_len)
+        check_size("max_len", max_len)
         source, state = self._encode(src, src_lengths)
         batch = src.shape[0]
         token = src.new_full((batch,), self.bos_id, dtype=torch.int64)
@@ -277,8 +277,8 @@ class Seq2Seq(nn.Module):
         """Batched beam search over B*beam_size rows -> Decoded of the best hypothesis per sequence (scores: the
         length-normalized score, see the module docstring). beam_size=1 gives greedy_decode's tokens."""
         self._check_source(src, src_lengths)
-        _check_positive("beam_size", beam_size)
-        _check_positive("max_len", max_len)
+        check_size("beam_size", beam_size)
+        check_size("max_len", max_len)
         if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or length_penalty < 0:
             raise ShapeError(f"length_penalty: expected a number >= 0, got {length_penalty!r}")
         batch, beams, vocab = src.shape[0], beam_size, self.tgt_vocab_size
@@ -363,11 +363,6 @@ def _trimmed(tokens: Tensor, lengths: Tensor, scores: Tensor, attention: Tensor)
     return Decoded(tokens[:, :longest], lengths, scores, attention[:, :longest])
 
 
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ShapeError(f"{name}: expected an int >= 1, got {value!r}")
-
-
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -381,9 +376,9 @@ def _check_options(src_vocab_size, tgt_vocab_size, embed_dim, hidden_size, num_l
     _check_choice("layers", layers, LAYERS)
     for name, value in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size),
                         ("embed_dim", embed_dim), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-        _check_positive(name, value)
+        check_size(name, value)
     if attention_hidden is not None:
-        _check_positive("attention_hidden", attention_hidden)
+        check_size("attention_hidden", attention_hidden)
     for name, value in (("bidirectional", bidirectional), ("input_feeding", input_feeding)):
         if not isinstance(value, bool):
             raise DTypeError(f"{name}: expected a bool, got {type(value).__name__}")

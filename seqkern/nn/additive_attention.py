@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqkern import reference
-from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
+from seqkern._checks import DTypeError, ShapeError, check_floating, check_size, check_tensor
 from seqkern.ops.additive_attention import additive_attention_projected
 
 
@@ -78,11 +78,6 @@ def check_projected_keys(projected_keys: Tensor | None, expected: tuple[int, ...
     if tuple(projected_keys.shape) != expected or projected_keys.dtype != keys.dtype:
         raise ShapeError(f"projected_keys: expected project_keys(keys), shape {expected} and dtype {keys.dtype}, "
                          f"got shape {tuple(projected_keys.shape)} and dtype {projected_keys.dtype}")
-
-
-def check_size(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ShapeError(f"{name}: expected a positive int, got {value!r}")
 
 
 def composed_additive(query_proj: Tensor, key_proj: Tensor, values: Tensor, v: Tensor,

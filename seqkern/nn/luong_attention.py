@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqkern._checks import ShapeError
+from seqkern._checks import ShapeError, check_size
 from seqkern.nn.additive_attention import (
     check_attention_call,
     check_projected_keys,
-    check_size,
     composed_additive,
 )
 from seqkern.ops import flash_attention
