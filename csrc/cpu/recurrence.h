@@ -159,8 +159,9 @@ inline Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
 inline Simd<float> exp_simd(Simd<float> x) {
   using V = Simd<float>;
   using Bits = SimdTraits<float>::bits;
-  x = x < 88.0f ? x : broadcast(88.0f);
-  x = x > -87.0f ? x : broadcast(-87.0f);
+  // Written so that a NaN lane fails both comparisons and stays NaN (`x < 88 ? x : 88` would turn it into 88).
+  x = x > 88.0f ? broadcast(88.0f) : x;
+  x = x < -87.0f ? broadcast(-87.0f) : x;
   const V round_magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   V n = (x * 1.44269504088896341f + round_magic) - round_magic;
   const V p = exp_reduced(x, n);
