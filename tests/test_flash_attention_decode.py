@@ -150,3 +150,125 @@ BAD = [
 def test_bad_input_gets_a_clear_error(name, call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# seqkern.attention picks the decode kernel by itself (flash_attention.decode_route's rule).
+# ------------------------------------------------------------------------------------------------------------
+def _which_kernel(call):
+    """(result of call(), "decode" | "flash"): which kernel seqkern.attention / MultiheadAttention ran."""
+    from unittest import mock
+
+    from seqkern.ops import flash_attention
+
+    with mock.patch.object(flash_attention, "run_forward", wraps=flash_attention.run_forward) as flash:
+        result = call()
+    return result, "flash" if flash.called else "decode"
+
+
+def _routing_inputs(len_q, len_k, dtype, seq_first=False, seed=3):
+    """q (2,8,Lq,40), k, v (2,2,Lk,40|24) in float64 and in dtype; seq_first: strided (B,S,H,D) caches."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 8, len_q, 40, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, len_k, 2, d, generator=gen, dtype=torch.float64).transpose(1, 2) for d in (40, 24))
+    if not seq_first:
+        k, v = k.contiguous(), v.contiguous()
+    return (q, k, v), tuple(t.to(dtype) for t in (q, k, v))
+
+
+def _key_padding(lengths, len_k, holes=False):
+    keep = torch.arange(len_k)[None] < torch.tensor(lengths)[:, None]
+    if holes:
+        keep[0, 1] = False
+    return keep[:, None, None, :]
+
+
+# (name, len_q, len_k, kwargs for seqkern.attention, the explicit bool mask SDPA gets (Lq, Lk) -> (.., Lq, Lk))
+ROUTED = [
+    ("plain", 1, 300, {}),
+    ("plain lq3 seq-first cache", 3, 257, {"seq_first": True}),
+    ("causal top-left", 4, 100, {"is_causal": True}),
+    ("causal bottom-right", 5, 130, {"is_causal": True, "causal_alignment": "bottom_right"}),
+    ("window bottom-right", 2, 200, {"window_size": (50, -1), "causal_alignment": "bottom_right"}),
+    ("causal window top-left", 3, 90, {"window_size": (1, 0)}),
+    ("key padding", 1, 150, {"padding": [150, 61]}),
+]
+NOT_ROUTED = [
+    ("17 queries", 17, 300, {}),
+    ("window right", 1, 300, {"window_size": (-1, 3), "causal_alignment": "bottom_right"}),
+    ("window top-left", 2, 300, {"window_size": (7, -1)}),
+    ("key padding with holes", 1, 150, {"padding": [150, 61], "holes": True}),
+    ("key padding and causal", 2, 150, {"padding": [150, 61], "is_causal": True}),
+    ("dropout", 1, 300, {"dropout_p": 0.3}),
+    ("requires grad", 1, 300, {"requires_grad": True}),
+]
+
+
+def _routing_call(len_q, len_k, dtype, options):
+    options = dict(options)
+    seq_first, padding, holes = options.pop("seq_first", False), options.pop("padding", None), options.pop("holes", False)
+    requires_grad = options.pop("requires_grad", False)
+    args64, args = _routing_inputs(len_q, len_k, dtype, seq_first)
+    if requires_grad:
+        args[0].requires_grad_()
+    mask = None if padding is None else _key_padding(padding, len_k, holes)
+    call = lambda a: seqkern.attention(*a, attn_mask=mask, enable_gqa=True, **options)  # noqa: E731
+    return call, args64, args, mask, options
+
+
+def _sdpa_oracle(args, mask, options):
+    """SDPA with the visibility spelled out as a bool mask (query i sees keys [i + s - left, i + s + right])."""
+    q, k, v = args
+    len_q, len_k = q.shape[2], k.shape[2]
+    left, right = options.get("window_size") or (-1, -1)
+    right = 0 if options.get("is_causal") else right
+    seen = visible(len_q, len_k, left, right, options.get("causal_alignment") == "bottom_right")
+    if mask is not None:
+        seen = seen & mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name, len_q, len_k, options", ROUTED, ids=[c[0] for c in ROUTED])
+def test_attention_runs_the_decode_kernel_on_decoding_shapes(name, len_q, len_k, options, dtype):
+    call, args64, args, mask, sdpa_options = _routing_call(len_q, len_k, dtype, options)
+    out, kernel = _which_kernel(lambda: call(args))
+    assert kernel == "decode", name
+    assert_rule(name, out, _sdpa_oracle(args, mask, sdpa_options), _sdpa_oracle(args64, mask, sdpa_options))
+
+
+@pytest.mark.parametrize("name, len_q, len_k, options", NOT_ROUTED, ids=[c[0] for c in NOT_ROUTED])
+def test_attention_keeps_the_flash_kernel_where_decode_cannot_serve(name, len_q, len_k, options):
+    call, _, args, _, _ = _routing_call(len_q, len_k, torch.float32, options)
+    _, kernel = _which_kernel(lambda: call(args))
+    assert kernel == "flash", name
+
+
+def test_attention_decodes_under_no_grad_even_with_inputs_that_require_grad():
+    call, _, args, _, _ = _routing_call(1, 300, torch.float32, {"requires_grad": True})
+    with torch.no_grad():
+        _, kernel = _which_kernel(lambda: call(args))
+    assert kernel == "decode"
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_decoding_step_runs_the_decode_kernel(need_weights):
+    """One new query against 70 source positions with right-padded keys, eval mode: the decode kernel, and
+    the output and weights within the rule of torch.nn.MultiheadAttention."""
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(32, 4, dropout=0.1).eval()
+    ours = seqkern.nn.MultiheadAttention(32, 4, dropout=0.1).eval()
+    ours.load_state_dict(theirs.state_dict())
+    query, memory = torch.randn(1, 2, 32, dtype=torch.float64), torch.randn(70, 2, 32, dtype=torch.float64)
+    padding = torch.arange(70)[None] >= torch.tensor([70, 33])[:, None]
+    with torch.no_grad():
+        ref = theirs.double()(query, memory, memory, key_padding_mask=padding, need_weights=need_weights)
+        theirs.float()
+        same = theirs(query.float(), memory.float(), memory.float(), key_padding_mask=padding,
+                      need_weights=need_weights)
+        got, kernel = _which_kernel(lambda: ours(query.float(), memory.float(), memory.float(),
+                                                 key_padding_mask=padding, need_weights=need_weights))
+    assert kernel == "decode"
+    assert_rule("output", got[0], same[0], ref[0])
+    if need_weights:
+        assert_rule("weights", got[1], same[1], ref[1])

@@ -172,9 +172,14 @@ def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
 
 def _attention_with_seed(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float,
                          is_causal: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """seqkern.attention on (B,H,L,hd) views, also returning the lse and the dropout seed it drew."""
-    seed = ops.dropout_seed(dropout_p, q.device)
+    """seqkern.attention on (B,H,L,hd) views, also returning the lse and the dropout seed it drew. Decoding
+    shapes (a few queries, no gradient, no dropout) run the split-KV decode kernel (ops.decode_route's rule)."""
     full_mask = None if mask is None else mask.expand(*q.shape[:3], k.shape[2])
-    out, lse = ops.run_forward(q, k, v, full_mask, None, None, 0, 0, 1.0 / math.sqrt(q.shape[-1]), -1,
-                               0 if is_causal else -1, False, dropout_p, seed)
+    scale, window_right = 1.0 / math.sqrt(q.shape[-1]), 0 if is_causal else -1
+    decoded = ops.decode_route(q, k, v, full_mask, scale, -1, window_right, False, dropout_p)
+    if decoded is not None:
+        return *decoded, None
+    seed = ops.dropout_seed(dropout_p, q.device)
+    out, lse = ops.run_forward(q, k, v, full_mask, None, None, 0, 0, scale, -1, window_right, False, dropout_p,
+                               seed)
     return out, lse, seed

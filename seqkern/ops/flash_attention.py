@@ -206,6 +206,71 @@ def run_forward(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return torch.ops.seqkern.flash_attention_forward(*args)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Kernel choice: decoding shapes go to the split-KV decode kernel.
+# ------------------------------------------------------------------------------------------------------------
+# The flash forward parallelizes over (head, query tile) and first re-lays all of K and V into tiles: with a
+# handful of queries it runs B*Hq items on two cores and copies the whole cache. The decode kernel instead
+# splits the keys across the cores, reads the cache in place (any strides) and streams each kv head once for
+# all query heads of its GQA group. 1 query vs 32768 keys, 32/8 heads, d128, bf16, 2 threads: 0.25x SDPA
+# through the flash forward, ~5x through the decode kernel (NOTES.md, issue 14).
+DECODE_MAX_QUERIES = 16  # the decode kernel's register tiles are sized for Lq = 1..16 per kv-head group
+
+
+def _key_padding_lengths(mask: Tensor) -> Tensor | None:
+    """An additive (B,Hq,Lq,Lk) mask that is one key-padding row per batch entry, broadcast over heads and
+    queries, 0 on a prefix of the keys and -inf after it (right padding) -> the prefix lengths (B,) int32;
+    None for any other mask. Reads the values (a host sync): eager only."""
+    if torch.compiler.is_compiling() or mask.stride(1) != 0 and mask.shape[1] != 1 \
+            or mask.stride(2) != 0 and mask.shape[2] != 1:
+        return None
+    row = mask[:, 0, 0, :]
+    lengths = (row == 0).sum(-1)
+    prefix = torch.arange(row.shape[-1], device=row.device) < lengths.unsqueeze(-1)
+    expected = torch.zeros_like(row).masked_fill_(~prefix, float("-inf"))
+    return lengths.to(torch.int32) if torch.equal(row, expected) else None
+
+
+def decode_route(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, window_left: int,
+                 window_right: int, bottom_right: bool, dropout_p: float) -> tuple[Tensor, Tensor] | None:
+    """(out, lse) from the split-KV decode kernel when it computes exactly this attention, else None (the caller
+    runs the flash forward). Arguments as run_forward's, normalized: q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv)
+    with stride(-1) == 1, mask additive (B,Hq,Lq,Lk) or None.
+
+    The rule: decode runs when all of
+      * 1 <= Lq <= DECODE_MAX_QUERIES and Lq <= Lk (decoding shapes);
+      * no gradient is needed (grad mode off, or none of q, k, v, mask requires grad): decode has no backward;
+      * dropout_p == 0;
+      * a kernel (not the reference) serves the decode op on this device and dtype;
+      * the visibility is one decode expresses (query i at position p = len - Lq + i of a cache of `len` keys):
+        no window, or a window (left, unbounded right) bottom-right aligned, or causal (right = 0) bottom-right
+        (len = Lk) or top-left (len = Lq: top-left causal only sees the first Lq keys), with any left window;
+      * the mask is None, or (without window or causal) a key-padding mask: one row per batch entry broadcast
+        over heads and queries, keeping a prefix of the keys (right padding; the lengths become cache_seqlens).
+    """
+    len_q, len_k = q.shape[2], k.shape[2]
+    if not 1 <= len_q <= min(DECODE_MAX_QUERIES, len_k) or dropout_p != 0.0 or needs_grad(q, k, v, mask):
+        return None
+    impl = backends.resolve("flash_attention_decode", q.device, q.dtype, SUPPORTED_DTYPES,
+                            kernel="flash_attention_decode")
+    if impl == "reference":
+        return None
+    lengths = None
+    if mask is not None:
+        if window_left >= 0 or window_right >= 0:
+            return None
+        lengths = _key_padding_lengths(mask)
+        if lengths is None:
+            return None
+    if window_right > 0 or window_right < 0 and window_left >= 0 and not bottom_right:
+        return None
+    causal = window_right == 0
+    if causal and not bottom_right:
+        lengths = torch.full((q.shape[0],), len_q, dtype=torch.int32, device=q.device)
+    with kernel_scope(impl, q.device):
+        return torch.ops.seqkern.flash_attention_decode(q, k, v, lengths, scale, causal, window_left, 0)
+
+
 def attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
     is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
@@ -240,8 +305,11 @@ def attention(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     mask = _additive_mask(attn_mask, query, key.shape[2])
     q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
-    out, lse = run_forward(q, k, v, mask, None, None, 0, 0, scale, window_left, window_right, bottom_right,
-                            dropout_p, dropout_seed(dropout_p, q.device))
+    out_lse = decode_route(q, k, v, mask, scale, window_left, window_right, bottom_right, dropout_p)
+    if out_lse is None:
+        out_lse = run_forward(q, k, v, mask, None, None, 0, 0, scale, window_left, window_right, bottom_right,
+                              dropout_p, dropout_seed(dropout_p, q.device))
+    out, lse = out_lse
     if unbatched:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out
