@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import seqkern
 from seqkern.reference.flash_attention import visible
-from helpers import assert_all_rule, case_id
+from helpers import assert_all_rule, assert_rule, case_id
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 CPU_DTYPES = DTYPES + [torch.float16]  # float16: the C++ kernels; Triton's float16 is for GPUs, not checked here
@@ -473,3 +473,32 @@ def test_random_cases_in_float64_match_the_reference(case):
         got = _run(ours, inputs, torch.float64, case, cotangent)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-10, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bfloat16 on each of the CPU's bf16 units (csrc/cpu/tile_gemm_bf16.h), forced through SEQKERN_BF16_GEMM: AMX
+# and AVX512-BF16 where this CPU has them (a path the CPU lacks falls back to the next one down), and the fp32
+# fallback that CPUs without bf16 units run.
+# ------------------------------------------------------------------------------------------------------------
+BF16_PATHS = ["amx", "avx512bf16", "fp32"]
+
+
+@pytest.mark.parametrize("path", BF16_PATHS[1:])  # the default (best) path runs in test_cpu_kernel_against_sdpa...
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bf16_units_against_sdpa_and_reference(case, path, monkeypatch):
+    monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
+    check_attention(case, torch.bfloat16, "cpu")
+
+
+@pytest.mark.parametrize("path", BF16_PATHS)
+def test_bf16_units_on_saturated_scores_against_sdpa(path, monkeypatch):
+    """Scores in the hundreds (one key takes nearly all the weight of a row), odd sizes, causal: the forward
+    within the rule of SDPA's own bf16 error, against SDPA in float64."""
+    monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, n, 72, generator=gen, dtype=torch.float64) * s
+               for n, s in ((257, 4.0), (257, 4.0), (257, 1.0)))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    theirs = F.scaled_dot_product_attention(*(t.bfloat16() for t in (q, k, v)), is_causal=True)
+    ours = seqkern.attention(*(t.bfloat16() for t in (q, k, v)), is_causal=True)
+    assert_rule(f"out {path}", ours, theirs, ref)

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "cpu/attention.h"
+#include "cpu/tile_gemm_bf16.h"
 
 namespace seqkern::cpu {
 namespace {
@@ -319,18 +320,93 @@ KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v
   return t;
 }
 
+/// bf16 storage on the bf16 units (tile_gemm_bf16.h): the forward's K^T and V tiles of every kv head and key
+/// tile in bf16, VNNI layout, zero-padded: K^T (D rounded up to 32 deep, kKeyTile columns), V (kKeyTile deep,
+/// Dv_pad columns). Half the bytes of the fp32 tiles, and no conversion: the values are copied, not rounded.
+struct KeyTilesBf16 {
+  bf16::Path path;
+  int64_t dim_pad;  // D rounded up to bf16::kDepthGranule
+  TileArray<bf16::bf16_t> kt, v;
+};
+
+/// dst (pair rows x 2 * cols, VNNI) of the (depth x cols) matrix whose column c is source row src_row(c)
+/// (K^T: column = key), or (transposed_source) whose row r is src_row(r) (V: row = key); zeros elsewhere.
+template <typename RowPtr>
+void pack_vnni(bf16::bf16_t* dst, int64_t size, int64_t cols, int64_t src_rows, int64_t src_cols,
+               const RowPtr& src_row, bool rows_are_columns) {
+  std::fill(dst, dst + size, bf16::bf16_t(0.0f));
+  for (int64_t r = 0; r < src_rows; ++r) {
+    const bf16::bf16_t* src = src_row(r);
+    for (int64_t c = 0; c < src_cols; ++c) {
+      // element (depth d, column n) of the product's B lives at pair row d / 2, slot 2 n + d % 2
+      const int64_t d = rows_are_columns ? c : r, n = rows_are_columns ? r : c;
+      dst[(d / 2) * 2 * cols + 2 * n + d % 2] = src[c];
+    }
+  }
+}
+
+KeyTilesBf16 pack_keys_bf16(const Problem& p, const at::Tensor& k, const at::Tensor& v, bf16::Path path,
+                            int64_t dim_v_pad) {
+  const int64_t dim_pad = bf16::round_up(std::max<int64_t>(p.dim, 1), bf16::kDepthGranule);
+  KeyTilesBf16 t{path, dim_pad, TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, dim_pad * kKeyTile),
+                 TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, kKeyTile * dim_v_pad)};
+  const auto owners = tile_owners(p, /*keys=*/true);
+  const Rows<const bf16::bf16_t> k_src(k), v_src(v);
+  at::parallel_for(0, p.kv_heads * p.k_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / p.k_tiles, g = item % p.k_tiles;
+      const Sequence& s = p.sequences[owners[g].first];
+      const int64_t j0 = owners[g].second * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
+      const auto k_row = [&](int64_t r) { return k_src(s.batch, h, s.k_begin + j0 + r); };
+      const auto v_row = [&](int64_t r) { return v_src(s.batch, h, s.k_begin + j0 + r); };
+      pack_vnni(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*rows_are_columns=*/true);
+      pack_vnni(t.v(h, g), t.v.tile_size, dim_v_pad, width, p.dim_v, v_row, /*rows_are_columns=*/false);
+    }
+  });
+  return t;
+}
+
 // ================================================================================================
 // Forward.
 // ================================================================================================
 /// One worker's tiles: the query tile, the score/probability tile, the output accumulator and the
-/// per-row softmax state.
+/// per-row softmax state; on the bf16 path the query tile (q16, rows x D padded to 32, zeros past D) and
+/// the probabilities rounded to bf16 (p16) instead of q.
 template <typename A>
 struct ForwardScratch {
   std::vector<A> q, scores, out, row_max, row_sum;
-  ForwardScratch(int64_t dim, int64_t dim_v_pad)
-      : q(kQueryTile * dim), scores(kQueryTile * kKeyTile), out(kQueryTile * dim_v_pad), row_max(kQueryTile),
-        row_sum(kQueryTile) {}
+  std::vector<bf16::bf16_t> q16, p16;
+  ForwardScratch(int64_t dim, int64_t dim_v_pad, const KeyTilesBf16* keys16)
+      : q(keys16 ? 0 : kQueryTile * dim), scores(kQueryTile * kKeyTile), out(kQueryTile * dim_v_pad),
+        row_max(kQueryTile), row_sum(kQueryTile), q16(keys16 ? kQueryTile * keys16->dim_pad : 0, bf16::bf16_t(0.0f)),
+        p16(keys16 ? kQueryTile * kKeyTile : 0, bf16::bf16_t(0.0f)) {}
 };
+
+/// Rows a bf16 product computes for rows [r0, r1): AMX works on 16-row tiles, so it rounds up (into the
+/// scratch tiles' spare rows: r0 is 0 or a multiple of kRowGroup, and kQueryTile a multiple of 16).
+int64_t bf16_rows(const KeyTilesBf16& keys, int64_t r0, int64_t r1) {
+  return keys.path == bf16::Path::kAmx ? bf16::round_up(r1 - r0, bf16::kRowGranule) : r1 - r0;
+}
+
+/// scores[r0:r1, 0:padded) = scale * Q K^T on the bf16 units (fp32 accumulation; the scale applied in fp32,
+/// not folded into bf16 Q where it would add a rounding).
+void scores_bf16(const KeyTilesBf16& keys, ForwardScratch<float>& w, int64_t kv_head, int64_t g, int64_t r0,
+                 int64_t r1, int64_t padded, double scale) {
+  bf16::gemm(keys.path, bf16_rows(keys, r0, r1), padded, keys.dim_pad, w.q16.data() + r0 * keys.dim_pad,
+             keys.dim_pad, keys.kt(kv_head, g), 2 * kKeyTile, w.scores.data() + r0 * kKeyTile, kKeyTile,
+             /*accumulate=*/false, static_cast<float>(scale));
+}
+
+/// out[r0:r1] += P V on the bf16 units: P (the kept probabilities, columns [0, padded)) rounded to bf16 as
+/// FlashAttention does, the row sums having been taken in fp32 before the rounding.
+void accumulate_pv_bf16(const KeyTilesBf16& keys, ForwardScratch<float>& w, int64_t kv_head, int64_t g, int64_t r0,
+                        int64_t r1, int64_t padded, int64_t dim_v_pad) {
+  const int64_t depth = bf16::round_up(padded, bf16::kDepthGranule);
+  for (int64_t r = r0; r < r1; ++r)
+    bf16::round_to_bf16(w.scores.data() + r * kKeyTile, padded, w.p16.data() + r * kKeyTile, depth);
+  bf16::gemm(keys.path, bf16_rows(keys, r0, r1), dim_v_pad, depth, w.p16.data() + r0 * kKeyTile, kKeyTile,
+             keys.v(kv_head, g), 2 * dim_v_pad, w.out.data() + r0 * dim_v_pad, dim_v_pad, /*accumulate=*/true);
+}
 
 template <typename S>
 struct ForwardArgs {
@@ -341,6 +417,7 @@ struct ForwardArgs {
   std::optional<Rows<const S>> mask;
   S* out;  // (B, Hq, Lq, Dv) contiguous
   A* lse;  // (B, Hq, Lq) contiguous
+  const KeyTilesBf16* keys16 = nullptr;  // set: the tile products run on the bf16 units (keys.kt/v are empty)
 };
 
 /// Scores of row i of the tile, s = S + mask (S already scaled through Q), -inf outside the visible keys
@@ -392,8 +469,12 @@ void forward_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const S
   const int64_t j0 = kt * kKeyTile, g = s.k_tile_base + kt, kv_head = h / p.group;
   const int64_t padded = pad_lanes<A>(width), dim_v_pad = args.keys.dim_v_pad;
   A* scores = w.scores.data() + r0 * kKeyTile;
-  tile_gemm<A, false>(r1 - r0, padded, p.dim, w.q.data() + r0 * p.dim, p.dim, args.keys.kt(kv_head, g), kKeyTile,
-                      scores, kKeyTile);
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (args.keys16) scores_bf16(*args.keys16, w, kv_head, g, r0, r1, padded, p.scale);
+  }
+  if (!args.keys16)
+    tile_gemm<A, false>(r1 - r0, padded, p.dim, w.q.data() + r0 * p.dim, p.dim, args.keys.kt(kv_head, g), kKeyTile,
+                        scores, kKeyTile);
   const uint32_t head_key = p.hash.head_key(n * p.heads + h);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = i0 + r;
@@ -407,6 +488,9 @@ void forward_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const S
       A* o = w.out.data() + r * dim_v_pad;
       for (int64_t c = 0; c < dim_v_pad; c += kLanes<A>) store_vector(o + c, load_vector(o + c) * alpha);
     }
+  }
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (args.keys16) return accumulate_pv_bf16(*args.keys16, w, kv_head, g, r0, r1, padded, dim_v_pad);
   }
   tile_gemm<A, true>(r1 - r0, dim_v_pad, width, scores, kKeyTile, args.keys.v(kv_head, g), dim_v_pad,
                      w.out.data() + r0 * dim_v_pad, dim_v_pad);
@@ -422,9 +506,15 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
   const int64_t i0 = tile * kQueryTile, rows = std::min(kQueryTile, s.len_q - i0);
   const int64_t dim_v_pad = args.keys.dim_v_pad;
 
+  const auto q_row = [&](int64_t r) { return args.q(s.batch, h, s.q_begin + i0 + r); };
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (args.keys16) {  // bf16 Q rows as they are (scaled in the score GEMM); the padding columns stay 0
+      const int64_t dim_pad = args.keys16->dim_pad;
+      for (int64_t r = 0; r < rows; ++r) std::copy(q_row(r), q_row(r) + p.dim, w.q16.data() + r * dim_pad);
+    }
+  }
   // Q times scale: the scores come out of the GEMM scaled (one rounding of q instead of a multiply per score).
-  copy_tile<A, S>(w.q.data(), rows * p.dim, p.dim, rows, p.dim,
-                  [&](int64_t r) { return args.q(s.batch, h, s.q_begin + i0 + r); }, false, A(p.scale));
+  if (!args.keys16) copy_tile<A, S>(w.q.data(), rows * p.dim, p.dim, rows, p.dim, q_row, false, A(p.scale));
   std::fill(w.out.begin(), w.out.end(), A(0));
   std::fill(w.row_max.begin(), w.row_max.end(), -std::numeric_limits<A>::infinity());
   std::fill(w.row_sum.begin(), w.row_sum.end(), A(0));
@@ -462,8 +552,17 @@ template <typename S>
 void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              const std::optional<at::Tensor>& mask, at::Tensor& out, at::Tensor& lse) {
   using A = Acc<S>;
-  const KeyTiles<A> keys = pack_keys<S>(p, k, v, /*with_rows=*/false);
-  ForwardArgs<S> args{p, keys, Rows<const S>(q), std::nullopt, out.data_ptr<S>(), lse.data_ptr<A>()};
+  // bf16 storage: the tile products on AMX / AVX512-BF16 where the CPU has them (4-5x the fp32 products'
+  // rate on AMX), else widened to fp32 as the other dtypes. float16 stays on the fp32 path: AVX512-FP16
+  // multiplies and accumulates in fp16 (no fp16 x fp16 -> fp32 dot product before AMX-FP16), and fp16
+  // accumulation would break the correctness rule.
+  const bf16::Path path = std::is_same_v<S, c10::BFloat16> ? bf16::gemm_path() : bf16::Path::kFp32;
+  std::optional<KeyTilesBf16> keys16;
+  if (path != bf16::Path::kFp32) keys16.emplace(pack_keys_bf16(p, k, v, path, pad_lanes<A>(p.dim_v)));
+  const KeyTiles<A> keys = keys16 ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
+                                  : pack_keys<S>(p, k, v, /*with_rows=*/false);
+  ForwardArgs<S> args{p, keys, Rows<const S>(q), std::nullopt, out.data_ptr<S>(), lse.data_ptr<A>(),
+                      keys16 ? &*keys16 : nullptr};
   if (mask) args.mask.emplace(*mask);
 
   const auto key_tiles_seen = [](const Visibility& vis, int64_t i0, int64_t i1) {
@@ -474,7 +573,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   const int64_t workers = worker_count(static_cast<int64_t>(items.size()));
   std::vector<std::unique_ptr<ForwardScratch<A>>> scratch(workers);
   for_each_worker_strided(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
-    if (!scratch[worker]) scratch[worker] = std::make_unique<ForwardScratch<A>>(p.dim, keys.dim_v_pad);
+    if (!scratch[worker]) scratch[worker] = std::make_unique<ForwardScratch<A>>(p.dim, keys.dim_v_pad, args.keys16);
     const Item& it = items[index];
     forward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile);
   });
