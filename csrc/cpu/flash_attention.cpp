@@ -388,13 +388,13 @@ int64_t bf16_rows(const KeyTilesBf16& keys, int64_t r0, int64_t r1) {
   return keys.path == bf16::Path::kAmx ? bf16::round_up(r1 - r0, bf16::kRowGranule) : r1 - r0;
 }
 
-/// scores[r0:r1, 0:padded) = scale * Q K^T on the bf16 units (fp32 accumulation; the scale applied in fp32,
-/// not folded into bf16 Q where it would add a rounding).
+/// scores[r0:r1, 0:padded) = Q K^T on the bf16 units (fp32 accumulation). Unscaled: prepare_score_row applies
+/// the scale in fp32 (folded into bf16 Q it would add a rounding).
 void scores_bf16(const KeyTilesBf16& keys, ForwardScratch<float>& w, int64_t kv_head, int64_t g, int64_t r0,
-                 int64_t r1, int64_t padded, double scale) {
+                 int64_t r1, int64_t padded) {
   bf16::gemm(keys.path, bf16_rows(keys, r0, r1), padded, keys.dim_pad, w.q16.data() + r0 * keys.dim_pad,
              keys.dim_pad, keys.kt(kv_head, g), 2 * kKeyTile, w.scores.data() + r0 * kKeyTile, kKeyTile,
-             /*accumulate=*/false, static_cast<float>(scale));
+             /*accumulate=*/false);
 }
 
 /// out[r0:r1] += P V on the bf16 units: P (the kept probabilities, columns [0, padded)) rounded to bf16 as
@@ -420,18 +420,19 @@ struct ForwardArgs {
   const KeyTilesBf16* keys16 = nullptr;  // set: the tile products run on the bf16 units (keys.kt/v are empty)
 };
 
-/// Scores of row i of the tile, s = S + mask (S already scaled through Q), -inf outside the visible keys
-/// [first, last] (local indices) and on the padding past `width`; returns the row's maximum. A row that
-/// needs neither mask nor hiding is only read.
+/// Scores of row i of the tile, s = scale S + mask (scale = 1 where S was already scaled through Q), -inf
+/// outside the visible keys [first, last] (local indices) and on the padding past `width`; returns the row's
+/// maximum. A row that needs neither scale, mask nor hiding is only read. (The bf16 path scales here: folded
+/// into the max pass, the scale costs no pass of its own over the score tile.)
 template <typename A, typename S>
-A prepare_score_row(A* s, int64_t width, int64_t first, int64_t last, const S* mask_row) {
+A prepare_score_row(A* s, int64_t width, int64_t first, int64_t last, const S* mask_row, A scale) {
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
   const int64_t padded = pad_lanes<A>(width);
   const bool partial = first > 0 || last < padded - 1;
   const V minus_inf = broadcast(-std::numeric_limits<A>::infinity());
   V row_max = minus_inf;
-  if (!partial && !mask_row) {
+  if (!partial && !mask_row && scale == A(1)) {
     for (int64_t c = 0; c < padded; c += L) {
       const V x = load_vector(s + c);
       row_max = x > row_max ? x : row_max;
@@ -440,6 +441,7 @@ A prepare_score_row(A* s, int64_t width, int64_t first, int64_t last, const S* m
   }
   for (int64_t c = 0; c < padded; c += L) {
     V x = load_vector(s + c);
+    if (scale != A(1)) x *= scale;
     if (mask_row) x += load<A>(mask_row + c, static_cast<int>(std::min<int64_t>(L, width - c)));
     if (partial) x = lanes_in_range<A>(c, first, last) ? x : minus_inf;
     store_vector(s + c, x);
@@ -470,18 +472,19 @@ void forward_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const S
   const int64_t padded = pad_lanes<A>(width), dim_v_pad = args.keys.dim_v_pad;
   A* scores = w.scores.data() + r0 * kKeyTile;
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    if (args.keys16) scores_bf16(*args.keys16, w, kv_head, g, r0, r1, padded, p.scale);
+    if (args.keys16) scores_bf16(*args.keys16, w, kv_head, g, r0, r1, padded);
   }
   if (!args.keys16)
     tile_gemm<A, false>(r1 - r0, padded, p.dim, w.q.data() + r0 * p.dim, p.dim, args.keys.kt(kv_head, g), kKeyTile,
                         scores, kKeyTile);
   const uint32_t head_key = p.hash.head_key(n * p.heads + h);
+  const A score_scale = args.keys16 ? A(p.scale) : A(1);  // the fp32 path scaled Q instead
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = i0 + r;
     A* row = w.scores.data() + r * kKeyTile;
     const S* mask_row = args.mask ? (*args.mask)(s.batch, h, s.q_begin + i) + s.k_begin + j0 : nullptr;
     const A tile_max = prepare_score_row<A, S>(row, width, vis.first_key(i) - j0,
-                                               std::min(vis.last_key(i) - j0, width - 1), mask_row);
+                                               std::min(vis.last_key(i) - j0, width - 1), mask_row, score_scale);
     const A alpha = online_softmax_update(row, padded, tile_max, w.row_max[r], w.row_sum[r]);
     if (p.dropout) drop_row(row, padded, p.hash, DropoutHash::row_key(head_key, i), j0);
     if (alpha != A(1)) {
@@ -527,7 +530,10 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
     // 3/8 of the diagonal tile's products, 8% of the causal forward's GEMM work at L = 1024 (counted; the
     // timing difference was inside this shared machine's noise).
     const bool ragged = vis.last_key(i0) - j0 + 1 < width;
-    const int64_t group = ragged ? kRowGroup : rows;
+    // The bf16 path always goes by kRowGroup rows: its products take so little time that the passes over the
+    // score tile (scale, max, exp, rounding to bf16) dominate, and a 32-row slice of scores (16 KB) stays in
+    // L1 through them where the whole 128-row tile (64 KB) does not.
+    const int64_t group = ragged || args.keys16 ? kRowGroup : rows;
     for (int64_t r0 = 0; r0 < rows; r0 += group) {
       const int64_t r1 = std::min(rows, r0 + group);
       const int64_t columns = std::min(width, vis.last_key(i0 + r1 - 1) - j0 + 1);

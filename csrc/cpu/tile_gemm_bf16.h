@@ -62,12 +62,12 @@ constexpr int64_t kColGranule = 16;
 // ------------------------------------------------------------------------------------------------
 // AVX512-BF16.
 // ------------------------------------------------------------------------------------------------
-/// C[0:MR, 0:16 NV) = alpha * A[0:MR, 0:2 pairs) @ B (+ C when kAccumulate). MR x NV accumulators in zmm
+/// C[0:MR, 0:16 NV) = A[0:MR, 0:2 pairs) @ B (+ C when kAccumulate). MR x NV accumulators in zmm
 /// registers (6 x 4 = 24 of 32); per pair row, B's NV vectors are loaded once and each row's pair of A is
 /// broadcast once (32 bits) and meets every column in one VDPBF16PS.
 template <int MR, int NV, bool kAccumulate>
 SEQKERN_TARGET_BF16 inline void dp_kernel(const bf16_t* a, int64_t lda, const bf16_t* b, int64_t ldb, int64_t pairs,
-                                          float* c, int64_t ldc, float alpha) {
+                                          float* c, int64_t ldc) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
@@ -86,33 +86,31 @@ SEQKERN_TARGET_BF16 inline void dp_kernel(const bf16_t* a, int64_t lda, const bf
       for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)a_mp, (__m512bh)w[v]);
     }
   }
-  const __m512 scale = _mm512_set1_ps(alpha);
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       float* dst = c + m * ldc + v * 16;
-      const __m512 x = _mm512_mul_ps(acc[m][v], scale);
-      _mm512_storeu_ps(dst, kAccumulate ? _mm512_add_ps(x, _mm512_loadu_ps(dst)) : x);
+      _mm512_storeu_ps(dst, kAccumulate ? _mm512_add_ps(acc[m][v], _mm512_loadu_ps(dst)) : acc[m][v]);
     }
 }
 
 template <int NV, bool kAccumulate>
 SEQKERN_TARGET_BF16 inline void dp_kernel_rows(int rows, const bf16_t* a, int64_t lda, const bf16_t* b, int64_t ldb,
-                                               int64_t pairs, float* c, int64_t ldc, float alpha) {
+                                               int64_t pairs, float* c, int64_t ldc) {
   switch (rows) {
-    case 1: return dp_kernel<1, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc, alpha);
-    case 2: return dp_kernel<2, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc, alpha);
-    case 3: return dp_kernel<3, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc, alpha);
-    case 4: return dp_kernel<4, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc, alpha);
-    case 5: return dp_kernel<5, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc, alpha);
-    default: return dp_kernel<6, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc, alpha);
+    case 1: return dp_kernel<1, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc);
+    case 2: return dp_kernel<2, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc);
+    case 3: return dp_kernel<3, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc);
+    case 4: return dp_kernel<4, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc);
+    case 5: return dp_kernel<5, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc);
+    default: return dp_kernel<6, NV, kAccumulate>(a, lda, b, ldb, pairs, c, ldc);
   }
 }
 
 template <bool kAccumulate>
 SEQKERN_TARGET_BF16 void gemm_avx512bf16_impl(int64_t rows, int64_t cols, int64_t depth, const bf16_t* a, int64_t lda,
-                                              const bf16_t* b, int64_t ldb, float* c, int64_t ldc, float alpha) {
+                                              const bf16_t* b, int64_t ldb, float* c, int64_t ldc) {
   constexpr int kMaxRows = 6;
   const int64_t pairs = depth / 2;
   for (int64_t col = 0; col < cols; col += 64) {
@@ -126,10 +124,10 @@ SEQKERN_TARGET_BF16 void gemm_avx512bf16_impl(int64_t rows, int64_t cols, int64_
       const bf16_t* a_blk = a + row * lda;
       float* c_blk = c + row * ldc + col;
       switch (vectors) {
-        case 1: dp_kernel_rows<1, kAccumulate>(block_rows, a_blk, lda, b_col, ldb, pairs, c_blk, ldc, alpha); break;
-        case 2: dp_kernel_rows<2, kAccumulate>(block_rows, a_blk, lda, b_col, ldb, pairs, c_blk, ldc, alpha); break;
-        case 3: dp_kernel_rows<3, kAccumulate>(block_rows, a_blk, lda, b_col, ldb, pairs, c_blk, ldc, alpha); break;
-        default: dp_kernel_rows<4, kAccumulate>(block_rows, a_blk, lda, b_col, ldb, pairs, c_blk, ldc, alpha); break;
+        case 1: dp_kernel_rows<1, kAccumulate>(block_rows, a_blk, lda, b_col, ldb, pairs, c_blk, ldc); break;
+        case 2: dp_kernel_rows<2, kAccumulate>(block_rows, a_blk, lda, b_col, ldb, pairs, c_blk, ldc); break;
+        case 3: dp_kernel_rows<3, kAccumulate>(block_rows, a_blk, lda, b_col, ldb, pairs, c_blk, ldc); break;
+        default: dp_kernel_rows<4, kAccumulate>(block_rows, a_blk, lda, b_col, ldb, pairs, c_blk, ldc); break;
       }
       row += block_rows;
     }
@@ -147,11 +145,11 @@ struct alignas(64) AmxConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-/// 16-row by 16/32-column blocks of C = alpha * A @ B (+ C): the loads of an A tile and a B tile each feed two
+/// 16-row by 16/32-column blocks of C = A @ B (+ C): the loads of an A tile and a B tile each feed two
 /// TDPBF16PS (2 x 2 blocking), so the tile loads are half the work of 1 x 1 blocking.
 template <bool kAccumulate>
 SEQKERN_TARGET_AMX void gemm_amx_impl(int64_t rows, int64_t cols, int64_t depth, const bf16_t* a, int64_t lda,
-                                      const bf16_t* b, int64_t ldb, float* c, int64_t ldc, float alpha) {
+                                      const bf16_t* b, int64_t ldb, float* c, int64_t ldc) {
   // Loaded on every call, released at its end: the tile state is this call's alone (oneDNN, or another
   // kernel on this thread, configures tiles its own way), and a thread that holds no tile state does not
   // make the kernel save 8 KB of tiles at every context switch.
@@ -197,32 +195,26 @@ SEQKERN_TARGET_AMX void gemm_amx_impl(int64_t rows, int64_t cols, int64_t depth,
     }
   }
   _tile_release();
-  if (alpha != 1.0f) {  // TDPBF16PS has no output scale: one pass over the (L1-resident) block
-    const __m512 scale = _mm512_set1_ps(alpha);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t col = 0; col < cols; col += 16)
-        _mm512_storeu_ps(c + r * ldc + col, _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + col), scale));
-  }
 }
 #endif  // SEQKERN_BF16_X86
 
-/// C (rows x cols, fp32, row-major, ldc) = alpha * A @ B, or C += A @ B when accumulate (then alpha must be 1).
+/// C (rows x cols, fp32, row-major, ldc) = A @ B, or C += A @ B when accumulate.
 /// A (rows x depth) bf16 row-major (lda), B (depth x cols) in the VNNI layout (ldb bf16 per pair row).
 /// cols a multiple of kColGranule, depth of kDepthGranule (zero-padded by the caller); with Path::kAmx, rows
 /// a multiple of kRowGranule. `path` is kAmx or kAvx512Bf16 (gemm_path()).
 inline void gemm(Path path, int64_t rows, int64_t cols, int64_t depth, const bf16_t* a, int64_t lda, const bf16_t* b,
-                 int64_t ldb, float* c, int64_t ldc, bool accumulate, float alpha = 1.0f) {
+                 int64_t ldb, float* c, int64_t ldc, bool accumulate) {
 #if SEQKERN_BF16_X86
   if (path == Path::kAmx) {
-    accumulate ? gemm_amx_impl<true>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha)
-               : gemm_amx_impl<false>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha);
+    accumulate ? gemm_amx_impl<true>(rows, cols, depth, a, lda, b, ldb, c, ldc)
+               : gemm_amx_impl<false>(rows, cols, depth, a, lda, b, ldb, c, ldc);
   } else {
-    accumulate ? gemm_avx512bf16_impl<true>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha)
-               : gemm_avx512bf16_impl<false>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha);
+    accumulate ? gemm_avx512bf16_impl<true>(rows, cols, depth, a, lda, b, ldb, c, ldc)
+               : gemm_avx512bf16_impl<false>(rows, cols, depth, a, lda, b, ldb, c, ldc);
   }
 #else
   (void)path, (void)rows, (void)cols, (void)depth, (void)a, (void)lda, (void)b, (void)ldb, (void)c, (void)ldc,
-      (void)accumulate, (void)alpha;
+      (void)accumulate;
 #endif
 }
 
