@@ -272,3 +272,19 @@ def test_multihead_attention_decoding_step_runs_the_decode_kernel(need_weights):
     assert_rule("output", got[0], same[0], ref[0])
     if need_weights:
         assert_rule("weights", got[1], same[1], ref[1])
+
+
+@pytest.mark.slow
+def test_routed_attention_compiles_fullgraph():
+    """Under torch.compile the routing holds (the key-padding check, which reads values, is skipped there)."""
+    torch._dynamo.reset()
+    _, (q, k, v) = _routing_inputs(1, 100, torch.float32)
+    mask = _key_padding([100, 40], 100)
+
+    def step(q, k, v, mask):
+        return seqkern.attention(q, k, v, mask, is_causal=mask is None, enable_gqa=True)
+
+    compiled = torch.compile(step, fullgraph=True)
+    with torch.no_grad():
+        for m in (None, mask):
+            torch.testing.assert_close(compiled(q, k, v, m), step(q, k, v, m))
