@@ -24,7 +24,7 @@ from seqkern._checks import DTypeError, ShapeError
 
 from ._launch import dot_operand_dtype
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # tl.dot needs every dimension >= 16: the batch block is padded (masked) up to it, so batch 1 works.
 MIN_DOT_SIZE = 16

@@ -24,7 +24,7 @@ Lq*Lk*H tanh evaluations, which dominate every kernel here.
 
 tanh: triton.language has no tanh of its own (only the backends' libdevice), so it is written with tl.exp and
 a short series near 0 (_SERIES_BELOW says why); 1 - tanh^2 is computed without cancellation (_tanh_and_slope).
-Supported dtypes: float32, float64, bfloat16 (math, lse and weights in float32; float64 for float64). The
+Supported dtypes: float32, float64, bfloat16, float16 (math, lse and weights in float32; float64 for float64). The
 launchers take CPU tensors too: kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from seqkern._checks import DTypeError, ShapeError
 from ._launch import dot_operand_dtype, launch
 from ._recurrent import accumulator_dtype, store
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # tl.dot needs every dimension >= 16: query and key blocks and the padded value dim are at least this.
 MIN_DOT_SIZE = 16

@@ -13,7 +13,7 @@ Visibility (csrc/ops.cpp): query i of sequence b sits at p = cache_seqlens[b] - 
 j > p, window_left >= 0 hides keys j < p - window_left. A row that sees no key gets out 0 and lse -inf.
 Head dims are padded to powers of two >= 16 (tl.dot's minimum) with masked loads, and so is R.
 
-Supported dtypes: float32, float64, bfloat16 (math and lse in float32; float64 for float64). The launcher takes
+Supported dtypes: float32, float64, bfloat16, float16 (math and lse in float32; float64 for float64). The launcher takes
 CPU tensors too: kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from seqkern._checks import DTypeError, ShapeError
 from ._launch import dot_operand_dtype, launch
 from ._recurrent import accumulator_dtype, store
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # tl.dot needs every dimension >= 16: blocks and padded sizes are at least this.
 MIN_DOT_SIZE = 16

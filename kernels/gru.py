@@ -18,7 +18,7 @@ The input and hidden sides of the n gate get different gradients (d n_pre vs d n
 writes a (T,B,4H) buffer laid out like the workspace, [d r_pre, d z_pre, d n_pre, d n_pre * r]: its first three
 H-wide blocks are the gradient of the input projection, blocks 0, 1 and 3 the gradient of the hidden one.
 
-Supported dtypes: float32, float64, bfloat16 (math in float32). The launchers take CPU tensors too:
+Supported dtypes: float32, float64, bfloat16, float16 (math in float32). The launchers take CPU tensors too:
 kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations

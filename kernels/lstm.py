@@ -23,7 +23,7 @@ tl.dot is called with input_precision="ieee": on a GPU float32 tl.dot defaults t
 whose ~1e-3 relative error breaks DESIGN.md's rule "at most 2x torch's own error" (under the interpreter
 tl.dot is exact numpy arithmetic either way, so only a GPU run can show the difference).
 
-Supported dtypes: float32, float64, bfloat16 (math in float32); anything else gets a TypeError before any
+Supported dtypes: float32, float64, bfloat16, float16 (math in float32); anything else gets a TypeError before any
 launch. The launchers take CPU tensors too: kernels/_launch.py runs the kernels under the interpreter then.
 """
 from __future__ import annotations

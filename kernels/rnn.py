@@ -10,7 +10,7 @@ relu' = [y > 0]), so no workspace is saved:
     (input projection with both biases as one torch GEMM, then one launch over all T steps with
     h_{t-1} @ W_hh^T in-kernel; the weight gradients as torch GEMMs after the backward launch).
 
-Supported dtypes: float32, float64, bfloat16 (math in float32). The launchers take CPU tensors too:
+Supported dtypes: float32, float64, bfloat16, float16 (math in float32). The launchers take CPU tensors too:
 kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations

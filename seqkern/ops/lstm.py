@@ -16,7 +16,7 @@ from seqkern.ops._registry import kernel_scope, needs_grad, register_ops, zeros_
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "triton": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
 
 
