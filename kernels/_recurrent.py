@@ -335,5 +335,5 @@ def contiguous_or_none(tensor: Tensor | None) -> Tensor | None:
 
 
 def on_device(batch_sizes: Tensor | None, like: Tensor) -> Tensor | None:
-    """batch_sizes lives on the CPU (csrc/ops.cpp); the kernel reads it on the tensors' device."""
+    """batch_sizes lives on the CPU (seqkern/ops/_schemas.py); the kernel reads it on the tensors' device."""
     return batch_sizes.to(like.device).contiguous() if batch_sizes is not None else None

@@ -1,4 +1,4 @@
-"""Triton kernels for additive_attention_forward / additive_attention_backward (contracts in csrc/ops.cpp, oracle
+"""Triton kernels for additive_attention_forward / additive_attention_backward (contracts in seqkern/ops/_schemas.py, oracle
 in seqkern/reference/additive_attention.py).
 
 Additive (Bahdanau) attention, flash style: score(i, j) = v . tanh(query_proj_i + key_proj_j) is built a
@@ -428,7 +428,7 @@ def _check_inputs(query_proj: Tensor, key_proj: Tensor, values: Tensor, v: Tenso
 def additive_attention_forward(query_proj: Tensor, key_proj: Tensor, values: Tensor, v: Tensor,
                                key_padding_mask: Tensor | None, return_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
     """query_proj (B,Lq,H), key_proj (B,Lk,H), values (B,Lk,Dv), v (H,), key_padding_mask (B,Lk) bool or None
-    -> out (B,Lq,Dv), lse (B,Lq), weights (B,Lq,Lk) or empty (csrc/ops.cpp)."""
+    -> out (B,Lq,Dv), lse (B,Lq), weights (B,Lq,Lk) or empty (seqkern/ops/_schemas.py)."""
     _check_inputs(query_proj, key_proj, values, v)
     batch, len_q, hidden = query_proj.shape
     len_k, value_dim = values.shape[1:]
@@ -458,7 +458,7 @@ def additive_attention_backward(grad_out: Tensor, grad_weights: Tensor | None, q
                                 weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of additive_attention_forward from grad_out (B,Lq,Dv), grad_weights (B,Lq,Lk) or None and the
     forward's out and weights -> grad_query_proj (B,Lq,H), grad_key_proj (B,Lk,H), grad_values (B,Lk,Dv),
-    grad_v (H,) (csrc/ops.cpp)."""
+    grad_v (H,) (seqkern/ops/_schemas.py)."""
     _check_inputs(query_proj, key_proj, values, v)
     batch, len_q, hidden = query_proj.shape
     len_k, value_dim = values.shape[1:]

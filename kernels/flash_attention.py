@@ -1,4 +1,4 @@
-"""Triton kernels for flash_attention_forward / flash_attention_backward (contracts in csrc/ops.cpp, oracle in
+"""Triton kernels for flash_attention_forward / flash_attention_backward (contracts in seqkern/ops/_schemas.py, oracle in
 seqkern/reference/flash_attention.py).
 
 FlashAttention-2: the (Lq, Lk) scores never reach memory.
@@ -544,7 +544,7 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
                             cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                             window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
                             dropout_seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) -> out (B,Hq,Lq,Dv), lse (B,Hq,Lq) (csrc/ops.cpp)."""
+    """q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) -> out (B,Hq,Lq,Dv), lse (B,Hq,Lq) (seqkern/ops/_schemas.py)."""
     mask = _check_attention(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed)
     q, k, v = _rows(q), _rows(k), _rows(v)
     batch, heads, rows_q, head_dim = q.shape
@@ -566,7 +566,7 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                              bottom_right: bool, dropout_p: float, dropout_seed: Tensor | None,
                              want_grad_scores: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of flash_attention_forward from grad_out (B,Hq,Lq,Dv) and its out, lse -> grad_q (B,Hq,Lq,D),
-    grad_k (B,Hkv,Lk,D), grad_v (B,Hkv,Lk,Dv), grad_scores (B,Hq,Lq,Lk) or empty (csrc/ops.cpp)."""
+    grad_k (B,Hkv,Lk,D), grad_v (B,Hkv,Lk,Dv), grad_scores (B,Hq,Lq,Lk) or empty (seqkern/ops/_schemas.py)."""
     mask = _check_attention(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed)
     batch, heads, rows_q, head_dim = q.shape
     for name, tensor in (("grad_out", grad_out), ("out", out)):

@@ -1,4 +1,4 @@
-"""Triton kernels for the LSTM ops (contracts in csrc/ops.cpp, oracle in seqkern/reference/lstm.py).
+"""Triton kernels for the LSTM ops (contracts in seqkern/ops/_schemas.py, oracle in seqkern/reference/lstm.py).
 
 Two kernel families share the pointwise cell math:
   * the cell step (`lstm_cell_forward` / `lstm_cell_backward`): the pointwise part on top of the two GEMMs
@@ -297,7 +297,7 @@ def _lstm_sequence_backward_kernel(
 
 
 # ==================================================================================================
-# Launchers: the op signatures of csrc/ops.cpp. They check arguments, reshape, pick blocks and launch.
+# Launchers: the op signatures of seqkern/ops/_schemas.py. They check arguments, reshape, pick blocks and launch.
 # ==================================================================================================
 def _sequence_blocks(hidden: int, out_size: int) -> dict:
     """The shared sequence tiles (kernels/_recurrent.py) plus the width of the projected rows."""

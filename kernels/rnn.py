@@ -1,4 +1,4 @@
-"""Triton kernels for the Elman RNN ops (contracts in csrc/ops.cpp, oracle in seqkern/reference/rnn.py).
+"""Triton kernels for the Elman RNN ops (contracts in seqkern/ops/_schemas.py, oracle in seqkern/reference/rnn.py).
 
     h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh),  act = relu if RELU else tanh (one tl.constexpr flag).
 
@@ -170,7 +170,7 @@ def _rnn_sequence_backward_kernel(
 
 
 # ==================================================================================================
-# Launchers: the op signatures of csrc/ops.cpp. They check arguments, reshape, pick blocks and launch.
+# Launchers: the op signatures of seqkern/ops/_schemas.py. They check arguments, reshape, pick blocks and launch.
 # ==================================================================================================
 def rnn_cell_forward(gates_x: Tensor, gates_h: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                      relu: bool) -> Tensor:

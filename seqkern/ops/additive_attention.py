@@ -1,6 +1,6 @@
 """Additive (Bahdanau) attention: fake implementations, autograd, Triton registration, and the functional API.
 
-torch.ops.seqkern.additive_attention_forward / _backward have their contracts in csrc/ops.cpp. The public
+torch.ops.seqkern.additive_attention_forward / _backward have their contracts in seqkern/ops/_schemas.py. The public
 functions (`additive_attention`, `additive_attention_projected`, exported as seqkern.additive_attention, ...)
 check the user's arguments, run the two projections as ordinary GEMMs, and pick the implementation
 (seqkern.backend) of the fused part: scores, softmax and the weighted sum of the values.

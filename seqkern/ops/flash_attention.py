@@ -1,6 +1,6 @@
 """Flash attention: fake implementations, autograd, Triton registration, and the functional API.
 
-torch.ops.seqkern.flash_attention_forward / _backward / _decode have their contracts in csrc/ops.cpp. The public
+torch.ops.seqkern.flash_attention_forward / _backward / _decode have their contracts in seqkern/ops/_schemas.py. The public
 functions here (`attention`, `attention_varlen`, `attention_decode`, exported as seqkern.attention, ...) check
 the user's arguments, turn the SDPA-style options (bool masks, is_causal, window_size, causal_alignment,
 enable_gqa) into the ops' one visibility rule, draw the dropout seed from torch's generator, and pick the
