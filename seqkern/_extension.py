@@ -226,6 +226,9 @@ def build(level: str, *, retry: bool = False, announce: bool = True) -> Path:
     compiling again until the sources change or `retry`."""
     from filelock import FileLock  # a dependency of torch
 
+    library = built_library(level)
+    if library is not None:  # the common case, without waiting for a lock a build of other sources may hold
+        return library
     directory = build_dir(level)
     directory.mkdir(parents=True, exist_ok=True)
     digest = source_hash(level)
