@@ -1,6 +1,6 @@
 """Wiring shared by every op: Triton implementations, and running them on CPU tensors.
 
-The schema of each op comes from seqkern._C (csrc/ops.cpp); its CPU kernel is C++. This module registers
+The schema of each op comes from seqkern/ops/_schemas.py; its CPU kernel is C++. This module registers
 the Triton launcher of an op as its CUDA kernel, and remembers it so that `seqkern.backend("triton")`
 can run it on CPU tensors (under the Triton interpreter). That redirection is a TorchDispatchMode: it
 sits below autograd, so the forward and the backward ops keep the one autograd formula of the op and only
@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from seqkern import _extension, _triton
+from seqkern import _triton
+from seqkern.ops import _schemas  # noqa: F401  (declares torch.ops.seqkern.*, with or without the C++ kernels)
 
 _TRITON_KERNELS: dict[torch._ops.OpOverload, Callable] = {}
 
@@ -35,11 +36,8 @@ def register_ops(
 
     `fakes` maps each op name to its fake implementation; `autograd` maps the differentiable ops to
     (backward, setup_context); each op's Triton launcher `triton_module`.<name> becomes its CUDA kernel
-    if Triton is installed. Without seqkern._C there are no schemas: nothing is registered and the
-    functional API runs the references.
+    if Triton is installed. The schemas are Python's, so this holds whether or not the C++ kernels loaded.
     """
-    if not _extension.AVAILABLE:
-        return
     for name, fake in fakes.items():
         torch.library.register_fake(f"seqkern::{name}", fake)
         if _triton.available():

@@ -1,6 +1,6 @@
 """Additive (Bahdanau) attention: fake implementations, autograd, Triton registration, and the functional API.
 
-torch.ops.seqkern.additive_attention_forward / _backward have their contracts in csrc/ops.cpp. The public
+torch.ops.seqkern.additive_attention_forward / _backward have their contracts in seqkern/ops/_schemas.py. The public
 functions (`additive_attention`, `additive_attention_projected`, exported as seqkern.additive_attention, ...)
 check the user's arguments, run the two projections as ordinary GEMMs, and pick the implementation
 (seqkern.backend) of the fused part: scores, softmax and the weighted sum of the values.
@@ -17,7 +17,7 @@ from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops,
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "triton": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
 
 

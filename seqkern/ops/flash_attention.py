@@ -1,6 +1,6 @@
 """Flash attention: fake implementations, autograd, Triton registration, and the functional API.
 
-torch.ops.seqkern.flash_attention_forward / _backward / _decode have their contracts in csrc/ops.cpp. The public
+torch.ops.seqkern.flash_attention_forward / _backward / _decode have their contracts in seqkern/ops/_schemas.py. The public
 functions here (`attention`, `attention_varlen`, `attention_decode`, exported as seqkern.attention, ...) check
 the user's arguments, turn the SDPA-style options (bool masks, is_causal, window_size, causal_alignment,
 enable_gqa) into the ops' one visibility rule, draw the dropout seed from torch's generator, and pick the
@@ -20,7 +20,7 @@ from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
-    "triton": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
 ALIGNMENTS = ("top_left", "bottom_right")
 

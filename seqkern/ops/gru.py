@@ -1,7 +1,7 @@
 """The GRU ops: fake implementations, autograd formulas, Triton registration, and the functional API.
 
 torch.ops.seqkern.gru_forward / gru_backward run one layer in one direction over a whole sequence;
-gru_cell_forward / gru_cell_backward are the fused pointwise part of one cell step (csrc/ops.cpp has the
+gru_cell_forward / gru_cell_backward are the fused pointwise part of one cell step (seqkern/ops/_schemas.py has the
 contracts). `gru_layer` and `gru_cell` pick the implementation (seqkern.backend); the modules call them.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops,
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "triton": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
 
 

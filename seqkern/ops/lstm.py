@@ -2,7 +2,7 @@
 
 torch.ops.seqkern.lstm_forward / lstm_backward run one layer in one direction over a whole sequence;
 lstm_cell_forward / lstm_cell_backward are the fused pointwise part of one cell step. Their contracts
-(shapes, batch_sizes, empty results) are in csrc/ops.cpp. `lstm_layer` and `lstm_cell` below pick the
+(shapes, batch_sizes, empty results) are in seqkern/ops/_schemas.py. `lstm_layer` and `lstm_cell` below pick the
 implementation (seqkern.backend) and are what the modules call.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from seqkern.ops._registry import kernel_scope, needs_grad, register_ops, zeros_
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "triton": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
 
 

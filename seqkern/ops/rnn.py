@@ -1,7 +1,7 @@
 """The Elman RNN ops: fake implementations, autograd formulas, Triton registration, and the functional API.
 
 torch.ops.seqkern.rnn_forward / rnn_backward run one layer in one direction over a whole sequence;
-rnn_cell_forward / rnn_cell_backward are the fused bias + activation of one cell step (csrc/ops.cpp has
+rnn_cell_forward / rnn_cell_backward are the fused bias + activation of one cell step (seqkern/ops/_schemas.py has
 the contracts). `rnn_layer` and `rnn_cell` pick the implementation (seqkern.backend).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from seqkern.ops._registry import empty, kernel_scope, register_ops, zeros_if_no
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "triton": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
 
 
