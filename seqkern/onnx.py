@@ -32,7 +32,6 @@ from seqkern.nn._recurrent import DirectionFn, State, split_weights
 # Gate blocks of torch.nn's weights, in the order ONNX's operators want them.
 _LSTM_ORDER = (0, 3, 1, 2)   # torch i, f, g, o -> ONNX i, o, f, c
 _GRU_ORDER = (1, 0, 2)       # torch r, z, n    -> ONNX z, r, h
-_ONNX_OPSET = 14             # LSTM, GRU and RNN are unchanged since opset 14
 
 
 # A constant of the trace, read when tracing: dynamo would otherwise fold is_in_onnx_export() to False, and the ONNX
@@ -118,7 +117,7 @@ def _onnx_recurrent(op: str, order: Sequence[int], x: Tensor, state: State, w_ih
     attributes.update(hidden_size=int(hidden), direction="reverse" if reverse else "forward")
     output, *finals = torch.onnx.ops.symbolic_multi_out(
         op, inputs, attributes, dtypes=[x.dtype] * (1 + len(state)),
-        shapes=[(seq_len, 1, batch, hidden)] + [(1, batch, hidden)] * len(state), version=_ONNX_OPSET,
+        shapes=[(seq_len, 1, batch, hidden)] + [(1, batch, hidden)] * len(state),
     )
     return output.squeeze(1), tuple(f.squeeze(0) for f in finals)
 

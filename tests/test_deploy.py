@@ -220,6 +220,31 @@ def test_onnx_transformer(tmp_path, case):
     check_onnx(tmp_path, ours, theirs, make_args, dynamic)
 
 
+class Composed(nn.Module):
+    """An attention module's composed-PyTorch forward, as a module."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, *args):
+        return self.attention.composed_forward(*args)
+
+
+@pytest.mark.parametrize("cls, options", [(seqkern.nn.AdditiveAttention, (6, 5, 7)),
+                                          (seqkern.nn.LuongAttention, (6, 5, "general"))], ids=["Additive", "Luong"])
+def test_onnx_additive_and_luong_attention(tmp_path, cls, options):
+    torch.manual_seed(0)
+    module = cls(*options)
+
+    def make_args(seq_len, batch):  # query (B,T,6), keys (B,S,5) with S = T + 2, values = keys, padding, weights
+        keys = randn(batch, seq_len + 2, 5, seed=batch)
+        return randn(batch, seq_len, 6, seed=seq_len), keys, None, padding(batch, seq_len + 2), True
+
+    dynamic = ({0: "B", 1: "T"}, {0: "B", 1: "S"}, None, {0: "B", 1: "S"}, None)
+    check_onnx(tmp_path, module, Composed(module), make_args, dynamic)
+
+
 class Tagger(nn.Module):
     """A user's torch.nn model: embedding, BiLSTM, self-attention, a Transformer layer, a GRU."""
 
