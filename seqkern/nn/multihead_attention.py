@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqkern import onnx
 from seqkern._checks import DTypeError, ShapeError, check_tensor
 from seqkern.ops import flash_attention as ops
 from seqkern.reference.flash_attention import apply_dropout
@@ -30,6 +31,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
       -> (attn_output like query with E features, weights (B,L,S) averaged or (B,num_heads,L,S), or None).
     """
 
+    @onnx.reference_while_exporting
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
         need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,

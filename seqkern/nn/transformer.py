@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
+from seqkern import onnx
 from seqkern._checks import DTypeError, ShapeError, check_tensor
 from seqkern.nn.multihead_attention import MultiheadAttention, _attention_with_seed
 
@@ -208,6 +209,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
                                        batch_first, norm_first, bias, device, dtype))
         _use_seqkern_attention(self.self_attn)
 
+    @onnx.reference_while_exporting
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
         _check_sequence("src", src, self.linear1.weight, self.self_attn.embed_dim)
@@ -246,6 +248,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
         _use_seqkern_attention(self.self_attn)
         _use_seqkern_attention(self.multihead_attn)
 
+    @onnx.reference_while_exporting
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
                 memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,
