@@ -13,7 +13,9 @@ from torch import Tensor
 
 from seqkern import backends, reference
 from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
-from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops, zeros_if_none
+from seqkern.ops._registry import (
+    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -39,14 +41,13 @@ def _backward_fake(grad_out, grad_weights, query_proj, key_proj, values, v, out,
 
 
 def _setup_context(ctx, inputs, output):
-    query_proj, key_proj, values, v, key_padding_mask, _return_weights = inputs
     out, lse, weights = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(query_proj, key_proj, values, v, key_padding_mask, out, weights)
+    save_inputs(ctx, inputs, out, weights)
 
 
 def _backward(ctx, grad_out, _grad_lse, grad_weights):
-    query_proj, key_proj, values, v, key_padding_mask, out, weights = ctx.saved_tensors
+    (query_proj, key_proj, values, v, key_padding_mask, _), (out, weights) = saved_inputs(ctx)
     if weights.numel() != out.shape[0] * out.shape[1] * key_proj.shape[1]:
         # Called with return_weights=False (the public functions never do when a gradient is wanted): one more
         # forward for the probabilities the backward reads.
@@ -70,7 +71,8 @@ def _impl(like: Tensor) -> str:
 
 register_ops(
     fakes={"additive_attention_forward": _forward_fake, "additive_attention_backward": _backward_fake},
-    autograd={"additive_attention_forward": (_backward, _setup_context)},
+    autograd={"additive_attention_forward": Autograd(_backward, _setup_context, reference.additive_attention_forward,
+                                                     (0, 2))},
     triton_module="seqkern.kernels.additive_attention",
 )
 

@@ -16,7 +16,9 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
 from seqkern.reference.flash_attention import visible
-from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops
+from seqkern.ops._registry import (
+    Autograd, empty, kernel_scope, needs_grad, register_no_autograd, register_ops, save_inputs, saved_inputs,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
@@ -46,18 +48,16 @@ def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, is_causal, window_le
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-     bottom_right, dropout_p, dropout_seed) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.flags = (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p)
-    ctx.has_mask = attn_mask is not None
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_seed)
+    ctx.has_mask = inputs[3] is not None
+    save_inputs(ctx, inputs, out, lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p = ctx.flags
+    inputs, (out, lse) = saved_inputs(ctx)
+    q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, *flags, dropout_seed = inputs
+    max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p = flags
     want_grad_scores = ctx.has_mask and ctx.needs_input_grad[3]
     args = (_last_dim_contiguous(grad_out), q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
             window_left, window_right, bottom_right, dropout_p, dropout_seed, want_grad_scores)
@@ -77,12 +77,14 @@ def _impl(like: Tensor) -> str:
 
 register_ops(
     fakes={"flash_attention_forward": _forward_fake, "flash_attention_backward": _backward_fake},
-    autograd={"flash_attention_forward": (_backward, _setup_context)},
+    autograd={"flash_attention_forward": Autograd(_backward, _setup_context, reference.flash_attention_forward, (0,))},
     triton_module="seqkern.kernels.flash_attention",
 )
 register_ops(
     fakes={"flash_attention_decode": _decode_fake}, autograd={}, triton_module="seqkern.kernels.flash_attention_decode"
 )
+register_no_autograd("flash_attention_decode", "it is for inference; seqkern.attention_decode runs the "
+                     "differentiable reference when its inputs require grad, or use seqkern.attention")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 from seqkern import backends, reference
-from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops, zeros_if_none
+from seqkern.ops._registry import (
+    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -42,14 +44,14 @@ def _gru_cell_backward_fake(grad_hy, hx, workspace, has_bias):
 
 
 def _gru_setup_context(ctx, inputs, output):
-    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, save_workspace = inputs
+    _, _, _, _, b_ih, _, _, reverse, save_workspace = inputs
     out, _, workspace = output
     ctx.reverse, ctx.has_bias, ctx.saved_workspace = reverse, b_ih is not None, save_workspace
-    ctx.save_for_backward(input, h0, w_ih, w_hh, out, workspace, batch_sizes)
+    save_inputs(ctx, inputs, out, workspace)
 
 
 def _gru_backward(ctx, grad_output, grad_h_n, _grad_workspace):
-    input, h0, w_ih, w_hh, out, workspace, batch_sizes = ctx.saved_tensors
+    (input, h0, w_ih, w_hh, _, _, batch_sizes, _, _), (out, workspace) = saved_inputs(ctx)
     if not ctx.saved_workspace:
         raise RuntimeError("seqkern.gru_forward was called with save_workspace=False: it cannot be differentiated")
     with kernel_scope(_impl(input), input.device):
@@ -64,13 +66,13 @@ def _gru_backward(ctx, grad_output, grad_h_n, _grad_workspace):
 
 
 def _gru_cell_setup_context(ctx, inputs, output):
-    _, _, hx, b_ih, _ = inputs
-    ctx.has_bias = b_ih is not None
-    ctx.save_for_backward(hx, output[1])
+    ctx.has_bias = inputs[3] is not None
+    # gates_x and gates_h are saved only for a double backward's recompute (as torch's own fused GRU cell does).
+    save_inputs(ctx, inputs, output[1])
 
 
 def _gru_cell_backward(ctx, grad_hy, _grad_workspace):
-    hx, workspace = ctx.saved_tensors
+    (_, _, hx, _, _), (workspace,) = saved_inputs(ctx)
     with kernel_scope(_impl(hx), hx.device):
         grad_gates_x, grad_gates_h, grad_hx, grad_b_ih, grad_b_hh = torch.ops.seqkern.gru_cell_backward(
             zeros_if_none(grad_hy, hx), hx, workspace, ctx.has_bias
@@ -92,8 +94,8 @@ register_ops(
         "gru_cell_backward": _gru_cell_backward_fake,
     },
     autograd={
-        "gru_forward": (_gru_backward, _gru_setup_context),
-        "gru_cell_forward": (_gru_cell_backward, _gru_cell_setup_context),
+        "gru_forward": Autograd(_gru_backward, _gru_setup_context, reference.gru_forward, (0, 1)),
+        "gru_cell_forward": Autograd(_gru_cell_backward, _gru_cell_setup_context, reference.gru_cell_forward, (0,)),
     },
     triton_module="seqkern.kernels.gru",
 )

@@ -12,7 +12,9 @@ from torch import Tensor
 
 from seqkern import backends, reference
 from seqkern.ops._registry import empty as _empty
-from seqkern.ops._registry import kernel_scope, needs_grad, register_ops, zeros_if_none
+from seqkern.ops._registry import (
+    Autograd, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -55,15 +57,15 @@ def _lstm_cell_backward_fake(grad_hy, grad_cy, cx, cy, workspace, has_bias):
 # Autograd.
 # --------------------------------------------------------------------------------------------------
 def _lstm_setup_context(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace = inputs
+    _, _, _, _, _, b_ih, _, w_hr, _, reverse, save_workspace = inputs
     out, _, _, gates, cells = output
     ctx.reverse, ctx.has_bias, ctx.has_proj = reverse, b_ih is not None, w_hr is not None
     ctx.saved_workspace = save_workspace
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes)
+    save_inputs(ctx, inputs, out, gates, cells)
 
 
 def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes = ctx.saved_tensors
+    (input, h0, c0, w_ih, w_hh, _, _, w_hr, batch_sizes, _, _), (out, gates, cells) = saved_inputs(ctx)
     if not ctx.saved_workspace:
         raise RuntimeError("seqkern.lstm_forward was called with save_workspace=False: it cannot be differentiated")
     with kernel_scope(_impl_for_backward(input), input.device):
@@ -78,14 +80,15 @@ def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cell
 
 
 def _lstm_cell_setup_context(ctx, inputs, output):
-    _, _, cx, b_ih, _ = inputs
     _, cy, workspace = output
-    ctx.has_bias = b_ih is not None
-    ctx.save_for_backward(cx, cy, workspace)
+    ctx.has_bias = inputs[3] is not None
+    # gates_x and gates_h are saved only for a double backward's recompute (as torch's own fused LSTM cell
+    # does): references that keep them alive, no copies.
+    save_inputs(ctx, inputs, cy, workspace)
 
 
 def _lstm_cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
-    cx, cy, workspace = ctx.saved_tensors
+    (_, _, cx, _, _), (cy, workspace) = saved_inputs(ctx)
     with kernel_scope(_impl_for_backward(cx), cx.device):
         grad_gates, grad_cx, grad_bias = torch.ops.seqkern.lstm_cell_backward(
             zeros_if_none(grad_hy, cy), zeros_if_none(grad_cy, cy), cx, cy, workspace, ctx.has_bias
@@ -107,8 +110,9 @@ register_ops(
         "lstm_cell_backward": _lstm_cell_backward_fake,
     },
     autograd={
-        "lstm_forward": (_lstm_backward, _lstm_setup_context),
-        "lstm_cell_forward": (_lstm_cell_backward, _lstm_cell_setup_context),
+        "lstm_forward": Autograd(_lstm_backward, _lstm_setup_context, reference.lstm_forward, (0, 1, 2)),
+        "lstm_cell_forward": Autograd(_lstm_cell_backward, _lstm_cell_setup_context, reference.lstm_cell_forward,
+                                      (0, 1)),
     },
     triton_module="seqkern.kernels.lstm",
 )

@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 from seqkern import backends, reference
-from seqkern.ops._registry import empty, kernel_scope, register_ops, zeros_if_none
+from seqkern.ops._registry import (
+    Autograd, empty, kernel_scope, register_ops, save_inputs, saved_inputs, zeros_if_none,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -36,13 +38,13 @@ def _rnn_cell_backward_fake(grad_hy, hy, relu, has_bias):
 
 
 def _rnn_setup_context(ctx, inputs, output):
-    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu = inputs
+    _, _, _, _, b_ih, _, _, reverse, relu = inputs
     ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, b_ih is not None
-    ctx.save_for_backward(input, h0, w_ih, w_hh, output[0], batch_sizes)
+    save_inputs(ctx, inputs, output[0])
 
 
 def _rnn_backward(ctx, grad_output, grad_h_n):
-    input, h0, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
+    (input, h0, w_ih, w_hh, _, _, batch_sizes, _, _), (out,) = saved_inputs(ctx)
     with kernel_scope(_impl(input), input.device):
         grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias = torch.ops.seqkern.rnn_backward(
             zeros_if_none(grad_output, out), zeros_if_none(grad_h_n, h0), input, h0, w_ih, w_hh, out, batch_sizes,
@@ -53,13 +55,13 @@ def _rnn_backward(ctx, grad_output, grad_h_n):
 
 
 def _rnn_cell_setup_context(ctx, inputs, output):
-    _, _, b_ih, _, relu = inputs
-    ctx.relu, ctx.has_bias = relu, b_ih is not None
-    ctx.save_for_backward(output)
+    ctx.relu, ctx.has_bias = inputs[4], inputs[2] is not None
+    # gates_x and gates_h are saved only for a double backward's recompute: references, no copies.
+    save_inputs(ctx, inputs, output)
 
 
 def _rnn_cell_backward(ctx, grad_hy):
-    (hy,) = ctx.saved_tensors
+    _, (hy,) = saved_inputs(ctx)
     with kernel_scope(_impl(hy), hy.device):
         grad_preact, grad_bias = torch.ops.seqkern.rnn_cell_backward(grad_hy, hy, ctx.relu, ctx.has_bias)
     bias = grad_bias if ctx.has_bias else None
@@ -78,8 +80,8 @@ register_ops(
         "rnn_cell_backward": _rnn_cell_backward_fake,
     },
     autograd={
-        "rnn_forward": (_rnn_backward, _rnn_setup_context),
-        "rnn_cell_forward": (_rnn_cell_backward, _rnn_cell_setup_context),
+        "rnn_forward": Autograd(_rnn_backward, _rnn_setup_context, reference.rnn_forward, (0, 1)),
+        "rnn_cell_forward": Autograd(_rnn_cell_backward, _rnn_cell_setup_context, reference.rnn_cell_forward, (0,)),
     },
     triton_module="seqkern.kernels.rnn",
 )
