@@ -122,6 +122,10 @@ def reference_gradients(formula: Autograd, inputs: tuple, grad_outputs: tuple, n
     if not wanted:
         return tuple(grads)
     with torch.enable_grad():
+        # Fresh aliases (views: no copies) of the inputs to differentiate: an input may itself depend on
+        # another (gates_h = hx W_hh^T, with hx passed too), and the gradient with respect to the input
+        # tensor itself would then count that path twice. Each alias is reached only through this op.
+        inputs = tuple(t.view_as(t) if needed else t for t, needed in zip(inputs, needs_input_grad))
         outputs = formula.reference(*inputs)
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     pairs = [(outputs[i], grad_outputs[i]) for i in formula.differentiable_outputs

@@ -370,10 +370,12 @@ def attention_probabilities(
     seen = visible(query.shape[2], key.shape[2], window_left, window_right, bottom_right, query.device)
     scores = scores.masked_fill(~seen, float("-inf"))
     with torch.no_grad():
-        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # a row without keys: -inf - -inf
-    # The kernel's lse carries no gradient, yet p = exp(s - lse(s)) depends on s through it too. This lse has
-    # the kernel's value and logsumexp's gradient (d lse / d s = p): zero-valued (s - s.detach()) terms.
-    live = probs > 0
-    lse_with_grad = lse.unsqueeze(-1) + (probs * torch.where(live, scores - scores.detach(), 0.0)).sum(-1, keepdim=True)
-    # exp of -inf where no key is live (not exp(nan) masked afterwards: a masked nan still sends nan gradients).
-    return torch.exp(torch.where(live, scores - lse_with_grad, float("-inf"))).to(query.dtype)
+        live = torch.exp(scores - lse.unsqueeze(-1)) > 0  # False where exp underflows and in rows without keys (nan)
+    # p = exp(s - lse) with the kernel's lse has the right value but not logsumexp's dependence on s. Dividing by
+    # its row sum (value 1 up to rounding) and multiplying by that sum's value gives p bit for bit, and softmax's
+    # derivatives to every order (double backward included). exp of -inf where a key is not live, not exp(nan)
+    # masked afterwards: a masked nan still sends nan gradients.
+    probs = torch.exp(torch.where(live, scores - lse.unsqueeze(-1), float("-inf")))
+    total = probs.sum(-1, keepdim=True)
+    total = torch.where(total > 0, total, 1.0)
+    return (probs * (total.detach() / total)).to(query.dtype)
