@@ -289,3 +289,21 @@ def test_multihead_attention_second_order(need_weights, dtype):
     options = dict(embed_dim=6, num_heads=2, kdim=5, vdim=4, add_bias_kv=True)
     theirs, ours = torch.nn.MultiheadAttention(**options).double(), seqkern.nn.MultiheadAttention(**options).double()
     _compare_with_torch(theirs, ours, [(3, 2, 6), (4, 2, 5), (4, 2, 4)], _mha_forward(need_weights), dtype)
+
+
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+def test_transformer_layer_gradgradcheck(layer):
+    """torch.nn's own layers cannot be the oracle here (SDPA's CPU flash backward has no derivative)."""
+    torch.manual_seed(0)
+    options = dict(d_model=4, nhead=2, dim_feedforward=5, dropout=0.0, batch_first=True)
+    gen = torch.Generator().manual_seed(1)
+    x, memory = (torch.randn(1, n, 4, generator=gen, dtype=torch.float64, requires_grad=True) for n in (3, 2))
+    if layer == "encoder":
+        module = seqkern.nn.TransformerEncoderLayer(**options).double()
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(3, dtype=torch.float64)
+        args, run = (x,), lambda x: module(x, src_mask=mask, is_causal=True)
+    else:
+        module = seqkern.nn.TransformerDecoderLayer(**options).double()
+        args, run = (x, memory), lambda x, m: module(x, m)
+    with seqkern.backend("cpu"):
+        assert _gradgradcheck(run, args)
