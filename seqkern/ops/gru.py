@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from seqkern import backends, reference
+from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
     Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
 )
@@ -20,26 +21,51 @@ SUPPORTED_DTYPES = {
 }
 
 
+# Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
+def _check_layer(contract: Contract, input, h0, w_ih, w_hh, batch_sizes):
+    """The arguments both layer ops share -> (T, B, I, H, H)."""
+    sizes = contract.layer(3, input, h0, w_ih, w_hh)
+    contract.batch_sizes(batch_sizes, sizes[0])
+    return sizes
+
+
 def _gru_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, save_workspace):
-    seq_len, batch, hidden = input.shape[0], input.shape[1], h0.shape[-1]
+    contract = Contract("gru_forward")
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    contract.biases(b_ih, b_hh, 3 * hidden, input)
     workspace = input.new_empty(seq_len, batch, 4 * hidden) if save_workspace else empty(input)
     return input.new_empty(seq_len, batch, hidden), h0.new_empty(h0.shape), workspace
 
 
 def _gru_backward_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, workspace, batch_sizes, reverse,
                        has_bias):
+    contract = Contract("gru_backward")
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    contract.tensor(grad_output, input, (seq_len, batch, hidden), "grad_output")
+    contract.tensor(grad_h_n, input, (batch, hidden), "grad_h_n")
+    contract.tensor(output, input, (seq_len, batch, hidden), "output")
+    contract.tensor(workspace, input, (seq_len, batch, 4 * hidden), "workspace (the forward's)")
     bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else empty(w_ih)
     return (input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), bias, bias.clone())
 
 
 def _gru_cell_forward_fake(gates_x, gates_h, hx, b_ih, b_hh):
-    return hx.new_empty(hx.shape), hx.new_empty(hx.shape[0], 4 * hx.shape[1])
+    contract = Contract("gru_cell_forward")
+    batch, hidden = contract.cell_state(hx, "hx")
+    contract.tensor(gates_x, hx, (batch, 3 * hidden), "gates_x")
+    contract.tensor(gates_h, hx, (batch, 3 * hidden), "gates_h")
+    contract.biases(b_ih, b_hh, 3 * hidden, hx)
+    return hx.new_empty(hx.shape), hx.new_empty(batch, 4 * hidden)
 
 
 def _gru_cell_backward_fake(grad_hy, hx, workspace, has_bias):
-    gates = hx.new_empty(hx.shape[0], 3 * hx.shape[1])
-    bias = hx.new_empty(3 * hx.shape[1]) if has_bias else empty(hx)
+    contract = Contract("gru_cell_backward")
+    batch, hidden = contract.cell_state(hx, "hx")
+    contract.tensor(grad_hy, hx, (batch, hidden), "grad_hy")
+    contract.tensor(workspace, hx, (batch, 4 * hidden), "workspace")
+    gates = hx.new_empty(batch, 3 * hidden)
+    bias = hx.new_empty(3 * hidden) if has_bias else empty(hx)
     return gates, gates.clone(), hx.new_empty(hx.shape), bias, bias.clone()
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from seqkern import backends, reference
+from seqkern.ops._contract import Contract
 from seqkern.ops._registry import empty as _empty
 from seqkern.ops._registry import (
     Autograd, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
@@ -23,11 +24,22 @@ SUPPORTED_DTYPES = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Fake (meta) implementations: shapes only, for torch.compile and opcheck.
+# Fake (meta) implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes,
+# for torch.compile and opcheck.
 # --------------------------------------------------------------------------------------------------
+def _check_layer(contract: Contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes):
+    """The arguments both layer ops share -> (T, B, I, H, P)."""
+    sizes = contract.layer(4, input, h0, w_ih, w_hh, w_hr)
+    seq_len, batch, _, hidden, _ = sizes
+    contract.tensor(c0, input, (batch, hidden), "c0")
+    contract.batch_sizes(batch_sizes, seq_len)
+    return sizes
+
+
 def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace):
-    seq_len, batch = input.shape[0], input.shape[1]
-    hidden, out_size = c0.shape[-1], h0.shape[-1]
+    contract = Contract("lstm_forward")
+    seq_len, batch, _, hidden, out_size = _check_layer(contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes)
+    contract.biases(b_ih, b_hh, 4 * hidden, input)
     output = input.new_empty(seq_len, batch, out_size)
     if save_workspace:
         gates, cells = input.new_empty(seq_len, batch, 4 * hidden), input.new_empty(seq_len, batch, hidden)
@@ -38,6 +50,14 @@ def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
 
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, output, gates,
                         cells, batch_sizes, reverse, has_bias):
+    contract = Contract("lstm_backward")
+    seq_len, batch, _, hidden, out_size = _check_layer(contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes)
+    contract.tensor(grad_output, input, (seq_len, batch, out_size), "grad_output")
+    contract.tensor(grad_h_n, input, (batch, out_size), "grad_h_n")
+    contract.tensor(grad_c_n, input, (batch, hidden), "grad_c_n")
+    contract.tensor(output, input, (seq_len, batch, out_size), "output")
+    contract.tensor(gates, input, (seq_len, batch, 4 * hidden), "gates (the forward's workspace)")
+    contract.tensor(cells, input, (seq_len, batch, hidden), "cells (the forward's workspace)")
     grad_bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else _empty(w_ih)
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else _empty(w_ih)
     return (input.new_empty(input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
@@ -45,10 +65,20 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_
 
 
 def _lstm_cell_forward_fake(gates_x, gates_h, cx, b_ih, b_hh):
+    contract = Contract("lstm_cell_forward")
+    batch, hidden = contract.cell_state(cx, "cx")
+    contract.tensor(gates_x, cx, (batch, 4 * hidden), "gates_x")
+    contract.tensor(gates_h, cx, (batch, 4 * hidden), "gates_h")
+    contract.biases(b_ih, b_hh, 4 * hidden, cx)
     return cx.new_empty(cx.shape), cx.new_empty(cx.shape), gates_x.new_empty(gates_x.shape)
 
 
 def _lstm_cell_backward_fake(grad_hy, grad_cy, cx, cy, workspace, has_bias):
+    contract = Contract("lstm_cell_backward")
+    batch, hidden = contract.cell_state(cx, "cx")
+    for name, t in (("grad_hy", grad_hy), ("grad_cy", grad_cy), ("cy", cy)):
+        contract.tensor(t, cx, (batch, hidden), name)
+    contract.tensor(workspace, cx, (batch, 4 * hidden), "workspace")
     grad_bias = workspace.new_empty(workspace.shape[-1]) if has_bias else _empty(workspace)
     return workspace.new_empty(workspace.shape), cx.new_empty(cx.shape), grad_bias
 
