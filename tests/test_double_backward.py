@@ -4,7 +4,6 @@ on the C++ kernels and under Triton; the drop-in modules' second-order gradients
 own modules; an op without a formula refuses with an error naming it; torch.autograd.functional.hessian works."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
