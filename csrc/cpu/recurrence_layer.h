@@ -1,12 +1,12 @@
-// The layer engine every recurrent cell shares: argument checks, the time schedule (batch_sizes,
-// reverse), the per-thread slices of the recurrent GEMM, the persistent forward and backward time loops,
-// and the batched weight gradients after the loop. It is parameterized by a Cell (see "Cell interface"
-// below); csrc/cpu/gru.cpp and csrc/cpu/rnn.cpp plug in GruCell and ElmanCell.
+// The layer engine every recurrent cell shares: the time schedule (batch_sizes, reverse), the per-thread
+// slices of the recurrent GEMM, the persistent forward and backward time loops, and the batched weight
+// gradients after the loop. It is parameterized by a Cell (see "Cell interface" below); csrc/cpu/gru.cpp
+// and csrc/cpu/rnn.cpp plug in GruCell and ElmanCell. Built on simd.h (vectors, activations),
+// gemm_packed.h (micro-kernel), team.h (persistent team, barrier) and arg_checks.h.
 //
 // csrc/cpu/lstm.cpp keeps its own time loops (its c state and projection) but uses the pieces here that
-// are not tied to a Cell: Acc, for_each_chunk, cell_grain, the checks (ArgChecker, check_layer_args),
-// Schedule, Slice (with its weight packing), SliceSet, loop_threads, previous_hidden and
-// sum_of_outer_products.
+// are not tied to a Cell: for_each_chunk, cell_grain, check_layer_args, Schedule, Slice (with its weight
+// packing), SliceSet, loop_threads, previous_hidden and sum_of_outer_products.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,99 +17,18 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/recurrence.h"
+#include "cpu/arg_checks.h"
+#include "cpu/gemm_packed.h"
+#include "cpu/simd.h"
+#include "cpu/team.h"
 
 namespace seqkern::cpu {
-
-template <typename S>
-using Acc = at::opmath_type<S>;
 
 /// Calls body(u, n) for the SIMD chunks [u, u+n) of [0, units).
 template <typename A, typename Body>
 inline void for_each_chunk(int64_t units, const Body& body) {
   for (int64_t u = 0; u < units; u += kLanes<A>) body(u, static_cast<int>(std::min<int64_t>(kLanes<A>, units - u)));
 }
-
-/// tanh with ~1 ulp *relative* error in fp32 (Cephes tanhf): an odd polynomial for |x| < 0.625, else
-/// 1 - 2 / (exp(2|x|) + 1). recurrence.h's tanh_simd (2 sigmoid(2x) - 1) has ~1 ulp of 1 absolute error
-/// everywhere, 1.5e-7 at small |x| where torch's is ~1e-9; the Elman RNN, whose only nonlinearity it is,
-/// then missed the 2x rule on fp32 gradients (measured grad_b 2.3x torch's error at T=12, B=32, H=256).
-/// Measured max abs error vs fp64 on [-10, 10]: 7.9e-8 (torch.tanh 3.1e-8, tanh_simd 1.8e-7).
-inline Simd<float> tanh_accurate(Simd<float> x) {
-  using V = Simd<float>;
-  const V abs_x = x < 0.0f ? -x : x;
-  const V z = x * x;
-  V p = broadcast(-5.70498872745e-3f);
-  p = fmadd(p, z, broadcast(2.06390887954e-2f));
-  p = fmadd(p, z, broadcast(-5.37397155531e-2f));
-  p = fmadd(p, z, broadcast(1.33314422036e-1f));
-  p = fmadd(p, z, broadcast(-3.33332819422e-1f));
-  const V small = fmadd(p * z, x, x);
-  const V large_abs = 1.0f - 2.0f / (exp_simd(abs_x * 2.0f) + 1.0f);
-  const V large = x < 0.0f ? -large_abs : large_abs;
-  return abs_x < 0.625f ? small : large;
-}
-
-/// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
-inline Simd<double> tanh_accurate(Simd<double> x) {
-  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::tanh(x[l]);
-  return x;
-}
-
-// ================================================================================================
-// Argument checks (a direct op call must never read or write out of bounds).
-// ================================================================================================
-/// TORCH_CHECKs whose messages name the op ("seqkern gru (CPU): h0 must have shape ...").
-struct ArgChecker {
-  const char* op;
-  bool accepts_float16 = false;  // the attention kernels serve float16; the recurrent ones do not
-
-  void shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) const {
-    TORCH_CHECK(t.sizes() == expected, "seqkern ", op, " (CPU): ", name, " must have shape ", expected, ", got ",
-                t.sizes());
-  }
-  void dtype_device(const at::Tensor& t, const at::Tensor& like, const char* name) const {
-    TORCH_CHECK(t.device().is_cpu(), "seqkern ", op, " (CPU): ", name, " must be a CPU tensor, got ", t.device());
-    TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqkern ", op, " (CPU): ", name, " must have dtype ",
-                like.scalar_type(), ", got ", t.scalar_type());
-  }
-  /// Shape, dtype (that of `like`) and device of t.
-  void tensor(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef expected, const char* name) const {
-    shape(t, expected, name);
-    dtype_device(t, like, name);
-  }
-  void supported_dtype(const at::Tensor& t, const char* name) const {
-    const auto dtype = t.scalar_type();
-    const bool supported = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                           (accepts_float16 && dtype == at::kHalf);
-    TORCH_CHECK(supported, "seqkern ", op, " (CPU): ", name, " must be float32, float64, bfloat16",
-                accepts_float16 ? " or float16" : "", ", got ", dtype);
-    dtype_device(t, t, name);
-  }
-  /// Both biases or neither, each (size,) like `like`.
-  void biases(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, int64_t size,
-              const at::Tensor& like) const {
-    TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "seqkern ", op, " (CPU): b_ih and b_hh must be given together");
-    if (!b_ih.has_value()) return;
-    tensor(*b_ih, like, {size}, "b_ih");
-    tensor(*b_hh, like, {size}, "b_hh");
-  }
-  /// batch_sizes (T,) int64 CPU, non-increasing, each in [0, batch]; returned contiguous (or undefined).
-  at::Tensor batch_sizes(const std::optional<at::Tensor>& batch_sizes, int64_t seq_len, int64_t batch) const {
-    if (!batch_sizes.has_value()) return {};
-    TORCH_CHECK(batch_sizes->device().is_cpu() && batch_sizes->scalar_type() == at::kLong, "seqkern ", op,
-                " (CPU): batch_sizes must be an int64 CPU tensor");
-    shape(*batch_sizes, {seq_len}, "batch_sizes");
-    const at::Tensor sizes = batch_sizes->contiguous();
-    const int64_t* data = sizes.data_ptr<int64_t>();
-    for (int64_t t = 0; t < seq_len; ++t) {
-      TORCH_CHECK(data[t] >= 0 && data[t] <= batch, "seqkern ", op, " (CPU): batch_sizes[", t, "] = ", data[t],
-                  " is outside [0, ", batch, "]");
-      TORCH_CHECK(t == 0 || data[t] <= data[t - 1], "seqkern ", op, " (CPU): batch_sizes must be non-increasing");
-    }
-    return sizes;
-  }
-};
 
 /// Sizes of one layer: T steps, B rows, I inputs, H hidden units.
 struct LayerShape {
