@@ -15,9 +15,11 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/arg_checks.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/gemm_packed.h"
 #include "cpu/simd.h"
 #include "cpu/team.h"
@@ -87,19 +89,29 @@ inline Schedule make_schedule(const LayerShape& d, const at::Tensor& sizes, bool
   return {d.seq_len, d.batch, sizes.defined() ? sizes.data_ptr<int64_t>() : nullptr, reverse};
 }
 
+/// Whether a layer in storage dtype `dtype` runs its GEMMs on the CPU's bf16 units (gemm_bf16.h) rather
+/// than upcast to fp32.
+inline bool use_bf16_units(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && bf16_kernel() == Bf16Kernel::kAvx512Bf16;
+}
+
 /// One thread's share of a recurrent GEMM: output columns `cols` (each repeated in `groups` gate blocks
 /// padded to `padded` columns), their packed weights, and a (batch x w.width) scratch for the product.
+/// With `bf16` the weights are packed as bf16 pairs (w16) and the product runs on vdpbf16ps; the
+/// layout of the result in scratch is the same either way, so the cells never know.
 template <typename A>
 struct Slice {
   Range cols;
   int64_t padded = 0;
   PackedPanels<A> w;
+  PackedPairs w16;
+  bool bf16 = false;
   A* scratch = nullptr;
 
   /// Columns [group | unit] <- rows group * group_rows + cols.begin + unit of the row-major matrix m
   /// (rows w.depth long): the slice's gate rows of a (groups*H, depth) W with group_rows = H.
   void pack_rows(const A* m, int64_t group_rows) {
-    w.pack([&](int64_t j) {
+    pack([&](int64_t j) {
       const int64_t group = j / padded, u = j % padded;
       const A* row = u < cols.size() ? m + (group * group_rows + cols.begin + u) * w.depth : nullptr;
       return std::pair<const A*, int64_t>{row, 1};
@@ -107,35 +119,64 @@ struct Slice {
   }
   /// Column j <- column cols.begin + j of the row-major matrix m (w.depth rows, each row_length long).
   void pack_columns(const A* m, int64_t row_length) {
-    w.pack([&](int64_t j) {
+    pack([&](int64_t j) {
       return std::pair<const A*, int64_t>{j < cols.size() ? m + cols.begin + j : nullptr, row_length};
     });
   }
+  /// c (rows x w.width, leading dim ldc) = a (rows x w.depth, leading dim lda) @ the packed weights.
+  void multiply(const A* a, int64_t lda, int64_t rows, A* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<A, float>) {
+      if (bf16) return gemm_bf16(a, lda, rows, w16, c, ldc);
+    }
+    gemm_packed(a, lda, rows, w, c, ldc);
+  }
+
+ private:
+  template <typename ColumnSource>
+  void pack(const ColumnSource& column) {
+    if (bf16) {
+      w16.pack(column);
+    } else {
+      w.pack(column);
+    }
+  }
 };
 
-/// The slices of `columns` columns for `parts` threads, in one allocation (`storage` keeps it alive).
+/// The slices of `columns` columns for `parts` threads, in one allocation (`storage` keeps it alive);
+/// `bf16`: weights packed for gemm_bf16 (only with A = float).
 template <typename A>
 struct SliceSet {
   std::vector<Slice<A>> slices;
-  at::Tensor storage;
+  at::Tensor storage, storage16;
 
-  SliceSet(int64_t columns, int parts, int groups, int64_t depth, int64_t rows) {
-    int64_t total = 0;
+  SliceSet(int64_t columns, int parts, int groups, int64_t depth, int64_t rows, bool bf16 = false) {
+    bf16 = bf16 && std::is_same_v<A, float>;
+    int64_t total = 0, total16 = 0;
     for (const Range& r : split_range(columns, parts, kLanes<A>)) {
       Slice<A> s;
       s.cols = r;
       s.padded = PackedPanels<A>::padded_width(r.size());
-      s.w.depth = depth;
-      s.w.width = groups * s.padded;
-      total += (depth + rows) * s.w.width;
+      s.w.depth = s.w16.depth = depth;
+      s.w.width = s.w16.width = groups * s.padded;
+      s.bf16 = bf16;
+      total += (bf16 ? rows : depth + rows) * s.w.width;
+      total16 += bf16 ? PackedPairs::elements(depth, s.w.width) : 0;
       slices.push_back(s);
     }
     storage = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+    storage16 = at::empty({std::max<int64_t>(total16, 1)}, at::TensorOptions().dtype(at::kBFloat16));
     A* next = storage.data_ptr<A>();
+    uint16_t* next16 = reinterpret_cast<uint16_t*>(storage16.data_ptr<at::BFloat16>());
     for (Slice<A>& s : slices) {
-      s.w.data = next;
-      s.scratch = next + depth * s.w.width;
-      next += (depth + rows) * s.w.width;
+      if (bf16) {
+        s.w16.data = next16;
+        next16 += PackedPairs::elements(depth, s.w.width);
+      } else {
+        s.w.data = next;
+        next += depth * s.w.width;
+      }
+      s.scratch = next;
+      next += rows * s.w.width;
     }
   }
 };
@@ -154,6 +195,8 @@ inline int loop_threads(int64_t macs_per_step, int64_t hidden, int64_t lanes) {
 //   kSameGateGrads    whether the gradients of x W_ih^T and of h W_hh^T are equal (Elman: yes; GRU: they
 //                     differ in the n gate), so that one (T, B, kGates*H) buffer serves both;
 //   kDirectPath       whether h_{t-1} reaches h_t other than through W_hh (GRU: z * h_{t-1});
+//   bf16_state_ok()   whether, with bfloat16 storage, the recurrent GEMM may run on the bf16 units, i.e. read
+//                     h_{t-1} and d_gates rounded to bf16 as torch's own bf16 layers do (Elman relu: no);
 //   forward(StepIn, h_prev) -> h_t on one SIMD chunk, saving the workspace if asked;
 //   grad(GradIn, d_h) -> Grad{.., d_h_prev (the direct path)}, and
 //   store_grad(d_gates_x row, d_gates_h row, H, grad, n) (the rows alias if kSameGateGrads).
@@ -185,8 +228,38 @@ struct GradIn {
 // ================================================================================================
 // Layer forward: gates_x for all steps in one GEMM, then the persistent time loop.
 // ================================================================================================
+/// x W_ih^T for all T*B rows of bf16 x on vdpbf16ps, fp32 out (T*B, w_ih rows): W_ih packed once, row
+/// blocks in parallel. Unlike at::mm in bf16 (oneDNN, bf16 out) the gates stay fp32 until the cell, as
+/// in the fp32 path. Needs out's width a multiple of 16 (the kernel writes whole vectors).
+inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_ih, at::Tensor& out) {
+  const int64_t rows = out.size(0), depth = w_ih.size(1);
+  PackedPairs w;
+  w.depth = depth;
+  w.width = w_ih.size(0);
+  at::Tensor packed = at::empty({PackedPairs::elements(depth, w.width)}, w_ih.options().dtype(at::kBFloat16));
+  w.data = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
+  const at::Tensor weights = w_ih.contiguous();
+  const at::BFloat16* w_data = weights.data_ptr<at::BFloat16>();
+  w.pack([&](int64_t j) { return std::pair<const at::BFloat16*, int64_t>{w_data + j * depth, 1}; });
+  const at::Tensor x = input.reshape({rows, depth}).contiguous();
+  const at::BFloat16* x_data = x.data_ptr<at::BFloat16>();
+  float* c = out.data_ptr<float>();
+  constexpr int64_t kRowsPerTask = 96;
+  at::parallel_for(0, (rows + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * kRowsPerTask;
+      gemm_bf16(x_data + r0 * depth, depth, std::min(kRowsPerTask, rows - r0), w, c + r0 * w.width, w.width);
+    }
+  });
+}
+
 /// x W_ih^T + bias for all T*B rows in one GEMM, in the accumulation dtype, into `out` (T*B, gates*H).
 inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& bias, at::Tensor& out) {
+  if (use_bf16_units(input.scalar_type()) && out.size(1) % PackedPairs::kLanes == 0) {
+    input_projection_bf16(input, w_ih, out);
+    if (bias.defined()) out.add_(bias);
+    return;
+  }
   const auto acc = out.scalar_type();
   const at::Tensor x = input.reshape({-1, input.size(2)}).to(acc);
   const at::Tensor w = w_ih.to(acc);
@@ -218,7 +291,8 @@ class CellForwardLoop {
 
   CellForwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
       : cell_(cell), d_(d), sched_(sched), buf_(buf), threads_(threads),
-        slices_(d.hidden, threads, G, d.hidden, d.batch) {}
+        slices_(d.hidden, threads, G, d.hidden, d.batch,
+                use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()) {}
 
   /// Runs all T steps; h_n is then h_state[(T-1) & 1].
   void run() {
@@ -240,7 +314,7 @@ class CellForwardLoop {
     const int64_t t = sched_.time(step), active = sched_.active(t);
     const int64_t B = d_.batch, H = d_.hidden, u0 = s.cols.begin;
     constexpr int64_t W = Cell::kWorkspaceBlocks;
-    gemm_packed(h_prev(step), H, active, s.w, s.scratch, s.w.width);
+    s.multiply(h_prev(step), H, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < active; ++b) {
       const int64_t row = t * B + b, unit0 = b * H + u0;
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
@@ -335,7 +409,8 @@ class CellBackwardLoop {
 
   CellBackwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
       : cell_(cell), d_(d), sched_(sched), buf_(buf), threads_(threads),
-        slices_(d.hidden, threads, 1, G * d.hidden, d.batch) {}
+        slices_(d.hidden, threads, 1, G * d.hidden, d.batch,
+                use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()) {}
 
   void run() {
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
@@ -382,7 +457,7 @@ class CellBackwardLoop {
     const bool has_next = step + 1 < d_.seq_len;
     const int64_t next_t = has_next ? sched_.backward_time(step + 1) : 0;
     const int64_t next_active = has_next ? sched_.active(next_t) : 0;
-    gemm_packed(buf_.d_gates_h + t * B * G * H, G * H, active, s.w, s.scratch, s.w.width);
+    s.multiply(buf_.d_gates_h + t * B * G * H, G * H, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < B; ++b) {
       A* d_h = buf_.d_h_state + b * H + s.cols.begin;
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
@@ -457,6 +532,22 @@ inline at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor&
   return total;
 }
 
+/// A weight gradient lhs^T @ rhs over all rows, in storage dtype `dtype`. On the bf16 units: one at::mm
+/// of the bf16-rounded operands (oneDNN: AMX where the CPU has it, fp32 accumulation over all rows, one
+/// rounding to bf16 at the end; the fp32 chunking above exists for fp32's 2x rule, while bf16's output
+/// rounding, 2^-9 relative, dwarfs the fp32 sum's error). Else sum_of_outer_products.
+inline at::Tensor weight_gradient(const at::Tensor& lhs, const at::Tensor& rhs, at::ScalarType dtype) {
+  if (use_bf16_units(dtype)) return at::mm(lhs.to(at::kBFloat16).t(), rhs.to(at::kBFloat16));
+  return sum_of_outer_products(lhs, rhs).to(dtype);
+}
+
+/// grad_input = d_gates (rows, gates*H, accumulation dtype) @ w_ih (gates*H, I), in storage dtype
+/// `dtype`: a bf16 at::mm (oneDNN) on the bf16 units, else in the accumulation dtype.
+inline at::Tensor input_gradient(const at::Tensor& d_gates, const at::Tensor& w_ih, at::ScalarType dtype) {
+  if (use_bf16_units(dtype)) return at::mm(d_gates.to(at::kBFloat16), w_ih);
+  return at::mm(d_gates, w_ih.to(d_gates.scalar_type())).to(dtype);
+}
+
 /// Gradients of one layer, in the storage dtype; the bias ones undefined unless has_bias.
 struct LayerGrads {
   at::Tensor input, h0, w_ih, w_hh, b_ih, b_hh;
@@ -492,12 +583,12 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
       CellBackwardLoop<Cell, scalar_t>(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
     });
   }
-  const at::Tensor x_rows = input.reshape({T * B, d.input_size}).to(acc);
+  const at::Tensor x_rows = input.reshape({T * B, d.input_size});
   LayerGrads grads;
-  grads.input = at::mm(d_gates_x, w_ih.to(acc)).view({T, B, d.input_size}).to(dtype);
+  grads.input = input_gradient(d_gates_x, w_ih, dtype).view({T, B, d.input_size});
   grads.h0 = d_h_state.to(dtype, false, /*copy=*/true);
-  grads.w_ih = sum_of_outer_products(d_gates_x, x_rows).to(dtype);
-  grads.w_hh = sum_of_outer_products(d_gates_h, previous_hidden(output, h0, sched, acc)).to(dtype);
+  grads.w_ih = weight_gradient(d_gates_x, x_rows.to(acc), dtype);
+  grads.w_hh = weight_gradient(d_gates_h, previous_hidden(output, h0, sched, acc), dtype);
   if (has_bias) {
     grads.b_ih = d_gates_x.sum(0).to(dtype);
     grads.b_hh = d_gates_h.sum(0).to(dtype);
