@@ -87,8 +87,8 @@ def test_packed_sequence(family, dtype, options):
 
 
 # Each bfloat16 path of the CPU kernels, forced with SEQKERN_BF16_KERNEL (csrc/cpu/gemm_bf16.h): "fallback"
-# upcasts to fp32, "avx512bf16" runs the GEMMs on vdpbf16ps (and the weight gradients through oneDNN's
-# bf16 GEMM). The tests above run the default, the fastest path the CPU has. Sizes cover gate widths that
+# upcasts to fp32, "avx512bf16" also runs the per-step GEMM and input projection on vdpbf16ps. The tests
+# above run the default (weight gradients and grad_input through oneDNN's bf16 GEMM, the rest fp32). Sizes cover gate widths that
 # are (GRU 3 x 80) and are not (RNN 127) whole vectors, odd input sizes and the LSTM's projection.
 BF16_PATH_CASES = [
     ("lstm", dict(input_size=33, hidden_size=64)),

@@ -1,15 +1,19 @@
 // bfloat16 GEMMs of the recurrent loops on the CPU's bf16 units, fp32 accumulation:
 //   * Bf16Kernel / bf16_kernel(): which path serves bfloat16 layers, chosen at run time from the CPU's
-//     features (cpu_features.h) and forcible with SEQKERN_BF16_KERNEL=fallback|avx512bf16|auto (tests
-//     cover each path on one machine);
+//     features (cpu_features.h) and forcible with SEQKERN_BF16_KERNEL (tests cover each path on one machine):
+//       fallback    everything upcast to fp32 (the fp32 kernels);
+//       (default)   the big GEMMs (weight gradients, grad_input) as one bf16 at::mm each (oneDNN: AMX where
+//                   the CPU has it), the per-step GEMM and the input projection on the fp32 micro-kernel;
+//       avx512bf16  the per-step GEMM and the input projection on vdpbf16ps too (gemm_bf16 below).
+//     Why not vdpbf16ps by default: on the Sapphire Rapids Xeon here it measured slower than the fp32
+//     micro-kernel (one thread, CPU time, b32 t100 h256 inference: LSTM 48.0 vs 41.2 ms, GRU 35.3 vs 25.7 ms):
+//     one vdpbf16ps per cycle does the work of two fp32 FMAs, so it only halves the bytes of W, and W is
+//     already L2-resident. It stays forcible and tested; its k-pair layout is the B-tile layout AMX wants,
+//     the next step for the per-step GEMM.
 //   * PackedPairs + gemm_bf16: the bf16 twin of gemm_packed.h's PackedPanels + gemm_packed, C (fp32) =
-//     A @ W with W packed as k-pairs for vdpbf16ps (one instruction = 32 bf16 multiply-adds into 16 fp32
-//     lanes, twice the fp32 FMA's work). Compiled with function-level target attributes, so the file still
-//     builds for x86-64-v4 / v3 / baseline and the code runs only after has_avx512bf16() said yes.
-// AMX tiles are not used for the per-step product: a step is B x depth x (gates x a thread's units)
-// (32 x 256 x 512 at b32 h256), and the tile loads/stores of the fp32 result per step cost about what the
-// tiles save at these sizes; the big bf16 GEMMs (weight gradients, grad_input) go through at::mm, i.e.
-// oneDNN, which uses AMX where the CPU has it.
+//     A @ W with W packed as k-pairs for vdpbf16ps (32 bf16 multiply-adds into 16 fp32 lanes). Compiled
+//     with function-level target attributes, so the file still builds for x86-64-v4 / v3 / baseline and
+//     the code runs only after has_avx512bf16() said yes.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -30,15 +34,17 @@
 
 namespace seqkern::cpu {
 
-enum class Bf16Kernel { kFallback, kAvx512Bf16 };
+enum class Bf16Kernel { kFallback, kBf16Gradients, kAvx512Bf16 };
 
-/// The path for bfloat16 layers: SEQKERN_BF16_KERNEL if set ("fallback": upcast to fp32 and run the fp32
-/// kernels, as before; "avx512bf16": vdpbf16ps if the CPU has it), else the fastest the CPU runs. Read at
-/// every call (a getenv, ~100 ns against a layer's milliseconds) so that a test can switch paths.
+/// The path for bfloat16 layers (see the top of this file): SEQKERN_BF16_KERNEL=fallback|avx512bf16 if set
+/// (avx512bf16 only if the CPU has it), else kBf16Gradients on a CPU with AVX512-BF16 and kFallback
+/// without. Read at every call (a getenv, ~100 ns against a layer's milliseconds) so a test can switch.
 inline Bf16Kernel bf16_kernel() {
+  if (!has_avx512bf16()) return Bf16Kernel::kFallback;
   const char* forced = std::getenv("SEQKERN_BF16_KERNEL");
   if (forced && std::strcmp(forced, "fallback") == 0) return Bf16Kernel::kFallback;
-  return has_avx512bf16() ? Bf16Kernel::kAvx512Bf16 : Bf16Kernel::kFallback;
+  if (forced && std::strcmp(forced, "avx512bf16") == 0) return Bf16Kernel::kAvx512Bf16;
+  return Bf16Kernel::kBf16Gradients;
 }
 
 /// W (depth x width) for vdpbf16ps: panels of kPanelWidth columns; within a panel, k-pair q holds

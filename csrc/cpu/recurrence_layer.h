@@ -89,10 +89,15 @@ inline Schedule make_schedule(const LayerShape& d, const at::Tensor& sizes, bool
   return {d.seq_len, d.batch, sizes.defined() ? sizes.data_ptr<int64_t>() : nullptr, reverse};
 }
 
-/// Whether a layer in storage dtype `dtype` runs its GEMMs on the CPU's bf16 units (gemm_bf16.h) rather
-/// than upcast to fp32.
+/// Whether a layer in storage dtype `dtype` runs its per-step GEMM and input projection on vdpbf16ps
+/// (gemm_bf16.h) rather than on the fp32 micro-kernel.
 inline bool use_bf16_units(at::ScalarType dtype) {
   return dtype == at::kBFloat16 && bf16_kernel() == Bf16Kernel::kAvx512Bf16;
+}
+
+/// Whether a layer in storage dtype `dtype` runs its weight gradients and grad_input as bf16 at::mm.
+inline bool use_bf16_gradients(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && bf16_kernel() != Bf16Kernel::kFallback;
 }
 
 /// One thread's share of a recurrent GEMM: output columns `cols` (each repeated in `groups` gate blocks
@@ -532,19 +537,19 @@ inline at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor&
   return total;
 }
 
-/// A weight gradient lhs^T @ rhs over all rows, in storage dtype `dtype`. On the bf16 units: one at::mm
+/// A weight gradient lhs^T @ rhs over all rows, in storage dtype `dtype`. In bf16: one at::mm
 /// of the bf16-rounded operands (oneDNN: AMX where the CPU has it, fp32 accumulation over all rows, one
 /// rounding to bf16 at the end; the fp32 chunking above exists for fp32's 2x rule, while bf16's output
 /// rounding, 2^-9 relative, dwarfs the fp32 sum's error). Else sum_of_outer_products.
 inline at::Tensor weight_gradient(const at::Tensor& lhs, const at::Tensor& rhs, at::ScalarType dtype) {
-  if (use_bf16_units(dtype)) return at::mm(lhs.to(at::kBFloat16).t(), rhs.to(at::kBFloat16));
+  if (use_bf16_gradients(dtype)) return at::mm(lhs.to(at::kBFloat16).t(), rhs.to(at::kBFloat16));
   return sum_of_outer_products(lhs, rhs).to(dtype);
 }
 
 /// grad_input = d_gates (rows, gates*H, accumulation dtype) @ w_ih (gates*H, I), in storage dtype
-/// `dtype`: a bf16 at::mm (oneDNN) on the bf16 units, else in the accumulation dtype.
+/// `dtype`: a bf16 at::mm (oneDNN) in bf16, else in the accumulation dtype.
 inline at::Tensor input_gradient(const at::Tensor& d_gates, const at::Tensor& w_ih, at::ScalarType dtype) {
-  if (use_bf16_units(dtype)) return at::mm(d_gates.to(at::kBFloat16), w_ih);
+  if (use_bf16_gradients(dtype)) return at::mm(d_gates.to(at::kBFloat16), w_ih);
   return at::mm(d_gates, w_ih.to(d_gates.scalar_type())).to(dtype);
 }
 
