@@ -86,6 +86,26 @@ def test_packed_sequence(family, dtype, options):
     _compare(family, dtype, options, seq_len=6, batch=3, with_hx=False, lengths=torch.tensor([6, 6, 2]))
 
 
+# Each bfloat16 path of the CPU kernels, forced with SEQKERN_BF16_KERNEL (csrc/cpu/gemm_bf16.h): "fallback"
+# upcasts to fp32, "avx512bf16" also runs the per-step GEMM and input projection on vdpbf16ps. The tests
+# above run the default (weight gradients and grad_input through oneDNN's bf16 GEMM, the rest fp32). Sizes cover gate widths that
+# are (GRU 3 x 80) and are not (RNN 127) whole vectors, odd input sizes and the LSTM's projection.
+BF16_PATH_CASES = [
+    ("lstm", dict(input_size=33, hidden_size=64)),
+    ("lstm", LSTM_PROJ_OPTIONS[0]),
+    ("gru", dict(input_size=48, hidden_size=80)),
+    ("rnn_tanh", dict(input_size=7, hidden_size=127, num_layers=2)),
+]
+
+
+@pytest.mark.parametrize("kernel", ["fallback", "avx512bf16"])
+@pytest.mark.parametrize("family,options", BF16_PATH_CASES, ids=lambda v: v if isinstance(v, str) else case_id(v))
+def test_bfloat16_kernel_paths(kernel, family, options, monkeypatch):
+    monkeypatch.setenv("SEQKERN_BF16_KERNEL", kernel)
+    _compare(family, torch.bfloat16, options, seq_len=13, batch=19)
+    _compare(family, torch.bfloat16, options, seq_len=11, batch=5, lengths=torch.tensor([4, 11, 1, 7, 11]))
+
+
 def _pair(family, dtype=torch.float32, **options):
     torch_cls, ours_cls, extra = FAMILIES[family]
     torch.manual_seed(0)

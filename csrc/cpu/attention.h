@@ -18,7 +18,7 @@
 #include <numeric>
 #include <vector>
 
-#include "cpu/recurrence.h"
+#include "cpu/simd.h"
 
 namespace seqkern::cpu::attention {
 

@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "cpu/attention.h"
-#include "cpu/recurrence_layer.h"
+#include "cpu/arg_checks.h"
 
 namespace seqkern::cpu {
 namespace {

@@ -28,6 +28,7 @@ struct GruCell {
   static constexpr int kWorkspaceBlocks = 4;     // r, z, n, hn: ops.cpp's workspace layout
   static constexpr bool kSameGateGrads = false;  // d(x_n) = d_n, d(hn) = d_n * r
   static constexpr bool kDirectPath = true;      // z * h_{t-1}
+  bool bf16_state_ok() const { return true; }
 
   template <typename A>
   struct Grad {

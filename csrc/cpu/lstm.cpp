@@ -140,11 +140,11 @@ class ForwardLoop {
   };
 
   ForwardLoop(const LayerDims& d, const Schedule& sched, const Buffers& buf, int threads)
-      : d_(d), sched_(sched), buf_(buf), threads_(threads),
+      : bf16_units_(use_bf16_units(c10::CppTypeToScalarType<S>::value)), d_(d), sched_(sched), buf_(buf), threads_(threads),
         // Same split as cell_slices_; the scratch of a slice holds its gate columns for all T*B rows.
-        input_slices_(d.hidden, threads, 4, d.input_size, d.seq_len * d.batch),
-        cell_slices_(d.hidden, threads, 4, d.out_size, d.batch),
-        proj_slices_(d.has_proj ? d.out_size : 0, threads, 1, d.hidden, d.batch) {}
+        input_slices_(d.hidden, threads, 4, d.input_size, d.seq_len * d.batch, bf16_units_),
+        cell_slices_(d.hidden, threads, 4, d.out_size, d.batch, bf16_units_),
+        proj_slices_(d.has_proj ? d.out_size : 0, threads, 1, d.hidden, d.batch, bf16_units_) {}
 
   void run() {
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
@@ -177,14 +177,14 @@ class ForwardLoop {
   /// pointwise pass reads, contiguous per thread.
   void project_inputs(Slice<A>& s) const {
     s.pack_rows(buf_.w_ih, d_.hidden);
-    gemm_packed(buf_.input, d_.input_size, d_.seq_len * d_.batch, s.w, s.scratch, s.w.width);
+    s.multiply(buf_.input, d_.input_size, d_.seq_len * d_.batch, s.scratch, s.w.width);
   }
 
   /// Gate columns of the slice's units (`x` holds their input part), then their fused pointwise update.
   void cell_phase(const Slice<A>& s, const Slice<A>& x, int64_t step) const {
     const int64_t t = sched_.time(step), active = sched_.active(t);
     const int64_t B = d_.batch, H = d_.hidden, P = d_.out_size, u0 = s.cols.begin;
-    gemm_packed(h_prev(step), P, active, s.w, s.scratch, s.w.width);
+    s.multiply(h_prev(step), P, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < active; ++b) {
       const int64_t row = t * B + b;
       const A* gates_h = s.scratch + b * s.w.width;
@@ -216,7 +216,7 @@ class ForwardLoop {
   /// h_t[:, slice] = hidden @ W_hr[slice]^T for the active rows.
   void projection_phase(const Slice<A>& s, int64_t step) const {
     const int64_t active = sched_.active(sched_.time(step));
-    gemm_packed(buf_.hidden_buf, d_.hidden, active, s.w, s.scratch, s.w.width);
+    s.multiply(buf_.hidden_buf, d_.hidden, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < active; ++b)
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
         emit_hidden(step, b, s.cols.begin + u, load<A>(s.scratch + b * s.w.width + u), n);
@@ -240,6 +240,7 @@ class ForwardLoop {
     }
   }
 
+  const bool bf16_units_;  // the GEMMs on vdpbf16ps (bfloat16 storage on a CPU with AVX512-BF16)
   LayerDims d_;
   Schedule sched_;
   Buffers buf_;
@@ -319,11 +320,11 @@ class BackwardLoop {
   };
 
   BackwardLoop(const LayerDims& d, const Schedule& sched, const Buffers& buf, int threads)
-      : d_(d), sched_(sched), buf_(buf), threads_(threads),
+      : bf16_units_(use_bf16_units(c10::CppTypeToScalarType<S>::value)), d_(d), sched_(sched), buf_(buf), threads_(threads),
         // Without a projection P == H and both sets split the same columns the same way, so a thread
         // reads in the cell phase exactly the d_h columns it wrote in the recurrent phase: no barrier there.
-        unit_slices_(d.hidden, threads, 1, d.has_proj ? d.out_size : 0, d.batch),
-        col_slices_(d.out_size, threads, 1, 4 * d.hidden, d.batch) {}
+        unit_slices_(d.hidden, threads, 1, d.has_proj ? d.out_size : 0, d.batch, bf16_units_),
+        col_slices_(d.out_size, threads, 1, 4 * d.hidden, d.batch, bf16_units_) {}
 
   void run() {
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
@@ -346,7 +347,7 @@ class BackwardLoop {
   /// Fused pointwise gradient of the slice's units at time t.
   void cell_grad_phase(const Slice<A>& s, int64_t t) const {
     const int64_t active = sched_.active(t), B = d_.batch, H = d_.hidden, P = d_.out_size, u0 = s.cols.begin;
-    if (d_.has_proj) gemm_packed(buf_.d_h_state, P, active, s.w, s.scratch, s.w.width);
+    if (d_.has_proj) s.multiply(buf_.d_h_state, P, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < active; ++b) {
       const int64_t row = t * B + b;
       const S* c_prev = sched_.previous_row(buf_.cells_ws, buf_.c0, t, b, H) + u0;  // c_{t-1} as the forward read it
@@ -376,7 +377,7 @@ class BackwardLoop {
     const bool has_next = step + 1 < d_.seq_len;
     const int64_t next_t = has_next ? sched_.backward_time(step + 1) : 0;
     const int64_t next_active = has_next ? sched_.active(next_t) : 0;
-    gemm_packed(buf_.d_gates + t * B * 4 * H, 4 * H, active, s.w, s.scratch, s.w.width);
+    s.multiply(buf_.d_gates + t * B * 4 * H, 4 * H, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < B; ++b) {
       A* d_h = buf_.d_h_state + b * P + s.cols.begin;
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
@@ -389,6 +390,7 @@ class BackwardLoop {
     }
   }
 
+  const bool bf16_units_;  // as ForwardLoop's
   LayerDims d_;
   Schedule sched_;
   Buffers buf_;
@@ -451,12 +453,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto dtype = input_.scalar_type();
   const at::Tensor d_gates_rows = d_gates.view({T * B, 4 * H});
   const at::Tensor x_rows = input_.reshape({T * B, I}).to(acc).contiguous();
-  const at::Tensor grad_input = at::mm(d_gates_rows, w_ih_.to(acc)).view({T, B, I}).to(dtype);
-  const at::Tensor grad_w_ih = sum_of_outer_products(d_gates_rows, x_rows).to(dtype);
-  const at::Tensor grad_w_hh = sum_of_outer_products(d_gates_rows, previous_hidden(output_, h0_, sched, acc)).to(dtype);
+  const at::Tensor grad_input = input_gradient(d_gates_rows, w_ih_, dtype).view({T, B, I});
+  const at::Tensor grad_w_ih = weight_gradient(d_gates_rows, x_rows, dtype);
+  const at::Tensor grad_w_hh = weight_gradient(d_gates_rows, previous_hidden(output_, h0_, sched, acc), dtype);
   const at::Tensor grad_bias = has_bias ? d_gates_rows.sum(0).to(dtype) : empty_like_dtype(input_, {0});
   const at::Tensor grad_w_hr =
-      d.has_proj ? sum_of_outer_products(d_h_all.view({T * B, P}), hidden_all.view({T * B, H})).to(dtype)
+      d.has_proj ? weight_gradient(d_h_all.view({T * B, P}), hidden_all.view({T * B, H}), dtype)
                  : empty_like_dtype(input_, {0});
   return {grad_input, d_h_state.to(dtype, false, /*copy=*/true), d_c_state.to(dtype, false, /*copy=*/true),
           grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};

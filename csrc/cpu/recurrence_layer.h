@@ -1,12 +1,12 @@
-// The layer engine every recurrent cell shares: argument checks, the time schedule (batch_sizes,
-// reverse), the per-thread slices of the recurrent GEMM, the persistent forward and backward time loops,
-// and the batched weight gradients after the loop. It is parameterized by a Cell (see "Cell interface"
-// below); csrc/cpu/gru.cpp and csrc/cpu/rnn.cpp plug in GruCell and ElmanCell.
+// The layer engine every recurrent cell shares: the time schedule (batch_sizes, reverse), the per-thread
+// slices of the recurrent GEMM, the persistent forward and backward time loops, and the batched weight
+// gradients after the loop. It is parameterized by a Cell (see "Cell interface" below); csrc/cpu/gru.cpp
+// and csrc/cpu/rnn.cpp plug in GruCell and ElmanCell. Built on simd.h (vectors, activations),
+// gemm_packed.h (micro-kernel), team.h (persistent team, barrier) and arg_checks.h.
 //
 // csrc/cpu/lstm.cpp keeps its own time loops (its c state and projection) but uses the pieces here that
-// are not tied to a Cell: Acc, for_each_chunk, cell_grain, the checks (ArgChecker, check_layer_args),
-// Schedule, Slice (with its weight packing), SliceSet, loop_threads, previous_hidden and
-// sum_of_outer_products.
+// are not tied to a Cell: for_each_chunk, cell_grain, check_layer_args, Schedule, Slice (with its weight
+// packing), SliceSet, loop_threads, previous_hidden and sum_of_outer_products.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,101 +15,22 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
-#include "cpu/recurrence.h"
+#include "cpu/arg_checks.h"
+#include "cpu/gemm_bf16.h"
+#include "cpu/gemm_packed.h"
+#include "cpu/simd.h"
+#include "cpu/team.h"
 
 namespace seqkern::cpu {
-
-template <typename S>
-using Acc = at::opmath_type<S>;
 
 /// Calls body(u, n) for the SIMD chunks [u, u+n) of [0, units).
 template <typename A, typename Body>
 inline void for_each_chunk(int64_t units, const Body& body) {
   for (int64_t u = 0; u < units; u += kLanes<A>) body(u, static_cast<int>(std::min<int64_t>(kLanes<A>, units - u)));
 }
-
-/// tanh with ~1 ulp *relative* error in fp32 (Cephes tanhf): an odd polynomial for |x| < 0.625, else
-/// 1 - 2 / (exp(2|x|) + 1). recurrence.h's tanh_simd (2 sigmoid(2x) - 1) has ~1 ulp of 1 absolute error
-/// everywhere, 1.5e-7 at small |x| where torch's is ~1e-9; the Elman RNN, whose only nonlinearity it is,
-/// then missed the 2x rule on fp32 gradients (measured grad_b 2.3x torch's error at T=12, B=32, H=256).
-/// Measured max abs error vs fp64 on [-10, 10]: 7.9e-8 (torch.tanh 3.1e-8, tanh_simd 1.8e-7).
-inline Simd<float> tanh_accurate(Simd<float> x) {
-  using V = Simd<float>;
-  const V abs_x = x < 0.0f ? -x : x;
-  const V z = x * x;
-  V p = broadcast(-5.70498872745e-3f);
-  p = fmadd(p, z, broadcast(2.06390887954e-2f));
-  p = fmadd(p, z, broadcast(-5.37397155531e-2f));
-  p = fmadd(p, z, broadcast(1.33314422036e-1f));
-  p = fmadd(p, z, broadcast(-3.33332819422e-1f));
-  const V small = fmadd(p * z, x, x);
-  const V large_abs = 1.0f - 2.0f / (exp_simd(abs_x * 2.0f) + 1.0f);
-  const V large = x < 0.0f ? -large_abs : large_abs;
-  return abs_x < 0.625f ? small : large;
-}
-
-/// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
-inline Simd<double> tanh_accurate(Simd<double> x) {
-  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::tanh(x[l]);
-  return x;
-}
-
-// ================================================================================================
-// Argument checks (a direct op call must never read or write out of bounds).
-// ================================================================================================
-/// TORCH_CHECKs whose messages name the op ("seqkern gru (CPU): h0 must have shape ...").
-struct ArgChecker {
-  const char* op;
-  bool accepts_float16 = false;  // the attention kernels serve float16; the recurrent ones do not
-
-  void shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) const {
-    TORCH_CHECK(t.sizes() == expected, "seqkern ", op, " (CPU): ", name, " must have shape ", expected, ", got ",
-                t.sizes());
-  }
-  void dtype_device(const at::Tensor& t, const at::Tensor& like, const char* name) const {
-    TORCH_CHECK(t.device().is_cpu(), "seqkern ", op, " (CPU): ", name, " must be a CPU tensor, got ", t.device());
-    TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqkern ", op, " (CPU): ", name, " must have dtype ",
-                like.scalar_type(), ", got ", t.scalar_type());
-  }
-  /// Shape, dtype (that of `like`) and device of t.
-  void tensor(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef expected, const char* name) const {
-    shape(t, expected, name);
-    dtype_device(t, like, name);
-  }
-  void supported_dtype(const at::Tensor& t, const char* name) const {
-    const auto dtype = t.scalar_type();
-    const bool supported = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                           (accepts_float16 && dtype == at::kHalf);
-    TORCH_CHECK(supported, "seqkern ", op, " (CPU): ", name, " must be float32, float64, bfloat16",
-                accepts_float16 ? " or float16" : "", ", got ", dtype);
-    dtype_device(t, t, name);
-  }
-  /// Both biases or neither, each (size,) like `like`.
-  void biases(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, int64_t size,
-              const at::Tensor& like) const {
-    TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "seqkern ", op, " (CPU): b_ih and b_hh must be given together");
-    if (!b_ih.has_value()) return;
-    tensor(*b_ih, like, {size}, "b_ih");
-    tensor(*b_hh, like, {size}, "b_hh");
-  }
-  /// batch_sizes (T,) int64 CPU, non-increasing, each in [0, batch]; returned contiguous (or undefined).
-  at::Tensor batch_sizes(const std::optional<at::Tensor>& batch_sizes, int64_t seq_len, int64_t batch) const {
-    if (!batch_sizes.has_value()) return {};
-    TORCH_CHECK(batch_sizes->device().is_cpu() && batch_sizes->scalar_type() == at::kLong, "seqkern ", op,
-                " (CPU): batch_sizes must be an int64 CPU tensor");
-    shape(*batch_sizes, {seq_len}, "batch_sizes");
-    const at::Tensor sizes = batch_sizes->contiguous();
-    const int64_t* data = sizes.data_ptr<int64_t>();
-    for (int64_t t = 0; t < seq_len; ++t) {
-      TORCH_CHECK(data[t] >= 0 && data[t] <= batch, "seqkern ", op, " (CPU): batch_sizes[", t, "] = ", data[t],
-                  " is outside [0, ", batch, "]");
-      TORCH_CHECK(t == 0 || data[t] <= data[t - 1], "seqkern ", op, " (CPU): batch_sizes must be non-increasing");
-    }
-    return sizes;
-  }
-};
 
 /// Sizes of one layer: T steps, B rows, I inputs, H hidden units.
 struct LayerShape {
@@ -168,19 +89,34 @@ inline Schedule make_schedule(const LayerShape& d, const at::Tensor& sizes, bool
   return {d.seq_len, d.batch, sizes.defined() ? sizes.data_ptr<int64_t>() : nullptr, reverse};
 }
 
+/// Whether a layer in storage dtype `dtype` runs its per-step GEMM and input projection on vdpbf16ps
+/// (gemm_bf16.h) rather than on the fp32 micro-kernel.
+inline bool use_bf16_units(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && bf16_kernel() == Bf16Kernel::kAvx512Bf16;
+}
+
+/// Whether a layer in storage dtype `dtype` runs its weight gradients and grad_input as bf16 at::mm.
+inline bool use_bf16_gradients(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && bf16_kernel() != Bf16Kernel::kFallback;
+}
+
 /// One thread's share of a recurrent GEMM: output columns `cols` (each repeated in `groups` gate blocks
 /// padded to `padded` columns), their packed weights, and a (batch x w.width) scratch for the product.
+/// With `bf16` the weights are packed as bf16 pairs (w16) and the product runs on vdpbf16ps; the
+/// layout of the result in scratch is the same either way, so the cells never know.
 template <typename A>
 struct Slice {
   Range cols;
   int64_t padded = 0;
   PackedPanels<A> w;
+  PackedPairs w16;
+  bool bf16 = false;
   A* scratch = nullptr;
 
   /// Columns [group | unit] <- rows group * group_rows + cols.begin + unit of the row-major matrix m
   /// (rows w.depth long): the slice's gate rows of a (groups*H, depth) W with group_rows = H.
   void pack_rows(const A* m, int64_t group_rows) {
-    w.pack([&](int64_t j) {
+    pack([&](int64_t j) {
       const int64_t group = j / padded, u = j % padded;
       const A* row = u < cols.size() ? m + (group * group_rows + cols.begin + u) * w.depth : nullptr;
       return std::pair<const A*, int64_t>{row, 1};
@@ -188,35 +124,64 @@ struct Slice {
   }
   /// Column j <- column cols.begin + j of the row-major matrix m (w.depth rows, each row_length long).
   void pack_columns(const A* m, int64_t row_length) {
-    w.pack([&](int64_t j) {
+    pack([&](int64_t j) {
       return std::pair<const A*, int64_t>{j < cols.size() ? m + cols.begin + j : nullptr, row_length};
     });
   }
+  /// c (rows x w.width, leading dim ldc) = a (rows x w.depth, leading dim lda) @ the packed weights.
+  void multiply(const A* a, int64_t lda, int64_t rows, A* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<A, float>) {
+      if (bf16) return gemm_bf16(a, lda, rows, w16, c, ldc);
+    }
+    gemm_packed(a, lda, rows, w, c, ldc);
+  }
+
+ private:
+  template <typename ColumnSource>
+  void pack(const ColumnSource& column) {
+    if (bf16) {
+      w16.pack(column);
+    } else {
+      w.pack(column);
+    }
+  }
 };
 
-/// The slices of `columns` columns for `parts` threads, in one allocation (`storage` keeps it alive).
+/// The slices of `columns` columns for `parts` threads, in one allocation (`storage` keeps it alive);
+/// `bf16`: weights packed for gemm_bf16 (only with A = float).
 template <typename A>
 struct SliceSet {
   std::vector<Slice<A>> slices;
-  at::Tensor storage;
+  at::Tensor storage, storage16;
 
-  SliceSet(int64_t columns, int parts, int groups, int64_t depth, int64_t rows) {
-    int64_t total = 0;
+  SliceSet(int64_t columns, int parts, int groups, int64_t depth, int64_t rows, bool bf16 = false) {
+    bf16 = bf16 && std::is_same_v<A, float>;
+    int64_t total = 0, total16 = 0;
     for (const Range& r : split_range(columns, parts, kLanes<A>)) {
       Slice<A> s;
       s.cols = r;
       s.padded = PackedPanels<A>::padded_width(r.size());
-      s.w.depth = depth;
-      s.w.width = groups * s.padded;
-      total += (depth + rows) * s.w.width;
+      s.w.depth = s.w16.depth = depth;
+      s.w.width = s.w16.width = groups * s.padded;
+      s.bf16 = bf16;
+      total += (bf16 ? rows : depth + rows) * s.w.width;
+      total16 += bf16 ? PackedPairs::elements(depth, s.w.width) : 0;
       slices.push_back(s);
     }
     storage = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+    storage16 = at::empty({std::max<int64_t>(total16, 1)}, at::TensorOptions().dtype(at::kBFloat16));
     A* next = storage.data_ptr<A>();
+    uint16_t* next16 = reinterpret_cast<uint16_t*>(storage16.data_ptr<at::BFloat16>());
     for (Slice<A>& s : slices) {
-      s.w.data = next;
-      s.scratch = next + depth * s.w.width;
-      next += (depth + rows) * s.w.width;
+      if (bf16) {
+        s.w16.data = next16;
+        next16 += PackedPairs::elements(depth, s.w.width);
+      } else {
+        s.w.data = next;
+        next += depth * s.w.width;
+      }
+      s.scratch = next;
+      next += rows * s.w.width;
     }
   }
 };
@@ -235,6 +200,8 @@ inline int loop_threads(int64_t macs_per_step, int64_t hidden, int64_t lanes) {
 //   kSameGateGrads    whether the gradients of x W_ih^T and of h W_hh^T are equal (Elman: yes; GRU: they
 //                     differ in the n gate), so that one (T, B, kGates*H) buffer serves both;
 //   kDirectPath       whether h_{t-1} reaches h_t other than through W_hh (GRU: z * h_{t-1});
+//   bf16_state_ok()   whether, with bfloat16 storage, the recurrent GEMM may run on the bf16 units, i.e. read
+//                     h_{t-1} and d_gates rounded to bf16 as torch's own bf16 layers do (Elman relu: no);
 //   forward(StepIn, h_prev) -> h_t on one SIMD chunk, saving the workspace if asked;
 //   grad(GradIn, d_h) -> Grad{.., d_h_prev (the direct path)}, and
 //   store_grad(d_gates_x row, d_gates_h row, H, grad, n) (the rows alias if kSameGateGrads).
@@ -266,8 +233,38 @@ struct GradIn {
 // ================================================================================================
 // Layer forward: gates_x for all steps in one GEMM, then the persistent time loop.
 // ================================================================================================
+/// x W_ih^T for all T*B rows of bf16 x on vdpbf16ps, fp32 out (T*B, w_ih rows): W_ih packed once, row
+/// blocks in parallel. Unlike at::mm in bf16 (oneDNN, bf16 out) the gates stay fp32 until the cell, as
+/// in the fp32 path. Needs out's width a multiple of 16 (the kernel writes whole vectors).
+inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_ih, at::Tensor& out) {
+  const int64_t rows = out.size(0), depth = w_ih.size(1);
+  PackedPairs w;
+  w.depth = depth;
+  w.width = w_ih.size(0);
+  at::Tensor packed = at::empty({PackedPairs::elements(depth, w.width)}, w_ih.options().dtype(at::kBFloat16));
+  w.data = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
+  const at::Tensor weights = w_ih.contiguous();
+  const at::BFloat16* w_data = weights.data_ptr<at::BFloat16>();
+  w.pack([&](int64_t j) { return std::pair<const at::BFloat16*, int64_t>{w_data + j * depth, 1}; });
+  const at::Tensor x = input.reshape({rows, depth}).contiguous();
+  const at::BFloat16* x_data = x.data_ptr<at::BFloat16>();
+  float* c = out.data_ptr<float>();
+  constexpr int64_t kRowsPerTask = 96;
+  at::parallel_for(0, (rows + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * kRowsPerTask;
+      gemm_bf16(x_data + r0 * depth, depth, std::min(kRowsPerTask, rows - r0), w, c + r0 * w.width, w.width);
+    }
+  });
+}
+
 /// x W_ih^T + bias for all T*B rows in one GEMM, in the accumulation dtype, into `out` (T*B, gates*H).
 inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& bias, at::Tensor& out) {
+  if (use_bf16_units(input.scalar_type()) && out.size(1) % PackedPairs::kLanes == 0) {
+    input_projection_bf16(input, w_ih, out);
+    if (bias.defined()) out.add_(bias);
+    return;
+  }
   const auto acc = out.scalar_type();
   const at::Tensor x = input.reshape({-1, input.size(2)}).to(acc);
   const at::Tensor w = w_ih.to(acc);
@@ -299,7 +296,8 @@ class CellForwardLoop {
 
   CellForwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
       : cell_(cell), d_(d), sched_(sched), buf_(buf), threads_(threads),
-        slices_(d.hidden, threads, G, d.hidden, d.batch) {}
+        slices_(d.hidden, threads, G, d.hidden, d.batch,
+                use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()) {}
 
   /// Runs all T steps; h_n is then h_state[(T-1) & 1].
   void run() {
@@ -321,7 +319,7 @@ class CellForwardLoop {
     const int64_t t = sched_.time(step), active = sched_.active(t);
     const int64_t B = d_.batch, H = d_.hidden, u0 = s.cols.begin;
     constexpr int64_t W = Cell::kWorkspaceBlocks;
-    gemm_packed(h_prev(step), H, active, s.w, s.scratch, s.w.width);
+    s.multiply(h_prev(step), H, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < active; ++b) {
       const int64_t row = t * B + b, unit0 = b * H + u0;
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
@@ -416,7 +414,8 @@ class CellBackwardLoop {
 
   CellBackwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
       : cell_(cell), d_(d), sched_(sched), buf_(buf), threads_(threads),
-        slices_(d.hidden, threads, 1, G * d.hidden, d.batch) {}
+        slices_(d.hidden, threads, 1, G * d.hidden, d.batch,
+                use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()) {}
 
   void run() {
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
@@ -463,7 +462,7 @@ class CellBackwardLoop {
     const bool has_next = step + 1 < d_.seq_len;
     const int64_t next_t = has_next ? sched_.backward_time(step + 1) : 0;
     const int64_t next_active = has_next ? sched_.active(next_t) : 0;
-    gemm_packed(buf_.d_gates_h + t * B * G * H, G * H, active, s.w, s.scratch, s.w.width);
+    s.multiply(buf_.d_gates_h + t * B * G * H, G * H, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < B; ++b) {
       A* d_h = buf_.d_h_state + b * H + s.cols.begin;
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
@@ -538,6 +537,22 @@ inline at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor&
   return total;
 }
 
+/// A weight gradient lhs^T @ rhs over all rows, in storage dtype `dtype`. In bf16: one at::mm
+/// of the bf16-rounded operands (oneDNN: AMX where the CPU has it, fp32 accumulation over all rows, one
+/// rounding to bf16 at the end; the fp32 chunking above exists for fp32's 2x rule, while bf16's output
+/// rounding, 2^-9 relative, dwarfs the fp32 sum's error). Else sum_of_outer_products.
+inline at::Tensor weight_gradient(const at::Tensor& lhs, const at::Tensor& rhs, at::ScalarType dtype) {
+  if (use_bf16_gradients(dtype)) return at::mm(lhs.to(at::kBFloat16).t(), rhs.to(at::kBFloat16));
+  return sum_of_outer_products(lhs, rhs).to(dtype);
+}
+
+/// grad_input = d_gates (rows, gates*H, accumulation dtype) @ w_ih (gates*H, I), in storage dtype
+/// `dtype`: a bf16 at::mm (oneDNN) in bf16, else in the accumulation dtype.
+inline at::Tensor input_gradient(const at::Tensor& d_gates, const at::Tensor& w_ih, at::ScalarType dtype) {
+  if (use_bf16_gradients(dtype)) return at::mm(d_gates.to(at::kBFloat16), w_ih);
+  return at::mm(d_gates, w_ih.to(d_gates.scalar_type())).to(dtype);
+}
+
 /// Gradients of one layer, in the storage dtype; the bias ones undefined unless has_bias.
 struct LayerGrads {
   at::Tensor input, h0, w_ih, w_hh, b_ih, b_hh;
@@ -573,12 +588,12 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
       CellBackwardLoop<Cell, scalar_t>(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
     });
   }
-  const at::Tensor x_rows = input.reshape({T * B, d.input_size}).to(acc);
+  const at::Tensor x_rows = input.reshape({T * B, d.input_size});
   LayerGrads grads;
-  grads.input = at::mm(d_gates_x, w_ih.to(acc)).view({T, B, d.input_size}).to(dtype);
+  grads.input = input_gradient(d_gates_x, w_ih, dtype).view({T, B, d.input_size});
   grads.h0 = d_h_state.to(dtype, false, /*copy=*/true);
-  grads.w_ih = sum_of_outer_products(d_gates_x, x_rows).to(dtype);
-  grads.w_hh = sum_of_outer_products(d_gates_h, previous_hidden(output, h0, sched, acc)).to(dtype);
+  grads.w_ih = weight_gradient(d_gates_x, x_rows.to(acc), dtype);
+  grads.w_hh = weight_gradient(d_gates_h, previous_hidden(output, h0, sched, acc), dtype);
   if (has_bias) {
     grads.b_ih = d_gates_x.sum(0).to(dtype);
     grads.b_hh = d_gates_h.sum(0).to(dtype);

@@ -1,0 +1,188 @@
+// bfloat16 GEMMs of the recurrent loops on the CPU's bf16 units, fp32 accumulation:
+//   * Bf16Kernel / bf16_kernel(): which path serves bfloat16 layers, chosen at run time from the CPU's
+//     features (cpu_features.h) and forcible with SEQKERN_BF16_KERNEL (tests cover each path on one machine):
+//       fallback    everything upcast to fp32 (the fp32 kernels);
+//       (default)   the big GEMMs (weight gradients, grad_input) as one bf16 at::mm each (oneDNN: AMX where
+//                   the CPU has it), the per-step GEMM and the input projection on the fp32 micro-kernel;
+//       avx512bf16  the per-step GEMM and the input projection on vdpbf16ps too (gemm_bf16 below).
+//     Why not vdpbf16ps by default: on the Sapphire Rapids Xeon here it measured slower than the fp32
+//     micro-kernel (one thread, CPU time, b32 t100 h256 inference: LSTM 48.0 vs 41.2 ms, GRU 35.3 vs 25.7 ms):
+//     one vdpbf16ps per cycle does the work of two fp32 FMAs, so it only halves the bytes of W, and W is
+//     already L2-resident. It stays forcible and tested; its k-pair layout is the B-tile layout AMX wants,
+//     the next step for the per-step GEMM.
+//   * PackedPairs + gemm_bf16: the bf16 twin of gemm_packed.h's PackedPanels + gemm_packed, C (fp32) =
+//     A @ W with W packed as k-pairs for vdpbf16ps (32 bf16 multiply-adds into 16 fp32 lanes). Compiled
+//     with function-level target attributes, so the file still builds for x86-64-v4 / v3 / baseline and
+//     the code runs only after has_avx512bf16() said yes.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+
+namespace seqkern::cpu {
+
+enum class Bf16Kernel { kFallback, kBf16Gradients, kAvx512Bf16 };
+
+/// The path for bfloat16 layers (see the top of this file): SEQKERN_BF16_KERNEL=fallback|avx512bf16 if set
+/// (avx512bf16 only if the CPU has it), else kBf16Gradients on a CPU with AVX512-BF16 and kFallback
+/// without. Read at every call (a getenv, ~100 ns against a layer's milliseconds) so a test can switch.
+inline Bf16Kernel bf16_kernel() {
+  if (!has_avx512bf16()) return Bf16Kernel::kFallback;
+  const char* forced = std::getenv("SEQKERN_BF16_KERNEL");
+  if (forced && std::strcmp(forced, "fallback") == 0) return Bf16Kernel::kFallback;
+  if (forced && std::strcmp(forced, "avx512bf16") == 0) return Bf16Kernel::kAvx512Bf16;
+  return Bf16Kernel::kBf16Gradients;
+}
+
+/// W (depth x width) for vdpbf16ps: panels of kPanelWidth columns; within a panel, k-pair q holds
+/// (W[2q][j], W[2q+1][j]) for each column j in turn, so one 64-byte load gives 16 columns' pairs.
+/// depth is rounded up to even (a zero row), width to whole vectors (zero columns), as PackedPanels.
+struct PackedPairs {
+  static constexpr int kLanes = 16;  // fp32 accumulators per vector
+  static constexpr int kPanelVectors = 4;
+  static constexpr int64_t kPanelWidth = kPanelVectors * kLanes;
+  int64_t depth = 0;  // the true depth (A's columns)
+  int64_t width = 0;
+  uint16_t* data = nullptr;  // pairs() * 2 * width bf16 bit patterns
+
+  int64_t pairs() const { return (depth + 1) / 2; }
+  static int64_t elements(int64_t depth, int64_t width) { return (depth + 1) / 2 * 2 * width; }
+  int64_t panel_count() const { return (width + kPanelWidth - 1) / kPanelWidth; }
+  int panel_vectors(int64_t p) const {
+    return static_cast<int>(std::min<int64_t>(kPanelWidth, width - p * kPanelWidth) / kLanes);
+  }
+  const uint16_t* panel(int64_t p) const { return data + p * pairs() * 2 * kPanelWidth; }
+
+  /// Fills data from column(j) -> {pointer to W(0, j), stride between consecutive k} (null: padding
+  /// column), as PackedPanels::pack; values are rounded to bf16 (exact for weights that were bf16).
+  template <typename ColumnSource>
+  void pack(const ColumnSource& column) {
+    for (int64_t p = 0; p < panel_count(); ++p) {
+      const int64_t columns = panel_vectors(p) * kLanes;
+      uint16_t* dst = data + p * pairs() * 2 * kPanelWidth;
+      for (int64_t j = 0; j < columns; ++j) {
+        const auto [src, stride] = column(p * kPanelWidth + j);
+        for (int64_t k = 0; k < 2 * pairs(); ++k) {
+          const float v = src && k < depth ? static_cast<float>(src[k * stride]) : 0.0f;
+          dst[((k / 2) * columns + j) * 2 + (k % 2)] = c10::BFloat16(v).x;
+        }
+      }
+    }
+  }
+};
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SEQKERN_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/// C[0:MR, 0:NV*16) = A[0:MR, 0:2*pairs) @ panel with MR x NV fp32 accumulators in registers (MR=6,
+/// NV=4: 24 of 32 zmm, as gemm_packed.h's micro_kernel); a holds bf16 bit patterns, rows lda apart.
+template <int MR, int NV>
+SEQKERN_TARGET_BF16 inline void micro_kernel_bf16(const uint16_t* a, int64_t lda, const uint16_t* panel,
+                                                  int64_t pairs, float* c, int64_t ldc) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < pairs; ++q) {
+    __m512bh w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(panel + (q * NV + v) * 32);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, a + m * lda + 2 * q, sizeof(pair));
+      const __m512bh a_mq = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a_mq, w[v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + v * 16, acc[m][v]);
+}
+
+template <int NV>
+SEQKERN_TARGET_BF16 inline void micro_kernel_bf16_rows(int rows, const uint16_t* a, int64_t lda,
+                                                       const uint16_t* panel, int64_t pairs, float* c, int64_t ldc) {
+  switch (rows) {
+    case 1: return micro_kernel_bf16<1, NV>(a, lda, panel, pairs, c, ldc);
+    case 2: return micro_kernel_bf16<2, NV>(a, lda, panel, pairs, c, ldc);
+    case 3: return micro_kernel_bf16<3, NV>(a, lda, panel, pairs, c, ldc);
+    case 4: return micro_kernel_bf16<4, NV>(a, lda, panel, pairs, c, ldc);
+    case 5: return micro_kernel_bf16<5, NV>(a, lda, panel, pairs, c, ldc);
+    default: return micro_kernel_bf16<6, NV>(a, lda, panel, pairs, c, ldc);
+  }
+}
+
+/// dst[r, 0:2*pairs) = bf16(src[r, 0:depth)) for `rows` rows (zero in the padding column of an odd
+/// depth), round to nearest even (vcvtneps2bf16; a NaN stays NaN).
+template <typename In>
+SEQKERN_TARGET_BF16 inline void to_bf16_rows(const In* src, int64_t lds, int64_t rows, int64_t depth, uint16_t* dst,
+                                             int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* s = src + r * lds;
+    uint16_t* d = dst + r * ldd;
+    int64_t k = 0;
+    if constexpr (std::is_same_v<In, c10::BFloat16>) {
+      std::memcpy(d, s, depth * sizeof(uint16_t));  // already bf16: the bit patterns as they are
+      k = depth;
+    } else if constexpr (std::is_same_v<In, float>) {
+      for (; k + 16 <= depth; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + k)));
+    }
+    for (; k < depth; ++k) d[k] = c10::BFloat16(static_cast<float>(s[k])).x;
+    for (; k < ldd; ++k) d[k] = 0;
+  }
+}
+
+/// C (rows x w.width fp32, leading dim ldc) = A (rows x w.depth, fp32 or bf16, leading dim lda) @ W on
+/// vdpbf16ps. A is rounded to bf16 in blocks of 96 rows into a per-thread buffer kept across calls
+/// (B x depth conversions per step against B x depth x width multiply-adds: ~1/width of the work).
+/// Call only when has_avx512bf16().
+template <typename In>
+SEQKERN_TARGET_BF16 void gemm_bf16(const In* a, int64_t lda, int64_t rows, const PackedPairs& w, float* c,
+                                   int64_t ldc) {
+  constexpr int64_t kRowBlock = 96;
+  constexpr int kMaxMicroRows = 6;
+  thread_local std::vector<uint16_t> a16;
+  const int64_t ld16 = 2 * w.pairs();
+  a16.resize(std::max<size_t>(a16.size(), static_cast<size_t>(std::min(kRowBlock, rows) * ld16)));
+  for (int64_t row0 = 0; row0 < rows; row0 += kRowBlock) {
+    const int64_t block = std::min(kRowBlock, rows - row0);
+    to_bf16_rows(a + row0 * lda, lda, block, w.depth, a16.data(), ld16);
+    // Balanced micro-blocks of at most 6 rows (32 rows -> 6,6,5,5,5,5), as gemm_packed_row_block.
+    const int64_t blocks = (block + kMaxMicroRows - 1) / kMaxMicroRows;
+    for (int64_t p = 0; p < w.panel_count(); ++p) {
+      const uint16_t* panel = w.panel(p);
+      float* c_panel = c + row0 * ldc + p * PackedPairs::kPanelWidth;
+      int64_t row = 0;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int n = static_cast<int>((block - row) / (blocks - blk) + ((block - row) % (blocks - blk) != 0));
+        const uint16_t* a_blk = a16.data() + row * ld16;
+        float* c_blk = c_panel + row * ldc;
+        switch (w.panel_vectors(p)) {
+          case 1: micro_kernel_bf16_rows<1>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc); break;
+          case 2: micro_kernel_bf16_rows<2>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc); break;
+          case 3: micro_kernel_bf16_rows<3>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc); break;
+          default: micro_kernel_bf16_rows<4>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc); break;
+        }
+        row += n;
+      }
+    }
+  }
+}
+#undef SEQKERN_TARGET_BF16
+#else
+template <typename In>
+void gemm_bf16(const In*, int64_t, int64_t, const PackedPairs&, float*, int64_t) {}  // never called: no AVX512-BF16
+#endif
+
+}  // namespace seqkern::cpu
