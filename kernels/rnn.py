@@ -52,16 +52,16 @@ from ._recurrent import (
 # ==================================================================================================
 @triton.jit
 def _activate(preact, RELU: tl.constexpr):
-    if RELU:
-        return tl.maximum(preact, 0)
+    if RELU:  # a select, not tl.maximum (which may drop a NaN on a GPU): NaN stays NaN, as torch.relu
+        return tl.where(preact < 0, 0, preact)
     return tanh(preact)
 
 
 @triton.jit
 def _preact_gradient(grad_hy, hy, RELU: tl.constexpr):
     """Gradient of the pre-activation from the output's gradient and the output itself."""
-    if RELU:
-        return tl.where(hy > 0, grad_hy, 0)
+    if RELU:  # as torch's threshold_backward: only hy <= 0 blocks, so a NaN output passes the gradient
+        return tl.where(hy <= 0, 0, grad_hy)
     return grad_hy * (1 - hy * hy)
 
 

@@ -255,9 +255,11 @@ A softmax_row(A* p, int64_t len) {
   }
   A row_max = reduce_max(vmax);
   for (int64_t j = full; j < len; ++j) row_max = std::max(row_max, p[j]);
-  if (row_max == minus_inf) {
-    std::fill(p, p + len, A(0));
-    return minus_inf;
+  if (row_max == minus_inf) {  // every score -inf (no key: p = 0), or the maximum skipped NaN scores (p = NaN)
+    const bool has_nan = std::any_of(p, p + len, [](A x) { return std::isnan(x); });
+    const A value = has_nan ? std::numeric_limits<A>::quiet_NaN() : A(0);
+    std::fill(p, p + len, value);
+    return has_nan ? value : minus_inf;
   }
   const V shift = broadcast(row_max);
   V vsum{};
@@ -305,7 +307,13 @@ void forward_rows(const ForwardArgs<A>& args, int64_t b, int64_t i0, int64_t i1,
       with_key_count(count, [&](auto C) { score_block<A, C()>(q, k_rows, args.v, d.hidden, block_scores); });
       for (int c = 0; c < count; ++c) p[keys[k0 + c]] = block_scores[c];
     }
-    args.lse[b * d.len_q + i] = softmax_row(p, d.len_k);
+    const A lse = softmax_row(p, d.len_k);
+    args.lse[b * d.len_q + i] = lse;
+    // Padding keys take no part, also in a NaN row (where 0 * NaN made their weights NaN): weight 0, and so
+    // score gradient 0 in the backward.
+    if (visible < d.len_k && std::isnan(lse))
+      for (int64_t j = 0; j < d.len_k; ++j)
+        if (args.mask[b * d.len_k + j]) p[j] = A(0);
   }
 }
 

@@ -620,8 +620,14 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
       kept = keep ? prob * keep_scale : V{};
       dp = keep ? dp * keep_scale : V{};
     }
+    V grad = prob * (dp - load_vector(delta + c));
+    if (partial) {  // a hidden pair takes no part: P = dS = 0 even in a NaN row (where exp(-inf - NaN) is NaN)
+      const auto seen = lanes_in_range<A>(c, first, last);
+      kept = seen ? kept : V{};
+      grad = seen ? grad : V{};
+    }
     store_vector(prob_row + c, kept);
-    store_vector(grad_row + c, prob * (dp - load_vector(delta + c)));
+    store_vector(grad_row + c, grad);
   }
 }
 

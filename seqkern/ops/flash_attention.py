@@ -368,10 +368,11 @@ def attention_probabilities(
     seen = visible(query.shape[2], key.shape[2], window_left, window_right, bottom_right, query.device)
     scores = scores.masked_fill(~seen, float("-inf"))
     with torch.no_grad():
-        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # a row without keys: -inf - -inf
+        # A row without keys (lse -inf) gets 0, not exp(-inf - -inf) = NaN; a NaN row (NaN lse) stays NaN.
+        probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(lse.unsqueeze(-1) == float("-inf"), 0.0)
     # The kernel's lse carries no gradient, yet p = exp(s - lse(s)) depends on s through it too. This lse has
     # the kernel's value and logsumexp's gradient (d lse / d s = p): zero-valued (s - s.detach()) terms.
-    live = probs > 0
+    live = probs != 0  # NaN counts as live: it passes on
     lse_with_grad = lse.unsqueeze(-1) + (probs * torch.where(live, scores - scores.detach(), 0.0)).sum(-1, keepdim=True)
     # exp of -inf where no key is live (not exp(nan) masked afterwards: a masked nan still sends nan gradients).
     return torch.exp(torch.where(live, scores - lse_with_grad, float("-inf"))).to(query.dtype)
