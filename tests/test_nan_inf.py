@@ -4,13 +4,14 @@ Each case plants one NaN or Inf in an input, an initial state, a weight, a float
 runs seqkern (CPU kernels and Triton under the interpreter) forward and backward, and checks every output and
 gradient against an independent oracle: the NaN positions and the +-Inf positions must be exactly the
 oracle's, and the finite values must satisfy the rule (seqkern's error at most twice torch's own in the same
-dtype). Oracles: torch.nn's modules and cells; for attention the composed math
-softmax(q k^T * scale [masked_fill hidden, + float mask]) @ v, with torch._safe_softmax so that a query with no
-visible key gives 0 (seqkern's one documented difference from SDPA, which gives NaN there); for additive
-attention the composed softmax(v . tanh(W_q q + W_k k)) @ values.
+dtype). Oracles: torch.nn's modules and cells (LSTM, GRU, RNN, MultiheadAttention); for attention the composed
+softmax(q k^T * scale + float mask) @ v, for additive attention softmax(v . tanh(W_q q + W_k k)) @ values, both
+over the keys a query sees (a hidden key takes no part, also in a NaN row) and with torch._safe_softmax, so that
+a query with no visible key gives 0 (seqkern's documented difference from SDPA, which gives NaN there).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -33,6 +34,35 @@ def case(*values, backend: str, id: str):
 
 
 BACKEND_PARAMS = [case(b, d, backend=b, id=i) for (b, d), i in zip(BACKENDS, BACKEND_IDS)]
+
+
+def _as_tuple(key) -> tuple:
+    return key if isinstance(key, tuple) else (key,)
+
+
+def cases(keys, triton_keys) -> list:
+    """(*key, backend, dtype) for every key on the CPU in both dtypes, and on Triton for the keys in
+    triton_keys (the interpreter steps every program in Python: 1-5 s a case here, so a few cover it)."""
+    triton_keys = {_as_tuple(key) for key in triton_keys}
+    params = []
+    for key in map(_as_tuple, keys):
+        for (backend, dtype), bid in zip(BACKENDS, BACKEND_IDS):
+            if backend != "triton" or key in triton_keys:
+                params.append(case(*key, backend, dtype, backend=backend, id="-".join(map(str, key)) + "-" + bid))
+    return params
+
+
+def place(tensors: dict, spec, module=None) -> None:
+    """Writes value at index into the tensor named by spec = (name, index, value): an input in `tensors`
+    ("last": the last one), or a parameter of `module`. name None: nothing (the plant is in the gradient)."""
+    name, index, value = spec
+    if name == "last" and tensors:
+        name = list(tensors)[-1]
+    if name in tensors:
+        tensors[name][index] = value
+    elif name is not None and module is not None and hasattr(module, name):
+        with torch.no_grad():
+            getattr(module, name)[index] = value
 
 
 def assert_nan_rule(name: str, ours: torch.Tensor, theirs: torch.Tensor, ref64: torch.Tensor) -> None:
@@ -61,7 +91,7 @@ def outputs_and_grads(fn, inputs: dict, cotangents: list, backend: str | None) -
     and every parameter of fn (when fn is a module). Leaves are fresh copies: callers' tensors stay untouched."""
     leaves = {k: v.detach().clone().requires_grad_() if v.is_floating_point() else v for k, v in inputs.items()}
     params = dict(fn.named_parameters()) if isinstance(fn, torch.nn.Module) else {}
-    with seqkern.backend(backend) if backend else torch.enable_grad():
+    with seqkern.backend(backend) if backend else contextlib.nullcontext():
         outputs = fn(**leaves)
         results = {f"out{i}": o for i, o in enumerate(outputs)}
         loss = sum((o.double() * c).sum() for o, c in zip(outputs, cotangents))
@@ -101,6 +131,34 @@ def compare(make_fn, inputs64: dict, plant: str, backend: str, dtype, grad_index
         assert any(torch.isnan(v).any() or torch.isinf(v).any() for v in expected.values()), "the plant had no effect"
 
 
+class _ModuleFn(torch.nn.Module):
+    """call(module, **inputs) as a module whose parameters are `module`'s (their gradients are compared too)."""
+
+    def __init__(self, call, module):
+        super().__init__()
+        self.call, self.inner = call, module
+
+    def forward(self, **inputs):
+        return self.call(self.inner, **inputs)
+
+
+def module_maker(theirs64, ours64, call):
+    """make(dtype, oracle) for compare(): a copy of torch's or seqkern's module in dtype, run through call."""
+    def make(dtype, oracle):
+        return _ModuleFn(call, copy.deepcopy(theirs64 if oracle else ours64).to(dtype))
+    return make
+
+
+def planted_modules(torch_cls, ours_cls, args, options, spec):
+    """torch's float64 module (the plant in its weights, if it names one) and seqkern's with the same state."""
+    torch.manual_seed(0)
+    theirs = torch_cls(*args, **options).double()
+    place({}, spec, theirs)
+    ours = ours_cls(*args, **options).double()
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
 # ================================================================================================
 # Recurrent modules and cells against torch.nn.
 # ================================================================================================
@@ -124,69 +182,31 @@ LAYER_PLANTS = {
     "w_hh_nan": ("weight_hh_l0", (0, 0), NAN),
     "grad_nan": (None, None, None),
 }
-# The Triton interpreter steps every program in Python (~2-8 s a case here): a few cases cover its activations.
-TRITON_LAYER_CASES = {("lstm_proj", "x_nan"), ("lstm_bidir", "x_posinf"), ("gru", "w_hh_nan"), ("gru", "grad_nan"),
-                      ("rnn_relu", "x_nan"), ("rnn_tanh", "x_posinf")}
+TRITON_LAYER_CASES = {("lstm_proj", "x_nan"), ("lstm_bidir", "x_posinf"), ("gru", "w_hh_nan"), ("rnn_relu", "x_nan")}
 
 
-def _layer_cases():
-    for module in MODULES:
-        for plant in LAYER_PLANTS:
-            for (backend, dtype), bid in zip(BACKENDS, BACKEND_IDS):
-                if backend == "triton" and (module, plant) not in TRITON_LAYER_CASES:
-                    continue
-                yield case(module, plant, backend, dtype, backend=backend, id=f"{module}-{plant}-{bid}")
+def _run_layer(module, x, h0, c0=None):
+    # torch.nn.LSTM's oneDNN path took 0.5-1.5 s a call at these sizes on the shared 2-core machine (OpenMP
+    # threads waiting on each other); its native path is the same module and math (seqkern ignores the flag).
+    with torch.backends.mkldnn.flags(enabled=False):
+        out, final = module(x, h0 if c0 is None else (h0, c0))
+    return (out, *final) if isinstance(final, tuple) else (out, final)
 
 
-def _planted_module(torch_cls, ours_cls, options, plant):
-    """(torch float64 module with the plant in its weights, seqkern module with the same state)."""
-    torch.manual_seed(0)
-    theirs = torch_cls(INPUT, HIDDEN, **options).double()
-    target, index, value = LAYER_PLANTS[plant]
-    if target is not None and target.startswith("weight"):
-        with torch.no_grad():
-            getattr(theirs, target)[index] = value
-    ours = ours_cls(INPUT, HIDDEN, **options).double()
-    ours.load_state_dict(theirs.state_dict())
-    return theirs, ours
-
-
-@pytest.mark.parametrize("module,plant,backend,dtype", list(_layer_cases()))
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # raised by mkldnn.flags
+@pytest.mark.parametrize("module,plant,backend,dtype",
+                         cases([(m, p) for m in MODULES for p in LAYER_PLANTS], TRITON_LAYER_CASES))
 def test_recurrent_module(module, plant, backend, dtype):
     torch_cls, ours_cls, options = MODULES[module]
-    theirs64, ours64 = _planted_module(torch_cls, ours_cls, options, plant)
+    theirs64, ours64 = planted_modules(torch_cls, ours_cls, (INPUT, HIDDEN), options, LAYER_PLANTS[plant])
     gen = torch.Generator().manual_seed(1)
     layers = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
     inputs = {"x": torch.randn(SEQ, BATCH, INPUT, generator=gen, dtype=F64),
               "h0": torch.randn(layers, BATCH, options.get("proj_size", 0) or HIDDEN, generator=gen, dtype=F64)}
     if torch_cls is torch.nn.LSTM:
         inputs["c0"] = torch.randn(layers, BATCH, HIDDEN, generator=gen, dtype=F64)
-    target, index, value = LAYER_PLANTS[plant]
-    if target == "last":
-        target = list(inputs)[-1]
-    if target in inputs:
-        inputs[target][index] = value
-
-    def make(dtype, oracle):
-        module = copy.deepcopy(theirs64 if oracle else ours64).to(dtype)
-
-        def run(x, h0, c0=None):
-            out, final = module(x, h0 if c0 is None else (h0, c0))
-            return (out, *final) if isinstance(final, tuple) else (out, final)
-        return _ModuleFn(run, module)
-
-    compare(make, inputs, plant, backend, dtype)
-
-
-class _ModuleFn(torch.nn.Module):
-    """A function over a module's forward whose parameters are the module's (for outputs_and_grads)."""
-
-    def __init__(self, run, module):
-        super().__init__()
-        self.run, self.inner = run, module
-
-    def forward(self, **inputs):
-        return self.run(**inputs)
+    place(inputs, LAYER_PLANTS[plant])
+    compare(module_maker(theirs64, ours64, _run_layer), inputs, plant, backend, dtype)
 
 
 CELLS = {
@@ -203,48 +223,25 @@ CELL_PLANTS = {
     "w_ih_nan": ("weight_ih", (1, 2), NAN),
     "grad_nan": (None, None, None),
 }
-TRITON_CELL_PLANTS = ["x_nan", "h_nan", "grad_nan"]
 
 
-def _cell_cases():
-    for cell in CELLS:
-        for plant in CELL_PLANTS:
-            for (backend, dtype), bid in zip(BACKENDS, BACKEND_IDS):
-                if backend == "triton" and plant not in TRITON_CELL_PLANTS:
-                    continue
-                yield case(cell, plant, backend, dtype, backend=backend, id=f"{cell}-{plant}-{bid}")
+def _run_cell(module, x, h, c=None):
+    out = module(x, h if c is None else (h, c))
+    return out if isinstance(out, tuple) else (out,)
 
 
-@pytest.mark.parametrize("cell,plant,backend,dtype", list(_cell_cases()))
+@pytest.mark.parametrize("cell,plant,backend,dtype", cases([(c, p) for c in CELLS for p in CELL_PLANTS],
+                                                           {(c, p) for c in CELLS for p in ("x_nan", "h_nan")}))
 def test_recurrent_cell(cell, plant, backend, dtype):
     torch_cls, ours_cls, options = CELLS[cell]
-    torch.manual_seed(0)
-    theirs64 = torch_cls(INPUT, HIDDEN, **options).double()
-    target, index, value = CELL_PLANTS[plant]
-    if target is not None and target.startswith("weight"):
-        with torch.no_grad():
-            getattr(theirs64, target)[index] = value
-    ours64 = ours_cls(INPUT, HIDDEN, **options).double()
-    ours64.load_state_dict(theirs64.state_dict())
+    theirs64, ours64 = planted_modules(torch_cls, ours_cls, (INPUT, HIDDEN), options, CELL_PLANTS[plant])
     gen = torch.Generator().manual_seed(1)
     inputs = {"x": torch.randn(BATCH, INPUT, generator=gen, dtype=F64),
               "h": torch.randn(BATCH, HIDDEN, generator=gen, dtype=F64)}
     if torch_cls is torch.nn.LSTMCell:
         inputs["c"] = torch.randn(BATCH, HIDDEN, generator=gen, dtype=F64)
-    if target == "last":
-        target = list(inputs)[-1]
-    if target in inputs:
-        inputs[target][index] = value
-
-    def make(dtype, oracle):
-        module = copy.deepcopy(theirs64 if oracle else ours64).to(dtype)
-
-        def run(x, h, c=None):
-            out = module(x, h if c is None else (h, c))
-            return out if isinstance(out, tuple) else (out,)
-        return _ModuleFn(run, module)
-
-    compare(make, inputs, plant, backend, dtype)
+    place(inputs, CELL_PLANTS[plant])
+    compare(module_maker(theirs64, ours64, _run_cell), inputs, plant, backend, dtype)
 
 
 # ================================================================================================
@@ -272,51 +269,35 @@ ATTENTION_PLANTS = {
     "v_nan": ("v", (0, 0, 0, 2), NAN),
     "q_posinf": ("q", (0, 0, 5, 0), INF),  # scores +-inf: the row's softmax is NaN
     "k_neginf": ("k", (1, 1, 0, 2), -INF),
-    "mask_neginf": ("mask", None, None),  # -inf entries and one fully masked row (output 0, not NaN)
-    "mask_nan": ("mask", (1, 0, 5, 2), NAN),
-    "grad_nan": ("grad", (1, 1, 5, 0), NAN),
+    "mask_neginf": ("attn_mask", None, None),  # -inf entries and a fully masked row (output 0, not NaN)
+    "mask_nan": ("attn_mask", (1, 0, 5, 2), NAN),
+    "grad_nan": (None, (1, 1, 5, 0), NAN),  # index: where the upstream gradient is NaN
 }
-TRITON_ATTENTION_CASES = {("q_nan", True), ("k_nan", False), ("v_nan", True), ("q_posinf", False),
-                          ("mask_neginf", True), ("mask_nan", False), ("grad_nan", True)}
+TRITON_ATTENTION_CASES = {("q_nan", True), ("k_nan", True), ("mask_neginf", True), ("mask_nan", False),
+                          ("grad_nan", False)}
 
 
-def _attention_inputs(plant):
+@pytest.mark.parametrize("plant,causal,backend,dtype",
+                         cases([(p, c) for p in ATTENTION_PLANTS for c in (False, True)], TRITON_ATTENTION_CASES))
+def test_attention(plant, causal, backend, dtype):
     gen = torch.Generator().manual_seed(2)
     inputs = {"q": torch.randn(2, 2, 6, 4, generator=gen, dtype=F64) * 2,
               "k": torch.randn(2, 2, 6, 4, generator=gen, dtype=F64) * 2,
               "v": torch.randn(2, 2, 6, 3, generator=gen, dtype=F64)}
-    target, index, value = ATTENTION_PLANTS[plant]
-    if target == "mask":
-        mask = torch.randn(2, 1, 6, 6, generator=gen, dtype=F64)
-        if index is None:
-            mask[0, 0, 1, ::2] = -INF
-            mask[1, 0, 4, :] = -INF  # query 4 of batch 1 sees no key
-        else:
-            mask[index] = value
-        inputs["attn_mask"] = mask
-    elif target in inputs:
-        inputs[target][index] = value
-    return inputs
+    if plant.startswith("mask"):
+        inputs["attn_mask"] = torch.randn(2, 1, 6, 6, generator=gen, dtype=F64)  # broadcast over heads
+    if plant == "mask_neginf":
+        inputs["attn_mask"][0, 0, 1, ::2] = -INF
+        inputs["attn_mask"][1, 0, 4, :] = -INF  # query 4 of batch 1 sees no key
+    else:
+        place(inputs, ATTENTION_PLANTS[plant])
 
-
-def _attention_cases():
-    for plant in ATTENTION_PLANTS:
-        for causal in (False, True):
-            for (backend, dtype), bid in zip(BACKENDS, BACKEND_IDS):
-                if backend == "triton" and (plant, causal) not in TRITON_ATTENTION_CASES:
-                    continue
-                yield case(plant, causal, backend, dtype, backend=backend, id=f"{plant}-causal{int(causal)}-{bid}")
-
-
-@pytest.mark.parametrize("plant,causal,backend,dtype", list(_attention_cases()))
-def test_attention(plant, causal, backend, dtype):
     def make(dtype, oracle):
         def run(q, k, v, attn_mask=None):
-            fn = composed_attention if oracle else seqkern.attention
-            return (fn(q, k, v, attn_mask, is_causal=causal),)
+            return ((composed_attention if oracle else seqkern.attention)(q, k, v, attn_mask, is_causal=causal),)
         return run
 
-    compare(make, _attention_inputs(plant), plant, backend, dtype, grad_index=ATTENTION_PLANTS[plant][1],
+    compare(make, inputs, plant, backend, dtype, grad_index=ATTENTION_PLANTS[plant][1],
             expect_effect=plant != "mask_neginf")
 
 
@@ -328,28 +309,23 @@ DECODE_PLANTS = {
 }
 
 
-@pytest.mark.parametrize("backend,dtype", BACKEND_PARAMS)
-@pytest.mark.parametrize("plant", list(DECODE_PLANTS))
+@pytest.mark.parametrize("plant,backend,dtype", cases(DECODE_PLANTS, set(DECODE_PLANTS)))
 def test_attention_decode(plant, backend, dtype):
     """Forward only (attention_decode has no autograd formula); the oracle attends to each cache's prefix."""
     gen = torch.Generator().manual_seed(4)
-    q = torch.randn(2, 2, 1, 4, generator=gen, dtype=F64)
-    k_cache = torch.randn(2, 1, 9, 4, generator=gen, dtype=F64)
-    v_cache = torch.randn(2, 1, 9, 3, generator=gen, dtype=F64)
+    tensors = {"q": torch.randn(2, 2, 1, 4, generator=gen, dtype=F64),
+               "k_cache": torch.randn(2, 1, 9, 4, generator=gen, dtype=F64),
+               "v_cache": torch.randn(2, 1, 9, 3, generator=gen, dtype=F64)}
     lengths = [5, 9]
-    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
-    target, index, value = DECODE_PLANTS[plant]
-    tensors[target][index] = value
+    place(tensors, DECODE_PLANTS[plant])
 
     def oracle(q, k_cache, v_cache):
-        rows = [composed_attention(q[b], k_cache[b, :, :n].expand(2, -1, -1), v_cache[b, :, :n].expand(2, -1, -1))
-                for b, n in enumerate(lengths)]
-        return torch.stack(rows)
+        return torch.stack([composed_attention(q[b], k_cache[b, :, :n].expand(2, -1, -1),
+                                               v_cache[b, :, :n].expand(2, -1, -1)) for b, n in enumerate(lengths)])
 
     cast = {k: t.to(dtype) for k, t in tensors.items()}
     with seqkern.backend(backend):
-        got = seqkern.attention_decode(cast["q"], cast["k_cache"], cast["v_cache"],
-                                       torch.tensor(lengths, dtype=torch.int32))
+        got = seqkern.attention_decode(*cast.values(), torch.tensor(lengths, dtype=torch.int32))
     assert_nan_rule("out", got, oracle(**cast), oracle(**tensors))
 
 
@@ -362,7 +338,6 @@ ADDITIVE_PLANTS = {
     "w_k_neginf": ("w_k", (2, 0), -INF),
     "grad_nan": (None, None, None),
 }
-TRITON_ADDITIVE_PLANTS = ["query_nan", "keys_nan", "values_nan", "query_posinf", "grad_nan"]
 
 
 def composed_additive(query, keys, values, w_q, w_k, v, key_padding_mask):
@@ -373,14 +348,8 @@ def composed_additive(query, keys, values, w_q, w_k, v, key_padding_mask):
     return torch._safe_softmax(scores.masked_fill(padding, -INF), -1).masked_fill(padding, 0) @ values
 
 
-def _plant_cases(plants, triton_plants):
-    for plant in plants:
-        for (backend, dtype), bid in zip(BACKENDS, BACKEND_IDS):
-            if backend != "triton" or plant in triton_plants:
-                yield case(plant, backend, dtype, backend=backend, id=f"{plant}-{bid}")
-
-
-@pytest.mark.parametrize("plant,backend,dtype", list(_plant_cases(ADDITIVE_PLANTS, TRITON_ADDITIVE_PLANTS)))
+@pytest.mark.parametrize("plant,backend,dtype",
+                         cases(ADDITIVE_PLANTS, {"query_nan", "keys_nan", "query_posinf", "grad_nan"}))
 def test_additive_attention(plant, backend, dtype):
     gen = torch.Generator().manual_seed(5)
     inputs = {"query": torch.randn(2, 3, 4, generator=gen, dtype=F64),
@@ -389,9 +358,7 @@ def test_additive_attention(plant, backend, dtype):
               "w_q": torch.randn(6, 4, generator=gen, dtype=F64), "w_k": torch.randn(6, 3, generator=gen, dtype=F64),
               "v": torch.randn(6, generator=gen, dtype=F64),
               "key_padding_mask": torch.tensor([[False] * 5, [False, False, False, True, True]])}
-    target, index, value = ADDITIVE_PLANTS[plant]
-    if target is not None:
-        inputs[target][index] = value
+    place(inputs, ADDITIVE_PLANTS[plant])
 
     def make(dtype, oracle):
         def run(**kw):
@@ -411,32 +378,21 @@ MHA_PLANTS = {
 }
 
 
-@pytest.mark.parametrize("plant,backend,dtype", list(_plant_cases(MHA_PLANTS, ["query_nan", "attn_mask_nan"])))
+def _run_mha(module, query, key, value, attn_mask, key_padding_mask):
+    return module(query, key, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+
+
+@pytest.mark.parametrize("plant,backend,dtype", cases(MHA_PLANTS, {"attn_mask_nan"}))
 def test_multihead_attention(plant, backend, dtype):
     """Against torch.nn.MultiheadAttention (its math path: inputs require grad), output and averaged weights,
     with a float attn_mask and a key_padding_mask (no fully masked query: there torch gives NaN, seqkern 0)."""
-    torch.manual_seed(0)
-    theirs64 = torch.nn.MultiheadAttention(8, 2, batch_first=True).double()
-    target, index, value = MHA_PLANTS[plant]
-    if target == "in_proj_weight":
-        with torch.no_grad():
-            theirs64.in_proj_weight[index] = value
-    ours64 = seqkern.nn.MultiheadAttention(8, 2, batch_first=True).double()
-    ours64.load_state_dict(theirs64.state_dict())
+    theirs64, ours64 = planted_modules(torch.nn.MultiheadAttention, seqkern.nn.MultiheadAttention, (8, 2),
+                                       dict(batch_first=True), MHA_PLANTS[plant])
     gen = torch.Generator().manual_seed(6)
     inputs = {"query": torch.randn(2, 5, 8, generator=gen, dtype=F64),
               "key": torch.randn(2, 6, 8, generator=gen, dtype=F64),
               "value": torch.randn(2, 6, 8, generator=gen, dtype=F64),
               "attn_mask": torch.randn(5, 6, generator=gen, dtype=F64),
               "key_padding_mask": torch.tensor([[False] * 6, [False] * 4 + [True] * 2])}
-    if target in inputs:
-        inputs[target][index] = value
-
-    def make(dtype, oracle):
-        module = copy.deepcopy(theirs64 if oracle else ours64).to(dtype)
-
-        def run(query, key, value, attn_mask, key_padding_mask):
-            return module(query, key, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
-        return _ModuleFn(run, module)
-
-    compare(make, inputs, plant, backend, dtype)
+    place(inputs, MHA_PLANTS[plant])
+    compare(module_maker(theirs64, ours64, _run_mha), inputs, plant, backend, dtype)

@@ -395,6 +395,7 @@ struct BackwardArgs {
   A* grad_scores;          // (B, Lq, Lk) contiguous: dO @ values^T on entry, overwritten by ds
   const A* delta;          // (B, Lq)
   A* grad_qp;              // (B, Lq, H) contiguous
+  bool every_key;          // visit keys with ds = 0 too (non-finite tanh inputs or v: see the backward op)
 };
 
 /// One worker's buffers: its grad_key_proj partial of every batch entry it touches (B*Lk*H when the batch
@@ -419,7 +420,7 @@ void score_grads(const BackwardArgs<A>& args, int64_t row, std::vector<int64_t>&
   keys.clear();
   for (int64_t j = 0; j < len_k; ++j) {
     ds[j] = p[j] == A(0) ? A(0) : p[j] * (ds[j] + (gw ? gw[j] : A(0)) - delta);
-    if (ds[j] != A(0)) keys.push_back(j);
+    if (ds[j] != A(0) || args.every_key) keys.push_back(j);
   }
 }
 
@@ -527,11 +528,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   at::Tensor grad_qp = at::empty({d.batch, d.len_q, d.hidden}, query_proj.options().dtype(stats));
   at::Tensor grad_kp = at::zeros({d.batch, d.len_k, d.hidden}, query_proj.options().dtype(stats));
   at::Tensor grad_v = at::zeros({d.hidden}, query_proj.options().dtype(stats));
+  // Keys with ds = 0 (padding) add ds v (1 - t^2) = 0 to the tanh gradients and are skipped, unless v or t is
+  // NaN (or v infinite): then they add 0 * NaN = NaN, as the composed formula does. One finiteness check of the
+  // O((Lq + Lk) H) inputs decides, against the O(Lq Lk H) pass.
+  const bool every_key = !(at::isfinite(v_acc).all().item<bool>() && at::isfinite(qp).all().item<bool>() &&
+                           at::isfinite(kp).all().item<bool>());
   AT_DISPATCH_FLOATING_TYPES(stats, "additive_attention_backward", [&] {
     backward<scalar_t>({d, Rows<scalar_t>(qp), Rows<scalar_t>(kp), v_acc.data_ptr<scalar_t>(),
                         weights.data_ptr<scalar_t>(),
                         grad_weights.has_value() ? grad_weights->data_ptr<scalar_t>() : nullptr,
-                        grad_scores.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), grad_qp.data_ptr<scalar_t>()},
+                        grad_scores.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), grad_qp.data_ptr<scalar_t>(),
+                        every_key},
                        grad_kp.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
   });
   const at::ScalarType dtype = query_proj.scalar_type();
