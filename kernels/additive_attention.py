@@ -258,8 +258,9 @@ def _grad_scores_kernel(
         if HAS_GRAD_WEIGHTS:
             dp += _load_square(grad_weights_ptr, batch, rows, row_mask, cols, Lq, Lk, ACC)
         p = _load_square(weights_ptr, batch, rows, row_mask, cols, Lq, Lk, ACC)
-        # p = 0 (a padding key) gives dS = 0 also in a NaN row (0 * NaN), as the CPU kernel's score_grads.
-        tl.store(_square_ptrs(grad_scores_ptr, batch, rows, cols, Lq, Lk), tl.where(p == 0, 0, p * (dp - delta[:, None])),
+        # p = 0 (a padding key) gives dS = 0 also in a NaN row (not 0 * NaN), as the CPU kernel's score_grads.
+        ds = tl.where(p == 0, 0, p * (dp - delta[:, None]))
+        tl.store(_square_ptrs(grad_scores_ptr, batch, rows, cols, Lq, Lk), ds,
                  mask=row_mask[:, None] & col_mask[None, :])
 
 

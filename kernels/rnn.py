@@ -3,7 +3,7 @@
     h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh),  act = relu if RELU else tanh (one tl.constexpr flag).
 
 Two kernel families share the activation and its derivative, which is read off the output (tanh' = 1 - y^2,
-relu' = [y > 0]), so no workspace is saved:
+relu' = [not y <= 0], which passes a NaN output's gradient as torch does), so no workspace is saved:
   * the cell step (`rnn_cell_forward` / `rnn_cell_backward`): bias and activation on top of the two GEMMs
     the caller ran; the backward also sums the bias gradient over the batch in-kernel;
   * the whole sequence (`rnn_forward` / `rnn_backward`): the persistent time loop of kernels/_recurrent.py

@@ -393,6 +393,6 @@ def test_multihead_attention(plant, backend, dtype):
               "key": torch.randn(2, 6, 8, generator=gen, dtype=F64),
               "value": torch.randn(2, 6, 8, generator=gen, dtype=F64),
               "attn_mask": torch.randn(5, 6, generator=gen, dtype=F64),
-              "key_padding_mask": torch.tensor([[False] * 6, [False] * 4 + [True] * 2])}
+              "key_padding_mask": torch.tensor([[0.0] * 6, [0.0] * 4 + [-INF] * 2], dtype=F64)}  # float, as attn_mask
     place(inputs, MHA_PLANTS[plant])
     compare(module_maker(theirs64, ours64, _run_mha), inputs, plant, backend, dtype)
