@@ -195,7 +195,8 @@ def _forward_kernel(
         acc = tl.dot(p.to(DOT), values, acc * alpha[:, None], input_precision="ieee", out_dtype=ACC)
         m = m_new
 
-    seen = l > 0  # false for a row whose keys are all padding (or Lk == 0)
+    # false for a row whose keys are all padding (or Lk == 0); true for a NaN sum (NaN scores), which passes on
+    seen = l != 0
     lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1)), float("-inf"))
     store(out_ptr + out_rows[:, None] * Dv + value_dims[None, :], acc / tl.where(seen, l, 1)[:, None],
           row_mask[:, None] & (value_dims < Dv)[None, :])
@@ -207,7 +208,9 @@ def _forward_kernel(
             cols = first_col + tl.arange(0, BLOCK_N)
             ptrs = _square_ptrs(weights_ptr, batch, rows, cols, Lq, Lk)
             tile_mask = row_mask[:, None] & (cols < Lk)[None, :]
-            tl.store(ptrs, tl.exp(tl.load(ptrs, mask=tile_mask, other=0) - lse_ref[:, None]), mask=tile_mask)
+            raw = tl.load(ptrs, mask=tile_mask, other=0)
+            # A padding key (score -inf) has weight 0 also in a NaN row, where exp(-inf - NaN) would be NaN.
+            tl.store(ptrs, tl.where(raw == float("-inf"), 0, tl.exp(raw - lse_ref[:, None])), mask=tile_mask)
 
 
 # ==================================================================================================
@@ -255,7 +258,9 @@ def _grad_scores_kernel(
         if HAS_GRAD_WEIGHTS:
             dp += _load_square(grad_weights_ptr, batch, rows, row_mask, cols, Lq, Lk, ACC)
         p = _load_square(weights_ptr, batch, rows, row_mask, cols, Lq, Lk, ACC)
-        tl.store(_square_ptrs(grad_scores_ptr, batch, rows, cols, Lq, Lk), p * (dp - delta[:, None]),
+        # p = 0 (a padding key) gives dS = 0 also in a NaN row (not 0 * NaN), as the CPU kernel's score_grads.
+        ds = tl.where(p == 0, 0, p * (dp - delta[:, None]))
+        tl.store(_square_ptrs(grad_scores_ptr, batch, rows, cols, Lq, Lk), ds,
                  mask=row_mask[:, None] & col_mask[None, :])
 
 

@@ -136,11 +136,17 @@ def _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK: tl.constex
 
 
 @triton.jit
+def _visible(ii, jj, len_q, len_k, shift, window_left, window_right):
+    """Query ii sees key jj: inside the band and both inside the sequence."""
+    return (ii < len_q) & (jj < len_k) & (jj >= ii + shift - window_left) & (jj <= ii + shift + window_right)
+
+
+@triton.jit
 def _scores(qk, mask_base, stride_mi, stride_mj, ii, jj, len_q, len_k, shift, window_left, window_right,
             SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
     """scale * q.k + attn_mask on the visible (ii, jj) of the tile, -inf elsewhere (out of the band or
     past a sequence's end). ii, jj broadcast to qk's shape, in either orientation."""
-    visible = (ii < len_q) & (jj < len_k) & (jj >= ii + shift - window_left) & (jj <= ii + shift + window_right)
+    visible = _visible(ii, jj, len_q, len_k, shift, window_left, window_right)
     scores = qk * SCALE
     if HAS_MASK:
         scores += tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=visible, other=0).to(qk.dtype)
@@ -239,7 +245,7 @@ def _forward_kernel(
         acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], input_precision="ieee", out_dtype=ACC)
         m = m_new
 
-    seen = l > 0
+    seen = l != 0  # false for a row that saw no key; true for a NaN sum (NaN scores), which passes on
     out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
     store(out_ptr + out_rows[:, None] * Dv + value_dims[None, :], acc / tl.where(seen, l, 1)[:, None],
           row_mask[:, None] & (value_dims < Dv)[None, :])
@@ -321,7 +327,9 @@ def _key_gradients_kernel(
             qk_t = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC)
             s_t = _scores(qk_t, mask_base, stride_mi, stride_mj, rows[None, :], cols[:, None], len_q, len_k, shift,
                           window_left, window_right, SCALE, HAS_MASK)
-            p_t = tl.exp(s_t - _saved_lse(lse_ptr + row_base, rows, row_mask)[None, :])
+            # A hidden pair takes no part: P = dS = 0 there even in a NaN row (exp(-inf - NaN) would be NaN).
+            seen_t = _visible(rows[None, :], cols[:, None], len_q, len_k, shift, window_left, window_right)
+            p_t = tl.where(seen_t, tl.exp(s_t - _saved_lse(lse_ptr + row_base, rows, row_mask)[None, :]), 0)
             dp_t = tl.dot(v, tl.trans(grad_out), input_precision="ieee", out_dtype=ACC)
             if DROPOUT:
                 kept = _kept(head_key, rows[None, :], cols[:, None], threshold)
@@ -331,7 +339,7 @@ def _key_gradients_kernel(
                 dropped_p_t = p_t
             grad_v = tl.dot(dropped_p_t.to(DOT), grad_out, grad_v, input_precision="ieee", out_dtype=ACC)
             delta = tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0)
-            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = tl.where(seen_t, p_t * (dp_t - delta[None, :]), 0)
             grad_k = tl.dot(ds_t.to(DOT), q, grad_k, input_precision="ieee", out_dtype=ACC)
 
     out_rows = tl.cast(batch * Hkv + kv_head, tl.int64) * rows_k + start_k + cols
@@ -384,11 +392,12 @@ def _query_gradients_kernel(
         qk = tl.dot(q, k_t, input_precision="ieee", out_dtype=ACC)
         s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
                     window_left, window_right, SCALE, HAS_MASK)
-        p = tl.exp(s - lse[:, None])
+        seen = _visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right)
+        p = tl.where(seen, tl.exp(s - lse[:, None]), 0)  # hidden pairs: 0 even in a NaN row (see above)
         dp = tl.dot(grad_out, v_t, input_precision="ieee", out_dtype=ACC)
         if DROPOUT:
             dp = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), dp * DROPOUT_SCALE, 0)
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(seen, p * (dp - delta[:, None]), 0)
         if GRAD_SCORES:
             store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
                   row_mask[:, None] & col_mask[None, :])

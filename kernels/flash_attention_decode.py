@@ -113,7 +113,7 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), out_dtype=ACC, input_precision="ieee")
         m = m_new
 
-    seen_any = l > 0
+    seen_any = l != 0  # a NaN sum (NaN scores) counts as seen and passes on, unlike `l > 0`
     lse = tl.where(seen_any, m + tl.log(tl.where(seen_any, l, 1)), float("-inf"))
     out = acc / tl.where(seen_any, l, 1)[:, None]
     part = bh * splits + split
@@ -155,7 +155,7 @@ def _decode_merge_kernel(
                           mask=part_mask[:, None] & dim_mask[None, :], other=0)
         acc += tl.sum(weight[:, None] * partial, 0)
     total_all = tl.sum(total, 0)
-    seen_any = total_all > 0
+    seen_any = total_all != 0  # NaN passes on (see above)
 
     # Row r = g * Lq + i of (b, h) is query i of query head h * G + g: out (B,Hq,Lq,...) index b*Hq*Lq + ...
     # = (b * Hkv + h) * R + r, since Hq * Lq = Hkv * R.

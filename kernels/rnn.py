@@ -3,7 +3,7 @@
     h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh),  act = relu if RELU else tanh (one tl.constexpr flag).
 
 Two kernel families share the activation and its derivative, which is read off the output (tanh' = 1 - y^2,
-relu' = [y > 0]), so no workspace is saved:
+relu' = [not y <= 0], which passes a NaN output's gradient as torch does), so no workspace is saved:
   * the cell step (`rnn_cell_forward` / `rnn_cell_backward`): bias and activation on top of the two GEMMs
     the caller ran; the backward also sums the bias gradient over the batch in-kernel;
   * the whole sequence (`rnn_forward` / `rnn_backward`): the persistent time loop of kernels/_recurrent.py
@@ -52,16 +52,16 @@ from ._recurrent import (
 # ==================================================================================================
 @triton.jit
 def _activate(preact, RELU: tl.constexpr):
-    if RELU:
-        return tl.maximum(preact, 0)
+    if RELU:  # a select, not tl.maximum (which may drop a NaN on a GPU): NaN stays NaN, as torch.relu
+        return tl.where(preact < 0, 0, preact)
     return tanh(preact)
 
 
 @triton.jit
 def _preact_gradient(grad_hy, hy, RELU: tl.constexpr):
     """Gradient of the pre-activation from the output's gradient and the output itself."""
-    if RELU:
-        return tl.where(hy > 0, grad_hy, 0)
+    if RELU:  # as torch's threshold_backward: only hy <= 0 blocks, so a NaN output passes the gradient
+        return tl.where(hy <= 0, 0, grad_hy)
     return grad_hy * (1 - hy * hy)
 
 

@@ -255,9 +255,11 @@ A softmax_row(A* p, int64_t len) {
   }
   A row_max = reduce_max(vmax);
   for (int64_t j = full; j < len; ++j) row_max = std::max(row_max, p[j]);
-  if (row_max == minus_inf) {
-    std::fill(p, p + len, A(0));
-    return minus_inf;
+  if (row_max == minus_inf) {  // every score -inf (no key: p = 0), or the maximum skipped NaN scores (p = NaN)
+    const bool has_nan = std::any_of(p, p + len, [](A x) { return std::isnan(x); });
+    const A value = has_nan ? std::numeric_limits<A>::quiet_NaN() : A(0);
+    std::fill(p, p + len, value);
+    return has_nan ? value : minus_inf;
   }
   const V shift = broadcast(row_max);
   V vsum{};
@@ -305,7 +307,13 @@ void forward_rows(const ForwardArgs<A>& args, int64_t b, int64_t i0, int64_t i1,
       with_key_count(count, [&](auto C) { score_block<A, C()>(q, k_rows, args.v, d.hidden, block_scores); });
       for (int c = 0; c < count; ++c) p[keys[k0 + c]] = block_scores[c];
     }
-    args.lse[b * d.len_q + i] = softmax_row(p, d.len_k);
+    const A lse = softmax_row(p, d.len_k);
+    args.lse[b * d.len_q + i] = lse;
+    // Padding keys take no part, also in a NaN row (where 0 * NaN made their weights NaN): weight 0, and so
+    // score gradient 0 in the backward.
+    if (visible < d.len_k && std::isnan(lse))
+      for (int64_t j = 0; j < d.len_k; ++j)
+        if (args.mask[b * d.len_k + j]) p[j] = A(0);
   }
 }
 
@@ -387,6 +395,7 @@ struct BackwardArgs {
   A* grad_scores;          // (B, Lq, Lk) contiguous: dO @ values^T on entry, overwritten by ds
   const A* delta;          // (B, Lq)
   A* grad_qp;              // (B, Lq, H) contiguous
+  bool every_key;          // visit keys with ds = 0 too (non-finite tanh inputs or v: see the backward op)
 };
 
 /// One worker's buffers: its grad_key_proj partial of every batch entry it touches (B*Lk*H when the batch
@@ -411,7 +420,7 @@ void score_grads(const BackwardArgs<A>& args, int64_t row, std::vector<int64_t>&
   keys.clear();
   for (int64_t j = 0; j < len_k; ++j) {
     ds[j] = p[j] == A(0) ? A(0) : p[j] * (ds[j] + (gw ? gw[j] : A(0)) - delta);
-    if (ds[j] != A(0)) keys.push_back(j);
+    if (ds[j] != A(0) || args.every_key) keys.push_back(j);
   }
 }
 
@@ -519,11 +528,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   at::Tensor grad_qp = at::empty({d.batch, d.len_q, d.hidden}, query_proj.options().dtype(stats));
   at::Tensor grad_kp = at::zeros({d.batch, d.len_k, d.hidden}, query_proj.options().dtype(stats));
   at::Tensor grad_v = at::zeros({d.hidden}, query_proj.options().dtype(stats));
+  // Keys with ds = 0 (padding) add ds v (1 - t^2) = 0 to the tanh gradients and are skipped, unless v or t is
+  // NaN (or v infinite): then they add 0 * NaN = NaN, as the composed formula does. One finiteness check of the
+  // O((Lq + Lk) H) inputs decides, against the O(Lq Lk H) pass.
+  const bool every_key = !(at::isfinite(v_acc).all().item<bool>() && at::isfinite(qp).all().item<bool>() &&
+                           at::isfinite(kp).all().item<bool>());
   AT_DISPATCH_FLOATING_TYPES(stats, "additive_attention_backward", [&] {
     backward<scalar_t>({d, Rows<scalar_t>(qp), Rows<scalar_t>(kp), v_acc.data_ptr<scalar_t>(),
                         weights.data_ptr<scalar_t>(),
                         grad_weights.has_value() ? grad_weights->data_ptr<scalar_t>() : nullptr,
-                        grad_scores.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), grad_qp.data_ptr<scalar_t>()},
+                        grad_scores.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), grad_qp.data_ptr<scalar_t>(),
+                        every_key},
                        grad_kp.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
   });
   const at::ScalarType dtype = query_proj.scalar_type();

@@ -692,7 +692,7 @@ struct BackwardArgs {
 
 /// Row r (key j) of the transposed tiles, query columns [c0, kQueryTile): probs = P^T (times keep / (1 - p)),
 /// grads = dS^T, from the scores S^T (already scaled through Q^T) in probs and dP^T in grads. Queries
-/// [first, last] (tile-local) see key j.
+/// [first, last] (tile-local) see key j; the others get P = dS = 0.
 template <typename S>
 void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
                     int64_t g, int64_t i0, int64_t queries, int64_t j, int64_t first, int64_t last, int64_t r,
@@ -704,7 +704,6 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
   const Problem& p = args.p;
   const A keep_scale = p.dropout ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
   const bool partial = first > c0 || last < kQueryTile - 1;
-  const V minus_inf = broadcast(-std::numeric_limits<A>::infinity());
   A* prob_row = w.probs.data() + r * kQueryTile;
   A* grad_row = w.grads.data() + r * kQueryTile;
   const A* lse = args.queries.lse(h, g);
@@ -715,7 +714,6 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
       for (int l = 0; l < L && c + l < queries; ++l)
         x[l] += static_cast<A>((*args.mask)(s.batch, h, s.q_begin + i0 + c + l)[s.k_begin + j]);
     }
-    if (partial) x = lanes_in_range<A>(c, first, last) ? x : minus_inf;
     const V prob = exp_attention(x - load_vector(lse + c));
     V kept = prob;
     if (p.dropout) {
@@ -725,8 +723,14 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
       kept = keep ? prob * keep_scale : V{};
       dp = keep ? dp * keep_scale : V{};
     }
+    V grad = prob * (dp - load_vector(delta + c));
+    if (partial) {  // a hidden pair takes no part: P = dS = 0, also in a NaN row (NaN lse)
+      const auto seen = lanes_in_range<A>(c, first, last);
+      kept = seen ? kept : V{};
+      grad = seen ? grad : V{};
+    }
     store_vector(prob_row + c, kept);
-    store_vector(grad_row + c, prob * (dp - load_vector(delta + c)));
+    store_vector(grad_row + c, grad);
   }
 }
 

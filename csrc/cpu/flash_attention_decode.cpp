@@ -369,7 +369,10 @@ class ChunkAttention {
     A m_new = out.m[r];
     for (int l = 0; l < L; ++l) m_new = std::max(m_new, vmax[l]);
     if (m_new == kNegInf) {  // nothing seen yet: p = 0 (the -inf scores must not reach exp(-inf + inf))
-      std::fill(row, row + width, A(0));
+      // ... unless the maximum skipped NaN scores: then the row is NaN from here on (m, l and p), as torch's.
+      const bool has_nan = std::any_of(row, row + width, [](A x) { return std::isnan(x); });
+      std::fill(row, row + width, has_nan ? std::numeric_limits<A>::quiet_NaN() : A(0));
+      if (has_nan) out.m[r] = out.l[r] = std::numeric_limits<A>::quiet_NaN();
       return;
     }
     Simd<A> vsum{};
@@ -417,17 +420,21 @@ void merge_splits(const DecodeShape& d, int64_t splits, int64_t acc_ld, int64_t 
     A* lse_dst = lse + (b * d.q_heads + head) * d.len_q + i;
     double top = kNegInf;
     for (int64_t s = 0; s < splits; ++s) top = std::max<double>(top, m[(item0 + s) * R + r]);
-    if (top == kNegInf) {  // the query sees no key
-      fill_zero(dst, d.value_dim);
-      *lse_dst = static_cast<A>(top);
+    if (top == kNegInf) {  // the query sees no key: 0; or every split it saw was NaN (the max skips NaN): NaN
+      bool has_nan = false;
+      for (int64_t s = 0; s < splits; ++s) has_nan |= std::isnan(m[(item0 + s) * R + r]);
+      const A value = has_nan ? std::numeric_limits<A>::quiet_NaN() : A(0);
+      std::fill(dst, dst + d.value_dim, static_cast<T>(value));
+      *lse_dst = has_nan ? value : static_cast<A>(top);
       continue;
     }
     std::fill(merged.begin(), merged.end(), A(0));
     double total = 0;
     for (int64_t s = 0; s < splits; ++s) {
       const int64_t item = item0 + s;
-      const double weight = std::exp(m[item * R + r] - top);  // 0 for an empty split (m = -inf)
-      if (weight == 0) continue;
+      // 0 for an empty split (m = -inf, acc = 0). Not skipped when 0: a split whose weight underflows may
+      // hold NaN values (p = 0 times a NaN value row), which reach the output as in torch's 0 * NaN.
+      const double weight = std::exp(m[item * R + r] - top);
       total += weight * l[item * R + r];
       const A* src = acc + (item * rows_pad + r) * acc_ld;
       for (int64_t c = 0; c < acc_ld; c += L)

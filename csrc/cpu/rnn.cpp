@@ -47,7 +47,8 @@ struct ElmanCell {
   template <typename A, typename S>
   Grad<A> grad(const GradIn<S>& in, Simd<A> d_h) const {
     const Simd<A> h = load<A>(in.h, in.n);
-    return {relu ? (h > A(0) ? d_h : Simd<A>{}) : d_h * (A(1) - h * h)};
+    // As torch's threshold_backward: only h <= 0 blocks, so a NaN output passes its gradient on.
+    return {relu ? (h <= A(0) ? Simd<A>{} : d_h) : d_h * (A(1) - h * h)};
   }
 
   /// d_x and d_h are the same row (kSameGateGrads).

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -154,6 +155,10 @@ inline Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
 inline Simd<float> exp_simd(Simd<float> x) {
   using V = Simd<float>;
   using Bits = SimdTraits<float>::bits;
+  // Above ln(FLT_MAX) exp is +inf, as std::exp: then sigmoid(-inf) = 1 / (1 + inf) is exactly 0, as torch's,
+  // and so is its slope s (1 - s) (a clamped exp(88) left 6e-39 there, and 6e-39 * inf = inf where torch has
+  // 0 * inf = NaN in the weight gradient of an infinite input).
+  const auto overflow = x > 88.72284f;
   // Written so that a NaN lane fails both comparisons and stays NaN (`x < 88 ? x : 88` would turn it into 88).
   x = x > 88.0f ? broadcast(88.0f) : x;
   x = x < -87.0f ? broadcast(-87.0f) : x;
@@ -163,7 +168,7 @@ inline Simd<float> exp_simd(Simd<float> x) {
   Bits exponent = (__builtin_convertvector(n, Bits) + 127) << 23;
   V scale;
   std::memcpy(&scale, &exponent, sizeof(scale));
-  return p * scale;
+  return overflow ? broadcast(std::numeric_limits<float>::infinity()) : p * scale;
 }
 
 /// exp for fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).

@@ -502,7 +502,10 @@ def attention_probabilities(
     seen = visible(query.shape[2], key.shape[2], window_left, window_right, bottom_right, query.device)
     scores = scores.masked_fill(~seen, float("-inf"))
     with torch.no_grad():
-        live = torch.exp(scores - lse.unsqueeze(-1)) > 0  # False where exp underflows and in rows without keys (nan)
+        exp = torch.exp(scores - lse.unsqueeze(-1))
+        # Not live: where exp underflows, and rows without keys (lse -inf: -inf - -inf = nan there). A NaN score or
+        # a NaN row (NaN lse) stays live: it passes on, as in the composed softmax.
+        live = (exp > 0) | (exp.isnan() & (lse.unsqueeze(-1) != float("-inf")))
     # p = exp(s - lse) with the kernel's lse has the right value but not logsumexp's dependence on s. Dividing by
     # its row sum (value 1 up to rounding) and multiplying by that sum's value gives p bit for bit, and softmax's
     # derivatives to every order (double backward included). exp of -inf where a key is not live, not exp(nan)
