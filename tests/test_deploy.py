@@ -297,7 +297,7 @@ def export_encoder() -> tuple[torch.export.ExportedProgram, nn.Module]:
     """torch.export of Encoder with dynamic sequence length and batch."""
     torch.manual_seed(0)
     module = Encoder().eval()
-    dims = {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}
+    dims = {0: Dim("B"), 1: Dim("T")}  # the input and the padding mask share both
     return torch.export.export(module, encoder_args(*EXPORT_AT), dynamic_shapes=(dims, dims)), module
 
 
