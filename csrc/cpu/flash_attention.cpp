@@ -99,7 +99,9 @@ void check_tensor(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef s
   check_last_dim_contiguous(t, name);
 }
 
-at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+/// float64 whatever the inputs: exp(s - lse) of a row's largest score, near 1 in a saturated softmax, needs lse to
+/// ~1e-7 absolute, and a float32 lse of magnitude 200 is only within 8e-6 (8e-6 relative error in those P, in dV).
+at::ScalarType lse_dtype(const at::Tensor&) { return at::kDouble; }
 
 /// cu_seqlens (N+1,) int32 on the CPU, 0 first, non-decreasing, last <= length; returned as int64 bounds.
 std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, int64_t length, const char* name) {
@@ -339,8 +341,8 @@ struct ForwardArgs {
   const KeyTiles<A>& keys;
   Rows<const S> q;
   std::optional<Rows<const S>> mask;
-  S* out;  // (B, Hq, Lq, Dv) contiguous
-  A* lse;  // (B, Hq, Lq) contiguous
+  S* out;       // (B, Hq, Lq, Dv) contiguous
+  double* lse;  // (B, Hq, Lq) contiguous
 };
 
 /// Scores of row i of the tile, s = S + mask (S already scaled through Q), -inf outside the visible keys
@@ -454,7 +456,8 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
     for (int64_t c = 0; c < p.dim_v; c += kLanes<A>)  // rounded once to S here
       store(out + c, load_vector(w.out.data() + r * dim_v_pad + c) * inv,
             static_cast<int>(std::min<int64_t>(kLanes<A>, p.dim_v - c)));
-    args.lse[row_index] = sum == 0 ? -std::numeric_limits<A>::infinity() : w.row_max[r] + std::log(sum);
+    args.lse[row_index] = sum == 0 ? -std::numeric_limits<double>::infinity()
+                                   : static_cast<double>(w.row_max[r]) + std::log(static_cast<double>(sum));
   }
 }
 
@@ -463,7 +466,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
              const std::optional<at::Tensor>& mask, at::Tensor& out, at::Tensor& lse) {
   using A = Acc<S>;
   const KeyTiles<A> keys = pack_keys<S>(p, k, v, /*with_rows=*/false);
-  ForwardArgs<S> args{p, keys, Rows<const S>(q), std::nullopt, out.data_ptr<S>(), lse.data_ptr<A>()};
+  ForwardArgs<S> args{p, keys, Rows<const S>(q), std::nullopt, out.data_ptr<S>(), lse.data_ptr<double>()};
   if (mask) args.mask.emplace(*mask);
 
   const auto key_tiles_seen = [](const Visibility& vis, int64_t i0, int64_t i1) {
@@ -504,12 +507,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 // Backward.
 // ================================================================================================
 /// Q^T (D x kQueryTile), Q (kQueryTile x D_pad), dO^T (Dv x kQueryTile), dO (kQueryTile x Dv_pad) tiles of
-/// every head and query tile, and per row lse (+inf on rows that see nothing, so exp(s - lse) = 0) and
-/// Delta = rowsum(dO * out); zero-padded, in the accumulation dtype.
+/// every head and query tile, and per row lse = lse_hi + lse_lo (the float64 lse split into two A's, so that
+/// exp((s - lse_hi) - lse_lo) in A keeps its precision; lse_hi = +inf on rows that see nothing, so the
+/// probabilities are 0) and Delta = rowsum(dO * out); zero-padded, in the accumulation dtype.
 template <typename A>
 struct QueryTiles {
   int64_t dim_pad, dim_v_pad;
-  TileArray<A> qt, q, dot, dout, lse, delta;
+  TileArray<A> qt, q, dot, dout, lse, lse_lo, delta;
 };
 
 template <typename S, typename A = Acc<S>>
@@ -523,10 +527,11 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
                   TileArray<A>(heads, tiles, p.dim_v * kQueryTile),
                   TileArray<A>(heads, tiles, kQueryTile * dim_v_pad),
                   TileArray<A>(heads, tiles, kQueryTile),
+                  TileArray<A>(heads, tiles, kQueryTile),
                   TileArray<A>(heads, tiles, kQueryTile)};
   const auto owners = tile_owners(p, /*keys=*/false);
   const Rows<const S> q_src(q), do_src(grad_out), out_src(out);
-  const A* lse_data = lse.data_ptr<A>();
+  const double* lse_data = lse.data_ptr<double>();
   const int64_t lse_s0 = lse.stride(0), lse_s1 = lse.stride(1), lse_s2 = lse.stride(2);
   at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -541,20 +546,25 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
       copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
       copy_tile<A, S>(t.dout(h, g), t.dout.tile_size, dim_v_pad, rows, p.dim_v, do_row, false);
       A* row_lse = t.lse(h, g);
+      A* row_lse_lo = t.lse_lo(h, g);
       A* row_delta = t.delta(h, g);
+      std::vector<A> o(p.dim_v);
       for (int64_t r = 0; r < kQueryTile; ++r) {
         row_lse[r] = std::numeric_limits<A>::infinity();
+        row_lse_lo[r] = 0;
         row_delta[r] = 0;
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = s.q_begin + i0 + r;
-        const A value = lse_data[s.batch * lse_s0 + h * lse_s1 + i * lse_s2];
-        row_lse[r] = value == -std::numeric_limits<A>::infinity() ? std::numeric_limits<A>::infinity() : value;
-        const S* o = out_src(s.batch, h, i);
-        const A* d = t.dout(h, g) + r * dim_v_pad;
-        A sum = 0;
-        for (int64_t c = 0; c < p.dim_v; ++c) sum += d[c] * static_cast<A>(o[c]);
-        row_delta[r] = sum;
+        const double value = lse_data[s.batch * lse_s0 + h * lse_s1 + i * lse_s2];
+        if (value != -std::numeric_limits<double>::infinity()) {  // NaN passes on through lse_hi
+          row_lse[r] = static_cast<A>(value);
+          row_lse_lo[r] = std::isfinite(value) ? static_cast<A>(value - static_cast<double>(row_lse[r])) : A(0);
+        }
+        const S* o_row = out_src(s.batch, h, i);
+        for (int64_t c = 0; c < p.dim_v; ++c) o[c] = static_cast<A>(o_row[c]);
+        // Rounded as the dP^T tile_gemm rounds dO_i . v_j, so that dP - Delta cancels exactly on one-hot rows.
+        row_delta[r] = tile_dot(t.dout(h, g) + r * dim_v_pad, o.data(), p.dim_v);
       }
     }
   });
@@ -603,6 +613,7 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
   A* prob_row = w.probs.data() + r * kQueryTile;
   A* grad_row = w.grads.data() + r * kQueryTile;
   const A* lse = args.queries.lse(h, g);
+  const A* lse_lo = args.queries.lse_lo(h, g);
   const A* delta = args.queries.delta(h, g);
   for (int64_t c = c0; c < kQueryTile; c += L) {
     V x = load_vector(prob_row + c), dp = load_vector(grad_row + c);
@@ -611,7 +622,8 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
         x[l] += static_cast<A>((*args.mask)(s.batch, h, s.q_begin + i0 + c + l)[s.k_begin + j]);
     }
     if (partial) x = lanes_in_range<A>(c, first, last) ? x : minus_inf;
-    const V prob = exp_attention(x - load_vector(lse + c));
+    // (s - lse_hi) is exact near the row's maximum (Sterbenz), so lse_lo's bits reach the exponent.
+    const V prob = exp_attention((x - load_vector(lse + c)) - load_vector(lse_lo + c));
     V kept = prob;
     if (p.dropout) {
       Keys keys;
