@@ -137,11 +137,11 @@ def _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK: tl.constex
 
 @triton.jit
 def _scores(qk, mask_base, stride_mi, stride_mj, ii, jj, len_q, len_k, shift, window_left, window_right,
-            SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
-    """scale * q.k + attn_mask on the visible (ii, jj) of the tile, -inf elsewhere (out of the band or
+            QK_SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
+    """QK_SCALE * qk + attn_mask on the visible (ii, jj) of the tile, -inf elsewhere (out of the band or
     past a sequence's end). ii, jj broadcast to qk's shape, in either orientation."""
     visible = (ii < len_q) & (jj < len_k) & (jj >= ii + shift - window_left) & (jj <= ii + shift + window_right)
-    scores = qk * SCALE
+    scores = qk * QK_SCALE
     if HAS_MASK:
         scores += tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=visible, other=0).to(qk.dtype)
     return tl.where(visible, scores, float("-inf"))
@@ -161,13 +161,21 @@ def _tile(ptr, rows, row_mask, row_stride, cols, col_count, COLS_FIRST: tl.const
 
 
 @triton.jit
+def _scaled_q(tile, Q_SCALE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+    """A q tile as a tl.dot operand, times Q_SCALE (the launcher's choice: see _arguments)."""
+    if Q_SCALE != 1.0:
+        tile = tile.to(ACC) * Q_SCALE
+    return tile.to(DOT)
+
+
+@triton.jit
 def _query_block(q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
                  stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                 stride_mb, stride_mh, HAS_MASK: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                 stride_mb, stride_mh, Q_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                 DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """What a program over the query block starting at first_row of (sequence, head) loads first, in the
     forward and in the dQ kernel: its rows and their mask, the head-dim ranges, the bases of its kv head's K
-    and V and of its mask, and its q tile (BLOCK_M, BLOCK_D) as a tl.dot operand."""
+    and V and of its mask, and its q tile (BLOCK_M, BLOCK_D) times Q_SCALE as a tl.dot operand."""
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < len_q
     dims = tl.arange(0, BLOCK_D)
@@ -175,8 +183,8 @@ def _query_block(q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, sta
     k_base = _at(k_ptr, batch, head // group, start_k, stride_kb, stride_kh, stride_kl)
     v_base = _at(v_ptr, batch, head // group, start_k, stride_vb, stride_vh, stride_vl)
     mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
-    q = _tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
-              rows, row_mask, stride_ql, dims, D, False).to(DOT)
+    q = _scaled_q(_tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
+                        rows, row_mask, stride_ql, dims, D, False), Q_SCALE, ACC, DOT)
     return rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q
 
 
@@ -187,9 +195,15 @@ def _saved_lse(lse_ptr, rows, row_mask, ACC: tl.constexpr):
     half its ulp, 8e-6 at |lse| = 200, into the largest P of a saturated row). lse_hi is +inf where the lse is
     -inf (no visible key) or past the end, so that P is 0 there rather than NaN."""
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    hi = lse.to(ACC)
-    lo = tl.where(hi == float("inf"), 0.0, lse - hi.to(tl.float64)).to(ACC)
+    return _split(tl.where(lse == float("-inf"), float("inf"), lse), ACC)
+
+
+@triton.jit
+def _split(x, ACC: tl.constexpr):
+    """float64 x -> (hi, lo) in ACC with hi + lo = x to ~2x ACC's precision (lo = 0 where x is not finite)."""
+    hi = x.to(ACC)
+    finite = (hi == hi) & (tl.abs(hi) != float("inf"))
+    lo = tl.where(finite, x - tl.where(finite, hi, 0).to(tl.float64), 0.0).to(ACC)
     return hi, lo
 
 
@@ -203,7 +217,8 @@ def _forward_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
-    SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    SCALE: tl.constexpr, Q_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -217,7 +232,7 @@ def _forward_kernel(
     rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
         q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_mb, stride_mh, HAS_MASK, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
+        stride_mb, stride_mh, Q_SCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
     if DROPOUT:
         head_key = _head_key(seed_ptr, n * Hq + head)
         threshold = dropout_threshold.to(tl.uint32)
@@ -231,7 +246,7 @@ def _forward_kernel(
         k_t = _tile(k_base, cols, cols < len_k, stride_kl, dims, D, True)
         qk = tl.dot(q, k_t.to(DOT), input_precision="ieee", out_dtype=ACC)
         s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
-                    window_left, window_right, SCALE, HAS_MASK)
+                    window_left, window_right, QK_SCALE, HAS_MASK)
         m_new = tl.maximum(m, tl.max(s, 1))
         # A row that has seen only -inf so far subtracts 0 instead of -inf: exp(-inf - 0) = 0, no NaN.
         m_ref = tl.where(m_new == float("-inf"), 0, m_new)
@@ -264,7 +279,8 @@ def _key_gradients_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_gb, stride_gh, stride_gl, stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
-    SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    SCALE: tl.constexpr, Q_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -303,11 +319,11 @@ def _key_gradients_kernel(
         for first_row in range(lo, hi, BLOCK_M):
             rows = first_row + tl.arange(0, BLOCK_M)
             row_mask = rows < len_q
-            q = _tile(q_base, rows, row_mask, stride_ql, dims, D, False).to(DOT)
+            q = _scaled_q(_tile(q_base, rows, row_mask, stride_ql, dims, D, False), Q_SCALE, ACC, DOT)
             grad_out = _tile(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, False).to(DOT)
             qk_t = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC)
             s_t = _scores(qk_t, mask_base, stride_mi, stride_mj, rows[None, :], cols[:, None], len_q, len_k, shift,
-                          window_left, window_right, SCALE, HAS_MASK)
+                          window_left, window_right, QK_SCALE, HAS_MASK)
             lse_hi, lse_lo = _saved_lse(lse_ptr + row_base, rows, row_mask, ACC)
             p_t = tl.exp((s_t - lse_hi[None, :]) - lse_lo[None, :])
             dp_t = tl.dot(v, tl.trans(grad_out), input_precision="ieee", out_dtype=ACC)
@@ -318,12 +334,14 @@ def _key_gradients_kernel(
             else:
                 dropped_p_t = p_t
             grad_v = tl.dot(dropped_p_t.to(DOT), grad_out, grad_v, input_precision="ieee", out_dtype=ACC)
-            delta = tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0)
-            ds_t = p_t * (dp_t - delta[None, :])
+            delta_hi, delta_lo = _split(tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0), ACC)
+            ds_t = p_t * ((dp_t - delta_hi[None, :]) - delta_lo[None, :])
             grad_k = tl.dot(ds_t.to(DOT), q, grad_k, input_precision="ieee", out_dtype=ACC)
 
     out_rows = tl.cast(batch * Hkv + kv_head, tl.int64) * rows_k + start_k + cols
-    store(grad_k_ptr + out_rows[:, None] * D + dims[None, :], grad_k * SCALE, col_mask[:, None] & (dims < D)[None, :])
+    # q carried Q_SCALE already: dK = scale sum_i dS_ij q_i.
+    store(grad_k_ptr + out_rows[:, None] * D + dims[None, :], grad_k * QK_SCALE,
+          col_mask[:, None] & (dims < D)[None, :])
     store(grad_v_ptr + out_rows[:, None] * Dv + value_dims[None, :], grad_v,
           col_mask[:, None] & (value_dims < Dv)[None, :])
 
@@ -331,7 +349,7 @@ def _key_gradients_kernel(
 @triton.jit
 def _row_block_gradients(q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims,
                          head_key, threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl,
-                         stride_vl, stride_mi, stride_mj, SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+                         stride_vl, stride_mi, stride_mj, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
                          HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
     """For the query rows of q / grad_out against key columns `cols`: P (BLOCK_M, BLOCK_N), dP after dropout
     (dO . v times keep / (1 - p)), and the K^T tile (BLOCK_D, BLOCK_N) as a tl.dot operand."""
@@ -340,7 +358,7 @@ def _row_block_gradients(q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base,
     v_t = _tile(v_base, cols, col_mask, stride_vl, value_dims, Dv, True).to(DOT)
     qk = tl.dot(q, k_t, input_precision="ieee", out_dtype=ACC)
     s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
-                window_left, window_right, SCALE, HAS_MASK)
+                window_left, window_right, QK_SCALE, HAS_MASK)
     p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])
     dp = tl.dot(grad_out, v_t, input_precision="ieee", out_dtype=ACC)
     if DROPOUT:
@@ -356,13 +374,14 @@ def _query_gradients_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_gb, stride_gh, stride_gl, stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
-    SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    SCALE: tl.constexpr, Q_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, GRAD_SCORES: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ_i = scale sum_j dS_ij k_j over the keys row i sees, dS = P * (dP - delta), dP_ij = dO_i . v_j after
-    dropout, delta_i = sum_j P_ij dP_ij (a first sweep; stored for the dK/dV kernel); dS is grad_scores,
-    written here where its tile lies in memory order."""
+    dropout, delta_i = sum_j P_ij dP_ij / sum_j P_ij (a first sweep; float64, stored for the dK/dV kernel);
+    dS is grad_scores, written here where its tile lies in memory order."""
     n = tl.program_id(1) // Hq
     head = tl.program_id(1) % Hq
     batch, start_q, start_k, len_q, len_k, shift = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, n, rows_q, rows_k,
@@ -373,7 +392,7 @@ def _query_gradients_kernel(
     rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
         q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_mb, stride_mh, HAS_MASK, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
+        stride_mb, stride_mh, Q_SCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
     grad_out = _tile(_at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl), rows, row_mask,
                      stride_gl, value_dims, Dv, False).to(DOT)
     out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
@@ -387,23 +406,25 @@ def _query_gradients_kernel(
     lo, hi = _key_range(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k, BLOCK_N)
     # delta_i = sum_j P_ij dP_ij / sum_j P_ij: an average of the very dP values the second sweep (and the dK/dV
     # kernel, in transposed tiles) subtracts it from, so dP_ij - delta_i = sum_k w_k (dP_ij - dP_ik) keeps only
-    # relative errors: exactly 0 on a one-hot row, as in the composed softmax backward. rowsum(dO * O) instead
-    # differs from dO . v_j by the rounding of O and of another summation, and the recomputed P sums to 1 only
-    # within the ulps by which these tiles' scores differ from the forward's (other tile shapes): either left
-    # ~1 ulp of |dP| in dS, 16-33x SDPA's float32 error on dq in PyTorch's saturated SDPA sample. Costs two of
-    # the backward's seven tile products again.
-    delta = tl.zeros((BLOCK_M,), ACC)
-    mass = tl.zeros((BLOCK_M,), ACC)
+    # relative errors: 0 on a one-hot row, and near-exact on near-one-hot ones since the sums run in float64
+    # (summed in ACC, delta's own rounding, 1 ulp of |dP|, is all of dP - delta's error there). rowsum(dO * O)
+    # instead differs from dO . v_j by the rounding of O and of another summation, and the recomputed P sums to
+    # 1 only within the ulps by which these tiles' scores differ from the forward's (other tile shapes): either
+    # left ~1 ulp of |dP| in dS, 16-33x SDPA's float32 error on dq in PyTorch's saturated SDPA sample. Costs two
+    # of the backward's seven tile products again, and float64 row sums (BLOCK_M x BLOCK_N products per tile).
+    delta = tl.zeros((BLOCK_M,), tl.float64)
+    mass = tl.zeros((BLOCK_M,), tl.float64)
     for first_col in range(lo, hi, BLOCK_N):
         cols = first_col + tl.arange(0, BLOCK_N)
         p, dp, k_t = _row_block_gradients(
             q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
             threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
-            stride_mj, SCALE, DROPOUT_SCALE, HAS_MASK, DROPOUT, ACC, DOT)
-        delta += tl.sum(p * dp, 1)
-        mass += tl.sum(p, 1)
+            stride_mj, QK_SCALE, DROPOUT_SCALE, HAS_MASK, DROPOUT, ACC, DOT)
+        delta += tl.sum(p.to(tl.float64) * dp.to(tl.float64), 1)
+        mass += tl.sum(p.to(tl.float64), 1)
     delta = tl.where(mass > 0, delta / tl.where(mass > 0, mass, 1), delta)  # NaN stays NaN; no key: 0
     tl.store(delta_ptr + out_rows, delta, mask=row_mask)
+    delta_hi, delta_lo = _split(delta, ACC)
 
     grad_q = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     for first_col in range(lo, hi, BLOCK_N):
@@ -412,8 +433,8 @@ def _query_gradients_kernel(
         p, dp, k_t = _row_block_gradients(
             q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
             threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
-            stride_mj, SCALE, DROPOUT_SCALE, HAS_MASK, DROPOUT, ACC, DOT)
-        ds = p * (dp - delta[:, None])
+            stride_mj, QK_SCALE, DROPOUT_SCALE, HAS_MASK, DROPOUT, ACC, DOT)
+        ds = p * ((dp - delta_hi[:, None]) - delta_lo[:, None])  # dp - delta_hi: exact near the row's top keys
         if GRAD_SCORES:
             store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
                   row_mask[:, None] & col_mask[None, :])
@@ -539,6 +560,7 @@ def _arguments(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_seqlens_
     # "No window" becomes a width no sequence reaches (rows of q plus rows of k): the kernels' plain
     # comparisons then see every key, and int32 cannot overflow.
     unbounded = q.shape[2] + k.shape[2]
+    prescale = dot_operand_dtype(q.dtype, q.device) in (tl.float32, tl.float64)
     return {
         "q_ptr": q, "k_ptr": k, "v_ptr": v, "mask_ptr": mask, "cu_seqlens_q_ptr": cu_seqlens_q,
         "cu_seqlens_k_ptr": cu_seqlens_k, "seed_ptr": dropout_seed if dropout_p > 0 else None,
@@ -555,6 +577,11 @@ def _arguments(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_seqlens_
         # Compile-time floats: a runtime float argument is passed as float32, which would round the scale of
         # float64 inputs (a new scale or dropout_p compiles a new kernel).
         "SCALE": float(scale), "DROPOUT_SCALE": 1 / (1 - dropout_p),
+        # Where q enters tl.dot in ACC's precision (float32, float64; bfloat16 under the interpreter), it is scaled
+        # first, as the C++ kernels do: the scores are (scale q) . k with q rounded once, not q . k rounded and
+        # multiplied (which left SDPA's float32 error 2.1x behind on a saturated OpInfo sample). A bfloat16
+        # operand on a GPU would round scale q to bfloat16: there the product is scaled (QK_SCALE).
+        "Q_SCALE": float(scale) if prescale else 1.0, "QK_SCALE": 1.0 if prescale else float(scale),
         "VARLEN": cu_seqlens_q is not None, "HAS_MASK": mask is not None, "DROPOUT": dropout_p > 0,
         "ACC": accumulator_dtype(q.dtype), "DOT": dot_operand_dtype(q.dtype, q.device),
     }
@@ -607,8 +634,7 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
     # Zeros: the kernels write dS only where it can be non-zero (visible key blocks of each sequence).
     grad_scores = q.new_zeros(batch, heads, rows_q, k.shape[2]) if want_grad_scores else q.new_empty(0)
-    delta = torch.empty(lse.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                        device=q.device)  # in the accumulator dtype
+    delta = torch.empty(lse.shape, dtype=torch.float64, device=q.device)
     key_tiles = blocks("key_gradients", q, head_dim, v.shape[3])
     query_tiles = blocks("query_gradients", q, head_dim, v.shape[3])
     arguments = _arguments(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, bottom_right,

@@ -113,12 +113,11 @@ void tile_gemm_columns(int64_t rows, int vectors, int64_t depth, const T* a, int
 /// row blocks inner: the B block (64 x 4 vectors = 16 KB) stays in L1 while A's rows stream past it.
 /// Depth blocking, forward at L = 1024, 8 heads, one thread (CPU time, best of 10): D = 128 49.8 -> 45.5 ms,
 /// D = 64 25.9 -> 24.4 ms (PV has depth kKeyTile = 128).
-constexpr int64_t kDepthBlock = 64;  // tile_gemm's depth blocking (tile_dot reproduces its rounding)
-
 template <typename T, bool kAccumulate>
 void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                int64_t ldc) {
   constexpr int L = kLanes<T>;
+  constexpr int64_t kDepthBlock = 64;
   for (int64_t col = 0; col < cols; col += 4 * L) {
     const int vectors = static_cast<int>(std::min<int64_t>(4, (cols - col) / L));
     for (int64_t k0 = 0; k0 < std::max<int64_t>(depth, 1); k0 += kDepthBlock) {
@@ -130,23 +129,6 @@ void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t ld
       }
     }
   }
-}
-
-/// sum_k a[k] b[k], rounded exactly as tile_gemm (kAccumulate = false) rounds each entry of its product: an fma
-/// chain from 0 over each depth block of kDepthBlock, the blocks' sums added in order. A row term formed with it
-/// cancels bit for bit against a tile_gemm entry over equal operands: the flash backward's Delta_i = dO_i . O_i
-/// against dP_ij = dO_i . v_j when row i's softmax is one-hot (O_i == v_j), so that dS_ij = P_ij (dP_ij - Delta_i)
-/// is exactly 0 there, as in the composed softmax backward (a separately rounded Delta left ~1 ulp of |dP| in dS:
-/// 33x SDPA's float32 error on dq in PyTorch's saturated SDPA sample).
-template <typename T>
-T tile_dot(const T* a, const T* b, int64_t depth) {
-  T sum = 0;
-  for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
-    T block = 0;
-    for (int64_t k = k0; k < std::min(depth, k0 + kDepthBlock); ++k) block = std::fma(a[k], b[k], block);
-    sum = k0 == 0 ? block : block + sum;
-  }
-  return sum;
 }
 
 /// n rounded up to a multiple of the lane count of T (the padded width of a tile row).

@@ -227,7 +227,8 @@ def _broadcast(names: str, *shapes) -> tuple[int, ...]:
                          "(as torch.nn.functional.scaled_dot_product_attention's)") from None
 
 
-def _attention_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple[int, ...], int, int]:
+def _attention_shapes(query: Tensor, key: Tensor, value: Tensor,
+                      enable_gqa: bool) -> tuple[tuple[int, ...], int, int]:
     """SDPA's shape rule -> (batch dims, query heads, kv heads the kernel runs with).
 
     query (..., Hq, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv), at least 2-D each: the leading dims
