@@ -179,7 +179,11 @@ def _additive_mask(attn_mask: Tensor | None, query: Tensor, scores: tuple[int, .
     check_tensor("attn_mask", attn_mask)
     if attn_mask.device != query.device:
         raise DTypeError(f"attn_mask: expected a tensor on {query.device} (as query), got one on {attn_mask.device}")
-    if attn_mask.dim() > len(scores) or torch.broadcast_shapes(attn_mask.shape, scores) != scores:
+    try:
+        fits = attn_mask.dim() <= len(scores) and torch.broadcast_shapes(attn_mask.shape, scores) == scores
+    except RuntimeError:
+        fits = False
+    if not fits:
         raise ShapeError(f"attn_mask: expected a shape broadcastable to the scores' {scores} (batch..., heads, Lq, "
                          f"Lk), got {tuple(attn_mask.shape)}")
     if attn_mask.dtype == torch.bool:
