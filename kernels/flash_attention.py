@@ -4,14 +4,14 @@ seqkern/reference/flash_attention.py).
 FlashAttention-2: the (Lq, Lk) scores never reach memory.
   * forward, a program per (query block, sequence * query head): the key blocks the block can see are swept
     once with an online softmax (running max m, running sum l and the output accumulator, fp32 or fp64);
-    out = acc / l, lse = m + log l is saved for the backward.
-  * backward, three launches and no atomics, so the result is deterministic:
-      1. delta_i = rowsum(dO_i * O_i) (= sum_j P_ij dP_ij, dropout included);
+    out = acc / l, lse = m + log l (float64) is saved for the backward.
+  * backward, two launches and no atomics, so the result is deterministic:
+      1. a program per (query block, sequence * query head) sweeps its visible key blocks twice: first for
+         delta_i = sum_j P_ij dP_ij / sum_j P_ij (dropout included; stored), then to accumulate dQ and write
+         dS = dL/dscore when asked (grad_scores);
       2. a program per (key block, sequence * kv head) accumulates dK and dV over the query blocks that see
-         its keys, for every query head of its kv group in turn (grouped-query attention needs no atomics);
-      3. a program per (query block, sequence * query head) accumulates dQ over its visible key blocks and
-         writes dS = dL/dscore when asked (grad_scores).
-    The probabilities are recomputed from the saved lse: P = exp(score - lse), dS = P * (dP - delta).
+         its keys, for every query head of its kv group in turn (grouped-query attention needs no atomics).
+    The probabilities are recomputed from the saved float64 lse: P = exp(score - lse), dS = P * (dP - delta).
 
 Shared conventions of the kernels:
   * rows (queries) i and columns (keys) j are indices inside a sequence; with cu_seqlens (VARLEN) sequence n
@@ -25,7 +25,7 @@ Shared conventions of the kernels:
   * dropout redraws the reference's counter-based hash (lowbias32 on uint32) per (head, i, j) in every kernel.
   * head dims D, Dv are padded to powers of two >= 16 (tl.dot's minimum) with masked loads.
 
-Supported dtypes: float32, float64, bfloat16, float16 (math and lse in float32; float64 for float64). The launchers take
+Supported dtypes: float32, float64, bfloat16, float16 (math in float32, float64 for float64; lse in float64). The launchers take
 CPU tensors too: kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations
@@ -143,11 +143,11 @@ def _visible(ii, jj, len_q, len_k, shift, window_left, window_right):
 
 @triton.jit
 def _scores(qk, mask_base, stride_mi, stride_mj, ii, jj, len_q, len_k, shift, window_left, window_right,
-            SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
-    """scale * q.k + attn_mask on the visible (ii, jj) of the tile, -inf elsewhere (out of the band or
+            QK_SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
+    """QK_SCALE * qk + attn_mask on the visible (ii, jj) of the tile, -inf elsewhere (out of the band or
     past a sequence's end). ii, jj broadcast to qk's shape, in either orientation."""
     visible = _visible(ii, jj, len_q, len_k, shift, window_left, window_right)
-    scores = qk * SCALE
+    scores = qk * QK_SCALE
     if HAS_MASK:
         scores += tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=visible, other=0).to(qk.dtype)
     return tl.where(visible, scores, float("-inf"))
@@ -167,13 +167,21 @@ def _tile(ptr, rows, row_mask, row_stride, cols, col_count, COLS_FIRST: tl.const
 
 
 @triton.jit
+def _scaled_q(tile, Q_SCALE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+    """A q tile as a tl.dot operand, times Q_SCALE (the launcher's choice: see _arguments)."""
+    if Q_SCALE != 1.0:
+        tile = tile.to(ACC) * Q_SCALE
+    return tile.to(DOT)
+
+
+@triton.jit
 def _query_block(q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
                  stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                 stride_mb, stride_mh, HAS_MASK: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                 stride_mb, stride_mh, Q_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                 DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """What a program over the query block starting at first_row of (sequence, head) loads first, in the
     forward and in the dQ kernel: its rows and their mask, the head-dim ranges, the bases of its kv head's K
-    and V and of its mask, and its q tile (BLOCK_M, BLOCK_D) as a tl.dot operand."""
+    and V and of its mask, and its q tile (BLOCK_M, BLOCK_D) times Q_SCALE as a tl.dot operand."""
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < len_q
     dims = tl.arange(0, BLOCK_D)
@@ -181,17 +189,28 @@ def _query_block(q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, sta
     k_base = _at(k_ptr, batch, head // group, start_k, stride_kb, stride_kh, stride_kl)
     v_base = _at(v_ptr, batch, head // group, start_k, stride_vb, stride_vh, stride_vl)
     mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
-    q = _tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
-              rows, row_mask, stride_ql, dims, D, False).to(DOT)
+    q = _scaled_q(_tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
+                        rows, row_mask, stride_ql, dims, D, False), Q_SCALE, ACC, DOT)
     return rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q
 
 
 @triton.jit
-def _saved_lse(lse_ptr, rows, row_mask):
-    """The forward's lse of `rows`, +inf where it is -inf (no visible key) or past the end, so that
-    exp(score - lse) is 0 there rather than NaN."""
+def _saved_lse(lse_ptr, rows, row_mask, ACC: tl.constexpr):
+    """The forward's float64 lse of `rows` as lse_hi + lse_lo in ACC: P = exp((score - lse_hi) - lse_lo) keeps
+    the float64 precision, since score - lse_hi is exact near the row's maximum (an ACC lse alone puts up to
+    half its ulp, 8e-6 at |lse| = 200, into the largest P of a saturated row). lse_hi is +inf where the lse is
+    -inf (no visible key) or past the end, so that P is 0 there rather than NaN."""
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse)
+    return _split(tl.where(lse == float("-inf"), float("inf"), lse), ACC)
+
+
+@triton.jit
+def _split(x, ACC: tl.constexpr):
+    """float64 x -> (hi, lo) in ACC with hi + lo = x to ~2x ACC's precision (lo = 0 where x is not finite)."""
+    hi = x.to(ACC)
+    finite = (hi == hi) & (tl.abs(hi) != float("inf"))
+    lo = tl.where(finite, x - tl.where(finite, hi, 0).to(tl.float64), 0.0).to(ACC)
+    return hi, lo
 
 
 # ==================================================================================================
@@ -204,7 +223,8 @@ def _forward_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
-    SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    SCALE: tl.constexpr, Q_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -218,7 +238,7 @@ def _forward_kernel(
     rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
         q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_mb, stride_mh, HAS_MASK, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
+        stride_mb, stride_mh, Q_SCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
     if DROPOUT:
         head_key = _head_key(seed_ptr, n * Hq + head)
         threshold = dropout_threshold.to(tl.uint32)
@@ -232,7 +252,7 @@ def _forward_kernel(
         k_t = _tile(k_base, cols, cols < len_k, stride_kl, dims, D, True)
         qk = tl.dot(q, k_t.to(DOT), input_precision="ieee", out_dtype=ACC)
         s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
-                    window_left, window_right, SCALE, HAS_MASK)
+                    window_left, window_right, QK_SCALE, HAS_MASK)
         m_new = tl.maximum(m, tl.max(s, 1))
         # A row that has seen only -inf so far subtracts 0 instead of -inf: exp(-inf - 0) = 0, no NaN.
         m_ref = tl.where(m_new == float("-inf"), 0, m_new)
@@ -249,32 +269,14 @@ def _forward_kernel(
     out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
     store(out_ptr + out_rows[:, None] * Dv + value_dims[None, :], acc / tl.where(seen, l, 1)[:, None],
           row_mask[:, None] & (value_dims < Dv)[None, :])
-    tl.store(lse_ptr + out_rows, tl.where(seen, m + tl.log(tl.where(seen, l, 1)), float("-inf")), mask=row_mask)
+    # float64 lse (csrc/ops.cpp): the backward's exp(score - lse) of a row's largest score needs its low bits.
+    lse = m.to(tl.float64) + tl.log(tl.where(seen, l, 1).to(tl.float64))
+    tl.store(lse_ptr + out_rows, tl.where(seen, lse, float("-inf")), mask=row_mask)
 
 
 # ==================================================================================================
-# Backward. delta: grid (row blocks, B * Hq); dK/dV: (key blocks, sequences * Hkv); dQ: (query blocks,
-# sequences * Hq).
+# Backward. dQ (and delta): grid (query blocks, sequences * Hq); then dK/dV: (key blocks, sequences * Hkv).
 # ==================================================================================================
-@triton.jit
-def _delta_kernel(
-    grad_out_ptr, out_ptr, delta_ptr,  # (B,Hq,rows_q,Dv) x2, out (B,Hq,rows_q)
-    stride_gb, stride_gh, stride_gl, stride_ob, stride_oh, stride_ol,
-    Hq, rows_q, Dv, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    batch = tl.program_id(1) // Hq
-    head = tl.program_id(1) % Hq
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < rows_q
-    value_dims = tl.arange(0, BLOCK_DV)
-    grad_out = _tile(_at(grad_out_ptr, batch, head, 0, stride_gb, stride_gh, 0), rows, row_mask, stride_gl,
-                     value_dims, Dv, False)
-    out = _tile(_at(out_ptr, batch, head, 0, stride_ob, stride_oh, 0), rows, row_mask, stride_ol, value_dims, Dv,
-                False)
-    delta = tl.sum(grad_out.to(ACC) * out.to(ACC), 1)
-    tl.store(delta_ptr + tl.cast(tl.program_id(1), tl.int64) * rows_q + rows, delta, mask=row_mask)
-
-
 @triton.jit(do_not_specialize=["rows_q", "rows_k"])
 def _key_gradients_kernel(
     q_ptr, k_ptr, v_ptr, grad_out_ptr, mask_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,
@@ -283,7 +285,8 @@ def _key_gradients_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_gb, stride_gh, stride_gl, stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
-    SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    SCALE: tl.constexpr, Q_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -322,14 +325,15 @@ def _key_gradients_kernel(
         for first_row in range(lo, hi, BLOCK_M):
             rows = first_row + tl.arange(0, BLOCK_M)
             row_mask = rows < len_q
-            q = _tile(q_base, rows, row_mask, stride_ql, dims, D, False).to(DOT)
+            q = _scaled_q(_tile(q_base, rows, row_mask, stride_ql, dims, D, False), Q_SCALE, ACC, DOT)
             grad_out = _tile(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, False).to(DOT)
             qk_t = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC)
             s_t = _scores(qk_t, mask_base, stride_mi, stride_mj, rows[None, :], cols[:, None], len_q, len_k, shift,
-                          window_left, window_right, SCALE, HAS_MASK)
+                          window_left, window_right, QK_SCALE, HAS_MASK)
             # A hidden pair takes no part: P = dS = 0 there even in a NaN row (exp(-inf - NaN) would be NaN).
             seen_t = _visible(rows[None, :], cols[:, None], len_q, len_k, shift, window_left, window_right)
-            p_t = tl.where(seen_t, tl.exp(s_t - _saved_lse(lse_ptr + row_base, rows, row_mask)[None, :]), 0)
+            lse_hi, lse_lo = _saved_lse(lse_ptr + row_base, rows, row_mask, ACC)
+            p_t = tl.where(seen_t, tl.exp((s_t - lse_hi[None, :]) - lse_lo[None, :]), 0)
             dp_t = tl.dot(v, tl.trans(grad_out), input_precision="ieee", out_dtype=ACC)
             if DROPOUT:
                 kept = _kept(head_key, rows[None, :], cols[:, None], threshold)
@@ -338,14 +342,38 @@ def _key_gradients_kernel(
             else:
                 dropped_p_t = p_t
             grad_v = tl.dot(dropped_p_t.to(DOT), grad_out, grad_v, input_precision="ieee", out_dtype=ACC)
-            delta = tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0)
-            ds_t = tl.where(seen_t, p_t * (dp_t - delta[None, :]), 0)
+            delta_hi, delta_lo = _split(tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0), ACC)
+            ds_t = tl.where(seen_t, p_t * ((dp_t - delta_hi[None, :]) - delta_lo[None, :]), 0)
             grad_k = tl.dot(ds_t.to(DOT), q, grad_k, input_precision="ieee", out_dtype=ACC)
 
     out_rows = tl.cast(batch * Hkv + kv_head, tl.int64) * rows_k + start_k + cols
-    store(grad_k_ptr + out_rows[:, None] * D + dims[None, :], grad_k * SCALE, col_mask[:, None] & (dims < D)[None, :])
+    # q carried Q_SCALE already: dK = scale sum_i dS_ij q_i.
+    store(grad_k_ptr + out_rows[:, None] * D + dims[None, :], grad_k * QK_SCALE,
+          col_mask[:, None] & (dims < D)[None, :])
     store(grad_v_ptr + out_rows[:, None] * Dv + value_dims[None, :], grad_v,
           col_mask[:, None] & (value_dims < Dv)[None, :])
+
+
+@triton.jit
+def _row_block_gradients(q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims,
+                         head_key, threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl,
+                         stride_vl, stride_mi, stride_mj, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+                         HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+    """For the query rows of q / grad_out against key columns `cols`: P (BLOCK_M, BLOCK_N), dP after dropout
+    (dO . v times keep / (1 - p)), the K^T tile (BLOCK_D, BLOCK_N) as a tl.dot operand, and which pairs are
+    visible. A hidden pair takes no part: P = dP = 0 there, even in a NaN row or for a key whose values are NaN."""
+    col_mask = cols < len_k
+    k_t = _tile(k_base, cols, col_mask, stride_kl, dims, D, True).to(DOT)
+    v_t = _tile(v_base, cols, col_mask, stride_vl, value_dims, Dv, True).to(DOT)
+    qk = tl.dot(q, k_t, input_precision="ieee", out_dtype=ACC)
+    s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
+                window_left, window_right, QK_SCALE, HAS_MASK)
+    seen = _visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right)
+    p = tl.where(seen, tl.exp((s - lse_hi[:, None]) - lse_lo[:, None]), 0)
+    dp = tl.dot(grad_out, v_t, input_precision="ieee", out_dtype=ACC)
+    if DROPOUT:
+        dp = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), dp * DROPOUT_SCALE, 0)
+    return p, tl.where(seen, dp, 0), k_t, seen
 
 
 @triton.jit(do_not_specialize=["rows_q", "rows_k"])
@@ -356,12 +384,14 @@ def _query_gradients_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_gb, stride_gh, stride_gl, stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
-    SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    SCALE: tl.constexpr, Q_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, GRAD_SCORES: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ_i = scale sum_j dS_ij k_j over the keys row i sees, dS = P * (dP - delta), dP_ij = dO_i . v_j after
-    dropout; dS is grad_scores, written here where its tile lies in memory order."""
+    dropout, delta_i = sum_j P_ij dP_ij / sum_j P_ij (a first sweep; float64, stored for the dK/dV kernel);
+    dS is grad_scores, written here where its tile lies in memory order."""
     n = tl.program_id(1) // Hq
     head = tl.program_id(1) % Hq
     batch, start_q, start_k, len_q, len_k, shift = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, n, rows_q, rows_k,
@@ -372,32 +402,50 @@ def _query_gradients_kernel(
     rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
         q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_mb, stride_mh, HAS_MASK, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
+        stride_mb, stride_mh, Q_SCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
     grad_out = _tile(_at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl), rows, row_mask,
                      stride_gl, value_dims, Dv, False).to(DOT)
     out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
-    lse = _saved_lse(lse_ptr, out_rows, row_mask)
-    delta = tl.load(delta_ptr + out_rows, mask=row_mask, other=0)
+    lse_hi, lse_lo = _saved_lse(lse_ptr, out_rows, row_mask, ACC)
+    head_key = 0
+    threshold = 0
     if DROPOUT:
         head_key = _head_key(seed_ptr, n * Hq + head)
         threshold = dropout_threshold.to(tl.uint32)
 
-    grad_q = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     lo, hi = _key_range(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k, BLOCK_N)
+    # delta_i = sum_j P_ij dP_ij / sum_j P_ij: an average of the very dP values the second sweep (and the dK/dV
+    # kernel, in transposed tiles) subtracts it from, so dP_ij - delta_i = sum_k w_k (dP_ij - dP_ik) keeps only
+    # relative errors: 0 on a one-hot row, and near-exact on near-one-hot ones since the sums run in float64
+    # (summed in ACC, delta's own rounding, 1 ulp of |dP|, is all of dP - delta's error there). rowsum(dO * O)
+    # instead differs from dO . v_j by the rounding of O and of another summation, and the recomputed P sums to
+    # 1 only within the ulps by which these tiles' scores differ from the forward's (other tile shapes): either
+    # left ~1 ulp of |dP| in dS, 16-33x SDPA's float32 error on dq in PyTorch's saturated SDPA sample. Costs two
+    # of the backward's seven tile products again, and float64 row sums (BLOCK_M x BLOCK_N products per tile).
+    delta = tl.zeros((BLOCK_M,), tl.float64)
+    mass = tl.zeros((BLOCK_M,), tl.float64)
+    for first_col in range(lo, hi, BLOCK_N):
+        cols = first_col + tl.arange(0, BLOCK_N)
+        p, dp, _, _ = _row_block_gradients(
+            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
+            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
+            stride_mj, QK_SCALE, DROPOUT_SCALE, HAS_MASK, DROPOUT, ACC, DOT)
+        delta += tl.sum(p.to(tl.float64) * dp.to(tl.float64), 1)
+        mass += tl.sum(p.to(tl.float64), 1)
+    delta = tl.where(mass > 0, delta / tl.where(mass > 0, mass, 1), delta)  # NaN stays NaN; no key: 0
+    tl.store(delta_ptr + out_rows, delta, mask=row_mask)
+    delta_hi, delta_lo = _split(delta, ACC)
+
+    grad_q = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     for first_col in range(lo, hi, BLOCK_N):
         cols = first_col + tl.arange(0, BLOCK_N)
         col_mask = cols < len_k
-        k_t = _tile(k_base, cols, col_mask, stride_kl, dims, D, True).to(DOT)
-        v_t = _tile(v_base, cols, col_mask, stride_vl, value_dims, Dv, True).to(DOT)
-        qk = tl.dot(q, k_t, input_precision="ieee", out_dtype=ACC)
-        s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
-                    window_left, window_right, SCALE, HAS_MASK)
-        seen = _visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right)
-        p = tl.where(seen, tl.exp(s - lse[:, None]), 0)  # hidden pairs: 0 even in a NaN row (see above)
-        dp = tl.dot(grad_out, v_t, input_precision="ieee", out_dtype=ACC)
-        if DROPOUT:
-            dp = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), dp * DROPOUT_SCALE, 0)
-        ds = tl.where(seen, p * (dp - delta[:, None]), 0)
+        p, dp, k_t, seen = _row_block_gradients(
+            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
+            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
+            stride_mj, QK_SCALE, DROPOUT_SCALE, HAS_MASK, DROPOUT, ACC, DOT)
+        # dp - delta_hi: exact near the row's top keys; hidden pairs: dS = 0 even in a NaN row (NaN delta)
+        ds = tl.where(seen, p * ((dp - delta_hi[:, None]) - delta_lo[:, None]), 0)
         if GRAD_SCORES:
             store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
                   row_mask[:, None] & col_mask[None, :])
@@ -524,6 +572,7 @@ def _arguments(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_seqlens_
     # "No window" becomes a width no sequence reaches (rows of q plus rows of k): the kernels' plain
     # comparisons then see every key, and int32 cannot overflow.
     unbounded = q.shape[2] + k.shape[2]
+    prescale = dot_operand_dtype(q.dtype, q.device) in (tl.float32, tl.float64)
     return {
         "q_ptr": q, "k_ptr": k, "v_ptr": v, "mask_ptr": mask, "cu_seqlens_q_ptr": cu_seqlens_q,
         "cu_seqlens_k_ptr": cu_seqlens_k, "seed_ptr": dropout_seed if dropout_p > 0 else None,
@@ -540,13 +589,19 @@ def _arguments(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_seqlens_
         # Compile-time floats: a runtime float argument is passed as float32, which would round the scale of
         # float64 inputs (a new scale or dropout_p compiles a new kernel).
         "SCALE": float(scale), "DROPOUT_SCALE": 1 / (1 - dropout_p),
+        # Where q enters tl.dot in ACC's precision (float32, float64; bfloat16 under the interpreter), it is scaled
+        # first, as the C++ kernels do: the scores are (scale q) . k with q rounded once, not q . k rounded and
+        # multiplied (which left SDPA's float32 error 2.1x behind on a saturated OpInfo sample). A bfloat16
+        # operand on a GPU would round scale q to bfloat16: there the product is scaled (QK_SCALE).
+        "Q_SCALE": float(scale) if prescale else 1.0, "QK_SCALE": 1.0 if prescale else float(scale),
         "VARLEN": cu_seqlens_q is not None, "HAS_MASK": mask is not None, "DROPOUT": dropout_p > 0,
         "ACC": accumulator_dtype(q.dtype), "DOT": dot_operand_dtype(q.dtype, q.device),
     }
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """float64 for every input dtype (csrc/ops.cpp): the backward splits it into two accumulator halves."""
+    return torch.float64
 
 
 def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cu_seqlens_q: Tensor | None,
@@ -591,24 +646,14 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
     # Zeros: the kernels write dS only where it can be non-zero (visible key blocks of each sequence).
     grad_scores = q.new_zeros(batch, heads, rows_q, k.shape[2]) if want_grad_scores else q.new_empty(0)
-    delta = torch.empty_like(lse)
+    delta = torch.empty(lse.shape, dtype=torch.float64, device=q.device)
     key_tiles = blocks("key_gradients", q, head_dim, v.shape[3])
     query_tiles = blocks("query_gradients", q, head_dim, v.shape[3])
-    if delta.numel():
-        delta_rows = max(1, min(64, 4096 // query_tiles["BLOCK_DV"]))  # a (rows, Dv) tile of 4096 elements at most
-        launch(_delta_kernel, (triton.cdiv(rows_q, delta_rows), batch * heads), q.device)(
-            grad_out, out, delta, *grad_out.stride()[:3], *out.stride()[:3], heads, rows_q, v.shape[3],
-            ACC=accumulator_dtype(q.dtype), BLOCK_M=delta_rows, BLOCK_DV=query_tiles["BLOCK_DV"],
-        )
     arguments = _arguments(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, bottom_right,
                            dropout_p, dropout_seed)
     arguments.update(grad_out_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, stride_gb=grad_out.stride(0),
                      stride_gh=grad_out.stride(1), stride_gl=grad_out.stride(2))
-    sequences, longest_k = _sequences(cu_seqlens_k, batch, k.shape[2], max_seqlen_k)
-    grid = (triton.cdiv(longest_k, key_tiles["BLOCK_N"]), sequences * k.shape[1])
-    if grid[0] and grid[1]:
-        launch(_key_gradients_kernel, grid, q.device)(grad_k_ptr=grad_k, grad_v_ptr=grad_v, **arguments,
-                                                      **key_tiles)
+    # The dQ kernel first: it computes delta, which the dK/dV kernel reads.
     sequences, longest_q = _sequences(cu_seqlens_q, batch, rows_q, max_seqlen_q)
     grid = (triton.cdiv(longest_q, query_tiles["BLOCK_M"]), sequences * heads)
     if grid[0] and grid[1]:
@@ -616,4 +661,9 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
             grad_q_ptr=grad_q, grad_scores_ptr=grad_scores if want_grad_scores else None,
             GRAD_SCORES=bool(want_grad_scores), **arguments, **query_tiles,
         )
+    sequences, longest_k = _sequences(cu_seqlens_k, batch, k.shape[2], max_seqlen_k)
+    grid = (triton.cdiv(longest_k, key_tiles["BLOCK_N"]), sequences * k.shape[1])
+    if grid[0] and grid[1]:
+        launch(_key_gradients_kernel, grid, q.device)(grad_k_ptr=grad_k, grad_v_ptr=grad_v, **arguments,
+                                                      **key_tiles)
     return grad_q, grad_k, grad_v, grad_scores

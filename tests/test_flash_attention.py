@@ -410,7 +410,7 @@ BAD_ATTENTION = [
     ("dtypes", lambda: seqkern.attention(_qkv()[0], *_qkv(dtype=torch.float64)[1:]), TypeError, "dtype"),
     ("devices", lambda: seqkern.attention(_qkv()[0], *(t.to("meta") for t in _qkv()[1:])), TypeError, "meta"),
     ("integer query", lambda: seqkern.attention(*(t.long() for t in _qkv())), TypeError, "floating"),
-    ("2-D query", lambda: seqkern.attention(*(t[0, 0] for t in _qkv())), ValueError, "3-D or 4-D"),
+    ("1-D query", lambda: seqkern.attention(_qkv()[0][0, 0, 0], *_qkv()[1:]), ValueError, "at least 2 dims"),
     ("mask shape", lambda: seqkern.attention(*_qkv(), attn_mask=torch.ones(5, 5, dtype=torch.bool)), ValueError,
      "broadcastable"),
     ("mask dtype", lambda: seqkern.attention(*_qkv(), attn_mask=torch.ones(5, 6, dtype=torch.float64)), TypeError,

@@ -6,14 +6,14 @@
 // into zero-padded tiles whose rows are contiguous and a whole number of SIMD vectors wide, so that every
 // product below is a tile_gemm (attention.h) over plain row-major tiles:
 //   keys    K^T tiles (D x kKeyTile), K tiles (kKeyTile x D), V tiles (kKeyTile x Dv_pad)  [per kv head]
-//   queries (backward only) Q^T, Q, dO^T, dO tiles and per row lse and Delta = rowsum(dO * out)  [per head]
+//   queries (backward only) Q^T, Q, dO^T, dO tiles and per row lse (float64, as two halves) and Delta  [per head]
 // These copies are linear in the sequence lengths; the (Lq, Lk) scores exist one tile at a time only.
 //
 // Forward (FlashAttention-2): one work item = (sequence, query head, query tile). The item keeps its
 // output rows O, running max m and running sum l, and streams the visible key tiles:
 //   s = (scale Q) K^T (tile_gemm) + mask, -inf where hidden,
 //   online softmax (attention.h: online_softmax_update) -> P = exp(s - m'), O = alpha O + (P * keep) V,
-// and finally out = O / l / (1 - dropout_p), lse = m + log l. Key tiles no query of the item sees are
+// and finally out = O / l / (1 - dropout_p), lse = m + log l (float64). Key tiles no query of the item sees are
 // skipped, which halves causal work; the diagonal tile computes only the columns its rows see.
 //
 // Backward: one work item = (sequence, kv head, key tile), which owns its rows of dK and dV. It loops
@@ -21,7 +21,8 @@
 // transposed score tiles so that every product reads its operands in their stored order:
 //   S^T = K (scale Q)^T, P^T = exp(S^T + mask - lse), dP^T = V dO^T (times keep / (1 - p) with dropout),
 //   dS^T = P^T * (dP^T - Delta), dV += (P^T * keep) dO, dK += scale dS^T Q, dQ^T += scale K^T dS^T
-// (Delta = rowsum(dO * out) = sum_j P dP, dropout included; grad_scores = dS).
+// (grad_scores = dS). Delta_i = sum_j P dP / sum_j P (dropout included) comes from a first pass over the same
+// items that computes S^T and dP^T only (see backward()).
 // dQ rows are shared by all key tiles, so each worker accumulates dQ^T in its own buffer and the buffers
 // are summed at the end in worker order (no atomics). The backward deals its key tiles to the workers in a
 // fixed pattern (for_each_worker_strided), so the summation order, hence grad_q, is the same on every run.
@@ -100,7 +101,9 @@ void check_tensor(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef s
   check_last_dim_contiguous(t, name);
 }
 
-at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+/// float64 whatever the inputs: exp(s - lse) of a row's largest score, near 1 in a saturated softmax, needs lse to
+/// ~1e-7 absolute, and a float32 lse of magnitude 200 is only within 8e-6 (8e-6 relative error in those P, in dV).
+at::ScalarType lse_dtype(const at::Tensor&) { return at::kDouble; }
 
 /// cu_seqlens (N+1,) int32 on the CPU, 0 first, non-decreasing, last <= length; returned as int64 bounds.
 std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, int64_t length, const char* name) {
@@ -415,8 +418,8 @@ struct ForwardArgs {
   const KeyTiles<A>& keys;
   Rows<const S> q;
   std::optional<Rows<const S>> mask;
-  S* out;  // (B, Hq, Lq, Dv) contiguous
-  A* lse;  // (B, Hq, Lq) contiguous
+  S* out;                                // (B, Hq, Lq, Dv) contiguous
+  double* lse;                           // (B, Hq, Lq) contiguous
   const KeyTilesBf16* keys16 = nullptr;  // set: the tile products run on the bf16 units (keys.kt/v are empty)
 };
 
@@ -550,7 +553,8 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
     for (int64_t c = 0; c < p.dim_v; c += kLanes<A>)  // rounded once to S here
       store(out + c, load_vector(w.out.data() + r * dim_v_pad + c) * inv,
             static_cast<int>(std::min<int64_t>(kLanes<A>, p.dim_v - c)));
-    args.lse[row_index] = sum == 0 ? -std::numeric_limits<A>::infinity() : w.row_max[r] + std::log(sum);
+    args.lse[row_index] = sum == 0 ? -std::numeric_limits<double>::infinity()
+                                   : static_cast<double>(w.row_max[r]) + std::log(static_cast<double>(sum));
   }
 }
 
@@ -567,7 +571,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   if (path != bf16::Path::kFp32) keys16.emplace(pack_keys_bf16(p, k, v, path, pad_lanes<A>(p.dim_v)));
   const KeyTiles<A> keys = keys16 ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
                                   : pack_keys<S>(p, k, v, /*with_rows=*/false);
-  ForwardArgs<S> args{p, keys, Rows<const S>(q), std::nullopt, out.data_ptr<S>(), lse.data_ptr<A>(),
+  ForwardArgs<S> args{p, keys, Rows<const S>(q), std::nullopt, out.data_ptr<S>(), lse.data_ptr<double>(),
                       keys16 ? &*keys16 : nullptr};
   if (mask) args.mask.emplace(*mask);
 
@@ -609,17 +613,18 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 // Backward.
 // ================================================================================================
 /// Q^T (D x kQueryTile), Q (kQueryTile x D_pad), dO^T (Dv x kQueryTile), dO (kQueryTile x Dv_pad) tiles of
-/// every head and query tile, and per row lse (+inf on rows that see nothing, so exp(s - lse) = 0) and
-/// Delta = rowsum(dO * out); zero-padded, in the accumulation dtype.
+/// every head and query tile, and per row lse = lse_hi + lse_lo (the float64 lse split into two A's, so that
+/// exp((s - lse_hi) - lse_lo) in A keeps its precision; lse_hi = +inf on rows that see nothing, so the
+/// probabilities are 0); zero-padded, in the accumulation dtype. delta = delta_hi + delta_lo (sum_j P dP /
+/// sum_j P per row, summed in float64) is filled by the backward's first pass.
 template <typename A>
 struct QueryTiles {
   int64_t dim_pad, dim_v_pad;
-  TileArray<A> qt, q, dot, dout, lse, delta;
+  TileArray<A> qt, q, dot, dout, lse, lse_lo, delta, delta_lo;
 };
 
 template <typename S, typename A = Acc<S>>
-QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& out,
-                           const at::Tensor& lse) {
+QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& lse) {
   const int64_t dim_pad = pad_lanes<A>(p.dim), dim_v_pad = pad_lanes<A>(p.dim_v), heads = p.heads, tiles = p.q_tiles;
   QueryTiles<A> t{dim_pad,
                   dim_v_pad,
@@ -628,10 +633,12 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
                   TileArray<A>(heads, tiles, p.dim_v * kQueryTile),
                   TileArray<A>(heads, tiles, kQueryTile * dim_v_pad),
                   TileArray<A>(heads, tiles, kQueryTile),
+                  TileArray<A>(heads, tiles, kQueryTile),
+                  TileArray<A>(heads, tiles, kQueryTile),
                   TileArray<A>(heads, tiles, kQueryTile)};
   const auto owners = tile_owners(p, /*keys=*/false);
-  const Rows<const S> q_src(q), do_src(grad_out), out_src(out);
-  const A* lse_data = lse.data_ptr<A>();
+  const Rows<const S> q_src(q), do_src(grad_out);
+  const double* lse_data = lse.data_ptr<double>();
   const int64_t lse_s0 = lse.stride(0), lse_s1 = lse.stride(1), lse_s2 = lse.stride(2);
   at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -646,20 +653,18 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
       copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
       copy_tile<A, S>(t.dout(h, g), t.dout.tile_size, dim_v_pad, rows, p.dim_v, do_row, false);
       A* row_lse = t.lse(h, g);
-      A* row_delta = t.delta(h, g);
+      A* row_lse_lo = t.lse_lo(h, g);
       for (int64_t r = 0; r < kQueryTile; ++r) {
         row_lse[r] = std::numeric_limits<A>::infinity();
-        row_delta[r] = 0;
+        row_lse_lo[r] = 0;
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = s.q_begin + i0 + r;
-        const A value = lse_data[s.batch * lse_s0 + h * lse_s1 + i * lse_s2];
-        row_lse[r] = value == -std::numeric_limits<A>::infinity() ? std::numeric_limits<A>::infinity() : value;
-        const S* o = out_src(s.batch, h, i);
-        const A* d = t.dout(h, g) + r * dim_v_pad;
-        A sum = 0;
-        for (int64_t c = 0; c < p.dim_v; ++c) sum += d[c] * static_cast<A>(o[c]);
-        row_delta[r] = sum;
+        const double value = lse_data[s.batch * lse_s0 + h * lse_s1 + i * lse_s2];
+        if (value != -std::numeric_limits<double>::infinity()) {  // NaN passes on through lse_hi
+          row_lse[r] = static_cast<A>(value);
+          row_lse_lo[r] = std::isfinite(value) ? static_cast<A>(value - static_cast<double>(row_lse[r])) : A(0);
+        }
       }
     }
   });
@@ -667,15 +672,17 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
 }
 
 /// One worker's tiles: S^T / P^T and dP^T / dS^T (kKeyTile x kQueryTile), the key tile's dK and dV rows,
-/// the dropout row keys of a query tile, and the worker's dQ^T accumulator over all heads and query tiles
-/// (dq_t_size elements, zeroed by the worker thread that creates it).
+/// the dropout row keys of a query tile, the worker's dQ^T accumulator over all heads and query tiles
+/// (dq_t_size elements, zeroed by the worker thread that creates it), and its partial sums of P dP and of P per
+/// query row (the first pass's).
 template <typename A>
 struct BackwardScratch {
   std::vector<A> probs, grads, dk, dv, dq_t;
+  std::vector<double> delta_sum, mass;
   std::vector<uint32_t> row_keys;
-  BackwardScratch(int64_t dim_pad, int64_t dim_v_pad, int64_t dq_t_size)
+  BackwardScratch(int64_t dim_pad, int64_t dim_v_pad, int64_t dq_t_size, int64_t rows_size)
       : probs(kKeyTile * kQueryTile), grads(kKeyTile * kQueryTile), dk(kKeyTile * dim_pad),
-        dv(kKeyTile * dim_v_pad), dq_t(dq_t_size), row_keys(kQueryTile) {}
+        dv(kKeyTile * dim_v_pad), dq_t(dq_t_size), delta_sum(rows_size), mass(rows_size), row_keys(kQueryTile) {}
 };
 
 template <typename S>
@@ -690,13 +697,15 @@ struct BackwardArgs {
   S* grad_scores;    // (B, Hq, Lq, Lk) contiguous, or null
 };
 
-/// Row r (key j) of the transposed tiles, query columns [c0, kQueryTile): probs = P^T (times keep / (1 - p)),
-/// grads = dS^T, from the scores S^T (already scaled through Q^T) in probs and dP^T in grads. Queries
-/// [first, last] (tile-local) see key j; the others get P = dS = 0.
-template <typename S>
-void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
-                    int64_t g, int64_t i0, int64_t queries, int64_t j, int64_t first, int64_t last, int64_t r,
-                    int64_t c0) {
+/// Row r (key j) of the transposed tiles, query columns [c0, kQueryTile), from the scores S^T (already scaled
+/// through Q^T) in probs and dP^T in grads; queries [first, last] (tile-local) see key j. Calls
+/// body(c, P^T before dropout, P^T after it, dP^T after it, seen) for each vector of columns (after dropout:
+/// times keep / (1 - p)); `seen` marks the lanes whose query sees key j: a hidden pair takes no part (its P, dP
+/// and dS count as 0), also in a NaN row (NaN lse) and when key j's own values are NaN.
+template <typename S, typename Body>
+void score_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h, int64_t g,
+               int64_t i0, int64_t queries, int64_t j, int64_t first, int64_t last, int64_t r, int64_t c0,
+               const Body& body) {
   using A = Acc<S>;
   using V = Simd<A>;
   using Keys = typename HashLanes<A>::type;
@@ -704,17 +713,21 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
   const Problem& p = args.p;
   const A keep_scale = p.dropout ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
   const bool partial = first > c0 || last < kQueryTile - 1;
-  A* prob_row = w.probs.data() + r * kQueryTile;
-  A* grad_row = w.grads.data() + r * kQueryTile;
+  const V minus_inf = broadcast(-std::numeric_limits<A>::infinity());
+  const A* prob_row = w.probs.data() + r * kQueryTile;
+  const A* grad_row = w.grads.data() + r * kQueryTile;
   const A* lse = args.queries.lse(h, g);
-  const A* delta = args.queries.delta(h, g);
+  const A* lse_lo = args.queries.lse_lo(h, g);
   for (int64_t c = c0; c < kQueryTile; c += L) {
     V x = load_vector(prob_row + c), dp = load_vector(grad_row + c);
     if (args.mask) {  // a column of the mask: strided, read lane by lane
       for (int l = 0; l < L && c + l < queries; ++l)
         x[l] += static_cast<A>((*args.mask)(s.batch, h, s.q_begin + i0 + c + l)[s.k_begin + j]);
     }
-    const V prob = exp_attention(x - load_vector(lse + c));
+    const auto seen = partial ? lanes_in_range<A>(c, first, last) : ~typename SimdTraits<A>::bits{};
+    if (partial) x = seen ? x : minus_inf;
+    // (s - lse_hi) is exact near the row's maximum (Sterbenz), so lse_lo's bits reach the exponent.
+    const V prob = exp_attention((x - load_vector(lse + c)) - load_vector(lse_lo + c));
     V kept = prob;
     if (p.dropout) {
       Keys keys;
@@ -723,24 +736,59 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
       kept = keep ? prob * keep_scale : V{};
       dp = keep ? dp * keep_scale : V{};
     }
-    V grad = prob * (dp - load_vector(delta + c));
-    if (partial) {  // a hidden pair takes no part: P = dS = 0, also in a NaN row (NaN lse)
-      const auto seen = lanes_in_range<A>(c, first, last);
-      kept = seen ? kept : V{};
-      grad = seen ? grad : V{};
-    }
-    store_vector(prob_row + c, kept);
-    store_vector(grad_row + c, grad);
+    body(c, prob, kept, dp, seen);
   }
 }
 
+/// The second pass's row: probs = P^T (times keep / (1 - p)), grads = dS^T = P^T * (dP^T - delta).
+template <typename S>
+void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
+                    int64_t g, int64_t i0, int64_t queries, int64_t j, int64_t first, int64_t last, int64_t r,
+                    int64_t c0) {
+  using A = Acc<S>;
+  using V = Simd<A>;
+  A* prob_row = w.probs.data() + r * kQueryTile;
+  A* grad_row = w.grads.data() + r * kQueryTile;
+  const A* delta = args.queries.delta(h, g);
+  const A* delta_lo = args.queries.delta_lo(h, g);
+  score_row<S>(args, w, s, h, g, i0, queries, j, first, last, r, c0, [&](int64_t c, V prob, V kept, V dp, auto seen) {
+    store_vector(prob_row + c, seen ? kept : V{});
+    // dp - delta_hi is exact where they are close (the row's dominant keys), so delta_lo's bits count there.
+    const V grad = prob * ((dp - load_vector(delta + c)) - load_vector(delta_lo + c));
+    store_vector(grad_row + c, seen ? grad : V{});
+  });
+}
+
+/// The first pass's row: per query column, float64 sums of P dP (dropout included) and of P into the worker's
+/// buffers (products of two floats are exact in float64).
+template <typename S>
+void delta_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h, int64_t g,
+               int64_t i0, int64_t queries, int64_t j, int64_t first, int64_t last, int64_t r, int64_t c0) {
+  using A = Acc<S>;
+  using V = Simd<A>;
+  typedef double Wide __attribute__((vector_size(sizeof(double) * kLanes<A>)));
+  double* sum = w.delta_sum.data() + (h * args.p.q_tiles + g) * kQueryTile;
+  double* mass = w.mass.data() + (h * args.p.q_tiles + g) * kQueryTile;
+  score_row<S>(args, w, s, h, g, i0, queries, j, first, last, r, c0, [&](int64_t c, V prob, V, V dp, auto seen) {
+    const Wide p = __builtin_convertvector(seen ? prob : V{}, Wide);
+    const Wide d = __builtin_convertvector(seen ? dp : V{}, Wide);
+    Wide acc, total;
+    std::memcpy(&acc, sum + c, sizeof(Wide));
+    std::memcpy(&total, mass + c, sizeof(Wide));
+    acc += p * d;
+    total += p;
+    std::memcpy(sum + c, &acc, sizeof(Wide));
+    std::memcpy(mass + c, &total, sizeof(Wide));
+  });
+}
+
 /// Key rows [r0, r1) of key tile gk against query columns [c0, kQueryTile) of query tile gq (rows i0..,
-/// `queries` of them) of head h: recomputes P^T and dS^T, then dV, dK (rows r0..r1) and dQ^T (columns
-/// c0..) += their products.
+/// `queries` of them) of head h: recomputes P^T and dP^T; in the delta pass adds their row sums to the worker's,
+/// else forms dS^T, then dV, dK (rows r0..r1) and dQ^T (columns c0..) += their products.
 template <typename S>
 void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
                    int64_t kv_head, int64_t gk, int64_t j0, int64_t gq, int64_t i0, int64_t queries, int64_t r0,
-                   int64_t r1, int64_t c0) {
+                   int64_t r1, int64_t c0, bool delta_pass) {
   using A = Acc<S>;
   const Problem& p = args.p;
   const KeyTiles<A>& keys = args.keys;
@@ -756,9 +804,14 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
                       kQueryTile, grads, kQueryTile);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t j = j0 + r;
-    score_grad_row<S>(args, w, s, h, gq, i0, queries, j, vis.first_query(j) - i0,
-                      std::min(vis.last_query(j) - i0, queries - 1), r, c0);
+    const int64_t first = vis.first_query(j) - i0, last = std::min(vis.last_query(j) - i0, queries - 1);
+    if (delta_pass) {
+      delta_row<S>(args, w, s, h, gq, i0, queries, j, first, last, r, c0);
+    } else {
+      score_grad_row<S>(args, w, s, h, gq, i0, queries, j, first, last, r, c0);
+    }
   }
+  if (delta_pass) return;
   tile_gemm<A, true>(rows, dim_v_pad, depth, probs, kQueryTile, qs.dout(h, gq) + c0 * dim_v_pad, dim_v_pad,
                      w.dv.data() + r0 * dim_v_pad, dim_v_pad);
   tile_gemm<A, true>(rows, dim_pad, depth, grads, kQueryTile, qs.q(h, gq) + c0 * dim_pad, dim_pad,
@@ -773,9 +826,11 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
   }
 }
 
-/// Key tile `tile` of kv head h in sequence n: dK, dV of its rows, and its dQ^T contributions.
+/// Key tile `tile` of kv head h in sequence n: dK, dV of its rows, and its dQ^T contributions (in the delta
+/// pass: its contributions to the row sums of P dP and P only).
 template <typename S>
-void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int64_t n, int64_t kv_head, int64_t tile) {
+void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int64_t n, int64_t kv_head, int64_t tile,
+                   bool delta_pass) {
   using A = Acc<S>;
   const Problem& p = args.p;
   const KeyTiles<A>& keys = args.keys;
@@ -804,10 +859,11 @@ void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int6
         const int64_t c0 = ragged ? first / kLanes<A> * kLanes<A> : 0;
         if (c0 < queries)  // else no query of the tile sees these keys
           backward_rows<S>(args, w, s, h, kv_head, gk, j0, s.q_tile_base + qt, i0, queries, r0,
-                           std::min(width, r0 + group), c0);
+                           std::min(width, r0 + group), c0, delta_pass);
       }
     }
   }
+  if (delta_pass) return;
   for (int64_t r = 0; r < width; ++r) {
     const int64_t row = (s.batch * p.kv_heads + kv_head) * p.len_k + s.k_begin + j0 + r;
     for (int64_t c = 0; c < p.dim; ++c)
@@ -839,13 +895,37 @@ void reduce_grad_q(const Problem& p, const std::vector<const A*>& dq_t, at::Tens
   });
 }
 
+/// queries.delta + delta_lo = (sum over the workers' sums of P dP) / (sum of their sums of P), per query row (0
+/// where no key is seen), added in worker order in float64.
+template <typename A>
+void reduce_delta(const Problem& p, const std::vector<std::unique_ptr<BackwardScratch<A>>>& scratch,
+                  QueryTiles<A>& queries) {
+  at::parallel_for(0, p.heads * p.q_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      A* delta = queries.delta(item / p.q_tiles, item % p.q_tiles);
+      A* delta_lo = queries.delta_lo(item / p.q_tiles, item % p.q_tiles);
+      for (int64_t c = 0; c < kQueryTile; ++c) {
+        double sum = 0, mass = 0;
+        for (const auto& w : scratch) {
+          if (!w) continue;
+          sum += w->delta_sum[item * kQueryTile + c];
+          mass += w->mass[item * kQueryTile + c];
+        }
+        const double value = mass == 0 ? 0.0 : sum / mass;  // NaN stays NaN
+        delta[c] = static_cast<A>(value);
+        delta_lo[c] = std::isfinite(value) ? static_cast<A>(value - static_cast<double>(delta[c])) : A(0);
+      }
+    }
+  });
+}
+
 template <typename S>
 void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+              const at::Tensor& v, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
               at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, at::Tensor& grad_scores) {
   using A = Acc<S>;
   const KeyTiles<A> keys = pack_keys<S>(p, k, v, /*with_rows=*/true);
-  const QueryTiles<A> queries = pack_queries<S>(p, q, grad_out, out, lse);
+  QueryTiles<A> queries = pack_queries<S>(p, q, grad_out, lse);
   BackwardArgs<S> args{p,
                        keys,
                        queries,
@@ -862,13 +942,27 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   const std::vector<Item> items = make_items(p, p.kv_heads, /*key_tiles=*/true, query_tiles_seen);
   const int64_t workers = worker_count(static_cast<int64_t>(items.size()));
   std::vector<std::unique_ptr<BackwardScratch<A>>> scratch(workers);
-  for_each_worker_strided(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
-    if (!scratch[worker])
-      scratch[worker] = std::make_unique<BackwardScratch<A>>(queries.dim_pad, keys.dim_v_pad,
-                                                             p.heads * p.q_tiles * p.dim * kQueryTile);
-    const Item& it = items[index];
-    backward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile);
-  });
+  const auto run_pass = [&](bool delta_pass) {
+    for_each_worker_strided(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
+      if (!scratch[worker])
+        scratch[worker] = std::make_unique<BackwardScratch<A>>(queries.dim_pad, keys.dim_v_pad,
+                                                               p.heads * p.q_tiles * p.dim * kQueryTile,
+                                                               p.heads * p.q_tiles * kQueryTile);
+      const Item& it = items[index];
+      backward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile, delta_pass);
+    });
+  };
+  // Pass 1: delta_i = sum_j P_ij dP_ij / sum_j P_ij, an average of the very dP^T values (the same tile_gemm calls,
+  // bitwise) that pass 2 subtracts it from, so dP_ij - delta_i = sum_k w_k (dP_ij - dP_ik) keeps only relative
+  // errors: 0 on a one-hot row, and near-exact on a near-one-hot one since the sums run in float64 (in float32,
+  // delta's own rounding, 1 ulp of |dP|, is all of dP - delta's error there; torch's composed softmax backward
+  // has it too, but then a lucky rounding made SDPA 14x more accurate than us on an OpInfo sample).
+  // rowsum(dO * out) carries the rounding of out, ~1 ulp of |dO| |v| (not of |dP|), into every dS: 16-33x
+  // SDPA's float32 error on dq in PyTorch's saturated SDPA samples. Costs two of the backward's five tile
+  // products again, and the float64 sums.
+  run_pass(/*delta_pass=*/true);
+  reduce_delta(p, scratch, queries);
+  run_pass(/*delta_pass=*/false);
   std::vector<const A*> dq_t;
   for (const auto& w : scratch)
     if (w) dq_t.push_back(w->dq_t.data());
@@ -901,7 +995,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backw
   at::Tensor grad_scores = want_grad_scores ? at::zeros({p.batch, p.heads, p.len_q, p.len_k}, q.options())
                                             : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attention_backward", [&] {
-    backward<scalar_t>(p, grad_out, q, k, v, out, lse, attn_mask, grad_q, grad_k, grad_v, grad_scores);
+    backward<scalar_t>(p, grad_out, q, k, v, lse, attn_mask, grad_q, grad_k, grad_v, grad_scores);
   });
   return {grad_q, grad_k, grad_v, grad_scores};
 }

@@ -94,9 +94,10 @@ LIBRARY.define("rnn_cell_backward(Tensor grad_hy, Tensor hy, bool relu, bool has
 #   Dropout (dropout_p > 0; dropout_seed an int64 tensor of shape () on q's device): probability (i, j) of
 #   head h in sequence n is kept iff dropout_bits(seed, n * Hq + h, i, j) >= dropout_threshold(dropout_p) and
 #   then scaled by 1 / (1 - dropout_p); seqkern/reference/flash_attention.py defines both functions bit for bit.
-#   -> out (B,Hq,Lq,Dv) contiguous, q's dtype; lse (B,Hq,Lq) contiguous, float64 for float64 inputs else
-#   float32: log sum_j exp(score(i, j)) over the visible keys. A row that sees no key (or only -inf scores)
-#   has out = 0 and lse = -inf.
+#   -> out (B,Hq,Lq,Dv) contiguous, q's dtype; lse (B,Hq,Lq) contiguous, float64 whatever q's dtype (the
+#   backward's exp(score - lse) of a saturated row's largest score needs more than float32's bits at
+#   |lse| ~ 100): log sum_j exp(score(i, j)) over the visible keys. A row that sees no key (or only -inf
+#   scores) has out = 0 and lse = -inf.
 LIBRARY.define(
     "flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? cu_seqlens_q, "
     "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
@@ -117,7 +118,8 @@ LIBRARY.define(
 #   cache_seqlens (B,) int32: sequence b has keys [0, cache_seqlens[b]) (None: all S). The queries are the
 #   last Lq positions: query i of sequence b sits at p = cache_seqlens[b] - Lq + i; is_causal hides keys j > p,
 #   window_left >= 0 hides keys j < p - window_left.
-#   -> out (B,Hq,Lq,Dv) contiguous, q's dtype; lse (B,Hq,Lq) as flash_attention_forward's. Not differentiable.
+#   -> out (B,Hq,Lq,Dv) contiguous, q's dtype; lse (B,Hq,Lq), float64 for float64 inputs else float32. Not
+#   differentiable.
 LIBRARY.define(
     "flash_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, float scale, "
     "bool is_causal, int window_left, int num_splits) -> (Tensor out, Tensor lse)")

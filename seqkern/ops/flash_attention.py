@@ -29,7 +29,14 @@ ALIGNMENTS = ("top_left", "bottom_right")
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the lse the public functions (and flash_attention_decode) return."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# flash_attention_forward's lse is float64 for every input dtype: the backward recomputes P = exp(s - lse), and the
+# largest P of a saturated row (near 1) needs lse to ~1e-7 absolute where a float32 lse of magnitude 200 is only
+# within 8e-6 (seqkern/ops/_schemas.py). The kernels split it into two accumulation-dtype halves per row.
+OP_LSE_DTYPE = torch.float64
 
 
 # Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
@@ -74,7 +81,7 @@ def _forward_fake(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     _check_forward(Contract("flash_attention_forward", ATTENTION_DTYPES), q, k, v, attn_mask, cu_seqlens_q,
                    cu_seqlens_k, scale, dropout_p, dropout_seed)
     batch, heads, len_q = q.shape[:3]
-    return q.new_empty(batch, heads, len_q, v.shape[-1]), q.new_empty(batch, heads, len_q, dtype=_lse_dtype(q.dtype))
+    return q.new_empty(batch, heads, len_q, v.shape[-1]), q.new_empty(batch, heads, len_q, dtype=OP_LSE_DTYPE)
 
 
 def _backward_fake(grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -85,7 +92,7 @@ def _backward_fake(grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seql
     for name, t in (("grad_out", grad_out), ("out", out)):
         contract.tensor(t, q, rows, name)
         contract.last_dim_contiguous(t, name)
-    contract.tensor(lse, q, q.shape[:3], "lse", dtype=_lse_dtype(q.dtype))
+    contract.tensor(lse, q, q.shape[:3], "lse", dtype=OP_LSE_DTYPE)
     scores = q.new_empty(*q.shape[:3], k.shape[2]) if want_grad_scores else empty(q)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), scores
 
@@ -228,30 +235,30 @@ def hiding_mask(hidden: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill(hidden, float("-inf"))
 
 
-def _additive_mask(attn_mask: Tensor | None, q: Tensor, len_k: int) -> Tensor | None:
-    """attn_mask (bool: True = take part; or float, q's dtype), broadcastable to (B,Hq,Lq,Lk)
-    -> an additive mask expanded to (B,Hq,Lq,Lk) without copying its broadcast dims (stride(-1) == 1)."""
+def _additive_mask(attn_mask: Tensor | None, query: Tensor, scores: tuple[int, ...]) -> Tensor | None:
+    """attn_mask (bool: True = take part; or float, query's dtype), broadcastable to the scores' shape
+    (*batch, H, Lq, Lk) -> an additive mask of that shape, a view (stride(-1) == 1) where its dims broadcast."""
     if attn_mask is None:
         return None
     check_tensor("attn_mask", attn_mask)
-    if attn_mask.device != q.device:
-        raise DTypeError(f"attn_mask: expected a tensor on {q.device} (as query), got one on {attn_mask.device}")
-    full = (*q.shape[:3], len_k)
+    if attn_mask.device != query.device:
+        raise DTypeError(f"attn_mask: expected a tensor on {query.device} (as query), got one on {attn_mask.device}")
     try:
-        torch.broadcast_shapes(attn_mask.shape, full)
+        fits = attn_mask.dim() <= len(scores) and torch.broadcast_shapes(attn_mask.shape, scores) == scores
     except RuntimeError:
-        raise ShapeError(f"attn_mask: expected a shape broadcastable to {full} (batch, heads, Lq, Lk), "
-                         f"got {tuple(attn_mask.shape)}") from None
-    if attn_mask.dim() > 4:
-        raise ShapeError(f"attn_mask: expected at most 4 dims (broadcastable to {full}), got {tuple(attn_mask.shape)}")
+        fits = False
+    if not fits:
+        raise ShapeError(f"attn_mask: expected a shape broadcastable to the scores' {scores} (batch..., heads, Lq, "
+                         f"Lk), got {tuple(attn_mask.shape)}")
     if attn_mask.dtype == torch.bool:
-        attn_mask = hiding_mask(~attn_mask, q.dtype)
-    elif attn_mask.dtype != q.dtype:
-        raise DTypeError(f"attn_mask: expected dtype torch.bool or {q.dtype} (as query), got {attn_mask.dtype}")
-    if attn_mask.shape[-1] != len_k or attn_mask.stride(-1) != 1:
+        attn_mask = hiding_mask(~attn_mask, query.dtype)
+    elif attn_mask.dtype != query.dtype:
+        raise DTypeError(f"attn_mask: expected dtype torch.bool or {query.dtype} (as query), got {attn_mask.dtype}")
+    len_k = scores[-1]
+    if attn_mask.dim() == 0 or attn_mask.shape[-1] != len_k or attn_mask.stride(-1) != 1:
         # The kernels read a mask row as one contiguous run: materialize the key dim only.
         attn_mask = attn_mask.expand(*attn_mask.shape[:-1], len_k).contiguous()
-    return attn_mask.expand(full)
+    return attn_mask.expand(scores)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -270,6 +277,57 @@ def run_forward(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return reference.flash_attention_forward(*args)
     with kernel_scope(impl, q.device):
         return torch.ops.seqkern.flash_attention_forward(*args)
+
+
+def _split_lead(name: str, t: Tensor) -> tuple[tuple[int, ...], int]:
+    """(..., H, L, D) -> (the batch dims ..., H); a 2-D (L, D) tensor has no batch dims and one head."""
+    if t.dim() < 2:
+        raise ShapeError(f"{name}: expected at least 2 dims (..., L, D), got shape {tuple(t.shape)}")
+    lead = tuple(t.shape[:-2])
+    return (lead[:-1], lead[-1]) if lead else ((), 1)
+
+
+def _broadcast(names: str, *shapes) -> tuple[int, ...]:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        raise ShapeError(f"{names}: leading dims {' and '.join(str(tuple(s)) for s in shapes)} do not broadcast "
+                         "(as torch.nn.functional.scaled_dot_product_attention's)") from None
+
+
+def _attention_shapes(query: Tensor, key: Tensor, value: Tensor,
+                      enable_gqa: bool) -> tuple[tuple[int, ...], int, int]:
+    """SDPA's shape rule -> (batch dims, query heads, kv heads the kernel runs with).
+
+    query (..., Hq, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv), at least 2-D each: the leading dims
+    broadcast against each other (a missing heads dim is one head), as in SDPA's composed math. The heads dim
+    broadcasts too; with enable_gqa Hq may instead be a multiple of Hk. A mask must broadcast to the scores
+    without enlarging them (SDPA adds it in place): _additive_mask checks it."""
+    (batch_q, heads_q), (batch_k, heads_k), (batch_v, heads_v) = (
+        _split_lead(n, t) for n, t in (("query", query), ("key", key), ("value", value)))
+    if key.shape[-2] != value.shape[-2]:
+        raise ShapeError(f"value: expected {key.shape[-2]} keys (as key {tuple(key.shape)}), got shape "
+                         f"{tuple(value.shape)}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ShapeError(f"key: expected head dim {query.shape[-1]} (the last dim of query {tuple(query.shape)}), "
+                         f"got shape {tuple(key.shape)}")
+    batch = _broadcast("query, key, value", batch_q, batch_k, batch_v)
+    kv_heads = _broadcast("key, value", (heads_k,), (heads_v,))[0]
+    if heads_q == kv_heads or kv_heads == 1:  # one kv head serves every query head (the kernels' GQA, no copy)
+        heads = heads_q
+    elif heads_q == 1:  # one query head broadcasts over the kv heads
+        heads = kv_heads
+    else:
+        _check_heads(heads_q, kv_heads, enable_gqa)
+        heads = heads_q
+    return batch, heads, kv_heads
+
+
+def _flatten_batch(t: Tensor, batch: tuple[int, ...], heads: int) -> Tensor:
+    """t (..., H or 1, L, X) broadcast to (*batch, heads, L, X) and flattened to (prod(batch), heads, L, X): a
+    view (expanded dims have stride 0) unless broadcast batch dims cannot merge into one."""
+    t = t.expand(*batch, heads, *t.shape[-2:])
+    return t.reshape(math.prod(batch), heads, *t.shape[-2:])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -345,9 +403,11 @@ def attention(
     """Exact scaled-dot-product attention that never materializes the (Lq, Lk) scores; the semantics of
     torch.nn.functional.scaled_dot_product_attention for the arguments they share.
 
-    query (B,Hq,Lq,D) or (Hq,Lq,D), key (B,Hkv,Lk,D), value (B,Hkv,Lk,Dv) -> (B,Hq,Lq,Dv) [, lse (B,Hq,Lq)].
-    attn_mask: bool (True = take part) or additive float in query's dtype, broadcastable to (B,Hq,Lq,Lk); a float
-        mask that requires grad gets its gradient.
+    query (..., Hq, Lq, D), key (..., Hkv, Lk, D), value (..., Hkv, Lk, Dv), at least 2-D each: the leading dims
+    broadcast against each other as in SDPA (e.g. query (Hq, Lq, D) with key (B, Hq, Lk, D); size-1 dims
+    broadcast without copies) -> (*broadcast leading dims, Lq, Dv) [, lse (*leading dims, Lq)].
+    attn_mask: bool (True = take part) or additive float in query's dtype, broadcastable to the scores
+        (*leading dims, Lq, Lk); a float mask that requires grad gets its gradient.
     is_causal / window_size=(left, right): query i sees keys j with i + s - left <= j <= i + s + right (-1 or
         None: unbounded; is_causal sets right = 0), s = 0 for causal_alignment "top_left" (as SDPA) or Lk - Lq
         for "bottom_right" (as FlashAttention: the last query sees the last key).
@@ -357,28 +417,31 @@ def attention(
     A query that sees no key gets 0 (forward and backward), never NaN. return_lse also returns the log-sum-exp
     of each row's scores (float32; float64 for float64 inputs; -inf for such rows), not differentiable.
     """
-    _check_qkv(query, key, value, ("query", "key", "value"), (3, 4))
-    unbatched = query.dim() == 3
-    if unbatched:
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        if attn_mask is not None and attn_mask.dim() == 4:
-            raise ShapeError(f"attn_mask: expected at most 3 dims for unbatched (3-D) query, "
-                             f"got {tuple(attn_mask.shape)}")
-    _check_heads(query.shape[1], key.shape[1], enable_gqa)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, t)
+        check_floating(name, t)
+        if t is not query and (t.dtype != query.dtype or t.device != query.device):
+            raise DTypeError(f"{name}: expected dtype {query.dtype} on {query.device} (as query), got {t.dtype} "
+                             f"on {t.device}")
+    batch, heads, kv_heads = _attention_shapes(query, key, value, enable_gqa)
     _check_dropout(dropout_p)
     window_left, window_right = _window(window_size, is_causal)
     bottom_right = _check_alignment(causal_alignment)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    mask = _additive_mask(attn_mask, query, key.shape[2])
-    q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
+    len_q, len_k = query.shape[-2], key.shape[-2]
+    mask = _additive_mask(attn_mask, query, (*batch, heads, len_q, len_k))
+    q = _flatten_batch(query, batch, heads)
+    k, v = (_flatten_batch(t, batch, kv_heads) for t in (key, value))
+    mask = None if mask is None else mask.reshape(math.prod(batch), heads, len_q, len_k)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out_lse = decode_route(q, k, v, mask, scale, window_left, window_right, bottom_right, dropout_p)
     if out_lse is None:
         out_lse = run_forward(q, k, v, mask, None, None, 0, 0, scale, window_left, window_right, bottom_right,
                               dropout_p, dropout_seed(dropout_p, q.device))
     out, lse = out_lse
-    if unbatched:
-        out, lse = out.squeeze(0), lse.squeeze(0)
-    return (out, lse) if return_lse else out
+    lead = (*batch, heads) if max(query.dim(), key.dim(), value.dim()) > 2 else ()  # all 2-D: out (Lq, Dv)
+    out = out.view(*lead, len_q, out.shape[-1])
+    return (out, lse.view(*lead, len_q).to(_lse_dtype(query.dtype))) if return_lse else out
 
 
 def _check_cu_seqlens(name: str, cu_seqlens: Tensor, device: torch.device) -> None:
@@ -438,7 +501,7 @@ def attention_varlen(
                             int(max_seqlen_q), int(max_seqlen_k), scale, window_left, window_right, bottom_right,
                             dropout_p, dropout_seed(dropout_p, q.device))
     out = out.squeeze(0).transpose(0, 1)
-    return (out, lse.squeeze(0)) if return_lse else out
+    return (out, lse.squeeze(0).to(_lse_dtype(query.dtype))) if return_lse else out
 
 
 def attention_decode(
@@ -494,23 +557,28 @@ def attention_probabilities(
     softmax pass): query (B,Hq,Lq,D), key (B,Hkv,Lk,D), lse (B,Hq,Lq), attn_mask additive (B,Hq,Lq,Lk) or None
     -> (B,Hq,Lq,Lk), rows that see no key all 0. Before dropout. Differentiable in query, key and the mask."""
     group = query.shape[1] // key.shape[1]
-    # Scores in the lse's dtype: bf16 scores of magnitude ~8 round by ~0.03, which exp turns into 3% weight errors.
-    keys = key.repeat_interleave(group, dim=1).transpose(-1, -2).to(lse.dtype)
-    scores = scale * (query.to(lse.dtype) @ keys)
+    # Scores in float32 (float64 for float64): bf16 scores of magnitude ~8 round by ~0.03, which exp turns into 3%
+    # weight errors. The lse (float64 from the forward op) enters as lse_hi + lse_lo in that dtype:
+    # (s - lse_hi) is exact near the row's maximum, so exp((s - lse_hi) - lse_lo) keeps the lse's precision.
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    keys = key.repeat_interleave(group, dim=1).transpose(-1, -2).to(compute)
+    scores = scale * (query.to(compute) @ keys)
     if attn_mask is not None:
         scores = scores + attn_mask
     seen = visible(query.shape[2], key.shape[2], window_left, window_right, bottom_right, query.device)
     scores = scores.masked_fill(~seen, float("-inf"))
+    lse_hi = lse.to(compute).unsqueeze(-1)
+    lse_lo = torch.where(torch.isfinite(lse_hi), lse.unsqueeze(-1) - lse_hi.to(lse.dtype), 0.0).to(compute)
     with torch.no_grad():
-        exp = torch.exp(scores - lse.unsqueeze(-1))
+        exp = torch.exp((scores - lse_hi) - lse_lo)
         # Not live: where exp underflows, and rows without keys (lse -inf: -inf - -inf = nan there). A NaN score or
         # a NaN row (NaN lse) stays live: it passes on, as in the composed softmax.
-        live = (exp > 0) | (exp.isnan() & (lse.unsqueeze(-1) != float("-inf")))
+        live = (exp > 0) | (exp.isnan() & (lse_hi != float("-inf")))
     # p = exp(s - lse) with the kernel's lse has the right value but not logsumexp's dependence on s. Dividing by
     # its row sum (value 1 up to rounding) and multiplying by that sum's value gives p bit for bit, and softmax's
     # derivatives to every order (double backward included). exp of -inf where a key is not live, not exp(nan)
     # masked afterwards: a masked nan still sends nan gradients.
-    probs = torch.exp(torch.where(live, scores - lse.unsqueeze(-1), float("-inf")))
+    probs = torch.exp(torch.where(live, (scores - lse_hi) - lse_lo, float("-inf")))
     total = probs.sum(-1, keepdim=True)
     total = torch.where(total > 0, total, 1.0)
     return (probs * (total.detach() / total)).to(query.dtype)

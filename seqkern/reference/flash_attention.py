@@ -89,17 +89,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """flash_attention_decode's lse dtype (flash_attention_forward's is float64 for every input: csrc/ops.cpp)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _dense(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, window_left: int, window_right: int,
     bottom_right: bool, dropout_p: float, dropout_seed: Tensor | None, first_sequence: int,
+    lse_dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor]:
     """Attention over B equal-length sequences numbered first_sequence.. (for the dropout heads).
 
     q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), attn_mask broadcastable to (B,Hq,Lq,Lk)
-    -> out (B,Hq,Lq,Dv) in q's dtype, lse (B,Hq,Lq).
+    -> out (B,Hq,Lq,Dv) in q's dtype, lse (B,Hq,Lq) in lse_dtype (from float64 scores when it is float64).
     """
     heads, len_q = q.shape[1:3]
     len_k = k.shape[2]
@@ -117,10 +119,12 @@ def _dense(
     scores = scores.masked_fill(dead, 0.0)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.exp(scores - lse).masked_fill(dead, 0.0)
+    if lse_dtype == torch.float64:  # the op's lse: as precise as the rounded scores allow (csrc/ops.cpp)
+        lse = torch.logsumexp(scores.detach().double(), dim=-1, keepdim=True)
     if dropout_p > 0:
         probs = apply_dropout(probs, dropout_seed, dropout_p, first_sequence)
     out = (probs @ vc).to(q.dtype)
-    return out, lse.squeeze(-1).masked_fill(dead.squeeze(-1), float("-inf")).to(_lse_dtype(q.dtype))
+    return out, lse.squeeze(-1).masked_fill(dead.squeeze(-1), float("-inf")).to(lse_dtype)
 
 
 def flash_attention_forward(
@@ -134,7 +138,7 @@ def flash_attention_forward(
         return _dense(q, k, v, attn_mask, *flags, first_sequence=0)
     batch, heads = q.shape[:2]
     outs = [q.new_empty(batch, heads, 0, v.shape[-1])]
-    lses = [q.new_empty(batch, heads, 0, dtype=_lse_dtype(q.dtype))]
+    lses = [q.new_empty(batch, heads, 0, dtype=torch.float64)]
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for n in range(len(bounds_q) - 1):
         rows, keys = slice(bounds_q[n], bounds_q[n + 1]), slice(bounds_k[n], bounds_k[n + 1])
@@ -181,7 +185,7 @@ def flash_attention_decode(
         keys = slice(0, length)
         out, lse = _dense(
             q[b : b + 1], k_cache[b : b + 1, :, keys], v_cache[b : b + 1, :, keys], None, scale, window_left,
-            0 if is_causal else -1, True, 0.0, None, first_sequence=b,
+            0 if is_causal else -1, True, 0.0, None, first_sequence=b, lse_dtype=_lse_dtype(q.dtype),
         )
         outs.append(out)
         lses.append(lse)
