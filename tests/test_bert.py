@@ -6,7 +6,6 @@ import pytest
 import torch
 from helpers import assert_all_rule
 
-import seqkern
 from seqkern.models import BertEncoder
 
 CONFIG = dict(vocab_size=53, d_model=48, nhead=4, num_layers=2, dim_feedforward=96, max_len=32, dropout=0.0)

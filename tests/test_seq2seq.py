@@ -1,5 +1,6 @@
 """seqkern.models.Seq2Seq: the training step (logits, attention weights, every parameter's gradient) against the
-same model built from torch.nn layers and the composed PyTorch attention (the rule of DESIGN.md), teacher forcing
+same model built from torch.nn layers and the composed PyTorch attention (the rule of DESIGN.md; the float64 oracle
+is that model with the attention written from its definition in this file), teacher forcing
 against the step-by-step decoder, greedy decoding against beam search of width 1, eos handling, state_dict both
 ways, the attention heatmap, the example, bad input."""
 import copy
@@ -13,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_all_rule
 
-import seqkern
 from seqkern.models import Decoded, Seq2Seq, plot_attention
 
 PAD, BOS, EOS = 0, 1, 2
