@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -175,8 +177,10 @@ def torch_lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, r
     params, has_bias = _vf_params(w_ih, w_hh, b_ih, b_hh, w_hr), b_ih is not None
 
     def step(x, states):
-        _, h, c = torch._VF.lstm(x[None], (states[0][None], states[1][None]), params, has_bias, 1, 0.0, False,
-                                 False, False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
+            _, h, c = torch._VF.lstm(x[None], (states[0][None], states[1][None]), params, has_bias, 1, 0.0, False,
+                                     False, False)
         return h[0], c[0]
 
     return torch_recurrence(step, input, (h0, c0), batch_sizes, reverse)
