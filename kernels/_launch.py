@@ -75,4 +75,5 @@ def dot_operand_dtype(dtype: torch.dtype, device: torch.device):
     """
     if dtype == torch.bfloat16 and device.type != "cuda":
         return tl.float32
-    return {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16}[dtype]
+    return {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+            torch.float16: tl.float16}[dtype]

@@ -24,7 +24,7 @@ from seqkern._checks import DTypeError, ShapeError
 
 from ._launch import dot_operand_dtype
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # tl.dot needs every dimension >= 16: the batch block is padded (masked) up to it, so batch 1 works.
 MIN_DOT_SIZE = 16
@@ -335,5 +335,5 @@ def contiguous_or_none(tensor: Tensor | None) -> Tensor | None:
 
 
 def on_device(batch_sizes: Tensor | None, like: Tensor) -> Tensor | None:
-    """batch_sizes lives on the CPU (csrc/ops.cpp); the kernel reads it on the tensors' device."""
+    """batch_sizes lives on the CPU (seqkern/ops/_schemas.py); the kernel reads it on the tensors' device."""
     return batch_sizes.to(like.device).contiguous() if batch_sizes is not None else None

@@ -1,4 +1,4 @@
-"""Triton kernels for additive_attention_forward / additive_attention_backward (contracts in csrc/ops.cpp, oracle
+"""Triton kernels for additive_attention_forward / additive_attention_backward (contracts in seqkern/ops/_schemas.py, oracle
 in seqkern/reference/additive_attention.py).
 
 Additive (Bahdanau) attention, flash style: score(i, j) = v . tanh(query_proj_i + key_proj_j) is built a
@@ -24,7 +24,7 @@ Lq*Lk*H tanh evaluations, which dominate every kernel here.
 
 tanh: triton.language has no tanh of its own (only the backends' libdevice), so it is written with tl.exp and
 a short series near 0 (_SERIES_BELOW says why); 1 - tanh^2 is computed without cancellation (_tanh_and_slope).
-Supported dtypes: float32, float64, bfloat16 (math, lse and weights in float32; float64 for float64). The
+Supported dtypes: float32, float64, bfloat16, float16 (math, lse and weights in float32; float64 for float64). The
 launchers take CPU tensors too: kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from seqkern._checks import DTypeError, ShapeError
 from ._launch import dot_operand_dtype, launch
 from ._recurrent import accumulator_dtype, store
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # tl.dot needs every dimension >= 16: query and key blocks and the padded value dim are at least this.
 MIN_DOT_SIZE = 16
@@ -428,7 +428,7 @@ def _check_inputs(query_proj: Tensor, key_proj: Tensor, values: Tensor, v: Tenso
 def additive_attention_forward(query_proj: Tensor, key_proj: Tensor, values: Tensor, v: Tensor,
                                key_padding_mask: Tensor | None, return_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
     """query_proj (B,Lq,H), key_proj (B,Lk,H), values (B,Lk,Dv), v (H,), key_padding_mask (B,Lk) bool or None
-    -> out (B,Lq,Dv), lse (B,Lq), weights (B,Lq,Lk) or empty (csrc/ops.cpp)."""
+    -> out (B,Lq,Dv), lse (B,Lq), weights (B,Lq,Lk) or empty (seqkern/ops/_schemas.py)."""
     _check_inputs(query_proj, key_proj, values, v)
     batch, len_q, hidden = query_proj.shape
     len_k, value_dim = values.shape[1:]
@@ -458,7 +458,7 @@ def additive_attention_backward(grad_out: Tensor, grad_weights: Tensor | None, q
                                 weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of additive_attention_forward from grad_out (B,Lq,Dv), grad_weights (B,Lq,Lk) or None and the
     forward's out and weights -> grad_query_proj (B,Lq,H), grad_key_proj (B,Lk,H), grad_values (B,Lk,Dv),
-    grad_v (H,) (csrc/ops.cpp)."""
+    grad_v (H,) (seqkern/ops/_schemas.py)."""
     _check_inputs(query_proj, key_proj, values, v)
     batch, len_q, hidden = query_proj.shape
     len_k, value_dim = values.shape[1:]

@@ -1,4 +1,4 @@
-"""Triton kernels for flash_attention_forward / flash_attention_backward (contracts in csrc/ops.cpp, oracle in
+"""Triton kernels for flash_attention_forward / flash_attention_backward (contracts in seqkern/ops/_schemas.py, oracle in
 seqkern/reference/flash_attention.py).
 
 FlashAttention-2: the (Lq, Lk) scores never reach memory.
@@ -25,7 +25,7 @@ Shared conventions of the kernels:
   * dropout redraws the reference's counter-based hash (lowbias32 on uint32) per (head, i, j) in every kernel.
   * head dims D, Dv are padded to powers of two >= 16 (tl.dot's minimum) with masked loads.
 
-Supported dtypes: float32, float64, bfloat16 (math and lse in float32; float64 for float64). The launchers take
+Supported dtypes: float32, float64, bfloat16, float16 (math and lse in float32; float64 for float64). The launchers take
 CPU tensors too: kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from seqkern.reference import flash_attention as reference
 from ._launch import dot_operand_dtype, launch
 from ._recurrent import accumulator_dtype, store
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # tl.dot needs every dimension >= 16: blocks and padded head dims are at least this.
 MIN_DOT_SIZE = 16
@@ -430,7 +430,7 @@ def blocks(kernel: str, like: Tensor, head_dim: int, value_dim: int) -> dict:
     if like.device.type != "cuda":
         unit = "interpreter"
     else:
-        unit = "mma" if like.dtype == torch.bfloat16 else "fma"
+        unit = "mma" if like.dtype in (torch.bfloat16, torch.float16) else "fma"
     block_m, block_n, num_warps = _TILES[kernel][unit]
     # The software pipeline keeps num_stages K/V (Q/dO) tiles in shared memory: 3 stages of float32 tiles at
     # head dim 512 take 195 KB (ptxas, sm_80), more than an A100's 163 KB.
@@ -460,7 +460,8 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
     """The checks the forward and the backward share -> attn_mask expanded to (B,Hq,Lq,Lk) (zero strides
     where it broadcasts), or None."""
     if q.dtype not in SUPPORTED_DTYPES:
-        raise DTypeError(f"q: the Triton flash attention kernels support float32, float64, bfloat16; got {q.dtype}")
+        raise DTypeError(f"q: the Triton flash attention kernels support float32, float64, bfloat16, float16; "
+                         f"got {q.dtype}")
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _same(name, tensor, q)
         if tensor.dim() != 4:
@@ -543,7 +544,7 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
                             cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                             window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
                             dropout_seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) -> out (B,Hq,Lq,Dv), lse (B,Hq,Lq) (csrc/ops.cpp)."""
+    """q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) -> out (B,Hq,Lq,Dv), lse (B,Hq,Lq) (seqkern/ops/_schemas.py)."""
     mask = _check_attention(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed)
     q, k, v = _rows(q), _rows(k), _rows(v)
     batch, heads, rows_q, head_dim = q.shape
@@ -565,7 +566,7 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                              bottom_right: bool, dropout_p: float, dropout_seed: Tensor | None,
                              want_grad_scores: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of flash_attention_forward from grad_out (B,Hq,Lq,Dv) and its out, lse -> grad_q (B,Hq,Lq,D),
-    grad_k (B,Hkv,Lk,D), grad_v (B,Hkv,Lk,Dv), grad_scores (B,Hq,Lq,Lk) or empty (csrc/ops.cpp)."""
+    grad_k (B,Hkv,Lk,D), grad_v (B,Hkv,Lk,Dv), grad_scores (B,Hq,Lq,Lk) or empty (seqkern/ops/_schemas.py)."""
     mask = _check_attention(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed)
     batch, heads, rows_q, head_dim = q.shape
     for name, tensor in (("grad_out", grad_out), ("out", out)):

@@ -1,4 +1,4 @@
-"""Triton kernels for flash_attention_decode (contract in csrc/ops.cpp, oracle in
+"""Triton kernels for flash_attention_decode (contract in seqkern/ops/_schemas.py, oracle in
 seqkern.reference.flash_attention.flash_attention_decode).
 
 Flash decoding: a few queries (Lq = 1..16) against a long KV cache, which a decode step is bound to read.
@@ -9,11 +9,11 @@ Flash decoding: a few queries (Lq = 1..16) against a long KV cache, which a deco
      leaves a partial: out_s = acc / l and lse_s = m + log l (-inf for a split that sees nothing);
   2. merge kernel, a program per query row: lse = log sum_s e^lse_s and out = sum_s e^(lse_s - lse) out_s.
 
-Visibility (csrc/ops.cpp): query i of sequence b sits at p = cache_seqlens[b] - Lq + i; is_causal hides keys
+Visibility (seqkern/ops/_schemas.py): query i of sequence b sits at p = cache_seqlens[b] - Lq + i; is_causal hides keys
 j > p, window_left >= 0 hides keys j < p - window_left. A row that sees no key gets out 0 and lse -inf.
 Head dims are padded to powers of two >= 16 (tl.dot's minimum) with masked loads, and so is R.
 
-Supported dtypes: float32, float64, bfloat16 (math and lse in float32; float64 for float64). The launcher takes
+Supported dtypes: float32, float64, bfloat16, float16 (math and lse in float32; float64 for float64). The launcher takes
 CPU tensors too: kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from seqkern._checks import DTypeError, ShapeError
 from ._launch import dot_operand_dtype, launch
 from ._recurrent import accumulator_dtype, store
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # tl.dot needs every dimension >= 16: blocks and padded sizes are at least this.
 MIN_DOT_SIZE = 16
@@ -164,7 +164,7 @@ def _decode_merge_kernel(
 
 
 # ==================================================================================================
-# Launcher: the op signature of csrc/ops.cpp.
+# Launcher: the op signature of seqkern/ops/_schemas.py.
 # ==================================================================================================
 def _check_attention_tensor(name: str, tensor: Tensor, like: Tensor, layout: str) -> None:
     if tensor.dtype not in SUPPORTED_DTYPES:

@@ -1,4 +1,4 @@
-"""Triton kernels for the GRU ops (contracts in csrc/ops.cpp, oracle in seqkern/reference/gru.py).
+"""Triton kernels for the GRU ops (contracts in seqkern/ops/_schemas.py, oracle in seqkern/reference/gru.py).
 
 PyTorch's reset-after form, gate order r, z, n:
     r = sigmoid(x W_ir^T + b_ir + h W_hr^T + b_hr),  z = sigmoid(x W_iz^T + b_iz + h W_hz^T + b_hz)
@@ -18,7 +18,7 @@ The input and hidden sides of the n gate get different gradients (d n_pre vs d n
 writes a (T,B,4H) buffer laid out like the workspace, [d r_pre, d z_pre, d n_pre, d n_pre * r]: its first three
 H-wide blocks are the gradient of the input projection, blocks 0, 1 and 3 the gradient of the hidden one.
 
-Supported dtypes: float32, float64, bfloat16 (math in float32). The launchers take CPU tensors too:
+Supported dtypes: float32, float64, bfloat16, float16 (math in float32). The launchers take CPU tensors too:
 kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations
@@ -263,7 +263,7 @@ def _gru_sequence_backward_kernel(
 
 
 # ==================================================================================================
-# Launchers: the op signatures of csrc/ops.cpp. They check arguments, reshape, pick blocks and launch.
+# Launchers: the op signatures of seqkern/ops/_schemas.py. They check arguments, reshape, pick blocks and launch.
 # ==================================================================================================
 def gru_cell_forward(gates_x: Tensor, gates_h: Tensor, hx: Tensor, b_ih: Tensor | None,
                      b_hh: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Triton kernels for the LSTM ops (contracts in csrc/ops.cpp, oracle in seqkern/reference/lstm.py).
+"""Triton kernels for the LSTM ops (contracts in seqkern/ops/_schemas.py, oracle in seqkern/reference/lstm.py).
 
 Two kernel families share the pointwise cell math:
   * the cell step (`lstm_cell_forward` / `lstm_cell_backward`): the pointwise part on top of the two GEMMs
@@ -23,7 +23,7 @@ tl.dot is called with input_precision="ieee": on a GPU float32 tl.dot defaults t
 whose ~1e-3 relative error breaks DESIGN.md's rule "at most 2x torch's own error" (under the interpreter
 tl.dot is exact numpy arithmetic either way, so only a GPU run can show the difference).
 
-Supported dtypes: float32, float64, bfloat16 (math in float32); anything else gets a TypeError before any
+Supported dtypes: float32, float64, bfloat16, float16 (math in float32); anything else gets a TypeError before any
 launch. The launchers take CPU tensors too: kernels/_launch.py runs the kernels under the interpreter then.
 """
 from __future__ import annotations
@@ -297,7 +297,7 @@ def _lstm_sequence_backward_kernel(
 
 
 # ==================================================================================================
-# Launchers: the op signatures of csrc/ops.cpp. They check arguments, reshape, pick blocks and launch.
+# Launchers: the op signatures of seqkern/ops/_schemas.py. They check arguments, reshape, pick blocks and launch.
 # ==================================================================================================
 def _sequence_blocks(hidden: int, out_size: int) -> dict:
     """The shared sequence tiles (kernels/_recurrent.py) plus the width of the projected rows."""

@@ -1,4 +1,4 @@
-"""Triton kernels for the Elman RNN ops (contracts in csrc/ops.cpp, oracle in seqkern/reference/rnn.py).
+"""Triton kernels for the Elman RNN ops (contracts in seqkern/ops/_schemas.py, oracle in seqkern/reference/rnn.py).
 
     h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh),  act = relu if RELU else tanh (one tl.constexpr flag).
 
@@ -10,7 +10,7 @@ relu' = [y > 0]), so no workspace is saved:
     (input projection with both biases as one torch GEMM, then one launch over all T steps with
     h_{t-1} @ W_hh^T in-kernel; the weight gradients as torch GEMMs after the backward launch).
 
-Supported dtypes: float32, float64, bfloat16 (math in float32). The launchers take CPU tensors too:
+Supported dtypes: float32, float64, bfloat16, float16 (math in float32). The launchers take CPU tensors too:
 kernels/_launch.py runs the kernels under the Triton interpreter then.
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _rnn_sequence_backward_kernel(
 
 
 # ==================================================================================================
-# Launchers: the op signatures of csrc/ops.cpp. They check arguments, reshape, pick blocks and launch.
+# Launchers: the op signatures of seqkern/ops/_schemas.py. They check arguments, reshape, pick blocks and launch.
 # ==================================================================================================
 def rnn_cell_forward(gates_x: Tensor, gates_h: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                      relu: bool) -> Tensor:

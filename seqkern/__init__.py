@@ -4,7 +4,10 @@
     lstm = seqkern.nn.LSTM(256, 256, num_layers=2)      # same arguments and state_dict as torch.nn.LSTM
     with seqkern.backend("reference"): ...             # force an implementation ("cpu", "triton", ...)
 """
-from seqkern import _extension, ops  # noqa: F401  (loads the kernels, registers the ops)
+from seqkern import ops  # noqa: F401  (declares the ops, registers fakes, autograd and Triton kernels)
+from seqkern import _extension
+
+_extension.load()  # the C++ CPU kernels of this CPU's level, built on first use
 from seqkern import models, nn
 from seqkern.ops.additive_attention import additive_attention, additive_attention_projected
 from seqkern.ops.flash_attention import attention, attention_decode, attention_varlen

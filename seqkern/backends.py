@@ -5,7 +5,9 @@
 
 or the environment variable SEQKERN_BACKEND. "auto" (the default) picks the C++ kernel for CPU tensors
 and Triton for CUDA tensors, falling back to the reference for anything neither serves (another device,
-a dtype the kernel lacks, a missing extension). Forcing "triton" on CPU tensors runs the Triton kernels
+a dtype the kernel lacks, C++ kernels that did not build, no triton). The references of the sequence ops
+loop over time steps in Python and those of attention hold the (Lq, Lk) scores, so such a fallback warns,
+once per op and reason. Forcing "triton" on CPU tensors runs the Triton kernels
 under the Triton interpreter: that is how the test suite checks them on a machine without a GPU.
 Forcing a backend that cannot serve the call raises instead of falling back silently.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -70,7 +73,8 @@ def cpu_kernel_available() -> bool:
 
 
 def triton_available() -> bool:
-    return _triton.available() and _extension.AVAILABLE
+    """Triton is installed (the op schemas are declared in Python: the C++ kernels are not needed)."""
+    return _triton.available()
 
 
 @torch.compiler.assume_constant_result  # a fact of the loaded build: dynamo must not trace the C++ query
@@ -106,18 +110,43 @@ def resolve(
     if name == "reference":
         return "reference"
     if name == "auto":
-        native = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
-        available = {"cpu": cpu_kernel_available, "triton": triton_available}
-        if native is not None and available[native]() and dtype in supported[native]:
-            if kernel is None or kernel_registered(kernel, device.type.upper()):
-                return native
-        return "reference"
+        return _auto(op, device, dtype, supported, kernel)
     if name == "cpu" and device.type != "cpu":
         raise ValueError(f"seqkern.backend('cpu') cannot run {op} on a {device.type} tensor")
     if name == "cpu" and not cpu_kernel_available():
-        raise RuntimeError(f"seqkern.backend('cpu'): the C++ extension is not built ({_extension.IMPORT_ERROR})")
+        raise RuntimeError(f"seqkern.backend('cpu'): the C++ kernels are not loaded ({_extension.IMPORT_ERROR})")
     if name == "triton" and not triton_available():
-        raise RuntimeError("seqkern.backend('triton'): triton (and the op schemas of seqkern._C) are required")
+        raise RuntimeError("seqkern.backend('triton'): triton is not installed (pip install triton)")
     if dtype not in supported[name]:
         raise TypeError(f"seqkern.backend({name!r}): {op} supports {supported[name]}, got {dtype}")
     return name
+
+
+def _auto(op: str, device: torch.device, dtype: torch.dtype, supported: dict[str, tuple[torch.dtype, ...]],
+          kernel: str | None) -> str:
+    """"auto": the device's kernel ("cpu" for CPU tensors, "triton" for CUDA ones) if it can serve the call,
+    else the reference, with a warning naming the op and the reason."""
+    native = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+    if native is None:
+        return "reference" if device.type == "meta" else _fallback(op, f"no kernel runs on {device.type} tensors")
+    if native == "cpu" and not cpu_kernel_available():
+        return _fallback(op, f"the C++ kernels are not loaded ({_extension.IMPORT_ERROR})")
+    if native == "triton" and not triton_available():
+        return _fallback(op, "triton is not installed")
+    if dtype not in supported[native]:
+        return _fallback(op, f"its {native} kernel does not serve {dtype} (it serves {supported[native]})")
+    if kernel is not None and not kernel_registered(kernel, device.type.upper()):
+        return _fallback(op, f"the loaded C++ library has no {kernel} kernel (built from older sources?)")
+    return native
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _fallback(op: str, reason: str) -> str:
+    """Warns once per (op, reason) that `op` runs its reference, then answers "reference". Silent while
+    torch.compile traces (the eager call warned already, and a warning would break the graph)."""
+    if not torch.compiler.is_compiling() and (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(f"seqkern: {op} runs its pure-PyTorch reference: {reason}", RuntimeWarning, stacklevel=4)
+    return "reference"

@@ -2,6 +2,7 @@
 op runs for CPU and CUDA tensors (under the backend in force: SEQKERN_BACKEND or "auto")."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -42,6 +43,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def capability_line() -> str:
+    """`cpu capability: <level in use>`, then why that level and where its library is."""
+    best = _extension.cpu_capability()
+    forced = os.environ.get(_extension.CAPABILITY_VAR)
+    why = f"forced by ${_extension.CAPABILITY_VAR}; this CPU runs {best}" if forced else "this CPU's level"
+    if _extension.AVAILABLE:
+        return f"cpu capability: {_extension.CAPABILITY}   ({why}; {_extension.LIBRARY})"
+    return f"cpu capability: none   (C++ kernels not loaded; this CPU runs {best})"
+
+
 def _choice(op: str, device: str, dtypes, kernel: str) -> str:
     try:
         return backends.resolve(op, torch.device(device), torch.float32, dtypes, kernel=kernel)
@@ -55,6 +66,7 @@ def report() -> str:
         f"seqkern {seqkern.__version__}   torch {torch.__version__}   triton {_triton_version()}   "
         f"python {platform.python_version()}",
         f"threads: {torch.get_num_threads()}   CPU: {cpu_model()}",
+        capability_line(),
         "backends:",
         "  reference  available (pure PyTorch)",
         f"  cpu        {'available' if _extension.AVAILABLE else 'missing: ' + str(_extension.IMPORT_ERROR)}",

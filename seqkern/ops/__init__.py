@@ -1,7 +1,7 @@
 """Op registration (fake implementations, autograd, Triton kernels) and the functional API.
 
-Every fake implementation is registered through seqkern.ops._registry, the module csrc/ops.cpp names
-(`set_python_module`) for torch to import when it needs them.
+The schemas are declared in seqkern/ops/_schemas.py; every op's fake implementation, autograd formula and Triton
+kernel is registered through seqkern.ops._registry.
 """
 from seqkern.ops import additive_attention, flash_attention, gru, lstm, rnn
 from seqkern.ops.additive_attention import additive_attention_projected

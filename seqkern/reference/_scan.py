@@ -1,5 +1,5 @@
 """The time loop every recurrent reference shares: steps over a sequence, in either direction, with the
-PackedSequence convention of csrc/ops.cpp (rows b >= batch_sizes[t] are inactive at step t: their state
+PackedSequence convention of seqkern/ops/_schemas.py (rows b >= batch_sizes[t] are inactive at step t: their state
 is carried over and what the step records for them is zero)."""
 from __future__ import annotations
 

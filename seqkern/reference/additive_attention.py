@@ -1,7 +1,7 @@
 """Additive (Bahdanau) attention in plain PyTorch: the oracle of the additive attention kernels.
 
 It is the composed version a user writes, and builds the (B, Lq, Lk, H) tanh tensor the kernels never do.
-Signatures and results are those of torch.ops.seqkern.additive_attention_forward / _backward (csrc/ops.cpp
+Signatures and results are those of torch.ops.seqkern.additive_attention_forward / _backward (seqkern/ops/_schemas.py
 has the contracts):
 
     score(i, j) = v . tanh(query_proj_i + key_proj_j)       over the keys that are not padding

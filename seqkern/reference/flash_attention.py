@@ -1,7 +1,7 @@
 """Scaled-dot-product attention in plain PyTorch: the oracle of the flash attention kernels.
 
 It materializes the (Lq, Lk) scores, which the kernels never do. Signatures and results are those of
-torch.ops.seqkern.flash_attention_forward / _backward / _decode (csrc/ops.cpp has the contracts):
+torch.ops.seqkern.flash_attention_forward / _backward / _decode (seqkern/ops/_schemas.py has the contracts):
 
     score(i, j) = scale * q_i . k_j + attn_mask[i, j]      over the keys visible to query i
     p(i, j) = exp(score(i, j) - lse_i),   lse_i = log sum_j exp(score(i, j))
@@ -72,7 +72,7 @@ def apply_dropout(probs: Tensor, seed: Tensor, dropout_p: float, first_sequence:
 def visible(
     len_q: int, len_k: int, window_left: int, window_right: int, bottom_right: bool, device=None
 ) -> Tensor:
-    """(len_q, len_k) bool: which keys each query sees (csrc/ops.cpp: the visibility rule)."""
+    """(len_q, len_k) bool: which keys each query sees (seqkern/ops/_schemas.py: the visibility rule)."""
     i = torch.arange(len_q, device=device)[:, None]
     j = torch.arange(len_k, device=device)[None, :]
     diagonal = i + (len_k - len_q if bottom_right else 0)

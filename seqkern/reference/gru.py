@@ -1,4 +1,4 @@
-"""The GRU in plain PyTorch, in PyTorch's reset-after form (see csrc/ops.cpp for the op contracts).
+"""The GRU in plain PyTorch, in PyTorch's reset-after form (see seqkern/ops/_schemas.py for the op contracts).
 
 Gate order r, z, n, as torch.nn.GRU:
     r = sigmoid(x W_ir^T + b_ir + h W_hr^T + b_hr),  z = sigmoid(x W_iz^T + b_iz + h W_hz^T + b_hz)

@@ -1,4 +1,4 @@
-"""The LSTM in plain PyTorch, written for clarity (see csrc/ops.cpp for the op contracts).
+"""The LSTM in plain PyTorch, written for clarity (see seqkern/ops/_schemas.py for the op contracts).
 
 Gate order i, f, g, o, as torch.nn.LSTM:
     i, f, o = sigmoid(.), g = tanh(.) of  x W_ih^T + b_ih + h W_hh^T + b_hh

@@ -1,4 +1,4 @@
-"""The Elman RNN in plain PyTorch (see csrc/ops.cpp for the op contracts):
+"""The Elman RNN in plain PyTorch (see seqkern/ops/_schemas.py for the op contracts):
     h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)   (or relu, nonlinearity="relu")
 """
 from __future__ import annotations
