@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -71,16 +73,16 @@ def run_recurrent(module, dtype, x64, hx64, cotangents, lengths=None) -> dict[st
 
 def compare_recurrent(torch_cls, ours_cls, dtype, options, seq_len, batch, *, with_hx=True, lengths=None,
                       backend="cpu") -> None:
-    """seqkern's module under `backend` vs torch.nn's in `dtype` vs the reference in float64: the rule."""
+    """seqkern's module under `backend` vs torch.nn's in `dtype` vs torch.nn's in float64 (the oracle): the rule."""
     import copy
 
     import seqkern
 
     torch.manual_seed(0)
-    theirs = torch_cls(**options).double()
+    oracle = torch_cls(**options).double()
     ours = ours_cls(**options).double()
-    ours.load_state_dict(theirs.state_dict())
-    ref = copy.deepcopy(ours)
+    ours.load_state_dict(oracle.state_dict())
+    theirs = copy.deepcopy(oracle)
     ours, theirs = ours.to(dtype), theirs.to(dtype)
     torch.manual_seed(1)
     batch_first = options.get("batch_first", False)
@@ -90,13 +92,12 @@ def compare_recurrent(torch_cls, ours_cls, dtype, options, seq_len, batch, *, wi
     hx64 = None
     if with_hx:
         hx64 = tuple(torch.randn(stacked, batch, size, dtype=torch.float64) for size in state_sizes(torch_cls, options))
-    with torch.no_grad(), seqkern.backend("reference"):
-        probe = run_recurrent_outputs(ref, x64, lengths)
+    with torch.no_grad():
+        probe = run_recurrent_outputs(oracle, x64, lengths)
     cotangents = [torch.randn_like(p) for p in probe]
     with seqkern.backend(backend):
         got = run_recurrent(ours, dtype, x64, hx64, cotangents, lengths)
-    with seqkern.backend("reference"):
-        expected = run_recurrent(ref, torch.float64, x64, hx64, cotangents, lengths)
+    expected = run_recurrent(oracle, torch.float64, x64, hx64, cotangents, lengths)
     baseline = run_recurrent(theirs, dtype, x64, hx64, cotangents, lengths)
     assert_all_rule(got, baseline, expected)
 
@@ -131,19 +132,96 @@ def outputs_and_grads(run, args, cotangents, names) -> dict[str, Tensor]:
     return results
 
 
-def check_op(run, reference_fn, args64, names, dtype, backend) -> None:
-    """`run` under `backend` obeys the rule, with the reference in `dtype` standing for torch's same-dtype math."""
+def check_op(run, oracle, args64, names, dtype, backend) -> None:
+    """`run` under `backend` obeys the rule: `oracle` (torch's own module stepped in the test, or a formula composed
+    in the test; never seqkern's reference) in float64 is ref_fp64 and in `dtype` stands for torch_same_dtype."""
     import seqkern
 
-    outputs = reference_fn(*cast_args(args64, torch.float64))
+    outputs = oracle(*cast_args(args64, torch.float64))
     gen = torch.Generator().manual_seed(7)
     cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outputs]
-    with seqkern.backend("reference"):
-        expected = outputs_and_grads(reference_fn, cast_args(args64, torch.float64), cotangents, names)
-        baseline = outputs_and_grads(reference_fn, cast_args(args64, dtype), cotangents, names)
+    expected = outputs_and_grads(oracle, cast_args(args64, torch.float64), cotangents, names)
+    baseline = outputs_and_grads(oracle, cast_args(args64, dtype), cotangents, names)
     with seqkern.backend(backend):
         got = outputs_and_grads(run, cast_args(args64, dtype), cotangents, names)
     assert_all_rule(got, baseline, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracles of the recurrent ops, independent of seqkern: torch.nn's own kernels (torch._VF.lstm/gru/rnn_*, what
+# torch.nn.LSTM/GRU/RNN call) stepped one time step at a time, which gives the ops' PackedSequence and reverse
+# semantics that no single torch call has; the cell ops (pre-computed gate inputs) as formulas composed here.
+# ------------------------------------------------------------------------------------------------
+def torch_recurrence(step, input: Tensor, states: tuple[Tensor, ...], batch_sizes: Tensor | None,
+                     reverse: bool) -> tuple[Tensor, ...]:
+    """input (T,B,I), states [(B,S_i)] -> output (T,B,S_0) and the final states. At step t only the first
+    batch_sizes[t] rows advance (the others keep their state, their output is 0); reverse walks t = T-1 .. 0.
+    step(x (n,I), states [(n,S_i)]) -> new states, the first of which is the step's output."""
+    seq_len, batch = input.shape[:2]
+    outputs = [input.new_zeros(batch, states[0].shape[1])] * seq_len
+    for t in (range(seq_len - 1, -1, -1) if reverse else range(seq_len)):
+        n = batch if batch_sizes is None else int(batch_sizes[t])
+        new = step(input[t, :n], tuple(s[:n] for s in states))
+        states = tuple(torch.cat([a, s[n:]]) for a, s in zip(new, states))
+        outputs[t] = torch.cat([new[0], new[0].new_zeros(batch - n, new[0].shape[1])])
+    return (torch.stack(outputs) if seq_len else input.new_zeros(0, batch, states[0].shape[1]), *states)
+
+
+def _vf_params(*tensors):
+    """torch.nn's flat weight list of one layer and direction: w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
+    return [t for t in tensors if t is not None]
+
+
+def torch_lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    """lstm_forward's (output, h_n, c_n) from torch.nn.LSTM's kernel (with its projection when w_hr is given)."""
+    params, has_bias = _vf_params(w_ih, w_hh, b_ih, b_hh, w_hr), b_ih is not None
+
+    def step(x, states):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
+            _, h, c = torch._VF.lstm(x[None], (states[0][None], states[1][None]), params, has_bias, 1, 0.0, False,
+                                     False, False)
+        return h[0], c[0]
+
+    return torch_recurrence(step, input, (h0, c0), batch_sizes, reverse)
+
+
+def torch_single_state_layer(kernel, input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
+    """gru_forward's / rnn_forward's (output, h_n) from torch.nn.GRU's / RNN's `kernel` (torch._VF.gru,
+    torch._VF.rnn_tanh, torch._VF.rnn_relu)."""
+    params, has_bias = _vf_params(w_ih, w_hh, b_ih, b_hh), b_ih is not None
+
+    def step(x, states):
+        return (kernel(x[None], states[0][None], params, has_bias, 1, 0.0, False, False, False)[1][0],)
+
+    return torch_recurrence(step, input, (h0,), batch_sizes, reverse)
+
+
+def _biased(gates: Tensor, bias: Tensor | None) -> Tensor:
+    return gates if bias is None else gates + bias
+
+
+def composed_lstm_cell(gates_x, gates_h, cx, b_ih, b_hh):
+    """(hy, cy) of lstm_cell_forward from the definition (torch.nn.LSTMCell's gate order i, f, g, o)."""
+    i, f, g, o = (_biased(gates_x, b_ih) + _biased(gates_h, b_hh)).chunk(4, dim=-1)
+    cy = f.sigmoid() * cx + i.sigmoid() * g.tanh()
+    return o.sigmoid() * cy.tanh(), cy
+
+
+def composed_gru_cell(gates_x, gates_h, hx, b_ih, b_hh):
+    """(hy,) of gru_cell_forward from torch.nn.GRUCell's definition: r, z = sigmoid(x_r,z + h_r,z),
+    n = tanh(x_n + r * h_n) (biases inside), hy = (1 - z) n + z h."""
+    x_r, x_z, x_n = _biased(gates_x, b_ih).chunk(3, dim=-1)
+    h_r, h_z, h_n = _biased(gates_h, b_hh).chunk(3, dim=-1)
+    r, z = (x_r + h_r).sigmoid(), (x_z + h_z).sigmoid()
+    n = (x_n + r * h_n).tanh()
+    return ((hx - n) * z + n,)
+
+
+def composed_rnn_cell(gates_x, gates_h, b_ih, b_hh, relu):
+    """(hy,) of rnn_cell_forward: tanh or relu of x + h + biases."""
+    preact = _biased(gates_x, b_ih) + _biased(gates_h, b_hh)
+    return (preact.relu() if relu else preact.tanh(),)
 
 
 def batch_sizes_for(lengths, seq_len: int) -> Tensor:

@@ -1,15 +1,15 @@
-"""The GRU ops: every implementation (C++, Triton under the interpreter) against the float64 reference
-under the correctness rule, gradcheck, opcheck and torch.compile."""
+"""The GRU ops: every implementation (C++, Triton under the interpreter) under the correctness rule against
+torch.nn.GRU's own kernel stepped in the test (the cell op: the formula composed in the test), gradcheck, opcheck
+and torch.compile."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import seqkern
-from seqkern import reference
 from helpers import (
     CELL_CASES, SINGLE_STATE_LAYER_CASES, SINGLE_STATE_TRITON_CASES, case_id, cell_args, check_compiled_module,
-    check_op, gradcheck_op, layer_args,
+    check_op, composed_gru_cell, gradcheck_op, layer_args, torch_single_state_layer,
 )
 
 OPS = torch.ops.seqkern
@@ -31,15 +31,14 @@ def _op_forward(*args):
 
 
 def _ref_forward(*args):
-    return reference.gru_forward(*args, False)[:2]
+    return torch_single_state_layer(torch._VF.gru, *args)
 
 
 def _op_cell(*args):
     return OPS.gru_cell_forward(*args)[:1]
 
 
-def _ref_cell(*args):
-    return reference.gru_cell_forward(*args)[:1]
+_ref_cell = composed_gru_cell
 
 
 CASES = SINGLE_STATE_LAYER_CASES
@@ -48,27 +47,27 @@ TRITON_CASES = SINGLE_STATE_TRITON_CASES
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_cpu_kernel_against_reference(case, dtype):
+def test_cpu_kernel_against_torch(case, dtype):
     check_op(_op_forward, _ref_forward, _layer_args(**case), TENSOR_NAMES, dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CELL_CASES, ids=case_id)
-def test_cpu_cell_kernel_against_reference(case, dtype):
+def test_cpu_cell_kernel_against_formula(case, dtype):
     check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "cpu")
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
-def test_triton_sequence_kernel_against_reference(case, dtype):
+def test_triton_sequence_kernel_against_torch(case, dtype):
     check_op(_op_forward, _ref_forward, _layer_args(**case), TENSOR_NAMES, dtype, "triton")
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CELL_CASES[:2], ids=case_id)
-def test_triton_cell_kernel_against_reference(case, dtype):
+def test_triton_cell_kernel_against_formula(case, dtype):
     check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "triton")
 
 

@@ -1,13 +1,16 @@
-"""The LSTM ops themselves: every implementation (C++, Triton under the interpreter) against the float64
-reference under the correctness rule, gradcheck, opcheck, torch.compile, and the backend switch."""
+"""The LSTM ops themselves: every implementation (C++, Triton under the interpreter) under the correctness rule
+against torch.nn.LSTM's own kernel stepped in the test (the cell op: the formula composed in the test), gradcheck,
+opcheck, torch.compile, and the backend switch."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import seqkern
-from seqkern import reference
-from helpers import CELL_CASES, case_id, cell_args, check_compiled_module, check_op, gradcheck_op, layer_args
+from helpers import (
+    CELL_CASES, case_id, cell_args, check_compiled_module, check_op, composed_lstm_cell, gradcheck_op, layer_args,
+    torch_lstm_layer,
+)
 
 OPS = torch.ops.seqkern
 
@@ -24,8 +27,7 @@ def _op_forward(*args):
     return OPS.lstm_forward(*args, True)[:3]
 
 
-def _ref_forward(*args):
-    return reference.lstm_forward(*args, False)[:3]
+_ref_forward = torch_lstm_layer
 
 
 CELL_NAMES = ("gates_x", "gates_h", "cx", "b_ih", "b_hh")
@@ -39,8 +41,7 @@ def _op_cell(*args):
     return OPS.lstm_cell_forward(*args)[:2]
 
 
-def _ref_cell(*args):
-    return reference.lstm_cell_forward(*args)[:2]
+_ref_cell = composed_lstm_cell
 
 
 CASES = [
@@ -53,19 +54,19 @@ CASES = [
 ]
 
 
-def _check_against_reference(run, case, dtype, backend):
+def _check_against_torch(run, case, dtype, backend):
     check_op(run, _ref_forward, _layer_args(**case), TENSOR_NAMES, dtype, backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_cpu_kernel_against_reference(case, dtype):
-    _check_against_reference(_op_forward, case, dtype, "cpu")
+def test_cpu_kernel_against_torch(case, dtype):
+    _check_against_torch(_op_forward, case, dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CELL_CASES, ids=case_id)
-def test_cpu_cell_kernel_against_reference(case, dtype):
+def test_cpu_cell_kernel_against_formula(case, dtype):
     check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "cpu")
 
 
@@ -74,7 +75,7 @@ def test_inference_returns_no_workspace():
     with seqkern.backend("cpu"):
         output, h_n, c_n, gates, cells = OPS.lstm_forward(*args, False)
     assert gates.numel() == 0 and cells.numel() == 0
-    expected = reference.lstm_forward(*args, False)
+    expected = torch_lstm_layer(*args)
     for got, want in zip((output, h_n, c_n), expected):
         torch.testing.assert_close(got, want)
 
@@ -134,14 +135,14 @@ TRITON_CASES = [
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
-def test_triton_sequence_kernel_against_reference(case, dtype):
-    _check_against_reference(_op_forward, case, dtype, "triton")
+def test_triton_sequence_kernel_against_torch(case, dtype):
+    _check_against_torch(_op_forward, case, dtype, "triton")
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CELL_CASES[:2] + [dict(batch=5, hidden=33)], ids=case_id)
-def test_triton_cell_kernel_against_reference(case, dtype):
+def test_triton_cell_kernel_against_formula(case, dtype):
     check_op(_op_cell, _ref_cell, _cell_args(**case), CELL_NAMES, dtype, "triton")
 
 

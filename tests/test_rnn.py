@@ -1,15 +1,15 @@
-"""The Elman RNN ops (tanh and relu): every implementation (C++, Triton under the interpreter) against the
-float64 reference under the correctness rule, gradcheck, opcheck and torch.compile."""
+"""The Elman RNN ops (tanh and relu): every implementation (C++, Triton under the interpreter) under the
+correctness rule against torch.nn.RNN's own kernels stepped in the test (the cell op: the formula composed in the
+test), gradcheck, opcheck and torch.compile."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import seqkern
-from seqkern import reference
 from helpers import (
     CELL_CASES, SINGLE_STATE_LAYER_CASES, SINGLE_STATE_TRITON_CASES, case_id, cell_args, check_compiled_module,
-    check_op, gradcheck_op, layer_args,
+    check_op, composed_rnn_cell, gradcheck_op, layer_args, torch_single_state_layer,
 )
 
 OPS = torch.ops.seqkern
@@ -35,8 +35,13 @@ def _op_cell(*args):
     return (OPS.rnn_cell_forward(*args),)
 
 
-def _ref_cell(*args):
-    return (reference.rnn_cell_forward(*args),)
+_ref_cell = composed_rnn_cell
+
+
+def _ref_forward(*args):
+    """rnn_forward's arguments (..., batch_sizes, reverse, relu) -> torch.nn.RNN's kernel stepped."""
+    *layer, relu = args
+    return torch_single_state_layer(torch._VF.rnn_relu if relu else torch._VF.rnn_tanh, *layer)
 
 
 CASES = SINGLE_STATE_LAYER_CASES
@@ -47,15 +52,15 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_cpu_kernel_against_reference(case, dtype, nonlinearity):
+def test_cpu_kernel_against_torch(case, dtype, nonlinearity):
     args = _layer_args(**case, relu=NONLINEARITIES[nonlinearity])
-    check_op(_op_forward, reference.rnn_forward, args, TENSOR_NAMES, dtype, "cpu")
+    check_op(_op_forward, _ref_forward, args, TENSOR_NAMES, dtype, "cpu")
 
 
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CELL_CASES, ids=case_id)
-def test_cpu_cell_kernel_against_reference(case, dtype, nonlinearity):
+def test_cpu_cell_kernel_against_formula(case, dtype, nonlinearity):
     args = _cell_args(**case, relu=NONLINEARITIES[nonlinearity])
     check_op(_op_cell, _ref_cell, args, CELL_NAMES, dtype, "cpu")
 
@@ -64,16 +69,16 @@ def test_cpu_cell_kernel_against_reference(case, dtype, nonlinearity):
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
-def test_triton_sequence_kernel_against_reference(case, dtype, nonlinearity):
+def test_triton_sequence_kernel_against_torch(case, dtype, nonlinearity):
     args = _layer_args(**case, relu=NONLINEARITIES[nonlinearity])
-    check_op(_op_forward, reference.rnn_forward, args, TENSOR_NAMES, dtype, "triton")
+    check_op(_op_forward, _ref_forward, args, TENSOR_NAMES, dtype, "triton")
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CELL_CASES[:2], ids=case_id)
-def test_triton_cell_kernel_against_reference(case, dtype, nonlinearity):
+def test_triton_cell_kernel_against_formula(case, dtype, nonlinearity):
     args = _cell_args(**case, relu=NONLINEARITIES[nonlinearity])
     check_op(_op_cell, _ref_cell, args, CELL_NAMES, dtype, "triton")
 

@@ -1,8 +1,10 @@
 """seqkern.models.Seq2Seq: the training step (logits, attention weights, every parameter's gradient) against the
-same model built from torch.nn layers and the composed PyTorch attention (the rule of DESIGN.md), teacher forcing
+same model built from torch.nn layers and the composed PyTorch attention (the rule of DESIGN.md; the float64 oracle
+is that model with the attention written from its definition in this file), teacher forcing
 against the step-by-step decoder, greedy decoding against beam search of width 1, eos handling, state_dict both
 ways, the attention heatmap, the example, bad input."""
 import copy
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_all_rule
 
-import seqkern
 from seqkern.models import Decoded, Seq2Seq, plot_attention
 
 PAD, BOS, EOS = 0, 1, 2
@@ -25,12 +26,34 @@ def build(dtype=torch.float32, **options) -> Seq2Seq:
     return Seq2Seq(SRC_VOCAB, TGT_VOCAB, **{**CONFIG, **options}).to(dtype)
 
 
+def composed_attention(module, query, keys, values, key_padding_mask, need_weights, projected_keys=None):
+    """The attention of Bahdanau (score v . tanh(W_q q + W_k k)) and of Luong (dot: q . k, general: W_q q . k,
+    concat: v . tanh(W [q; k])) written from the definitions: the oracle's attention, independent of seqkern's
+    composed_forward and reference. query (B,Lq,Dq), keys (B,S,Dk), key_padding_mask (B,S) True = padding."""
+    values = keys if values is None else values
+    score = getattr(module, "score", "additive")
+    key_side = module.project_keys(keys) if projected_keys is None else projected_keys  # W_k k: a Linear
+    if score in ("additive", "concat"):
+        w_q = module.query_proj.weight if score == "additive" else module.concat_proj.weight[:, :module.query_size]
+        scores = torch.tanh((query @ w_q.t()).unsqueeze(-2) + key_side.unsqueeze(-3)) @ module.v
+    else:
+        query_side = query @ module.query_proj.weight.t() if score == "general" else query
+        scores = query_side @ key_side.transpose(-1, -2)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask.unsqueeze(-2), float("-inf"))
+    weights = scores.softmax(-1)  # every source has at least one token: no fully masked row
+    return weights @ values, weights if need_weights else None
+
+
 def twins(**options) -> tuple[Seq2Seq, Seq2Seq, Seq2Seq]:
-    """seqkern's model (float32), the torch.nn-built one with the same weights (float32), the float64 reference."""
+    """seqkern's model (float32), the torch.nn-built one with the same weights (float32), and that one in float64
+    with the attention written in this test: the oracle (torch.nn.LSTM/GRU, no seqkern op in it)."""
     ours = build(**options)
     theirs = build(**options, layers="torch")
     theirs.load_state_dict(ours.state_dict())
-    return ours, theirs, copy.deepcopy(ours).double()
+    oracle = copy.deepcopy(theirs).double()
+    oracle.attention.composed_forward = functools.partial(composed_attention, oracle.attention)
+    return ours, theirs, oracle
 
 
 def batch(rows: int = 4, src_len: int = 7, tgt_len: int = 5, seed: int = 1):
@@ -78,13 +101,12 @@ def test_two_layers_with_dropout_in_eval():
 
 
 def assert_step_follows_the_rule(models, data) -> None:
-    """Our, torch's and the float64 reference model's training steps on one batch, under the rule."""
+    """Our, torch's and the float64 torch model's training steps on one batch, under the rule."""
     ours, theirs, ref = models
     src, lengths, tgt_in, tgt_out = data
     cotangent = torch.randn(*tgt_in.shape, TGT_VOCAB, generator=torch.Generator().manual_seed(3),
                             dtype=torch.float64)
-    with seqkern.backend("reference"):
-        expected = training_step(ref, src, lengths, tgt_in, tgt_out, cotangent)
+    expected = training_step(ref, src, lengths, tgt_in, tgt_out, cotangent)
     assert_all_rule(training_step(ours, src, lengths, tgt_in, tgt_out, cotangent),
                     training_step(theirs, src, lengths, tgt_in, tgt_out, cotangent), expected)
 

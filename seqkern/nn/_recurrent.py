@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from seqkern._checks import ShapeError, check_floating, check_matches, check_ndim, check_shape, check_tensor
+from seqkern._checks import (
+    DTypeError, ShapeError, check_floating, check_matches, check_ndim, check_shape, check_tensor,
+)
 
 State = tuple[Tensor, ...]
 DirectionFn = Callable[[Tensor, State, Sequence[Tensor], "Tensor | None", bool], tuple[Tensor, State]]
@@ -60,6 +62,11 @@ def to_time_major(module: torch.nn.Module, input: Tensor | PackedSequence) -> tu
     return input, layout
 
 
+class InputDTypeError(DTypeError, ValueError):
+    """The input's dtype is not the parameters': torch.nn.LSTM/GRU/RNN raise ValueError for it, so the error is a
+    ValueError as well as seqkern's DTypeError (TypeError, RuntimeError)."""
+
+
 def _check_input_tensor(module: torch.nn.Module, input: Tensor, weight: Tensor, allowed_ndim) -> None:
     check_floating("input", input)
     check_ndim("input", input, allowed_ndim)
@@ -67,6 +74,8 @@ def _check_input_tensor(module: torch.nn.Module, input: Tensor, weight: Tensor, 
         raise ShapeError(
             f"input: expected the last dimension to be input_size={module.input_size}, got shape {tuple(input.shape)}"
         )
+    if input.device == weight.device and input.dtype != weight.dtype:
+        raise InputDTypeError(f"input: expected dtype {weight.dtype} (as the module's parameters), got {input.dtype}")
     check_matches("input", input, weight.dtype, weight.device, "the module's parameters")
 
 
