@@ -2,7 +2,8 @@
 
 A benchmark module describes its layer as a `RecurrentLayer` and lists its `Shape`s; this module builds the
 cases: seqkern.nn.<Layer> against torch.nn.<Layer>, the eager reference, and torch.compile of the reference
-cell, on one layer with input_size = hidden_size, float32.
+cell, on one layer with input_size = hidden_size, float32 and bfloat16 (every contender in the case's dtype). The
+correctness gate compares seqkern and torch.nn against torch.nn in float64 on the same (rounded) weights and inputs.
 
 Every contender gets the same weights (torch.nn's, loaded into seqkern's identical state_dict) and the same
 inputs. Inference runs under torch.no_grad(); training is the forward plus the backward of
@@ -63,10 +64,12 @@ class Shape:
     steps: int
     hidden: int
     training: bool
+    dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:
-        return f"{'train' if self.training else 'infer'} b{self.batch} t{self.steps} h{self.hidden}"
+        dtype = "" if self.dtype == torch.float32 else " " + str(self.dtype).removeprefix("torch.")
+        return f"{'train' if self.training else 'infer'} b{self.batch} t{self.steps} h{self.hidden}{dtype}"
 
 
 # The shapes every recurrent layer is timed on, split so that a layer can add its own between them and keep
@@ -78,6 +81,11 @@ INFERENCE_SHAPES = (
 TRAINING_SHAPES = (
     Shape(batch=32, steps=100, hidden=256, training=True),
     Shape(batch=1, steps=512, hidden=256, training=True),
+)
+# bfloat16 against torch.nn in bfloat16 (oneDNN with AMX for the LSTM on the Intel machines).
+BF16_SHAPES = (
+    Shape(batch=32, steps=100, hidden=256, training=False, dtype=torch.bfloat16),
+    Shape(batch=32, steps=100, hidden=256, training=True, dtype=torch.bfloat16),
 )
 # Small enough that the whole smoke run of one op is dominated by its two torch.compile compilations (~15 s).
 QUICK_SHAPES = (
@@ -95,22 +103,30 @@ def flops(layer: RecurrentLayer, shape: Shape) -> float:
 # --------------------------------------------------------------------------------------------------
 # Modules and inputs: rebuilt from the same seed by every contender, so all see identical numbers.
 # --------------------------------------------------------------------------------------------------
-def _torch_module(layer: RecurrentLayer, shape: Shape) -> torch.nn.RNNBase:
+def _torch_module(layer: RecurrentLayer, shape: Shape, compute_dtype: torch.dtype | None = None) -> torch.nn.RNNBase:
+    """torch.nn's layer with the seed's weights rounded to the shape's dtype, held in `compute_dtype` (default:
+    that dtype; float64 for the gate's oracle)."""
     torch.manual_seed(SEED)
-    return layer.torch_class(shape.hidden, shape.hidden, **layer.module_kwargs)
+    module = layer.torch_class(shape.hidden, shape.hidden, **layer.module_kwargs).to(shape.dtype)
+    return module.to(compute_dtype or shape.dtype)
 
 
 def _seqkern_module(layer: RecurrentLayer, shape: Shape) -> torch.nn.RNNBase:
-    module = layer.seqkern_class(shape.hidden, shape.hidden, **layer.module_kwargs)
+    module = layer.seqkern_class(shape.hidden, shape.hidden, **layer.module_kwargs).to(shape.dtype)
     module.load_state_dict(_torch_module(layer, shape).state_dict())
     return module
 
 
-def _inputs(layer: RecurrentLayer, shape: Shape) -> tuple[Tensor, States]:
-    """x (T,B,I) and the initial states, each (1,B,H); leaves that collect gradients when training."""
+def _inputs(layer: RecurrentLayer, shape: Shape, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, States]:
+    """x (T,B,I) and the initial states, each (1,B,H), rounded to the shape's dtype and held in `compute_dtype`;
+    leaves that collect gradients when training."""
     generator = torch.Generator().manual_seed(SEED)
     sizes = [(shape.steps, shape.batch, shape.hidden)] + [(1, shape.batch, shape.hidden)] * layer.num_states
-    x, *states = (torch.randn(size, generator=generator).requires_grad_(shape.training) for size in sizes)
+    x, *states = (
+        torch.randn(size, generator=generator).to(shape.dtype).to(compute_dtype or shape.dtype)
+        .requires_grad_(shape.training)
+        for size in sizes
+    )
     return x, tuple(states)
 
 
@@ -120,11 +136,12 @@ Forward = Callable[[Tensor, States], tuple[Tensor, States]]
 
 
 def _timed_call(layer: RecurrentLayer, forward: Forward, parameters: Sequence[Tensor], shape: Shape,
-                context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Call:
+                context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                compute_dtype: torch.dtype | None = None) -> Call:
     """The call the harness times: inference returns the output and final states; training returns the
     output and the gradients of output.sum() + the final states' sums to x, the initial states and every
     parameter."""
-    x, states = _inputs(layer, shape)
+    x, states = _inputs(layer, shape, compute_dtype)
     if not shape.training:
         def infer() -> Sequence[Tensor]:
             with torch.no_grad(), context():
@@ -208,17 +225,31 @@ def _contenders(layer: RecurrentLayer, shape: Shape) -> dict[str, Callable[[], C
 
     return {
         SUBJECT: module_contender(_seqkern_module),
-        f"torch.nn.{layer.torch_class.__name__}": module_contender(_torch_module),
+        _torch_name(layer): module_contender(_torch_module),
         "reference (eager)": module_contender(_seqkern_module, context=lambda: seqkern.backend("reference")),
         "torch.compile(reference cell)": compiled_reference,
     }
 
 
-def _implementation(op: str) -> str:
-    """Which seqkern implementation serves float32 CPU tensors for `op` here ("reference" until its kernel is
+def _torch_name(layer: RecurrentLayer) -> str:
+    return f"torch.nn.{layer.torch_class.__name__}"
+
+
+def _oracle(layer: RecurrentLayer, shape: Shape) -> Callable[[], Sequence[Tensor]]:
+    """The gate's float64 oracle: torch.nn's layer in float64 on the same (rounded) weights and inputs."""
+    def oracle() -> Sequence[Tensor]:
+        module = _torch_module(layer, shape, torch.float64).train(shape.training)
+        call = _timed_call(layer, _module_forward(layer, module), list(module.parameters()), shape,
+                           compute_dtype=torch.float64)
+        return call()
+    return oracle
+
+
+def _implementation(op: str, dtype: torch.dtype) -> str:
+    """Which seqkern implementation serves CPU tensors of `dtype` for `op` here ("reference" until its kernel is
     registered or when the extension is not built)."""
     supported = getattr(seqkern.ops, op).SUPPORTED_DTYPES
-    return seqkern.backends.resolve(op, torch.device("cpu"), torch.float32, supported)
+    return seqkern.backends.resolve(op, torch.device("cpu"), dtype, supported)
 
 
 def cases(layer: RecurrentLayer, default_shapes: Sequence[Shape], quick: bool = False) -> list[Case]:
@@ -227,11 +258,13 @@ def cases(layer: RecurrentLayer, default_shapes: Sequence[Shape], quick: bool = 
         Case(
             op=layer.op,
             name=shape.name,
-            params={**dataclasses.asdict(shape), "input_size": shape.hidden, "dtype": "float32",
-                    **layer.module_kwargs},
+            params={**dataclasses.asdict(shape), "input_size": shape.hidden,
+                    "dtype": str(shape.dtype).removeprefix("torch."), **layer.module_kwargs},
             flops=flops(layer, shape),
             contenders=_contenders(layer, shape),
-            notes={"seqkern_implementation": _implementation(layer.op)},
+            notes={"seqkern_implementation": _implementation(layer.op, shape.dtype)},
+            oracle=_oracle(layer, shape),
+            rule_baseline=_torch_name(layer),
         )
         for shape in (QUICK_SHAPES if quick else default_shapes)
     ]

@@ -1,7 +1,9 @@
 """Attention benchmark: seqkern.attention (flash attention) against PyTorch's
 F.scaled_dot_product_attention (SDPA), the naive softmax(QK^T/sqrt(d))V in eager mode and under
-torch.compile; seqkern.attention_decode against SDPA on a long KV cache; and the peak memory of a long
-forward. Self-attention, float32, q/k/v (B,H,L,D), scale 1/sqrt(D), causal attention aligned top-left.
+torch.compile; seqkern.attention on one query against a long KV cache (it picks its decode kernel) against SDPA;
+and the peak memory of a long forward. Self-attention, q/k/v (B,H,L,D), scale 1/sqrt(D), causal attention aligned
+top-left; float32, and bfloat16 rows against SDPA in bfloat16. Every timed case passes the correctness gate against
+SDPA in float64.
 
 Targets (read off the table, not asserted):
   * forward >= 1.0x SDPA at L 1024 and 4096, d64 and d128, causal and not;
@@ -27,7 +29,6 @@ import seqkern
 from benchmarks.harness import MIB, SUBJECT, Call, Case
 
 SEED = 0
-DTYPE = torch.float32
 
 SDPA = "SDPA"
 NAIVE = "naive (eager)"
@@ -58,17 +59,18 @@ class Shape:
     head_dim: int
     causal: bool
     training: bool = False
+    dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:
         mode = "fwd+bwd" if self.training else "fwd"
         causal = " causal" if self.causal else ""
-        return f"{mode} b{self.batch} h{self.heads} l{self.length} d{self.head_dim}{causal}"
+        return f"{mode} b{self.batch} h{self.heads} l{self.length} d{self.head_dim}{causal}{_dtype_suffix(self.dtype)}"
 
     @property
     def score_bytes(self) -> int:
-        """The naive (B,H,L,L) float32 score matrix."""
-        return self.batch * self.heads * self.length**2 * DTYPE.itemsize
+        """The naive (B,H,L,L) score matrix."""
+        return self.batch * self.heads * self.length**2 * self.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +82,21 @@ class DecodeShape:
     kv_heads: int
     cache_len: int
     head_dim: int
+    dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:
-        return f"decode b{self.batch} hq{self.q_heads} hkv{self.kv_heads} cache{self.cache_len} d{self.head_dim}"
+        return (f"decode b{self.batch} hq{self.q_heads} hkv{self.kv_heads} cache{self.cache_len} d{self.head_dim}"
+                f"{_dtype_suffix(self.dtype)}")
 
     @property
     def cache_bytes(self) -> int:
         """K and V caches together: what one step must read at least."""
-        return 2 * self.batch * self.kv_heads * self.cache_len * self.head_dim * DTYPE.itemsize
+        return 2 * self.batch * self.kv_heads * self.cache_len * self.head_dim * self.dtype.itemsize
+
+
+def _dtype_suffix(dtype: torch.dtype) -> str:
+    return "" if dtype == torch.float32 else " " + str(dtype).removeprefix("torch.")
 
 
 FORWARD_SHAPES = tuple(
@@ -99,14 +107,24 @@ TRAINING_SHAPES = tuple(
     Shape(batch=1, heads=8, length=length, head_dim=64, causal=causal, training=True)
     for length in (1024, 4096) for causal in (False, True)
 )
-DECODE_SHAPE = DecodeShape(batch=1, q_heads=32, kv_heads=8, cache_len=32768, head_dim=128)
+# bfloat16 against SDPA in bfloat16 (AMX on the Intel machines): the forward at both lengths, and training.
+BF16_SHAPES = (
+    Shape(batch=1, heads=8, length=1024, head_dim=64, causal=False, dtype=torch.bfloat16),
+    Shape(batch=1, heads=8, length=4096, head_dim=64, causal=True, dtype=torch.bfloat16),
+    Shape(batch=1, heads=8, length=1024, head_dim=64, causal=False, training=True, dtype=torch.bfloat16),
+)
+DECODE_SHAPES = (
+    DecodeShape(batch=1, q_heads=32, kv_heads=8, cache_len=32768, head_dim=128),
+    DecodeShape(batch=1, q_heads=32, kv_heads=8, cache_len=32768, head_dim=128, dtype=torch.bfloat16),
+)
 # Causal: half the time of the full forward, the same memory.
 MEMORY_SHAPE = Shape(batch=1, heads=8, length=16384, head_dim=64, causal=True)
 
 # Tiny versions of each kind of case: the smoke test of every code path in a few seconds.
 QUICK_FORWARD_SHAPES = (Shape(batch=1, heads=2, length=64, head_dim=16, causal=True),)
 QUICK_TRAINING_SHAPES = (Shape(batch=1, heads=2, length=64, head_dim=16, causal=False, training=True),)
-QUICK_DECODE_SHAPE = DecodeShape(batch=1, q_heads=4, kv_heads=2, cache_len=256, head_dim=16)
+QUICK_BF16_SHAPES = (Shape(batch=1, heads=2, length=64, head_dim=16, causal=True, dtype=torch.bfloat16),)
+QUICK_DECODE_SHAPES = (DecodeShape(batch=1, q_heads=4, kv_heads=2, cache_len=256, head_dim=16),)
 QUICK_MEMORY_SHAPE = Shape(batch=1, heads=2, length=256, head_dim=16, causal=True)
 
 
@@ -167,7 +185,8 @@ Decode = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def _seqkern_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-    return seqkern.attention_decode(q, k_cache, v_cache, scale=q.shape[-1] ** -0.5)
+    """What a user writes: the one attention entry, which picks its decode kernel for such shapes by itself."""
+    return seqkern.attention(q, k_cache, v_cache, scale=q.shape[-1] ** -0.5, enable_gqa=True)
 
 
 def _sdpa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
@@ -177,23 +196,28 @@ def _sdpa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # Timed calls: inputs rebuilt from the same seed by every contender, so all see identical numbers.
 # --------------------------------------------------------------------------------------------------
-def _randn(*sizes: int, generator: torch.Generator, requires_grad: bool = False) -> Tensor:
-    return torch.randn(sizes, generator=generator, dtype=DTYPE).requires_grad_(requires_grad)
+def _randn(*sizes: int, generator: torch.Generator, dtype: torch.dtype, compute_dtype: torch.dtype | None = None,
+           requires_grad: bool = False) -> Tensor:
+    """Normal numbers rounded to `dtype`, then held in `compute_dtype` (float64 for the gate's oracle: the same
+    values the contenders get, computed exactly)."""
+    values = torch.randn(sizes, generator=generator).to(dtype).to(compute_dtype or dtype)
+    return values.requires_grad_(requires_grad)
 
 
-def _attention_call(attention: Attention, shape: Shape) -> Call:
+def _attention_call(attention: Attention, shape: Shape, compute_dtype: torch.dtype | None = None) -> Call:
     """The forward returns (out,); training returns out and the gradients of <out, grad_out> to q, k, v
     (grad_out (B,H,L,D) random, so that no gradient is trivially structured)."""
     generator = torch.Generator().manual_seed(SEED)
     size = (shape.batch, shape.heads, shape.length, shape.head_dim)
-    q, k, v = (_randn(*size, generator=generator, requires_grad=shape.training) for _ in range(3))
+    options = dict(generator=generator, dtype=shape.dtype, compute_dtype=compute_dtype)
+    q, k, v = (_randn(*size, **options, requires_grad=shape.training) for _ in range(3))
     if not shape.training:
         def forward() -> tuple[Tensor]:
             with torch.no_grad():
                 return (attention(q, k, v, shape.causal),)
         return forward
 
-    grad_out = _randn(*size, generator=generator)
+    grad_out = _randn(*size, **options)
 
     def train() -> list[Tensor]:
         out = attention(q, k, v, shape.causal)
@@ -202,12 +226,13 @@ def _attention_call(attention: Attention, shape: Shape) -> Call:
     return train
 
 
-def _decode_call(decode: Decode, shape: DecodeShape) -> Call:
+def _decode_call(decode: Decode, shape: DecodeShape, compute_dtype: torch.dtype | None = None) -> Call:
     """One decoding step over the full caches: returns (out (B,Hq,1,D),)."""
     generator = torch.Generator().manual_seed(SEED)
-    q = _randn(shape.batch, shape.q_heads, 1, shape.head_dim, generator=generator)
+    options = dict(generator=generator, dtype=shape.dtype, compute_dtype=compute_dtype)
+    q = _randn(shape.batch, shape.q_heads, 1, shape.head_dim, **options)
     k_cache, v_cache = (
-        _randn(shape.batch, shape.kv_heads, shape.cache_len, shape.head_dim, generator=generator) for _ in range(2)
+        _randn(shape.batch, shape.kv_heads, shape.cache_len, shape.head_dim, **options) for _ in range(2)
     )
 
     def step() -> tuple[Tensor]:
@@ -223,11 +248,20 @@ def _setup(attention: Attention, shape: Shape) -> Callable[[], Call]:
     return lambda: _attention_call(attention, shape)
 
 
-def _implementation(kernel: str) -> str:
-    """Which seqkern implementation serves float32 CPU tensors for torch.ops.seqkern.<kernel> here
+def _oracle(shape: Shape) -> Callable[[], list[Tensor]]:
+    """The gate's float64 oracle: SDPA in float64 on the same (rounded) inputs, returning what the call returns."""
+    return lambda: list(_attention_call(_sdpa, shape, compute_dtype=torch.float64)())
+
+
+def _decode_oracle(shape: DecodeShape) -> Callable[[], list[Tensor]]:
+    return lambda: list(_decode_call(_sdpa_decode, shape, compute_dtype=torch.float64)())
+
+
+def _implementation(kernel: str, dtype: torch.dtype) -> str:
+    """Which seqkern implementation serves CPU tensors of `dtype` for torch.ops.seqkern.<kernel> here
     ("reference" until the C++ kernel is registered, or when the extension is not built)."""
     return seqkern.backends.resolve(
-        "flash_attention", torch.device("cpu"), DTYPE, seqkern.ops.flash_attention.SUPPORTED_DTYPES,
+        "flash_attention", torch.device("cpu"), dtype, seqkern.ops.flash_attention.SUPPORTED_DTYPES,
         kernel=kernel,
     )
 
@@ -238,10 +272,10 @@ def _case(
 ) -> Case:
     """A Case of `shape` (its name unless `name`) doing `work` FLOPs per call, recording the shape, the dtype
     and which implementation runs `kernel`; `options` are the optional Case fields."""
+    params = {**dataclasses.asdict(shape), "dtype": str(shape.dtype).removeprefix("torch.")}
     return Case(
-        op="attention", name=name or shape.name, flops=work, contenders=contenders,
-        params={**dataclasses.asdict(shape), "dtype": str(DTYPE).removeprefix("torch.")},
-        notes={"seqkern_implementation": _implementation(kernel), **(notes or {})}, **options,
+        op="attention", name=name or shape.name, flops=work, contenders=contenders, params=params,
+        notes={"seqkern_implementation": _implementation(kernel, shape.dtype), **(notes or {})}, **options,
     )
 
 
@@ -261,28 +295,32 @@ def _forward_case(shape: Shape, quick: bool) -> Case:
     candidates = {SUBJECT: _seqkern_attention, SDPA: _sdpa, NAIVE: _naive_attention, COMPILED_NAIVE: _compiled_naive}
     skipped = _naive_skipped(shape, quick)
     contenders = {name: _setup(attention, shape) for name, attention in candidates.items() if name not in skipped}
-    return _case(shape, "flash_attention_forward", contenders, flops(shape), skipped=skipped)
+    return _case(shape, "flash_attention_forward", contenders, flops(shape), skipped=skipped,
+                 oracle=_oracle(shape), rule_baseline=SDPA)
 
 
 def _training_case(shape: Shape) -> Case:
     """seqkern's forward+backward against SDPA's."""
     contenders = {SUBJECT: _setup(_seqkern_attention, shape), SDPA: _setup(_sdpa, shape)}
-    return _case(shape, "flash_attention_backward", contenders, flops(shape))
+    return _case(shape, "flash_attention_backward", contenders, flops(shape), oracle=_oracle(shape),
+                 rule_baseline=SDPA)
 
 
 def _decode_case(shape: DecodeShape) -> Case:
-    """seqkern.attention_decode against SDPA with grouped-query attention; GB/s counts the K and V caches."""
+    """seqkern.attention against SDPA with grouped-query attention on one query; GB/s counts the K and V caches."""
     contenders = {
         SUBJECT: lambda: _decode_call(_seqkern_decode, shape), SDPA: lambda: _decode_call(_sdpa_decode, shape),
     }
-    return _case(shape, "flash_attention_decode", contenders, decode_flops(shape), bytes_moved=shape.cache_bytes)
+    return _case(shape, "flash_attention_decode", contenders, decode_flops(shape), bytes_moved=shape.cache_bytes,
+                 oracle=_decode_oracle(shape), rule_baseline=SDPA)
 
 
 def _memory_case(shape: Shape) -> Case:
     """One profiled forward each of seqkern and SDPA; the naive score matrix is the yardstick, never built."""
     target = MEMORY_TARGET_FRACTION * shape.score_bytes
     contenders, skipped = {SUBJECT: _setup(_seqkern_attention, shape), SDPA: _setup(_sdpa, shape)}, {}
-    if _implementation("flash_attention_forward") == "reference" and shape.score_bytes > REFERENCE_SCORES_LIMIT_BYTES:
+    implementation = _implementation("flash_attention_forward", shape.dtype)
+    if implementation == "reference" and shape.score_bytes > REFERENCE_SCORES_LIMIT_BYTES:
         del contenders[SUBJECT]
         skipped[SUBJECT] = "not run: it runs its pure-PyTorch reference here, which materializes the scores"
     skipped[NAIVE] = (f"not run: its scores alone take {shape.score_bytes / MIB:.2f} MiB (B*H*L*L*4 bytes); "
@@ -297,9 +335,17 @@ def cases(quick: bool = False) -> list[Case]:
     """The default attention set, or with `quick` one tiny case of each kind."""
     forward = QUICK_FORWARD_SHAPES if quick else FORWARD_SHAPES
     training = QUICK_TRAINING_SHAPES if quick else TRAINING_SHAPES
+    bf16 = QUICK_BF16_SHAPES if quick else BF16_SHAPES
     return [
         *(_forward_case(shape, quick) for shape in forward),
         *(_training_case(shape) for shape in training),
-        _decode_case(QUICK_DECODE_SHAPE if quick else DECODE_SHAPE),
+        *(_training_case(shape) if shape.training else _bf16_forward_case(shape) for shape in bf16),
+        *(_decode_case(shape) for shape in (QUICK_DECODE_SHAPES if quick else DECODE_SHAPES)),
         _memory_case(QUICK_MEMORY_SHAPE if quick else MEMORY_SHAPE),
     ]
+
+
+def _bf16_forward_case(shape: Shape) -> Case:
+    """seqkern against SDPA, both in the shape's reduced precision (the naive baselines are float32 rows' business)."""
+    contenders = {SUBJECT: _setup(_seqkern_attention, shape), SDPA: _setup(_sdpa, shape)}
+    return _case(shape, "flash_attention_forward", contenders, flops(shape), oracle=_oracle(shape), rule_baseline=SDPA)

@@ -58,6 +58,13 @@ class Case:
     Optional: `bytes_moved`, the memory traffic one call cannot avoid (for GB/s, on memory-bound ops);
     `skipped`, contenders left out of this case on purpose (display name -> why), listed in the table;
     `memory_only`, for shapes too costly to time: one profiled call per contender, its peak memory only.
+
+    The correctness gate (a failed gate fails the run): with `oracle` (the same computation in float64,
+    returning the tensors the contenders return, in the same order) and `rule_baseline` (PyTorch's own
+    contender), seqkern's error against the oracle must be within DESIGN.md's rule: at most twice the rule
+    baseline's error plus the dtype's floor, tensor by tensor. Without an oracle, every baseline's result must
+    agree with seqkern's within RELATIVE_TOLERANCE of its dtype, except the baselines in `differs_on_purpose`
+    (name -> why, e.g. dropout masks drawn differently).
     """
 
     op: str
@@ -69,6 +76,9 @@ class Case:
     bytes_moved: float = 0.0
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     memory_only: bool = False
+    oracle: Callable[[], Sequence[torch.Tensor]] | None = None
+    rule_baseline: str | None = None
+    differs_on_purpose: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -83,13 +93,23 @@ class TimingBudget:
     warmup_seconds: float
     min_repeats: int
     max_repeats: int
+    rounds: int
 
 
 # The whole default set (LSTM, GRU, RNN: 13 cases x 4 contenders, compilation included) took 3 min 38 s on
 # this machine when idle (matmul peak 182 GFLOP/s); under a load of 8 on its 2 cores everything ran ~3-5x
 # slower. min_repeats bounds a slow case's cost too.
-DEFAULT_BUDGET = TimingBudget(seconds_per_measurement=2.0, warmup_seconds=0.3, min_repeats=5, max_repeats=500)
-QUICK_BUDGET = TimingBudget(seconds_per_measurement=0.05, warmup_seconds=0.0, min_repeats=3, max_repeats=5)
+# Contenders are timed in `rounds` interleaved rounds (each round times every contender once, for about
+# seconds_per_measurement / rounds): a load that comes and goes during a case then hits every contender alike
+# instead of whichever one was being timed in its block.
+DEFAULT_BUDGET = TimingBudget(seconds_per_measurement=2.0, warmup_seconds=0.3, min_repeats=7, max_repeats=500,
+                              rounds=7)
+QUICK_BUDGET = TimingBudget(seconds_per_measurement=0.05, warmup_seconds=0.0, min_repeats=3, max_repeats=5, rounds=3)
+
+# The correctness gate: DESIGN.md's floor per dtype (as tests/helpers.py), and the agreement asked of baselines
+# when a case has no float64 oracle (relative to each tensor's largest magnitude, see max_relative_diff).
+RULE_FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 @dataclasses.dataclass
@@ -107,7 +127,10 @@ class Measurement:
     fraction_of_matmul_peak: float | None = None
     gbytes_per_s: float | None = None  # Case.bytes_moved / median_s, when the case sets bytes_moved
     peak_memory_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # resident memory the call added (allocations outside c10's allocator too)
     max_rel_diff_vs_subject: float | None = None  # see max_relative_diff
+    gate: str | None = None  # the correctness gate's verdict on this contender's row, see Case
+    gate_failed: bool = False
     error: str | None = None
     skipped: str | None = None
 
@@ -132,7 +155,7 @@ class CaseResult:
         }
 
     def failed(self) -> bool:
-        return any(m.error is not None for m in self.measurements)
+        return any(m.error is not None or m.gate_failed for m in self.measurements)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -241,8 +264,6 @@ class Timing:
     min_s: float
     max_s: float
     repeats: int
-    first_call_s: float
-    first_result: Sequence[torch.Tensor]
 
 
 def _timed(call: Call) -> tuple[float, Sequence[torch.Tensor]]:
@@ -251,28 +272,55 @@ def _timed(call: Call) -> tuple[float, Sequence[torch.Tensor]]:
     return time.perf_counter() - start, result
 
 
-def time_call(call: Call, budget: TimingBudget) -> Timing:
-    """Warm up, pick a repeat count from the warm-up's per-call time, return the median of the repeats.
+def _warm_up(call: Call, budget: TimingBudget) -> float:
+    """Calls `call` for budget.warmup_seconds (at least twice) and returns its median time per call."""
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget.warmup_seconds or len(times) < 2:
+        times.append(_timed(call)[0])
+    return statistics.median(times)
 
-    The first call is timed on its own (it carries compilation and lazy initialisation) and never counts
-    toward the median. The garbage collector is off while timing, as in `timeit`, so a collection
-    triggered by one contender's garbage does not land in another's time.
+
+def time_call(call: Call, budget: TimingBudget) -> Timing:
+    """One call timed on its own (the matmul yardstick): time_interleaved with a single contender."""
+    return time_interleaved({"call": call}, budget)["call"]
+
+
+def time_interleaved(calls: dict[str, Call], budget: TimingBudget) -> dict[str, Timing]:
+    """Every contender's time per call, measured in budget.rounds interleaved rounds.
+
+    Each round times every contender on a batch of consecutive calls (sized from its warm-up so that all rounds
+    together take about budget.seconds_per_measurement per contender), in an order rotated from round to round;
+    a contender's time is the median over rounds of its per-call time. A slow phase of the machine (a compile,
+    another process) then lands on every contender alike rather than on whichever was being timed in a block.
+    The garbage collector is off while timing, as in `timeit`, so a collection triggered by one contender's
+    garbage does not land in another's time. The callers make (and time) each contender's first call first.
     """
-    first_call_s, first_result = _timed(call)
-    warmup_times = [first_call_s]
-    warmup_start = time.perf_counter()
-    while time.perf_counter() - warmup_start < budget.warmup_seconds or len(warmup_times) < 2:
-        warmup_times.append(_timed(call)[0])
-    per_call = statistics.median(warmup_times[1:])
-    repeats = min(budget.max_repeats, max(budget.min_repeats, math.ceil(budget.seconds_per_measurement / per_call)))
+    names = list(calls)
+    batch = {}
+    for name in names:
+        per_call = _warm_up(calls[name], budget)
+        wanted = math.ceil(budget.seconds_per_measurement / budget.rounds / max(per_call, 1e-9))
+        lowest, highest = math.ceil(budget.min_repeats / budget.rounds), max(1, budget.max_repeats // budget.rounds)
+        batch[name] = max(1, lowest, min(highest, wanted))
+    samples: dict[str, list[float]] = {name: [] for name in names}
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        times = [_timed(call)[0] for _ in range(repeats)]
+        for round_index in range(budget.rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                for _ in range(batch[name]):
+                    calls[name]()
+                samples[name].append((time.perf_counter() - start) / batch[name])
     finally:
         if gc_was_enabled:
             gc.enable()
-    return Timing(statistics.median(times), min(times), max(times), repeats, first_call_s, first_result)
+    return {
+        name: Timing(statistics.median(times), min(times), max(times), budget.rounds * batch[name])
+        for name, times in samples.items()
+    }
 
 
 @contextlib.contextmanager
@@ -334,6 +382,33 @@ def check_peak_memory_measurement() -> None:
         raise RuntimeError(f"peak_memory_bytes measured {measured / MIB:.2f} MiB for a known 6.00 MiB peak")
 
 
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_rss_bytes(call: Call) -> int | None:
+    """Resident memory one call added at its peak, everything included: tensors, and what kernels or libraries
+    allocate outside c10's allocator (C++ workspaces, oneDNN scratchpads). None where Linux's counters are not
+    available. Writing 5 to /proc/self/clear_refs resets the process's peak RSS (VmHWM) to its current RSS, so
+    VmHWM after the call minus VmRSS before it is the call's own peak. Pages that malloc reuses from earlier
+    calls (a warmed-up cache, a freed workspace) add no RSS: this is the cost of one more call, as peak_memory_bytes.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        before = _proc_status_kib("VmRSS")
+        result = call()
+        peak = _proc_status_kib("VmHWM")
+    except (OSError, KeyError):
+        return None
+    del result
+    return max(0, peak - before) * 1024
+
+
 def max_relative_diff(ours: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
     """max over tensors of max|ours - reference| / max|reference|: how far apart two contenders' results are.
 
@@ -388,68 +463,144 @@ class Progress:
         print(f"warning: {message}", file=sys.stderr)
 
 
-def measure_contender(
-    case: Case, name: str, budget: TimingBudget, matmul_peak_gflops: float, progress: Progress
-) -> tuple[Measurement, Sequence[torch.Tensor]]:
-    """Set up one contender, time it, profile its memory; a failure becomes the measurement's `error`.
-
-    A memory-only case skips the timing: its one call is the profiled one.
-    """
-    try:
-        progress.show(f"{case.label} | {name} | {'peak memory' if case.memory_only else 'warm-up and timing'}")
-        call = case.contenders[name]()
-        if case.memory_only:
-            memory, result = profiled_call(call)
-            return Measurement(name, peak_memory_bytes=memory), result
-        timing = time_call(call, budget)
-        progress.show(f"{case.label} | {name} | peak memory")
-        memory = peak_memory_bytes(call)
-    except Exception as error:  # noqa: BLE001 - one broken contender must not hide the others' numbers
-        progress.warn(f"{case.label}: {name} failed: {_describe(error)}")
-        return Measurement(name, error=_describe(error)), ()
-    gflops = case.flops / timing.median_s / 1e9
-    measurement = Measurement(
-        contender=name, median_s=timing.median_s, min_s=timing.min_s, max_s=timing.max_s,
-        repeats=timing.repeats, first_call_s=timing.first_call_s, gflops=gflops,
-        fraction_of_matmul_peak=gflops / matmul_peak_gflops,
-        gbytes_per_s=case.bytes_moved / timing.median_s / 1e9 if case.bytes_moved else None,
-        peak_memory_bytes=memory,
-    )
-    return measurement, timing.first_result
-
-
 def _describe(error: Exception) -> str:
     """The exception's type and first line (dispatcher errors go on for a hundred lines)."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """A contender after its setup and first call: the call to time and what it computed."""
+
+    call: Call
+    first_call_s: float
+    result: Sequence[torch.Tensor]
+
+
+def _prepare(case: Case, name: str, progress: Progress) -> _Prepared | Measurement:
+    """Set up one contender and make its first call (timed: it carries compilation and lazy initialisation, and
+    never counts toward the median). A failure becomes a Measurement with its `error`."""
+    try:
+        progress.show(f"{case.label} | {name} | setup and first call")
+        call = case.contenders[name]()
+        first_call_s, result = _timed(call)
+        return _Prepared(call, first_call_s, result)
+    except Exception as error:  # noqa: BLE001 - one broken contender must not hide the others' numbers
+        progress.warn(f"{case.label}: {name} failed: {_describe(error)}")
+        return Measurement(name, error=_describe(error))
+
+
+def _memory(case: Case, name: str, prepared: _Prepared, progress: Progress) -> tuple[int, int | None]:
+    progress.show(f"{case.label} | {name} | peak memory")
+    return peak_memory_bytes(prepared.call), peak_rss_bytes(prepared.call)
+
+
+def _timed_measurements(case: Case, prepared: dict[str, _Prepared], budget: TimingBudget,
+                        matmul_peak_gflops: float, progress: Progress) -> dict[str, Measurement]:
+    """Interleaved timing of every prepared contender, then each one's peak memory."""
+    progress.show(f"{case.label} | {len(prepared)} contenders | warm-up and {budget.rounds} interleaved rounds")
+    try:
+        timings = time_interleaved({name: p.call for name, p in prepared.items()}, budget)
+    except Exception as error:  # noqa: BLE001
+        progress.warn(f"{case.label}: timing failed: {_describe(error)}")
+        return {name: Measurement(name, error=_describe(error)) for name in prepared}
+    measurements = {}
+    for name, p in prepared.items():
+        timing = timings[name]
+        memory, rss = _memory(case, name, p, progress)
+        gflops = case.flops / timing.median_s / 1e9
+        measurements[name] = Measurement(
+            contender=name, median_s=timing.median_s, min_s=timing.min_s, max_s=timing.max_s,
+            repeats=timing.repeats, first_call_s=p.first_call_s, gflops=gflops,
+            fraction_of_matmul_peak=gflops / matmul_peak_gflops,
+            gbytes_per_s=case.bytes_moved / timing.median_s / 1e9 if case.bytes_moved else None,
+            peak_memory_bytes=memory, peak_rss_bytes=rss,
+        )
+    return measurements
+
+
+def _memory_only_measurements(case: Case, prepared: dict[str, _Prepared], progress: Progress) -> dict[str, Measurement]:
+    return {name: Measurement(name, peak_memory_bytes=memory, peak_rss_bytes=rss)
+            for name, p in prepared.items() for memory, rss in [_memory(case, name, p, progress)]}
+
+
+def _max_abs_error(ours: torch.Tensor, oracle: torch.Tensor) -> float:
+    return (ours.detach().double() - oracle.detach().double()).abs().max().item() if oracle.numel() else 0.0
+
+
+def rule_verdict(ours: Sequence[torch.Tensor], torch_same_dtype: Sequence[torch.Tensor],
+                 oracle: Sequence[torch.Tensor]) -> tuple[bool, str]:
+    """DESIGN.md's rule, tensor by tensor: max|ours - oracle| <= 2 max|torch - oracle| + floor(dtype).
+
+    Returns (passed, text): the text gives the worst tensor's error as a fraction of its bound."""
+    if not len(ours) == len(torch_same_dtype) == len(oracle):
+        raise ValueError(f"the gate got {len(ours)}, {len(torch_same_dtype)} and {len(oracle)} tensors")
+    worst = 0.0
+    for mine, theirs, exact in zip(ours, torch_same_dtype, oracle):
+        bound = 2 * _max_abs_error(theirs, exact) + RULE_FLOOR.get(mine.dtype, 0.0)
+        worst = max(worst, _max_abs_error(mine, exact) / bound)
+    passed = worst <= 1.0
+    return passed, f"rule {'ok' if passed else 'FAILED'} ({worst:.2f} of bound)"
+
+
+def _result_dtype(result: Sequence[torch.Tensor]) -> torch.dtype:
+    return next((t.dtype for t in result if t.is_floating_point()), torch.float32)
+
+
+def _apply_gate(case: Case, prepared: dict[str, _Prepared], measurements: dict[str, Measurement],
+                progress: Progress) -> None:
+    """The correctness gate of `case` (see Case), written into the measurements' `gate` fields."""
+    subject = prepared.get(SUBJECT)
+    if subject is None:
+        return
+    for name, p in prepared.items():
+        if name != SUBJECT:
+            measurements[name].max_rel_diff_vs_subject = max_relative_diff(p.result, subject.result)
+    if case.oracle is not None and case.rule_baseline in prepared:
+        progress.show(f"{case.label} | float64 oracle for the correctness gate")
+        passed, text = rule_verdict(subject.result, prepared[case.rule_baseline].result, case.oracle())
+        measurements[SUBJECT].gate, measurements[SUBJECT].gate_failed = text, not passed
+        return
+    tolerance = RELATIVE_TOLERANCE[_result_dtype(subject.result)]
+    for name, m in measurements.items():
+        if name == SUBJECT or m.max_rel_diff_vs_subject is None:
+            continue
+        if name in case.differs_on_purpose:
+            m.gate = "differs on purpose"
+            continue
+        agrees = m.max_rel_diff_vs_subject <= tolerance
+        m.gate, m.gate_failed = ("agrees" if agrees else f"DIFFERS (> {tolerance:.0e})"), not agrees
+
+
 def run_case(case: Case, budget: TimingBudget, matmul_peak_gflops: float, progress: Progress) -> CaseResult:
-    """Every contender of `case`, one after another in this process, the subject first; then a row for
-    each contender the case skipped."""
+    """Every contender of `case` in this process: set up and first call each (the subject first), then timing in
+    interleaved rounds, peak memory, the correctness gate; then a row for each contender the case skipped."""
     if SUBJECT not in case.contenders and SUBJECT not in case.skipped:
         raise ValueError(f"{case.label}: no contender named {SUBJECT!r} among {list(case.contenders)}")
     order = sorted(case.contenders, key=lambda name: name != SUBJECT)  # stable: the subject, then the rest
-    measurements, subject_result = [], None
-    for name in order:
-        measurement, result = measure_contender(case, name, budget, matmul_peak_gflops, progress)
-        if name == SUBJECT:
-            subject_result = result
-        elif subject_result and result:
-            measurement.max_rel_diff_vs_subject = max_relative_diff(result, subject_result)
-        measurements.append(measurement)
+    outcomes = {name: _prepare(case, name, progress) for name in order}
+    prepared = {name: o for name, o in outcomes.items() if isinstance(o, _Prepared)}
+    measurements = {name: o for name, o in outcomes.items() if isinstance(o, Measurement)}
+    if case.memory_only:
+        measurements.update(_memory_only_measurements(case, prepared, progress))
+    else:
+        measurements.update(_timed_measurements(case, prepared, budget, matmul_peak_gflops, progress))
+    _apply_gate(case, prepared, measurements, progress)
+    for _ in order:
         progress.step()
-        gc.collect()  # drop this contender's module and inputs before the next one allocates its own
-    measurements += [Measurement(name, skipped=why) for name, why in case.skipped.items()]
-    return CaseResult(case, measurements)
+    del prepared, outcomes
+    gc.collect()  # drop this case's modules and inputs before the next case allocates its own
+    ordered = [measurements[name] for name in order]
+    return CaseResult(case, ordered + [Measurement(name, skipped=why) for name, why in case.skipped.items()])
 
 
 # --------------------------------------------------------------------------------------------------
 # Reporting.
 # --------------------------------------------------------------------------------------------------
 _COLUMNS = (
-    "case", "contender", "median ms", "reps", "1st call s", "GFLOP/s", "% peak", "GB/s", "mem MiB", "rel diff",
-    "seqkern x",
+    "case", "contender", "median ms", "reps", "1st call s", "GFLOP/s", "% peak", "GB/s", "mem MiB", "RSS MiB",
+    "rel diff", "gate", "seqkern x",
 )
 
 
@@ -466,13 +617,16 @@ def _row(result: CaseResult, m: Measurement, first: bool) -> tuple[str, ...]:
         case, m.contender, _number(m.median_s, ".3f", 1e3), str(m.repeats) if timed else "",
         _number(m.first_call_s, ".2f"), _number(m.gflops, ".1f"), _number(m.fraction_of_matmul_peak, ".1f", 100),
         _number(m.gbytes_per_s, ".1f"), _number(m.peak_memory_bytes, ".2f", 1 / MIB),
-        _number(m.max_rel_diff_vs_subject, ".1e"), _number(result.ratios().get(m.contender), ".2f"),
+        _number(m.peak_rss_bytes, ".2f", 1 / MIB), _number(m.max_rel_diff_vs_subject, ".1e"), m.gate or "",
+        _number(result.ratios().get(m.contender), ".2f"),
     )
 
 
 def format_table(results: Sequence[CaseResult], matmul_peak: dict[str, float]) -> str:
     """A plain-text table, one row per contender; "seqkern x" is that baseline's time / seqkern's, and
-    "1st call s" the untimed first call (torch.compile's compilation shows there).
+    "1st call s" the untimed first call (torch.compile's compilation shows there). "mem MiB" is the peak of
+    c10's allocator during one call, "RSS MiB" the peak resident memory it added (everything, also what the
+    kernels allocate outside PyTorch's allocator); "gate" the correctness gate's verdict (see Case).
 
     Failed contenders get a FAILED row, skipped ones a "skipped" row; the errors and the reasons for
     skipping are listed under the table.
@@ -490,6 +644,9 @@ def format_table(results: Sequence[CaseResult], matmul_peak: dict[str, float]) -
     errors = [
         f"FAILED {result.case.label} / {m.contender}: {m.error}"
         for result in results for m in result.measurements if m.error is not None
+    ] + [
+        f"FAILED the correctness gate: {result.case.label} / {m.contender}: {m.gate}"
+        for result in results for m in result.measurements if m.gate_failed
     ]
     skips = [
         f"skipped {result.case.label} / {m.contender}: {m.skipped}"
@@ -508,36 +665,59 @@ def write_json(path: Path, results: Sequence[CaseResult], env: dict[str, Any], m
         "timing_budget": dataclasses.asdict(budget),
         "results": [result.to_json() for result in results],
     }
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")  # str: dtypes in params
 
 
 def plot_ratios(path: Path, results: Sequence[CaseResult]) -> None:
-    """Grouped bars of seqkern's speedup over each baseline, per case, on a log axis with a line at 1.0.
+    """seqkern's speedup over each baseline: one panel per op, one group of horizontal bars per case, each bar
+    labelled with its ratio, on a log axis with a line at 1.0 (left of it: seqkern slower).
 
     Memory-only cases have no speedup and no place in it.
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot, no global backend switch
 
-    matplotlib.use("Agg")  # no display on a build machine; must precede the pyplot import
-    import matplotlib.pyplot as plt
+    by_op: dict[str, list[CaseResult]] = {}
+    for result in results:
+        if not result.case.memory_only and result.ratios():
+            by_op.setdefault(result.case.op, []).append(result)
+    baselines = list(dict.fromkeys(name for rs in by_op.values() for r in rs for name in r.ratios()))
+    colors = {name: f"C{index % 10}" for index, name in enumerate(baselines)}
+    heights = [max(1.0, 0.32 * sum(len(r.ratios()) + 0.6 for r in rs)) + 0.9 for rs in by_op.values()]
+    figure = Figure(figsize=(11, max(3.0, sum(heights))))
+    panels = figure.subplots(len(by_op), 1, squeeze=False, gridspec_kw={"height_ratios": heights or [1]})[:, 0]
+    for axes, (op, op_results) in zip(panels, by_op.items()):
+        _plot_op_panel(axes, op, op_results, colors)
+    from matplotlib.patches import Patch
 
-    results = [result for result in results if not result.case.memory_only]
-    baselines = list(dict.fromkeys(name for result in results for name in result.ratios()))
-    width = 0.8 / max(1, len(baselines))
-    figure, axes = plt.subplots(figsize=(max(8.0, 1.6 * len(results) + 3), 4.5))
-    for index, baseline in enumerate(baselines):
-        positions = [case_index + (index - (len(baselines) - 1) / 2) * width for case_index in range(len(results))]
-        heights = [result.ratios().get(baseline, math.nan) for result in results]
-        bars = axes.bar(positions, heights, width, label=f"vs {baseline}")
-        axes.bar_label(bars, fmt="%.2f", fontsize=7)
-    axes.axhline(1.0, color="black", linewidth=1, linestyle="--")
-    axes.set_yscale("log")  # speedups over an eager Python loop and over oneDNN differ by orders of magnitude
-    axes.set_xticks(range(len(results)), [result.case.label for result in results], rotation=20, ha="right")
-    axes.set_ylabel("baseline time / seqkern time  (>1: seqkern faster)")
-    axes.set_title(f"seqkern speedup ({torch.get_num_threads()} threads, {cpu_model()})")
-    if baselines:
-        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a bar
-    figure.tight_layout()
+    handles = [Patch(color=colors[name], label=f"vs {name}") for name in baselines]
+    figure.legend(handles=handles, loc="upper center", ncol=min(4, max(1, len(handles))), fontsize="small",
+                  bbox_to_anchor=(0.5, 1.0))
+    total_inches = max(3.0, sum(heights))
+    figure.suptitle(f"seqkern speedup = baseline time / seqkern time ({torch.get_num_threads()} threads, "
+                    f"{cpu_model()})", y=1.0 - 0.32 / total_inches, fontsize="medium")
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / total_inches))  # the top half inch: legend and title
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    figure.savefig(path, dpi=110)
+
+
+def _plot_op_panel(axes, op: str, results: Sequence[CaseResult], colors: dict[str, str]) -> None:
+    """One op's cases as groups of horizontal bars (top to bottom in run order), ratios written at the bars."""
+    y, ticks, labels = 0.0, [], []
+    for result in results:
+        ratios = result.ratios()
+        start = y
+        for baseline, ratio in ratios.items():
+            axes.barh(y, ratio, height=0.8, color=colors[baseline])
+            axes.annotate(f"{ratio:.2f}x", (ratio, y), xytext=(3, 0), textcoords="offset points", va="center",
+                          fontsize=7)
+            y += 1
+        ticks.append((start + y - 1) / 2)
+        labels.append(result.case.name)
+        y += 0.6
+    axes.axvline(1.0, color="black", linewidth=1, linestyle="--")
+    axes.set_xscale("log")  # speedups over an eager Python loop and over oneDNN differ by orders of magnitude
+    axes.set_yticks(ticks, labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_title(op, loc="left", fontsize="medium", fontweight="bold")
+    low, high = axes.get_xlim()
+    axes.set_xlim(min(low, 0.5), high * 1.6)  # room for the labels right of the longest bar

@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op", ["lstm", "attention", "transformer", "seq2seq"])
+@pytest.mark.parametrize("op", ["lstm", "lstm_lm", "attention", "transformer", "seq2seq"])
 def test_quick_benchmark_run(tmp_path, op):
     # A subprocess, so torch.compile settings the harness makes do not leak into the test session.
     result = subprocess.run(
@@ -23,3 +24,26 @@ def test_quick_benchmark_run(tmp_path, op):
     assert summary, "empty summary"
     assert (tmp_path / "ratios.png").stat().st_size > 0
     assert "seqkern" in result.stdout
+
+
+def test_rule_gate_passes_within_twice_torch_error_and_fails_beyond():
+    from benchmarks.harness import rule_verdict
+
+    oracle = [torch.zeros(4, dtype=torch.float64)]
+    torch_result = [torch.full((4,), 1e-3)]
+    assert rule_verdict([torch.full((4,), 1.9e-3)], torch_result, oracle)[0]
+    passed, text = rule_verdict([torch.full((4,), 2.1e-3)], torch_result, oracle)
+    assert not passed and "FAILED" in text
+
+
+def test_interleaved_timing_times_every_contender_in_every_round():
+    from benchmarks.harness import TimingBudget, time_interleaved
+
+    calls = []
+    budget = TimingBudget(seconds_per_measurement=0.01, warmup_seconds=0.0, min_repeats=3, max_repeats=6, rounds=3)
+    timings = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, budget)
+    assert set(timings) == {"a", "b"}
+    assert all(t.repeats >= 3 and 0 < t.min_s <= t.median_s <= t.max_s for t in timings.values())
+    timed = calls[4:]  # after two warm-up calls each, the rounds alternate between the contenders
+    assert timed[: timings["a"].repeats // 3] == ["a"] * (timings["a"].repeats // 3)
+    assert "b" in timed[: timings["a"].repeats // 3 + 1]

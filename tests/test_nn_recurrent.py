@@ -361,3 +361,16 @@ def test_distributed_data_parallel(family, tmp_path):
     grads = torch.load(result_path)
     for name, p in single.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_functional_call_uses_the_given_weights(family):
+    """torch.func.functional_call (as torch.export) swaps the parameters: the layers must read the swapped ones,
+    not the tensors of construction time."""
+    ours, theirs = _pair(family, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    params = {name: p.detach() * 0.5 for name, p in theirs.named_parameters()}
+    got = torch.func.functional_call(ours, params, (x,))
+    want = torch.func.functional_call(theirs, params, (x,))
+    for g, w in zip(_outputs(got), _outputs(want), strict=True):
+        torch.testing.assert_close(g, w)

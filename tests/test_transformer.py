@@ -340,6 +340,49 @@ def test_forward_override_and_hooks():
     assert [m.calls for m in stack.layers] == [1, 1] and seen == [(LEN_T, 2, 16)]
 
 
+def test_layers_hold_torch_nn_parameters_without_extra_random_draws():
+    """MultiheadAttention.from_torch keeps torch.nn's Parameter objects; the generator ends where torch.nn's does."""
+    torch.manual_seed(0)
+    theirs, after_theirs = torch.nn.TransformerDecoderLayer(8, 2, 16), torch.rand(3)
+    torch.manual_seed(0)
+    ours, after_ours = seqkern.nn.TransformerDecoderLayer(8, 2, 16), torch.rand(3)
+    assert torch.equal(after_theirs, after_ours)
+    assert type(ours.self_attn) is type(ours.multihead_attn) is seqkern.nn.MultiheadAttention
+    for (name, a), (other, b) in zip(theirs.named_parameters(), ours.named_parameters()):
+        assert name == other and torch.equal(a, b)
+    attn = torch.nn.MultiheadAttention(6, 2, kdim=4, add_bias_kv=True).eval()
+    converted = seqkern.nn.MultiheadAttention.from_torch(attn)
+    assert not converted.training
+    assert all(a is b for a, b in zip(attn.parameters(), converted.parameters()))
+
+
+# (MultiheadAttention options, kind of call): the packed fast path and the configurations that fall back to forward
+ATTEND_CASES = [
+    (dict(), "self"), (dict(batch_first=True), "self"), (dict(), "cross"), (dict(batch_first=True), "unbatched"),
+    (dict(kdim=5, vdim=5), "cross"), (dict(add_zero_attn=True), "self"), (dict(add_bias_kv=True), "cross"),
+]
+
+
+@pytest.mark.parametrize("options,kind", ATTEND_CASES, ids=lambda v: v if isinstance(v, str) else case_id(v))
+def test_attend_is_forward_without_weights(options, kind):
+    """MultiheadAttention.attend, the layers' public entry, returns forward(..., need_weights=False)[0]."""
+    torch.manual_seed(0)
+    attn = seqkern.nn.MultiheadAttention(6, 2, **options).double()
+    width = options.get("kdim", 6)
+    batch_dims = (2, 3) if options.get("batch_first") else (3, 2)  # (B, L) or (L, B)
+    query = torch.randn(*batch_dims, 6, dtype=torch.float64)
+    memory = torch.randn(4, 2, width, dtype=torch.float64)
+    if options.get("batch_first"):
+        memory = memory.transpose(0, 1)
+    mask = torch.tensor([[False, True, False, False]] * 3)
+    if kind == "self":
+        memory, mask = query, None
+    elif kind == "unbatched":
+        query, memory = query[0], memory[0]
+    got = attn.attend(query, memory, attn_mask=mask)
+    torch.testing.assert_close(got, attn(query, memory, memory, attn_mask=mask, need_weights=False)[0])
+
+
 def test_fully_masked_query_gives_zero_attention_instead_of_nan():
     layer = seqkern.nn.TransformerEncoderLayer(8, 2, 16, 0.0, norm_first=True)
     x = torch.randn(4, 1, 8)

@@ -1,4 +1,5 @@
-"""Seq2Seq: a recurrent encoder-decoder with attention (Bahdanau or Luong), greedy decoding and beam search.
+"""Seq2Seq: a recurrent encoder-decoder with attention (Bahdanau or Luong) or without (the context-vector model),
+greedy decoding and beam search.
 
     model = seqkern.models.Seq2Seq(src_vocab_size=8000, tgt_vocab_size=8000, rnn="lstm", attention="additive")
     out = model(src, src_lengths, tgt_in)                     # logits (B, T, tgt_vocab)
@@ -17,6 +18,9 @@ Architecture (H = hidden_size, D = 2 if bidirectional else 1):
   hidden_size=attention_hidden or H). The "dot" score needs D*H == H, i.e. a unidirectional encoder.
 - Attentional vector h~_t = tanh(`combine`([context_t; h_t])), combine = Linear(D*H + H, H, bias=False);
   logits = `output`(dropout(h~_t)), output = Linear(H, tgt_vocab).
+- attention=None is the context-vector encoder-decoder (Sutskever et al. 2014; Cho et al. 2014): no attention and
+  no `combine`; the decoder starts from the bridged encoder final state, the only thing it knows of the source,
+  and logits = `output`(dropout(h_t)). Everything else (bridge, decoding) is shared; input_feeding needs attention.
 - Without input feeding, teacher-forced training runs the decoder over all T target tokens in one fused call and
   the attention with all T queries at once. With input_feeding (Luong et al. 2015) the decoder input at step t is
   [embed(y_{t-1}); h~_{t-1}] (h~_0 = 0), so training steps token by token through `_step`, the function greedy
@@ -52,7 +56,7 @@ from seqkern.ops.gru import gru_cell
 from seqkern.ops.lstm import lstm_cell
 
 RNNS = ("lstm", "gru")
-ATTENTIONS = ("additive", "dot", "general", "concat")
+ATTENTIONS = ("additive", "dot", "general", "concat", None)
 LAYERS = ("seqkern", "torch")
 _RECURRENT = {
     "seqkern": {"lstm": seqkern.nn.LSTM, "gru": seqkern.nn.GRU},
@@ -72,32 +76,34 @@ class Seq2SeqOutput(NamedTuple):
 
 class Decoded(NamedTuple):
     """tokens (B, L) int64 (eos included, pad_id after it); lengths (B,) int64 including eos; scores (B,) the total
-    log-prob (beam search: the length-normalized score it ranks by); attention (B, L, S), 0 after eos."""
+    log-prob (beam search: the length-normalized score it ranks by); attention (B, L, S), 0 after eos (None for
+    the context-vector model, attention=None)."""
 
     tokens: Tensor
     lengths: Tensor
     scores: Tensor
-    attention: Tensor
+    attention: Tensor | None
 
 
 class _Source(NamedTuple):
     """What every decoder step reads of the encoded source: memory (rows, S, D*H), key_padding_mask (rows, S)
-    bool, projected keys (attention.project_keys(memory))."""
+    bool, projected keys (attention.project_keys(memory); None without attention)."""
 
     memory: Tensor
     mask: Tensor
-    projected: Tensor
+    projected: Tensor | None
 
     def repeat(self, times: int) -> _Source:
         """Each row `times` times in a row (beam search's B*beam rows)."""
-        return _Source(*(t.repeat_interleave(times, dim=0) for t in self))
+        return _Source(*(None if t is None else t.repeat_interleave(times, dim=0) for t in self))
 
 
 class Seq2Seq(nn.Module):
     """A recurrent encoder-decoder with attention; see the module docstring for the architecture.
 
     forward(src (B,S) int, src_lengths (B,) int (CPU or src's device), tgt_in (B,T) int starting with bos_id,
-    need_weights=False) -> Seq2SeqOutput(logits (B,T,tgt_vocab), attention (B,T,S) or None): teacher forcing, the
+    need_weights=False) -> Seq2SeqOutput(logits (B,T,tgt_vocab), attention (B,T,S) or None (always None for
+    attention=None)): teacher forcing, the
     logits at t predict tgt_in[:, t + 1] (the caller's tgt_out[:, t]).
     greedy_decode(src, src_lengths, max_len) / beam_search(src, src_lengths, beam_size, max_len, length_penalty)
     -> Decoded.
@@ -129,12 +135,15 @@ class Seq2Seq(nn.Module):
         decoder_input = embed_dim + (hidden_size if input_feeding else 0)
         self.decoder = recurrent(decoder_input, hidden_size, num_layers, batch_first=True, dropout=between, **factory)
         attention_hidden = attention_hidden or hidden_size
-        if attention == "additive":
+        if attention is None:
+            self.attention = None
+        elif attention == "additive":
             self.attention = seqkern.nn.AdditiveAttention(hidden_size, memory_size, attention_hidden, **factory)
         else:
             self.attention = seqkern.nn.LuongAttention(hidden_size, memory_size, attention,
                                                        hidden_size=attention_hidden, **factory)
-        self.combine = nn.Linear(memory_size + hidden_size, hidden_size, bias=False, **factory)
+        if attention is not None:
+            self.combine = nn.Linear(memory_size + hidden_size, hidden_size, bias=False, **factory)
         self.output = nn.Linear(hidden_size, tgt_vocab_size, **factory)
 
     # --------------------------------------------------------------------------------------------------------
@@ -179,7 +188,8 @@ class Seq2Seq(nn.Module):
         memory, _ = pad_packed_sequence(output, batch_first=True, total_length=length)
         mask = torch.arange(length, device=src.device) >= src_lengths.to(src.device).unsqueeze(1)
         finals = finals if self.rnn == "lstm" else (finals,)
-        return _Source(memory, mask, self.attention.project_keys(memory)), self._bridge(finals)
+        projected = None if self.attention is None else self.attention.project_keys(memory)
+        return _Source(memory, mask, projected), self._bridge(finals)
 
     def _bridge(self, finals: State) -> State:
         """The encoder's final states (L*D, B, H) -> the decoder's initial states (L, B, H)."""
@@ -191,12 +201,18 @@ class Seq2Seq(nn.Module):
                                             .reshape(layers, batch, 2 * hidden))) for s in finals)
 
     def _attend(self, query: Tensor, source: _Source, need_weights: bool) -> tuple[Tensor, Tensor | None]:
-        """query (rows, Lq, H) -> (context (rows, Lq, D*H), weights (rows, Lq, S) or None)."""
+        """query (rows, Lq, H) -> (context (rows, Lq, D*H), weights (rows, Lq, S) or None); (None, None) for the
+        context-vector model."""
+        if self.attention is None:
+            return None, None
         attend = self.attention if self.layers == "seqkern" else self.attention.composed_forward
         return attend(query, source.memory, None, source.mask, need_weights, projected_keys=source.projected)
 
     def _head(self, context: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
-        """context (..., D*H), decoder output (..., H) -> (attentional vector h~ (..., H), logits (..., vocab))."""
+        """context (..., D*H), decoder output (..., H) -> (attentional vector h~ (..., H), logits (..., vocab)).
+        Without attention (context None) the decoder output itself is what the output layer reads."""
+        if context is None:
+            return top, self.output(self.dropout(top))
         attentional = torch.tanh(self.combine(torch.cat([context, top], -1)))
         return attentional, self.output(self.dropout(attentional))
 
@@ -216,7 +232,7 @@ class Seq2Seq(nn.Module):
             x = torch.cat([x, feed], -1)
         top, state = self._decoder_step(x, state)
         context, weights = self._attend(top.unsqueeze(1), source, need_weights)
-        attentional, logits = self._head(context.squeeze(1), top)
+        attentional, logits = self._head(None if context is None else context.squeeze(1), top)
         feed = attentional if self.input_feeding else None
         return logits, state, feed, None if weights is None else weights.squeeze(1)
 
@@ -253,7 +269,7 @@ class Seq2Seq(nn.Module):
         token = src.new_full((batch,), self.bos_id, dtype=torch.int64)
         feed = self._first_feed(batch)
         tokens = src.new_full((batch, max_len), self.pad_id, dtype=torch.int64)
-        attention = source.memory.new_zeros(batch, max_len, src.shape[1])
+        attention = self._attention_buffer(source, batch, max_len)
         scores = source.memory.new_zeros(batch)
         lengths = src.new_zeros(batch, dtype=torch.int64)
         finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
@@ -264,7 +280,8 @@ class Seq2Seq(nn.Module):
             scores += log_probs.gather(1, token.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)
             token = token.masked_fill(finished, self.pad_id)
             tokens[:, t] = token
-            attention[:, t] = weights.masked_fill(finished.unsqueeze(1), 0.0)
+            if attention is not None:
+                attention[:, t] = weights.masked_fill(finished.unsqueeze(1), 0.0)
             lengths += (~finished).long()
             finished |= token == self.eos_id
             if bool(finished.all()):
@@ -289,7 +306,7 @@ class Seq2Seq(nn.Module):
         token = src.new_full((rows,), self.bos_id, dtype=torch.int64)
         feed = self._first_feed(rows)
         tokens = src.new_full((rows, max_len), self.pad_id, dtype=torch.int64)
-        attention = source.memory.new_zeros(rows, max_len, src.shape[1])
+        attention = self._attention_buffer(source, rows, max_len)
         # Only the first of each sequence's beams is live at the start: the others would duplicate it.
         scores = source.memory.new_full((batch, beams), float("-inf"))
         scores[:, 0] = 0.0
@@ -314,17 +331,23 @@ class Seq2Seq(nn.Module):
             picked = (first_row + origin).flatten()
             state = tuple(s.index_select(1, picked) for s in state)
             feed = None if feed is None else feed.index_select(0, picked)
-            tokens, attention = tokens.index_select(0, picked), attention.index_select(0, picked)
+            tokens = tokens.index_select(0, picked)
             token = token.flatten()
             tokens[:, t] = token
-            attention[:, t] = weights.index_select(0, picked).masked_fill(was_finished.view(rows, 1), 0.0)
+            if attention is not None:
+                attention = attention.index_select(0, picked)
+                attention[:, t] = weights.index_select(0, picked).masked_fill(was_finished.view(rows, 1), 0.0)
             if bool(finished.all()):
                 break
         ranks = scores / _penalty(lengths, length_penalty)
         best = ranks.argmax(-1)
         best_row = first_row.squeeze(1) + best
         return _trimmed(tokens[best_row], lengths.gather(1, best.unsqueeze(1)).squeeze(1),
-                        ranks.gather(1, best.unsqueeze(1)).squeeze(1), attention[best_row])
+                        ranks.gather(1, best.unsqueeze(1)).squeeze(1), None if attention is None else attention[best_row])
+
+    def _attention_buffer(self, source: _Source, rows: int, max_len: int) -> Tensor | None:
+        """The (rows, max_len, S) attention weights decoding fills in; None for the context-vector model."""
+        return None if self.attention is None else source.memory.new_zeros(rows, max_len, source.memory.shape[1])
 
     # --------------------------------------------------------------------------------------------------------
     # Argument checks.
@@ -360,7 +383,7 @@ def _penalty(lengths: Tensor, alpha: float) -> Tensor:
 def _trimmed(tokens: Tensor, lengths: Tensor, scores: Tensor, attention: Tensor) -> Decoded:
     """Cut the (rows, max_len) buffers to the longest decoded sequence."""
     longest = int(lengths.max()) if lengths.numel() else 0
-    return Decoded(tokens[:, :longest], lengths, scores, attention[:, :longest])
+    return Decoded(tokens[:, :longest], lengths, scores, None if attention is None else attention[:, :longest])
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -384,6 +407,10 @@ def _check_options(src_vocab_size, tgt_vocab_size, embed_dim, hidden_size, num_l
             raise DTypeError(f"{name}: expected a bool, got {type(value).__name__}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ShapeError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    if attention is None and input_feeding:
+        raise ValueError("input_feeding: feeds the attentional vector h~_t back into the decoder, which the "
+                         "context-vector model (attention=None) does not have; use an attention or "
+                         "input_feeding=False")
     if attention == "dot" and bidirectional:
         raise ShapeError(f"attention: the 'dot' score needs the memory width (2 * hidden_size = {2 * hidden_size} "
                          f"with bidirectional=True) to equal hidden_size={hidden_size}; use bidirectional=False or "

@@ -191,7 +191,10 @@ def run_stack(
 ) -> tuple[Tensor, list[Tensor]]:
     """The layer/direction loop: input (T,B,I), states [(L*D, B, size)] -> output (T,B,D*out), final states."""
     directions = 2 if module.bidirectional else 1
-    weights_per_direction = len(module._flat_weights) // (module.num_layers * directions)
+    # By name, not module._flat_weights: that list keeps the tensors of construction time, which torch.export
+    # and torch.func.functional_call swap out (torch.nn.LSTM.forward refreshes it for the same reason).
+    names = module._flat_weights_names
+    weights_per_direction = len(names) // (module.num_layers * directions)
     finals: list[State] = []
     layer_input = input
     for layer in range(module.num_layers):
@@ -199,7 +202,7 @@ def run_stack(
         for direction in range(directions):
             index = layer * directions + direction
             first = index * weights_per_direction
-            weights = module._flat_weights[first : first + weights_per_direction]
+            weights = [getattr(module, name) for name in names[first : first + weights_per_direction]]
             state = tuple(s[index] for s in states)
             output, final = run_direction(layer_input, state, weights, batch_sizes, direction == 1)
             outputs.append(output)

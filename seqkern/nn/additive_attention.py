@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqkern import reference
+from seqkern import onnx, reference
 from seqkern._checks import DTypeError, ShapeError, check_floating, check_size, check_tensor
 from seqkern.ops.additive_attention import additive_attention_projected
 
@@ -135,6 +135,7 @@ class AdditiveAttention(nn.Module):
         check_projected_keys(projected_keys, (*keys.shape[:-1], self.hidden_size), keys)
         return self.query_proj(query), key_proj, values
 
+    @onnx.reference_while_exporting
     def forward(self, query: Tensor, keys: Tensor, values: Tensor | None = None,
                 key_padding_mask: Tensor | None = None, need_weights: bool = False,
                 projected_keys: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

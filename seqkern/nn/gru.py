@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from seqkern import onnx
 from seqkern.nn import _recurrent
 from seqkern.ops.gru import gru_cell, gru_layer
 
@@ -28,7 +29,8 @@ class GRU(torch.nn.RNNBase):
                          bidirectional, device=device, dtype=dtype)
 
     def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None):
-        return _recurrent.forward(self, input, hx, (self.hidden_size,), _run_direction)
+        run_direction = onnx.direction_for(self) if onnx.exporting() else _run_direction
+        return _recurrent.forward(self, input, hx, (self.hidden_size,), run_direction)
 
 
 def _run_direction(x, state, weights, batch_sizes, reverse):
@@ -43,6 +45,7 @@ class GRUCell(torch.nn.GRUCell):
     forward(input (B,I) or (I,), hx (B,H) or (H,) or None) -> h' of the same batchedness.
     """
 
+    @onnx.reference_while_exporting
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, batched = _recurrent.cell_input(self, input)
         (h,) = _recurrent.cell_states(self, hx, ("hx",), x, batched)

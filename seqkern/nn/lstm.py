@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from seqkern import onnx
 from seqkern.nn import _recurrent
 from seqkern.ops.lstm import lstm_cell, lstm_layer
 
@@ -35,7 +36,8 @@ class LSTM(torch.nn.RNNBase):
 
     def forward(self, input: Tensor | PackedSequence, hx: Sequence[Tensor] | None = None):
         state_sizes = (self.proj_size or self.hidden_size, self.hidden_size)
-        return _recurrent.forward(self, input, hx, state_sizes, _run_direction)
+        run_direction = onnx.direction_for(self) if onnx.exporting() else _run_direction
+        return _recurrent.forward(self, input, hx, state_sizes, run_direction)
 
 
 def _run_direction(x, state, weights, batch_sizes, reverse):
@@ -50,6 +52,7 @@ class LSTMCell(torch.nn.LSTMCell):
     forward(input (B,I) or (I,), hx=(h (B,H), c (B,H)) or None) -> (h', c') of the same batchedness.
     """
 
+    @onnx.reference_while_exporting
     def forward(self, input: Tensor, hx: Sequence[Tensor] | None = None):
         x, batched = _recurrent.cell_input(self, input)
         h, c = _recurrent.cell_states(self, hx, ("hx[0]", "hx[1]"), x, batched)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqkern import onnx
 from seqkern._checks import ShapeError, check_size
 from seqkern.nn.additive_attention import (
     check_attention_call,
@@ -89,6 +90,7 @@ class LuongAttention(nn.Module):
             return F.linear(query, self._concat_weights()[0]), key_side, values
         return query, key_side, values
 
+    @onnx.reference_while_exporting
     def forward(self, query: Tensor, keys: Tensor, values: Tensor | None = None,
                 key_padding_mask: Tensor | None = None, need_weights: bool = False,
                 projected_keys: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

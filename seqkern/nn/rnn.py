@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from seqkern import onnx
 from seqkern.nn import _recurrent
 from seqkern.ops.rnn import rnn_cell, rnn_layer
 
@@ -40,6 +41,8 @@ class RNN(torch.nn.RNNBase):
             output, h_n = rnn_layer(x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu)
             return output, (h_n,)
 
+        if onnx.exporting():
+            run_direction = onnx.direction_for(self)
         return _recurrent.forward(self, input, hx, (self.hidden_size,), run_direction)
 
 
@@ -49,6 +52,7 @@ class RNNCell(torch.nn.RNNCell):
     forward(input (B,I) or (I,), hx (B,H) or (H,) or None) -> h' of the same batchedness.
     """
 
+    @onnx.reference_while_exporting
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, batched = _recurrent.cell_input(self, input)
         (h,) = _recurrent.cell_states(self, hx, ("hx",), x, batched)

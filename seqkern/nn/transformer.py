@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
+from seqkern import onnx
 from seqkern._checks import DTypeError, ShapeError, check_tensor
-from seqkern.nn.multihead_attention import MultiheadAttention, _attention_with_seed
+from seqkern.nn.multihead_attention import MultiheadAttention
 
 Activation = str | Callable[[Tensor], Tensor]
 
@@ -36,18 +37,11 @@ Activation = str | Callable[[Tensor], Tensor]
 # ------------------------------------------------------------------------------------------------------------
 # Attention computed from a MultiheadAttention's parameters, in the caller's layout.
 # ------------------------------------------------------------------------------------------------------------
-def _use_seqkern_attention(attn: torch.nn.MultiheadAttention) -> None:
-    """Turn the torch.nn.MultiheadAttention that torch.nn's constructor built into seqkern's, in place: the same
-    parameters, drawn by torch.nn's code (one seed gives torch.nn's weights); seqkern's class adds only methods."""
-    attn.__class__ = MultiheadAttention
-
-
 def _runs_inline(attn: torch.nn.Module) -> bool:
-    """Whether `_attend` may compute `attn`'s attention from its parameters instead of calling it: a seqkern
-    MultiheadAttention with packed projections, its forward not overridden and no hooks on it (torch.nn's fast
-    path makes the same hook check)."""
+    """Whether `_attend` may call `attn.attend` (the projections and attention from its parameters, no forward
+    call): a seqkern MultiheadAttention, its forward not overridden and no hooks on it (torch.nn's fast path
+    makes the same hook check)."""
     return (isinstance(attn, MultiheadAttention) and type(attn).forward is MultiheadAttention.forward
-            and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
             and not attn._forward_hooks and not attn._forward_pre_hooks)
 
 
@@ -56,65 +50,12 @@ def _attend(attn: torch.nn.Module, query: Tensor, memory: Tensor, attn_mask: Ten
     """attn(query, memory, memory, need_weights=False)[0]; self-attention when `memory is query`.
 
     query (L,B,E) | (B,L,E) with batch_first | (L,E), memory the same with S positions -> like query, a fresh
-    tensor when inline. Inline (see _runs_inline) it skips the copies MultiheadAttention.forward makes of a
-    batch-first input: one GEMM projects q, k and v (k and v for cross-attention) in the caller's layout, the
-    kernels read the heads as strided views of its output, and the backward of `unbind` writes their gradients
-    into one buffer. Measured (BERT-base self-attention, batch-first, eval, 2 threads): 200-210 ms against
-    205-217 ms through MultiheadAttention.forward.
+    tensor when inline (see _runs_inline and MultiheadAttention.attend).
     """
     if not _runs_inline(attn):
         return attn(query, memory, memory, key_padding_mask=key_padding_mask, need_weights=False,
                     attn_mask=attn_mask, is_causal=is_causal)[0]
-    batch_first = attn.batch_first and query.dim() == 3
-    to_seq_first = (lambda t: t.transpose(0, 1)) if batch_first else (lambda t: t)
-    unbatched = not attn._check_inputs(to_seq_first(query), to_seq_first(memory), to_seq_first(memory))
-    if unbatched:  # (L,E): a batch of one, batch-first (views)
-        batch_first, query, memory = True, query.unsqueeze(0), memory.unsqueeze(0)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    if is_causal and attn_mask is None:
-        raise ShapeError("is_causal: the attention needs attn_mask with the is_causal hint (as torch.nn); "
-                         "torch.nn.Transformer.generate_square_subsequent_mask builds it")
-    queries, keys, values = _project(attn, query, memory)
-    q, k, v = (_heads_first(t, batch_first) for t in (queries, keys, values))
-    batch, _, len_q, _ = q.shape
-    causal_kernel = is_causal and key_padding_mask is None  # as torch.nn: the mask is then taken as causal
-    mask = None if causal_kernel else attn._mask(attn_mask, key_padding_mask, batch, len_q, k.shape[2], q.dtype)
-    out, _, _ = _attention_with_seed(q, k, v, mask, attn.dropout if attn.training else 0.0, causal_kernel)
-    # The kernel writes (B,H,L,D); the out-projection needs the caller's (B,L,H*D) or (L,B,H*D) rows: one copy.
-    # Without autograd it lands in the query projection's place, read no more (the GEMM reads rows with any
-    # stride): one fresh (N,E) buffer less, 12.6 MB at the BERT-base shape, whose first-touch page faults cost
-    # 3-20 ms here depending on the machine's load.
-    heads = queries.copy_(_heads_first(out, batch_first, inverse=True)) if not q.requires_grad else \
-        _heads_first(out, batch_first, inverse=True).contiguous()
-    # 2-D rows (a view either way), so that F.linear is one addmm with the bias fused: on the strided 3-D view
-    # it would be mm, then a separate pass adding the bias.
-    rows = heads.flatten(-2).flatten(0, 1)
-    output = F.linear(rows, attn.out_proj.weight, attn.out_proj.bias).unflatten(0, heads.shape[:2])
-    return output.squeeze(0) if unbatched else output
-
-
-def _project(attn: MultiheadAttention, query: Tensor, memory: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """query (N0,N1,E), memory (M0,M1,E) -> q (N0,N1,H,D), k, v (M0,M1,H,D): views of one packed projection for
-    self-attention (`memory is query`), of two (q; k and v) otherwise."""
-    weight, bias, embed, heads = attn.in_proj_weight, attn.in_proj_bias, attn.embed_dim, attn.num_heads
-    if memory is query:
-        return _split_heads(F.linear(query, weight, bias), 3, heads)
-    (q,) = _split_heads(F.linear(query, weight[:embed], None if bias is None else bias[:embed]), 1, heads)
-    k, v = _split_heads(F.linear(memory, weight[embed:], None if bias is None else bias[embed:]), 2, heads)
-    return q, k, v
-
-
-def _heads_first(x: Tensor, batch_first: bool, inverse: bool = False) -> Tensor:
-    """(B,L,H,D) or (L,B,H,D) -> (B,H,L,D), the kernels' layout (a view); `inverse` goes back."""
-    if batch_first:
-        return x.transpose(1, 2)
-    return x.permute(2, 0, 1, 3) if inverse else x.permute(1, 2, 0, 3)
-
-
-def _split_heads(packed: Tensor, parts: int, heads: int) -> tuple[Tensor, ...]:
-    """(N0,N1,parts*E) -> `parts` views (N0,N1,heads,E/heads)."""
-    return packed.unflatten(-1, (parts, heads, -1)).unbind(-3)
+    return attn.attend(query, memory, attn_mask, key_padding_mask, is_causal)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -206,8 +147,9 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
                  norm_first: bool = False, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(**_layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
                                        batch_first, norm_first, bias, device, dtype))
-        _use_seqkern_attention(self.self_attn)
+        self.self_attn = MultiheadAttention.from_torch(self.self_attn)
 
+    @onnx.reference_while_exporting
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
         _check_sequence("src", src, self.linear1.weight, self.self_attn.embed_dim)
@@ -243,9 +185,10 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
                  norm_first: bool = False, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(**_layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
                                        batch_first, norm_first, bias, device, dtype))
-        _use_seqkern_attention(self.self_attn)
-        _use_seqkern_attention(self.multihead_attn)
+        self.self_attn = MultiheadAttention.from_torch(self.self_attn)
+        self.multihead_attn = MultiheadAttention.from_torch(self.multihead_attn)
 
+    @onnx.reference_while_exporting
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
                 memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,

@@ -1,16 +1,24 @@
-"""Wiring shared by every op: Triton implementations, and running them on CPU tensors.
+"""Wiring shared by every op: Triton implementations, running them on CPU tensors, and double backward.
 
 The schema of each op comes from seqkern/ops/_schemas.py; its CPU kernel is C++. This module registers
 the Triton launcher of an op as its CUDA kernel, and remembers it so that `seqkern.backend("triton")`
 can run it on CPU tensors (under the Triton interpreter). That redirection is a TorchDispatchMode: it
 sits below autograd, so the forward and the backward ops keep the one autograd formula of the op and only
 the kernel underneath changes.
+
+Double backward (one mechanism for every op): the fused backward kernels compute gradients, not a graph.
+When a backward runs with grad mode on (torch.autograd.grad(..., create_graph=True)), `register_ops` makes
+it recompute the op's forward through its reference (seqkern/reference/<op>.py, composed differentiable
+torch ops) from the saved inputs and differentiate that with create_graph=True: the returned gradients then
+carry a correct graph (second-order gradients, Hessian-vector products, gradient penalties). Otherwise the
+fast backward runs. Each op therefore saves all its inputs (`save_inputs`: references, never copies).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,23 +35,105 @@ def op(name: str) -> torch._ops.OpOverload:
     return getattr(torch.ops.seqkern, name).default
 
 
-def register_ops(
-    fakes: dict[str, Callable],
-    autograd: dict[str, tuple[Callable, Callable]],
-    triton_module: str,
-) -> None:
+class Autograd(NamedTuple):
+    """The autograd formula of one op.
+
+    backward(ctx, *grad_outputs), setup_context(ctx, inputs, output): as torch.library.register_autograd;
+        setup_context must save through `save_inputs`.
+    reference: the op's reference forward, same signature and outputs as the op, differentiable.
+    differentiable_outputs: positions of the outputs that carry gradients (not workspaces, not the lse).
+    """
+
+    backward: Callable
+    setup_context: Callable
+    reference: Callable
+    differentiable_outputs: tuple[int, ...]
+
+
+def register_ops(fakes: dict[str, Callable], autograd: dict[str, Autograd], triton_module: str) -> None:
     """The Python side of a family of ops (e.g. lstm_forward, lstm_backward, lstm_cell_*):
 
-    `fakes` maps each op name to its fake implementation; `autograd` maps the differentiable ops to
-    (backward, setup_context); each op's Triton launcher `triton_module`.<name> becomes its CUDA kernel
-    if Triton is installed. The schemas are Python's, so this holds whether or not the C++ kernels loaded.
+    `fakes` maps each op name to its fake implementation; `autograd` maps the differentiable ops to their
+    formula (their backward becomes differentiable through the reference, see the module docstring); each
+    op's Triton launcher `triton_module`.<name> becomes its CUDA kernel if Triton is installed. The schemas
+    are Python's, so this holds whether or not the C++ kernels loaded.
     """
     for name, fake in fakes.items():
         torch.library.register_fake(f"seqkern::{name}", fake)
         if _triton.available():
             register_triton(name, triton_module)
-    for name, (backward, setup_context) in autograd.items():
-        torch.library.register_autograd(f"seqkern::{name}", backward, setup_context=setup_context)
+    for name, formula in autograd.items():
+        torch.library.register_autograd(f"seqkern::{name}", _twice_differentiable(formula),
+                                        setup_context=formula.setup_context)
+
+
+def register_no_autograd(name: str, alternative: str) -> None:
+    """An op with no autograd formula: differentiating through it raises an error naming the op and
+    `alternative` (what to call instead), where torch would only warn and return no gradient."""
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"seqkern::{name} has no autograd formula: {alternative}")
+
+    torch.library.register_autograd(f"seqkern::{name}", refuse, setup_context=lambda ctx, inputs, output: None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Saved inputs and the differentiable backward.
+# --------------------------------------------------------------------------------------------------
+_SAVED = object()  # marks an input slot held by ctx.save_for_backward
+
+
+def save_inputs(ctx, inputs: tuple, *extra: Tensor | None) -> None:
+    """Save every input of the op (tensors and None through save_for_backward, by reference; the other
+    arguments on ctx) and the `extra` tensors its fast backward reads (outputs, workspaces)."""
+    ctx.input_layout = tuple(_SAVED if a is None or isinstance(a, Tensor) else a for a in inputs)
+    tensors = [a for a, slot in zip(inputs, ctx.input_layout) if slot is _SAVED]
+    ctx.save_for_backward(*tensors, *extra)
+
+
+def saved_inputs(ctx) -> tuple[tuple, tuple]:
+    """(the op's inputs as it was called, the extra tensors) saved by `save_inputs`."""
+    saved = iter(ctx.saved_tensors)
+    inputs = tuple(next(saved) if slot is _SAVED else slot for slot in ctx.input_layout)
+    return inputs, tuple(saved)
+
+
+def _twice_differentiable(formula: Autograd) -> Callable:
+    """formula.backward, except under create_graph=True: gradients through the reference, with a graph."""
+
+    def backward(ctx, *grad_outputs):
+        if not torch.is_grad_enabled():  # create_graph=False: the fused kernel
+            return formula.backward(ctx, *grad_outputs)
+        inputs, _ = saved_inputs(ctx)
+        return reference_gradients(formula, inputs, grad_outputs, ctx.needs_input_grad)
+
+    return backward
+
+
+def reference_gradients(formula: Autograd, inputs: tuple, grad_outputs: tuple, needs_input_grad) -> tuple:
+    """The gradients of formula.reference(*inputs) (one per input, None where not needed) against
+    `grad_outputs`, computed with create_graph=True so that they are differentiable in the inputs and in
+    grad_outputs. Costs the reference's forward and backward (time and memory of the composed math)."""
+    wanted = [i for i, needed in enumerate(needs_input_grad) if needed]
+    grads: list[Tensor | None] = [None] * len(inputs)
+    if not wanted:
+        return tuple(grads)
+    with torch.enable_grad():
+        # Fresh aliases (views: no copies) of the inputs to differentiate: an input may itself depend on
+        # another (gates_h = hx W_hh^T, with hx passed too), and the gradient with respect to the input
+        # tensor itself would then count that path twice. Each alias is reached only through this op.
+        inputs = tuple(t.view_as(t) if needed else t for t, needed in zip(inputs, needs_input_grad))
+        outputs = formula.reference(*inputs)
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    pairs = [(outputs[i], grad_outputs[i]) for i in formula.differentiable_outputs
+             if grad_outputs[i] is not None and outputs[i].requires_grad]
+    results = torch.autograd.grad(
+        [o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+        create_graph=True, allow_unused=True, materialize_grads=True,
+    ) if pairs else [torch.zeros_like(inputs[i]) for i in wanted]
+    for i, g in zip(wanted, results):
+        grads[i] = g
+    return tuple(grads)
 
 
 def register_triton(name: str, module: str) -> None:

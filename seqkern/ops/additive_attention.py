@@ -13,7 +13,10 @@ from torch import Tensor
 
 from seqkern import backends, reference
 from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
-from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops, zeros_if_none
+from seqkern.ops._contract import Contract
+from seqkern.ops._registry import (
+    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -25,28 +28,58 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
+def _check_inputs(contract: Contract, query_proj, key_proj, values, v):
+    """The arguments both ops share -> (B, Lq, Lk, H, Dv) (csrc/cpu/additive_attention.cpp check_inputs)."""
+    contract.supported_dtype(query_proj, "query_proj")
+    contract.dims(query_proj, 3, "(B, Lq, H)", "query_proj")
+    contract.dims(key_proj, 3, "(B, Lk, H)", "key_proj")
+    contract.dims(values, 3, "(B, Lk, Dv)", "values")
+    (batch, len_q, hidden), len_k, dim_v = query_proj.shape, key_proj.shape[1], values.shape[2]
+    contract.last_dim_contiguous(query_proj, "query_proj")
+    for name, t, shape in (("key_proj", key_proj, (batch, len_k, hidden)), ("values", values, (batch, len_k, dim_v)),
+                           ("v", v, (hidden,))):
+        contract.tensor(t, query_proj, shape, name)
+        contract.last_dim_contiguous(t, name)
+    contract.contiguous(v, "v")
+    return batch, len_q, len_k, hidden, dim_v
+
+
 def _forward_fake(query_proj, key_proj, values, v, key_padding_mask, return_weights):
-    batch, len_q = query_proj.shape[:2]
+    contract = Contract("additive_attention_forward")
+    batch, len_q, len_k, _, dim_v = _check_inputs(contract, query_proj, key_proj, values, v)
+    if key_padding_mask is not None:
+        contract.tensor(key_padding_mask, query_proj, (batch, len_k), "key_padding_mask", dtype=torch.bool)
+        contract.contiguous(key_padding_mask, "key_padding_mask")
     stats = _stats_dtype(query_proj.dtype)
-    out = values.new_empty(batch, len_q, values.shape[-1])
-    weights = query_proj.new_empty(batch, len_q, key_proj.shape[1], dtype=stats) if return_weights else empty(query_proj)
+    out = values.new_empty(batch, len_q, dim_v)
+    weights = query_proj.new_empty(batch, len_q, len_k, dtype=stats) if return_weights else empty(query_proj)
     return out, query_proj.new_empty(batch, len_q, dtype=stats), weights
 
 
 def _backward_fake(grad_out, grad_weights, query_proj, key_proj, values, v, out, weights):
+    contract = Contract("additive_attention_backward")
+    batch, len_q, len_k, _, dim_v = _check_inputs(contract, query_proj, key_proj, values, v)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        contract.tensor(t, query_proj, (batch, len_q, dim_v), name)
+        contract.last_dim_contiguous(t, name)
+    stats = _stats_dtype(query_proj.dtype)
+    for name, t in (("weights", weights), ("grad_weights", grad_weights)):
+        if t is not None:
+            contract.tensor(t, query_proj, (batch, len_q, len_k), name, dtype=stats)
+            contract.contiguous(t, name)
     return (query_proj.new_empty(query_proj.shape), key_proj.new_empty(key_proj.shape), values.new_empty(values.shape),
             v.new_empty(v.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    query_proj, key_proj, values, v, key_padding_mask, _return_weights = inputs
     out, lse, weights = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(query_proj, key_proj, values, v, key_padding_mask, out, weights)
+    save_inputs(ctx, inputs, out, weights)
 
 
 def _backward(ctx, grad_out, _grad_lse, grad_weights):
-    query_proj, key_proj, values, v, key_padding_mask, out, weights = ctx.saved_tensors
+    (query_proj, key_proj, values, v, key_padding_mask, _), (out, weights) = saved_inputs(ctx)
     if weights.numel() != out.shape[0] * out.shape[1] * key_proj.shape[1]:
         # Called with return_weights=False (the public functions never do when a gradient is wanted): one more
         # forward for the probabilities the backward reads.
@@ -70,7 +103,8 @@ def _impl(like: Tensor) -> str:
 
 register_ops(
     fakes={"additive_attention_forward": _forward_fake, "additive_attention_backward": _backward_fake},
-    autograd={"additive_attention_forward": (_backward, _setup_context)},
+    autograd={"additive_attention_forward": Autograd(_backward, _setup_context, reference.additive_attention_forward,
+                                                     (0, 2))},
     triton_module="seqkern.kernels.additive_attention",
 )
 

@@ -16,7 +16,10 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
 from seqkern.reference.flash_attention import visible
-from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops
+from seqkern.ops._contract import ATTENTION_DTYPES, Contract
+from seqkern.ops._registry import (
+    Autograd, empty, kernel_scope, needs_grad, register_no_autograd, register_ops, save_inputs, saved_inputs,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
@@ -29,35 +32,96 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
+def _check_forward(contract: Contract, q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, scale, dropout_p,
+                   dropout_seed) -> None:
+    """The arguments flash_attention_forward and _backward share (csrc/cpu/flash_attention.cpp make_problem)."""
+    contract.supported_dtype(q, "q")
+    contract.dims(q, 4, "(B, Hq, Lq, D)", "q")
+    contract.dims(k, 4, "(B, Hkv, Lk, D)", "k")
+    contract.dims(v, 4, "(B, Hkv, Lk, Dv)", "v")
+    batch, heads, len_q, dim = q.shape
+    kv_heads, len_k = k.shape[1], k.shape[2]
+    contract.tensor(k, q, (batch, kv_heads, len_k, dim), "k")
+    contract.tensor(v, q, (batch, kv_heads, len_k, v.shape[3]), "v")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        contract.last_dim_contiguous(t, name)
+    contract.check(heads % kv_heads == 0 if kv_heads > 0 else heads == 0,
+                   f"the {heads} query heads must be a multiple of the {kv_heads} kv heads")
+    if attn_mask is not None:
+        contract.tensor(attn_mask, q, (batch, heads, len_q, len_k), "attn_mask")
+        contract.last_dim_contiguous(attn_mask, "attn_mask")
+    contract.check(math.isfinite(scale), f"scale must be finite, got {scale}")
+    contract.check(0 <= dropout_p < 1, f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0:
+        contract.check(dropout_seed is not None, "dropout_p > 0 needs a dropout_seed")
+        contract.check(dropout_seed.dtype == torch.int64 and dropout_seed.numel() == 1,
+                       f"dropout_seed must be an int64 tensor with one element, got {dropout_seed.dtype} "
+                       f"{tuple(dropout_seed.shape)}")
+    contract.check((cu_seqlens_q is None) == (cu_seqlens_k is None), "cu_seqlens_q and cu_seqlens_k must be given together")
+    if cu_seqlens_q is not None:
+        contract.check(batch == 1, f"variable lengths (cu_seqlens) need B == 1, got B = {batch}")
+        contract.check(attn_mask is None, "attn_mask must be None with cu_seqlens")
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            contract.check(cu.dtype == torch.int32, f"{name} must be int32, got {cu.dtype}")
+            contract.check(cu.dim() == 1 and cu.shape[0] >= 1, f"{name} must be (N+1,), got shape {tuple(cu.shape)}")
+        contract.check(cu_seqlens_q.shape[0] == cu_seqlens_k.shape[0],
+                       "cu_seqlens_q and cu_seqlens_k must have the same length")
+
+
 def _forward_fake(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
                   window_right, bottom_right, dropout_p, dropout_seed):
+    _check_forward(Contract("flash_attention_forward", ATTENTION_DTYPES), q, k, v, attn_mask, cu_seqlens_q,
+                   cu_seqlens_k, scale, dropout_p, dropout_seed)
     batch, heads, len_q = q.shape[:3]
     return q.new_empty(batch, heads, len_q, v.shape[-1]), q.new_empty(batch, heads, len_q, dtype=_lse_dtype(q.dtype))
 
 
 def _backward_fake(grad_out, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                    scale, window_left, window_right, bottom_right, dropout_p, dropout_seed, want_grad_scores):
+    contract = Contract("flash_attention_backward", ATTENTION_DTYPES)
+    _check_forward(contract, q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, scale, dropout_p, dropout_seed)
+    rows = (*q.shape[:3], v.shape[3])
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        contract.tensor(t, q, rows, name)
+        contract.last_dim_contiguous(t, name)
+    contract.tensor(lse, q, q.shape[:3], "lse", dtype=_lse_dtype(q.dtype))
     scores = q.new_empty(*q.shape[:3], k.shape[2]) if want_grad_scores else empty(q)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), scores
 
 
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, is_causal, window_left, num_splits):
-    return _forward_fake(q, k_cache, v_cache, None, None, None, 0, 0, scale, window_left, 0, True, 0.0, None)
+    contract = Contract("flash_attention_decode", ATTENTION_DTYPES)
+    for name, t, layout in (("q", q, "(B, Hq, Lq, D)"), ("k_cache", k_cache, "(B, Hkv, S, D)"),
+                            ("v_cache", v_cache, "(B, Hkv, S, Dv)")):
+        contract.supported_dtype(t, name)
+        contract.like(t, q, name)
+        contract.dims(t, 4, layout, name)
+        contract.last_dim_contiguous(t, name)
+    batch, heads, _, dim = q.shape
+    kv_heads, size = k_cache.shape[1], k_cache.shape[2]
+    contract.check(kv_heads >= 1 and heads % kv_heads == 0,
+                   f"the query heads ({heads}) must be a multiple of the kv heads ({kv_heads})")
+    contract.shape(k_cache, (batch, kv_heads, size, dim), "k_cache")
+    contract.shape(v_cache, (batch, kv_heads, size, v_cache.shape[3]), "v_cache")
+    contract.check(num_splits >= 0, f"num_splits must be >= 0, got {num_splits}")
+    if cache_seqlens is not None:
+        contract.check(cache_seqlens.dtype == torch.int32, f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+        contract.shape(cache_seqlens, (batch,), "cache_seqlens")
+    return q.new_empty(*q.shape[:3], v_cache.shape[-1]), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-     bottom_right, dropout_p, dropout_seed) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.flags = (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p)
-    ctx.has_mask = attn_mask is not None
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_seed)
+    ctx.has_mask = inputs[3] is not None
+    save_inputs(ctx, inputs, out, lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p = ctx.flags
+    inputs, (out, lse) = saved_inputs(ctx)
+    q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, *flags, dropout_seed = inputs
+    max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p = flags
     want_grad_scores = ctx.has_mask and ctx.needs_input_grad[3]
     args = (_last_dim_contiguous(grad_out), q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
             window_left, window_right, bottom_right, dropout_p, dropout_seed, want_grad_scores)
@@ -77,12 +141,14 @@ def _impl(like: Tensor) -> str:
 
 register_ops(
     fakes={"flash_attention_forward": _forward_fake, "flash_attention_backward": _backward_fake},
-    autograd={"flash_attention_forward": (_backward, _setup_context)},
+    autograd={"flash_attention_forward": Autograd(_backward, _setup_context, reference.flash_attention_forward, (0,))},
     triton_module="seqkern.kernels.flash_attention",
 )
 register_ops(
     fakes={"flash_attention_decode": _decode_fake}, autograd={}, triton_module="seqkern.kernels.flash_attention_decode"
 )
+register_no_autograd("flash_attention_decode", "it is for inference; seqkern.attention_decode runs the "
+                     "differentiable reference when its inputs require grad, or use seqkern.attention")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -368,10 +434,12 @@ def attention_probabilities(
     seen = visible(query.shape[2], key.shape[2], window_left, window_right, bottom_right, query.device)
     scores = scores.masked_fill(~seen, float("-inf"))
     with torch.no_grad():
-        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # a row without keys: -inf - -inf
-    # The kernel's lse carries no gradient, yet p = exp(s - lse(s)) depends on s through it too. This lse has
-    # the kernel's value and logsumexp's gradient (d lse / d s = p): zero-valued (s - s.detach()) terms.
-    live = probs > 0
-    lse_with_grad = lse.unsqueeze(-1) + (probs * torch.where(live, scores - scores.detach(), 0.0)).sum(-1, keepdim=True)
-    # exp of -inf where no key is live (not exp(nan) masked afterwards: a masked nan still sends nan gradients).
-    return torch.exp(torch.where(live, scores - lse_with_grad, float("-inf"))).to(query.dtype)
+        live = torch.exp(scores - lse.unsqueeze(-1)) > 0  # False where exp underflows and in rows without keys (nan)
+    # p = exp(s - lse) with the kernel's lse has the right value but not logsumexp's dependence on s. Dividing by
+    # its row sum (value 1 up to rounding) and multiplying by that sum's value gives p bit for bit, and softmax's
+    # derivatives to every order (double backward included). exp of -inf where a key is not live, not exp(nan)
+    # masked afterwards: a masked nan still sends nan gradients.
+    probs = torch.exp(torch.where(live, scores - lse.unsqueeze(-1), float("-inf")))
+    total = probs.sum(-1, keepdim=True)
+    total = torch.where(total > 0, total, 1.0)
+    return (probs * (total.detach() / total)).to(query.dtype)

@@ -10,7 +10,10 @@ import torch
 from torch import Tensor
 
 from seqkern import backends, reference
-from seqkern.ops._registry import empty, kernel_scope, needs_grad, register_ops, zeros_if_none
+from seqkern.ops._contract import Contract
+from seqkern.ops._registry import (
+    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -18,38 +21,63 @@ SUPPORTED_DTYPES = {
 }
 
 
+# Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
+def _check_layer(contract: Contract, input, h0, w_ih, w_hh, batch_sizes):
+    """The arguments both layer ops share -> (T, B, I, H, H)."""
+    sizes = contract.layer(3, input, h0, w_ih, w_hh)
+    contract.batch_sizes(batch_sizes, sizes[0])
+    return sizes
+
+
 def _gru_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, save_workspace):
-    seq_len, batch, hidden = input.shape[0], input.shape[1], h0.shape[-1]
+    contract = Contract("gru_forward")
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    contract.biases(b_ih, b_hh, 3 * hidden, input)
     workspace = input.new_empty(seq_len, batch, 4 * hidden) if save_workspace else empty(input)
     return input.new_empty(seq_len, batch, hidden), h0.new_empty(h0.shape), workspace
 
 
 def _gru_backward_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, workspace, batch_sizes, reverse,
                        has_bias):
+    contract = Contract("gru_backward")
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    contract.tensor(grad_output, input, (seq_len, batch, hidden), "grad_output")
+    contract.tensor(grad_h_n, input, (batch, hidden), "grad_h_n")
+    contract.tensor(output, input, (seq_len, batch, hidden), "output")
+    contract.tensor(workspace, input, (seq_len, batch, 4 * hidden), "workspace (the forward's)")
     bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else empty(w_ih)
     return (input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), bias, bias.clone())
 
 
 def _gru_cell_forward_fake(gates_x, gates_h, hx, b_ih, b_hh):
-    return hx.new_empty(hx.shape), hx.new_empty(hx.shape[0], 4 * hx.shape[1])
+    contract = Contract("gru_cell_forward")
+    batch, hidden = contract.cell_state(hx, "hx")
+    contract.tensor(gates_x, hx, (batch, 3 * hidden), "gates_x")
+    contract.tensor(gates_h, hx, (batch, 3 * hidden), "gates_h")
+    contract.biases(b_ih, b_hh, 3 * hidden, hx)
+    return hx.new_empty(hx.shape), hx.new_empty(batch, 4 * hidden)
 
 
 def _gru_cell_backward_fake(grad_hy, hx, workspace, has_bias):
-    gates = hx.new_empty(hx.shape[0], 3 * hx.shape[1])
-    bias = hx.new_empty(3 * hx.shape[1]) if has_bias else empty(hx)
+    contract = Contract("gru_cell_backward")
+    batch, hidden = contract.cell_state(hx, "hx")
+    contract.tensor(grad_hy, hx, (batch, hidden), "grad_hy")
+    contract.tensor(workspace, hx, (batch, 4 * hidden), "workspace")
+    gates = hx.new_empty(batch, 3 * hidden)
+    bias = hx.new_empty(3 * hidden) if has_bias else empty(hx)
     return gates, gates.clone(), hx.new_empty(hx.shape), bias, bias.clone()
 
 
 def _gru_setup_context(ctx, inputs, output):
-    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, save_workspace = inputs
+    _, _, _, _, b_ih, _, _, reverse, save_workspace = inputs
     out, _, workspace = output
     ctx.reverse, ctx.has_bias, ctx.saved_workspace = reverse, b_ih is not None, save_workspace
-    ctx.save_for_backward(input, h0, w_ih, w_hh, out, workspace, batch_sizes)
+    save_inputs(ctx, inputs, out, workspace)
 
 
 def _gru_backward(ctx, grad_output, grad_h_n, _grad_workspace):
-    input, h0, w_ih, w_hh, out, workspace, batch_sizes = ctx.saved_tensors
+    (input, h0, w_ih, w_hh, _, _, batch_sizes, _, _), (out, workspace) = saved_inputs(ctx)
     if not ctx.saved_workspace:
         raise RuntimeError("seqkern.gru_forward was called with save_workspace=False: it cannot be differentiated")
     with kernel_scope(_impl(input), input.device):
@@ -64,13 +92,13 @@ def _gru_backward(ctx, grad_output, grad_h_n, _grad_workspace):
 
 
 def _gru_cell_setup_context(ctx, inputs, output):
-    _, _, hx, b_ih, _ = inputs
-    ctx.has_bias = b_ih is not None
-    ctx.save_for_backward(hx, output[1])
+    ctx.has_bias = inputs[3] is not None
+    # gates_x and gates_h are saved only for a double backward's recompute (as torch's own fused GRU cell does).
+    save_inputs(ctx, inputs, output[1])
 
 
 def _gru_cell_backward(ctx, grad_hy, _grad_workspace):
-    hx, workspace = ctx.saved_tensors
+    (_, _, hx, _, _), (workspace,) = saved_inputs(ctx)
     with kernel_scope(_impl(hx), hx.device):
         grad_gates_x, grad_gates_h, grad_hx, grad_b_ih, grad_b_hh = torch.ops.seqkern.gru_cell_backward(
             zeros_if_none(grad_hy, hx), hx, workspace, ctx.has_bias
@@ -92,8 +120,8 @@ register_ops(
         "gru_cell_backward": _gru_cell_backward_fake,
     },
     autograd={
-        "gru_forward": (_gru_backward, _gru_setup_context),
-        "gru_cell_forward": (_gru_cell_backward, _gru_cell_setup_context),
+        "gru_forward": Autograd(_gru_backward, _gru_setup_context, reference.gru_forward, (0, 1)),
+        "gru_cell_forward": Autograd(_gru_cell_backward, _gru_cell_setup_context, reference.gru_cell_forward, (0,)),
     },
     triton_module="seqkern.kernels.gru",
 )

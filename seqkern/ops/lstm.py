@@ -11,8 +11,11 @@ import torch
 from torch import Tensor
 
 from seqkern import backends, reference
+from seqkern.ops._contract import Contract
 from seqkern.ops._registry import empty as _empty
-from seqkern.ops._registry import kernel_scope, needs_grad, register_ops, zeros_if_none
+from seqkern.ops._registry import (
+    Autograd, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -21,11 +24,22 @@ SUPPORTED_DTYPES = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Fake (meta) implementations: shapes only, for torch.compile and opcheck.
+# Fake (meta) implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes,
+# for torch.compile and opcheck.
 # --------------------------------------------------------------------------------------------------
+def _check_layer(contract: Contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes):
+    """The arguments both layer ops share -> (T, B, I, H, P)."""
+    sizes = contract.layer(4, input, h0, w_ih, w_hh, w_hr)
+    seq_len, batch, _, hidden, _ = sizes
+    contract.tensor(c0, input, (batch, hidden), "c0")
+    contract.batch_sizes(batch_sizes, seq_len)
+    return sizes
+
+
 def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace):
-    seq_len, batch = input.shape[0], input.shape[1]
-    hidden, out_size = c0.shape[-1], h0.shape[-1]
+    contract = Contract("lstm_forward")
+    seq_len, batch, _, hidden, out_size = _check_layer(contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes)
+    contract.biases(b_ih, b_hh, 4 * hidden, input)
     output = input.new_empty(seq_len, batch, out_size)
     if save_workspace:
         gates, cells = input.new_empty(seq_len, batch, 4 * hidden), input.new_empty(seq_len, batch, hidden)
@@ -36,6 +50,14 @@ def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
 
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, output, gates,
                         cells, batch_sizes, reverse, has_bias):
+    contract = Contract("lstm_backward")
+    seq_len, batch, _, hidden, out_size = _check_layer(contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes)
+    contract.tensor(grad_output, input, (seq_len, batch, out_size), "grad_output")
+    contract.tensor(grad_h_n, input, (batch, out_size), "grad_h_n")
+    contract.tensor(grad_c_n, input, (batch, hidden), "grad_c_n")
+    contract.tensor(output, input, (seq_len, batch, out_size), "output")
+    contract.tensor(gates, input, (seq_len, batch, 4 * hidden), "gates (the forward's workspace)")
+    contract.tensor(cells, input, (seq_len, batch, hidden), "cells (the forward's workspace)")
     grad_bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else _empty(w_ih)
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else _empty(w_ih)
     return (input.new_empty(input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
@@ -43,10 +65,20 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_
 
 
 def _lstm_cell_forward_fake(gates_x, gates_h, cx, b_ih, b_hh):
+    contract = Contract("lstm_cell_forward")
+    batch, hidden = contract.cell_state(cx, "cx")
+    contract.tensor(gates_x, cx, (batch, 4 * hidden), "gates_x")
+    contract.tensor(gates_h, cx, (batch, 4 * hidden), "gates_h")
+    contract.biases(b_ih, b_hh, 4 * hidden, cx)
     return cx.new_empty(cx.shape), cx.new_empty(cx.shape), gates_x.new_empty(gates_x.shape)
 
 
 def _lstm_cell_backward_fake(grad_hy, grad_cy, cx, cy, workspace, has_bias):
+    contract = Contract("lstm_cell_backward")
+    batch, hidden = contract.cell_state(cx, "cx")
+    for name, t in (("grad_hy", grad_hy), ("grad_cy", grad_cy), ("cy", cy)):
+        contract.tensor(t, cx, (batch, hidden), name)
+    contract.tensor(workspace, cx, (batch, 4 * hidden), "workspace")
     grad_bias = workspace.new_empty(workspace.shape[-1]) if has_bias else _empty(workspace)
     return workspace.new_empty(workspace.shape), cx.new_empty(cx.shape), grad_bias
 
@@ -55,15 +87,15 @@ def _lstm_cell_backward_fake(grad_hy, grad_cy, cx, cy, workspace, has_bias):
 # Autograd.
 # --------------------------------------------------------------------------------------------------
 def _lstm_setup_context(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace = inputs
+    _, _, _, _, _, b_ih, _, w_hr, _, reverse, save_workspace = inputs
     out, _, _, gates, cells = output
     ctx.reverse, ctx.has_bias, ctx.has_proj = reverse, b_ih is not None, w_hr is not None
     ctx.saved_workspace = save_workspace
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes)
+    save_inputs(ctx, inputs, out, gates, cells)
 
 
 def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes = ctx.saved_tensors
+    (input, h0, c0, w_ih, w_hh, _, _, w_hr, batch_sizes, _, _), (out, gates, cells) = saved_inputs(ctx)
     if not ctx.saved_workspace:
         raise RuntimeError("seqkern.lstm_forward was called with save_workspace=False: it cannot be differentiated")
     with kernel_scope(_impl_for_backward(input), input.device):
@@ -78,14 +110,15 @@ def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cell
 
 
 def _lstm_cell_setup_context(ctx, inputs, output):
-    _, _, cx, b_ih, _ = inputs
     _, cy, workspace = output
-    ctx.has_bias = b_ih is not None
-    ctx.save_for_backward(cx, cy, workspace)
+    ctx.has_bias = inputs[3] is not None
+    # gates_x and gates_h are saved only for a double backward's recompute (as torch's own fused LSTM cell
+    # does): references that keep them alive, no copies.
+    save_inputs(ctx, inputs, cy, workspace)
 
 
 def _lstm_cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
-    cx, cy, workspace = ctx.saved_tensors
+    (_, _, cx, _, _), (cy, workspace) = saved_inputs(ctx)
     with kernel_scope(_impl_for_backward(cx), cx.device):
         grad_gates, grad_cx, grad_bias = torch.ops.seqkern.lstm_cell_backward(
             zeros_if_none(grad_hy, cy), zeros_if_none(grad_cy, cy), cx, cy, workspace, ctx.has_bias
@@ -107,8 +140,9 @@ register_ops(
         "lstm_cell_backward": _lstm_cell_backward_fake,
     },
     autograd={
-        "lstm_forward": (_lstm_backward, _lstm_setup_context),
-        "lstm_cell_forward": (_lstm_cell_backward, _lstm_cell_setup_context),
+        "lstm_forward": Autograd(_lstm_backward, _lstm_setup_context, reference.lstm_forward, (0, 1, 2)),
+        "lstm_cell_forward": Autograd(_lstm_cell_backward, _lstm_cell_setup_context, reference.lstm_cell_forward,
+                                      (0, 1)),
     },
     triton_module="seqkern.kernels.lstm",
 )

@@ -10,7 +10,10 @@ import torch
 from torch import Tensor
 
 from seqkern import backends, reference
-from seqkern.ops._registry import empty, kernel_scope, register_ops, zeros_if_none
+from seqkern.ops._contract import Contract
+from seqkern.ops._registry import (
+    Autograd, empty, kernel_scope, register_ops, save_inputs, saved_inputs, zeros_if_none,
+)
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -18,31 +21,54 @@ SUPPORTED_DTYPES = {
 }
 
 
+# Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
+def _check_layer(contract: Contract, input, h0, w_ih, w_hh, batch_sizes):
+    """The arguments both layer ops share -> (T, B, I, H, H)."""
+    sizes = contract.layer(1, input, h0, w_ih, w_hh)
+    contract.batch_sizes(batch_sizes, sizes[0])
+    return sizes
+
+
 def _rnn_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu):
-    return input.new_empty(input.shape[0], input.shape[1], h0.shape[-1]), h0.new_empty(h0.shape)
+    contract = Contract("rnn_forward")
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    contract.biases(b_ih, b_hh, hidden, input)
+    return input.new_empty(seq_len, batch, hidden), h0.new_empty(h0.shape)
 
 
 def _rnn_backward_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, batch_sizes, reverse, relu, has_bias):
+    contract = Contract("rnn_backward")
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    contract.tensor(grad_output, input, (seq_len, batch, hidden), "grad_output")
+    contract.tensor(grad_h_n, input, (batch, hidden), "grad_h_n")
+    contract.tensor(output, input, (seq_len, batch, hidden), "output")
     bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else empty(w_ih)
     return input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), bias
 
 
 def _rnn_cell_forward_fake(gates_x, gates_h, b_ih, b_hh, relu):
+    contract = Contract("rnn_cell_forward")
+    batch, hidden = contract.cell_state(gates_x, "gates_x")
+    contract.tensor(gates_h, gates_x, (batch, hidden), "gates_h")
+    contract.biases(b_ih, b_hh, hidden, gates_x)
     return gates_x.new_empty(gates_x.shape)
 
 
 def _rnn_cell_backward_fake(grad_hy, hy, relu, has_bias):
-    return hy.new_empty(hy.shape), hy.new_empty(hy.shape[-1]) if has_bias else empty(hy)
+    contract = Contract("rnn_cell_backward")
+    batch, hidden = contract.cell_state(hy, "hy")
+    contract.tensor(grad_hy, hy, (batch, hidden), "grad_hy")
+    return hy.new_empty(hy.shape), hy.new_empty(hidden) if has_bias else empty(hy)
 
 
 def _rnn_setup_context(ctx, inputs, output):
-    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu = inputs
+    _, _, _, _, b_ih, _, _, reverse, relu = inputs
     ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, b_ih is not None
-    ctx.save_for_backward(input, h0, w_ih, w_hh, output[0], batch_sizes)
+    save_inputs(ctx, inputs, output[0])
 
 
 def _rnn_backward(ctx, grad_output, grad_h_n):
-    input, h0, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
+    (input, h0, w_ih, w_hh, _, _, batch_sizes, _, _), (out,) = saved_inputs(ctx)
     with kernel_scope(_impl(input), input.device):
         grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias = torch.ops.seqkern.rnn_backward(
             zeros_if_none(grad_output, out), zeros_if_none(grad_h_n, h0), input, h0, w_ih, w_hh, out, batch_sizes,
@@ -53,13 +79,13 @@ def _rnn_backward(ctx, grad_output, grad_h_n):
 
 
 def _rnn_cell_setup_context(ctx, inputs, output):
-    _, _, b_ih, _, relu = inputs
-    ctx.relu, ctx.has_bias = relu, b_ih is not None
-    ctx.save_for_backward(output)
+    ctx.relu, ctx.has_bias = inputs[4], inputs[2] is not None
+    # gates_x and gates_h are saved only for a double backward's recompute: references, no copies.
+    save_inputs(ctx, inputs, output)
 
 
 def _rnn_cell_backward(ctx, grad_hy):
-    (hy,) = ctx.saved_tensors
+    _, (hy,) = saved_inputs(ctx)
     with kernel_scope(_impl(hy), hy.device):
         grad_preact, grad_bias = torch.ops.seqkern.rnn_cell_backward(grad_hy, hy, ctx.relu, ctx.has_bias)
     bias = grad_bias if ctx.has_bias else None
@@ -78,8 +104,8 @@ register_ops(
         "rnn_cell_backward": _rnn_cell_backward_fake,
     },
     autograd={
-        "rnn_forward": (_rnn_backward, _rnn_setup_context),
-        "rnn_cell_forward": (_rnn_cell_backward, _rnn_cell_setup_context),
+        "rnn_forward": Autograd(_rnn_backward, _rnn_setup_context, reference.rnn_forward, (0, 1)),
+        "rnn_cell_forward": Autograd(_rnn_cell_backward, _rnn_cell_setup_context, reference.rnn_cell_forward, (0,)),
     },
     triton_module="seqkern.kernels.rnn",
 )

@@ -1,0 +1,161 @@
+"""One contract per op: a bad direct call to torch.ops.seqkern.* is refused the same way in eager (the C++
+kernel's checks) and under torch.compile (the fake implementation's torch._check, run here under
+FakeTensorMode): a RuntimeError naming the argument, before anything runs. Valid calls pass the fakes."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import seqkern  # noqa: F401  (loads the ops)
+
+OPS = torch.ops.seqkern
+T, B, I, H = 3, 2, 4, 5  # steps, batch, input size, hidden size
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def _layer(gates: int, lstm: bool = False) -> dict:
+    args = dict(input=_randn(T, B, I), h0=_randn(B, H))
+    if lstm:
+        args["c0"] = _randn(B, H)
+    args.update(w_ih=_randn(gates * H, I), w_hh=_randn(gates * H, H), b_ih=_randn(gates * H), b_hh=_randn(gates * H))
+    if lstm:
+        args["w_hr"] = None
+    args["batch_sizes"] = None
+    args["reverse"] = False
+    return args
+
+
+def _attention() -> dict:
+    return dict(q=_randn(1, 2, 3, 4), k=_randn(1, 2, 5, 4), v=_randn(1, 2, 5, 4), attn_mask=None, cu_seqlens_q=None,
+                cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, scale=0.5, window_left=-1, window_right=-1,
+                bottom_right=False, dropout_p=0.0, dropout_seed=None)
+
+
+def _attention_backward() -> dict:
+    forward = _attention()
+    args = dict(grad_out=_randn(1, 2, 3, 4), q=forward.pop("q"), k=forward.pop("k"), v=forward.pop("v"),
+                out=_randn(1, 2, 3, 4), lse=_randn(1, 2, 3))
+    return {**args, **forward, "want_grad_scores": False}
+
+
+def _additive() -> dict:
+    return dict(query_proj=_randn(2, 3, 4), key_proj=_randn(2, 5, 4), values=_randn(2, 5, 6), v=_randn(4),
+                key_padding_mask=None, return_weights=True)
+
+
+def _additive_backward() -> dict:
+    args = _additive()
+    del args["key_padding_mask"], args["return_weights"]
+    return dict(grad_out=_randn(2, 3, 6), grad_weights=None, **args, out=_randn(2, 3, 6), weights=_randn(2, 3, 5))
+
+
+# op -> its valid arguments by name (schema order)
+VALID = {
+    "lstm_forward": lambda: {**_layer(4, lstm=True), "save_workspace": True},
+    "lstm_backward": lambda: dict(
+        grad_output=_randn(T, B, H), grad_h_n=_randn(B, H), grad_c_n=_randn(B, H), input=_randn(T, B, I),
+        h0=_randn(B, H), c0=_randn(B, H), w_ih=_randn(4 * H, I), w_hh=_randn(4 * H, H), w_hr=None,
+        output=_randn(T, B, H), gates=_randn(T, B, 4 * H), cells=_randn(T, B, H), batch_sizes=None, reverse=False,
+        has_bias=True),
+    "lstm_cell_forward": lambda: dict(gates_x=_randn(B, 4 * H), gates_h=_randn(B, 4 * H), cx=_randn(B, H),
+                                      b_ih=_randn(4 * H), b_hh=_randn(4 * H)),
+    "lstm_cell_backward": lambda: dict(grad_hy=_randn(B, H), grad_cy=_randn(B, H), cx=_randn(B, H), cy=_randn(B, H),
+                                       workspace=_randn(B, 4 * H), has_bias=True),
+    "gru_forward": lambda: {**_layer(3), "save_workspace": True},
+    "gru_backward": lambda: dict(
+        grad_output=_randn(T, B, H), grad_h_n=_randn(B, H), input=_randn(T, B, I), h0=_randn(B, H),
+        w_ih=_randn(3 * H, I), w_hh=_randn(3 * H, H), output=_randn(T, B, H), workspace=_randn(T, B, 4 * H),
+        batch_sizes=None, reverse=False, has_bias=True),
+    "gru_cell_forward": lambda: dict(gates_x=_randn(B, 3 * H), gates_h=_randn(B, 3 * H), hx=_randn(B, H),
+                                     b_ih=_randn(3 * H), b_hh=_randn(3 * H)),
+    "gru_cell_backward": lambda: dict(grad_hy=_randn(B, H), hx=_randn(B, H), workspace=_randn(B, 4 * H),
+                                      has_bias=True),
+    "rnn_forward": lambda: {**_layer(1), "relu": False},
+    "rnn_backward": lambda: dict(
+        grad_output=_randn(T, B, H), grad_h_n=_randn(B, H), input=_randn(T, B, I), h0=_randn(B, H),
+        w_ih=_randn(H, I), w_hh=_randn(H, H), output=_randn(T, B, H), batch_sizes=None, reverse=False, relu=False,
+        has_bias=True),
+    "rnn_cell_forward": lambda: dict(gates_x=_randn(B, H), gates_h=_randn(B, H), b_ih=_randn(H), b_hh=_randn(H),
+                                     relu=False),
+    "rnn_cell_backward": lambda: dict(grad_hy=_randn(B, H), hy=_randn(B, H), relu=False, has_bias=True),
+    "flash_attention_forward": _attention,
+    "flash_attention_backward": _attention_backward,
+    "flash_attention_decode": lambda: dict(q=_randn(2, 4, 1, 3), k_cache=_randn(2, 2, 6, 3),
+                                           v_cache=_randn(2, 2, 6, 5), cache_seqlens=None, scale=0.5, is_causal=True,
+                                           window_left=-1, num_splits=0),
+    "additive_attention_forward": _additive,
+    "additive_attention_backward": _additive_backward,
+}
+
+# (op, the argument the error must name, changes to the valid arguments)
+BAD = [
+    ("lstm_forward", "h0", dict(h0=_randn(B, H + 1))),
+    ("lstm_forward", "c0", dict(c0=_randn(B + 1, H))),
+    ("lstm_forward", "w_hh", dict(w_hh=_randn(4 * H, H, dtype=torch.float64))),
+    ("lstm_forward", "b_ih and b_hh", dict(b_hh=None)),
+    ("lstm_forward", "batch_sizes", dict(batch_sizes=torch.tensor([2, 1], dtype=torch.int64))),
+    ("lstm_forward", "input", dict(input=_randn(T, B))),
+    ("lstm_forward", "input", dict(input=torch.ones(T, B, I, dtype=torch.int32))),
+    ("lstm_forward", "w_hr", dict(w_hr=_randn(H, H + 1))),
+    ("lstm_backward", "gates", dict(gates=_randn(0))),
+    ("lstm_backward", "grad_c_n", dict(grad_c_n=_randn(B, H + 2))),
+    ("lstm_cell_forward", "gates_x", dict(gates_x=_randn(B, 3 * H))),
+    ("lstm_cell_forward", "b_ih", dict(b_ih=_randn(H), b_hh=_randn(H))),
+    ("lstm_cell_backward", "workspace", dict(workspace=_randn(B, H))),
+    ("gru_forward", "w_ih", dict(w_ih=_randn(3 * H + 1, I))),
+    ("gru_forward", "b_ih", dict(b_ih=_randn(H), b_hh=_randn(H))),
+    ("gru_backward", "workspace", dict(workspace=_randn(T, B, 3 * H))),
+    ("gru_cell_forward", "hx", dict(hx=_randn(H))),
+    ("gru_cell_backward", "grad_hy", dict(grad_hy=_randn(B + 1, H))),
+    ("rnn_forward", "h0", dict(h0=_randn(B, H, dtype=torch.float64))),
+    ("rnn_backward", "output", dict(output=_randn(T + 1, B, H))),
+    ("rnn_cell_forward", "gates_h", dict(gates_h=_randn(B, H + 1))),
+    ("rnn_cell_backward", "grad_hy", dict(grad_hy=_randn(B, H - 1))),
+    ("flash_attention_forward", "k", dict(k=_randn(1, 2, 5, 3))),
+    ("flash_attention_forward", "heads", dict(k=_randn(1, 3, 5, 4), v=_randn(1, 3, 5, 4))),
+    ("flash_attention_forward", "attn_mask", dict(attn_mask=_randn(1, 2, 3, 4))),
+    ("flash_attention_forward", "q", dict(q=_randn(2, 3, 4))),
+    ("flash_attention_forward", "dropout_p", dict(dropout_p=1.0)),
+    ("flash_attention_forward", "dropout_seed", dict(dropout_p=0.5)),
+    ("flash_attention_forward", "cu_seqlens", dict(cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32))),
+    ("flash_attention_forward", "scale", dict(scale=float("inf"))),
+    ("flash_attention_backward", "lse", dict(lse=_randn(1, 2, 3, dtype=torch.float64))),
+    ("flash_attention_backward", "grad_out", dict(grad_out=_randn(1, 2, 3, 5))),
+    ("flash_attention_decode", "heads", dict(k_cache=_randn(2, 3, 6, 3), v_cache=_randn(2, 3, 6, 5))),
+    ("flash_attention_decode", "cache_seqlens", dict(cache_seqlens=torch.tensor([1, 2]))),
+    ("flash_attention_decode", "num_splits", dict(num_splits=-1)),
+    ("additive_attention_forward", "v", dict(v=_randn(5))),
+    ("additive_attention_forward", "key_padding_mask", dict(key_padding_mask=torch.zeros(2, 5))),
+    ("additive_attention_forward", "values", dict(values=_randn(2, 4, 6))),
+    ("additive_attention_backward", "weights", dict(weights=_randn(2, 3, 5, dtype=torch.float64))),
+]
+
+
+def _call_fake(op: str, args: dict):
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args.values()]
+        return getattr(OPS, op)(*fake)
+
+
+@pytest.mark.parametrize("op", VALID)
+def test_valid_arguments_pass_the_contract(op):
+    args = VALID[op]()
+    fake_results = _call_fake(op, args)
+    real_results = getattr(OPS, op)(*args.values())
+    for fake, real in zip(*(r if isinstance(r, tuple) else (r,) for r in (fake_results, real_results))):
+        assert fake.shape == real.shape and fake.dtype == real.dtype, op
+
+
+@pytest.mark.parametrize("op,name,changes", BAD, ids=[f"{op}-{name}" for op, name, _ in BAD])
+def test_bad_arguments_refused_alike_in_eager_and_under_compile(op, name, changes):
+    args = {**VALID[op](), **changes}
+    with pytest.raises(RuntimeError, match=re.escape(name)):
+        getattr(OPS, op)(*args.values())
+    with pytest.raises(RuntimeError, match=re.escape(name)):
+        _call_fake(op, args)
