@@ -99,18 +99,19 @@ def _kernel_registered(kernel: str, dispatch_key: str) -> bool:
 
 def resolve(
     op: str, device: torch.device, dtype: torch.dtype, supported: dict[str, tuple[torch.dtype, ...]],
-    kernel: str | None = None,
+    kernel: str | None = None, warn: bool = True,
 ) -> str:
     """The implementation ("reference" | "cpu" | "triton") that runs `op` on `device`/`dtype`.
 
     `supported` maps "cpu" and "triton" to the dtypes that implementation serves. With `kernel` (the name
     of one of the op's torch.ops.seqkern entries), "auto" also checks that the loaded extension has it.
+    warn=False: no fallback warning (for a report of what would run, not a call).
     """
     name = current()
     if name == "reference":
         return "reference"
     if name == "auto":
-        return _auto(op, device, dtype, supported, kernel)
+        return _auto(op, device, dtype, supported, kernel, warn)
     if name == "cpu" and device.type != "cpu":
         raise ValueError(f"seqkern.backend('cpu') cannot run {op} on a {device.type} tensor")
     if name == "cpu" and not cpu_kernel_available():
@@ -123,30 +124,30 @@ def resolve(
 
 
 def _auto(op: str, device: torch.device, dtype: torch.dtype, supported: dict[str, tuple[torch.dtype, ...]],
-          kernel: str | None) -> str:
+          kernel: str | None, warn: bool) -> str:
     """"auto": the device's kernel ("cpu" for CPU tensors, "triton" for CUDA ones) if it can serve the call,
     else the reference, with a warning naming the op and the reason."""
     native = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
     if native is None:
-        return "reference" if device.type == "meta" else _fallback(op, f"no kernel runs on {device.type} tensors")
+        return "reference" if device.type == "meta" else _fallback(warn, op, f"no kernel runs on {device.type} tensors")
     if native == "cpu" and not cpu_kernel_available():
-        return _fallback(op, f"the C++ kernels are not loaded ({_extension.IMPORT_ERROR})")
+        return _fallback(warn, op, f"the C++ kernels are not loaded ({_extension.IMPORT_ERROR})")
     if native == "triton" and not triton_available():
-        return _fallback(op, "triton is not installed")
+        return _fallback(warn, op, "triton is not installed")
     if dtype not in supported[native]:
-        return _fallback(op, f"its {native} kernel does not serve {dtype} (it serves {supported[native]})")
+        return _fallback(warn, op, f"its {native} kernel does not serve {dtype} (it serves {supported[native]})")
     if kernel is not None and not kernel_registered(kernel, device.type.upper()):
-        return _fallback(op, f"the loaded C++ library has no {kernel} kernel (built from older sources?)")
+        return _fallback(warn, op, f"the loaded C++ library has no {kernel} kernel (built from older sources?)")
     return native
 
 
 _warned: set[tuple[str, str]] = set()
 
 
-def _fallback(op: str, reason: str) -> str:
+def _fallback(warn: bool, op: str, reason: str) -> str:
     """Warns once per (op, reason) that `op` runs its reference, then answers "reference". Silent while
     torch.compile traces (the eager call warned already, and a warning would break the graph)."""
-    if not torch.compiler.is_compiling() and (op, reason) not in _warned:
+    if warn and not torch.compiler.is_compiling() and (op, reason) not in _warned:
         _warned.add((op, reason))
         warnings.warn(f"seqkern: {op} runs its pure-PyTorch reference: {reason}", RuntimeWarning, stacklevel=4)
     return "reference"

@@ -55,7 +55,7 @@ def capability_line() -> str:
 
 def _choice(op: str, device: str, dtypes, kernel: str) -> str:
     try:
-        return backends.resolve(op, torch.device(device), torch.float32, dtypes, kernel=kernel)
+        return backends.resolve(op, torch.device(device), torch.float32, dtypes, kernel=kernel, warn=False)
     except (RuntimeError, ValueError, TypeError) as error:
         return f"unavailable ({error})"
 

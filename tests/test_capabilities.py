@@ -10,9 +10,11 @@ import seqkern
 from seqkern import _extension
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-# The CPU kernels of the core ops against their oracles, every dtype: ~20 s per level on 2 cores.
+# The CPU kernels of the core ops (sequence and cell) against their oracles in float32 and float64. bfloat16 is
+# left out: its arithmetic is the float32 code path's (only the loads and stores convert, the same at every
+# level). All dtypes took 92 s of CPU per level (148 tests, measured at avx2 on a loaded machine).
 CORE_TESTS = ["test_lstm.py", "test_gru.py", "test_rnn.py", "test_flash_attention.py"]
-CORE_SELECTION = "cpu_kernel_against or cpu_cell_kernel_against"
+CORE_SELECTION = "(cpu_kernel_against or cpu_cell_kernel_against) and not bfloat16"
 
 
 def test_the_loaded_level_is_the_cpus_or_the_forced_one():
