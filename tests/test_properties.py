@@ -288,7 +288,6 @@ SATURATION_BUG = ("issue 13 item 4: where the softmax saturates (one visible key
                   "rounding residue above the float32 floor (dq 2.6e-6)")
 
 
-@pytest.mark.xfail(strict=True, reason=SATURATION_BUG)
 @settings(PROPERTY, phases=(Phase.explicit, Phase.generate))  # no shrinking while it fails: the minimal case is below
 @given(case=attention_cases(MAGNITUDES[3:]))
 def test_attention_saturated(case):
@@ -296,7 +295,6 @@ def test_attention_saturated(case):
     _check_attention(case)
 
 
-@pytest.mark.xfail(strict=True, reason=SATURATION_BUG)
 def test_single_key_gradients_are_exact():
     """The smallest case test_attention_saturated finds: query (3, 1) of magnitude 10, one key, value width 8."""
     _check_attention(dict(batch=None, heads=1, kv_heads=1, len_q=3, len_k=1, head_dim=1, value_dim=8, mask=None,

@@ -179,7 +179,8 @@ def test_broadcast_key_value_are_not_copied():
     from seqkern.ops import flash_attention as ops
 
     real = ops.run_forward
-    q = torch.randn(6, 2, 5, 8)
+    # 20 queries: more than the decode kernel takes (DECODE_MAX_QUERIES), so the flash forward runs.
+    q = torch.randn(6, 2, 20, 8)
     k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
     try:
         ops.run_forward = record

@@ -373,6 +373,10 @@ def decode_route(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
         over heads and queries, keeping a prefix of the keys (right padding; the lengths become cache_seqlens).
     """
     len_q, len_k = q.shape[2], k.shape[2]
+    # Symbolic lengths (torch.export / dynamic torch.compile): the test below would guard them into a range and
+    # specialize the program; such a program keeps the flash forward, which serves every length.
+    if not (isinstance(len_q, int) and isinstance(len_k, int)):
+        return None
     if not 1 <= len_q <= min(DECODE_MAX_QUERIES, len_k) or dropout_p != 0.0 or needs_grad(q, k, v, mask):
         return None
     impl = backends.resolve("flash_attention_decode", q.device, q.dtype, SUPPORTED_DTYPES,
