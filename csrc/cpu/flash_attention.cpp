@@ -616,8 +616,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 /// every head and query tile, and per row lse = lse_hi + lse_lo (the float64 lse split into two A's, so that
 /// exp((s - lse_hi) - lse_lo) in A keeps its precision; lse_hi = +inf on rows that see nothing, so the
 /// probabilities are 0); zero-padded, in the accumulation dtype. delta = delta_hi + delta_lo (sum_j P dP /
-/// sum_j P per row, summed in float64) is filled by the backward's first pass, which also adds log(sum_j P) to
-/// the lse (reduce_delta).
+/// sum_j P per row, summed in float64) is filled by the backward's first pass, which for bf16 also adds
+/// log(sum_j P) to the lse (reduce_delta).
 template <typename A>
 struct QueryTiles {
   int64_t dim_pad, dim_v_pad;
@@ -897,13 +897,14 @@ void reduce_grad_q(const Problem& p, const std::vector<const A*>& dq_t, at::Tens
 }
 
 /// queries.delta + delta_lo = (sum over the workers' sums of P dP) / (sum of their sums of P), per query row (0
-/// where no key is seen), added in worker order in float64. The saved lse also takes log(sum of P): the second
-/// pass's P = exp(s - lse) is then the softmax of the scores as this backward recomputes them, rows summing to 1,
-/// even where the forward formed the scores differently (the bf16 forward's tile products on AMX / AVX512-BF16
-/// round a score of 3e6 by up to ~1: without it a saturated bf16 row's dV was 100x SDPA's error).
+/// where no key is seen), added in worker order in float64. With `renormalize` the saved lse also takes
+/// log(sum of P): the second pass's P = exp(s - lse) is then the softmax of the scores as this backward
+/// recomputes them, rows summing to 1. For bf16, whose forward may form the scores on AMX / AVX512-BF16 with a
+/// different rounding (a score of 3e6 by up to ~1: a saturated row's dV was 100x SDPA's error without it). The
+/// other dtypes' forward forms them exactly as the backward does; there the correction would only add rounding.
 template <typename A>
 void reduce_delta(const Problem& p, const std::vector<std::unique_ptr<BackwardScratch<A>>>& scratch,
-                  QueryTiles<A>& queries) {
+                  QueryTiles<A>& queries, bool renormalize) {
   at::parallel_for(0, p.heads * p.q_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       A* delta = queries.delta(item / p.q_tiles, item % p.q_tiles);
@@ -920,7 +921,7 @@ void reduce_delta(const Problem& p, const std::vector<std::unique_ptr<BackwardSc
         const double value = mass == 0 ? 0.0 : sum / mass;  // NaN stays NaN
         delta[c] = static_cast<A>(value);
         delta_lo[c] = std::isfinite(value) ? static_cast<A>(value - static_cast<double>(delta[c])) : A(0);
-        if (mass > 0 && std::isfinite(mass)) {
+        if (renormalize && mass > 0 && std::isfinite(mass)) {
           const double lse = static_cast<double>(lse_hi[c]) + static_cast<double>(lse_lo[c]) + std::log(mass);
           lse_hi[c] = static_cast<A>(lse);
           lse_lo[c] = static_cast<A>(lse - static_cast<double>(lse_hi[c]));
@@ -972,7 +973,7 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   // SDPA's float32 error on dq in PyTorch's saturated SDPA samples. Costs two of the backward's five tile
   // products again, and the float64 sums.
   run_pass(/*delta_pass=*/true);
-  reduce_delta(p, scratch, queries);
+  reduce_delta(p, scratch, queries, /*renormalize=*/std::is_same_v<S, c10::BFloat16>);
   run_pass(/*delta_pass=*/false);
   std::vector<const A*> dq_t;
   for (const auto& w : scratch)
