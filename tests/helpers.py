@@ -305,3 +305,20 @@ SINGLE_STATE_LAYER_CASES = [
 SINGLE_STATE_TRITON_CASES = [SINGLE_STATE_LAYER_CASES[0], dict(seq_len=4, batch=3, input_size=5, hidden=17),
                              SINGLE_STATE_LAYER_CASES[3], SINGLE_STATE_LAYER_CASES[4]]
 CELL_CASES = [dict(batch=1, hidden=1), dict(batch=3, hidden=17, bias=False), dict(batch=64, hidden=127)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Seq2Seq batches (tests/test_seq2seq.py, tests/test_seq2seq_context.py).
+# ------------------------------------------------------------------------------------------------
+def seq2seq_batch(src_vocab: int, tgt_vocab: int, rows: int = 4, src_len: int = 7, tgt_len: int = 5, seed: int = 1,
+                  pad: int = 0, bos: int = 1, eos: int = 2):
+    """src (rows, src_len) padded after ragged lengths (the longest src_len, in no order), src_lengths, tgt_in
+    starting with bos, tgt_out; token ids above eos."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, src_len + 1, (rows,), generator=gen)
+    lengths[rows // 2] = src_len
+    src = torch.randint(eos + 1, src_vocab, (rows, src_len), generator=gen)
+    src = src.masked_fill(torch.arange(src_len) >= lengths[:, None], pad)
+    tgt = torch.randint(eos + 1, tgt_vocab, (rows, tgt_len + 1), generator=gen)
+    tgt[:, 0] = bos
+    return src, lengths, tgt[:, :-1], tgt[:, 1:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_all_rule
+from helpers import assert_all_rule, seq2seq_batch
 
 from seqkern.models import Decoded, Seq2Seq, plot_attention
 
@@ -57,16 +57,7 @@ def twins(**options) -> tuple[Seq2Seq, Seq2Seq, Seq2Seq]:
 
 
 def batch(rows: int = 4, src_len: int = 7, tgt_len: int = 5, seed: int = 1):
-    """src (rows, src_len) padded after ragged lengths (the longest src_len, in no order), src_lengths, tgt_in
-    starting with bos, tgt_out."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, src_len + 1, (rows,), generator=gen)
-    lengths[rows // 2] = src_len
-    src = torch.randint(EOS + 1, SRC_VOCAB, (rows, src_len), generator=gen)
-    src = src.masked_fill(torch.arange(src_len) >= lengths[:, None], PAD)
-    tgt = torch.randint(EOS + 1, TGT_VOCAB, (rows, tgt_len + 1), generator=gen)
-    tgt[:, 0] = BOS
-    return src, lengths, tgt[:, :-1], tgt[:, 1:]
+    return seq2seq_batch(SRC_VOCAB, TGT_VOCAB, rows, src_len, tgt_len, seed, PAD, BOS, EOS)
 
 
 def training_step(model: Seq2Seq, src, lengths, tgt_in, tgt_out, cotangent) -> dict:

@@ -5,7 +5,7 @@ the state_dict, the decoder step under torch.compile, bad configuration."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_all_rule
+from helpers import assert_all_rule, seq2seq_batch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from seqkern.models import Seq2Seq
@@ -21,14 +21,7 @@ def build(**options) -> Seq2Seq:
 
 
 def batch(rows: int = 4, src_len: int = 7, tgt_len: int = 5, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, src_len + 1, (rows,), generator=gen)
-    lengths[rows // 2] = src_len
-    src = torch.randint(EOS + 1, SRC_VOCAB, (rows, src_len), generator=gen)
-    src = src.masked_fill(torch.arange(src_len) >= lengths[:, None], PAD)
-    tgt = torch.randint(EOS + 1, TGT_VOCAB, (rows, tgt_len + 1), generator=gen)
-    tgt[:, 0] = BOS
-    return src, lengths, tgt[:, :-1], tgt[:, 1:]
+    return seq2seq_batch(SRC_VOCAB, TGT_VOCAB, rows, src_len, tgt_len, seed, PAD, BOS, EOS)
 
 
 def composed_logits(params: dict, options: dict, src, lengths, tgt_in):
