@@ -300,12 +300,10 @@ struct KeyTiles {
   TileArray<A> kt, k, v;
 };
 
-template <typename S, typename A = Acc<S>>
-KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool with_rows) {
-  const int64_t dim_v_pad = pad_lanes<A>(p.dim_v);
-  KeyTiles<A> t{dim_v_pad, TileArray<A>(p.kv_heads, p.k_tiles, p.dim * kKeyTile), TileArray<A>(),
-                TileArray<A>(p.kv_heads, p.k_tiles, kKeyTile * dim_v_pad)};
-  if (with_rows) t.k = TileArray<A>(p.kv_heads, p.k_tiles, kKeyTile * p.dim);
+/// Calls fill(h, g, width, k_row, v_row) for every (kv head h, key tile g), in parallel: the tile's `width` keys
+/// and k_row(r) / v_row(r), the source rows of its r-th key. What pack_keys and pack_keys_bf16 share.
+template <typename S, typename Fill>
+void for_each_key_tile(const Problem& p, const at::Tensor& k, const at::Tensor& v, const Fill& fill) {
   const auto owners = tile_owners(p, /*keys=*/true);
   const Rows<const S> k_src(k), v_src(v);
   at::parallel_for(0, p.kv_heads * p.k_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -315,10 +313,21 @@ KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v
       const int64_t j0 = owners[g].second * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
       const auto k_row = [&](int64_t r) { return k_src(s.batch, h, s.k_begin + j0 + r); };
       const auto v_row = [&](int64_t r) { return v_src(s.batch, h, s.k_begin + j0 + r); };
-      copy_tile<A, S>(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*transpose=*/true);
-      copy_tile<A, S>(t.v(h, g), t.v.tile_size, dim_v_pad, width, p.dim_v, v_row, false);
-      if (with_rows) copy_tile<A, S>(t.k(h, g), t.k.tile_size, p.dim, width, p.dim, k_row, false);
+      fill(h, g, width, k_row, v_row);
     }
+  });
+}
+
+template <typename S, typename A = Acc<S>>
+KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool with_rows) {
+  const int64_t dim_v_pad = pad_lanes<A>(p.dim_v);
+  KeyTiles<A> t{dim_v_pad, TileArray<A>(p.kv_heads, p.k_tiles, p.dim * kKeyTile), TileArray<A>(),
+                TileArray<A>(p.kv_heads, p.k_tiles, kKeyTile * dim_v_pad)};
+  if (with_rows) t.k = TileArray<A>(p.kv_heads, p.k_tiles, kKeyTile * p.dim);
+  for_each_key_tile<S>(p, k, v, [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
+    copy_tile<A, S>(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*transpose=*/true);
+    copy_tile<A, S>(t.v(h, g), t.v.tile_size, dim_v_pad, width, p.dim_v, v_row, false);
+    if (with_rows) copy_tile<A, S>(t.k(h, g), t.k.tile_size, p.dim, width, p.dim, k_row, false);
   });
   return t;
 }
@@ -353,19 +362,11 @@ KeyTilesBf16 pack_keys_bf16(const Problem& p, const at::Tensor& k, const at::Ten
   const int64_t dim_pad = bf16::round_up(std::max<int64_t>(p.dim, 1), bf16::kDepthGranule);
   KeyTilesBf16 t{path, dim_pad, TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, dim_pad * kKeyTile),
                  TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, kKeyTile * dim_v_pad)};
-  const auto owners = tile_owners(p, /*keys=*/true);
-  const Rows<const bf16::bf16_t> k_src(k), v_src(v);
-  at::parallel_for(0, p.kv_heads * p.k_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item / p.k_tiles, g = item % p.k_tiles;
-      const Sequence& s = p.sequences[owners[g].first];
-      const int64_t j0 = owners[g].second * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
-      const auto k_row = [&](int64_t r) { return k_src(s.batch, h, s.k_begin + j0 + r); };
-      const auto v_row = [&](int64_t r) { return v_src(s.batch, h, s.k_begin + j0 + r); };
-      pack_vnni(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*rows_are_columns=*/true);
-      pack_vnni(t.v(h, g), t.v.tile_size, dim_v_pad, width, p.dim_v, v_row, /*rows_are_columns=*/false);
-    }
-  });
+  for_each_key_tile<bf16::bf16_t>(
+      p, k, v, [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
+        pack_vnni(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*rows_are_columns=*/true);
+        pack_vnni(t.v(h, g), t.v.tile_size, dim_v_pad, width, p.dim_v, v_row, /*rows_are_columns=*/false);
+      });
   return t;
 }
 
