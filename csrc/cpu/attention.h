@@ -18,6 +18,8 @@
 #include <numeric>
 #include <vector>
 
+#include <c10/util/BFloat16.h>
+
 #include "cpu/simd.h"
 
 namespace seqkern::cpu::attention {
@@ -128,6 +130,26 @@ void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t ld
         tile_gemm_columns<T, true>(rows, vectors, k1 - k0, a + k0, lda, b + k0 * ldb + col, ldb, c + col, ldc);
       }
     }
+  }
+}
+
+/// The first n lanes of v stored to dst in S, rounded once. bfloat16 by vector integer arithmetic, bit for bit
+/// c10::BFloat16's round-to-nearest-even (NaN -> 0x7FC0): simd.h's store converts lane by lane, which cost the
+/// bf16 forward ~10% of its time writing the output rows.
+template <typename S, typename V>
+inline void store_rounded(S* dst, V v, int n) {
+  if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<SimdElement<V>, float>) {
+    using Bits = SimdTraits<float>::bits;
+    typedef uint32_t U32 __attribute__((vector_size(sizeof(Bits))));
+    typedef uint16_t U16 __attribute__((vector_size(sizeof(Bits) / 2)));
+    U32 x;
+    std::memcpy(&x, &v, sizeof(x));
+    const U32 rounded = (x + ((x >> 16) & 1u) + 0x7FFFu) >> 16;
+    const U32 bits = v != v ? U32{} + 0x7FC0u : rounded;
+    const U16 half = __builtin_convertvector(bits, U16);
+    std::memcpy(dst, &half, n * sizeof(uint16_t));
+  } else {
+    store(dst, v, n);
   }
 }
 

@@ -343,16 +343,30 @@ struct KeyTilesBf16 {
 
 /// dst (pair rows x 2 * cols, VNNI) of the (depth x cols) matrix whose column c is source row src_row(c)
 /// (K^T: column = key), or (transposed_source) whose row r is src_row(r) (V: row = key); zeros elsewhere.
+/// Element (depth d, column n) of the product's B lives at pair row d / 2, slot 2 n + d % 2. Written as 32-bit
+/// moves (a source pair (2p, 2p + 1) of a K row is one slot pair) and interleaved row pairs (V), not element by
+/// element with index arithmetic: that loop was ~8% of the bf16 forward.
 template <typename RowPtr>
 void pack_vnni(bf16::bf16_t* dst, int64_t size, int64_t cols, int64_t src_rows, int64_t src_cols,
                const RowPtr& src_row, bool rows_are_columns) {
   std::fill(dst, dst + size, bf16::bf16_t(0.0f));
-  for (int64_t r = 0; r < src_rows; ++r) {
-    const bf16::bf16_t* src = src_row(r);
+  if (rows_are_columns) {  // K^T: source row r = column r, its elements the depth
+    for (int64_t r = 0; r < src_rows; ++r) {
+      const bf16::bf16_t* src = src_row(r);
+      for (int64_t pair = 0; pair < src_cols / 2; ++pair)
+        std::memcpy(dst + pair * 2 * cols + 2 * r, src + 2 * pair, 2 * sizeof(bf16::bf16_t));
+      if (src_cols % 2) dst[(src_cols / 2) * 2 * cols + 2 * r] = src[src_cols - 1];
+    }
+    return;
+  }
+  const bf16::bf16_t zero(0.0f);
+  for (int64_t r = 0; r < src_rows; r += 2) {  // V: source rows 2p, 2p + 1 interleave into pair row p
+    const bf16::bf16_t* even = src_row(r);
+    const bf16::bf16_t* odd = r + 1 < src_rows ? src_row(r + 1) : nullptr;
+    bf16::bf16_t* out = dst + (r / 2) * 2 * cols;
     for (int64_t c = 0; c < src_cols; ++c) {
-      // element (depth d, column n) of the product's B lives at pair row d / 2, slot 2 n + d % 2
-      const int64_t d = rows_are_columns ? c : r, n = rows_are_columns ? r : c;
-      dst[(d / 2) * 2 * cols + 2 * n + d % 2] = src[c];
+      out[2 * c] = even[c];
+      out[2 * c + 1] = odd ? odd[c] : zero;
     }
   }
 }
@@ -401,13 +415,9 @@ void scores_bf16(const KeyTilesBf16& keys, ForwardScratch<float>& w, int64_t kv_
              /*accumulate=*/false);
 }
 
-/// out[r0:r1] += P V on the bf16 units: P (the kept probabilities, columns [0, padded)) rounded to bf16 as
-/// FlashAttention does, the row sums having been taken in fp32 before the rounding.
+/// out[r0:r1] += P V on the bf16 units, P = p16[r0:r1, 0:depth) (softmax_row_bf16's).
 void accumulate_pv_bf16(const KeyTilesBf16& keys, ForwardScratch<float>& w, int64_t kv_head, int64_t g, int64_t r0,
-                        int64_t r1, int64_t padded, int64_t dim_v_pad) {
-  const int64_t depth = bf16::round_up(padded, bf16::kDepthGranule);
-  for (int64_t r = r0; r < r1; ++r)
-    bf16::round_to_bf16(w.scores.data() + r * kKeyTile, padded, w.p16.data() + r * kKeyTile, depth);
+                        int64_t r1, int64_t depth, int64_t dim_v_pad) {
   bf16::gemm(keys.path, bf16_rows(keys, r0, r1), dim_v_pad, depth, w.p16.data() + r0 * kKeyTile, kKeyTile,
              keys.v(kv_head, g), 2 * dim_v_pad, w.out.data() + r0 * dim_v_pad, dim_v_pad, /*accumulate=*/true);
 }
@@ -464,6 +474,119 @@ void drop_row(A* p, int64_t padded, const DropoutHash& hash, uint32_t row_key, i
   }
 }
 
+/// o[0:dim_v_pad) *= alpha (a row's output accumulator, when its running maximum moved).
+template <typename A>
+void rescale_row(A* o, int64_t dim_v_pad, A alpha) {
+  for (int64_t c = 0; c < dim_v_pad; c += kLanes<A>) store_vector(o + c, load_vector(o + c) * alpha);
+}
+
+#if SEQKERN_BF16_X86
+/// The bf16 path's step of the online softmax for rows [r0, r1) of the worker's score tile, fused into two
+/// passes over each row's fp32 scores (the generic path makes four: scale and max, exp and sum, dropout,
+/// rounding to bf16):
+///   1. tile_max = scale * max of the raw scores s = q . k over the visible keys [first, last] (read only);
+///      then every row's alpha = exp(m - m') at once, in vectors (one libm exp per row cost ~10% of the pass);
+///   2. p = exp(scale s - m') (one FMA, then exp), 0 outside [first, last] and on the padding past width,
+///      summed into l in fp32, dropped entries set to 0, stored rounded to bf16 into p16 (zeros from
+///      pad_lanes(width) up to `depth`, P V's depth), and the row's output accumulator rescaled by alpha.
+/// Needs scale > 0 (so max(scale s) = scale max(s)) and no mask. A row that has seen only hidden or NaN scores
+/// so far (m' = -inf) is left untouched and reported in `cold` (true) for the caller's generic steps.
+/// Rounding: exp's argument is scale * s - m' with one rounding (the generic path rounds scale * s first).
+/// keys(i) gives the visible key range [first, last] of row i (tile-local columns, last < width).
+template <typename KeysOf>
+SEQKERN_TARGET_BF16 void softmax_rows_bf16(ForwardScratch<float>& w, int64_t r0, int64_t r1, int64_t width,
+                                           int64_t depth, int64_t dim_v_pad, float scale, const KeysOf& keys,
+                                           const DropoutHash* hash, uint32_t head_key, int64_t i0, int64_t j0,
+                                           bool* cold) {
+  using V = Simd<float>;
+  constexpr int L = kLanes<float>;
+  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+  const int64_t padded = pad_lanes<float>(width);
+  const V minus_inf = broadcast(kMinusInf);
+  alignas(64) float new_max[kQueryTile], alpha[kQueryTile];
+  for (int64_t r = r0; r < r1; ++r) {
+    const auto [first, last] = keys(i0 + r);
+    const bool partial = first > 0 || last < padded - 1;
+    const float* s = w.scores.data() + r * kKeyTile;
+    V vmax = minus_inf;
+    for (int64_t c = 0; c < padded; c += L) {
+      V x = load_vector(s + c);
+      if (partial) x = lanes_in_range<float>(c, first, last) ? x : minus_inf;
+      vmax = x > vmax ? x : vmax;  // skips NaN, as reduce_max
+    }
+    new_max[r] = std::max(w.row_max[r], reduce_max(vmax) * scale);  // NaN once row_max is NaN
+    cold[r] = new_max[r] == kMinusInf;
+  }
+  for (int64_t r = r0; r < r1; r += L) {  // exp(-inf) = 0 on the first visible tile; cold rows: unused
+    const int n = static_cast<int>(std::min<int64_t>(L, r1 - r));
+    store(alpha + r, exp_attention(load<float>(w.row_max.data() + r, n) - load<float>(new_max + r, n)), n);
+  }
+  const V factor = broadcast(scale);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (cold[r]) continue;
+    const auto [first, last] = keys(i0 + r);
+    const bool partial = first > 0 || last < padded - 1;
+    const float* s = w.scores.data() + r * kKeyTile;
+    bf16::bf16_t* p16 = w.p16.data() + r * kKeyTile;
+    const uint32_t row_key = hash ? DropoutHash::row_key(head_key, i0 + r) : 0;
+    const V shift = broadcast(-new_max[r]);
+    V sum{};
+    for (int64_t c = 0; c < padded; c += L) {
+      V p = exp_attention(load_vector(s + c) * factor + shift);  // contracted into one FMA
+      if (partial) p = lanes_in_range<float>(c, first, last) ? p : V{};
+      sum += p;
+      if (hash) p = hash->keep_row<float>(row_key, j0 + c) ? p : V{};
+      const __m256bh rounded = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(p));
+      std::memcpy(p16 + c, &rounded, sizeof(rounded));
+    }
+    std::memset(p16 + padded, 0, (depth - padded) * sizeof(bf16::bf16_t));
+    w.row_max[r] = new_max[r];
+    w.row_sum[r] = w.row_sum[r] * alpha[r] + reduce_sum(sum);
+    if (alpha[r] != 1.0f) rescale_row(w.out.data() + r * dim_v_pad, dim_v_pad, alpha[r]);
+  }
+}
+
+/// Rows [r0, r1) of the query tile (rows i0..) against columns [0, width) of key tile kt on the bf16 units:
+/// S = Q K^T, the online softmax of each row writing bf16 P (softmax_rows_bf16; with a mask, a scale <= 0 or
+/// on the cold path the generic steps, then P rounded to bf16), O = alpha O + P V.
+void forward_rows_bf16(const ForwardArgs<c10::BFloat16>& args, ForwardScratch<float>& w, const Sequence& s,
+                       int64_t n, int64_t h, int64_t i0, int64_t r0, int64_t r1, int64_t kt, int64_t width) {
+  const Problem& p = args.p;
+  const KeyTilesBf16& keys = *args.keys16;
+  const Visibility vis = p.visibility(s);
+  const int64_t j0 = kt * kKeyTile, g = s.k_tile_base + kt, kv_head = h / p.group;
+  const int64_t padded = pad_lanes<float>(width), dim_v_pad = args.keys.dim_v_pad;
+  const int64_t depth = bf16::round_up(padded, bf16::kDepthGranule);
+  const float scale = static_cast<float>(p.scale);
+  scores_bf16(keys, w, kv_head, g, r0, r1, padded);
+  const uint32_t head_key = p.hash.head_key(n * p.heads + h);
+  const auto keys_of = [&](int64_t i) {
+    return std::pair<int64_t, int64_t>(vis.first_key(i) - j0, std::min(vis.last_key(i) - j0, width - 1));
+  };
+  bool generic[kQueryTile];
+  const bool fused = !args.mask && scale > 0;
+  if (fused) {
+    softmax_rows_bf16(w, r0, r1, width, depth, dim_v_pad, scale, keys_of, p.dropout ? &p.hash : nullptr, head_key,
+                      i0, j0, generic);
+  } else {
+    std::fill(generic + r0, generic + r1, true);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    if (!generic[r]) continue;
+    const int64_t i = i0 + r;
+    float* row = w.scores.data() + r * kKeyTile;
+    const c10::BFloat16* mask_row = args.mask ? (*args.mask)(s.batch, h, s.q_begin + i) + s.k_begin + j0 : nullptr;
+    const auto [first, last] = keys_of(i);
+    const float tile_max = prepare_score_row<float, c10::BFloat16>(row, width, first, last, mask_row, scale);
+    const float alpha = online_softmax_update(row, padded, tile_max, w.row_max[r], w.row_sum[r]);
+    if (p.dropout) drop_row(row, padded, p.hash, DropoutHash::row_key(head_key, i), j0);
+    bf16::round_to_bf16(row, padded, w.p16.data() + r * kKeyTile, depth);
+    if (alpha != 1.0f) rescale_row(w.out.data() + r * dim_v_pad, dim_v_pad, alpha);
+  }
+  accumulate_pv_bf16(keys, w, kv_head, g, r0, r1, depth, dim_v_pad);
+}
+#endif
+
 /// Rows [r0, r1) of query tile rows i0.. against columns [0, width) of key tile kt: S = (scale Q) K^T, the
 /// online softmax of each row, O = alpha O + (P * keep) V.
 template <typename S>
@@ -474,30 +597,25 @@ void forward_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const S
   const Visibility vis = p.visibility(s);
   const int64_t j0 = kt * kKeyTile, g = s.k_tile_base + kt, kv_head = h / p.group;
   const int64_t padded = pad_lanes<A>(width), dim_v_pad = args.keys.dim_v_pad;
-  A* scores = w.scores.data() + r0 * kKeyTile;
+#if SEQKERN_BF16_X86
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    if (args.keys16) scores_bf16(*args.keys16, w, kv_head, g, r0, r1, padded);
+    if (args.keys16) return forward_rows_bf16(args, w, s, n, h, i0, r0, r1, kt, width);
   }
-  if (!args.keys16)
-    tile_gemm<A, false>(r1 - r0, padded, p.dim, w.q.data() + r0 * p.dim, p.dim, args.keys.kt(kv_head, g), kKeyTile,
-                        scores, kKeyTile);
+#endif
+  A* scores = w.scores.data() + r0 * kKeyTile;
+  tile_gemm<A, false>(r1 - r0, padded, p.dim, w.q.data() + r0 * p.dim, p.dim, args.keys.kt(kv_head, g), kKeyTile,
+                      scores, kKeyTile);
   const uint32_t head_key = p.hash.head_key(n * p.heads + h);
-  const A score_scale = args.keys16 ? A(p.scale) : A(1);  // the fp32 path scaled Q instead
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = i0 + r;
     A* row = w.scores.data() + r * kKeyTile;
     const S* mask_row = args.mask ? (*args.mask)(s.batch, h, s.q_begin + i) + s.k_begin + j0 : nullptr;
+    // scale 1: the scores come out of the product scaled (Q was)
     const A tile_max = prepare_score_row<A, S>(row, width, vis.first_key(i) - j0,
-                                               std::min(vis.last_key(i) - j0, width - 1), mask_row, score_scale);
+                                               std::min(vis.last_key(i) - j0, width - 1), mask_row, A(1));
     const A alpha = online_softmax_update(row, padded, tile_max, w.row_max[r], w.row_sum[r]);
     if (p.dropout) drop_row(row, padded, p.hash, DropoutHash::row_key(head_key, i), j0);
-    if (alpha != A(1)) {
-      A* o = w.out.data() + r * dim_v_pad;
-      for (int64_t c = 0; c < dim_v_pad; c += kLanes<A>) store_vector(o + c, load_vector(o + c) * alpha);
-    }
-  }
-  if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    if (args.keys16) return accumulate_pv_bf16(*args.keys16, w, kv_head, g, r0, r1, padded, dim_v_pad);
+    if (alpha != A(1)) rescale_row(w.out.data() + r * dim_v_pad, dim_v_pad, alpha);
   }
   tile_gemm<A, true>(r1 - r0, dim_v_pad, width, scores, kKeyTile, args.keys.v(kv_head, g), dim_v_pad,
                      w.out.data() + r0 * dim_v_pad, dim_v_pad);
@@ -526,6 +644,7 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
   std::fill(w.row_max.begin(), w.row_max.end(), -std::numeric_limits<A>::infinity());
   std::fill(w.row_sum.begin(), w.row_sum.end(), A(0));
 
+  const bf16::TileScope amx_tiles(args.keys16 ? args.keys16->path : bf16::Path::kFp32);
   const int64_t first_key = vis.first_key(i0), last_key = vis.last_key(i0 + rows - 1);
   for (int64_t kt = first_key / kKeyTile; first_key <= last_key && kt <= last_key / kKeyTile; ++kt) {
     const int64_t j0 = kt * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
@@ -552,7 +671,7 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
     const A sum = w.row_sum[r];  // 0: the row saw no key (NaN: NaN scores, passed on)
     const A inv = sum == 0 ? A(0) : keep_scale / sum;
     for (int64_t c = 0; c < p.dim_v; c += kLanes<A>)  // rounded once to S here
-      store(out + c, load_vector(w.out.data() + r * dim_v_pad + c) * inv,
+      store_rounded(out + c, load_vector(w.out.data() + r * dim_v_pad + c) * inv,
             static_cast<int>(std::min<int64_t>(kLanes<A>, p.dim_v - c)));
     args.lse[row_index] = sum == 0 ? -std::numeric_limits<double>::infinity()
                                    : static_cast<double>(w.row_max[r]) + std::log(static_cast<double>(sum));

@@ -147,14 +147,16 @@ struct alignas(64) AmxConfig {
 
 /// 16-row by 16/32-column blocks of C = A @ B (+ C): the loads of an A tile and a B tile each feed two
 /// TDPBF16PS (2 x 2 blocking), so the tile loads are half the work of 1 x 1 blocking.
+SEQKERN_TARGET_AMX inline void amx_configure() {
+  static const AmxConfig config;
+  _tile_loadconfig(&config);
+}
+SEQKERN_TARGET_AMX inline void amx_release() { _tile_release(); }
+
+/// Needs the configuration of amx_configure() loaded (TileScope).
 template <bool kAccumulate>
 SEQKERN_TARGET_AMX void gemm_amx_impl(int64_t rows, int64_t cols, int64_t depth, const bf16_t* a, int64_t lda,
                                       const bf16_t* b, int64_t ldb, float* c, int64_t ldc) {
-  // Loaded on every call, released at its end: the tile state is this call's alone (oneDNN, or another
-  // kernel on this thread, configures tiles its own way), and a thread that holds no tile state does not
-  // make the kernel save 8 KB of tiles at every context switch.
-  static const AmxConfig config;
-  _tile_loadconfig(&config);
   const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;  // strides in bytes
   for (int64_t m = 0; m < rows; m += 32) {
     const bool two_m = m + 16 < rows;
@@ -194,14 +196,38 @@ SEQKERN_TARGET_AMX void gemm_amx_impl(int64_t rows, int64_t cols, int64_t depth,
       if (two_m && two_n) _tile_stored(3, c10 + 16, sc);
     }
   }
-  _tile_release();
 }
 #endif  // SEQKERN_BF16_X86
+
+/// The AMX tile configuration, loaded for the lifetime of the scope when `path` is kAmx (nothing otherwise):
+/// gemm() on Path::kAmx runs only inside one. Loaded once per work item, not per product: a 32-row product of
+/// attention is ~16 TDPBF16PS, and LDTILECFG + TILERELEASE around each cost ~ as much as the product.
+/// Released at the end, so the tile state is this scope's alone (oneDNN, or another kernel on this thread,
+/// configures tiles its own way), and a thread that holds no tile state does not make the kernel save 8 KB
+/// of tiles at every context switch. No other AMX code may run on the thread inside the scope.
+class TileScope {
+ public:
+  explicit TileScope(Path path) : amx_(path == Path::kAmx) {
+#if SEQKERN_BF16_X86
+    if (amx_) amx_configure();
+#endif
+  }
+  ~TileScope() {
+#if SEQKERN_BF16_X86
+    if (amx_) amx_release();
+#endif
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  bool amx_;
+};
 
 /// C (rows x cols, fp32, row-major, ldc) = A @ B, or C += A @ B when accumulate.
 /// A (rows x depth) bf16 row-major (lda), B (depth x cols) in the VNNI layout (ldb bf16 per pair row).
 /// cols a multiple of kColGranule, depth of kDepthGranule (zero-padded by the caller); with Path::kAmx, rows
-/// a multiple of kRowGranule. `path` is kAmx or kAvx512Bf16 (gemm_path()).
+/// a multiple of kRowGranule and a TileScope alive. `path` is kAmx or kAvx512Bf16 (gemm_path()).
 inline void gemm(Path path, int64_t rows, int64_t cols, int64_t depth, const bf16_t* a, int64_t lda, const bf16_t* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
 #if SEQKERN_BF16_X86
