@@ -491,6 +491,23 @@ def test_bf16_units_against_sdpa_and_reference(case, path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", BF16_PATHS)
+def test_bf16_units_with_dropout_against_the_reference(path, monkeypatch):
+    """The bf16 forward's fused softmax pass drops probabilities after taking their row sum (as the fp32 path):
+    against the float64 reference with the same mask, within the rule of the reference run in bf16."""
+    monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, n, 40, generator=gen, dtype=torch.float64) for n in (150, 150, 150))
+
+    def run(dtype, backend):
+        torch.manual_seed(3)
+        with seqkern.backend(backend):
+            return seqkern.attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, dropout_p=0.3)
+
+    ref = run(torch.float64, "reference")
+    assert_rule(f"out {path}", run(torch.bfloat16, "cpu"), run(torch.bfloat16, "reference"), ref)
+
+
+@pytest.mark.parametrize("path", BF16_PATHS)
 def test_bf16_units_on_saturated_scores_against_sdpa(path, monkeypatch):
     """Scores in the hundreds (one key takes nearly all the weight of a row), odd sizes, causal: the forward
     within the rule of SDPA's own bf16 error, against SDPA in float64."""

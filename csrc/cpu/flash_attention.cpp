@@ -721,7 +721,10 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   const std::vector<Item> items = make_items(p, p.heads, /*key_tiles=*/false, key_tiles_seen);
   const int64_t workers = worker_count(static_cast<int64_t>(items.size()));
   std::vector<std::unique_ptr<ForwardScratch<A>>> scratch(workers);
-  for_each_worker_strided(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
+  // Items claimed from a shared counter: each item computes its rows from scratch, so the result does not depend
+  // on which worker runs it (deterministic either way), and a thread descheduled on a shared machine does not hold
+  // a fixed half of the items (the backward needs the fixed deal for its dQ sums; the forward does not).
+  for_each_worker(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
     if (!scratch[worker]) scratch[worker] = std::make_unique<ForwardScratch<A>>(p.dim, keys.dim_v_pad, args.keys16);
     const Item& it = items[index];
     forward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile);
