@@ -2,6 +2,7 @@
 //   * tile_gemm: C (+)= A @ B on row-major tiles through a register-blocked AVX-512 micro-kernel;
 //   * exp_attention: exp with exact 0 far below the row maximum (masked scores must weigh exactly 0);
 //   * online_softmax_update: one key tile's step of the streaming softmax of a score row;
+//   * store_rounded: output rows to the storage dtype (bf16 by vector round-to-nearest-even);
 //   * DropoutHash: the counter-based dropout mask of seqkern/reference/flash_attention.py, bit for bit;
 //   * Visibility: which keys a query sees (window / causal / bottom-right), as index ranges;
 //   * for_each_worker: dynamic scheduling of unequal work items over at::parallel_for's threads.
