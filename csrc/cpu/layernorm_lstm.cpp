@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_lstm_forwar
                                    reverse, keep);
   LayerWeights lw{acc_copy(w_hh), acc_copy(ln_ih_weight), acc_copy(ln_ih_bias), acc_copy(ln_hh_weight),
                   acc_copy(ln_hh_bias), {}, {}};
-  if (b_ih.has_value()) lw.bias_x = acc_copy(b_ih).add_(acc_copy(b_hh));
+  if (b_ih.has_value()) lw.bias_x = at::add(acc_copy(b_ih), acc_copy(b_hh));  // a new tensor: never b_ih itself
   const auto [output, finals, workspace] = layer_forward<LnLstmCell>(
       {acc_copy(ln_cell_weight), acc_copy(ln_cell_bias)}, eps, input.contiguous(), {h0, c0}, w_ih, lw, opt,
       save_workspace);
