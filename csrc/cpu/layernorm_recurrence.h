@@ -520,26 +520,20 @@ struct LayerGradients {
   at::Tensor d_post_x, d_post_h, extra;  // (T*B, .) for the LayerNorm and bias gradients
 };
 
-/// lhs^T @ rhs summed over all T*B rows in chunks of rows added pairwise, closer to torch's per-step GEMMs summed
-/// by autograd than one GEMM over all rows (which can miss the 2x rule: recurrence_layer.h's
-/// sum_of_outer_products measured it). fp64: one GEMM. Chunks of 64 rows (100 GEMMs and 100 adds at
-/// T = 100, B = 32) cost 4.8 s of a 5.5 s training step on this machine at load 17 (each small parallel
-/// ATen call waited on a descheduled thread); layer_backward asks for 8 chunks.
+/// lhs^T @ rhs summed over all T*B rows chunk by chunk (addmm into one accumulator), closer to torch's per-step
+/// GEMMs summed by autograd than one GEMM over all rows (which can miss the 2x rule: recurrence_layer.h's
+/// sum_of_outer_products measured it). fp64: one GEMM. Few, large calls: chunks of 64 rows (100 GEMMs and 100
+/// adds at T = 100, B = 32) cost 4.8 s of a 5.5 s training step on this machine at load 17, each small
+/// parallel ATen call waiting on a descheduled thread.
 inline at::Tensor outer_sum(const at::Tensor& lhs, const at::Tensor& rhs, int64_t chunk_rows) {
   const int64_t rows = lhs.size(0);
   if (lhs.scalar_type() == at::kDouble || rows <= chunk_rows) return at::mm(lhs.t(), rhs);
-  std::vector<at::Tensor> parts;
-  for (int64_t start = 0; start < rows; start += chunk_rows) {
+  at::Tensor total = at::mm(lhs.narrow(0, 0, chunk_rows).t(), rhs.narrow(0, 0, chunk_rows));
+  for (int64_t start = chunk_rows; start < rows; start += chunk_rows) {
     const int64_t n = std::min(chunk_rows, rows - start);
-    parts.push_back(at::mm(lhs.narrow(0, start, n).t(), rhs.narrow(0, start, n)));
+    total.addmm_(lhs.narrow(0, start, n).t(), rhs.narrow(0, start, n));
   }
-  while (parts.size() > 1) {
-    std::vector<at::Tensor> next;
-    for (size_t i = 0; i + 1 < parts.size(); i += 2) next.push_back(parts[i].add_(parts[i + 1]));
-    if (parts.size() % 2) next.push_back(parts.back());
-    parts = std::move(next);
-  }
-  return parts[0];
+  return total;
 }
 
 template <template <typename> class CellT>
