@@ -87,7 +87,8 @@ LIBRARY.define("rnn_cell_backward(Tensor grad_hy, Tensor hy, bool relu, bool has
 # zoneout in [0, 1] with zoneout_seed an int64 tensor of shape () (training masks) or None (evaluation blend).
 # A PackedSequence is given as its lengths. workspace is what the backward reads, in the accumulation dtype
 # (float32 for bfloat16), empty unless save_workspace; its layout per (t, b) row is the kernels' business
-# (csrc/cpu/layernorm_recurrence.h documents it; kernels/layernorm_*.py use the same).
+# (the cells of csrc/cpu/layernorm_lstm.cpp and layernorm_gru.cpp document it; kernels/layernorm_lstm.py
+# writes the same).
 #   LSTM: input (T,B,I), h0, c0 (B,H), w_ih (4H,I), w_hh (4H,H), b_ih/b_hh (4H,), ln_ih_*/ln_hh_* (4H,),
 #   ln_cell_* (H,) -> output (T,B,H), h_n, c_n (B,H), workspace (T,B,14H+3).
 LIBRARY.define(
