@@ -1,6 +1,8 @@
 """Drop-in replacements for torch.nn's sequence layers."""
 from seqkern.nn.additive_attention import AdditiveAttention
 from seqkern.nn.gru import GRU, GRUCell
+from seqkern.nn.layernorm_gru import LayerNormGRU
+from seqkern.nn.layernorm_lstm import LayerNormLSTM
 from seqkern.nn.lstm import LSTM, LSTMCell
 from seqkern.nn.luong_attention import LuongAttention
 from seqkern.nn.multihead_attention import MultiheadAttention
@@ -16,4 +18,4 @@ from seqkern.nn.transformer import (
 
 __all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell", "RNN", "RNNCell", "MultiheadAttention", "PositionalEncoding",
            "Transformer", "TransformerEncoder", "TransformerDecoder", "TransformerEncoderLayer",
-           "TransformerDecoderLayer", "AdditiveAttention", "LuongAttention"]
+           "TransformerDecoderLayer", "AdditiveAttention", "LuongAttention", "LayerNormLSTM", "LayerNormGRU"]

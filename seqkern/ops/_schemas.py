@@ -79,6 +79,49 @@ LIBRARY.define("rnn_cell_forward(Tensor gates_x, Tensor gates_h, Tensor? b_ih, T
 #   -> grad_preact (B,H) (the gradient of gates_x and of gates_h alike), grad_bias (H,).
 LIBRARY.define("rnn_cell_backward(Tensor grad_hy, Tensor hy, bool relu, bool has_bias) -> (Tensor grad_preact, Tensor grad_bias)")
 
+# The LayerNorm LSTM and GRU (issue 16; seqkern/reference/layernorm_lstm.py, layernorm_gru.py define them):
+# one layer, one direction, whole sequence, with LN(v; w, b) over the gate columns of x W_ih^T and of h W_hh^T
+# (and, for the LSTM, over the H units of c'), eps as given. Options of this round's recurrent ops
+# (seqkern/reference/_scan.py defines them): lengths (B,) int64 in [0, T] (row b active at t < lengths[b];
+# None: all T), resets (T,B) bool (the state entering step t is the initial one again; not with reverse),
+# zoneout in [0, 1] with zoneout_seed an int64 tensor of shape () (training masks) or None (evaluation blend).
+# A PackedSequence is given as its lengths. workspace is what the backward reads, in the accumulation dtype
+# (float32 for bfloat16), empty unless save_workspace; its layout per (t, b) row is the kernels' business
+# (the cells of csrc/cpu/layernorm_lstm.cpp and layernorm_gru.cpp document it; kernels/layernorm_lstm.py
+# writes the same).
+#   LSTM: input (T,B,I), h0, c0 (B,H), w_ih (4H,I), w_hh (4H,H), b_ih/b_hh (4H,), ln_ih_*/ln_hh_* (4H,),
+#   ln_cell_* (H,) -> output (T,B,H), h_n, c_n (B,H), workspace (T,B,14H+3).
+LIBRARY.define(
+    "layernorm_lstm_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+    "Tensor? b_hh, Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_hh_weight, Tensor ln_hh_bias, "
+    "Tensor ln_cell_weight, Tensor ln_cell_bias, float eps, Tensor? lengths, Tensor? resets, float zoneout, "
+    "Tensor? zoneout_seed, bool reverse, bool save_workspace) -> "
+    "(Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)")
+# Gradients of layernorm_lstm_forward. grad_bias (4H,) is the gradient of b_ih, b_hh, ln_ih_bias and ln_hh_bias
+# alike (all four are added to the same pre-activations).
+LIBRARY.define(
+    "layernorm_lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, "
+    "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor ln_ih_weight, Tensor ln_hh_weight, Tensor ln_cell_weight, "
+    "Tensor ln_cell_bias, Tensor output, Tensor workspace, Tensor? lengths, Tensor? resets, float zoneout, Tensor? zoneout_seed, "
+    "bool reverse) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+    "Tensor grad_bias, Tensor grad_ln_ih_weight, Tensor grad_ln_hh_weight, Tensor grad_ln_cell_weight, "
+    "Tensor grad_ln_cell_bias)")
+#   GRU: input (T,B,I), h0 (B,H), w_ih (3H,I), w_hh (3H,H), b_ih/b_hh, ln_ih_*/ln_hh_* (3H,)
+#   -> output (T,B,H), h_n (B,H), workspace (T,B,10H+2).
+LIBRARY.define(
+    "layernorm_gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+    "Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_hh_weight, Tensor ln_hh_bias, float eps, Tensor? lengths, "
+    "Tensor? resets, float zoneout, Tensor? zoneout_seed, bool reverse, bool save_workspace) -> "
+    "(Tensor output, Tensor h_n, Tensor workspace)")
+# Gradients of layernorm_gru_forward. grad_bias_x (3H,) is that of b_ih and ln_ih_bias alike, grad_bias_h of
+# b_hh and ln_hh_bias.
+LIBRARY.define(
+    "layernorm_gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, "
+    "Tensor w_hh, Tensor ln_ih_weight, Tensor ln_hh_weight, Tensor output, Tensor workspace, Tensor? lengths, "
+    "Tensor? resets, float zoneout, Tensor? zoneout_seed, bool reverse) -> (Tensor grad_input, Tensor grad_h0, "
+    "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias_x, Tensor grad_bias_h, Tensor grad_ln_ih_weight, "
+    "Tensor grad_ln_hh_weight)")
+
 # Scaled-dot-product attention, flash style: tiles of keys at a time with an online softmax, never the
 # (Lq, Lk) score matrix. Memory is linear in the sequence lengths.
 #   q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), one dtype, any strides with stride(-1) == 1;
