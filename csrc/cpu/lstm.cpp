@@ -257,8 +257,10 @@ at::Tensor empty_like_dtype(const at::Tensor& like, at::IntArrayRef shape) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& input_, const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
     const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_, const std::optional<at::Tensor>& b_hh_,
-    const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& batch_sizes_, bool reverse,
-    bool save_workspace) {
+    const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& batch_sizes_,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& resets, double zoneout,
+    const std::optional<at::Tensor>& /*zoneout_seed*/, bool reverse, bool save_workspace) {
+  refuse_state_flags(kCheck, lengths, resets, zoneout);
   const LayerDims d = check_layer(input_, h0_, c0_, w_ih_, w_hh_, w_hr_);
   kCheck.biases(b_ih_, b_hh_, 4 * d.hidden, input_);
   const at::Tensor sizes = kCheck.batch_sizes(batch_sizes_, d.seq_len, d.batch);
@@ -403,7 +405,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output_, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input_,
     const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
     const std::optional<at::Tensor>& w_hr_, const at::Tensor& output_, const at::Tensor& gates_,
-    const at::Tensor& cells_, const std::optional<at::Tensor>& batch_sizes_, bool reverse, bool has_bias) {
+    const at::Tensor& cells_, const std::optional<at::Tensor>& batch_sizes_, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& /*zoneout_seed*/,
+    bool reverse, bool has_bias) {
+  refuse_state_flags(kCheck, lengths, resets, zoneout);
   const LayerDims d = check_layer(input_, h0_, c0_, w_ih_, w_hh_, w_hr_);
   const int64_t T = d.seq_len, B = d.batch, I = d.input_size, H = d.hidden, P = d.out_size;
   kCheck.tensor(grad_output_, input_, {T, B, P}, "grad_output");

@@ -180,6 +180,12 @@ def zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
+def uses_state_flags(lengths: Tensor | None, resets: Tensor | None, zoneout: float = 0.0) -> bool:
+    """Whether a recurrent layer call uses lengths, resets or zoneout (seqkern/ops/_schemas.py): a backend
+    whose kernel does not implement them runs the reference for that call instead."""
+    return lengths is not None or resets is not None or zoneout != 0.0
+
+
 def needs_grad(*tensors: Tensor | None) -> bool:
     """Whether a forward must save what its backward needs."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
