@@ -12,8 +12,8 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, uses_state_flags,
-    zeros_if_none,
+    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, state_flag_route,
+    lengths_as_batch_sizes, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
@@ -145,9 +145,15 @@ def gru_layer(
     """One GRU layer in one direction: input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H). Differentiable.
     lengths (B,) int64, resets (T,B) bool, zoneout, zoneout_seed: seqkern/ops/_schemas.py."""
     impl = _impl(input)
+    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets, zoneout)
+    if route == "sorted":
+        order, inverse, sizes = lengths_as_batch_sizes(lengths, input.shape[0])
+        output, h_n = gru_layer(input.index_select(1, order), h0.index_select(0, order), w_ih, w_hh, b_ih, b_hh,
+                                sizes, reverse)
+        return output.index_select(1, inverse), h_n.index_select(0, inverse)
     save_workspace = needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh)
     args = (input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse)
-    if impl == "reference" or (uses_state_flags(lengths, resets, zoneout) and impl not in STATE_FLAG_BACKENDS):
+    if route == "reference":
         return reference.gru_forward(*args, False)[:2]
     with kernel_scope(impl, input.device):
         return torch.ops.seqkern.gru_forward(*args, save_workspace)[:2]

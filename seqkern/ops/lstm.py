@@ -14,7 +14,8 @@ from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import empty as _empty
 from seqkern.ops._registry import (
-    Autograd, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, uses_state_flags, zeros_if_none,
+    Autograd, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, state_flag_route,
+    lengths_as_batch_sizes, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
@@ -173,10 +174,16 @@ def lstm_layer(
     of seqkern.nn do that with messages in their own terms (the kernels still refuse bad shapes).
     """
     impl = backends.resolve("lstm", input.device, input.dtype, SUPPORTED_DTYPES)
+    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets, zoneout)
+    if route == "sorted":
+        order, inverse, sizes = lengths_as_batch_sizes(lengths, input.shape[0])
+        output, h_n, c_n = lstm_layer(input.index_select(1, order), h0.index_select(0, order),
+                                      c0.index_select(0, order), w_ih, w_hh, b_ih, b_hh, w_hr, sizes, reverse)
+        return output.index_select(1, inverse), h_n.index_select(0, inverse), c_n.index_select(0, inverse)
     save_workspace = needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, lengths, resets, zoneout, zoneout_seed,
             reverse, save_workspace)
-    if impl == "reference" or (uses_state_flags(lengths, resets, zoneout) and impl not in STATE_FLAG_BACKENDS):
+    if route == "reference":
         return reference.lstm_forward(*args[:-1], False)[:3]
     with kernel_scope(impl, input.device):
         return torch.ops.seqkern.lstm_forward(*args)[:3]

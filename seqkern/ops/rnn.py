@@ -12,7 +12,8 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, register_ops, save_inputs, saved_inputs, uses_state_flags, zeros_if_none,
+    Autograd, empty, kernel_scope, register_ops, save_inputs, saved_inputs, state_flag_route,
+    lengths_as_batch_sizes, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
@@ -126,8 +127,14 @@ def rnn_layer(
     """One Elman RNN layer in one direction: input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H).
     lengths (B,) int64, resets (T,B) bool: seqkern/ops/_schemas.py."""
     impl = _impl(input)
+    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets)
+    if route == "sorted":
+        order, inverse, sizes = lengths_as_batch_sizes(lengths, input.shape[0])
+        output, h_n = rnn_layer(input.index_select(1, order), h0.index_select(0, order), w_ih, w_hh, b_ih, b_hh,
+                                sizes, reverse, relu)
+        return output.index_select(1, inverse), h_n.index_select(0, inverse)
     args = (input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, lengths, resets, reverse, relu)
-    if impl == "reference" or (uses_state_flags(lengths, resets) and impl not in STATE_FLAG_BACKENDS):
+    if route == "reference":
         return reference.rnn_forward(*args)
     with kernel_scope(impl, input.device):
         return torch.ops.seqkern.rnn_forward(*args)
