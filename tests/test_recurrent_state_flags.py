@@ -449,3 +449,13 @@ def test_bad_op_arguments(family, name, flags):
             op(*fake)
     with seqkern.backend("triton"), pytest.raises(error, match=re.escape(name)):
         op(*args)
+
+
+def test_readme_rollout_example_runs():
+    """README's RL rollout with resets (it checks itself against stepping the environments one at a time)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- rollout-example -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    exec(compile(block, "README.md (rollout example)", "exec"), {})
