@@ -459,3 +459,12 @@ def test_readme_rollout_example_runs():
     block = readme.split("<!-- rollout-example -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     torch.manual_seed(0)
     exec(compile(block, "README.md (rollout example)", "exec"), {})
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+def test_cpu_kernel_refuses_the_flags_it_does_not_implement(family):
+    """The C++ engine has no lengths/resets/zoneout yet (seqkern.ops routes around it): a direct op call that uses
+    them is refused with a message naming them, never run without them."""
+    op, args = _bad_op_call(family, dict(resets=torch.zeros(4, 3, dtype=torch.bool)))
+    with pytest.raises(RuntimeError, match="lengths, resets and zoneout are not implemented by the C\\+\\+ kernel"):
+        op(*args)
