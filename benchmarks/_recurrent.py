@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqkern
 from benchmarks.harness import SUBJECT, Call, Case
@@ -268,3 +269,67 @@ def cases(layer: RecurrentLayer, default_shapes: Sequence[Shape], quick: bool = 
         )
         for shape in (QUICK_SHAPES if quick else default_shapes)
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Variable lengths (issue 16): seqkern's `lengths` against torch.nn on pack_padded_sequence + pad_packed_sequence.
+# --------------------------------------------------------------------------------------------------
+LENGTHS_SHAPES = (
+    Shape(batch=32, steps=100, hidden=256, training=False),
+    Shape(batch=32, steps=100, hidden=256, training=True),
+)
+QUICK_LENGTHS_SHAPES = (Shape(batch=3, steps=8, hidden=32, training=True),)
+
+
+def spread_lengths(shape: Shape, shortest: int = 10) -> Tensor:
+    """(B,) lengths spread evenly over [min(shortest, T), T], in a seeded random order (unsorted)."""
+    spread = torch.linspace(min(shortest, shape.steps), shape.steps, shape.batch).round().long()
+    return spread[torch.randperm(shape.batch, generator=torch.Generator().manual_seed(SEED))]
+
+
+def _packed_forward(layer: RecurrentLayer, module: torch.nn.Module, lengths: Tensor) -> Forward:
+    """torch.nn's way: pack (sorting the rows), run, pad back to T."""
+    def forward(x: Tensor, states: States) -> tuple[Tensor, States]:
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        output, final = module(packed, states if layer.num_states > 1 else states[0])
+        output, _ = pad_packed_sequence(output, total_length=x.shape[0])
+        return output, tuple(final) if layer.num_states > 1 else (final,)
+    return forward
+
+
+def _lengths_forward(layer: RecurrentLayer, module: torch.nn.Module, lengths: Tensor) -> Forward:
+    def forward(x: Tensor, states: States) -> tuple[Tensor, States]:
+        output, final = module(x, states if layer.num_states > 1 else states[0], lengths=lengths)
+        return output, tuple(final) if layer.num_states > 1 else (final,)
+    return forward
+
+
+def lengths_cases(layer: RecurrentLayer, quick: bool = False) -> list[Case]:
+    """seqkern.nn.<Layer>(x, hx, lengths=...) against torch.nn.<Layer> on the packed sequence, padded back."""
+    def case(shape: Shape) -> Case:
+        lengths = spread_lengths(shape)
+
+        def contender(make_module, make_forward):
+            def setup() -> Call:
+                module = make_module(layer, shape).train(shape.training)
+                return _timed_call(layer, make_forward(layer, module, lengths), list(module.parameters()), shape)
+            return setup
+
+        def oracle() -> Sequence[Tensor]:
+            module = _torch_module(layer, shape, torch.float64).train(shape.training)
+            return _timed_call(layer, _packed_forward(layer, module, lengths), list(module.parameters()), shape,
+                               compute_dtype=torch.float64)()
+
+        baseline = f"{_torch_name(layer)} + pack/pad"
+        return Case(
+            op=layer.op, name=f"{shape.name} lengths {int(lengths.min())}..{int(lengths.max())}",
+            params={**dataclasses.asdict(shape), "input_size": shape.hidden, "dtype": "float32",
+                    "lengths": lengths.tolist()},
+            # The work on the valid steps only: what either contender must do.
+            flops=flops(layer, shape) * float(lengths.sum()) / (shape.steps * shape.batch),
+            contenders={SUBJECT: contender(_seqkern_module, _lengths_forward),
+                        baseline: contender(_torch_module, _packed_forward)},
+            notes={"seqkern_implementation": _implementation(layer.op, shape.dtype)},
+            oracle=oracle, rule_baseline=baseline,
+        )
+    return [case(shape) for shape in (QUICK_LENGTHS_SHAPES if quick else LENGTHS_SHAPES)]

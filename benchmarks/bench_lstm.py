@@ -35,5 +35,6 @@ DEFAULT_SHAPES = (
 
 
 def cases(quick: bool = False) -> list[Case]:
-    """The default LSTM set, or with `quick` two tiny shapes that exercise every contender cheaply."""
-    return _recurrent.cases(LAYER, DEFAULT_SHAPES, quick)
+    """The default LSTM set, or with `quick` tiny shapes that exercise every contender cheaply; then variable
+    lengths (b32 t100 h256, lengths 10..100) against torch.nn with pack_padded_sequence."""
+    return _recurrent.cases(LAYER, DEFAULT_SHAPES, quick) + _recurrent.lengths_cases(LAYER, quick)

@@ -23,6 +23,9 @@ from torch import Tensor
 from seqkern._checks import DTypeError, ShapeError
 
 from ._launch import dot_operand_dtype
+# The counter-based hash of attention dropout draws the zoneout masks too (one definition of the bits:
+# seqkern/reference/flash_attention.py's dropout_bits; seqkern/reference/_scan.py's zoneout_keep).
+from ._hash import _head_key, _kept
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -73,11 +76,66 @@ def time_index(step, T, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def active_rows(t, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES: tl.constexpr):
-    """Rows taking part in time step t: those below batch_sizes[t] (a PackedSequence in sorted order)."""
+def active_rows(t, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES: tl.constexpr, USE_LENGTHS: tl.constexpr):
+    """Rows taking part in time step t: those below batch_sizes[t] (a PackedSequence in sorted order) and,
+    with lengths, those with t < lengths[row]."""
     if HAS_BATCH_SIZES:
-        return rows < tl.load(batch_sizes_ptr + t)
-    return rows < B
+        active = rows < tl.load(batch_sizes_ptr + t)
+    else:
+        active = rows < B
+    if USE_LENGTHS:
+        active = active & (t < tl.load(lengths_ptr + rows, mask=rows < B, other=0))
+    return active
+
+
+@triton.jit
+def reset_rows(t, rows, B, resets_ptr, USE_RESETS: tl.constexpr):
+    """Rows whose state entering time step t is the initial state again (resets[t, row]); none without resets."""
+    if USE_RESETS:
+        return tl.load(resets_ptr + t * B + rows, mask=rows < B, other=0) != 0
+    return rows < 0
+
+
+@triton.jit
+def restart_hidden(h_ptr, h0_ptr, rows, cols, col_mask, width, reset):
+    """Before a forward step: the rows in `reset` of h_{t-1} (B,width) in memory, the recurrent GEMM's operand,
+    become h0's again. Returns h0's tile (for the register state)."""
+    offsets = rows[:, None] * width + cols[None, :]
+    h0 = tl.load(h0_ptr + offsets, mask=reset[:, None] & col_mask[None, :], other=0)
+    tl.store(h_ptr + offsets, h0, mask=reset[:, None] & col_mask[None, :])
+    tl.debug_barrier()  # the restarted rows are visible to every thread before the GEMM reads them
+    return h0
+
+
+@triton.jit
+def restart_gradient(grad, grad_initial, reset):
+    """Backward of a reset at step t: for the rows in `reset`, the gradient reaching the state that entered t
+    belongs to the initial state (accumulated in grad_initial), not to the state step t-1 left."""
+    return tl.where(reset[:, None], 0, grad), grad_initial + tl.where(reset[:, None], grad, 0)
+
+
+@triton.jit
+def zoneout_weight(seed_ptr, state_index, t, rows, cols, width, zoneout_hi, zoneout_lo, threshold, keep_all,
+                   ZONEOUT_MASK: tl.constexpr, ACC: tl.constexpr):
+    """The weight of the previous value in a zoned-out state (B-tile, width-tile), as ACC: the training mask
+    keep(t, row, col) of state `state_index` (1 where kept, else 0: seqkern/reference/_scan.py's zoneout_keep,
+    i.e. the dropout bits < threshold, or every element when keep_all) or, without a mask, zoneout itself.
+    zoneout comes as two float32 halves (a float kernel argument is float32): their sum in float64 is
+    zoneout to ~1e-15, where float32 alone would cost float64 layers ~1e-8."""
+    if ZONEOUT_MASK:
+        head_key = _head_key(seed_ptr, tl.full((), state_index, tl.int32))
+        dropped = _kept(head_key, t, rows[:, None] * width + cols[None, :], threshold)  # bits >= threshold
+        return tl.where(dropped & (keep_all == 0), 0.0, 1.0).to(ACC)
+    return (tl.zeros((rows.shape[0], cols.shape[0]), ACC) + zoneout_hi) + zoneout_lo
+
+
+@triton.jit
+def zoneout_blend(new, old, weight, ZONEOUT_MASK: tl.constexpr):
+    """The state after zoneout: the kept elements' old value (a selection, so an Inf elsewhere stays put), or
+    weight * old + (1 - weight) * new (evaluation)."""
+    if ZONEOUT_MASK:
+        return tl.where(weight != 0, old, new)
+    return weight * old + (1 - weight) * new
 
 
 @triton.jit
@@ -93,35 +151,42 @@ def sequence_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def step_rows(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr):
+def step_rows(step, T, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES: tl.constexpr,
+              USE_LENGTHS: tl.constexpr, REVERSE: tl.constexpr):
     """The time index processed at `step` and the rows active at it."""
     t = time_index(step, T, REVERSE)
-    return t, active_rows(t, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES)
+    return t, active_rows(t, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES, USE_LENGTHS)
 
 
 @triton.jit
-def rows_active_at_previous_step(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES: tl.constexpr,
-                                 REVERSE: tl.constexpr):
-    """Rows that were active at the step run before `step`; none at the first step.
+def continues_previous_step(step, T, rows, B, batch_sizes_ptr, lengths_ptr, resets_ptr, HAS_BATCH_SIZES: tl.constexpr,
+                            USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr, REVERSE: tl.constexpr):
+    """Rows whose state entering `step` is the one the step run before left: active then and not reset now;
+    none at the first step.
 
-    A row active now but not then starts from the initial state: in the reverse direction a shorter
-    sequence joins at its own last element.
+    The others start from the initial state: in the reverse direction a shorter sequence joins at its own last
+    element, and a reset row starts again.
     """
     # A row count, not `mask & has_previous`: the interpreter turns a block mask & a scalar into int32.
     has_previous = step > 0
+    t_previous = time_index(tl.maximum(step - 1, 0), T, REVERSE)
+    count = tl.where(has_previous, B, 0)
     if HAS_BATCH_SIZES:
-        count = tl.load(batch_sizes_ptr + time_index(step - 1, T, REVERSE), mask=has_previous, other=0)
-    else:
-        count = tl.where(has_previous, B, 0)
-    return rows < count
+        count = tl.minimum(count, tl.load(batch_sizes_ptr + t_previous))
+    continues = rows < count
+    if USE_LENGTHS:
+        continues = continues & (t_previous < tl.load(lengths_ptr + rows, mask=rows < B, other=0))
+    return continues & ~reset_rows(time_index(step, T, REVERSE), rows, B, resets_ptr, USE_RESETS)
 
 
 @triton.jit
-def previous_state(states_ptr, initial_ptr, step, T, rows, B, cols, col_mask, width, batch_sizes_ptr,
-                   HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr):
+def previous_state(states_ptr, initial_ptr, step, T, rows, B, cols, col_mask, width, batch_sizes_ptr, lengths_ptr,
+                   resets_ptr, HAS_BATCH_SIZES: tl.constexpr, USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr,
+                   REVERSE: tl.constexpr):
     """The state each row entered `step` with, as the backward needs it: states (T,B,width) recorded by the
-    forward at the step run before, or initial (B,width) for rows that were not active then."""
-    from_states = rows_active_at_previous_step(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES, REVERSE)
+    forward at the step run before, or initial (B,width) for rows that start there (continues_previous_step)."""
+    from_states = continues_previous_step(step, T, rows, B, batch_sizes_ptr, lengths_ptr, resets_ptr,
+                                          HAS_BATCH_SIZES, USE_LENGTHS, USE_RESETS, REVERSE)
     t_previous = time_index(step - 1, T, REVERSE)
     recorded = tl.load(states_ptr + (t_previous * B + rows)[:, None] * width + cols[None, :],
                        mask=from_states[:, None] & col_mask[None, :], other=0)
@@ -180,6 +245,16 @@ def commit_hidden(h_new, output_ptr, h_ptr, t, rows, B, cols, col_mask, active, 
           (rows < B)[:, None] & col_mask[None, :])
     store(h_ptr + rows[:, None] * P + cols[None, :], h_new, keep)
     tl.debug_barrier()  # h_t is visible to every thread before the next step reads it
+
+
+@triton.jit
+def zoneout_gradients(grad, weight, ZONEOUT_MASK: tl.constexpr):
+    """Backward of zoneout_blend: the gradient of the state after zoneout -> (that of the step's new value,
+    that of the previous value)."""
+    if ZONEOUT_MASK:
+        kept = weight != 0
+        return tl.where(kept, 0, grad), tl.where(kept, grad, 0)
+    return (1 - weight) * grad, weight * grad
 
 
 # ==================================================================================================
@@ -265,6 +340,60 @@ def check_batch_sizes(batch_sizes: Tensor | None, seq_len: int, batch: int) -> N
         raise ShapeError(f"batch_sizes: expected non-increasing values in [0, {batch}], got {batch_sizes.tolist()}")
 
 
+def state_flags(input: Tensor, batch_sizes: Tensor | None, lengths: Tensor | None, resets: Tensor | None,
+                reverse: bool, zoneout: float = 0.0, zoneout_seed: Tensor | None = None) -> dict:
+    """Checks lengths, resets, zoneout and zoneout_seed (seqkern/ops/_schemas.py) and returns the sequence
+    kernels' arguments for them: lengths_ptr, resets_ptr, seed_ptr (None where unused), zoneout, threshold,
+    keep_all (zoneout as zoneout_hi, zoneout_lo), and the constexpr flags USE_LENGTHS, USE_RESETS, ZONEOUT, ZONEOUT_MASK."""
+    seq_len, batch = input.shape[0], input.shape[1]
+    if lengths is not None:
+        if batch_sizes is not None:
+            raise ShapeError("lengths, batch_sizes: cannot be given together (a PackedSequence's batch_sizes "
+                             "already say which rows are active)")
+        if lengths.dtype != torch.int64:
+            raise DTypeError(f"lengths: expected int64, got {lengths.dtype}")
+        check("lengths", lengths, (batch,), lengths)
+        _check_device("lengths", lengths, input)
+        if batch and not bool(((lengths >= 0) & (lengths <= seq_len)).all()):
+            raise ShapeError(f"lengths: expected values in [0, {seq_len}], got {lengths.tolist()}")
+    if resets is not None:
+        if reverse:
+            raise ShapeError("resets: cannot be given with reverse=True (an episode boundary is defined in the "
+                             "forward direction only)")
+        if resets.dtype != torch.bool:
+            raise DTypeError(f"resets: expected bool, got {resets.dtype}")
+        check("resets", resets, (seq_len, batch), resets)
+        _check_device("resets", resets, input)
+    if not 0.0 <= zoneout <= 1.0:
+        raise ShapeError(f"zoneout: expected a probability in [0, 1], got {zoneout}")
+    masked = zoneout > 0 and zoneout_seed is not None
+    if zoneout_seed is not None:
+        if zoneout_seed.dtype != torch.int64 or zoneout_seed.dim() != 0:
+            raise DTypeError(f"zoneout_seed: expected an int64 tensor of shape (), got {zoneout_seed.dtype} of shape "
+                             f"{tuple(zoneout_seed.shape)}")
+        _check_device("zoneout_seed", zoneout_seed, input)
+    threshold = int(zoneout * 2**32)  # keep iff bits < threshold (seqkern/reference/_scan.py zoneout_threshold)
+    return dict(
+        lengths_ptr=lengths.contiguous() if lengths is not None else None,
+        resets_ptr=resets.contiguous().view(torch.uint8) if resets is not None else None,
+        seed_ptr=zoneout_seed if masked else None, **_float32_halves(zoneout),
+        # 2^32 does not fit the kernels' uint32 bits: keep_all stands for it (zoneout = 1 keeps everything).
+        threshold=min(threshold, 2**32 - 1), keep_all=int(threshold >= 2**32),
+        USE_LENGTHS=lengths is not None, USE_RESETS=resets is not None, ZONEOUT=zoneout > 0, ZONEOUT_MASK=masked,
+    )
+
+
+def _float32_halves(zoneout: float) -> dict:
+    """zoneout_hi + zoneout_lo == zoneout to float64's precision, each a float32 (zoneout_weight)."""
+    hi = float(torch.tensor(zoneout, dtype=torch.float32))
+    return {"zoneout_hi": hi, "zoneout_lo": zoneout - hi}
+
+
+def _check_device(name: str, tensor: Tensor, like: Tensor) -> None:
+    if tensor.device != like.device:
+        raise DTypeError(f"{name}: expected a tensor on {like.device} (as the input), got {tensor.device}")
+
+
 def check_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, batch_sizes: Tensor | None, gates: int,
                 op: str) -> tuple[int, int, int, int]:
     """Checks the arguments a GRU or RNN layer's forward and backward share (`gates` weight blocks of H rows)
@@ -294,24 +423,36 @@ def column_sums(rows: Tensor) -> Tensor:
     return rows.sum(0, dtype=accumulate).to(rows.dtype)
 
 
-def previous_hidden(output: Tensor, h0: Tensor, batch_sizes: Tensor | None, reverse: bool) -> Tensor:
+def active_mask(seq_len: int, batch: int, batch_sizes: Tensor | None, lengths: Tensor | None,
+                device: torch.device) -> Tensor:
+    """(T,B) bool: which rows take part in each time step (seqkern/ops/_schemas.py)."""
+    steps = torch.arange(seq_len, device=device)[:, None]
+    active = torch.ones(seq_len, batch, dtype=torch.bool, device=device)
+    if batch_sizes is not None:
+        active &= torch.arange(batch, device=device)[None, :] < batch_sizes.to(device)[:, None]
+    if lengths is not None:
+        active &= steps < lengths[None, :]
+    return active
+
+
+def previous_hidden(output: Tensor, h0: Tensor, batch_sizes: Tensor | None, reverse: bool,
+                    lengths: Tensor | None = None, resets: Tensor | None = None) -> Tensor:
     """(T,B,H): the h_{t-1} each step t multiplied by W_hh, on the rows active at t.
 
     It is the output of the step run before, or h0 for a row that was not active then (every row at
-    the first step; in the reverse direction, a shorter sequence at its own last element).
+    the first step; in the reverse direction, a shorter sequence at its own last element) or is reset at t.
     """
     seq_len, batch = output.shape[0], output.shape[1]
-    # The (T,B) row mask is built on the host, where batch_sizes lives, and copied over once.
-    counts = batch_sizes.cpu() if batch_sizes is not None else torch.full((seq_len,), batch, dtype=torch.int64)
-    none = counts.new_zeros(1)
+    active = active_mask(seq_len, batch, batch_sizes, lengths, output.device)
+    none = active.new_zeros(1, batch)
     if reverse:
         shifted = torch.cat([output, h0.unsqueeze(0)])[1:]
-        counts_before = torch.cat([counts, none])[1:]
+        active_before = torch.cat([active, none])[1:]
     else:
         shifted = torch.cat([h0.unsqueeze(0), output])[:seq_len]
-        counts_before = torch.cat([none, counts])[:seq_len]
-    from_h0 = torch.arange(batch)[None, :] >= counts_before[:, None]
-    return torch.where(from_h0[..., None].to(output.device), h0.unsqueeze(0), shifted)
+        active_before = torch.cat([none, active])[:seq_len]
+    from_h0 = ~active_before if resets is None else ~active_before | resets
+    return torch.where(from_h0[..., None], h0.unsqueeze(0), shifted)
 
 
 def input_weight_gradients(grad_pre_x: Tensor, input: Tensor, w_ih: Tensor) -> tuple[Tensor, Tensor]:
@@ -323,10 +464,10 @@ def input_weight_gradients(grad_pre_x: Tensor, input: Tensor, w_ih: Tensor) -> t
 
 
 def recurrent_weight_gradient(grad_pre_h: Tensor, output: Tensor, h0: Tensor, batch_sizes: Tensor | None,
-                              reverse: bool) -> Tensor:
+                              reverse: bool, lengths: Tensor | None = None, resets: Tensor | None = None) -> Tensor:
     """grad_pre_h (T,B,G) gradient of h_{t-1} @ w_hh^T -> grad_w_hh (G,H), one GEMM over all T*B rows."""
     seq_len, batch, hidden = output.shape
-    h_prev = previous_hidden(output, h0, batch_sizes, reverse).reshape(seq_len * batch, hidden)
+    h_prev = previous_hidden(output, h0, batch_sizes, reverse, lengths, resets).reshape(seq_len * batch, hidden)
     return grad_pre_h.reshape(seq_len * batch, grad_pre_h.shape[-1]).t() @ h_prev
 
 

@@ -47,6 +47,13 @@ from ._recurrent import (
     on_device,
     previous_state,
     recurrent_weight_gradient,
+    reset_rows,
+    restart_gradient,
+    restart_hidden,
+    state_flags,
+    zoneout_blend,
+    zoneout_gradients,
+    zoneout_weight,
     sequence_blocks,
     sequence_grid,
     sequence_tile,
@@ -186,11 +193,13 @@ def _gru_cell_backward_kernel(
 def _gru_sequence_forward_kernel(
     gates_x_ptr,  # (T,B,3H) input @ w_ih^T + b_ih
     w_hh_ptr, b_hh_ptr, batch_sizes_ptr,  # (3H,H), (3H,) if HAS_BIAS, (T,) if HAS_BATCH_SIZES
+    lengths_ptr, resets_ptr, h0_ptr, seed_ptr,  # (B,), (T,B) and the (B,H) initial state, () if ZONEOUT_MASK
     output_ptr,  # out (T,B,H)
     h_ptr,  # (B,H): h0 on entry, h_n on exit; h_{t-1}, re-read every step as the GEMM operand
     workspace_ptr,  # out (T,B,4H) if SAVE_WORKSPACE
-    T, B, H,
-    HAS_BIAS: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr, SAVE_WORKSPACE: tl.constexpr,
+    T, B, H, zoneout_hi, zoneout_lo, threshold, keep_all,
+    HAS_BIAS: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr,
+    ZONEOUT: tl.constexpr, ZONEOUT_MASK: tl.constexpr, REVERSE: tl.constexpr, SAVE_WORKSPACE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, hid, hid_mask, state_mask, state_offsets = sequence_tile(B, H, BLOCK_B, BLOCK_H)
@@ -203,8 +212,11 @@ def _gru_sequence_forward_kernel(
         b_n = b_r
 
     for step in range(T):
-        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES, REVERSE)
+        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES, USE_LENGTHS, REVERSE)
         keep = active[:, None] & hid_mask[None, :]
+        if USE_RESETS:
+            reset = reset_rows(t, rows, B, resets_ptr, USE_RESETS)
+            h = tl.where(reset[:, None], restart_hidden(h_ptr, h0_ptr, rows, hid, hid_mask, H, reset).to(ACC), h)
         x_r, x_z, x_n = _load_three(gates_x_ptr, (t * B + rows)[:, None] * 3 * H + hid[None, :], keep, H, ACC)
         pre_r = add_hidden_projection(x_r + b_r[None, :], h_ptr, rows, active, w_hh_ptr, hid, hid_mask, H, DOT,
                                       BLOCK_K)
@@ -213,6 +225,10 @@ def _gru_sequence_forward_kernel(
         hidden_n = add_hidden_projection(tl.zeros((BLOCK_B, BLOCK_H), ACC) + b_n[None, :], h_ptr, rows, active,
                                          w_hh_ptr + 2 * H * H, hid, hid_mask, H, DOT, BLOCK_K)
         r, z, n, h_new = _cell_forward_math(pre_r, pre_z, x_n, hidden_n, h)
+        if ZONEOUT:
+            weight = zoneout_weight(seed_ptr, 0, t, rows, hid, H, zoneout_hi, zoneout_lo, threshold, keep_all,
+                                    ZONEOUT_MASK, ACC)
+            h_new = zoneout_blend(h_new, h, weight, ZONEOUT_MASK)
 
         commit_hidden(h_new, output_ptr, h_ptr, t, rows, B, hid, hid_mask, active, H)
         if SAVE_WORKSPACE:
@@ -226,26 +242,36 @@ def _gru_sequence_backward_kernel(
     grad_output_ptr, grad_h_n_ptr,  # (T,B,H), (B,H)
     h0_ptr, output_ptr, workspace_ptr,  # the forward's (B,H) h0, (T,B,H) output and (T,B,4H) workspace
     w_hh_ptr, batch_sizes_ptr,  # (3H,H), (T,) if HAS_BATCH_SIZES
+    lengths_ptr, resets_ptr, seed_ptr,  # (B,) if USE_LENGTHS, (T,B) if USE_RESETS, () if ZONEOUT_MASK
     grad_pre_ptr,  # out (T,B,4H) [d r_pre, d z_pre, d n_pre, d n_pre * r], re-read as the recurrent GEMM operand
     grad_h0_ptr,  # out (B,H)
-    T, B, H,
-    HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr,
+    T, B, H, zoneout_hi, zoneout_lo, threshold, keep_all,
+    HAS_BATCH_SIZES: tl.constexpr, USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
+    ZONEOUT_MASK: tl.constexpr, REVERSE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, hid, hid_mask, state_mask, state_offsets = sequence_tile(B, H, BLOCK_B, BLOCK_H)
     grad_h = tl.load(grad_h_n_ptr + state_offsets, mask=state_mask, other=0).to(ACC)
+    grad_h0 = tl.zeros((BLOCK_B, BLOCK_H), ACC)  # what reset steps hand back to h0
 
     for reverse_step in range(T):
         step = T - 1 - reverse_step  # the forward's step, undone last-first
-        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES, REVERSE)
+        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES, USE_LENGTHS, REVERSE)
         keep = active[:, None] & hid_mask[None, :]
         grad_h += tl.load(grad_output_ptr + (t * B + rows)[:, None] * H + hid[None, :], mask=keep, other=0).to(ACC)
+        grad_new = grad_h
+        if ZONEOUT:
+            weight = zoneout_weight(seed_ptr, 0, t, rows, hid, H, zoneout_hi, zoneout_lo, threshold, keep_all,
+                                    ZONEOUT_MASK, ACC)
+            grad_new, grad_kept = zoneout_gradients(grad_h, weight, ZONEOUT_MASK)
 
         wide_offsets = (t * B + rows)[:, None] * 4 * H + hid[None, :]
         r, z, n, hidden_n = _load_workspace(workspace_ptr, wide_offsets, keep, H, ACC)
-        h_prev = previous_state(output_ptr, h0_ptr, step, T, rows, B, hid, hid_mask, H, batch_sizes_ptr,
-                                HAS_BATCH_SIZES, REVERSE).to(ACC)
-        d_r, d_z, d_x_n, d_h_n, grad_h_prev = _cell_backward_math(grad_h, r, z, n, hidden_n, h_prev)
+        h_prev = previous_state(output_ptr, h0_ptr, step, T, rows, B, hid, hid_mask, H, batch_sizes_ptr, lengths_ptr,
+                                resets_ptr, HAS_BATCH_SIZES, USE_LENGTHS, USE_RESETS, REVERSE).to(ACC)
+        d_r, d_z, d_x_n, d_h_n, grad_h_prev = _cell_backward_math(grad_new, r, z, n, hidden_n, h_prev)
+        if ZONEOUT:
+            grad_h_prev += grad_kept
         _store_four(grad_pre_ptr, wide_offsets, state_mask, keep, H, d_r, d_z, d_x_n, d_h_n)
         tl.debug_barrier()  # the whole row of gradients is visible to every thread before the re-read
 
@@ -258,8 +284,10 @@ def _gru_sequence_backward_kernel(
         grad_h_prev = add_hidden_gradient(grad_h_prev, row_ptr + 3 * H, 4 * H, rows, active, w_hh_ptr + 2 * H * H,
                                           hid, hid_mask, H, H, DOT, BLOCK_K)
         grad_h = tl.where(keep, grad_h_prev, grad_h)
+        if USE_RESETS:
+            grad_h, grad_h0 = restart_gradient(grad_h, grad_h0, reset_rows(t, rows, B, resets_ptr, USE_RESETS))
 
-    store(grad_h0_ptr + state_offsets, grad_h, state_mask)
+    store(grad_h0_ptr + state_offsets, grad_h + grad_h0, state_mask)
 
 
 # ==================================================================================================
@@ -310,11 +338,13 @@ def gru_cell_backward(grad_hy: Tensor, hx: Tensor, workspace: Tensor,
 
 
 def gru_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-                batch_sizes: Tensor | None, reverse: bool, save_workspace: bool) -> tuple[Tensor, Tensor, Tensor]:
+                batch_sizes: Tensor | None, lengths: Tensor | None, resets: Tensor | None, zoneout: float,
+                zoneout_seed: Tensor | None, reverse: bool, save_workspace: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction. input (T,B,I), h0 (B,H), w_ih (3H,I), w_hh (3H,H), b_ih, b_hh (3H,) or None
     -> output (T,B,H), h_n (B,H), workspace (T,B,4H) (empty (0,) unless save_workspace)."""
     seq_len, batch, input_size, hidden = check_layer(input, h0, w_ih, w_hh, batch_sizes, 3, "GRU")
     check_biases(b_ih, b_hh, 3 * hidden, input)
+    flags = state_flags(input, batch_sizes, lengths, resets, reverse, zoneout, zoneout_seed)
     output = input.new_empty(seq_len, batch, hidden)
     h_n = h0.clone(memory_format=torch.contiguous_format)
     workspace = input.new_empty(seq_len, batch, 4 * hidden) if save_workspace else input.new_empty(0)
@@ -324,8 +354,9 @@ def gru_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Ten
     # The input projection of every step at once: one GEMM over T*B rows, b_ih folded in.
     gates_x = linear(input.reshape(seq_len * batch, input_size), w_ih, b_ih).view(seq_len, batch, 3 * hidden)
     launch(_gru_sequence_forward_kernel, sequence_grid(batch), input.device)(
-        gates_x, w_hh.contiguous(), contiguous_or_none(b_hh), on_device(batch_sizes, input), output, h_n,
-        workspace if save_workspace else None, seq_len, batch, hidden,
+        gates_x, w_hh.contiguous(), contiguous_or_none(b_hh), on_device(batch_sizes, input),
+        h0_ptr=h0.contiguous(), output_ptr=output, h_ptr=h_n, workspace_ptr=workspace if save_workspace else None,
+        T=seq_len, B=batch, H=hidden, **flags,
         HAS_BIAS=b_hh is not None, HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse),
         SAVE_WORKSPACE=bool(save_workspace), **kernel_dtypes(input), **sequence_blocks(hidden),
     )
@@ -333,11 +364,13 @@ def gru_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Ten
 
 
 def gru_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
-                 output: Tensor, workspace: Tensor, batch_sizes: Tensor | None, reverse: bool, has_bias: bool
+                 output: Tensor, workspace: Tensor, batch_sizes: Tensor | None, lengths: Tensor | None,
+                 resets: Tensor | None, zoneout: float, zoneout_seed: Tensor | None, reverse: bool, has_bias: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of gru_forward from its output (T,B,H) and workspace (T,B,4H) -> grad_input (T,B,I),
     grad_h0 (B,H), grad_w_ih (3H,I), grad_w_hh (3H,H), grad_b_ih, grad_b_hh (3H,) (empty (0,) unless has_bias)."""
     seq_len, batch, _, hidden = check_layer(input, h0, w_ih, w_hh, batch_sizes, 3, "GRU")
+    flags = state_flags(input, batch_sizes, lengths, resets, reverse, zoneout, zoneout_seed)
     check("grad_output", grad_output, (seq_len, batch, hidden), input)
     check("output", output, (seq_len, batch, hidden), input)
     check("grad_h_n", grad_h_n, (batch, hidden), input)
@@ -349,8 +382,8 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
     if seq_len and batch:
         launch(_gru_sequence_backward_kernel, sequence_grid(batch), input.device)(
             grad_output.contiguous(), grad_h_n.contiguous(), h0.contiguous(), output.contiguous(),
-            workspace.contiguous(), w_hh.contiguous(), on_device(batch_sizes, input), grad_pre, grad_h0,
-            seq_len, batch, hidden,
+            workspace.contiguous(), w_hh.contiguous(), on_device(batch_sizes, input),
+            grad_pre_ptr=grad_pre, grad_h0_ptr=grad_h0, T=seq_len, B=batch, H=hidden, **flags,
             HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse),
             **kernel_dtypes(input), **sequence_blocks(hidden),
         )
@@ -358,7 +391,7 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
     grad_pre_x = grad_pre[..., : 3 * hidden]
     grad_pre_h = torch.cat([grad_pre[..., : 2 * hidden], grad_pre[..., 3 * hidden:]], dim=-1)
     grad_input, grad_w_ih = input_weight_gradients(grad_pre_x, input, w_ih)
-    grad_w_hh = recurrent_weight_gradient(grad_pre_h, output, h0, batch_sizes, reverse)
+    grad_w_hh = recurrent_weight_gradient(grad_pre_h, output, h0, batch_sizes, reverse, lengths, resets)
     if not has_bias:
         return grad_input, grad_h0, grad_w_ih, grad_w_hh, input.new_empty(0), input.new_empty(0)
     grad_b_ih = column_sums(grad_pre_x.reshape(seq_len * batch, 3 * hidden))

@@ -58,6 +58,14 @@ from ._recurrent import (
     pow2_at_least,
     previous_state,
     recurrent_weight_gradient,
+    previous_hidden,
+    reset_rows,
+    restart_gradient,
+    restart_hidden,
+    state_flags,
+    zoneout_blend,
+    zoneout_gradients,
+    zoneout_weight,
     sequence_blocks,
     sequence_grid,
     sequence_tile,
@@ -190,13 +198,15 @@ def _lstm_cell_backward_kernel(
 def _lstm_sequence_forward_kernel(
     gates_x_ptr,  # (T,B,4H) input @ w_ih^T + b_ih + b_hh
     c0_ptr, w_hh_ptr, w_hr_ptr, batch_sizes_ptr,  # (B,H), (4H,P), (P,H) if HAS_PROJ, (T,) if HAS_BATCH_SIZES
+    lengths_ptr, resets_ptr, h0_ptr, seed_ptr,  # (B,), (T,B) and the (B,P) initial h, () if ZONEOUT_MASK
     output_ptr,  # out (T,B,P)
     h_ptr,  # (B,P): h0 on entry, h_n on exit; the hidden state, re-read every step as the GEMM operand
     c_n_ptr,  # out (B,H)
     proj_in_ptr,  # scratch (B,H) for o * tanh(c_t), the projection's operand, if HAS_PROJ
     gates_ptr, cells_ptr,  # out (T,B,4H), (T,B,H) if SAVE_WORKSPACE
-    T, B, H, P,
-    HAS_PROJ: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr, SAVE_WORKSPACE: tl.constexpr,
+    T, B, H, P, zoneout_hi, zoneout_lo, threshold, keep_all,
+    HAS_PROJ: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr,
+    ZONEOUT: tl.constexpr, ZONEOUT_MASK: tl.constexpr, REVERSE: tl.constexpr, SAVE_WORKSPACE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -206,7 +216,11 @@ def _lstm_sequence_forward_kernel(
     c = tl.load(c0_ptr + cell_offsets, mask=cell_mask, other=0).to(ACC)
 
     for step in range(T):
-        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES, REVERSE)
+        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES, USE_LENGTHS, REVERSE)
+        if USE_RESETS:
+            reset = reset_rows(t, rows, B, resets_ptr, USE_RESETS)
+            restart_hidden(h_ptr, h0_ptr, rows, out_cols, out_mask, P, reset)
+            c = tl.where(reset[:, None], tl.load(c0_ptr + cell_offsets, mask=cell_mask, other=0).to(ACC), c)
         keep_gate = active[:, None] & hid_mask[None, :]
         gate_offsets = (t * B + rows)[:, None] * 4 * H + hid[None, :]
 
@@ -226,6 +240,14 @@ def _lstm_sequence_forward_kernel(
             # h_t = r @ W_hr^T, W_hr (P,H) read transposed.
             h_new = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_P), ACC), proj_in_ptr, H, rows, active,
                                       w_hr_ptr, 1, H, out_cols, out_mask, H, DOT, BLOCK_K)
+        if ZONEOUT:  # h (state 0) and c (state 1) keep their values from before the step
+            h_old = tl.load(h_ptr + rows[:, None] * P + out_cols[None, :],
+                            mask=(rows < B)[:, None] & out_mask[None, :], other=0).to(ACC)
+            h_new = zoneout_blend(h_new, h_old, zoneout_weight(seed_ptr, 0, t, rows, out_cols, P, zoneout_hi,
+                                                               zoneout_lo, threshold, keep_all, ZONEOUT_MASK, ACC),
+                                  ZONEOUT_MASK)
+            c_new = zoneout_blend(c_new, c, zoneout_weight(seed_ptr, 1, t, rows, hid, H, zoneout_hi, zoneout_lo,
+                                                           threshold, keep_all, ZONEOUT_MASK, ACC), ZONEOUT_MASK)
 
         commit_hidden(h_new, output_ptr, h_ptr, t, rows, B, out_cols, out_mask, active, P)
         if SAVE_WORKSPACE:
@@ -240,12 +262,14 @@ def _lstm_sequence_forward_kernel(
 def _lstm_sequence_backward_kernel(
     grad_output_ptr, grad_h_n_ptr, grad_c_n_ptr,  # (T,B,P), (B,P), (B,H)
     c0_ptr, w_hh_ptr, w_hr_ptr, batch_sizes_ptr,  # (B,H), (4H,P), (P,H) if HAS_PROJ, (T,) if HAS_BATCH_SIZES
-    gates_ptr, cells_ptr,  # the forward's workspace: (T,B,4H) activated gates, (T,B,H) c_t
+    lengths_ptr, resets_ptr, seed_ptr,  # (B,) if USE_LENGTHS, (T,B) if USE_RESETS, () if ZONEOUT_MASK
+    gates_ptr, cells_ptr,  # the forward's workspace: (T,B,4H) activated gates, (T,B,H) c_t (after zoneout)
     grad_gates_ptr,  # out (T,B,4H) gradient of the pre-activations, re-read as the recurrent GEMM operand
-    grad_h_all_ptr,  # out (T,B,P) gradient reaching each step's h_t (for grad_w_hr), if HAS_PROJ
+    grad_h_all_ptr,  # out (T,B,P) gradient reaching each step's projected h_t (for grad_w_hr), if HAS_PROJ
     grad_h0_ptr, grad_c0_ptr,  # out (B,P), (B,H)
-    T, B, H, P,
-    HAS_PROJ: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr,
+    T, B, H, P, zoneout_hi, zoneout_lo, threshold, keep_all,
+    HAS_PROJ: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr,
+    ZONEOUT: tl.constexpr, ZONEOUT_MASK: tl.constexpr, REVERSE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -256,30 +280,44 @@ def _lstm_sequence_backward_kernel(
     hidden_offsets = rows[:, None] * P + out_cols[None, :]
     grad_h = tl.load(grad_h_n_ptr + hidden_offsets, mask=hidden_mask, other=0).to(ACC)
     grad_c = tl.load(grad_c_n_ptr + cell_offsets, mask=cell_mask, other=0).to(ACC)
+    grad_h0 = tl.zeros((BLOCK_B, BLOCK_P), ACC)  # what reset steps hand back to h0 and c0
+    grad_c0 = tl.zeros((BLOCK_B, BLOCK_H), ACC)
 
     for reverse_step in range(T):
         step = T - 1 - reverse_step  # the forward's step, undone last-first
-        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES, REVERSE)
+        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES, USE_LENGTHS, REVERSE)
         keep_gate = active[:, None] & hid_mask[None, :]
         keep_out = active[:, None] & out_mask[None, :]
         out_offsets = (t * B + rows)[:, None] * P + out_cols[None, :]
         grad_h += tl.load(grad_output_ptr + out_offsets, mask=keep_out, other=0).to(ACC)
+        grad_h_new = grad_h  # the gradients of the step's new h and c (before zoneout)
+        grad_c_new = grad_c
+        if ZONEOUT:
+            grad_h_new, grad_h_kept = zoneout_gradients(
+                grad_h, zoneout_weight(seed_ptr, 0, t, rows, out_cols, P, zoneout_hi, zoneout_lo, threshold,
+                                       keep_all, ZONEOUT_MASK, ACC), ZONEOUT_MASK)
+            grad_c_new, grad_c_kept = zoneout_gradients(
+                grad_c, zoneout_weight(seed_ptr, 1, t, rows, hid, H, zoneout_hi, zoneout_lo, threshold, keep_all,
+                                       ZONEOUT_MASK, ACC), ZONEOUT_MASK)
 
         if HAS_PROJ:
-            store(grad_h_all_ptr + out_offsets, tl.where(keep_out, grad_h, 0), hidden_mask)
+            store(grad_h_all_ptr + out_offsets, tl.where(keep_out, grad_h_new, 0), hidden_mask)
             tl.debug_barrier()  # the whole row of grad h_t is visible to every thread before the re-read
             # grad r = grad h_t @ W_hr, W_hr (P,H) read as is.
             grad_r = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_H), ACC), grad_h_all_ptr + t * B * P, P, rows,
                                        active, w_hr_ptr, H, 1, hid, hid_mask, P, DOT, BLOCK_K)
         else:
-            grad_r = grad_h
+            grad_r = grad_h_new
 
         gate_offsets = (t * B + rows)[:, None] * 4 * H + hid[None, :]
         i, f, g, o = _load_gates(gates_ptr, gate_offsets, keep_gate, H, ACC)
-        c = tl.load(cells_ptr + (t * B + rows)[:, None] * H + hid[None, :], mask=keep_gate, other=0).to(ACC)
-        c_prev = previous_state(cells_ptr, c0_ptr, step, T, rows, B, hid, hid_mask, H, batch_sizes_ptr,
-                                HAS_BATCH_SIZES, REVERSE).to(ACC)
-        d_i, d_f, d_g, d_o, grad_c_prev = _cell_backward_math(grad_r, grad_c, i, f, g, o, c_prev, c)
+        c_prev = previous_state(cells_ptr, c0_ptr, step, T, rows, B, hid, hid_mask, H, batch_sizes_ptr, lengths_ptr,
+                                resets_ptr, HAS_BATCH_SIZES, USE_LENGTHS, USE_RESETS, REVERSE).to(ACC)
+        if ZONEOUT:  # the recorded c_t is after zoneout; the cell's own c_t is recomputed
+            c = f * c_prev + i * g
+        else:
+            c = tl.load(cells_ptr + (t * B + rows)[:, None] * H + hid[None, :], mask=keep_gate, other=0).to(ACC)
+        d_i, d_f, d_g, d_o, grad_c_prev = _cell_backward_math(grad_r, grad_c_new, i, f, g, o, c_prev, c)
         _store_gates(grad_gates_ptr, gate_offsets, cell_mask, keep_gate, H, d_i, d_f, d_g, d_o)
         tl.debug_barrier()  # the whole row of grad gates is visible to every thread before the re-read
 
@@ -289,11 +327,18 @@ def _lstm_sequence_backward_kernel(
         for gate in tl.static_range(4):
             grad_h_prev = add_hidden_gradient(grad_h_prev, row_gates_ptr + gate * H, 4 * H, rows, active,
                                               w_hh_ptr + gate * H * P, out_cols, out_mask, H, P, DOT, BLOCK_K)
+        if ZONEOUT:
+            grad_h_prev += grad_h_kept
+            grad_c_prev += grad_c_kept
         grad_h = tl.where(keep_out, grad_h_prev, grad_h)
         grad_c = tl.where(keep_gate, grad_c_prev, grad_c)
+        if USE_RESETS:
+            reset = reset_rows(t, rows, B, resets_ptr, USE_RESETS)
+            grad_h, grad_h0 = restart_gradient(grad_h, grad_h0, reset)
+            grad_c, grad_c0 = restart_gradient(grad_c, grad_c0, reset)
 
-    store(grad_h0_ptr + hidden_offsets, grad_h, hidden_mask)
-    store(grad_c0_ptr + cell_offsets, grad_c, cell_mask)
+    store(grad_h0_ptr + hidden_offsets, grad_h + grad_h0, hidden_mask)
+    store(grad_c0_ptr + cell_offsets, grad_c + grad_c0, cell_mask)
 
 
 # ==================================================================================================
@@ -365,12 +410,14 @@ def lstm_cell_backward(grad_hy: Tensor, grad_cy: Tensor, cx: Tensor, cy: Tensor,
 
 
 def lstm_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-                 b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool,
+                 b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, lengths: Tensor | None,
+                 resets: Tensor | None, zoneout: float, zoneout_seed: Tensor | None, reverse: bool,
                  save_workspace: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer, one direction. input (T,B,I), h0 (B,P), c0 (B,H) -> output (T,B,P), h_n (B,P), c_n (B,H),
     gates (T,B,4H), cells (T,B,H) (both empty (0,) unless save_workspace)."""
     seq_len, batch, input_size, hidden, out_size = _check_layer(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes)
     check_biases(b_ih, b_hh, 4 * hidden, input)
+    flags = state_flags(input, batch_sizes, lengths, resets, reverse, zoneout, zoneout_seed)
     output = input.new_empty(seq_len, batch, out_size)
     h_n, c_n = h0.clone(memory_format=torch.contiguous_format), c0.new_empty(c0.shape)
     workspace_shape = (seq_len, batch) if save_workspace else (0,)
@@ -386,9 +433,10 @@ def lstm_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     blocks = _sequence_blocks(hidden, out_size)
     launch(_lstm_sequence_forward_kernel, sequence_grid(batch), input.device)(
         gates_x, c0.contiguous(), w_hh.contiguous(), contiguous_or_none(w_hr), on_device(batch_sizes, input),
-        output, h_n, c_n, input.new_empty(batch, hidden) if w_hr is not None else None,
-        gates if save_workspace else None, cells if save_workspace else None,
-        seq_len, batch, hidden, out_size,
+        h0_ptr=h0.contiguous(), output_ptr=output, h_ptr=h_n, c_n_ptr=c_n,
+        proj_in_ptr=input.new_empty(batch, hidden) if w_hr is not None else None,
+        gates_ptr=gates if save_workspace else None, cells_ptr=cells if save_workspace else None,
+        T=seq_len, B=batch, H=hidden, P=out_size, **flags,
         HAS_PROJ=w_hr is not None, HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse),
         SAVE_WORKSPACE=bool(save_workspace), **kernel_dtypes(input), **blocks,
     )
@@ -397,12 +445,14 @@ def lstm_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
 
 def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, input: Tensor, h0: Tensor, c0: Tensor,
                   w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None, output: Tensor, gates: Tensor, cells: Tensor,
-                  batch_sizes: Tensor | None, reverse: bool, has_bias: bool
+                  batch_sizes: Tensor | None, lengths: Tensor | None, resets: Tensor | None, zoneout: float,
+                  zoneout_seed: Tensor | None, reverse: bool, has_bias: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of lstm_forward, from its saved output, gates (T,B,4H) and cells (T,B,H)
     -> grad_input (T,B,I), grad_h0 (B,P), grad_c0 (B,H), grad_w_ih (4H,I), grad_w_hh (4H,P),
        grad_bias (4H,) (empty unless has_bias), grad_w_hr (P,H) (empty without projection)."""
     seq_len, batch, input_size, hidden, out_size = _check_layer(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes)
+    flags = state_flags(input, batch_sizes, lengths, resets, reverse, zoneout, zoneout_seed)
     check("grad_output", grad_output, (seq_len, batch, out_size), input)
     check("output", output, (seq_len, batch, out_size), input)
     check("grad_h_n", grad_h_n, (batch, out_size), input)
@@ -420,19 +470,25 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, input
         launch(_lstm_sequence_backward_kernel, sequence_grid(batch), input.device)(
             grad_output.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), c0.contiguous(),
             w_hh.contiguous(), contiguous_or_none(w_hr), on_device(batch_sizes, input),
-            gates.contiguous(), cells.contiguous(), grad_gates, grad_h_all, grad_h0, grad_c0,
-            seq_len, batch, hidden, out_size,
+            gates_ptr=gates.contiguous(), cells_ptr=cells.contiguous(), grad_gates_ptr=grad_gates,
+            grad_h_all_ptr=grad_h_all, grad_h0_ptr=grad_h0, grad_c0_ptr=grad_c0,
+            T=seq_len, B=batch, H=hidden, P=out_size, **flags,
             HAS_PROJ=w_hr is not None, HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse),
             **kernel_dtypes(input), **blocks,
         )
 
     # Weight gradients: GEMMs over all T*B rows at once (rows inactive at a step have zero grad_gates).
     grad_input, grad_w_ih = input_weight_gradients(grad_gates, input, w_ih)
-    grad_w_hh = recurrent_weight_gradient(grad_gates, output, h0, batch_sizes, reverse)
+    grad_w_hh = recurrent_weight_gradient(grad_gates, output, h0, batch_sizes, reverse, lengths, resets)
     grad_bias = column_sums(grad_gates.view(seq_len * batch, 4 * hidden)) if has_bias else input.new_empty(0)
     grad_w_hr = input.new_empty(0)
     if w_hr is not None:
-        # The projection's input o * tanh(c_t), rebuilt from the workspace (zero on inactive rows).
-        proj_in = gates[..., 3 * hidden:] * torch.tanh(cells)
+        # The projection's input o * tanh(c_t), rebuilt from the workspace (zero on inactive rows); with
+        # zoneout the cell's own c_t = f c_{t-1} + i g (cells holds c_t after zoneout).
+        cell = cells
+        if zoneout:
+            c_prev = previous_hidden(cells, c0, batch_sizes, reverse, lengths, resets)
+            cell = gates[..., hidden: 2 * hidden] * c_prev + gates[..., :hidden] * gates[..., 2 * hidden: 3 * hidden]
+        proj_in = gates[..., 3 * hidden:] * torch.tanh(cell)
         grad_w_hr = grad_h_all.view(seq_len * batch, out_size).t() @ proj_in.reshape(seq_len * batch, hidden)
     return grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr

@@ -38,6 +38,10 @@ from ._recurrent import (
     linear,
     on_device,
     recurrent_weight_gradient,
+    reset_rows,
+    restart_gradient,
+    restart_hidden,
+    state_flags,
     sequence_blocks,
     sequence_grid,
     sequence_tile,
@@ -121,10 +125,12 @@ def _rnn_cell_backward_kernel(
 def _rnn_sequence_forward_kernel(
     gates_x_ptr,  # (T,B,H) input @ w_ih^T + b_ih + b_hh
     w_hh_ptr, batch_sizes_ptr,  # (H,H), (T,) if HAS_BATCH_SIZES
+    lengths_ptr, resets_ptr, h0_ptr,  # (B,) if USE_LENGTHS; (T,B) and the (B,H) initial state if USE_RESETS
     output_ptr,  # out (T,B,H)
     h_ptr,  # (B,H): h0 on entry, h_n on exit; the hidden state, re-read every step as the GEMM operand
     T, B, H,
-    HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr, RELU: tl.constexpr,
+    HAS_BATCH_SIZES: tl.constexpr, USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr, REVERSE: tl.constexpr,
+    RELU: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, hid, hid_mask, _, _ = sequence_tile(B, H, BLOCK_B, BLOCK_H)
@@ -132,7 +138,9 @@ def _rnn_sequence_forward_kernel(
     # No register state: h_t is all the state, and as the next step's GEMM operand it lives in h_ptr in the
     # tensors' dtype (rounded each step, as torch.nn.RNN's is).
     for step in range(T):
-        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES, REVERSE)
+        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES, USE_LENGTHS, REVERSE)
+        if USE_RESETS:
+            restart_hidden(h_ptr, h0_ptr, rows, hid, hid_mask, H, reset_rows(t, rows, B, resets_ptr, USE_RESETS))
         preact = tl.load(gates_x_ptr + (t * B + rows)[:, None] * H + hid[None, :],
                          mask=active[:, None] & hid_mask[None, :], other=0).to(ACC)
         preact = add_hidden_projection(preact, h_ptr, rows, active, w_hh_ptr, hid, hid_mask, H, DOT, BLOCK_K)
@@ -143,18 +151,21 @@ def _rnn_sequence_forward_kernel(
 def _rnn_sequence_backward_kernel(
     grad_output_ptr, grad_h_n_ptr, output_ptr,  # (T,B,H), (B,H), (T,B,H)
     w_hh_ptr, batch_sizes_ptr,  # (H,H), (T,) if HAS_BATCH_SIZES
+    lengths_ptr, resets_ptr,  # (B,) if USE_LENGTHS, (T,B) if USE_RESETS
     grad_preact_ptr,  # out (T,B,H) gradient of the pre-activations, re-read as the recurrent GEMM operand
     grad_h0_ptr,  # out (B,H)
     T, B, H,
-    HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr, RELU: tl.constexpr,
+    HAS_BATCH_SIZES: tl.constexpr, USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr, REVERSE: tl.constexpr,
+    RELU: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, hid, hid_mask, state_mask, state_offsets = sequence_tile(B, H, BLOCK_B, BLOCK_H)
     grad_h = tl.load(grad_h_n_ptr + state_offsets, mask=state_mask, other=0).to(ACC)
+    grad_h0 = tl.zeros((BLOCK_B, BLOCK_H), ACC)  # what reset steps hand back to h0
 
     for reverse_step in range(T):
         step = T - 1 - reverse_step  # the forward's step, undone last-first
-        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, HAS_BATCH_SIZES, REVERSE)
+        t, active = step_rows(step, T, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES, USE_LENGTHS, REVERSE)
         keep = active[:, None] & hid_mask[None, :]
         offsets = (t * B + rows)[:, None] * H + hid[None, :]
         grad_h += tl.load(grad_output_ptr + offsets, mask=keep, other=0).to(ACC)
@@ -165,8 +176,10 @@ def _rnn_sequence_backward_kernel(
         grad_h_prev = add_hidden_gradient(tl.zeros((BLOCK_B, BLOCK_H), ACC), grad_preact_ptr + t * B * H, H, rows,
                                           active, w_hh_ptr, hid, hid_mask, H, H, DOT, BLOCK_K)
         grad_h = tl.where(keep, grad_h_prev, grad_h)
+        if USE_RESETS:
+            grad_h, grad_h0 = restart_gradient(grad_h, grad_h0, reset_rows(t, rows, B, resets_ptr, USE_RESETS))
 
-    store(grad_h0_ptr + state_offsets, grad_h, state_mask)
+    store(grad_h0_ptr + state_offsets, grad_h + grad_h0, state_mask)
 
 
 # ==================================================================================================
@@ -209,11 +222,13 @@ def rnn_cell_backward(grad_hy: Tensor, hy: Tensor, relu: bool, has_bias: bool) -
 
 
 def rnn_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-                batch_sizes: Tensor | None, reverse: bool, relu: bool) -> tuple[Tensor, Tensor]:
+                batch_sizes: Tensor | None, lengths: Tensor | None, resets: Tensor | None, reverse: bool,
+                relu: bool) -> tuple[Tensor, Tensor]:
     """One layer, one direction. input (T,B,I), h0 (B,H), w_ih (H,I), w_hh (H,H), b_ih, b_hh (H,) or None
     -> output (T,B,H), h_n (B,H)."""
     seq_len, batch, input_size, hidden = check_layer(input, h0, w_ih, w_hh, batch_sizes, 1, "RNN")
     check_biases(b_ih, b_hh, hidden, input)
+    flags = state_flags(input, batch_sizes, lengths, resets, reverse)
     output = input.new_empty(seq_len, batch, hidden)
     h_n = h0.clone(memory_format=torch.contiguous_format)
     if seq_len == 0 or batch == 0:
@@ -223,19 +238,22 @@ def rnn_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Ten
     bias = b_ih + b_hh if b_ih is not None else None
     gates_x = linear(input.reshape(seq_len * batch, input_size), w_ih, bias).view(seq_len, batch, hidden)
     launch(_rnn_sequence_forward_kernel, sequence_grid(batch), input.device)(
-        gates_x, w_hh.contiguous(), on_device(batch_sizes, input), output, h_n, seq_len, batch, hidden,
-        HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse), RELU=bool(relu),
+        gates_x, w_hh.contiguous(), on_device(batch_sizes, input), flags["lengths_ptr"], flags["resets_ptr"],
+        h0.contiguous(), output, h_n, seq_len, batch, hidden,
+        HAS_BATCH_SIZES=batch_sizes is not None, USE_LENGTHS=flags["USE_LENGTHS"], USE_RESETS=flags["USE_RESETS"],
+        REVERSE=bool(reverse), RELU=bool(relu),
         **kernel_dtypes(input), **sequence_blocks(hidden),
     )
     return output, h_n
 
 
 def rnn_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
-                 output: Tensor, batch_sizes: Tensor | None, reverse: bool, relu: bool, has_bias: bool
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 output: Tensor, batch_sizes: Tensor | None, lengths: Tensor | None, resets: Tensor | None,
+                 reverse: bool, relu: bool, has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of rnn_forward from its output (T,B,H) -> grad_input (T,B,I), grad_h0 (B,H), grad_w_ih (H,I),
     grad_w_hh (H,H), grad_bias (H,) (of b_ih and b_hh alike; empty (0,) unless has_bias)."""
     seq_len, batch, _, hidden = check_layer(input, h0, w_ih, w_hh, batch_sizes, 1, "RNN")
+    flags = state_flags(input, batch_sizes, lengths, resets, reverse)
     check("grad_output", grad_output, (seq_len, batch, hidden), input)
     check("output", output, (seq_len, batch, hidden), input)
     check("grad_h_n", grad_h_n, (batch, hidden), input)
@@ -246,12 +264,14 @@ def rnn_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
     if seq_len and batch:
         launch(_rnn_sequence_backward_kernel, sequence_grid(batch), input.device)(
             grad_output.contiguous(), grad_h_n.contiguous(), output.contiguous(), w_hh.contiguous(),
-            on_device(batch_sizes, input), grad_preact, grad_h0, seq_len, batch, hidden,
-            HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse), RELU=bool(relu),
+            on_device(batch_sizes, input), flags["lengths_ptr"], flags["resets_ptr"], grad_preact, grad_h0,
+            seq_len, batch, hidden,
+            HAS_BATCH_SIZES=batch_sizes is not None, USE_LENGTHS=flags["USE_LENGTHS"], USE_RESETS=flags["USE_RESETS"],
+            REVERSE=bool(reverse), RELU=bool(relu),
             **kernel_dtypes(input), **sequence_blocks(hidden),
         )
 
     grad_input, grad_w_ih = input_weight_gradients(grad_preact, input, w_ih)
-    grad_w_hh = recurrent_weight_gradient(grad_preact, output, h0, batch_sizes, reverse)
+    grad_w_hh = recurrent_weight_gradient(grad_preact, output, h0, batch_sizes, reverse, lengths, resets)
     grad_bias = column_sums(grad_preact.view(seq_len * batch, hidden)) if has_bias else input.new_empty(0)
     return grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias

@@ -172,8 +172,15 @@ def _vf_params(*tensors):
     return [t for t in tensors if t is not None]
 
 
-def torch_lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
-    """lstm_forward's (output, h_n, c_n) from torch.nn.LSTM's kernel (with its projection when w_hr is given)."""
+def _no_state_flags(lengths=None, resets=None, zoneout=0.0, zoneout_seed=None) -> None:
+    assert lengths is None and resets is None and zoneout == 0.0, "the torch.nn layers have no lengths/resets/zoneout"
+
+
+def torch_lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *flags_and_reverse):
+    """lstm_forward's (output, h_n, c_n) from torch.nn.LSTM's kernel (with its projection when w_hr is given);
+    lengths, resets and zoneout must be unused."""
+    *flags, reverse = flags_and_reverse
+    _no_state_flags(*flags)
     params, has_bias = _vf_params(w_ih, w_hh, b_ih, b_hh, w_hr), b_ih is not None
 
     def step(x, states):
@@ -186,9 +193,11 @@ def torch_lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, r
     return torch_recurrence(step, input, (h0, c0), batch_sizes, reverse)
 
 
-def torch_single_state_layer(kernel, input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
+def torch_single_state_layer(kernel, input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, *flags_and_reverse):
     """gru_forward's / rnn_forward's (output, h_n) from torch.nn.GRU's / RNN's `kernel` (torch._VF.gru,
-    torch._VF.rnn_tanh, torch._VF.rnn_relu)."""
+    torch._VF.rnn_tanh, torch._VF.rnn_relu); lengths, resets (and zoneout) must be unused."""
+    *flags, reverse = flags_and_reverse
+    _no_state_flags(*flags)
     params, has_bias = _vf_params(w_ih, w_hh, b_ih, b_hh), b_ih is not None
 
     def step(x, states):
@@ -266,8 +275,10 @@ def case_id(case: dict) -> str:
 
 def layer_args(gates: int, seq_len, batch, input_size, hidden, *, proj=0, cell_state=False, bias=True,
                lengths=None, reverse=False, dtype=torch.float64, requires_grad=True, seed=0) -> tuple:
-    """(input, h0, [c0,] w_ih, w_hh, b_ih, b_hh, [w_hr,] batch_sizes, reverse) of a `gates`-gate layer op:
-    the LSTM (gates=4) has c0 and a w_hr slot (None without a projection), the GRU (3) and RNN (1) neither."""
+    """(input, h0, [c0,] w_ih, w_hh, b_ih, b_hh, [w_hr,] batch_sizes, lengths, resets, [zoneout, zoneout_seed,]
+    reverse) of a `gates`-gate layer op: the LSTM (gates=4) has c0 and a w_hr slot (None without a projection),
+    the GRU (3) and RNN (1) neither; lengths and resets are None, zoneout 0 (the LSTM and GRU only) (`lengths`
+    here makes the batch_sizes of a sorted PackedSequence)."""
     gen = torch.Generator().manual_seed(seed)
     out_size = proj or hidden
 
@@ -281,7 +292,9 @@ def layer_args(gates: int, seq_len, batch, input_size, hidden, *, proj=0, cell_s
     biases = (rand(gates * hidden, scale=scale), rand(gates * hidden, scale=scale)) if bias else (None, None)
     projection = (rand(out_size, hidden, scale=scale) if proj else None,) if cell_state else ()
     batch_sizes = batch_sizes_for(lengths, seq_len) if lengths is not None else None
-    return (rand(seq_len, batch, input_size), *states, *weights, *biases, *projection, batch_sizes, reverse)
+    state_flags = (None, None) + ((0.0, None) if gates in (3, 4) else ())
+    return (rand(seq_len, batch, input_size), *states, *weights, *biases, *projection, batch_sizes, *state_flags,
+            reverse)
 
 
 def cell_args(gates: int, batch, hidden, *, bias=True, state=True) -> tuple:

@@ -93,7 +93,7 @@ def _opcheck_cases():
     yield OPS.gru_cell_backward.default, (torch.randn_like(hy), cell[2].detach(), workspace, True)
     args = _layer_args(5, 3, 4, 6, dtype=torch.float32, requires_grad=False)
     output, h_n, workspace = OPS.gru_forward(*args, True)
-    yield OPS.gru_backward.default, (torch.randn_like(output), torch.randn_like(h_n), args[0], args[1], args[2], args[3], output, workspace, None, False, True)
+    yield OPS.gru_backward.default, (torch.randn_like(output), torch.randn_like(h_n), args[0], args[1], args[2], args[3], output, workspace, None, None, None, 0.0, None, False, True)
 
 
 @pytest.mark.parametrize("op,args", list(_opcheck_cases()))

@@ -107,7 +107,7 @@ def _opcheck_cases():
     yield OPS.lstm_cell_backward.default, (torch.randn_like(hy), torch.randn_like(cy), cell[2], cy, workspace, True)
     args = _layer_args(5, 3, 4, 6, proj=2, dtype=torch.float32, requires_grad=False)
     output, h_n, c_n, gates, cells = OPS.lstm_forward(*args, True)
-    yield OPS.lstm_backward.default, (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), args[0], args[1], args[2], args[3], args[4], args[7], output, gates, cells, None, False, True)
+    yield OPS.lstm_backward.default, (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), args[0], args[1], args[2], args[3], args[4], args[7], output, gates, cells, None, None, None, 0.0, None, False, True)
 
 
 @pytest.mark.parametrize("op,args", list(_opcheck_cases()))

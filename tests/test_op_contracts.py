@@ -26,7 +26,9 @@ def _layer(gates: int, lstm: bool = False) -> dict:
     args.update(w_ih=_randn(gates * H, I), w_hh=_randn(gates * H, H), b_ih=_randn(gates * H), b_hh=_randn(gates * H))
     if lstm:
         args["w_hr"] = None
-    args["batch_sizes"] = None
+    args.update(batch_sizes=None, lengths=None, resets=None)
+    if gates > 1:
+        args.update(zoneout=0.0, zoneout_seed=None)
     args["reverse"] = False
     return args
 
@@ -61,8 +63,8 @@ VALID = {
     "lstm_backward": lambda: dict(
         grad_output=_randn(T, B, H), grad_h_n=_randn(B, H), grad_c_n=_randn(B, H), input=_randn(T, B, I),
         h0=_randn(B, H), c0=_randn(B, H), w_ih=_randn(4 * H, I), w_hh=_randn(4 * H, H), w_hr=None,
-        output=_randn(T, B, H), gates=_randn(T, B, 4 * H), cells=_randn(T, B, H), batch_sizes=None, reverse=False,
-        has_bias=True),
+        output=_randn(T, B, H), gates=_randn(T, B, 4 * H), cells=_randn(T, B, H), batch_sizes=None, lengths=None,
+        resets=None, zoneout=0.0, zoneout_seed=None, reverse=False, has_bias=True),
     "lstm_cell_forward": lambda: dict(gates_x=_randn(B, 4 * H), gates_h=_randn(B, 4 * H), cx=_randn(B, H),
                                       b_ih=_randn(4 * H), b_hh=_randn(4 * H)),
     "lstm_cell_backward": lambda: dict(grad_hy=_randn(B, H), grad_cy=_randn(B, H), cx=_randn(B, H), cy=_randn(B, H),
@@ -71,7 +73,7 @@ VALID = {
     "gru_backward": lambda: dict(
         grad_output=_randn(T, B, H), grad_h_n=_randn(B, H), input=_randn(T, B, I), h0=_randn(B, H),
         w_ih=_randn(3 * H, I), w_hh=_randn(3 * H, H), output=_randn(T, B, H), workspace=_randn(T, B, 4 * H),
-        batch_sizes=None, reverse=False, has_bias=True),
+        batch_sizes=None, lengths=None, resets=None, zoneout=0.0, zoneout_seed=None, reverse=False, has_bias=True),
     "gru_cell_forward": lambda: dict(gates_x=_randn(B, 3 * H), gates_h=_randn(B, 3 * H), hx=_randn(B, H),
                                      b_ih=_randn(3 * H), b_hh=_randn(3 * H)),
     "gru_cell_backward": lambda: dict(grad_hy=_randn(B, H), hx=_randn(B, H), workspace=_randn(B, 4 * H),
@@ -79,8 +81,8 @@ VALID = {
     "rnn_forward": lambda: {**_layer(1), "relu": False},
     "rnn_backward": lambda: dict(
         grad_output=_randn(T, B, H), grad_h_n=_randn(B, H), input=_randn(T, B, I), h0=_randn(B, H),
-        w_ih=_randn(H, I), w_hh=_randn(H, H), output=_randn(T, B, H), batch_sizes=None, reverse=False, relu=False,
-        has_bias=True),
+        w_ih=_randn(H, I), w_hh=_randn(H, H), output=_randn(T, B, H), batch_sizes=None, lengths=None, resets=None,
+        reverse=False, relu=False, has_bias=True),
     "rnn_cell_forward": lambda: dict(gates_x=_randn(B, H), gates_h=_randn(B, H), b_ih=_randn(H), b_hh=_randn(H),
                                      relu=False),
     "rnn_cell_backward": lambda: dict(grad_hy=_randn(B, H), hy=_randn(B, H), relu=False, has_bias=True),

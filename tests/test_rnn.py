@@ -107,7 +107,7 @@ def _opcheck_cases():
         yield OPS.rnn_cell_backward.default, (torch.randn_like(hy), hy, relu, True)
         args = _layer_args(5, 3, 4, 6, relu=relu, dtype=torch.float32, requires_grad=False)
         output, h_n = OPS.rnn_forward(*args)
-        yield OPS.rnn_backward.default, (torch.randn_like(output), torch.randn_like(h_n), *args[:4], output, None, False, relu, True)
+        yield OPS.rnn_backward.default, (torch.randn_like(output), torch.randn_like(h_n), *args[:4], output, None, None, None, False, relu, True)
 
 
 @pytest.mark.parametrize("op,args", list(_opcheck_cases()))

@@ -101,7 +101,10 @@ std::tuple<at::Tensor, at::Tensor> split_biases(const std::optional<at::Tensor>&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save_workspace) {
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& /*zoneout_seed*/,
+    bool reverse, bool save_workspace) {
+  refuse_state_flags(kCheck, lengths, resets, zoneout);
   const LayerShape d = check_layer_args(kCheck, GruCell::kGates, input, h0, w_ih, w_hh);
   kCheck.biases(b_ih, b_hh, GruCell::kGates * d.hidden, input);
   const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, d.seq_len, d.batch);
@@ -116,7 +119,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& workspace,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias) {
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& /*zoneout_seed*/,
+    bool reverse, bool has_bias) {
+  refuse_state_flags(kCheck, lengths, resets, zoneout);
   const LayerShape d = check_layer_args(kCheck, GruCell::kGates, input, h0, w_ih, w_hh);
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden;
   kCheck.tensor(grad_output, input, {T, B, H}, "grad_output");

@@ -147,8 +147,10 @@ at::Tensor summed_bias(const std::optional<at::Tensor>& b_ih, const std::optiona
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse,
-    bool save_workspace) {
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& resets, double zoneout,
+    const std::optional<at::Tensor>& /*zoneout_seed*/, bool reverse, bool save_workspace) {
+  refuse_state_flags(kCheck, lengths, resets, zoneout);
   const LayerShape d = check_layer(input, h0, c0, w_ih, w_hh, w_hr);
   kCheck.biases(b_ih, b_hh, 4 * d.hidden, input);
   const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, d.seq_len, d.batch);
@@ -165,7 +167,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& cells, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool has_bias) {
+    const at::Tensor& cells, const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& /*zoneout_seed*/,
+    bool reverse, bool has_bias) {
+  refuse_state_flags(kCheck, lengths, resets, zoneout);
   const LayerShape d = check_layer(input, h0, c0, w_ih, w_hh, w_hr);
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden, P = d.state_size;
   kCheck.tensor(grad_output, input, {T, B, P}, "grad_output");

@@ -66,6 +66,15 @@ inline LayerShape check_layer_args(const ArgChecker& check, int gates, const at:
   return d;
 }
 
+/// lengths, resets and zoneout (seqkern/ops/_schemas.py) are not in the C++ engine yet: seqkern.ops sends calls
+/// that use them to the reference, and a direct op call that uses them is refused here, not run wrong.
+inline void refuse_state_flags(const ArgChecker& check, const std::optional<at::Tensor>& lengths,
+                               const std::optional<at::Tensor>& resets, double zoneout) {
+  TORCH_CHECK(!lengths.has_value() && !resets.has_value() && zoneout == 0.0, "seqkern ", check.op,
+              " (CPU): lengths, resets and zoneout are not implemented by the C++ kernel yet; call it through "
+              "seqkern.ops / seqkern.nn (which run the reference for them) or use seqkern.backend(\"reference\")");
+}
+
 // ================================================================================================
 // Schedule and slices of the persistent time loop.
 // ================================================================================================

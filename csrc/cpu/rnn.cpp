@@ -71,7 +71,10 @@ at::Tensor summed_bias(const std::optional<at::Tensor>& b_ih, const std::optiona
 std::tuple<at::Tensor, at::Tensor> rnn_forward_cpu(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
                                                    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                                    const std::optional<at::Tensor>& b_hh,
-                                                   const std::optional<at::Tensor>& batch_sizes, bool reverse, bool relu) {
+                                                   const std::optional<at::Tensor>& batch_sizes,
+                                                   const std::optional<at::Tensor>& lengths,
+                                                   const std::optional<at::Tensor>& resets, bool reverse, bool relu) {
+  refuse_state_flags(kCheck, lengths, resets, 0.0);
   const LayerShape d = check_layer_args(kCheck, ElmanCell::kGates, input, h0, w_ih, w_hh);
   kCheck.biases(b_ih, b_hh, d.hidden, input);
   const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, d.seq_len, d.batch);
@@ -83,7 +86,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward_cpu(const at::Tensor& input, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool relu, bool has_bias) {
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse, bool relu, bool has_bias) {
+  refuse_state_flags(kCheck, lengths, resets, 0.0);
   const LayerShape d = check_layer_args(kCheck, ElmanCell::kGates, input, h0, w_ih, w_hh);
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden;
   kCheck.tensor(grad_output, input, {T, B, H}, "grad_output");

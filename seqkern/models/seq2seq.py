@@ -8,8 +8,9 @@ greedy decoding and beam search.
 
 Architecture (H = hidden_size, D = 2 if bidirectional else 1):
 - Embeddings `src_embed`, `tgt_embed` (padding_idx=pad_id), dropout on their outputs.
-- Encoder `encoder`: an LSTM/GRU (embed_dim -> H, num_layers, bidirectional) over the packed source (src_lengths,
-  any order) -> memory (B, S, D*H), zero at padding; key_padding_mask = positions >= src_lengths.
+- Encoder `encoder`: an LSTM/GRU (embed_dim -> H, num_layers, bidirectional) over the source with its src_lengths
+  (any order; seqkern's layers take them as `lengths`, torch.nn's a packed sequence) -> memory (B, S, D*H), zero at
+  padding; key_padding_mask = positions >= src_lengths.
 - Bridge: bidirectional, layer l of the decoder starts from tanh(`bridge`([h_fwd_l; h_bwd_l])) (`bridge` =
   Linear(2H, H), the same Linear for the LSTM's c); unidirectional, from the encoder's final states.
 - Decoder `decoder`: ONE multi-layer LSTM/GRU (embed_dim (+ H with input_feeding) -> H). Its top-layer output h_t
@@ -183,9 +184,12 @@ class Seq2Seq(nn.Module):
         """src (B,S), src_lengths (B,) -> the source the decoder attends to and the decoder's initial state."""
         length = src.shape[1]
         x = self.dropout(self.src_embed(src))
-        packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
-        output, finals = self.encoder(packed)
-        memory, _ = pad_packed_sequence(output, batch_first=True, total_length=length)
+        if self.layers == "seqkern":  # lengths in the kernel: no packing, one graph under torch.compile
+            memory, finals = self.encoder(x, lengths=src_lengths)
+        else:
+            packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
+            output, finals = self.encoder(packed)
+            memory, _ = pad_packed_sequence(output, batch_first=True, total_length=length)
         mask = torch.arange(length, device=src.device) >= src_lengths.to(src.device).unsqueeze(1)
         finals = finals if self.rnn == "lstm" else (finals,)
         projected = None if self.attention is None else self.attention.project_keys(memory)

@@ -2,9 +2,12 @@
 PackedSequence), argument checks, and the layer/direction loop with dropout between layers.
 
 A recurrent layer is described by its per-layer-direction step, `run_direction(x, state, weights,
-batch_sizes, reverse) -> (output, final_state)`, where `state` is a tuple of (B, size) tensors (LSTM:
+batch_sizes, reverse, **flags) -> (output, final_state)`, where `state` is a tuple of (B, size) tensors (LSTM:
 (h, c); GRU and Elman RNN: (h,)) and `weights` the module's parameters of that layer and direction, in
-torch.nn's order. Everything here works on time-major (T, B, features) tensors.
+torch.nn's order. `flags` is empty unless the call uses lengths, resets or zoneout: then it holds lengths
+(B,) int64, resets (T,B) bool and (LSTM, GRU) zoneout and that layer-direction's zoneout_seed, the keyword
+arguments of seqkern.ops.lstm_layer / gru_layer / rnn_layer. Everything here works on time-major
+(T, B, features) tensors.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from seqkern._checks import (
     DTypeError, ShapeError, check_floating, check_matches, check_ndim, check_shape, check_tensor,
 )
+from seqkern.ops.flash_attention import dropout_seed
 
 State = tuple[Tensor, ...]
 DirectionFn = Callable[[Tensor, State, Sequence[Tensor], "Tensor | None", bool], tuple[Tensor, State]]
@@ -160,9 +164,10 @@ def cell_states(
 
 
 def forward(module: torch.nn.RNNBase, input: Tensor | PackedSequence, hx, state_sizes: Sequence[int],
-            run_direction: DirectionFn):
+            run_direction: DirectionFn, lengths=None, resets: Tensor | None = None, zoneout: float | None = None):
     """The whole forward of a recurrent layer, as torch.nn's: `state_sizes` has one width per state
-    (LSTM: (proj_size or hidden, hidden); GRU, RNN: (hidden,)).
+    (LSTM: (proj_size or hidden, hidden); GRU, RNN: (hidden,)). lengths, resets: as the modules' forward;
+    zoneout: the module's (None for a layer that has none, the RNN).
 
     -> (output, h_n) for a one-state layer, (output, (h_n, c_n)) for the LSTM, in the caller's layout.
     """
@@ -170,7 +175,11 @@ def forward(module: torch.nn.RNNBase, input: Tensor | PackedSequence, hx, state_
     _check_hx_kind(module, hx, len(state_sizes))
     names = ("hx",) if len(state_sizes) == 1 else tuple(f"hx[{i}]" for i in range(len(state_sizes)))
     states = initial_states(module, hx, names, state_sizes, x.shape[1], x, layout)
-    output, finals = run_stack(module, x, states, run_direction, layout.batch_sizes)
+    flags = StateFlags(
+        check_lengths(lengths, x, layout), check_resets(module, resets, x, layout), zoneout,
+        training=module.training,
+    )
+    output, finals = run_stack(module, x, states, run_direction, layout.batch_sizes, flags)
     finals = final_states(finals, layout)
     return from_time_major(output, layout), (finals[0] if len(finals) == 1 else tuple(finals))
 
@@ -194,11 +203,89 @@ def split_weights(weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | N
     return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
+@dataclass
+class StateFlags:
+    """lengths (B,) int64 and resets (T,B) bool (checked, time-major, on the input's device) or None, and the
+    module's zoneout (None: the layer has none). In training a zoneout > 0 draws one seed per layer and
+    direction from torch's generator for the input's device (torch.manual_seed reproduces the masks); in
+    evaluation the kernels blend (seqkern/ops/_schemas.py)."""
+
+    lengths: Tensor | None = None
+    resets: Tensor | None = None
+    zoneout: float | None = None
+    training: bool = False
+
+    def for_direction(self, device: torch.device) -> dict:
+        """The keyword arguments of one layer-direction's call: empty when nothing is used (the plain op
+        call, and ONNX export's direction functions, which take none)."""
+        zoneout = self.zoneout or 0.0
+        if self.lengths is None and self.resets is None and zoneout == 0.0:
+            return {}
+        flags = dict(lengths=self.lengths, resets=self.resets)
+        if self.zoneout is not None:
+            flags.update(zoneout=zoneout, zoneout_seed=dropout_seed(zoneout, device) if self.training else None)
+        return flags
+
+
+def check_zoneout(zoneout) -> float:
+    """The constructor's zoneout: a probability in [0, 1]."""
+    if isinstance(zoneout, bool) or not isinstance(zoneout, (int, float)) or not 0.0 <= zoneout <= 1.0:
+        raise ShapeError(f"zoneout: expected a probability in [0, 1], got {zoneout!r}")
+    return float(zoneout)
+
+
+def check_lengths(lengths, x: Tensor, layout: SequenceLayout) -> Tensor | None:
+    """The caller's lengths ((B,) integers in [0, T], a tensor on any device or a sequence of ints) -> (B,)
+    int64 on the input's device, or None. The range is checked in eager mode only (a value check would
+    break a compiled graph; the kernels check it there)."""
+    if lengths is None:
+        return None
+    if layout.packed is not None:
+        raise ShapeError("lengths: a PackedSequence carries its own lengths; pass lengths with a padded tensor")
+    if not layout.batched:
+        raise ShapeError("lengths: expected a batched input (T, B, input_size) or (B, T, input_size)")
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise DTypeError(f"lengths: expected an integer tensor, got dtype {lengths.dtype}")
+    seq_len, batch = x.shape[0], x.shape[1]
+    check_shape("lengths", lengths, (batch,))
+    lengths = lengths.to(device=x.device, dtype=torch.int64)
+    if not torch.compiler.is_compiling() and batch and not bool(((lengths >= 0) & (lengths <= seq_len)).all()):
+        raise ShapeError(f"lengths: expected values in [0, {seq_len}] (the input's length), got {lengths.tolist()}")
+    return lengths
+
+
+def check_resets(module: torch.nn.RNNBase, resets: Tensor | None, x: Tensor, layout: SequenceLayout) -> Tensor | None:
+    """The caller's resets (bool, (B,T) with batch_first else (T,B); (T,) unbatched) -> (T,B) bool on the
+    input's device (a view where possible), or None."""
+    if resets is None:
+        return None
+    resets = check_tensor("resets", resets)
+    if resets.dtype != torch.bool:
+        raise DTypeError(f"resets: expected a bool tensor, got dtype {resets.dtype}")
+    if module.bidirectional:
+        raise ShapeError("resets: not defined for a bidirectional layer (an episode boundary has one direction)")
+    if layout.packed is not None:
+        raise ShapeError("resets: expected a padded tensor input, not a PackedSequence")
+    seq_len, batch = x.shape[0], x.shape[1]
+    if not layout.batched:
+        check_shape("resets", resets, (seq_len,))
+        resets = resets.unsqueeze(1)
+    elif module.batch_first:
+        check_shape("resets", resets, (batch, seq_len))
+        resets = resets.t()
+    else:
+        check_shape("resets", resets, (seq_len, batch))
+    return resets.to(x.device)
+
+
 def run_stack(
     module: torch.nn.Module, input: Tensor, states: Sequence[Tensor], run_direction: DirectionFn,
-    batch_sizes: Tensor | None,
+    batch_sizes: Tensor | None, flags: StateFlags | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """The layer/direction loop: input (T,B,I), states [(L*D, B, size)] -> output (T,B,D*out), final states."""
+    flags = flags or StateFlags()
     directions = 2 if module.bidirectional else 1
     # By name, not module._flat_weights: that list keeps the tensors of construction time, which torch.export
     # and torch.func.functional_call swap out (torch.nn.LSTM.forward refreshes it for the same reason).
@@ -213,7 +300,8 @@ def run_stack(
             first = index * weights_per_direction
             weights = [getattr(module, name) for name in names[first : first + weights_per_direction]]
             state = tuple(s[index] for s in states)
-            output, final = run_direction(layer_input, state, weights, batch_sizes, direction == 1)
+            output, final = run_direction(layer_input, state, weights, batch_sizes, direction == 1,
+                                          **flags.for_direction(input.device))
             outputs.append(output)
             finals.append(final)
         layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]

@@ -24,25 +24,43 @@ from seqkern.ops.lstm import lstm_cell, lstm_layer
 class LSTM(torch.nn.RNNBase):
     """Multi-layer LSTM, the same module as torch.nn.LSTM (same arguments and returns) on fused kernels.
 
-    forward(input, hx=None): input (T,B,I), (B,T,I) with batch_first, (T,I) unbatched, or a PackedSequence;
-    hx = (h_0 (L*D,B,P), c_0 (L*D,B,H)) -> output (T,B,D*P) (same layout as input), (h_n, c_n).
+    forward(input, hx=None, lengths=None, resets=None): input (T,B,I), (B,T,I) with batch_first, (T,I) unbatched,
+    or a PackedSequence; hx = (h_0 (L*D,B,P), c_0 (L*D,B,H)) -> output (T,B,D*P) (same layout as input), (h_n, c_n).
+
+    Beyond torch.nn.LSTM (seqkern/ops/_schemas.py defines them):
+      * lengths (B,) integers in [0, T]: the result of torch.nn.LSTM on pack_padded_sequence(input, lengths,
+        enforce_sorted=False) padded back to T (zeros past each length, h_n and c_n at each last valid step,
+        reverse directions from it), without packing, sorting or copying;
+      * resets (T,B) bool ((B,T) with batch_first; unidirectional only): where True, that sequence's state
+        entering step t is hx (or zeros) again, as if a new sequence started there;
+      * zoneout=p (constructor; Krueger et al. 2016): in training each element of h and c keeps its previous
+        value with probability p (independent masks from torch's generator, one seed per layer and direction:
+        torch.manual_seed reproduces them); in eval the state is p * previous + (1 - p) * new. The output is the
+        state after zoneout. p = 0 is torch.nn.LSTM.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None) -> None:
+                 proj_size: int = 0, zoneout: float = 0.0, device=None, dtype=None) -> None:
+        zoneout = _recurrent.check_zoneout(zoneout)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
+        self.zoneout = zoneout
 
-    def forward(self, input: Tensor | PackedSequence, hx: Sequence[Tensor] | None = None):
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", zoneout={self.zoneout}" if self.zoneout else "")
+
+    def forward(self, input: Tensor | PackedSequence, hx: Sequence[Tensor] | None = None,
+                lengths: Tensor | None = None, resets: Tensor | None = None):
         state_sizes = (self.proj_size or self.hidden_size, self.hidden_size)
         run_direction = onnx.direction_for(self) if onnx.exporting() else _run_direction
-        return _recurrent.forward(self, input, hx, state_sizes, run_direction)
+        return _recurrent.forward(self, input, hx, state_sizes, run_direction, lengths, resets, self.zoneout)
 
 
-def _run_direction(x, state, weights, batch_sizes, reverse):
+def _run_direction(x, state, weights, batch_sizes, reverse, **flags):
     w_ih, w_hh, b_ih, b_hh, w_hr = _recurrent.split_weights(weights)
-    output, h_n, c_n = lstm_layer(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    output, h_n, c_n = lstm_layer(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                                  **flags)
     return output, (h_n, c_n)
 
 

@@ -22,6 +22,7 @@ class RNN(torch.nn.RNNBase):
 
     forward(input, hx=None): input (T,B,I), (B,T,I) with batch_first, (T,I) unbatched, or a PackedSequence;
     hx (L*D,B,H) -> output (T,B,D*H) (same layout as input), h_n (L*D,B,H).
+    forward(input, hx=None, lengths=None, resets=None): lengths and resets as seqkern.nn.LSTM.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
@@ -33,17 +34,18 @@ class RNN(torch.nn.RNNBase):
         super().__init__(_MODES[nonlinearity], input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device=device, dtype=dtype)
 
-    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None):
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None, lengths: Tensor | None = None,
+                resets: Tensor | None = None):
         relu = self.nonlinearity == "relu"
 
-        def run_direction(x, state, weights, batch_sizes, reverse):
+        def run_direction(x, state, weights, batch_sizes, reverse, **flags):
             w_ih, w_hh, b_ih, b_hh, _ = _recurrent.split_weights(weights)
-            output, h_n = rnn_layer(x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu)
+            output, h_n = rnn_layer(x, state[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu, **flags)
             return output, (h_n,)
 
         if onnx.exporting():
             run_direction = onnx.direction_for(self)
-        return _recurrent.forward(self, input, hx, (self.hidden_size,), run_direction)
+        return _recurrent.forward(self, input, hx, (self.hidden_size,), run_direction, lengths, resets)
 
 
 class RNNCell(torch.nn.RNNCell):

@@ -68,6 +68,25 @@ class Contract:
             self.check(batch_sizes.dtype == torch.int64, f"batch_sizes must be int64, got {batch_sizes.dtype}")
             self.shape(batch_sizes, (seq_len,), "batch_sizes")
 
+    def state_flags(self, input: Tensor, batch_sizes: Tensor | None, lengths: Tensor | None,
+                    resets: Tensor | None, reverse: bool, zoneout: float = 0.0,
+                    zoneout_seed: Tensor | None = None) -> None:
+        """lengths (B,) int64, resets (T,B) bool on the input's device, zoneout in [0, 1], zoneout_seed int64 ()
+        (seqkern/ops/_schemas.py). The values of lengths ([0, T]) are data: the kernels check them. Combinations
+        the ops do not define raise ValueError (torch._check_value) naming the argument."""
+        seq_len, batch = input.shape[0], input.shape[1]
+        if lengths is not None:
+            torch._check_value(batch_sizes is None, lambda: f"seqkern {self.op}: lengths and batch_sizes cannot be "
+                               "given together (a PackedSequence's batch_sizes already say which rows are active)")
+            self.tensor(lengths, input, (batch,), "lengths", torch.int64)
+        if resets is not None:
+            torch._check_value(not reverse, lambda: f"seqkern {self.op}: resets cannot be given with reverse=True "
+                               "(an episode boundary is defined in the forward direction only)")
+            self.tensor(resets, input, (seq_len, batch), "resets", torch.bool)
+        self.check(0.0 <= zoneout <= 1.0, f"zoneout must be in [0, 1], got {zoneout}")
+        if zoneout_seed is not None:
+            self.tensor(zoneout_seed, input, (), "zoneout_seed", torch.int64)
+
     def layer(self, gates: int, input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None = None):
         """input (T,B,I), w_ih (gates*H, I), w_hh (gates*H, P), h0 (B,P), w_hr (P,H) or None
         -> (T, B, I, H, P): the shared arguments of every recurrent layer op (P = H without a projection)."""

@@ -180,6 +180,34 @@ def zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
+def uses_state_flags(lengths: Tensor | None, resets: Tensor | None, zoneout: float = 0.0) -> bool:
+    """Whether a recurrent layer call uses lengths, resets or zoneout (seqkern/ops/_schemas.py)."""
+    return lengths is not None or resets is not None or zoneout != 0.0
+
+
+def state_flag_route(impl: str, flag_backends: tuple[str, ...], lengths: Tensor | None, resets: Tensor | None,
+                     zoneout: float = 0.0) -> str:
+    """How a recurrent layer call runs on backend `impl`, whose kernel implements lengths, resets and zoneout iff
+    impl is in flag_backends: "kernel" (the op), "reference", or "sorted": lengths alone on a kernel without them
+    run as the batch_sizes of the rows sorted by length (`lengths_as_batch_sizes`), as torch.nn runs
+    pack_padded_sequence(enforce_sorted=False). Interim for the C++ engine until it takes lengths itself."""
+    if impl == "reference":
+        return "reference"
+    if impl in flag_backends or not uses_state_flags(lengths, resets, zoneout):
+        return "kernel"
+    return "sorted" if resets is None and zoneout == 0.0 else "reference"
+
+
+def lengths_as_batch_sizes(lengths: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """lengths (B,) -> order (B,) (rows by decreasing length), its inverse permutation, and the batch_sizes (T,)
+    int64 CPU tensor of the sorted rows. Tensor ops only (no data-dependent Python), so torch.compile keeps one
+    graph; the caller pays a copy of the input and outputs in sorted order."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    steps = torch.arange(seq_len, device=lengths.device)
+    batch_sizes = (lengths[None, :] > steps[:, None]).sum(1).cpu()
+    return order, torch.argsort(order), batch_sizes
+
+
 def needs_grad(*tensors: Tensor | None) -> bool:
     """Whether a forward must save what its backward needs."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

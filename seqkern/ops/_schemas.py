@@ -8,6 +8,20 @@ Conventions shared by the recurrent ops:
   * batch_sizes (T,) int64 on the CPU, non-increasing, batch_sizes[t] <= B: at step t only rows
     [0, batch_sizes[t]) are active (a PackedSequence in sorted order). Inactive rows keep their state
     and get zeros in `output`. None means every row is active at every step;
+  * lengths (B,) int64 on the input's device, values in [0, T], any order: row b is active at step t iff
+    t < lengths[b] (and b < batch_sizes[t] with batch_sizes; the two are never given together). So a reverse
+    direction starts each row from its initial state at its own last valid step t = lengths[b] - 1, and
+    output, h_n, c_n are those of torch.nn on pack_padded_sequence(input, lengths, enforce_sorted=False);
+  * resets (T,B) bool on the input's device: where resets[t, b], the state entering step t of row b is its
+    initial state (h0, c0) again (an episode or document boundary). Forward direction only: reverse=true with
+    resets is refused;
+  * zoneout in [0, 1] (LSTM: on h and c, independent masks; GRU: on h), applied to the state an active row
+    leaves a step with, before it is recorded in output (and the workspace): with zoneout_seed (an int64
+    tensor of shape () on the input's device, training) each element keeps its value from before the step
+    where keep(t, b, u) (a counter-based hash of the seed, so the backward redraws the mask instead of
+    storing it), else takes the step's new value; without a seed (evaluation) the state is
+    zoneout * before + (1 - zoneout) * new. seqkern/reference/_scan.py defines lengths, resets and keep bit
+    for bit. zoneout = 0 is the plain layer. The ops' backward takes the same four arguments;
   * reverse=true runs t = T-1 ... 0 (the backward direction of a bidirectional layer);
   * tensors a flag leaves out (no workspace, no bias gradient, no projection) are returned empty, shape (0,).
 """
@@ -24,15 +38,16 @@ LIBRARY = torch.library.Library("seqkern", "DEF")
 #      both only when save_workspace (else empty): what lstm_backward needs.
 LIBRARY.define(
     "lstm_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-    "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool save_workspace) -> "
+    "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor? lengths, Tensor? resets, float zoneout, "
+    "Tensor? zoneout_seed, bool reverse, bool save_workspace) -> "
     "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)")
 # Gradients of lstm_forward. grad_bias (4H,) is the gradient of b_ih and of b_hh alike (empty if
 # not has_bias); grad_w_hr (P,H) is empty without a projection.
 LIBRARY.define(
     "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, "
     "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, "
-    "Tensor? batch_sizes, bool reverse, bool has_bias) -> (Tensor grad_input, Tensor grad_h0, "
-    "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)")
+    "Tensor? batch_sizes, Tensor? lengths, Tensor? resets, float zoneout, Tensor? zoneout_seed, bool reverse, "
+    "bool has_bias) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)")
 # The fused pointwise part of one LSTM cell step, run on top of the two GEMMs
 # gates_x = x @ w_ih^T and gates_h = h @ w_hh^T (both (B,4H)); cx (B,H).
 #   -> hy (B,H), cy (B,H), workspace (B,4H) activated gates for the backward.
@@ -50,10 +65,12 @@ LIBRARY.define(
 #   -> output (T,B,H), h_n (B,H), workspace (T,B,4H) = [r, z, n, h W_hn^T + b_hn] (empty unless save_workspace).
 LIBRARY.define(
     "gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-    "Tensor? batch_sizes, bool reverse, bool save_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)")
+    "Tensor? batch_sizes, Tensor? lengths, Tensor? resets, float zoneout, Tensor? zoneout_seed, bool reverse, "
+    "bool save_workspace) -> (Tensor output, Tensor h_n, Tensor workspace)")
 LIBRARY.define(
     "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
-    "Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse, bool has_bias) -> (Tensor grad_input, "
+    "Tensor output, Tensor workspace, Tensor? batch_sizes, Tensor? lengths, Tensor? resets, float zoneout, "
+    "Tensor? zoneout_seed, bool reverse, bool has_bias) -> (Tensor grad_input, "
     "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)")
 # The fused pointwise part of one GRU step on top of gates_x = x w_ih^T and gates_h = h w_hh^T (B,3H), hx (B,H)
 #   -> hy (B,H), workspace (B,4H) as above.
@@ -69,11 +86,12 @@ LIBRARY.define(
 # The backward needs no workspace: the activation's derivative is read off the output.
 LIBRARY.define(
     "rnn_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-    "Tensor? batch_sizes, bool reverse, bool relu) -> (Tensor output, Tensor h_n)")
+    "Tensor? batch_sizes, Tensor? lengths, Tensor? resets, bool reverse, bool relu) -> (Tensor output, Tensor h_n)")
 #   grad_bias (H,) is the gradient of b_ih and of b_hh alike.
 LIBRARY.define(
     "rnn_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
-    "Tensor output, Tensor? batch_sizes, bool reverse, bool relu, bool has_bias) -> (Tensor grad_input, "
+    "Tensor output, Tensor? batch_sizes, Tensor? lengths, Tensor? resets, bool reverse, bool relu, bool has_bias) "
+    "-> (Tensor grad_input, "
     "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)")
 LIBRARY.define("rnn_cell_forward(Tensor gates_x, Tensor gates_h, Tensor? b_ih, Tensor? b_hh, bool relu) -> Tensor")
 #   -> grad_preact (B,H) (the gradient of gates_x and of gates_h alike), grad_bias (H,).

@@ -12,35 +12,43 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, state_flag_route,
+    lengths_as_batch_sizes, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
+# The backends whose kernels implement lengths, resets and zoneout; elsewhere a call using them runs the reference.
+STATE_FLAG_BACKENDS = ("triton",)
 
 
 # Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
-def _check_layer(contract: Contract, input, h0, w_ih, w_hh, batch_sizes):
+def _check_layer(contract: Contract, input, h0, w_ih, w_hh, batch_sizes, lengths, resets, zoneout, zoneout_seed,
+                 reverse):
     """The arguments both layer ops share -> (T, B, I, H, H)."""
     sizes = contract.layer(3, input, h0, w_ih, w_hh)
     contract.batch_sizes(batch_sizes, sizes[0])
+    contract.state_flags(input, batch_sizes, lengths, resets, reverse, zoneout, zoneout_seed)
     return sizes
 
 
-def _gru_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, save_workspace):
+def _gru_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, lengths, resets, zoneout, zoneout_seed,
+                      reverse, save_workspace):
     contract = Contract("gru_forward")
-    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes, lengths, resets,
+                                                zoneout, zoneout_seed, reverse)
     contract.biases(b_ih, b_hh, 3 * hidden, input)
     workspace = input.new_empty(seq_len, batch, 4 * hidden) if save_workspace else empty(input)
     return input.new_empty(seq_len, batch, hidden), h0.new_empty(h0.shape), workspace
 
 
-def _gru_backward_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, workspace, batch_sizes, reverse,
-                       has_bias):
+def _gru_backward_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, workspace, batch_sizes, lengths,
+                       resets, zoneout, zoneout_seed, reverse, has_bias):
     contract = Contract("gru_backward")
-    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes, lengths, resets,
+                                                zoneout, zoneout_seed, reverse)
     contract.tensor(grad_output, input, (seq_len, batch, hidden), "grad_output")
     contract.tensor(grad_h_n, input, (batch, hidden), "grad_h_n")
     contract.tensor(output, input, (seq_len, batch, hidden), "output")
@@ -70,25 +78,27 @@ def _gru_cell_backward_fake(grad_hy, hx, workspace, has_bias):
 
 
 def _gru_setup_context(ctx, inputs, output):
-    _, _, _, _, b_ih, _, _, reverse, save_workspace = inputs
+    _, _, _, _, b_ih, *_, reverse, save_workspace = inputs
     out, _, workspace = output
     ctx.reverse, ctx.has_bias, ctx.saved_workspace = reverse, b_ih is not None, save_workspace
+    # The zoneout masks are not saved: the backward redraws them from zoneout_seed (an input, saved as such).
     save_inputs(ctx, inputs, out, workspace)
 
 
 def _gru_backward(ctx, grad_output, grad_h_n, _grad_workspace):
-    (input, h0, w_ih, w_hh, _, _, batch_sizes, _, _), (out, workspace) = saved_inputs(ctx)
+    (input, h0, w_ih, w_hh, _, _, *flags, _, _), (out, workspace) = saved_inputs(ctx)
     if not ctx.saved_workspace:
         raise RuntimeError("seqkern.gru_forward was called with save_workspace=False: it cannot be differentiated")
     with kernel_scope(_impl(input), input.device):
         grads = torch.ops.seqkern.gru_backward(
             zeros_if_none(grad_output, out), zeros_if_none(grad_h_n, h0), input, h0, w_ih, w_hh, out, workspace,
-            batch_sizes, ctx.reverse, ctx.has_bias,
+            *flags, ctx.reverse, ctx.has_bias,
         )
     grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = grads
     if not ctx.has_bias:
         grad_b_ih = grad_b_hh = None
-    return grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None, None
+    # No gradient for batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, save_workspace.
+    return (grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh) + (None,) * 7
 
 
 def _gru_cell_setup_context(ctx, inputs, output):
@@ -129,15 +139,24 @@ register_ops(
 
 def gru_layer(
     input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-    batch_sizes: Tensor | None = None, reverse: bool = False,
+    batch_sizes: Tensor | None = None, reverse: bool = False, *, lengths: Tensor | None = None,
+    resets: Tensor | None = None, zoneout: float = 0.0, zoneout_seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One GRU layer in one direction: input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H). Differentiable."""
+    """One GRU layer in one direction: input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H). Differentiable.
+    lengths (B,) int64, resets (T,B) bool, zoneout, zoneout_seed: seqkern/ops/_schemas.py."""
     impl = _impl(input)
+    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets, zoneout)
+    if route == "sorted":
+        order, inverse, sizes = lengths_as_batch_sizes(lengths, input.shape[0])
+        output, h_n = gru_layer(input.index_select(1, order), h0.index_select(0, order), w_ih, w_hh, b_ih, b_hh,
+                                sizes, reverse)
+        return output.index_select(1, inverse), h_n.index_select(0, inverse)
     save_workspace = needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh)
-    if impl == "reference":
-        return reference.gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, False)[:2]
+    args = (input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse)
+    if route == "reference":
+        return reference.gru_forward(*args, False)[:2]
     with kernel_scope(impl, input.device):
-        return torch.ops.seqkern.gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, save_workspace)[:2]
+        return torch.ops.seqkern.gru_forward(*args, save_workspace)[:2]
 
 
 def gru_cell(gates_x: Tensor, gates_h: Tensor, hx: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:

@@ -14,31 +14,38 @@ from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import empty as _empty
 from seqkern.ops._registry import (
-    Autograd, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+    Autograd, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, state_flag_route,
+    lengths_as_batch_sizes, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
+# The backends whose kernels implement lengths, resets and zoneout; elsewhere a call using them runs the reference.
+STATE_FLAG_BACKENDS = ("triton",)
 
 
 # --------------------------------------------------------------------------------------------------
 # Fake (meta) implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes,
 # for torch.compile and opcheck.
 # --------------------------------------------------------------------------------------------------
-def _check_layer(contract: Contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes):
+def _check_layer(contract: Contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, lengths, resets, zoneout,
+                 zoneout_seed, reverse):
     """The arguments both layer ops share -> (T, B, I, H, P)."""
     sizes = contract.layer(4, input, h0, w_ih, w_hh, w_hr)
     seq_len, batch, _, hidden, _ = sizes
     contract.tensor(c0, input, (batch, hidden), "c0")
     contract.batch_sizes(batch_sizes, seq_len)
+    contract.state_flags(input, batch_sizes, lengths, resets, reverse, zoneout, zoneout_seed)
     return sizes
 
 
-def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace):
+def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, lengths, resets, zoneout,
+                       zoneout_seed, reverse, save_workspace):
     contract = Contract("lstm_forward")
-    seq_len, batch, _, hidden, out_size = _check_layer(contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes)
+    seq_len, batch, _, hidden, out_size = _check_layer(contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+                                                       lengths, resets, zoneout, zoneout_seed, reverse)
     contract.biases(b_ih, b_hh, 4 * hidden, input)
     output = input.new_empty(seq_len, batch, out_size)
     if save_workspace:
@@ -49,9 +56,10 @@ def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
 
 
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, output, gates,
-                        cells, batch_sizes, reverse, has_bias):
+                        cells, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, has_bias):
     contract = Contract("lstm_backward")
-    seq_len, batch, _, hidden, out_size = _check_layer(contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes)
+    seq_len, batch, _, hidden, out_size = _check_layer(contract, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+                                                       lengths, resets, zoneout, zoneout_seed, reverse)
     contract.tensor(grad_output, input, (seq_len, batch, out_size), "grad_output")
     contract.tensor(grad_h_n, input, (batch, out_size), "grad_h_n")
     contract.tensor(grad_c_n, input, (batch, hidden), "grad_c_n")
@@ -87,26 +95,28 @@ def _lstm_cell_backward_fake(grad_hy, grad_cy, cx, cy, workspace, has_bias):
 # Autograd.
 # --------------------------------------------------------------------------------------------------
 def _lstm_setup_context(ctx, inputs, output):
-    _, _, _, _, _, b_ih, _, w_hr, _, reverse, save_workspace = inputs
+    _, _, _, _, _, b_ih, _, w_hr, *_, reverse, save_workspace = inputs
     out, _, _, gates, cells = output
     ctx.reverse, ctx.has_bias, ctx.has_proj = reverse, b_ih is not None, w_hr is not None
     ctx.saved_workspace = save_workspace
+    # The zoneout masks are not saved: the backward redraws them from zoneout_seed (an input, saved as such).
     save_inputs(ctx, inputs, out, gates, cells)
 
 
 def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    (input, h0, c0, w_ih, w_hh, _, _, w_hr, batch_sizes, _, _), (out, gates, cells) = saved_inputs(ctx)
+    (input, h0, c0, w_ih, w_hh, _, _, w_hr, *flags, _, _), (out, gates, cells) = saved_inputs(ctx)
     if not ctx.saved_workspace:
         raise RuntimeError("seqkern.lstm_forward was called with save_workspace=False: it cannot be differentiated")
     with kernel_scope(_impl_for_backward(input), input.device):
         grads = torch.ops.seqkern.lstm_backward(
             zeros_if_none(grad_output, out), zeros_if_none(grad_h_n, h0), zeros_if_none(grad_c_n, c0),
-            input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes, ctx.reverse, ctx.has_bias,
+            input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, *flags, ctx.reverse, ctx.has_bias,
         )
     grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
     bias_grad = grad_bias if ctx.has_bias else None
+    # No gradient for batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, save_workspace.
     return (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, bias_grad, bias_grad,
-            grad_w_hr if ctx.has_proj else None, None, None, None)
+            grad_w_hr if ctx.has_proj else None) + (None,) * 7
 
 
 def _lstm_cell_setup_context(ctx, inputs, output):
@@ -154,16 +164,26 @@ register_ops(
 def lstm_layer(
     input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None, w_hr: Tensor | None = None, batch_sizes: Tensor | None = None, reverse: bool = False,
+    *, lengths: Tensor | None = None, resets: Tensor | None = None, zoneout: float = 0.0,
+    zoneout_seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer in one direction: input (T,B,I), h0 (B,P), c0 (B,H) -> output (T,B,P), h_n, c_n.
+    lengths (B,) int64, resets (T,B) bool, zoneout, zoneout_seed: seqkern/ops/_schemas.py.
 
     Differentiable with respect to every tensor argument. Arguments are not validated here: the modules
     of seqkern.nn do that with messages in their own terms (the kernels still refuse bad shapes).
     """
     impl = backends.resolve("lstm", input.device, input.dtype, SUPPORTED_DTYPES)
+    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets, zoneout)
+    if route == "sorted":
+        order, inverse, sizes = lengths_as_batch_sizes(lengths, input.shape[0])
+        output, h_n, c_n = lstm_layer(input.index_select(1, order), h0.index_select(0, order),
+                                      c0.index_select(0, order), w_ih, w_hh, b_ih, b_hh, w_hr, sizes, reverse)
+        return output.index_select(1, inverse), h_n.index_select(0, inverse), c_n.index_select(0, inverse)
     save_workspace = needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save_workspace)
-    if impl == "reference":
+    args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, lengths, resets, zoneout, zoneout_seed,
+            reverse, save_workspace)
+    if route == "reference":
         return reference.lstm_forward(*args[:-1], False)[:3]
     with kernel_scope(impl, input.device):
         return torch.ops.seqkern.lstm_forward(*args)[:3]

@@ -12,33 +12,40 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, register_ops, save_inputs, saved_inputs, zeros_if_none,
+    Autograd, empty, kernel_scope, register_ops, save_inputs, saved_inputs, state_flag_route,
+    lengths_as_batch_sizes, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
+# The backends whose kernels implement lengths and resets; elsewhere a call using them runs the reference.
+STATE_FLAG_BACKENDS = ("triton",)
 
 
 # Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
-def _check_layer(contract: Contract, input, h0, w_ih, w_hh, batch_sizes):
+def _check_layer(contract: Contract, input, h0, w_ih, w_hh, batch_sizes, lengths, resets, reverse):
     """The arguments both layer ops share -> (T, B, I, H, H)."""
     sizes = contract.layer(1, input, h0, w_ih, w_hh)
     contract.batch_sizes(batch_sizes, sizes[0])
+    contract.state_flags(input, batch_sizes, lengths, resets, reverse)
     return sizes
 
 
-def _rnn_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu):
+def _rnn_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, lengths, resets, reverse, relu):
     contract = Contract("rnn_forward")
-    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes, lengths, resets,
+                                                reverse)
     contract.biases(b_ih, b_hh, hidden, input)
     return input.new_empty(seq_len, batch, hidden), h0.new_empty(h0.shape)
 
 
-def _rnn_backward_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, batch_sizes, reverse, relu, has_bias):
+def _rnn_backward_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, batch_sizes, lengths, resets, reverse,
+                       relu, has_bias):
     contract = Contract("rnn_backward")
-    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes)
+    seq_len, batch, _, hidden, _ = _check_layer(contract, input, h0, w_ih, w_hh, batch_sizes, lengths, resets,
+                                                reverse)
     contract.tensor(grad_output, input, (seq_len, batch, hidden), "grad_output")
     contract.tensor(grad_h_n, input, (batch, hidden), "grad_h_n")
     contract.tensor(output, input, (seq_len, batch, hidden), "output")
@@ -62,20 +69,21 @@ def _rnn_cell_backward_fake(grad_hy, hy, relu, has_bias):
 
 
 def _rnn_setup_context(ctx, inputs, output):
-    _, _, _, _, b_ih, _, _, reverse, relu = inputs
+    _, _, _, _, b_ih, *_, reverse, relu = inputs
     ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, b_ih is not None
     save_inputs(ctx, inputs, output[0])
 
 
 def _rnn_backward(ctx, grad_output, grad_h_n):
-    (input, h0, w_ih, w_hh, _, _, batch_sizes, _, _), (out,) = saved_inputs(ctx)
+    (input, h0, w_ih, w_hh, _, _, batch_sizes, lengths, resets, _, _), (out,) = saved_inputs(ctx)
     with kernel_scope(_impl(input), input.device):
         grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias = torch.ops.seqkern.rnn_backward(
             zeros_if_none(grad_output, out), zeros_if_none(grad_h_n, h0), input, h0, w_ih, w_hh, out, batch_sizes,
-            ctx.reverse, ctx.relu, ctx.has_bias,
+            lengths, resets, ctx.reverse, ctx.relu, ctx.has_bias,
         )
     bias = grad_bias if ctx.has_bias else None
-    return grad_input, grad_h0, grad_w_ih, grad_w_hh, bias, bias, None, None, None
+    # No gradient for batch_sizes, lengths, resets, reverse, relu.
+    return (grad_input, grad_h0, grad_w_ih, grad_w_hh, bias, bias) + (None,) * 5
 
 
 def _rnn_cell_setup_context(ctx, inputs, output):
@@ -113,12 +121,20 @@ register_ops(
 
 def rnn_layer(
     input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-    batch_sizes: Tensor | None = None, reverse: bool = False, relu: bool = False,
+    batch_sizes: Tensor | None = None, reverse: bool = False, relu: bool = False, *,
+    lengths: Tensor | None = None, resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One Elman RNN layer in one direction: input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H)."""
+    """One Elman RNN layer in one direction: input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H).
+    lengths (B,) int64, resets (T,B) bool: seqkern/ops/_schemas.py."""
     impl = _impl(input)
-    args = (input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu)
-    if impl == "reference":
+    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets)
+    if route == "sorted":
+        order, inverse, sizes = lengths_as_batch_sizes(lengths, input.shape[0])
+        output, h_n = rnn_layer(input.index_select(1, order), h0.index_select(0, order), w_ih, w_hh, b_ih, b_hh,
+                                sizes, reverse, relu)
+        return output.index_select(1, inverse), h_n.index_select(0, inverse)
+    args = (input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, lengths, resets, reverse, relu)
+    if route == "reference":
         return reference.rnn_forward(*args)
     with kernel_scope(impl, input.device):
         return torch.ops.seqkern.rnn_forward(*args)

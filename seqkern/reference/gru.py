@@ -35,14 +35,18 @@ def gru_cell_forward(
 
 def gru_forward(
     input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-    batch_sizes: Tensor | None, reverse: bool, save_workspace: bool,
+    batch_sizes: Tensor | None, lengths: Tensor | None, resets: Tensor | None, zoneout: float,
+    zoneout_seed: Tensor | None, reverse: bool, save_workspace: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H), workspace (T,B,4H) (empty unless save_workspace)."""
+    """input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H), workspace (T,B,4H) (empty unless save_workspace).
+    lengths, resets, zoneout: see _scan.py."""
     gates_x = _with_bias(input @ w_ih.t(), b_ih)
 
     def step(gx: Tensor, state: tuple[Tensor, ...]):
         h_new, workspace = _cell(gx, _with_bias(state[0] @ w_hh.t(), b_hh), state[0])
         return (h_new,), (workspace,)
 
-    (output, workspace), (h_n,) = scan(step, gates_x, (h0,), batch_sizes, reverse)
+    (output, workspace), (h_n,) = scan(
+        step, gates_x, (h0,), batch_sizes, reverse, lengths=lengths, resets=resets, zoneout=zoneout,
+        zoneout_seed=zoneout_seed)
     return output, h_n, workspace if save_workspace else input.new_zeros(0)

@@ -39,12 +39,13 @@ def lstm_cell_forward(
 
 def lstm_forward(
     input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-    b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool, save_workspace: bool,
+    b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, lengths: Tensor | None,
+    resets: Tensor | None, zoneout: float, zoneout_seed: Tensor | None, reverse: bool, save_workspace: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer, one direction, whole sequence.
 
     input (T,B,I), h0 (B,P), c0 (B,H) -> output (T,B,P), h_n (B,P), c_n (B,H), gates (T,B,4H), cells (T,B,H)
-    (gates and cells empty unless save_workspace).
+    (gates and cells empty unless save_workspace). lengths, resets, zoneout (on h and c): see _scan.py.
     """
     gates_x = input @ w_ih.t()
     if b_ih is not None:
@@ -57,7 +58,9 @@ def lstm_forward(
         h_new = r @ w_hr.t() if w_hr is not None else r
         return (h_new, c_new), (gates,)
 
-    (output, cells, gates), (h_n, c_n) = scan(step, gates_x, (h0, c0), batch_sizes, reverse)
+    (output, cells, gates), (h_n, c_n) = scan(
+        step, gates_x, (h0, c0), batch_sizes, reverse, lengths=lengths, resets=resets, zoneout=zoneout,
+        zoneout_seed=zoneout_seed)
     if not save_workspace:
         gates, cells = input.new_zeros(0), input.new_zeros(0)
     return output, h_n, c_n, gates, cells

@@ -24,9 +24,10 @@ def rnn_cell_forward(
 
 def rnn_forward(
     input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-    batch_sizes: Tensor | None, reverse: bool, relu: bool,
+    batch_sizes: Tensor | None, lengths: Tensor | None, resets: Tensor | None, reverse: bool, relu: bool,
 ) -> tuple[Tensor, Tensor]:
-    """input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H). The output is all the backward needs."""
+    """input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H). The output is all the backward needs.
+    lengths, resets: see _scan.py."""
     gates_x = input @ w_ih.t()
     if b_ih is not None:
         gates_x = gates_x + (b_ih + b_hh)
@@ -35,5 +36,5 @@ def rnn_forward(
         h_new = _activate(gx + state[0] @ w_hh.t(), relu)
         return (h_new,), ()
 
-    (output,), (h_n,) = scan(step, gates_x, (h0,), batch_sizes, reverse)
+    (output,), (h_n,) = scan(step, gates_x, (h0,), batch_sizes, reverse, lengths=lengths, resets=resets)
     return output, h_n
