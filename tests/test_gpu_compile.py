@@ -339,20 +339,21 @@ def test_kernel_compiles_without_spills_within_shared_memory(kernel, dtype, head
 
 
 @pytest.mark.gpu_compile
-@pytest.mark.parametrize("allow_tf32, instruction", [(True, "tf32"), (False, "tf32")])
-def test_float32_runs_on_tensor_cores_as_torch_allows(allow_tf32, instruction, monkeypatch):
-    """float32 products: tf32 where torch.backends.cuda.matmul.allow_tf32 allows, else tf32x3 (three tf32
-    products per operand pair, ~float32 accuracy): the launcher's choice reaches the compiled kernel."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
-    arguments = _flash_forward(torch.float32, 64)
-    assert arguments["PRECISION"] == ("tf32" if allow_tf32 else "tf32x3")
-    config = flash.configs("forward", torch.float32, CUDA, 64, 64)[-1]
-    ptx = compile_kernel(flash._forward_kernel, arguments, config, "sm_80").ptx
-    products = re.findall(r"mma\.sync\.aligned\.\S+", ptx)
-    assert products and all(".tf32.tf32" in product for product in products), products[:3]
-    per_tile = len(products)
-    # tf32x3: each product is three (big x big, big x small, small x big) -> 3x the mma instructions.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not allow_tf32)
-    other = compile_kernel(flash._forward_kernel, _flash_forward(torch.float32, 64), config, "sm_80").ptx
-    ratio = len(re.findall(r"mma\.sync\.aligned\.\S+", other)) / per_tile
-    assert ratio == (3 if allow_tf32 else 1 / 3)
+def test_float32_runs_on_tensor_cores_as_torch_allows():
+    """float32 products: tf32 where torch.backends.cuda.matmul.allow_tf32 allows, else tf32x3 (each product
+    done as three tf32 ones: ~float32's accuracy): the launcher's choice reaches the compiled kernel."""
+    counts = {}
+    for allow in (True, False):
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        try:
+            arguments = _flash_forward(torch.float32, 64)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+        assert arguments["PRECISION"] == ("tf32" if allow else "tf32x3")
+        config = flash.configs("forward", torch.float32, CUDA, 64, 64)[-1]
+        products = re.findall(r"mma\.sync\.aligned\.\S+", compile_kernel(flash._forward_kernel, arguments, config,
+                                                                      "sm_80").ptx)
+        assert products and all(".tf32.tf32" in product for product in products), products[:3]
+        counts[allow] = len(products)
+    assert counts[False] == 3 * counts[True]
