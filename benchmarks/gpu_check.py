@@ -286,8 +286,9 @@ def _benchmark_cases(device, quick: bool) -> list[tuple[str, Callable]]:
         name = str(dtype).removeprefix("torch.")
         for dim in (64, 128):
             for train in (False, True):
-                cases.append((f"attention {name} b4 h16 L{4096 // scale} d{dim} causal {'fwd+bwd' if train else 'fwd'}",
-                              lambda d=dtype, dm=dim, t=train: _attention_bench(device, d, 4, 16, 4096 // scale, dm, t)))
+                length = 4096 // scale
+                cases.append((f"attention {name} b4 h16 L{length} d{dim} causal {'fwd+bwd' if train else 'fwd'}",
+                              lambda d=dtype, dm=dim, t=train: _attention_bench(device, d, 4, 16, length, dm, t)))
         cases.append((f"decode {name} b8 32q/8kv cache {32768 // scale} d128",
                        lambda d=dtype: _decode_bench(device, d, 8, 32, 8, 32768 // scale, 128)))
         for train in (False, True):

@@ -154,7 +154,8 @@ def _scores(qk, mask_base, stride_mi, stride_mj, ii, jj, len_q, len_k, shift, wi
     if MASKED:
         visible = _visible(ii, jj, len_q, len_k, shift, window_left, window_right)
         if HAS_MASK:
-            scores += tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=visible, other=0).to(qk.dtype) * mask_scale
+            mask = tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=visible, other=0)
+            scores += mask.to(qk.dtype) * mask_scale
         scores = tl.where(visible, scores, float("-inf"))
     elif HAS_MASK:
         scores += tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=(ii < len_q) & (jj < len_k),
@@ -255,6 +256,19 @@ def _key_ranges(first_row, last_row, shift, window_left, window_right, len_k, BL
 
 
 @triton.jit
+def _query_ranges(first_col, last_col, shift, window_left, window_right, len_q, len_k, BLOCK_M: tl.constexpr):
+    """_query_range's [lo, hi) cut like _key_ranges': the query blocks in [mid_lo, mid_hi) see every key in
+    [first_col, last_col] (inside the band and both inside the sequence: a key block past the end leaves the
+    middle empty), those in [lo, mid_lo) and [mid_hi, hi) need the per-element mask."""
+    lo, hi = _query_range(first_col, last_col, shift, window_left, window_right, len_q, BLOCK_M)
+    end = tl.cdiv(hi, BLOCK_M) * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last_col - shift - window_right, 0), BLOCK_M) * BLOCK_M, lo),
+                        tl.maximum(end, lo))
+    mid_hi = tl.maximum(mid_lo, (tl.minimum(first_col - shift + window_left + 1, len_q) // BLOCK_M) * BLOCK_M)
+    return lo, mid_lo, tl.where(last_col < len_k, mid_hi, mid_lo), hi
+
+
+@triton.jit
 def _forward_sweep(m, l, acc, q, k_base, v_base, mask_base, rows, dims, value_dims, col_lo, col_hi, len_q, len_k,
                    shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale,
                    dropout_scale, head_key, threshold, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
@@ -348,6 +362,45 @@ def _forward_kernel(
 # ==================================================================================================
 # Backward. dQ (and delta): grid (query blocks, sequences * Hq); then dK/dV: (key blocks, sequences * Hkv).
 # ==================================================================================================
+@triton.jit
+def _key_block_sweep(grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
+                     value_dims, head_key, threshold, row_lo, row_hi, len_q, len_k, shift, window_left, window_right,
+                     D, Dv, stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale,
+                     PRESCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dK and dV of one key block accumulated over the query blocks starting in [row_lo, row_hi) of one query
+    head, in transposed (keys, queries) tiles. Without MASKED the caller knows every pair is visible
+    (_query_ranges): no per-element test."""
+    for first_row in range(row_lo, row_hi, BLOCK_M):
+        rows = first_row + tl.arange(0, BLOCK_M)
+        row_mask = rows < len_q
+        q = _scaled_q(_tile(q_base, rows, row_mask, stride_ql, dims, D, False), q_scale, PRESCALE, ACC, DOT)
+        grad_out = _tile(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, False).to(DOT)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
+        s_t = _scores(qk_t, mask_base, stride_mi, stride_mj, rows[None, :], cols[:, None], len_q, len_k, shift,
+                      window_left, window_right, qk_scale, 1.0, HAS_MASK, MASKED)
+        lse_hi, lse_lo = _saved_lse(lse_ptr + row_base, rows, row_mask, ACC)
+        p_t = tl.exp((s_t - lse_hi[None, :]) - lse_lo[None, :])
+        if MASKED:
+            # A hidden pair takes no part: P = dS = 0 there even in a NaN row (exp(-inf - NaN) would be NaN).
+            seen_t = _visible(rows[None, :], cols[:, None], len_q, len_k, shift, window_left, window_right)
+            p_t = tl.where(seen_t, p_t, 0)
+        dp_t = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION, out_dtype=ACC)
+        if DROPOUT:
+            kept = _kept(head_key, rows[None, :], cols[:, None], threshold)
+            dp_t = tl.where(kept, dp_t * dropout_scale, 0)
+            dropped_p_t = tl.where(kept, p_t * dropout_scale, 0)
+        else:
+            dropped_p_t = p_t
+        grad_v = tl.dot(dropped_p_t.to(DOT), grad_out, grad_v, input_precision=PRECISION, out_dtype=ACC)
+        delta_hi, delta_lo = _split(tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0), ACC)
+        ds_t = p_t * ((dp_t - delta_hi[None, :]) - delta_lo[None, :])
+        if MASKED:
+            ds_t = tl.where(seen_t, ds_t, 0)
+        grad_k = tl.dot(ds_t.to(DOT), q, grad_k, input_precision=PRECISION, out_dtype=ACC)
+    return grad_k, grad_v
+
+
 @triton.jit(do_not_specialize=["rows_q", "rows_k"])
 def _key_gradients_kernel(
     q_ptr, k_ptr, v_ptr, grad_out_ptr, mask_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,
@@ -382,12 +435,14 @@ def _key_gradients_kernel(
               cols, col_mask, stride_kl, dims, D, False).to(DOT)
     v = _tile(_at(v_ptr, batch, kv_head, start_k, stride_vb, stride_vh, stride_vl),
               cols, col_mask, stride_vl, value_dims, Dv, False).to(DOT)
-    if DROPOUT:
-        threshold = dropout_threshold.to(tl.uint32)
-
     grad_k = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     grad_v = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
-    lo, hi = _query_range(first_col, first_col + BLOCK_N - 1, shift, window_left, window_right, len_q, BLOCK_M)
+    lo, mid_lo, mid_hi, hi = _query_ranges(first_col, first_col + BLOCK_N - 1, shift, window_left, window_right, len_q,
+                                           len_k, BLOCK_M)
+    head_key = 0
+    threshold = 0
+    if DROPOUT:
+        threshold = dropout_threshold.to(tl.uint32)
     for head in range(kv_head * group, kv_head * group + group):
         q_base = _at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql)
         grad_out_base = _at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl)
@@ -395,29 +450,22 @@ def _key_gradients_kernel(
         row_base = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q  # into lse and delta
         if DROPOUT:
             head_key = _head_key(seed_ptr, n * Hq + head)
-        for first_row in range(lo, hi, BLOCK_M):
-            rows = first_row + tl.arange(0, BLOCK_M)
-            row_mask = rows < len_q
-            q = _scaled_q(_tile(q_base, rows, row_mask, stride_ql, dims, D, False), q_scale, PRESCALE, ACC, DOT)
-            grad_out = _tile(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, False).to(DOT)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
-            s_t = _scores(qk_t, mask_base, stride_mi, stride_mj, rows[None, :], cols[:, None], len_q, len_k, shift,
-                          window_left, window_right, qk_scale, 1.0, HAS_MASK, True)
-            # A hidden pair takes no part: P = dS = 0 there even in a NaN row (exp(-inf - NaN) would be NaN).
-            seen_t = _visible(rows[None, :], cols[:, None], len_q, len_k, shift, window_left, window_right)
-            lse_hi, lse_lo = _saved_lse(lse_ptr + row_base, rows, row_mask, ACC)
-            p_t = tl.where(seen_t, tl.exp((s_t - lse_hi[None, :]) - lse_lo[None, :]), 0)
-            dp_t = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION, out_dtype=ACC)
-            if DROPOUT:
-                kept = _kept(head_key, rows[None, :], cols[:, None], threshold)
-                dp_t = tl.where(kept, dp_t * dropout_scale, 0)
-                dropped_p_t = tl.where(kept, p_t * dropout_scale, 0)
-            else:
-                dropped_p_t = p_t
-            grad_v = tl.dot(dropped_p_t.to(DOT), grad_out, grad_v, input_precision=PRECISION, out_dtype=ACC)
-            delta_hi, delta_lo = _split(tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0), ACC)
-            ds_t = tl.where(seen_t, p_t * ((dp_t - delta_hi[None, :]) - delta_lo[None, :]), 0)
-            grad_k = tl.dot(ds_t.to(DOT), q, grad_k, input_precision=PRECISION, out_dtype=ACC)
+        # Three sweeps in query order (masked, unmasked, masked): the sums' order is the plain loop's.
+        grad_k, grad_v = _key_block_sweep(
+            grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
+            value_dims, head_key, threshold, lo, mid_lo, len_q, len_k, shift, window_left, window_right, D, Dv,
+            stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
+            DROPOUT, True, ACC, DOT, PRECISION, BLOCK_M)
+        grad_k, grad_v = _key_block_sweep(
+            grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
+            value_dims, head_key, threshold, mid_lo, mid_hi, len_q, len_k, shift, window_left, window_right, D, Dv,
+            stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
+            DROPOUT, False, ACC, DOT, PRECISION, BLOCK_M)
+        grad_k, grad_v = _key_block_sweep(
+            grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
+            value_dims, head_key, threshold, mid_hi, hi, len_q, len_k, shift, window_left, window_right, D, Dv,
+            stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
+            DROPOUT, True, ACC, DOT, PRECISION, BLOCK_M)
 
     out_rows = tl.cast(batch * Hkv + kv_head, tl.int64) * rows_k + start_k + cols
     # q carried q_scale already: dK = scale sum_i dS_ij q_i.
@@ -431,22 +479,71 @@ def _key_gradients_kernel(
 def _row_block_gradients(q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims,
                          head_key, threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl,
                          stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale, HAS_MASK: tl.constexpr,
-                         DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+                         DROPOUT: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """For the query rows of q / grad_out against key columns `cols`: P (BLOCK_M, BLOCK_N), dP after dropout
-    (dO . v times keep / (1 - p)), the K^T tile (BLOCK_D, BLOCK_N) as a tl.dot operand, and which pairs are
-    visible. A hidden pair takes no part: P = dP = 0 there, even in a NaN row or for a key whose values are NaN."""
+    (dO . v times keep / (1 - p)) and the K^T tile (BLOCK_D, BLOCK_N) as a tl.dot operand. With MASKED a
+    hidden pair takes no part: P = dP = 0 there, even in a NaN row or for a key whose values are NaN; without
+    it the caller knows every pair is visible (_key_ranges)."""
     col_mask = cols < len_k
     k_t = _tile(k_base, cols, col_mask, stride_kl, dims, D, True).to(DOT)
     v_t = _tile(v_base, cols, col_mask, stride_vl, value_dims, Dv, True).to(DOT)
     qk = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
     s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
-                window_left, window_right, qk_scale, 1.0, HAS_MASK, True)
-    seen = _visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right)
-    p = tl.where(seen, tl.exp((s - lse_hi[:, None]) - lse_lo[:, None]), 0)
+                window_left, window_right, qk_scale, 1.0, HAS_MASK, MASKED)
+    p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])
     dp = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
     if DROPOUT:
         dp = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), dp * dropout_scale, 0)
-    return p, tl.where(seen, dp, 0), k_t, seen
+    if MASKED:
+        seen = _visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right)
+        p = tl.where(seen, p, 0)
+        dp = tl.where(seen, dp, 0)
+    return p, dp, k_t
+
+
+@triton.jit
+def _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims, value_dims,
+                 head_key, threshold, col_lo, col_hi, len_q, len_k, shift, window_left, window_right, D, Dv,
+                 stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale, HAS_MASK: tl.constexpr,
+                 DROPOUT: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """delta's float64 sums (sum_j P dP and sum_j P) over the key blocks starting in [col_lo, col_hi)."""
+    for first_col in range(col_lo, col_hi, BLOCK_N):
+        cols = first_col + tl.arange(0, BLOCK_N)
+        p, dp, _ = _row_block_gradients(
+            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
+            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
+            stride_mj, qk_scale, dropout_scale, HAS_MASK, DROPOUT, MASKED, ACC, DOT, PRECISION)
+        delta += tl.sum(p.to(tl.float64) * dp.to(tl.float64), 1)
+        mass += tl.sum(p.to(tl.float64), 1)
+    return delta, mass
+
+
+@triton.jit
+def _query_block_sweep(grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base,
+                       grad_scores_ptr, out_rows, rows, row_mask, dims, value_dims, head_key, threshold, col_lo, col_hi,
+                       start_k, rows_k, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl,
+                       stride_mi, stride_mj, qk_scale, dropout_scale, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                       GRAD_SCORES: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ (unscaled) accumulated over the key blocks starting in [col_lo, col_hi), dS written with GRAD_SCORES."""
+    for first_col in range(col_lo, col_hi, BLOCK_N):
+        cols = first_col + tl.arange(0, BLOCK_N)
+        p, dp, k_t = _row_block_gradients(
+            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
+            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
+            stride_mj, qk_scale, dropout_scale, HAS_MASK, DROPOUT, MASKED, ACC, DOT, PRECISION)
+        # dp - delta_hi: exact near the row's top keys
+        ds = p * ((dp - delta_hi[:, None]) - delta_lo[:, None])
+        if MASKED:  # hidden pairs: dS = 0 even in a NaN row (NaN delta)
+            ds = tl.where(_visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right),
+                          ds, 0)
+        if GRAD_SCORES:
+            store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
+                  row_mask[:, None] & (cols < len_k)[None, :])
+        grad_q = tl.dot(ds.to(DOT), tl.trans(k_t), grad_q, input_precision=PRECISION, out_dtype=ACC)
+    return grad_q
 
 
 @triton.jit(do_not_specialize=["rows_q", "rows_k"])
@@ -488,7 +585,9 @@ def _query_gradients_kernel(
         head_key = _head_key(seed_ptr, n * Hq + head)
         threshold = dropout_threshold.to(tl.uint32)
 
-    lo, hi = _key_range(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k, BLOCK_N)
+    # Key blocks in three ranges (_key_ranges), swept in order: masked, unmasked, masked.
+    lo, mid_lo, mid_hi, hi = _key_ranges(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k,
+                                         BLOCK_N)
     # delta_i = sum_j P_ij dP_ij / sum_j P_ij: an average of the very dP values the second sweep (and the dK/dV
     # kernel, in transposed tiles) subtracts it from, so dP_ij - delta_i = sum_k w_k (dP_ij - dP_ik) keeps only
     # relative errors: 0 on a one-hot row, and near-exact on near-one-hot ones since the sums run in float64
@@ -499,32 +598,38 @@ def _query_gradients_kernel(
     # of the backward's seven tile products again, and float64 row sums (BLOCK_M x BLOCK_N products per tile).
     delta = tl.zeros((BLOCK_M,), tl.float64)
     mass = tl.zeros((BLOCK_M,), tl.float64)
-    for first_col in range(lo, hi, BLOCK_N):
-        cols = first_col + tl.arange(0, BLOCK_N)
-        p, dp, _, _ = _row_block_gradients(
-            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
-            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
-            stride_mj, qk_scale, dropout_scale, HAS_MASK, DROPOUT, ACC, DOT, PRECISION)
-        delta += tl.sum(p.to(tl.float64) * dp.to(tl.float64), 1)
-        mass += tl.sum(p.to(tl.float64), 1)
+    delta, mass = _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims,
+                               value_dims, head_key, threshold, lo, mid_lo, len_q, len_k, shift, window_left,
+                               window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+                               HAS_MASK, DROPOUT, True, ACC, DOT, PRECISION, BLOCK_N)
+    delta, mass = _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims,
+                               value_dims, head_key, threshold, mid_lo, mid_hi, len_q, len_k, shift, window_left,
+                               window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+                               HAS_MASK, DROPOUT, False, ACC, DOT, PRECISION, BLOCK_N)
+    delta, mass = _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims,
+                               value_dims, head_key, threshold, mid_hi, hi, len_q, len_k, shift, window_left,
+                               window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+                               HAS_MASK, DROPOUT, True, ACC, DOT, PRECISION, BLOCK_N)
     delta = tl.where(mass > 0, delta / tl.where(mass > 0, mass, 1), delta)  # NaN stays NaN; no key: 0
     tl.store(delta_ptr + out_rows, delta, mask=row_mask)
     delta_hi, delta_lo = _split(delta, ACC)
 
     grad_q = tl.zeros((BLOCK_M, BLOCK_D), ACC)
-    for first_col in range(lo, hi, BLOCK_N):
-        cols = first_col + tl.arange(0, BLOCK_N)
-        col_mask = cols < len_k
-        p, dp, k_t, seen = _row_block_gradients(
-            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
-            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
-            stride_mj, qk_scale, dropout_scale, HAS_MASK, DROPOUT, ACC, DOT, PRECISION)
-        # dp - delta_hi: exact near the row's top keys; hidden pairs: dS = 0 even in a NaN row (NaN delta)
-        ds = tl.where(seen, p * ((dp - delta_hi[:, None]) - delta_lo[:, None]), 0)
-        if GRAD_SCORES:
-            store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
-                  row_mask[:, None] & col_mask[None, :])
-        grad_q = tl.dot(ds.to(DOT), tl.trans(k_t), grad_q, input_precision=PRECISION, out_dtype=ACC)
+    grad_q = _query_block_sweep(
+        grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base, grad_scores_ptr, out_rows,
+        rows, row_mask, dims, value_dims, head_key, threshold, lo, mid_lo, start_k, rows_k, len_q, len_k, shift,
+        window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+        HAS_MASK, DROPOUT, GRAD_SCORES, True, ACC, DOT, PRECISION, BLOCK_N)
+    grad_q = _query_block_sweep(
+        grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base, grad_scores_ptr, out_rows,
+        rows, row_mask, dims, value_dims, head_key, threshold, mid_lo, mid_hi, start_k, rows_k, len_q, len_k, shift,
+        window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+        HAS_MASK, DROPOUT, GRAD_SCORES, False, ACC, DOT, PRECISION, BLOCK_N)
+    grad_q = _query_block_sweep(
+        grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base, grad_scores_ptr, out_rows,
+        rows, row_mask, dims, value_dims, head_key, threshold, mid_hi, hi, start_k, rows_k, len_q, len_k, shift,
+        window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+        HAS_MASK, DROPOUT, GRAD_SCORES, True, ACC, DOT, PRECISION, BLOCK_N)
 
     store(grad_q_ptr + out_rows[:, None] * D + dims[None, :], grad_q * scale, row_mask[:, None] & (dims < D)[None, :])
 
@@ -546,7 +651,7 @@ _GPU_CONFIGS = {
     ("forward", "mma"): {64: [(128, 32, 8, 4), (128, 32, 8, 3), (64, 32, 8, 3)],
                          128: [(128, 32, 8, 3), (64, 32, 8, 3)],
                          256: [(64, 32, 8, 2), (32, 32, 8, 2)]},
-    ("query_gradients", "mma"): {64: [(64, 64, 8, 3), (64, 32, 8, 3)],
+    ("query_gradients", "mma"): {64: [(64, 32, 8, 3), (32, 32, 4, 3)],
                                  128: [(64, 32, 8, 2), (32, 32, 4, 2)],
                                  256: [(32, 32, 8, 1), (32, 16, 4, 1)]},
     ("key_gradients", "mma"): {64: [(64, 64, 8, 3), (32, 64, 8, 3)],

@@ -29,9 +29,11 @@ pytestmark = pytest.mark.triton
     _case(40, 70, dim=16, batch=1, heads=2, kv_heads=1, window=(-1, 3), causal=False),
 ], ids=["full", "causal", "window", "right_window"])
 def test_masked_and_unmasked_key_ranges_with_small_tiles(case, monkeypatch):
-    """16 x 16 tiles, so that a query block's keys fall in all three ranges (masked, unmasked, masked): the
-    result under the rule against SDPA and the float64 reference, gradients included."""
-    monkeypatch.setitem(flash._INTERPRETER_CONFIGS, "forward", (16, 16, 4, 1))
+    """16 x 16 tiles, so that a query block's keys (and a key block's queries, in the dK/dV kernel) fall in all
+    three ranges (masked, unmasked, masked): the result under the rule against SDPA and the float64 reference,
+    gradients included."""
+    for kernel in ("forward", "query_gradients", "key_gradients"):
+        monkeypatch.setitem(flash._INTERPRETER_CONFIGS, kernel, (16, 16, 4, 1))
     check_attention(case, torch.float32, "triton")
 
 
