@@ -18,8 +18,14 @@ Shared conventions of the kernels:
     owns rows cu_seqlens[n].. of batch 0, otherwise sequence n is batch n. Programs past a sequence's end exit.
   * visibility: window_left / window_right arrive as non-negative ints, "no window" as a width no sequence
     reaches (every key within it), so the kernels need no flag for it; the sweeps visit only the key (query)
-    blocks that intersect the visible band, and the band, the lengths and the additive mask are applied per
-    element inside them.
+    blocks that intersect the visible band, split into three ranges (_key_ranges / _query_ranges): the blocks
+    every row of the tile sees entirely run with no per-element test; the others (the diagonal, window edges,
+    a sequence's last partial block) apply the band and the lengths per element. The additive mask is added
+    everywhere.
+  * the softmax scale (and the dropout scale) are runtime arguments (float32 halves, see _launch.float_halves);
+    the forward's online softmax runs in base 2 (exp2, see _forward_sweep).
+  * tile sizes come from `configs`: an autotune list per operand unit and head dim on CUDA, one config under
+    the interpreter; tests/test_gpu_compile.py compiles every listed config for sm_80 / sm_90.
   * a score that is -inf everywhere on a row (no visible key) gives out 0 and lse -inf; the backward reads
     such an lse as +inf so that P = exp(score - lse) is 0, not NaN.
   * dropout redraws the reference's counter-based hash (lowbias32 on uint32) per (head, i, j) in every kernel.
@@ -647,16 +653,18 @@ def _query_gradients_kernel(
 # found spills: the mask tile's 64-bit addresses and the dropout hash come on top of the tutorial's registers.
 # No GPU here to time them: which config wins on an A100 / H100 is for the autotuner (and `make gpu-check`).
 _GPU_CONFIGS = {
-    # unit "mma": bfloat16 / float16 operands on the tensor cores (float32 accumulators).
-    ("forward", "mma"): {64: [(128, 32, 8, 4), (128, 32, 8, 3), (64, 32, 8, 3)],
-                         128: [(128, 32, 8, 3), (64, 32, 8, 3)],
-                         256: [(64, 32, 8, 2), (32, 32, 8, 2)]},
+    # unit "mma": bfloat16 / float16 operands on the tensor cores (float32 accumulators). sm_90 needs more
+    # registers than sm_80 here (ptxas: the forward's 128 x 32 tile on 8 warps spills 16 bytes at d64 and 144
+    # at d128 on sm_90, none on sm_80).
+    ("forward", "mma"): {64: [(64, 32, 8, 3), (64, 32, 4, 3)],
+                         128: [(64, 32, 8, 3), (32, 32, 4, 3)],
+                         256: [(32, 32, 8, 2), (32, 16, 4, 2)]},
     ("query_gradients", "mma"): {64: [(64, 32, 8, 3), (32, 32, 4, 3)],
-                                 128: [(64, 32, 8, 2), (32, 32, 4, 2)],
-                                 256: [(32, 32, 8, 1), (32, 16, 4, 1)]},
-    ("key_gradients", "mma"): {64: [(64, 64, 8, 3), (32, 64, 8, 3)],
-                               128: [(32, 64, 8, 2), (32, 32, 4, 2)],
-                               256: [(16, 32, 8, 1), (16, 32, 4, 1)]},
+                                 128: [(32, 32, 8, 2), (32, 32, 4, 2)],
+                                 256: [(32, 16, 8, 1), (16, 16, 4, 1)]},
+    ("key_gradients", "mma"): {64: [(32, 32, 8, 2), (32, 32, 4, 2)],
+                               128: [(32, 32, 8, 2), (16, 32, 4, 2)],
+                               256: [(16, 16, 8, 1), (16, 16, 4, 1)]},
     # unit "tf32": float32 operands on the tensor cores (tf32 or tf32x3, see dot_precision): twice the bytes
     # of a bfloat16 tile in shared memory and registers, and tf32x3 keeps both halves of each operand.
     ("forward", "tf32"): {64: [(64, 64, 8, 3), (64, 32, 4, 3)],
@@ -672,6 +680,19 @@ _GPU_CONFIGS = {
     ("forward", "fma"): {64: [(32, 32, 8, 2)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
     ("query_gradients", "fma"): {64: [(32, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
     ("key_gradients", "fma"): {64: [(16, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+}
+# The light variant (no attention mask, no dropout: the mask tile's 64-bit addresses and the dropout hash are
+# gone) has registers for FlashAttention-2's tiles: 64-128 keys. Other units use the lists above.
+_LIGHT_GPU_CONFIGS = {
+    ("forward", "mma"): {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+                         128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+                         256: [(64, 32, 8, 2), (64, 16, 4, 2)]},
+    ("query_gradients", "mma"): {64: [(64, 64, 8, 3), (64, 32, 4, 3)],
+                                 128: [(64, 32, 8, 2), (32, 32, 4, 2)],
+                                 256: [(32, 32, 8, 1), (32, 16, 4, 1)]},
+    ("key_gradients", "mma"): {64: [(32, 64, 8, 3), (32, 32, 4, 3)],
+                               128: [(32, 64, 8, 2), (32, 32, 4, 2)],
+                               256: [(16, 32, 8, 1), (16, 16, 4, 1)]},
 }
 # Under the interpreter one config, no autotuning: it runs each program in Python, so the fewest, largest tiles
 # are fastest (forward + backward over 6 heads, 256 tokens, head dim 64, float32: 6.9 s with these, 27 s with
@@ -698,9 +719,11 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
-def configs(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int, value_dim: int) -> list[dict]:
+def configs(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int, value_dim: int,
+            light: bool = False) -> list[dict]:
     """The configs `kernel` ("forward", "query_gradients", "key_gradients") can launch with for these tensors:
-    the autotune list on CUDA, the single interpreter config on CPU.
+    the autotune list on CUDA (`light`: a launch without attention mask and dropout, see _LIGHT_GPU_CONFIGS),
+    the single interpreter config on CPU.
 
     Lists are given for padded head dims up to 64, 128 and 256. Past 256 (head dims of 512 or 1024 work too)
     the 256 list's tiles shrink in proportion, down to MIN_DOT_SIZE, with one stage, so that the register and
@@ -712,7 +735,7 @@ def configs(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int
         shrink = max(width // 64, 1)
         return [_config(max(MIN_DOT_SIZE, block_m // shrink), max(MIN_DOT_SIZE, block_n // shrink), num_warps,
                         num_stages)]
-    lists = _GPU_CONFIGS[kernel, where]
+    lists = (_LIGHT_GPU_CONFIGS if light else _GPU_CONFIGS).get((kernel, where)) or _GPU_CONFIGS[kernel, where]
     if width <= 256:
         return [_config(*tile) for tile in lists[max(width, 64)]]
     shrink = width // 256
@@ -720,9 +743,11 @@ def configs(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int
             for block_m, block_n, num_warps, _ in lists[256]]
 
 
-def _launch_kernel(kernel, name: str, like: Tensor, head_dim: int, value_dim: int, grid):
-    """`kernel` launched over `grid` (meta -> grid) with the configs of `name` for tensors like `like`."""
-    choices = configs(name, like.dtype, like.device, head_dim, value_dim)
+def _launch_kernel(kernel, name: str, arguments: dict, grid):
+    """`kernel` launched over `grid` (meta -> grid) with the configs of `name` for these arguments."""
+    like = arguments["q_ptr"]
+    light = not (arguments["HAS_MASK"] or arguments["DROPOUT"])
+    choices = configs(name, like.dtype, like.device, arguments["D"], arguments["Dv"], light)
     return launch_tuned(kernel, choices, choices[0], grid, like.device, _TUNING_KEY)
 
 
@@ -853,8 +878,7 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
         arguments = _arguments(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
                                bottom_right, dropout_p, dropout_seed)
         grid = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), sequences * heads)  # noqa: E731
-        _launch_kernel(_forward_kernel, "forward", q, head_dim, v.shape[3], grid)(out_ptr=out, lse_ptr=lse,
-                                                                                  **arguments)
+        _launch_kernel(_forward_kernel, "forward", arguments, grid)(out_ptr=out, lse_ptr=lse, **arguments)
     return out, lse
 
 
@@ -889,13 +913,13 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     sequences, longest_q = _sequences(cu_seqlens_q, batch, rows_q, max_seqlen_q)
     if longest_q and sequences * heads:
         grid = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), sequences * heads)  # noqa: E731
-        _launch_kernel(_query_gradients_kernel, "query_gradients", q, head_dim, v.shape[3], grid)(
+        _launch_kernel(_query_gradients_kernel, "query_gradients", arguments, grid)(
             grad_q_ptr=grad_q, grad_scores_ptr=grad_scores if want_grad_scores else None,
             GRAD_SCORES=bool(want_grad_scores), **arguments,
         )
     sequences, longest_k = _sequences(cu_seqlens_k, batch, k.shape[2], max_seqlen_k)
     if longest_k and sequences * k.shape[1]:
         grid = lambda meta: (triton.cdiv(longest_k, meta["BLOCK_N"]), sequences * k.shape[1])  # noqa: E731
-        _launch_kernel(_key_gradients_kernel, "key_gradients", q, head_dim, v.shape[3], grid)(
+        _launch_kernel(_key_gradients_kernel, "key_gradients", arguments, grid)(
             grad_k_ptr=grad_k, grad_v_ptr=grad_v, **arguments)
     return grad_q, grad_k, grad_v, grad_scores

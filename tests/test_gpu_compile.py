@@ -5,7 +5,8 @@ that ptxas spilled no registers and that the kernel's shared memory fits the tar
 The configurations are the launchers' own selection functions called for CUDA (`configs(...)`): a tile that
 cannot fit must be kept out by that rule, and these tests prove it does, by compiling exactly what it returns.
 Each kernel is compiled with all its optional features on (attention mask, dropout, variable lengths, ...): the
-variant with the most live registers, which bounds the lighter ones.
+variant with the most live registers, which bounds the lighter ones; flash attention's launchers have larger
+tiles for launches without mask and dropout, compiled as "[light]" kernels.
 
 Cost: a compile takes ~5-10 s of one core (ptxas included). The default run compiles a representative subset
 (each kernel once, in its largest config: ~10 compiles); `pytest -m gpu_compile` compiles the full matrix
@@ -75,40 +76,46 @@ def _on_cuda(arguments: dict, dtype: torch.dtype) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 # flash_attention: forward, dQ (with delta and grad_scores), dK/dV; mask, dropout and varlen on.
 # ------------------------------------------------------------------------------------------------------------
-def _flash_common(dtype: torch.dtype, head_dim: int) -> dict:
+def _flash_common(dtype: torch.dtype, head_dim: int, light: bool) -> dict:
+    """The heaviest launch (mask, dropout, varlen, a window), or with `light` the plainest (none of them:
+    the launcher's larger light lists)."""
     q = torch.zeros(1, 4, 32, head_dim, dtype=dtype)
     k = torch.zeros(1, 2, 32, head_dim, dtype=dtype)
-    mask = torch.zeros(1, 4, 32, 32, dtype=dtype)
-    cu_seqlens = torch.tensor([0, 32], dtype=torch.int32)
+    mask = None if light else torch.zeros(1, 4, 32, 32, dtype=dtype)
+    cu_seqlens = None if light else torch.tensor([0, 32], dtype=torch.int32)
     seed = torch.zeros((), dtype=torch.int64)
-    arguments = flash._arguments(q, k, k, mask, cu_seqlens, cu_seqlens, 0.125, 8, 0, True, 0.1, seed)
+    arguments = flash._arguments(q, k, k, mask, cu_seqlens, cu_seqlens, 0.125, 8, 0, True, 0 if light else 0.1, seed)
     return _on_cuda(arguments, dtype)
 
 
-def _flash_forward(dtype, head_dim):
-    return dict(_flash_common(dtype, head_dim), out_ptr=torch.zeros(1, dtype=dtype),
+def _flash_forward(dtype, head_dim, light=False):
+    return dict(_flash_common(dtype, head_dim, light), out_ptr=torch.zeros(1, dtype=dtype),
                 lse_ptr=torch.zeros(1, dtype=torch.float64))
 
 
-def _flash_backward(dtype, head_dim):
+def _flash_backward(dtype, head_dim, light):
     grad = torch.zeros(1, 4, 32, head_dim, dtype=dtype)
-    return dict(_flash_common(dtype, head_dim), grad_out_ptr=grad, stride_gb=grad.stride(0), stride_gh=grad.stride(1),
-                stride_gl=grad.stride(2), lse_ptr=torch.zeros(1, dtype=torch.float64),
+    return dict(_flash_common(dtype, head_dim, light), grad_out_ptr=grad, stride_gb=grad.stride(0),
+                stride_gh=grad.stride(1), stride_gl=grad.stride(2), lse_ptr=torch.zeros(1, dtype=torch.float64),
                 delta_ptr=torch.zeros(1, dtype=torch.float64))
 
 
-def _flash_query_gradients(dtype, head_dim):
-    return dict(_flash_backward(dtype, head_dim), grad_q_ptr=torch.zeros(1, dtype=dtype),
-                grad_scores_ptr=torch.zeros(1, dtype=dtype), GRAD_SCORES=True)
+def _flash_query_gradients(dtype, head_dim, light=False):
+    return dict(_flash_backward(dtype, head_dim, light), grad_q_ptr=torch.zeros(1, dtype=dtype),
+                grad_scores_ptr=None if light else torch.zeros(1, dtype=dtype), GRAD_SCORES=not light)
 
 
-def _flash_key_gradients(dtype, head_dim):
-    return dict(_flash_backward(dtype, head_dim), grad_k_ptr=torch.zeros(1, dtype=dtype),
+def _flash_key_gradients(dtype, head_dim, light=False):
+    return dict(_flash_backward(dtype, head_dim, light), grad_k_ptr=torch.zeros(1, dtype=dtype),
                 grad_v_ptr=torch.zeros(1, dtype=dtype))
 
 
-def _flash_configs(kernel: str):
-    return lambda dtype, head_dim: flash.configs(kernel, dtype, CUDA, head_dim, head_dim)
+def _flash_configs(kernel: str, light: bool = False):
+    return lambda dtype, head_dim: flash.configs(kernel, dtype, CUDA, head_dim, head_dim, light)
+
+
+def _light(arguments: Callable) -> Callable:
+    return lambda dtype, head_dim: arguments(dtype, head_dim, light=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -200,6 +207,12 @@ KERNELS = [
            _flash_configs("query_gradients")),
     Kernel("flash_attention.key_gradients", flash._key_gradients_kernel, _flash_key_gradients,
            _flash_configs("key_gradients")),
+    Kernel("flash_attention.forward[light]", flash._forward_kernel, _light(_flash_forward),
+           _flash_configs("forward", light=True)),
+    Kernel("flash_attention.query_gradients[light]", flash._query_gradients_kernel, _light(_flash_query_gradients),
+           _flash_configs("query_gradients", light=True)),
+    Kernel("flash_attention.key_gradients[light]", flash._key_gradients_kernel, _light(_flash_key_gradients),
+           _flash_configs("key_gradients", light=True)),
     Kernel("flash_attention_decode.split", decode._decode_split_kernel, _decode_split,
            lambda dtype, head_dim: decode.configs(dtype, CUDA, DECODE_ROWS, head_dim, head_dim)),
     Kernel("flash_attention_decode.merge", decode._decode_merge_kernel, _decode_merge,
