@@ -656,12 +656,12 @@ _GPU_CONFIGS = {
     # unit "mma": bfloat16 / float16 operands on the tensor cores (float32 accumulators). sm_90 needs more
     # registers than sm_80 here (ptxas: the forward's 128 x 32 tile on 8 warps spills 16 bytes at d64 and 144
     # at d128 on sm_90, none on sm_80).
-    ("forward", "mma"): {64: [(64, 32, 8, 3), (64, 32, 4, 3)],
+    ("forward", "mma"): {64: [(64, 32, 8, 3), (32, 32, 4, 3)],
                          128: [(64, 32, 8, 3), (32, 32, 4, 3)],
                          256: [(32, 32, 8, 2), (32, 16, 4, 2)]},
-    ("query_gradients", "mma"): {64: [(64, 32, 8, 3), (32, 32, 4, 3)],
-                                 128: [(32, 32, 8, 2), (32, 32, 4, 2)],
-                                 256: [(32, 16, 8, 1), (16, 16, 4, 1)]},
+    ("query_gradients", "mma"): {64: [(64, 32, 8, 3), (64, 16, 8, 3)],
+                                 128: [(32, 16, 8, 2), (16, 16, 4, 2)],
+                                 256: [(16, 16, 8, 1), (16, 16, 4, 1)]},
     ("key_gradients", "mma"): {64: [(32, 32, 8, 2), (32, 32, 4, 2)],
                                128: [(32, 32, 8, 2), (16, 32, 4, 2)],
                                256: [(16, 16, 8, 1), (16, 16, 4, 1)]},

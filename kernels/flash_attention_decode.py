@@ -226,11 +226,11 @@ def _choose_splits(num_splits: int, items: int, seq: int, device: torch.device) 
 # The split kernel's configs (BLOCK_N keys, num_warps, num_stages) on CUDA, autotuned, per operand unit
 # ("mma": 16-bit operands, "tf32": float32 on the tensor cores, "fma": float64), padded head dim (up to 64,
 # 128, 256) and rows (R = G * Lq padded: up to 16, or more). A decode step streams the cache once, so the key
-# tile is what matters: 64-128 keys per tile, 2-3 stages of K/V tiles in flight (shared memory) to hide the
-# memory latency. Every config is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py (no spills, shared
+# tile is what matters: 64 keys per tile (128-key tiles spilled on sm_90 with lengths + causal + window: 224
+# bytes at d64, 40 at d128; 32 at d256), 2-3 stages of K/V tiles in flight to hide the memory latency. Every config is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py (no spills, shared
 # memory within the limit), so a list holds only configs that fit.
 _GPU_CONFIGS = {
-    ("mma", 16): {64: [(128, 4, 3), (64, 4, 3)], 128: [(128, 8, 3), (64, 4, 3)], 256: [(64, 8, 2), (64, 4, 2)]},
+    ("mma", 16): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 3), (64, 4, 3)], 256: [(32, 8, 2), (32, 4, 2)]},
     ("mma", 64): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 2), (32, 4, 2)], 256: [(32, 8, 2)]},
     ("tf32", 16): {64: [(128, 8, 3), (64, 4, 3)], 128: [(64, 8, 3), (64, 4, 2)], 256: [(64, 8, 2), (32, 4, 2)]},
     ("tf32", 64): {64: [(64, 8, 2), (32, 4, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},
