@@ -135,11 +135,12 @@ def _at(ptr, batch, head, row, stride_b, stride_h, stride_l):
 
 @triton.jit
 def _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK: tl.constexpr):
-    """attn_mask[batch, head] (None without a mask)."""
+    """attn_mask[batch, head]; 0 without a mask (never read then: a None could not be returned in a tuple, which
+    the compiler refuses -- the interpreter does not)."""
     if HAS_MASK:
         base = _at(mask_ptr, batch, head, 0, stride_mb, stride_mh, 0)
     else:
-        base = mask_ptr
+        base = 0
     return base
 
 
@@ -445,7 +446,7 @@ def _key_gradients_kernel(
     grad_v = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
     lo, mid_lo, mid_hi, hi = _query_ranges(first_col, first_col + BLOCK_N - 1, shift, window_left, window_right, len_q,
                                            len_k, BLOCK_M)
-    head_key = 0
+    head_key = tl.full((), 0, tl.uint32)  # uint32 before the loop too: loop-carried types must not change
     threshold = 0
     if DROPOUT:
         threshold = dropout_threshold.to(tl.uint32)
