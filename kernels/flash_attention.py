@@ -692,7 +692,7 @@ _LIGHT_GPU_CONFIGS = {
                                  128: [(64, 32, 8, 2), (32, 16, 8, 2)],
                                  256: [(32, 32, 8, 1), (16, 16, 8, 1)]},
     ("key_gradients", "mma"): {64: [(32, 32, 8, 3), (32, 32, 4, 3)],
-                               128: [(32, 32, 8, 2), (16, 32, 4, 2)],
+                               128: [(16, 16, 8, 2), (16, 16, 4, 2)],
                                256: [(16, 32, 8, 1), (16, 16, 4, 1)]},
 }
 # Under the interpreter one config, no autotuning: it runs each program in Python, so the fewest, largest tiles
