@@ -230,7 +230,7 @@ def _choose_splits(num_splits: int, items: int, seq: int, device: torch.device) 
 # bytes at d64, 40 at d128; 32 at d256), 2-3 stages of K/V tiles in flight to hide the memory latency. Every config is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py (no spills, shared
 # memory within the limit), so a list holds only configs that fit.
 _GPU_CONFIGS = {
-    ("mma", 16): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 3), (64, 4, 3)], 256: [(32, 4, 2)]},
+    ("mma", 16): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 3)], 256: [(32, 4, 2)]},
     ("mma", 64): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 2), (32, 4, 2)], 256: [(32, 8, 2)]},
     ("tf32", 16): {64: [(128, 8, 3), (64, 4, 3)], 128: [(64, 8, 3), (64, 4, 2)], 256: [(64, 8, 2), (32, 4, 2)]},
     ("tf32", 64): {64: [(64, 8, 2), (32, 4, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},
