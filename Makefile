@@ -13,7 +13,7 @@ PY      := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SOURCES := setup.py pyproject.toml requirements-dev.txt seqkern/_extension.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: install test bench clean
+.PHONY: install test bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks
+
+# On a machine with a CUDA GPU: the Triton kernels checked on the device, then the GPU benchmark set (< 10 min);
+# without one it says so and exits 0. Needs a CUDA build of torch in the venv (TORCH=torch==2.13.0 from the
+# CUDA index), not the CPU build pinned above.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf build *.egg-info seqkern/*.so bench_results

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import struct
 import threading
 from collections.abc import Callable, Sequence
 
 import torch
+import triton
 import triton.language as tl
 
 
@@ -77,3 +79,66 @@ def dot_operand_dtype(dtype: torch.dtype, device: torch.device):
         return tl.float32
     return {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
             torch.float16: tl.float16}[dtype]
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot's input_precision for operands of `dtype` on `device`, as torch chooses for float32 matmuls.
+
+    float32 on CUDA runs on the tensor cores: "tf32" (10-bit mantissas) where
+    torch.backends.cuda.matmul.allow_tf32 allows it, else "tf32x3" (each operand split into two tf32 halves,
+    three products: about float32's accuracy at tensor-core speed). Everything else, and everything under the
+    interpreter (where tl.dot is exact numpy arithmetic whatever is asked), is "ieee"; the setting only
+    matters for float32 operands.
+    """
+    if dtype == torch.float32 and device.type == "cuda":
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "ieee"
+
+
+def launch_tuned(kernel, configs: Sequence[dict], interpreter_config: dict, grid: Callable[[dict], tuple],
+                 device: torch.device, key: Sequence[str]) -> Callable:
+    """`kernel` autotuned over `configs` for tensors on `device`: call the result with the kernel's arguments
+    minus the tuned ones.
+
+    A config is a dict of the kernel's tuned constexprs (e.g. BLOCK_M, BLOCK_N) plus num_warps and num_stages;
+    `grid` maps one (the meta-parameters) to the launch grid. On CUDA triton.autotune times every config once
+    per distinct value of the `key` arguments and keeps the fastest. The interpreter would run every config
+    in Python each time, so there the one `interpreter_config` is launched: deterministic, and the fewest,
+    largest tiles (the interpreter's cost is per program).
+    """
+    if device.type == "cuda":
+        return torch.library.wrap_triton(_autotuner(kernel, _frozen(configs), tuple(key)))[grid]
+    return functools.partial(launch(kernel, grid(interpreter_config), device), **interpreter_config)
+
+
+def _frozen(configs: Sequence[dict]) -> tuple:
+    return tuple(tuple(sorted(config.items())) for config in configs)
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuner(kernel, configs: tuple, key: tuple):
+    """One triton.autotune wrapper per (kernel, config list, key), reused across calls (it keeps the timings)."""
+    tuned = []
+    for items in configs:
+        meta = dict(items)
+        num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+        tuned.append(triton.Config(meta, num_warps=num_warps, num_stages=num_stages))
+    return triton.autotune(configs=tuned, key=list(key))(kernel)
+
+
+def float_halves(name: str, value: float) -> dict:
+    """{name_hi, name_lo}: float32 hi = value rounded, lo = the rest rounded; the kernels add them in float64
+    for float64 inputs (48 bits of the value: triton passes a Python float as float32) and use hi otherwise."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return {f"{name}_hi": hi, f"{name}_lo": struct.unpack("f", struct.pack("f", value - hi))[0]}
+
+
+@triton.jit
+def runtime_float(hi, lo, ACC: tl.constexpr):
+    """A float the launcher passed as two float32 halves (float_halves): triton passes a Python float as float32,
+    which would round the scales of float64 inputs. hi + lo in float64 (48 bits), hi alone otherwise."""
+    if ACC == tl.float64:
+        value = tl.cast(hi, tl.float32).to(tl.float64) + tl.cast(lo, tl.float32).to(tl.float64)
+    else:
+        value = tl.cast(hi, tl.float32).to(ACC)
+    return value

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from seqkern._checks import DTypeError, ShapeError
 
-from ._launch import dot_operand_dtype, launch
+from ._launch import dot_operand_dtype, dot_precision, launch, launch_tuned
 from ._recurrent import accumulator_dtype, store
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -86,12 +86,38 @@ def _tanh(x):
 
 
 @triton.jit
-def _tanh_and_slope(x):
+def _tanh_hardware(x):
+    """tanh.approx.f32 (sm_75+): one MUFU instruction, ~2^-11 relative error -- within a 16-bit dtype's own
+    rounding, so used for bfloat16 / float16 on a GPU only (FAST_TANH); never under the interpreter, which
+    cannot run PTX."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _tanh_any(x, FAST_TANH: tl.constexpr):
+    """tanh(x): the hardware's approximation with FAST_TANH (float32 x), else _tanh."""
+    if FAST_TANH:
+        t = _tanh_hardware(x)
+    else:
+        t = _tanh(x)
+    return t
+
+
+@triton.jit
+def _tanh_and_slope(x, FAST_TANH: tl.constexpr):
     """tanh(x) and its derivative 1 - tanh(x)^2, the latter as 4z / (1 + z)^2: no cancellation where tanh
-    saturates (1 - t^2 computed from a rounded t loses every digit there)."""
-    z = tl.exp(-2 * tl.abs(x))
-    one_plus_z = 1 + z
-    return _tanh_from(x, z), 4 * z / (one_plus_z * one_plus_z)
+    saturates (1 - t^2 computed from a rounded t loses every digit there). With FAST_TANH (16-bit dtypes on a
+    GPU) the hardware's tanh and 1 - t^2: the lost digits are below the dtype's rounding of the gradients."""
+    if FAST_TANH:
+        t = _tanh_hardware(x)
+        slope = 1 - t * t
+    else:
+        z = tl.exp(-2 * tl.abs(x))
+        one_plus_z = 1 + z
+        t = _tanh_from(x, z)
+        slope = 4 * z / (one_plus_z * one_plus_z)
+    return t, slope
 
 
 @triton.jit
@@ -134,16 +160,16 @@ def _pre_activation(query_proj_base, key_proj_base, rows, row_mask, cols, col_ma
 
 @triton.jit
 def _scores(query_proj_base, key_proj_base, v_ptr, mask_base, rows, row_mask, cols, col_mask, stride_ql, stride_kl,
-            H, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_H: tl.constexpr):
+            H, HAS_MASK: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scores v . tanh(query_proj_i + key_proj_j) in ACC, summed BLOCK_H hidden units at a
     time; -inf at padding keys and past the last key."""
     scores = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for first_hidden in range(0, H, BLOCK_H):
         hidden = first_hidden + tl.arange(0, BLOCK_H)
         v = tl.load(v_ptr + hidden, mask=hidden < H, other=0).to(ACC)  # 0 past H: padded units add nothing
-        t = _tanh(_pre_activation(query_proj_base, key_proj_base, rows, row_mask, cols, col_mask, hidden,
-                                  stride_ql, stride_kl, H, ACC))
+        t = _tanh_any(_pre_activation(query_proj_base, key_proj_base, rows, row_mask, cols, col_mask, hidden,
+                                  stride_ql, stride_kl, H, ACC), FAST_TANH)
         scores += tl.sum(t * v[None, None, :], 2)
     visible = col_mask
     if HAS_MASK:
@@ -160,7 +186,8 @@ def _forward_kernel(
     out_ptr, lse_ptr, weights_ptr,  # out (B,Lq,Dv), (B,Lq), (B,Lq,Lk) if WEIGHTS
     stride_qb, stride_ql, stride_kb, stride_kl, stride_vb, stride_vl,
     Lq, Lk, H, Dv,
-    HAS_MASK: tl.constexpr, WEIGHTS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, WEIGHTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """out, lse (and weights) of a block of BLOCK_M queries: one sweep over the keys, BLOCK_N at a time."""
@@ -181,7 +208,7 @@ def _forward_kernel(
         cols = first_col + tl.arange(0, BLOCK_N)
         col_mask = cols < Lk
         s = _scores(query_proj_base, key_proj_base, v_ptr, mask_base, rows, row_mask, cols, col_mask, stride_ql,
-                    stride_kl, H, HAS_MASK, ACC, BLOCK_M, BLOCK_N, BLOCK_H)
+                    stride_kl, H, HAS_MASK, FAST_TANH, ACC, BLOCK_M, BLOCK_N, BLOCK_H)
         if WEIGHTS:  # raw scores for now, normalized below
             tl.store(_square_ptrs(weights_ptr, batch, rows, cols, Lq, Lk), s,
                      mask=row_mask[:, None] & col_mask[None, :])
@@ -192,7 +219,7 @@ def _forward_kernel(
         alpha = tl.exp(m - m_ref)
         l = l * alpha + tl.sum(p, 1)
         values = _load_rows(values_base, cols, col_mask, stride_vl, value_dims, Dv, DOT)
-        acc = tl.dot(p.to(DOT), values, acc * alpha[:, None], input_precision="ieee", out_dtype=ACC)
+        acc = tl.dot(p.to(DOT), values, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
         m = m_new
 
     # false for a row whose keys are all padding (or Lk == 0); true for a NaN sum (NaN scores), which passes on
@@ -223,7 +250,7 @@ def _grad_scores_kernel(
     grad_scores_ptr,  # out (B,Lq,Lk) in ACC
     stride_gb, stride_gl, stride_vb, stride_vl, stride_ob, stride_ol,
     Lq, Lk, Dv,
-    HAS_GRAD_WEIGHTS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dS(i, j) = p(i, j) (dO_i . values_j + gW(i, j) - delta_i), delta_i = dO_i . O_i + sum_j p(i, j) gW(i, j).
@@ -254,7 +281,7 @@ def _grad_scores_kernel(
             value_dims = first_dim + tl.arange(0, BLOCK_DV)
             grad_out = _load_rows(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, DOT)
             values = _load_rows(values_base, cols, col_mask, stride_vl, value_dims, Dv, DOT)
-            dp = tl.dot(grad_out, tl.trans(values), dp, input_precision="ieee", out_dtype=ACC)
+            dp = tl.dot(grad_out, tl.trans(values), dp, input_precision=PRECISION, out_dtype=ACC)
         if HAS_GRAD_WEIGHTS:
             dp += _load_square(grad_weights_ptr, batch, rows, row_mask, cols, Lq, Lk, ACC)
         p = _load_square(weights_ptr, batch, rows, row_mask, cols, Lq, Lk, ACC)
@@ -270,7 +297,8 @@ def _query_proj_gradient_kernel(
     grad_query_proj_ptr,  # out (B,Lq,H)
     stride_qb, stride_ql, stride_kb, stride_kl,
     Lq, Lk, H,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    FAST_TANH: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """grad_query_proj(i, h) = v_h sum_j dS(i, j) (1 - t(i, j, h)^2) for a block of rows and of hidden units."""
     batch = tl.program_id(2)
@@ -286,7 +314,7 @@ def _query_proj_gradient_kernel(
         col_mask = cols < Lk
         grad_scores = _load_square(grad_scores_ptr, batch, rows, row_mask, cols, Lq, Lk, ACC)  # 0 outside
         _, slope = _tanh_and_slope(_pre_activation(query_proj_base, key_proj_base, rows, row_mask, cols, col_mask,
-                                                   hidden, stride_ql, stride_kl, H, ACC))
+                                                   hidden, stride_ql, stride_kl, H, ACC), FAST_TANH)
         grad += tl.sum(grad_scores[:, :, None] * slope, 1)
 
     v = tl.load(v_ptr + hidden, mask=hidden < H, other=0).to(ACC)
@@ -301,7 +329,8 @@ def _key_proj_gradient_kernel(
     grad_key_proj_ptr, grad_v_parts_ptr,  # out (B,Lk,H), (B * key blocks, H) in ACC
     stride_qb, stride_ql, stride_kb, stride_kl,
     Lq, Lk, H,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    FAST_TANH: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """grad_key_proj(j, h) = v_h sum_i dS(i, j) (1 - t(i, j, h)^2) for a block of keys and of hidden units, and
     the block's part of grad_v(h) = sum_ij dS(i, j) t(i, j, h)."""
@@ -319,7 +348,7 @@ def _key_proj_gradient_kernel(
         row_mask = rows < Lq
         grad_scores = _load_square(grad_scores_ptr, batch, rows, row_mask, cols, Lq, Lk, ACC)[:, :, None]
         t, slope = _tanh_and_slope(_pre_activation(query_proj_base, key_proj_base, rows, row_mask, cols, col_mask,
-                                                   hidden, stride_ql, stride_kl, H, ACC))
+                                                   hidden, stride_ql, stride_kl, H, ACC), FAST_TANH)
         grad += tl.sum(grad_scores * slope, 0)
         grad_v += tl.sum(tl.sum(grad_scores * t, 0), 0)
 
@@ -337,7 +366,8 @@ def _values_gradient_kernel(
     grad_values_ptr,  # out (B,Lk,Dv)
     stride_gb, stride_gl,
     Lq, Lk, Dv,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """grad_values = P^T dO for a block of keys and of value dims. The product runs in ACC: the probabilities
     are not rounded to bfloat16 (the composed version's product is float32 too)."""
@@ -353,7 +383,7 @@ def _values_gradient_kernel(
         row_mask = rows < Lq
         p = _load_square(weights_ptr, batch, rows, row_mask, cols, Lq, Lk, ACC)
         grad_out = _load_rows(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, ACC)
-        grad = tl.dot(tl.trans(p), grad_out, grad, input_precision="ieee", out_dtype=ACC)
+        grad = tl.dot(tl.trans(p), grad_out, grad, input_precision=PRECISION, out_dtype=ACC)
 
     out_cols = tl.cast(batch, tl.int64) * Lk + cols
     store(grad_values_ptr + out_cols[:, None] * Dv + value_dims[None, :], grad,
@@ -381,22 +411,42 @@ def _padded(size: int) -> int:
     return max(MIN_DOT_SIZE, triton.next_power_of_2(size))
 
 
-def blocks(kernel: str, like: Tensor, len_q: int, len_k: int, hidden: int, value_dim: int) -> dict:
-    """Tile sizes and warps of the "forward" or the "backward" kernels for tensors like `like` of these sizes.
+def blocks(kernel: str, dtype: torch.dtype, device: torch.device, len_q: int, len_k: int, hidden: int,
+           value_dim: int) -> dict:
+    """Tile sizes and warps of the "forward" or the "backward" kernels for tensors of `dtype` on `device` and
+    these sizes (the backward's on a GPU; the forward's first config there, see forward_configs).
 
     The backward sweeps the value dim in chunks of at most _VALUE_CHUNK. The forward holds whole output rows:
     past a value dim of 64 its query and key blocks shrink in proportion (down to MIN_DOT_SIZE), so that the
     output accumulator and the values tile stay the size they are at 64. Float64 (registers twice as wide),
     and the forward past a value dim of 256, take twice the warps."""
-    block_m, block_n, block_h, num_warps = _TILES["gpu" if like.device.type == "cuda" else "interpreter"]
+    block_m, block_n, block_h, num_warps = _TILES["gpu" if device.type == "cuda" else "interpreter"]
     block_dv = _padded(value_dim)
     shrink = max(block_dv // 64, 1) if kernel == "forward" else 1
-    wide = like.dtype == torch.float64 or shrink > 4
+    wide = dtype == torch.float64 or shrink > 4
     return {"BLOCK_M": min(max(MIN_DOT_SIZE, block_m // shrink), _padded(len_q)),
             "BLOCK_N": min(max(MIN_DOT_SIZE, block_n // shrink), _padded(len_k)),
             "BLOCK_H": min(block_h, triton.next_power_of_2(max(hidden, 1))),
             "BLOCK_DV": block_dv if kernel == "forward" else min(block_dv, _VALUE_CHUNK),
-            "num_warps": 2 * num_warps if wide else num_warps}
+            "num_warps": 2 * num_warps if wide else num_warps, "num_stages": 2 if device.type == "cuda" else 1}
+
+
+def forward_configs(dtype: torch.dtype, device: torch.device, len_q: int, len_k: int, hidden: int,
+                    value_dim: int) -> list[dict]:
+    """The forward's configs ({"BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps", "num_stages"}): on CUDA an
+    autotune list, `blocks`' tiles and the same broadcast per thread over twice the query rows and warps
+    (more reuse of each key tile, fewer programs); under the interpreter `blocks`' tiles alone. (The
+    backward is not tuned: grad_v's partial sums are per key block, so its BLOCK_N sizes a buffer.)"""
+    base = blocks("forward", dtype, device, len_q, len_k, hidden, value_dim)
+    del base["BLOCK_DV"]
+    if device.type != "cuda" or base["BLOCK_M"] >= _padded(len_q):
+        return [base]
+    return [base, dict(base, BLOCK_M=2 * base["BLOCK_M"], num_warps=2 * base["num_warps"])]
+
+
+def _fast_tanh(dtype: torch.dtype, device: torch.device) -> bool:
+    """The hardware tanh (tanh.approx.f32): 16-bit dtypes on a GPU only."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -445,15 +495,18 @@ def additive_attention_forward(query_proj: Tensor, key_proj: Tensor, values: Ten
     out = query_proj.new_empty(batch, len_q, value_dim)
     lse = query_proj.new_empty(batch, len_q, dtype=stats)
     weights = query_proj.new_empty(batch, len_q, len_k, dtype=stats) if return_weights else query_proj.new_empty(0)
-    tiles = blocks("forward", query_proj, len_q, len_k, hidden, value_dim)
-    grid = (triton.cdiv(len_q, tiles["BLOCK_M"]), batch)
-    if grid[0] and grid[1]:
-        launch(_forward_kernel, grid, query_proj.device)(
+    device = query_proj.device
+    choices = forward_configs(query_proj.dtype, device, len_q, len_k, hidden, value_dim)
+    if len_q and batch:
+        grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch)  # noqa: E731
+        launch_tuned(_forward_kernel, choices, choices[0], grid, device, ("H", "Dv"))(
             query_proj, key_proj, values, v, key_padding_mask, out, lse, weights if return_weights else None,
             query_proj.stride(0), query_proj.stride(1), key_proj.stride(0), key_proj.stride(1), values.stride(0),
             values.stride(1), len_q, len_k, hidden, value_dim,
-            HAS_MASK=key_padding_mask is not None, WEIGHTS=bool(return_weights), ACC=accumulator_dtype(out.dtype),
-            DOT=dot_operand_dtype(out.dtype, out.device), **tiles,
+            HAS_MASK=key_padding_mask is not None, WEIGHTS=bool(return_weights),
+            FAST_TANH=_fast_tanh(out.dtype, device), ACC=accumulator_dtype(out.dtype),
+            DOT=dot_operand_dtype(out.dtype, device), PRECISION=dot_precision(out.dtype, device),
+            BLOCK_DV=_padded(value_dim),
         )
     return out, lse, weights
 
@@ -478,11 +531,12 @@ def additive_attention_backward(grad_out: Tensor, grad_weights: Tensor | None, q
     grad_out, out, weights = _rows(grad_out), _rows(out), weights.contiguous()
     device = query_proj.device
     acc = accumulator_dtype(query_proj.dtype)
-    tiles = blocks("backward", query_proj, len_q, len_k, hidden, value_dim)
+    tiles = blocks("backward", query_proj.dtype, device, len_q, len_k, hidden, value_dim)
+    fast_tanh, precision = _fast_tanh(query_proj.dtype, device), dot_precision(query_proj.dtype, device)
     query_blocks, key_blocks = triton.cdiv(len_q, tiles["BLOCK_M"]), triton.cdiv(len_k, tiles["BLOCK_N"])
     hidden_blocks, value_blocks = triton.cdiv(hidden, tiles["BLOCK_H"]), triton.cdiv(value_dim, tiles["BLOCK_DV"])
-    proj_tiles = {name: tiles[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps")}
-    value_tiles = {name: tiles[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_DV", "num_warps")}
+    proj_tiles = {name: tiles[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps", "num_stages")}
+    value_tiles = {name: tiles[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_DV", "num_warps", "num_stages")}
 
     grad_scores = query_proj.new_empty(batch, len_q, len_k, dtype=stats)
     grad_query_proj = query_proj.new_empty(batch, len_q, hidden)
@@ -494,19 +548,21 @@ def additive_attention_backward(grad_out: Tensor, grad_weights: Tensor | None, q
             grad_out, grad_weights, values, out, weights, grad_scores, grad_out.stride(0), grad_out.stride(1),
             values.stride(0), values.stride(1), out.stride(0), out.stride(1), len_q, len_k, value_dim,
             HAS_GRAD_WEIGHTS=grad_weights is not None, ACC=acc, DOT=dot_operand_dtype(query_proj.dtype, device),
-            **value_tiles,
+            PRECISION=precision, **value_tiles,
         )
     projections = (query_proj, key_proj, v, grad_scores)
     strides = (query_proj.stride(0), query_proj.stride(1), key_proj.stride(0), key_proj.stride(1))
     if batch and len_q and hidden:
         launch(_query_proj_gradient_kernel, (query_blocks, hidden_blocks, batch), device)(
-            *projections, grad_query_proj, *strides, len_q, len_k, hidden, ACC=acc, **proj_tiles)
+            *projections, grad_query_proj, *strides, len_q, len_k, hidden, FAST_TANH=fast_tanh, ACC=acc,
+            **proj_tiles)
     if batch and len_k:
         if hidden:
             launch(_key_proj_gradient_kernel, (key_blocks, hidden_blocks, batch), device)(
-                *projections, grad_key_proj, grad_v_parts, *strides, len_q, len_k, hidden, ACC=acc, **proj_tiles)
+                *projections, grad_key_proj, grad_v_parts, *strides, len_q, len_k, hidden, FAST_TANH=fast_tanh,
+                ACC=acc, **proj_tiles)
         if value_dim:
             launch(_values_gradient_kernel, (key_blocks, value_blocks, batch), device)(
                 grad_out, weights, grad_values, grad_out.stride(0), grad_out.stride(1), len_q, len_k, value_dim,
-                ACC=acc, **value_tiles)
+                ACC=acc, PRECISION=precision, **value_tiles)
     return grad_query_proj, grad_key_proj, grad_values, grad_v_parts.sum(0).to(query_proj.dtype)

@@ -18,8 +18,14 @@ Shared conventions of the kernels:
     owns rows cu_seqlens[n].. of batch 0, otherwise sequence n is batch n. Programs past a sequence's end exit.
   * visibility: window_left / window_right arrive as non-negative ints, "no window" as a width no sequence
     reaches (every key within it), so the kernels need no flag for it; the sweeps visit only the key (query)
-    blocks that intersect the visible band, and the band, the lengths and the additive mask are applied per
-    element inside them.
+    blocks that intersect the visible band, split into three ranges (_key_ranges / _query_ranges): the blocks
+    every row of the tile sees entirely run with no per-element test; the others (the diagonal, window edges,
+    a sequence's last partial block) apply the band and the lengths per element. The additive mask is added
+    everywhere.
+  * the softmax scale (and the dropout scale) are runtime arguments (float32 halves, see _launch.float_halves);
+    the forward's online softmax runs in base 2 (exp2, see _forward_sweep).
+  * tile sizes come from `configs`: an autotune list per operand unit and head dim on CUDA, one config under
+    the interpreter; tests/test_gpu_compile.py compiles every listed config for sm_80 / sm_90.
   * a score that is -inf everywhere on a row (no visible key) gives out 0 and lse -inf; the backward reads
     such an lse as +inf so that P = exp(score - lse) is 0, not NaN.
   * dropout redraws the reference's counter-based hash (lowbias32 on uint32) per (head, i, j) in every kernel.
@@ -38,14 +44,16 @@ from torch import Tensor
 from seqkern._checks import DTypeError, ShapeError
 from seqkern.reference import flash_attention as reference
 
-from ._launch import dot_operand_dtype, launch
 from ._hash import _head_key, _kept
+from ._launch import dot_operand_dtype, dot_precision, float_halves, launch_tuned, runtime_float
 from ._recurrent import accumulator_dtype, store
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # tl.dot needs every dimension >= 16: blocks and padded head dims are at least this.
 MIN_DOT_SIZE = 16
+# The forward's softmax runs in base 2 (exp2 of the scores times log2(e), see _forward_sweep).
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # ==================================================================================================
@@ -98,11 +106,12 @@ def _at(ptr, batch, head, row, stride_b, stride_h, stride_l):
 
 @triton.jit
 def _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK: tl.constexpr):
-    """attn_mask[batch, head] (None without a mask)."""
+    """attn_mask[batch, head]; 0 without a mask (never read then: a None could not be returned in a tuple, which
+    the compiler refuses -- the interpreter does not)."""
     if HAS_MASK:
         base = _at(mask_ptr, batch, head, 0, stride_mb, stride_mh, 0)
     else:
-        base = mask_ptr
+        base = 0
     return base
 
 
@@ -113,15 +122,23 @@ def _visible(ii, jj, len_q, len_k, shift, window_left, window_right):
 
 
 @triton.jit
-def _scores(qk, mask_base, stride_mi, stride_mj, ii, jj, len_q, len_k, shift, window_left, window_right,
-            QK_SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
-    """QK_SCALE * qk + attn_mask on the visible (ii, jj) of the tile, -inf elsewhere (out of the band or
-    past a sequence's end). ii, jj broadcast to qk's shape, in either orientation."""
-    visible = _visible(ii, jj, len_q, len_k, shift, window_left, window_right)
-    scores = qk * QK_SCALE
-    if HAS_MASK:
-        scores += tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=visible, other=0).to(qk.dtype)
-    return tl.where(visible, scores, float("-inf"))
+def _scores(qk, mask_base, stride_mi, stride_mj, ii, jj, len_q, len_k, shift, window_left, window_right, qk_scale,
+            mask_scale, HAS_MASK: tl.constexpr, MASKED: tl.constexpr):
+    """qk_scale * qk + mask_scale * attn_mask; with MASKED, -inf where (ii, jj) is not visible (out of the band
+    or past a sequence's end). Without MASKED the caller knows the whole tile is visible (_key_ranges): no
+    per-element test, and the mask is read under the row bound only. ii, jj broadcast to qk's shape, in either
+    orientation."""
+    scores = qk * qk_scale
+    if MASKED:
+        visible = _visible(ii, jj, len_q, len_k, shift, window_left, window_right)
+        if HAS_MASK:
+            mask = tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=visible, other=0)
+            scores += mask.to(qk.dtype) * mask_scale
+        scores = tl.where(visible, scores, float("-inf"))
+    elif HAS_MASK:
+        scores += tl.load(mask_base + ii * stride_mi + jj * stride_mj, mask=(ii < len_q) & (jj < len_k),
+                          other=0).to(qk.dtype) * mask_scale
+    return scores
 
 
 @triton.jit
@@ -138,21 +155,35 @@ def _tile(ptr, rows, row_mask, row_stride, cols, col_count, COLS_FIRST: tl.const
 
 
 @triton.jit
-def _scaled_q(tile, Q_SCALE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
-    """A q tile as a tl.dot operand, times Q_SCALE (the launcher's choice: see _arguments)."""
-    if Q_SCALE != 1.0:
-        tile = tile.to(ACC) * Q_SCALE
+def _scaled_q(tile, q_scale, PRESCALE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+    """A q tile as a tl.dot operand, times q_scale with PRESCALE (the launcher's choice: see _arguments)."""
+    if PRESCALE:
+        tile = tile.to(ACC) * q_scale
     return tile.to(DOT)
+
+
+@triton.jit
+def _scales(scale_hi, scale_lo, PRESCALE: tl.constexpr, ACC: tl.constexpr):
+    """(scale, q_scale, qk_scale): the softmax scale, and its two placements -- on q before the product
+    (PRESCALE) or on the product -- as the launcher chose (see _arguments); the other is 1."""
+    scale = runtime_float(scale_hi, scale_lo, ACC)
+    if PRESCALE:
+        q_scale = scale
+        qk_scale = tl.full((), 1, ACC)
+    else:
+        q_scale = tl.full((), 1, ACC)
+        qk_scale = scale
+    return scale, q_scale, qk_scale
 
 
 @triton.jit
 def _query_block(q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
                  stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                 stride_mb, stride_mh, Q_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                 stride_mb, stride_mh, q_scale, PRESCALE: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                  DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """What a program over the query block starting at first_row of (sequence, head) loads first, in the
     forward and in the dQ kernel: its rows and their mask, the head-dim ranges, the bases of its kv head's K
-    and V and of its mask, and its q tile (BLOCK_M, BLOCK_D) times Q_SCALE as a tl.dot operand."""
+    and V and of its mask, and its q tile (BLOCK_M, BLOCK_D) times q_scale (PRESCALE) as a tl.dot operand."""
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < len_q
     dims = tl.arange(0, BLOCK_D)
@@ -161,7 +192,7 @@ def _query_block(q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, sta
     v_base = _at(v_ptr, batch, head // group, start_k, stride_vb, stride_vh, stride_vl)
     mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
     q = _scaled_q(_tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
-                        rows, row_mask, stride_ql, dims, D, False), Q_SCALE, ACC, DOT)
+                        rows, row_mask, stride_ql, dims, D, False), q_scale, PRESCALE, ACC, DOT)
     return rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q
 
 
@@ -187,6 +218,66 @@ def _split(x, ACC: tl.constexpr):
 # ==================================================================================================
 # Forward. Grid: (query blocks of the longest sequence, sequences * Hq).
 # ==================================================================================================
+@triton.jit
+def _key_ranges(first_row, last_row, shift, window_left, window_right, len_k, BLOCK_N: tl.constexpr):
+    """_key_range's [lo, hi) cut at two multiples of BLOCK_N, lo <= mid_lo <= mid_hi: the key blocks in
+    [mid_lo, mid_hi) are visible to every row in [first_row, last_row] (inside the band of the last row on the
+    left, of the first row on the right, and inside the sequence), so they need no per-element mask; those in
+    [lo, mid_lo) and [mid_hi, hi) (the diagonal, the window edges, the last partial block) do. Without a window
+    the middle is everything but the last partial block; causal, everything left of the diagonal's blocks."""
+    lo, hi = _key_range(first_row, last_row, shift, window_left, window_right, len_k, BLOCK_N)
+    end = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last_row + shift - window_left, 0), BLOCK_N) * BLOCK_N, lo),
+                        tl.maximum(end, lo))
+    mid_hi = tl.maximum(mid_lo, (tl.minimum(first_row + shift + window_right + 1, len_k) // BLOCK_N) * BLOCK_N)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _query_ranges(first_col, last_col, shift, window_left, window_right, len_q, len_k, BLOCK_M: tl.constexpr):
+    """_query_range's [lo, hi) cut like _key_ranges': the query blocks in [mid_lo, mid_hi) see every key in
+    [first_col, last_col] (inside the band and both inside the sequence: a key block past the end leaves the
+    middle empty), those in [lo, mid_lo) and [mid_hi, hi) need the per-element mask."""
+    lo, hi = _query_range(first_col, last_col, shift, window_left, window_right, len_q, BLOCK_M)
+    end = tl.cdiv(hi, BLOCK_M) * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last_col - shift - window_right, 0), BLOCK_M) * BLOCK_M, lo),
+                        tl.maximum(end, lo))
+    mid_hi = tl.maximum(mid_lo, (tl.minimum(first_col - shift + window_left + 1, len_q) // BLOCK_M) * BLOCK_M)
+    return lo, mid_lo, tl.where(last_col < len_k, mid_hi, mid_lo), hi
+
+
+@triton.jit
+def _forward_sweep(m, l, acc, q, k_base, v_base, mask_base, rows, dims, value_dims, col_lo, col_hi, len_q, len_k,
+                   shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale,
+                   dropout_scale, head_key, threshold, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                   MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """The online softmax over the key blocks starting in [col_lo, col_hi), in base 2: p = exp2(s log2(e) -
+    m log2(e)), one FMA per score with m log2(e) per row (a GPU's exp is exp2 of x log2(e) anyway). log2(e) is
+    folded there and not into the scale: the scores stay bit for bit those the backward recomputes, so its
+    P = exp(s - lse) is exact at a row's maximum (scores times a rounded scale log2(e) moved every P of a
+    row by up to |s| ulps, 7.6x SDPA's float32 error on dV at head dim 512). m is the running max, l the
+    running sum, acc the output accumulator."""
+    for first_col in range(col_lo, col_hi, BLOCK_N):
+        cols = first_col + tl.arange(0, BLOCK_N)
+        k_t = _tile(k_base, cols, cols < len_k, stride_kl, dims, D, True)
+        qk = tl.dot(q, k_t.to(DOT), input_precision=PRECISION, out_dtype=ACC)
+        s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
+                    window_left, window_right, qk_scale, 1.0, HAS_MASK, MASKED)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A row that has seen only -inf so far subtracts 0 instead of -inf: exp2(-inf - 0) = 0, no NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0, m_new)
+        p = tl.math.exp2(s * LOG2E - (m_ref * LOG2E)[:, None])
+        alpha = tl.math.exp2((m - m_ref) * LOG2E)
+        l = l * alpha + tl.sum(p, 1)
+        if DROPOUT:  # l sums the probabilities before dropout; only the output sees it
+            p = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), p * dropout_scale, 0)
+        v = _tile(v_base, cols, cols < len_k, stride_vl, value_dims, Dv, False)
+        acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        m = m_new
+    return m, l, acc
+
+
 @triton.jit(do_not_specialize=["rows_q", "rows_k"])
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,  # mask, cu_seqlens, seed optional
@@ -194,9 +285,9 @@ def _forward_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
-    SCALE: tl.constexpr, Q_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo,
+    PRESCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     n = tl.program_id(1) // Hq
@@ -206,10 +297,14 @@ def _forward_kernel(
     first_row = tl.program_id(0) * BLOCK_M
     if first_row >= len_q:
         return
+    _, q_scale, qk_scale = _scales(scale_hi, scale_lo, PRESCALE, ACC)
     rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
         q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_mb, stride_mh, Q_SCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
+        stride_mb, stride_mh, q_scale, PRESCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
+    dropout_scale = runtime_float(dropout_scale_hi, dropout_scale_lo, ACC)
+    head_key = 0
+    threshold = 0
     if DROPOUT:
         head_key = _head_key(seed_ptr, n * Hq + head)
         threshold = dropout_threshold.to(tl.uint32)
@@ -217,24 +312,21 @@ def _forward_kernel(
     m = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of the scores
     l = tl.zeros((BLOCK_M,), ACC)  # running sum of exp(score - m)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
-    lo, hi = _key_range(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k, BLOCK_N)
-    for first_col in range(lo, hi, BLOCK_N):
-        cols = first_col + tl.arange(0, BLOCK_N)
-        k_t = _tile(k_base, cols, cols < len_k, stride_kl, dims, D, True)
-        qk = tl.dot(q, k_t.to(DOT), input_precision="ieee", out_dtype=ACC)
-        s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
-                    window_left, window_right, QK_SCALE, HAS_MASK)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        # A row that has seen only -inf so far subtracts 0 instead of -inf: exp(-inf - 0) = 0, no NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0, m_new)
-        p = tl.exp(s - m_ref[:, None])
-        alpha = tl.exp(m - m_ref)
-        l = l * alpha + tl.sum(p, 1)
-        if DROPOUT:  # l sums the probabilities before dropout; only the output sees it
-            p = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), p * DROPOUT_SCALE, 0)
-        v = _tile(v_base, cols, cols < len_k, stride_vl, value_dims, Dv, False)
-        acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], input_precision="ieee", out_dtype=ACC)
-        m = m_new
+    lo, mid_lo, mid_hi, hi = _key_ranges(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k,
+                                         BLOCK_N)
+    # Three sweeps in key order (the result does not depend on the split): masked, unmasked, masked.
+    m, l, acc = _forward_sweep(m, l, acc, q, k_base, v_base, mask_base, rows, dims, value_dims, lo, mid_lo, len_q,
+                               len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
+                               stride_mj, qk_scale, dropout_scale, head_key, threshold, HAS_MASK, DROPOUT,
+                               True, ACC, DOT, PRECISION, BLOCK_N)
+    m, l, acc = _forward_sweep(m, l, acc, q, k_base, v_base, mask_base, rows, dims, value_dims, mid_lo, mid_hi,
+                               len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
+                               stride_mj, qk_scale, dropout_scale, head_key, threshold, HAS_MASK, DROPOUT,
+                               False, ACC, DOT, PRECISION, BLOCK_N)
+    m, l, acc = _forward_sweep(m, l, acc, q, k_base, v_base, mask_base, rows, dims, value_dims, mid_hi, hi, len_q,
+                               len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
+                               stride_mj, qk_scale, dropout_scale, head_key, threshold, HAS_MASK, DROPOUT,
+                               True, ACC, DOT, PRECISION, BLOCK_N)
 
     seen = l != 0  # false for a row that saw no key; true for a NaN sum (NaN scores), which passes on
     out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
@@ -248,6 +340,45 @@ def _forward_kernel(
 # ==================================================================================================
 # Backward. dQ (and delta): grid (query blocks, sequences * Hq); then dK/dV: (key blocks, sequences * Hkv).
 # ==================================================================================================
+@triton.jit
+def _key_block_sweep(grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
+                     value_dims, head_key, threshold, row_lo, row_hi, len_q, len_k, shift, window_left, window_right,
+                     D, Dv, stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale,
+                     PRESCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dK and dV of one key block accumulated over the query blocks starting in [row_lo, row_hi) of one query
+    head, in transposed (keys, queries) tiles. Without MASKED the caller knows every pair is visible
+    (_query_ranges): no per-element test."""
+    for first_row in range(row_lo, row_hi, BLOCK_M):
+        rows = first_row + tl.arange(0, BLOCK_M)
+        row_mask = rows < len_q
+        q = _scaled_q(_tile(q_base, rows, row_mask, stride_ql, dims, D, False), q_scale, PRESCALE, ACC, DOT)
+        grad_out = _tile(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, False).to(DOT)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
+        s_t = _scores(qk_t, mask_base, stride_mi, stride_mj, rows[None, :], cols[:, None], len_q, len_k, shift,
+                      window_left, window_right, qk_scale, 1.0, HAS_MASK, MASKED)
+        lse_hi, lse_lo = _saved_lse(lse_ptr + row_base, rows, row_mask, ACC)
+        p_t = tl.exp((s_t - lse_hi[None, :]) - lse_lo[None, :])
+        if MASKED:
+            # A hidden pair takes no part: P = dS = 0 there even in a NaN row (exp(-inf - NaN) would be NaN).
+            seen_t = _visible(rows[None, :], cols[:, None], len_q, len_k, shift, window_left, window_right)
+            p_t = tl.where(seen_t, p_t, 0)
+        dp_t = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION, out_dtype=ACC)
+        if DROPOUT:
+            kept = _kept(head_key, rows[None, :], cols[:, None], threshold)
+            dp_t = tl.where(kept, dp_t * dropout_scale, 0)
+            dropped_p_t = tl.where(kept, p_t * dropout_scale, 0)
+        else:
+            dropped_p_t = p_t
+        grad_v = tl.dot(dropped_p_t.to(DOT), grad_out, grad_v, input_precision=PRECISION, out_dtype=ACC)
+        delta_hi, delta_lo = _split(tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0), ACC)
+        ds_t = p_t * ((dp_t - delta_hi[None, :]) - delta_lo[None, :])
+        if MASKED:
+            ds_t = tl.where(seen_t, ds_t, 0)
+        grad_k = tl.dot(ds_t.to(DOT), q, grad_k, input_precision=PRECISION, out_dtype=ACC)
+    return grad_k, grad_v
+
+
 @triton.jit(do_not_specialize=["rows_q", "rows_k"])
 def _key_gradients_kernel(
     q_ptr, k_ptr, v_ptr, grad_out_ptr, mask_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,
@@ -256,9 +387,9 @@ def _key_gradients_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_gb, stride_gh, stride_gl, stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
-    SCALE: tl.constexpr, Q_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo,
+    PRESCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dV_j = sum_i P~_ij dO_i and dK_j = scale sum_i dS_ij q_i over the rows i that see key j, all query heads
@@ -272,6 +403,8 @@ def _key_gradients_kernel(
     first_col = tl.program_id(0) * BLOCK_N
     if first_col >= len_k:
         return
+    _, q_scale, qk_scale = _scales(scale_hi, scale_lo, PRESCALE, ACC)
+    dropout_scale = runtime_float(dropout_scale_hi, dropout_scale_lo, ACC)
     cols = first_col + tl.arange(0, BLOCK_N)
     col_mask = cols < len_k
     dims = tl.arange(0, BLOCK_D)
@@ -280,12 +413,14 @@ def _key_gradients_kernel(
               cols, col_mask, stride_kl, dims, D, False).to(DOT)
     v = _tile(_at(v_ptr, batch, kv_head, start_k, stride_vb, stride_vh, stride_vl),
               cols, col_mask, stride_vl, value_dims, Dv, False).to(DOT)
-    if DROPOUT:
-        threshold = dropout_threshold.to(tl.uint32)
-
     grad_k = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     grad_v = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
-    lo, hi = _query_range(first_col, first_col + BLOCK_N - 1, shift, window_left, window_right, len_q, BLOCK_M)
+    lo, mid_lo, mid_hi, hi = _query_ranges(first_col, first_col + BLOCK_N - 1, shift, window_left, window_right, len_q,
+                                           len_k, BLOCK_M)
+    head_key = tl.full((), 0, tl.uint32)  # uint32 before the loop too: loop-carried types must not change
+    threshold = 0
+    if DROPOUT:
+        threshold = dropout_threshold.to(tl.uint32)
     for head in range(kv_head * group, kv_head * group + group):
         q_base = _at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql)
         grad_out_base = _at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl)
@@ -293,33 +428,26 @@ def _key_gradients_kernel(
         row_base = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q  # into lse and delta
         if DROPOUT:
             head_key = _head_key(seed_ptr, n * Hq + head)
-        for first_row in range(lo, hi, BLOCK_M):
-            rows = first_row + tl.arange(0, BLOCK_M)
-            row_mask = rows < len_q
-            q = _scaled_q(_tile(q_base, rows, row_mask, stride_ql, dims, D, False), Q_SCALE, ACC, DOT)
-            grad_out = _tile(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, False).to(DOT)
-            qk_t = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC)
-            s_t = _scores(qk_t, mask_base, stride_mi, stride_mj, rows[None, :], cols[:, None], len_q, len_k, shift,
-                          window_left, window_right, QK_SCALE, HAS_MASK)
-            # A hidden pair takes no part: P = dS = 0 there even in a NaN row (exp(-inf - NaN) would be NaN).
-            seen_t = _visible(rows[None, :], cols[:, None], len_q, len_k, shift, window_left, window_right)
-            lse_hi, lse_lo = _saved_lse(lse_ptr + row_base, rows, row_mask, ACC)
-            p_t = tl.where(seen_t, tl.exp((s_t - lse_hi[None, :]) - lse_lo[None, :]), 0)
-            dp_t = tl.dot(v, tl.trans(grad_out), input_precision="ieee", out_dtype=ACC)
-            if DROPOUT:
-                kept = _kept(head_key, rows[None, :], cols[:, None], threshold)
-                dp_t = tl.where(kept, dp_t * DROPOUT_SCALE, 0)
-                dropped_p_t = tl.where(kept, p_t * DROPOUT_SCALE, 0)
-            else:
-                dropped_p_t = p_t
-            grad_v = tl.dot(dropped_p_t.to(DOT), grad_out, grad_v, input_precision="ieee", out_dtype=ACC)
-            delta_hi, delta_lo = _split(tl.load(delta_ptr + row_base + rows, mask=row_mask, other=0), ACC)
-            ds_t = tl.where(seen_t, p_t * ((dp_t - delta_hi[None, :]) - delta_lo[None, :]), 0)
-            grad_k = tl.dot(ds_t.to(DOT), q, grad_k, input_precision="ieee", out_dtype=ACC)
+        # Three sweeps in query order (masked, unmasked, masked): the sums' order is the plain loop's.
+        grad_k, grad_v = _key_block_sweep(
+            grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
+            value_dims, head_key, threshold, lo, mid_lo, len_q, len_k, shift, window_left, window_right, D, Dv,
+            stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
+            DROPOUT, True, ACC, DOT, PRECISION, BLOCK_M)
+        grad_k, grad_v = _key_block_sweep(
+            grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
+            value_dims, head_key, threshold, mid_lo, mid_hi, len_q, len_k, shift, window_left, window_right, D, Dv,
+            stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
+            DROPOUT, False, ACC, DOT, PRECISION, BLOCK_M)
+        grad_k, grad_v = _key_block_sweep(
+            grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
+            value_dims, head_key, threshold, mid_hi, hi, len_q, len_k, shift, window_left, window_right, D, Dv,
+            stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
+            DROPOUT, True, ACC, DOT, PRECISION, BLOCK_M)
 
     out_rows = tl.cast(batch * Hkv + kv_head, tl.int64) * rows_k + start_k + cols
-    # q carried Q_SCALE already: dK = scale sum_i dS_ij q_i.
-    store(grad_k_ptr + out_rows[:, None] * D + dims[None, :], grad_k * QK_SCALE,
+    # q carried q_scale already: dK = scale sum_i dS_ij q_i.
+    store(grad_k_ptr + out_rows[:, None] * D + dims[None, :], grad_k * qk_scale,
           col_mask[:, None] & (dims < D)[None, :])
     store(grad_v_ptr + out_rows[:, None] * Dv + value_dims[None, :], grad_v,
           col_mask[:, None] & (value_dims < Dv)[None, :])
@@ -328,23 +456,72 @@ def _key_gradients_kernel(
 @triton.jit
 def _row_block_gradients(q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims,
                          head_key, threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl,
-                         stride_vl, stride_mi, stride_mj, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-                         HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+                         stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale, HAS_MASK: tl.constexpr,
+                         DROPOUT: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """For the query rows of q / grad_out against key columns `cols`: P (BLOCK_M, BLOCK_N), dP after dropout
-    (dO . v times keep / (1 - p)), the K^T tile (BLOCK_D, BLOCK_N) as a tl.dot operand, and which pairs are
-    visible. A hidden pair takes no part: P = dP = 0 there, even in a NaN row or for a key whose values are NaN."""
+    (dO . v times keep / (1 - p)) and the K^T tile (BLOCK_D, BLOCK_N) as a tl.dot operand. With MASKED a
+    hidden pair takes no part: P = dP = 0 there, even in a NaN row or for a key whose values are NaN; without
+    it the caller knows every pair is visible (_key_ranges)."""
     col_mask = cols < len_k
     k_t = _tile(k_base, cols, col_mask, stride_kl, dims, D, True).to(DOT)
     v_t = _tile(v_base, cols, col_mask, stride_vl, value_dims, Dv, True).to(DOT)
-    qk = tl.dot(q, k_t, input_precision="ieee", out_dtype=ACC)
+    qk = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
     s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
-                window_left, window_right, QK_SCALE, HAS_MASK)
-    seen = _visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right)
-    p = tl.where(seen, tl.exp((s - lse_hi[:, None]) - lse_lo[:, None]), 0)
-    dp = tl.dot(grad_out, v_t, input_precision="ieee", out_dtype=ACC)
+                window_left, window_right, qk_scale, 1.0, HAS_MASK, MASKED)
+    p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])
+    dp = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
     if DROPOUT:
-        dp = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), dp * DROPOUT_SCALE, 0)
-    return p, tl.where(seen, dp, 0), k_t, seen
+        dp = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), dp * dropout_scale, 0)
+    if MASKED:
+        seen = _visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right)
+        p = tl.where(seen, p, 0)
+        dp = tl.where(seen, dp, 0)
+    return p, dp, k_t
+
+
+@triton.jit
+def _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims, value_dims,
+                 head_key, threshold, col_lo, col_hi, len_q, len_k, shift, window_left, window_right, D, Dv,
+                 stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale, HAS_MASK: tl.constexpr,
+                 DROPOUT: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """delta's float64 sums (sum_j P dP and sum_j P) over the key blocks starting in [col_lo, col_hi)."""
+    for first_col in range(col_lo, col_hi, BLOCK_N):
+        cols = first_col + tl.arange(0, BLOCK_N)
+        p, dp, _ = _row_block_gradients(
+            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
+            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
+            stride_mj, qk_scale, dropout_scale, HAS_MASK, DROPOUT, MASKED, ACC, DOT, PRECISION)
+        delta += tl.sum(p.to(tl.float64) * dp.to(tl.float64), 1)
+        mass += tl.sum(p.to(tl.float64), 1)
+    return delta, mass
+
+
+@triton.jit
+def _query_block_sweep(grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base,
+                       grad_scores_ptr, out_rows, rows, row_mask, dims, value_dims, head_key, threshold, col_lo, col_hi,
+                       start_k, rows_k, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl,
+                       stride_mi, stride_mj, qk_scale, dropout_scale, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                       GRAD_SCORES: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ (unscaled) accumulated over the key blocks starting in [col_lo, col_hi), dS written with GRAD_SCORES."""
+    for first_col in range(col_lo, col_hi, BLOCK_N):
+        cols = first_col + tl.arange(0, BLOCK_N)
+        p, dp, k_t = _row_block_gradients(
+            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
+            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
+            stride_mj, qk_scale, dropout_scale, HAS_MASK, DROPOUT, MASKED, ACC, DOT, PRECISION)
+        # dp - delta_hi: exact near the row's top keys
+        ds = p * ((dp - delta_hi[:, None]) - delta_lo[:, None])
+        if MASKED:  # hidden pairs: dS = 0 even in a NaN row (NaN delta)
+            ds = tl.where(_visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right),
+                          ds, 0)
+        if GRAD_SCORES:
+            store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
+                  row_mask[:, None] & (cols < len_k)[None, :])
+        grad_q = tl.dot(ds.to(DOT), tl.trans(k_t), grad_q, input_precision=PRECISION, out_dtype=ACC)
+    return grad_q
 
 
 @triton.jit(do_not_specialize=["rows_q", "rows_k"])
@@ -355,9 +532,9 @@ def _query_gradients_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_gb, stride_gh, stride_gl, stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, group, rows_q, rows_k, D, Dv, window_left, window_right, bottom_right, dropout_threshold,
-    SCALE: tl.constexpr, Q_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, GRAD_SCORES: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo,
+    PRESCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    GRAD_SCORES: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ_i = scale sum_j dS_ij k_j over the keys row i sees, dS = P * (dP - delta), dP_ij = dO_i . v_j after
@@ -370,10 +547,12 @@ def _query_gradients_kernel(
     first_row = tl.program_id(0) * BLOCK_M
     if first_row >= len_q:
         return
+    scale, q_scale, qk_scale = _scales(scale_hi, scale_lo, PRESCALE, ACC)
+    dropout_scale = runtime_float(dropout_scale_hi, dropout_scale_lo, ACC)
     rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
         q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_mb, stride_mh, Q_SCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
+        stride_mb, stride_mh, q_scale, PRESCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
     grad_out = _tile(_at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl), rows, row_mask,
                      stride_gl, value_dims, Dv, False).to(DOT)
     out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
@@ -384,7 +563,9 @@ def _query_gradients_kernel(
         head_key = _head_key(seed_ptr, n * Hq + head)
         threshold = dropout_threshold.to(tl.uint32)
 
-    lo, hi = _key_range(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k, BLOCK_N)
+    # Key blocks in three ranges (_key_ranges), swept in order: masked, unmasked, masked.
+    lo, mid_lo, mid_hi, hi = _key_ranges(first_row, first_row + BLOCK_M - 1, shift, window_left, window_right, len_k,
+                                         BLOCK_N)
     # delta_i = sum_j P_ij dP_ij / sum_j P_ij: an average of the very dP values the second sweep (and the dK/dV
     # kernel, in transposed tiles) subtracts it from, so dP_ij - delta_i = sum_k w_k (dP_ij - dP_ik) keeps only
     # relative errors: 0 on a one-hot row, and near-exact on near-one-hot ones since the sums run in float64
@@ -395,76 +576,156 @@ def _query_gradients_kernel(
     # of the backward's seven tile products again, and float64 row sums (BLOCK_M x BLOCK_N products per tile).
     delta = tl.zeros((BLOCK_M,), tl.float64)
     mass = tl.zeros((BLOCK_M,), tl.float64)
-    for first_col in range(lo, hi, BLOCK_N):
-        cols = first_col + tl.arange(0, BLOCK_N)
-        p, dp, _, _ = _row_block_gradients(
-            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
-            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
-            stride_mj, QK_SCALE, DROPOUT_SCALE, HAS_MASK, DROPOUT, ACC, DOT)
-        delta += tl.sum(p.to(tl.float64) * dp.to(tl.float64), 1)
-        mass += tl.sum(p.to(tl.float64), 1)
+    delta, mass = _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims,
+                               value_dims, head_key, threshold, lo, mid_lo, len_q, len_k, shift, window_left,
+                               window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+                               HAS_MASK, DROPOUT, True, ACC, DOT, PRECISION, BLOCK_N)
+    delta, mass = _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims,
+                               value_dims, head_key, threshold, mid_lo, mid_hi, len_q, len_k, shift, window_left,
+                               window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+                               HAS_MASK, DROPOUT, False, ACC, DOT, PRECISION, BLOCK_N)
+    delta, mass = _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims,
+                               value_dims, head_key, threshold, mid_hi, hi, len_q, len_k, shift, window_left,
+                               window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+                               HAS_MASK, DROPOUT, True, ACC, DOT, PRECISION, BLOCK_N)
     delta = tl.where(mass > 0, delta / tl.where(mass > 0, mass, 1), delta)  # NaN stays NaN; no key: 0
     tl.store(delta_ptr + out_rows, delta, mask=row_mask)
     delta_hi, delta_lo = _split(delta, ACC)
 
     grad_q = tl.zeros((BLOCK_M, BLOCK_D), ACC)
-    for first_col in range(lo, hi, BLOCK_N):
-        cols = first_col + tl.arange(0, BLOCK_N)
-        col_mask = cols < len_k
-        p, dp, k_t, seen = _row_block_gradients(
-            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
-            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
-            stride_mj, QK_SCALE, DROPOUT_SCALE, HAS_MASK, DROPOUT, ACC, DOT)
-        # dp - delta_hi: exact near the row's top keys; hidden pairs: dS = 0 even in a NaN row (NaN delta)
-        ds = tl.where(seen, p * ((dp - delta_hi[:, None]) - delta_lo[:, None]), 0)
-        if GRAD_SCORES:
-            store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
-                  row_mask[:, None] & col_mask[None, :])
-        grad_q = tl.dot(ds.to(DOT), tl.trans(k_t), grad_q, input_precision="ieee", out_dtype=ACC)
+    grad_q = _query_block_sweep(
+        grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base, grad_scores_ptr, out_rows,
+        rows, row_mask, dims, value_dims, head_key, threshold, lo, mid_lo, start_k, rows_k, len_q, len_k, shift,
+        window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+        HAS_MASK, DROPOUT, GRAD_SCORES, True, ACC, DOT, PRECISION, BLOCK_N)
+    grad_q = _query_block_sweep(
+        grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base, grad_scores_ptr, out_rows,
+        rows, row_mask, dims, value_dims, head_key, threshold, mid_lo, mid_hi, start_k, rows_k, len_q, len_k, shift,
+        window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+        HAS_MASK, DROPOUT, GRAD_SCORES, False, ACC, DOT, PRECISION, BLOCK_N)
+    grad_q = _query_block_sweep(
+        grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base, grad_scores_ptr, out_rows,
+        rows, row_mask, dims, value_dims, head_key, threshold, mid_hi, hi, start_k, rows_k, len_q, len_k, shift,
+        window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
+        HAS_MASK, DROPOUT, GRAD_SCORES, True, ACC, DOT, PRECISION, BLOCK_N)
 
-    store(grad_q_ptr + out_rows[:, None] * D + dims[None, :], grad_q * SCALE, row_mask[:, None] & (dims < D)[None, :])
+    store(grad_q_ptr + out_rows[:, None] * D + dims[None, :], grad_q * scale, row_mask[:, None] & (dims < D)[None, :])
 
 
 # ==================================================================================================
 # Launchers: argument checks, block sizes, grids.
 # ==================================================================================================
+# Tile configurations. A config is {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; BLOCK_D / BLOCK_DV are the
+# head dims padded to powers of two (>= MIN_DOT_SIZE, tl.dot's minimum), passed beside it.
+# On CUDA each kernel is autotuned over a short list per operand unit and padded head dim (`configs`); every
+# config of every list is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py with all flags on (mask,
+# dropout, varlen: the most registers), which asserts no register spills and shared memory within the
+# target's limit, so a list holds only configs that fit. The shapes follow FlashAttention-2 and Triton's
+# fused-attention tutorial (128-row query tiles, 64-128 keys, 4-8 warps, 2-4 stages), cut down where ptxas
+# found spills: the mask tile's 64-bit addresses and the dropout hash come on top of the tutorial's registers.
+# No GPU here to time them: which config wins on an A100 / H100 is for the autotuner (and `make gpu-check`).
+_GPU_CONFIGS = {
+    # unit "mma": bfloat16 / float16 operands on the tensor cores (float32 accumulators). Every bf16 config
+    # here and in _LIGHT_GPU_CONFIGS compiled without spills for both sm_80 and sm_90; those that spilled on
+    # either were dropped (e.g. the forward's 128 x 32 on 8 warps: 16 bytes at d64 and 144 at d128 on sm_90,
+    # none on sm_80; the dQ kernel's 64 x 32 at d64: 128 bytes on sm_80, none on sm_90).
+    ("forward", "mma"): {64: [(64, 32, 8, 3), (32, 32, 4, 3)],
+                         128: [(64, 32, 8, 3), (32, 32, 4, 3)],
+                         256: [(32, 32, 8, 2), (32, 16, 4, 2)]},
+    ("query_gradients", "mma"): {64: [(64, 16, 8, 3)],
+                                 128: [(32, 16, 8, 2)],
+                                 256: [(16, 16, 8, 1), (16, 16, 4, 1)]},
+    ("key_gradients", "mma"): {64: [(32, 32, 8, 2), (32, 32, 4, 2)],
+                               128: [(32, 32, 8, 2), (16, 32, 4, 2)],
+                               256: [(16, 16, 8, 1), (16, 16, 4, 1)]},
+    # unit "tf32": float32 operands on the tensor cores (tf32 or tf32x3, see dot_precision): twice the bytes
+    # of a bfloat16 tile in shared memory and registers, and tf32x3 keeps both halves of each operand.
+    ("forward", "tf32"): {64: [(64, 64, 8, 3), (64, 32, 4, 3)],
+                          128: [(64, 32, 8, 2), (32, 32, 4, 2)],
+                          256: [(32, 32, 8, 1), (32, 16, 4, 1)]},
+    ("query_gradients", "tf32"): {64: [(64, 32, 8, 2), (32, 32, 4, 2)],
+                                  128: [(32, 32, 8, 2), (32, 16, 4, 1)],
+                                  256: [(16, 32, 8, 1), (16, 16, 4, 1)]},
+    ("key_gradients", "tf32"): {64: [(32, 64, 8, 2), (16, 64, 4, 2)],
+                                128: [(16, 64, 8, 1), (16, 32, 4, 1)],
+                                256: [(16, 32, 8, 1), (16, 16, 4, 1)]},
+    # unit "fma": float64 (no float64 tensor-core path in Triton): products on the FMA units, operands in registers.
+    ("forward", "fma"): {64: [(32, 32, 8, 2)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
+    ("query_gradients", "fma"): {64: [(32, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+    ("key_gradients", "fma"): {64: [(16, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+}
+# The light variant (no attention mask, no dropout: the mask tile's 64-bit addresses and the dropout hash are
+# gone) has registers for FlashAttention-2's tiles: 64-128 keys. Other units use the lists above.
+_LIGHT_GPU_CONFIGS = {
+    ("forward", "mma"): {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+                         128: [(128, 32, 8, 3), (64, 64, 8, 3)],
+                         256: [(64, 16, 4, 2)]},
+    ("query_gradients", "mma"): {64: [(64, 32, 4, 3)],
+                                 128: [(64, 32, 8, 2), (32, 16, 8, 2)],
+                                 256: [(32, 32, 8, 1), (16, 16, 8, 1)]},
+    ("key_gradients", "mma"): {64: [(32, 32, 8, 3), (32, 32, 4, 3)],
+                               128: [(16, 16, 8, 2), (16, 16, 4, 2)],
+                               256: [(16, 32, 8, 1)]},
+}
+# Under the interpreter one config, no autotuning: it runs each program in Python, so the fewest, largest tiles
+# are fastest (forward + backward over 6 heads, 256 tokens, head dim 64, float32: 6.9 s with these, 27 s with
+# the old float32 GPU tiles). Past head dim 64 both sides shrink in proportion (see configs).
+_INTERPRETER_CONFIGS = {"forward": (128, 64, 4, 1), "key_gradients": (64, 64, 4, 1), "query_gradients": (64, 64, 4, 1)}
+# The autotuner re-times the configs for each distinct value of these arguments (not the lengths: a decoding
+# or varlen workload would re-tune at every new length).
+_TUNING_KEY = ("D", "Dv")
+
+
 def _padded(size: int) -> int:
     return max(MIN_DOT_SIZE, triton.next_power_of_2(size))
 
 
-# (BLOCK_M, BLOCK_N, num_warps) of each kernel at head dims <= 64, for tl.dot on tensor cores (bfloat16), on
-# FMA units (float32 with input_precision="ieee", which rules out TF32, and float64) and under the interpreter.
-# FMA dots hold their operands in registers, so they get smaller tiles. The GPU tiles were chosen with ptxas -v
-# for sm_80 (no GPU here to time them) as the largest that spill at most 16 bytes with every flag on (mask,
-# dropout, varlen) at head dims 64 and 128 in bfloat16 and float32 (float64's dK/dV kernel spills ~360 bytes):
-# the tutorial's 128 x 64 forward with 4 warps spills 14 KB in bfloat16 (the mask tile's 64-bit addresses and
-# the dropout hash come on top of its registers) and 39 KB in float32. The interpreter runs each program in
-# Python, so the fewest, largest tiles are fastest: forward + backward over 6 heads, 256 tokens, head dim 64
-# (float32) take 6.9 s with its tiles, 27 s with the float32 GPU ones.
-_TILES = {
-    "forward": {"mma": (64, 32, 4), "fma": (64, 32, 8), "interpreter": (128, 64, 4)},
-    "key_gradients": {"mma": (32, 64, 8), "fma": (16, 64, 8), "interpreter": (64, 64, 4)},
-    "query_gradients": {"mma": (64, 32, 8), "fma": (32, 16, 4), "interpreter": (64, 64, 4)},
-}
+def unit(dtype: torch.dtype, device: torch.device) -> str:
+    """Which units run the tile products: "mma" (16-bit operands), "tf32" (float32 on the tensor cores),
+    "fma" (float64), or "interpreter" (CPU tensors)."""
+    if device.type != "cuda":
+        return "interpreter"
+    return {torch.float32: "tf32", torch.float64: "fma"}.get(dtype, "mma")
 
 
-def blocks(kernel: str, like: Tensor, head_dim: int, value_dim: int) -> dict:
-    """Tile sizes and warps of `kernel` ("forward", "key_gradients", "query_gradients") for tensors like `like`.
-    Head dims pad to a power of two; past 64 both tile sides shrink in proportion (down to MIN_DOT_SIZE), so
-    that the register tiles of q, k, v and the accumulators stay the size they are at 64 and head dims of 512
-    or 1024 work."""
-    block_d, block_dv = _padded(head_dim), _padded(value_dim)
-    shrink = max(block_d, block_dv) // 64 or 1
-    if like.device.type != "cuda":
-        unit = "interpreter"
-    else:
-        unit = "mma" if like.dtype in (torch.bfloat16, torch.float16) else "fma"
-    block_m, block_n, num_warps = _TILES[kernel][unit]
-    # The software pipeline keeps num_stages K/V (Q/dO) tiles in shared memory: 3 stages of float32 tiles at
-    # head dim 512 take 195 KB (ptxas, sm_80), more than an A100's 163 KB.
-    num_stages = 3 if shrink <= 2 else 2 if shrink == 4 else 1
-    return {"BLOCK_M": max(MIN_DOT_SIZE, block_m // shrink), "BLOCK_N": max(MIN_DOT_SIZE, block_n // shrink),
-            "BLOCK_D": block_d, "BLOCK_DV": block_dv, "num_warps": num_warps, "num_stages": num_stages}
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def configs(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int, value_dim: int,
+            light: bool = False) -> list[dict]:
+    """The configs `kernel` ("forward", "query_gradients", "key_gradients") can launch with for these tensors:
+    the autotune list on CUDA (`light`: a launch without attention mask and dropout, see _LIGHT_GPU_CONFIGS),
+    the single interpreter config on CPU.
+
+    Lists are given for padded head dims up to 64, 128 and 256. Past 256 (head dims of 512 or 1024 work too)
+    the 256 list's tiles shrink in proportion, down to MIN_DOT_SIZE, with one stage, so that the register and
+    shared-memory tiles stay the size they are at 256."""
+    width = max(_padded(head_dim), _padded(value_dim))
+    where = unit(dtype, device)
+    if where == "interpreter":
+        block_m, block_n, num_warps, num_stages = _INTERPRETER_CONFIGS[kernel]
+        shrink = max(width // 64, 1)
+        return [_config(max(MIN_DOT_SIZE, block_m // shrink), max(MIN_DOT_SIZE, block_n // shrink), num_warps,
+                        num_stages)]
+    lists = (_LIGHT_GPU_CONFIGS if light else _GPU_CONFIGS).get((kernel, where)) or _GPU_CONFIGS[kernel, where]
+    if width <= 256:
+        return [_config(*tile) for tile in lists[max(width, 64)]]
+    shrink = width // 256
+    return [_config(max(MIN_DOT_SIZE, block_m // shrink), max(MIN_DOT_SIZE, block_n // shrink), num_warps, 1)
+            for block_m, block_n, num_warps, _ in lists[256]]
+
+
+def _launch_kernel(kernel, name: str, arguments: dict, grid):
+    """`kernel` launched over `grid` (meta -> grid) with the configs of `name` for these arguments."""
+    like = arguments["q_ptr"]
+    light = not (arguments["HAS_MASK"] or arguments["DROPOUT"])
+    choices = configs(name, like.dtype, like.device, arguments["D"], arguments["Dv"], light)
+    return launch_tuned(kernel, choices, choices[0], grid, like.device, _TUNING_KEY)
+
+
+def _head_blocks(head_dim: int, value_dim: int) -> dict:
+    return {"BLOCK_D": _padded(head_dim), "BLOCK_DV": _padded(value_dim)}
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -557,16 +818,16 @@ def _arguments(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_seqlens_
         "window_left": unbounded if window_left < 0 else min(window_left, unbounded),
         "window_right": unbounded if window_right < 0 else min(window_right, unbounded),
         "bottom_right": int(bool(bottom_right)), "dropout_threshold": reference.dropout_threshold(dropout_p),
-        # Compile-time floats: a runtime float argument is passed as float32, which would round the scale of
-        # float64 inputs (a new scale or dropout_p compiles a new kernel).
-        "SCALE": float(scale), "DROPOUT_SCALE": 1 / (1 - dropout_p),
+        # Runtime floats (a new scale or dropout_p compiles nothing), each as two float32 halves (float_halves).
+        **float_halves("scale", float(scale)), **float_halves("dropout_scale", 1 / (1 - dropout_p)),
         # Where q enters tl.dot in ACC's precision (float32, float64; bfloat16 under the interpreter), it is scaled
         # first, as the C++ kernels do: the scores are (scale q) . k with q rounded once, not q . k rounded and
-        # multiplied (which left SDPA's float32 error 2.1x behind on a saturated OpInfo sample). A bfloat16
-        # operand on a GPU would round scale q to bfloat16: there the product is scaled (QK_SCALE).
-        "Q_SCALE": float(scale) if prescale else 1.0, "QK_SCALE": 1.0 if prescale else float(scale),
+        # multiplied (which left SDPA's float32 error 2.1x behind on a saturated OpInfo sample). A 16-bit
+        # operand on a GPU would round scale q to 16 bits: there the product is scaled.
+        "PRESCALE": prescale,
         "VARLEN": cu_seqlens_q is not None, "HAS_MASK": mask is not None, "DROPOUT": dropout_p > 0,
         "ACC": accumulator_dtype(q.dtype), "DOT": dot_operand_dtype(q.dtype, q.device),
+        "PRECISION": dot_precision(q.dtype, q.device), **_head_blocks(q.shape[3], v.shape[3]),
     }
 
 
@@ -586,12 +847,11 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
     out = q.new_empty(batch, heads, rows_q, v.shape[3])
     lse = q.new_empty(batch, heads, rows_q, dtype=_lse_dtype(q.dtype))
     sequences, longest_q = _sequences(cu_seqlens_q, batch, rows_q, max_seqlen_q)
-    tiles = blocks("forward", q, head_dim, v.shape[3])
-    grid = (triton.cdiv(longest_q, tiles["BLOCK_M"]), sequences * heads)
-    if grid[0] and grid[1]:
+    if longest_q and sequences * heads:
         arguments = _arguments(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
                                bottom_right, dropout_p, dropout_seed)
-        launch(_forward_kernel, grid, q.device)(out_ptr=out, lse_ptr=lse, **arguments, **tiles)
+        grid = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), sequences * heads)  # noqa: E731
+        _launch_kernel(_forward_kernel, "forward", arguments, grid)(out_ptr=out, lse_ptr=lse, **arguments)
     return out, lse
 
 
@@ -618,23 +878,21 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     # Zeros: the kernels write dS only where it can be non-zero (visible key blocks of each sequence).
     grad_scores = q.new_zeros(batch, heads, rows_q, k.shape[2]) if want_grad_scores else q.new_empty(0)
     delta = torch.empty(lse.shape, dtype=torch.float64, device=q.device)
-    key_tiles = blocks("key_gradients", q, head_dim, v.shape[3])
-    query_tiles = blocks("query_gradients", q, head_dim, v.shape[3])
     arguments = _arguments(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, bottom_right,
                            dropout_p, dropout_seed)
     arguments.update(grad_out_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, stride_gb=grad_out.stride(0),
                      stride_gh=grad_out.stride(1), stride_gl=grad_out.stride(2))
     # The dQ kernel first: it computes delta, which the dK/dV kernel reads.
     sequences, longest_q = _sequences(cu_seqlens_q, batch, rows_q, max_seqlen_q)
-    grid = (triton.cdiv(longest_q, query_tiles["BLOCK_M"]), sequences * heads)
-    if grid[0] and grid[1]:
-        launch(_query_gradients_kernel, grid, q.device)(
+    if longest_q and sequences * heads:
+        grid = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), sequences * heads)  # noqa: E731
+        _launch_kernel(_query_gradients_kernel, "query_gradients", arguments, grid)(
             grad_q_ptr=grad_q, grad_scores_ptr=grad_scores if want_grad_scores else None,
-            GRAD_SCORES=bool(want_grad_scores), **arguments, **query_tiles,
+            GRAD_SCORES=bool(want_grad_scores), **arguments,
         )
     sequences, longest_k = _sequences(cu_seqlens_k, batch, k.shape[2], max_seqlen_k)
-    grid = (triton.cdiv(longest_k, key_tiles["BLOCK_N"]), sequences * k.shape[1])
-    if grid[0] and grid[1]:
-        launch(_key_gradients_kernel, grid, q.device)(grad_k_ptr=grad_k, grad_v_ptr=grad_v, **arguments,
-                                                      **key_tiles)
+    if longest_k and sequences * k.shape[1]:
+        grid = lambda meta: (triton.cdiv(longest_k, meta["BLOCK_N"]), sequences * k.shape[1])  # noqa: E731
+        _launch_kernel(_key_gradients_kernel, "key_gradients", arguments, grid)(
+            grad_k_ptr=grad_k, grad_v_ptr=grad_v, **arguments)
     return grad_q, grad_k, grad_v, grad_scores

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from seqkern._checks import DTypeError, ShapeError
 
-from ._launch import dot_operand_dtype, launch
+from ._launch import dot_operand_dtype, dot_precision, float_halves, launch, launch_tuned, runtime_float
 from ._recurrent import accumulator_dtype, store
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -38,6 +38,9 @@ PROGRAMS_PER_SM = 2
 # ... but no split shorter than this many keys: a program's fixed costs (loading R query rows, writing an
 # R x Dv partial that the merge re-reads) stay small next to streaming its share of K and V.
 MIN_SPLIT_KEYS = 256
+# The split kernel's softmax runs in base 2.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ==================================================================================================
@@ -48,9 +51,9 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seqlens_ptr,  # q (B,Hq,Lq,D), k_cache (B,Hkv,S,D), v_cache (B,Hkv,S,Dv), (B,) int32
     part_out_ptr, part_lse_ptr,  # out (B*Hkv, splits, R, Dv), (B*Hkv, splits, R) in ACC
     q_stride_b, q_stride_h, q_stride_i, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
-    Hkv, S, Lq, R, D, Dv, splits, scale, window_left,
+    Hkv, S, Lq, R, D, Dv, splits, scale_hi, scale_lo, window_left,
     HAS_SEQLENS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -82,6 +85,9 @@ def _decode_split_kernel(
     begin = first + split.to(tl.int64) * count // splits  # int64: split * count can pass 2^31
     end = first + (split.to(tl.int64) + 1) * count // splits
 
+    # Base 2: the scores times log2(e) (folded into the scale), p = exp2(s - m) (a GPU's exp is exp2 of
+    # x log2(e) anyway, so this saves a multiply per score); lse back in natural units at the end.
+    scale_log2 = runtime_float(scale_hi, scale_lo, ACC) * LOG2E
     m = tl.full((BLOCK_R,), float("-inf"), ACC)
     l = tl.zeros((BLOCK_R,), ACC)
     acc = tl.zeros((BLOCK_R, BLOCK_DV), ACC)
@@ -92,9 +98,9 @@ def _decode_split_kernel(
         key_mask = keys < end
         k = tl.load(k_base + keys[:, None] * k_stride_s + dims[None, :],
                     mask=key_mask[:, None] & (dims < D)[None, :], other=0)
-        # "ieee": a GPU's float32 default (TF32) would break the 2x-torch error rule (see _recurrent.py). The
-        # scale multiplies the exact products' sum, not a rounded q.
-        scores = tl.dot(q.to(DOT), tl.trans(k.to(DOT)), out_dtype=ACC, input_precision="ieee") * scale
+        # The scale multiplies the products' sum, not a rounded q. PRECISION: dot_precision (tf32 / tf32x3 for
+        # float32 on a GPU, as torch.backends.cuda.matmul.allow_tf32 says).
+        scores = tl.dot(q.to(DOT), tl.trans(k.to(DOT)), out_dtype=ACC, input_precision=PRECISION) * scale_log2
         seen = row_mask[:, None] & key_mask[None, :]
         if IS_CAUSAL:
             seen &= keys[None, :] <= position[:, None]
@@ -105,16 +111,16 @@ def _decode_split_kernel(
         m_new = tl.maximum(m, tl.max(scores, 1))
         # Rows that have seen nothing yet keep m = -inf: subtract 0 instead, so that p = e^-inf = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
+        p = tl.math.exp2(scores - m_safe[:, None])
+        alpha = tl.math.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_base + keys[:, None] * v_stride_s + dims_v[None, :],
                     mask=key_mask[:, None] & (dims_v < Dv)[None, :], other=0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), out_dtype=ACC, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), out_dtype=ACC, input_precision=PRECISION)
         m = m_new
 
     seen_any = l != 0  # a NaN sum (NaN scores) counts as seen and passes on, unlike `l > 0`
-    lse = tl.where(seen_any, m + tl.log(tl.where(seen_any, l, 1)), float("-inf"))
+    lse = tl.where(seen_any, (m + tl.math.log2(tl.where(seen_any, l, 1))) * LN2, float("-inf"))
     out = acc / tl.where(seen_any, l, 1)[:, None]
     part = bh * splits + split
     tl.store(part_lse_ptr + part * R + rows, lse, mask=row_mask)
@@ -217,17 +223,49 @@ def _choose_splits(num_splits: int, items: int, seq: int, device: torch.device) 
     return max(1, min(by_programs, seq // MIN_SPLIT_KEYS))
 
 
-def _split_blocks(rows: int, head_dim: int, value_dim: int, dtype: torch.dtype) -> dict:
-    """Tiles and warps of the split kernel. Key tiles shrink as the (rows x head dim) tiles grow so that the
-    "ieee" float32 dots (FMA, no tensor cores) fit the registers. ptxas -v for sm_80 (no GPU needed), causal +
-    window, 8 warps: D=128 with 16 rows and 32 keys 86 registers (64 keys: 215), 64 rows and 16 keys 128
-    (32 keys: 245), D=256 with 16 rows and 32 keys 128; float64 D=128, 64 rows, 16 keys 255; no spills. The
-    first version (4 warps, 64 keys) spilled 26-30 KB at 64 rows and 13-17 KB at D=256 in float32."""
-    block = {"BLOCK_R": max(MIN_DOT_SIZE, triton.next_power_of_2(rows)),
-             "BLOCK_D": max(MIN_DOT_SIZE, triton.next_power_of_2(head_dim)),
-             "BLOCK_DV": max(MIN_DOT_SIZE, triton.next_power_of_2(value_dim))}
-    tile = block["BLOCK_R"] * max(block["BLOCK_D"], block["BLOCK_DV"]) * (2 if dtype == torch.float64 else 1)
-    return dict(block, BLOCK_N=32 if tile <= 16 * 256 else 16, num_warps=8)
+# The split kernel's configs (BLOCK_N keys, num_warps, num_stages) on CUDA, autotuned, per operand unit
+# ("mma": 16-bit operands, "tf32": float32 on the tensor cores, "fma": float64), padded head dim (up to 64,
+# 128, 256) and rows (R = G * Lq padded: up to 16, or more). A decode step streams the cache once, so the key
+# tile is what matters: 64 keys per tile (128-key tiles spilled on sm_90 with lengths + causal + window: 224
+# bytes at d64, 40 at d128; 32 at d256), 2-3 stages of K/V tiles in flight to hide the memory latency. Every config is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py (no spills, shared
+# memory within the limit), so a list holds only configs that fit.
+_GPU_CONFIGS = {
+    ("mma", 16): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 3)], 256: [(32, 4, 2)]},
+    ("mma", 64): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 2), (32, 4, 2)], 256: [(32, 8, 2)]},
+    ("tf32", 16): {64: [(128, 8, 3), (64, 4, 3)], 128: [(64, 8, 3), (64, 4, 2)], 256: [(64, 8, 2), (32, 4, 2)]},
+    ("tf32", 64): {64: [(64, 8, 2), (32, 4, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},
+    ("fma", 16): {64: [(64, 8, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},
+    ("fma", 64): {64: [(32, 8, 1)], 128: [(16, 8, 1)], 256: [(16, 8, 1)]},
+}
+# Under the interpreter one config (no autotuning; the fewest programs are fastest). The old GPU tiles
+# (16-32 keys, "ieee" float32) are gone with it.
+_INTERPRETER_CONFIG = (64, 4, 1)
+
+
+def _padded(size: int) -> int:
+    return max(MIN_DOT_SIZE, triton.next_power_of_2(size))
+
+
+def configs(dtype: torch.dtype, device: torch.device, rows: int, head_dim: int, value_dim: int) -> list[dict]:
+    """The split kernel's configs ({"BLOCK_N", "num_warps", "num_stages"}) for R = `rows` query rows per
+    program: the autotune list on CUDA, the interpreter's one config on CPU. Past a padded head dim of 256,
+    or 64 rows, the largest list's key tiles shrink in proportion (down to MIN_DOT_SIZE), with one stage."""
+    if device.type != "cuda":
+        block_n, num_warps, num_stages = _INTERPRETER_CONFIG
+        return [{"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}]
+    width = max(_padded(head_dim), _padded(value_dim))
+    block_r = _padded(rows)
+    unit = {torch.float32: "tf32", torch.float64: "fma"}.get(dtype, "mma")
+    lists = _GPU_CONFIGS[unit, 16 if block_r <= 16 else 64]
+    shrink = max(width // 256, 1) * max(block_r // 64, 1)
+    return [{"BLOCK_N": max(MIN_DOT_SIZE, block_n // shrink), "num_warps": num_warps,
+             "num_stages": num_stages if shrink == 1 else 1}
+            for block_n, num_warps, num_stages in lists[min(max(width, 64), 256)]]
+
+
+def _split_blocks(rows: int, head_dim: int, value_dim: int) -> dict:
+    """The split kernel's padded sizes (not tuned): rows, head dim, value dim."""
+    return {"BLOCK_R": _padded(rows), "BLOCK_D": _padded(head_dim), "BLOCK_DV": _padded(value_dim)}
 
 
 def flash_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor | None, scale: float,
@@ -248,15 +286,19 @@ def flash_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     splits = _choose_splits(num_splits, items, seq, q.device)
     part_out = q.new_empty(items, splits, rows, value_dim, dtype=acc_dtype)
     part_lse = q.new_empty(items, splits, rows, dtype=acc_dtype)
-    blocks = _split_blocks(rows, head_dim, value_dim, q.dtype)
+    blocks = _split_blocks(rows, head_dim, value_dim)
     acc = accumulator_dtype(q.dtype)
-    launch(_decode_split_kernel, (items, splits), q.device)(
+    choices = configs(q.dtype, q.device, rows, head_dim, value_dim)
+    # Tuned per head dims and rows; not per cache length (every decode step has a new one).
+    launch_tuned(_decode_split_kernel, choices, choices[0], lambda meta: (items, splits), q.device,
+                 ("D", "Dv", "R"))(
         q, k_cache, v_cache, cache_seqlens, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        kv_heads, seq, len_q, rows, head_dim, value_dim, splits, float(scale), max(int(window_left), 0),
+        kv_heads, seq, len_q, rows, head_dim, value_dim, splits, *float_halves("scale", float(scale)).values(),
+        max(int(window_left), 0),
         HAS_SEQLENS=cache_seqlens is not None, IS_CAUSAL=bool(is_causal), HAS_WINDOW=window_left >= 0,
-        ACC=acc, DOT=dot_operand_dtype(q.dtype, q.device), **blocks,
+        ACC=acc, DOT=dot_operand_dtype(q.dtype, q.device), PRECISION=dot_precision(q.dtype, q.device), **blocks,
     )
     launch(_decode_merge_kernel, (items * rows,), q.device)(
         part_out, part_lse, out, lse, kv_heads, len_q, rows, value_dim, splits,

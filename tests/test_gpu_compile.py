@@ -1,0 +1,384 @@
+"""Static GPU checks with no GPU: every attention kernel, for every configuration its launcher can choose on
+CUDA, compiled ahead of time for sm_80 (A100) and sm_90 (H100) with triton.compile + GPUTarget, asserting
+that ptxas spilled no registers and that the kernel's shared memory fits the target's per-block limit.
+
+The configurations are the launchers' own selection functions called for CUDA (`configs(...)`): a tile that
+cannot fit must be kept out by that rule, and these tests prove it does, by compiling exactly what it returns.
+Each kernel is compiled with all its optional features on (attention mask, dropout, variable lengths, ...): the
+variant with the most live registers, which bounds the lighter ones; flash attention's launchers have larger
+tiles for launches without mask and dropout, compiled as "[light]" kernels.
+
+Cost: a compile takes ~5-10 s of one core (ptxas included), 20-40 s on this loaded 2-core machine. The default
+run compiles a representative subset (DEFAULT_CASES: 4 kernels, plus 2 compiles for the tf32 check);
+`pytest -m gpu_compile` compiles the full matrix (kernels x configs x dtypes x head dims x targets, ~340
+compiles). Triton caches compiled kernels on disk (~/.triton/cache), so a second run costs seconds.
+
+To add a kernel (e.g. the recurrent ones), append a Kernel to KERNELS: its JIT function, the arguments of its
+heaviest launch for a dtype and head dim, the launcher's config list for them, and the dtypes and head dims
+its launcher accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from seqkern.kernels import _launch
+from seqkern.kernels import additive_attention as additive
+from seqkern.kernels import flash_attention as flash
+from seqkern.kernels import flash_attention_decode as decode
+
+CUDA = torch.device("cuda")  # a device object, no GPU needed: the launchers' CUDA choices
+# Per-block shared memory (opt-in maximum): A100 163 KB, H100 227 KB.
+TARGETS = {"sm_80": (GPUTarget("cuda", 80, 32), 163 * 1024), "sm_90": (GPUTarget("cuda", 90, 32), 227 * 1024)}
+# The matrix takes, of the head dims 32/64/128/256, the largest of each config list's range (the launchers
+# give one list for padded head dims up to 64, one for 128, one for 256): at 32 the same tiles hold half the
+# head-dim columns. Of the dtypes it takes one per operand unit: bfloat16 for the 16-bit tensor-core path
+# (float16 compiles to the same code but for the conversion instructions; the default run compiles float16
+# for some kernels), float32 (tf32 tensor-core products), float64 (FMA).
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel to compile. arguments(dtype, head_dim) -> every argument of its heaviest launch but the
+    config's, by name (tensors stand for pointers of their dtype); configs(dtype, head_dim) -> the launcher's
+    config list on CUDA (dicts of constexprs plus num_warps and num_stages)."""
+    name: str
+    function: triton.JITFunction
+    arguments: Callable[[torch.dtype, int], dict]
+    configs: Callable[[torch.dtype, int], list[dict]]
+    dtypes: tuple = DTYPES
+    head_dims: tuple = HEAD_DIMS
+
+
+def _on_cuda(arguments: dict, dtype: torch.dtype) -> dict:
+    """The launchers build DOT / PRECISION from the tensors' device; the CPU stand-ins here would get the
+    interpreter's choices, so set the CUDA ones."""
+    if "DOT" in arguments:
+        arguments["DOT"] = _launch.dot_operand_dtype(dtype, CUDA)
+    if "PRECISION" in arguments:
+        arguments["PRECISION"] = _launch.dot_precision(dtype, CUDA)
+    return arguments
+
+
+# ------------------------------------------------------------------------------------------------------------
+# flash_attention: forward, dQ (with delta and grad_scores), dK/dV; mask, dropout and varlen on.
+# ------------------------------------------------------------------------------------------------------------
+def _flash_common(dtype: torch.dtype, head_dim: int, light: bool) -> dict:
+    """The heaviest launch (mask, dropout, varlen, a window), or with `light` the plainest (none of them:
+    the launcher's larger light lists)."""
+    q = torch.zeros(1, 4, 32, head_dim, dtype=dtype)
+    k = torch.zeros(1, 2, 32, head_dim, dtype=dtype)
+    mask = None if light else torch.zeros(1, 4, 32, 32, dtype=dtype)
+    cu_seqlens = None if light else torch.tensor([0, 32], dtype=torch.int32)
+    seed = torch.zeros((), dtype=torch.int64)
+    arguments = flash._arguments(q, k, k, mask, cu_seqlens, cu_seqlens, 0.125, 8, 0, True, 0 if light else 0.1, seed)
+    return _on_cuda(arguments, dtype)
+
+
+def _flash_forward(dtype, head_dim, light=False):
+    return dict(_flash_common(dtype, head_dim, light), out_ptr=torch.zeros(1, dtype=dtype),
+                lse_ptr=torch.zeros(1, dtype=torch.float64))
+
+
+def _flash_backward(dtype, head_dim, light):
+    grad = torch.zeros(1, 4, 32, head_dim, dtype=dtype)
+    return dict(_flash_common(dtype, head_dim, light), grad_out_ptr=grad, stride_gb=grad.stride(0),
+                stride_gh=grad.stride(1), stride_gl=grad.stride(2), lse_ptr=torch.zeros(1, dtype=torch.float64),
+                delta_ptr=torch.zeros(1, dtype=torch.float64))
+
+
+def _flash_query_gradients(dtype, head_dim, light=False):
+    return dict(_flash_backward(dtype, head_dim, light), grad_q_ptr=torch.zeros(1, dtype=dtype),
+                grad_scores_ptr=None if light else torch.zeros(1, dtype=dtype), GRAD_SCORES=not light)
+
+
+def _flash_key_gradients(dtype, head_dim, light=False):
+    return dict(_flash_backward(dtype, head_dim, light), grad_k_ptr=torch.zeros(1, dtype=dtype),
+                grad_v_ptr=torch.zeros(1, dtype=dtype))
+
+
+def _flash_configs(kernel: str, light: bool = False):
+    return lambda dtype, head_dim: flash.configs(kernel, dtype, CUDA, head_dim, head_dim, light)
+
+
+def _light(arguments: Callable) -> Callable:
+    return lambda dtype, head_dim: arguments(dtype, head_dim, light=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# flash_attention_decode (split kernel with lengths, causal and a window; merge kernel) and additive attention
+# (forward with mask and weights; the four backward kernels): arguments filled by name.
+# ------------------------------------------------------------------------------------------------------------
+def _filled(function: triton.JITFunction, dtype: torch.dtype, given: dict) -> dict:
+    """`given`, and for every other parameter of `function`: a pointer of `dtype` (names ending in _ptr), a
+    float (names holding "scale"), or an int that no 16 divides (as a worst case for vectorization)."""
+    arguments = dict(given)
+    for param in function.params:
+        if param.name in arguments or param.is_constexpr:
+            continue
+        if param.name.endswith("_ptr"):
+            arguments[param.name] = torch.zeros(1, dtype=dtype)
+        elif "scale" in param.name:
+            arguments[param.name] = 0.125
+        else:
+            arguments[param.name] = 1000
+    return _on_cuda(arguments, dtype)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+DECODE_ROWS = 16  # R = (query heads per kv head) x queries; the launcher's lists switch at 16 rows
+
+
+def _decode_split(dtype, head_dim):
+    acc = _accumulator(dtype)
+    return _filled(decode._decode_split_kernel, dtype, dict(
+        decode._split_blocks(DECODE_ROWS, head_dim, head_dim), seqlens_ptr=torch.zeros(1, dtype=torch.int32),
+        part_out_ptr=torch.zeros(1, dtype=acc), part_lse_ptr=torch.zeros(1, dtype=acc), HAS_SEQLENS=True,
+        IS_CAUSAL=True, HAS_WINDOW=True, ACC=_launch_acc(dtype), DOT=None, PRECISION=None))
+
+
+def _decode_merge(dtype, head_dim):
+    acc = _accumulator(dtype)
+    return _filled(decode._decode_merge_kernel, dtype, dict(
+        part_out_ptr=torch.zeros(1, dtype=acc), part_lse_ptr=torch.zeros(1, dtype=acc),
+        lse_ptr=torch.zeros(1, dtype=acc), ACC=_launch_acc(dtype), BLOCK_S=16, BLOCK_DV=head_dim))
+
+
+def _launch_acc(dtype: torch.dtype):
+    return flash.accumulator_dtype(dtype)
+
+
+ADDITIVE_HIDDEN = 256  # the hidden size only sets the loop count: BLOCK_H is at most 4 on a GPU
+ADDITIVE_LENGTH = 1024
+
+
+def _additive_common(dtype, kernel: triton.JITFunction, **given) -> dict:
+    acc = _accumulator(dtype)
+    for name in ("weights_ptr", "grad_weights_ptr", "grad_scores_ptr", "grad_v_parts_ptr", "lse_ptr"):
+        if name in kernel.arg_names:
+            given.setdefault(name, torch.zeros(1, dtype=acc))
+    flags = dict(FAST_TANH=additive._fast_tanh(dtype, CUDA), ACC=_launch_acc(dtype), DOT=None, PRECISION=None)
+    given.update({name: value for name, value in flags.items() if name in kernel.arg_names})
+    return _filled(kernel, dtype, given)
+
+
+def _additive_forward(dtype, value_dim):
+    return _additive_common(dtype, additive._forward_kernel, mask_ptr=torch.zeros(1, dtype=torch.bool),
+                            HAS_MASK=True, WEIGHTS=True, BLOCK_DV=additive._padded(value_dim))
+
+
+def _additive_forward_configs(dtype, value_dim):
+    return additive.forward_configs(dtype, CUDA, ADDITIVE_LENGTH, ADDITIVE_LENGTH, ADDITIVE_HIDDEN, value_dim)
+
+
+def _additive_backward(kernel: triton.JITFunction, **given):
+    return lambda dtype, value_dim: _additive_common(dtype, kernel, **given)
+
+
+def _additive_backward_configs(kernel: triton.JITFunction):
+    """The backward's one config, cut to the constexprs `kernel` takes."""
+    def configs(dtype, value_dim):
+        tiles = additive.blocks("backward", dtype, CUDA, ADDITIVE_LENGTH, ADDITIVE_LENGTH, ADDITIVE_HIDDEN,
+                                value_dim)
+        return [{name: value for name, value in tiles.items()
+                 if name in kernel.arg_names or name in ("num_warps", "num_stages")}]
+    return configs
+
+
+KERNELS = [
+    Kernel("flash_attention.forward", flash._forward_kernel, _flash_forward, _flash_configs("forward")),
+    Kernel("flash_attention.query_gradients", flash._query_gradients_kernel, _flash_query_gradients,
+           _flash_configs("query_gradients")),
+    Kernel("flash_attention.key_gradients", flash._key_gradients_kernel, _flash_key_gradients,
+           _flash_configs("key_gradients")),
+    Kernel("flash_attention.forward[light]", flash._forward_kernel, _light(_flash_forward),
+           _flash_configs("forward", light=True)),
+    Kernel("flash_attention.query_gradients[light]", flash._query_gradients_kernel, _light(_flash_query_gradients),
+           _flash_configs("query_gradients", light=True)),
+    Kernel("flash_attention.key_gradients[light]", flash._key_gradients_kernel, _light(_flash_key_gradients),
+           _flash_configs("key_gradients", light=True)),
+    Kernel("flash_attention_decode.split", decode._decode_split_kernel, _decode_split,
+           lambda dtype, head_dim: decode.configs(dtype, CUDA, DECODE_ROWS, head_dim, head_dim)),
+    Kernel("flash_attention_decode.merge", decode._decode_merge_kernel, _decode_merge,
+           lambda dtype, head_dim: [{"num_warps": 4, "num_stages": 3}]),  # triton's defaults: not tuned
+    Kernel("additive_attention.forward", additive._forward_kernel, _additive_forward, _additive_forward_configs),
+    Kernel("additive_attention.grad_scores", additive._grad_scores_kernel,
+           _additive_backward(additive._grad_scores_kernel, HAS_GRAD_WEIGHTS=True),
+           _additive_backward_configs(additive._grad_scores_kernel), head_dims=(64,)),  # Dv chunked: any Dv
+    Kernel("additive_attention.query_proj_gradient", additive._query_proj_gradient_kernel,
+           _additive_backward(additive._query_proj_gradient_kernel),
+           _additive_backward_configs(additive._query_proj_gradient_kernel), head_dims=(64,)),  # Dv chunked: any Dv
+    Kernel("additive_attention.key_proj_gradient", additive._key_proj_gradient_kernel,
+           _additive_backward(additive._key_proj_gradient_kernel),
+           _additive_backward_configs(additive._key_proj_gradient_kernel), head_dims=(64,)),  # Dv chunked: any Dv
+    Kernel("additive_attention.values_gradient", additive._values_gradient_kernel,
+           _additive_backward(additive._values_gradient_kernel),
+           _additive_backward_configs(additive._values_gradient_kernel), head_dims=(64,)),  # Dv chunked: any Dv
+]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Compiling and reading the result.
+# ------------------------------------------------------------------------------------------------------------
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8"}
+
+
+def _signature(function: triton.JITFunction, arguments: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch with `arguments`, as triton's launcher specializes it:
+    tensors are pointers (16-byte aligned, as torch allocates), None and constexpr parameters are constants,
+    ints are i32 (divisible by 16 where they are, unless do_not_specialize), floats fp32."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(function.params):
+        name = param.name
+        if name not in arguments:
+            raise KeyError(f"{function.__name__}: no value for argument {name}")
+        value = arguments[name]
+        if param.is_constexpr or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{function.__name__}: argument {name} of type {type(value).__name__}")
+    return signature, constexprs, attrs
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    registers: int
+    spilled: int  # bytes of spill stores + spill loads per thread (ptxas -v)
+    shared: int  # bytes of shared memory per block (triton's allocation)
+    ptx: str
+
+
+def _ptxas_report(ptx: str, target: str) -> dict:
+    """Registers and spill bytes of the one function in `ptx`, from the bundled ptxas -v with triton's flags.
+
+    ptxas runs again here (triton discards its log, and a kernel from triton's disk cache has none): its
+    "spill stores / loads" are the spills. A stack frame alone is not one (calls to the slow paths of division
+    and the like reserve stack), so cuobjdump's STACK would be the wrong test."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    capability = TARGETS[target][0].arch
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as file:
+            file.write(ptx)
+        done = subprocess.run([get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                               f"--gpu-name={sm_arch_from_capability(capability)}", source, "-o",
+                               os.path.join(folder, "kernel.cubin")], capture_output=True, text=True, check=True)
+    log = done.stdout + done.stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    registers = re.search(r"Used (\d+) registers", log)
+    assert spills and registers, log
+    return {"registers": int(registers.group(1)), "spilled": int(spills.group(1)) + int(spills.group(2))}
+
+
+def compile_kernel(function: triton.JITFunction, arguments: dict, config: dict, target: str) -> Compiled:
+    """`function` compiled for `target` ("sm_80" | "sm_90") with `arguments` and `config`."""
+    config = dict(config)
+    options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+    signature, constexprs, attrs = _signature(function, {**arguments, **config})
+    compiled = triton.compile(ASTSource(function, signature, constexprs, attrs), target=TARGETS[target][0],
+                              options=options)
+    report = _ptxas_report(compiled.asm["ptx"], target)
+    return Compiled(registers=report["registers"], spilled=report["spilled"], shared=compiled.metadata.shared,
+                    ptx=compiled.asm["ptx"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The matrix: every kernel x its launcher's configs x dtypes x head dims x targets (-m gpu_compile), or each
+# kernel once in its first (largest) config (the default run).
+# ------------------------------------------------------------------------------------------------------------
+# The default run: one kernel of each op, spread over dtypes, head dims, targets and the two flash variants.
+DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90"),
+                 ("flash_attention.key_gradients[light]", torch.float16, 64, "sm_80"),
+                 ("flash_attention_decode.split", torch.bfloat16, 128, "sm_90"),
+                 ("additive_attention.forward", torch.float16, 64, "sm_80"))
+
+
+def _cases(full: bool) -> list:
+    """Every (kernel, dtype, head dim, config, target) with `full`, else DEFAULT_CASES in their kernel's first
+    (largest) config."""
+    cases = []
+    by_name = {kernel.name: kernel for kernel in KERNELS}
+    if not full:
+        for name, dtype, head_dim, target in DEFAULT_CASES:
+            kernel = by_name[name]
+            config = kernel.configs(dtype, head_dim)[0]
+            cases.append(pytest.param(kernel, dtype, head_dim, config, target,
+                                      id=_case_id(kernel, dtype, head_dim, config, target)))
+        return cases
+    for kernel in KERNELS:
+        for dtype in kernel.dtypes:
+            for head_dim in kernel.head_dims:
+                for config in kernel.configs(dtype, head_dim):
+                    for target in sorted(TARGETS):
+                        cases.append(pytest.param(kernel, dtype, head_dim, config, target,
+                                                  id=_case_id(kernel, dtype, head_dim, config, target)))
+    return cases
+
+
+def _case_id(kernel, dtype, head_dim, config, target) -> str:
+    tiles = "-".join(f"{name}{value}" for name, value in config.items())
+    return f"{kernel.name}-{str(dtype).removeprefix('torch.')}-d{head_dim}-{tiles}-{target}"
+
+
+def pytest_generate_tests(metafunc):
+    if "kernel" in metafunc.fixturenames:
+        full = "gpu_compile" in (metafunc.config.option.markexpr or "")
+        metafunc.parametrize("kernel, dtype, head_dim, config, target", _cases(full))
+
+
+@pytest.mark.gpu_compile
+def test_kernel_compiles_without_spills_within_shared_memory(kernel, dtype, head_dim, config, target):
+    compiled = compile_kernel(kernel.function, kernel.arguments(dtype, head_dim), config, target)
+    assert compiled.spilled == 0, (
+        f"register spills: {compiled.registers} registers, {compiled.spilled} bytes spilled per thread")
+    limit = TARGETS[target][1]
+    assert compiled.shared <= limit, f"{compiled.shared} bytes of shared memory > the {target} limit {limit}"
+
+
+@pytest.mark.gpu_compile
+def test_float32_runs_on_tensor_cores_as_torch_allows():
+    """float32 products: tf32 where torch.backends.cuda.matmul.allow_tf32 allows, else tf32x3 (each product
+    done as three tf32 ones: ~float32's accuracy): the launcher's choice reaches the compiled kernel."""
+    counts = {}
+    for allow in (True, False):
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        try:
+            arguments = _flash_forward(torch.float32, 64)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+        assert arguments["PRECISION"] == ("tf32" if allow else "tf32x3")
+        config = flash.configs("forward", torch.float32, CUDA, 64, 64)[-1]
+        products = re.findall(r"mma\.sync\.aligned\.\S+", compile_kernel(flash._forward_kernel, arguments, config,
+                                                                      "sm_80").ptx)
+        assert products and all(".tf32.tf32" in product for product in products), products[:3]
+        counts[allow] = len(products)
+    assert counts[False] == 3 * counts[True]
