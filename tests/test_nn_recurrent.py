@@ -87,18 +87,22 @@ def test_packed_sequence(family, dtype, options):
 
 
 # Each bfloat16 path of the CPU kernels, forced with SEQKERN_BF16_KERNEL (csrc/cpu/gemm_bf16.h): "fallback"
-# upcasts to fp32, "avx512bf16" also runs the per-step GEMM and input projection on vdpbf16ps. The tests
-# above run the default (weight gradients and grad_input through oneDNN's bf16 GEMM, the rest fp32). Sizes cover gate widths that
-# are (GRU 3 x 80) and are not (RNN 127) whole vectors, odd input sizes and the LSTM's projection.
+# upcasts to fp32; "gradients" runs the weight gradients and grad_input through oneDNN's bf16 GEMM, the rest
+# fp32; "avx512bf16" also runs the per-step GEMM and input projection on vdpbf16ps; "amx" (the default on this
+# CPU; capped to avx512bf16 on one without AMX) runs them on AMX tiles from 2 rows up and on vdpbf16ps for
+# 1 row. Sizes cover gate widths that are (GRU 3 x 80) and are not (RNN 127, GRU 3 x 45) whole vectors, depths
+# that are not whole AMX tiles (33, 45, 7: the tile's k is 32), a batch above one 16-row AMX tile (19: 16 + a
+# 3-row tile), batches below it (5, shrinking to 1 in the packed sequence) and the LSTM's projection.
 BF16_PATH_CASES = [
     ("lstm", dict(input_size=33, hidden_size=64)),
     ("lstm", LSTM_PROJ_OPTIONS[0]),
     ("gru", dict(input_size=48, hidden_size=80)),
+    ("gru", dict(input_size=45, hidden_size=45)),
     ("rnn_tanh", dict(input_size=7, hidden_size=127, num_layers=2)),
 ]
 
 
-@pytest.mark.parametrize("kernel", ["fallback", "avx512bf16"])
+@pytest.mark.parametrize("kernel", ["fallback", "gradients", "avx512bf16", "amx"])
 @pytest.mark.parametrize("family,options", BF16_PATH_CASES, ids=lambda v: v if isinstance(v, str) else case_id(v))
 def test_bfloat16_kernel_paths(kernel, family, options, monkeypatch):
     monkeypatch.setenv("SEQKERN_BF16_KERNEL", kernel)

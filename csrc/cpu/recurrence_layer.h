@@ -89,10 +89,11 @@ inline Schedule make_schedule(const LayerShape& d, const at::Tensor& sizes, bool
   return {d.seq_len, d.batch, sizes.defined() ? sizes.data_ptr<int64_t>() : nullptr, reverse};
 }
 
-/// Whether a layer in storage dtype `dtype` runs its per-step GEMM and input projection on vdpbf16ps
-/// (gemm_bf16.h) rather than on the fp32 micro-kernel.
+/// Whether a layer in storage dtype `dtype` runs its per-step GEMM and input projection on the bf16 units
+/// (gemm_bf16.h: AMX or vdpbf16ps) rather than on the fp32 micro-kernel.
 inline bool use_bf16_units(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && bf16_kernel() == Bf16Kernel::kAvx512Bf16;
+  const Bf16Kernel kernel = bf16_kernel();
+  return dtype == at::kBFloat16 && (kernel == Bf16Kernel::kAvx512Bf16 || kernel == Bf16Kernel::kAmx);
 }
 
 /// Whether a layer in storage dtype `dtype` runs its weight gradients and grad_input as bf16 at::mm.
