@@ -9,10 +9,11 @@
 //
 // Tile state: AMX computes with whatever configuration the thread last loaded (LDTILECFG, which also zeroes
 // every tile). A recurrent step calls this once per thread per step with the same row count, so the
-// configuration is loaded only when the thread's current one differs (read back with STTILECFG, ~20 cycles,
-// which also catches oneDNN or the attention kernels having configured this thread their own way in between).
-// It is not released after the call: releasing and reloading at every step cost ~X% at batch 32 (measured
-// below, gemm_bf16.h), and a configured thread only makes the OS save 8 KB more when it is switched out.
+// configuration is loaded only when the thread's current one differs, read back with STTILECFG, which also
+// catches oneDNN or the attention kernels having configured this thread their own way in between. Measured
+// (Intel Xeon, Sapphire Rapids): LDTILECFG ~230 ns, STTILECFG ~7 ns, against a b32 h256 GRU step's product of
+// ~7-14 us per thread. It is not released after the call (the next step would pay the load again): a
+// configured thread only makes the OS save 8 KB more when it is switched out.
 //
 // Compiled with function-level target attributes (the build's -march may be any x86-64 level): call only
 // after has_amx_bf16() said yes.
@@ -64,23 +65,35 @@ SEQKERN_TARGET_AMX inline void use_tile_config(const AmxTileConfig& wanted) {
   if (std::memcmp(&current, &wanted, sizeof(wanted)) != 0) _tile_loadconfig(&wanted);
 }
 
-/// C[0:r0+r1, 0:columns) = A @ panel for one group of one or two row blocks (r0 rows, then r1 rows at
+/// C[0:r0+r1, 0:columns) = bias + A @ panel for one group of one or two row blocks (r0 rows, then r1 rows at
 /// a + 16 lda; r1 = 0: none), tiles configured as AmxTileConfig(r0, r1). Two C column tiles at a time
 /// (2 x 2 tiles when r1 > 0): each loaded B tile feeds every row block, each A tile two column tiles.
 /// a: bf16 bits, lda elements per row (>= 32 * k_tiles); panel: `columns` columns (a multiple of 16) of
-/// k_tiles * 16 pair rows; c: ldc floats per row.
+/// k_tiles * 16 pair rows; c: ldc floats per row; bias: `columns` floats added to every row, or null.
 SEQKERN_TARGET_AMX inline void amx_row_group(const uint16_t* a, int64_t lda, bool two_blocks, const uint16_t* panel,
-                                             int64_t columns, int64_t k_tiles, float* c, int64_t ldc) {
+                                             int64_t columns, int64_t k_tiles, float* c, int64_t ldc,
+                                             const float* bias) {
   const int64_t sa = lda * 2, sb = columns * 4, sc = ldc * 4;  // strides in bytes
   const uint16_t* a1 = a + kAmxTileRows * lda;
   float* c1 = c + kAmxTileRows * ldc;
   for (int64_t col = 0; col < columns; col += 2 * kAmxTileCols) {
     const bool two_cols = col + kAmxTileCols < columns;
-    _tile_zero(0);
-    _tile_zero(1);
-    if (two_blocks) {  // tiles 2, 3, 5 are unconfigured (0 rows) without a second block: touching them faults
-      _tile_zero(2);
-      _tile_zero(3);
+    // The sums start from the bias: a tile load with stride 0 repeats one row (no pass over C afterwards).
+    // Tiles 2, 3, 5 are unconfigured (0 rows) without a second block: touching them would fault.
+    if (bias) {
+      _tile_loadd(0, bias + col, 0);
+      if (two_cols) _tile_loadd(1, bias + col + kAmxTileCols, 0);
+      if (two_blocks) {
+        _tile_loadd(2, bias + col, 0);
+        if (two_cols) _tile_loadd(3, bias + col + kAmxTileCols, 0);
+      }
+    } else {
+      _tile_zero(0);
+      _tile_zero(1);
+      if (two_blocks) {
+        _tile_zero(2);
+        _tile_zero(3);
+      }
     }
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
       const uint16_t* b = panel + (kt * kAmxPairRows * columns + col) * 2;
@@ -106,41 +119,41 @@ SEQKERN_TARGET_AMX inline void amx_row_group(const uint16_t* a, int64_t lda, boo
   }
 }
 
-/// C (rows x width fp32, ldc) = A (rows x 32 k_tiles bf16 bits, lda) @ W, W as panels of panel_width
-/// columns (the last one narrower) of k_tiles * 16 pair rows each (PackedPairs). Rows go in groups of 32
-/// (two 16-row tile blocks); the groups of 32 full rows run under one tile configuration, the last partial
-/// group under its own, so a call loads at most two configurations (one when rows is constant per step).
+/// C (rows x width fp32, ldc) = bias + A (rows x 32 k_tiles bf16 bits, lda) @ W, W as panels of panel_width
+/// columns (the last one narrower) of k_tiles * 16 pair rows each (PackedPairs); bias (width) or null. Rows go
+/// in groups of 32 (two 16-row tile blocks), each group through every panel while its A tiles (32 rows x
+/// depth, 16 KB at depth 256) stay in L1 and each B tile read from L2 feeds both row blocks (panel-major
+/// order, a panel of 32 KB kept for all groups, ran 3200 x 256 x 768 at ~550 against ~890 GFLOP/s for
+/// 32 rows). The groups of 32 full rows run under one tile configuration, the last partial group under its
+/// own, so a call loads at most two (one when rows is constant from step to step).
 SEQKERN_TARGET_AMX inline void gemm_amx_panels(const uint16_t* a, int64_t lda, int64_t rows, const uint16_t* panels,
                                                int64_t width, int64_t panel_width, int64_t k_tiles, float* c,
-                                               int64_t ldc) {
+                                               int64_t ldc, const float* bias) {
   constexpr int64_t kGroupRows = 2 * kAmxTileRows;
   const int64_t full_groups = rows / kGroupRows, tail = rows % kGroupRows;
   const int64_t panel_stride = k_tiles * kAmxPairRows * 2 * panel_width;
-  auto for_each_panel = [&](int64_t row0, int64_t group_count, bool two_blocks) {
+  auto group = [&](int64_t row, bool two_blocks) {
     for (int64_t p = 0; p * panel_width < width; ++p) {
-      const int64_t columns = std::min(panel_width, width - p * panel_width);
-      for (int64_t g = 0; g < group_count; ++g) {
-        const int64_t row = row0 + g * kGroupRows;
-        amx_row_group(a + row * lda, lda, two_blocks, panels + p * panel_stride, columns, k_tiles,
-                      c + row * ldc + p * panel_width, ldc);
-      }
+      const int64_t col = p * panel_width;
+      amx_row_group(a + row * lda, lda, two_blocks, panels + p * panel_stride, std::min(panel_width, width - col),
+                    k_tiles, c + row * ldc + col, ldc, bias ? bias + col : nullptr);
     }
   };
   if (full_groups > 0) {
     use_tile_config(AmxTileConfig(kAmxTileRows, kAmxTileRows));
-    for_each_panel(0, full_groups, true);
+    for (int64_t g = 0; g < full_groups; ++g) group(g * kGroupRows, true);
   }
   if (tail > 0) {
     const int rows0 = static_cast<int>(std::min<int64_t>(tail, kAmxTileRows));
     const int rows1 = static_cast<int>(tail - rows0);
     use_tile_config(AmxTileConfig(rows0, rows1));
-    for_each_panel(full_groups * kGroupRows, 1, rows1 > 0);
+    group(full_groups * kGroupRows, rows1 > 0);
   }
 }
 #undef SEQKERN_TARGET_AMX
 #else
 inline void gemm_amx_panels(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*,
-                            int64_t) {}  // never called: no AMX off x86
+                            int64_t, const float*) {}  // never called: no AMX off x86
 #endif
 
 }  // namespace seqkern::cpu
