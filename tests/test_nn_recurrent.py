@@ -130,6 +130,21 @@ def _assert_same(got, want):
         torch.testing.assert_close(g, w)
 
 
+# A NaN in bf16 storage stays NaN through the vectorized bf16 loads/stores (csrc/cpu/simd.h narrows NaN to
+# c10's 0x7FC0) and the bf16 units (AMX, vdpbf16ps): the NaN positions of the output and the final state
+# are torch.nn's. The finite values are the rule's business (the tests above).
+@pytest.mark.parametrize("kernel", ["fallback", "avx512bf16", "amx"])
+def test_bfloat16_nan_positions_match_torch(kernel, monkeypatch):
+    monkeypatch.setenv("SEQKERN_BF16_KERNEL", kernel)
+    ours, theirs = _pair("gru", torch.bfloat16, input_size=20, hidden_size=40)
+    x = torch.randn(6, 5, 20).to(torch.bfloat16)
+    x[2, 3, 7] = float("nan")
+    with torch.no_grad():
+        got, want = _outputs(ours(x)), _outputs(theirs(x))
+    for g, w in zip(got, want):
+        assert w.isnan().any() and torch.equal(g.isnan(), w.isnan())
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_without_initial_state_and_unbatched(family):
     options = dict(input_size=4, hidden_size=6, num_layers=2, **({"proj_size": 3} if family == "lstm" else {}))
