@@ -23,8 +23,9 @@ from helpers import assert_rule
 
 NAN, INF = float("nan"), float("inf")
 F32, F64 = torch.float32, torch.float64
-# (backend, dtype) pairs: the CPU kernels in both dtypes; Triton (interpreter: slow) in float32 only.
-BACKENDS = [("cpu", F64), ("cpu", F32), ("triton", F32)]
+# (backend, dtype) pairs: the CPU kernels in both dtypes; Triton (interpreter: slow) and the pure-PyTorch
+# reference (what runs when the C++ kernels could not be built, and on devices no kernel serves) in float32.
+BACKENDS = [("cpu", F64), ("cpu", F32), ("triton", F32), ("reference", F32)]
 BACKEND_IDS = [f"{b}-{str(d)[6:]}" for b, d in BACKENDS]
 
 

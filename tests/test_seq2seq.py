@@ -169,6 +169,31 @@ def test_beam_search_of_width_one_is_greedy_decoding(options):
     torch.testing.assert_close(beam.attention, greedy.attention, rtol=1e-6, atol=1e-6)
 
 
+class _GreedyDecoder(torch.nn.Module):
+    def __init__(self, model: Seq2Seq):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src, lengths, max_len):
+        return self.model.greedy_decode(src, lengths, max_len)
+
+
+def test_decoding_reads_the_current_decoder_weights():
+    """torch.func.functional_call swaps parameters for one call: decoding must read the swapped ones (the decoder's
+    _flat_weights list still holds the module's own), as the same model with those weights loaded does."""
+    model, other = build().eval(), build().eval()
+    torch.manual_seed(1)
+    other.decoder.reset_parameters()
+    src, lengths, _, _ = batch(rows=3)
+    swapped = {f"model.decoder.{name}": p for name, p in other.decoder.named_parameters()}
+    with torch.no_grad():
+        got = torch.func.functional_call(_GreedyDecoder(model), swapped, (src, lengths, 7), strict=False)
+        model.decoder.load_state_dict(other.decoder.state_dict())
+        expected = model.greedy_decode(src, lengths, max_len=7)
+    torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=0)
+    torch.testing.assert_close(got.tokens, expected.tokens, rtol=0, atol=0)
+
+
 def test_greedy_scores_are_the_log_probability_of_the_decoded_tokens():
     """Teacher-forcing the decoded tokens gives back their log-probability and their attention weights."""
     model = build(input_feeding=True).eval()

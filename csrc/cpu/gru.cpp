@@ -7,7 +7,7 @@
 // the input GEMM; b_hn stays in the cell (it is scaled by r).
 //
 // Everything but the cell's pointwise math is the shared layer engine of recurrence_layer.h: the input
-// projection for all steps in one GEMM, the persistent time loop (a thread owns hidden units j and all
+// projection for all steps, the persistent time loop (a thread owns hidden units j and all
 // three W_hh rows r_j, z_j, n_j, so its update is thread-local: one barrier per step), the backward loop
 // and the weight gradients as GEMMs over all T*B rows.
 #include <ATen/ATen.h>
@@ -28,23 +28,25 @@ struct GruCell {
   static constexpr int kWorkspaceBlocks = 4;     // r, z, n, hn: ops.cpp's workspace layout
   static constexpr bool kSameGateGrads = false;  // d(x_n) = d_n, d(hn) = d_n * r
   static constexpr bool kDirectPath = true;      // z * h_{t-1}
+  static constexpr int kStates = 1;              // h
+  static constexpr bool kProjectable = false;
   bool bf16_state_ok() const { return true; }
 
   template <typename A>
   struct Grad {
     Simd<A> d_r, d_z, d_n, d_hn;  // gradients of the pre-activations; d_hn that of hn = h W_hn^T + b_hn
-    Simd<A> d_h_prev;             // through z * h_{t-1} only
+    States<A, 1> d_prev;          // of h_{t-1} through z * h_{t-1} only
   };
 
   template <typename A, typename In, typename Ws>
-  Simd<A> forward(const StepIn<A, In, Ws>& in, Simd<A> h_prev) const {
+  States<A, 1> forward(const StepIn<A, In, Ws>& in, const States<A, 1>& prev) const {
     const int n = in.n;
     Simd<A> x_r = load<A>(in.gates_x, n), x_z = load<A>(in.gates_x + in.x_stride, n),
             x_n = load<A>(in.gates_x + 2 * in.x_stride, n);
     if (in.bias_x) {
       x_r += load<A>(in.bias_x, n);
-      x_z += load<A>(in.bias_x + in.x_stride, n);
-      x_n += load<A>(in.bias_x + 2 * in.x_stride, n);
+      x_z += load<A>(in.bias_x + in.stride, n);
+      x_n += load<A>(in.bias_x + 2 * in.stride, n);
     }
     Simd<A> hn = load<A>(in.gates_h + 2 * in.h_stride, n);
     if (in.recurrent_bias) hn += load<A>(in.recurrent_bias, n);
@@ -53,22 +55,23 @@ struct GruCell {
     const Simd<A> cand = tanh_accurate(fmadd(r, hn, x_n));
     if (in.workspace) {
       store(in.workspace, r, n);
-      store(in.workspace + in.x_stride, z, n);
-      store(in.workspace + 2 * in.x_stride, cand, n);
-      store(in.workspace + 3 * in.x_stride, hn, n);
+      store(in.workspace + in.stride, z, n);
+      store(in.workspace + 2 * in.stride, cand, n);
+      store(in.workspace + 3 * in.stride, hn, n);
     }
-    return fmadd(z, h_prev - cand, cand);  // (1 - z) n + z h
+    return {fmadd(z, prev[0] - cand, cand)};  // (1 - z) n + z h
   }
 
   template <typename A, typename S>
-  Grad<A> grad(const GradIn<S>& in, Simd<A> d_h) const {
+  Grad<A> grad(const GradIn<S, 1>& in, const States<A, 1>& d) const {
     const int n = in.n;
     const A one = 1;
+    const Simd<A> d_h = d[0];
     const Simd<A> r = load<A>(in.workspace, n), z = load<A>(in.workspace + in.stride, n),
                   cand = load<A>(in.workspace + 2 * in.stride, n), hn = load<A>(in.workspace + 3 * in.stride, n);
     const Simd<A> d_n = d_h * (one - z) * (one - cand * cand);
-    const Simd<A> d_z = d_h * (load<A>(in.h_prev, n) - cand) * z * (one - z);
-    return {d_n * hn * r * (one - r), d_z, d_n, d_n * r, d_h * z};
+    const Simd<A> d_z = d_h * (load<A>(in.prev[0], n) - cand) * z * (one - z);
+    return {d_n * hn * r * (one - r), d_z, d_n, d_n * r, {d_h * z}};
   }
 
   /// Rows [d_r | d_z | d_n] of the gradient of x W_ih^T and [d_r | d_z | d_hn] of that of h W_hh^T, two
@@ -105,9 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   at::Tensor workspace = save_workspace ? at::empty({d.seq_len, d.batch, GruCell::kWorkspaceBlocks * d.hidden}, input.options())
                                         : at::empty({0}, input.options());
   const auto [input_bias, recurrent_bias] = split_biases(b_ih, b_hh, d.hidden);
-  const auto [output, h_n] = layer_forward(GruCell{}, d, input, h0.contiguous(), w_ih, w_hh, input_bias, recurrent_bias,
-                                           make_schedule(d, sizes, reverse), save_workspace ? workspace : at::Tensor());
-  return {output, h_n, workspace};
+  const auto out = layer_forward(GruCell{}, d, input, {h0.contiguous()}, {w_ih, w_hh, {}, input_bias, recurrent_bias},
+                                 make_schedule(d, sizes, reverse), save_workspace, workspace);
+  return {out.output, out.last[0], workspace};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
@@ -122,10 +125,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   kCheck.tensor(workspace, input, {T, B, GruCell::kWorkspaceBlocks * H},
                 "workspace (from gru_forward with save_workspace=True)");
   const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, T, B);
-  const LayerGrads g = layer_backward(GruCell{}, d, grad_output, grad_h_n, input, h0, w_ih, w_hh, output, workspace,
-                                      make_schedule(d, sizes, reverse), has_bias);
+  const LayerGrads g = layer_backward(GruCell{}, d, grad_output, {grad_h_n}, input, {h0}, w_ih, w_hh, at::Tensor(),
+                                      output, workspace, {}, make_schedule(d, sizes, reverse), has_bias);
   const at::Tensor no_bias = at::empty({0}, input.options());
-  return {g.input, g.h0, g.w_ih, g.w_hh, has_bias ? g.b_ih : no_bias, has_bias ? g.b_hh : no_bias.clone()};
+  return {g.input, g.initial[0], g.w_ih, g.w_hh, has_bias ? g.b_ih : no_bias, has_bias ? g.b_hh : no_bias.clone()};
 }
 
 std::tuple<at::Tensor, at::Tensor> gru_cell_forward_cpu(const at::Tensor& gates_x, const at::Tensor& gates_h,
@@ -139,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward_cpu(const at::Tensor& gates_
   kCheck.biases(b_ih, b_hh, 3 * H, hx);
   const auto [bias_x, recurrent_bias] = split_biases(b_ih, b_hh, H);
   at::Tensor workspace = at::empty({B, GruCell::kWorkspaceBlocks * H}, hx.options());
-  const at::Tensor hy = cell_forward(GruCell{}, gates_x.contiguous(), gates_h.contiguous(), hx.contiguous(), bias_x,
-                                     recurrent_bias, workspace);
-  return {hy, workspace};
+  const auto next = cell_forward(GruCell{}, gates_x.contiguous(), gates_h.contiguous(), {hx.contiguous()}, bias_x,
+                                 recurrent_bias, workspace);
+  return {next[0], workspace};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_cell_backward_cpu(
@@ -152,12 +155,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_cell_
   kCheck.tensor(grad_hy, hx, {B, H}, "grad_hy");
   kCheck.tensor(workspace, hx, {B, GruCell::kWorkspaceBlocks * H}, "workspace");
   // The gate gradients stay in the accumulation dtype until the bias gradients have summed them.
-  const auto [d_x, d_h, grad_hx] =
-      cell_backward(GruCell{}, grad_hy.contiguous(), workspace.contiguous(), hx.contiguous(), at::Tensor());
+  const auto g = cell_backward(GruCell{}, {grad_hy.contiguous()}, workspace.contiguous(), {hx.contiguous()}, {});
   const auto dtype = hx.scalar_type();
   const at::Tensor no_bias = at::empty({0}, hx.options());
-  return {d_x.to(dtype), d_h.to(dtype), grad_hx, has_bias ? d_x.sum(0).to(dtype) : no_bias,
-          has_bias ? d_h.sum(0).to(dtype) : no_bias.clone()};
+  return {g.d_gates_x.to(dtype), g.d_gates_h.to(dtype), g.d_prev[0], has_bias ? g.d_gates_x.sum(0).to(dtype) : no_bias,
+          has_bias ? g.d_gates_h.sum(0).to(dtype) : no_bias.clone()};
 }
 
 }  // namespace

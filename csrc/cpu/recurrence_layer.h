@@ -1,18 +1,27 @@
 // The layer engine every recurrent cell shares: the time schedule (batch_sizes, reverse), the per-thread
-// slices of the recurrent GEMM, the persistent forward and backward time loops, and the batched weight
-// gradients after the loop. It is parameterized by a Cell (see "Cell interface" below); csrc/cpu/gru.cpp
-// and csrc/cpu/rnn.cpp plug in GruCell and ElmanCell. Built on simd.h (vectors, activations),
-// gemm_packed.h (micro-kernel), team.h (persistent team, barrier) and arg_checks.h.
+// slices of the recurrent GEMMs, the persistent forward and backward time loops, the weight gradients and
+// the cell ops' row loops. It is parameterized by a Cell (see "Cell interface" below): csrc/cpu/lstm.cpp,
+// gru.cpp and rnn.cpp plug in LstmCell, GruCell and ElmanCell, which hold only their pointwise math.
+// Options are compile-time flags of the loops (LoopOptions: bias, saved workspace, projection), chosen
+// from the call's runtime bools by flag_switch, so an absent option costs no branch in the inner loops.
+// Built on simd.h (vectors, activations), gemm_packed.h / gemm_bf16.h (micro-kernels, through
+// Slice::multiply), team.h (persistent team, barrier) and arg_checks.h.
 //
-// csrc/cpu/lstm.cpp keeps its own time loops (its c state and projection) but uses the pieces here that
-// are not tied to a Cell: for_each_chunk, cell_grain, check_layer_args, Schedule, Slice (with its weight
-// packing), SliceSet, loop_threads, previous_hidden and sum_of_outer_products.
+// Where the next engine-level options go (one place each, not per cell):
+//   * per-row lengths and resets (a row starts again from its initial states at some steps): one predicate
+//     in Schedule beside started_before (see there), read by the forward loop where it gathers a row's
+//     previous states (CellForwardLoop::previous_states, and the rows of h_{t-1} its GEMM reads) and by the
+//     backward through Schedule::previous_row;
+//   * zoneout (each state blended with its previous value after the step): one hook after the cell's
+//     update in CellForwardLoop::cell_phase (and, for state 0 behind a projection, projection_phase), and
+//     its mirror on the state gradients in CellBackwardLoop::cell_grad_phase.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -32,14 +41,14 @@ inline void for_each_chunk(int64_t units, const Body& body) {
   for (int64_t u = 0; u < units; u += kLanes<A>) body(u, static_cast<int>(std::min<int64_t>(kLanes<A>, units - u)));
 }
 
-/// Sizes of one layer: T steps, B rows, I inputs, H hidden units.
+/// Sizes of one layer: T steps, B rows, I inputs, H hidden units, P = state_size the width of h (the
+/// LSTM's proj_size with a projection, else H).
 struct LayerShape {
-  int64_t seq_len, batch, input_size, hidden;
+  int64_t seq_len, batch, input_size, hidden, state_size;
 };
 
-/// Checks input (T,B,I), w_ih (gates*H, I), w_hh (gates*H, P), h0 (B,P) and returns the sizes they imply.
-/// P = H, except with the LSTM's projection w_hr (P,H), which makes h P wide (lstm.cpp passes it here so
-/// that one function checks every layer's shared arguments).
+/// Checks input (T,B,I), w_ih (gates*H, I), w_hh (gates*H, P), h0 (B,P) and, if given, the projection
+/// w_hr (P,H); returns the sizes they imply.
 inline LayerShape check_layer_args(const ArgChecker& check, int gates, const at::Tensor& input, const at::Tensor& h0,
                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
                                    const std::optional<at::Tensor>& w_hr = std::nullopt) {
@@ -47,8 +56,9 @@ inline LayerShape check_layer_args(const ArgChecker& check, int gates, const at:
   TORCH_CHECK(input.dim() == 3, "seqkern ", check.op, " (CPU): input must be (T, B, input_size), got ", input.sizes());
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % gates == 0, "seqkern ", check.op, " (CPU): w_ih must be (", gates,
               "*hidden, input_size), got ", w_ih.sizes());
-  const LayerShape d{input.size(0), input.size(1), input.size(2), w_ih.size(0) / gates};
-  const int64_t state_size = w_hr.has_value() ? w_hr->size(0) : d.hidden;
+  const int64_t hidden = w_ih.size(0) / gates;
+  const int64_t state_size = w_hr.has_value() ? w_hr->size(0) : hidden;
+  const LayerShape d{input.size(0), input.size(1), input.size(2), hidden, state_size};
   check.tensor(w_ih, input, {gates * d.hidden, d.input_size}, "w_ih");
   check.tensor(w_hh, input, {gates * d.hidden, state_size}, "w_hh");
   check.tensor(h0, input, {d.batch, state_size}, "h0");
@@ -70,7 +80,8 @@ struct Schedule {
   int64_t active(int64_t t) const { return batch_sizes ? batch_sizes[t] : batch; }
   /// The time index of backward step `step` (the forward's steps in reverse).
   int64_t backward_time(int64_t step) const { return time(seq_len - 1 - step); }
-  /// Whether row b had already started before time t in processing order (else it starts from h0 at t).
+  /// Whether row b had already started before time t in processing order (else it starts from its initial
+  /// states at t). Resets join here: `&& !resets(t, b)`, one predicate for every cell and both loops.
   bool started_before(int64_t t, int64_t b) const {
     const int64_t prev_t = reverse ? t + 1 : t - 1;
     return prev_t >= 0 && prev_t < seq_len && b < active(prev_t);
@@ -195,44 +206,95 @@ inline int loop_threads(int64_t macs_per_step, int64_t hidden, int64_t lanes) {
 }
 
 // ================================================================================================
-// Cell interface. A Cell (GruCell in gru.cpp, ElmanCell in rnn.cpp) provides, A = accumulation dtype:
+// Compile-time options of the loops.
+// ================================================================================================
+/// A loop's options as compile-time flags: kBias (the layer has biases), kSaveWorkspace (the forward saves
+/// what the backward reads), kProjection (the LSTM's w_hr: h = (cell output) W_hr^T, P wide).
+template <bool Bias, bool SaveWorkspace, bool Projection>
+struct LoopOptions {
+  static constexpr bool kBias = Bias, kSaveWorkspace = SaveWorkspace, kProjection = Projection;
+};
+
+/// Calls f(std::true_type) if `value`, else f(std::false_type): a runtime bool made a compile-time flag
+/// (FlashAttention's BOOL_SWITCH). With kPossible false only the false branch is instantiated (value
+/// must then be false): a cell that cannot have an option compiles no loop for it.
+template <bool kPossible = true, typename F>
+void flag_switch(bool value, const F& f) {
+  if constexpr (kPossible) {
+    if (value) return f(std::true_type{});
+  }
+  TORCH_INTERNAL_ASSERT(!value || kPossible);
+  f(std::false_type{});
+}
+
+// ================================================================================================
+// Cell interface. A Cell (LstmCell in lstm.cpp, GruCell in gru.cpp, ElmanCell in rnn.cpp) provides,
+// A = accumulation dtype:
 //   kGates            blocks of H rows in W_ih and W_hh (torch.nn's gate order);
+//   kStates           the states it carries from step to step, each H wide per row: state 0 is h (the
+//                     cell's output, fed to the recurrent GEMM; P wide behind a projection), the others
+//                     are private to the cell's units (the LSTM's c); the engine stores, carries, saves and
+//                     differentiates them all alike, as States<A, kStates> arrays;
 //   kWorkspaceBlocks  blocks of H the forward saves per row for the backward (0: none);
-//   kSameGateGrads    whether the gradients of x W_ih^T and of h W_hh^T are equal (Elman: yes; GRU: they
-//                     differ in the n gate), so that one (T, B, kGates*H) buffer serves both;
-//   kDirectPath       whether h_{t-1} reaches h_t other than through W_hh (GRU: z * h_{t-1});
+//   kSameGateGrads    whether the gradients of x W_ih^T and of h W_hh^T are equal (Elman, LSTM: yes; GRU:
+//                     they differ in the n gate), so that one (T, B, kGates*H) buffer serves both;
+//   kDirectPath       whether h_{t-1} reaches h_t other than through W_hh (GRU: z * h_{t-1}); the forward
+//                     reads state 0 pointwise only then;
+//   kProjectable      whether a projection may follow it (LSTM: yes); its Grad then has `output`, the
+//                     cell output before the projection, recomputed for the projection's weight gradient;
 //   bf16_state_ok()   whether, with bfloat16 storage, the recurrent GEMM may run on the bf16 units, i.e. read
 //                     h_{t-1} and d_gates rounded to bf16 as torch's own bf16 layers do (Elman relu: no);
-//   forward(StepIn, h_prev) -> h_t on one SIMD chunk, saving the workspace if asked;
-//   grad(GradIn, d_h) -> Grad{.., d_h_prev (the direct path)}, and
+//   forward(StepIn, States prev) -> the new States on one SIMD chunk, saving the workspace if asked
+//                     (prev[0] is loaded only with kDirectPath);
+//   grad(GradIn, States d) -> Grad{.., d_prev}: d holds the gradients of the new states, d_prev those of
+//                     the previous ones (d_prev[0]: the direct path only; the engine adds the W_hh path);
 //   store_grad(d_gates_x row, d_gates_h row, H, grad, n) (the rows alias if kSameGateGrads).
+// An option a loop does not have reaches the cell as a constant null pointer (the loops' flags are
+// compile-time and the cell's math is inlined into them), so the cell's `if (in.bias_x)` costs nothing.
 // ================================================================================================
+template <typename A, int K>
+using States = std::array<Simd<A>, K>;
+
 /// What one row's forward step reads and writes at one SIMD chunk of units; every pointer is at the
-/// chunk's first unit, gate block g `stride` elements further (x_stride for gates_x, bias_x, workspace).
+/// chunk's first unit, gate block g x_stride (gates_x), h_stride (gates_h) or stride (bias_x, workspace)
+/// elements further.
 template <typename A, typename In, typename Ws>
 struct StepIn {
-  const In* gates_x;  // x W_ih^T (the layer folds input_bias into it)
+  const In* gates_x;  // x W_ih^T
   const In* gates_h;  // h W_hh^T
   int64_t x_stride, h_stride;
-  const A* bias_x;          // added to gates_x, or null
+  const A* bias_x;          // added to gates_x, or null (folded into gates_x already)
   const A* recurrent_bias;  // the cell's bias on the recurrent side (GRU: b_hn), or null
   Ws* workspace;            // null: not saved
-  int n;                    // units in the chunk
+  int64_t stride;
+  int n;  // units in the chunk
 };
 
 /// What one row's backward step reads at one SIMD chunk (pointers at the chunk's first unit; any a cell
-/// does not need may be null).
-template <typename S>
+/// does not need may be null): the saved workspace (gate block g at g * stride) and the states the step
+/// read (prev) and wrote (cur).
+template <typename S, int K>
 struct GradIn {
-  const S* workspace;  // what forward saved, gate block g at g * stride
-  const S* h_prev;     // h_{t-1}
-  const S* h;          // h_t
+  const S* workspace;
+  std::array<const S*, K> prev, cur;
   int64_t stride;
   int n;
+
+  /// The same row `u` units further, n units wide.
+  GradIn at(int64_t u, int chunk) const {
+    GradIn in = *this;
+    if (in.workspace) in.workspace += u;
+    for (int k = 0; k < K; ++k) {
+      if (in.prev[k]) in.prev[k] += u;
+      if (in.cur[k]) in.cur[k] += u;
+    }
+    in.n = chunk;
+    return in;
+  }
 };
 
 // ================================================================================================
-// Layer forward: gates_x for all steps in one GEMM, then the persistent time loop.
+// Layer forward: the input projection, then the persistent time loop.
 // ================================================================================================
 /// x W_ih^T + bias for all T*B rows of bf16 x on the bf16 units (gemm_bf16: AMX or vdpbf16ps), fp32 out
 /// (T*B, w_ih rows): W_ih packed once, row blocks in parallel, the bias (fp32, or undefined) added inside
@@ -264,6 +326,16 @@ inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_i
 }
 
 /// x W_ih^T + bias for all T*B rows in one GEMM, in the accumulation dtype, into `out` (T*B, gates*H).
+/// One GEMM before the loop (MKL's at::addmm, or the bf16 kernel above) rather than each thread projecting
+/// its own gate columns inside the team (the LSTM's old way, 105 vs 90 GFLOP/s single-thread on one
+/// 512 x 256 x 512 product): the whole forward op, one thread, process CPU time, interleaved medians
+/// (2026-12-05, Intel Xeon with AMX, machine at load 8), gemm vs in-team, T x B x H = 512 x 1 x 256 and
+/// 100 x 32 x 256, fp32 / bf16 (default bf16 path):
+///   LSTM  9.6 / 12.7 vs 11.6 / 13.8 ms,  44.7 / 45.2 vs 46.8 / 49.3 ms
+///   GRU   8.1 /  9.3 vs  9.0 /  9.7 ms,  37.2 / 32.3 vs 38.5 / 34.7 ms
+///   RNN   2.4 /  3.4 vs  3.1 /  3.4 ms,  10.0 / 13.0 vs 11.7 / 14.0 ms
+/// (the in-team projection also packs W_ih once per thread and fills a (T*B, gates*padded) scratch). Not
+/// re-measured at 2 threads: wall clock at that load measures the other jobs, not the kernels.
 inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& bias, at::Tensor& out) {
   if (use_bf16_units(input.scalar_type()) && out.size(1) % PackedPairs::kLanes == 0) {
     input_projection_bf16(input, w_ih, bias, out);
@@ -282,77 +354,145 @@ inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, co
 /// Thread k owns a slice of hidden units: the kGates rows of W_hh for those units are packed once into its
 /// micro-kernel panels and stay in its L2 for all T steps; per step it computes its gate columns
 /// (h_{t-1} @ W_hh-slice^T), then the cell's fused pointwise update of its units, thread-local since it
-/// owns every gate of each of its units. One barrier per step publishes h_t.
-template <typename Cell, typename S>
+/// owns every gate of each of its units (and their private states). One barrier per step publishes h_t.
+/// With a projection (Options::kProjection) a second phase follows behind its own barrier: thread k owns
+/// output columns p of h_t[:, p] = (cell output) W_hr[p]^T.
+template <typename Cell, typename S, typename Options>
 class CellForwardLoop {
  public:
   using A = Acc<S>;
-  static constexpr int G = Cell::kGates;
+  static constexpr int G = Cell::kGates, K = Cell::kStates;
+  static constexpr int64_t W = Cell::kWorkspaceBlocks;
+  static constexpr bool kProjection = Options::kProjection;
+  static_assert(!kProjection || (Cell::kProjectable && !Cell::kDirectPath), "a projection needs a projectable cell");
 
   struct Buffers {
-    const A* gates_x;         // (T, B, G*H) x W_ih^T + input_bias
-    const A* w_hh;            // (G*H, H)
-    const A* recurrent_bias;  // (H,) or null
-    S* output;                // (T, B, H)
-    S* workspace;             // (T, B, kWorkspaceBlocks*H) or null
-    A* h_state;               // (2, B, H): h_{t-1} and h_t alternating; [1] holds h0 on entry
+    const A* gates_x;         // (T*B, G*H) x W_ih^T + the input bias (input_projection)
+    const A* recurrent_bias;  // (H,) the cell's recurrent-side bias (GRU: b_hn) with kBias, or null
+    const A* w_hh;            // (G*H, P)
+    const A* w_hr;            // (P, H), kProjection
+    S* workspace;             // (T, B, W*H), kSaveWorkspace
+    A* h_state;               // (2, B, P): state 0 at t-1 and t alternating; [1] holds h0 on entry
+    std::array<A*, K> state;  // [k >= 1] (B, H): state k in place, the initial one on entry, the last on exit
+    std::array<S*, K> sequence;  // [0] (T, B, P) the output; [k >= 1] (T, B, H) state k per step, kSaveWorkspace
+    A* hidden;                // (B, H), kProjection: the cell output of the current step before the projection
   };
 
   CellForwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
       : cell_(cell), d_(d), sched_(sched), buf_(buf), threads_(threads),
-        slices_(d.hidden, threads, G, d.hidden, d.batch,
-                use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()) {}
+        step_slices_(d.hidden, threads, G, d.state_size, d.batch,
+                     use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()),
+        proj_slices_(kProjection ? d.state_size : 0, threads, 1, d.hidden, kProjection ? d.batch : 0,
+                     use_bf16_units(c10::CppTypeToScalarType<S>::value)) {}
 
-  /// Runs all T steps; h_n is then h_state[(T-1) & 1].
+  /// Runs all T steps; h_n is then h_state[(T-1) & 1], the other final states are in state[k].
   void run() {
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
-      for (size_t s = first; s < slices_.slices.size(); s += stride) slices_.slices[s].pack_rows(buf_.w_hh, d_.hidden);
+      const size_t slices = step_slices_.slices.size();
+      for (size_t s = first; s < slices; s += stride) prepare(s);
       for (int64_t step = 0; step < d_.seq_len; ++step) {
-        for (size_t s = first; s < slices_.slices.size(); s += stride) step_phase(slices_.slices[s], step);
+        for (size_t s = first; s < slices; s += stride) cell_phase(s, step);
+        if constexpr (kProjection) {
+          barrier.arrive_and_wait();
+          for (size_t s = first; s < slices; s += stride) projection_phase(proj_slices_.slices[s], step);
+        }
         barrier.arrive_and_wait();
       }
     });
   }
 
  private:
-  const A* h_prev(int64_t step) const { return buf_.h_state + ((step + 1) & 1) * d_.batch * d_.hidden; }
-  A* h_cur(int64_t step) const { return buf_.h_state + (step & 1) * d_.batch * d_.hidden; }
+  const A* h_prev(int64_t step) const { return buf_.h_state + ((step + 1) & 1) * d_.batch * d_.state_size; }
+  A* h_cur(int64_t step) const { return buf_.h_state + (step & 1) * d_.batch * d_.state_size; }
 
-  /// Gate columns of the slice's units, then their fused pointwise update, for step `step`.
-  void step_phase(const Slice<A>& s, int64_t step) const {
-    const int64_t t = sched_.time(step), active = sched_.active(t);
-    const int64_t B = d_.batch, H = d_.hidden, u0 = s.cols.begin;
-    constexpr int64_t W = Cell::kWorkspaceBlocks;
-    s.multiply(h_prev(step), H, active, s.scratch, s.w.width);
-    for (int64_t b = 0; b < active; ++b) {
-      const int64_t row = t * B + b, unit0 = b * H + u0;
-      for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
-        const StepIn<A, A, S> in{buf_.gates_x + row * G * H + u0 + u,
-                                 s.scratch + b * s.w.width + u,
-                                 H,
-                                 s.padded,
-                                 nullptr,
-                                 buf_.recurrent_bias ? buf_.recurrent_bias + u0 + u : nullptr,
-                                 buf_.workspace ? buf_.workspace + row * W * H + u0 + u : nullptr,
-                                 n};
-        const Simd<A> h = cell_.forward(in, load<A>(h_prev(step) + unit0 + u, n));
-        store(h_cur(step) + unit0 + u, h, n);
-        store(buf_.output + row * H + u0 + u, h, n);
-      });
-    }
-    carry_inactive_rows(s.cols, step, active);
+  /// Packs slice s's weights (one group for W_hr: column j <- row p0 + j).
+  void prepare(size_t s) {
+    step_slices_.slices[s].pack_rows(buf_.w_hh, d_.hidden);
+    if constexpr (kProjection) proj_slices_.slices[s].pack_rows(buf_.w_hr, d_.state_size);
   }
 
-  /// Inactive rows keep their hidden state and get zeros in the output and the workspace.
+  /// The states row b read at one chunk of units (state 0 only if the cell reads it pointwise).
+  /// Resets (next step) make a restarting row read its initial states here (and in the GEMM's h_{t-1} rows).
+  States<A, K> previous_states(int64_t step, int64_t b, int64_t unit, int n) const {
+    States<A, K> prev{};
+    if constexpr (Cell::kDirectPath) prev[0] = load<A>(h_prev(step) + b * d_.state_size + unit, n);
+    for (int k = 1; k < K; ++k) prev[k] = load<A>(buf_.state[k] + b * d_.hidden + unit, n);
+    return prev;
+  }
+
+  /// Gate columns of slice s's units, then their fused pointwise update, for step `step`.
+  void cell_phase(size_t s, int64_t step) const {
+    const Slice<A>& sl = step_slices_.slices[s];
+    const int64_t t = sched_.time(step), active = sched_.active(t);
+    const int64_t B = d_.batch, H = d_.hidden, u0 = sl.cols.begin;
+    sl.multiply(h_prev(step), d_.state_size, active, sl.scratch, sl.w.width);
+    for (int64_t b = 0; b < active; ++b) {
+      const int64_t row = t * B + b;
+      for_each_chunk<A>(sl.cols.size(), [&](int64_t u, int n) {
+        const int64_t unit = u0 + u;
+        const StepIn<A, A, S> in{buf_.gates_x + row * G * H + unit,
+                                 sl.scratch + b * sl.w.width + u,
+                                 H,
+                                 sl.padded,
+                                 nullptr,
+                                 Options::kBias && buf_.recurrent_bias ? buf_.recurrent_bias + unit : nullptr,
+                                 Options::kSaveWorkspace && W > 0 ? buf_.workspace + row * W * H + unit : nullptr,
+                                 H,
+                                 n};
+        const States<A, K> next = cell_.forward(in, previous_states(step, b, unit, n));
+        // Zoneout (next step) goes here: next[k] blended with previous_states' value, for every state.
+        for (int k = 1; k < K; ++k) {
+          store(buf_.state[k] + b * H + unit, next[k], n);
+          if constexpr (Options::kSaveWorkspace) store(buf_.sequence[k] + row * H + unit, next[k], n);
+        }
+        if constexpr (kProjection) {
+          store(buf_.hidden + b * H + unit, next[0], n);
+        } else {
+          emit_hidden(step, b, unit, next[0], n);
+        }
+      });
+    }
+    clear_inactive_rows(sl.cols, t, active);
+    if constexpr (!kProjection) carry_inactive_rows(sl.cols, step, active);
+  }
+
+  /// h_t[:, slice] = (cell output) @ W_hr[slice]^T for the active rows.
+  void projection_phase(const Slice<A>& sl, int64_t step) const {
+    const int64_t active = sched_.active(sched_.time(step));
+    sl.multiply(buf_.hidden, d_.hidden, active, sl.scratch, sl.w.width);
+    for (int64_t b = 0; b < active; ++b)
+      for_each_chunk<A>(sl.cols.size(), [&](int64_t u, int n) {
+        // Zoneout of state 0 behind a projection goes here (blended with h_prev).
+        emit_hidden(step, b, sl.cols.begin + u, load<A>(sl.scratch + b * sl.w.width + u), n);
+      });
+    carry_inactive_rows(sl.cols, step, active);
+  }
+
+  /// Row b's new h at columns [p, p+n): into the recurrent state and the output.
+  void emit_hidden(int64_t step, int64_t b, int64_t p, Simd<A> h, int n) const {
+    const int64_t t = sched_.time(step), P = d_.state_size;
+    store(h_cur(step) + b * P + p, h, n);
+    store(buf_.sequence[0] + (t * d_.batch + b) * P + p, h, n);
+  }
+
+  /// Inactive rows keep their h and get zeros in the output, at columns `cols` of h.
   void carry_inactive_rows(Range cols, int64_t step, int64_t active) const {
-    const int64_t t = sched_.time(step), H = d_.hidden;
+    const int64_t t = sched_.time(step), P = d_.state_size;
     for (int64_t b = active; b < d_.batch; ++b) {
-      const int64_t row = t * d_.batch + b;
-      std::copy(h_prev(step) + b * H + cols.begin, h_prev(step) + b * H + cols.end, h_cur(step) + b * H + cols.begin);
-      fill_zero(buf_.output + row * H + cols.begin, cols.size());
-      if (buf_.workspace)
-        for (int g = 0; g < Cell::kWorkspaceBlocks; ++g)
-          fill_zero(buf_.workspace + (row * Cell::kWorkspaceBlocks + g) * H + cols.begin, cols.size());
+      std::copy(h_prev(step) + b * P + cols.begin, h_prev(step) + b * P + cols.end, h_cur(step) + b * P + cols.begin);
+      fill_zero(buf_.sequence[0] + (t * d_.batch + b) * P + cols.begin, cols.size());
+    }
+  }
+
+  /// Inactive rows keep their private states (in place) and get zeros in the workspace and the saved states.
+  void clear_inactive_rows(Range units, int64_t t, int64_t active) const {
+    if constexpr (Options::kSaveWorkspace) {
+      const int64_t H = d_.hidden;
+      for (int64_t b = active; b < d_.batch; ++b) {
+        const int64_t row = t * d_.batch + b;
+        for (int64_t g = 0; g < W; ++g) fill_zero(buf_.workspace + (row * W + g) * H + units.begin, units.size());
+        for (int k = 1; k < K; ++k) fill_zero(buf_.sequence[k] + row * H + units.begin, units.size());
+      }
     }
   }
 
@@ -361,119 +501,205 @@ class CellForwardLoop {
   Schedule sched_;
   Buffers buf_;
   int threads_;
-  SliceSet<A> slices_;
+  SliceSet<A> step_slices_, proj_slices_;
 };
 
-/// The whole layer forward: returns output (T,B,H), h_n (B,H); fills `workspace` (T,B,kWorkspaceBlocks*H)
-/// if it is defined. input_bias (G*H,) and recurrent_bias (H,) in the accumulation dtype, or undefined.
+/// A layer's weights: w_ih (G*H, I), w_hh (G*H, P), w_hr (P, H) or undefined, in the storage dtype;
+/// input_bias (G*H,) (added to x W_ih^T) and recurrent_bias (H,) (the cell's, GRU's b_hn) in the
+/// accumulation dtype, or undefined (no biases).
+struct LayerWeights {
+  at::Tensor w_ih, w_hh, w_hr, input_bias, recurrent_bias;
+};
+
+/// What a layer forward returns: output (T,B,P), the last states (state 0 (B,P), the others (B,H)) and,
+/// when the workspace is saved, the states k >= 1 at every step (T,B,H) (undefined otherwise).
+template <int K>
+struct LayerOutputs {
+  at::Tensor output;
+  std::array<at::Tensor, K> last, sequence;
+};
+
+/// The whole layer forward from the initial states (state 0 (B,P), the others (B,H)); fills `workspace`
+/// (T,B,kWorkspaceBlocks*H) and returns the states' sequences if save_workspace.
 template <typename Cell>
-std::tuple<at::Tensor, at::Tensor> layer_forward(const Cell& cell, const LayerShape& d, const at::Tensor& input,
-                                                 const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                                 const at::Tensor& input_bias, const at::Tensor& recurrent_bias,
-                                                 const Schedule& sched, at::Tensor workspace) {
-  const int64_t T = d.seq_len, B = d.batch, H = d.hidden;
-  at::Tensor output = at::empty({T, B, H}, input.options());
-  if (T == 0 || B == 0) return {output, h0.clone()};
-  const auto acc = at::toOpMathType(input.scalar_type());
-  at::Tensor gates_x = at::empty({T * B, Cell::kGates * H}, input.options().dtype(acc));
-  input_projection(input.contiguous(), w_ih, input_bias, gates_x);
-  const at::Tensor w_hh_acc = w_hh.to(acc).contiguous();
-  at::Tensor h_state = at::empty({2, B, H}, gates_x.options());
-  h_state.select(0, 1).copy_(h0);
-  const int64_t macs_per_step = B * Cell::kGates * H * H;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "seqkern_layer_forward", [&] {
+LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d, const at::Tensor& input,
+                                          const std::array<at::Tensor, Cell::kStates>& initial,
+                                          const LayerWeights& wts, const Schedule& sched, bool save_workspace,
+                                          const at::Tensor& workspace) {
+  constexpr int K = Cell::kStates;
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden, P = d.state_size;
+  const bool projection = wts.w_hr.defined(), has_bias = wts.input_bias.defined();
+  LayerOutputs<K> out;
+  out.output = at::empty({T, B, P}, input.options());
+  for (int k = 1; k < K; ++k)
+    if (save_workspace) out.sequence[k] = at::empty({T, B, H}, input.options());
+  if (T == 0 || B == 0) {
+    for (int k = 0; k < K; ++k) out.last[k] = initial[k].clone();
+    return out;
+  }
+  const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
+  const auto acc_options = input.options().dtype(acc);
+  at::Tensor gates_x = at::empty({T * B, Cell::kGates * H}, acc_options);
+  input_projection(input.contiguous(), wts.w_ih, wts.input_bias, gates_x);
+  const at::Tensor w_hh_acc = wts.w_hh.to(acc).contiguous();
+  const at::Tensor w_hr_acc = projection ? wts.w_hr.to(acc).contiguous() : at::Tensor();
+  at::Tensor h_state = at::empty({2, B, P}, acc_options);
+  h_state.select(0, 1).copy_(initial[0]);
+  std::array<at::Tensor, K> state;
+  for (int k = 1; k < K; ++k) state[k] = initial[k].to(acc, false, /*copy=*/true).contiguous();
+  const at::Tensor hidden = projection ? at::empty({B, H}, acc_options) : at::Tensor();
+  const int64_t macs_per_step = B * Cell::kGates * H * P + (projection ? B * H * P : 0);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "seqkern_layer_forward", [&] {
     using A = Acc<scalar_t>;
-    typename CellForwardLoop<Cell, scalar_t>::Buffers buf{
-        gates_x.data_ptr<A>(), w_hh_acc.data_ptr<A>(),
-        recurrent_bias.defined() ? recurrent_bias.data_ptr<A>() : nullptr, output.data_ptr<scalar_t>(),
-        workspace.defined() ? workspace.data_ptr<scalar_t>() : nullptr, h_state.data_ptr<A>()};
-    CellForwardLoop<Cell, scalar_t>(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
+    const int threads = loop_threads(macs_per_step, H, kLanes<A>);
+    flag_switch(has_bias, [&](auto bias) {
+      flag_switch<(Cell::kWorkspaceBlocks > 0 || K > 1)>(save_workspace, [&](auto save) {
+        flag_switch<Cell::kProjectable>(projection, [&](auto proj) {
+          using Options = LoopOptions<decltype(bias)::value, decltype(save)::value, decltype(proj)::value>;
+          using Loop = CellForwardLoop<Cell, scalar_t, Options>;
+          typename Loop::Buffers buf{};
+          buf.gates_x = gates_x.data_ptr<A>();
+          buf.recurrent_bias = wts.recurrent_bias.defined() ? wts.recurrent_bias.data_ptr<A>() : nullptr;
+          buf.w_hh = w_hh_acc.data_ptr<A>();
+          buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
+          buf.workspace = save && Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
+          buf.h_state = h_state.data_ptr<A>();
+          buf.sequence[0] = out.output.template data_ptr<scalar_t>();
+          for (int k = 1; k < K; ++k) {
+            buf.state[k] = state[k].template data_ptr<A>();
+            buf.sequence[k] = save ? out.sequence[k].template data_ptr<scalar_t>() : nullptr;
+          }
+          buf.hidden = projection ? hidden.data_ptr<A>() : nullptr;
+          Loop(cell, d, sched, buf, threads).run();
+        });
+      });
+    });
   });
-  return {output, h_state.select(0, (T - 1) & 1).to(input.scalar_type(), false, /*copy=*/true)};
+  out.last[0] = h_state.select(0, (T - 1) & 1).to(dtype, false, /*copy=*/true);
+  for (int k = 1; k < K; ++k) out.last[k] = state[k].to(dtype, false, /*copy=*/true);
+  return out;
 }
 
 // ================================================================================================
 // Layer backward: the persistent loop over the steps in reverse processing order, then batched GEMMs.
 // ================================================================================================
-/// Per step: the fused pointwise gradient of the thread's units (d_gates, and the direct path into
-/// d_h_prev), barrier, then d_h_prev[:, slice] += d_gates_h @ W_hh[:, slice] on the thread's columns
-/// (W_hh column slice packed and hot). Unit and column slices are the same split, so the next step's
-/// pointwise pass reads exactly the d_h columns this thread wrote: one barrier per step.
-template <typename Cell, typename S>
+/// Per step: the fused pointwise gradient of the thread's units (d_gates, the private states' gradients
+/// and the direct path into d_h_prev), barrier, then d_h_prev[:, slice] += d_gates_h @ W_hh[:, slice] on
+/// the thread's columns of h (W_hh column slice packed and hot). Without a projection unit and column
+/// slices are the same split, so the next step's pointwise pass reads exactly the d_h columns this thread
+/// wrote: one barrier per step. With one, the pointwise pass first forms d_hidden = d_h @ W_hr[:, units]
+/// from every column of d_h: a second barrier.
+template <typename Cell, typename S, typename Options>
 class CellBackwardLoop {
  public:
   using A = Acc<S>;
-  static constexpr int G = Cell::kGates;
+  static constexpr int G = Cell::kGates, K = Cell::kStates;
+  static constexpr int64_t W = Cell::kWorkspaceBlocks;
+  static constexpr bool kProjection = Options::kProjection;
 
   struct Buffers {
-    const S* grad_output;  // (T, B, H)
-    const S* output;       // (T, B, H) h_t from the forward
-    const S* workspace;    // (T, B, kWorkspaceBlocks*H) or null
-    const S* h0;           // (B, H)
-    const A* w_hh;         // (G*H, H)
-    A* d_gates_x;          // (T, B, G*H) out: gradient of x W_ih^T, zero on inactive rows
-    A* d_gates_h;          // (T, B, G*H) out: gradient of h W_hh^T (may alias d_gates_x, see kSameGateGrads)
-    A* d_h_state;          // (B, H): gradient of h at the current step (seeded by the caller); grad_h0 on exit
+    const S* grad_output;              // (T, B, P)
+    const S* workspace;                // (T, B, W*H) or null
+    std::array<const S*, K> initial;   // [0] h0 (B, P); [k] (B, H)
+    std::array<const S*, K> sequence;  // [0] the output (T, B, P); [k] (T, B, H), as the forward saved them
+    const A* w_hh;                     // (G*H, P)
+    const A* w_hr;                     // (P, H), kProjection
+    A* d_gates_x;                      // (T, B, G*H) out: gradient of x W_ih^T, zero on inactive rows
+    A* d_gates_h;                      // (T, B, G*H) out: that of h W_hh^T (may alias d_gates_x: kSameGateGrads)
+    std::array<A*, K> d_state;         // [0] (B, P), [k] (B, H): gradients of the states at the current step,
+                                       // seeded by the caller; those of the initial states on exit
+    A* d_h_all;                        // (T, B, P) out, kProjection: gradient of h_t, zero on inactive rows
+    A* hidden_all;                     // (T, B, H) out, kProjection: cell output before the projection
   };
 
   CellBackwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
       : cell_(cell), d_(d), sched_(sched), buf_(buf), threads_(threads),
-        slices_(d.hidden, threads, 1, G * d.hidden, d.batch,
-                use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()) {}
+        unit_slices_(d.hidden, threads, 1, kProjection ? d.state_size : 0, kProjection ? d.batch : 0, bf16()),
+        col_slices_(d.state_size, threads, 1, G * d.hidden, d.batch, bf16()) {}
 
   void run() {
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
-      // Column j of a slice <- column j of its units in W_hh (depth G*H).
-      for (size_t s = first; s < slices_.slices.size(); s += stride)
-        slices_.slices[s].pack_columns(buf_.w_hh, d_.hidden);
+      const size_t slices = col_slices_.slices.size();
+      // Column j of a slice <- column j of its units in W_hr (depth P) / of its columns in W_hh (depth G*H).
+      for (size_t s = first; s < slices; s += stride) {
+        if constexpr (kProjection) unit_slices_.slices[s].pack_columns(buf_.w_hr, d_.hidden);
+        col_slices_.slices[s].pack_columns(buf_.w_hh, d_.state_size);
+      }
       for (int64_t step = 0; step < d_.seq_len; ++step) {
-        for (size_t s = first; s < slices_.slices.size(); s += stride)
-          cell_grad_phase(slices_.slices[s], sched_.backward_time(step));
+        for (size_t s = first; s < slices; s += stride)
+          cell_grad_phase(unit_slices_.slices[s], sched_.backward_time(step));
         barrier.arrive_and_wait();
-        for (size_t s = first; s < slices_.slices.size(); s += stride) recurrent_phase(slices_.slices[s], step);
+        for (size_t s = first; s < slices; s += stride) recurrent_phase(col_slices_.slices[s], step);
+        if constexpr (kProjection) barrier.arrive_and_wait();
       }
     });
   }
 
  private:
-  /// Fused pointwise gradient of the slice's units at time t; the direct path goes into d_h_state.
+  bool bf16() const { return use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell_.bf16_state_ok(); }
+
+  /// Row b's GradIn at time t at unit u0 (state 0 only without a projection: behind one it is P wide).
+  GradIn<S, K> grad_in(int64_t t, int64_t b, int64_t u0) const {
+    const int64_t row = t * d_.batch + b;
+    GradIn<S, K> in{W > 0 ? buf_.workspace + row * W * d_.hidden + u0 : nullptr, {}, {}, d_.hidden, 0};
+    for (int k = kProjection ? 1 : 0; k < K; ++k) {
+      const int64_t width = k == 0 ? d_.state_size : d_.hidden;
+      if (!buf_.sequence[k]) continue;
+      in.prev[k] = sched_.previous_row(buf_.sequence[k], buf_.initial[k], t, b, width) + u0;
+      in.cur[k] = buf_.sequence[k] + row * width + u0;
+    }
+    return in;
+  }
+
+  /// Fused pointwise gradient of the slice's units at time t.
   void cell_grad_phase(const Slice<A>& s, int64_t t) const {
-    const int64_t active = sched_.active(t), B = d_.batch, H = d_.hidden, u0 = s.cols.begin;
-    constexpr int64_t W = Cell::kWorkspaceBlocks;
+    const int64_t active = sched_.active(t), B = d_.batch, H = d_.hidden, P = d_.state_size, u0 = s.cols.begin;
+    if constexpr (kProjection) s.multiply(buf_.d_state[0], P, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < active; ++b) {
       const int64_t row = t * B + b;
-      const S* h_prev = sched_.previous_row(buf_.output, buf_.h0, t, b, H) + u0;
-      A* d_h = buf_.d_h_state + b * H + u0;
+      const GradIn<S, K> in = grad_in(t, b, u0);
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
-        const GradIn<S> in{buf_.workspace ? buf_.workspace + row * W * H + u0 + u : nullptr, h_prev + u,
-                           buf_.output + row * H + u0 + u, H, n};
-        const auto grad = cell_.template grad<A>(in, load<A>(d_h + u, n));
-        cell_.store_grad(buf_.d_gates_x + row * G * H + u0 + u, buf_.d_gates_h + row * G * H + u0 + u, H, grad, n);
-        if constexpr (Cell::kDirectPath) store(d_h + u, grad.d_h_prev, n);
+        const int64_t unit = u0 + u;
+        States<A, K> d;
+        d[0] = kProjection ? load<A>(s.scratch + b * s.w.width + u) : load<A>(buf_.d_state[0] + b * P + unit, n);
+        for (int k = 1; k < K; ++k) d[k] = load<A>(buf_.d_state[k] + b * H + unit, n);
+        const auto grad = cell_.template grad<A>(in.at(u, n), d);
+        cell_.store_grad(buf_.d_gates_x + row * G * H + unit, buf_.d_gates_h + row * G * H + unit, H, grad, n);
+        if constexpr (Cell::kDirectPath) store(buf_.d_state[0] + b * P + unit, grad.d_prev[0], n);
+        for (int k = 1; k < K; ++k) store(buf_.d_state[k] + b * H + unit, grad.d_prev[k], n);
+        if constexpr (kProjection) store(buf_.hidden_all + row * H + unit, grad.output, n);
       });
     }
-    for (int64_t b = active; b < B; ++b)
+    for (int64_t b = active; b < B; ++b) {
+      const int64_t row = t * B + b;
       for (int g = 0; g < G; ++g) {
-        fill_zero(buf_.d_gates_x + ((t * B + b) * G + g) * H + u0, s.cols.size());
-        if (!Cell::kSameGateGrads) fill_zero(buf_.d_gates_h + ((t * B + b) * G + g) * H + u0, s.cols.size());
+        fill_zero(buf_.d_gates_x + (row * G + g) * H + u0, s.cols.size());
+        if (!Cell::kSameGateGrads) fill_zero(buf_.d_gates_h + (row * G + g) * H + u0, s.cols.size());
       }
+      if constexpr (kProjection) fill_zero(buf_.hidden_all + row * H + u0, s.cols.size());
+    }
   }
 
   /// d_h for the next backward step at the slice's columns: d_gates_h(t) @ W_hh (+ the direct path) on the
   /// rows active at t (inactive rows carry theirs), plus grad_output of the next step's time on its active rows.
   void recurrent_phase(const Slice<A>& s, int64_t step) const {
-    const int64_t t = sched_.backward_time(step), active = sched_.active(t), B = d_.batch, H = d_.hidden;
+    const int64_t t = sched_.backward_time(step), active = sched_.active(t), B = d_.batch, P = d_.state_size;
     const bool has_next = step + 1 < d_.seq_len;
     const int64_t next_t = has_next ? sched_.backward_time(step + 1) : 0;
     const int64_t next_active = has_next ? sched_.active(next_t) : 0;
-    s.multiply(buf_.d_gates_h + t * B * G * H, G * H, active, s.scratch, s.w.width);
+    s.multiply(buf_.d_gates_h + t * B * G * d_.hidden, G * d_.hidden, active, s.scratch, s.w.width);
     for (int64_t b = 0; b < B; ++b) {
-      A* d_h = buf_.d_h_state + b * H + s.cols.begin;
+      A* d_h = buf_.d_state[0] + b * P + s.cols.begin;
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
         Simd<A> v = load<A>(d_h + u, n);
-        if (b < active) v = Cell::kDirectPath ? v + load<A>(s.scratch + b * s.w.width + u) : load<A>(s.scratch + b * s.w.width + u);
-        if (b < next_active) v += load<A>(buf_.grad_output + (next_t * B + b) * H + s.cols.begin + u, n);
+        if (b < active) {
+          const Simd<A> through_w_hh = load<A>(s.scratch + b * s.w.width + u);
+          v = Cell::kDirectPath ? v + through_w_hh : through_w_hh;
+        }
+        if (b < next_active) v += load<A>(buf_.grad_output + (next_t * B + b) * P + s.cols.begin + u, n);
         store(d_h + u, v, n);
+        if constexpr (kProjection)
+          if (has_next) store(buf_.d_h_all + (next_t * B + b) * P + s.cols.begin + u, b < next_active ? v : Simd<A>{}, n);
       });
     }
   }
@@ -483,7 +709,7 @@ class CellBackwardLoop {
   Schedule sched_;
   Buffers buf_;
   int threads_;
-  SliceSet<A> slices_;
+  SliceSet<A> unit_slices_, col_slices_;
 };
 
 /// The hidden state each step read, (T*B, H) in dtype `acc`: h0 at the first step, the previous step's
@@ -557,51 +783,88 @@ inline at::Tensor input_gradient(const at::Tensor& d_gates, const at::Tensor& w_
   return at::mm(d_gates, w_ih.to(d_gates.scalar_type())).to(dtype);
 }
 
-/// Gradients of one layer, in the storage dtype; the bias ones undefined unless has_bias.
+/// Gradients of one layer, in the storage dtype: of the input, of each initial state (in the cell's state
+/// order), of the weights; the bias ones undefined unless has_bias, w_hr's unless there is a projection.
 struct LayerGrads {
-  at::Tensor input, h0, w_ih, w_hh, b_ih, b_hh;
+  at::Tensor input;
+  std::vector<at::Tensor> initial;
+  at::Tensor w_ih, w_hh, b_ih, b_hh, w_hr;
 };
 
-/// The whole layer backward (shapes checked by the caller): the persistent loop for d_gates and grad_h0,
-/// then grad_input, grad_w_ih, grad_w_hh as GEMMs over all T*B rows and the biases as column sums.
+/// The whole layer backward (shapes checked by the caller) from the gradients of the output and of the last
+/// states: the persistent loop for d_gates and the initial states' gradients, then grad_input, grad_w_ih,
+/// grad_w_hh (and grad_w_hr) as GEMMs over all T*B rows and the biases as column sums. `sequence` holds the
+/// forward's saved states k >= 1 (T,B,H); w_hr is undefined without a projection.
 template <typename Cell>
 LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tensor& grad_output_,
-                          const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0_,
-                          const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output_,
-                          const at::Tensor& workspace_, const Schedule& sched, bool has_bias) {
-  const int64_t T = d.seq_len, B = d.batch, H = d.hidden;
+                          const std::array<at::Tensor, Cell::kStates>& grad_last, const at::Tensor& input,
+                          const std::array<at::Tensor, Cell::kStates>& initial_, const at::Tensor& w_ih,
+                          const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& output_,
+                          const at::Tensor& workspace_, const std::array<at::Tensor, Cell::kStates>& sequence_,
+                          const Schedule& sched, bool has_bias) {
+  constexpr int K = Cell::kStates;
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden, P = d.state_size;
+  const bool projection = w_hr.defined();
   const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
+  const auto acc_options = input.options().dtype(acc);
   // Both written in full by the loop (zeros on inactive rows).
-  at::Tensor d_gates_x = at::empty({T * B, Cell::kGates * H}, input.options().dtype(acc));
+  at::Tensor d_gates_x = at::empty({T * B, Cell::kGates * H}, acc_options);
   at::Tensor d_gates_h = Cell::kSameGateGrads ? d_gates_x : at::empty_like(d_gates_x);
-  at::Tensor d_h_state = grad_h_n.to(acc).contiguous().clone();
-  const at::Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous(), h0 = h0_.contiguous();
+  at::Tensor d_h_all = projection ? at::empty({T, B, P}, acc_options) : at::Tensor();
+  at::Tensor hidden_all = projection ? at::empty({T, B, H}, acc_options) : at::Tensor();
+  const at::Tensor x_rows = input.reshape({T * B, d.input_size}).to(acc).contiguous();
+  const at::Tensor h_rows = previous_hidden(output_, initial_[0], sched, acc);
+  std::array<at::Tensor, K> d_state, initial, sequence;
+  for (int k = 0; k < K; ++k) {
+    d_state[k] = grad_last[k].to(acc, false, /*copy=*/true).contiguous();
+    initial[k] = initial_[k].contiguous();
+    sequence[k] = k == 0 ? output_.contiguous() : sequence_[k].contiguous();
+  }
+  const at::Tensor grad_output = grad_output_.contiguous();
   if (T > 0 && B > 0) {
     // Seed d_h for the first backward step: grad_h_n plus that step's grad_output on its active rows.
     const int64_t first_t = sched.time(T - 1), first_active = sched.active(first_t);
-    d_h_state.narrow(0, 0, first_active).add_(grad_output.select(0, first_t).narrow(0, 0, first_active));
+    d_state[0].narrow(0, 0, first_active).add_(grad_output.select(0, first_t).narrow(0, 0, first_active));
+    if (projection) {
+      d_h_all.select(0, first_t).zero_();
+      d_h_all.select(0, first_t).narrow(0, 0, first_active).copy_(d_state[0].narrow(0, 0, first_active));
+    }
     const at::Tensor workspace = workspace_.contiguous();
     const at::Tensor w_hh_acc = w_hh.to(acc).contiguous();
-    const int64_t macs_per_step = B * Cell::kGates * H * H;
+    const at::Tensor w_hr_acc = projection ? w_hr.to(acc).contiguous() : at::Tensor();
+    const int64_t macs_per_step = B * Cell::kGates * H * P + (projection ? B * H * P : 0);
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "seqkern_layer_backward", [&] {
       using A = Acc<scalar_t>;
-      typename CellBackwardLoop<Cell, scalar_t>::Buffers buf{
-          grad_output.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
-          Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr, h0.data_ptr<scalar_t>(),
-          w_hh_acc.data_ptr<A>(), d_gates_x.data_ptr<A>(), d_gates_h.data_ptr<A>(), d_h_state.data_ptr<A>()};
-      CellBackwardLoop<Cell, scalar_t>(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
+      flag_switch<Cell::kProjectable>(projection, [&](auto proj) {
+        using Loop = CellBackwardLoop<Cell, scalar_t, LoopOptions<true, true, decltype(proj)::value>>;
+        typename Loop::Buffers buf{};
+        buf.grad_output = grad_output.data_ptr<scalar_t>();
+        buf.workspace = Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
+        for (int k = 0; k < K; ++k) {
+          buf.initial[k] = initial[k].template data_ptr<scalar_t>();
+          buf.sequence[k] = sequence[k].template data_ptr<scalar_t>();
+          buf.d_state[k] = d_state[k].template data_ptr<A>();
+        }
+        buf.w_hh = w_hh_acc.data_ptr<A>();
+        buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
+        buf.d_gates_x = d_gates_x.data_ptr<A>();
+        buf.d_gates_h = d_gates_h.data_ptr<A>();
+        buf.d_h_all = projection ? d_h_all.data_ptr<A>() : nullptr;
+        buf.hidden_all = projection ? hidden_all.data_ptr<A>() : nullptr;
+        Loop(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
+      });
     });
   }
-  const at::Tensor x_rows = input.reshape({T * B, d.input_size});
   LayerGrads grads;
   grads.input = input_gradient(d_gates_x, w_ih, dtype).view({T, B, d.input_size});
-  grads.h0 = d_h_state.to(dtype, false, /*copy=*/true);
-  grads.w_ih = weight_gradient(d_gates_x, x_rows.to(acc), dtype);
-  grads.w_hh = weight_gradient(d_gates_h, previous_hidden(output, h0, sched, acc), dtype);
+  for (int k = 0; k < K; ++k) grads.initial.push_back(d_state[k].to(dtype, false, /*copy=*/true));
+  grads.w_ih = weight_gradient(d_gates_x, x_rows, dtype);
+  grads.w_hh = weight_gradient(d_gates_h, h_rows, dtype);
   if (has_bias) {
     grads.b_ih = d_gates_x.sum(0).to(dtype);
     grads.b_hh = d_gates_h.sum(0).to(dtype);
   }
+  if (projection) grads.w_hr = weight_gradient(d_h_all.view({T * B, P}), hidden_all.view({T * B, H}), dtype);
   return grads;
 }
 
@@ -611,69 +874,101 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
 /// Rows per at::parallel_for task: about 16K units of pointwise work each.
 inline int64_t cell_grain(int64_t hidden) { return std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, hidden)); }
 
-/// hy (B,H) of one cell step; gates_x, gates_h (B, G*H) contiguous, hx (B,H) or undefined (a cell without
-/// kDirectPath reads none), bias_x (G*H,) / recurrent_bias (H,) in the accumulation dtype or undefined;
-/// workspace (B, kWorkspaceBlocks*H) filled if defined.
+/// The new states (B,H each) of one cell step; gates_x, gates_h (B, G*H) contiguous; prev[k] (B,H) the states
+/// the step reads (state 0 only with kDirectPath; undefined otherwise); bias_x (G*H,) / recurrent_bias (H,) in
+/// the accumulation dtype or undefined; workspace (B, kWorkspaceBlocks*H) filled if defined.
 template <typename Cell>
-at::Tensor cell_forward(const Cell& cell, const at::Tensor& gates_x, const at::Tensor& gates_h, const at::Tensor& hx,
-                        const at::Tensor& bias_x, const at::Tensor& recurrent_bias, at::Tensor workspace) {
+std::array<at::Tensor, Cell::kStates> cell_forward(const Cell& cell, const at::Tensor& gates_x,
+                                                   const at::Tensor& gates_h,
+                                                   const std::array<at::Tensor, Cell::kStates>& prev,
+                                                   const at::Tensor& bias_x, const at::Tensor& recurrent_bias,
+                                                   at::Tensor workspace) {
+  constexpr int K = Cell::kStates;
   const int64_t B = gates_x.size(0), H = gates_x.size(1) / Cell::kGates;
-  at::Tensor hy = at::empty({B, H}, gates_x.options());
+  std::array<at::Tensor, K> next;
+  for (int k = 0; k < K; ++k) next[k] = at::empty({B, H}, gates_x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gates_x.scalar_type(), "seqkern_cell_forward", [&] {
     using A = Acc<scalar_t>;
     constexpr int64_t G = Cell::kGates, W = Cell::kWorkspaceBlocks;
     const scalar_t *gx = gates_x.data_ptr<scalar_t>(), *gh = gates_h.data_ptr<scalar_t>();
-    const scalar_t* h = hx.defined() ? hx.data_ptr<scalar_t>() : nullptr;
+    std::array<const scalar_t*, K> prev_data{};
+    std::array<scalar_t*, K> next_data{};
+    for (int k = 0; k < K; ++k) {
+      prev_data[k] = prev[k].defined() ? prev[k].template data_ptr<scalar_t>() : nullptr;
+      next_data[k] = next[k].template data_ptr<scalar_t>();
+    }
     const A* bx = bias_x.defined() ? bias_x.data_ptr<A>() : nullptr;
     const A* bh = recurrent_bias.defined() ? recurrent_bias.data_ptr<A>() : nullptr;
     scalar_t* ws = workspace.defined() ? workspace.data_ptr<scalar_t>() : nullptr;
-    scalar_t* out = hy.data_ptr<scalar_t>();
     at::parallel_for(0, B, cell_grain(H), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
         for_each_chunk<A>(H, [&](int64_t u, int n) {
           const StepIn<A, scalar_t, scalar_t> in{gx + b * G * H + u, gh + b * G * H + u, H, H,
                                                  bx ? bx + u : nullptr, bh ? bh + u : nullptr,
-                                                 ws ? ws + b * W * H + u : nullptr, n};
-          store(out + b * H + u, cell.forward(in, h ? load<A>(h + b * H + u, n) : Simd<A>{}), n);
+                                                 ws ? ws + b * W * H + u : nullptr, H, n};
+          States<A, K> p{};
+          for (int k = 0; k < K; ++k)
+            if (prev_data[k]) p[k] = load<A>(prev_data[k] + b * H + u, n);
+          const States<A, K> s = cell.forward(in, p);
+          for (int k = 0; k < K; ++k) store(next_data[k] + b * H + u, s[k], n);
         });
     });
   });
-  return hy;
+  return next;
 }
 
-/// Gradients of one cell step: of gates_x and of gates_h (B, kGates*H, the same tensor if kSameGateGrads)
-/// in the accumulation dtype and, with kDirectPath, the direct-path gradient of hx (B,H) in the storage dtype. grad_hy (B,H); workspace, hx, hy as GradIn
-/// wants them (undefined if the cell does not read them).
+/// Gradients of one cell step: of gates_x and of gates_h (B, kGates*H, the same tensor if kSameGateGrads) in
+/// the accumulation dtype, and of the previous states (B,H) in the storage dtype (state 0 only with
+/// kDirectPath: its W_hh path is the caller's GEMM). grad_next[k] (B,H) the gradients of the new states;
+/// workspace, prev and next states as GradIn wants them (undefined if the cell does not read them).
 template <typename Cell>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_backward(const Cell& cell, const at::Tensor& grad_hy, const at::Tensor& workspace,
-                                                 const at::Tensor& hx, const at::Tensor& hy) {
-  const int64_t B = grad_hy.size(0), H = grad_hy.size(1);
-  const auto acc = at::toOpMathType(grad_hy.scalar_type());
-  at::Tensor d_gates_x = at::empty({B, Cell::kGates * H}, grad_hy.options().dtype(acc));
-  at::Tensor d_gates_h = Cell::kSameGateGrads ? d_gates_x : at::empty_like(d_gates_x);
-  at::Tensor grad_hx = Cell::kDirectPath ? at::empty({B, H}, grad_hy.options()) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_hy.scalar_type(), "seqkern_cell_backward", [&] {
+struct CellGrads {
+  at::Tensor d_gates_x, d_gates_h;
+  std::array<at::Tensor, Cell::kStates> d_prev;
+};
+
+template <typename Cell>
+CellGrads<Cell> cell_backward(const Cell& cell, const std::array<at::Tensor, Cell::kStates>& grad_next,
+                              const at::Tensor& workspace, const std::array<at::Tensor, Cell::kStates>& prev,
+                              const std::array<at::Tensor, Cell::kStates>& next) {
+  constexpr int K = Cell::kStates;
+  const int64_t B = grad_next[0].size(0), H = grad_next[0].size(1);
+  const auto acc = at::toOpMathType(grad_next[0].scalar_type());
+  CellGrads<Cell> out;
+  out.d_gates_x = at::empty({B, Cell::kGates * H}, grad_next[0].options().dtype(acc));
+  out.d_gates_h = Cell::kSameGateGrads ? out.d_gates_x : at::empty_like(out.d_gates_x);
+  for (int k = Cell::kDirectPath ? 0 : 1; k < K; ++k) out.d_prev[k] = at::empty({B, H}, grad_next[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_next[0].scalar_type(), "seqkern_cell_backward", [&] {
     using A = Acc<scalar_t>;
     constexpr int64_t W = Cell::kWorkspaceBlocks, G = Cell::kGates;
-    const scalar_t* dh = grad_hy.data_ptr<scalar_t>();
-    const scalar_t* ws = workspace.defined() ? workspace.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* h_prev = hx.defined() ? hx.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* h = hy.defined() ? hy.data_ptr<scalar_t>() : nullptr;
-    A *dgx = d_gates_x.data_ptr<A>(), *dgh = d_gates_h.data_ptr<A>();
-    scalar_t* d_hx = grad_hx.defined() ? grad_hx.data_ptr<scalar_t>() : nullptr;
+    const auto data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    std::array<const scalar_t*, K> dn{}, prev_data{}, next_data{};
+    std::array<scalar_t*, K> dp{};
+    for (int k = 0; k < K; ++k) {
+      dn[k] = data(grad_next[k]), prev_data[k] = data(prev[k]), next_data[k] = data(next[k]);
+      dp[k] = data(out.d_prev[k]);
+    }
+    const scalar_t* ws = data(workspace);
+    A *dgx = out.d_gates_x.template data_ptr<A>(), *dgh = out.d_gates_h.template data_ptr<A>();
     at::parallel_for(0, B, cell_grain(H), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
+      for (int64_t b = begin; b < end; ++b) {
+        GradIn<scalar_t, K> row{ws ? ws + b * W * H : nullptr, {}, {}, H, 0};
+        for (int k = 0; k < K; ++k) {
+          row.prev[k] = prev_data[k] ? prev_data[k] + b * H : nullptr;
+          row.cur[k] = next_data[k] ? next_data[k] + b * H : nullptr;
+        }
         for_each_chunk<A>(H, [&](int64_t u, int n) {
-          const int64_t idx = b * H + u;
-          const GradIn<scalar_t> in{ws ? ws + b * W * H + u : nullptr, h_prev ? h_prev + idx : nullptr,
-                                    h ? h + idx : nullptr, H, n};
-          const auto grad = cell.template grad<A>(in, load<A>(dh + idx, n));
+          States<A, K> d;
+          for (int k = 0; k < K; ++k) d[k] = load<A>(dn[k] + b * H + u, n);
+          const auto grad = cell.template grad<A>(row.at(u, n), d);
           cell.store_grad(dgx + b * G * H + u, dgh + b * G * H + u, H, grad, n);
-          if constexpr (Cell::kDirectPath) store(d_hx + idx, grad.d_h_prev, n);
+          for (int k = 0; k < K; ++k)
+            if (dp[k]) store(dp[k] + b * H + u, grad.d_prev[k], n);
         });
+      }
     });
   });
-  return {d_gates_x, d_gates_h, grad_hx};
+  return out;
 }
 
 }  // namespace seqkern::cpu

@@ -2,8 +2,8 @@
 // over a whole sequence (rnn_forward / rnn_backward) and the fused bias + activation of one cell step
 // (rnn_cell_forward / rnn_cell_backward). Contracts in csrc/ops.cpp; oracle in seqkern/reference/rnn.py.
 //
-// Everything but the activation is the shared layer engine of recurrence_layer.h (input projection in one
-// GEMM with both biases folded in, persistent time loop, backward loop, weight gradients as GEMMs over all
+// Everything but the activation is the shared layer engine of recurrence_layer.h (input projection with
+// both biases folded in, persistent time loop, backward loop, weight gradients as GEMMs over all
 // T*B rows). The backward saves no workspace: act'(pre) is read off the output (1 - h^2, or h > 0).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -23,6 +23,8 @@ struct ElmanCell {
   static constexpr int kWorkspaceBlocks = 0;     // act'(pre) is read off h_t
   static constexpr bool kSameGateGrads = true;   // d_pre, the gradient of x W_ih^T and of h W_hh^T alike
   static constexpr bool kDirectPath = false;
+  static constexpr int kStates = 1;  // h
+  static constexpr bool kProjectable = false;
   bool relu;
 
   /// relu's gradient jumps at 0: a bf16-rounded h_{t-1} in the recurrent GEMM moves pre-activations near 0
@@ -34,21 +36,22 @@ struct ElmanCell {
   template <typename A>
   struct Grad {
     Simd<A> d_pre;
+    States<A, 1> d_prev;  // no direct path: never read
   };
 
   template <typename A, typename In, typename Ws>
-  Simd<A> forward(const StepIn<A, In, Ws>& in, Simd<A> /*h_prev*/) const {
+  States<A, 1> forward(const StepIn<A, In, Ws>& in, const States<A, 1>& /*prev*/) const {
     Simd<A> pre = load<A>(in.gates_x, in.n) + load<A>(in.gates_h, in.n);
     if (in.bias_x) pre += load<A>(in.bias_x, in.n);
     // `pre < 0 ? 0 : pre` rather than max: a NaN propagates, as torch.relu's does.
-    return relu ? (pre < A(0) ? Simd<A>{} : pre) : tanh_accurate(pre);
+    return {relu ? (pre < A(0) ? Simd<A>{} : pre) : tanh_accurate(pre)};
   }
 
   template <typename A, typename S>
-  Grad<A> grad(const GradIn<S>& in, Simd<A> d_h) const {
-    const Simd<A> h = load<A>(in.h, in.n);
+  Grad<A> grad(const GradIn<S, 1>& in, const States<A, 1>& d) const {
+    const Simd<A> h = load<A>(in.cur[0], in.n), d_h = d[0];
     // As torch's threshold_backward: only h <= 0 blocks, so a NaN output passes its gradient on.
-    return {relu ? (h <= A(0) ? Simd<A>{} : d_h) : d_h * (A(1) - h * h)};
+    return {relu ? (h <= A(0) ? Simd<A>{} : d_h) : d_h * (A(1) - h * h), {}};
   }
 
   /// d_x and d_h are the same row (kSameGateGrads).
@@ -72,8 +75,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward_cpu(const at::Tensor& input, cons
   const LayerShape d = check_layer_args(kCheck, ElmanCell::kGates, input, h0, w_ih, w_hh);
   kCheck.biases(b_ih, b_hh, d.hidden, input);
   const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, d.seq_len, d.batch);
-  return layer_forward(ElmanCell{relu}, d, input, h0.contiguous(), w_ih, w_hh, summed_bias(b_ih, b_hh), at::Tensor(),
-                       make_schedule(d, sizes, reverse), at::Tensor());
+  const auto out = layer_forward(ElmanCell{relu}, d, input, {h0.contiguous()}, {w_ih, w_hh, {}, summed_bias(b_ih, b_hh), {}},
+                                 make_schedule(d, sizes, reverse), false, at::Tensor());
+  return {out.output, out.last[0]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu(
@@ -86,9 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   kCheck.tensor(grad_h_n, input, {B, H}, "grad_h_n");
   kCheck.tensor(output, input, {T, B, H}, "output");
   const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, T, B);
-  const LayerGrads g = layer_backward(ElmanCell{relu}, d, grad_output, grad_h_n, input, h0, w_ih, w_hh, output,
-                                      at::Tensor(), make_schedule(d, sizes, reverse), has_bias);
-  return {g.input, g.h0, g.w_ih, g.w_hh, has_bias ? g.b_ih : at::empty({0}, input.options())};
+  const LayerGrads g = layer_backward(ElmanCell{relu}, d, grad_output, {grad_h_n}, input, {h0}, w_ih, w_hh, at::Tensor(),
+                                      output, at::Tensor(), {}, make_schedule(d, sizes, reverse), has_bias);
+  return {g.input, g.initial[0], g.w_ih, g.w_hh, has_bias ? g.b_ih : at::empty({0}, input.options())};
 }
 
 at::Tensor rnn_cell_forward_cpu(const at::Tensor& gates_x, const at::Tensor& gates_h,
@@ -97,8 +101,8 @@ at::Tensor rnn_cell_forward_cpu(const at::Tensor& gates_x, const at::Tensor& gat
   TORCH_CHECK(gates_x.dim() == 2, "seqkern rnn_cell (CPU): gates_x must be (B, hidden), got ", gates_x.sizes());
   kCheck.tensor(gates_h, gates_x, gates_x.sizes(), "gates_h");
   kCheck.biases(b_ih, b_hh, gates_x.size(1), gates_x);
-  return cell_forward(ElmanCell{relu}, gates_x.contiguous(), gates_h.contiguous(), at::Tensor(),
-                      summed_bias(b_ih, b_hh), at::Tensor(), at::Tensor());
+  return cell_forward(ElmanCell{relu}, gates_x.contiguous(), gates_h.contiguous(), {}, summed_bias(b_ih, b_hh),
+                      at::Tensor(), at::Tensor())[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_cell_backward_cpu(const at::Tensor& grad_hy, const at::Tensor& hy, bool relu,
@@ -107,8 +111,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_cell_backward_cpu(const at::Tensor& grad_
   TORCH_CHECK(hy.dim() == 2, "seqkern rnn_cell (CPU): hy must be (B, hidden), got ", hy.sizes());
   kCheck.tensor(grad_hy, hy, hy.sizes(), "grad_hy");
   // The gradient stays in the accumulation dtype until the bias gradient has summed it.
-  const at::Tensor d_pre =
-      std::get<0>(cell_backward(ElmanCell{relu}, grad_hy.contiguous(), at::Tensor(), at::Tensor(), hy.contiguous()));
+  const at::Tensor d_pre = cell_backward(ElmanCell{relu}, {grad_hy.contiguous()}, at::Tensor(), {}, {hy.contiguous()}).d_gates_x;
   const auto dtype = hy.scalar_type();
   return {d_pre.to(dtype), has_bias ? d_pre.sum(0).to(dtype) : at::empty({0}, hy.options())};
 }

@@ -241,7 +241,9 @@ class Seq2Seq(nn.Module):
         if self.layers == "torch":
             output, final = self.decoder(x.unsqueeze(1), state if self.rnn == "lstm" else state[0])
             return output.squeeze(1), final if self.rnn == "lstm" else (final,)
-        weights = self.decoder._flat_weights
+        # By name, not _flat_weights: that list keeps the tensors of construction time, which
+        # torch.func.functional_call and torch.export swap out.
+        weights = [getattr(self.decoder, name) for name in self.decoder._flat_weights_names]
         per_layer = len(weights) // self.num_layers
         layer_states = []
         for layer in range(self.num_layers):

@@ -30,11 +30,17 @@ def additive_attention_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> out (B,Lq,Dv), lse (B,Lq), weights (B,Lq,Lk) or empty. Differentiable in every tensor input."""
     scores = additive_scores(query_proj, key_proj, v).to(_stats_dtype(query_proj.dtype))
+    padding = torch.zeros_like(scores, dtype=torch.bool)
     if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask.unsqueeze(1), float("-inf"))
+        padding = key_padding_mask.unsqueeze(1).expand_as(scores)
+        scores = scores.masked_fill(padding, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    # A row without keys: lse = -inf and scores - lse = nan -> weights 0, out 0.
-    weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    # A padding key takes no part (weight 0) even in a NaN row, and a row without keys (all padding: lse = -inf,
+    # scores - lse = nan) has weights 0 and out 0. Only there: a NaN score (NaN in a query, key or v) stays NaN, as
+    # in the composed softmax. exp of a stand-in there, not exp(nan) masked afterwards: a masked nan still sends
+    # nan gradients.
+    none = padding | (lse == float("-inf")).unsqueeze(-1)
+    weights = torch.where(none, 0.0, torch.exp(torch.where(none, 0.0, scores - lse.unsqueeze(-1))))
     out = (weights.to(values.dtype) @ values)
     return out, lse.detach(), weights if return_weights else query_proj.new_empty(0)
 
@@ -55,7 +61,8 @@ def additive_attention_backward(
     if grad_weights is not None:
         delta = delta + (weights * grad_weights).sum(-1)
         through_values = through_values + grad_weights
-    grad_scores = weights * (through_values - delta.unsqueeze(-1))
+    # A key with weight 0 (padding, or underflow) gets no score gradient, also in a NaN row (delta NaN).
+    grad_scores = torch.where(weights == 0, 0.0, weights * (through_values - delta.unsqueeze(-1)))
     tanh = torch.tanh(query_proj.to(stats).unsqueeze(2) + key_proj.to(stats).unsqueeze(1))
     grad_pre = grad_scores.unsqueeze(-1) * v.to(stats) * (1 - tanh * tanh)
     grad_v = torch.einsum("bij,bijh->h", grad_scores, tanh)

@@ -113,12 +113,19 @@ def _dense(
     scores = scale * (qc @ kc.transpose(-1, -2))
     if attn_mask is not None:
         scores = scores + attn_mask.to(compute)
-    scores = scores.masked_fill(~visible(len_q, len_k, window_left, window_right, bottom_right, q.device), float("-inf"))
-    # A row with no visible key: out 0, lse -inf, no NaN either way (the softmax of a finite stand-in).
-    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    hidden = ~visible(len_q, len_k, window_left, window_right, bottom_right, q.device)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    # A row whose keys are all hidden (by the window or a -inf mask): out 0, lse -inf, no NaN either way (the
+    # softmax of a finite stand-in). Scores that are -inf because of the data (an infinite query or key) are not
+    # hidden: a row of them is NaN, as in the composed softmax. A -inf mask entry is a score like any other
+    # otherwise: probability 0, and its gradient 0 * (dP - delta), NaN in a NaN row as in torch.
+    masked_out = hidden if attn_mask is None else hidden | (attn_mask == float("-inf"))
+    dead = masked_out.all(dim=-1, keepdim=True)
     scores = scores.masked_fill(dead, 0.0)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse).masked_fill(dead, 0.0)
+    # softmax, not exp(scores - lse): in a row with a +inf score it is NaN throughout, as the composed softmax
+    # (exp(scores - lse) would be NaN only at the +inf score and 0 beside it).
+    probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     if lse_dtype == torch.float64:  # the op's lse: as precise as the rounded scores allow (csrc/ops.cpp)
         lse = torch.logsumexp(scores.detach().double(), dim=-1, keepdim=True)
     if dropout_p > 0:

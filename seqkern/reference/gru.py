@@ -42,7 +42,7 @@ def gru_forward(
 
     def step(gx: Tensor, state: tuple[Tensor, ...]):
         h_new, workspace = _cell(gx, _with_bias(state[0] @ w_hh.t(), b_hh), state[0])
-        return (h_new,), (h_new, workspace)
+        return (h_new,), (workspace,)
 
     (output, workspace), (h_n,) = scan(step, gates_x, (h0,), batch_sizes, reverse)
     return output, h_n, workspace if save_workspace else input.new_zeros(0)

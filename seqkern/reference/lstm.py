@@ -55,9 +55,9 @@ def lstm_forward(
         gates = _activate(gx + h @ w_hh.t())
         r, c_new = _cell_update(gates, c)
         h_new = r @ w_hr.t() if w_hr is not None else r
-        return (h_new, c_new), (h_new, gates, c_new)
+        return (h_new, c_new), (gates,)
 
-    (output, gates, cells), (h_n, c_n) = scan(step, gates_x, (h0, c0), batch_sizes, reverse)
+    (output, cells, gates), (h_n, c_n) = scan(step, gates_x, (h0, c0), batch_sizes, reverse)
     if not save_workspace:
         gates, cells = input.new_zeros(0), input.new_zeros(0)
     return output, h_n, c_n, gates, cells

@@ -33,7 +33,7 @@ def rnn_forward(
 
     def step(gx: Tensor, state: tuple[Tensor, ...]):
         h_new = _activate(gx + state[0] @ w_hh.t(), relu)
-        return (h_new,), (h_new,)
+        return (h_new,), ()
 
     (output,), (h_n,) = scan(step, gates_x, (h0,), batch_sizes, reverse)
     return output, h_n
