@@ -87,18 +87,22 @@ def test_packed_sequence(family, dtype, options):
 
 
 # Each bfloat16 path of the CPU kernels, forced with SEQKERN_BF16_KERNEL (csrc/cpu/gemm_bf16.h): "fallback"
-# upcasts to fp32, "avx512bf16" also runs the per-step GEMM and input projection on vdpbf16ps. The tests
-# above run the default (weight gradients and grad_input through oneDNN's bf16 GEMM, the rest fp32). Sizes cover gate widths that
-# are (GRU 3 x 80) and are not (RNN 127) whole vectors, odd input sizes and the LSTM's projection.
+# upcasts to fp32; "gradients" runs the weight gradients and grad_input through oneDNN's bf16 GEMM, the rest
+# fp32; "avx512bf16" also runs the per-step GEMM and input projection on vdpbf16ps; "amx" (the default on this
+# CPU; capped to avx512bf16 on one without AMX) runs them on AMX tiles from 2 rows up and on vdpbf16ps for
+# 1 row. Sizes cover gate widths that are (GRU 3 x 80) and are not (RNN 127, GRU 3 x 45) whole vectors, depths
+# that are not whole AMX tiles (33, 45, 7: the tile's k is 32), a batch above one 16-row AMX tile (19: 16 + a
+# 3-row tile), batches below it (5, shrinking to 1 in the packed sequence) and the LSTM's projection.
 BF16_PATH_CASES = [
     ("lstm", dict(input_size=33, hidden_size=64)),
     ("lstm", LSTM_PROJ_OPTIONS[0]),
     ("gru", dict(input_size=48, hidden_size=80)),
+    ("gru", dict(input_size=45, hidden_size=45)),
     ("rnn_tanh", dict(input_size=7, hidden_size=127, num_layers=2)),
 ]
 
 
-@pytest.mark.parametrize("kernel", ["fallback", "avx512bf16"])
+@pytest.mark.parametrize("kernel", ["fallback", "gradients", "avx512bf16", "amx"])
 @pytest.mark.parametrize("family,options", BF16_PATH_CASES, ids=lambda v: v if isinstance(v, str) else case_id(v))
 def test_bfloat16_kernel_paths(kernel, family, options, monkeypatch):
     monkeypatch.setenv("SEQKERN_BF16_KERNEL", kernel)
@@ -124,6 +128,21 @@ def _assert_same(got, want):
     for g, w in zip(_outputs(got), _outputs(want)):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w)
+
+
+# A NaN in bf16 storage stays NaN through the vectorized bf16 loads/stores (csrc/cpu/simd.h narrows NaN to
+# c10's 0x7FC0) and the bf16 units (AMX, vdpbf16ps): the NaN positions of the output and the final state
+# are torch.nn's. The finite values are the rule's business (the tests above).
+@pytest.mark.parametrize("kernel", ["fallback", "avx512bf16", "amx"])
+def test_bfloat16_nan_positions_match_torch(kernel, monkeypatch):
+    monkeypatch.setenv("SEQKERN_BF16_KERNEL", kernel)
+    ours, theirs = _pair("gru", torch.bfloat16, input_size=20, hidden_size=40)
+    x = torch.randn(6, 5, 20).to(torch.bfloat16)
+    x[2, 3, 7] = float("nan")
+    with torch.no_grad():
+        got, want = _outputs(ours(x)), _outputs(theirs(x))
+    for g, w in zip(got, want):
+        assert w.isnan().any() and torch.equal(g.isnan(), w.isnan())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,7 +5,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/simd.h"
 
@@ -105,6 +110,110 @@ void micro_kernel_rows(int rows, const T* a, int64_t lda, const T* panel, int64_
 
 constexpr int kMaxMicroRows = 6;
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// ------------------------------------------------------------------------------------------------
+// The avx2 level's fp32 micro-kernel on 32-byte vectors. Below AVX-512 a Simd<float> (64 bytes) is two ymm
+// registers that GCC emulates: the generic micro_kernel's 6 x 4 block of them is 48 ymm accumulators for 16
+// registers, and it spilled (GRU b1 at 0.8x torch.nn.GRU). Same panels, same interface; the blocks are sized
+// for 16 ymm registers: MR rows x NY ymm columns of accumulators, MR * NY <= 12 and at least 8 of them where
+// the rows allow (an FMA's latency is 4-5 cycles on two ports: fewer independent sums leave the ports idle,
+// which is what a GEMV at batch 1 otherwise hits).
+// ------------------------------------------------------------------------------------------------
+/// ymm columns of accumulators per row block of MR rows: 1 x 8, 2 x 6, 3 x 4, 4 x 3, 5-6 x 2 (8-12
+/// accumulators; measured at 256 x 768, one thread: 2 x 4 and 4 x 2, 8 accumulators, ran ~30 and ~45
+/// GFLOP/s where 12 accumulators run 55-70).
+constexpr int ymm_block_columns(int rows) { return rows == 1 ? 8 : rows == 2 ? 6 : rows == 3 ? 4 : rows == 4 ? 3 : 2; }
+
+/// C[0:MR, 0:8 NY) = A[0:MR, 0:depth) @ panel[:, 0:8 NY), panel rows `panel_width` floats apart. W's vectors
+/// are loaded once per k into registers when MR * NY + NY + 1 fit in 16 (6 x 2, 1 x 8, 4 x 3), else read by
+/// each FMA from L1 as a memory operand (3 x 4, 2 x 6: 12 accumulators + the broadcasts).
+template <int MR, int NY>
+inline void micro_kernel_ymm(const float* a, int64_t lda, const float* panel, int64_t panel_width, int64_t depth,
+                             float* c, int64_t ldc) {
+  constexpr bool kWInRegisters = MR * NY + NY + 1 <= 16;
+  __m256 acc[MR][NY];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NY; ++v) acc[m][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* w_k = panel + k * panel_width;
+    if constexpr (kWInRegisters) {
+      __m256 w[NY];
+#pragma GCC unroll 8
+      for (int v = 0; v < NY; ++v) w[v] = _mm256_loadu_ps(w_k + 8 * v);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256 a_mk = _mm256_broadcast_ss(a + m * lda + k);
+#pragma GCC unroll 8
+        for (int v = 0; v < NY; ++v) acc[m][v] = _mm256_fmadd_ps(a_mk, w[v], acc[m][v]);
+      }
+    } else {
+      __m256 a_k[MR];
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) a_k[m] = _mm256_broadcast_ss(a + m * lda + k);
+#pragma GCC unroll 8
+      for (int v = 0; v < NY; ++v)
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) acc[m][v] = _mm256_fmadd_ps(a_k[m], _mm256_loadu_ps(w_k + 8 * v), acc[m][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NY; ++v) _mm256_storeu_ps(c + m * ldc + 8 * v, acc[m][v]);
+}
+
+/// C[0:MR, 0:8 ymm) = A @ panel for a panel of `ymm` (2..8) ymm columns: blocks of ymm_block_columns(MR)
+/// columns, the last one narrower (an 8-vector panel at MR = 2: 6 + 2).
+template <int MR>
+inline void panel_block_ymm(const float* a, int64_t lda, const float* panel, int ymm, int64_t depth, float* c,
+                            int64_t ldc) {
+  constexpr int kNY = ymm_block_columns(MR);
+  const int64_t panel_width = 8 * ymm;
+  for (int y = 0; y < ymm; y += kNY) {
+    const float* p = panel + 8 * y;
+    float* c_y = c + 8 * y;
+    // Widths above kNY never occur: std::min keeps them from being instantiated.
+    switch (std::min(kNY, ymm - y)) {
+      case 1: micro_kernel_ymm<MR, 1>(a, lda, p, panel_width, depth, c_y, ldc); break;
+      case 2: micro_kernel_ymm<MR, std::min(kNY, 2)>(a, lda, p, panel_width, depth, c_y, ldc); break;
+      case 3: micro_kernel_ymm<MR, std::min(kNY, 3)>(a, lda, p, panel_width, depth, c_y, ldc); break;
+      case 4: micro_kernel_ymm<MR, std::min(kNY, 4)>(a, lda, p, panel_width, depth, c_y, ldc); break;
+      case 5: micro_kernel_ymm<MR, std::min(kNY, 5)>(a, lda, p, panel_width, depth, c_y, ldc); break;
+      case 6: micro_kernel_ymm<MR, std::min(kNY, 6)>(a, lda, p, panel_width, depth, c_y, ldc); break;
+      case 7: micro_kernel_ymm<MR, std::min(kNY, 7)>(a, lda, p, panel_width, depth, c_y, ldc); break;
+      default: micro_kernel_ymm<MR, std::min(kNY, 8)>(a, lda, p, panel_width, depth, c_y, ldc); break;
+    }
+  }
+}
+#endif
+
+/// C[0:rows, 0:panel_vectors * lanes) = A[0:rows, 0:depth) @ panel for rows <= kMaxMicroRows.
+template <typename T>
+inline void panel_block(int rows, const T* a, int64_t lda, const T* panel, int panel_vectors, int64_t depth, T* c,
+                        int64_t ldc) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const int ymm = panel_vectors * 2;
+    switch (rows) {
+      case 1: return panel_block_ymm<1>(a, lda, panel, ymm, depth, c, ldc);
+      case 2: return panel_block_ymm<2>(a, lda, panel, ymm, depth, c, ldc);
+      case 3: return panel_block_ymm<3>(a, lda, panel, ymm, depth, c, ldc);
+      case 4: return panel_block_ymm<4>(a, lda, panel, ymm, depth, c, ldc);
+      case 5: return panel_block_ymm<5>(a, lda, panel, ymm, depth, c, ldc);
+      default: return panel_block_ymm<6>(a, lda, panel, ymm, depth, c, ldc);
+    }
+  }
+#endif
+  switch (panel_vectors) {
+    case 1: return micro_kernel_rows<T, 1>(rows, a, lda, panel, depth, c, ldc);
+    case 2: return micro_kernel_rows<T, 2>(rows, a, lda, panel, depth, c, ldc);
+    case 3: return micro_kernel_rows<T, 3>(rows, a, lda, panel, depth, c, ldc);
+    default: return micro_kernel_rows<T, 4>(rows, a, lda, panel, depth, c, ldc);
+  }
+}
+
 /// C (rows x w.width) = A (rows x w.depth) @ W for at most kGemmRowBlock rows (A stays in L2 while
 /// every panel of W streams past it). Rows are cut into balanced micro-blocks of at most 6
 /// (32 rows -> 6,6,5,5,5,5 rather than 6x5 + a 2-row straggler).
@@ -118,14 +227,7 @@ void gemm_packed_row_block(const T* a, int64_t lda, int64_t rows, const PackedPa
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int block_rows = static_cast<int>((rows - row) / (blocks - blk) +
                                               ((rows - row) % (blocks - blk) != 0));
-      const T* a_blk = a + row * lda;
-      T* c_blk = c + row * ldc + col;
-      switch (w.panel_vectors(p)) {
-        case 1: micro_kernel_rows<T, 1>(block_rows, a_blk, lda, panel, w.depth, c_blk, ldc); break;
-        case 2: micro_kernel_rows<T, 2>(block_rows, a_blk, lda, panel, w.depth, c_blk, ldc); break;
-        case 3: micro_kernel_rows<T, 3>(block_rows, a_blk, lda, panel, w.depth, c_blk, ldc); break;
-        default: micro_kernel_rows<T, 4>(block_rows, a_blk, lda, panel, w.depth, c_blk, ldc); break;
-      }
+      panel_block(block_rows, a + row * lda, lda, panel, w.panel_vectors(p), w.depth, c + row * ldc + col, ldc);
       row += block_rows;
     }
   }

@@ -109,10 +109,11 @@ inline Schedule make_schedule(const LayerShape& d, const at::Tensor& sizes, bool
   return {d.seq_len, d.batch, sizes.defined() ? sizes.data_ptr<int64_t>() : nullptr, reverse};
 }
 
-/// Whether a layer in storage dtype `dtype` runs its per-step GEMM and input projection on vdpbf16ps
-/// (gemm_bf16.h) rather than on the fp32 micro-kernel.
+/// Whether a layer in storage dtype `dtype` runs its per-step GEMM and input projection on the bf16 units
+/// (gemm_bf16.h: AMX or vdpbf16ps) rather than on the fp32 micro-kernel.
 inline bool use_bf16_units(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && bf16_kernel() == Bf16Kernel::kAvx512Bf16;
+  const Bf16Kernel kernel = bf16_kernel();
+  return dtype == at::kBFloat16 && (kernel == Bf16Kernel::kAvx512Bf16 || kernel == Bf16Kernel::kAmx);
 }
 
 /// Whether a layer in storage dtype `dtype` runs its weight gradients and grad_input as bf16 at::mm.
@@ -304,10 +305,12 @@ struct GradIn {
 // ================================================================================================
 // Layer forward: the input projection, then the persistent time loop.
 // ================================================================================================
-/// x W_ih^T for all T*B rows of bf16 x on vdpbf16ps, fp32 out (T*B, w_ih rows): W_ih packed once, row
-/// blocks in parallel. Unlike at::mm in bf16 (oneDNN, bf16 out) the gates stay fp32 until the cell, as
-/// in the fp32 path. Needs out's width a multiple of 16 (the kernel writes whole vectors).
-inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_ih, at::Tensor& out) {
+/// x W_ih^T + bias for all T*B rows of bf16 x on the bf16 units (gemm_bf16: AMX or vdpbf16ps), fp32 out
+/// (T*B, w_ih rows): W_ih packed once, row blocks in parallel, the bias (fp32, or undefined) added inside
+/// the kernel. Unlike at::mm in bf16 (oneDNN, bf16 out) the gates stay fp32 until the cell, as in the fp32
+/// path. Needs out's width a multiple of 16 (the kernel writes whole vectors).
+inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& bias,
+                                  at::Tensor& out) {
   const int64_t rows = out.size(0), depth = w_ih.size(1);
   PackedPairs w;
   w.depth = depth;
@@ -320,11 +323,13 @@ inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_i
   const at::Tensor x = input.reshape({rows, depth}).contiguous();
   const at::BFloat16* x_data = x.data_ptr<at::BFloat16>();
   float* c = out.data_ptr<float>();
+  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  const float* b_data = b.defined() ? b.data_ptr<float>() : nullptr;
   constexpr int64_t kRowsPerTask = 96;
   at::parallel_for(0, (rows + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * kRowsPerTask;
-      gemm_bf16(x_data + r0 * depth, depth, std::min(kRowsPerTask, rows - r0), w, c + r0 * w.width, w.width);
+      gemm_bf16(x_data + r0 * depth, depth, std::min(kRowsPerTask, rows - r0), w, c + r0 * w.width, w.width, b_data);
     }
   });
 }
@@ -342,8 +347,7 @@ inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_i
 /// re-measured at 2 threads: wall clock at that load measures the other jobs, not the kernels.
 inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& bias, at::Tensor& out) {
   if (use_bf16_units(input.scalar_type()) && out.size(1) % PackedPairs::kLanes == 0) {
-    input_projection_bf16(input, w_ih, out);
-    if (bias.defined()) out.add_(bias);
+    input_projection_bf16(input, w_ih, bias, out);
     return;
   }
   const auto acc = out.scalar_type();

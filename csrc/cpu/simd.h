@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -20,6 +21,11 @@
 #include <utility>
 
 namespace seqkern::cpu {
+
+// The vector math below is called per SIMD chunk from the cells' inner loops; GCC left exp_simd and store out of
+// line in the engine's LSTM cell (perf: exp_simd 13% of a bf16 layer as its own symbol), and an out-of-line call
+// passes every 64-byte vector through the stack.
+#define SEQKERN_SIMD_INLINE inline __attribute__((always_inline))
 
 /// The dtype sums and activations run in for storage dtype S.
 template <typename S>
@@ -80,10 +86,38 @@ inline Simd<double> splat(double x) {
 #endif
 }
 
+// bfloat16 <-> float on whole vectors, bit for bit as c10::BFloat16 (widening: the 16 bits on top of a zero
+// mantissa tail; narrowing: round to nearest even, NaN -> 0x7FC0). Lane by lane through c10::BFloat16 the
+// conversions cost more than the math in the bf16 recurrent loops: the GRU's inference step stored its bf16
+// output at ~3 cycles a value (perf: the cell phase ~35% of a b32 h256 layer, as much as the AMX products).
+typedef uint16_t Bf16Bits __attribute__((vector_size(32)));
+typedef uint32_t Fp32Bits __attribute__((vector_size(64)));
+
+SEQKERN_SIMD_INLINE Simd<float> widen_bf16(const c10::BFloat16* src) {
+  Bf16Bits half;
+  std::memcpy(&half, src, sizeof(half));
+  const Fp32Bits bits = __builtin_convertvector(half, Fp32Bits) << 16;
+  Simd<float> v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+SEQKERN_SIMD_INLINE void narrow_to_bf16(c10::BFloat16* dst, Simd<float> v) {
+  Fp32Bits bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  bits = v != v ? Fp32Bits{} + 0x7FC0u : bits;  // NaN lanes (v != v): the canonical quiet NaN, as c10
+  const Bf16Bits half = __builtin_convertvector(bits, Bf16Bits);
+  std::memcpy(dst, &half, sizeof(half));
+}
+
 /// The first n (<= lanes) elements of src converted to Acc; the other lanes are zero.
 template <typename Acc, typename Src>
-inline Simd<Acc> load(const Src* src, int n = kLanes<Acc>) {
+SEQKERN_SIMD_INLINE Simd<Acc> load(const Src* src, int n = kLanes<Acc>) {
   Simd<Acc> v{};
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<Src, c10::BFloat16>) {
+    if (n == kLanes<Acc>) return widen_bf16(src);
+  }
   if constexpr (std::is_same_v<Acc, Src>) {
     if (n == kLanes<Acc>) {
       std::memcpy(&v, src, sizeof(v));
@@ -104,8 +138,11 @@ using SimdElement = std::decay_t<decltype(std::declval<V>()[0])>;
 
 /// Stores the first n lanes of v into dst, rounded once to the storage dtype Dst.
 template <typename Dst, typename V>
-inline void store(Dst* dst, V v, int n = kLanes<SimdElement<V>>) {
+SEQKERN_SIMD_INLINE void store(Dst* dst, V v, int n = kLanes<SimdElement<V>>) {
   using Acc = SimdElement<V>;
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<Dst, c10::BFloat16>) {
+    if (n == kLanes<Acc>) return narrow_to_bf16(dst, v);
+  }
   if constexpr (std::is_same_v<Acc, Dst>) {
     if (n == kLanes<Acc>) {
       std::memcpy(dst, &v, sizeof(v));
@@ -147,7 +184,7 @@ inline Simd<double> fmadd(Simd<double> a, Simd<double> b, Simd<double> c) {
 // ------------------------------------------------------------------------------------------------
 /// e^(x - n ln2) for fp32 lanes, n = round(x / ln2) (|x - n ln2| <= ln2 / 2): Cody-Waite reduction with a
 /// two-part ln2, then Cephes expf's degree-6 polynomial (~1 ulp). Callers scale the result by 2^n.
-inline Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
+SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
   using V = Simd<float>;
   V r = fmadd(n, broadcast(-0.693359375f), x);
   r = fmadd(n, broadcast(2.12194440e-4f), r);
@@ -164,7 +201,7 @@ inline Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
 /// exp for fp32 lanes (Cephes expf: Cody-Waite reduction, degree-6 polynomial, ~1 ulp). The vector
 /// version matters at batch 1: 512 sigmoids (one thread's gates at H = 256) took 1650 ns through scalar
 /// std::exp, 200 ns here, beside a ~5 us step.
-inline Simd<float> exp_simd(Simd<float> x) {
+SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   using V = Simd<float>;
   using Bits = SimdTraits<float>::bits;
   // Above ln(FLT_MAX) exp is +inf, as std::exp: then sigmoid(-inf) = 1 / (1 + inf) is exactly 0, as torch's,
@@ -184,19 +221,19 @@ inline Simd<float> exp_simd(Simd<float> x) {
 }
 
 /// exp for fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
-inline Simd<double> exp_simd(Simd<double> x) {
+SEQKERN_SIMD_INLINE Simd<double> exp_simd(Simd<double> x) {
   for (int l = 0; l < kLanes<double>; ++l) x[l] = std::exp(x[l]);
   return x;
 }
 
 template <typename T>
-inline Simd<T> sigmoid_simd(Simd<T> x) {
+SEQKERN_SIMD_INLINE Simd<T> sigmoid_simd(Simd<T> x) {
   return T(1) / (T(1) + exp_simd(-x));
 }
 
 /// tanh(x) = 2 sigmoid(2x) - 1: absolute error ~1 ulp of 1, which is what the LSTM outputs are judged on.
 template <typename T>
-inline Simd<T> tanh_simd(Simd<T> x) {
+SEQKERN_SIMD_INLINE Simd<T> tanh_simd(Simd<T> x) {
   return T(2) / (T(1) + exp_simd(x * T(-2))) - T(1);
 }
 
@@ -205,7 +242,7 @@ inline Simd<T> tanh_simd(Simd<T> x) {
 /// everywhere, 1.5e-7 at small |x| where torch's is ~1e-9; the Elman RNN, whose only nonlinearity it is,
 /// then missed the 2x rule on fp32 gradients (measured grad_b 2.3x torch's error at T=12, B=32, H=256).
 /// Measured max abs error vs fp64 on [-10, 10]: 7.9e-8 (torch.tanh 3.1e-8, tanh_simd 1.8e-7).
-inline Simd<float> tanh_accurate(Simd<float> x) {
+SEQKERN_SIMD_INLINE Simd<float> tanh_accurate(Simd<float> x) {
   using V = Simd<float>;
   const V abs_x = x < 0.0f ? -x : x;
   const V z = x * x;
@@ -221,7 +258,7 @@ inline Simd<float> tanh_accurate(Simd<float> x) {
 }
 
 /// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
-inline Simd<double> tanh_accurate(Simd<double> x) {
+SEQKERN_SIMD_INLINE Simd<double> tanh_accurate(Simd<double> x) {
   for (int l = 0; l < kLanes<double>; ++l) x[l] = std::tanh(x[l]);
   return x;
 }
