@@ -19,7 +19,11 @@ its launcher accepts.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
+import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -299,7 +303,31 @@ def _ptxas_report(ptx: str, target: str) -> dict:
 
 
 def compile_kernel(function: triton.JITFunction, arguments: dict, config: dict, target: str) -> Compiled:
-    """`function` compiled for `target` ("sm_80" | "sm_90") with `arguments` and `config`."""
+    """`function` compiled for `target` ("sm_80" | "sm_90") with `arguments` and `config`, in a fresh process
+    (see _compiler_process)."""
+    where = (function.fn.__module__, function.fn.__name__)  # the child imports it: a JITFunction does not pickle
+    return _compiler_process().submit(_compile_here, where, arguments, config, target).result()
+
+
+@functools.cache
+def _compiler_process() -> concurrent.futures.ProcessPoolExecutor:
+    """One spawned process, kept for the session, that does the compiling: in the test session the Triton
+    interpreter has run kernels (the other tests), and it patches triton.language process-wide while it runs, so
+    a compile in this process can meet interpreter state (seen in the full suite: "'block_argument' object has no
+    attribute 'get_element_ty'"). A spawned process has never interpreted anything."""
+    return concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_compiler_process():
+    yield
+    if _compiler_process.cache_info().currsize:
+        _compiler_process().shutdown()
+        _compiler_process.cache_clear()
+
+
+def _compile_here(where: tuple[str, str], arguments: dict, config: dict, target: str) -> Compiled:
+    function = getattr(importlib.import_module(where[0]), where[1])
     config = dict(config)
     options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
     signature, constexprs, attrs = _signature(function, {**arguments, **config})
