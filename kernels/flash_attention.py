@@ -252,9 +252,11 @@ def _forward_sweep(m, l, acc, q, k_base, v_base, mask_base, rows, dims, value_di
                    dropout_scale, head_key, threshold, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                    MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_N: tl.constexpr):
-    """The online softmax over the key blocks starting in [col_lo, col_hi), in base 2: p = exp2(s log2(e) -
-    m log2(e)), one FMA per score with m log2(e) per row (a GPU's exp is exp2 of x log2(e) anyway). log2(e) is
-    folded there and not into the scale: the scores stay bit for bit those the backward recomputes, so its
+    """The online softmax over the key blocks starting in [col_lo, col_hi), in base 2: p = exp2((s - m) log2(e))
+    (a GPU's exp is exp2 of x log2(e) anyway). s - m first, exact near the row's maximum (Sterbenz), then the
+    product: the FMA form s log2(e) - m log2(e) rounds s log2(e) where the FMA is not fused (the interpreter), an
+    error of ~|s| ulps in every P, which put dq at 2.1x SDPA's float32 error on the saturated-softmax samples
+    (scores ~ 9 sigma). log2(e) is not folded into the scale either: the scores stay bit for bit those the backward recomputes, so its
     P = exp(s - lse) is exact at a row's maximum (scores times a rounded scale log2(e) moved every P of a
     row by up to |s| ulps, 7.6x SDPA's float32 error on dV at head dim 512). m is the running max, l the
     running sum, acc the output accumulator."""
@@ -267,7 +269,7 @@ def _forward_sweep(m, l, acc, q, k_base, v_base, mask_base, rows, dims, value_di
         m_new = tl.maximum(m, tl.max(s, 1))
         # A row that has seen only -inf so far subtracts 0 instead of -inf: exp2(-inf - 0) = 0, no NaN.
         m_ref = tl.where(m_new == float("-inf"), 0, m_new)
-        p = tl.math.exp2(s * LOG2E - (m_ref * LOG2E)[:, None])
+        p = tl.math.exp2((s - m_ref[:, None]) * LOG2E)
         alpha = tl.math.exp2((m - m_ref) * LOG2E)
         l = l * alpha + tl.sum(p, 1)
         if DROPOUT:  # l sums the probabilities before dropout; only the output sees it

@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._hash import _head_key, _mix
 from ._launch import launch
 from ._recurrent import accumulate_matmul, column_sums, kernel_dtypes, sequence_blocks, sequence_grid, sigmoid, store, tanh
-from .flash_attention import _head_key, _mix
 
 
 # ==================================================================================================
