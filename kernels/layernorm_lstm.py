@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ._hash import _head_key, _mix
 from ._launch import launch
-from ._recurrent import accumulate_matmul, column_sums, kernel_dtypes, sequence_blocks, sequence_grid, sigmoid, store, tanh
+from ._recurrent import (accumulate_matmul, column_sums, kernel_dtypes, reset_rows, sequence_blocks, sequence_grid,
+                         sigmoid, store, tanh)
 
 
 # ==================================================================================================
@@ -85,13 +86,6 @@ def _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS: tl.constexpr):
     if HAS_LENGTHS:
         return inside & (t < tl.load(lengths_ptr + rows, mask=rows < B, other=0))
     return inside
-
-
-@triton.jit
-def _reset(t, rows, B, resets_ptr, HAS_RESETS: tl.constexpr):
-    if HAS_RESETS:
-        return tl.load(resets_ptr + t * B + rows, mask=rows < B, other=0) != 0
-    return rows < 0
 
 
 @triton.jit
@@ -178,7 +172,7 @@ def _layernorm_sequence_forward_kernel(
     for step in range(T):
         t = T - 1 - step if REVERSE else step
         if HAS_RESETS:
-            reset = _reset(t, rows, B, resets_ptr, HAS_RESETS)[:, None] & state_mask
+            reset = reset_rows(t, rows, B, resets_ptr, HAS_RESETS)[:, None] & state_mask
             h = tl.where(reset, h0, h)
             c = tl.where(reset, c0, c)
             tl.debug_barrier()
@@ -312,7 +306,7 @@ def _layernorm_sequence_backward_kernel(
         t = T - 1 - step if REVERSE else step
         t_prev = t + 1 if REVERSE else t - 1
         active = _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS)
-        reset = _reset(t, rows, B, resets_ptr, HAS_RESETS)
+        reset = reset_rows(t, rows, B, resets_ptr, HAS_RESETS)
         keep = active[:, None] & hid_mask[None, :]
         continues = _active(t_prev, rows, B, T, lengths_ptr, HAS_LENGTHS) & (reset == 0) & active
         from_record = continues[:, None] & hid_mask[None, :]
