@@ -79,6 +79,18 @@ def _load_vec(ptr, hid, hid_mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _load_gate_vecs(ptr, hid, hid_mask, H, ACC: tl.constexpr, IS_LSTM: tl.constexpr):
+    """The slice `hid` of each gate block of a (G*H,) vector: 4 blocks for the LSTM, 3 and zeros for the GRU."""
+    v0 = _load_vec(ptr, hid, hid_mask, ACC)
+    v1 = _load_vec(ptr + H, hid, hid_mask, ACC)
+    v2 = _load_vec(ptr + 2 * H, hid, hid_mask, ACC)
+    v3 = v2 * 0
+    if IS_LSTM:
+        v3 = _load_vec(ptr + 3 * H, hid, hid_mask, ACC)
+    return v0, v1, v2, v3
+
+
+@triton.jit
 def _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS: tl.constexpr):
     """Rows active at time t: t < lengths[row] (and t inside the sequence)."""
     tt = rows * 0 + t  # a vector: the interpreter turns a block mask & a scalar into int32
@@ -153,17 +165,8 @@ def _layernorm_sequence_forward_kernel(
     c = tl.load(c_ptr + state_offsets, mask=state_mask, other=0)
     h0 = h
     c0 = c
-    lw0 = _load_vec(ln_w_ptr, hid, hid_mask, ACC)
-    lw1 = _load_vec(ln_w_ptr + H, hid, hid_mask, ACC)
-    lw2 = _load_vec(ln_w_ptr + 2 * H, hid, hid_mask, ACC)
-    lw3 = lw2 * 0
-    lb0 = _load_vec(ln_b_ptr, hid, hid_mask, ACC)
-    lb1 = _load_vec(ln_b_ptr + H, hid, hid_mask, ACC)
-    lb2 = _load_vec(ln_b_ptr + 2 * H, hid, hid_mask, ACC)
-    lb3 = lb2 * 0
-    if IS_LSTM:
-        lw3 = _load_vec(ln_w_ptr + 3 * H, hid, hid_mask, ACC)
-        lb3 = _load_vec(ln_b_ptr + 3 * H, hid, hid_mask, ACC)
+    lw0, lw1, lw2, lw3 = _load_gate_vecs(ln_w_ptr, hid, hid_mask, H, ACC, IS_LSTM)
+    lb0, lb1, lb2, lb3 = _load_gate_vecs(ln_b_ptr, hid, hid_mask, H, ACC, IS_LSTM)
     if HAS_BIAS_H:
         lb0 += _load_vec(bias_h_ptr, hid, hid_mask, ACC)
         lb1 += _load_vec(bias_h_ptr + H, hid, hid_mask, ACC)
@@ -289,17 +292,8 @@ def _layernorm_sequence_backward_kernel(
     d_c0 = d_h * 0
     h0 = tl.load(h0_ptr + state_offsets, mask=state_mask, other=0)
     c0 = tl.load(c0_ptr + state_offsets, mask=state_mask, other=0)
-    wx0 = _load_vec(ln_ih_w_ptr, hid, hid_mask, ACC)
-    wx1 = _load_vec(ln_ih_w_ptr + H, hid, hid_mask, ACC)
-    wx2 = _load_vec(ln_ih_w_ptr + 2 * H, hid, hid_mask, ACC)
-    wx3 = wx2 * 0
-    wh0 = _load_vec(ln_hh_w_ptr, hid, hid_mask, ACC)
-    wh1 = _load_vec(ln_hh_w_ptr + H, hid, hid_mask, ACC)
-    wh2 = _load_vec(ln_hh_w_ptr + 2 * H, hid, hid_mask, ACC)
-    wh3 = wh2 * 0
-    if IS_LSTM:
-        wx3 = _load_vec(ln_ih_w_ptr + 3 * H, hid, hid_mask, ACC)
-        wh3 = _load_vec(ln_hh_w_ptr + 3 * H, hid, hid_mask, ACC)
+    wx0, wx1, wx2, wx3 = _load_gate_vecs(ln_ih_w_ptr, hid, hid_mask, H, ACC, IS_LSTM)
+    wh0, wh1, wh2, wh3 = _load_gate_vecs(ln_hh_w_ptr, hid, hid_mask, H, ACC, IS_LSTM)
 
     for reverse_step in range(T):
         step = T - 1 - reverse_step
