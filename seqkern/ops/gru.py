@@ -21,7 +21,7 @@ SUPPORTED_DTYPES = {
     "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
 # The backends whose kernels implement lengths, resets and zoneout; elsewhere a call using them runs the reference.
-STATE_FLAG_BACKENDS = ("triton",)
+STATE_FLAG_BACKENDS = ("triton", "cpu")
 
 
 # Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
