@@ -433,7 +433,8 @@ struct BackwardLoop {
         fill_zero(d, H);
       } else {
         chunks<A>(H, [&](int64_t u, int n) {
-          const auto [to_new, to_previous] = opt.zoneout.split(opt.zoneout.weight<A>(k, t, b, H, u), load<A>(d + u, n));
+          const Simd<A> w = opt.zoneout.weight<A>(k, t, b, H, u);
+          const auto [to_new, to_previous] = opt.zoneout.split(w, load<A>(d + u, n));
           store(dn[k] + u, to_new, n);
           store(d + u, to_previous, n);
         });

@@ -114,7 +114,8 @@ inline Schedule make_schedule(const LayerShape& d, const at::Tensor& sizes, bool
 
 /// The checked schedule of a layer op's call: batch_sizes (ArgChecker::batch_sizes), lengths, resets, zoneout and
 /// zoneout_seed (check_state_flags); `keep` holds the tensors it points into alive.
-inline Schedule layer_schedule(const ArgChecker& check, const LayerShape& d, const std::optional<at::Tensor>& batch_sizes,
+inline Schedule layer_schedule(const ArgChecker& check, const LayerShape& d,
+                               const std::optional<at::Tensor>& batch_sizes,
                                const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& resets,
                                double zoneout, const std::optional<at::Tensor>& zoneout_seed, bool reverse,
                                std::vector<at::Tensor>& keep) {
@@ -628,26 +629,27 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
     flag_switch(has_bias, [&](auto bias) {
       flag_switch<(Cell::kWorkspaceBlocks > 0 || K > 1)>(save_workspace, [&](auto save) {
         flag_switch<Cell::kProjectable>(projection, [&](auto proj) {
-         flag_switch(sched.flags.any(), [&](auto flags) {
-          using Options = LoopOptions<decltype(bias)::value, decltype(save)::value, decltype(proj)::value,
-                                      decltype(flags)::value>;
-          using Loop = CellForwardLoop<Cell, scalar_t, Options>;
-          typename Loop::Buffers buf{};
-          buf.gates_x = gates_x.data_ptr<A>();
-          buf.recurrent_bias = wts.recurrent_bias.defined() ? wts.recurrent_bias.data_ptr<A>() : nullptr;
-          buf.w_hh = w_hh_acc.data_ptr<A>();
-          buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
-          buf.workspace = save && Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
-          buf.h_state = h_state.data_ptr<A>();
-          buf.sequence[0] = out.output.template data_ptr<scalar_t>();
-          for (int k = 1; k < K; ++k) {
-            buf.state[k] = state[k].template data_ptr<A>();
-            buf.sequence[k] = save ? out.sequence[k].template data_ptr<scalar_t>() : nullptr;
-          }
-          buf.hidden = projection ? hidden.data_ptr<A>() : nullptr;
-          for (int k = 0; k < K; ++k) buf.initial[k] = initial_acc[k].defined() ? initial_acc[k].template data_ptr<A>() : nullptr;
-          Loop(cell, d, sched, buf, threads).run();
-         });
+          flag_switch(sched.flags.any(), [&](auto flags) {
+            using Options = LoopOptions<decltype(bias)::value, decltype(save)::value, decltype(proj)::value,
+                                        decltype(flags)::value>;
+            using Loop = CellForwardLoop<Cell, scalar_t, Options>;
+            typename Loop::Buffers buf{};
+            buf.gates_x = gates_x.data_ptr<A>();
+            buf.recurrent_bias = wts.recurrent_bias.defined() ? wts.recurrent_bias.data_ptr<A>() : nullptr;
+            buf.w_hh = w_hh_acc.data_ptr<A>();
+            buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
+            buf.workspace = save && Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
+            buf.h_state = h_state.data_ptr<A>();
+            buf.sequence[0] = out.output.template data_ptr<scalar_t>();
+            for (int k = 1; k < K; ++k) {
+              buf.state[k] = state[k].template data_ptr<A>();
+              buf.sequence[k] = save ? out.sequence[k].template data_ptr<scalar_t>() : nullptr;
+            }
+            buf.hidden = projection ? hidden.data_ptr<A>() : nullptr;
+            for (int k = 0; k < K; ++k)
+              buf.initial[k] = initial_acc[k].defined() ? initial_acc[k].template data_ptr<A>() : nullptr;
+            Loop(cell, d, sched, buf, threads).run();
+          });
         });
       });
     });
@@ -995,26 +997,26 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "seqkern_layer_backward", [&] {
       using A = Acc<scalar_t>;
       flag_switch<Cell::kProjectable>(projection, [&](auto proj) {
-       flag_switch(sched.flags.any(), [&](auto flags) {
-        using Loop = CellBackwardLoop<Cell, scalar_t, LoopOptions<true, true, decltype(proj)::value,
-                                                                  decltype(flags)::value>>;
-        typename Loop::Buffers buf{};
-        buf.grad_output = grad_output.data_ptr<scalar_t>();
-        buf.workspace = Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
-        for (int k = 0; k < K; ++k) {
-          buf.initial[k] = initial[k].template data_ptr<scalar_t>();
-          buf.sequence[k] = sequence[k].template data_ptr<scalar_t>();
-          buf.d_state[k] = d_state[k].template data_ptr<A>();
-          buf.d_initial[k] = d_initial[k].defined() ? d_initial[k].template data_ptr<A>() : nullptr;
-        }
-        buf.w_hh = w_hh_acc.data_ptr<A>();
-        buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
-        buf.d_gates_x = d_gates_x.data_ptr<A>();
-        buf.d_gates_h = d_gates_h.data_ptr<A>();
-        buf.d_h_all = projection ? d_h_all.data_ptr<A>() : nullptr;
-        buf.hidden_all = projection ? hidden_all.data_ptr<A>() : nullptr;
-        Loop(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
-       });
+        flag_switch(sched.flags.any(), [&](auto flags) {
+          using Loop = CellBackwardLoop<Cell, scalar_t, LoopOptions<true, true, decltype(proj)::value,
+                                                                    decltype(flags)::value>>;
+          typename Loop::Buffers buf{};
+          buf.grad_output = grad_output.data_ptr<scalar_t>();
+          buf.workspace = Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
+          for (int k = 0; k < K; ++k) {
+            buf.initial[k] = initial[k].template data_ptr<scalar_t>();
+            buf.sequence[k] = sequence[k].template data_ptr<scalar_t>();
+            buf.d_state[k] = d_state[k].template data_ptr<A>();
+            buf.d_initial[k] = d_initial[k].defined() ? d_initial[k].template data_ptr<A>() : nullptr;
+          }
+          buf.w_hh = w_hh_acc.data_ptr<A>();
+          buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
+          buf.d_gates_x = d_gates_x.data_ptr<A>();
+          buf.d_gates_h = d_gates_h.data_ptr<A>();
+          buf.d_h_all = projection ? d_h_all.data_ptr<A>() : nullptr;
+          buf.hidden_all = projection ? hidden_all.data_ptr<A>() : nullptr;
+          Loop(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
+        });
       });
     });
   }
