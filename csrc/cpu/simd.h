@@ -2,7 +2,7 @@
 //   * Simd<T>: one 64-byte vector (a zmm register with AVX-512) through GCC vector extensions, with
 //     loads/stores that convert from/to the storage dtype (bf16 storage, fp32 arithmetic);
 //   * Acc<S>: the accumulation dtype of storage dtype S (float for bfloat16);
-//   * vectorized exp / sigmoid / tanh (tanh_simd: ~1 ulp of 1 absolute; tanh_accurate: ~1 ulp relative).
+//   * vectorized exp / sigmoid / tanh (tanh_accurate: ~1 ulp relative, the only tanh: see its comment).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -231,17 +231,13 @@ SEQKERN_SIMD_INLINE Simd<T> sigmoid_simd(Simd<T> x) {
   return T(1) / (T(1) + exp_simd(-x));
 }
 
-/// tanh(x) = 2 sigmoid(2x) - 1: absolute error ~1 ulp of 1, which is what the LSTM outputs are judged on.
-template <typename T>
-SEQKERN_SIMD_INLINE Simd<T> tanh_simd(Simd<T> x) {
-  return T(2) / (T(1) + exp_simd(x * T(-2))) - T(1);
-}
-
 /// tanh with ~1 ulp *relative* error in fp32 (Cephes tanhf): an odd polynomial for |x| < 0.625, else
-/// 1 - 2 / (exp(2|x|) + 1). recurrence.h's tanh_simd (2 sigmoid(2x) - 1) has ~1 ulp of 1 absolute error
-/// everywhere, 1.5e-7 at small |x| where torch's is ~1e-9; the Elman RNN, whose only nonlinearity it is,
-/// then missed the 2x rule on fp32 gradients (measured grad_b 2.3x torch's error at T=12, B=32, H=256).
-/// Measured max abs error vs fp64 on [-10, 10]: 7.9e-8 (torch.tanh 3.1e-8, tanh_simd 1.8e-7).
+/// 1 - 2 / (exp(2|x|) + 1). The shorter 2 sigmoid(2x) - 1 has ~1 ulp of 1 *absolute* error everywhere
+/// (1.5e-7 at small |x| where torch's is ~1e-9; max abs error vs fp64 on [-10, 10] 1.8e-7, this one 7.9e-8,
+/// torch.tanh 3.1e-8), and the gradients amplify it where tanh saturates (1 - t^2 from a t a few ulps off):
+/// the Elman RNN missed the 2x rule on fp32 gradients with it (grad_b 2.3x torch's error at T=12, B=32,
+/// H=256), and the LSTM, which kept it for g and tanh(c) until 2026-12-05, ran at median 2.3x torch.nn's
+/// float32 output error on small saturated samples (1.0x with this one; NOTES.md, "Correctness rule").
 SEQKERN_SIMD_INLINE Simd<float> tanh_accurate(Simd<float> x) {
   using V = Simd<float>;
   const V abs_x = x < 0.0f ? -x : x;
