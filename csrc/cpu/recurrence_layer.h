@@ -272,7 +272,7 @@ void flag_switch(bool value, const F& f) {
 //   bf16_state_ok()   whether, with bfloat16 storage, the recurrent GEMM may run on the bf16 units, i.e. read
 //                     h_{t-1} and d_gates rounded to bf16 as torch's own bf16 layers do (Elman relu: no);
 //   forward(StepIn, States prev) -> the new States on one SIMD chunk, saving the workspace if asked
-//                     (prev[0] is loaded only with kDirectPath);
+//                     (prev[0] is loaded only with kDirectPath; zoneout may load it for its own blend);
 //   grad(GradIn, States d) -> Grad{.., d_prev}: d holds the gradients of the new states, d_prev those of
 //                     the previous ones (d_prev[0]: the direct path only; the engine adds the W_hh path);
 //                     zoneout is the engine's (d is the new states' share of the gradient), but with it the
