@@ -402,8 +402,26 @@ def _layer_call(family, args, requires_grad: bool):
     return outputs[:3] if family == "lstm" else outputs[:2]
 
 
+@pytest.mark.parametrize("family,flags", OP_FLAG_CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(OP_FLAG_CASES)])
+def test_op_gradcheck_cpu_with_flags(family, flags):
+    """The C++ kernels' backward with the flags in float64, against finite differences of their forward (the
+    zoneout masks are fixed by the seed), with respect to the input, the initial states and the weights."""
+    args = _op_args(family, **flags)
+    positions = [i for i, a in enumerate(args[:7]) if isinstance(a, torch.Tensor)]
+
+    def run(*tensors):
+        full = list(args)
+        for i, t in zip(positions, tensors):
+            full[i] = t
+        return _layer_call(family, full, True)
+
+    with seqkern.backend("cpu"):
+        assert torch.autograd.gradcheck(run, [args[i].detach().requires_grad_() for i in positions])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("family,flags", [OP_FLAG_CASES[3]], ids=["gru"])
-def test_op_double_backward_with_flags(family, flags):
+def test_op_double_backward_with_flags(family, flags, backend):
     """create_graph=True differentiates the reference (redrawing the same zoneout masks): gradgradcheck with
     respect to the input, on tiny shapes (the numerical second derivative runs the reference many times)."""
     args = _op_args(family, seq_len=2, batch=3, input_size=1, hidden=1, **{
@@ -416,7 +434,7 @@ def test_op_double_backward_with_flags(family, flags):
             full[i] = t
         return _layer_call(family, full, True)
 
-    with seqkern.backend("triton"):
+    with seqkern.backend(backend):
         assert torch.autograd.gradgradcheck(run, [args[i].requires_grad_() for i in positions])
 
 
