@@ -182,9 +182,32 @@ inline Simd<double> fmadd(Simd<double> a, Simd<double> b, Simd<double> c) {
 // ------------------------------------------------------------------------------------------------
 // Activations.
 // ------------------------------------------------------------------------------------------------
-/// e^(x - n ln2) for fp32 lanes, n = round(x / ln2) (|x - n ln2| <= ln2 / 2): Cody-Waite reduction with a
-/// two-part ln2, then Cephes expf's degree-6 polynomial (~1 ulp). Callers scale the result by 2^n.
-SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
+/// n = round(x / ln2) to the nearest integer, as fp32 lanes (the reduction step of exp and expm1).
+SEQKERN_SIMD_INLINE Simd<float> nearest_log2_multiple(Simd<float> x) {
+#if defined(__AVX512F__)
+  return _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  Simd<float> n;
+  for (int l = 0; l < kLanes<float>; ++l) n[l] = std::nearbyint(x[l] * 1.44269504088896341f);
+  return n;
+#endif
+}
+
+/// p * 2^n for integer-valued fp32 lanes n (vscalefps with AVX-512: exact, flushes to 0 / +inf past the
+/// exponent range without a select).
+SEQKERN_SIMD_INLINE Simd<float> times_pow2(Simd<float> p, Simd<float> n) {
+#if defined(__AVX512F__)
+  return _mm512_scalef_ps(p, n);
+#else
+  for (int l = 0; l < kLanes<float>; ++l) p[l] = std::ldexp(p[l], static_cast<int>(n[l]));
+  return p;
+#endif
+}
+
+/// e^r - 1 for fp32 lanes, r = x - n ln2 with n = round(x / ln2) (|r| <= ln2 / 2): Cody-Waite reduction with
+/// a two-part ln2, then r + r^2 P(r) with Cephes expf's degree-6 polynomial P (~1 ulp, no cancellation near
+/// r = 0). Callers scale by 2^n: exp_reduced below, additive attention's tanh (expm1 of -2|x|).
+SEQKERN_SIMD_INLINE Simd<float> expm1_reduced(Simd<float> x, Simd<float> n) {
   using V = Simd<float>;
   V r = fmadd(n, broadcast(-0.693359375f), x);
   r = fmadd(n, broadcast(2.12194440e-4f), r);
@@ -194,8 +217,12 @@ SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
   p = fmadd(p, r, broadcast(4.1665795894e-2f));
   p = fmadd(p, r, broadcast(1.6666665459e-1f));
   p = fmadd(p, r, broadcast(5.0000001201e-1f));
-  p = fmadd(p, r * r, r + 1.0f);
-  return p;
+  return fmadd(p, r * r, r);
+}
+
+/// e^(x - n ln2) for fp32 lanes (see expm1_reduced). Callers scale the result by 2^n.
+SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
+  return expm1_reduced(x, n) + 1.0f;
 }
 
 /// exp for fp32 lanes (Cephes expf: Cody-Waite reduction, degree-6 polynomial, ~1 ulp). The vector
