@@ -333,3 +333,72 @@ def lengths_cases(layer: RecurrentLayer, quick: bool = False) -> list[Case]:
             oracle=oracle, rule_baseline=baseline,
         )
     return [case(shape) for shape in (QUICK_LENGTHS_SHAPES if quick else LENGTHS_SHAPES)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Episode resets (issue 16): seqkern's `resets` against the loop RL code writes without them, torch.nn's cell per
+# step with the state replaced by the initial one where an episode starts.
+# --------------------------------------------------------------------------------------------------
+RESETS_SHAPES = LENGTHS_SHAPES
+QUICK_RESETS_SHAPES = QUICK_LENGTHS_SHAPES
+CELL_CLASSES = {torch.nn.LSTM: torch.nn.LSTMCell, torch.nn.GRU: torch.nn.GRUCell, torch.nn.RNN: torch.nn.RNNCell}
+
+
+def episode_resets(shape: Shape, rate: float = 0.02) -> Tensor:
+    """(T,B) bool: an episode starts at each step of each row with probability `rate` (seeded)."""
+    return torch.rand(shape.steps, shape.batch, generator=torch.Generator().manual_seed(SEED)) < rate
+
+
+def _cell_loop_forward(layer: RecurrentLayer, module: torch.nn.RNNBase, resets: Tensor) -> Forward:
+    """torch.nn's cell (sharing the layer's parameters) stepped in Python, the state restarted where resets says."""
+    cell = CELL_CLASSES[layer.torch_class](module.input_size, module.hidden_size, **layer.module_kwargs)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        setattr(cell, name, getattr(module, f"{name}_l0"))
+
+    def forward(x: Tensor, states: States) -> tuple[Tensor, States]:
+        initial = tuple(s[0] for s in states)
+        state, outputs = initial, []
+        for t in range(x.shape[0]):
+            state = tuple(torch.where(resets[t, :, None], s0, s) for s0, s in zip(initial, state))
+            new = cell(x[t], state if layer.num_states > 1 else state[0])
+            state = tuple(new) if layer.num_states > 1 else (new,)
+            outputs.append(state[0])
+        return torch.stack(outputs), tuple(s[None] for s in state)
+    return forward
+
+
+def _resets_forward(layer: RecurrentLayer, module: torch.nn.Module, resets: Tensor) -> Forward:
+    def forward(x: Tensor, states: States) -> tuple[Tensor, States]:
+        output, final = module(x, states if layer.num_states > 1 else states[0], resets=resets)
+        return output, tuple(final) if layer.num_states > 1 else (final,)
+    return forward
+
+
+def resets_cases(layer: RecurrentLayer, quick: bool = False) -> list[Case]:
+    """seqkern.nn.<Layer>(x, hx, resets=...) against torch.nn's cell stepped in Python with the resets applied."""
+    def case(shape: Shape) -> Case:
+        resets = episode_resets(shape, rate=0.2 if quick else 0.02)  # the quick shape's few steps still reset
+        baseline = f"{_torch_name(layer)}Cell loop"
+
+        def contender(make_module, make_forward):
+            def setup() -> Call:
+                module = make_module(layer, shape).train(shape.training)
+                return _timed_call(layer, make_forward(layer, module, resets), list(module.parameters()), shape)
+            return setup
+
+        def oracle() -> Sequence[Tensor]:
+            module = _torch_module(layer, shape, torch.float64).train(shape.training)
+            return _timed_call(layer, _cell_loop_forward(layer, module, resets), list(module.parameters()), shape,
+                               compute_dtype=torch.float64)()
+
+        return Case(
+            op=layer.op, name=f"{shape.name} resets {int(resets.sum())}",
+            params={**dataclasses.asdict(shape), "input_size": shape.hidden, "dtype": "float32",
+                    "resets": int(resets.sum())},
+            flops=flops(layer, shape),
+            contenders={SUBJECT: contender(_seqkern_module, _resets_forward),
+                        baseline: contender(_torch_module, _cell_loop_forward)},
+            notes={"seqkern_implementation": _implementation(layer.op, shape.dtype)},
+            oracle=oracle, rule_baseline=baseline,
+        )
+    return [case(shape) for shape in (QUICK_RESETS_SHAPES if quick else RESETS_SHAPES)]

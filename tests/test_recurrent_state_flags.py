@@ -5,9 +5,12 @@ Oracles: lengths against torch.nn itself on pack_padded_sequence(..., enforce_so
 zoneout against a time loop composed here (cell math from tests/helpers.py's composed cells, the blend and the
 resets written below; only the zoneout mask comes from seqkern.reference._scan.zoneout_keep, which defines it).
 Every output, final state and gradient (input, initial states, parameters) under the rule, on the "cpu" and the
-"triton" (interpreter, small shapes) backends."""
+"triton" (interpreter, small shapes) backends. On "cpu", lengths alone run as the rows sorted by length through
+the C++ kernel's batch_sizes (seqkern/ops/lstm.py SORTED_LENGTHS_BACKENDS: faster there); "cpu-kernel" turns that
+route off so that the C++ engine's own lengths predicate runs them."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 
@@ -18,6 +21,24 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import seqkern
 from helpers import assert_all_rule, composed_gru_cell, composed_lstm_cell, composed_rnn_cell
 from seqkern.reference._scan import zoneout_keep
+
+OP_MODULES = (seqkern.ops.lstm, seqkern.ops.gru, seqkern.ops.rnn)
+
+
+@contextlib.contextmanager
+def _backend(name: str):
+    """seqkern.backend(name); "cpu-kernel": the cpu backend with lengths alone through the C++ kernel's own lengths
+    (not the rows sorted by length)."""
+    saved = [m.SORTED_LENGTHS_BACKENDS for m in OP_MODULES]
+    try:
+        if name == "cpu-kernel":
+            for m in OP_MODULES:
+                m.SORTED_LENGTHS_BACKENDS = ()
+        with seqkern.backend("cpu" if name == "cpu-kernel" else name):
+            yield
+    finally:
+        for m, value in zip(OP_MODULES, saved):
+            m.SORTED_LENGTHS_BACKENDS = value
 
 FAMILIES = {
     "lstm": (torch.nn.LSTM, seqkern.nn.LSTM, {}),
@@ -99,6 +120,13 @@ LENGTH_CASES = [
     ("cpu", "gru", dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True), [1, 6, 2, 4]),
     ("cpu", "gru", dict(input_size=3, hidden_size=17, bias=False, batch_first=True), [5, 6, 1]),
     ("cpu", "rnn", dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True), [4, 1, 6, 2]),
+    ("cpu-kernel", "lstm", dict(input_size=5, hidden_size=7), [3, 6, 1, 4]),
+    ("cpu-kernel", "lstm", dict(input_size=3, hidden_size=9, num_layers=2, bidirectional=True, batch_first=True),
+     [2, 6, 6, 1, 5]),
+    ("cpu-kernel", "lstm", dict(input_size=4, hidden_size=8, proj_size=3, bidirectional=True), [6, 1, 3]),
+    ("cpu-kernel", "gru", dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True), [1, 6, 2, 4]),
+    ("cpu-kernel", "gru", dict(input_size=3, hidden_size=17, bias=False, batch_first=True), [5, 6, 1]),
+    ("cpu-kernel", "rnn", dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True), [4, 1, 6, 2]),
     ("triton", "lstm", dict(input_size=3, hidden_size=5, proj_size=2, bidirectional=True), [2, 4, 1]),
     ("triton", "gru", dict(input_size=3, hidden_size=5, bidirectional=True), [4, 1, 3]),
     ("triton", "rnn", dict(input_size=3, hidden_size=5, bidirectional=True, batch_first=True), [1, 4, 2]),
@@ -108,7 +136,7 @@ LENGTH_CASES = [
 @pytest.mark.parametrize("backend,family,options,lengths", LENGTH_CASES,
                          ids=[f"{b}-{f}-{i}" for i, (b, f, _, _) in enumerate(LENGTH_CASES)])
 def test_lengths_match_torch_packed(family, options, lengths, backend):
-    seq_len = max(lengths) + (backend == "cpu")  # on cpu one step past the longest: all-padding steps
+    seq_len = max(lengths) + backend.startswith("cpu")  # on cpu one step past the longest: all-padding steps
     oracle, theirs, ours = _modules(family, options, torch.float32)
     x64, hx64 = _inputs(family, options, seq_len, len(lengths))
     lengths_tensor = torch.tensor(lengths)
@@ -116,13 +144,14 @@ def test_lengths_match_torch_packed(family, options, lengths, backend):
     cotangents = _cotangents(probe)
     expected = _results(oracle, torch.float64, x64, hx64, cotangents, _torch_packed(lengths_tensor))
     baseline = _results(theirs, torch.float32, x64, hx64, cotangents, _torch_packed(lengths_tensor))
-    with seqkern.backend(backend):
+    with _backend(backend):
         got = _results(ours, torch.float32, x64, hx64, cotangents, _ours_lengths(lengths_tensor))
     assert_all_rule(got, baseline, expected)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cpu-kernel"])
 @pytest.mark.parametrize("family", ["lstm", "gru"])
-def test_lengths_bfloat16(family):
+def test_lengths_bfloat16(family, backend):
     options = dict(input_size=6, hidden_size=16, bidirectional=True)
     lengths = torch.tensor([5, 2, 7, 1])
     oracle, theirs, ours = _modules(family, options, torch.bfloat16)
@@ -130,19 +159,21 @@ def test_lengths_bfloat16(family):
     cotangents = _cotangents(_results(oracle, torch.float64, x64, hx64, None, _torch_packed(lengths)))
     expected = _results(oracle, torch.float64, x64, hx64, cotangents, _torch_packed(lengths))
     baseline = _results(theirs, torch.bfloat16, x64, hx64, cotangents, _torch_packed(lengths))
-    got = _results(ours, torch.bfloat16, x64, hx64, cotangents, _ours_lengths(lengths))
+    with _backend(backend):
+        got = _results(ours, torch.bfloat16, x64, hx64, cotangents, _ours_lengths(lengths))
     assert_all_rule(got, baseline, expected)
 
 
 # ------------------------------------------------------------------------------------------------
 # resets and zoneout: a time loop composed in the test.
 # ------------------------------------------------------------------------------------------------
-def _composed_layer(family, x, state0, weights, resets, zoneout, seed, reverse):
+def _composed_layer(family, x, state0, weights, resets, zoneout, seed, reverse, lengths=None, w_hr=None):
     """One layer-direction from the definitions: x (T,B,I), state0 [(B,S)] -> output (T,B,S), final states.
 
     resets[t, b]: the state entering step t of row b is state0 again; zoneout with a seed: each state element
     keeps its previous value where keep (zoneout_keep, the definition of the mask), else takes the new one;
-    without a seed: zoneout * previous + (1 - zoneout) * new."""
+    without a seed: zoneout * previous + (1 - zoneout) * new; lengths[b]: row b is active at t < lengths[b]
+    (an inactive row keeps its state and outputs 0); w_hr: the LSTM's projection of h."""
     w_ih, w_hh, b_ih, b_hh = weights
     seq_len, batch = x.shape[:2]
     rows = torch.arange(batch)
@@ -153,6 +184,7 @@ def _composed_layer(family, x, state0, weights, resets, zoneout, seed, reverse):
         gates_x, gates_h = x[t] @ w_ih.t(), state[0] @ w_hh.t()
         if family == "lstm":
             new = composed_lstm_cell(gates_x, gates_h, state[1], b_ih, b_hh)
+            new = new if w_hr is None else (new[0] @ w_hr.t(), new[1])
         elif family == "gru":
             new = composed_gru_cell(gates_x, gates_h, state[0], b_ih, b_hh)
         else:
@@ -162,12 +194,13 @@ def _composed_layer(family, x, state0, weights, resets, zoneout, seed, reverse):
         elif zoneout:
             new = tuple(torch.where(zoneout_keep(seed, k, t, rows, s.shape[1], zoneout), old, s)
                         for k, (old, s) in enumerate(zip(state, new)))
-        state = new
-        outputs[t] = state[0]
+        active = None if lengths is None else (t < lengths)[:, None]
+        state = new if active is None else tuple(torch.where(active, s, old) for s, old in zip(new, state))
+        outputs[t] = state[0] if active is None else torch.where(active, state[0], 0)
     return torch.stack(outputs), state
 
 
-def _composed_module(family, seeds, resets, zoneout):
+def _composed_module(family, seeds, resets, zoneout, lengths=None):
     """call(module, x, hx) of a unidirectional multi-layer module through _composed_layer (seeds: one per layer)."""
     def call(module, x, hx):
         hx = hx if isinstance(hx, tuple) else (hx,)
@@ -176,7 +209,8 @@ def _composed_module(family, seeds, resets, zoneout):
         for layer in range(module.num_layers):
             weights = [getattr(module, f"{n}_l{layer}", None) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
             x, final = _composed_layer(family, x, [h[layer] for h in hx], weights, resets, zoneout,
-                                       seeds[layer] if seeds else None, False)
+                                       seeds[layer] if seeds else None, False, lengths,
+                                       getattr(module, f"weight_hr_l{layer}", None))
             finals.append(final)
         out = x.transpose(0, 1) if module.batch_first else x
         stacked = tuple(torch.stack(parts) for parts in zip(*finals))
@@ -216,25 +250,51 @@ FLAG_CASES = [  # (backend, family, options, use resets, zoneout, training)
 @pytest.mark.parametrize("backend,family,options,use_resets,zoneout,training", FLAG_CASES,
                          ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(FLAG_CASES)])
 def test_resets_and_zoneout_match_composed_loop(family, options, use_resets, zoneout, training, backend):
-    seq_len, batch = (6, 3) if backend == "cpu" else (4, 3)
-    oracle, theirs, ours = _modules(family, options, torch.float32, zoneout)
+    _check_against_composed(backend, family, options, use_resets, zoneout, training)
+
+
+# The C++ engine with several flags at once, the projection and bfloat16: (family, options, use resets, zoneout,
+# training, lengths, dtype). A length of 0 and one of T included.
+CPU_FLAG_CASES = [
+    ("lstm", dict(input_size=4, hidden_size=8, proj_size=3), True, 0.3, True, [6, 2, 4], torch.float32),
+    ("lstm", dict(input_size=3, hidden_size=5, proj_size=2, num_layers=2), False, 0.4, False, [3, 6, 1], torch.float32),
+    ("gru", dict(input_size=4, hidden_size=7, batch_first=True), True, 0.3, True, [6, 0, 3], torch.float32),
+    ("rnn", dict(input_size=4, hidden_size=6), True, 0.0, False, [2, 6, 5], torch.float32),
+    ("lstm", dict(input_size=6, hidden_size=16), True, 0.3, True, None, torch.bfloat16),
+    ("lstm", dict(input_size=6, hidden_size=16, proj_size=4), False, 0.3, True, [5, 6, 2], torch.bfloat16),
+    ("gru", dict(input_size=6, hidden_size=16), True, 0.25, False, [4, 6, 1], torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("family,options,use_resets,zoneout,training,lengths,dtype", CPU_FLAG_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CPU_FLAG_CASES)])
+def test_cpu_flags_combined_match_composed_loop(family, options, use_resets, zoneout, training, lengths, dtype):
+    _check_against_composed("cpu", family, options, use_resets, zoneout, training, lengths, dtype)
+
+
+def _check_against_composed(backend, family, options, use_resets, zoneout, training, lengths=None,
+                            dtype=torch.float32):
+    """seqkern.nn's module on `backend` against the composed loop: every output, state and gradient, in dtype."""
+    seq_len, batch = (6, 3) if backend.startswith("cpu") else (4, 3)
+    oracle, theirs, ours = _modules(family, options, dtype, zoneout)
     x64, hx64 = _inputs(family, options, seq_len, batch)
     resets = _resets(seq_len, batch, options.get("batch_first", False)) if use_resets else None
     resets_tm = None if resets is None else (resets.t() if options.get("batch_first") else resets)
+    lengths = None if lengths is None else torch.tensor(lengths)
     num_layers = options.get("num_layers", 1)
     seeds = _seeds(num_layers, 11) if training and zoneout else None
-    composed = _composed_module(family, seeds, resets_tm, zoneout)
+    composed = _composed_module(family, seeds, resets_tm, zoneout, lengths)
     ours.train(training)
 
     def call_ours(module, x, hx):
         torch.manual_seed(11)  # the module then draws the seeds _seeds drew
-        return module(x, hx, resets=resets)
+        return module(x, hx, resets=resets, **({} if lengths is None else {"lengths": lengths}))
 
     cotangents = _cotangents(_results(oracle, torch.float64, x64, hx64, None, composed))
     expected = _results(oracle, torch.float64, x64, hx64, cotangents, composed)
-    baseline = _results(theirs, torch.float32, x64, hx64, cotangents, composed)
-    with seqkern.backend(backend):
-        got = _results(ours, torch.float32, x64, hx64, cotangents, call_ours)
+    baseline = _results(theirs, dtype, x64, hx64, cotangents, composed)
+    with _backend(backend):
+        got = _results(ours, dtype, x64, hx64, cotangents, call_ours)
     assert_all_rule(got, baseline, expected)
 
 
@@ -342,8 +402,26 @@ def _layer_call(family, args, requires_grad: bool):
     return outputs[:3] if family == "lstm" else outputs[:2]
 
 
+@pytest.mark.parametrize("family,flags", OP_FLAG_CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(OP_FLAG_CASES)])
+def test_op_gradcheck_cpu_with_flags(family, flags):
+    """The C++ kernels' backward with the flags in float64, against finite differences of their forward (the
+    zoneout masks are fixed by the seed), with respect to the input, the initial states and the weights."""
+    args = _op_args(family, **flags)
+    positions = [i for i, a in enumerate(args[:7]) if isinstance(a, torch.Tensor)]
+
+    def run(*tensors):
+        full = list(args)
+        for i, t in zip(positions, tensors):
+            full[i] = t
+        return _layer_call(family, full, True)
+
+    with seqkern.backend("cpu"):
+        assert torch.autograd.gradcheck(run, [args[i].detach().requires_grad_() for i in positions])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("family,flags", [OP_FLAG_CASES[3]], ids=["gru"])
-def test_op_double_backward_with_flags(family, flags):
+def test_op_double_backward_with_flags(family, flags, backend):
     """create_graph=True differentiates the reference (redrawing the same zoneout masks): gradgradcheck with
     respect to the input, on tiny shapes (the numerical second derivative runs the reference many times)."""
     args = _op_args(family, seq_len=2, batch=3, input_size=1, hidden=1, **{
@@ -356,14 +434,14 @@ def test_op_double_backward_with_flags(family, flags):
             full[i] = t
         return _layer_call(family, full, True)
 
-    with seqkern.backend("triton"):
+    with seqkern.backend(backend):
         assert torch.autograd.gradgradcheck(run, [args[i].requires_grad_() for i in positions])
 
 
 @pytest.mark.parametrize("family", ["lstm"])
 def test_compiled_module_with_lengths(family):
-    """One graph with lengths (on CPU the rows run sorted by length through the C++ kernel's batch_sizes until
-    the engine takes lengths itself; resets and zoneout run the reference there, which does not compile)."""
+    """One graph with lengths (on CPU the rows run sorted by length through the C++ kernel's batch_sizes: tensor
+    ops only, so the graph does not break)."""
     torch._dynamo.reset()
     module = FAMILIES[family][1](3, 5, num_layers=2, bidirectional=True, **FAMILIES[family][2])
     x = torch.randn(6, 4, 3, requires_grad=True)
@@ -374,6 +452,60 @@ def test_compiled_module_with_lengths(family):
     grad_got = torch.autograd.grad(got[0].sum(), x)[0]
     grad_want = torch.autograd.grad(want[0].sum(), x)[0]
     torch.testing.assert_close(grad_got, grad_want)
+
+
+def _float32_args(family, **flags):
+    return [a.float().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in _op_args(family, **flags)]
+
+
+@pytest.mark.parametrize("family,flags", OP_FLAG_CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(OP_FLAG_CASES)])
+def test_opcheck_cpu_with_flags(family, flags):
+    """The C++ kernels with lengths, resets and zoneout against their fakes and autograd registration."""
+    op = getattr(torch.ops.seqkern, f"{family}_forward")
+    last = (False,) if family == "rnn" else (True,)  # relu / save_workspace
+    torch.library.opcheck(op, (*_float32_args(family, **flags), *last))
+
+
+# One graph per op with flags on CPU (the C++ kernels take them: no reference scan, no graph break); the zoneout
+# seed is an op argument here, so the compiled and the eager call draw the same masks.
+COMPILE_FLAG_CASES = [
+    ("lstm", dict(resets=OP_FLAG_CASES[1][1]["resets"], zoneout=0.3, zoneout_seed=torch.tensor(5))),
+    ("gru", dict(lengths=torch.tensor([4, 2, 0]), zoneout=0.4)),
+    ("rnn", OP_FLAG_CASES[5][1]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,flags", COMPILE_FLAG_CASES, ids=[f for f, _ in COMPILE_FLAG_CASES])
+def test_compiled_layer_with_flags(family, flags):
+    torch._dynamo.reset()
+    layer = getattr(seqkern.ops, f"{family}_layer")
+    args = _float32_args(family, **flags)
+    tensors, flag_kwargs = _layer_arguments(family, args)
+
+    def run(*tensors):
+        return layer(*tensors, **flag_kwargs)[0]
+
+    compiled = torch.compile(run, fullgraph=True)
+    with seqkern.backend("cpu"):
+        got, want = compiled(*tensors), run(*tensors)
+        torch.testing.assert_close(got, want)
+        cotangent = torch.randn_like(want)
+        grads_got = torch.autograd.grad(got, tensors, cotangent)
+        grads_want = torch.autograd.grad(want, tensors, cotangent)
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w)
+
+
+def _layer_arguments(family, args):
+    """_op_args' list -> (the positional tensors of seqkern.ops.<family>_layer, its flag keywords)."""
+    count = {"lstm": 7, "gru": 6, "rnn": 6}[family]  # input, h0, (c0,) w_ih, w_hh, b_ih, b_hh
+    rest = args[count + (1 if family == "lstm" else 0):]  # after w_hr: batch_sizes, lengths, resets, ...
+    flags = dict(lengths=rest[1], resets=rest[2])
+    if family != "rnn":
+        flags.update(zoneout=rest[3], zoneout_seed=rest[4])
+    return args[:count], flags
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,6 +581,16 @@ def test_bad_op_arguments(family, name, flags):
             op(*fake)
     with seqkern.backend("triton"), pytest.raises(error, match=re.escape(name)):
         op(*args)
+    with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=re.escape(name)):  # the C++ kernel's TORCH_CHECK
+        op(*args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_lengths_outside_the_sequence_refused_by_the_kernel(backend):
+    """lengths' values are data (the fakes cannot see them): the kernels check them, naming the argument."""
+    op, args = _bad_op_call("gru", dict(lengths=torch.tensor([1, 5, 2])))
+    with seqkern.backend(backend), pytest.raises(RuntimeError, match="lengths"):
+        op(*args)
 
 
 def test_readme_rollout_example_runs():
@@ -459,12 +601,3 @@ def test_readme_rollout_example_runs():
     block = readme.split("<!-- rollout-example -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     torch.manual_seed(0)
     exec(compile(block, "README.md (rollout example)", "exec"), {})
-
-
-@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
-def test_cpu_kernel_refuses_the_flags_it_does_not_implement(family):
-    """The C++ engine has no lengths/resets/zoneout yet (seqkern.ops routes around it): a direct op call that uses
-    them is refused with a message naming them, never run without them."""
-    op, args = _bad_op_call(family, dict(resets=torch.zeros(4, 3, dtype=torch.bool)))
-    with pytest.raises(RuntimeError, match="lengths, resets and zoneout are not implemented by the C\\+\\+ kernel"):
-        op(*args)

@@ -102,17 +102,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& /*zoneout_seed*/,
+    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& zoneout_seed,
     bool reverse, bool save_workspace) {
-  refuse_state_flags(kCheck, lengths, resets, zoneout);
   const LayerShape d = check_layer_args(kCheck, GruCell::kGates, input, h0, w_ih, w_hh);
   kCheck.biases(b_ih, b_hh, GruCell::kGates * d.hidden, input);
-  const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, d.seq_len, d.batch);
+  std::vector<at::Tensor> keep;
+  const Schedule sched = layer_schedule(kCheck, d, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, keep);
   at::Tensor workspace = save_workspace ? at::empty({d.seq_len, d.batch, GruCell::kWorkspaceBlocks * d.hidden}, input.options())
                                         : at::empty({0}, input.options());
   const auto [input_bias, recurrent_bias] = split_biases(b_ih, b_hh, d.hidden);
   const auto out = layer_forward(GruCell{}, d, input, {h0.contiguous()}, {w_ih, w_hh, {}, input_bias, recurrent_bias},
-                                 make_schedule(d, sizes, reverse), save_workspace, workspace);
+                                 sched, save_workspace, workspace);
   return {out.output, out.last[0], workspace};
 }
 
@@ -120,9 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& workspace,
     const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& /*zoneout_seed*/,
+    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& zoneout_seed,
     bool reverse, bool has_bias) {
-  refuse_state_flags(kCheck, lengths, resets, zoneout);
   const LayerShape d = check_layer_args(kCheck, GruCell::kGates, input, h0, w_ih, w_hh);
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden;
   kCheck.tensor(grad_output, input, {T, B, H}, "grad_output");
@@ -130,9 +129,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   kCheck.tensor(output, input, {T, B, H}, "output");
   kCheck.tensor(workspace, input, {T, B, GruCell::kWorkspaceBlocks * H},
                 "workspace (from gru_forward with save_workspace=True)");
-  const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, T, B);
+  std::vector<at::Tensor> keep;
+  const Schedule sched = layer_schedule(kCheck, d, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, keep);
   const LayerGrads g = layer_backward(GruCell{}, d, grad_output, {grad_h_n}, input, {h0}, w_ih, w_hh, at::Tensor(),
-                                      output, workspace, {}, make_schedule(d, sizes, reverse), has_bias);
+                                      output, workspace, {}, sched, has_bias);
   const at::Tensor no_bias = at::empty({0}, input.options());
   return {g.input, g.initial[0], g.w_ih, g.w_hh, has_bias ? g.b_ih : no_bias, has_bias ? g.b_hh : no_bias.clone()};
 }

@@ -12,10 +12,8 @@
 // (one partial-sum exchange + barrier after the GEMM, one after the cell's c' for the LSTM): worth it only
 // when B < threads and H is large enough to amortize the extra barriers.
 //
-// Options (seqkern/reference/_scan.py defines them; flags of the loop, not copies of it): lengths (row b active
-// at t < lengths[b]; inactive rows keep their state and output 0), resets (the state entering step t is the
-// initial one again), zoneout (training: keep the previous element where the counter-based hash of
-// (seed, state k, t, b * H + u) is below floor(p 2^32), redrawn in the backward; evaluation: blend).
+// Options (seqkern/reference/_scan.py defines them; flags of the loop, not copies of it): lengths, resets and
+// zoneout as state_flags.h defines them for both loops (its predicate, its zoneout weights, blend and backward).
 //
 // Workspace: one row of width Cell::workspace_width(H) per (t, b), in the accumulation dtype, holding what the
 // backward reads (the cells document their layout); the LayerNorm statistics are stored as 1/sqrt(var + eps).
@@ -30,10 +28,10 @@
 #include <vector>
 
 #include "cpu/arg_checks.h"
-#include "cpu/attention.h"
 #include "cpu/gemm_packed.h"
 #include "cpu/outer_sum.h"
 #include "cpu/simd.h"
+#include "cpu/state_flags.h"
 #include "cpu/team.h"
 
 namespace seqkern::cpu::layernorm {
@@ -117,82 +115,32 @@ inline int64_t check_layer(const ArgChecker& check, int gates, const at::Tensor&
 }
 
 // ================================================================================================
-// Options: lengths, resets, zoneout, direction.
+// Options: lengths, resets, zoneout (state_flags.h, shared with recurrence_layer.h), direction.
 // ================================================================================================
-struct Options {
-  int64_t seq_len = 0, batch = 0;
-  const int64_t* lengths = nullptr;  // (B,) or null
-  const bool* resets = nullptr;      // (T, B) or null
-  double zoneout = 0;
-  bool training_masks = false;  // a seed was given: zoneout draws masks, else blends
-  attention::DropoutHash hash;  // seed halves (its own threshold is unused: zoneout keeps *below*)
-  uint64_t keep_below = 0;      // floor(p 2^32), 2^32 at p = 1
+struct Options : StateFlags {
+  int64_t seq_len = 0;
   bool reverse = false;
 
   int64_t time(int64_t step) const { return reverse ? seq_len - 1 - step : step; }
-  bool active(int64_t t, int64_t b) const { return !lengths || t < lengths[b]; }
-  bool reset(int64_t t, int64_t b) const { return resets && resets[t * batch + b]; }
+  bool active(int64_t t, int64_t b) const { return within_length(t, b); }
   /// Whether the state entering step t of row b is the one the layer recorded at the step before (else the
   /// initial state): the previous processing step was active for b and no reset at t.
   bool continues(int64_t t, int64_t b) const {
-    const int64_t prev = reverse ? t + 1 : t - 1;
+    const int64_t prev = previous_time(t);
     return prev >= 0 && prev < seq_len && active(prev, b) && !reset(t, b);
   }
   int64_t previous_time(int64_t t) const { return reverse ? t + 1 : t - 1; }
-
-  /// The zoneout weight of the previous value of state k at (t, b) for units [u0, u0 + n) into keep[0:n):
-  /// 1/0 from the mask in training, p in evaluation.
-  template <typename A>
-  void keep_weights(int k, int64_t t, int64_t b, int64_t width, int64_t u0, int n, A* keep) const {
-    if (!training_masks) {
-      std::fill(keep, keep + n, static_cast<A>(zoneout));
-      return;
-    }
-    const uint32_t row_key = attention::DropoutHash::row_key(hash.head_key(k), t);
-    for (int l = 0; l < n; ++l) {
-      const uint32_t j = static_cast<uint32_t>(b * width + u0 + l);
-      const uint32_t bits = attention::DropoutHash::mix<uint32_t>(row_key ^ (j * 0x9E3779B1u));
-      keep[l] = static_cast<uint64_t>(bits) < keep_below ? A(1) : A(0);
-    }
-  }
 };
 
-/// The checked options of a layer op: lengths (B,) int64 CPU in [0, T], resets (T, B) bool CPU (not with
-/// reverse), zoneout in [0, 1], zoneout_seed int64 (). `keep` holds the contiguous copies alive.
+/// The checked options of a layer op (check_state_flags); `keep` holds the contiguous copies alive.
 inline Options make_options(const ArgChecker& check, int64_t T, int64_t B, const std::optional<at::Tensor>& lengths,
                             const std::optional<at::Tensor>& resets, double zoneout,
                             const std::optional<at::Tensor>& seed, bool reverse, std::vector<at::Tensor>& keep) {
   Options o;
+  static_cast<StateFlags&>(o) = check_state_flags(check, T, B, lengths, resets, zoneout, seed, reverse,
+                                                  /*has_batch_sizes=*/false, keep);
   o.seq_len = T;
-  o.batch = B;
   o.reverse = reverse;
-  if (lengths.has_value()) {
-    TORCH_CHECK(lengths->device().is_cpu() && lengths->scalar_type() == at::kLong, "seqkern ", check.op,
-                " (CPU): lengths must be an int64 CPU tensor, got ", lengths->scalar_type(), " on ", lengths->device());
-    check.shape(*lengths, {B}, "lengths");
-    keep.push_back(lengths->contiguous());
-    o.lengths = keep.back().data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(o.lengths[b] >= 0 && o.lengths[b] <= T, "seqkern ", check.op, " (CPU): lengths[", b, "] = ",
-                  o.lengths[b], " is outside [0, ", T, "]");
-  }
-  if (resets.has_value()) {
-    TORCH_CHECK(resets->device().is_cpu() && resets->scalar_type() == at::kBool, "seqkern ", check.op,
-                " (CPU): resets must be a bool CPU tensor");
-    check.shape(*resets, {T, B}, "resets");
-    TORCH_CHECK(!reverse, "seqkern ", check.op, " (CPU): resets are not supported with reverse=True");
-    keep.push_back(resets->contiguous());
-    o.resets = keep.back().data_ptr<bool>();
-  }
-  TORCH_CHECK(zoneout >= 0 && zoneout <= 1, "seqkern ", check.op, " (CPU): zoneout must be in [0, 1], got ", zoneout);
-  o.zoneout = zoneout;
-  if (seed.has_value()) {
-    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->dim() == 0, "seqkern ", check.op,
-                " (CPU): zoneout_seed must be an int64 tensor of shape ()");
-    o.training_masks = true;
-    o.hash = attention::DropoutHash(seed->item<int64_t>(), 0.0);
-    o.keep_below = static_cast<uint64_t>(zoneout * 4294967296.0);
-  }
   return o;
 }
 
@@ -297,7 +245,7 @@ struct ForwardLoop {
   void run_rows(Range rows) const {
     if (rows.size() == 0) return;
     const int64_t B = opt.batch, GH = G * H, W = Cell::workspace_width(H), ldc = w_hh.width;
-    std::vector<A> gh(rows.size() * ldc), temp_ws(W), next(K * H), keep(kLanes<A>);
+    std::vector<A> gh(rows.size() * ldc), temp_ws(W), next(K * H);
     for (int64_t step = 0; step < opt.seq_len; ++step) {
       const int64_t t = opt.time(step);
       for (int64_t b = rows.begin; b < rows.end; ++b)
@@ -325,15 +273,12 @@ struct ForwardLoop {
         cell.forward(H, gx + row * GH, gh_row, prev, out, row_ws);
         for (int k = 0; k < K; ++k) {
           A* s = state[k] + b * H;
-          if (opt.zoneout == 0) {
+          if (!opt.zoneout.on()) {
             std::copy(out[k], out[k] + H, s);
           } else {
             chunks<A>(H, [&](int64_t u, int n) {
-              opt.keep_weights<A>(k, t, b, H, u, n, keep.data());
-              const Simd<A> m = load<A>(keep.data(), n), old_v = load<A>(s + u, n), new_v = load<A>(out[k] + u, n);
-              // A select, not m * old + (1 - m) * new, where the mask is 0/1: an Inf or NaN not kept must not leak.
-              Simd<A> v = opt.training_masks ? (m != A(0) ? old_v : new_v) : fmadd(m, old_v - new_v, new_v);
-              store(s + u, v, n);
+              const Simd<A> w = opt.zoneout.weight<A>(k, t, b, H, u);
+              store(s + u, opt.zoneout.blend(w, load<A>(s + u, n), load<A>(out[k] + u, n)), n);
             });
           }
           if (k > 0 && Cell::state_record(H) >= 0) std::copy(s, s + H, row_ws + Cell::state_record(H));
@@ -423,7 +368,7 @@ struct BackwardLoop {
     if (rows.size() == 0) return;
     const int64_t B = opt.batch, GH = G * H, W = Cell::workspace_width(H), ldc = w_hh.width;
     const int64_t E = Cell::kExtra * H;
-    std::vector<A> rec(rows.size() * ldc), d_new(K * H), d_direct(K * H), prev_buf(K * H), keep(kLanes<A>);
+    std::vector<A> rec(rows.size() * ldc), d_new(K * H), d_direct(K * H), prev_buf(K * H);
     for (int64_t step = 0; step < opt.seq_len; ++step) {
       const int64_t t = opt.time(opt.seq_len - 1 - step);
       for (int64_t b = rows.begin; b < rows.end; ++b) {
@@ -437,7 +382,7 @@ struct BackwardLoop {
           fill_zero(h_prev + row * H, H);
           continue;
         }
-        step_row(t, b, d_new.data(), d_direct.data(), prev_buf.data(), keep.data());
+        step_row(t, b, d_new.data(), d_direct.data(), prev_buf.data());
       }
       gemm_packed(d_gh + (t * B + rows.begin) * GH, GH, rows.size(), w_hh, rec.data(), ldc);
       for (int64_t b = rows.begin; b < rows.end; ++b) {
@@ -458,7 +403,7 @@ struct BackwardLoop {
 
   /// One active row at time t: d_state (the gradients of the states after step t) -> the gradients of the
   /// states before it, but for the recurrent GEMM's part, plus every per-row gradient buffer.
-  void step_row(int64_t t, int64_t b, A* d_new, A* d_direct, A* prev_buf, A* keep) const {
+  void step_row(int64_t t, int64_t b, A* d_new, A* d_direct, A* prev_buf) const {
     const int64_t B = opt.batch, GH = G * H, W = Cell::workspace_width(H), row = t * B + b;
     const A* row_ws = ws + row * W;
     const bool continues = opt.continues(t, b);
@@ -484,16 +429,15 @@ struct BackwardLoop {
       A* d = d_state[k] + b * H;
       if (k == 0) chunks<A>(H, [&](int64_t u, int n) { store(d + u, load<A>(d + u, n) + load<A>(go + u, n), n); });
       dn[k] = d_new + k * H;
-      if (opt.zoneout == 0) {
+      if (!opt.zoneout.on()) {
         std::copy(d, d + H, dn[k]);
         fill_zero(d, H);
       } else {
         chunks<A>(H, [&](int64_t u, int n) {
-          opt.keep_weights<A>(k, t, b, H, u, n, keep);
-          const Simd<A> m = load<A>(keep, n), g = load<A>(d + u, n);
-          const Simd<A> zero{};
-          store(dn[k] + u, opt.training_masks ? (m != A(0) ? zero : g) : (A(1) - m) * g, n);
-          store(d + u, opt.training_masks ? (m != A(0) ? g : zero) : m * g, n);
+          const Simd<A> w = opt.zoneout.weight<A>(k, t, b, H, u);
+          const auto [to_new, to_previous] = opt.zoneout.split(w, load<A>(d + u, n));
+          store(dn[k] + u, to_new, n);
+          store(d + u, to_previous, n);
         });
       }
     }

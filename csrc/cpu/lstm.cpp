@@ -115,11 +115,14 @@ struct LstmCell {
     return {res.hidden, res.c};
   }
 
-  /// d[0]: gradient of o tanh(c) (the cell's output), d[1]: of c from later steps.
+  /// d[0]: gradient of o tanh(c) (the cell's output), d[1]: of c from later steps. c is the recorded one, or
+  /// under zoneout (cur[1] null: the record is the blended state) f c_prev + i g again from the saved gates.
   template <typename A, typename S>
   Grad<A> grad(const GradIn<S, 2>& in, const States<A, 2>& d) const {
-    const CellBackward<A> g = lstm_cell_grad<A>(load_gates<A>(in.workspace, in.stride, 0, in.n),
-                                                load<A>(in.prev[1], in.n), load<A>(in.cur[1], in.n), d[0], d[1]);
+    const Gates<A> act = load_gates<A>(in.workspace, in.stride, 0, in.n);
+    const Simd<A> c_prev = load<A>(in.prev[1], in.n);
+    const Simd<A> c = in.cur[1] ? load<A>(in.cur[1], in.n) : fmadd(act.f, c_prev, act.i * act.g);
+    const CellBackward<A> g = lstm_cell_grad<A>(act, c_prev, c, d[0], d[1]);
     return {g.d_pre, {Simd<A>{}, g.d_c_prev}, g.hidden};
   }
 
@@ -149,17 +152,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& resets, double zoneout,
-    const std::optional<at::Tensor>& /*zoneout_seed*/, bool reverse, bool save_workspace) {
-  refuse_state_flags(kCheck, lengths, resets, zoneout);
+    const std::optional<at::Tensor>& zoneout_seed, bool reverse, bool save_workspace) {
   const LayerShape d = check_layer(input, h0, c0, w_ih, w_hh, w_hr);
   kCheck.biases(b_ih, b_hh, 4 * d.hidden, input);
-  const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, d.seq_len, d.batch);
+  std::vector<at::Tensor> keep;
+  const Schedule sched = layer_schedule(kCheck, d, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, keep);
   // Without save_workspace the workspace is never allocated: (0,)-shaped placeholders.
   const at::Tensor no_workspace = at::empty({0}, input.options());
   at::Tensor gates = save_workspace ? at::empty({d.seq_len, d.batch, 4 * d.hidden}, input.options()) : no_workspace;
   const auto out = layer_forward(LstmCell{}, d, input, {h0.contiguous(), c0.contiguous()},
                                  {w_ih, w_hh, w_hr.value_or(at::Tensor()), summed_bias(b_ih, b_hh), {}},
-                                 make_schedule(d, sizes, reverse), save_workspace, gates);
+                                 sched, save_workspace, gates);
   return {out.output, out.last[0], out.last[1], gates, save_workspace ? out.sequence[1] : no_workspace.clone()};
 }
 
@@ -168,9 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells, const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& /*zoneout_seed*/,
+    const std::optional<at::Tensor>& resets, double zoneout, const std::optional<at::Tensor>& zoneout_seed,
     bool reverse, bool has_bias) {
-  refuse_state_flags(kCheck, lengths, resets, zoneout);
   const LayerShape d = check_layer(input, h0, c0, w_ih, w_hh, w_hr);
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden, P = d.state_size;
   kCheck.tensor(grad_output, input, {T, B, P}, "grad_output");
@@ -179,10 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   kCheck.tensor(output, input, {T, B, P}, "output");
   kCheck.tensor(gates, input, {T, B, 4 * H}, "gates (the forward's workspace; was save_workspace false?)");
   kCheck.tensor(cells, input, {T, B, H}, "cells");
-  const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, T, B);
+  std::vector<at::Tensor> keep;
+  const Schedule sched = layer_schedule(kCheck, d, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, keep);
   const LayerGrads g = layer_backward(LstmCell{}, d, grad_output, {grad_h_n, grad_c_n}, input, {h0, c0}, w_ih, w_hh,
                                       w_hr.value_or(at::Tensor()), output, gates, {at::Tensor(), cells},
-                                      make_schedule(d, sizes, reverse), has_bias);
+                                      sched, has_bias);
   const at::Tensor none = at::empty({0}, input.options());
   return {g.input, g.initial[0], g.initial[1], g.w_ih, g.w_hh, has_bias ? g.b_ih : none,
           w_hr.has_value() ? g.w_hr : none.clone()};

@@ -2,19 +2,25 @@
 // slices of the recurrent GEMMs, the persistent forward and backward time loops, the weight gradients and
 // the cell ops' row loops. It is parameterized by a Cell (see "Cell interface" below): csrc/cpu/lstm.cpp,
 // gru.cpp and rnn.cpp plug in LstmCell, GruCell and ElmanCell, which hold only their pointwise math.
-// Options are compile-time flags of the loops (LoopOptions: bias, saved workspace, projection), chosen
-// from the call's runtime bools by flag_switch, so an absent option costs no branch in the inner loops.
+// Options are compile-time flags of the loops (LoopOptions: bias, saved workspace, projection, state flags),
+// chosen from the call's runtime bools by flag_switch, so an absent option costs no branch in the inner loops.
 // Built on simd.h (vectors, activations), gemm_packed.h / gemm_bf16.h (micro-kernels, through
-// Slice::multiply), outer_sum.h (weight gradients), team.h (persistent team, barrier) and arg_checks.h.
+// Slice::multiply), outer_sum.h (weight gradients), team.h (persistent team, barrier), state_flags.h and
+// arg_checks.h.
 //
-// Where the next engine-level options go (one place each, not per cell):
-//   * per-row lengths and resets (a row starts again from its initial states at some steps): one predicate
-//     in Schedule beside started_before (see there), read by the forward loop where it gathers a row's
-//     previous states (CellForwardLoop::previous_states, and the rows of h_{t-1} its GEMM reads) and by the
-//     backward through Schedule::previous_row;
-//   * zoneout (each state blended with its previous value after the step): one hook after the cell's
-//     update in CellForwardLoop::cell_phase (and, for state 0 behind a projection, projection_phase), and
-//     its mirror on the state gradients in CellBackwardLoop::cell_grad_phase.
+// lengths, resets and zoneout (state_flags.h; one place each, for every cell):
+//   * lengths and resets are Schedule's per-row predicate: active(t, b) (also batch_sizes' b < rows(t)) and
+//     started_before(t, b) (the state entering step t is the one the row left its previous step with, else
+//     its initial one). With lengths every row goes through the step GEMM and the loops skip the inactive
+//     ones (they keep their states and record zeros). A reset at time t is applied where the state is
+//     written before t: h by the step before (emit_hidden / carry writes the initial h into h_{t-1}'s buffer
+//     for a row that restarts at the next step, so the GEMM reads it with no extra barrier), the private
+//     states at the start of the step (restart_private_states). The backward hands the gradient reaching a
+//     restarting step's entering state to the initial state's (d_initial) and zeroes it.
+//   * zoneout is one hook after the cell's update on every state (CellForwardLoop::cell_phase; state 0 behind
+//     a projection in projection_phase), and its backward on the state gradients (CellBackwardLoop::
+//     cell_grad_phase; state 0 behind a projection in recurrent_phase, which writes d_h_all already split).
+//   All of it is one compile-time flag (LoopOptions::kStateFlags): loops without it are the plain layer.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,6 +38,7 @@
 #include "cpu/gemm_packed.h"
 #include "cpu/outer_sum.h"
 #include "cpu/simd.h"
+#include "cpu/state_flags.h"
 #include "cpu/team.h"
 
 namespace seqkern::cpu {
@@ -67,47 +74,57 @@ inline LayerShape check_layer_args(const ArgChecker& check, int gates, const at:
   return d;
 }
 
-/// lengths, resets and zoneout (seqkern/ops/_schemas.py) are not in the C++ engine yet: seqkern.ops sends calls
-/// that use them to the reference, and a direct op call that uses them is refused here, not run wrong.
-inline void refuse_state_flags(const ArgChecker& check, const std::optional<at::Tensor>& lengths,
-                               const std::optional<at::Tensor>& resets, double zoneout) {
-  TORCH_CHECK(!lengths.has_value() && !resets.has_value() && zoneout == 0.0, "seqkern ", check.op,
-              " (CPU): lengths, resets and zoneout are not implemented by the C++ kernel yet; call it through "
-              "seqkern.ops / seqkern.nn (which run the reference for them) or use seqkern.backend(\"reference\")");
-}
-
 // ================================================================================================
 // Schedule and slices of the persistent time loop.
 // ================================================================================================
-/// Which time index a processing step touches and how many rows are active there.
+/// Which time index a processing step touches and which rows are active there.
 struct Schedule {
   int64_t seq_len, batch;
   const int64_t* batch_sizes;  // null: every row active at every step
   bool reverse;
+  StateFlags flags;  // lengths, resets, zoneout (none: the plain layer)
 
   /// The time index of forward-processing step `step` (T-1-step in the reverse direction).
   int64_t time(int64_t step) const { return reverse ? seq_len - 1 - step : step; }
-  int64_t active(int64_t t) const { return batch_sizes ? batch_sizes[t] : batch; }
+  /// The leading rows the step GEMM covers at time t: batch_sizes[t] (the active rows of a sorted batch), or all.
+  int64_t rows(int64_t t) const { return batch_sizes ? batch_sizes[t] : batch; }
+  /// Whether row b is active at time t: among rows(t) and within its length.
+  bool active(int64_t t, int64_t b) const { return b < rows(t) && flags.within_length(t, b); }
+  bool reset(int64_t t, int64_t b) const { return flags.reset(t, b); }
   /// The time index of backward step `step` (the forward's steps in reverse).
   int64_t backward_time(int64_t step) const { return time(seq_len - 1 - step); }
-  /// Whether row b had already started before time t in processing order (else it starts from its initial
-  /// states at t). Resets join here: `&& !resets(t, b)`, one predicate for every cell and both loops.
+  int64_t previous_time(int64_t t) const { return reverse ? t + 1 : t - 1; }
+  /// Whether the states row b enters time t with are those it left the previous processing step with (it was
+  /// active there and does not reset at t); else its initial states. One predicate for every cell and both loops.
   bool started_before(int64_t t, int64_t b) const {
-    const int64_t prev_t = reverse ? t + 1 : t - 1;
-    return prev_t >= 0 && prev_t < seq_len && b < active(prev_t);
+    const int64_t prev_t = previous_time(t);
+    return prev_t >= 0 && prev_t < seq_len && active(prev_t, b) && !reset(t, b);
   }
   /// The state row b read at time t, `width` wide: row b of the step before in `sequence` (T, B, width),
   /// or of `initial` (B, width) for a row that starts at t.
   template <typename T>
   const T* previous_row(const T* sequence, const T* initial, int64_t t, int64_t b, int64_t width) const {
-    const int64_t prev_t = reverse ? t + 1 : t - 1;
-    return started_before(t, b) ? sequence + (prev_t * batch + b) * width : initial + b * width;
+    return started_before(t, b) ? sequence + (previous_time(t) * batch + b) * width : initial + b * width;
   }
 };
 
-/// The schedule of a layer of shape d; sizes is ArgChecker::batch_sizes' result (undefined: all rows active).
-inline Schedule make_schedule(const LayerShape& d, const at::Tensor& sizes, bool reverse) {
-  return {d.seq_len, d.batch, sizes.defined() ? sizes.data_ptr<int64_t>() : nullptr, reverse};
+/// The schedule of a layer of shape d; sizes is ArgChecker::batch_sizes' result (undefined: all rows active),
+/// flags check_state_flags' (their tensors kept alive by the caller).
+inline Schedule make_schedule(const LayerShape& d, const at::Tensor& sizes, bool reverse, const StateFlags& flags) {
+  return {d.seq_len, d.batch, sizes.defined() ? sizes.data_ptr<int64_t>() : nullptr, reverse, flags};
+}
+
+/// The checked schedule of a layer op's call: batch_sizes (ArgChecker::batch_sizes), lengths, resets, zoneout and
+/// zoneout_seed (check_state_flags); `keep` holds the tensors it points into alive.
+inline Schedule layer_schedule(const ArgChecker& check, const LayerShape& d,
+                               const std::optional<at::Tensor>& batch_sizes,
+                               const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& resets,
+                               double zoneout, const std::optional<at::Tensor>& zoneout_seed, bool reverse,
+                               std::vector<at::Tensor>& keep) {
+  keep.push_back(check.batch_sizes(batch_sizes, d.seq_len, d.batch));
+  const StateFlags flags = check_state_flags(check, d.seq_len, d.batch, lengths, resets, zoneout, zoneout_seed, reverse,
+                                             batch_sizes.has_value(), keep);
+  return make_schedule(d, keep.front(), reverse, flags);
 }
 
 /// Whether a layer in storage dtype `dtype` runs its per-step GEMM and input projection on the bf16 units
@@ -219,10 +236,12 @@ inline int loop_threads(int64_t macs_per_step, int64_t hidden, int64_t lanes) {
 // Compile-time options of the loops.
 // ================================================================================================
 /// A loop's options as compile-time flags: kBias (the layer has biases), kSaveWorkspace (the forward saves
-/// what the backward reads), kProjection (the LSTM's w_hr: h = (cell output) W_hr^T, P wide).
-template <bool Bias, bool SaveWorkspace, bool Projection>
+/// what the backward reads), kProjection (the LSTM's w_hr: h = (cell output) W_hr^T, P wide), kStateFlags
+/// (lengths, resets or zoneout: Schedule::flags says which; one flag for the three, so that a layer without
+/// any compiles and runs the plain loops, and the flagged loops stay one instantiation per layout).
+template <bool Bias, bool SaveWorkspace, bool Projection, bool Flags = false>
 struct LoopOptions {
-  static constexpr bool kBias = Bias, kSaveWorkspace = SaveWorkspace, kProjection = Projection;
+  static constexpr bool kBias = Bias, kSaveWorkspace = SaveWorkspace, kProjection = Projection, kStateFlags = Flags;
 };
 
 /// Calls f(std::true_type) if `value`, else f(std::false_type): a runtime bool made a compile-time flag
@@ -255,9 +274,12 @@ void flag_switch(bool value, const F& f) {
 //   bf16_state_ok()   whether, with bfloat16 storage, the recurrent GEMM may run on the bf16 units, i.e. read
 //                     h_{t-1} and d_gates rounded to bf16 as torch's own bf16 layers do (Elman relu: no);
 //   forward(StepIn, States prev) -> the new States on one SIMD chunk, saving the workspace if asked
-//                     (prev[0] is loaded only with kDirectPath);
+//                     (prev[0] is loaded only with kDirectPath; zoneout may load it for its own blend);
 //   grad(GradIn, States d) -> Grad{.., d_prev}: d holds the gradients of the new states, d_prev those of
 //                     the previous ones (d_prev[0]: the direct path only; the engine adds the W_hh path);
+//                     zoneout is the engine's (d is the new states' share of the gradient), but with it the
+//                     recorded states k >= 1 are the blended ones: GradIn::cur[k] is then null and a cell that
+//                     reads its own new private state recomputes it from the workspace (LSTM: c);
 //   store_grad(d_gates_x row, d_gates_h row, H, grad, n) (the rows alias if kSameGateGrads).
 // An option a loop does not have reaches the cell as a constant null pointer (the loops' flags are
 // compile-time and the cell's math is inlined into them), so the cell's `if (in.bias_x)` costs nothing.
@@ -273,7 +295,7 @@ struct StepIn {
   const In* gates_x;  // x W_ih^T
   const In* gates_h;  // h W_hh^T
   int64_t x_stride, h_stride;
-  const A* bias_x;          // added to gates_x, or null (folded into gates_x already)
+  const A* bias_x;          // added to gates_x, or null (no bias)
   const A* recurrent_bias;  // the cell's bias on the recurrent side (GRU: b_hn), or null
   Ws* workspace;            // null: not saved
   int64_t stride;
@@ -365,7 +387,7 @@ class CellForwardLoop {
   using A = Acc<S>;
   static constexpr int G = Cell::kGates, K = Cell::kStates;
   static constexpr int64_t W = Cell::kWorkspaceBlocks;
-  static constexpr bool kProjection = Options::kProjection;
+  static constexpr bool kProjection = Options::kProjection, kFlags = Options::kStateFlags;
   static_assert(!kProjection || (Cell::kProjectable && !Cell::kDirectPath), "a projection needs a projectable cell");
 
   struct Buffers {
@@ -379,6 +401,7 @@ class CellForwardLoop {
     std::array<A*, K> state;  // [k >= 1] (B, H): state k in place, the initial one on entry, the last on exit
     std::array<S*, K> sequence;  // [0] (T, B, P) the output; [k >= 1] (T, B, H) state k per step, kSaveWorkspace
     A* hidden;                // (B, H), kProjection: the cell output of the current step before the projection
+    std::array<const A*, K> initial;  // kStateFlags: the initial states ([0] (B, P), [k] (B, H)) resets restore
   };
 
   CellForwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
@@ -407,6 +430,8 @@ class CellForwardLoop {
  private:
   const A* h_prev(int64_t step) const { return buf_.h_state + ((step + 1) & 1) * d_.batch * d_.state_size; }
   A* h_cur(int64_t step) const { return buf_.h_state + (step & 1) * d_.batch * d_.state_size; }
+  bool zoneout() const { return kFlags && sched_.flags.zoneout.on(); }
+  bool active(int64_t t, int64_t b) const { return kFlags ? sched_.active(t, b) : b < sched_.rows(t); }
 
   /// Packs slice s's weights (one group for W_hr: column j <- row p0 + j).
   void prepare(size_t s) {
@@ -414,22 +439,41 @@ class CellForwardLoop {
     if constexpr (kProjection) proj_slices_.slices[s].pack_rows(buf_.w_hr, d_.state_size);
   }
 
-  /// The states row b read at one chunk of units (state 0 only if the cell reads it pointwise).
-  /// Resets (next step) make a restarting row read its initial states here (and in the GEMM's h_{t-1} rows).
+  /// The states row b enters the step with at one chunk of units: state 0 (h_{t-1}, a restarting row's
+  /// initial h already: see emit_hidden) only where read pointwise (the cell's direct path, or zoneout's
+  /// blend without a projection).
   States<A, K> previous_states(int64_t step, int64_t b, int64_t unit, int n) const {
     States<A, K> prev{};
-    if constexpr (Cell::kDirectPath) prev[0] = load<A>(h_prev(step) + b * d_.state_size + unit, n);
+    if (Cell::kDirectPath || (!kProjection && zoneout()))
+      prev[0] = load<A>(h_prev(step) + b * d_.state_size + unit, n);
     for (int k = 1; k < K; ++k) prev[k] = load<A>(buf_.state[k] + b * d_.hidden + unit, n);
     return prev;
+  }
+
+  /// Resets: the private states (k >= 1) of the rows that restart at time t, at the slice's units, go back to
+  /// their initial values before the step reads them (active or not: an inactive row keeps the restored state).
+  void restart_private_states(Range units, int64_t t) const {
+    if (!sched_.flags.resets) return;
+    for (int64_t b = 0; b < d_.batch; ++b)
+      if (sched_.reset(t, b))
+        for (int k = 1; k < K; ++k) {
+          const int64_t at = b * d_.hidden + units.begin;
+          std::copy(buf_.initial[k] + at, buf_.initial[k] + at + units.size(), buf_.state[k] + at);
+        }
   }
 
   /// Gate columns of slice s's units, then their fused pointwise update, for step `step`.
   void cell_phase(size_t s, int64_t step) const {
     const Slice<A>& sl = step_slices_.slices[s];
-    const int64_t t = sched_.time(step), active = sched_.active(t);
+    const int64_t t = sched_.time(step), rows = sched_.rows(t);
     const int64_t B = d_.batch, H = d_.hidden, u0 = sl.cols.begin;
-    sl.multiply(h_prev(step), d_.state_size, active, sl.scratch, sl.w.width);
-    for (int64_t b = 0; b < active; ++b) {
+    if constexpr (kFlags) restart_private_states(sl.cols, t);
+    sl.multiply(h_prev(step), d_.state_size, rows, sl.scratch, sl.w.width);
+    for (int64_t b = 0; b < rows; ++b) {
+      if (!active(t, b)) {
+        skip_row(sl.cols, step, b);
+        continue;
+      }
       const int64_t row = t * B + b;
       for_each_chunk<A>(sl.cols.size(), [&](int64_t u, int n) {
         const int64_t unit = u0 + u;
@@ -442,8 +486,13 @@ class CellForwardLoop {
                                  Options::kSaveWorkspace && W > 0 ? buf_.workspace + row * W * H + unit : nullptr,
                                  H,
                                  n};
-        const States<A, K> next = cell_.forward(in, previous_states(step, b, unit, n));
-        // Zoneout (next step) goes here: next[k] blended with previous_states' value, for every state.
+        const States<A, K> prev = previous_states(step, b, unit, n);
+        States<A, K> next = cell_.forward(in, prev);
+        if (zoneout())  // every state but h behind a projection (projection_phase blends that one)
+          for (int k = kProjection ? 1 : 0; k < K; ++k) {
+            const Zoneout& z = sched_.flags.zoneout;
+            next[k] = z.blend(z.template weight<A>(k, t, b, H, unit), prev[k], next[k]);
+          }
         for (int k = 1; k < K; ++k) {
           store(buf_.state[k] + b * H + unit, next[k], n);
           if constexpr (Options::kSaveWorkspace) store(buf_.sequence[k] + row * H + unit, next[k], n);
@@ -455,48 +504,61 @@ class CellForwardLoop {
         }
       });
     }
-    clear_inactive_rows(sl.cols, t, active);
-    if constexpr (!kProjection) carry_inactive_rows(sl.cols, step, active);
+    for (int64_t b = rows; b < B; ++b) skip_row(sl.cols, step, b);
   }
 
-  /// h_t[:, slice] = (cell output) @ W_hr[slice]^T for the active rows.
+  /// h_t[:, slice] = (cell output) @ W_hr[slice]^T for the active rows (zoneout blends it with h_{t-1}).
   void projection_phase(const Slice<A>& sl, int64_t step) const {
-    const int64_t active = sched_.active(sched_.time(step));
-    sl.multiply(buf_.hidden, d_.hidden, active, sl.scratch, sl.w.width);
-    for (int64_t b = 0; b < active; ++b)
+    const int64_t t = sched_.time(step), rows = sched_.rows(t), P = d_.state_size;
+    sl.multiply(buf_.hidden, d_.hidden, rows, sl.scratch, sl.w.width);
+    for (int64_t b = 0; b < d_.batch; ++b) {
+      if (!active(t, b)) {
+        carry_hidden(sl.cols, step, b);
+        continue;
+      }
       for_each_chunk<A>(sl.cols.size(), [&](int64_t u, int n) {
-        // Zoneout of state 0 behind a projection goes here (blended with h_prev).
-        emit_hidden(step, b, sl.cols.begin + u, load<A>(sl.scratch + b * sl.w.width + u), n);
+        const int64_t p = sl.cols.begin + u;
+        Simd<A> h = load<A>(sl.scratch + b * sl.w.width + u);
+        if (zoneout()) {
+          const Zoneout& z = sched_.flags.zoneout;
+          h = z.blend(z.template weight<A>(0, t, b, P, p), load<A>(h_prev(step) + b * P + p, n), h);
+        }
+        emit_hidden(step, b, p, h, n);
       });
-    carry_inactive_rows(sl.cols, step, active);
+    }
   }
 
-  /// Row b's new h at columns [p, p+n): into the recurrent state and the output.
+  /// Whether row b enters the step after `step` from its initial states (a reset there).
+  bool restarts_next(int64_t step, int64_t b) const {
+    return kFlags && sched_.flags.resets && step + 1 < d_.seq_len && sched_.reset(sched_.time(step + 1), b);
+  }
+
+  /// Row b's new h at columns [p, p+n): into the output and the recurrent state, which holds the initial h
+  /// instead for a row that restarts at the next step (the state that step's GEMM must read).
   void emit_hidden(int64_t step, int64_t b, int64_t p, Simd<A> h, int n) const {
     const int64_t t = sched_.time(step), P = d_.state_size;
-    store(h_cur(step) + b * P + p, h, n);
     store(buf_.sequence[0] + (t * d_.batch + b) * P + p, h, n);
+    store(h_cur(step) + b * P + p, restarts_next(step, b) ? load<A>(buf_.initial[0] + b * P + p, n) : h, n);
   }
 
-  /// Inactive rows keep their h and get zeros in the output, at columns `cols` of h.
-  void carry_inactive_rows(Range cols, int64_t step, int64_t active) const {
-    const int64_t t = sched_.time(step), P = d_.state_size;
-    for (int64_t b = active; b < d_.batch; ++b) {
-      std::copy(h_prev(step) + b * P + cols.begin, h_prev(step) + b * P + cols.end, h_cur(step) + b * P + cols.begin);
-      fill_zero(buf_.sequence[0] + (t * d_.batch + b) * P + cols.begin, cols.size());
-    }
-  }
-
-  /// Inactive rows keep their private states (in place) and get zeros in the workspace and the saved states.
-  void clear_inactive_rows(Range units, int64_t t, int64_t active) const {
+  /// An inactive row at time(step): it keeps its states and records zeros (output, workspace, saved states),
+  /// at units `units` (the private states stay in place); h at those columns unless a projection owns h.
+  void skip_row(Range units, int64_t step, int64_t b) const {
     if constexpr (Options::kSaveWorkspace) {
-      const int64_t H = d_.hidden;
-      for (int64_t b = active; b < d_.batch; ++b) {
-        const int64_t row = t * d_.batch + b;
-        for (int64_t g = 0; g < W; ++g) fill_zero(buf_.workspace + (row * W + g) * H + units.begin, units.size());
-        for (int k = 1; k < K; ++k) fill_zero(buf_.sequence[k] + row * H + units.begin, units.size());
-      }
+      const int64_t H = d_.hidden, row = sched_.time(step) * d_.batch + b;
+      for (int64_t g = 0; g < W; ++g) fill_zero(buf_.workspace + (row * W + g) * H + units.begin, units.size());
+      for (int k = 1; k < K; ++k) fill_zero(buf_.sequence[k] + row * H + units.begin, units.size());
     }
+    if constexpr (!kProjection) carry_hidden(units, step, b);
+  }
+
+  /// Inactive row b keeps its h (or takes the initial one if it restarts at the next step) and gets zeros in
+  /// the output, at columns `cols` of h.
+  void carry_hidden(Range cols, int64_t step, int64_t b) const {
+    const int64_t t = sched_.time(step), P = d_.state_size;
+    const A* from = (restarts_next(step, b) ? buf_.initial[0] : h_prev(step)) + b * P;
+    std::copy(from + cols.begin, from + cols.end, h_cur(step) + b * P + cols.begin);
+    fill_zero(buf_.sequence[0] + (t * d_.batch + b) * P + cols.begin, cols.size());
   }
 
   const Cell& cell_;
@@ -553,6 +615,10 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
   std::array<at::Tensor, K> state;
   for (int k = 1; k < K; ++k) state[k] = initial[k].to(acc, false, /*copy=*/true).contiguous();
   const at::Tensor hidden = projection ? at::empty({B, H}, acc_options) : at::Tensor();
+  // The initial states resets restore, in the accumulation dtype.
+  std::array<at::Tensor, K> initial_acc;
+  if (sched.flags.resets)
+    for (int k = 0; k < K; ++k) initial_acc[k] = initial[k].to(acc).contiguous();
   const int64_t macs_per_step = B * Cell::kGates * H * P + (projection ? B * H * P : 0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "seqkern_layer_forward", [&] {
     using A = Acc<scalar_t>;
@@ -560,23 +626,28 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
     flag_switch(has_bias, [&](auto bias) {
       flag_switch<(Cell::kWorkspaceBlocks > 0 || K > 1)>(save_workspace, [&](auto save) {
         flag_switch<Cell::kProjectable>(projection, [&](auto proj) {
-          using Options = LoopOptions<decltype(bias)::value, decltype(save)::value, decltype(proj)::value>;
-          using Loop = CellForwardLoop<Cell, scalar_t, Options>;
-          typename Loop::Buffers buf{};
-          buf.gates_x = gates_x.data_ptr<A>();
-          buf.input_bias = has_bias ? wts.input_bias.data_ptr<A>() : nullptr;
-          buf.recurrent_bias = wts.recurrent_bias.defined() ? wts.recurrent_bias.data_ptr<A>() : nullptr;
-          buf.w_hh = w_hh_acc.data_ptr<A>();
-          buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
-          buf.workspace = save && Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
-          buf.h_state = h_state.data_ptr<A>();
-          buf.sequence[0] = out.output.template data_ptr<scalar_t>();
-          for (int k = 1; k < K; ++k) {
-            buf.state[k] = state[k].template data_ptr<A>();
-            buf.sequence[k] = save ? out.sequence[k].template data_ptr<scalar_t>() : nullptr;
-          }
-          buf.hidden = projection ? hidden.data_ptr<A>() : nullptr;
-          Loop(cell, d, sched, buf, threads).run();
+          flag_switch(sched.flags.any(), [&](auto flags) {
+            using Options = LoopOptions<decltype(bias)::value, decltype(save)::value, decltype(proj)::value,
+                                        decltype(flags)::value>;
+            using Loop = CellForwardLoop<Cell, scalar_t, Options>;
+            typename Loop::Buffers buf{};
+            buf.gates_x = gates_x.data_ptr<A>();
+            buf.input_bias = has_bias ? wts.input_bias.data_ptr<A>() : nullptr;
+            buf.recurrent_bias = wts.recurrent_bias.defined() ? wts.recurrent_bias.data_ptr<A>() : nullptr;
+            buf.w_hh = w_hh_acc.data_ptr<A>();
+            buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
+            buf.workspace = save && Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
+            buf.h_state = h_state.data_ptr<A>();
+            buf.sequence[0] = out.output.template data_ptr<scalar_t>();
+            for (int k = 1; k < K; ++k) {
+              buf.state[k] = state[k].template data_ptr<A>();
+              buf.sequence[k] = save ? out.sequence[k].template data_ptr<scalar_t>() : nullptr;
+            }
+            buf.hidden = projection ? hidden.data_ptr<A>() : nullptr;
+            for (int k = 0; k < K; ++k)
+              buf.initial[k] = initial_acc[k].defined() ? initial_acc[k].template data_ptr<A>() : nullptr;
+            Loop(cell, d, sched, buf, threads).run();
+          });
         });
       });
     });
@@ -601,7 +672,7 @@ class CellBackwardLoop {
   using A = Acc<S>;
   static constexpr int G = Cell::kGates, K = Cell::kStates;
   static constexpr int64_t W = Cell::kWorkspaceBlocks;
-  static constexpr bool kProjection = Options::kProjection;
+  static constexpr bool kProjection = Options::kProjection, kFlags = Options::kStateFlags;
 
   struct Buffers {
     const S* grad_output;              // (T, B, P)
@@ -613,9 +684,12 @@ class CellBackwardLoop {
     A* d_gates_x;                      // (T, B, G*H) out: gradient of x W_ih^T, zero on inactive rows
     A* d_gates_h;                      // (T, B, G*H) out: that of h W_hh^T (may alias d_gates_x: kSameGateGrads)
     std::array<A*, K> d_state;         // [0] (B, P), [k] (B, H): gradients of the states at the current step,
-                                       // seeded by the caller; those of the initial states on exit
-    A* d_h_all;                        // (T, B, P) out, kProjection: gradient of h_t, zero on inactive rows
+                                       // seeded with those of the last states; those of the initial states on exit
+    A* d_h_all;                        // (T, B, P) out, kProjection: gradient of the projection's output h_t
+                                       // (zoneout's share taken out), zero on inactive rows
     A* hidden_all;                     // (T, B, H) out, kProjection: cell output before the projection
+    std::array<A*, K> d_initial;       // kStateFlags with resets: (B, P) / (B, H) zeros in, the initial states'
+                                       // gradient through the restarts out (added to d_state's by the caller)
   };
 
   CellBackwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
@@ -624,6 +698,7 @@ class CellBackwardLoop {
         col_slices_(d.state_size, threads, 1, G * d.hidden, d.batch, bf16()) {}
 
   void run() {
+    seed_first_step();
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
       const size_t slices = col_slices_.slices.size();
       // Column j of a slice <- column j of its units in W_hr (depth P) / of its columns in W_hh (depth G*H).
@@ -643,8 +718,38 @@ class CellBackwardLoop {
 
  private:
   bool bf16() const { return use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell_.bf16_state_ok(); }
+  bool zoneout() const { return kFlags && sched_.flags.zoneout.on(); }
+  bool active(int64_t t, int64_t b) const { return kFlags ? sched_.active(t, b) : b < sched_.rows(t); }
+  bool restarts(int64_t t, int64_t b) const { return kFlags && sched_.reset(t, b); }
 
-  /// Row b's GradIn at time t at unit u0 (state 0 only without a projection: behind one it is P wide).
+  /// d h at the first backward step's time: grad_h_n plus that step's grad_output on its active rows, and
+  /// with a projection d_h_all there (what the first cell_grad_phase multiplies by W_hr).
+  void seed_first_step() const {
+    const int64_t t = sched_.time(d_.seq_len - 1), P = d_.state_size;
+    for (int64_t b = 0; b < d_.batch; ++b) {
+      const bool on = active(t, b);
+      for_each_chunk<A>(P, [&](int64_t p, int n) {
+        A* d_h = buf_.d_state[0] + b * P + p;
+        Simd<A> v = load<A>(d_h, n);
+        if (on) v += load<A>(buf_.grad_output + (t * d_.batch + b) * P + p, n);
+        store(d_h, v, n);
+        if constexpr (kProjection) store(buf_.d_h_all + (t * d_.batch + b) * P + p, projected_share(v, t, b, p, on), n);
+      });
+    }
+  }
+
+  /// What of d h_t (row b, columns [p, p + kLanes)) reaches the projection's output: all of it, but for zoneout's
+  /// share of h_{t-1}; nothing on an inactive row.
+  Simd<A> projected_share(Simd<A> d_h, int64_t t, int64_t b, int64_t p, bool on) const {
+    if (!on) return Simd<A>{};
+    if (!zoneout()) return d_h;
+    const Zoneout& z = sched_.flags.zoneout;
+    return z.split(z.template weight<A>(0, t, b, d_.state_size, p), d_h).first;
+  }
+
+  /// Row b's GradIn at time t at unit u0 (state 0 only without a projection: behind one it is P wide). With
+  /// zoneout the recorded states k >= 1 are the blended ones, not the cell's own: cur[k] is null (the cell
+  /// recomputes it, see "Cell interface").
   GradIn<S, K> grad_in(int64_t t, int64_t b, int64_t u0) const {
     const int64_t row = t * d_.batch + b;
     GradIn<S, K> in{W > 0 ? buf_.workspace + row * W * d_.hidden + u0 : nullptr, {}, {}, d_.hidden, 0};
@@ -652,60 +757,102 @@ class CellBackwardLoop {
       const int64_t width = k == 0 ? d_.state_size : d_.hidden;
       if (!buf_.sequence[k]) continue;
       in.prev[k] = sched_.previous_row(buf_.sequence[k], buf_.initial[k], t, b, width) + u0;
-      in.cur[k] = buf_.sequence[k] + row * width + u0;
+      in.cur[k] = k > 0 && zoneout() ? nullptr : buf_.sequence[k] + row * width + u0;
     }
     return in;
   }
 
-  /// Fused pointwise gradient of the slice's units at time t.
+  /// Fused pointwise gradient of the slice's units at time t. Zoneout first splits each state's gradient into
+  /// the step's share and the previous state's (which goes on in d_state: without a projection state 0's
+  /// share stays there for recurrent_phase to add to).
   void cell_grad_phase(const Slice<A>& s, int64_t t) const {
-    const int64_t active = sched_.active(t), B = d_.batch, H = d_.hidden, P = d_.state_size, u0 = s.cols.begin;
-    if constexpr (kProjection) s.multiply(buf_.d_state[0], P, active, s.scratch, s.w.width);
-    for (int64_t b = 0; b < active; ++b) {
-      const int64_t row = t * B + b;
-      const GradIn<S, K> in = grad_in(t, b, u0);
-      for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
-        const int64_t unit = u0 + u;
-        States<A, K> d;
-        d[0] = kProjection ? load<A>(s.scratch + b * s.w.width + u) : load<A>(buf_.d_state[0] + b * P + unit, n);
-        for (int k = 1; k < K; ++k) d[k] = load<A>(buf_.d_state[k] + b * H + unit, n);
-        const auto grad = cell_.template grad<A>(in.at(u, n), d);
-        cell_.store_grad(buf_.d_gates_x + row * G * H + unit, buf_.d_gates_h + row * G * H + unit, H, grad, n);
-        if constexpr (Cell::kDirectPath) store(buf_.d_state[0] + b * P + unit, grad.d_prev[0], n);
-        for (int k = 1; k < K; ++k) store(buf_.d_state[k] + b * H + unit, grad.d_prev[k], n);
-        if constexpr (kProjection) store(buf_.hidden_all + row * H + unit, grad.output, n);
-      });
-    }
-    for (int64_t b = active; b < B; ++b) {
-      const int64_t row = t * B + b;
-      for (int g = 0; g < G; ++g) {
-        fill_zero(buf_.d_gates_x + (row * G + g) * H + u0, s.cols.size());
-        if (!Cell::kSameGateGrads) fill_zero(buf_.d_gates_h + (row * G + g) * H + u0, s.cols.size());
+    const int64_t rows = sched_.rows(t), B = d_.batch, H = d_.hidden, P = d_.state_size, u0 = s.cols.begin;
+    if constexpr (kProjection) s.multiply(buf_.d_h_all + t * B * P, P, rows, s.scratch, s.w.width);
+    for (int64_t b = 0; b < B; ++b) {
+      if (active(t, b)) {
+        grad_row(s, t, b);
+      } else {
+        skip_row(s.cols, t, b);
       }
-      if constexpr (kProjection) fill_zero(buf_.hidden_all + row * H + u0, s.cols.size());
+      if (restarts(t, b))  // the private states entering t were the initial ones: their gradient goes there
+        for (int k = 1; k < K; ++k) restart_gradient(buf_.d_state[k] + b * H + u0, buf_.d_initial[k] + b * H + u0,
+                                                     s.cols.size());
     }
   }
 
-  /// d_h for the next backward step at the slice's columns: d_gates_h(t) @ W_hh (+ the direct path) on the
-  /// rows active at t (inactive rows carry theirs), plus grad_output of the next step's time on its active rows.
+  void grad_row(const Slice<A>& s, int64_t t, int64_t b) const {
+    const int64_t row = t * d_.batch + b, H = d_.hidden, P = d_.state_size, u0 = s.cols.begin;
+    const GradIn<S, K> in = grad_in(t, b, u0);
+    for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
+      const int64_t unit = u0 + u;
+      States<A, K> d, kept{};
+      d[0] = kProjection ? load<A>(s.scratch + b * s.w.width + u) : load<A>(buf_.d_state[0] + b * P + unit, n);
+      for (int k = 1; k < K; ++k) d[k] = load<A>(buf_.d_state[k] + b * H + unit, n);
+      if (zoneout())
+        for (int k = kProjection ? 1 : 0; k < K; ++k) {
+          const Zoneout& z = sched_.flags.zoneout;
+          std::tie(d[k], kept[k]) = z.split(z.template weight<A>(k, t, b, H, unit), d[k]);
+        }
+      const auto grad = cell_.template grad<A>(in.at(u, n), d);
+      cell_.store_grad(buf_.d_gates_x + row * G * H + unit, buf_.d_gates_h + row * G * H + unit, H, grad, n);
+      if constexpr (!kProjection) {
+        if (Cell::kDirectPath || zoneout())
+          store(buf_.d_state[0] + b * P + unit, Cell::kDirectPath ? grad.d_prev[0] + kept[0] : kept[0], n);
+      }
+      for (int k = 1; k < K; ++k) store(buf_.d_state[k] + b * H + unit, grad.d_prev[k] + kept[k], n);
+      if constexpr (kProjection) store(buf_.hidden_all + row * H + unit, grad.output, n);
+    });
+  }
+
+  /// An inactive row: zero gate gradients (the weight-gradient GEMMs read every row); d_state carries over.
+  void skip_row(Range units, int64_t t, int64_t b) const {
+    const int64_t row = t * d_.batch + b, H = d_.hidden;
+    for (int g = 0; g < G; ++g) {
+      fill_zero(buf_.d_gates_x + (row * G + g) * H + units.begin, units.size());
+      if (!Cell::kSameGateGrads) fill_zero(buf_.d_gates_h + (row * G + g) * H + units.begin, units.size());
+    }
+    if constexpr (kProjection) fill_zero(buf_.hidden_all + row * H + units.begin, units.size());
+  }
+
+  /// d_initial += d; d = 0 over n elements.
+  static void restart_gradient(A* d, A* d_initial, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) d_initial[i] += d[i];
+    fill_zero(d, n);
+  }
+
+  /// d h entering time t at the slice's columns: d_gates_h(t) @ W_hh, plus the direct path (the cell's and
+  /// zoneout's share, left in d_state by cell_grad_phase; behind a projection zoneout's share of d h_t is taken
+  /// here), on the rows active at t (inactive rows carry theirs); a restarting row hands it to d_initial; then
+  /// plus grad_output of the next step's time on its active rows: d h for the next backward step.
   void recurrent_phase(const Slice<A>& s, int64_t step) const {
-    const int64_t t = sched_.backward_time(step), active = sched_.active(t), B = d_.batch, P = d_.state_size;
+    const int64_t t = sched_.backward_time(step), rows = sched_.rows(t), B = d_.batch, P = d_.state_size;
     const bool has_next = step + 1 < d_.seq_len;
     const int64_t next_t = has_next ? sched_.backward_time(step + 1) : 0;
-    const int64_t next_active = has_next ? sched_.active(next_t) : 0;
-    s.multiply(buf_.d_gates_h + t * B * G * d_.hidden, G * d_.hidden, active, s.scratch, s.w.width);
+    s.multiply(buf_.d_gates_h + t * B * G * d_.hidden, G * d_.hidden, rows, s.scratch, s.w.width);
     for (int64_t b = 0; b < B; ++b) {
       A* d_h = buf_.d_state[0] + b * P + s.cols.begin;
+      const bool on = active(t, b), next_on = has_next && active(next_t, b);
       for_each_chunk<A>(s.cols.size(), [&](int64_t u, int n) {
+        const int64_t p = s.cols.begin + u;
         Simd<A> v = load<A>(d_h + u, n);
-        if (b < active) {
+        if (on) {
           const Simd<A> through_w_hh = load<A>(s.scratch + b * s.w.width + u);
-          v = Cell::kDirectPath ? v + through_w_hh : through_w_hh;
+          if (kProjection && zoneout()) {
+            const Zoneout& z = sched_.flags.zoneout;
+            v = through_w_hh + z.split(z.template weight<A>(0, t, b, P, p), v).second;
+          } else {
+            v = Cell::kDirectPath || zoneout() ? v + through_w_hh : through_w_hh;
+          }
         }
-        if (b < next_active) v += load<A>(buf_.grad_output + (next_t * B + b) * P + s.cols.begin + u, n);
+        if (restarts(t, b)) {
+          A* d0 = buf_.d_initial[0] + b * P + p;
+          store(d0, load<A>(d0, n) + v, n);
+          v = Simd<A>{};
+        }
+        if (next_on) v += load<A>(buf_.grad_output + (next_t * B + b) * P + p, n);
         store(d_h + u, v, n);
         if constexpr (kProjection)
-          if (has_next) store(buf_.d_h_all + (next_t * B + b) * P + s.cols.begin + u, b < next_active ? v : Simd<A>{}, n);
+          if (has_next) store(buf_.d_h_all + (next_t * B + b) * P + p, projected_share(v, next_t, b, p, next_on), n);
       });
     }
   }
@@ -718,15 +865,24 @@ class CellBackwardLoop {
   SliceSet<A> unit_slices_, col_slices_;
 };
 
-/// The hidden state each step read, (T*B, H) in dtype `acc`: h0 at the first step, the previous step's
-/// output after it, and h0 again for rows that start late (reverse direction with batch_sizes).
+/// The hidden state each step read, (T*B, P) in dtype `acc`: h0 at the first step, the previous step's
+/// output after it, and h0 again for rows that start later (reverse direction with batch_sizes or lengths,
+/// resets): wherever Schedule::started_before is false. (Rows inactive at a step get whatever: their gate
+/// gradients are zero.)
 inline at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0, const Schedule& sched,
                                   at::ScalarType acc) {
-  const int64_t T = sched.seq_len;
+  const int64_t T = sched.seq_len, B = sched.batch;
   at::Tensor prev = at::empty(output.sizes(), output.options().dtype(acc));
   if (T == 0) return prev.view({0, prev.size(2)});
   prev.select(0, sched.time(0)).copy_(h0);
   if (T > 1) prev.narrow(0, sched.reverse ? 0 : 1, T - 1).copy_(output.narrow(0, sched.reverse ? 1 : 0, T - 1));
+  if (sched.flags.lengths || sched.flags.resets) {
+    at::Tensor starts = at::empty({T, B, 1}, output.options().dtype(at::kBool));
+    bool* data = starts.data_ptr<bool>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t b = 0; b < B; ++b) data[t * B + b] = !sched.started_before(t, b);
+    return at::where(starts, h0.to(acc).unsqueeze(0), prev).view({-1, prev.size(2)});
+  }
   if (sched.reverse && sched.batch_sizes)
     for (int64_t t = 0; t + 1 < T; ++t) {
       const int64_t lo = sched.batch_sizes[t + 1], hi = sched.batch_sizes[t];
@@ -789,14 +945,11 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
     sequence[k] = k == 0 ? output_.contiguous() : sequence_[k].contiguous();
   }
   const at::Tensor grad_output = grad_output_.contiguous();
+  // With resets, the gradients of the initial states through the rows' restarts (the loop adds into them).
+  std::array<at::Tensor, K> d_initial;
+  if (sched.flags.resets)
+    for (int k = 0; k < K; ++k) d_initial[k] = at::zeros_like(d_state[k]);
   if (T > 0 && B > 0) {
-    // Seed d_h for the first backward step: grad_h_n plus that step's grad_output on its active rows.
-    const int64_t first_t = sched.time(T - 1), first_active = sched.active(first_t);
-    d_state[0].narrow(0, 0, first_active).add_(grad_output.select(0, first_t).narrow(0, 0, first_active));
-    if (projection) {
-      d_h_all.select(0, first_t).zero_();
-      d_h_all.select(0, first_t).narrow(0, 0, first_active).copy_(d_state[0].narrow(0, 0, first_active));
-    }
     const at::Tensor workspace = workspace_.contiguous();
     const at::Tensor w_hh_acc = w_hh.to(acc).contiguous();
     const at::Tensor w_hr_acc = projection ? w_hr.to(acc).contiguous() : at::Tensor();
@@ -804,25 +957,31 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "seqkern_layer_backward", [&] {
       using A = Acc<scalar_t>;
       flag_switch<Cell::kProjectable>(projection, [&](auto proj) {
-        using Loop = CellBackwardLoop<Cell, scalar_t, LoopOptions<true, true, decltype(proj)::value>>;
-        typename Loop::Buffers buf{};
-        buf.grad_output = grad_output.data_ptr<scalar_t>();
-        buf.workspace = Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
-        for (int k = 0; k < K; ++k) {
-          buf.initial[k] = initial[k].template data_ptr<scalar_t>();
-          buf.sequence[k] = sequence[k].template data_ptr<scalar_t>();
-          buf.d_state[k] = d_state[k].template data_ptr<A>();
-        }
-        buf.w_hh = w_hh_acc.data_ptr<A>();
-        buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
-        buf.d_gates_x = d_gates_x.data_ptr<A>();
-        buf.d_gates_h = d_gates_h.data_ptr<A>();
-        buf.d_h_all = projection ? d_h_all.data_ptr<A>() : nullptr;
-        buf.hidden_all = projection ? hidden_all.data_ptr<A>() : nullptr;
-        Loop(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
+        flag_switch(sched.flags.any(), [&](auto flags) {
+          using Loop = CellBackwardLoop<Cell, scalar_t, LoopOptions<true, true, decltype(proj)::value,
+                                                                    decltype(flags)::value>>;
+          typename Loop::Buffers buf{};
+          buf.grad_output = grad_output.data_ptr<scalar_t>();
+          buf.workspace = Cell::kWorkspaceBlocks > 0 ? workspace.data_ptr<scalar_t>() : nullptr;
+          for (int k = 0; k < K; ++k) {
+            buf.initial[k] = initial[k].template data_ptr<scalar_t>();
+            buf.sequence[k] = sequence[k].template data_ptr<scalar_t>();
+            buf.d_state[k] = d_state[k].template data_ptr<A>();
+            buf.d_initial[k] = d_initial[k].defined() ? d_initial[k].template data_ptr<A>() : nullptr;
+          }
+          buf.w_hh = w_hh_acc.data_ptr<A>();
+          buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
+          buf.d_gates_x = d_gates_x.data_ptr<A>();
+          buf.d_gates_h = d_gates_h.data_ptr<A>();
+          buf.d_h_all = projection ? d_h_all.data_ptr<A>() : nullptr;
+          buf.hidden_all = projection ? hidden_all.data_ptr<A>() : nullptr;
+          Loop(cell, d, sched, buf, loop_threads(macs_per_step, H, kLanes<A>)).run();
+        });
       });
     });
   }
+  for (int k = 0; k < K; ++k)
+    if (d_initial[k].defined()) d_state[k].add_(d_initial[k]);
   LayerGrads grads;
   grads.input = input_gradient(d_gates_x, w_ih, dtype).view({T, B, d.input_size});
   for (int k = 0; k < K; ++k) grads.initial.push_back(d_state[k].to(dtype, false, /*copy=*/true));

@@ -74,12 +74,12 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward_cpu(const at::Tensor& input, cons
                                                    const std::optional<at::Tensor>& batch_sizes,
                                                    const std::optional<at::Tensor>& lengths,
                                                    const std::optional<at::Tensor>& resets, bool reverse, bool relu) {
-  refuse_state_flags(kCheck, lengths, resets, 0.0);
   const LayerShape d = check_layer_args(kCheck, ElmanCell::kGates, input, h0, w_ih, w_hh);
   kCheck.biases(b_ih, b_hh, d.hidden, input);
-  const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, d.seq_len, d.batch);
+  std::vector<at::Tensor> keep;
+  const Schedule sched = layer_schedule(kCheck, d, batch_sizes, lengths, resets, 0.0, std::nullopt, reverse, keep);
   const auto out = layer_forward(ElmanCell{relu}, d, input, {h0.contiguous()}, {w_ih, w_hh, {}, summed_bias(b_ih, b_hh), {}},
-                                 make_schedule(d, sizes, reverse), false, at::Tensor());
+                                 sched, false, at::Tensor());
   return {out.output, out.last[0]};
 }
 
@@ -88,15 +88,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
     const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& resets, bool reverse, bool relu, bool has_bias) {
-  refuse_state_flags(kCheck, lengths, resets, 0.0);
   const LayerShape d = check_layer_args(kCheck, ElmanCell::kGates, input, h0, w_ih, w_hh);
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden;
   kCheck.tensor(grad_output, input, {T, B, H}, "grad_output");
   kCheck.tensor(grad_h_n, input, {B, H}, "grad_h_n");
   kCheck.tensor(output, input, {T, B, H}, "output");
-  const at::Tensor sizes = kCheck.batch_sizes(batch_sizes, T, B);
+  std::vector<at::Tensor> keep;
+  const Schedule sched = layer_schedule(kCheck, d, batch_sizes, lengths, resets, 0.0, std::nullopt, reverse, keep);
   const LayerGrads g = layer_backward(ElmanCell{relu}, d, grad_output, {grad_h_n}, input, {h0}, w_ih, w_hh, at::Tensor(),
-                                      output, at::Tensor(), {}, make_schedule(d, sizes, reverse), has_bias);
+                                      output, at::Tensor(), {}, sched, has_bias);
   return {g.input, g.initial[0], g.w_ih, g.w_hh, has_bias ? g.b_ih : at::empty({0}, input.options())};
 }
 

@@ -199,16 +199,19 @@ def uses_state_flags(lengths: Tensor | None, resets: Tensor | None, zoneout: flo
 
 
 def state_flag_route(impl: str, flag_backends: tuple[str, ...], lengths: Tensor | None, resets: Tensor | None,
-                     zoneout: float = 0.0) -> str:
+                     zoneout: float = 0.0, sorted_lengths: tuple[str, ...] = ()) -> str:
     """How a recurrent layer call runs on backend `impl`, whose kernel implements lengths, resets and zoneout iff
-    impl is in flag_backends: "kernel" (the op), "reference", or "sorted": lengths alone on a kernel without them
-    run as the batch_sizes of the rows sorted by length (`lengths_as_batch_sizes`), as torch.nn runs
-    pack_padded_sequence(enforce_sorted=False). Interim for the C++ engine until it takes lengths itself."""
+    impl is in flag_backends: "kernel" (the op), "reference", or "sorted": lengths alone run as the batch_sizes of
+    the rows sorted by length (`lengths_as_batch_sizes`), as torch.nn runs pack_padded_sequence(enforce_sorted=
+    False), on a kernel without lengths or on one of `sorted_lengths` (where that is the faster way)."""
     if impl == "reference":
         return "reference"
-    if impl in flag_backends or not uses_state_flags(lengths, resets, zoneout):
+    if not uses_state_flags(lengths, resets, zoneout):
         return "kernel"
-    return "sorted" if resets is None and zoneout == 0.0 else "reference"
+    lengths_alone = resets is None and zoneout == 0.0
+    if lengths_alone and (impl in sorted_lengths or impl not in flag_backends):
+        return "sorted"
+    return "kernel" if impl in flag_backends else "reference"
 
 
 def lengths_as_batch_sizes(lengths: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -23,7 +23,15 @@ SUPPORTED_DTYPES = {
     "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
 # The backends whose kernels implement lengths, resets and zoneout; elsewhere a call using them runs the reference.
-STATE_FLAG_BACKENDS = ("triton",)
+STATE_FLAG_BACKENDS = ("triton", "cpu")
+# Where lengths alone run as the rows sorted by length through batch_sizes rather than through the kernel's own
+# lengths: the C++ engine's step GEMM covers the leading batch_sizes[t] rows, the active ones of a sorted batch,
+# while with unsorted lengths it covers all B rows and the cell skips the inactive ones (lengths 10..100 at T = 100:
+# ~1.8x the recurrent GEMM work). Measured (b32 t100 h256 fp32, lengths 10..100, one thread, process CPU time,
+# interleaved medians, Intel Xeon with AMX at load ~3), kernel lengths vs sorted rows: LSTM inference 33.4 vs
+# 28.4 ms, training 118.3 vs 110.3; GRU 25.4 vs 21.0, 92.4 vs 81.8. The kernel's lengths serve lengths with resets
+# or zoneout.
+SORTED_LENGTHS_BACKENDS = ("cpu",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +182,7 @@ def lstm_layer(
     of seqkern.nn do that with messages in their own terms (the kernels still refuse bad shapes).
     """
     impl = backends.resolve("lstm", input.device, input.dtype, SUPPORTED_DTYPES)
-    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets, zoneout)
+    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets, zoneout, SORTED_LENGTHS_BACKENDS)
     if route == "sorted":
         order, inverse, sizes = lengths_as_batch_sizes(lengths, input.shape[0])
         output, h_n, c_n = lstm_layer(input.index_select(1, order), h0.index_select(0, order),

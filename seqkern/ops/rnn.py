@@ -21,7 +21,9 @@ SUPPORTED_DTYPES = {
     "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),  # math in float32
 }
 # The backends whose kernels implement lengths and resets; elsewhere a call using them runs the reference.
-STATE_FLAG_BACKENDS = ("triton",)
+STATE_FLAG_BACKENDS = ("triton", "cpu")
+# Where lengths alone run as the rows sorted by length through batch_sizes: see seqkern/ops/lstm.py.
+SORTED_LENGTHS_BACKENDS = ("cpu",)
 
 
 # Fake implementations: the ops' contract (shapes, dtypes; see _contract.py) and their result shapes.
@@ -128,7 +130,7 @@ def rnn_layer(
     """One Elman RNN layer in one direction: input (T,B,I), h0 (B,H) -> output (T,B,H), h_n (B,H).
     lengths (B,) int64, resets (T,B) bool: seqkern/ops/_schemas.py."""
     impl = _impl(input)
-    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets)
+    route = state_flag_route(impl, STATE_FLAG_BACKENDS, lengths, resets, sorted_lengths=SORTED_LENGTHS_BACKENDS)
     if route == "sorted":
         order, inverse, sizes = lengths_as_batch_sizes(lengths, input.shape[0])
         output, h_n = rnn_layer(input.index_select(1, order), h0.index_select(0, order), w_ih, w_hh, b_ih, b_hh,
