@@ -297,41 +297,51 @@ def _packed_forward(layer: RecurrentLayer, module: torch.nn.Module, lengths: Ten
     return forward
 
 
-def _lengths_forward(layer: RecurrentLayer, module: torch.nn.Module, lengths: Tensor) -> Forward:
-    def forward(x: Tensor, states: States) -> tuple[Tensor, States]:
-        output, final = module(x, states if layer.num_states > 1 else states[0], lengths=lengths)
-        return output, tuple(final) if layer.num_states > 1 else (final,)
-    return forward
+def _flagged_forward(flag: str) -> Callable[[RecurrentLayer, torch.nn.Module, Tensor], Forward]:
+    """seqkern's module called with the state flag `flag` (lengths= or resets=) set to the case's tensor."""
+    def make(layer: RecurrentLayer, module: torch.nn.Module, value: Tensor) -> Forward:
+        def forward(x: Tensor, states: States) -> tuple[Tensor, States]:
+            output, final = module(x, states if layer.num_states > 1 else states[0], **{flag: value})
+            return output, tuple(final) if layer.num_states > 1 else (final,)
+        return forward
+    return make
+
+
+def _flagged_case(layer: RecurrentLayer, shape: Shape, flag: str, value: Tensor, baseline: str,
+                  baseline_forward: Callable[[RecurrentLayer, torch.nn.Module, Tensor], Forward], name: str,
+                  flops_share: float, params: dict) -> Case:
+    """seqkern.nn.<Layer>(x, hx, <flag>=value) against `baseline_forward` on torch.nn's module (also the
+    float64 oracle); `flops_share` of the full layer's work is what either contender must do."""
+    def contender(make_module, make_forward):
+        def setup() -> Call:
+            module = make_module(layer, shape).train(shape.training)
+            return _timed_call(layer, make_forward(layer, module, value), list(module.parameters()), shape)
+        return setup
+
+    def oracle() -> Sequence[Tensor]:
+        module = _torch_module(layer, shape, torch.float64).train(shape.training)
+        return _timed_call(layer, baseline_forward(layer, module, value), list(module.parameters()), shape,
+                           compute_dtype=torch.float64)()
+
+    return Case(
+        op=layer.op, name=f"{shape.name} {name}",
+        params={**dataclasses.asdict(shape), "input_size": shape.hidden, "dtype": "float32", **params},
+        flops=flops(layer, shape) * flops_share,
+        contenders={SUBJECT: contender(_seqkern_module, _flagged_forward(flag)),
+                    baseline: contender(_torch_module, baseline_forward)},
+        notes={"seqkern_implementation": _implementation(layer.op, shape.dtype)},
+        oracle=oracle, rule_baseline=baseline,
+    )
 
 
 def lengths_cases(layer: RecurrentLayer, quick: bool = False) -> list[Case]:
     """seqkern.nn.<Layer>(x, hx, lengths=...) against torch.nn.<Layer> on the packed sequence, padded back."""
     def case(shape: Shape) -> Case:
         lengths = spread_lengths(shape)
-
-        def contender(make_module, make_forward):
-            def setup() -> Call:
-                module = make_module(layer, shape).train(shape.training)
-                return _timed_call(layer, make_forward(layer, module, lengths), list(module.parameters()), shape)
-            return setup
-
-        def oracle() -> Sequence[Tensor]:
-            module = _torch_module(layer, shape, torch.float64).train(shape.training)
-            return _timed_call(layer, _packed_forward(layer, module, lengths), list(module.parameters()), shape,
-                               compute_dtype=torch.float64)()
-
-        baseline = f"{_torch_name(layer)} + pack/pad"
-        return Case(
-            op=layer.op, name=f"{shape.name} lengths {int(lengths.min())}..{int(lengths.max())}",
-            params={**dataclasses.asdict(shape), "input_size": shape.hidden, "dtype": "float32",
-                    "lengths": lengths.tolist()},
-            # The work on the valid steps only: what either contender must do.
-            flops=flops(layer, shape) * float(lengths.sum()) / (shape.steps * shape.batch),
-            contenders={SUBJECT: contender(_seqkern_module, _lengths_forward),
-                        baseline: contender(_torch_module, _packed_forward)},
-            notes={"seqkern_implementation": _implementation(layer.op, shape.dtype)},
-            oracle=oracle, rule_baseline=baseline,
-        )
+        # The work on the valid steps only: what either contender must do.
+        return _flagged_case(layer, shape, "lengths", lengths, f"{_torch_name(layer)} + pack/pad", _packed_forward,
+                             f"lengths {int(lengths.min())}..{int(lengths.max())}",
+                             float(lengths.sum()) / (shape.steps * shape.batch), {"lengths": lengths.tolist()})
     return [case(shape) for shape in (QUICK_LENGTHS_SHAPES if quick else LENGTHS_SHAPES)]
 
 
@@ -367,38 +377,10 @@ def _cell_loop_forward(layer: RecurrentLayer, module: torch.nn.RNNBase, resets: 
     return forward
 
 
-def _resets_forward(layer: RecurrentLayer, module: torch.nn.Module, resets: Tensor) -> Forward:
-    def forward(x: Tensor, states: States) -> tuple[Tensor, States]:
-        output, final = module(x, states if layer.num_states > 1 else states[0], resets=resets)
-        return output, tuple(final) if layer.num_states > 1 else (final,)
-    return forward
-
-
 def resets_cases(layer: RecurrentLayer, quick: bool = False) -> list[Case]:
     """seqkern.nn.<Layer>(x, hx, resets=...) against torch.nn's cell stepped in Python with the resets applied."""
     def case(shape: Shape) -> Case:
         resets = episode_resets(shape, rate=0.2 if quick else 0.02)  # the quick shape's few steps still reset
-        baseline = f"{_torch_name(layer)}Cell loop"
-
-        def contender(make_module, make_forward):
-            def setup() -> Call:
-                module = make_module(layer, shape).train(shape.training)
-                return _timed_call(layer, make_forward(layer, module, resets), list(module.parameters()), shape)
-            return setup
-
-        def oracle() -> Sequence[Tensor]:
-            module = _torch_module(layer, shape, torch.float64).train(shape.training)
-            return _timed_call(layer, _cell_loop_forward(layer, module, resets), list(module.parameters()), shape,
-                               compute_dtype=torch.float64)()
-
-        return Case(
-            op=layer.op, name=f"{shape.name} resets {int(resets.sum())}",
-            params={**dataclasses.asdict(shape), "input_size": shape.hidden, "dtype": "float32",
-                    "resets": int(resets.sum())},
-            flops=flops(layer, shape),
-            contenders={SUBJECT: contender(_seqkern_module, _resets_forward),
-                        baseline: contender(_torch_module, _cell_loop_forward)},
-            notes={"seqkern_implementation": _implementation(layer.op, shape.dtype)},
-            oracle=oracle, rule_baseline=baseline,
-        )
+        return _flagged_case(layer, shape, "resets", resets, f"{_torch_name(layer)}Cell loop", _cell_loop_forward,
+                             f"resets {int(resets.sum())}", 1.0, {"resets": int(resets.sum())})
     return [case(shape) for shape in (QUICK_RESETS_SHAPES if quick else RESETS_SHAPES)]

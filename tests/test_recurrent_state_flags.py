@@ -112,21 +112,16 @@ def _ours_lengths(lengths):
 
 # (backend, family, options, lengths): unsorted, a length equal to T and one of 1. The Triton interpreter runs
 # every program in Python (~1 s a launch here): its cases are small and single-layer.
-LENGTH_CASES = [
-    ("cpu", "lstm", dict(input_size=5, hidden_size=7), [3, 6, 1, 4]),
-    ("cpu", "lstm", dict(input_size=3, hidden_size=9, num_layers=2, bidirectional=True, batch_first=True),
-     [2, 6, 6, 1, 5]),
-    ("cpu", "lstm", dict(input_size=4, hidden_size=8, proj_size=3, bidirectional=True), [6, 1, 3]),
-    ("cpu", "gru", dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True), [1, 6, 2, 4]),
-    ("cpu", "gru", dict(input_size=3, hidden_size=17, bias=False, batch_first=True), [5, 6, 1]),
-    ("cpu", "rnn", dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True), [4, 1, 6, 2]),
-    ("cpu-kernel", "lstm", dict(input_size=5, hidden_size=7), [3, 6, 1, 4]),
-    ("cpu-kernel", "lstm", dict(input_size=3, hidden_size=9, num_layers=2, bidirectional=True, batch_first=True),
-     [2, 6, 6, 1, 5]),
-    ("cpu-kernel", "lstm", dict(input_size=4, hidden_size=8, proj_size=3, bidirectional=True), [6, 1, 3]),
-    ("cpu-kernel", "gru", dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True), [1, 6, 2, 4]),
-    ("cpu-kernel", "gru", dict(input_size=3, hidden_size=17, bias=False, batch_first=True), [5, 6, 1]),
-    ("cpu-kernel", "rnn", dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True), [4, 1, 6, 2]),
+_CPU_LENGTH_CASES = [
+    ("lstm", dict(input_size=5, hidden_size=7), [3, 6, 1, 4]),
+    ("lstm", dict(input_size=3, hidden_size=9, num_layers=2, bidirectional=True, batch_first=True), [2, 6, 6, 1, 5]),
+    ("lstm", dict(input_size=4, hidden_size=8, proj_size=3, bidirectional=True), [6, 1, 3]),
+    ("gru", dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True), [1, 6, 2, 4]),
+    ("gru", dict(input_size=3, hidden_size=17, bias=False, batch_first=True), [5, 6, 1]),
+    ("rnn", dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True), [4, 1, 6, 2]),
+]
+# "cpu": the route the ops pick for lengths alone (sorted rows); "cpu-kernel": the kernel's own lengths path.
+LENGTH_CASES = [(backend, *case) for backend in ("cpu", "cpu-kernel") for case in _CPU_LENGTH_CASES] + [
     ("triton", "lstm", dict(input_size=3, hidden_size=5, proj_size=2, bidirectional=True), [2, 4, 1]),
     ("triton", "gru", dict(input_size=3, hidden_size=5, bidirectional=True), [4, 1, 3]),
     ("triton", "rnn", dict(input_size=3, hidden_size=5, bidirectional=True, batch_first=True), [1, 4, 2]),
