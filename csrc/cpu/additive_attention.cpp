@@ -356,7 +356,7 @@ void grad_block(const A* q, const A* const* k, A* const* grad_k, const A* ds, co
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const V t = tanh_fast(qh + load<A>(k[c] + h, n));
-      const V ds_c = splat(ds[c]);
+      const V ds_c = broadcast(ds[c]);
       gv = fmadd(ds_c, t, gv);
       const V g = (ds_c * vh) * (A(1) - t * t);
       gq += g;

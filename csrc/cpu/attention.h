@@ -63,7 +63,7 @@ inline void tile_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, int64_
     for (int v = 0; v < NV; ++v) w[v] = load_vector(b + k * ldb + v * L);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const V a_mk = splat(a[m * lda + k]);
+      const V a_mk = broadcast(a[m * lda + k]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[m][v] = fmadd(a_mk, w[v], acc[m][v]);
     }

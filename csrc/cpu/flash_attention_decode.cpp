@@ -193,7 +193,7 @@ inline void score_tile(const A* q, int64_t q_ld, const T* const* keys, int64_t d
   constexpr int L = kLanes<A>, KT = L / RT;
   Simd<A> acc[L];
 #pragma GCC unroll 16
-  for (int t = 0; t < L; ++t) acc[t] = splat(A(0));
+  for (int t = 0; t < L; ++t) acc[t] = broadcast(A(0));
 #pragma GCC unroll 16
   for (int j = 0; j < KT; ++j) {
     for (int64_t d = 0; d < dim; d += L) {
@@ -224,7 +224,7 @@ inline void value_panel(const A* p, int64_t p_ld, const T* v, int64_t v_stride, 
     for (int x = 0; x < NV; ++x) w[x] = load_row<A>(row + x * L, x == NV - 1 ? last : L);
 #pragma GCC unroll 4
     for (int r = 0; r < RT; ++r) {
-      const Simd<A> pr = splat(p[r * p_ld + j]);
+      const Simd<A> pr = broadcast(p[r * p_ld + j]);
 #pragma GCC unroll 4
       for (int x = 0; x < NV; ++x) o[r][x] = fmadd(pr, w[x], o[r][x]);
     }
@@ -361,7 +361,7 @@ class ChunkAttention {
       for (int64_t j = 0; j < width; ++j)
         if (j >= n || j0 + j < seen.begin || j0 + j >= seen.end) row[j] = kNegInf;
     }
-    Simd<A> vmax = splat(kNegInf);
+    Simd<A> vmax = broadcast(kNegInf);
     for (int64_t j = 0; j < width; j += L) {
       const Simd<A> x = load<A>(row + j);
       vmax = x > vmax ? x : vmax;
@@ -438,7 +438,7 @@ void merge_splits(const DecodeShape& d, int64_t splits, int64_t acc_ld, int64_t 
       total += weight * l[item * R + r];
       const A* src = acc + (item * rows_pad + r) * acc_ld;
       for (int64_t c = 0; c < acc_ld; c += L)
-        store(merged.data() + c, fmadd(splat(static_cast<A>(weight)), load<A>(src + c), load<A>(merged.data() + c)));
+        store(merged.data() + c, fmadd(broadcast(static_cast<A>(weight)), load<A>(src + c), load<A>(merged.data() + c)));
     }
     const A inv = static_cast<A>(1 / total);
     for (int64_t c = 0; c < d.value_dim; c += L)

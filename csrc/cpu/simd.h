@@ -54,7 +54,19 @@ constexpr int kLanes = 64 / sizeof(T);
 
 template <typename T>
 inline Simd<T> broadcast(T value) {
-#if !defined(__AVX512F__) && defined(__AVX__)
+#if defined(__AVX512F__)
+  // One vbroadcastss/sd, from memory when the value is a load (or the FMA's embedded {1to16} operand).
+  // `Simd{} + value` compiled to a vaddss and a register vbroadcastss: two uops on the FMA ports per
+  // broadcast, which made the recurrent GEMM micro-kernel issue 30 uops on ports 0/5 per k for 20 FMAs
+  // (perf annotate, micro_kernel<float, 5, 4>, 2026-12-05).
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_set1_ps(value);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_set1_pd(value);
+  } else {
+    return Simd<T>{} + value;
+  }
+#elif defined(__AVX__)
   // Below AVX-512 a 64-byte vector lives in two ymm registers, and GCC builds `Simd{} + value` lane by lane through
   // the stack (seen in perf annotate: the avx2 level's GEMM micro-kernel ran GRU b1 at 0.41x torch.nn.GRU, against
   // 3.7x at avx512). One 32-byte broadcast copied into both halves stays in registers.
@@ -66,23 +78,6 @@ inline Simd<T> broadcast(T value) {
   return v;
 #else
   return Simd<T>{} + value;
-#endif
-}
-
-/// x in every lane as one vbroadcastss/sd (or the FMA's embedded {1to16} broadcast of a memory operand), where
-/// broadcast() (Simd{} + x) compiles to an add and a broadcast: for the inner loops of the attention kernels.
-inline Simd<float> splat(float x) {
-#if defined(__AVX512F__)
-  return _mm512_set1_ps(x);
-#else
-  return broadcast(x);
-#endif
-}
-inline Simd<double> splat(double x) {
-#if defined(__AVX512F__)
-  return _mm512_set1_pd(x);
-#else
-  return broadcast(x);
 #endif
 }
 
