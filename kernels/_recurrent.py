@@ -15,6 +15,9 @@ cell math, the gate layout, the workspace) stays in kernels/<op>.py.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -257,6 +260,28 @@ def zoneout_gradients(grad, weight, ZONEOUT_MASK: tl.constexpr):
     return (1 - weight) * grad, weight * grad
 
 
+@triton.jit
+def grid_barrier(arrivals_ptr, target):
+    """Waits until every program of a barrier group has finished the step: `arrivals_ptr` (int32, zero at launch)
+    counts arrivals over the whole launch and is never reset, so the wait after the k-th step of a group of P
+    programs is for target = k * P (generation-based: reusable every step with no reset race).
+
+    Memory order (compiled, checked in the PTX: thread 0 does the atomics, bar.sync around them): the CTA
+    barrier gathers the program's stores of h_t, thread 0's `red.release.gpu` publishes them with its arrival;
+    the spin reads the counter with volatile loads (ld.volatile: not cached in L1, no ordering), and once the
+    target is seen thread 0's acquire read (`ld.acquire.gpu`, an atomic add of 0) orders the loads of the next
+    step after the other programs' releases; the closing CTA barrier extends that to every thread.
+    Only for launches whose programs are all co-resident (kernels/_recurrent_split.py): otherwise it waits
+    for ever.
+    """
+    tl.debug_barrier()  # every thread of this program has stored its part of h_t
+    tl.atomic_add(arrivals_ptr, 1, sem="release")
+    while tl.load(arrivals_ptr, volatile=True) < target:
+        pass
+    tl.atomic_add(arrivals_ptr, 0, sem="acquire")
+    tl.debug_barrier()  # no thread reads h_t before the acquire above
+
+
 # ==================================================================================================
 # Launcher plumbing: dtypes, block sizes, argument checks, and the torch GEMMs around the launches.
 # ==================================================================================================
@@ -286,6 +311,86 @@ def sequence_blocks(hidden: int) -> dict:
     block_h = pow2_at_least(hidden, MIN_DOT_SIZE)
     num_warps = 4 if block_h <= 32 else 8
     return {"BLOCK_B": MIN_DOT_SIZE, "BLOCK_H": block_h, "BLOCK_K": MIN_DOT_SIZE, "num_warps": num_warps}
+
+
+# ==================================================================================================
+# Launch modes for the forward on a GPU (issue 17): which kernel walks the time loop for a given shape.
+# ==================================================================================================
+# "rows": the persistent row-block kernels above (a program per 16 batch rows, all hidden units).
+# "persistent": kernels/_recurrent_split.py, hidden units split over co-resident programs, a grid barrier per step.
+# "per_step": kernels/_recurrent_split.py, one launch per time step, no waiting between programs.
+MODES = ("rows", "persistent", "per_step")
+# The widths of a program's unit slice: 16 is the narrowest tl.dot tile, 64 keeps a per-step program's tiles
+# (16 rows x 64 units x gates) small enough for any hidden size.
+UNIT_BLOCKS = (16, 32, 64)
+# Hidden sizes (padded) up to which the row-block kernel is kept when the batch already fills the GPU: its
+# register tile grows with H (ptxas: spills from H=256 in float32; kernels/_recurrent.py sequence_blocks).
+ROWS_MAX_HIDDEN = 128
+# Bytes of W_hh a program keeps in registers across the time loop (RESIDENT): 64 registers per thread of 8 warps
+# (64 x 4 x 256 = 64 KB), a quarter of an SM's register file, the rest for the h operand, the gates and the
+# addresses. Above it the program streams its slice from L1/L2 every step (its slice, not all of W_hh).
+RESIDENT_BYTES = 64 * 1024
+_forced: dict | None = None
+
+
+def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_count: int,
+                   supported: bool = True) -> dict:
+    """The launch mode of a recurrent forward and its tiles, by shape: batch B, hidden H, `gates` blocks of H
+    columns in W_hh (LSTM 4, GRU 3, RNN 1), dtype, and the number of SMs (0 without a GPU: the interpreter).
+    `supported` is False for features only the row-block kernel has (the LSTM's projection, zoneout).
+
+    -> {"mode": "rows"} or {"mode": "persistent" | "per_step", "BLOCK_U": units per program,
+       "RESIDENT": W_hh slice loaded once into registers (persistent only), "num_warps": ...}
+
+    The rule, in order:
+      * rows without a GPU, for unsupported features, for H <= 64 (the whole W_hh of such a layer is at most
+        64 KB: one program holds it, and a split would only add barriers), and while the row blocks alone
+        fill half the SMs at H <= ROWS_MAX_HIDDEN (then every SM is busy and there is no barrier);
+      * persistent with the narrowest unit slice (16, 32, 64 units) for which batch blocks x unit blocks <=
+        SMs: one program per SM, all co-resident (a cooperative launch), each keeping its slice resident
+        when gates x BLOCK_U x H fits RESIDENT_BYTES;
+      * per_step otherwise (more programs than SMs: a grid barrier would deadlock), 64-unit slices.
+    A test can force a mode with `forced_mode` (unsupported features still get "rows").
+    """
+    if not supported:
+        return {"mode": "rows"}
+    if _forced is not None:
+        return dict(_forced)
+    batch_blocks = triton.cdiv(batch, MIN_DOT_SIZE)
+    padded = pow2_at_least(hidden, MIN_DOT_SIZE)
+    if (sm_count == 0 or padded <= 64
+            or (padded <= ROWS_MAX_HIDDEN and 2 * batch_blocks >= sm_count)):
+        return {"mode": "rows"}
+    element = torch.empty((), dtype=dtype).element_size()
+    for block_u in UNIT_BLOCKS:
+        if batch_blocks * triton.cdiv(hidden, block_u) <= sm_count:
+            resident = gates * block_u * padded * element <= RESIDENT_BYTES
+            return {"mode": "persistent", "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 8}
+    return {"mode": "per_step", "BLOCK_U": UNIT_BLOCKS[-1], "RESIDENT": False, "num_warps": 4}
+
+
+@contextlib.contextmanager
+def forced_mode(mode: str, block_u: int = 16, resident: bool = False):
+    """Within the block every recurrent forward uses `mode` ("rows" | "persistent" | "per_step") with BLOCK_U
+    units per program: how the tests reach the split kernels without a GPU. Under the interpreter programs run
+    one after another, so "persistent" needs BLOCK_U >= H (one program per barrier group) or it would wait for
+    ever; forced_mode refuses nothing, the launcher checks it."""
+    global _forced
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    before, _forced = _forced, {"mode": mode, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 4}
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def sequence_grid(batch: int) -> tuple[int]:

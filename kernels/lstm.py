@@ -35,6 +35,7 @@ from torch import Tensor
 
 from seqkern._checks import ShapeError
 
+from . import _recurrent_split
 from ._launch import launch
 from ._recurrent import (
     MIN_DOT_SIZE,
@@ -59,6 +60,7 @@ from ._recurrent import (
     previous_state,
     recurrent_weight_gradient,
     previous_hidden,
+    recurrent_mode,
     reset_rows,
     restart_gradient,
     restart_hidden,
@@ -70,6 +72,7 @@ from ._recurrent import (
     sequence_grid,
     sequence_tile,
     sigmoid,
+    sm_count,
     step_rows,
     store,
     tanh,
@@ -100,6 +103,14 @@ def _cell_backward_math(grad_r, grad_c, i, f, g, o, c_prev, c):
     grad_pre_g = grad_c * i * (1 - g * g)
     grad_pre_o = grad_r * tanh_c * o * (1 - o)
     return grad_pre_i, grad_pre_f, grad_pre_g, grad_pre_o, grad_c * f
+
+
+@triton.jit
+def split_cell(x_i, x_f, x_g, x_o, h_i, h_f, h_g, h_o, c_prev):
+    """The cell of the split kernels (kernels/_recurrent_split.py): input and hidden parts of the four gates,
+    c_{t-1} -> h_t, c_t and the workspace tiles (activated i, f, g, o)."""
+    i, f, g, o, c, h = _cell_forward_math(x_i + h_i, x_f + h_f, x_g + h_g, x_o + h_o, c_prev)
+    return h, c, i, f, g, o
 
 
 @triton.jit
@@ -430,6 +441,14 @@ def lstm_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     # The input projection of every step at once: one GEMM over T*B rows, biases folded in.
     bias = b_ih + b_hh if b_ih is not None else None
     gates_x = linear(input.reshape(seq_len * batch, input_size), w_ih, bias).view(seq_len, batch, 4 * hidden)
+    mode = recurrent_mode(batch, hidden, 4, input.dtype, sm_count(input.device), w_hr is None and not zoneout)
+    if mode["mode"] != "rows":
+        output, h_n, c_n, split_gates, split_cells = _recurrent_split.split_forward(
+            _recurrent_split.LSTM, mode, gates_x, w_hh, None, h0, c0, on_device(batch_sizes, input), flags,
+            reverse, save_workspace)
+        if save_workspace:
+            gates, cells = split_gates, split_cells
+        return output, h_n, c_n.to(input.dtype), gates, cells
     blocks = _sequence_blocks(hidden, out_size)
     launch(_lstm_sequence_forward_kernel, sequence_grid(batch), input.device)(
         gates_x, c0.contiguous(), w_hh.contiguous(), contiguous_or_none(w_hr), on_device(batch_sizes, input),
