@@ -329,7 +329,7 @@ ROWS_MAX_HIDDEN = 128
 # Bytes of W_hh a program keeps in registers across the time loop (RESIDENT): 64 registers per thread of 8 warps
 # (64 x 4 x 256 = 64 KB), a quarter of an SM's register file, the rest for the h operand, the gates and the
 # addresses. Above it the program streams its slice from L1/L2 every step (its slice, not all of W_hh).
-RESIDENT_BYTES = 64 * 1024
+RESIDENT_BYTES = 32 * 1024
 _forced: dict | None = None
 
 
@@ -340,7 +340,7 @@ def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_c
     `supported` is False for features only the row-block kernel has (the LSTM's projection, zoneout).
 
     -> {"mode": "rows"} or {"mode": "persistent" | "per_step", "BLOCK_U": units per program,
-       "RESIDENT": W_hh slice loaded once into registers (persistent only), "num_warps": ...}
+       "RESIDENT": W_hh slice loaded once into registers (persistent only), "num_warps", "num_stages"}
 
     The rule, in order:
       * rows without a GPU, for unsupported features, for H <= 64 (the whole W_hh of such a layer is at most
@@ -365,8 +365,8 @@ def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_c
     for block_u in UNIT_BLOCKS:
         if batch_blocks * triton.cdiv(hidden, block_u) <= sm_count:
             resident = gates * block_u * padded * element <= RESIDENT_BYTES
-            return {"mode": "persistent", "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 8}
-    return {"mode": "per_step", "BLOCK_U": UNIT_BLOCKS[-1], "RESIDENT": False, "num_warps": 4}
+            return {"mode": "persistent", "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 8, "num_stages": 2}
+    return {"mode": "per_step", "BLOCK_U": UNIT_BLOCKS[-1], "RESIDENT": False, "num_warps": 8, "num_stages": 2}
 
 
 @contextlib.contextmanager
@@ -378,7 +378,8 @@ def forced_mode(mode: str, block_u: int = 16, resident: bool = False):
     global _forced
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    before, _forced = _forced, {"mode": mode, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 4}
+    before, _forced = _forced, {"mode": mode, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 4,
+                                "num_stages": 2}
     try:
         yield
     finally:

@@ -221,7 +221,7 @@ def _split_forward_kernel(
         reset = reset_rows(t, rows, B, resets_ptr, USE_RESETS)
         read_ptr = h_buffers_ptr + (step % 2) * B * H
         keep = active[:, None] & unit_mask[None, :]
-        if USE_RESETS:
+        if USE_RESETS and HAS_STATE:
             state0 = tl.load(state0_ptr + unit_offsets, mask=in_rows & reset[:, None], other=0).to(ACC)
             state = tl.where(reset[:, None], state0, state)
 
@@ -310,7 +310,7 @@ def split_tiles(mode: dict, hidden: int, dtype: torch.dtype, device: torch.devic
     return dict(ACC=accumulator_dtype(dtype), DOT=dot_operand_dtype(dtype, device),
                 PRECISION=dot_precision(dtype, device), RESIDENT=bool(mode["RESIDENT"]), BLOCK_B=MIN_DOT_SIZE,
                 BLOCK_U=mode["BLOCK_U"], BLOCK_K=BLOCK_K, BLOCK_HK=pow2_at_least(hidden, MIN_DOT_SIZE),
-                num_warps=mode["num_warps"])
+                num_warps=mode["num_warps"], num_stages=mode["num_stages"])
 
 
 def _launch_persistent(grid: tuple, device: torch.device):

@@ -40,6 +40,8 @@ from seqkern.kernels import _launch
 from seqkern.kernels import additive_attention as additive
 from seqkern.kernels import flash_attention as flash
 from seqkern.kernels import flash_attention_decode as decode
+from seqkern.kernels import _recurrent_split as split
+import seqkern.kernels as recurrent
 
 CUDA = torch.device("cuda")  # a device object, no GPU needed: the launchers' CUDA choices
 # Per-block shared memory (opt-in maximum): A100 163 KB, H100 227 KB.
@@ -204,7 +206,65 @@ def _additive_backward_configs(kernel: triton.JITFunction):
     return configs
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Recurrent forward, hidden units split across programs (kernels/_recurrent_split.py): every config the launcher's
+# rule (kernels/_recurrent.py recurrent_mode) picks for A100 / H100 SM counts and batches 1 .. 4096, with every
+# flag on (batch sizes, lengths, resets, reverse, workspace). "head_dim" is the hidden size here.
+# ------------------------------------------------------------------------------------------------------------
+RECURRENT_HIDDEN = (128, 256, 512, 1024)
+RECURRENT_DTYPES = (torch.bfloat16, torch.float32)
+SM_COUNTS = (108, 132)  # A100, H100 SXM
+BATCHES = (1, 8, 16, 32, 64, 128, 256, 1024, 4096)
+
+
+def _split_arguments(cell: int) -> Callable:
+    def arguments(dtype, hidden):
+        state = split.GATES[cell] > 1  # the LSTM's c, the GRU's h
+        given = dict(
+            b_hh_ptr=torch.zeros(1, dtype=dtype) if cell == split.GRU else None,
+            batch_sizes_ptr=torch.zeros(1, dtype=torch.int64), lengths_ptr=torch.zeros(1, dtype=torch.int64),
+            resets_ptr=torch.zeros(1, dtype=torch.uint8), state0_ptr=torch.zeros(1, dtype=dtype) if state else None,
+            state_ptr=torch.zeros(1, dtype=_accumulator(dtype)) if state else None,
+            workspace_ptr=torch.zeros(1, dtype=dtype) if state else None,
+            states_ptr=torch.zeros(1, dtype=dtype) if cell == split.LSTM else None,
+            arrivals_ptr=torch.zeros(1, dtype=torch.int32), H=hidden,
+            CELL=cell, GATES=split.GATES[cell], HAS_STATE=state, HAS_HH_BIAS=cell == split.GRU,
+            SAVE_WORKSPACE=state, SAVE_STATES=cell == split.LSTM, HAS_BATCH_SIZES=True, USE_LENGTHS=True,
+            USE_RESETS=True, REVERSE=True)
+        tiles = split.split_tiles(_split_modes(cell, dtype, hidden)[0], hidden, dtype, CUDA)
+        given.update({name: tiles[name] for name in ("ACC", "DOT", "PRECISION", "BLOCK_B", "BLOCK_K", "BLOCK_HK")})
+        return _filled(split._split_forward_kernel, dtype, given)
+    return arguments
+
+
+def _split_modes(cell: int, dtype: torch.dtype, hidden: int) -> list[dict]:
+    """The distinct split modes recurrent_mode picks for `hidden` over SM_COUNTS x BATCHES."""
+    modes = []
+    for sms in SM_COUNTS:
+        for batch in BATCHES:
+            mode = recurrent._recurrent.recurrent_mode(batch, hidden, split.GATES[cell], dtype, sms)
+            if mode["mode"] != "rows" and mode not in modes:
+                modes.append(mode)
+    return modes
+
+
+def _split_configs(cell: int) -> Callable:
+    def configs(dtype, hidden):
+        return [{"PERSISTENT": mode["mode"] == "persistent", "RESIDENT": mode["RESIDENT"], "BLOCK_U": mode["BLOCK_U"],
+                 "num_warps": mode["num_warps"], "num_stages": mode["num_stages"]}
+                for mode in _split_modes(cell, dtype, hidden)]
+    return configs
+
+
+def _split_kernel(name: str, cell: int) -> Kernel:
+    return Kernel(f"recurrent_split.{name}", split._split_forward_kernel, _split_arguments(cell), _split_configs(cell),
+                  dtypes=RECURRENT_DTYPES, head_dims=RECURRENT_HIDDEN)
+
+
 KERNELS = [
+    _split_kernel("lstm", split.LSTM),
+    _split_kernel("gru", split.GRU),
+    _split_kernel("rnn", split.RNN_TANH),
     Kernel("flash_attention.forward", flash._forward_kernel, _flash_forward, _flash_configs("forward")),
     Kernel("flash_attention.query_gradients", flash._query_gradients_kernel, _flash_query_gradients,
            _flash_configs("query_gradients")),
