@@ -378,7 +378,7 @@ def forced_mode(mode: str, block_u: int = 16, resident: bool = False):
     global _forced
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    before, _forced = _forced, {"mode": mode, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 4,
+    before, _forced = _forced, {"mode": mode, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 8,
                                 "num_stages": 2}
     try:
         yield

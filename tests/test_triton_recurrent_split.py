@@ -201,3 +201,15 @@ def test_rule_properties(sms):
 def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
+
+
+def test_gpu_check_recurrent_check_runs_the_split_path_on_cpu():
+    """benchmarks.gpu_check's on-device recurrent check, on tiny CPU shapes in the per-step mode: ours / torch /
+    float64 built and the rule passed (on a GPU the rule picks the mode; tests/test_gpu_check.py has the rest)."""
+    from benchmarks import gpu_check
+
+    cpu = torch.device("cpu")
+    with forced_mode("per_step", 16):
+        check = gpu_check._check("LSTM split", gpu_check._recurrent_check(cpu, torch.float32, "LSTM", 2, 3, 20))
+    assert check["passed"], check
+    assert gpu_check._rule_mode(cpu, torch.float32, "LSTM", 1, 1024) == "rows"  # no GPU: the row-block kernel
