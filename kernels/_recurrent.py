@@ -320,17 +320,33 @@ def sequence_blocks(hidden: int) -> dict:
 # "persistent": kernels/_recurrent_split.py, hidden units split over co-resident programs, a grid barrier per step.
 # "per_step": kernels/_recurrent_split.py, one launch per time step, no waiting between programs.
 MODES = ("rows", "persistent", "per_step")
-# The widths of a program's unit slice: 16 is the narrowest tl.dot tile, 64 keeps a per-step program's tiles
-# (16 rows x 64 units x gates) small enough for any hidden size.
-UNIT_BLOCKS = (16, 32, 64)
+# The widths of a program's unit slice and the warps of a program of that width (BLOCK_B = 16 rows, all gates of
+# the units), chosen with ptxas (tests/test_gpu_compile.py, sm_80 and sm_90, every cell, hidden 128-1024; one
+# pipeline stage: two spilled 16-48 bytes in several LSTM / GRU configs). A (16 x BLOCK_U) tile spread over more
+# warps than it fills is replicated per warp (register cost, no speed), hence few warps for narrow slices.
+# 16 units only in 16-bit dtypes: float32's tf32x3 products keep two halves of each operand and its LSTM spilled
+# (48-184 bytes at 2 to 8 warps). The counts differ by dtype because ptxas picked 96-128 registers (and
+# spilled 16 bytes) for some of the others: the bfloat16 LSTM at 32 units / 4 warps on sm_90, the float32 GRU
+# at 32 units / 8 warps on sm_80.
+UNIT_WARPS = {2: {16: 2, 32: 8, 64: 8}, 4: {32: 4, 64: 8}}  # element size -> BLOCK_U -> num_warps
+NUM_STAGES = 1
 # Hidden sizes (padded) up to which the row-block kernel is kept when the batch already fills the GPU: its
 # register tile grows with H (ptxas: spills from H=256 in float32; kernels/_recurrent.py sequence_blocks).
 ROWS_MAX_HIDDEN = 128
-# Bytes of W_hh a program keeps in registers across the time loop (RESIDENT): 64 registers per thread of 8 warps
-# (64 x 4 x 256 = 64 KB), a quarter of an SM's register file, the rest for the h operand, the gates and the
-# addresses. Above it the program streams its slice from L1/L2 every step (its slice, not all of W_hh).
+# Bytes of W_hh slice a persistent program loads once, before the time loop (RESIDENT), 16-bit dtypes only: ptxas
+# spilled the LSTM's resident slices at 64 KB (bfloat16) and every float32 one from 16 KB (tf32x3 splits the
+# slice in two halves). Above it, or in float32, the program re-reads its slice every step (from L1/L2: its
+# slice, not all of W_hh).
 RESIDENT_BYTES = 32 * 1024
+# ... and only up to this hidden size: the h_{t-1} operand (16 x H) is then loaded whole too (the RNN's 32 KB
+# slice at H = 1024 spilled).
+RESIDENT_MAX_HIDDEN = 512
 _forced: dict | None = None
+
+
+def unit_blocks(dtype: torch.dtype) -> tuple[int, ...]:
+    """The unit-slice widths the rule may use for `dtype` (narrowest first)."""
+    return (16, 32, 64) if torch.empty((), dtype=dtype).element_size() == 2 else (32, 64)
 
 
 def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_count: int,
@@ -340,15 +356,15 @@ def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_c
     `supported` is False for features only the row-block kernel has (the LSTM's projection, zoneout).
 
     -> {"mode": "rows"} or {"mode": "persistent" | "per_step", "BLOCK_U": units per program,
-       "RESIDENT": W_hh slice loaded once into registers (persistent only), "num_warps", "num_stages"}
+       "RESIDENT": W_hh slice loaded once before the time loop (persistent only), "num_warps", "num_stages"}
 
     The rule, in order:
       * rows without a GPU, for unsupported features, for H <= 64 (the whole W_hh of such a layer is at most
         64 KB: one program holds it, and a split would only add barriers), and while the row blocks alone
         fill half the SMs at H <= ROWS_MAX_HIDDEN (then every SM is busy and there is no barrier);
-      * persistent with the narrowest unit slice (16, 32, 64 units) for which batch blocks x unit blocks <=
-        SMs: one program per SM, all co-resident (a cooperative launch), each keeping its slice resident
-        when gates x BLOCK_U x H fits RESIDENT_BYTES;
+      * persistent with the narrowest unit slice (`unit_blocks`) for which batch blocks x unit blocks <= SMs:
+        one program per SM, all co-resident (a cooperative launch), each keeping its slice resident when
+        gates x BLOCK_U x H fits RESIDENT_BYTES in a 16-bit dtype at H <= RESIDENT_MAX_HIDDEN;
       * per_step otherwise (more programs than SMs: a grid barrier would deadlock), 64-unit slices.
     A test can force a mode with `forced_mode` (unsupported features still get "rows").
     """
@@ -362,11 +378,17 @@ def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_c
             or (padded <= ROWS_MAX_HIDDEN and 2 * batch_blocks >= sm_count)):
         return {"mode": "rows"}
     element = torch.empty((), dtype=dtype).element_size()
-    for block_u in UNIT_BLOCKS:
+    for block_u in unit_blocks(dtype):
         if batch_blocks * triton.cdiv(hidden, block_u) <= sm_count:
-            resident = gates * block_u * padded * element <= RESIDENT_BYTES
-            return {"mode": "persistent", "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 8, "num_stages": 2}
-    return {"mode": "per_step", "BLOCK_U": UNIT_BLOCKS[-1], "RESIDENT": False, "num_warps": 8, "num_stages": 2}
+            resident = (element == 2 and padded <= RESIDENT_MAX_HIDDEN
+                        and gates * block_u * padded * element <= RESIDENT_BYTES)
+            return _split_mode("persistent", block_u, resident, dtype)
+    return _split_mode("per_step", 64, False, dtype)
+
+
+def _split_mode(mode: str, block_u: int, resident: bool, dtype: torch.dtype) -> dict:
+    warps = UNIT_WARPS.get(torch.empty((), dtype=dtype).element_size(), UNIT_WARPS[4]).get(block_u, 8)
+    return {"mode": mode, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": warps, "num_stages": NUM_STAGES}
 
 
 @contextlib.contextmanager
@@ -374,12 +396,11 @@ def forced_mode(mode: str, block_u: int = 16, resident: bool = False):
     """Within the block every recurrent forward uses `mode` ("rows" | "persistent" | "per_step") with BLOCK_U
     units per program: how the tests reach the split kernels without a GPU. Under the interpreter programs run
     one after another, so "persistent" needs BLOCK_U >= H (one program per barrier group) or it would wait for
-    ever; forced_mode refuses nothing, the launcher checks it."""
+    ever (kernels/_recurrent_split.py refuses that launch). Warps and stages are the rule's for float32."""
     global _forced
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    before, _forced = _forced, {"mode": mode, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": 8,
-                                "num_stages": 2}
+    before, _forced = _forced, _split_mode(mode, block_u, resident, torch.float32)
     try:
         yield
     finally:

@@ -20,7 +20,7 @@ import test_recurrent_state_flags as state_flags
 from helpers import case_id, check_op, layer_args, torch_lstm_layer, torch_single_state_layer
 from seqkern.kernels import _recurrent_split
 from seqkern.kernels._recurrent import (
-    MIN_DOT_SIZE, RESIDENT_BYTES, ROWS_MAX_HIDDEN, UNIT_BLOCKS, forced_mode, recurrent_mode,
+    MIN_DOT_SIZE, RESIDENT_BYTES, RESIDENT_MAX_HIDDEN, ROWS_MAX_HIDDEN, forced_mode, recurrent_mode, unit_blocks,
 )
 import seqkern
 
@@ -163,9 +163,12 @@ def test_rule_small_hidden_keeps_the_row_block_kernel(hidden):
 def test_rule_examples():
     # Batch 1, LSTM 1024 units: 64 programs of 16 units on one H100, the slice (128 KB) streamed from L1/L2.
     assert recurrent_mode(1, 1024, 4, torch.bfloat16, H100) == {
-        "mode": "persistent", "BLOCK_U": 16, "RESIDENT": False, "num_warps": 8, "num_stages": 2}
+        "mode": "persistent", "BLOCK_U": 16, "RESIDENT": False, "num_warps": 2, "num_stages": 1}
+    # ... 32 programs of 32 units in float32 (16-unit slices spilled with tf32x3).
+    assert recurrent_mode(1, 1024, 4, torch.float32, H100)["BLOCK_U"] == 32
     # Batch 1, GRU 128 units in bfloat16: 8 programs, each slice 3 x 16 x 128 x 2 = 12 KB held in registers.
     assert recurrent_mode(1, 128, 3, torch.bfloat16, H100)["RESIDENT"] is True
+    assert recurrent_mode(1, 128, 3, torch.float32, H100)["RESIDENT"] is False  # tf32x3: spilled resident
     # Batch 64, 1024 units: 4 batch blocks x 32 slices of 32 units = 128 <= 132 programs.
     assert recurrent_mode(64, 1024, 4, torch.float32, H100)["BLOCK_U"] == 32
     # ... but 4 x 16 of 64 units on an A100 (108 SMs).
@@ -178,7 +181,7 @@ def test_rule_examples():
 @pytest.mark.parametrize("sms", [H100, A100])
 def test_rule_properties(sms):
     """Over a grid of shapes: a persistent launch never has more programs than SMs (co-residency), a resident
-    slice never exceeds RESIDENT_BYTES, and the row-block kernel is never picked above ROWS_MAX_HIDDEN."""
+    slice (16-bit only) never exceeds RESIDENT_BYTES nor RESIDENT_MAX_HIDDEN, and the row-block kernel is never picked above ROWS_MAX_HIDDEN."""
     for gates in (1, 3, 4):
         for dtype in (torch.bfloat16, torch.float32):
             for hidden in (65, 100, 128, 256, 333, 512, 1000, 1024):
@@ -187,13 +190,14 @@ def test_rule_properties(sms):
                     if mode["mode"] == "rows":
                         assert triton_next_pow2(hidden) <= ROWS_MAX_HIDDEN
                         continue
-                    assert mode["BLOCK_U"] in UNIT_BLOCKS
+                    assert mode["BLOCK_U"] in unit_blocks(dtype)
                     programs = -(-batch // MIN_DOT_SIZE) * -(-hidden // mode["BLOCK_U"])
                     if mode["mode"] == "persistent":
                         assert programs <= sms, (batch, hidden, mode)
                     else:
                         assert not mode["RESIDENT"]
                     if mode["RESIDENT"]:
+                        assert dtype.itemsize == 2 and triton_next_pow2(hidden) <= RESIDENT_MAX_HIDDEN
                         size = gates * mode["BLOCK_U"] * triton_next_pow2(hidden) * dtype.itemsize
                         assert size <= RESIDENT_BYTES
 
