@@ -275,12 +275,13 @@ def _recurrent_bench(device, dtype, kind: str, batch, steps, hidden, train: bool
     """seqkern's module (the rule's launch mode) against torch.nn's (cuDNN), and against seqkern forced into
     each of `modes` ("rows", "per_step": kernels/_recurrent.py forced_mode) to measure what the rule gains."""
     import seqkern
-    from seqkern.kernels._recurrent import forced_mode
+    from seqkern.kernels._recurrent import PER_STEP_TILE, forced_mode
 
     reference = getattr(torch.nn, kind)(hidden, hidden, batch_first=True).to(device, dtype)
     ours_module = getattr(seqkern.nn, kind)(hidden, hidden, batch_first=True).to(device, dtype)
     ours_module.load_state_dict(reference.state_dict())
     x = torch.randn(batch, steps, hidden, device=device, dtype=dtype, requires_grad=train)
+    rows, units = PER_STEP_TILE[dtype.itemsize]  # the rule's per-step tile, for the forced comparison row
 
     def run(module, backend: str | None, mode: str | None = None):
         def call():
@@ -288,7 +289,7 @@ def _recurrent_bench(device, dtype, kind: str, batch, steps, hidden, train: bool
                 if backend:
                     stack.enter_context(seqkern.backend(backend))
                 if mode:
-                    stack.enter_context(forced_mode(mode, block_u=64))
+                    stack.enter_context(forced_mode(mode, block_u=units, block_b=rows))
                 out, _ = module(x)
             if train:
                 torch.autograd.grad(out.sum(), [x, *module.parameters()])

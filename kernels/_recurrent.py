@@ -341,6 +341,11 @@ RESIDENT_BYTES = 32 * 1024
 # ... and only up to this hidden size: the h_{t-1} operand (16 x H) is then loaded whole too (the RNN's 32 KB
 # slice at H = 1024 spilled).
 RESIDENT_MAX_HIDDEN = 512
+# The per-step mode's tile, (batch rows, units) per program by element size, 8 warps. Every program reads its
+# units' W_hh slice each step, so W_hh crosses L2 once per `rows` batch rows: 64 rows (not 16) cut that traffic
+# 4x at large batch in 16-bit dtypes. float32 stays at 16 rows x 64 units: its LSTM spilled 192-552 bytes with
+# 32 or 64 rows at 4 or 8 warps (tf32x3 holds two halves of each operand).
+PER_STEP_TILE = {2: (64, 32), 4: (16, 64)}
 _forced: dict | None = None
 
 
@@ -355,7 +360,7 @@ def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_c
     columns in W_hh (LSTM 4, GRU 3, RNN 1), dtype, and the number of SMs (0 without a GPU: the interpreter).
     `supported` is False for features only the row-block kernel has (the LSTM's projection, zoneout).
 
-    -> {"mode": "rows"} or {"mode": "persistent" | "per_step", "BLOCK_U": units per program,
+    -> {"mode": "rows"} or {"mode": "persistent" | "per_step", "BLOCK_B": batch rows and "BLOCK_U": units per program,
        "RESIDENT": W_hh slice loaded once before the time loop (persistent only), "num_warps", "num_stages"}
 
     The rule, in order:
@@ -365,7 +370,7 @@ def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_c
       * persistent with the narrowest unit slice (`unit_blocks`) for which batch blocks x unit blocks <= SMs:
         one program per SM, all co-resident (a cooperative launch), each keeping its slice resident when
         gates x BLOCK_U x H fits RESIDENT_BYTES in a 16-bit dtype at H <= RESIDENT_MAX_HIDDEN;
-      * per_step otherwise (more programs than SMs: a grid barrier would deadlock), 64-unit slices.
+      * per_step otherwise (more programs than SMs: a grid barrier would deadlock), PER_STEP_TILE tiles.
     A test can force a mode with `forced_mode` (unsupported features still get "rows").
     """
     if not supported:
@@ -383,24 +388,28 @@ def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_c
             resident = (element == 2 and padded <= RESIDENT_MAX_HIDDEN
                         and gates * block_u * padded * element <= RESIDENT_BYTES)
             return _split_mode("persistent", block_u, resident, dtype)
-    return _split_mode("per_step", 64, False, dtype)
+    rows, units = PER_STEP_TILE.get(element, PER_STEP_TILE[4])
+    return _split_mode("per_step", units, False, dtype, min(rows, pow2_at_least(batch, MIN_DOT_SIZE)))
 
 
-def _split_mode(mode: str, block_u: int, resident: bool, dtype: torch.dtype) -> dict:
+def _split_mode(mode: str, block_u: int, resident: bool, dtype: torch.dtype, block_b: int = MIN_DOT_SIZE) -> dict:
     warps = UNIT_WARPS.get(torch.empty((), dtype=dtype).element_size(), UNIT_WARPS[4]).get(block_u, 8)
-    return {"mode": mode, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": warps, "num_stages": NUM_STAGES}
+    if mode == "per_step":  # PER_STEP_TILE
+        warps = 8
+    return {"mode": mode, "BLOCK_B": block_b, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": warps,
+            "num_stages": NUM_STAGES}
 
 
 @contextlib.contextmanager
-def forced_mode(mode: str, block_u: int = 16, resident: bool = False):
+def forced_mode(mode: str, block_u: int = 16, resident: bool = False, block_b: int = MIN_DOT_SIZE):
     """Within the block every recurrent forward uses `mode` ("rows" | "persistent" | "per_step") with BLOCK_U
-    units per program: how the tests reach the split kernels without a GPU. Under the interpreter programs run
+    units and BLOCK_B batch rows per program: how the tests reach the split kernels without a GPU. Under the interpreter programs run
     one after another, so "persistent" needs BLOCK_U >= H (one program per barrier group) or it would wait for
     ever (kernels/_recurrent_split.py refuses that launch). Warps and stages are the rule's for float32."""
     global _forced
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    before, _forced = _forced, _split_mode(mode, block_u, resident, torch.float32)
+    before, _forced = _forced, _split_mode(mode, block_u, resident, torch.float32, block_b)
     try:
         yield
     finally:

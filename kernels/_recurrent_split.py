@@ -271,7 +271,7 @@ def split_forward(cell: int, mode: dict, gates_x: Tensor, w_hh: Tensor, b_hh: Te
     hidden = h0.shape[1]
     device = gates_x.device
     block_u = mode["BLOCK_U"]
-    grid = (triton.cdiv(hidden, block_u), triton.cdiv(batch, MIN_DOT_SIZE))
+    grid = (triton.cdiv(hidden, block_u), triton.cdiv(batch, mode["BLOCK_B"]))
     persistent = mode["mode"] == "persistent"
     if persistent and device.type != "cuda" and grid[0] > 1:
         raise ShapeError(f"the persistent split mode under the interpreter needs one program per batch block "
@@ -308,7 +308,7 @@ def split_forward(cell: int, mode: dict, gates_x: Tensor, w_hh: Tensor, b_hh: Te
 def split_tiles(mode: dict, hidden: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The constexprs and launch options of a split launch in `mode` (dtypes, precision, tiles, warps)."""
     return dict(ACC=accumulator_dtype(dtype), DOT=dot_operand_dtype(dtype, device),
-                PRECISION=dot_precision(dtype, device), RESIDENT=bool(mode["RESIDENT"]), BLOCK_B=MIN_DOT_SIZE,
+                PRECISION=dot_precision(dtype, device), RESIDENT=bool(mode["RESIDENT"]), BLOCK_B=mode["BLOCK_B"],
                 BLOCK_U=mode["BLOCK_U"], BLOCK_K=BLOCK_K, BLOCK_HK=pow2_at_least(hidden, MIN_DOT_SIZE),
                 num_warps=mode["num_warps"], num_stages=mode["num_stages"])
 

@@ -1,6 +1,7 @@
-"""Static GPU checks with no GPU: every attention kernel, for every configuration its launcher can choose on
-CUDA, compiled ahead of time for sm_80 (A100) and sm_90 (H100) with triton.compile + GPUTarget, asserting
-that ptxas spilled no registers and that the kernel's shared memory fits the target's per-block limit.
+"""Static GPU checks with no GPU: every attention kernel and the split recurrent forward, for every configuration
+its launcher can choose on CUDA, compiled ahead of time for sm_80 (A100) and sm_90 (H100) with triton.compile +
+GPUTarget, asserting that ptxas spilled no registers and that the kernel's shared memory fits the target's
+per-block limit.
 
 The configurations are the launchers' own selection functions called for CUDA (`configs(...)`): a tile that
 cannot fit must be kept out by that rule, and these tests prove it does, by compiling exactly what it returns.
@@ -8,14 +9,15 @@ Each kernel is compiled with all its optional features on (attention mask, dropo
 variant with the most live registers, which bounds the lighter ones; flash attention's launchers have larger
 tiles for launches without mask and dropout, compiled as "[light]" kernels.
 
-Cost: a compile takes ~5-10 s of one core (ptxas included), 20-40 s on this loaded 2-core machine. The default
-run compiles a representative subset (DEFAULT_CASES: 4 kernels, plus 2 compiles for the tf32 check);
-`pytest -m gpu_compile` compiles the full matrix (kernels x configs x dtypes x head dims x targets, ~340
-compiles). Triton caches compiled kernels on disk (~/.triton/cache), so a second run costs seconds.
+Cost: a compile takes ~5-10 s of one core (ptxas included), 20-40 s on this loaded 2-core machine (the recurrent
+split kernel: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 6 kernels, plus 2
+compiles for the tf32 check); `pytest -m gpu_compile` compiles the full matrix (kernels x configs x dtypes x
+head dims x targets: ~340 attention compiles and 156 recurrent ones). Triton caches compiled kernels on disk
+(~/.triton/cache), so a second run costs seconds.
 
-To add a kernel (e.g. the recurrent ones), append a Kernel to KERNELS: its JIT function, the arguments of its
-heaviest launch for a dtype and head dim, the launcher's config list for them, and the dtypes and head dims
-its launcher accepts.
+To add a kernel (e.g. the row-block recurrent ones), append a Kernel to KERNELS: its JIT function, the arguments
+of its heaviest launch for a dtype and head dim, the launcher's config list for them, and the dtypes and head
+dims its launcher accepts.
 """
 from __future__ import annotations
 
@@ -232,7 +234,7 @@ def _split_arguments(cell: int) -> Callable:
             SAVE_WORKSPACE=state, SAVE_STATES=cell == split.LSTM, HAS_BATCH_SIZES=True, USE_LENGTHS=True,
             USE_RESETS=True, REVERSE=True)
         tiles = split.split_tiles(_split_modes(cell, dtype, hidden)[0], hidden, dtype, CUDA)
-        given.update({name: tiles[name] for name in ("ACC", "DOT", "PRECISION", "BLOCK_B", "BLOCK_K", "BLOCK_HK")})
+        given.update({name: tiles[name] for name in ("ACC", "DOT", "PRECISION", "BLOCK_K", "BLOCK_HK")})
         return _filled(split._split_forward_kernel, dtype, given)
     return arguments
 
@@ -250,8 +252,8 @@ def _split_modes(cell: int, dtype: torch.dtype, hidden: int) -> list[dict]:
 
 def _split_configs(cell: int) -> Callable:
     def configs(dtype, hidden):
-        return [{"PERSISTENT": mode["mode"] == "persistent", "RESIDENT": mode["RESIDENT"], "BLOCK_U": mode["BLOCK_U"],
-                 "num_warps": mode["num_warps"], "num_stages": mode["num_stages"]}
+        return [{"PERSISTENT": mode["mode"] == "persistent", "RESIDENT": mode["RESIDENT"], "BLOCK_B": mode["BLOCK_B"],
+                 "BLOCK_U": mode["BLOCK_U"], "num_warps": mode["num_warps"], "num_stages": mode["num_stages"]}
                 for mode in _split_modes(cell, dtype, hidden)]
     return configs
 
@@ -402,11 +404,14 @@ def _compile_here(where: tuple[str, str], arguments: dict, config: dict, target:
 # The matrix: every kernel x its launcher's configs x dtypes x head dims x targets (-m gpu_compile), or each
 # kernel once in its first (largest) config (the default run).
 # ------------------------------------------------------------------------------------------------------------
-# The default run: one kernel of each op, spread over dtypes, head dims, targets and the two flash variants.
+# The default run: one kernel of each op, spread over dtypes, head dims (hidden sizes), targets and the two flash
+# variants.
 DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90"),
                  ("flash_attention.key_gradients[light]", torch.float16, 64, "sm_80"),
                  ("flash_attention_decode.split", torch.bfloat16, 128, "sm_90"),
-                 ("additive_attention.forward", torch.float16, 64, "sm_80"))
+                 ("additive_attention.forward", torch.float16, 64, "sm_80"),
+                 ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90"),  # persistent, 16 units, streamed slice
+                 ("recurrent_split.gru", torch.float32, 256, "sm_80"))  # persistent, 32 units, tf32x3
 
 
 def _cases(full: bool) -> list:

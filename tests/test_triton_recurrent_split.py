@@ -63,8 +63,10 @@ OPS_UNDER_TEST = {
     "rnn_tanh": (_rnn_tanh, _torch_rnn_tanh, 1, ("input", "h0", "w_ih", "w_hh", "b_ih", "b_hh")),
     "rnn_relu": (_rnn_relu, _torch_rnn_relu, 1, ("input", "h0", "w_ih", "w_hh", "b_ih", "b_hh")),
 }
-# (mode, BLOCK_U, RESIDENT): 33 units in 16-unit slices = 3 programs per batch block, the last one partial.
-MODES = [("per_step", 16, False), ("per_step", 16, True), ("persistent", 64, True), ("persistent", 64, False)]
+# (mode, BLOCK_U, RESIDENT[, BLOCK_B]): 33 units in 16-unit slices = 3 programs per batch block, the last one
+# partial; the per-step mode's 64-row batch tiles (here 32 rows over 3 batch rows).
+MODES = [("per_step", 16, False), ("per_step", 16, True), ("per_step", 32, False, 32), ("persistent", 64, True),
+         ("persistent", 64, False)]
 CASES = [
     dict(seq_len=5, batch=3, input_size=4, hidden=33),
     dict(seq_len=4, batch=18, input_size=3, hidden=17, bias=False),  # two batch blocks
@@ -77,7 +79,8 @@ def _args(op: str, case: dict) -> tuple:
     return layer_args(gates, **case, cell_state=op == "lstm")
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"{m[0]}-u{m[1]}{'-resident' if m[2] else ''}")
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"{m[0]}-u{m[1]}{'-resident' if m[2] else ''}"
+                         f"{'-b' + str(m[3]) if len(m) > 3 else ''}")
 @pytest.mark.parametrize("op", list(OPS_UNDER_TEST))
 def test_split_forward_against_torch(op, mode):
     run, oracle, _, names = OPS_UNDER_TEST[op]
@@ -163,7 +166,7 @@ def test_rule_small_hidden_keeps_the_row_block_kernel(hidden):
 def test_rule_examples():
     # Batch 1, LSTM 1024 units: 64 programs of 16 units on one H100, the slice (128 KB) streamed from L1/L2.
     assert recurrent_mode(1, 1024, 4, torch.bfloat16, H100) == {
-        "mode": "persistent", "BLOCK_U": 16, "RESIDENT": False, "num_warps": 2, "num_stages": 1}
+        "mode": "persistent", "BLOCK_B": 16, "BLOCK_U": 16, "RESIDENT": False, "num_warps": 2, "num_stages": 1}
     # ... 32 programs of 32 units in float32 (16-unit slices spilled with tf32x3).
     assert recurrent_mode(1, 1024, 4, torch.float32, H100)["BLOCK_U"] == 32
     # Batch 1, GRU 128 units in bfloat16: 8 programs, each slice 3 x 16 x 128 x 2 = 12 KB held in registers.
@@ -176,6 +179,9 @@ def test_rule_examples():
     # Batch 4096 at 128 units: the row blocks (256) fill the GPU; at 1024 units: one launch per step.
     assert recurrent_mode(4096, 128, 4, torch.float32, H100) == {"mode": "rows"}
     assert recurrent_mode(4096, 1024, 4, torch.float32, H100)["mode"] == "per_step"
+    # Per step, W_hh crosses L2 once per 64 batch rows (tiles of 64 rows x 32 units; 16 x 64 in float32).
+    assert recurrent_mode(4096, 1024, 4, torch.bfloat16, H100)["BLOCK_B"] == 64
+    assert recurrent_mode(2200, 333, 4, torch.float32, A100)["BLOCK_B"] == 16
 
 
 @pytest.mark.parametrize("sms", [H100, A100])
@@ -191,7 +197,7 @@ def test_rule_properties(sms):
                         assert triton_next_pow2(hidden) <= ROWS_MAX_HIDDEN
                         continue
                     assert mode["BLOCK_U"] in unit_blocks(dtype)
-                    programs = -(-batch // MIN_DOT_SIZE) * -(-hidden // mode["BLOCK_U"])
+                    programs = -(-batch // mode["BLOCK_B"]) * -(-hidden // mode["BLOCK_U"])
                     if mode["mode"] == "persistent":
                         assert programs <= sms, (batch, hidden, mode)
                     else:
