@@ -281,8 +281,8 @@ def split_forward(cell: int, mode: dict, gates_x: Tensor, w_hh: Tensor, b_hh: Te
     h_buffers[0] = h0
     acc = torch.float64 if gates_x.dtype == torch.float64 else torch.float32
     state = state0.to(acc, copy=True) if state0 is not None else None
-    workspace = gates_x.new_empty(seq_len, batch, 4 * hidden) if save_workspace and cell != RNN_TANH \
-        and cell != RNN_RELU else None
+    # The backward's workspace: the LSTM's and GRU's four tiles per step (the RNN's backward needs only the output).
+    workspace = gates_x.new_empty(seq_len, batch, 4 * hidden) if save_workspace and GATES[cell] > 1 else None
     states = gates_x.new_empty(seq_len, batch, hidden) if save_workspace and cell == LSTM else None
     arguments = dict(
         gates_x_ptr=gates_x, w_hh_ptr=w_hh.contiguous(), b_hh_ptr=b_hh.contiguous() if b_hh is not None else None,
