@@ -43,7 +43,7 @@ from seqkern.kernels import additive_attention as additive
 from seqkern.kernels import flash_attention as flash
 from seqkern.kernels import flash_attention_decode as decode
 from seqkern.kernels import _recurrent_split as split
-import seqkern.kernels as recurrent
+from seqkern.kernels._recurrent import recurrent_mode
 
 CUDA = torch.device("cuda")  # a device object, no GPU needed: the launchers' CUDA choices
 # Per-block shared memory (opt-in maximum): A100 163 KB, H100 227 KB.
@@ -244,7 +244,7 @@ def _split_modes(cell: int, dtype: torch.dtype, hidden: int) -> list[dict]:
     modes = []
     for sms in SM_COUNTS:
         for batch in BATCHES:
-            mode = recurrent._recurrent.recurrent_mode(batch, hidden, split.GATES[cell], dtype, sms)
+            mode = recurrent_mode(batch, hidden, split.GATES[cell], dtype, sms)
             if mode["mode"] != "rows" and mode not in modes:
                 modes.append(mode)
     return modes

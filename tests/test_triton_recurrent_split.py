@@ -16,13 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import seqkern
 import test_recurrent_state_flags as state_flags
 from helpers import case_id, check_op, layer_args, torch_lstm_layer, torch_single_state_layer
-from seqkern.kernels import _recurrent_split
 from seqkern.kernels._recurrent import (
-    MIN_DOT_SIZE, RESIDENT_BYTES, RESIDENT_MAX_HIDDEN, ROWS_MAX_HIDDEN, forced_mode, recurrent_mode, unit_blocks,
+    RESIDENT_BYTES, RESIDENT_MAX_HIDDEN, ROWS_MAX_HIDDEN, forced_mode, recurrent_mode, unit_blocks,
 )
-import seqkern
 
 OPS = torch.ops.seqkern
 pytestmark = pytest.mark.triton
