@@ -35,6 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from seqkern.info import cpu_model
+from seqkern.testing import max_abs_error, rule_bound
 
 SUBJECT = "seqkern"
 MIB = 2**20
@@ -106,9 +107,8 @@ DEFAULT_BUDGET = TimingBudget(seconds_per_measurement=2.0, warmup_seconds=0.3, m
                               rounds=7)
 QUICK_BUDGET = TimingBudget(seconds_per_measurement=0.05, warmup_seconds=0.0, min_repeats=3, max_repeats=5, rounds=3)
 
-# The correctness gate: DESIGN.md's floor per dtype (as tests/helpers.py), and the agreement asked of baselines
-# when a case has no float64 oracle (relative to each tensor's largest magnitude, see max_relative_diff).
-RULE_FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# The agreement asked of baselines when a case has no float64 oracle (relative to each tensor's largest
+# magnitude, see max_relative_diff); the correctness gate itself is seqkern.testing's rule.
 RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
@@ -525,10 +525,6 @@ def _memory_only_measurements(case: Case, prepared: dict[str, _Prepared], progre
             for name, p in prepared.items() for memory, rss in [_memory(case, name, p, progress)]}
 
 
-def _max_abs_error(ours: torch.Tensor, oracle: torch.Tensor) -> float:
-    return (ours.detach().double() - oracle.detach().double()).abs().max().item() if oracle.numel() else 0.0
-
-
 def rule_verdict(ours: Sequence[torch.Tensor], torch_same_dtype: Sequence[torch.Tensor],
                  oracle: Sequence[torch.Tensor]) -> tuple[bool, str]:
     """DESIGN.md's rule, tensor by tensor: max|ours - oracle| <= 2 max|torch - oracle| + floor(dtype).
@@ -538,8 +534,7 @@ def rule_verdict(ours: Sequence[torch.Tensor], torch_same_dtype: Sequence[torch.
         raise ValueError(f"the gate got {len(ours)}, {len(torch_same_dtype)} and {len(oracle)} tensors")
     worst = 0.0
     for mine, theirs, exact in zip(ours, torch_same_dtype, oracle):
-        bound = 2 * _max_abs_error(theirs, exact) + RULE_FLOOR.get(mine.dtype, 0.0)
-        worst = max(worst, _max_abs_error(mine, exact) / bound)
+        worst = max(worst, max_abs_error(mine, exact) / rule_bound(theirs, exact))
     passed = worst <= 1.0
     return passed, f"rule {'ok' if passed else 'FAILED'} ({worst:.2f} of bound)"
 

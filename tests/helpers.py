@@ -1,7 +1,4 @@
-"""The correctness rule of DESIGN.md and small tools the tests share.
-
-    max|seqkern - ref_fp64| <= 2 * max|torch_same_dtype - ref_fp64| + floor(dtype)
-"""
+"""The correctness rule of DESIGN.md (defined in seqkern/testing.py) and small tools the tests share."""
 from __future__ import annotations
 
 import warnings
@@ -9,19 +6,16 @@ import warnings
 import torch
 from torch import Tensor
 
-# Absorbs the case where PyTorch happens to be exact (its error 0) and a few ulps of summation order.
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+from seqkern.testing import max_abs_error, rule_bound
 
 
 def assert_rule(name: str, ours: Tensor, theirs: Tensor, ref64: Tensor) -> None:
     """`ours` is no more than twice as far from the float64 reference as PyTorch's `theirs` (plus the floor)."""
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
     assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype} != {theirs.dtype}"
-    ref64 = ref64.double()
-    our_error = (ours.double() - ref64).abs().max().item() if ours.numel() else 0.0
-    their_error = (theirs.double() - ref64).abs().max().item() if theirs.numel() else 0.0
-    bound = 2 * their_error + FLOOR[ours.dtype]
-    assert our_error <= bound, f"{name}: error {our_error:.3e} > 2 x torch's {their_error:.3e} + floor"
+    our_error, bound = max_abs_error(ours, ref64), rule_bound(theirs, ref64)
+    assert our_error <= bound, (f"{name}: error {our_error:.3e} > 2 x torch's {max_abs_error(theirs, ref64):.3e} "
+                                f"+ floor (bound {bound:.3e})")
 
 
 def assert_all_rule(ours: dict[str, Tensor], theirs: dict[str, Tensor], ref64: dict[str, Tensor]) -> None:

@@ -30,25 +30,10 @@ def _samples(info, **kwargs):
                                    **kwargs)
 
 
-# Samples that fail the rule today, by kernel accuracy outside the module glue (issue 13). Not strict: the margins
-# are a few float32 ulps and move with the machine's GEMM kernels.
-_ATTENTION_GRADIENTS = ("issue 13 item 4: at head dim 2 (d_model 4, nhead 2) the flash attention backward's "
-                        "in_proj_weight gradient is 2.5-12x torch.nn's float32 error")
-_RECURRENT_WEIGHT_GRADIENTS = ("CPU recurrent kernels: float32 weight gradients of 3-step sequences of inputs in "
-                               "(-9, 9) are a few ulps off (3-7x torch.nn's error); seqkern's reference backend "
-                               "under the same module glue passes")
-KNOWN_FAILURES = {
-    "Transformer-31": _ATTENTION_GRADIENTS, "Transformer-57": _ATTENTION_GRADIENTS,
-    "GRU-11": _RECURRENT_WEIGHT_GRADIENTS, "LSTM-22": _RECURRENT_WEIGHT_GRADIENTS,
-}
-
-
 def _sample_params():
     for name, info in INFOS.items():
         for index, sample in enumerate(_samples(info)):
-            reason = KNOWN_FAILURES.get(f"{name}-{index}")
-            marks = [pytest.mark.xfail(reason=reason, strict=False)] if reason else []
-            yield pytest.param(name, index, id=f"{name}-{index}-{sample.desc or 'default'}", marks=marks)
+            yield pytest.param(name, index, id=f"{name}-{index}-{sample.desc or 'default'}")
 
 
 def _map(fn, value):

@@ -170,19 +170,8 @@ inline Simd<float> exp_attention(Simd<float> x) {
   using V = Simd<float>;
   x = x < -104.0f ? broadcast(-104.0f) : x;  // -inf too (keeps the reduction finite); NaN passes through
   x = x > 88.75f ? broadcast(88.75f) : x;
-#if defined(__AVX512F__)
-  const V n = _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-  V n;
-  for (int l = 0; l < kLanes<float>; ++l) n[l] = std::nearbyint(x[l] * 1.44269504088896341f);
-#endif
-  V p = exp_reduced(x, n);
-#if defined(__AVX512F__)
-  return _mm512_scalef_ps(p, n);
-#else
-  for (int l = 0; l < kLanes<float>; ++l) p[l] = std::ldexp(p[l], static_cast<int>(n[l]));
-  return p;
-#endif
+  const V n = nearest_log2_multiple(x);
+  return times_pow2(exp_reduced(x, n), n);
 }
 
 /// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed); exp(-inf) = 0 already.

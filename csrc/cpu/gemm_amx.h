@@ -65,35 +65,24 @@ SEQKERN_TARGET_AMX inline void use_tile_config(const AmxTileConfig& wanted) {
   if (std::memcmp(&current, &wanted, sizeof(wanted)) != 0) _tile_loadconfig(&wanted);
 }
 
-/// C[0:r0+r1, 0:columns) = bias + A @ panel for one group of one or two row blocks (r0 rows, then r1 rows at
+/// C[0:r0+r1, 0:columns) = A @ panel for one group of one or two row blocks (r0 rows, then r1 rows at
 /// a + 16 lda; r1 = 0: none), tiles configured as AmxTileConfig(r0, r1). Two C column tiles at a time
 /// (2 x 2 tiles when r1 > 0): each loaded B tile feeds every row block, each A tile two column tiles.
 /// a: bf16 bits, lda elements per row (>= 32 * k_tiles); panel: `columns` columns (a multiple of 16) of
-/// k_tiles * 16 pair rows; c: ldc floats per row; bias: `columns` floats added to every row, or null.
+/// k_tiles * 16 pair rows; c: ldc floats per row.
 SEQKERN_TARGET_AMX inline void amx_row_group(const uint16_t* a, int64_t lda, bool two_blocks, const uint16_t* panel,
-                                             int64_t columns, int64_t k_tiles, float* c, int64_t ldc,
-                                             const float* bias) {
+                                             int64_t columns, int64_t k_tiles, float* c, int64_t ldc) {
   const int64_t sa = lda * 2, sb = columns * 4, sc = ldc * 4;  // strides in bytes
   const uint16_t* a1 = a + kAmxTileRows * lda;
   float* c1 = c + kAmxTileRows * ldc;
   for (int64_t col = 0; col < columns; col += 2 * kAmxTileCols) {
     const bool two_cols = col + kAmxTileCols < columns;
-    // The sums start from the bias: a tile load with stride 0 repeats one row (no pass over C afterwards).
     // Tiles 2, 3, 5 are unconfigured (0 rows) without a second block: touching them would fault.
-    if (bias) {
-      _tile_loadd(0, bias + col, 0);
-      if (two_cols) _tile_loadd(1, bias + col + kAmxTileCols, 0);
-      if (two_blocks) {
-        _tile_loadd(2, bias + col, 0);
-        if (two_cols) _tile_loadd(3, bias + col + kAmxTileCols, 0);
-      }
-    } else {
-      _tile_zero(0);
-      _tile_zero(1);
-      if (two_blocks) {
-        _tile_zero(2);
-        _tile_zero(3);
-      }
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two_blocks) {
+      _tile_zero(2);
+      _tile_zero(3);
     }
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
       const uint16_t* b = panel + (kt * kAmxPairRows * columns + col) * 2;
@@ -119,8 +108,8 @@ SEQKERN_TARGET_AMX inline void amx_row_group(const uint16_t* a, int64_t lda, boo
   }
 }
 
-/// C (rows x width fp32, ldc) = bias + A (rows x 32 k_tiles bf16 bits, lda) @ W, W as panels of panel_width
-/// columns (the last one narrower) of k_tiles * 16 pair rows each (PackedPairs); bias (width) or null. Rows go
+/// C (rows x width fp32, ldc) = A (rows x 32 k_tiles bf16 bits, lda) @ W, W as panels of panel_width
+/// columns (the last one narrower) of k_tiles * 16 pair rows each (PackedPairs). Rows go
 /// in groups of 32 (two 16-row tile blocks), each group through every panel while its A tiles (32 rows x
 /// depth, 16 KB at depth 256) stay in L1 and each B tile read from L2 feeds both row blocks (panel-major
 /// order, a panel of 32 KB kept for all groups, ran 3200 x 256 x 768 at ~550 against ~890 GFLOP/s for
@@ -128,7 +117,7 @@ SEQKERN_TARGET_AMX inline void amx_row_group(const uint16_t* a, int64_t lda, boo
 /// own, so a call loads at most two (one when rows is constant from step to step).
 SEQKERN_TARGET_AMX inline void gemm_amx_panels(const uint16_t* a, int64_t lda, int64_t rows, const uint16_t* panels,
                                                int64_t width, int64_t panel_width, int64_t k_tiles, float* c,
-                                               int64_t ldc, const float* bias) {
+                                               int64_t ldc) {
   constexpr int64_t kGroupRows = 2 * kAmxTileRows;
   const int64_t full_groups = rows / kGroupRows, tail = rows % kGroupRows;
   const int64_t panel_stride = k_tiles * kAmxPairRows * 2 * panel_width;
@@ -136,7 +125,7 @@ SEQKERN_TARGET_AMX inline void gemm_amx_panels(const uint16_t* a, int64_t lda, i
     for (int64_t p = 0; p * panel_width < width; ++p) {
       const int64_t col = p * panel_width;
       amx_row_group(a + row * lda, lda, two_blocks, panels + p * panel_stride, std::min(panel_width, width - col),
-                    k_tiles, c + row * ldc + col, ldc, bias ? bias + col : nullptr);
+                    k_tiles, c + row * ldc + col, ldc);
     }
   };
   if (full_groups > 0) {

@@ -127,12 +127,12 @@ struct PackedPairs {
 /// NV=4: 24 of 32 zmm, as gemm_packed.h's micro_kernel); a holds bf16 bit patterns, rows lda apart.
 template <int MR, int NV>
 SEQKERN_TARGET_BF16 inline void micro_kernel_bf16(const uint16_t* a, int64_t lda, const uint16_t* panel,
-                                                  int64_t pairs, float* c, int64_t ldc, const float* bias) {
+                                                  int64_t pairs, float* c, int64_t ldc) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[m][v] = bias ? _mm512_loadu_ps(bias + v * 16) : _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
   for (int64_t q = 0; q < pairs; ++q) {
     __m512bh w[NV];
 #pragma GCC unroll 4
@@ -154,15 +154,14 @@ SEQKERN_TARGET_BF16 inline void micro_kernel_bf16(const uint16_t* a, int64_t lda
 
 template <int NV>
 SEQKERN_TARGET_BF16 inline void micro_kernel_bf16_rows(int rows, const uint16_t* a, int64_t lda,
-                                                       const uint16_t* panel, int64_t pairs, float* c, int64_t ldc,
-                                                       const float* bias) {
+                                                       const uint16_t* panel, int64_t pairs, float* c, int64_t ldc) {
   switch (rows) {
-    case 1: return micro_kernel_bf16<1, NV>(a, lda, panel, pairs, c, ldc, bias);
-    case 2: return micro_kernel_bf16<2, NV>(a, lda, panel, pairs, c, ldc, bias);
-    case 3: return micro_kernel_bf16<3, NV>(a, lda, panel, pairs, c, ldc, bias);
-    case 4: return micro_kernel_bf16<4, NV>(a, lda, panel, pairs, c, ldc, bias);
-    case 5: return micro_kernel_bf16<5, NV>(a, lda, panel, pairs, c, ldc, bias);
-    default: return micro_kernel_bf16<6, NV>(a, lda, panel, pairs, c, ldc, bias);
+    case 1: return micro_kernel_bf16<1, NV>(a, lda, panel, pairs, c, ldc);
+    case 2: return micro_kernel_bf16<2, NV>(a, lda, panel, pairs, c, ldc);
+    case 3: return micro_kernel_bf16<3, NV>(a, lda, panel, pairs, c, ldc);
+    case 4: return micro_kernel_bf16<4, NV>(a, lda, panel, pairs, c, ldc);
+    case 5: return micro_kernel_bf16<5, NV>(a, lda, panel, pairs, c, ldc);
+    default: return micro_kernel_bf16<6, NV>(a, lda, panel, pairs, c, ldc);
   }
 }
 
@@ -187,27 +186,25 @@ SEQKERN_TARGET_BF16 inline void to_bf16_rows(const In* src, int64_t lds, int64_t
   }
 }
 
-/// C (rows x w.width fp32, ldc) = bias + A16 (rows x 2 w.pairs() bf16 bits, ld16) @ W on vdpbf16ps; bias
-/// (w.width) or null.
+/// C (rows x w.width fp32, ldc) = A16 (rows x 2 w.pairs() bf16 bits, ld16) @ W on vdpbf16ps.
 SEQKERN_TARGET_BF16 inline void gemm_avx512bf16(const uint16_t* a16, int64_t ld16, int64_t rows, const PackedPairs& w,
-                                                float* c, int64_t ldc, const float* bias) {
+                                                float* c, int64_t ldc) {
   constexpr int kMaxMicroRows = 6;
   // Balanced micro-blocks of at most 6 rows (32 rows -> 6,6,5,5,5,5), as gemm_packed_row_block.
   const int64_t blocks = (rows + kMaxMicroRows - 1) / kMaxMicroRows;
   for (int64_t p = 0; p < w.panel_count(); ++p) {
     const uint16_t* panel = w.panel(p);
     float* c_panel = c + p * PackedPairs::kPanelWidth;
-    const float* bias_panel = bias ? bias + p * PackedPairs::kPanelWidth : nullptr;
     int64_t row = 0;
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int n = static_cast<int>((rows - row) / (blocks - blk) + ((rows - row) % (blocks - blk) != 0));
       const uint16_t* a_blk = a16 + row * ld16;
       float* c_blk = c_panel + row * ldc;
       switch (w.panel_vectors(p)) {
-        case 1: micro_kernel_bf16_rows<1>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc, bias_panel); break;
-        case 2: micro_kernel_bf16_rows<2>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc, bias_panel); break;
-        case 3: micro_kernel_bf16_rows<3>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc, bias_panel); break;
-        default: micro_kernel_bf16_rows<4>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc, bias_panel); break;
+        case 1: micro_kernel_bf16_rows<1>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc); break;
+        case 2: micro_kernel_bf16_rows<2>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc); break;
+        case 3: micro_kernel_bf16_rows<3>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc); break;
+        default: micro_kernel_bf16_rows<4>(n, a_blk, ld16, panel, w.pairs(), c_blk, ldc); break;
       }
       row += n;
     }
@@ -220,15 +217,15 @@ constexpr int64_t kAmxMinRows = 2;
 /// Whether a product of `rows` rows runs on AMX tiles rather than vdpbf16ps when w.kernel is kAmx.
 inline bool amx_pays_off(int64_t rows) { return rows >= kAmxMinRows; }
 
-/// C (rows x w.width fp32, leading dim ldc) = bias + A (rows x w.depth, fp32 or bf16, leading dim lda) @ W
-/// (bias: w.width floats, or null) on AMX tiles (w.kernel == kAmx and amx_pays_off(rows)) or vdpbf16ps. A is
+/// C (rows x w.width fp32, leading dim ldc) = A (rows x w.depth, fp32 or bf16, leading dim lda) @ W
+/// on AMX tiles (w.kernel == kAmx and amx_pays_off(rows)) or vdpbf16ps. A is
 /// rounded to bf16 in blocks of 96
 /// rows (3 AMX row groups) into a per-thread buffer kept across calls (B x depth conversions per step
 /// against B x depth x width multiply-adds: ~1/width of the work), zero-padded to whole B tiles in k.
 /// Call only when has_avx512bf16() (and, for kAmx, has_amx_bf16(): bf16_kernel() checked both).
 template <typename In>
 SEQKERN_TARGET_BF16 void gemm_bf16(const In* a, int64_t lda, int64_t rows, const PackedPairs& w, float* c,
-                                   int64_t ldc, const float* bias = nullptr) {
+                                   int64_t ldc) {
   constexpr int64_t kRowBlock = 96;
   thread_local std::vector<uint16_t> a16;
   const int64_t ld16 = 2 * w.pair_rows();
@@ -239,16 +236,16 @@ SEQKERN_TARGET_BF16 void gemm_bf16(const In* a, int64_t lda, int64_t rows, const
     to_bf16_rows(a + row0 * lda, lda, block, w.depth, a16.data(), ld16);
     if (amx) {
       gemm_amx_panels(a16.data(), ld16, block, w.data, w.width, PackedPairs::kPanelWidth,
-                      w.pair_rows() / kAmxPairRows, c + row0 * ldc, ldc, bias);
+                      w.pair_rows() / kAmxPairRows, c + row0 * ldc, ldc);
     } else {
-      gemm_avx512bf16(a16.data(), ld16, block, w, c + row0 * ldc, ldc, bias);
+      gemm_avx512bf16(a16.data(), ld16, block, w, c + row0 * ldc, ldc);
     }
   }
 }
 #undef SEQKERN_TARGET_BF16
 #else
 template <typename In>
-void gemm_bf16(const In*, int64_t, int64_t, const PackedPairs&, float*, int64_t, const float* = nullptr) {}  // never called: no AVX512-BF16
+void gemm_bf16(const In*, int64_t, int64_t, const PackedPairs&, float*, int64_t) {}  // never called: no AVX512-BF16
 #endif
 
 }  // namespace seqkern::cpu

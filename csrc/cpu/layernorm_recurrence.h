@@ -32,6 +32,7 @@
 #include "cpu/arg_checks.h"
 #include "cpu/attention.h"
 #include "cpu/gemm_packed.h"
+#include "cpu/outer_sum.h"
 #include "cpu/simd.h"
 #include "cpu/team.h"
 
@@ -520,22 +521,9 @@ struct LayerGradients {
   at::Tensor d_post_x, d_post_h, extra;  // (T*B, .) for the LayerNorm and bias gradients
 };
 
-/// lhs^T @ rhs summed over all T*B rows chunk by chunk (addmm into one accumulator), closer to torch's per-step
-/// GEMMs summed by autograd than one GEMM over all rows (which can miss the 2x rule: recurrence_layer.h's
-/// sum_of_outer_products measured it). fp64: one GEMM. Few, large calls: chunks of 64 rows (100 GEMMs and 100
-/// adds at T = 100, B = 32) cost 4.8 s of a 5.5 s training step on this machine at load 17, each small
-/// parallel ATen call waiting on a descheduled thread.
-inline at::Tensor outer_sum(const at::Tensor& lhs, const at::Tensor& rhs, int64_t chunk_rows) {
-  const int64_t rows = lhs.size(0);
-  if (lhs.scalar_type() == at::kDouble || rows <= chunk_rows) return at::mm(lhs.t(), rhs);
-  at::Tensor total = at::mm(lhs.narrow(0, 0, chunk_rows).t(), rhs.narrow(0, 0, chunk_rows));
-  for (int64_t start = chunk_rows; start < rows; start += chunk_rows) {
-    const int64_t n = std::min(chunk_rows, rows - start);
-    total.addmm_(lhs.narrow(0, start, n).t(), rhs.narrow(0, start, n));
-  }
-  return total;
-}
-
+// Weight gradients: outer_sum.h's sum_of_outer_products, in 8 chunks of at least 64 rows rather than the
+// engine's up to 64: chunks of 64 rows (100 GEMMs at T = 100, B = 32) cost 4.8 s of a 5.5 s training step on
+// this machine at load 17, each small parallel ATen call waiting on a descheduled thread.
 template <template <typename> class CellT>
 LayerGradients layer_backward(const std::vector<at::Tensor>& cell_params, const at::Tensor& grad_output,
                               const std::vector<at::Tensor>& grad_finals, const at::Tensor& input,
@@ -579,8 +567,8 @@ LayerGradients layer_backward(const std::vector<at::Tensor>& cell_params, const 
   for (int k = 0; k < K; ++k) g.initial[k].add_(d_state[k]);
   const int64_t chunk_rows = std::max<int64_t>(64, (T * B + 7) / 8);
   g.input = at::mm(d_gx, w_ih.to(acc)).view({T, B, I});
-  g.w_ih = outer_sum(d_gx, input.reshape({T * B, I}).to(acc), chunk_rows);
-  g.w_hh = outer_sum(d_gh, h_prev, chunk_rows);
+  g.w_ih = sum_of_outer_products(d_gx, input.reshape({T * B, I}).to(acc), chunk_rows);
+  g.w_hh = sum_of_outer_products(d_gh, h_prev, chunk_rows);
   return g;
 }
 

@@ -62,10 +62,10 @@ struct CellForward {
 
 template <typename A>
 inline CellForward<A> lstm_cell_math(const Gates<A>& pre, Simd<A> c_prev) {
-  const Gates<A> act{sigmoid_simd<A>(pre.i), sigmoid_simd<A>(pre.f), tanh_simd<A>(pre.g),
+  const Gates<A> act{sigmoid_simd<A>(pre.i), sigmoid_simd<A>(pre.f), tanh_accurate(pre.g),
                      sigmoid_simd<A>(pre.o)};
   const Simd<A> c = fmadd(act.f, c_prev, act.i * act.g);
-  return {act, c, act.o * tanh_simd<A>(c)};
+  return {act, c, act.o * tanh_accurate(c)};
 }
 
 template <typename A>
@@ -80,7 +80,7 @@ template <typename A>
 inline CellBackward<A> lstm_cell_grad(const Gates<A>& act, Simd<A> c_prev, Simd<A> c, Simd<A> d_hidden,
                                       Simd<A> d_c) {
   const A one = 1;
-  const Simd<A> tanh_c = tanh_simd<A>(c);
+  const Simd<A> tanh_c = tanh_accurate(c);
   const Simd<A> d_c_total = d_c + d_hidden * act.o * (one - tanh_c * tanh_c);
   const Gates<A> d_pre{d_c_total * act.g * act.i * (one - act.i),
                        d_c_total * c_prev * act.f * (one - act.f),

@@ -5,7 +5,7 @@
 // Options are compile-time flags of the loops (LoopOptions: bias, saved workspace, projection), chosen
 // from the call's runtime bools by flag_switch, so an absent option costs no branch in the inner loops.
 // Built on simd.h (vectors, activations), gemm_packed.h / gemm_bf16.h (micro-kernels, through
-// Slice::multiply), team.h (persistent team, barrier) and arg_checks.h.
+// Slice::multiply), outer_sum.h (weight gradients), team.h (persistent team, barrier) and arg_checks.h.
 //
 // Where the next engine-level options go (one place each, not per cell):
 //   * per-row lengths and resets (a row starts again from its initial states at some steps): one predicate
@@ -30,6 +30,7 @@
 #include "cpu/arg_checks.h"
 #include "cpu/gemm_bf16.h"
 #include "cpu/gemm_packed.h"
+#include "cpu/outer_sum.h"
 #include "cpu/simd.h"
 #include "cpu/team.h"
 
@@ -305,12 +306,10 @@ struct GradIn {
 // ================================================================================================
 // Layer forward: the input projection, then the persistent time loop.
 // ================================================================================================
-/// x W_ih^T + bias for all T*B rows of bf16 x on the bf16 units (gemm_bf16: AMX or vdpbf16ps), fp32 out
-/// (T*B, w_ih rows): W_ih packed once, row blocks in parallel, the bias (fp32, or undefined) added inside
-/// the kernel. Unlike at::mm in bf16 (oneDNN, bf16 out) the gates stay fp32 until the cell, as in the fp32
+/// x W_ih^T for all T*B rows of bf16 x on the bf16 units (gemm_bf16: AMX or vdpbf16ps), fp32 out
+/// (T*B, w_ih rows): W_ih packed once, row blocks in parallel. Unlike at::mm in bf16 (oneDNN, bf16 out) the gates stay fp32 until the cell, as in the fp32
 /// path. Needs out's width a multiple of 16 (the kernel writes whole vectors).
-inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& bias,
-                                  at::Tensor& out) {
+inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_ih, at::Tensor& out) {
   const int64_t rows = out.size(0), depth = w_ih.size(1);
   PackedPairs w;
   w.depth = depth;
@@ -323,18 +322,16 @@ inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_i
   const at::Tensor x = input.reshape({rows, depth}).contiguous();
   const at::BFloat16* x_data = x.data_ptr<at::BFloat16>();
   float* c = out.data_ptr<float>();
-  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
-  const float* b_data = b.defined() ? b.data_ptr<float>() : nullptr;
   constexpr int64_t kRowsPerTask = 96;
   at::parallel_for(0, (rows + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * kRowsPerTask;
-      gemm_bf16(x_data + r0 * depth, depth, std::min(kRowsPerTask, rows - r0), w, c + r0 * w.width, w.width, b_data);
+      gemm_bf16(x_data + r0 * depth, depth, std::min(kRowsPerTask, rows - r0), w, c + r0 * w.width, w.width);
     }
   });
 }
 
-/// x W_ih^T + bias for all T*B rows in one GEMM, in the accumulation dtype, into `out` (T*B, gates*H).
+/// x W_ih^T for all T*B rows in one GEMM, in the accumulation dtype, into `out` (T*B, gates*H).
 /// One GEMM before the loop (MKL's at::addmm, or the bf16 kernel above) rather than each thread projecting
 /// its own gate columns inside the team (the LSTM's old way, 105 vs 90 GFLOP/s single-thread on one
 /// 512 x 256 x 512 product): the whole forward op, one thread, process CPU time, interleaved medians
@@ -345,19 +342,15 @@ inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_i
 ///   RNN   2.4 /  3.4 vs  3.1 /  3.4 ms,  10.0 / 13.0 vs 11.7 / 14.0 ms
 /// (the in-team projection also packs W_ih once per thread and fills a (T*B, gates*padded) scratch). Not
 /// re-measured at 2 threads: wall clock at that load measures the other jobs, not the kernels.
-inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& bias, at::Tensor& out) {
+inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at::Tensor& out) {
   if (use_bf16_units(input.scalar_type()) && out.size(1) % PackedPairs::kLanes == 0) {
-    input_projection_bf16(input, w_ih, bias, out);
+    input_projection_bf16(input, w_ih, out);
     return;
   }
   const auto acc = out.scalar_type();
   const at::Tensor x = input.reshape({-1, input.size(2)}).to(acc);
   const at::Tensor w = w_ih.to(acc);
-  if (bias.defined()) {
-    at::addmm_out(out, bias, x, w.t());
-  } else {
-    at::mm_out(out, x, w.t());
-  }
+  at::mm_out(out, x, w.t());
 }
 
 /// Thread k owns a slice of hidden units: the kGates rows of W_hh for those units are packed once into its
@@ -376,7 +369,8 @@ class CellForwardLoop {
   static_assert(!kProjection || (Cell::kProjectable && !Cell::kDirectPath), "a projection needs a projectable cell");
 
   struct Buffers {
-    const A* gates_x;         // (T*B, G*H) x W_ih^T + the input bias (input_projection)
+    const A* gates_x;         // (T*B, G*H) x W_ih^T (input_projection)
+    const A* input_bias;      // (G*H,) added to gates_x by the cell, with kBias
     const A* recurrent_bias;  // (H,) the cell's recurrent-side bias (GRU: b_hn) with kBias, or null
     const A* w_hh;            // (G*H, P)
     const A* w_hr;            // (P, H), kProjection
@@ -443,7 +437,7 @@ class CellForwardLoop {
                                  sl.scratch + b * sl.w.width + u,
                                  H,
                                  sl.padded,
-                                 nullptr,
+                                 Options::kBias ? buf_.input_bias + unit : nullptr,
                                  Options::kBias && buf_.recurrent_bias ? buf_.recurrent_bias + unit : nullptr,
                                  Options::kSaveWorkspace && W > 0 ? buf_.workspace + row * W * H + unit : nullptr,
                                  H,
@@ -549,7 +543,9 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
   const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
   const auto acc_options = input.options().dtype(acc);
   at::Tensor gates_x = at::empty({T * B, Cell::kGates * H}, acc_options);
-  input_projection(input.contiguous(), wts.w_ih, wts.input_bias, gates_x);
+  // The input bias is the cell's to add (in registers), not the GEMM's: at::addmm first copies the
+  // broadcast bias into all T*B rows (1.8 ms of a 200 ms LSTM training step at b32 t100 h256, one thread).
+  input_projection(input.contiguous(), wts.w_ih, gates_x);
   const at::Tensor w_hh_acc = wts.w_hh.to(acc).contiguous();
   const at::Tensor w_hr_acc = projection ? wts.w_hr.to(acc).contiguous() : at::Tensor();
   at::Tensor h_state = at::empty({2, B, P}, acc_options);
@@ -568,6 +564,7 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
           using Loop = CellForwardLoop<Cell, scalar_t, Options>;
           typename Loop::Buffers buf{};
           buf.gates_x = gates_x.data_ptr<A>();
+          buf.input_bias = has_bias ? wts.input_bias.data_ptr<A>() : nullptr;
           buf.recurrent_bias = wts.recurrent_bias.defined() ? wts.recurrent_bias.data_ptr<A>() : nullptr;
           buf.w_hh = w_hh_acc.data_ptr<A>();
           buf.w_hr = projection ? w_hr_acc.data_ptr<A>() : nullptr;
@@ -738,51 +735,13 @@ inline at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0
   return prev.view({-1, prev.size(2)});
 }
 
-/// lhs^T @ rhs over K rows, (N x M): a weight gradient summed over all T*B (time, row) pairs.
-/// One GEMM keeps one running fp32 sum per element over up to K products, torch.nn one per step. N=768,
-/// M=256 random rows vs fp64, max abs error:
-///   K = 448:   one GEMM 4.6e-5, per-step (32 rows) 1.9e-5, chunks of 64 added pairwise 1.9e-5, of 256 4.9e-5;
-///   K = 3200:  one GEMM 8.0e-5, per-step 1.0e-4, chunks of 64 4.6e-5, of 256 6.1e-5;
-///   K = 16384: one GEMM 3.1e-4, per-step 5.6e-4, chunks of 64 1.1e-4, of 256 1.2e-4.
-/// In the layer: one GEMM gave the GRU's grad_w_hh 3.4x torch.nn's error at T=12, B=32, H=256, and chunks
-/// of K/8 rows still 4x at T=33, B=64, H=9 (3 layers): both fail the 2x rule. So products over chunks of
-/// max(64, K/64) rows are rounded on their own and added pairwise: within the per-step error at every K.
-/// The price, measured at K = 3200 on this shared machine: 50 GEMMs 25.8 ms min against 16.7 ms for 8
-/// chunks and 10.9 ms for one GEMM. fp64 keeps one GEMM.
-/// The LSTM's weight gradients use it too. lstm.cpp had one bmm over at most 16 chunks, summed by
-/// sum(0): as accurate (N=1024, M=256 vs fp64: K = 2112 6.2e-5 there, 5.5e-5 here; K = 3200 7.3e-5,
-/// 7.6e-5), but it holds all 16 (N x M) partial products at once, this at most log2(64) + 1.
-inline at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor& rhs) {
-  constexpr int64_t kMinChunkRows = 64, kMaxChunks = 64;
-  const int64_t rows = lhs.size(0);
-  if (lhs.scalar_type() == at::kDouble || rows <= kMinChunkRows) return at::mm(lhs.t(), rhs);
-  const int64_t chunk_rows = std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
-  // levels[l] holds, if defined, the sum of 2^l chunks not yet merged (a binary counter of partial sums).
-  std::vector<at::Tensor> levels;
-  for (int64_t start = 0; start < rows; start += chunk_rows) {
-    const int64_t n = std::min(chunk_rows, rows - start);
-    at::Tensor part = at::mm(lhs.narrow(0, start, n).t(), rhs.narrow(0, start, n));
-    size_t level = 0;
-    for (; level < levels.size() && levels[level].defined(); ++level) {
-      part.add_(levels[level]);
-      levels[level] = at::Tensor();
-    }
-    if (level == levels.size()) levels.emplace_back();
-    levels[level] = part;
-  }
-  at::Tensor total;
-  for (const at::Tensor& partial : levels)
-    if (partial.defined()) total = total.defined() ? total.add_(partial) : partial;
-  return total;
-}
-
 /// A weight gradient lhs^T @ rhs over all rows, in storage dtype `dtype`. In bf16: one at::mm
 /// of the bf16-rounded operands (oneDNN: AMX where the CPU has it, fp32 accumulation over all rows, one
 /// rounding to bf16 at the end; the fp32 chunking above exists for fp32's 2x rule, while bf16's output
 /// rounding, 2^-9 relative, dwarfs the fp32 sum's error). Else sum_of_outer_products.
 inline at::Tensor weight_gradient(const at::Tensor& lhs, const at::Tensor& rhs, at::ScalarType dtype) {
   if (use_bf16_gradients(dtype)) return at::mm(lhs.to(at::kBFloat16).t(), rhs.to(at::kBFloat16));
-  return sum_of_outer_products(lhs, rhs).to(dtype);
+  return sum_of_outer_products(lhs, rhs, weight_gradient_chunk_rows(lhs.size(0))).to(dtype);
 }
 
 /// grad_input = d_gates (rows, gates*H, accumulation dtype) @ w_ih (gates*H, I), in storage dtype
@@ -871,7 +830,7 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
   grads.w_hh = weight_gradient(d_gates_h, h_rows, dtype);
   if (has_bias) {
     grads.b_ih = d_gates_x.sum(0).to(dtype);
-    grads.b_hh = d_gates_h.sum(0).to(dtype);
+    grads.b_hh = Cell::kSameGateGrads ? grads.b_ih : d_gates_h.sum(0).to(dtype);
   }
   if (projection) grads.w_hr = weight_gradient(d_h_all.view({T * B, P}), hidden_all.view({T * B, H}), dtype);
   return grads;

@@ -2,7 +2,7 @@
 //   * Simd<T>: one 64-byte vector (a zmm register with AVX-512) through GCC vector extensions, with
 //     loads/stores that convert from/to the storage dtype (bf16 storage, fp32 arithmetic);
 //   * Acc<S>: the accumulation dtype of storage dtype S (float for bfloat16);
-//   * vectorized exp / sigmoid / tanh (tanh_simd: ~1 ulp of 1 absolute; tanh_accurate: ~1 ulp relative).
+//   * vectorized exp / sigmoid / tanh (tanh_accurate: ~1 ulp relative, the only tanh: see its comment).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -182,9 +182,32 @@ inline Simd<double> fmadd(Simd<double> a, Simd<double> b, Simd<double> c) {
 // ------------------------------------------------------------------------------------------------
 // Activations.
 // ------------------------------------------------------------------------------------------------
-/// e^(x - n ln2) for fp32 lanes, n = round(x / ln2) (|x - n ln2| <= ln2 / 2): Cody-Waite reduction with a
-/// two-part ln2, then Cephes expf's degree-6 polynomial (~1 ulp). Callers scale the result by 2^n.
-SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
+/// n = round(x / ln2) to the nearest integer, as fp32 lanes (the reduction step of exp and expm1).
+SEQKERN_SIMD_INLINE Simd<float> nearest_log2_multiple(Simd<float> x) {
+#if defined(__AVX512F__)
+  return _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  Simd<float> n;
+  for (int l = 0; l < kLanes<float>; ++l) n[l] = std::nearbyint(x[l] * 1.44269504088896341f);
+  return n;
+#endif
+}
+
+/// p * 2^n for integer-valued fp32 lanes n (vscalefps with AVX-512: exact, flushes to 0 / +inf past the
+/// exponent range without a select).
+SEQKERN_SIMD_INLINE Simd<float> times_pow2(Simd<float> p, Simd<float> n) {
+#if defined(__AVX512F__)
+  return _mm512_scalef_ps(p, n);
+#else
+  for (int l = 0; l < kLanes<float>; ++l) p[l] = std::ldexp(p[l], static_cast<int>(n[l]));
+  return p;
+#endif
+}
+
+/// e^r - 1 for fp32 lanes, r = x - n ln2 with n = round(x / ln2) (|r| <= ln2 / 2): Cody-Waite reduction with
+/// a two-part ln2, then r + r^2 P(r) with Cephes expf's degree-6 polynomial P (~1 ulp, no cancellation near
+/// r = 0). Callers scale by 2^n: exp_reduced below, additive attention's tanh (expm1 of -2|x|).
+SEQKERN_SIMD_INLINE Simd<float> expm1_reduced(Simd<float> x, Simd<float> n) {
   using V = Simd<float>;
   V r = fmadd(n, broadcast(-0.693359375f), x);
   r = fmadd(n, broadcast(2.12194440e-4f), r);
@@ -194,8 +217,12 @@ SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
   p = fmadd(p, r, broadcast(4.1665795894e-2f));
   p = fmadd(p, r, broadcast(1.6666665459e-1f));
   p = fmadd(p, r, broadcast(5.0000001201e-1f));
-  p = fmadd(p, r * r, r + 1.0f);
-  return p;
+  return fmadd(p, r * r, r);
+}
+
+/// e^(x - n ln2) for fp32 lanes (see expm1_reduced). Callers scale the result by 2^n.
+SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
+  return expm1_reduced(x, n) + 1.0f;
 }
 
 /// exp for fp32 lanes (Cephes expf: Cody-Waite reduction, degree-6 polynomial, ~1 ulp). The vector
@@ -231,17 +258,13 @@ SEQKERN_SIMD_INLINE Simd<T> sigmoid_simd(Simd<T> x) {
   return T(1) / (T(1) + exp_simd(-x));
 }
 
-/// tanh(x) = 2 sigmoid(2x) - 1: absolute error ~1 ulp of 1, which is what the LSTM outputs are judged on.
-template <typename T>
-SEQKERN_SIMD_INLINE Simd<T> tanh_simd(Simd<T> x) {
-  return T(2) / (T(1) + exp_simd(x * T(-2))) - T(1);
-}
-
 /// tanh with ~1 ulp *relative* error in fp32 (Cephes tanhf): an odd polynomial for |x| < 0.625, else
-/// 1 - 2 / (exp(2|x|) + 1). recurrence.h's tanh_simd (2 sigmoid(2x) - 1) has ~1 ulp of 1 absolute error
-/// everywhere, 1.5e-7 at small |x| where torch's is ~1e-9; the Elman RNN, whose only nonlinearity it is,
-/// then missed the 2x rule on fp32 gradients (measured grad_b 2.3x torch's error at T=12, B=32, H=256).
-/// Measured max abs error vs fp64 on [-10, 10]: 7.9e-8 (torch.tanh 3.1e-8, tanh_simd 1.8e-7).
+/// 1 - 2 / (exp(2|x|) + 1). The shorter 2 sigmoid(2x) - 1 has ~1 ulp of 1 *absolute* error everywhere
+/// (1.5e-7 at small |x| where torch's is ~1e-9; max abs error vs fp64 on [-10, 10] 1.8e-7, this one 7.9e-8,
+/// torch.tanh 3.1e-8), and the gradients amplify it where tanh saturates (1 - t^2 from a t a few ulps off):
+/// the Elman RNN missed the 2x rule on fp32 gradients with it (grad_b 2.3x torch's error at T=12, B=32,
+/// H=256), and the LSTM, which kept it for g and tanh(c) until 2026-12-05, ran at median 2.3x torch.nn's
+/// float32 output error on small saturated samples (1.0x with this one; NOTES.md, "Correctness rule").
 SEQKERN_SIMD_INLINE Simd<float> tanh_accurate(Simd<float> x) {
   using V = Simd<float>;
   const V abs_x = x < 0.0f ? -x : x;

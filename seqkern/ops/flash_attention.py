@@ -19,6 +19,7 @@ from seqkern.reference.flash_attention import visible
 from seqkern.ops._contract import ATTENTION_DTYPES, Contract
 from seqkern.ops._registry import (
     Autograd, empty, kernel_scope, needs_grad, register_no_autograd, register_ops, save_inputs, saved_inputs,
+    zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
@@ -130,7 +131,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, *flags, dropout_seed = inputs
     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p = flags
     want_grad_scores = ctx.has_mask and ctx.needs_input_grad[3]
-    args = (_last_dim_contiguous(grad_out), q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+    args = (_last_dim_contiguous(zeros_if_none(grad_out, out)), q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
             window_left, window_right, bottom_right, dropout_p, dropout_seed, want_grad_scores)
     impl = _impl(q)
     if impl == "reference":  # e.g. the forward ran under backend("cpu"), the backward under "reference"

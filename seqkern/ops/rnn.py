@@ -95,7 +95,8 @@ def _rnn_cell_setup_context(ctx, inputs, output):
 def _rnn_cell_backward(ctx, grad_hy):
     _, (hy,) = saved_inputs(ctx)
     with kernel_scope(_impl(hy), hy.device):
-        grad_preact, grad_bias = torch.ops.seqkern.rnn_cell_backward(grad_hy, hy, ctx.relu, ctx.has_bias)
+        grad_preact, grad_bias = torch.ops.seqkern.rnn_cell_backward(zeros_if_none(grad_hy, hy), hy, ctx.relu,
+                                                                     ctx.has_bias)
     bias = grad_bias if ctx.has_bias else None
     return grad_preact, grad_preact, bias, bias, None
 
