@@ -298,7 +298,7 @@ def pow2_at_least(n: int, minimum: int) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-def sequence_blocks(hidden: int) -> dict:
+def sequence_blocks(hidden: int, dtype: torch.dtype | None = None) -> dict:
     """Tiles and warps of a sequence kernel: whole hidden rows per program, so that the state stays in
     registers; 16 batch rows and 16-wide K slices, the smallest tl.dot tiles.
 
@@ -310,7 +310,14 @@ def sequence_blocks(hidden: int) -> dict:
     """
     block_h = pow2_at_least(hidden, MIN_DOT_SIZE)
     num_warps = 4 if block_h <= 32 else 8
-    return {"BLOCK_B": MIN_DOT_SIZE, "BLOCK_H": block_h, "BLOCK_K": MIN_DOT_SIZE, "num_warps": num_warps}
+    blocks = {"BLOCK_B": MIN_DOT_SIZE, "BLOCK_H": block_h, "BLOCK_K": MIN_DOT_SIZE, "num_warps": num_warps}
+    if dtype is not None:
+        # Pipeline stages by dtype: with triton's default 3 the float32 GRU and RNN forwards spilled 16 bytes at
+        # hidden 64 on sm_80, with 1 the bfloat16 GRU at 128 did (ptxas settled on 64-128 registers); so every
+        # forward the rule keeps here (hidden 64 and 128, all flags) compiles clean on sm_80 and sm_90
+        # (tests/test_gpu_compile.py). Without a dtype (the LayerNorm kernels) triton's default.
+        blocks["num_stages"] = 3 if torch.empty((), dtype=dtype).element_size() == 2 else 1
+    return blocks
 
 
 # ==================================================================================================
@@ -403,9 +410,10 @@ def _split_mode(mode: str, block_u: int, resident: bool, dtype: torch.dtype, blo
 @contextlib.contextmanager
 def forced_mode(mode: str, block_u: int = 16, resident: bool = False, block_b: int = MIN_DOT_SIZE):
     """Within the block every recurrent forward uses `mode` ("rows" | "persistent" | "per_step") with BLOCK_U
-    units and BLOCK_B batch rows per program: how the tests reach the split kernels without a GPU. Under the interpreter programs run
-    one after another, so "persistent" needs BLOCK_U >= H (one program per barrier group) or it would wait for
-    ever (kernels/_recurrent_split.py refuses that launch). Warps and stages are the rule's for float32."""
+    units and BLOCK_B batch rows per program: how the tests reach the split kernels without a GPU. Under the
+    interpreter programs run one after another, so "persistent" needs BLOCK_U >= H (one program per barrier
+    group) or it would wait for ever (kernels/_recurrent_split.py refuses that launch). Warps and stages are
+    the rule's for float32."""
     global _forced
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")

@@ -375,7 +375,7 @@ def gru_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Ten
         h0_ptr=h0.contiguous(), output_ptr=output, h_ptr=h_n, workspace_ptr=workspace if save_workspace else None,
         T=seq_len, B=batch, H=hidden, **flags,
         HAS_BIAS=b_hh is not None, HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse),
-        SAVE_WORKSPACE=bool(save_workspace), **kernel_dtypes(input), **sequence_blocks(hidden),
+        SAVE_WORKSPACE=bool(save_workspace), **kernel_dtypes(input), **sequence_blocks(hidden, input.dtype),
     )
     return output, h_n, workspace
 
@@ -402,7 +402,7 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
             workspace.contiguous(), w_hh.contiguous(), on_device(batch_sizes, input),
             grad_pre_ptr=grad_pre, grad_h0_ptr=grad_h0, T=seq_len, B=batch, H=hidden, **flags,
             HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse),
-            **kernel_dtypes(input), **sequence_blocks(hidden),
+            **kernel_dtypes(input), **sequence_blocks(hidden, input.dtype),
         )
 
     grad_pre_x = grad_pre[..., : 3 * hidden]

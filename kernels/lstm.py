@@ -355,9 +355,9 @@ def _lstm_sequence_backward_kernel(
 # ==================================================================================================
 # Launchers: the op signatures of seqkern/ops/_schemas.py. They check arguments, reshape, pick blocks and launch.
 # ==================================================================================================
-def _sequence_blocks(hidden: int, out_size: int) -> dict:
+def _sequence_blocks(hidden: int, out_size: int, dtype: torch.dtype) -> dict:
     """The shared sequence tiles (kernels/_recurrent.py) plus the width of the projected rows."""
-    return dict(sequence_blocks(hidden), BLOCK_P=pow2_at_least(out_size, MIN_DOT_SIZE))
+    return dict(sequence_blocks(hidden, dtype), BLOCK_P=pow2_at_least(out_size, MIN_DOT_SIZE))
 
 
 def _check_layer(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes) -> tuple[int, int, int, int, int]:
@@ -449,7 +449,7 @@ def lstm_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
         if save_workspace:
             gates, cells = split_gates, split_cells
         return output, h_n, c_n.to(input.dtype), gates, cells
-    blocks = _sequence_blocks(hidden, out_size)
+    blocks = _sequence_blocks(hidden, out_size, input.dtype)
     launch(_lstm_sequence_forward_kernel, sequence_grid(batch), input.device)(
         gates_x, c0.contiguous(), w_hh.contiguous(), contiguous_or_none(w_hr), on_device(batch_sizes, input),
         h0_ptr=h0.contiguous(), output_ptr=output, h_ptr=h_n, c_n_ptr=c_n,
@@ -485,7 +485,7 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, input
     grad_h0 = grad_h_n.clone(memory_format=torch.contiguous_format)
     grad_c0 = grad_c_n.clone(memory_format=torch.contiguous_format)
     if seq_len and batch:
-        blocks = _sequence_blocks(hidden, out_size)
+        blocks = _sequence_blocks(hidden, out_size, input.dtype)
         launch(_lstm_sequence_backward_kernel, sequence_grid(batch), input.device)(
             grad_output.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), c0.contiguous(),
             w_hh.contiguous(), contiguous_or_none(w_hr), on_device(batch_sizes, input),

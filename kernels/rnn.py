@@ -259,7 +259,7 @@ def rnn_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Ten
         h0.contiguous(), output, h_n, seq_len, batch, hidden,
         HAS_BATCH_SIZES=batch_sizes is not None, USE_LENGTHS=flags["USE_LENGTHS"], USE_RESETS=flags["USE_RESETS"],
         REVERSE=bool(reverse), RELU=bool(relu),
-        **kernel_dtypes(input), **sequence_blocks(hidden),
+        **kernel_dtypes(input), **sequence_blocks(hidden, input.dtype),
     )
     return output, h_n
 
@@ -285,7 +285,7 @@ def rnn_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
             seq_len, batch, hidden,
             HAS_BATCH_SIZES=batch_sizes is not None, USE_LENGTHS=flags["USE_LENGTHS"], USE_RESETS=flags["USE_RESETS"],
             REVERSE=bool(reverse), RELU=bool(relu),
-            **kernel_dtypes(input), **sequence_blocks(hidden),
+            **kernel_dtypes(input), **sequence_blocks(hidden, input.dtype),
         )
 
     grad_input, grad_w_ih = input_weight_gradients(grad_preact, input, w_ih)

@@ -43,7 +43,9 @@ from seqkern.kernels import additive_attention as additive
 from seqkern.kernels import flash_attention as flash
 from seqkern.kernels import flash_attention_decode as decode
 from seqkern.kernels import _recurrent_split as split
+from seqkern.kernels import gru, lstm, rnn
 from seqkern.kernels._recurrent import recurrent_mode
+from seqkern.kernels._recurrent import sequence_blocks as recurrent_blocks
 
 CUDA = torch.device("cuda")  # a device object, no GPU needed: the launchers' CUDA choices
 # Per-block shared memory (opt-in maximum): A100 163 KB, H100 227 KB.
@@ -258,12 +260,45 @@ def _split_configs(cell: int) -> Callable:
     return configs
 
 
+ROWS_HIDDEN = (64, 128)  # where the rule keeps the row-block kernels for supported features
+
+
+def _rows_arguments(function: triton.JITFunction, **flags) -> Callable:
+    """The row-block forward kernel with every flag on (batch sizes, lengths, resets, zoneout with a mask, reverse,
+    workspace; the LSTM's projection at P = H)."""
+    def arguments(dtype, hidden):
+        given = dict(batch_sizes_ptr=torch.zeros(1, dtype=torch.int64), lengths_ptr=torch.zeros(1, dtype=torch.int64),
+                     resets_ptr=torch.zeros(1, dtype=torch.uint8), seed_ptr=torch.zeros(1, dtype=torch.int64),
+                     H=hidden, zoneout_hi=0.25, zoneout_lo=0.0, HAS_BATCH_SIZES=True, USE_LENGTHS=True,
+                     USE_RESETS=True, ZONEOUT=True, ZONEOUT_MASK=True, REVERSE=True, SAVE_WORKSPACE=True,
+                     ACC=_launch_acc(dtype), DOT=None, BLOCK_B=16, BLOCK_H=max(16, triton.next_power_of_2(hidden)),
+                     BLOCK_K=16, **flags)
+        if "P" in function.arg_names:
+            given.update(P=hidden, BLOCK_P=given["BLOCK_H"])
+        return _filled(function, dtype, {name: value for name, value in given.items() if name in function.arg_names})
+    return arguments
+
+
+def _rows_configs(dtype, hidden):
+    """The row-block kernels' one config (kernels/_recurrent.py sequence_blocks)."""
+    blocks = recurrent_blocks(hidden, dtype)
+    return [{"num_warps": blocks["num_warps"], "num_stages": blocks["num_stages"]}]
+
+
+def _rows_kernel(name: str, function: triton.JITFunction, **flags) -> Kernel:
+    return Kernel(f"recurrent_rows.{name}", function, _rows_arguments(function, **flags), _rows_configs,
+                  dtypes=RECURRENT_DTYPES, head_dims=ROWS_HIDDEN)
+
+
 def _split_kernel(name: str, cell: int) -> Kernel:
     return Kernel(f"recurrent_split.{name}", split._split_forward_kernel, _split_arguments(cell), _split_configs(cell),
                   dtypes=RECURRENT_DTYPES, head_dims=RECURRENT_HIDDEN)
 
 
 KERNELS = [
+    _rows_kernel("lstm", lstm._lstm_sequence_forward_kernel, HAS_PROJ=True),
+    _rows_kernel("gru", gru._gru_sequence_forward_kernel, HAS_BIAS=True),
+    _rows_kernel("rnn", rnn._rnn_sequence_forward_kernel, RELU=False),
     _split_kernel("lstm", split.LSTM),
     _split_kernel("gru", split.GRU),
     _split_kernel("rnn", split.RNN_TANH),

@@ -130,8 +130,8 @@ def test_unsupported_features_keep_the_row_block_kernel():
     and the results still obey the rule."""
     with forced_mode("per_step", 16):
         assert recurrent_mode(1, 1024, 4, torch.float32, 132, supported=False) == {"mode": "rows"}
-        check_op(_lstm, torch_lstm_layer, layer_args(4, 4, 3, 3, 17, proj=5, cell_state=True), OPS_UNDER_TEST["lstm"][3],
-                 torch.float32, "triton")
+        args = layer_args(4, 4, 3, 3, 17, proj=5, cell_state=True)
+        check_op(_lstm, torch_lstm_layer, args, OPS_UNDER_TEST["lstm"][3], torch.float32, "triton")
 
 
 def test_persistent_under_the_interpreter_needs_one_program_per_barrier():
@@ -186,7 +186,8 @@ def test_rule_examples():
 @pytest.mark.parametrize("sms", [H100, A100])
 def test_rule_properties(sms):
     """Over a grid of shapes: a persistent launch never has more programs than SMs (co-residency), a resident
-    slice (16-bit only) never exceeds RESIDENT_BYTES nor RESIDENT_MAX_HIDDEN, and the row-block kernel is never picked above ROWS_MAX_HIDDEN."""
+    slice (16-bit only) never exceeds RESIDENT_BYTES nor RESIDENT_MAX_HIDDEN, and the row-block kernel is never
+    picked above ROWS_MAX_HIDDEN."""
     for gates in (1, 3, 4):
         for dtype in (torch.bfloat16, torch.float32):
             for hidden in (65, 100, 128, 256, 333, 512, 1000, 1024):
