@@ -17,6 +17,7 @@ check failed, else 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -173,7 +174,21 @@ def _correctness_cases(device, quick: bool) -> list[tuple[str, Callable]]:
         cases.append((f"additive {name} L256 H128 Dv64", _additive_check(device, dtype, 2, 256, 128, 64)))
         for kind in ("LSTM", "GRU"):
             cases.append((f"{kind} {name} b16 t50 h256", _recurrent_check(device, dtype, kind, 16, 50, 256)))
+            # The split launch modes (kernels/_recurrent_split.py), each where the rule picks it on an
+            # A100 / H100: batch 1 -> persistent (grid barrier per step), batch 512 at 1024 units -> per step.
+            for batch, hidden in ((1, 1024), (4, 512), (512, 1024)):
+                mode = _rule_mode(device, dtype, kind, batch, hidden)
+                cases.append((f"{kind} {name} b{batch} t{20 if quick else 50} h{hidden} [{mode}]",
+                              _recurrent_check(device, dtype, kind, batch, 20 if quick else 50, hidden)))
     return cases
+
+
+def _rule_mode(device, dtype, kind: str, batch: int, hidden: int) -> str:
+    """The launch mode kernels/_recurrent.py's rule picks for a recurrent forward on `device` (name only)."""
+    from seqkern.kernels._recurrent import recurrent_mode, sm_count
+
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+    return recurrent_mode(batch, hidden, gates, dtype, sm_count(device))["mode"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -256,27 +271,41 @@ def _additive_bench(device, dtype, batch, length, hidden, dim, train: bool):
         batch * length * length * (2 * hidden + 2 * dim) * (3 if train else 1), 0
 
 
-def _recurrent_bench(device, dtype, kind: str, batch, steps, hidden, train: bool):
+def _recurrent_bench(device, dtype, kind: str, batch, steps, hidden, train: bool, modes: tuple = ()):
+    """seqkern's module (the rule's launch mode) against torch.nn's (cuDNN), and against seqkern forced into
+    each of `modes` ("rows", "per_step": kernels/_recurrent.py forced_mode) to measure what the rule gains."""
     import seqkern
+    from seqkern.kernels._recurrent import PER_STEP_TILE, forced_mode
 
     reference = getattr(torch.nn, kind)(hidden, hidden, batch_first=True).to(device, dtype)
     ours_module = getattr(seqkern.nn, kind)(hidden, hidden, batch_first=True).to(device, dtype)
     ours_module.load_state_dict(reference.state_dict())
     x = torch.randn(batch, steps, hidden, device=device, dtype=dtype, requires_grad=train)
+    rows, units = PER_STEP_TILE[dtype.itemsize]  # the rule's per-step tile, for the forced comparison row
 
-    def run(module, backend: str | None):
+    def run(module, backend: str | None, mode: str | None = None):
         def call():
-            if backend:
-                with seqkern.backend(backend):
-                    out, _ = module(x)
-            else:
+            with contextlib.ExitStack() as stack:
+                if backend:
+                    stack.enter_context(seqkern.backend(backend))
+                if mode:
+                    stack.enter_context(forced_mode(mode, block_u=units, block_b=rows))
                 out, _ = module(x)
             if train:
                 torch.autograd.grad(out.sum(), [x, *module.parameters()])
         return call
     gates = {"LSTM": 4, "GRU": 3}[kind]
     flops = 2 * 2 * batch * steps * hidden * gates * hidden * (3 if train else 1)
-    return {"seqkern": run(ours_module, "triton"), f"torch.nn.{kind} (cuDNN)": run(reference, None)}, flops, 0
+    calls = {"seqkern": run(ours_module, "triton"), f"torch.nn.{kind} (cuDNN)": run(reference, None)}
+    for mode in modes:
+        call = run(ours_module, "triton", mode)
+        try:  # a forced mode the rule would not pick may not launch (e.g. the row-block kernel at 1024 units)
+            call()
+        except Exception as error:
+            print(f"  bench {kind} b{batch} h{hidden}: seqkern {mode} left out: {type(error).__name__}: {error}")
+            continue
+        calls[f"seqkern {mode}"] = call
+    return calls, flops, 0
 
 
 def _benchmark_cases(device, quick: bool) -> list[tuple[str, Callable]]:
@@ -302,6 +331,14 @@ def _benchmark_cases(device, quick: bool) -> list[tuple[str, Callable]]:
                     cases.append((f"{kind} {name} b32 t{200 // scale} h{hidden} {'train' if train else 'infer'}",
                                   lambda d=dtype, k=kind, h=hidden, t=train:
                                   _recurrent_bench(device, d, k, 32, 200 // scale, h, t)))
+            # The split modes against the row-block kernel and cuDNN, inference, where the rule picks them:
+            # small batches (persistent: one program per SM, a grid barrier per step) and a large one at
+            # 1024 units (per step).
+            for batch, hidden in ((1, 1024), (8, 512), (64, 1024), (512, 1024)):
+                mode = _rule_mode(device, dtype, kind, batch, hidden)
+                cases.append((f"{kind} {name} b{batch} t{200 // scale} h{hidden} infer [{mode}]",
+                              lambda d=dtype, k=kind, b=batch, h=hidden:
+                              _recurrent_bench(device, d, k, b, 200 // scale, h, False, ("rows", "per_step"))))
     return cases
 
 

@@ -15,6 +15,9 @@ cell math, the gate layout, the workspace) stays in kernels/<op>.py.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -257,6 +260,28 @@ def zoneout_gradients(grad, weight, ZONEOUT_MASK: tl.constexpr):
     return (1 - weight) * grad, weight * grad
 
 
+@triton.jit
+def grid_barrier(arrivals_ptr, target):
+    """Waits until every program of a barrier group has finished the step: `arrivals_ptr` (int32, zero at launch)
+    counts arrivals over the whole launch and is never reset, so the wait after the k-th step of a group of P
+    programs is for target = k * P (generation-based: reusable every step with no reset race).
+
+    Memory order (compiled, checked in the PTX: thread 0 does the atomics, bar.sync around them): the CTA
+    barrier gathers the program's stores of h_t, thread 0's `red.release.gpu` publishes them with its arrival;
+    the spin reads the counter with volatile loads (ld.volatile: not cached in L1, no ordering), and once the
+    target is seen thread 0's acquire read (`ld.acquire.gpu`, an atomic add of 0) orders the loads of the next
+    step after the other programs' releases; the closing CTA barrier extends that to every thread.
+    Only for launches whose programs are all co-resident (kernels/_recurrent_split.py): otherwise it waits
+    for ever.
+    """
+    tl.debug_barrier()  # every thread of this program has stored its part of h_t
+    tl.atomic_add(arrivals_ptr, 1, sem="release")
+    while tl.load(arrivals_ptr, volatile=True) < target:
+        pass
+    tl.atomic_add(arrivals_ptr, 0, sem="acquire")
+    tl.debug_barrier()  # no thread reads h_t before the acquire above
+
+
 # ==================================================================================================
 # Launcher plumbing: dtypes, block sizes, argument checks, and the torch GEMMs around the launches.
 # ==================================================================================================
@@ -273,7 +298,7 @@ def pow2_at_least(n: int, minimum: int) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-def sequence_blocks(hidden: int) -> dict:
+def sequence_blocks(hidden: int, dtype: torch.dtype | None = None) -> dict:
     """Tiles and warps of a sequence kernel: whole hidden rows per program, so that the state stays in
     registers; 16 batch rows and 16-wide K slices, the smallest tl.dot tiles.
 
@@ -285,7 +310,126 @@ def sequence_blocks(hidden: int) -> dict:
     """
     block_h = pow2_at_least(hidden, MIN_DOT_SIZE)
     num_warps = 4 if block_h <= 32 else 8
-    return {"BLOCK_B": MIN_DOT_SIZE, "BLOCK_H": block_h, "BLOCK_K": MIN_DOT_SIZE, "num_warps": num_warps}
+    blocks = {"BLOCK_B": MIN_DOT_SIZE, "BLOCK_H": block_h, "BLOCK_K": MIN_DOT_SIZE, "num_warps": num_warps}
+    if dtype is not None:
+        # Pipeline stages by dtype: with triton's default 3 the float32 GRU and RNN forwards spilled 16 bytes at
+        # hidden 64 on sm_80, with 1 the bfloat16 GRU at 128 did (ptxas settled on 64-128 registers); so every
+        # forward the rule keeps here (hidden 64 and 128, all flags) compiles clean on sm_80 and sm_90
+        # (tests/test_gpu_compile.py). Without a dtype (the LayerNorm kernels) triton's default.
+        blocks["num_stages"] = 3 if torch.empty((), dtype=dtype).element_size() == 2 else 1
+    return blocks
+
+
+# ==================================================================================================
+# Launch modes for the forward on a GPU (issue 17): which kernel walks the time loop for a given shape.
+# ==================================================================================================
+# "rows": the persistent row-block kernels above (a program per 16 batch rows, all hidden units).
+# "persistent": kernels/_recurrent_split.py, hidden units split over co-resident programs, a grid barrier per step.
+# "per_step": kernels/_recurrent_split.py, one launch per time step, no waiting between programs.
+MODES = ("rows", "persistent", "per_step")
+# The widths of a program's unit slice and the warps of a program of that width (BLOCK_B = 16 rows, all gates of
+# the units), chosen with ptxas (tests/test_gpu_compile.py, sm_80 and sm_90, every cell, hidden 128-1024; one
+# pipeline stage: two spilled 16-48 bytes in several LSTM / GRU configs). A (16 x BLOCK_U) tile spread over more
+# warps than it fills is replicated per warp (register cost, no speed), hence few warps for narrow slices.
+# 16 units only in 16-bit dtypes: float32's tf32x3 products keep two halves of each operand and its LSTM spilled
+# (48-184 bytes at 2 to 8 warps). The counts differ by dtype because ptxas picked 96-128 registers (and
+# spilled 16 bytes) for some of the others: the bfloat16 LSTM at 32 units / 4 warps on sm_90, the float32 GRU
+# at 32 units / 8 warps on sm_80.
+UNIT_WARPS = {2: {16: 2, 32: 8, 64: 8}, 4: {32: 4, 64: 8}}  # element size -> BLOCK_U -> num_warps
+NUM_STAGES = 1
+# Hidden sizes (padded) up to which the row-block kernel is kept when the batch already fills the GPU: its
+# register tile grows with H (ptxas: spills from H=256 in float32; kernels/_recurrent.py sequence_blocks).
+ROWS_MAX_HIDDEN = 128
+# Bytes of W_hh slice a persistent program loads once, before the time loop (RESIDENT), 16-bit dtypes only: ptxas
+# spilled the LSTM's resident slices at 64 KB (bfloat16) and every float32 one from 16 KB (tf32x3 splits the
+# slice in two halves). Above it, or in float32, the program re-reads its slice every step (from L1/L2: its
+# slice, not all of W_hh).
+RESIDENT_BYTES = 32 * 1024
+# ... and only up to this hidden size: the h_{t-1} operand (16 x H) is then loaded whole too (the RNN's 32 KB
+# slice at H = 1024 spilled).
+RESIDENT_MAX_HIDDEN = 512
+# The per-step mode's tile, (batch rows, units) per program by element size, 8 warps. Every program reads its
+# units' W_hh slice each step, so W_hh crosses L2 once per `rows` batch rows: 64 rows (not 16) cut that traffic
+# 4x at large batch in 16-bit dtypes. float32 stays at 16 rows x 64 units: its LSTM spilled 192-552 bytes with
+# 32 or 64 rows at 4 or 8 warps (tf32x3 holds two halves of each operand).
+PER_STEP_TILE = {2: (64, 32), 4: (16, 64)}
+_forced: dict | None = None
+
+
+def unit_blocks(dtype: torch.dtype) -> tuple[int, ...]:
+    """The unit-slice widths the rule may use for `dtype` (narrowest first)."""
+    return (16, 32, 64) if torch.empty((), dtype=dtype).element_size() == 2 else (32, 64)
+
+
+def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_count: int,
+                   supported: bool = True) -> dict:
+    """The launch mode of a recurrent forward and its tiles, by shape: batch B, hidden H, `gates` blocks of H
+    columns in W_hh (LSTM 4, GRU 3, RNN 1), dtype, and the number of SMs (0 without a GPU: the interpreter).
+    `supported` is False for features only the row-block kernel has (the LSTM's projection, zoneout).
+
+    -> {"mode": "rows"} or {"mode": "persistent" | "per_step", "BLOCK_B": batch rows and "BLOCK_U": units per program,
+       "RESIDENT": W_hh slice loaded once before the time loop (persistent only), "num_warps", "num_stages"}
+
+    The rule, in order:
+      * rows without a GPU, for unsupported features, for H <= 64 (the whole W_hh of such a layer is at most
+        64 KB: one program holds it, and a split would only add barriers), and while the row blocks alone
+        fill half the SMs at H <= ROWS_MAX_HIDDEN (then every SM is busy and there is no barrier);
+      * persistent with the narrowest unit slice (`unit_blocks`) for which batch blocks x unit blocks <= SMs:
+        one program per SM, all co-resident (a cooperative launch), each keeping its slice resident when
+        gates x BLOCK_U x H fits RESIDENT_BYTES in a 16-bit dtype at H <= RESIDENT_MAX_HIDDEN;
+      * per_step otherwise (more programs than SMs: a grid barrier would deadlock), PER_STEP_TILE tiles.
+    A test can force a mode with `forced_mode` (unsupported features still get "rows").
+    """
+    if not supported:
+        return {"mode": "rows"}
+    if _forced is not None:
+        return dict(_forced)
+    batch_blocks = triton.cdiv(batch, MIN_DOT_SIZE)
+    padded = pow2_at_least(hidden, MIN_DOT_SIZE)
+    if (sm_count == 0 or padded <= 64
+            or (padded <= ROWS_MAX_HIDDEN and 2 * batch_blocks >= sm_count)):
+        return {"mode": "rows"}
+    element = torch.empty((), dtype=dtype).element_size()
+    for block_u in unit_blocks(dtype):
+        if batch_blocks * triton.cdiv(hidden, block_u) <= sm_count:
+            resident = (element == 2 and padded <= RESIDENT_MAX_HIDDEN
+                        and gates * block_u * padded * element <= RESIDENT_BYTES)
+            return _split_mode("persistent", block_u, resident, dtype)
+    rows, units = PER_STEP_TILE.get(element, PER_STEP_TILE[4])
+    return _split_mode("per_step", units, False, dtype, min(rows, pow2_at_least(batch, MIN_DOT_SIZE)))
+
+
+def _split_mode(mode: str, block_u: int, resident: bool, dtype: torch.dtype, block_b: int = MIN_DOT_SIZE) -> dict:
+    warps = UNIT_WARPS.get(torch.empty((), dtype=dtype).element_size(), UNIT_WARPS[4]).get(block_u, 8)
+    if mode == "per_step":  # PER_STEP_TILE
+        warps = 8
+    return {"mode": mode, "BLOCK_B": block_b, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": warps,
+            "num_stages": NUM_STAGES}
+
+
+@contextlib.contextmanager
+def forced_mode(mode: str, block_u: int = 16, resident: bool = False, block_b: int = MIN_DOT_SIZE):
+    """Within the block every recurrent forward uses `mode` ("rows" | "persistent" | "per_step") with BLOCK_U
+    units and BLOCK_B batch rows per program: how the tests reach the split kernels without a GPU. Under the
+    interpreter programs run one after another, so "persistent" needs BLOCK_U >= H (one program per barrier
+    group) or it would wait for ever (kernels/_recurrent_split.py refuses that launch). Warps and stages are
+    the rule's for float32."""
+    global _forced
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    before, _forced = _forced, _split_mode(mode, block_u, resident, torch.float32, block_b)
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def sequence_grid(batch: int) -> tuple[int]:

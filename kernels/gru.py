@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _recurrent_split
 from ._launch import launch
 from ._recurrent import (
     accumulator_dtype,
@@ -46,6 +47,7 @@ from ._recurrent import (
     linear,
     on_device,
     previous_state,
+    recurrent_mode,
     recurrent_weight_gradient,
     reset_rows,
     restart_gradient,
@@ -58,6 +60,7 @@ from ._recurrent import (
     sequence_grid,
     sequence_tile,
     sigmoid,
+    sm_count,
     step_rows,
     store,
     tanh,
@@ -84,6 +87,14 @@ def _cell_backward_math(grad_hy, r, z, n, hidden_n, h):
     grad_pre_r = grad_pre_n * hidden_n * r * (1 - r)
     grad_pre_z = grad_hy * (h - n) * z * (1 - z)
     return grad_pre_r, grad_pre_z, grad_pre_n, grad_pre_n * r, grad_hy * z
+
+
+@triton.jit
+def split_cell(x_r, x_z, x_n, h_r, h_z, h_n, h):
+    """The cell of the split kernels (kernels/_recurrent_split.py): input and hidden parts (b_hh included) of
+    r, z, n and h_{t-1} (float32) -> h_t, h_t as the new running state, the workspace tiles r, z, n, h_n."""
+    r, z, n, h_new = _cell_forward_math(x_r + h_r, x_z + h_z, x_n, h_n, h)
+    return h_new, h_new, r, z, n, h_n
 
 
 @triton.jit
@@ -353,12 +364,18 @@ def gru_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Ten
 
     # The input projection of every step at once: one GEMM over T*B rows, b_ih folded in.
     gates_x = linear(input.reshape(seq_len * batch, input_size), w_ih, b_ih).view(seq_len, batch, 3 * hidden)
+    mode = recurrent_mode(batch, hidden, 3, input.dtype, sm_count(input.device), not zoneout)
+    if mode["mode"] != "rows":
+        output, h_n, _, split_workspace, _ = _recurrent_split.split_forward(
+            _recurrent_split.GRU, mode, gates_x, w_hh, b_hh, h0, h0, on_device(batch_sizes, input), flags, reverse,
+            save_workspace)
+        return output, h_n, split_workspace if save_workspace else workspace
     launch(_gru_sequence_forward_kernel, sequence_grid(batch), input.device)(
         gates_x, w_hh.contiguous(), contiguous_or_none(b_hh), on_device(batch_sizes, input),
         h0_ptr=h0.contiguous(), output_ptr=output, h_ptr=h_n, workspace_ptr=workspace if save_workspace else None,
         T=seq_len, B=batch, H=hidden, **flags,
         HAS_BIAS=b_hh is not None, HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse),
-        SAVE_WORKSPACE=bool(save_workspace), **kernel_dtypes(input), **sequence_blocks(hidden),
+        SAVE_WORKSPACE=bool(save_workspace), **kernel_dtypes(input), **sequence_blocks(hidden, input.dtype),
     )
     return output, h_n, workspace
 
@@ -385,7 +402,7 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
             workspace.contiguous(), w_hh.contiguous(), on_device(batch_sizes, input),
             grad_pre_ptr=grad_pre, grad_h0_ptr=grad_h0, T=seq_len, B=batch, H=hidden, **flags,
             HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse),
-            **kernel_dtypes(input), **sequence_blocks(hidden),
+            **kernel_dtypes(input), **sequence_blocks(hidden, input.dtype),
         )
 
     grad_pre_x = grad_pre[..., : 3 * hidden]

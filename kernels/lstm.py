@@ -35,6 +35,7 @@ from torch import Tensor
 
 from seqkern._checks import ShapeError
 
+from . import _recurrent_split
 from ._launch import launch
 from ._recurrent import (
     MIN_DOT_SIZE,
@@ -59,6 +60,7 @@ from ._recurrent import (
     previous_state,
     recurrent_weight_gradient,
     previous_hidden,
+    recurrent_mode,
     reset_rows,
     restart_gradient,
     restart_hidden,
@@ -70,6 +72,7 @@ from ._recurrent import (
     sequence_grid,
     sequence_tile,
     sigmoid,
+    sm_count,
     step_rows,
     store,
     tanh,
@@ -100,6 +103,14 @@ def _cell_backward_math(grad_r, grad_c, i, f, g, o, c_prev, c):
     grad_pre_g = grad_c * i * (1 - g * g)
     grad_pre_o = grad_r * tanh_c * o * (1 - o)
     return grad_pre_i, grad_pre_f, grad_pre_g, grad_pre_o, grad_c * f
+
+
+@triton.jit
+def split_cell(x_i, x_f, x_g, x_o, h_i, h_f, h_g, h_o, c_prev):
+    """The cell of the split kernels (kernels/_recurrent_split.py): input and hidden parts of the four gates,
+    c_{t-1} -> h_t, c_t and the workspace tiles (activated i, f, g, o)."""
+    i, f, g, o, c, h = _cell_forward_math(x_i + h_i, x_f + h_f, x_g + h_g, x_o + h_o, c_prev)
+    return h, c, i, f, g, o
 
 
 @triton.jit
@@ -344,9 +355,9 @@ def _lstm_sequence_backward_kernel(
 # ==================================================================================================
 # Launchers: the op signatures of seqkern/ops/_schemas.py. They check arguments, reshape, pick blocks and launch.
 # ==================================================================================================
-def _sequence_blocks(hidden: int, out_size: int) -> dict:
+def _sequence_blocks(hidden: int, out_size: int, dtype: torch.dtype) -> dict:
     """The shared sequence tiles (kernels/_recurrent.py) plus the width of the projected rows."""
-    return dict(sequence_blocks(hidden), BLOCK_P=pow2_at_least(out_size, MIN_DOT_SIZE))
+    return dict(sequence_blocks(hidden, dtype), BLOCK_P=pow2_at_least(out_size, MIN_DOT_SIZE))
 
 
 def _check_layer(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes) -> tuple[int, int, int, int, int]:
@@ -430,7 +441,15 @@ def lstm_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     # The input projection of every step at once: one GEMM over T*B rows, biases folded in.
     bias = b_ih + b_hh if b_ih is not None else None
     gates_x = linear(input.reshape(seq_len * batch, input_size), w_ih, bias).view(seq_len, batch, 4 * hidden)
-    blocks = _sequence_blocks(hidden, out_size)
+    mode = recurrent_mode(batch, hidden, 4, input.dtype, sm_count(input.device), w_hr is None and not zoneout)
+    if mode["mode"] != "rows":
+        output, h_n, c_n, split_gates, split_cells = _recurrent_split.split_forward(
+            _recurrent_split.LSTM, mode, gates_x, w_hh, None, h0, c0, on_device(batch_sizes, input), flags,
+            reverse, save_workspace)
+        if save_workspace:
+            gates, cells = split_gates, split_cells
+        return output, h_n, c_n.to(input.dtype), gates, cells
+    blocks = _sequence_blocks(hidden, out_size, input.dtype)
     launch(_lstm_sequence_forward_kernel, sequence_grid(batch), input.device)(
         gates_x, c0.contiguous(), w_hh.contiguous(), contiguous_or_none(w_hr), on_device(batch_sizes, input),
         h0_ptr=h0.contiguous(), output_ptr=output, h_ptr=h_n, c_n_ptr=c_n,
@@ -466,7 +485,7 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, input
     grad_h0 = grad_h_n.clone(memory_format=torch.contiguous_format)
     grad_c0 = grad_c_n.clone(memory_format=torch.contiguous_format)
     if seq_len and batch:
-        blocks = _sequence_blocks(hidden, out_size)
+        blocks = _sequence_blocks(hidden, out_size, input.dtype)
         launch(_lstm_sequence_backward_kernel, sequence_grid(batch), input.device)(
             grad_output.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), c0.contiguous(),
             w_hh.contiguous(), contiguous_or_none(w_hr), on_device(batch_sizes, input),

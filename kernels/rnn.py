@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _recurrent_split
 from ._launch import launch
 from ._recurrent import (
     accumulator_dtype,
@@ -37,6 +38,7 @@ from ._recurrent import (
     kernel_dtypes,
     linear,
     on_device,
+    recurrent_mode,
     recurrent_weight_gradient,
     reset_rows,
     restart_gradient,
@@ -45,6 +47,7 @@ from ._recurrent import (
     sequence_blocks,
     sequence_grid,
     sequence_tile,
+    sm_count,
     step_rows,
     store,
     tanh,
@@ -67,6 +70,14 @@ def _preact_gradient(grad_hy, hy, RELU: tl.constexpr):
     if RELU:  # as torch's threshold_backward: only hy <= 0 blocks, so a NaN output passes the gradient
         return tl.where(hy <= 0, 0, grad_hy)
     return grad_hy * (1 - hy * hy)
+
+
+@triton.jit
+def split_cell(x, hh, state, RELU: tl.constexpr):
+    """The cell of the split kernels (kernels/_recurrent_split.py): input and hidden parts of the one gate
+    -> h_t, the (unused) state, and h_t four times for the workspace slots (the RNN saves none)."""
+    h = _activate(x + hh, RELU)
+    return h, state, h, h, h, h
 
 
 # ==================================================================================================
@@ -237,12 +248,18 @@ def rnn_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Ten
     # The input projection of every step at once: one GEMM over T*B rows, both biases folded in.
     bias = b_ih + b_hh if b_ih is not None else None
     gates_x = linear(input.reshape(seq_len * batch, input_size), w_ih, bias).view(seq_len, batch, hidden)
+    mode = recurrent_mode(batch, hidden, 1, input.dtype, sm_count(input.device))
+    if mode["mode"] != "rows":
+        cell = _recurrent_split.RNN_RELU if relu else _recurrent_split.RNN_TANH
+        output, h_n, *_ = _recurrent_split.split_forward(cell, mode, gates_x, w_hh, None, h0, None,
+                                                        on_device(batch_sizes, input), flags, reverse, False)
+        return output, h_n
     launch(_rnn_sequence_forward_kernel, sequence_grid(batch), input.device)(
         gates_x, w_hh.contiguous(), on_device(batch_sizes, input), flags["lengths_ptr"], flags["resets_ptr"],
         h0.contiguous(), output, h_n, seq_len, batch, hidden,
         HAS_BATCH_SIZES=batch_sizes is not None, USE_LENGTHS=flags["USE_LENGTHS"], USE_RESETS=flags["USE_RESETS"],
         REVERSE=bool(reverse), RELU=bool(relu),
-        **kernel_dtypes(input), **sequence_blocks(hidden),
+        **kernel_dtypes(input), **sequence_blocks(hidden, input.dtype),
     )
     return output, h_n
 
@@ -268,7 +285,7 @@ def rnn_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
             seq_len, batch, hidden,
             HAS_BATCH_SIZES=batch_sizes is not None, USE_LENGTHS=flags["USE_LENGTHS"], USE_RESETS=flags["USE_RESETS"],
             REVERSE=bool(reverse), RELU=bool(relu),
-            **kernel_dtypes(input), **sequence_blocks(hidden),
+            **kernel_dtypes(input), **sequence_blocks(hidden, input.dtype),
         )
 
     grad_input, grad_w_ih = input_weight_gradients(grad_preact, input, w_ih)

@@ -1,6 +1,7 @@
-"""Static GPU checks with no GPU: every attention kernel, for every configuration its launcher can choose on
-CUDA, compiled ahead of time for sm_80 (A100) and sm_90 (H100) with triton.compile + GPUTarget, asserting
-that ptxas spilled no registers and that the kernel's shared memory fits the target's per-block limit.
+"""Static GPU checks with no GPU: every attention kernel and the split recurrent forward, for every configuration
+its launcher can choose on CUDA, compiled ahead of time for sm_80 (A100) and sm_90 (H100) with triton.compile +
+GPUTarget, asserting that ptxas spilled no registers and that the kernel's shared memory fits the target's
+per-block limit.
 
 The configurations are the launchers' own selection functions called for CUDA (`configs(...)`): a tile that
 cannot fit must be kept out by that rule, and these tests prove it does, by compiling exactly what it returns.
@@ -8,14 +9,15 @@ Each kernel is compiled with all its optional features on (attention mask, dropo
 variant with the most live registers, which bounds the lighter ones; flash attention's launchers have larger
 tiles for launches without mask and dropout, compiled as "[light]" kernels.
 
-Cost: a compile takes ~5-10 s of one core (ptxas included), 20-40 s on this loaded 2-core machine. The default
-run compiles a representative subset (DEFAULT_CASES: 4 kernels, plus 2 compiles for the tf32 check);
-`pytest -m gpu_compile` compiles the full matrix (kernels x configs x dtypes x head dims x targets, ~340
-compiles). Triton caches compiled kernels on disk (~/.triton/cache), so a second run costs seconds.
+Cost: a compile takes ~5-10 s of one core (ptxas included), 20-40 s on this loaded 2-core machine (the recurrent
+split kernel: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 6 kernels, plus 2
+compiles for the tf32 check); `pytest -m gpu_compile` compiles the full matrix (kernels x configs x dtypes x
+head dims x targets: ~340 attention compiles and 156 recurrent ones). Triton caches compiled kernels on disk
+(~/.triton/cache), so a second run costs seconds.
 
-To add a kernel (e.g. the recurrent ones), append a Kernel to KERNELS: its JIT function, the arguments of its
-heaviest launch for a dtype and head dim, the launcher's config list for them, and the dtypes and head dims
-its launcher accepts.
+To add a kernel (e.g. the row-block recurrent ones), append a Kernel to KERNELS: its JIT function, the arguments
+of its heaviest launch for a dtype and head dim, the launcher's config list for them, and the dtypes and head
+dims its launcher accepts.
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ from seqkern.kernels import _launch
 from seqkern.kernels import additive_attention as additive
 from seqkern.kernels import flash_attention as flash
 from seqkern.kernels import flash_attention_decode as decode
+from seqkern.kernels import _recurrent_split as split
+from seqkern.kernels import gru, lstm, rnn
+from seqkern.kernels._recurrent import recurrent_mode
+from seqkern.kernels._recurrent import sequence_blocks as recurrent_blocks
 
 CUDA = torch.device("cuda")  # a device object, no GPU needed: the launchers' CUDA choices
 # Per-block shared memory (opt-in maximum): A100 163 KB, H100 227 KB.
@@ -204,7 +210,98 @@ def _additive_backward_configs(kernel: triton.JITFunction):
     return configs
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Recurrent forward, hidden units split across programs (kernels/_recurrent_split.py): every config the launcher's
+# rule (kernels/_recurrent.py recurrent_mode) picks for A100 / H100 SM counts and batches 1 .. 4096, with every
+# flag on (batch sizes, lengths, resets, reverse, workspace). "head_dim" is the hidden size here.
+# ------------------------------------------------------------------------------------------------------------
+RECURRENT_HIDDEN = (128, 256, 512, 1024)
+RECURRENT_DTYPES = (torch.bfloat16, torch.float32)
+SM_COUNTS = (108, 132)  # A100, H100 SXM
+BATCHES = (1, 8, 16, 32, 64, 128, 256, 1024, 4096)
+
+
+def _split_arguments(cell: int) -> Callable:
+    def arguments(dtype, hidden):
+        state = split.GATES[cell] > 1  # the LSTM's c, the GRU's h
+        given = dict(
+            b_hh_ptr=torch.zeros(1, dtype=dtype) if cell == split.GRU else None,
+            batch_sizes_ptr=torch.zeros(1, dtype=torch.int64), lengths_ptr=torch.zeros(1, dtype=torch.int64),
+            resets_ptr=torch.zeros(1, dtype=torch.uint8), state0_ptr=torch.zeros(1, dtype=dtype) if state else None,
+            state_ptr=torch.zeros(1, dtype=_accumulator(dtype)) if state else None,
+            workspace_ptr=torch.zeros(1, dtype=dtype) if state else None,
+            states_ptr=torch.zeros(1, dtype=dtype) if cell == split.LSTM else None,
+            arrivals_ptr=torch.zeros(1, dtype=torch.int32), H=hidden,
+            CELL=cell, GATES=split.GATES[cell], HAS_STATE=state, HAS_HH_BIAS=cell == split.GRU,
+            SAVE_WORKSPACE=state, SAVE_STATES=cell == split.LSTM, HAS_BATCH_SIZES=True, USE_LENGTHS=True,
+            USE_RESETS=True, REVERSE=True)
+        tiles = split.split_tiles(_split_modes(cell, dtype, hidden)[0], hidden, dtype, CUDA)
+        given.update({name: tiles[name] for name in ("ACC", "DOT", "PRECISION", "BLOCK_K", "BLOCK_HK")})
+        return _filled(split._split_forward_kernel, dtype, given)
+    return arguments
+
+
+def _split_modes(cell: int, dtype: torch.dtype, hidden: int) -> list[dict]:
+    """The distinct split modes recurrent_mode picks for `hidden` over SM_COUNTS x BATCHES."""
+    modes = []
+    for sms in SM_COUNTS:
+        for batch in BATCHES:
+            mode = recurrent_mode(batch, hidden, split.GATES[cell], dtype, sms)
+            if mode["mode"] != "rows" and mode not in modes:
+                modes.append(mode)
+    return modes
+
+
+def _split_configs(cell: int) -> Callable:
+    def configs(dtype, hidden):
+        return [{"PERSISTENT": mode["mode"] == "persistent", "RESIDENT": mode["RESIDENT"], "BLOCK_B": mode["BLOCK_B"],
+                 "BLOCK_U": mode["BLOCK_U"], "num_warps": mode["num_warps"], "num_stages": mode["num_stages"]}
+                for mode in _split_modes(cell, dtype, hidden)]
+    return configs
+
+
+ROWS_HIDDEN = (64, 128)  # where the rule keeps the row-block kernels for supported features
+
+
+def _rows_arguments(function: triton.JITFunction, **flags) -> Callable:
+    """The row-block forward kernel with every flag on (batch sizes, lengths, resets, zoneout with a mask, reverse,
+    workspace; the LSTM's projection at P = H)."""
+    def arguments(dtype, hidden):
+        given = dict(batch_sizes_ptr=torch.zeros(1, dtype=torch.int64), lengths_ptr=torch.zeros(1, dtype=torch.int64),
+                     resets_ptr=torch.zeros(1, dtype=torch.uint8), seed_ptr=torch.zeros(1, dtype=torch.int64),
+                     H=hidden, zoneout_hi=0.25, zoneout_lo=0.0, HAS_BATCH_SIZES=True, USE_LENGTHS=True,
+                     USE_RESETS=True, ZONEOUT=True, ZONEOUT_MASK=True, REVERSE=True, SAVE_WORKSPACE=True,
+                     ACC=_launch_acc(dtype), DOT=None, BLOCK_B=16, BLOCK_H=max(16, triton.next_power_of_2(hidden)),
+                     BLOCK_K=16, **flags)
+        if "P" in function.arg_names:
+            given.update(P=hidden, BLOCK_P=given["BLOCK_H"])
+        return _filled(function, dtype, {name: value for name, value in given.items() if name in function.arg_names})
+    return arguments
+
+
+def _rows_configs(dtype, hidden):
+    """The row-block kernels' one config (kernels/_recurrent.py sequence_blocks)."""
+    blocks = recurrent_blocks(hidden, dtype)
+    return [{"num_warps": blocks["num_warps"], "num_stages": blocks["num_stages"]}]
+
+
+def _rows_kernel(name: str, function: triton.JITFunction, **flags) -> Kernel:
+    return Kernel(f"recurrent_rows.{name}", function, _rows_arguments(function, **flags), _rows_configs,
+                  dtypes=RECURRENT_DTYPES, head_dims=ROWS_HIDDEN)
+
+
+def _split_kernel(name: str, cell: int) -> Kernel:
+    return Kernel(f"recurrent_split.{name}", split._split_forward_kernel, _split_arguments(cell), _split_configs(cell),
+                  dtypes=RECURRENT_DTYPES, head_dims=RECURRENT_HIDDEN)
+
+
 KERNELS = [
+    _rows_kernel("lstm", lstm._lstm_sequence_forward_kernel, HAS_PROJ=True),
+    _rows_kernel("gru", gru._gru_sequence_forward_kernel, HAS_BIAS=True),
+    _rows_kernel("rnn", rnn._rnn_sequence_forward_kernel, RELU=False),
+    _split_kernel("lstm", split.LSTM),
+    _split_kernel("gru", split.GRU),
+    _split_kernel("rnn", split.RNN_TANH),
     Kernel("flash_attention.forward", flash._forward_kernel, _flash_forward, _flash_configs("forward")),
     Kernel("flash_attention.query_gradients", flash._query_gradients_kernel, _flash_query_gradients,
            _flash_configs("query_gradients")),
@@ -342,11 +439,14 @@ def _compile_here(where: tuple[str, str], arguments: dict, config: dict, target:
 # The matrix: every kernel x its launcher's configs x dtypes x head dims x targets (-m gpu_compile), or each
 # kernel once in its first (largest) config (the default run).
 # ------------------------------------------------------------------------------------------------------------
-# The default run: one kernel of each op, spread over dtypes, head dims, targets and the two flash variants.
+# The default run: one kernel of each op, spread over dtypes, head dims (hidden sizes), targets and the two flash
+# variants.
 DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90"),
                  ("flash_attention.key_gradients[light]", torch.float16, 64, "sm_80"),
                  ("flash_attention_decode.split", torch.bfloat16, 128, "sm_90"),
-                 ("additive_attention.forward", torch.float16, 64, "sm_80"))
+                 ("additive_attention.forward", torch.float16, 64, "sm_80"),
+                 ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90"),  # persistent, 16 units, streamed slice
+                 ("recurrent_split.gru", torch.float32, 256, "sm_80"))  # persistent, 32 units, tf32x3
 
 
 def _cases(full: bool) -> list:
