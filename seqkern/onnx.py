@@ -7,8 +7,10 @@ ONNX export (torch.onnx.is_in_onnx_export(), which torch.compile folds to False)
 instead, and a plain export call works:
 
   * recurrent layers: each layer-direction becomes one standard ONNX LSTM / GRU / RNN node (gates reordered to
-    ONNX's i,o,f,c and z,r,h; GRU with linear_before_reset=1, torch's formulation); an LSTM with proj_size, which
-    ONNX's LSTM lacks, becomes a Scan over time (torch's scan higher-order op, which the exporter translates);
+    ONNX's i,o,f,c and z,r,h; GRU with linear_before_reset=1, torch's formulation; a call's `lengths` become the
+    node's sequence_lens, whose semantics are the same; resets and zoneout have no ONNX form and are refused with
+    a ValueError); an LSTM with proj_size, which ONNX's LSTM lacks, becomes a Scan over time (torch's scan
+    higher-order op, which the exporter translates; not with lengths);
   * everything else (cells, attention, Transformer layers) runs seqkern's pure-PyTorch reference, which exports as
     ordinary ops (attention: MatMul / Softmax-style math, with seqkern's semantics: a query with no visible key
     gets 0).
@@ -70,33 +72,49 @@ def direction_for(module: torch.nn.RNNBase) -> DirectionFn:
 # `weights` are torch.nn's of that layer-direction: w_ih, w_hh[, b_ih, b_hh][, w_hr].
 # ------------------------------------------------------------------------------------------------------------
 def lstm_direction(x: Tensor, state: State, weights: Sequence[Tensor], batch_sizes: Tensor | None,
-                   reverse: bool) -> tuple[Tensor, State]:
-    _refuse_packed(batch_sizes)
+                   reverse: bool, **flags) -> tuple[Tensor, State]:
+    lengths = _exportable_lengths(batch_sizes, flags)
     w_ih, w_hh, b_ih, b_hh, w_hr = split_weights(weights)
     if w_hr is not None:
+        if lengths is not None:
+            raise ValueError("lengths: an LSTM with proj_size cannot be exported to ONNX with lengths by seqkern "
+                             "(its projection is a Scan over time, which does not mask); export without lengths")
         return _projected_lstm(x, state, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
-    return _onnx_recurrent("LSTM", _LSTM_ORDER, x, state, w_ih, w_hh, b_ih, b_hh, reverse)
+    return _onnx_recurrent("LSTM", _LSTM_ORDER, x, state, w_ih, w_hh, b_ih, b_hh, reverse, lengths)
 
 
 def gru_direction(x: Tensor, state: State, weights: Sequence[Tensor], batch_sizes: Tensor | None,
-                  reverse: bool) -> tuple[Tensor, State]:
-    _refuse_packed(batch_sizes)
+                  reverse: bool, **flags) -> tuple[Tensor, State]:
+    lengths = _exportable_lengths(batch_sizes, flags)
     w_ih, w_hh, b_ih, b_hh, _ = split_weights(weights)
-    return _onnx_recurrent("GRU", _GRU_ORDER, x, state, w_ih, w_hh, b_ih, b_hh, reverse, linear_before_reset=1)
+    return _onnx_recurrent("GRU", _GRU_ORDER, x, state, w_ih, w_hh, b_ih, b_hh, reverse, lengths,
+                           linear_before_reset=1)
 
 
 def rnn_direction(x: Tensor, state: State, weights: Sequence[Tensor], batch_sizes: Tensor | None,
-                  reverse: bool, relu: bool = False) -> tuple[Tensor, State]:
-    _refuse_packed(batch_sizes)
+                  reverse: bool, relu: bool = False, **flags) -> tuple[Tensor, State]:
+    lengths = _exportable_lengths(batch_sizes, flags)
     w_ih, w_hh, b_ih, b_hh, _ = split_weights(weights)
-    return _onnx_recurrent("RNN", (0,), x, state, w_ih, w_hh, b_ih, b_hh, reverse,
+    return _onnx_recurrent("RNN", (0,), x, state, w_ih, w_hh, b_ih, b_hh, reverse, lengths,
                            activations=["Relu" if relu else "Tanh"])
 
 
-def _refuse_packed(batch_sizes: Tensor | None) -> None:
+def _exportable_lengths(batch_sizes: Tensor | None, flags: dict) -> Tensor | None:
+    """The call's lengths (B,) as ONNX's sequence_lens, whose semantics are the modules' (outputs 0 past each
+    length, the final states at each last valid step, reverse directions from there); errors for what an ONNX
+    recurrent node cannot express."""
     if batch_sizes is not None:
         raise ValueError("input: a PackedSequence cannot be exported to ONNX by seqkern; export the module with "
-                         "a padded (T, B, I) tensor (pack_padded_sequence is not traceable with dynamic shapes)")
+                         "a padded (T, B, I) tensor and lengths=... (pack_padded_sequence is not traceable with "
+                         "dynamic shapes)")
+    if flags.get("resets") is not None:
+        raise ValueError("resets: cannot be exported to ONNX by seqkern (ONNX's LSTM/GRU/RNN nodes cannot restart "
+                         "a sequence mid-way); export the module without resets")
+    if flags.get("zoneout"):
+        raise ValueError("zoneout: a layer with zoneout > 0 cannot be exported to ONNX by seqkern (its evaluation "
+                         "blend is not an ONNX recurrent node); export a copy with zoneout = 0.0")
+    lengths = flags.get("lengths")
+    return None if lengths is None else lengths.to(torch.int32)
 
 
 def _gates(t: Tensor, order: Sequence[int]) -> Tensor:
@@ -107,12 +125,13 @@ def _gates(t: Tensor, order: Sequence[int]) -> Tensor:
 
 @torch._dynamo.dont_skip_tracing  # dynamo skips torch.onnx.ops; strict torch.export must trace into it
 def _onnx_recurrent(op: str, order: Sequence[int], x: Tensor, state: State, w_ih: Tensor, w_hh: Tensor,
-                    b_ih: Tensor | None, b_hh: Tensor | None, reverse: bool, **attributes) -> tuple[Tensor, State]:
+                    b_ih: Tensor | None, b_hh: Tensor | None, reverse: bool, lengths: Tensor | None,
+                    **attributes) -> tuple[Tensor, State]:
     """One ONNX LSTM/GRU/RNN node (num_directions 1): inputs X, W, R, B, sequence_lens, initial_h[, initial_c];
     outputs Y (T,1,B,H), Y_h (1,B,H)[, Y_c]."""
     seq_len, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
     bias = None if b_ih is None else torch.cat([_gates(b_ih, order), _gates(b_hh, order)]).unsqueeze(0)
-    inputs = [x, _gates(w_ih, order).unsqueeze(0), _gates(w_hh, order).unsqueeze(0), bias, None,
+    inputs = [x, _gates(w_ih, order).unsqueeze(0), _gates(w_hh, order).unsqueeze(0), bias, lengths,
               *(s.unsqueeze(0) for s in state)]
     attributes.update(hidden_size=int(hidden), direction="reverse" if reverse else "forward")
     output, *finals = torch.onnx.ops.symbolic_multi_out(

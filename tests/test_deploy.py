@@ -127,6 +127,56 @@ def test_onnx_recurrent(tmp_path, kind, options, with_hx, unbatched):
     check_onnx(tmp_path, ours, theirs, make_args, dynamic_shapes, runs=[(3, 1), (9, 1)] if unbatched else RUNS)
 
 
+class _WithLengths(nn.Module):
+    """(x, lengths) -> the layer's outputs: seqkern's through lengths=, torch.nn's through pack/pad (the definition)."""
+
+    def __init__(self, layer: nn.RNNBase):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor, lengths: Tensor):
+        if isinstance(self.layer, seqkern.nn.LSTM | seqkern.nn.GRU | seqkern.nn.RNN):
+            return self.layer(x, lengths=lengths)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        output, final = self.layer(packed)
+        return nn.utils.rnn.pad_packed_sequence(output, total_length=x.shape[0])[0], final
+
+
+@pytest.mark.parametrize("kind, options", [("LSTM", dict(num_layers=2, bidirectional=True)),
+                                           ("GRU", dict(bidirectional=True)), ("RNN", dict(bias=False))])
+def test_onnx_recurrent_with_lengths(tmp_path, kind, options):
+    """lengths become ONNX's sequence_lens: outputs 0 past each length, final states at each last valid step."""
+    ours, theirs = (_WithLengths(m) for m in twins(*RECURRENT[kind], 5, 7, **options))
+
+    def make_args(seq_len: int, batch: int) -> tuple:
+        lengths = torch.randint(1, seq_len + 1, (batch,), generator=torch.Generator().manual_seed(seq_len + batch))
+        lengths[0] = seq_len
+        return randn(seq_len, batch, 5, seed=seq_len * batch), lengths
+
+    check_onnx(tmp_path, ours, theirs, make_args, ({0: "T", 1: "B"}, {0: "B"}))
+
+
+@pytest.mark.parametrize("flag", ["resets", "zoneout", "projection"])
+def test_onnx_refuses_what_a_recurrent_node_cannot_express(tmp_path, flag):
+    layer = seqkern.nn.LSTM(5, 7, proj_size=3 if flag == "projection" else 0,
+                            zoneout=0.2 if flag == "zoneout" else 0.0).eval()
+    x, lengths = randn(4, 3, 5, seed=0), torch.tensor([4, 2, 1])
+    kwargs = {"resets": dict(resets=torch.zeros(4, 3, dtype=torch.bool)), "zoneout": {},
+              "projection": dict(lengths=lengths)}[flag]
+
+    class Call(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x, **kwargs)
+
+    with pytest.raises(Exception, match="cannot be exported to ONNX") as info:
+        torch.onnx.export(Call().eval(), (x,), tmp_path / "model.onnx", dynamo=True)
+    assert "resets" in str(info.value) or "zoneout" in str(info.value) or "lengths" in str(info.value)
+
+
 CELLS = [
     (nn.LSTMCell, seqkern.nn.LSTMCell, dict(), True),
     (nn.GRUCell, seqkern.nn.GRUCell, dict(bias=False), False),
