@@ -50,9 +50,10 @@ struct GruCell {
     }
     Simd<A> hn = load<A>(in.gates_h + 2 * in.h_stride, n);
     if (in.recurrent_bias) hn += load<A>(in.recurrent_bias, n);
-    const Simd<A> r = sigmoid_simd<A>(x_r + load<A>(in.gates_h, n));
-    const Simd<A> z = sigmoid_simd<A>(x_z + load<A>(in.gates_h + in.h_stride, n));
-    const Simd<A> cand = tanh_accurate(fmadd(r, hn, x_n));
+    using F = CellActivations<Ws>;
+    const Simd<A> r = F::template sigmoid<A>(x_r + load<A>(in.gates_h, n));
+    const Simd<A> z = F::template sigmoid<A>(x_z + load<A>(in.gates_h + in.h_stride, n));
+    const Simd<A> cand = F::template tanh<A>(fmadd(r, hn, x_n));
     if (in.workspace) {
       store(in.workspace, r, n);
       store(in.workspace + in.stride, z, n);

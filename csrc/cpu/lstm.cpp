@@ -60,12 +60,14 @@ struct CellForward {
   Simd<A> hidden;   // o tanh(c) (before any projection)
 };
 
-template <typename A>
+/// S: the storage dtype, which picks the activations' precision (simd.h's CellActivations).
+template <typename A, typename S>
 inline CellForward<A> lstm_cell_math(const Gates<A>& pre, Simd<A> c_prev) {
-  const Gates<A> act{sigmoid_simd<A>(pre.i), sigmoid_simd<A>(pre.f), tanh_accurate(pre.g),
-                     sigmoid_simd<A>(pre.o)};
+  using F = CellActivations<S>;
+  const Gates<A> act{F::template sigmoid<A>(pre.i), F::template sigmoid<A>(pre.f), F::template tanh<A>(pre.g),
+                     F::template sigmoid<A>(pre.o)};
   const Simd<A> c = fmadd(act.f, c_prev, act.i * act.g);
-  return {act, c, act.o * tanh_accurate(c)};
+  return {act, c, act.o * F::template tanh<A>(c)};
 }
 
 template <typename A>
@@ -76,11 +78,11 @@ struct CellBackward {
 };
 
 /// act: activated gates; d_hidden: gradient of o tanh(c); d_c: gradient of c from later steps.
-template <typename A>
+template <typename A, typename S>
 inline CellBackward<A> lstm_cell_grad(const Gates<A>& act, Simd<A> c_prev, Simd<A> c, Simd<A> d_hidden,
                                       Simd<A> d_c) {
   const A one = 1;
-  const Simd<A> tanh_c = tanh_accurate(c);
+  const Simd<A> tanh_c = CellActivations<S>::template tanh<A>(c);
   const Simd<A> d_c_total = d_c + d_hidden * act.o * (one - tanh_c * tanh_c);
   const Gates<A> d_pre{d_c_total * act.g * act.i * (one - act.i),
                        d_c_total * c_prev * act.f * (one - act.f),
@@ -110,7 +112,7 @@ struct LstmCell {
   States<A, 2> forward(const StepIn<A, In, Ws>& in, const States<A, 2>& prev) const {
     Gates<A> pre = load_gates<A>(in.gates_x, in.x_stride, 0, in.n) + load_gates<A>(in.gates_h, in.h_stride, 0, in.n);
     if (in.bias_x) pre = pre + load_gates<A>(in.bias_x, in.stride, 0, in.n);
-    const CellForward<A> res = lstm_cell_math<A>(pre, prev[1]);
+    const CellForward<A> res = lstm_cell_math<A, Ws>(pre, prev[1]);
     if (in.workspace) store_gates(in.workspace, in.stride, 0, res.act, in.n);
     return {res.hidden, res.c};
   }
@@ -122,7 +124,7 @@ struct LstmCell {
     const Gates<A> act = load_gates<A>(in.workspace, in.stride, 0, in.n);
     const Simd<A> c_prev = load<A>(in.prev[1], in.n);
     const Simd<A> c = in.cur[1] ? load<A>(in.cur[1], in.n) : fmadd(act.f, c_prev, act.i * act.g);
-    const CellBackward<A> g = lstm_cell_grad<A>(act, c_prev, c, d[0], d[1]);
+    const CellBackward<A> g = lstm_cell_grad<A, S>(act, c_prev, c, d[0], d[1]);
     return {g.d_pre, {Simd<A>{}, g.d_c_prev}, g.hidden};
   }
 

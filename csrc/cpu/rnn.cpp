@@ -44,7 +44,7 @@ struct ElmanCell {
     Simd<A> pre = load<A>(in.gates_x, in.n) + load<A>(in.gates_h, in.n);
     if (in.bias_x) pre += load<A>(in.bias_x, in.n);
     // `pre < 0 ? 0 : pre` rather than max: a NaN propagates, as torch.relu's does.
-    return {relu ? (pre < A(0) ? Simd<A>{} : pre) : tanh_accurate(pre)};
+    return {relu ? (pre < A(0) ? Simd<A>{} : pre) : CellActivations<Ws>::template tanh<A>(pre)};
   }
 
   template <typename A, typename S>
