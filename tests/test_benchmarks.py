@@ -47,3 +47,19 @@ def test_interleaved_timing_times_every_contender_in_every_round():
     timed = calls[4:]  # after two warm-up calls each, the rounds alternate between the contenders
     assert timed[: timings["a"].repeats // 3] == ["a"] * (timings["a"].repeats // 3)
     assert "b" in timed[: timings["a"].repeats // 3 + 1]
+
+
+def test_limits_floor_arithmetic_and_verdicts():
+    # benchmarks/limits.py times 4096-square products and a 1 GiB read, too slow for the suite: here its
+    # arithmetic, on made-up times. An LSTM layer's training step is six (T*B x 4H x H) products.
+    from benchmarks.limits import Limit, recurrent_gemm_flops, table
+
+    assert recurrent_gemm_flops(4, 32, 100, 256, training=True) == 6 * 2 * 100 * 32 * 1024 * 256
+    assert recurrent_gemm_flops(3, 32, 100, 256, training=False) == 2 * 2 * 100 * 32 * 768 * 256
+    reachable = Limit("a", target=1.5, baseline_s=0.040, floor_s=0.020, floor_how="x")
+    out_of_reach = Limit("b", target=1.5, baseline_s=0.040, floor_s=0.030, floor_how="y")
+    assert reachable.best_ratio == pytest.approx(2.0) and reachable.reachable
+    assert out_of_reach.best_ratio == pytest.approx(4 / 3) and not out_of_reach.reachable
+    text = table([reachable, out_of_reach])
+    assert "| a | 1.5x | 40.00 | 20.00 | 2.00x | x |" in text
+    assert "1.33x (target out of reach)" in text
