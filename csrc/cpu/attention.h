@@ -164,22 +164,10 @@ constexpr int64_t pad_lanes(int64_t n) {
 // ------------------------------------------------------------------------------------------------
 // exp and the online softmax.
 // ------------------------------------------------------------------------------------------------
-/// exp(x) for fp32 lanes, exactly 0 for x <= -104 (so -inf, a masked score minus the row max, gives 0),
-/// +inf above 88.7, NaN for NaN. Cody-Waite reduction x = n ln2 + r, Cephes expf's polynomial for e^r
-/// (~1 ulp), 2^n applied by vscalefps, which also flushes the far-negative tail to 0 without a select.
-inline Simd<float> exp_attention(Simd<float> x) {
-  using V = Simd<float>;
-  x = x < -104.0f ? broadcast(-104.0f) : x;  // -inf too (keeps the reduction finite); NaN passes through
-  x = x > 88.75f ? broadcast(88.75f) : x;
-  const V n = nearest_log2_multiple(x);
-  return times_pow2(exp_reduced(x, n), n);
-}
-
-/// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed); exp(-inf) = 0 already.
-inline Simd<double> exp_attention(Simd<double> x) {
-  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::exp(x[l]);
-  return x;
-}
+/// exp of a score minus its row maximum: simd.h's exp_simd, which is exactly 0 for x <= -104 (-inf, a masked
+/// score, included), so masked keys weigh exactly 0; fp64 lanes: libm.
+inline Simd<float> exp_attention(Simd<float> x) { return exp_simd(x); }
+inline Simd<double> exp_attention(Simd<double> x) { return exp_simd(x); }
 
 /// Horizontal max / sum of a vector (the AVX-512 reductions: a few shuffles instead of 16 scalar steps).
 inline float reduce_max(Simd<float> v) {
