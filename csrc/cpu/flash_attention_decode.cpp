@@ -510,9 +510,10 @@ class ChunkAttention {
   }
 
   /// acc (RT rows, leading dim acc_ld()) += p (RT x n, leading dim kBlockKeys) @ the n value rows at v.
+  /// Prefetches the V rows prefetch_keys_ ahead while they are among the `left` keys (0: none).
   void value_block(const A* p, const T* v, int64_t n, A* acc, int64_t left) const {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     const Prefetch ahead{prefetch_keys_, left, d_.value_dim * int64_t(sizeof(T))};
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     if constexpr (kChunked<T>) {
       value_tile_chunked<T, RT>(p, kBlockKeys, v, in_.v_stride[2], n, d_.value_dim, acc, acc_ld(), ahead);
       return;
