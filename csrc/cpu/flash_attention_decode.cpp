@@ -347,7 +347,8 @@ inline void score_tile_chunked(const float* q, int64_t q_ld, const T* const* key
     }
   }
   const Simd<float> sums = lane_sums<float>(acc);
-  for (int r = 0; r < RT; ++r) std::memcpy(scores + r * s_ld, reinterpret_cast<const float*>(&sums) + r * KT, KT * sizeof(float));
+  for (int r = 0; r < RT; ++r)
+    std::memcpy(scores + r * s_ld, reinterpret_cast<const float*>(&sums) + r * KT, KT * sizeof(float));
 }
 
 /// acc[r][c : c + NC*32) += sum_j p[r][j] v_j[c : ...) for RT rows over `keys` value rows, in chunk order;
@@ -460,7 +461,8 @@ class ChunkAttention {
       for (int64_t r = 0; r < R; ++r)
         softmax_row(vis_.keys(length, r % d_.len_q), j0, n, s.scores.data() + r * kBlockKeys, out, r);
       for (int64_t r = 0; r < rows_pad_; r += RT)
-        value_block(s.scores.data() + r * kBlockKeys, v + j0 * in_.v_stride[2], n, out.acc + r * acc_ld(), r == 0 ? chunk.end - j0 : 0);
+        value_block(s.scores.data() + r * kBlockKeys, v + j0 * in_.v_stride[2], n, out.acc + r * acc_ld(),
+                    r == 0 ? chunk.end - j0 : 0);  // the first row tile's pass prefetches
     }
   }
 
