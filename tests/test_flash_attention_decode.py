@@ -82,6 +82,27 @@ def test_decode_against_full_attention(backend, dtype):
         assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+# The AVX-512 kernel reads fp32 / bf16 rows in chunks of 32 columns (bf16: even columns, then odd ones) and
+# tiles 1, 2 or 4 query rows: head dims ending in a partial chunk (72 = 2 * 32 + 8; 16 < one vector; a value
+# width whose second 64-column panel is partial, 100), one and two query rows per kv head, and splits and
+# lengths that end inside a 64-key block.
+CHUNK_CASES = [
+    _case(1, 150, [150, 97], heads=2, kv_heads=2, dim=72, dim_v=100, causal=False, splits=3),
+    _case(1, 70, None, heads=4, kv_heads=2, dim=16, dim_v=40, splits=2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunk_tails_and_row_tiles(dtype):
+    for case in CHUNK_CASES:
+        args = _inputs(case, dtype)
+        with seqkern.backend("reference"):
+            expected = _decode(case, *_inputs(case, torch.float64))
+        with seqkern.backend("cpu"):
+            got = _decode(case, *args)
+        assert_rule(f"out {case_id(case)}", got, _full_attention(case, *args), expected)
+
+
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_split_counts_agree(backend):
     case = _case(2, 200, [200, 77], heads=4, kv_heads=1, dim=32)

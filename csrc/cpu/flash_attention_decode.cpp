@@ -46,14 +46,14 @@ constexpr int64_t kItemsPerThread = 8;
 /// ... but no chunk below this many keys: an item's fixed costs (copying R query rows, writing and merging
 /// an R x Dv partial) are then a small share of streaming its chunk of K and V.
 constexpr int64_t kMinChunkKeys = 256;
-/// Software prefetch distance: while scoring key j, the K and V rows of the key this many bytes of K rows
-/// ahead are requested into L2. The hardware prefetchers alone do not run far enough ahead to overlap the
-/// DRAM latency with the FMAs: one thread (thread CPU time, S = 32768) took 119-152 ns per fp32 cache row
-/// (K + V, 1 KB) against ~36 ns with the cache resident; with this prefetch 92-107 ns. 2 threads, headline
-/// case, same-process pairs against SDPA on the loaded machine (SDPA at 171-208 ms instead of 108 ms):
-/// 3.6-4.6x before, 4.3-6.2x after. 64 KB ahead measured alike, 256-512 KB no better, and prefetcht0
-/// (into L1) no better than none.
-constexpr int64_t kPrefetchBytes = 128 * 1024;
+/// Software prefetch distance: while scoring key j, the K row of the key this many bytes of K rows ahead
+/// is requested into L2, and while accumulating value row j, the V row as far ahead (Prefetch). The
+/// hardware prefetchers alone do not run far enough ahead to overlap the DRAM latency with the FMAs.
+/// Intel Xeon (AMX), one thread, process CPU time per call at the headline shape, interleaved with a
+/// 2-thread-capable read probe (`sum` over the same bytes), loaded machine: fp32 without prefetch 0.62-0.68x
+/// the probe's rate, 128 KB ahead 0.72-0.78x, 16 KB ahead 0.74-0.83x; bf16 0.49x / 0.66x / 0.69x. 4 KB and
+/// 32 KB measured as 16 KB, 512 KB as none. (Earlier, on AMD: 64 KB alike, prefetcht0 no better than none.)
+constexpr int64_t kPrefetchBytes = 16 * 1024;
 
 // ------------------------------------------------------------------------------------------------
 // Sizes, visibility and splits.
@@ -176,6 +176,21 @@ inline void prefetch_l2(const void* row, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 2);
 }
 
+/// The value rows' prefetch, issued from the value products' key loop so that requests keep flowing while
+/// the core computes P V (issued with the K rows' during the scores, the memory sat idle through P V).
+/// Value row j of a block prefetches row j + ahead while that is among the `left` keys of the chunk
+/// (counted from the block's first key); left = 0 turns it off (all but one pass over the block).
+struct Prefetch {
+  int64_t ahead = 0, left = 0, row_bytes = 0;
+
+  template <typename T>
+  void row(const T* v_row, int64_t j, int64_t v_stride) const {
+    if (j + ahead < left) prefetch_l2(v_row + ahead * v_stride, row_bytes);
+  }
+  /// Only the first panel of a row's columns prefetches: one request per line.
+  Prefetch first_panel(int64_t column) const { return column == 0 ? *this : Prefetch{}; }
+};
+
 // ------------------------------------------------------------------------------------------------
 // The two products of a block.
 // ------------------------------------------------------------------------------------------------
@@ -210,7 +225,7 @@ inline void score_tile(const A* q, int64_t q_ld, const T* const* keys, int64_t d
 /// vectors has `last` lanes (the head dim's tail). RT x NV accumulators stay in registers across the keys.
 template <typename A, typename T, int RT, int NV>
 inline void value_panel(const A* p, int64_t p_ld, const T* v, int64_t v_stride, int64_t keys, int last, A* acc,
-                        int64_t acc_ld) {
+                        int64_t acc_ld, const Prefetch& ahead) {
   constexpr int L = kLanes<A>;
   Simd<A> o[RT][NV];
 #pragma GCC unroll 4
@@ -219,6 +234,7 @@ inline void value_panel(const A* p, int64_t p_ld, const T* v, int64_t v_stride, 
     for (int x = 0; x < NV; ++x) o[r][x] = load<A>(acc + r * acc_ld + x * L);
   for (int64_t j = 0; j < keys; ++j) {
     const T* row = v + j * v_stride;
+    ahead.row(row, j, v_stride);
     Simd<A> w[NV];
 #pragma GCC unroll 4
     for (int x = 0; x < NV; ++x) w[x] = load_row<A>(row + x * L, x == NV - 1 ? last : L);
@@ -238,7 +254,7 @@ inline void value_panel(const A* p, int64_t p_ld, const T* v, int64_t v_stride, 
 /// acc (RT x value_dim, padded to whole vectors) += p (RT x keys) @ V (keys x value_dim), panels of 4 vectors.
 template <typename A, typename T, int RT>
 inline void value_tile(const A* p, int64_t p_ld, const T* v, int64_t v_stride, int64_t keys, int64_t value_dim,
-                       A* acc, int64_t acc_ld) {
+                       A* acc, int64_t acc_ld, const Prefetch& ahead) {
   constexpr int L = kLanes<A>, kPanel = 4 * L;
   for (int64_t c = 0; c < value_dim; c += kPanel) {
     const int64_t width = std::min<int64_t>(kPanel, value_dim - c);
@@ -246,14 +262,141 @@ inline void value_tile(const A* p, int64_t p_ld, const T* v, int64_t v_stride, i
     const int last = static_cast<int>(width - (vectors - 1) * L);
     const T* vc = v + c;
     A* ac = acc + c;
+    const Prefetch pf = ahead.first_panel(c);
     switch (vectors) {
-      case 1: value_panel<A, T, RT, 1>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld); break;
-      case 2: value_panel<A, T, RT, 2>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld); break;
-      case 3: value_panel<A, T, RT, 3>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld); break;
-      default: value_panel<A, T, RT, 4>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld); break;
+      case 1: value_panel<A, T, RT, 1>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld, pf); break;
+      case 2: value_panel<A, T, RT, 2>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld, pf); break;
+      case 3: value_panel<A, T, RT, 3>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld, pf); break;
+      default: value_panel<A, T, RT, 4>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld, pf); break;
     }
   }
 }
+
+// ------------------------------------------------------------------------------------------------
+// The AVX-512 products for float32 and bfloat16 caches: rows read in chunks of 32 elements.
+// ------------------------------------------------------------------------------------------------
+// A chunk of a cache row is loaded as two fp32 vectors. float32: columns [0, 16) and [16, 32), two plain
+// loads. bfloat16: ONE 64-byte load, then the even columns (a bf16 is the high half of its fp32: shift
+// left by 16) and the odd ones (mask off the low half): 2 instructions per 32 elements where widening
+// in order takes 4 and two loads. The bf16 columns thus come in the order (0, 2, .., 30, 1, 3, .., 31);
+// the products do not mind: q is stored in the same order (a dot product is a sum over columns), and the
+// value accumulators keep it until the merge puts the output row back in column order (chunk_column).
+constexpr int kChunk = 32;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+template <typename T>
+constexpr bool kChunked = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+#else
+template <typename T>
+constexpr bool kChunked = false;  // other levels and dtypes: score_tile / value_tile above
+#endif
+
+/// The column of a row held at position p (0..31) of its chunk's two vectors.
+template <typename T>
+constexpr int64_t chunk_column(int64_t p) {
+  if constexpr (kChunked<T> && std::is_same_v<T, c10::BFloat16>) return p < 16 ? 2 * p : 2 * (p - 16) + 1;
+  return p;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/// Columns [0, 32) of src as two fp32 vectors (a, b) in chunk order; only the first n (>= 1) exist, the
+/// others read as 0 (masked loads: never past the row).
+inline void load_chunk(const float* src, int n, Simd<float>& a, Simd<float>& b) {
+  if (n >= kChunk) {
+    a = _mm512_loadu_ps(src);
+    b = _mm512_loadu_ps(src + 16);
+  } else {
+    a = _mm512_maskz_loadu_ps(static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1), src);
+    b = _mm512_maskz_loadu_ps(static_cast<__mmask16>(n <= 16 ? 0 : (1u << (n - 16)) - 1), src + 16);
+  }
+}
+inline void load_chunk(const c10::BFloat16* src, int n, Simd<float>& a, Simd<float>& b) {
+  const __m512i x = n >= kChunk ? _mm512_loadu_si512(src)
+                                : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << n) - 1), src);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+/// scores[r][j] = q_r . k_j for RT query rows and KT = 16 / RT keys, as score_tile, but q-stationary: per
+/// chunk of the head dim, the RT rows' two q vectors are loaded once into registers and serve the KT keys
+/// (2 RT + 2 loads per 2 RT KT FMAs; score_tile reloads q for every key: 1.25 loads per FMA, which made
+/// the score loop load-bound). The KT rows are read a chunk of each in turn: the software prefetch
+/// (block_scores) has them in L2 by then, so the interleaving does not reach the hardware prefetchers.
+///   q: RT rows of dim_pad (chunk order, zero-padded to whole chunks), leading dim q_ld.
+template <typename T, int RT>
+inline void score_tile_chunked(const float* q, int64_t q_ld, const T* const* keys, int64_t dim, float* scores,
+                               int64_t s_ld) {
+  constexpr int L = kLanes<float>, KT = L / RT;
+  Simd<float> acc[L];
+#pragma GCC unroll 16
+  for (int t = 0; t < L; ++t) acc[t] = broadcast(0.0f);
+  for (int64_t d = 0; d < dim; d += kChunk) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, dim - d));
+    Simd<float> qa[RT], qb[RT];
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; ++r) {
+      qa[r] = _mm512_loadu_ps(q + r * q_ld + d);
+      qb[r] = _mm512_loadu_ps(q + r * q_ld + d + 16);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < KT; ++j) {
+      Simd<float> ka, kb;
+      load_chunk(keys[j] + d, n, ka, kb);
+#pragma GCC unroll 4
+      for (int r = 0; r < RT; ++r) acc[r * KT + j] = fmadd(qb[r], kb, fmadd(qa[r], ka, acc[r * KT + j]));
+    }
+  }
+  const Simd<float> sums = lane_sums<float>(acc);
+  for (int r = 0; r < RT; ++r)
+    std::memcpy(scores + r * s_ld, reinterpret_cast<const float*>(&sums) + r * KT, KT * sizeof(float));
+}
+
+/// acc[r][c : c + NC*32) += sum_j p[r][j] v_j[c : ...) for RT rows over `keys` value rows, in chunk order;
+/// the panel's last chunk has `last` columns. RT x 2 NC accumulators stay in registers across the keys.
+template <typename T, int RT, int NC>
+inline void value_panel_chunked(const float* p, int64_t p_ld, const T* v, int64_t v_stride, int64_t keys, int last,
+                                float* acc, int64_t acc_ld, const Prefetch& ahead) {
+  constexpr int L = kLanes<float>, NV = 2 * NC;
+  Simd<float> o[RT][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < NV; ++x) o[r][x] = _mm512_loadu_ps(acc + r * acc_ld + x * L);
+  for (int64_t j = 0; j < keys; ++j) {
+    const T* row = v + j * v_stride;
+    ahead.row(row, j, v_stride);
+    Simd<float> w[NV];
+#pragma GCC unroll 2
+    for (int c = 0; c < NC; ++c) load_chunk(row + c * kChunk, c == NC - 1 ? last : kChunk, w[2 * c], w[2 * c + 1]);
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; ++r) {
+      const Simd<float> pr = broadcast(p[r * p_ld + j]);
+#pragma GCC unroll 4
+      for (int x = 0; x < NV; ++x) o[r][x] = fmadd(pr, w[x], o[r][x]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < NV; ++x) _mm512_storeu_ps(acc + r * acc_ld + x * L, o[r][x]);
+}
+
+/// value_tile in chunk order: panels of 2 chunks (64 columns, 4 RT accumulators).
+template <typename T, int RT>
+inline void value_tile_chunked(const float* p, int64_t p_ld, const T* v, int64_t v_stride, int64_t keys,
+                               int64_t value_dim, float* acc, int64_t acc_ld, const Prefetch& ahead) {
+  constexpr int64_t kPanel = 2 * kChunk;
+  for (int64_t c = 0; c < value_dim; c += kPanel) {
+    const int64_t width = std::min<int64_t>(kPanel, value_dim - c);
+    const int last = static_cast<int>(width > kChunk ? width - kChunk : width);
+    if (width > kChunk) {
+      value_panel_chunked<T, RT, 2>(p, p_ld, v + c, v_stride, keys, last, acc + c, acc_ld, ahead.first_panel(c));
+    } else {
+      value_panel_chunked<T, RT, 1>(p, p_ld, v + c, v_stride, keys, last, acc + c, acc_ld, ahead.first_panel(c));
+    }
+  }
+}
+#endif
 
 // ------------------------------------------------------------------------------------------------
 // One work item: a chunk of keys of one (sequence, kv head) for its R query rows.
@@ -288,10 +431,12 @@ class ChunkAttention {
   using A = Acc<T>;
   static constexpr int L = kLanes<A>;
   static constexpr int KT = L / RT;
+  /// q rows and acc rows are padded to whole chunks on the chunked path, to whole vectors otherwise.
+  static constexpr int64_t kPad = kChunked<T> ? kChunk : L;
 
   ChunkAttention(const DecodeShape& d, const Inputs<T>& in, const Visibility& vis, A scale)
       : d_(d), in_(in), vis_(vis), scale_(scale), rows_pad_((d.rows() + RT - 1) / RT * RT),
-        dim_pad_((d.head_dim + L - 1) / L * L),
+        dim_pad_((d.head_dim + kPad - 1) / kPad * kPad),
         prefetch_keys_(std::max<int64_t>(KT, kPrefetchBytes / std::max<int64_t>(1, d.head_dim * int64_t(sizeof(T))))) {}
 
   int64_t rows_pad() const { return rows_pad_; }
@@ -312,43 +457,71 @@ class ChunkAttention {
     const T* v = in_.v + b * in_.v_stride[0] + h * in_.v_stride[1];
     for (int64_t j0 = chunk.begin; j0 < chunk.end; j0 += kBlockKeys) {
       const int64_t n = std::min(kBlockKeys, chunk.end - j0);
-      block_scores(s.q.data(), k + j0 * in_.k_stride[2], v + j0 * in_.v_stride[2], n, chunk.end - j0, s.scores.data());
+      block_scores(s.q.data(), k + j0 * in_.k_stride[2], n, chunk.end - j0, s.scores.data());
       for (int64_t r = 0; r < R; ++r)
         softmax_row(vis_.keys(length, r % d_.len_q), j0, n, s.scores.data() + r * kBlockKeys, out, r);
       for (int64_t r = 0; r < rows_pad_; r += RT)
-        value_tile<A, T, RT>(s.scores.data() + r * kBlockKeys, kBlockKeys, v + j0 * in_.v_stride[2], in_.v_stride[2],
-                             n, d_.value_dim, out.acc + r * acc_ld(), acc_ld());
+        value_block(s.scores.data() + r * kBlockKeys, v + j0 * in_.v_stride[2], n, out.acc + r * acc_ld(),
+                    r == 0 ? chunk.end - j0 : 0);  // the first row tile's pass prefetches
     }
   }
 
-  int64_t acc_ld() const { return (d_.value_dim + L - 1) / L * L; }
+  int64_t acc_ld() const { return (d_.value_dim + kPad - 1) / kPad * kPad; }
 
  private:
-  /// q rows g * Lq + i <- scale * q[b, h * G + g, i, :] in A, zero-padded (rows and head dim).
+  /// q rows g * Lq + i <- scale * q[b, h * G + g, i, :] in A, in chunk order (chunk_column), zero-padded
+  /// (rows and head dim).
   void load_queries(int64_t b, int64_t h, A* q) const {
     for (int64_t r = 0; r < d_.rows(); ++r) {
       const T* src = in_.q + b * in_.q_stride[0] + (h * d_.group + r / d_.len_q) * in_.q_stride[1] +
                      (r % d_.len_q) * in_.q_stride[2];
-      for (int64_t c = 0; c < d_.head_dim; ++c) q[r * dim_pad_ + c] = static_cast<A>(src[c]) * scale_;
+      // In chunk order: in a bf16 head dim's last partial chunk, positions past head_dim hold odd columns.
+      for (int64_t c = 0; c < dim_pad_; ++c) {
+        const int64_t column = c / kChunk * kChunk + chunk_column<T>(c % kChunk);
+        q[r * dim_pad_ + c] = column < d_.head_dim ? static_cast<A>(src[column]) * scale_ : A(0);
+      }
     }
   }
 
   /// scores (R_pad x kBlockKeys) <- q K^T for the n keys at `k`. Key tiles outside, query tiles inside: a
   /// tile's KT cache rows are read from memory once and stay in L1 for all R / RT query tiles. Keys past n
   /// in the last tile read row 0 of the block instead (never out of bounds); their scores are unused.
-  /// Each tile also prefetches the K and V rows prefetch_keys_ ahead (kPrefetchBytes), while they are
-  /// among the `left` keys of the chunk that start at `k` / `v`.
-  void block_scores(const A* q, const T* k, const T* v, int64_t n, int64_t left, A* scores) const {
+  /// Each tile also prefetches the K rows prefetch_keys_ ahead (kPrefetchBytes), while they are among the
+  /// `left` keys of the chunk that start at `k` (the V rows: value_block).
+  void block_scores(const A* q, const T* k, int64_t n, int64_t left, A* scores) const {
     for (int64_t j = 0; j < n; j += KT) {
       for (int t = 0; t < KT && j + t + prefetch_keys_ < left; ++t) {
         prefetch_l2(k + (j + t + prefetch_keys_) * in_.k_stride[2], d_.head_dim * int64_t(sizeof(T)));
-        prefetch_l2(v + (j + t + prefetch_keys_) * in_.v_stride[2], d_.value_dim * int64_t(sizeof(T)));
       }
       const T* keys[KT];
       for (int t = 0; t < KT; ++t) keys[t] = k + (j + t < n ? j + t : 0) * in_.k_stride[2];
       for (int64_t r = 0; r < rows_pad_; r += RT)
-        score_tile<A, T, RT>(q + r * dim_pad_, dim_pad_, keys, d_.head_dim, scores + r * kBlockKeys + j, kBlockKeys);
+        score_block_tile(q + r * dim_pad_, keys, scores + r * kBlockKeys + j);
     }
+  }
+
+  /// The score tile of RT query rows (q) and KT keys into `scores` (leading dim kBlockKeys).
+  void score_block_tile(const A* q, const T* const* keys, A* scores) const {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if constexpr (kChunked<T>) {
+      score_tile_chunked<T, RT>(q, dim_pad_, keys, d_.head_dim, scores, kBlockKeys);
+      return;
+    }
+#endif
+    score_tile<A, T, RT>(q, dim_pad_, keys, d_.head_dim, scores, kBlockKeys);
+  }
+
+  /// acc (RT rows, leading dim acc_ld()) += p (RT x n, leading dim kBlockKeys) @ the n value rows at v.
+  /// Prefetches the V rows prefetch_keys_ ahead while they are among the `left` keys (0: none).
+  void value_block(const A* p, const T* v, int64_t n, A* acc, int64_t left) const {
+    const Prefetch ahead{prefetch_keys_, left, d_.value_dim * int64_t(sizeof(T))};
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if constexpr (kChunked<T>) {
+      value_tile_chunked<T, RT>(p, kBlockKeys, v, in_.v_stride[2], n, d_.value_dim, acc, acc_ld(), ahead);
+      return;
+    }
+#endif
+    value_tile<A, T, RT>(p, kBlockKeys, v, in_.v_stride[2], n, d_.value_dim, acc, acc_ld(), ahead);
   }
 
   /// One row's online-softmax step over the block of keys [j0, j0 + n): masks the keys the query does not
@@ -413,7 +586,7 @@ void merge_splits(const DecodeShape& d, int64_t splits, int64_t acc_ld, int64_t 
   constexpr int L = kLanes<A>;
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   const int64_t R = d.rows(), item0 = (b * d.kv_heads + h) * splits;
-  std::vector<A> merged(acc_ld);
+  std::vector<A> merged(acc_ld), natural(acc_ld);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t head = h * d.group + r / d.len_q, i = r % d.len_q;
     T* dst = out + ((b * d.q_heads + head) * d.len_q + i) * d.value_dim;
@@ -439,6 +612,10 @@ void merge_splits(const DecodeShape& d, int64_t splits, int64_t acc_ld, int64_t 
       const A* src = acc + (item * rows_pad + r) * acc_ld;
       for (int64_t c = 0; c < acc_ld; c += L)
         store(merged.data() + c, fmadd(broadcast(static_cast<A>(weight)), load<A>(src + c), load<A>(merged.data() + c)));
+    }
+    if constexpr (chunk_column<T>(1) != 1) {  // acc rows in chunk order (bf16): back to column order
+      for (int64_t c = 0; c < acc_ld; ++c) natural[c / kChunk * kChunk + chunk_column<T>(c % kChunk)] = merged[c];
+      std::swap(merged, natural);
     }
     const A inv = static_cast<A>(1 / total);
     for (int64_t c = 0; c < d.value_dim; c += L)
