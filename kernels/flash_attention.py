@@ -680,7 +680,7 @@ _GPU_CONFIGS = {
     ("key_gradients", "fma"): {64: [(16, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
 }
 # The light variant (no attention mask, no dropout: the mask tile's 64-bit addresses and the dropout hash are
-# gone) has registers for FlashAttention-2's tiles: 64-128 keys. Other units use the lists above.
+# gone) has registers for FlashAttention-2's tiles: 64-128 keys. Kernels and units not here use the lists above.
 _LIGHT_GPU_CONFIGS = {
     ("forward", "mma"): {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
                          128: [(128, 32, 8, 3), (64, 64, 8, 3)],
@@ -691,6 +691,15 @@ _LIGHT_GPU_CONFIGS = {
     ("key_gradients", "mma"): {64: [(32, 32, 8, 3), (32, 32, 4, 3)],
                                128: [(16, 16, 8, 2), (16, 16, 4, 2)],
                                256: [(16, 32, 8, 1)]},
+    # float32: not larger tiles but others where the heavy variant's spilled in the light one (ptxas, sm_80 and
+    # sm_90): the tf32 dQ kernel at d256 (16 x 16 / 4 warps: 20-100 bytes; 2 stages on 8 warps fit), the fma32
+    # dK/dV kernel at d128 (64 x 16 / 8: spilled; 16 x 16 / 4, which spills in the heavy one, fits).
+    ("query_gradients", "tf32"): {64: [(32, 16, 4, 1)],
+                                  128: [(32, 16, 8, 1), (16, 16, 4, 1)],
+                                  256: [(16, 16, 8, 2)]},
+    ("key_gradients", "fma32"): {64: [(16, 16, 8, 1)],
+                                 128: [(16, 16, 4, 1)],
+                                 256: [(64, 16, 8, 1)]},
 }
 # Under the interpreter one config, no autotuning: it runs each program in Python, so the fewest, largest tiles
 # are fastest (forward + backward over 6 heads, 256 tokens, head dim 64, float32: 6.9 s with these, 27 s with
