@@ -4,7 +4,7 @@ day a CUDA GPU is available. No GPU on this project's machines: there it says so
 On a CUDA machine, in under 10 minutes:
   1. correctness on the device: every attention op's Triton kernel (flash forward + backward, decode, additive
      forward + backward) and the recurrent modules, in float16 / bfloat16 / float32 (TF32 off: float32 FMAs in
-     flash attention, tf32x3 in the other kernels), on CUDA tensors, under DESIGN.md's rule (max|ours - fp64|
+     flash attention and decoding, tf32x3 in the other kernels), on CUDA tensors, under DESIGN.md's rule (max|ours - fp64|
      <= 2 max|torch same dtype - fp64| + floor); the pytest suite's Triton tests build CPU tensors (they run under the interpreter), so this is their
      on-device counterpart, on larger shapes;
   2. the GPU benchmark set, each seqkern call timed against its torch counterpart interleaved (A, B, A, B ...,
