@@ -10,9 +10,9 @@ variant with the most live registers, which bounds the lighter ones; flash atten
 tiles for launches without mask and dropout, compiled as "[light]" kernels.
 
 Cost: a compile takes ~5-10 s of one core (ptxas included), 20-40 s on this loaded 2-core machine (the recurrent
-split kernel: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 6 kernels, plus 2
-compiles for the tf32 check); `pytest -m gpu_compile` compiles the full matrix (kernels x configs x dtypes x
-head dims x targets: ~340 attention compiles and 156 recurrent ones). Triton caches compiled kernels on disk
+split kernel: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 7 kernels, plus 4
+compiles for the tf32 check; 13-20 s with triton's cache warm); `pytest -m gpu_compile` compiles the full matrix
+(kernels x configs x dtypes x head dims x targets, float32 under allow_tf32 off and on: 581 cases). Triton caches compiled kernels on disk
 (~/.triton/cache), so a second run costs seconds.
 
 To add a kernel (e.g. the row-block recurrent ones), append a Kernel to KERNELS: its JIT function, the arguments
