@@ -88,8 +88,8 @@ def dot_precision(dtype: torch.dtype, device: torch.device, float32: str = "tf32
     allows it, as torch's own float32 matmuls; else the kernel's full-accuracy choice `float32`: "tf32x3"
     (each operand split into two tf32 halves, three tensor-core products: about float32's accuracy at
     tensor-core speed, but four operand tiles live at once) or "ieee" (float32 FMAs, what torch runs without
-    tf32: the attention kernels, whose tf32x3 tiles spill registers at every tile size, see
-    kernels/flash_attention.py). Everything else, and everything under the interpreter (where tl.dot is exact
+    tf32: flash attention, whose tf32x3 tiles spilled registers at every tile size, and decoding, see
+    kernels/flash_attention.py and flash_attention_decode.py). Everything else, and everything under the interpreter (where tl.dot is exact
     numpy arithmetic whatever is asked), is "ieee"; the setting only matters for float32 operands.
     """
     if dtype == torch.float32 and device.type == "cuda":
