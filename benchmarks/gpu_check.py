@@ -3,9 +3,9 @@ day a CUDA GPU is available. No GPU on this project's machines: there it says so
 
 On a CUDA machine, in under 10 minutes:
   1. correctness on the device: every attention op's Triton kernel (flash forward + backward, decode, additive
-     forward + backward) and the recurrent modules, in float16 / bfloat16 / float32 (TF32 off: tf32x3), on
-     CUDA tensors, under DESIGN.md's rule (max|ours - fp64| <= 2 max|torch same dtype - fp64| + floor); the
-     pytest suite's Triton tests build CPU tensors (they run under the interpreter), so this is their
+     forward + backward) and the recurrent modules, in float16 / bfloat16 / float32 (TF32 off: float32 FMAs in
+     flash attention and decoding, tf32x3 in the other kernels), on CUDA tensors, under DESIGN.md's rule (max|ours - fp64|
+     <= 2 max|torch same dtype - fp64| + floor); the pytest suite's Triton tests build CPU tensors (they run under the interpreter), so this is their
      on-device counterpart, on larger shapes;
   2. the GPU benchmark set, each seqkern call timed against its torch counterpart interleaved (A, B, A, B ...,
      CUDA events, median): LSTM / GRU vs torch.nn (cuDNN), attention forward and forward + backward vs SDPA's
@@ -213,28 +213,43 @@ def time_interleaved_cuda(calls: dict[str, Callable[[], object]], repeats: int, 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _attention_bench(device, dtype, batch, heads, length, dim, train: bool):
+def _attention_bench(device, dtype, batch, heads, length, dim, train: bool, tf32: bool = False):
+    """seqkern's flash attention against SDPA's flash backend (16-bit dtypes) or its memory-efficient one (float32,
+    which the flash backend refuses), both under torch.backends.cuda.matmul.allow_tf32 = `tf32` (float32: tf32
+    tensor-core products, else float32 FMAs in seqkern's kernels)."""
     import seqkern
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = SDPBackend.EFFICIENT_ATTENTION if dtype == torch.float32 else SDPBackend.FLASH_ATTENTION
 
     q, k, v = (torch.randn(batch, heads, length, dim, device=device, dtype=dtype, requires_grad=train)
                for _ in range(3))
     grad = torch.randn_like(q)
 
     def ours():
-        with seqkern.backend("triton"):
+        with seqkern.backend("triton"), _allow_tf32(tf32):
             out = seqkern.attention(q, k, v, is_causal=True)
             if train:
                 torch.autograd.grad(out, (q, k, v), grad)
 
-    def sdpa_flash():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    def sdpa():
+        with sdpa_kernel(backend), _allow_tf32(tf32):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             if train:
                 torch.autograd.grad(out, (q, k, v), grad)
     # causal: half the score matrix; 4 matmul-like products of L x L x d forward, 2.5x that with backward
     flops = 4 * batch * heads * length * length * dim / 2 * (3.5 if train else 1)
-    return {"seqkern": ours, "SDPA flash": sdpa_flash}, flops, 0
+    return {"seqkern": ours, "SDPA flash" if backend == SDPBackend.FLASH_ATTENTION else "SDPA efficient": sdpa}, flops, 0
+
+
+@contextlib.contextmanager
+def _allow_tf32(allow: bool):
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _decode_bench(device, dtype, batch, heads, kv_heads, cache, dim):
@@ -323,6 +338,14 @@ def _benchmark_cases(device, quick: bool) -> list[tuple[str, Callable]]:
         for train in (False, True):
             cases.append((f"additive {name} b8 L{512 // scale} H256 Dv128 {'fwd+bwd' if train else 'fwd'}",
                           lambda d=dtype, t=train: _additive_bench(device, d, 8, 512 // scale, 256, 128, t)))
+    # float32 flash attention: float32 FMAs (TF32 off, torch's default) and tf32 products, against SDPA's
+    # memory-efficient backend in the same setting; a shorter sequence (the FMA path is ~10x slower than bf16).
+    for tf32 in (False, True):
+        for train in (False, True):
+            length = 2048 // scale
+            cases.append((f"attention float32{' tf32' if tf32 else ''} b4 h16 L{length} d128 causal "
+                          f"{'fwd+bwd' if train else 'fwd'}",
+                          lambda t=train, f=tf32, n=length: _attention_bench(device, torch.float32, 4, 16, n, 128, t, f)))
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         for kind in ("LSTM", "GRU"):

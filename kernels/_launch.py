@@ -81,17 +81,19 @@ def dot_operand_dtype(dtype: torch.dtype, device: torch.device):
             torch.float16: tl.float16}[dtype]
 
 
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+def dot_precision(dtype: torch.dtype, device: torch.device, float32: str = "tf32x3") -> str:
     """tl.dot's input_precision for operands of `dtype` on `device`, as torch chooses for float32 matmuls.
 
-    float32 on CUDA runs on the tensor cores: "tf32" (10-bit mantissas) where
-    torch.backends.cuda.matmul.allow_tf32 allows it, else "tf32x3" (each operand split into two tf32 halves,
-    three products: about float32's accuracy at tensor-core speed). Everything else, and everything under the
-    interpreter (where tl.dot is exact numpy arithmetic whatever is asked), is "ieee"; the setting only
-    matters for float32 operands.
+    float32 on CUDA: "tf32" (tensor cores, 10-bit mantissas) where torch.backends.cuda.matmul.allow_tf32
+    allows it, as torch's own float32 matmuls; else the kernel's full-accuracy choice `float32`: "tf32x3"
+    (each operand split into two tf32 halves, three tensor-core products: about float32's accuracy at
+    tensor-core speed, but four operand tiles live at once) or "ieee" (float32 FMAs, what torch runs without
+    tf32: flash attention, whose tf32x3 tiles spilled registers at every tile size, and decoding, see
+    kernels/flash_attention.py and flash_attention_decode.py). Everything else, and everything under the interpreter (where tl.dot is exact
+    numpy arithmetic whatever is asked), is "ieee"; the setting only matters for float32 operands.
     """
     if dtype == torch.float32 and device.type == "cuda":
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else float32
     return "ieee"
 
 

@@ -625,6 +625,8 @@ def _query_gradients_kernel(
 # target's limit, so a list holds only configs that fit. The shapes follow FlashAttention-2 and Triton's
 # fused-attention tutorial (128-row query tiles, 64-128 keys, 4-8 warps, 2-4 stages), cut down where ptxas
 # found spills: the mask tile's 64-bit addresses and the dropout hash come on top of the tutorial's registers.
+# float32 has two units, chosen as torch chooses for its own float32 matmuls: tf32 tensor-core products where
+# torch.backends.cuda.matmul.allow_tf32 allows them, else float32 FMAs (FLOAT32_PRECISION), each with its lists.
 # No GPU here to time them: which config wins on an A100 / H100 is for the autotuner (and `make gpu-check`).
 _GPU_CONFIGS = {
     # unit "mma": bfloat16 / float16 operands on the tensor cores (float32 accumulators). Every bf16 config
@@ -640,29 +642,45 @@ _GPU_CONFIGS = {
     ("key_gradients", "mma"): {64: [(32, 32, 8, 2), (32, 32, 4, 2)],
                                128: [(32, 32, 8, 2), (16, 32, 4, 2)],
                                256: [(16, 16, 8, 1), (16, 16, 4, 1)]},
-    # unit "tf32": float32 operands on the tensor cores (tf32 or tf32x3, see dot_precision): twice the bytes
-    # of a bfloat16 tile in shared memory and registers, and tf32x3 keeps both halves of each operand.
-    # ptxas (tf32x3, sm_80 and sm_90, 2026-12-05): only the d64 forward fits, in the tiles below (64 x 64 / 8
-    # warps spilled 1128-2140 bytes, 64 x 32 / 4 warps 8-524). Every other float32 list still spills and no
-    # smaller tile fixes it: at d128 the forward's 32 x 16 spills 432-460 bytes, the dQ kernel's 16 x 16 2-3 KB,
-    # the dK/dV kernel's 16 x 16 56-492; at d256 16 x 16 spills 1-100 KB (ptxas settles on 32 registers); with
-    # plain tf32 the d128 backward still spills 184-2584. A design change is needed (NOTES.md), not a list.
-    ("forward", "tf32"): {64: [(32, 16, 4, 2), (16, 16, 4, 1)],
-                          128: [(64, 32, 8, 2), (32, 32, 4, 2)],
+    # unit "tf32": float32 operands on the tensor cores with tf32 products (torch.backends.cuda.matmul.allow_tf32):
+    # twice the bytes of a bfloat16 tile in shared memory and registers. ptxas (2026-12-05, heavy and light, sm_80
+    # and sm_90): dropped 32 x 32 / 4 warps at d128 (104 bytes spilled on sm_80), the dQ kernel's 32 x 32 / 8 at
+    # d64 (268 on sm_90). At d256 the backward's tiles fit the heavy variant but spill in the light one (16 x 16:
+    # dQ on sm_90, dK/dV on sm_80; 16 x 32 dK/dV on both): open.
+    ("forward", "tf32"): {64: [(64, 64, 8, 2), (32, 32, 4, 2)],
+                          128: [(64, 32, 8, 2), (32, 32, 8, 2)],
                           256: [(32, 32, 8, 1), (32, 16, 4, 1)]},
-    ("query_gradients", "tf32"): {64: [(64, 32, 8, 2), (32, 32, 4, 2)],
-                                  128: [(32, 32, 8, 2), (32, 16, 4, 1)],
-                                  256: [(16, 32, 8, 1), (16, 16, 4, 1)]},
-    ("key_gradients", "tf32"): {64: [(32, 64, 8, 2), (16, 64, 4, 2)],
-                                128: [(16, 64, 8, 1), (16, 32, 4, 1)],
-                                256: [(16, 32, 8, 1), (16, 16, 4, 1)]},
+    ("query_gradients", "tf32"): {64: [(32, 16, 4, 1)],
+                                  128: [(32, 16, 8, 1), (16, 16, 4, 1)],
+                                  256: [(16, 16, 4, 1)]},
+    ("key_gradients", "tf32"): {64: [(32, 32, 8, 1)],
+                                128: [(32, 16, 8, 1), (16, 16, 8, 1)],
+                                256: [(16, 16, 8, 1)]},
+    # unit "fma32": float32 without tf32 (FLOAT32_PRECISION, "ieee"): products on the FMA units, each thread
+    # holding its rows of one operand and its columns of the other over the whole reduction (the head dim for the
+    # score products), so the tiles are short: 16 query rows on 8 warps. ptxas (2026-12-05, heavy and light, sm_80
+    # and sm_90): the forward's 32-row tiles spilled 48-4724 bytes at d64 / d128 (32 x 32 / 4 warps, 64 x 32 / 8;
+    # sm_90 worse than sm_80), 16 x 64 / 4 warps 1284-1360 at d64; the dQ kernel's 16 x 16 / 4 warps 2-2.2 KB and
+    # 16 x 32 / 8 1.5-2 KB at d128 (8 warps with 16 keys fit); the dK/dV kernel spilled 8-116 bytes at most tiles
+    # with ptxas settling on 64-128 registers (an allocation choice, not the tile's size). At d128 the dK/dV
+    # kernel's 64 x 16 / 8 fits the heavy variant but not the light one; at d256 no backward tile fitted both:
+    # open (chunking the head dim in the score products would bound the operand registers).
+    ("forward", "fma32"): {64: [(16, 64, 8, 1), (16, 32, 8, 2)],
+                           128: [(16, 32, 8, 2), (16, 16, 8, 1)],
+                           256: [(16, 16, 8, 1)]},
+    ("query_gradients", "fma32"): {64: [(16, 32, 8, 1)],
+                                   128: [(16, 16, 8, 2), (16, 16, 8, 1)],
+                                   256: [(16, 16, 8, 2)]},
+    ("key_gradients", "fma32"): {64: [(16, 16, 8, 1)],
+                                 128: [(64, 16, 8, 1)],
+                                 256: [(64, 16, 8, 1)]},
     # unit "fma": float64 (no float64 tensor-core path in Triton): products on the FMA units, operands in registers.
     ("forward", "fma"): {64: [(32, 32, 8, 2)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
     ("query_gradients", "fma"): {64: [(32, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
     ("key_gradients", "fma"): {64: [(16, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
 }
 # The light variant (no attention mask, no dropout: the mask tile's 64-bit addresses and the dropout hash are
-# gone) has registers for FlashAttention-2's tiles: 64-128 keys. Other units use the lists above.
+# gone) has registers for FlashAttention-2's tiles: 64-128 keys. Kernels and units not here use the lists above.
 _LIGHT_GPU_CONFIGS = {
     ("forward", "mma"): {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
                          128: [(128, 32, 8, 3), (64, 64, 8, 3)],
@@ -673,6 +691,15 @@ _LIGHT_GPU_CONFIGS = {
     ("key_gradients", "mma"): {64: [(32, 32, 8, 3), (32, 32, 4, 3)],
                                128: [(16, 16, 8, 2), (16, 16, 4, 2)],
                                256: [(16, 32, 8, 1)]},
+    # float32: not larger tiles but others where the heavy variant's spilled in the light one (ptxas, sm_80 and
+    # sm_90): the tf32 dQ kernel at d256 (16 x 16 / 4 warps: 20-100 bytes; 2 stages on 8 warps fit), the fma32
+    # dK/dV kernel at d128 (64 x 16 / 8: spilled; 16 x 16 / 4, which spills in the heavy one, fits).
+    ("query_gradients", "tf32"): {64: [(32, 16, 4, 1)],
+                                  128: [(32, 16, 8, 1), (16, 16, 4, 1)],
+                                  256: [(16, 16, 8, 2)]},
+    ("key_gradients", "fma32"): {64: [(16, 16, 8, 1)],
+                                 128: [(16, 16, 4, 1)],
+                                 256: [(64, 16, 8, 1)]},
 }
 # Under the interpreter one config, no autotuning: it runs each program in Python, so the fewest, largest tiles
 # are fastest (forward + backward over 6 heads, 256 tokens, head dim 64, float32: 6.9 s with these, 27 s with
@@ -687,12 +714,21 @@ def _padded(size: int) -> int:
     return max(MIN_DOT_SIZE, triton.next_power_of_2(size))
 
 
+# float32 products without tf32 (torch.backends.cuda.matmul.allow_tf32 off): "ieee", float32 FMAs, as torch's own
+# float32 matmuls. Not "tf32x3": its split operands (big and small tf32 halves of the Q, K, V, dO tiles across the
+# whole head dim) spilled registers at every tile down to 16 x 16 at head dim 128 (ptxas, sm_80 and sm_90).
+FLOAT32_PRECISION = "ieee"
+
+
 def unit(dtype: torch.dtype, device: torch.device) -> str:
-    """Which units run the tile products: "mma" (16-bit operands), "tf32" (float32 on the tensor cores),
-    "fma" (float64), or "interpreter" (CPU tensors)."""
+    """Which units run the tile products: "mma" (16-bit operands), "tf32" (float32 on the tensor cores, where
+    torch.backends.cuda.matmul.allow_tf32 allows it), "fma32" (float32 on the FMA units, where it does not),
+    "fma" (float64), or "interpreter" (CPU tensors). Follows _launch.dot_precision."""
     if device.type != "cuda":
         return "interpreter"
-    return {torch.float32: "tf32", torch.float64: "fma"}.get(dtype, "mma")
+    if dtype == torch.float32:
+        return "tf32" if dot_precision(dtype, device, FLOAT32_PRECISION) == "tf32" else "fma32"
+    return {torch.float64: "fma"}.get(dtype, "mma")
 
 
 def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict:
@@ -834,7 +870,7 @@ def _arguments(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_seqlens_
         "PRESCALE": prescale,
         "VARLEN": cu_seqlens_q is not None, "HAS_MASK": mask is not None, "DROPOUT": dropout_p > 0,
         "ACC": accumulator_dtype(q.dtype), "DOT": dot_operand_dtype(q.dtype, q.device),
-        "PRECISION": dot_precision(q.dtype, q.device), **_head_blocks(q.shape[3], v.shape[3]),
+        "PRECISION": dot_precision(q.dtype, q.device, FLOAT32_PRECISION), **_head_blocks(q.shape[3], v.shape[3]),
     }
 
 

@@ -223,8 +223,15 @@ def _choose_splits(num_splits: int, items: int, seq: int, device: torch.device) 
     return max(1, min(by_programs, seq // MIN_SPLIT_KEYS))
 
 
+# float32 products without tf32 (torch.backends.cuda.matmul.allow_tf32 off): float32 FMAs, as torch's own float32
+# matmuls and flash attention's kernels. A decode step is memory-bound (4-16 FLOP per byte of cache, below the
+# FMA units' ridge of ~20 on an H100), so the FMA products cost little; tf32x3 spilled at d256 in every tile
+# (172-480 bytes) and at 128 keys / d64 on sm_90.
+FLOAT32_PRECISION = "ieee"
+
 # The split kernel's configs (BLOCK_N keys, num_warps, num_stages) on CUDA, autotuned, per operand unit
-# ("mma": 16-bit operands, "tf32": float32 on the tensor cores, "fma": float64), padded head dim (up to 64,
+# ("mma": 16-bit operands, "tf32": float32 on the tensor cores where allow_tf32, "fma32": float32 FMAs where not,
+# "fma": float64), padded head dim (up to 64,
 # 128, 256) and rows (R = G * Lq padded: up to 16, or more). A decode step streams the cache once, so the key
 # tile is what matters: 64 keys per tile (128-key tiles spilled on sm_90 with lengths + causal + window: 224
 # bytes at d64, 40 at d128; 32 at d256), 2-3 stages of K/V tiles in flight to hide the memory latency. Every config is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py (no spills, shared
@@ -232,8 +239,12 @@ def _choose_splits(num_splits: int, items: int, seq: int, device: torch.device) 
 _GPU_CONFIGS = {
     ("mma", 16): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 3)], 256: [(32, 4, 2)]},
     ("mma", 64): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 2), (32, 4, 2)], 256: [(32, 8, 2)]},
-    ("tf32", 16): {64: [(128, 8, 3), (64, 4, 3)], 128: [(64, 8, 3), (64, 4, 2)], 256: [(64, 8, 2), (32, 4, 2)]},
+    # float32 (ptxas, 16 rows, 2026-12-05): 3 stages spilled 32-40 bytes on sm_90 at d64 / d128 (4 or 8 warps),
+    # so 2; the fma32 64-key tile at d128 spilled 144 on sm_80, 32 keys / 4 warps at d256 25 KB on sm_90.
+    ("tf32", 16): {64: [(64, 8, 2), (32, 4, 2)], 128: [(64, 4, 2), (32, 8, 2)], 256: [(32, 8, 1), (16, 4, 1)]},
     ("tf32", 64): {64: [(64, 8, 2), (32, 4, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},
+    ("fma32", 16): {64: [(64, 8, 2), (32, 4, 2)], 128: [(32, 8, 2)], 256: [(32, 8, 1), (16, 4, 1)]},
+    ("fma32", 64): {64: [(32, 4, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},  # 64 rows: not compiled yet
     ("fma", 16): {64: [(64, 8, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},
     ("fma", 64): {64: [(32, 8, 1)], 128: [(16, 8, 1)], 256: [(16, 8, 1)]},
 }
@@ -255,7 +266,9 @@ def configs(dtype: torch.dtype, device: torch.device, rows: int, head_dim: int, 
         return [{"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}]
     width = max(_padded(head_dim), _padded(value_dim))
     block_r = _padded(rows)
-    unit = {torch.float32: "tf32", torch.float64: "fma"}.get(dtype, "mma")
+    unit = {torch.float64: "fma"}.get(dtype, "mma")
+    if dtype == torch.float32:
+        unit = "tf32" if dot_precision(dtype, device, FLOAT32_PRECISION) == "tf32" else "fma32"
     lists = _GPU_CONFIGS[unit, 16 if block_r <= 16 else 64]
     shrink = max(width // 256, 1) * max(block_r // 64, 1)
     return [{"BLOCK_N": max(MIN_DOT_SIZE, block_n // shrink), "num_warps": num_warps,
@@ -298,7 +311,7 @@ def flash_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
         kv_heads, seq, len_q, rows, head_dim, value_dim, splits, *float_halves("scale", float(scale)).values(),
         max(int(window_left), 0),
         HAS_SEQLENS=cache_seqlens is not None, IS_CAUSAL=bool(is_causal), HAS_WINDOW=window_left >= 0,
-        ACC=acc, DOT=dot_operand_dtype(q.dtype, q.device), PRECISION=dot_precision(q.dtype, q.device), **blocks,
+        ACC=acc, DOT=dot_operand_dtype(q.dtype, q.device), PRECISION=dot_precision(q.dtype, q.device, FLOAT32_PRECISION), **blocks,
     )
     launch(_decode_merge_kernel, (items * rows,), q.device)(
         part_out, part_lse, out, lse, kv_heads, len_q, rows, value_dim, splits,

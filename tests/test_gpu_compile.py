@@ -10,9 +10,9 @@ variant with the most live registers, which bounds the lighter ones; flash atten
 tiles for launches without mask and dropout, compiled as "[light]" kernels.
 
 Cost: a compile takes ~5-10 s of one core (ptxas included), 20-40 s on this loaded 2-core machine (the recurrent
-split kernel: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 6 kernels, plus 2
-compiles for the tf32 check); `pytest -m gpu_compile` compiles the full matrix (kernels x configs x dtypes x
-head dims x targets: ~340 attention compiles and 156 recurrent ones). Triton caches compiled kernels on disk
+split kernel: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 7 kernels, plus 4
+compiles for the tf32 check; 13-20 s with triton's cache warm); `pytest -m gpu_compile` compiles the full matrix
+(kernels x configs x dtypes x head dims x targets, float32 under allow_tf32 off and on: 581 cases). Triton caches compiled kernels on disk
 (~/.triton/cache), so a second run costs seconds.
 
 To add a kernel (e.g. the row-block recurrent ones), append a Kernel to KERNELS: its JIT function, the arguments
@@ -22,6 +22,7 @@ dims its launcher accepts.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -72,14 +73,27 @@ class Kernel:
     head_dims: tuple = HEAD_DIMS
 
 
-def _on_cuda(arguments: dict, dtype: torch.dtype) -> dict:
+def _on_cuda(arguments: dict, dtype: torch.dtype, float32: str = "tf32x3") -> dict:
     """The launchers build DOT / PRECISION from the tensors' device; the CPU stand-ins here would get the
-    interpreter's choices, so set the CUDA ones."""
+    interpreter's choices, so set the CUDA ones (`float32`: the kernel's precision for float32 without tf32,
+    as its launcher passes it to dot_precision)."""
     if "DOT" in arguments:
         arguments["DOT"] = _launch.dot_operand_dtype(dtype, CUDA)
     if "PRECISION" in arguments:
-        arguments["PRECISION"] = _launch.dot_precision(dtype, CUDA)
+        arguments["PRECISION"] = _launch.dot_precision(dtype, CUDA, float32)
     return arguments
+
+
+@contextlib.contextmanager
+def allow_tf32(allow: bool):
+    """torch.backends.cuda.matmul.allow_tf32 set for the block: the float32 launchers choose their products
+    (tf32 or their full-accuracy path) and their config lists from it, so the matrix compiles both."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -94,7 +108,7 @@ def _flash_common(dtype: torch.dtype, head_dim: int, light: bool) -> dict:
     cu_seqlens = None if light else torch.tensor([0, 32], dtype=torch.int32)
     seed = torch.zeros((), dtype=torch.int64)
     arguments = flash._arguments(q, k, k, mask, cu_seqlens, cu_seqlens, 0.125, 8, 0, True, 0 if light else 0.1, seed)
-    return _on_cuda(arguments, dtype)
+    return _on_cuda(arguments, dtype, flash.FLOAT32_PRECISION)
 
 
 def _flash_forward(dtype, head_dim, light=False):
@@ -131,9 +145,10 @@ def _light(arguments: Callable) -> Callable:
 # flash_attention_decode (split kernel with lengths, causal and a window; merge kernel) and additive attention
 # (forward with mask and weights; the four backward kernels): arguments filled by name.
 # ------------------------------------------------------------------------------------------------------------
-def _filled(function: triton.JITFunction, dtype: torch.dtype, given: dict) -> dict:
+def _filled(function: triton.JITFunction, dtype: torch.dtype, given: dict, float32: str = "tf32x3") -> dict:
     """`given`, and for every other parameter of `function`: a pointer of `dtype` (names ending in _ptr), a
-    float (names holding "scale"), or an int that no 16 divides (as a worst case for vectorization)."""
+    float (names holding "scale"), or an int that no 16 divides (as a worst case for vectorization); `float32`
+    as for _on_cuda."""
     arguments = dict(given)
     for param in function.params:
         if param.name in arguments or param.is_constexpr:
@@ -144,7 +159,7 @@ def _filled(function: triton.JITFunction, dtype: torch.dtype, given: dict) -> di
             arguments[param.name] = 0.125
         else:
             arguments[param.name] = 1000
-    return _on_cuda(arguments, dtype)
+    return _on_cuda(arguments, dtype, float32)
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -159,7 +174,7 @@ def _decode_split(dtype, head_dim):
     return _filled(decode._decode_split_kernel, dtype, dict(
         decode._split_blocks(DECODE_ROWS, head_dim, head_dim), seqlens_ptr=torch.zeros(1, dtype=torch.int32),
         part_out_ptr=torch.zeros(1, dtype=acc), part_lse_ptr=torch.zeros(1, dtype=acc), HAS_SEQLENS=True,
-        IS_CAUSAL=True, HAS_WINDOW=True, ACC=_launch_acc(dtype), DOT=None, PRECISION=None))
+        IS_CAUSAL=True, HAS_WINDOW=True, ACC=_launch_acc(dtype), DOT=None, PRECISION=None), decode.FLOAT32_PRECISION)
 
 
 def _decode_merge(dtype, head_dim):
@@ -439,74 +454,99 @@ def _compile_here(where: tuple[str, str], arguments: dict, config: dict, target:
 # The matrix: every kernel x its launcher's configs x dtypes x head dims x targets (-m gpu_compile), or each
 # kernel once in its first (largest) config (the default run).
 # ------------------------------------------------------------------------------------------------------------
-# The default run: one kernel of each op, spread over dtypes, head dims (hidden sizes), targets and the two flash
-# variants.
-DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90"),
-                 ("flash_attention.key_gradients[light]", torch.float16, 64, "sm_80"),
-                 ("flash_attention_decode.split", torch.bfloat16, 128, "sm_90"),
-                 ("additive_attention.forward", torch.float16, 64, "sm_80"),
-                 ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90"),  # persistent, 16 units, streamed slice
-                 ("recurrent_split.gru", torch.float32, 256, "sm_80"))  # persistent, 32 units, tf32x3
+# The default run: one kernel of each op, spread over dtypes, head dims (hidden sizes), targets, the two flash
+# variants and the two float32 paths (the last field: torch.backends.cuda.matmul.allow_tf32).
+DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90", False),
+                 ("flash_attention.key_gradients[light]", torch.float16, 64, "sm_80", False),
+                 ("flash_attention.query_gradients", torch.float32, 128, "sm_90", False),  # ieee: float32 FMAs
+                 ("flash_attention_decode.split", torch.bfloat16, 128, "sm_90", False),
+                 ("additive_attention.forward", torch.float16, 64, "sm_80", False),
+                 ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90", False),  # persistent, 16 units, streamed
+                 ("recurrent_split.gru", torch.float32, 256, "sm_80", False))  # persistent, 32 units, tf32x3
+
+
+def _tf32_settings(kernel: Kernel, dtype: torch.dtype) -> tuple:
+    """allow_tf32 values that change what `kernel` compiles for `dtype`: both for float32 operands of tl.dot (the
+    tf32 path and the kernel's full-accuracy one have their own tiles), else the default only."""
+    return (False, True) if dtype == torch.float32 and "PRECISION" in kernel.function.arg_names else (False,)
 
 
 def _cases(full: bool) -> list:
-    """Every (kernel, dtype, head dim, config, target) with `full`, else DEFAULT_CASES in their kernel's first
-    (largest) config."""
+    """Every (kernel, dtype, head dim, config, target, allow_tf32) with `full`, else DEFAULT_CASES in their
+    kernel's first (largest) config."""
     cases = []
     by_name = {kernel.name: kernel for kernel in KERNELS}
     if not full:
-        for name, dtype, head_dim, target in DEFAULT_CASES:
+        for name, dtype, head_dim, target, tf32 in DEFAULT_CASES:
             kernel = by_name[name]
-            config = kernel.configs(dtype, head_dim)[0]
-            cases.append(pytest.param(kernel, dtype, head_dim, config, target,
-                                      id=_case_id(kernel, dtype, head_dim, config, target)))
+            with allow_tf32(tf32):
+                config = kernel.configs(dtype, head_dim)[0]
+            cases.append(pytest.param(kernel, dtype, head_dim, config, target, tf32,
+                                      id=_case_id(kernel, dtype, head_dim, config, target, tf32)))
         return cases
     for kernel in KERNELS:
         for dtype in kernel.dtypes:
-            for head_dim in kernel.head_dims:
-                for config in kernel.configs(dtype, head_dim):
-                    for target in sorted(TARGETS):
-                        cases.append(pytest.param(kernel, dtype, head_dim, config, target,
-                                                  id=_case_id(kernel, dtype, head_dim, config, target)))
+            for tf32 in _tf32_settings(kernel, dtype):
+                for head_dim in kernel.head_dims:
+                    with allow_tf32(tf32):
+                        configs = kernel.configs(dtype, head_dim)
+                    for config in configs:
+                        for target in sorted(TARGETS):
+                            cases.append(pytest.param(kernel, dtype, head_dim, config, target, tf32,
+                                                      id=_case_id(kernel, dtype, head_dim, config, target, tf32)))
     return cases
 
 
-def _case_id(kernel, dtype, head_dim, config, target) -> str:
+def _case_id(kernel, dtype, head_dim, config, target, tf32) -> str:
     tiles = "-".join(f"{name}{value}" for name, value in config.items())
-    return f"{kernel.name}-{str(dtype).removeprefix('torch.')}-d{head_dim}-{tiles}-{target}"
+    return f"{kernel.name}-{str(dtype).removeprefix('torch.')}{'-tf32' if tf32 else ''}-d{head_dim}-{tiles}-{target}"
 
 
 def pytest_generate_tests(metafunc):
     if "kernel" in metafunc.fixturenames:
         full = "gpu_compile" in (metafunc.config.option.markexpr or "")
-        metafunc.parametrize("kernel, dtype, head_dim, config, target", _cases(full))
+        metafunc.parametrize("kernel, dtype, head_dim, config, target, tf32", _cases(full))
 
 
 @pytest.mark.gpu_compile
-def test_kernel_compiles_without_spills_within_shared_memory(kernel, dtype, head_dim, config, target):
-    compiled = compile_kernel(kernel.function, kernel.arguments(dtype, head_dim), config, target)
+def test_kernel_compiles_without_spills_within_shared_memory(kernel, dtype, head_dim, config, target, tf32):
+    with allow_tf32(tf32):
+        arguments = kernel.arguments(dtype, head_dim)
+    compiled = compile_kernel(kernel.function, arguments, config, target)
     assert compiled.spilled == 0, (
         f"register spills: {compiled.registers} registers, {compiled.spilled} bytes spilled per thread")
     limit = TARGETS[target][1]
     assert compiled.shared <= limit, f"{compiled.shared} bytes of shared memory > the {target} limit {limit}"
 
 
+def _products(function: triton.JITFunction, arguments: dict, config: dict) -> list[str]:
+    """The tensor-core instructions (mma.sync) of `function` compiled for sm_80."""
+    return re.findall(r"mma\.sync\.aligned\.\S+", compile_kernel(function, arguments, config, "sm_80").ptx)
+
+
 @pytest.mark.gpu_compile
-def test_float32_runs_on_tensor_cores_as_torch_allows():
-    """float32 products: tf32 where torch.backends.cuda.matmul.allow_tf32 allows, else tf32x3 (each product
-    done as three tf32 ones: ~float32's accuracy): the launcher's choice reaches the compiled kernel."""
+def test_float32_products_follow_torch_allow_tf32():
+    """float32 products: tf32 where torch.backends.cuda.matmul.allow_tf32 allows, else each kernel's
+    full-accuracy path: float32 FMAs ("ieee") in flash attention and decoding, tf32x3 (each product done as three
+    tf32 ones, ~float32's accuracy) in the additive kernel. The launcher's choice reaches the compiled kernel."""
     counts = {}
     for allow in (True, False):
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        try:
-            arguments = _flash_forward(torch.float32, 64)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = before
-        assert arguments["PRECISION"] == ("tf32" if allow else "tf32x3")
-        config = flash.configs("forward", torch.float32, CUDA, 64, 64)[-1]
-        products = re.findall(r"mma\.sync\.aligned\.\S+", compile_kernel(flash._forward_kernel, arguments, config,
-                                                                      "sm_80").ptx)
-        assert products and all(".tf32.tf32" in product for product in products), products[:3]
-        counts[allow] = len(products)
-    assert counts[False] == 3 * counts[True]
+        with allow_tf32(allow):
+            flash_arguments = _flash_forward(torch.float32, 64)
+            flash_config = flash.configs("forward", torch.float32, CUDA, 64, 64)[-1]
+            decode_arguments = _decode_split(torch.float32, 64)
+            additive_arguments = _additive_forward(torch.float32, 64)
+            additive_config = _additive_forward_configs(torch.float32, 64)[-1]
+        assert flash_arguments["PRECISION"] == decode_arguments["PRECISION"] == ("tf32" if allow else "ieee")
+        assert additive_arguments["PRECISION"] == ("tf32" if allow else "tf32x3")
+        flash_products = _products(flash._forward_kernel, flash_arguments, flash_config)
+        if allow:
+            assert flash_products and all(".tf32.tf32" in product for product in flash_products), flash_products[:3]
+        else:
+            assert not flash_products, flash_products[:3]
+        additive_products = _products(additive._forward_kernel, additive_arguments, additive_config)
+        assert additive_products and all(".tf32.tf32" in p for p in additive_products), additive_products[:3]
+        counts[allow] = len(additive_products)
+    # three tf32 products per pair at least (measured: 96 against 16 in this kernel; flash attention's forward,
+    # when it ran tf32x3, had exactly 3x)
+    assert counts[False] >= 3 * counts[True]

@@ -128,15 +128,22 @@ def allow_tf32(allow: bool):
 
 
 def test_tf32_choice_follows_torch(monkeypatch):
-    """float32 products on a GPU: tf32 where torch.backends.cuda.matmul.allow_tf32 allows it, else tf32x3;
+    """float32 products on a GPU: tf32 where torch.backends.cuda.matmul.allow_tf32 allows it, else the kernel's
+    full-accuracy path (tf32x3 by default; float32 FMAs, "ieee", in flash attention, with its own config lists);
     "ieee" for every other dtype and under the interpreter (where tl.dot is exact: the ieee path is what the
     tests check). test_gpu_compile.py checks the instructions it compiles to."""
     for allow, expected in ((True, "tf32"), (False, "tf32x3")):
         with allow_tf32(allow):
             assert _launch.dot_precision(torch.float32, CUDA) == expected
+            assert _launch.dot_precision(torch.float32, CUDA, flash.FLOAT32_PRECISION) == (
+                "tf32" if allow else "ieee")
+            assert flash.unit(torch.float32, CUDA) == ("tf32" if allow else "fma32")
+            assert flash.unit(torch.float32, CPU) == "interpreter"
             assert _launch.dot_precision(torch.float32, CPU) == "ieee"
             for dtype in (torch.bfloat16, torch.float16, torch.float64):
                 assert _launch.dot_precision(dtype, CUDA) == "ieee"
+            assert flash.configs("forward", torch.float32, CUDA, 128, 128) == [
+                flash._config(*tile) for tile in flash._GPU_CONFIGS["forward", "tf32" if allow else "fma32"][128]]
     launches = _recorded_launches(monkeypatch, flash)
     q = torch.randn(1, 1, 20, 16)  # 20 queries: flash attention, not the decode kernel
     with seqkern.backend("triton"):
