@@ -232,8 +232,9 @@ SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   using V = Simd<float>;
 #if defined(__AVX512F__)
   // x clamped to [-104, 89] keeps n = round(x / ln2) in [-150, 128], where vscalefps rounds 2^n p to 0 / +inf
-  // by itself: 16 instructions against 24 for the clamps, selects and exponent-bit arithmetic below (the cells
-  // evaluate 3-5 exps per 16 units). vminps / vmaxps return their second operand when one is NaN: x goes second.
+  // by itself (the attention kernels' exp had this form; the cells' had the form below): 16 instructions against
+  // 24, not measurable end to end in an LSTM layer (one thread, 2026-12-05). vminps / vmaxps return their second
+  // operand when one is NaN: x goes second.
   x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
   const V n = nearest_log2_multiple(x);
   return times_pow2(exp_reduced(x, n), n);
@@ -260,34 +261,20 @@ SEQKERN_SIMD_INLINE Simd<double> exp_simd(Simd<double> x) {
   return x;
 }
 
-/// 1 / x for fp32 lanes at avx512 without a division (the division elsewhere):
-///   kApprox: one vrcp14ps (~2^-14 relative; exact at powers of 2, 0 at inf, NaN at NaN), for bf16 results;
-///   else:    vrcp14ps refined by one Newton step r + r (1 - x r): relative error (2^-14)^2 = 2^-28 before the
-///            last rounding, so within 0.53 ulp of 1 / x (the division: 0.5). Where the step makes a NaN of
-///            0 * inf (x = +-inf: r = +-0; x = 0 or a denormal: r = inf) r itself, right there, is kept; NaN
-///            stays NaN.
-/// vdivps zmm is 3 uops on the FMA ports (and a ~10-cycle throughput); this is 5 cheap ones but lets the
-/// cells' other work overlap: see NOTES.md "Cell activations" for the measured share.
+/// 1 / x for fp32 lanes: the division (correctly rounded), or with kApprox one vrcp14ps (~2^-14 relative; exact
+/// at powers of 2, 0 at inf, NaN at NaN) at avx512 (the division elsewhere). vrcp14ps + one Newton step for the
+/// fp32 cells (within 0.53 ulp) measured no faster than the division (LSTM inference b32, one thread, 2026-12-05).
 template <bool kApprox>
 SEQKERN_SIMD_INLINE Simd<float> reciprocal(Simd<float> x) {
 #if defined(__AVX512F__)
-  const __m512 r = _mm512_rcp14_ps(x);
-  if constexpr (kApprox) return r;
-  const __m512 e = _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0f));
-  const __m512 refined = _mm512_fmadd_ps(r, e, r);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(refined, refined, _CMP_UNORD_Q), refined, r);
-#else
-  return 1.0f / x;
+  if constexpr (kApprox) return _mm512_rcp14_ps(x);
 #endif
+  return 1.0f / x;
 }
 
 template <typename T>
 SEQKERN_SIMD_INLINE Simd<T> sigmoid_simd(Simd<T> x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return reciprocal<false>(1.0f + exp_simd(-x));
-  } else {
-    return T(1) / (T(1) + exp_simd(-x));
-  }
+  return T(1) / (T(1) + exp_simd(-x));
 }
 
 /// tanh with ~1 ulp *relative* error in fp32 (Cephes tanhf): an odd polynomial for |x| < 0.625, else
