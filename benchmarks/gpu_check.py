@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import environment, rule_verdict
+from seqkern.testing import allow_tf32
 
 DEFAULT_OUT = Path("bench_results")
 
@@ -227,29 +228,19 @@ def _attention_bench(device, dtype, batch, heads, length, dim, train: bool, tf32
     grad = torch.randn_like(q)
 
     def ours():
-        with seqkern.backend("triton"), _allow_tf32(tf32):
+        with seqkern.backend("triton"), allow_tf32(tf32):
             out = seqkern.attention(q, k, v, is_causal=True)
             if train:
                 torch.autograd.grad(out, (q, k, v), grad)
 
     def sdpa():
-        with sdpa_kernel(backend), _allow_tf32(tf32):
+        with sdpa_kernel(backend), allow_tf32(tf32):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             if train:
                 torch.autograd.grad(out, (q, k, v), grad)
     # causal: half the score matrix; 4 matmul-like products of L x L x d forward, 2.5x that with backward
     flops = 4 * batch * heads * length * length * dim / 2 * (3.5 if train else 1)
     return {"seqkern": ours, "SDPA flash" if backend == SDPBackend.FLASH_ATTENTION else "SDPA efficient": sdpa}, flops, 0
-
-
-@contextlib.contextmanager
-def _allow_tf32(allow: bool):
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _decode_bench(device, dtype, batch, heads, kv_heads, cache, dim):

@@ -12,6 +12,9 @@ median ratio 1.00.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -33,3 +36,16 @@ def rule_floor(dtype: torch.dtype, oracle: Tensor) -> float:
 def rule_bound(torch_same_dtype: Tensor, oracle: Tensor) -> float:
     """The largest error the rule allows a kernel whose PyTorch counterpart gives `torch_same_dtype`."""
     return 2 * max_abs_error(torch_same_dtype, oracle) + rule_floor(torch_same_dtype.dtype, oracle)
+
+
+@contextlib.contextmanager
+def allow_tf32(allow: bool) -> Iterator[None]:
+    """torch.backends.cuda.matmul.allow_tf32 set for the block (pytest's monkeypatch cannot: it is a module
+    property). The float32 Triton launchers choose their products (tf32 or full accuracy) and config lists from
+    it, so the compile matrix, the interpreter tests and the GPU check set it both ways."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -22,7 +22,6 @@ dims its launcher accepts.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import importlib
@@ -47,6 +46,7 @@ from seqkern.kernels import _recurrent_split as split
 from seqkern.kernels import gru, lstm, rnn
 from seqkern.kernels._recurrent import recurrent_mode
 from seqkern.kernels._recurrent import sequence_blocks as recurrent_blocks
+from seqkern.testing import allow_tf32
 
 CUDA = torch.device("cuda")  # a device object, no GPU needed: the launchers' CUDA choices
 # Per-block shared memory (opt-in maximum): A100 163 KB, H100 227 KB.
@@ -82,18 +82,6 @@ def _on_cuda(arguments: dict, dtype: torch.dtype, float32: str = "tf32x3") -> di
     if "PRECISION" in arguments:
         arguments["PRECISION"] = _launch.dot_precision(dtype, CUDA, float32)
     return arguments
-
-
-@contextlib.contextmanager
-def allow_tf32(allow: bool):
-    """torch.backends.cuda.matmul.allow_tf32 set for the block: the float32 launchers choose their products
-    (tf32 or their full-accuracy path) and their config lists from it, so the matrix compiles both."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # ------------------------------------------------------------------------------------------------------------

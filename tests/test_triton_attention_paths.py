@@ -4,7 +4,6 @@ as runtime arguments (a new value compiles nothing), the tf32 / tf32x3 choice an
 only). What needs a compiler (spills, shared memory, the tf32 instructions) is in test_gpu_compile.py."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from seqkern.kernels import _launch
 from seqkern.kernels import additive_attention as additive
 from seqkern.kernels import flash_attention as flash
 from seqkern.kernels import flash_attention_decode as decode
+from seqkern.testing import allow_tf32
 from test_flash_attention import _case, check_attention
 
 CUDA = torch.device("cuda")
@@ -114,17 +114,6 @@ def test_float64_scale_keeps_its_low_bits():
         halves = _launch.float_halves("x", value)
         assert abs(halves["x_hi"] + halves["x_lo"] - value) <= 2 ** -47 * value
         assert halves["x_hi"] != value  # not representable in float32: the low half matters
-
-
-@contextlib.contextmanager
-def allow_tf32(allow: bool):
-    """torch.backends.cuda.matmul.allow_tf32 set for the block (monkeypatch cannot: a module property)."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_tf32_choice_follows_torch(monkeypatch):
