@@ -3,14 +3,18 @@
     python -m benchmarks                    # everything: table on stdout, JSON and PNG in bench_results/
     python -m benchmarks --only lstm        # one op (repeatable, or comma-separated)
     python -m benchmarks --quick            # tiny shapes, few repeats: a smoke test of the whole pipeline
+    python -m benchmarks --repeat 3         # the whole selection 3 times: each ratio's spread over the runs
 
-Writes <out>/<op>.json per op, <out>/summary.json (all ops) and <out>/ratios.png. Exits 1 if any
+Writes <out>/<op>.json per op, <out>/summary.json (all ops) and <out>/ratios.png (of the last run; with --repeat
+also <out>/spread.json, every ratio of every run). Exits 1 if any
 contender failed (its row says why), so `make bench` cannot pass over a broken benchmark.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import statistics
 import pkgutil
 import sys
 from pathlib import Path
@@ -43,11 +47,16 @@ def parse_args(argv: list[str] | None, available: list[str]) -> argparse.Namespa
                         help=f"run only these ops (repeatable or comma-separated; available: {', '.join(available)})")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats, for smoke tests")
     parser.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run the whole selection N times and report each ratio's spread (min / median / max): "
+                             "a shared or virtual machine's speed drifts between runs more than within one")
     args = parser.parse_args(argv)
     args.only = [op for value in args.only for op in value.split(",") if op]
     unknown = sorted(set(args.only) - set(available))
     if unknown:
         parser.error(f"--only: unknown op(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    if args.repeat < 1:
+        parser.error(f"--repeat: expected a positive count, got {args.repeat}")
     return args
 
 
@@ -89,6 +98,34 @@ def report(results_by_op: dict[str, list[harness.CaseResult]], matmul_peak: dict
     print(f"wrote {out}/summary.json, {out}/ratios.png and one JSON per op", file=sys.stderr)
 
 
+RatiosByCase = dict[str, dict[str, float]]  # "op case" -> baseline -> baseline time / seqkern time
+
+
+def ratios_by_case(results_by_op: dict[str, list[harness.CaseResult]]) -> RatiosByCase:
+    return {result.case.label: result.ratios() for results in results_by_op.values() for result in results}
+
+
+def ratio_spread(runs: list[RatiosByCase]) -> dict[str, dict[str, list[float]]]:
+    """Each (case, baseline) ratio over the runs, in run order; a pair missing from a run (a failed contender)
+    has fewer entries."""
+    spread: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for case, ratios in run.items():
+            for baseline, ratio in ratios.items():
+                spread.setdefault(case, {}).setdefault(baseline, []).append(ratio)
+    return spread
+
+
+def format_spread(spread: dict[str, dict[str, list[float]]]) -> str:
+    """One row per (case, baseline): min / median / max of its ratio over the runs."""
+    lines = ["| case | baseline | runs | min | median | max |", "|---|---|---|---|---|---|"]
+    for case, by_baseline in spread.items():
+        for baseline, ratios in by_baseline.items():
+            lines.append(f"| {case} | {baseline} | {len(ratios)} | {min(ratios):.2f}x | "
+                         f"{statistics.median(ratios):.2f}x | {max(ratios):.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (1 if any contender failed)."""
     available = available_ops()
@@ -96,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     selected = load(args.only or available)
     budget = harness.QUICK_BUDGET if args.quick else harness.DEFAULT_BUDGET
     harness.configure_process()
-    results_by_op, matmul_peak = measure(selected, args.quick, budget)
+    runs, failed = [], False
+    for _ in range(args.repeat):
+        results_by_op, matmul_peak = measure(selected, args.quick, budget)
+        runs.append(ratios_by_case(results_by_op))
+        failed |= any(result.failed() for results in results_by_op.values() for result in results)
     report(results_by_op, matmul_peak, budget, args.out)
-    failed = any(result.failed() for results in results_by_op.values() for result in results)
+    if args.repeat > 1:
+        spread = ratio_spread(runs)
+        print(f"\nratios over {args.repeat} runs:\n{format_spread(spread)}")
+        (args.out / "spread.json").write_text(json.dumps(spread, indent=2) + "\n")
     return 1 if failed else 0

@@ -63,3 +63,19 @@ def test_limits_floor_arithmetic_and_verdicts():
     text = table([reachable, out_of_reach])
     assert "| a | 1.5x | 40.00 | 20.00 | 2.00x | x |" in text
     assert "1.33x (target out of reach)" in text
+
+
+def test_repeat_reports_each_ratio_over_the_runs():
+    from benchmarks.run import format_spread, parse_args, ratio_spread
+
+    runs = [{"lstm infer b1": {"torch.nn.LSTM": 1.4, "reference (eager)": 7.0}},
+            {"lstm infer b1": {"torch.nn.LSTM": 1.2}},  # the eager contender failed in this run
+            {"lstm infer b1": {"torch.nn.LSTM": 1.5, "reference (eager)": 6.0}}]
+    spread = ratio_spread(runs)
+    assert spread == {"lstm infer b1": {"torch.nn.LSTM": [1.4, 1.2, 1.5], "reference (eager)": [7.0, 6.0]}}
+    table = format_spread(spread)
+    assert "| lstm infer b1 | torch.nn.LSTM | 3 | 1.20x | 1.40x | 1.50x |" in table
+    assert "| lstm infer b1 | reference (eager) | 2 | 6.00x | 6.50x | 7.00x |" in table
+    assert parse_args(["--repeat", "3"], ["lstm"]).repeat == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--repeat", "0"], ["lstm"])
