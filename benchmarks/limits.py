@@ -2,14 +2,16 @@
 
     python -m benchmarks.limits        # idle machine, ~1 min; prints a table, writes bench_results/limits.json
 
-For each row it times the baseline (torch.nn / SDPA, as the benchmark row does) and measures a *floor*, a time no
-implementation can beat on this machine:
+For each row it takes the default benchmark set's case of that name, times its baseline contender (torch.nn, SDPA,
+the composed LayerNorm LSTM: the call the benchmark row times) and measures a *floor*, a time no implementation can
+beat on this machine:
 
-- GEMM-bound rows: the row's matrix-product work at the best float32 (or bfloat16) rate this machine reaches on a
-  large square product (MKL / oneDNN through torch.mm, both threads), every other part of the work taken as free.
+- GEMM-bound rows: the case's matrix-product work (Case.flops) at the best float32 (or bfloat16) rate this machine
+  reaches on a large square product (MKL / oneDNN through torch.mm, both threads), every other part of the work
+  taken as free.
   Real GEMMs of the row's shapes (32-row steps, 256-deep products) run slower than that, so the floor is low.
-- Memory-bound rows (decode): the bytes the row must read at the machine's read bandwidth (a 2-thread sum over
-  1 GiB).
+- Memory-bound rows (decode): the bytes the case must read (Case.bytes_moved) at the machine's read bandwidth (a
+  2-thread sum over 1 GiB).
 - The language-model row: Amdahl. Only its LSTM is seqkern's; the rest of the step (embedding, the 10000-way
   decoder, cross-entropy, clipping, SGD) is torch's in both contenders. Floor = the step's time minus torch's LSTM
   time at the step's shape plus the LSTM's GEMM floor.
@@ -22,12 +24,12 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks import bench_layernorm_lstm, bench_lstm_lm
-from benchmarks.harness import DEFAULT_BUDGET, configure_process, environment, time_call, time_interleaved
+from benchmarks import bench_attention, bench_gru, bench_layernorm_lstm, bench_lstm, bench_lstm_lm, bench_rnn
+from benchmarks.harness import DEFAULT_BUDGET, Case, configure_process, environment, time_call, time_interleaved
 
 GIB = 2**30
 
@@ -52,7 +54,7 @@ class Limit:
 def _seconds(call: Callable[[], object], best: bool = False) -> float:
     """Median time of a call, or with `best` its fastest round: the machine's peaks are what it can do, so a
     floor built on them takes the fastest round (this VM's speed drifts by 10-20% between runs)."""
-    timing = time_call(lambda: (call(), ())[1], DEFAULT_BUDGET)
+    timing = time_call(call, DEFAULT_BUDGET)
     return timing.min_s if best else timing.median_s
 
 
@@ -71,86 +73,66 @@ def read_bandwidth() -> float:
     return GIB / _seconds(x.sum, best=True)
 
 
-def recurrent_gemm_flops(gates: int, batch: int, steps: int, hidden: int, training: bool) -> float:
-    """Input projection and recurrent products, forward (2) or forward and backward (6: + grad_input, grad_h,
-    both weight gradients), each 2 * steps * batch * gates * hidden * hidden (input size = hidden)."""
-    return (6 if training else 2) * 2 * steps * batch * gates * hidden * hidden
+def benchmark_case(module: ModuleType, label: str) -> Case:
+    """The default-set case `label` ("op case") of a benchmark module: its work and its baseline, as timed there."""
+    return next(case for case in module.cases() if case.label == label)
 
 
-def _recurrent_step(module_type: type, dtype: torch.dtype, batch: int, steps: int, hidden: int,
-                    training: bool, layers: int = 1) -> Callable[[], object]:
+def _baseline_seconds(case: Case) -> float:
+    return _seconds(case.contenders[case.rule_baseline]())
+
+
+def gemm_limit(module: ModuleType, label: str, target: float, peaks: dict[str, float]) -> Limit:
+    """A GEMM-bound row: the case's matrix-product work (Case.flops) at the peak of its dtype."""
+    case = benchmark_case(module, label)
+    dtype = case.params.get("dtype", "float32")  # the LayerNorm cases are float32 only and do not say it
+    return Limit(label, target, _baseline_seconds(case), case.flops / peaks[dtype],
+                 f"{case.flops / 1e9:.2f} GFLOP at the {dtype} peak {peaks[dtype] / 1e9:.0f} GFLOP/s")
+
+
+def memory_limit(module: ModuleType, label: str, target: float, bandwidth: float) -> Limit:
+    """A memory-bound row: the bytes the case must read (Case.bytes_moved) at the read bandwidth."""
+    case = benchmark_case(module, label)
+    return Limit(label, target, _baseline_seconds(case), case.bytes_moved / bandwidth,
+                 f"{case.bytes_moved / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s")
+
+
+def _torch_lstm_training_step(shape: bench_lstm_lm.Shape) -> Callable[[], None]:
+    """torch.nn.LSTM forward and backward at the language model's shape (its embedding size in, bptt steps)."""
     torch.manual_seed(0)
-    module = module_type(hidden, hidden, layers).to(dtype)
-    x = torch.randn(steps, batch, hidden, dtype=dtype, requires_grad=training)
-
-    def call() -> object:
-        if not training:
-            with torch.no_grad():
-                return module(x)
-        module(x)[0].sum().backward()
-        return None
-    return call
-
-
-def recurrent_limit(name: str, module_type: type, gates: int, dtype: torch.dtype, training: bool, target: float,
-                    peak: float, batch: int = 32, steps: int = 100, hidden: int = 256) -> Limit:
-    baseline = _seconds(_recurrent_step(module_type, dtype, batch, steps, hidden, training))
-    work = recurrent_gemm_flops(gates, batch, steps, hidden, training)
-    return Limit(name, target, baseline, work / peak,
-                 f"{work / 1e9:.2f} GFLOP at the {dtype_name(dtype)} peak {peak / 1e9:.0f} GFLOP/s")
+    module = torch.nn.LSTM(shape.embed, shape.hidden, shape.layers)
+    x = torch.randn(shape.bptt, shape.batch, shape.embed, requires_grad=True)
+    return lambda: module(x)[0].sum().backward()
 
 
 def language_model_limit(target: float, peak: float) -> Limit:
+    """Amdahl: the step with torch.nn.LSTM's time replaced by the LSTM's own GEMM floor (the step's work without
+    its decoder: bench_lstm_lm.flops at vocab 0)."""
     shape = bench_lstm_lm.DEFAULT_SHAPES[0]
-    step = bench_lstm_lm._contenders(shape)[bench_lstm_lm.TORCH_MODEL]()
-    lstm = _recurrent_step(torch.nn.LSTM, torch.float32, shape.batch, shape.bptt, shape.hidden, True, shape.layers)
-    times = time_interleaved({"step": step, "lstm": lambda: (lstm(), ())[1]}, DEFAULT_BUDGET)
+    case = benchmark_case(bench_lstm_lm, f"lstm_lm {shape.name}")
+    times = time_interleaved({"step": case.contenders[case.rule_baseline](),
+                              "lstm": _torch_lstm_training_step(shape)}, DEFAULT_BUDGET)
     step_s, lstm_s = times["step"].median_s, times["lstm"].median_s
-    lstm_floor = shape.layers * recurrent_gemm_flops(4, shape.batch, shape.bptt, shape.hidden, True) / peak
-    return Limit(f"lstm_lm {shape.name}", target, step_s, step_s - lstm_s + lstm_floor,
+    lstm_floor = bench_lstm_lm.flops(dataclasses.replace(shape, vocab=0)) / peak
+    return Limit(case.label, target, step_s, step_s - lstm_s + lstm_floor,
                  f"step minus torch.nn.LSTM's {lstm_s * 1e3:.1f} ms (fwd+bwd, {lstm_s / step_s:.0%} of the step) "
                  f"plus its GEMM floor {lstm_floor * 1e3:.1f} ms")
 
 
-def layernorm_lstm_limit(target: float, peak: float) -> Limit:
-    """Issue 16's row: LayerNormLSTM training b32 t100 h256 against the composed definition in eager PyTorch (the
-    benchmark's contender); the floor is the LSTM's products alone, the LayerNorms taken as free."""
-    shape = bench_layernorm_lstm.DEFAULT_SHAPES[1]
-    composed = bench_layernorm_lstm._contenders(bench_layernorm_lstm.LAYER, shape)["composed (eager)"]()
-    work = recurrent_gemm_flops(4, shape.batch, shape.steps, shape.hidden, shape.training)
-    return Limit(f"layernorm_lstm {shape.name} vs composed eager", target, _seconds(composed), work / peak,
-                 f"{work / 1e9:.2f} GFLOP at the float32 peak {peak / 1e9:.0f} GFLOP/s")
-
-
-def decode_limit(dtype: torch.dtype, target: float, bandwidth: float) -> Limit:
-    """1 query, 32 query heads over 8 kv heads, 32768 cached keys, d128: SDPA against reading K and V once."""
-    torch.manual_seed(0)
-    q = torch.randn(1, 32, 1, 128, dtype=dtype)
-    k, v = (torch.randn(1, 8, 32768, 128, dtype=dtype) for _ in range(2))
-    baseline = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    cache_bytes = 2 * k.numel() * k.element_size()
-    return Limit(f"decode 1q 32768 keys 32/8 heads d128 {dtype_name(dtype)}", target, baseline,
-                 cache_bytes / bandwidth, f"{cache_bytes / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def limits() -> list[Limit]:
-    fp32, bf16, bandwidth = gemm_peak_flops(torch.float32), gemm_peak_flops(torch.bfloat16), read_bandwidth()
-    lstm, gru, rnn = torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN
+    peaks = {"float32": gemm_peak_flops(torch.float32), "bfloat16": gemm_peak_flops(torch.bfloat16)}
+    bandwidth = read_bandwidth()
     return [
-        recurrent_limit("lstm infer b32 t100 h256", lstm, 4, torch.float32, False, 1.0, fp32),
-        recurrent_limit("lstm train b32 t100 h256", lstm, 4, torch.float32, True, 1.5, fp32),
-        recurrent_limit("gru train b32 t100 h256", gru, 3, torch.float32, True, 2.0, fp32),
-        recurrent_limit("rnn train b32 t100 h256", rnn, 1, torch.float32, True, 2.0, fp32),
-        recurrent_limit("lstm infer b32 t100 h256 bfloat16", lstm, 4, torch.bfloat16, False, 1.0, bf16),
-        recurrent_limit("lstm train b32 t100 h256 bfloat16", lstm, 4, torch.bfloat16, True, 1.0, bf16),
-        language_model_limit(1.2, fp32),
-        layernorm_lstm_limit(4.0, fp32),
-        decode_limit(torch.float32, 5.0, bandwidth),
-        decode_limit(torch.bfloat16, 5.0, bandwidth),
+        gemm_limit(bench_lstm, "lstm infer b32 t100 h256", 1.0, peaks),
+        gemm_limit(bench_lstm, "lstm train b32 t100 h256", 1.5, peaks),
+        gemm_limit(bench_gru, "gru train b32 t100 h256", 2.0, peaks),
+        gemm_limit(bench_rnn, "rnn train b32 t100 h256", 2.0, peaks),
+        gemm_limit(bench_lstm, "lstm infer b32 t100 h256 bfloat16", 1.0, peaks),
+        gemm_limit(bench_lstm, "lstm train b32 t100 h256 bfloat16", 1.0, peaks),
+        language_model_limit(1.2, peaks["float32"]),
+        gemm_limit(bench_layernorm_lstm, "layernorm_lstm train b32 t100 h256", 4.0, peaks),  # issue 16
+        memory_limit(bench_attention, "attention decode b1 hq32 hkv8 cache32768 d128", 5.0, bandwidth),
+        memory_limit(bench_attention, "attention decode b1 hq32 hkv8 cache32768 d128 bfloat16", 5.0, bandwidth),
     ]
 
 

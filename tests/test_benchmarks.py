@@ -51,11 +51,15 @@ def test_interleaved_timing_times_every_contender_in_every_round():
 
 def test_limits_floor_arithmetic_and_verdicts():
     # benchmarks/limits.py times 4096-square products and a 1 GiB read, too slow for the suite: here its
-    # arithmetic, on made-up times. An LSTM layer's training step is six (T*B x 4H x H) products.
-    from benchmarks.limits import Limit, recurrent_gemm_flops, table
+    # arithmetic, on made-up times, and the work it takes from the benchmark cases. An LSTM layer's training step
+    # is six (T*B x 4H x H) products.
+    from benchmarks import bench_attention, bench_gru, bench_lstm
+    from benchmarks.limits import Limit, benchmark_case, table
 
-    assert recurrent_gemm_flops(4, 32, 100, 256, training=True) == 6 * 2 * 100 * 32 * 1024 * 256
-    assert recurrent_gemm_flops(3, 32, 100, 256, training=False) == 2 * 2 * 100 * 32 * 768 * 256
+    assert benchmark_case(bench_lstm, "lstm train b32 t100 h256").flops == 6 * 2 * 100 * 32 * 1024 * 256
+    assert benchmark_case(bench_gru, "gru infer b32 t100 h256").flops == 2 * 2 * 100 * 32 * 768 * 256
+    decode = benchmark_case(bench_attention, "attention decode b1 hq32 hkv8 cache32768 d128 bfloat16")
+    assert decode.bytes_moved == 2 * 8 * 32768 * 128 * 2
     reachable = Limit("a", target=1.5, baseline_s=0.040, floor_s=0.020, floor_how="x")
     out_of_reach = Limit("b", target=1.5, baseline_s=0.040, floor_s=0.030, floor_how="y")
     assert reachable.best_ratio == pytest.approx(2.0) and reachable.reachable
