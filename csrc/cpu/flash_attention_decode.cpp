@@ -221,11 +221,12 @@ inline void score_tile(const A* q, int64_t q_ld, const T* const* keys, int64_t d
   for (int r = 0; r < RT; ++r) std::memcpy(scores + r * s_ld, reinterpret_cast<const A*>(&sums) + r * KT, KT * sizeof(A));
 }
 
-/// acc[r][c : c + NV*L) += sum_j p[r][j] v_j[c : ...) for RT rows over `keys` value rows; the last of the NV
-/// vectors has `last` lanes (the head dim's tail). RT x NV accumulators stay in registers across the keys.
-template <typename A, typename T, int RT, int NV>
-inline void value_panel(const A* p, int64_t p_ld, const T* v, int64_t v_stride, int64_t keys, int last, A* acc,
-                        int64_t acc_ld, const Prefetch& ahead) {
+/// acc[r][0 : NV*L) += sum_j p[r][j] w_j for RT rows over `keys` value rows, w_j the NV vectors load_row_vectors
+/// makes of row j (its columns in the loader's order: RowVectors in column order, the chunked loader of the
+/// AVX-512 path in chunk order). RT x NV accumulators stay in registers across the keys.
+template <typename A, typename T, int RT, int NV, typename LoadRowVectors>
+inline void value_panel(const A* p, int64_t p_ld, const T* v, int64_t v_stride, int64_t keys, A* acc, int64_t acc_ld,
+                        const Prefetch& ahead, const LoadRowVectors& load_row_vectors) {
   constexpr int L = kLanes<A>;
   Simd<A> o[RT][NV];
 #pragma GCC unroll 4
@@ -236,8 +237,7 @@ inline void value_panel(const A* p, int64_t p_ld, const T* v, int64_t v_stride, 
     const T* row = v + j * v_stride;
     ahead.row(row, j, v_stride);
     Simd<A> w[NV];
-#pragma GCC unroll 4
-    for (int x = 0; x < NV; ++x) w[x] = load_row<A>(row + x * L, x == NV - 1 ? last : L);
+    load_row_vectors(row, w);
 #pragma GCC unroll 4
     for (int r = 0; r < RT; ++r) {
       const Simd<A> pr = broadcast(p[r * p_ld + j]);
@@ -250,6 +250,18 @@ inline void value_panel(const A* p, int64_t p_ld, const T* v, int64_t v_stride, 
 #pragma GCC unroll 4
     for (int x = 0; x < NV; ++x) store(acc + r * acc_ld + x * L, o[r][x]);
 }
+
+/// value_panel's row loader in column order: NV vectors, the last with `last` lanes (the head dim's tail).
+template <typename A, int NV>
+struct RowVectors {
+  int last;
+  template <typename T>
+  void operator()(const T* row, Simd<A>* w) const {
+    constexpr int L = kLanes<A>;
+#pragma GCC unroll 4
+    for (int x = 0; x < NV; ++x) w[x] = load_row<A>(row + x * L, x == NV - 1 ? last : L);
+  }
+};
 
 /// acc (RT x value_dim, padded to whole vectors) += p (RT x keys) @ V (keys x value_dim), panels of 4 vectors.
 template <typename A, typename T, int RT>
@@ -264,10 +276,10 @@ inline void value_tile(const A* p, int64_t p_ld, const T* v, int64_t v_stride, i
     A* ac = acc + c;
     const Prefetch pf = ahead.first_panel(c);
     switch (vectors) {
-      case 1: value_panel<A, T, RT, 1>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld, pf); break;
-      case 2: value_panel<A, T, RT, 2>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld, pf); break;
-      case 3: value_panel<A, T, RT, 3>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld, pf); break;
-      default: value_panel<A, T, RT, 4>(p, p_ld, vc, v_stride, keys, last, ac, acc_ld, pf); break;
+      case 1: value_panel<A, T, RT, 1>(p, p_ld, vc, v_stride, keys, ac, acc_ld, pf, RowVectors<A, 1>{last}); break;
+      case 2: value_panel<A, T, RT, 2>(p, p_ld, vc, v_stride, keys, ac, acc_ld, pf, RowVectors<A, 2>{last}); break;
+      case 3: value_panel<A, T, RT, 3>(p, p_ld, vc, v_stride, keys, ac, acc_ld, pf, RowVectors<A, 3>{last}); break;
+      default: value_panel<A, T, RT, 4>(p, p_ld, vc, v_stride, keys, ac, acc_ld, pf, RowVectors<A, 4>{last}); break;
     }
   }
 }
@@ -351,35 +363,17 @@ inline void score_tile_chunked(const float* q, int64_t q_ld, const T* const* key
     std::memcpy(scores + r * s_ld, reinterpret_cast<const float*>(&sums) + r * KT, KT * sizeof(float));
 }
 
-/// acc[r][c : c + NC*32) += sum_j p[r][j] v_j[c : ...) for RT rows over `keys` value rows, in chunk order;
-/// the panel's last chunk has `last` columns. RT x 2 NC accumulators stay in registers across the keys.
-template <typename T, int RT, int NC>
-inline void value_panel_chunked(const float* p, int64_t p_ld, const T* v, int64_t v_stride, int64_t keys, int last,
-                                float* acc, int64_t acc_ld, const Prefetch& ahead) {
-  constexpr int L = kLanes<float>, NV = 2 * NC;
-  Simd<float> o[RT][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 4
-    for (int x = 0; x < NV; ++x) o[r][x] = _mm512_loadu_ps(acc + r * acc_ld + x * L);
-  for (int64_t j = 0; j < keys; ++j) {
-    const T* row = v + j * v_stride;
-    ahead.row(row, j, v_stride);
-    Simd<float> w[NV];
+/// value_panel's row loader in chunk order (load_chunk): NC chunks as 2 NC vectors, the last chunk with `last`
+/// columns.
+template <int NC>
+struct ChunkVectors {
+  int last;
+  template <typename T>
+  void operator()(const T* row, Simd<float>* w) const {
 #pragma GCC unroll 2
     for (int c = 0; c < NC; ++c) load_chunk(row + c * kChunk, c == NC - 1 ? last : kChunk, w[2 * c], w[2 * c + 1]);
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) {
-      const Simd<float> pr = broadcast(p[r * p_ld + j]);
-#pragma GCC unroll 4
-      for (int x = 0; x < NV; ++x) o[r][x] = fmadd(pr, w[x], o[r][x]);
-    }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 4
-    for (int x = 0; x < NV; ++x) _mm512_storeu_ps(acc + r * acc_ld + x * L, o[r][x]);
-}
+};
 
 /// value_tile in chunk order: panels of 2 chunks (64 columns, 4 RT accumulators).
 template <typename T, int RT>
@@ -389,10 +383,11 @@ inline void value_tile_chunked(const float* p, int64_t p_ld, const T* v, int64_t
   for (int64_t c = 0; c < value_dim; c += kPanel) {
     const int64_t width = std::min<int64_t>(kPanel, value_dim - c);
     const int last = static_cast<int>(width > kChunk ? width - kChunk : width);
+    const Prefetch pf = ahead.first_panel(c);
     if (width > kChunk) {
-      value_panel_chunked<T, RT, 2>(p, p_ld, v + c, v_stride, keys, last, acc + c, acc_ld, ahead.first_panel(c));
+      value_panel<float, T, RT, 4>(p, p_ld, v + c, v_stride, keys, acc + c, acc_ld, pf, ChunkVectors<2>{last});
     } else {
-      value_panel_chunked<T, RT, 1>(p, p_ld, v + c, v_stride, keys, last, acc + c, acc_ld, ahead.first_panel(c));
+      value_panel<float, T, RT, 2>(p, p_ld, v + c, v_stride, keys, acc + c, acc_ld, pf, ChunkVectors<1>{last});
     }
   }
 }
