@@ -102,7 +102,8 @@ def launch_tuned(kernel, configs: Sequence[dict], interpreter_config: dict, grid
     """`kernel` autotuned over `configs` for tensors on `device`: call the result with the kernel's arguments
     minus the tuned ones.
 
-    A config is a dict of the kernel's tuned constexprs (e.g. BLOCK_M, BLOCK_N) plus num_warps and num_stages;
+    A config is a dict of the kernel's tuned constexprs (e.g. BLOCK_M, BLOCK_N) plus num_warps and num_stages
+    (and optionally maxnreg, ptxas's register cap: on CUDA only, the interpreter config must not hold it);
     `grid` maps one (the meta-parameters) to the launch grid. On CUDA triton.autotune times every config once
     per distinct value of the `key` arguments and keeps the fastest. The interpreter would run every config
     in Python each time, so there the one `interpreter_config` is launched: deterministic, and the fewest,
@@ -123,8 +124,8 @@ def _autotuner(kernel, configs: tuple, key: tuple):
     tuned = []
     for items in configs:
         meta = dict(items)
-        num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-        tuned.append(triton.Config(meta, num_warps=num_warps, num_stages=num_stages))
+        num_warps, num_stages, maxnreg = meta.pop("num_warps"), meta.pop("num_stages"), meta.pop("maxnreg", None)
+        tuned.append(triton.Config(meta, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     return triton.autotune(configs=tuned, key=list(key))(kernel)
 
 

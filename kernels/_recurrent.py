@@ -353,6 +353,12 @@ RESIDENT_MAX_HIDDEN = 512
 # 4x at large batch in 16-bit dtypes. float32 stays at 16 rows x 64 units: its LSTM spilled 192-552 bytes with
 # 32 or 64 rows at 4 or 8 warps (tf32x3 holds two halves of each operand).
 PER_STEP_TILE = {2: (64, 32), 4: (16, 64)}
+# The register cap ptxas gets for every split launch (triton's `maxnreg`: the PTX's .maxnreg). Without it ptxas
+# settled on 128 registers and spilled 16-48 bytes in 15 float32 configs with tf32 products (allow_tf32): the LSTM
+# at 32 units / 4 warps on sm_80 and 64 / 8 on sm_90, the GRU at 64 / 8 on sm_90 (persistent and per step), every
+# hidden size; with 255 they use 154-162 and spill nothing. 255 x 256 threads (8 warps, the most a split program
+# has) still fits an SM's 64K registers, so the persistent grid's one program per SM stays co-resident.
+SPLIT_MAXNREG = 255
 _forced: dict | None = None
 
 
@@ -368,7 +374,8 @@ def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_c
     `supported` is False for features only the row-block kernel has (the LSTM's projection, zoneout).
 
     -> {"mode": "rows"} or {"mode": "persistent" | "per_step", "BLOCK_B": batch rows and "BLOCK_U": units per program,
-       "RESIDENT": W_hh slice loaded once before the time loop (persistent only), "num_warps", "num_stages"}
+       "RESIDENT": W_hh slice loaded once before the time loop (persistent only), "num_warps", "num_stages",
+       "maxnreg" (ptxas's register cap, SPLIT_MAXNREG)}
 
     The rule, in order:
       * rows without a GPU, for unsupported features, for H <= 64 (the whole W_hh of such a layer is at most
@@ -404,7 +411,7 @@ def _split_mode(mode: str, block_u: int, resident: bool, dtype: torch.dtype, blo
     if mode == "per_step":  # PER_STEP_TILE
         warps = 8
     return {"mode": mode, "BLOCK_B": block_b, "BLOCK_U": block_u, "RESIDENT": resident, "num_warps": warps,
-            "num_stages": NUM_STAGES}
+            "num_stages": NUM_STAGES, "maxnreg": SPLIT_MAXNREG}
 
 
 @contextlib.contextmanager

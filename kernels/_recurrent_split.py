@@ -306,11 +306,15 @@ def split_forward(cell: int, mode: dict, gates_x: Tensor, w_hh: Tensor, b_hh: Te
 
 
 def split_tiles(mode: dict, hidden: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The constexprs and launch options of a split launch in `mode` (dtypes, precision, tiles, warps)."""
-    return dict(ACC=accumulator_dtype(dtype), DOT=dot_operand_dtype(dtype, device),
-                PRECISION=dot_precision(dtype, device), RESIDENT=bool(mode["RESIDENT"]), BLOCK_B=mode["BLOCK_B"],
-                BLOCK_U=mode["BLOCK_U"], BLOCK_K=BLOCK_K, BLOCK_HK=pow2_at_least(hidden, MIN_DOT_SIZE),
-                num_warps=mode["num_warps"], num_stages=mode["num_stages"])
+    """The constexprs and launch options of a split launch in `mode` (dtypes, precision, tiles, warps; on CUDA
+    the register cap, which the interpreter does not take)."""
+    tiles = dict(ACC=accumulator_dtype(dtype), DOT=dot_operand_dtype(dtype, device),
+                 PRECISION=dot_precision(dtype, device), RESIDENT=bool(mode["RESIDENT"]), BLOCK_B=mode["BLOCK_B"],
+                 BLOCK_U=mode["BLOCK_U"], BLOCK_K=BLOCK_K, BLOCK_HK=pow2_at_least(hidden, MIN_DOT_SIZE),
+                 num_warps=mode["num_warps"], num_stages=mode["num_stages"])
+    if device.type == "cuda":
+        tiles["maxnreg"] = mode["maxnreg"]
+    return tiles
 
 
 def _launch_persistent(grid: tuple, device: torch.device):

@@ -258,7 +258,8 @@ def _split_modes(cell: int, dtype: torch.dtype, hidden: int) -> list[dict]:
 def _split_configs(cell: int) -> Callable:
     def configs(dtype, hidden):
         return [{"PERSISTENT": mode["mode"] == "persistent", "RESIDENT": mode["RESIDENT"], "BLOCK_B": mode["BLOCK_B"],
-                 "BLOCK_U": mode["BLOCK_U"], "num_warps": mode["num_warps"], "num_stages": mode["num_stages"]}
+                 "BLOCK_U": mode["BLOCK_U"], "num_warps": mode["num_warps"], "num_stages": mode["num_stages"],
+                 "maxnreg": mode["maxnreg"]}
                 for mode in _split_modes(cell, dtype, hidden)]
     return configs
 
@@ -426,10 +427,14 @@ def _close_compiler_process():
         _compiler_process.cache_clear()
 
 
+# Config entries that are compile options, not constexprs (maxnreg: ptxas's register cap, where a launcher sets one).
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
 def _compile_here(where: tuple[str, str], arguments: dict, config: dict, target: str) -> Compiled:
     function = getattr(importlib.import_module(where[0]), where[1])
     config = dict(config)
-    options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+    options = {name: config.pop(name) for name in _OPTIONS if name in config}
     signature, constexprs, attrs = _signature(function, {**arguments, **config})
     compiled = triton.compile(ASTSource(function, signature, constexprs, attrs), target=TARGETS[target][0],
                               options=options)
