@@ -3,7 +3,7 @@ day a CUDA GPU is available. No GPU on this project's machines: there it says so
 
 On a CUDA machine, in under 10 minutes:
   1. correctness on the device: every attention op's Triton kernel (flash forward + backward, decode, additive
-     forward + backward) and the recurrent modules, in float16 / bfloat16 / float32 (TF32 off: float32 FMAs in
+     forward + backward) and the recurrent modules (LSTM, GRU, LayerNorm LSTM), in float16 / bfloat16 / float32 (TF32 off: float32 FMAs in
      flash attention and decoding, tf32x3 in the other kernels), on CUDA tensors, under DESIGN.md's rule (max|ours - fp64|
      <= 2 max|torch same dtype - fp64| + floor); the pytest suite's Triton tests build CPU tensors (they run under the interpreter), so this is their
      on-device counterpart, on larger shapes;
@@ -163,6 +163,55 @@ def _recurrent_check(device, dtype, kind: str, batch, steps, hidden):
     return run
 
 
+def composed_layernorm_lstm(x, h0, c0, params: dict, eps: float):
+    """One LayerNorm LSTM layer (batch first) from issue 16's equations, in torch ops: gates = LN(x W_ih^T) +
+    LN(h W_hh^T) + b_ih + b_hh (i, f, g, o), c' = sigmoid(f) c + sigmoid(i) tanh(g), h' = sigmoid(o) tanh(LN(c'))."""
+    gates = params["weight_ih_l0"].shape[0]
+    h, c, outputs = h0, c0, []
+    for t in range(x.shape[1]):
+        pre = (F.layer_norm(x[:, t] @ params["weight_ih_l0"].t(), (gates,), params["ln_ih_weight_l0"],
+                            params["ln_ih_bias_l0"], eps)
+               + F.layer_norm(h @ params["weight_hh_l0"].t(), (gates,), params["ln_hh_weight_l0"],
+                              params["ln_hh_bias_l0"], eps)
+               + params["bias_ih_l0"] + params["bias_hh_l0"])
+        i, f, g, o = pre.chunk(4, dim=-1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h = o.sigmoid() * F.layer_norm(c, (c.shape[1],), params["ln_cell_weight_l0"], params["ln_cell_bias_l0"],
+                                       eps).tanh()
+        outputs.append(h)
+    return torch.stack(outputs, 1)
+
+
+def _layernorm_lstm_check(device, dtype, batch, steps, hidden):
+    """seqkern.nn.LayerNormLSTM on the Triton row-block kernels (forward + backward) against the composed layer."""
+    def run():
+        import seqkern
+
+        torch.manual_seed(0)
+        module = seqkern.nn.LayerNormLSTM(hidden, hidden, batch_first=True).to(device)
+        names = [name for name, _ in module.named_parameters()]
+        base = [torch.randn(batch, steps, hidden, device=device, dtype=torch.float64),
+                *(p.detach().double() for _, p in module.named_parameters())]
+        cotangent = torch.randn(batch, steps, hidden, device=device, dtype=torch.float64)
+        zeros = torch.zeros(batch, hidden, device=device)
+
+        def composed(dtype_):
+            inputs = _leaves(base, dtype_)
+            out = composed_layernorm_lstm(inputs[0], zeros.to(dtype_), zeros.to(dtype_),
+                                          dict(zip(names, inputs[1:])), module.eps)
+            return _grads(out, inputs, cotangent)
+        inputs = _leaves(base, dtype)
+        ours_module = module.to(dtype)
+        with torch.no_grad():
+            for parameter, value in zip(ours_module.parameters(), inputs[1:]):
+                parameter.copy_(value)
+        with seqkern.backend("triton"):
+            out, _ = ours_module(inputs[0])
+            ours = _grads(out, [inputs[0], *ours_module.parameters()], cotangent)
+        return ours, composed(dtype), composed(torch.float64)
+    return run
+
+
 def _correctness_cases(device, quick: bool) -> list[tuple[str, Callable]]:
     length = 256 if quick else 1024
     cases = []
@@ -173,6 +222,8 @@ def _correctness_cases(device, quick: bool) -> list[tuple[str, Callable]]:
                           _attention_check(device, dtype, 2, 4, length, dim, True)))
         cases.append((f"decode {name} 8q/2kv heads cache 4096 d128", _decode_check(device, dtype, 2, 8, 2, 4096, 128)))
         cases.append((f"additive {name} L256 H128 Dv64", _additive_check(device, dtype, 2, 256, 128, 64)))
+        # The row-block kernels with LayerNorm inside the step (kernels/layernorm_lstm.py), forward + backward.
+        cases.append((f"LayerNormLSTM {name} b16 t50 h256", _layernorm_lstm_check(device, dtype, 16, 50, 256)))
         for kind in ("LSTM", "GRU"):
             cases.append((f"{kind} {name} b16 t50 h256", _recurrent_check(device, dtype, kind, 16, 50, 256)))
             # The split launch modes (kernels/_recurrent_split.py), each where the rule picks it on an
@@ -353,7 +404,39 @@ def _benchmark_cases(device, quick: bool) -> list[tuple[str, Callable]]:
                 cases.append((f"{kind} {name} b{batch} t{200 // scale} h{hidden} infer [{mode}]",
                               lambda d=dtype, k=kind, b=batch, h=hidden:
                               _recurrent_bench(device, d, k, b, 200 // scale, h, False, ("rows", "per_step"))))
+        for train in (False, True):
+            cases.append((f"LayerNormLSTM {name} b32 t{200 // scale} h256 {'train' if train else 'infer'}",
+                          lambda d=dtype, t=train: _layernorm_lstm_bench(device, d, 32, 200 // scale, 256, t)))
     return cases
+
+
+def _layernorm_lstm_bench(device, dtype, batch, steps, hidden, train: bool):
+    """seqkern.nn.LayerNormLSTM (the row-block kernels) against the same layer composed of torch ops (no cuDNN
+    LayerNorm LSTM exists); the FLOPs are the two GEMMs per step."""
+    import seqkern
+
+    module = seqkern.nn.LayerNormLSTM(hidden, hidden, batch_first=True).to(device, dtype)
+    params = dict(module.named_parameters())
+    x = torch.randn(batch, steps, hidden, device=device, dtype=dtype, requires_grad=train)
+    zeros = torch.zeros(batch, hidden, device=device, dtype=dtype)
+
+    def run(forward):
+        def call():
+            out = forward()
+            if train:
+                torch.autograd.grad(out.sum(), [x, *params.values()])
+        return call
+    flops = 2 * 2 * batch * steps * hidden * 4 * hidden * (3 if train else 1)
+    with_seqkern = run(lambda: _under_triton(module, x))
+    composed = run(lambda: composed_layernorm_lstm(x, zeros, zeros, params, module.eps))
+    return {"seqkern": with_seqkern, "composed torch ops": composed}, flops, 0
+
+
+def _under_triton(module, x):
+    import seqkern
+
+    with seqkern.backend("triton"):
+        return module(x)[0]
 
 
 def _benchmark(case: tuple[str, Callable], repeats: int) -> dict:

@@ -402,6 +402,11 @@ def _values_gradient_kernel(
 # forward. Interpreter: it runs each program in Python, so the fewest, largest tiles are fastest: forward +
 # backward of B=2, Lq=17, Lk=33, H=40 take 0.15 s with its tiles, 1.7 s with the GPU ones.
 _TILES = {"gpu": (32, 32, 4, 4), "interpreter": (64, 64, 64, 4)}
+# FLOAT64_FORWARD: the float64 forward (twice the warps already) spilled on sm_90 with 32 x 32 x 4 at d64 (64 bytes
+# at 255 registers) and in the doubled config at every value dim (64 x 32 / 16 warps at d64: 1.0-1.3 KB; 32 x 16 / 16
+# warps at d128 / d256: 16-344; ptxas gives 16 warps at most 128 registers): it takes no doubled config, and at
+# value dims up to 64 (32 x 32 tiles) half the hidden units per broadcast (32 x 32 x 2: 202-206 registers, no spill
+# on sm_80 / sm_90; past 64 the tiles shrink instead, and 16 x 16 x 2 at d256 spilled on sm_90 where x 4 did not).
 # The backward's dO . values products sweep the value dim this many at a time (ptxas, sm_80, the float32 dS
 # kernel: chunks of 64 spill 112 bytes at 255 registers, chunks of 32 none at 192).
 _VALUE_CHUNK = 32
@@ -422,6 +427,8 @@ def blocks(kernel: str, dtype: torch.dtype, device: torch.device, len_q: int, le
     and the forward past a value dim of 256, take twice the warps."""
     block_m, block_n, block_h, num_warps = _TILES["gpu" if device.type == "cuda" else "interpreter"]
     block_dv = _padded(value_dim)
+    if device.type == "cuda" and kernel == "forward" and dtype == torch.float64 and block_dv <= 64:
+        block_h //= 2  # FLOAT64_FORWARD
     shrink = max(block_dv // 64, 1) if kernel == "forward" else 1
     wide = dtype == torch.float64 or shrink > 4
     return {"BLOCK_M": min(max(MIN_DOT_SIZE, block_m // shrink), _padded(len_q)),
@@ -439,7 +446,7 @@ def forward_configs(dtype: torch.dtype, device: torch.device, len_q: int, len_k:
     backward is not tuned: grad_v's partial sums are per key block, so its BLOCK_N sizes a buffer.)"""
     base = blocks("forward", dtype, device, len_q, len_k, hidden, value_dim)
     del base["BLOCK_DV"]
-    if device.type != "cuda" or base["BLOCK_M"] >= _padded(len_q):
+    if device.type != "cuda" or base["BLOCK_M"] >= _padded(len_q) or dtype == torch.float64:  # FLOAT64_FORWARD
         return [base]
     return [base, dict(base, BLOCK_M=2 * base["BLOCK_M"], num_warps=2 * base["num_warps"])]
 

@@ -663,8 +663,11 @@ _GPU_CONFIGS = {
     # sm_90 worse than sm_80), 16 x 64 / 4 warps 1284-1360 at d64; the dQ kernel's 16 x 16 / 4 warps 2-2.2 KB and
     # 16 x 32 / 8 1.5-2 KB at d128 (8 warps with 16 keys fit); the dK/dV kernel spilled 8-116 bytes at most tiles
     # with ptxas settling on 64-128 registers (an allocation choice, not the tile's size). At d128 the dK/dV
-    # kernel's 64 x 16 / 8 fits the heavy variant but not the light one; at d256 no backward tile fitted both:
-    # open (chunking the head dim in the score products would bound the operand registers).
+    # kernel's 64 x 16 / 8 fits the heavy variant but not the light one. At d256 no dK/dV tile fits (2026-12-05,
+    # dev_gpu6): 64 x 16 / 8 spilled 3.9-141 KB (ptxas settling on 32 registers on sm_90), 32 x 16 / 8 132-136 bytes,
+    # 16 x 16 / 8 56-88 at 128 registers; capped at 255 (the fifth entry) 16 x 16 is clean on sm_80 heavy and spills
+    # 8 bytes on sm_90 heavy, 60 light: kept as the least spilling (tests/test_gpu_compile.py NO_FIT). Chunking the
+    # head dim in the score products would bound the operand registers: open.
     ("forward", "fma32"): {64: [(16, 64, 8, 1), (16, 32, 8, 2)],
                            128: [(16, 32, 8, 2), (16, 16, 8, 1)],
                            256: [(16, 16, 8, 1)]},
@@ -673,11 +676,17 @@ _GPU_CONFIGS = {
                                    256: [(16, 16, 8, 2)]},
     ("key_gradients", "fma32"): {64: [(16, 16, 8, 1)],
                                  128: [(64, 16, 8, 1)],
-                                 256: [(64, 16, 8, 1)]},
-    # unit "fma": float64 (no float64 tensor-core path in Triton): products on the FMA units, operands in registers.
+                                 256: [(16, 16, 8, 1, 255)]},
+    # unit "fma": float64, on the float64 tensor cores (triton emits mma.m8n8k4.f64 on sm_80 / sm_90), operands in
+    # registers. ptxas (2026-12-05, sm_80 and sm_90): the dK/dV kernel's 16 x 32 / 8 warps at d64 spilled 12 bytes
+    # (heavy) and 48 (light) on sm_80, 16 x 16 fits (172-205 registers). The backward at d128 / d256 spills at the
+    # smallest tile, 16 x 16 (at 255 registers, so not ptxas's choice; 4 or 16 warps spill more): dK/dV d128 heavy 44
+    # bytes on sm_90, light 24 / 72; dQ d256 heavy 112 on sm_90, light 3.6 KB; dK/dV d256 more. The kernels hold K,
+    # V, dK, dV (or Q, dO, dQ) over the whole head dim: only chunking the head dim in the products would fit them
+    # (open). Those launches still run correctly on a GPU, with local-memory traffic.
     ("forward", "fma"): {64: [(32, 32, 8, 2)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
     ("query_gradients", "fma"): {64: [(32, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
-    ("key_gradients", "fma"): {64: [(16, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+    ("key_gradients", "fma"): {64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
 }
 # The light variant (no attention mask, no dropout: the mask tile's 64-bit addresses and the dropout hash are
 # gone) has registers for FlashAttention-2's tiles: 64-128 keys. Kernels and units not here use the lists above.
@@ -699,7 +708,18 @@ _LIGHT_GPU_CONFIGS = {
                                   256: [(16, 16, 8, 2)]},
     ("key_gradients", "fma32"): {64: [(16, 16, 8, 1)],
                                  128: [(16, 16, 4, 1)],
-                                 256: [(64, 16, 8, 1)]},
+                                 256: [(16, 16, 8, 1, 255)]},
+    # The fma32 dQ kernel at d256: 16 x 16 / 8 warps / 2 stages spilled 104-128 bytes at 128 registers (ptxas's
+    # choice: with 1 stage it took 255 and spilled 1.3 KB); capped at 255 (the fifth entry, triton's maxnreg) it
+    # takes 232-238 and spills nothing.
+    ("query_gradients", "fma32"): {64: [(16, 32, 8, 1)],
+                                   128: [(16, 16, 8, 2), (16, 16, 8, 1)],
+                                   256: [(16, 16, 8, 2, 255)]},
+    # float64: the dQ kernel's 32 x 16 / 8 warps at d64 spilled 16 bytes on sm_80 and 112 on sm_90 without mask
+    # and dropout (ptxas settled on 255 registers); 16 x 32 and 16 x 16 fit (188-216 registers).
+    ("query_gradients", "fma"): {64: [(16, 32, 8, 1), (16, 16, 8, 1)],
+                                 128: [(16, 16, 8, 1)],
+                                 256: [(16, 16, 8, 1)]},
 }
 # Under the interpreter one config, no autotuning: it runs each program in Python, so the fewest, largest tiles
 # are fastest (forward + backward over 6 heads, 256 tokens, head dim 64, float32: 6.9 s with these, 27 s with
@@ -731,8 +751,13 @@ def unit(dtype: torch.dtype, device: torch.device) -> str:
     return {torch.float64: "fma"}.get(dtype, "mma")
 
 
-def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict:
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
+    """A list entry as a config; a fifth entry is ptxas's register cap (where ptxas otherwise settles on fewer
+    registers than the tile needs and spills)."""
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        config["maxnreg"] = maxnreg
+    return config
 
 
 def configs(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int, value_dim: int,
@@ -755,8 +780,8 @@ def configs(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int
     if width <= 256:
         return [_config(*tile) for tile in lists[max(width, 64)]]
     shrink = width // 256
-    return [_config(max(MIN_DOT_SIZE, block_m // shrink), max(MIN_DOT_SIZE, block_n // shrink), num_warps, 1)
-            for block_m, block_n, num_warps, _ in lists[256]]
+    return [_config(max(MIN_DOT_SIZE, block_m // shrink), max(MIN_DOT_SIZE, block_n // shrink), num_warps, 1,
+                    *cap) for block_m, block_n, num_warps, _, *cap in lists[256]]
 
 
 def _launch_kernel(kernel, name: str, arguments: dict, grid):

@@ -2,9 +2,10 @@
 seqkern.reference.flash_attention.flash_attention_decode).
 
 Flash decoding: a few queries (Lq = 1..16) against a long KV cache, which a decode step is bound to read.
-  1. split kernel, a program per (sequence b * kv head h, split s): it serves the R = G * Lq query rows that read
-     kv head h (the G = Hq / Hkv query heads of its group, Lq queries each; row r = g * Lq + i), so every cache
-     row is read once per group, not once per query head. It sweeps split s of the keys any of those queries
+  1. split kernel, a program per (sequence b * kv head h, split s, block of rows): it serves up to MAX_BLOCK_R of
+     the R = G * Lq query rows that read kv head h (the G = Hq / Hkv query heads of its group, Lq queries each;
+     row r = g * Lq + i), so every cache row is read once per group (once per 64 rows of it), not once per query
+     head. It sweeps split s of the keys any of those queries
      can see in BLOCK_N tiles with an online softmax (running max m, sum l, accumulator, fp32 or fp64) and
      leaves a partial: out_s = acc / l and lse_s = m + log l (-inf for a split that sees nothing);
   2. merge kernel, a program per query row: lse = log sum_s e^lse_s and out = sum_s e^(lse_s - lse) out_s.
@@ -38,6 +39,10 @@ PROGRAMS_PER_SM = 2
 # ... but no split shorter than this many keys: a program's fixed costs (loading R query rows, writing an
 # R x Dv partial that the merge re-reads) stay small next to streaming its share of K and V.
 MIN_SPLIT_KEYS = 256
+# Query rows per split program at most (R = G * Lq is unbounded: 64 query heads on one kv head with 16 queries
+# is 1024 rows); more rows become a grid axis, each block of them re-reading the cache split from L2. Every
+# config is compiled at this many rows (tests/test_gpu_compile.py), so no row count can pick a tile that spills.
+MAX_BLOCK_R = 64
 # The split kernel's softmax runs in base 2.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -58,6 +63,7 @@ def _decode_split_kernel(
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
+    row_block = tl.program_id(2)  # R > BLOCK_R (many query heads per kv head, or many queries): blocks of rows
     # int64 offsets: b * k_stride_b passes 2^31 elements for large caches.
     b = (bh // Hkv).to(tl.int64)
     h = (bh % Hkv).to(tl.int64)
@@ -68,7 +74,7 @@ def _decode_split_kernel(
     else:
         length = S
 
-    rows = tl.arange(0, BLOCK_R)
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     position = length - Lq + rows % Lq  # of query i = r % Lq; its query head is h * G + r // Lq
     dims = tl.arange(0, BLOCK_D)
@@ -259,26 +265,27 @@ def _padded(size: int) -> int:
 
 def configs(dtype: torch.dtype, device: torch.device, rows: int, head_dim: int, value_dim: int) -> list[dict]:
     """The split kernel's configs ({"BLOCK_N", "num_warps", "num_stages"}) for R = `rows` query rows per
-    program: the autotune list on CUDA, the interpreter's one config on CPU. Past a padded head dim of 256,
-    or 64 rows, the largest list's key tiles shrink in proportion (down to MIN_DOT_SIZE), with one stage."""
+    program: the autotune list on CUDA, the interpreter's one config on CPU. Past a padded head dim of 256
+    the largest list's key tiles shrink in proportion (down to MIN_DOT_SIZE), with one stage; rows past
+    MAX_BLOCK_R are a grid axis (_split_blocks), so the 64-row lists serve every larger R."""
     if device.type != "cuda":
         block_n, num_warps, num_stages = _INTERPRETER_CONFIG
         return [{"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}]
     width = max(_padded(head_dim), _padded(value_dim))
-    block_r = _padded(rows)
+    block_r = _split_blocks(rows, head_dim, value_dim)["BLOCK_R"]
     unit = {torch.float64: "fma"}.get(dtype, "mma")
     if dtype == torch.float32:
         unit = "tf32" if dot_precision(dtype, device, FLOAT32_PRECISION) == "tf32" else "fma32"
     lists = _GPU_CONFIGS[unit, 16 if block_r <= 16 else 64]
-    shrink = max(width // 256, 1) * max(block_r // 64, 1)
+    shrink = max(width // 256, 1)
     return [{"BLOCK_N": max(MIN_DOT_SIZE, block_n // shrink), "num_warps": num_warps,
              "num_stages": num_stages if shrink == 1 else 1}
             for block_n, num_warps, num_stages in lists[min(max(width, 64), 256)]]
 
 
 def _split_blocks(rows: int, head_dim: int, value_dim: int) -> dict:
-    """The split kernel's padded sizes (not tuned): rows, head dim, value dim."""
-    return {"BLOCK_R": _padded(rows), "BLOCK_D": _padded(head_dim), "BLOCK_DV": _padded(value_dim)}
+    """The split kernel's padded sizes (not tuned): rows per program (at most MAX_BLOCK_R), head dim, value dim."""
+    return {"BLOCK_R": min(_padded(rows), MAX_BLOCK_R), "BLOCK_D": _padded(head_dim), "BLOCK_DV": _padded(value_dim)}
 
 
 def flash_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor | None, scale: float,
@@ -303,7 +310,7 @@ def flash_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     acc = accumulator_dtype(q.dtype)
     choices = configs(q.dtype, q.device, rows, head_dim, value_dim)
     # Tuned per head dims and rows; not per cache length (every decode step has a new one).
-    launch_tuned(_decode_split_kernel, choices, choices[0], lambda meta: (items, splits), q.device,
+    launch_tuned(_decode_split_kernel, choices, choices[0], lambda meta: (items, splits, triton.cdiv(rows, blocks["BLOCK_R"])), q.device,
                  ("D", "Dv", "R"))(
         q, k_cache, v_cache, cache_seqlens, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

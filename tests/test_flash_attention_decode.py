@@ -32,6 +32,8 @@ TRITON_CASES = [
     _case(1, 70, [70, 1, 33], heads=4, kv_heads=2, dim=16, splits=3),
     _case(3, 45, [45, 20], heads=2, kv_heads=1, dim=40, dim_v=24, window=9, seq_first=True),
     _case(2, 37, None, heads=2, kv_heads=2, dim=64, causal=False),
+    # R = 20 query heads x 4 queries = 80 rows on the one kv head: two row blocks (MAX_BLOCK_R 64), one partial
+    _case(4, 40, [40, 9], heads=20, kv_heads=1, dim=16, splits=2),
 ]
 
 

@@ -44,6 +44,7 @@ from seqkern.kernels import flash_attention as flash
 from seqkern.kernels import flash_attention_decode as decode
 from seqkern.kernels import _recurrent_split as split
 from seqkern.kernels import gru, lstm, rnn
+from seqkern.kernels import layernorm_lstm as layernorm
 from seqkern.kernels._recurrent import recurrent_mode
 from seqkern.kernels._recurrent import sequence_blocks as recurrent_blocks
 from seqkern.testing import allow_tf32
@@ -154,13 +155,15 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-DECODE_ROWS = 16  # R = (query heads per kv head) x queries; the launcher's lists switch at 16 rows
+# R = (query heads per kv head) x queries: the launcher's lists switch at 16 rows, and a program takes at most
+# decode.MAX_BLOCK_R = 64 of them (more are a grid axis), so 16 and 1024 rows cover every list and tile.
+DECODE_ROWS = (16, 1024)
 
 
-def _decode_split(dtype, head_dim):
+def _decode_split(dtype, head_dim, rows=DECODE_ROWS[0]):
     acc = _accumulator(dtype)
     return _filled(decode._decode_split_kernel, dtype, dict(
-        decode._split_blocks(DECODE_ROWS, head_dim, head_dim), seqlens_ptr=torch.zeros(1, dtype=torch.int32),
+        decode._split_blocks(rows, head_dim, head_dim), seqlens_ptr=torch.zeros(1, dtype=torch.int32),
         part_out_ptr=torch.zeros(1, dtype=acc), part_lse_ptr=torch.zeros(1, dtype=acc), HAS_SEQLENS=True,
         IS_CAUSAL=True, HAS_WINDOW=True, ACC=_launch_acc(dtype), DOT=None, PRECISION=None), decode.FLOAT32_PRECISION)
 
@@ -264,7 +267,9 @@ def _split_configs(cell: int) -> Callable:
     return configs
 
 
-ROWS_HIDDEN = (64, 128)  # where the rule keeps the row-block kernels for supported features
+# The row-block kernels: the rule keeps their forward at hidden <= 128 for the features the split kernel has, but at
+# every hidden size for the LSTM's projection and zoneout; every backward is theirs; the LayerNorm kernels too.
+ROWS_HIDDEN = (64, 128, 256, 512, 1024)
 
 
 def _rows_arguments(function: triton.JITFunction, **flags) -> Callable:
@@ -294,6 +299,40 @@ def _rows_kernel(name: str, function: triton.JITFunction, **flags) -> Kernel:
                   dtypes=RECURRENT_DTYPES, head_dims=ROWS_HIDDEN)
 
 
+def _layernorm_arguments(function: triton.JITFunction) -> Callable:
+    """A LayerNorm LSTM kernel (kernels/layernorm_lstm.py; the GRU's is the same kernel with IS_LSTM off, fewer
+    tiles) with every flag on (the recurrent bias, lengths, resets, zoneout with a mask, reverse, workspace). It
+    computes in ACC whatever the storage dtype (the launcher converts W_hh and the states to float32)."""
+    def arguments(dtype, hidden):
+        acc = _accumulator(dtype)
+        given = dict(lengths_ptr=torch.zeros(1, dtype=torch.int64), resets_ptr=torch.zeros(1, dtype=torch.bool),
+                     seed_ptr=torch.zeros(1, dtype=torch.int64), output_ptr=torch.zeros(1, dtype=dtype),
+                     grad_output_ptr=torch.zeros(1, dtype=dtype), H=hidden, eps=1e-5, zoneout=0.25,
+                     IS_LSTM=True, HAS_BIAS_H=True, HAS_LENGTHS=True, HAS_RESETS=True, ZONEOUT=2, REVERSE=True,
+                     SAVE_WORKSPACE=True, ACC=_launch_acc(dtype), DOT=_launch.dot_operand_dtype(acc, CUDA),
+                     **_layernorm_blocks(hidden))
+        given = {name: value for name, value in given.items() if name in function.arg_names}
+        return _filled(function, acc, given)
+    return arguments
+
+
+def _layernorm_blocks(hidden: int) -> dict:
+    return {name: value for name, value in layernorm.sequence_blocks(hidden).items()
+            if name in ("BLOCK_B", "BLOCK_H", "BLOCK_K")}
+
+
+def _layernorm_configs(dtype, hidden):
+    """The LayerNorm kernels' one config: kernels/layernorm_lstm.py launches with sequence_blocks(hidden) (no dtype:
+    triton's default stages)."""
+    blocks = layernorm.sequence_blocks(hidden)
+    return [{"num_warps": blocks["num_warps"], "num_stages": blocks.get("num_stages", 3)}]
+
+
+def _layernorm_kernel(name: str, function: triton.JITFunction) -> Kernel:
+    return Kernel(f"layernorm_recurrent.{name}", function, _layernorm_arguments(function), _layernorm_configs,
+                  dtypes=RECURRENT_DTYPES, head_dims=ROWS_HIDDEN)
+
+
 def _split_kernel(name: str, cell: int) -> Kernel:
     return Kernel(f"recurrent_split.{name}", split._split_forward_kernel, _split_arguments(cell), _split_configs(cell),
                   dtypes=RECURRENT_DTYPES, head_dims=RECURRENT_HIDDEN)
@@ -303,6 +342,11 @@ KERNELS = [
     _rows_kernel("lstm", lstm._lstm_sequence_forward_kernel, HAS_PROJ=True),
     _rows_kernel("gru", gru._gru_sequence_forward_kernel, HAS_BIAS=True),
     _rows_kernel("rnn", rnn._rnn_sequence_forward_kernel, RELU=False),
+    _rows_kernel("lstm.backward", lstm._lstm_sequence_backward_kernel, HAS_PROJ=True),
+    _rows_kernel("gru.backward", gru._gru_sequence_backward_kernel, HAS_BIAS=True),
+    _rows_kernel("rnn.backward", rnn._rnn_sequence_backward_kernel, RELU=False),
+    _layernorm_kernel("forward", layernorm._layernorm_sequence_forward_kernel),
+    _layernorm_kernel("backward", layernorm._layernorm_sequence_backward_kernel),
     _split_kernel("lstm", split.LSTM),
     _split_kernel("gru", split.GRU),
     _split_kernel("rnn", split.RNN_TANH),
@@ -317,8 +361,11 @@ KERNELS = [
            _flash_configs("query_gradients", light=True)),
     Kernel("flash_attention.key_gradients[light]", flash._key_gradients_kernel, _light(_flash_key_gradients),
            _flash_configs("key_gradients", light=True)),
-    Kernel("flash_attention_decode.split", decode._decode_split_kernel, _decode_split,
-           lambda dtype, head_dim: decode.configs(dtype, CUDA, DECODE_ROWS, head_dim, head_dim)),
+    *[Kernel(f"flash_attention_decode.split[{rows} rows]", decode._decode_split_kernel,
+             functools.partial(_decode_split, rows=rows),
+             functools.partial(lambda dtype, head_dim, rows: decode.configs(dtype, CUDA, rows, head_dim, head_dim),
+                               rows=rows))
+      for rows in DECODE_ROWS],
     Kernel("flash_attention_decode.merge", decode._decode_merge_kernel, _decode_merge,
            lambda dtype, head_dim: [{"num_warps": 4, "num_stages": 3}]),  # triton's defaults: not tuned
     Kernel("additive_attention.forward", additive._forward_kernel, _additive_forward, _additive_forward_configs),
@@ -452,10 +499,36 @@ def _compile_here(where: tuple[str, str], arguments: dict, config: dict, target:
 DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90", False),
                  ("flash_attention.key_gradients[light]", torch.float16, 64, "sm_80", False),
                  ("flash_attention.query_gradients", torch.float32, 128, "sm_90", False),  # ieee: float32 FMAs
-                 ("flash_attention_decode.split", torch.bfloat16, 128, "sm_90", False),
+                 ("flash_attention_decode.split[1024 rows]", torch.bfloat16, 128, "sm_90", False),
                  ("additive_attention.forward", torch.float16, 64, "sm_80", False),
                  ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90", False),  # persistent, 16 units, streamed
                  ("recurrent_split.gru", torch.float32, 256, "sm_80", False))  # persistent, 32 units, tf32x3
+
+
+# Kernels, dtypes and head dims (hidden sizes) for which no config fits: ptxas spills at the smallest tile (16 rows
+# is tl.dot's minimum) and with the register cap at 255, so the launcher keeps the least spilling config (the kernel
+# still runs correctly on a GPU, with local-memory traffic). (kernel, dtype, allow_tf32, head dim) -> {target: the
+# ptxas figures}. These cases are xfail(strict=True): they assert that the spill is still there. What would fit them
+# (chunking the head dim in flash attention's products; hidden units split across programs in the recurrent
+# backward and the LayerNorm kernels) is a design change, open in NOTES.md ("GPU compile matrix: what does not fit").
+_D256_FMA32 = "fma32 dK/dV 16 x 16 / 8 warps capped at 255 registers; 64 x 16: 3.9-141 KB, 32 x 16: 52-136 bytes"
+NO_FIT = {
+    ("flash_attention.key_gradients", torch.float32, False, 256): {"sm_90": f"8 bytes at 255 registers ({_D256_FMA32})"},
+    ("flash_attention.key_gradients[light]", torch.float32, False, 256): {
+        target: f"60 bytes at 254 registers ({_D256_FMA32})" for target in TARGETS},
+    ("flash_attention.key_gradients[light]", torch.float32, True, 256): {
+        "sm_80": "tf32 dK/dV 16 x 16 / 8 warps 48 bytes at 255 registers (2 stages 84, 32 x 16 36, 16 x 32 120)"},
+    ("flash_attention.query_gradients", torch.float64, False, 256): {"sm_90": "112 bytes at 255 registers (4 warps: 908)"},
+    ("flash_attention.query_gradients[light]", torch.float64, False, 256): {
+        "sm_80": "3608 bytes at 255 registers", "sm_90": "3564 bytes at 255 registers"},
+    ("flash_attention.key_gradients", torch.float64, False, 128): {"sm_90": "44 bytes at 255 registers"},
+    ("flash_attention.key_gradients[light]", torch.float64, False, 128): {
+        "sm_80": "24 bytes at 255 registers", "sm_90": "72 bytes at 253 registers (4 warps: 96-108, 16: 264-324)"},
+    ("flash_attention.key_gradients", torch.float64, False, 256): {
+        "sm_80": "556 bytes at 255 registers", "sm_90": "452 bytes at 255 registers"},
+    ("flash_attention.key_gradients[light]", torch.float64, False, 256): {
+        target: "float64 dK/dV 16 x 16 at d256 (spills at d128 already)" for target in TARGETS},
+}
 
 
 def _tf32_settings(kernel: Kernel, dtype: torch.dtype) -> tuple:
@@ -486,8 +559,15 @@ def _cases(full: bool) -> list:
                     for config in configs:
                         for target in sorted(TARGETS):
                             cases.append(pytest.param(kernel, dtype, head_dim, config, target, tf32,
-                                                      id=_case_id(kernel, dtype, head_dim, config, target, tf32)))
+                                                      id=_case_id(kernel, dtype, head_dim, config, target, tf32),
+                                                      marks=_no_fit_mark(kernel, dtype, tf32, head_dim, target)))
     return cases
+
+
+def _no_fit_mark(kernel: Kernel, dtype: torch.dtype, tf32: bool, head_dim: int, target: str) -> tuple:
+    """xfail(strict) for a NO_FIT case: it must still spill (the day it compiles clean, the entry must go)."""
+    reason = NO_FIT.get((kernel.name, dtype, tf32, head_dim), {}).get(target)
+    return (pytest.mark.xfail(reason=f"no config fits: {reason}", strict=True),) if reason else ()
 
 
 def _case_id(kernel, dtype, head_dim, config, target, tf32) -> str:
