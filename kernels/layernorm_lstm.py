@@ -417,6 +417,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def sequence_tiles(hidden: int) -> dict:
+    """Tiles, warps and stages of both kernels: kernels/_recurrent.py's sequence_blocks for float32, the dtype they
+    compute in whatever the storage dtype. One pipeline stage: with triton's default 3 they spilled at hidden 64
+    (24 bytes on sm_90) and 128 (88-160); with one, hidden 64 compiles clean on sm_80 and sm_90 (ptxas,
+    tests/test_gpu_compile.py; from 128 up they spill: NO_FIT there)."""
+    return sequence_blocks(hidden, torch.float32)
+
+
 def _options(lengths, resets, zoneout, zoneout_seed, like: Tensor) -> dict:
     mode = 0 if zoneout == 0 else (2 if zoneout_seed is not None else 1)
     return dict(
@@ -473,7 +481,7 @@ def sequence_forward(is_lstm: bool, input, states0, w_ih, w_hh, bias_x, bias_h, 
         seq_len, batch, hidden, eps, zoneout, options["keep_below"],
         IS_LSTM=is_lstm, HAS_BIAS_H=bias_h is not None, REVERSE=bool(reverse), SAVE_WORKSPACE=bool(save_workspace),
         **options["flags"], **{**kernel_dtypes(input), "DOT": kernel_dtypes(states[0])["DOT"]},
-        **sequence_blocks(hidden),
+        **sequence_tiles(hidden),
     )
     return output, [s.to(input.dtype) for s in states], workspace
 
@@ -503,7 +511,7 @@ def sequence_backward(is_lstm: bool, grad_output, grad_finals, input, states0, w
             initial[1] if is_lstm else initial[0], d_states[0], d_c, d_post_x, d_post_h, d_gx, d_gh, extra, h_prev,
             seq_len, batch, hidden, zoneout, options["keep_below"],
             IS_LSTM=is_lstm, REVERSE=bool(reverse), **options["flags"],
-            **{**kernel_dtypes(input), "DOT": kernel_dtypes(d_gx)["DOT"]}, **sequence_blocks(hidden),
+            **{**kernel_dtypes(input), "DOT": kernel_dtypes(d_gx)["DOT"]}, **sequence_tiles(hidden),
         )
     grad_input = (d_gx @ w_ih.to(acc)).view(seq_len, batch, input_size).to(input.dtype)
     grad_w_ih = d_gx.t() @ input.reshape(rows, input_size).to(acc)
