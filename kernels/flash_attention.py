@@ -617,7 +617,8 @@ def _query_gradients_kernel(
 # ==================================================================================================
 # Launchers: argument checks, block sizes, grids.
 # ==================================================================================================
-# Tile configurations. A config is {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; BLOCK_D / BLOCK_DV are the
+# Tile configurations. A config is {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} (a list entry's optional fifth
+# element: "maxnreg", ptxas's register cap, where ptxas otherwise settles on too few); BLOCK_D / BLOCK_DV are the
 # head dims padded to powers of two (>= MIN_DOT_SIZE, tl.dot's minimum), passed beside it.
 # On CUDA each kernel is autotuned over a short list per operand unit and padded head dim (`configs`); every
 # config of every list is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py with all flags on (mask,

@@ -4,7 +4,7 @@ seqkern.reference.flash_attention.flash_attention_decode).
 Flash decoding: a few queries (Lq = 1..16) against a long KV cache, which a decode step is bound to read.
   1. split kernel, a program per (sequence b * kv head h, split s, block of rows): it serves up to MAX_BLOCK_R of
      the R = G * Lq query rows that read kv head h (the G = Hq / Hkv query heads of its group, Lq queries each;
-     row r = g * Lq + i), so every cache row is read once per group (once per 64 rows of it), not once per query
+     row r = g * Lq + i), so every cache row is read once per group (once per 16 rows of it), not once per query
      head. It sweeps split s of the keys any of those queries
      can see in BLOCK_N tiles with an online softmax (running max m, sum l, accumulator, fp32 or fp64) and
      leaves a partial: out_s = acc / l and lse_s = m + log l (-inf for a split that sees nothing);
@@ -40,9 +40,11 @@ PROGRAMS_PER_SM = 2
 # R x Dv partial that the merge re-reads) stay small next to streaming its share of K and V.
 MIN_SPLIT_KEYS = 256
 # Query rows per split program at most (R = G * Lq is unbounded: 64 query heads on one kv head with 16 queries
-# is 1024 rows); more rows become a grid axis, each block of them re-reading the cache split from L2. Every
-# config is compiled at this many rows (tests/test_gpu_compile.py), so no row count can pick a tile that spills.
-MAX_BLOCK_R = 64
+# is 1024 rows); more rows become a grid axis, each block of them re-reading the cache split (from L2 when the
+# blocks run together). 16, not 64: ptxas spilled 64-row tiles at every head dim but bf16 d64 (bf16 d128 64 keys
+# / 8 warps 60 bytes, 32 / 4 472; float32 d64 216-432, d128 1.0 KB; float64 d128 / d256 1.1-2.2 KB; sm_90 mostly),
+# and every 16-row list compiles clean (tests/test_gpu_compile.py), so no row count can pick a tile that spills.
+MAX_BLOCK_R = 16
 # The split kernel's softmax runs in base 2.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -235,24 +237,21 @@ def _choose_splits(num_splits: int, items: int, seq: int, device: torch.device) 
 # (172-480 bytes) and at 128 keys / d64 on sm_90.
 FLOAT32_PRECISION = "ieee"
 
-# The split kernel's configs (BLOCK_N keys, num_warps, num_stages) on CUDA, autotuned, per operand unit
-# ("mma": 16-bit operands, "tf32": float32 on the tensor cores where allow_tf32, "fma32": float32 FMAs where not,
-# "fma": float64), padded head dim (up to 64,
-# 128, 256) and rows (R = G * Lq padded: up to 16, or more). A decode step streams the cache once, so the key
-# tile is what matters: 64 keys per tile (128-key tiles spilled on sm_90 with lengths + causal + window: 224
-# bytes at d64, 40 at d128; 32 at d256), 2-3 stages of K/V tiles in flight to hide the memory latency. Every config is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py (no spills, shared
-# memory within the limit), so a list holds only configs that fit.
+# The split kernel's configs (BLOCK_N keys, num_warps, num_stages) on CUDA,
+# autotuned, per operand unit ("mma": 16-bit operands, "tf32": float32 on the tensor cores where allow_tf32, "fma32":
+# float32 FMAs where not, "fma": float64) and padded head dim (up to 64, 128, 256), for MAX_BLOCK_R rows. A decode
+# step streams the cache once, so the key tile is what matters: 64 keys per tile (128-key tiles spilled on sm_90
+# with lengths + causal + window: 224 bytes at d64, 40 at d128; 32 at d256), 2-3 stages of K/V tiles in flight to
+# hide the memory latency. Every config is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py (no spills,
+# shared memory within the limit), so a list holds only configs that fit.
 _GPU_CONFIGS = {
-    ("mma", 16): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 3)], 256: [(32, 4, 2)]},
-    ("mma", 64): {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 2), (32, 4, 2)], 256: [(32, 8, 2)]},
-    # float32 (ptxas, 16 rows, 2026-12-05): 3 stages spilled 32-40 bytes on sm_90 at d64 / d128 (4 or 8 warps),
-    # so 2; the fma32 64-key tile at d128 spilled 144 on sm_80, 32 keys / 4 warps at d256 25 KB on sm_90.
-    ("tf32", 16): {64: [(64, 8, 2), (32, 4, 2)], 128: [(64, 4, 2), (32, 8, 2)], 256: [(32, 8, 1), (16, 4, 1)]},
-    ("tf32", 64): {64: [(64, 8, 2), (32, 4, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},
-    ("fma32", 16): {64: [(64, 8, 2), (32, 4, 2)], 128: [(32, 8, 2)], 256: [(32, 8, 1), (16, 4, 1)]},
-    ("fma32", 64): {64: [(32, 4, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},  # 64 rows: not compiled yet
-    ("fma", 16): {64: [(64, 8, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},
-    ("fma", 64): {64: [(32, 8, 1)], 128: [(16, 8, 1)], 256: [(16, 8, 1)]},
+    "mma": {64: [(64, 8, 3), (64, 4, 3)], 128: [(64, 8, 3)], 256: [(32, 4, 2)]},
+    # float32 (ptxas, 2026-12-05): 3 stages spilled 32-40 bytes on sm_90 at d64 / d128 (4 or 8 warps), so 2; the
+    # fma32 64-key tile at d128 spilled 144 on sm_80, 32 keys / 4 warps at d256 25 KB on sm_90, 32 keys / 8 warps at
+    # d256 24 bytes on sm_90 (32 at 255 registers with a cap).
+    "tf32": {64: [(64, 8, 2), (32, 4, 2)], 128: [(64, 4, 2), (32, 8, 2)], 256: [(32, 8, 1), (16, 4, 1)]},
+    "fma32": {64: [(64, 8, 2), (32, 4, 2)], 128: [(32, 8, 2)], 256: [(16, 4, 1)]},
+    "fma": {64: [(64, 8, 2)], 128: [(32, 8, 2)], 256: [(16, 8, 1)]},
 }
 # Under the interpreter one config (no autotuning; the fewest programs are fastest). The old GPU tiles
 # (16-32 keys, "ieee" float32) are gone with it.
@@ -263,20 +262,19 @@ def _padded(size: int) -> int:
     return max(MIN_DOT_SIZE, triton.next_power_of_2(size))
 
 
-def configs(dtype: torch.dtype, device: torch.device, rows: int, head_dim: int, value_dim: int) -> list[dict]:
-    """The split kernel's configs ({"BLOCK_N", "num_warps", "num_stages"}) for R = `rows` query rows per
-    program: the autotune list on CUDA, the interpreter's one config on CPU. Past a padded head dim of 256
-    the largest list's key tiles shrink in proportion (down to MIN_DOT_SIZE), with one stage; rows past
-    MAX_BLOCK_R are a grid axis (_split_blocks), so the 64-row lists serve every larger R."""
+def configs(dtype: torch.dtype, device: torch.device, head_dim: int, value_dim: int) -> list[dict]:
+    """The split kernel's configs ({"BLOCK_N", "num_warps", "num_stages"}) for MAX_BLOCK_R query rows
+    per program (any R: more rows are a grid axis, _split_blocks): the autotune list on CUDA, the interpreter's one
+    config on CPU. Past a padded head dim of 256 the largest list's key tiles shrink in proportion (down to
+    MIN_DOT_SIZE), with one stage."""
     if device.type != "cuda":
         block_n, num_warps, num_stages = _INTERPRETER_CONFIG
         return [{"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}]
     width = max(_padded(head_dim), _padded(value_dim))
-    block_r = _split_blocks(rows, head_dim, value_dim)["BLOCK_R"]
     unit = {torch.float64: "fma"}.get(dtype, "mma")
     if dtype == torch.float32:
         unit = "tf32" if dot_precision(dtype, device, FLOAT32_PRECISION) == "tf32" else "fma32"
-    lists = _GPU_CONFIGS[unit, 16 if block_r <= 16 else 64]
+    lists = _GPU_CONFIGS[unit]
     shrink = max(width // 256, 1)
     return [{"BLOCK_N": max(MIN_DOT_SIZE, block_n // shrink), "num_warps": num_warps,
              "num_stages": num_stages if shrink == 1 else 1}
@@ -308,7 +306,7 @@ def flash_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     part_lse = q.new_empty(items, splits, rows, dtype=acc_dtype)
     blocks = _split_blocks(rows, head_dim, value_dim)
     acc = accumulator_dtype(q.dtype)
-    choices = configs(q.dtype, q.device, rows, head_dim, value_dim)
+    choices = configs(q.dtype, q.device, head_dim, value_dim)
     # Tuned per head dims and rows; not per cache length (every decode step has a new one).
     launch_tuned(_decode_split_kernel, choices, choices[0], lambda meta: (items, splits, triton.cdiv(rows, blocks["BLOCK_R"])), q.device,
                  ("D", "Dv", "R"))(

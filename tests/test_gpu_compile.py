@@ -158,12 +158,12 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# R = (query heads per kv head) x queries: the launcher's lists switch at 16 rows, and a program takes at most
-# decode.MAX_BLOCK_R = 64 of them (more are a grid axis), so 16 and 1024 rows cover every list and tile.
-DECODE_ROWS = (16, 1024)
+# R = (query heads per kv head) x queries: a program takes at most decode.MAX_BLOCK_R of them (more are a grid axis),
+# so 1024 rows (64 query heads on one kv head, 16 queries) compile the tiles every R launches.
+DECODE_ROWS = 1024
 
 
-def _decode_split(dtype, head_dim, rows=DECODE_ROWS[0]):
+def _decode_split(dtype, head_dim, rows=DECODE_ROWS):
     acc = _accumulator(dtype)
     return _filled(decode._decode_split_kernel, dtype, dict(
         decode._split_blocks(rows, head_dim, head_dim), seqlens_ptr=torch.zeros(1, dtype=torch.int32),
@@ -214,8 +214,7 @@ def _additive_backward_configs(kernel: triton.JITFunction):
     def configs(dtype, value_dim):
         tiles = additive.blocks("backward", dtype, CUDA, ADDITIVE_LENGTH, ADDITIVE_LENGTH, ADDITIVE_HIDDEN,
                                 value_dim)
-        return [{name: value for name, value in tiles.items()
-                 if name in kernel.arg_names or name in ("num_warps", "num_stages")}]
+        return [{name: value for name, value in tiles.items() if name in kernel.arg_names or name in _OPTIONS}]
     return configs
 
 
@@ -364,11 +363,8 @@ KERNELS = [
            _flash_configs("query_gradients", light=True)),
     Kernel("flash_attention.key_gradients[light]", flash._key_gradients_kernel, _light(_flash_key_gradients),
            _flash_configs("key_gradients", light=True)),
-    *[Kernel(f"flash_attention_decode.split[{rows} rows]", decode._decode_split_kernel,
-             functools.partial(_decode_split, rows=rows),
-             functools.partial(lambda dtype, head_dim, rows: decode.configs(dtype, CUDA, rows, head_dim, head_dim),
-                               rows=rows))
-      for rows in DECODE_ROWS],
+    Kernel("flash_attention_decode.split", decode._decode_split_kernel, _decode_split,
+           lambda dtype, head_dim: decode.configs(dtype, CUDA, head_dim, head_dim)),
     Kernel("flash_attention_decode.merge", decode._decode_merge_kernel, _decode_merge,
            lambda dtype, head_dim: [{"num_warps": 4, "num_stages": 3}]),  # triton's defaults: not tuned
     Kernel("additive_attention.forward", additive._forward_kernel, _additive_forward, _additive_forward_configs),
@@ -502,7 +498,7 @@ def _compile_here(where: tuple[str, str], arguments: dict, config: dict, target:
 DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90", False),
                  ("flash_attention.key_gradients[light]", torch.float16, 64, "sm_80", False),
                  ("flash_attention.query_gradients", torch.float32, 128, "sm_90", False),  # ieee: float32 FMAs
-                 ("flash_attention_decode.split[1024 rows]", torch.bfloat16, 128, "sm_90", False),
+                 ("flash_attention_decode.split", torch.bfloat16, 128, "sm_90", False),
                  ("additive_attention.forward", torch.float16, 64, "sm_80", False),
                  ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90", False),  # persistent, 16 units, streamed
                  ("recurrent_split.gru", torch.float32, 256, "sm_80", False))  # persistent, 32 units, tf32x3
