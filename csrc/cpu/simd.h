@@ -277,27 +277,86 @@ SEQKERN_SIMD_INLINE Simd<T> sigmoid_simd(Simd<T> x) {
   return T(1) / (T(1) + exp_simd(-x));
 }
 
-/// tanh with ~1 ulp *relative* error in fp32 (Cephes tanhf): an odd polynomial for |x| < 0.625, else
-/// 1 - 2 / (exp(2|x|) + 1). The shorter 2 sigmoid(2x) - 1 has ~1 ulp of 1 *absolute* error everywhere
-/// (1.5e-7 at small |x| where torch's is ~1e-9; max abs error vs fp64 on [-10, 10] 1.8e-7, this one 7.9e-8,
-/// torch.tanh 3.1e-8), and the gradients amplify it where tanh saturates (1 - t^2 from a t a few ulps off):
-/// the Elman RNN missed the 2x rule on fp32 gradients with it (grad_b 2.3x torch's error at T=12, B=32,
-/// H=256), and the LSTM, which kept it for g and tanh(c) until 2026-12-05, ran at median 2.3x torch.nn's
-/// float32 output error on small saturated samples (1.0x with this one; NOTES.md, "Correctness rule").
+/// 2^n for integer-valued fp32 lanes n in [-126, 127].
+SEQKERN_SIMD_INLINE Simd<float> pow2(Simd<float> n) {
+#if defined(__AVX512F__)
+  return times_pow2(broadcast(1.0f), n);
+#else
+  using Bits = SimdTraits<float>::bits;
+  const Bits exponent = (__builtin_convertvector(n, Bits) + 127) << 23;
+  Simd<float> v;
+  std::memcpy(&v, &exponent, sizeof(v));
+  return v;
+#endif
+}
+
+/// num / den, kept apart so that a product of activations costs one division (the LSTM's i tanh(g) and
+/// o tanh(c): 3 divisions per 16 units instead of 5).
+template <typename A>
+struct Quotient {
+  Simd<A> num, den;
+};
+
+template <typename A>
+SEQKERN_SIMD_INLINE Quotient<A> operator*(const Quotient<A>& a, const Quotient<A>& b) {
+  return {a.num * b.num, a.den * b.den};
+}
+
+/// num / den rounded once, or with kApproxReciprocal num times one vrcp14ps of den (~2^-14 relative).
+template <bool kApproxReciprocal, typename A>
+SEQKERN_SIMD_INLINE Simd<A> value(const Quotient<A>& q) {
+  if constexpr (kApproxReciprocal) {
+    return q.num * reciprocal<true>(q.den);
+  } else {
+    return q.num / q.den;
+  }
+}
+
+/// tanh(x) as a quotient for fp32 lanes (tanh_accurate divides it: small *relative* error everywhere, small |x|
+/// included, one exp-like evaluation and one division, or with kApproxReciprocal one vrcp14ps, ~2^-14 relative,
+/// for bfloat16 storage). With a = min(|x|, 9.1) (tanh(9.1) rounds to 1 in fp32) and e = expm1(2a) >= 0,
+///   tanh(x) = sign(x) e / (e + 2),
+/// no cancellation anywhere: 2a = n ln2 + r (Cody-Waite), e = 2^n (e^r - 1) + (2^n - 1), e^r - 1 = expm1_reduced,
+/// 2^n - 1 exact. Against float64 tanh on every 7th fp32 in [-12, 12]: max 2.4 ulp, max abs error 8.9e-8, mean
+/// 0.09 ulp (torch.tanh fp32: 3.1e-8 abs). Why these properties (issue 13): 2 sigmoid(2x) - 1 has ~1 ulp of 1
+/// *absolute* error everywhere (1.5e-7 at small |x| where torch's is ~1e-9), and the gradients amplify it where
+/// tanh saturates (1 - t^2 from a t a few ulps off): the Elman RNN missed the 2x rule on fp32 gradients with it,
+/// and the LSTM ran at median 2.3x torch.nn's float32 output error on small saturated samples.
+/// Cost: the Cephes form it replaces (odd polynomial below 0.625, else 1 - 2 / (exp(2|x|) + 1), both evaluated
+/// and one selected) took ~95 cycles per 16 LSTM units with three sigmoids, this one ~75 (cell microbenchmark,
+/// one thread, data in L1; NOTES.md "Round 6"). Additive attention's tanh is this one too (it was expm1(-2a),
+/// e in (-1, 0]: 1.5e-7 abs error, the quotient doubling e's relative error near |x| = 1..3).
+SEQKERN_SIMD_INLINE Quotient<float> tanh_quotient(Simd<float> x) {
+  using V = Simd<float>;
+  using Bits = SimdTraits<float>::bits;
+  const Bits sign_mask = Bits{} + static_cast<int32_t>(0x80000000u);
+  Bits x_bits;
+  std::memcpy(&x_bits, &x, sizeof(x));
+  const Bits abs_bits = x_bits & ~sign_mask;
+  V a;
+  std::memcpy(&a, &abs_bits, sizeof(a));
+  a = a > 9.1f ? broadcast(9.1f) : a;  // NaN fails the test and passes through to a NaN result
+  const V y = a + a;
+  const V n = nearest_log2_multiple(y);
+  const V two_n = pow2(n);
+  const V e = fmadd(two_n, expm1_reduced(y, n), two_n - 1.0f);
+  Bits e_bits;
+  std::memcpy(&e_bits, &e, sizeof(e));
+  e_bits |= x_bits & sign_mask;  // e >= 0: x's sign by one OR
+  V signed_e;
+  std::memcpy(&signed_e, &e_bits, sizeof(signed_e));
+  return {signed_e, e + 2.0f};
+}
+
+/// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed), over 1.
+SEQKERN_SIMD_INLINE Quotient<double> tanh_quotient(Simd<double> x) {
+  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::tanh(x[l]);
+  return {x, broadcast(1.0)};
+}
+
 template <bool kApproxReciprocal = false>
 SEQKERN_SIMD_INLINE Simd<float> tanh_accurate(Simd<float> x) {
-  using V = Simd<float>;
-  const V abs_x = x < 0.0f ? -x : x;
-  const V z = x * x;
-  V p = broadcast(-5.70498872745e-3f);
-  p = fmadd(p, z, broadcast(2.06390887954e-2f));
-  p = fmadd(p, z, broadcast(-5.37397155531e-2f));
-  p = fmadd(p, z, broadcast(1.33314422036e-1f));
-  p = fmadd(p, z, broadcast(-3.33332819422e-1f));
-  const V small = fmadd(p * z, x, x);
-  const V large_abs = 1.0f - 2.0f * reciprocal<kApproxReciprocal>(exp_simd(abs_x * 2.0f) + 1.0f);
-  const V large = x < 0.0f ? -large_abs : large_abs;
-  return abs_x < 0.625f ? small : large;
+  return value<kApproxReciprocal>(tanh_quotient(x));
 }
 
 /// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
@@ -308,7 +367,8 @@ SEQKERN_SIMD_INLINE Simd<double> tanh_accurate(Simd<double> x) {
 
 /// sigmoid and tanh of a recurrent cell whose results are stored in dtype S. float / double storage: the forms
 /// above (the correctness rule holds them to torch's float32 error). bfloat16 storage rounds every result to
-/// 2^-9 relative, so one vrcp14ps (2^-14) replaces each division there (an LSTM unit has five): perf of a bf16
+/// 2^-9 relative, so one vrcp14ps (2^-14) replaces each division there (an LSTM unit has three: its products
+/// i tanh(g) and o tanh(c) are formed as quotients, lstm.cpp's lstm_cell_math): perf of a bf16
 /// LSTM inference layer (b32 t100 h256, one thread, 2026-12-05) had the cell at 28% of the samples against 15%
 /// for its AMX products.
 template <typename S>
@@ -316,21 +376,28 @@ struct CellActivations {
   static constexpr bool kApprox = std::is_same_v<S, c10::BFloat16>;
 
   template <typename A>
+  static SEQKERN_SIMD_INLINE Quotient<A> sigmoid_quotient(Simd<A> x) {
+    return {broadcast(A(1)), A(1) + exp_simd(-x)};
+  }
+
+  template <typename A>
+  static SEQKERN_SIMD_INLINE Quotient<A> tanh_quotient(Simd<A> x) {
+    return seqkern::cpu::tanh_quotient(x);
+  }
+
+  template <typename A>
+  static SEQKERN_SIMD_INLINE Simd<A> value(const Quotient<A>& q) {
+    return seqkern::cpu::value<kApprox>(q);
+  }
+
+  template <typename A>
   static SEQKERN_SIMD_INLINE Simd<A> sigmoid(Simd<A> x) {
-    if constexpr (kApprox) {
-      return reciprocal<true>(1.0f + exp_simd(-x));
-    } else {
-      return sigmoid_simd<A>(x);
-    }
+    return value(sigmoid_quotient<A>(x));
   }
 
   template <typename A>
   static SEQKERN_SIMD_INLINE Simd<A> tanh(Simd<A> x) {
-    if constexpr (kApprox) {
-      return tanh_accurate<true>(x);
-    } else {
-      return tanh_accurate(x);
-    }
+    return value(tanh_quotient<A>(x));
   }
 };
 
