@@ -199,25 +199,39 @@ SEQKERN_SIMD_INLINE Simd<float> times_pow2(Simd<float> p, Simd<float> n) {
 #endif
 }
 
-/// e^r - 1 for fp32 lanes, r = x - n ln2 with n = round(x / ln2) (|r| <= ln2 / 2): Cody-Waite reduction with
-/// a two-part ln2, then r + r^2 P(r) with Cephes expf's degree-6 polynomial P (~1 ulp, no cancellation near
-/// r = 0). Callers scale by 2^n: exp_reduced below, additive attention's tanh (expm1 of -2|x|).
+/// e^r - 1 for fp32 lanes, r = x - n ln2 with n = round(x / ln2) (|r| <= ln2 / 2). Full accuracy: Cody-Waite
+/// reduction with a two-part ln2, then r + r^2 P(r) with Cephes expf's degree-6 polynomial P (~1 ulp, no
+/// cancellation near r = 0). kBf16 (a result stored in bfloat16, 2^-9 relative): one-part ln2 (<= 3e-6 relative
+/// at |n| = 150) and r P(r) with a degree-4 P fitted for relative error (5.8e-7 max on |r| <= ln2 / 2): 4
+/// instructions fewer per exp, 5 exps per LSTM unit. Callers scale by 2^n: exp_reduced below, tanh_quotient.
+template <bool kBf16 = false>
 SEQKERN_SIMD_INLINE Simd<float> expm1_reduced(Simd<float> x, Simd<float> n) {
   using V = Simd<float>;
-  V r = fmadd(n, broadcast(-0.693359375f), x);
-  r = fmadd(n, broadcast(2.12194440e-4f), r);
-  V p = broadcast(1.9875691500e-4f);
-  p = fmadd(p, r, broadcast(1.3981999507e-3f));
-  p = fmadd(p, r, broadcast(8.3334519073e-3f));
-  p = fmadd(p, r, broadcast(4.1665795894e-2f));
-  p = fmadd(p, r, broadcast(1.6666665459e-1f));
-  p = fmadd(p, r, broadcast(5.0000001201e-1f));
-  return fmadd(p, r * r, r);
+  if constexpr (kBf16) {
+    const V r = fmadd(n, broadcast(-0.693147180559945f), x);
+    V p = broadcast(8.333317004144192e-3f);
+    p = fmadd(p, r, broadcast(4.187510162591934e-2f));
+    p = fmadd(p, r, broadcast(1.666693538427353e-1f));
+    p = fmadd(p, r, broadcast(4.999937713146210e-1f));
+    p = fmadd(p, r, broadcast(9.999999403953552e-1f));
+    return p * r;
+  } else {
+    V r = fmadd(n, broadcast(-0.693359375f), x);
+    r = fmadd(n, broadcast(2.12194440e-4f), r);
+    V p = broadcast(1.9875691500e-4f);
+    p = fmadd(p, r, broadcast(1.3981999507e-3f));
+    p = fmadd(p, r, broadcast(8.3334519073e-3f));
+    p = fmadd(p, r, broadcast(4.1665795894e-2f));
+    p = fmadd(p, r, broadcast(1.6666665459e-1f));
+    p = fmadd(p, r, broadcast(5.0000001201e-1f));
+    return fmadd(p, r * r, r);
+  }
 }
 
 /// e^(x - n ln2) for fp32 lanes (see expm1_reduced). Callers scale the result by 2^n.
+template <bool kBf16 = false>
 SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
-  return expm1_reduced(x, n) + 1.0f;
+  return expm1_reduced<kBf16>(x, n) + 1.0f;
 }
 
 /// exp for fp32 lanes (Cephes expf: Cody-Waite reduction, degree-6 polynomial, ~1 ulp). The vector
@@ -228,6 +242,8 @@ SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
 /// 0 * inf = NaN in the weight gradient of an infinite input). Exactly 0 below -104 (-inf included), so that a
 /// masked attention score, -inf minus the row maximum, weighs exactly 0 (avx512: denormals down to there; other
 /// levels: 0 below the smallest normal result). NaN stays NaN.
+/// kBf16: the bfloat16-result accuracy of expm1_reduced.
+template <bool kBf16 = false>
 SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   using V = Simd<float>;
 #if defined(__AVX512F__)
@@ -237,7 +253,7 @@ SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   // operand when one is NaN: x goes second.
   x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
   const V n = nearest_log2_multiple(x);
-  return times_pow2(exp_reduced(x, n), n);
+  return times_pow2(exp_reduced<kBf16>(x, n), n);
 #else
   using Bits = SimdTraits<float>::bits;
   const auto overflow = x > 88.72284f, underflow = x < -87.33654f;
@@ -246,7 +262,7 @@ SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   x = x < -87.0f ? broadcast(-87.0f) : x;
   const V round_magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   V n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  const V p = exp_reduced(x, n);
+  const V p = exp_reduced<kBf16>(x, n);
   Bits exponent = (__builtin_convertvector(n, Bits) + 127) << 23;
   V scale;
   std::memcpy(&scale, &exponent, sizeof(scale));
@@ -326,6 +342,7 @@ SEQKERN_SIMD_INLINE Simd<A> value(const Quotient<A>& q) {
 /// and one selected) took ~95 cycles per 16 LSTM units with three sigmoids, this one ~75 (cell microbenchmark,
 /// one thread, data in L1; NOTES.md "Round 6"). Additive attention's tanh is this one too (it was expm1(-2a),
 /// e in (-1, 0]: 1.5e-7 abs error, the quotient doubling e's relative error near |x| = 1..3).
+template <bool kBf16 = false>
 SEQKERN_SIMD_INLINE Quotient<float> tanh_quotient(Simd<float> x) {
   using V = Simd<float>;
   using Bits = SimdTraits<float>::bits;
@@ -339,7 +356,7 @@ SEQKERN_SIMD_INLINE Quotient<float> tanh_quotient(Simd<float> x) {
   const V y = a + a;
   const V n = nearest_log2_multiple(y);
   const V two_n = pow2(n);
-  const V e = fmadd(two_n, expm1_reduced(y, n), two_n - 1.0f);
+  const V e = fmadd(two_n, expm1_reduced<kBf16>(y, n), two_n - 1.0f);
   Bits e_bits;
   std::memcpy(&e_bits, &e, sizeof(e));
   e_bits |= x_bits & sign_mask;  // e >= 0: x's sign by one OR
@@ -354,9 +371,10 @@ SEQKERN_SIMD_INLINE Quotient<double> tanh_quotient(Simd<double> x) {
   return {x, broadcast(1.0)};
 }
 
-template <bool kApproxReciprocal = false>
+/// kBf16: for a result stored in bfloat16 (expm1_reduced's polynomial, vrcp14ps instead of the division).
+template <bool kBf16 = false>
 SEQKERN_SIMD_INLINE Simd<float> tanh_accurate(Simd<float> x) {
-  return value<kApproxReciprocal>(tanh_quotient(x));
+  return value<kBf16>(tanh_quotient<kBf16>(x));
 }
 
 /// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
@@ -367,22 +385,30 @@ SEQKERN_SIMD_INLINE Simd<double> tanh_accurate(Simd<double> x) {
 
 /// sigmoid and tanh of a recurrent cell whose results are stored in dtype S. float / double storage: the forms
 /// above (the correctness rule holds them to torch's float32 error). bfloat16 storage rounds every result to
-/// 2^-9 relative, so one vrcp14ps (2^-14) replaces each division there (an LSTM unit has three: its products
-/// i tanh(g) and o tanh(c) are formed as quotients, lstm.cpp's lstm_cell_math): perf of a bf16
-/// LSTM inference layer (b32 t100 h256, one thread, 2026-12-05) had the cell at 28% of the samples against 15%
-/// for its AMX products.
+/// 2^-9 relative, so there the exps take expm1_reduced's shorter polynomial (5.8e-7 relative) and one vrcp14ps
+/// (2^-14) replaces each division (an LSTM unit has three: its products i tanh(g) and o tanh(c) are formed as
+/// quotients, lstm.cpp's lstm_cell_math). Why: perf of a bf16 LSTM inference layer (b32 t100 h256, one thread,
+/// 2026-12-05) had the cell at 28% of the samples against 15% for its AMX products.
 template <typename S>
 struct CellActivations {
   static constexpr bool kApprox = std::is_same_v<S, c10::BFloat16>;
 
   template <typename A>
   static SEQKERN_SIMD_INLINE Quotient<A> sigmoid_quotient(Simd<A> x) {
-    return {broadcast(A(1)), A(1) + exp_simd(-x)};
+    if constexpr (std::is_same_v<A, float>) {
+      return {broadcast(1.0f), 1.0f + exp_simd<kApprox>(-x)};
+    } else {
+      return {broadcast(A(1)), A(1) + exp_simd(-x)};
+    }
   }
 
   template <typename A>
   static SEQKERN_SIMD_INLINE Quotient<A> tanh_quotient(Simd<A> x) {
-    return seqkern::cpu::tanh_quotient(x);
+    if constexpr (std::is_same_v<A, float>) {
+      return seqkern::cpu::tanh_quotient<kApprox>(x);
+    } else {
+      return seqkern::cpu::tanh_quotient(x);
+    }
   }
 
   template <typename A>
