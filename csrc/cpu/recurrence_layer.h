@@ -329,51 +329,91 @@ struct GradIn {
 // ================================================================================================
 // Layer forward: the input projection, then the persistent time loop.
 // ================================================================================================
-/// x W_ih^T for all T*B rows of bf16 x on the bf16 units (gemm_bf16: AMX or vdpbf16ps), fp32 out
-/// (T*B, w_ih rows): W_ih packed once, row blocks in parallel. Unlike at::mm in bf16 (oneDNN, bf16 out) the gates stay fp32 until the cell, as in the fp32
-/// path. Needs out's width a multiple of 16 (the kernel writes whole vectors).
-inline void input_projection_bf16(const at::Tensor& input, const at::Tensor& w_ih, at::Tensor& out) {
-  const int64_t rows = out.size(0), depth = w_ih.size(1);
-  PackedPairs w;
-  w.depth = depth;
-  w.width = w_ih.size(0);
-  at::Tensor packed = at::empty({PackedPairs::elements(depth, w.width)}, w_ih.options().dtype(at::kBFloat16));
-  w.data = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
-  const at::Tensor weights = w_ih.contiguous();
-  const at::BFloat16* w_data = weights.data_ptr<at::BFloat16>();
-  w.pack([&](int64_t j) { return std::pair<const at::BFloat16*, int64_t>{w_data + j * depth, 1}; });
-  const at::Tensor x = input.reshape({rows, depth}).contiguous();
-  const at::BFloat16* x_data = x.data_ptr<at::BFloat16>();
-  float* c = out.data_ptr<float>();
+/// c (rows x w.width, contiguous) = a (rows x w.depth, contiguous) @ W, packed by the caller: row blocks of 96 in
+/// parallel on the packed micro-kernels (gemm_packed; gemm_bf16 for bf16 pairs: AMX or vdpbf16ps, fp32 out).
+/// The whole layer's input projection and grad_input. Needs w.width a multiple of the vector width (the kernels
+/// write whole vectors). Against MKL's at::mm on the same products in a GRU training step (b32 t100 h256, one
+/// thread, perf samples): the micro-kernel ran ~162 GFLOP/s in the recurrent steps, MKL ~143 on these.
+template <typename Packed, typename In, typename Out>
+void packed_product(const In* a, int64_t rows, const Packed& w, Out* c) {
   constexpr int64_t kRowsPerTask = 96;
   at::parallel_for(0, (rows + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * kRowsPerTask;
-      gemm_bf16(x_data + r0 * depth, depth, std::min(kRowsPerTask, rows - r0), w, c + r0 * w.width, w.width);
+      const int64_t r0 = blk * kRowsPerTask, n = std::min(kRowsPerTask, rows - r0);
+      if constexpr (std::is_same_v<Packed, PackedPairs>) {
+        gemm_bf16(a + r0 * w.depth, w.depth, n, w, c + r0 * w.width, w.width);
+      } else {
+        gemm_packed(a + r0 * w.depth, w.depth, n, w, c + r0 * w.width, w.width);
+      }
     }
   });
 }
 
-/// x W_ih^T for all T*B rows in one GEMM, in the accumulation dtype, into `out` (T*B, gates*H).
-/// One GEMM before the loop (MKL's at::addmm, or the bf16 kernel above) rather than each thread projecting
-/// its own gate columns inside the team (the LSTM's old way, 105 vs 90 GFLOP/s single-thread on one
-/// 512 x 256 x 512 product): the whole forward op, one thread, process CPU time, interleaved medians
-/// (2026-12-05, Intel Xeon with AMX, machine at load 8), gemm vs in-team, T x B x H = 512 x 1 x 256 and
-/// 100 x 32 x 256, fp32 / bf16 (default bf16 path):
+/// out (rows, width) = a (rows, depth) @ W, all contiguous in one dtype (float or double), W's column j starting
+/// at w's element j * column_step, its consecutive k k_step apart; width a multiple of the vector width.
+inline void packed_product(const at::Tensor& a, const at::Tensor& w, int64_t width, int64_t column_step,
+                           int64_t k_step, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "seqkern_packed_product", [&] {
+    PackedPanels<scalar_t> panels;
+    panels.depth = a.size(1);
+    panels.width = width;
+    const at::Tensor packed = scratch_empty({panels.depth * width}, a.options());
+    panels.data = packed.data_ptr<scalar_t>();
+    const scalar_t* w_data = w.data_ptr<scalar_t>();
+    const auto column = [&](int64_t j) { return std::pair<const scalar_t*, int64_t>{w_data + j * column_step, k_step}; };
+    at::parallel_for(0, panels.panel_count(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) panels.pack_panel(p, column);
+    });
+    packed_product(a.data_ptr<scalar_t>(), a.size(0), panels, out.data_ptr<scalar_t>());
+  });
+}
+
+/// Whether a (rows x width) product in like's dtype runs on the packed micro-kernel rather than MKL's at::mm: at
+/// the avx512 level (the level it was measured at: MKL picks its own ISA whatever seqkern's level) and for whole
+/// vectors of columns (the kernel writes whole vectors).
+inline bool packed_products_pay(int64_t width, const at::Tensor& like) {
+#if defined(__AVX512F__)
+  return width % (64 / like.element_size()) == 0;
+#else
+  return false;
+#endif
+}
+
+/// x W_ih^T for all T*B rows in one product, in the accumulation dtype, into `out` (T*B, gates*H): the packed
+/// micro-kernels (bf16 x on the bf16 units, W_ih packed as pairs, fp32 out: unlike at::mm in bf16 the gates stay
+/// fp32 until the cell), or MKL's at::mm where the width is not whole vectors.
+/// One product before the loop rather than each thread projecting its own gate columns inside the team (the
+/// LSTM's old way, 105 vs 90 GFLOP/s single-thread on one 512 x 256 x 512 product): the whole forward op, one
+/// thread, process CPU time, interleaved medians (2026-12-05, Intel Xeon with AMX, machine at load 8), gemm vs
+/// in-team, T x B x H = 512 x 1 x 256 and 100 x 32 x 256, fp32 / bf16 (default bf16 path):
 ///   LSTM  9.6 / 12.7 vs 11.6 / 13.8 ms,  44.7 / 45.2 vs 46.8 / 49.3 ms
 ///   GRU   8.1 /  9.3 vs  9.0 /  9.7 ms,  37.2 / 32.3 vs 38.5 / 34.7 ms
 ///   RNN   2.4 /  3.4 vs  3.1 /  3.4 ms,  10.0 / 13.0 vs 11.7 / 14.0 ms
 /// (the in-team projection also packs W_ih once per thread and fills a (T*B, gates*padded) scratch). Not
 /// re-measured at 2 threads: wall clock at that load measures the other jobs, not the kernels.
 inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at::Tensor& out) {
-  if (use_bf16_units(input.scalar_type()) && out.size(1) % PackedPairs::kLanes == 0) {
-    input_projection_bf16(input, w_ih, out);
+  const int64_t rows = out.size(0), depth = w_ih.size(1), width = out.size(1);
+  if (use_bf16_units(input.scalar_type()) && width % PackedPairs::kLanes == 0) {
+    PackedPairs w;
+    w.depth = depth;
+    w.width = width;
+    const at::Tensor packed = scratch_empty({PackedPairs::elements(depth, width)}, w_ih.options());
+    w.data = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
+    const at::Tensor weights = w_ih.contiguous();
+    const at::BFloat16* w_data = weights.data_ptr<at::BFloat16>();
+    w.pack([&](int64_t j) { return std::pair<const at::BFloat16*, int64_t>{w_data + j * depth, 1}; });
+    const at::Tensor x = input.reshape({rows, depth}).contiguous();
+    packed_product(x.data_ptr<at::BFloat16>(), rows, w, out.data_ptr<float>());
     return;
   }
   const auto acc = out.scalar_type();
-  const at::Tensor x = input.reshape({-1, input.size(2)}).to(acc);
-  const at::Tensor w = w_ih.to(acc);
-  at::mm_out(out, x, w.t());
+  const at::Tensor x = input.reshape({rows, depth}).to(acc).contiguous();
+  const at::Tensor w = w_ih.to(acc).contiguous();
+  if (packed_products_pay(width, out)) {
+    packed_product(x, w, width, /*column_step=*/depth, /*k_step=*/1, out);  // column j of W_ih^T: row j of W_ih
+  } else {
+    at::mm_out(out, x, w.t());
+  }
 }
 
 /// Thread k owns a slice of hidden units: the kGates rows of W_hh for those units are packed once into its
@@ -942,10 +982,17 @@ inline at::Tensor weight_gradient(const at::Tensor& lhs, const at::Tensor& rhs, 
 }
 
 /// grad_input = d_gates (rows, gates*H, accumulation dtype) @ w_ih (gates*H, I), in storage dtype
-/// `dtype`: a bf16 at::mm (oneDNN) in bf16, else in the accumulation dtype.
+/// `dtype`: a bf16 at::mm (oneDNN) in bf16, else in the accumulation dtype on the packed micro-kernel (MKL's
+/// at::mm where I is not whole vectors).
 inline at::Tensor input_gradient(const at::Tensor& d_gates, const at::Tensor& w_ih, at::ScalarType dtype) {
   if (use_bf16_gradients(dtype)) return at::mm(d_gates.to(at::kBFloat16), w_ih);
-  return at::mm(d_gates, w_ih.to(d_gates.scalar_type())).to(dtype);
+  const at::Tensor w = w_ih.to(d_gates.scalar_type()).contiguous();
+  const int64_t width = w.size(1);
+  if (!packed_products_pay(width, d_gates)) return at::mm(d_gates, w).to(dtype);
+  // The packed micro-kernel, as the input projection: column j of W_ih, its rows `width` apart.
+  at::Tensor out = at::empty({d_gates.size(0), width}, d_gates.options());
+  packed_product(d_gates.contiguous(), w, width, /*column_step=*/1, /*k_step=*/width, out);
+  return out.to(dtype);
 }
 
 /// grad_w_hh = the sum over steps of d_gates_h(t)^T h_{t-1}, in the storage dtype; output (T,B,P) and h0 (B,P)
