@@ -174,10 +174,11 @@ def _rss_bytes():
 
 @pytest.mark.parametrize("family", ["lstm", "gru", "rnn_tanh"])
 def test_pooled_temporaries_neither_shared_nor_leaked(family):
-    """The C++ layers take their temporaries (gates_x, d_gates, ...) from blocks cached across calls
-    (csrc/cpu/workspace_pool.h): the results of two calls alive at once stay intact and share no memory, the
-    profiler's memory events see each temporary (the benchmarks' peak memory), and repeated calls do not grow
-    the process (a block kept per call would add ~2 MB a call here)."""
+    """The C++ layers take their large tensors (temporaries, outputs, saved workspaces, grad_input) from blocks
+    cached across calls (csrc/cpu/workspace_pool.h): the results of two calls alive at once, and two graphs with
+    their saved workspaces, stay intact and share no memory, the profiler's memory events see each temporary
+    (the benchmarks' peak memory), and repeated calls do not grow the process (a block kept per call would add
+    ~2 MB a call here)."""
     ours, _ = _pair(family, input_size=64, hidden_size=128)
     params = list(ours.parameters())
     x1, x2 = torch.randn(2, 40, 24, 64, requires_grad=True).unbind(0)
@@ -193,6 +194,14 @@ def test_pooled_temporaries_neither_shared_nor_leaked(family):
         assert torch.equal(got, want)
     for got, want in zip(step(x1), kept):
         assert torch.equal(got, want)
+    # Two graphs alive at once (each holding its forward's saved workspace), differentiated in reverse order.
+    out1, out2 = ours(x1)[0], ours(x2)[0]
+    later = torch.autograd.grad(out2.square().sum(), [x2, *params])
+    earlier = torch.autograd.grad(out1.square().sum(), [x1, *params])
+    for got, want in zip([out1, *earlier], first):
+        assert torch.equal(got, want)
+    for got, want in zip([out2, *later], second):
+        assert torch.equal(got, want)
 
     def extent(t):
         start = t.untyped_storage().data_ptr()
@@ -206,7 +215,9 @@ def test_pooled_temporaries_neither_shared_nor_leaked(family):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
         step(x1)
     sizes = [event.nbytes() for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
-    assert d_gates_bytes in sizes and -d_gates_bytes in sizes
+    # A reused block may be up to twice the request; the events report the block.
+    assert any(d_gates_bytes <= n <= 2 * d_gates_bytes for n in sizes)
+    assert any(-2 * d_gates_bytes <= n <= -d_gates_bytes for n in sizes)
 
     for _ in range(3):
         step(x1)

@@ -6,7 +6,7 @@
 // chosen from the call's runtime bools by flag_switch, so an absent option costs no branch in the inner loops.
 // Built on simd.h (vectors, activations), gemm_packed.h / gemm_bf16.h (micro-kernels, through
 // Slice::multiply), outer_sum.h (weight gradients), team.h (persistent team, barrier), state_flags.h,
-// arg_checks.h and workspace_pool.h (the op-internal temporaries, cached across calls).
+// arg_checks.h and workspace_pool.h (large tensors from blocks cached across calls).
 //
 // lengths, resets and zoneout (state_flags.h; one place each, for every cell):
 //   * lengths and resets are Schedule's per-row predicate: active(t, b) (also batch_sizes' b < rows(t)) and
@@ -357,7 +357,7 @@ inline void packed_product(const at::Tensor& a, const at::Tensor& w, int64_t wid
     PackedPanels<scalar_t> panels;
     panels.depth = a.size(1);
     panels.width = width;
-    const at::Tensor packed = scratch_empty({panels.depth * width}, a.options());
+    const at::Tensor packed = pooled_empty({panels.depth * width}, a.options());
     panels.data = packed.data_ptr<scalar_t>();
     const scalar_t* w_data = w.data_ptr<scalar_t>();
     const auto column = [&](int64_t j) { return std::pair<const scalar_t*, int64_t>{w_data + j * column_step, k_step}; };
@@ -397,7 +397,7 @@ inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at
     PackedPairs w;
     w.depth = depth;
     w.width = width;
-    const at::Tensor packed = scratch_empty({PackedPairs::elements(depth, width)}, w_ih.options());
+    const at::Tensor packed = pooled_empty({PackedPairs::elements(depth, width)}, w_ih.options());
     w.data = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
     const at::Tensor weights = w_ih.contiguous();
     const at::BFloat16* w_data = weights.data_ptr<at::BFloat16>();
@@ -652,16 +652,16 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden, P = d.state_size;
   const bool projection = wts.w_hr.defined(), has_bias = wts.input_bias.defined();
   LayerOutputs<K> out;
-  out.output = at::empty({T, B, P}, input.options());
+  out.output = pooled_empty({T, B, P}, input.options());
   for (int k = 1; k < K; ++k)
-    if (save_workspace) out.sequence[k] = at::empty({T, B, H}, input.options());
+    if (save_workspace) out.sequence[k] = pooled_empty({T, B, H}, input.options());
   if (T == 0 || B == 0) {
     for (int k = 0; k < K; ++k) out.last[k] = initial[k].clone();
     return out;
   }
   const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
   const auto acc_options = input.options().dtype(acc);
-  at::Tensor gates_x = scratch_empty({T * B, Cell::kGates * H}, acc_options);
+  at::Tensor gates_x = pooled_empty({T * B, Cell::kGates * H}, acc_options);
   // The input bias is the cell's to add (in registers), not the GEMM's: at::addmm first copies the
   // broadcast bias into all T*B rows (1.8 ms of a 200 ms LSTM training step at b32 t100 h256, one thread).
   input_projection(input.contiguous(), wts.w_ih, gates_x);
@@ -953,7 +953,7 @@ class CellBackwardLoop {
 inline at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0, const Schedule& sched,
                                   at::ScalarType acc) {
   const int64_t T = sched.seq_len, B = sched.batch;
-  at::Tensor prev = scratch_empty(output.sizes(), output.options().dtype(acc));
+  at::Tensor prev = pooled_empty(output.sizes(), output.options().dtype(acc));
   if (T == 0) return prev.view({0, prev.size(2)});
   prev.select(0, sched.time(0)).copy_(h0);
   if (T > 1) prev.narrow(0, sched.reverse ? 0 : 1, T - 1).copy_(output.narrow(0, sched.reverse ? 1 : 0, T - 1));
@@ -990,7 +990,7 @@ inline at::Tensor input_gradient(const at::Tensor& d_gates, const at::Tensor& w_
   const int64_t width = w.size(1);
   if (!packed_products_pay(width, d_gates)) return at::mm(d_gates, w).to(dtype);
   // The packed micro-kernel, as the input projection: column j of W_ih, its rows `width` apart.
-  at::Tensor out = at::empty({d_gates.size(0), width}, d_gates.options());
+  at::Tensor out = pooled_empty({d_gates.size(0), width}, d_gates.options());
   packed_product(d_gates.contiguous(), w, width, /*column_step=*/1, /*k_step=*/width, out);
   return out.to(dtype);
 }
@@ -1042,10 +1042,10 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
   const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
   const auto acc_options = input.options().dtype(acc);
   // Both written in full by the loop (zeros on inactive rows).
-  at::Tensor d_gates_x = scratch_empty({T * B, Cell::kGates * H}, acc_options);
-  at::Tensor d_gates_h = Cell::kSameGateGrads ? d_gates_x : scratch_empty({T * B, Cell::kGates * H}, acc_options);
-  at::Tensor d_h_all = projection ? scratch_empty({T, B, P}, acc_options) : at::Tensor();
-  at::Tensor hidden_all = projection ? scratch_empty({T, B, H}, acc_options) : at::Tensor();
+  at::Tensor d_gates_x = pooled_empty({T * B, Cell::kGates * H}, acc_options);
+  at::Tensor d_gates_h = Cell::kSameGateGrads ? d_gates_x : pooled_empty({T * B, Cell::kGates * H}, acc_options);
+  at::Tensor d_h_all = projection ? pooled_empty({T, B, P}, acc_options) : at::Tensor();
+  at::Tensor hidden_all = projection ? pooled_empty({T, B, H}, acc_options) : at::Tensor();
   // The bias gradients, summed by the loop (fp64 totals of per-step fp32 sums; see accumulate_bias).
   const auto bias_options = acc_options.dtype(at::kDouble);
   const at::Tensor d_bias_x = has_bias ? at::zeros({Cell::kGates * H}, bias_options) : at::Tensor();
@@ -1057,7 +1057,9 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
     initial[k] = initial_[k].contiguous();
     sequence[k] = k == 0 ? output_.contiguous() : sequence_[k].contiguous();
   }
-  const at::Tensor grad_output = grad_output_.contiguous();
+  // A gradient that is not contiguous (say, expanded: the gradient of output.sum()) is copied into a pooled block.
+  const at::Tensor grad_output =
+      grad_output_.is_contiguous() ? grad_output_ : pooled_empty(grad_output_.sizes(), grad_output_.options()).copy_(grad_output_);
   // With resets, the gradients of the initial states through the rows' restarts (the loop adds into them).
   std::array<at::Tensor, K> d_initial;
   if (sched.flags.resets)

@@ -1,15 +1,15 @@
-// Scratch tensors an op uses and drops within one call (the recurrent engine's gates_x, d_gates, h_rows), from
-// blocks cached across calls, so that steady-state training does not map, fault in and zero fresh pages for
-// them on every call (issue 14 item 2). c10's CPU allocator does not cache: glibc serves blocks this large by
-// mmap or from a heap top it trims, and every call then pays page faults, memory-cgroup charging and the
-// kernel's zeroing of each page again.
+// Tensors of the recurrent engine (its op-internal temporaries: gates_x, d_gates, packed weights; and its large
+// results: the output, the saved workspaces, grad_input) from blocks cached across calls, so that steady-state
+// training does not map, fault in and zero fresh pages for them on every call (issue 14 item 2). c10's CPU
+// allocator does not cache: glibc serves blocks this large by mmap or from a heap top it trims, and a call then
+// pays page faults, memory-cgroup charging and the kernel's zeroing of each page again.
 //
-// A scratch tensor owns its block through its storage's deleter, which hands the block back to the pool when
-// the last reference dies, so a tensor that outlives the op (a view kept by mistake) keeps its memory: a
-// block is never handed out while any tensor still points into it. Blocks are reported to the profiler as
-// allocated while a tensor holds them and freed when it lets go, so the benchmarks' peak memory counts them
-// as if they came from c10's allocator; the pool's idle blocks stay resident (at most kMaxCachedBytes), and
-// like glibc's reused heap pages they add no RSS to a call.
+// A pooled tensor owns its block through its storage's deleter, which hands the block back to the pool when the
+// last reference dies (a result saved for backward, or kept by the user, keeps its block until then): a block is
+// never handed out while any tensor still points into it. Blocks are reported to the profiler as allocated while
+// a tensor holds them and freed when it lets go, so the benchmarks' peak memory counts them as if they came from
+// c10's allocator; the pool's idle blocks stay resident (at most kMaxCachedBytes) and, like glibc's reused heap
+// pages, add no RSS to a call.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,8 +24,8 @@ namespace seqkern::cpu {
 
 class WorkspacePool {
  public:
-  /// Idle blocks kept at most (bytes): the temporaries of a few layers of the benchmark shapes (a GRU layer
-  /// at b32 t100 h256 uses ~33 MB); a block that would push the idle total past it goes back to the system.
+  /// Idle blocks kept at most (bytes): a few layers' worth at the benchmark shapes (a GRU training step at b32
+  /// t100 h256 cycles ~55 MB of blocks); a block that would push the idle total past it goes back to the system.
   static constexpr size_t kMaxCachedBytes = size_t{128} << 20;
   /// Requests below this size go to c10's allocator: glibc serves them from its heap without faults.
   static constexpr size_t kMinPooledBytes = size_t{256} << 10;
@@ -101,8 +101,8 @@ class WorkspacePool {
   size_t cached_bytes_ = 0;
 };
 
-/// An uninitialized scratch tensor from WorkspacePool: for what an op allocates and drops within one call.
-inline at::Tensor scratch_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+/// An uninitialized contiguous tensor from WorkspacePool.
+inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return WorkspacePool::instance().empty(sizes, options);
 }
 
