@@ -60,27 +60,31 @@ struct PackedPanels {
   /// are columns of W (backward; that order measured 200 us the other way round).
   template <typename ColumnSource>
   void pack(const ColumnSource& column) {
+    for (int64_t p = 0; p < panel_count(); ++p) pack_panel(p, column);
+  }
+
+  /// pack()'s work on panel p alone (the panels are independent: a caller may pack them in parallel).
+  template <typename ColumnSource>
+  void pack_panel(int64_t p, const ColumnSource& column) {
     constexpr int64_t kDepthBlock = 64;
     std::pair<const T*, int64_t> sources[kPanelWidth];
-    for (int64_t p = 0; p < panel_count(); ++p) {
-      const int64_t columns = panel_vectors(p) * kLanes<T>;
-      T* dst = data + p * depth * kPanelWidth;
-      bool contiguous_along_k = true;
-      for (int64_t j = 0; j < columns; ++j) {
-        const auto [src, stride] = column(p * kPanelWidth + j);
-        sources[j] = {src, stride};
-        contiguous_along_k &= src == nullptr || stride == 1;
-      }
-      for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
-        const int64_t k1 = std::min(depth, k0 + kDepthBlock);
-        if (contiguous_along_k) {
+    const int64_t columns = panel_vectors(p) * kLanes<T>;
+    T* dst = data + p * depth * kPanelWidth;
+    bool contiguous_along_k = true;
+    for (int64_t j = 0; j < columns; ++j) {
+      const auto [src, stride] = column(p * kPanelWidth + j);
+      sources[j] = {src, stride};
+      contiguous_along_k &= src == nullptr || stride == 1;
+    }
+    for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
+      const int64_t k1 = std::min(depth, k0 + kDepthBlock);
+      if (contiguous_along_k) {
+        for (int64_t j = 0; j < columns; ++j)
+          for (int64_t k = k0; k < k1; ++k) dst[k * columns + j] = sources[j].first ? sources[j].first[k] : T(0);
+      } else {
+        for (int64_t k = k0; k < k1; ++k)
           for (int64_t j = 0; j < columns; ++j)
-            for (int64_t k = k0; k < k1; ++k) dst[k * columns + j] = sources[j].first ? sources[j].first[k] : T(0);
-        } else {
-          for (int64_t k = k0; k < k1; ++k)
-            for (int64_t j = 0; j < columns; ++j)
-              dst[k * columns + j] = sources[j].first ? sources[j].first[k * sources[j].second] : T(0);
-        }
+            dst[k * columns + j] = sources[j].first ? sources[j].first[k * sources[j].second] : T(0);
       }
     }
   }

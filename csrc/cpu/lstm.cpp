@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
   const Schedule sched = layer_schedule(kCheck, d, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, keep);
   // Without save_workspace the workspace is never allocated: (0,)-shaped placeholders.
   const at::Tensor no_workspace = at::empty({0}, input.options());
-  at::Tensor gates = save_workspace ? at::empty({d.seq_len, d.batch, 4 * d.hidden}, input.options()) : no_workspace;
+  at::Tensor gates = save_workspace ? pooled_empty({d.seq_len, d.batch, 4 * d.hidden}, input.options()) : no_workspace;
   const auto out = layer_forward(LstmCell{}, d, input, {h0.contiguous(), c0.contiguous()},
                                  {w_ih, w_hh, w_hr.value_or(at::Tensor()), summed_bias(b_ih, b_hh), {}},
                                  sched, save_workspace, gates);
