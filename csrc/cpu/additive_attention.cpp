@@ -5,7 +5,7 @@
 // (MKL). The scores cost B*Lq*Lk*H tanh evaluations (1.3 G at B32, Lq = Lk = 400, H = 256) in the forward and
 // as many again in the backward, which recomputes t = tanh(query_proj_i + key_proj_j) to form
 //   grad_query_proj_i += g, grad_key_proj_j += g, grad_v += ds t,   g = ds v (1 - t^2).
-// So the kernels here are tanh loops, and the fp32 tanh (tanh_fast below) is what sets their speed.
+// So the kernels here are tanh loops, and the fp32 tanh (simd.h's tanh_accurate) is what sets their speed.
 //
 // Layout. The tanh loops run along H, one SIMD vector of hidden units at a time, for one query row against a
 // block of kKeyBlock keys: query_proj and key_proj rows are read in place (fp32, fp64: no copy, no transpose;
@@ -48,52 +48,6 @@ constexpr int kKeyBlock = 8;  // keys per tanh-loop call: q and v loads shared b
 // H 256 = 410 K: parallel.)
 constexpr int64_t kMinWorkPerThread = 1 << 16;
 constexpr int64_t kRowsPerItem = 16;  // forward: small enough to balance B = 1, large enough to amortize
-
-// ================================================================================================
-// tanh.
-// ================================================================================================
-/// tanh for fp32 lanes with ~1 ulp relative error everywhere (small |x| included), no branch, one division:
-/// with a = min(|x|, 9.1) (tanh(9.1) rounds to 1 in fp32) and e = expm1(-2a) in (-1, 0],
-///   tanh(a) = -e / (2 + e),
-/// and expm1 itself computed without cancellation: -2a = n ln2 + r (Cody-Waite), e = 2^n (e^r - 1) + (2^n - 1),
-/// e^r - 1 = simd.h's expm1_reduced, 2^n - 1 exact.
-/// Measured against float64 tanh on 2^24 points spread over [-12, 12] plus 1e6 in [-1e-3, 1e-3]: max error
-/// 2.5 ulp, max abs error 1.5e-7 (near |x| = 1..3, where a relative error of e is doubled by the quotient),
-/// max relative error 1.6e-7; torch.tanh fp32: 0.51 ulp, 3.1e-8. That is inside the correctness rule for every
-/// output and gradient (tests/test_additive_attention.py, H up to 257; also checked at B 2, Lq = Lk = 100,
-/// H 256). Tried and dropped (one thread, B8 Lq = Lk = 100 H256 forward, best of 15, loaded machine):
-/// 1 - 2u/(1+u) above |x| = 0.55 (u = e^-2a) cut the abs error to 8.6e-8 but cost 1.0-1.7x the time; rcp14
-/// + one Newton step instead of the division was no faster within the noise and had 3.8 ulp.
-inline Simd<float> tanh_fast(Simd<float> x) {
-  using V = Simd<float>;
-  using Bits = SimdTraits<float>::bits;
-  const Bits sign_mask = Bits{} + static_cast<int32_t>(0x80000000u);
-  Bits x_bits;
-  std::memcpy(&x_bits, &x, sizeof(x));
-  const Bits sign = x_bits & sign_mask;
-  Bits abs_bits = x_bits & ~sign_mask;
-  V a;
-  std::memcpy(&a, &abs_bits, sizeof(a));
-  a = a > 9.1f ? broadcast(9.1f) : a;  // NaN fails the test and passes through to a NaN result
-  const V y = a * -2.0f;
-  const V n = nearest_log2_multiple(y);
-  const V expm1_r = expm1_reduced(y, n);
-  const V two_n = times_pow2(broadcast(1.0f), n);
-  const V e = fmadd(two_n, expm1_r, two_n - 1.0f);
-  const V t = -e / (e + 2.0f);
-  Bits t_bits;
-  std::memcpy(&t_bits, &t, sizeof(t));
-  t_bits |= sign;
-  V out;
-  std::memcpy(&out, &t_bits, sizeof(out));
-  return out;
-}
-
-/// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
-inline Simd<double> tanh_fast(Simd<double> x) {
-  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::tanh(x[l]);
-  return x;
-}
 
 // ================================================================================================
 // Arguments.
@@ -216,7 +170,7 @@ void score_block(const A* q, const A* const* k, const A* v, int64_t hidden, A* s
     const int n = static_cast<int>(std::min<int64_t>(L, hidden - h));
     const V qh = load<A>(q + h, n), vh = load<A>(v + h, n);
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[c] = fmadd(vh, tanh_fast(qh + load<A>(k[c] + h, n)), acc[c]);
+    for (int c = 0; c < C; ++c) acc[c] = fmadd(vh, tanh_accurate(qh + load<A>(k[c] + h, n)), acc[c]);
   }
 #pragma GCC unroll 8
   for (int c = 0; c < C; ++c) scores[c] = reduce_sum(acc[c]);
@@ -355,7 +309,7 @@ void grad_block(const A* q, const A* const* k, A* const* grad_k, const A* ds, co
     V gq{}, gv{};
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      const V t = tanh_fast(qh + load<A>(k[c] + h, n));
+      const V t = tanh_accurate(qh + load<A>(k[c] + h, n));
       const V ds_c = broadcast(ds[c]);
       gv = fmadd(ds_c, t, gv);
       const V g = (ds_c * vh) * (A(1) - t * t);

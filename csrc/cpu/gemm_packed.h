@@ -22,9 +22,23 @@ namespace seqkern::cpu {
 /// W (depth x width) re-laid as panels of up to kPanelVectors SIMD vectors of columns; panel p holds
 /// W[0:depth, p*panel_width : p*panel_width + its width] row after row, so the micro-kernel reads one
 /// contiguous stream. width is a multiple of the lane count (padding columns are zero).
+// Register blocks of the micro-kernel: MR rows x NV vectors of accumulators, NV the panel width.
+#if defined(__AVX512F__)
+// 8 x 3 (24 of 32 zmm registers): a 3-vector fp32 panel at depth 256 is 48 KB, about L1, so the row blocks after
+// the first read it from L1 where 6 x 4 (64 KB panels) streamed it from L2 for every 6 rows. Microbenchmark, one
+// thread, C = A (M x 256) @ W (256 x 768), flop per TSC cycle: M = 32 78-82 vs 67-72 (6 x 4), M = 8 76-81 vs 55-57,
+// M = 1 and 4 equal within noise (NOTES.md "Round 6").
+constexpr int kPanelVectorsAvx512 = 3;
+constexpr int kMaxMicroRows = 8;
+#else
+// Below AVX-512 (micro_kernel_ymm re-blocks the panels into ymm columns; the generic level's vectors are emulated).
+constexpr int kPanelVectorsAvx512 = 4;
+constexpr int kMaxMicroRows = 6;
+#endif
+
 template <typename T>
 struct PackedPanels {
-  static constexpr int kPanelVectors = 4;
+  static constexpr int kPanelVectors = kPanelVectorsAvx512;
   static constexpr int64_t kPanelWidth = kPanelVectors * kLanes<T>;
   int64_t depth = 0;
   int64_t width = 0;
@@ -46,34 +60,38 @@ struct PackedPanels {
   /// are columns of W (backward; that order measured 200 us the other way round).
   template <typename ColumnSource>
   void pack(const ColumnSource& column) {
+    for (int64_t p = 0; p < panel_count(); ++p) pack_panel(p, column);
+  }
+
+  /// pack()'s work on panel p alone (the panels are independent: a caller may pack them in parallel).
+  template <typename ColumnSource>
+  void pack_panel(int64_t p, const ColumnSource& column) {
     constexpr int64_t kDepthBlock = 64;
     std::pair<const T*, int64_t> sources[kPanelWidth];
-    for (int64_t p = 0; p < panel_count(); ++p) {
-      const int64_t columns = panel_vectors(p) * kLanes<T>;
-      T* dst = data + p * depth * kPanelWidth;
-      bool contiguous_along_k = true;
-      for (int64_t j = 0; j < columns; ++j) {
-        const auto [src, stride] = column(p * kPanelWidth + j);
-        sources[j] = {src, stride};
-        contiguous_along_k &= src == nullptr || stride == 1;
-      }
-      for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
-        const int64_t k1 = std::min(depth, k0 + kDepthBlock);
-        if (contiguous_along_k) {
+    const int64_t columns = panel_vectors(p) * kLanes<T>;
+    T* dst = data + p * depth * kPanelWidth;
+    bool contiguous_along_k = true;
+    for (int64_t j = 0; j < columns; ++j) {
+      const auto [src, stride] = column(p * kPanelWidth + j);
+      sources[j] = {src, stride};
+      contiguous_along_k &= src == nullptr || stride == 1;
+    }
+    for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
+      const int64_t k1 = std::min(depth, k0 + kDepthBlock);
+      if (contiguous_along_k) {
+        for (int64_t j = 0; j < columns; ++j)
+          for (int64_t k = k0; k < k1; ++k) dst[k * columns + j] = sources[j].first ? sources[j].first[k] : T(0);
+      } else {
+        for (int64_t k = k0; k < k1; ++k)
           for (int64_t j = 0; j < columns; ++j)
-            for (int64_t k = k0; k < k1; ++k) dst[k * columns + j] = sources[j].first ? sources[j].first[k] : T(0);
-        } else {
-          for (int64_t k = k0; k < k1; ++k)
-            for (int64_t j = 0; j < columns; ++j)
-              dst[k * columns + j] = sources[j].first ? sources[j].first[k * sources[j].second] : T(0);
-        }
+            dst[k * columns + j] = sources[j].first ? sources[j].first[k * sources[j].second] : T(0);
       }
     }
   }
 };
 
 /// C[0:MR, 0:NV*lanes) = A[0:MR, 0:depth) @ panel; MR x NV accumulators stay in registers
-/// (MR=6, NV=4: 24 of the 32 zmm registers). One thread, best of runs, against at::mm (MKL) on the same
+/// (MR=8, NV=3 at avx512: 24 of the 32 zmm registers). Figures below are from its 6 x 4 days. One thread, best of runs, against at::mm (MKL) on the same
 /// product: 32 x 256 x 512 (a batch-32 step) 72.7 vs 95.7 us; 64 x 512 x 1024 577 vs 728 us;
 /// 1 x 256 x 512 (batch 1: bound by L2 bandwidth, ~110 GB/s) 4.9 vs 11.1 us. So the persistent loop
 /// uses it at every batch size rather than calling at::mm per step.
@@ -104,11 +122,13 @@ void micro_kernel_rows(int rows, const T* a, int64_t lda, const T* panel, int64_
     case 3: return micro_kernel<T, 3, NV>(a, lda, panel, depth, c, ldc);
     case 4: return micro_kernel<T, 4, NV>(a, lda, panel, depth, c, ldc);
     case 5: return micro_kernel<T, 5, NV>(a, lda, panel, depth, c, ldc);
-    default: return micro_kernel<T, 6, NV>(a, lda, panel, depth, c, ldc);
+    case 6: return micro_kernel<T, 6, NV>(a, lda, panel, depth, c, ldc);
+  }
+  if constexpr (kMaxMicroRows == 8) {
+    if (rows == 7) return micro_kernel<T, 7, NV>(a, lda, panel, depth, c, ldc);
+    return micro_kernel<T, 8, NV>(a, lda, panel, depth, c, ldc);
   }
 }
-
-constexpr int kMaxMicroRows = 6;
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 // ------------------------------------------------------------------------------------------------
@@ -206,17 +226,18 @@ inline void panel_block(int rows, const T* a, int64_t lda, const T* panel, int p
     }
   }
 #endif
+  constexpr int kWidest = PackedPanels<T>::kPanelVectors;
   switch (panel_vectors) {
     case 1: return micro_kernel_rows<T, 1>(rows, a, lda, panel, depth, c, ldc);
     case 2: return micro_kernel_rows<T, 2>(rows, a, lda, panel, depth, c, ldc);
-    case 3: return micro_kernel_rows<T, 3>(rows, a, lda, panel, depth, c, ldc);
-    default: return micro_kernel_rows<T, 4>(rows, a, lda, panel, depth, c, ldc);
+    case 3: return micro_kernel_rows<T, std::min(3, kWidest)>(rows, a, lda, panel, depth, c, ldc);
+    default: return micro_kernel_rows<T, kWidest>(rows, a, lda, panel, depth, c, ldc);
   }
 }
 
 /// C (rows x w.width) = A (rows x w.depth) @ W for at most kGemmRowBlock rows (A stays in L2 while
-/// every panel of W streams past it). Rows are cut into balanced micro-blocks of at most 6
-/// (32 rows -> 6,6,5,5,5,5 rather than 6x5 + a 2-row straggler).
+/// every panel of W streams past it). Rows are cut into balanced micro-blocks of at most kMaxMicroRows
+/// (with 6: 32 rows -> 6,6,5,5,5,5 rather than 6x5 + a 2-row straggler).
 template <typename T>
 void gemm_packed_row_block(const T* a, int64_t lda, int64_t rows, const PackedPanels<T>& w, T* c, int64_t ldc) {
   const int64_t blocks = (rows + kMaxMicroRows - 1) / kMaxMicroRows;

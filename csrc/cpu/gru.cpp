@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   kCheck.biases(b_ih, b_hh, GruCell::kGates * d.hidden, input);
   std::vector<at::Tensor> keep;
   const Schedule sched = layer_schedule(kCheck, d, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, keep);
-  at::Tensor workspace = save_workspace ? at::empty({d.seq_len, d.batch, GruCell::kWorkspaceBlocks * d.hidden}, input.options())
+  at::Tensor workspace = save_workspace ? pooled_empty({d.seq_len, d.batch, GruCell::kWorkspaceBlocks * d.hidden}, input.options())
                                         : at::empty({0}, input.options());
   const auto [input_bias, recurrent_bias] = split_biases(b_ih, b_hh, d.hidden);
   const auto out = layer_forward(GruCell{}, d, input, {h0.contiguous()}, {w_ih, w_hh, {}, input_bias, recurrent_bias},

@@ -31,6 +31,7 @@
 #include "cpu/gemm_packed.h"
 #include "cpu/outer_sum.h"
 #include "cpu/simd.h"
+#include "cpu/workspace_pool.h"
 #include "cpu/state_flags.h"
 #include "cpu/team.h"
 
@@ -303,8 +304,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_forward(
   const int64_t T = input.size(0), B = input.size(1), H = states0[0].size(1);
   const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
   constexpr int G = CellT<float>::kGates, K = CellT<float>::kStates;
-  at::Tensor output = at::empty({T, B, H}, input.options());
-  at::Tensor workspace = save_workspace ? at::empty({T, B, CellT<float>::workspace_width(H)}, input.options().dtype(acc))
+  // Large tensors from the workspace pool (workspace_pool.h): fresh ~13 MB blocks per call were 13.5% of a
+  // training step's samples in page faults and memory-cgroup charging (NOTES, round 5).
+  at::Tensor output = pooled_empty({T, B, H}, input.options());
+  at::Tensor workspace = save_workspace ? pooled_empty({T, B, CellT<float>::workspace_width(H)}, input.options().dtype(acc))
                                         : at::empty({0}, input.options().dtype(acc));
   std::vector<at::Tensor> state, initial;
   for (const at::Tensor& s : states0) {
@@ -312,7 +315,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_forward(
     state.push_back(initial.back().clone());
   }
   if (T > 0 && B > 0) {
-    at::Tensor gx = at::mm(input.reshape({T * B, input.size(2)}).to(acc), w_ih.to(acc).t()).contiguous();
+    at::Tensor gx = pooled_empty({T * B, w_ih.size(0)}, input.options().dtype(acc));
+    at::mm_out(gx, input.reshape({T * B, input.size(2)}).to(acc), w_ih.to(acc).t());
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "seqkern_layernorm_forward", [&] {
       using A = Acc<scalar_t>;
       const CellT<A> cell(cell_params, static_cast<A>(eps));
@@ -479,11 +483,11 @@ LayerGradients layer_backward(const std::vector<at::Tensor>& cell_params, const 
   const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
   const auto opts = input.options().dtype(acc);
   LayerGradients g;
-  g.d_post_x = at::empty({T * B, GH}, opts);
-  g.d_post_h = C::kSamePost ? g.d_post_x : at::empty({T * B, GH}, opts);
-  g.extra = at::empty({T * B, C::kExtra * H}, opts);
-  at::Tensor d_gx = at::empty({T * B, GH}, opts), d_gh = at::empty({T * B, GH}, opts);
-  at::Tensor h_prev = at::empty({T * B, H}, opts);
+  g.d_post_x = pooled_empty({T * B, GH}, opts);
+  g.d_post_h = C::kSamePost ? g.d_post_x : pooled_empty({T * B, GH}, opts);
+  g.extra = pooled_empty({T * B, C::kExtra * H}, opts);
+  at::Tensor d_gx = pooled_empty({T * B, GH}, opts), d_gh = pooled_empty({T * B, GH}, opts);
+  at::Tensor h_prev = pooled_empty({T * B, H}, opts);
   std::vector<at::Tensor> d_state, initial;
   for (int k = 0; k < K; ++k) {
     d_state.push_back(grad_finals[k].to(acc).contiguous().clone());
@@ -510,16 +514,22 @@ LayerGradients layer_backward(const std::vector<at::Tensor>& cell_params, const 
   }
   for (int k = 0; k < K; ++k) g.initial[k].add_(d_state[k]);
   const int64_t chunk_rows = std::max<int64_t>(64, (T * B + 7) / 8);
-  g.input = at::mm(d_gx, w_ih.to(acc)).view({T, B, I});
+  g.input = pooled_empty({T, B, I}, opts);
+  at::Tensor input_rows = g.input.view({T * B, I});
+  at::mm_out(input_rows, d_gx, w_ih.to(acc));
   g.w_ih = sum_of_outer_products(d_gx, input.reshape({T * B, I}).to(acc), chunk_rows);
   g.w_hh = sum_of_outer_products(d_gh, h_prev, chunk_rows);
   return g;
 }
 
 /// sum over rows of a (T*B, n) * the workspace columns [offset, offset + n) (a LayerNorm weight's gradient).
+/// The products go into a pooled block: a fresh (T*B, n) temporary per call was where the training step's page
+/// faults were left after the loops' own tensors were pooled (8% of its samples in the kernel, one thread).
 inline at::Tensor weighted_column_sum(const at::Tensor& grads, const at::Tensor& workspace, int64_t offset) {
   const int64_t n = grads.size(1);
-  return (grads * workspace.reshape({-1, workspace.size(-1)}).narrow(1, offset, n)).sum(0);
+  at::Tensor products = pooled_empty(grads.sizes(), grads.options());
+  at::mul_out(products, grads, workspace.reshape({-1, workspace.size(-1)}).narrow(1, offset, n));
+  return products.sum(0);
 }
 
 /// Weights in the accumulation dtype, contiguous.

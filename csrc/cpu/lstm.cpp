@@ -35,13 +35,13 @@ struct Gates {
 /// The 4 gate vectors at units [u, u+n) of a row laid out [i | f | g | o], each `hidden` long
 /// (full vectors by default: rows padded to whole vectors, as the thread-local gate buffers are).
 template <typename A, typename Src>
-inline Gates<A> load_gates(const Src* row, int64_t hidden, int64_t u, int n = kLanes<A>) {
+SEQKERN_SIMD_INLINE Gates<A> load_gates(const Src* row, int64_t hidden, int64_t u, int n = kLanes<A>) {
   return {load<A>(row + u, n), load<A>(row + hidden + u, n), load<A>(row + 2 * hidden + u, n),
           load<A>(row + 3 * hidden + u, n)};
 }
 
 template <typename Dst, typename A>
-inline void store_gates(Dst* row, int64_t hidden, int64_t u, const Gates<A>& gates, int n) {
+SEQKERN_SIMD_INLINE void store_gates(Dst* row, int64_t hidden, int64_t u, const Gates<A>& gates, int n) {
   store(row + u, gates.i, n);
   store(row + hidden + u, gates.f, n);
   store(row + 2 * hidden + u, gates.g, n);
@@ -49,7 +49,7 @@ inline void store_gates(Dst* row, int64_t hidden, int64_t u, const Gates<A>& gat
 }
 
 template <typename A>
-inline Gates<A> operator+(const Gates<A>& x, const Gates<A>& y) {
+SEQKERN_SIMD_INLINE Gates<A> operator+(const Gates<A>& x, const Gates<A>& y) {
   return {x.i + y.i, x.f + y.f, x.g + y.g, x.o + y.o};
 }
 
@@ -60,14 +60,17 @@ struct CellForward {
   Simd<A> hidden;   // o tanh(c) (before any projection)
 };
 
-/// S: the storage dtype, which picks the activations' precision (simd.h's CellActivations).
+/// S: the storage dtype, which picks the activations' precision (simd.h's CellActivations). i g and o tanh(c) are
+/// each formed as one quotient (3 divisions per 16 units instead of 5); the separate i, g, o exist only for a
+/// saved workspace (dead code otherwise).
 template <typename A, typename S>
-inline CellForward<A> lstm_cell_math(const Gates<A>& pre, Simd<A> c_prev) {
+SEQKERN_SIMD_INLINE CellForward<A> lstm_cell_math(const Gates<A>& pre, Simd<A> c_prev) {
   using F = CellActivations<S>;
-  const Gates<A> act{F::template sigmoid<A>(pre.i), F::template sigmoid<A>(pre.f), F::template tanh<A>(pre.g),
-                     F::template sigmoid<A>(pre.o)};
-  const Simd<A> c = fmadd(act.f, c_prev, act.i * act.g);
-  return {act, c, act.o * F::template tanh<A>(c)};
+  const Quotient<A> i = F::template sigmoid_quotient<A>(pre.i), g = F::template tanh_quotient<A>(pre.g),
+                    o = F::template sigmoid_quotient<A>(pre.o);
+  const Simd<A> f = F::template sigmoid<A>(pre.f);
+  const Simd<A> c = fmadd(f, c_prev, F::value(i * g));
+  return {{F::value(i), f, F::value(g), F::value(o)}, c, F::value(o * F::template tanh_quotient<A>(c))};
 }
 
 template <typename A>
@@ -108,8 +111,10 @@ struct LstmCell {
     Simd<A> output;        // o tanh(c), recomputed for the projection's weight gradient
   };
 
+  // Inlined into the loop: out of line (GCC's choice) the call passed the states and the result through the stack
+  // and was 27% of a bf16 layer's samples as its own symbol.
   template <typename A, typename In, typename Ws>
-  States<A, 2> forward(const StepIn<A, In, Ws>& in, const States<A, 2>& prev) const {
+  SEQKERN_SIMD_INLINE States<A, 2> forward(const StepIn<A, In, Ws>& in, const States<A, 2>& prev) const {
     Gates<A> pre = load_gates<A>(in.gates_x, in.x_stride, 0, in.n) + load_gates<A>(in.gates_h, in.h_stride, 0, in.n);
     if (in.bias_x) pre = pre + load_gates<A>(in.bias_x, in.stride, 0, in.n);
     const CellForward<A> res = lstm_cell_math<A, Ws>(pre, prev[1]);
@@ -161,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
   const Schedule sched = layer_schedule(kCheck, d, batch_sizes, lengths, resets, zoneout, zoneout_seed, reverse, keep);
   // Without save_workspace the workspace is never allocated: (0,)-shaped placeholders.
   const at::Tensor no_workspace = at::empty({0}, input.options());
-  at::Tensor gates = save_workspace ? at::empty({d.seq_len, d.batch, 4 * d.hidden}, input.options()) : no_workspace;
+  at::Tensor gates = save_workspace ? pooled_empty({d.seq_len, d.batch, 4 * d.hidden}, input.options()) : no_workspace;
   const auto out = layer_forward(LstmCell{}, d, input, {h0.contiguous(), c0.contiguous()},
                                  {w_ih, w_hh, w_hr.value_or(at::Tensor()), summed_bias(b_ih, b_hh), {}},
                                  sched, save_workspace, gates);

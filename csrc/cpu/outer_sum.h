@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace seqkern::cpu {
 
@@ -21,15 +23,32 @@ namespace seqkern::cpu {
 /// Adding 64-row chunk products pairwise (the engine's previous scheme) halved that error again but cost a
 /// separate pass over the (N x M) sums per chunk: at K = 3200, N=1024, one thread, 21.0 ms against 17.3 ms
 /// here (13.5 ms for one GEMM; 2026-12-05, Intel Xeon, loaded machine, medians of 7). fp64: one GEMM.
-inline at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor& rhs, int64_t chunk_rows) {
-  const int64_t rows = lhs.size(0);
-  if (lhs.scalar_type() == at::kDouble || rows <= chunk_rows) return at::mm(lhs.t(), rhs);
-  at::Tensor total = at::mm(lhs.narrow(0, 0, chunk_rows).t(), rhs.narrow(0, 0, chunk_rows));
-  for (int64_t start = chunk_rows; start < rows; start += chunk_rows) {
-    const int64_t n = std::min(chunk_rows, rows - start);
-    total.addmm_(lhs.narrow(0, start, n).t(), rhs.narrow(0, start, n));
+/// The pieces' (lhs, rhs) rows are summed in turn, as one matrix of all of them would be: the rows of one
+/// weight gradient that live in different tensors (the recurrent engine's h_{t-1} rows are h0's and then the
+/// output's) need no copy into one matrix first.
+inline at::Tensor sum_of_outer_products(const std::vector<std::pair<at::Tensor, at::Tensor>>& pieces,
+                                        int64_t chunk_rows) {
+  at::Tensor total;
+  for (const auto& [lhs, rhs] : pieces) {
+    const int64_t rows = lhs.size(0);
+    const int64_t step = lhs.scalar_type() == at::kDouble ? std::max<int64_t>(rows, 1) : chunk_rows;
+    for (int64_t start = 0; start < rows; start += step) {
+      const int64_t n = std::min(step, rows - start);
+      const at::Tensor a = lhs.narrow(0, start, n).t(), b = rhs.narrow(0, start, n);
+      if (total.defined()) {
+        total.addmm_(a, b);
+      } else {
+        total = at::mm(a, b);
+      }
+    }
   }
-  return total;
+  // No rows at all: the zero (N x M) product of the first (empty) piece.
+  return total.defined() ? total : at::mm(pieces.front().first.t(), pieces.front().second);
+}
+
+/// One (lhs, rhs) pair of K rows.
+inline at::Tensor sum_of_outer_products(const at::Tensor& lhs, const at::Tensor& rhs, int64_t chunk_rows) {
+  return sum_of_outer_products({{lhs, rhs}}, chunk_rows);
 }
 
 /// At most 64 chunks of at least 64 rows: the errors above.

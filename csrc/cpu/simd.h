@@ -199,25 +199,39 @@ SEQKERN_SIMD_INLINE Simd<float> times_pow2(Simd<float> p, Simd<float> n) {
 #endif
 }
 
-/// e^r - 1 for fp32 lanes, r = x - n ln2 with n = round(x / ln2) (|r| <= ln2 / 2): Cody-Waite reduction with
-/// a two-part ln2, then r + r^2 P(r) with Cephes expf's degree-6 polynomial P (~1 ulp, no cancellation near
-/// r = 0). Callers scale by 2^n: exp_reduced below, additive attention's tanh (expm1 of -2|x|).
+/// e^r - 1 for fp32 lanes, r = x - n ln2 with n = round(x / ln2) (|r| <= ln2 / 2). Full accuracy: Cody-Waite
+/// reduction with a two-part ln2, then r + r^2 P(r) with Cephes expf's degree-6 polynomial P (~1 ulp, no
+/// cancellation near r = 0). kBf16 (a result stored in bfloat16, 2^-9 relative): one-part ln2 (<= 3e-6 relative
+/// at |n| = 150) and r P(r) with a degree-4 P fitted for relative error (5.8e-7 max on |r| <= ln2 / 2): 4
+/// instructions fewer per exp, 5 exps per LSTM unit. Callers scale by 2^n: exp_reduced below, tanh_quotient.
+template <bool kBf16 = false>
 SEQKERN_SIMD_INLINE Simd<float> expm1_reduced(Simd<float> x, Simd<float> n) {
   using V = Simd<float>;
-  V r = fmadd(n, broadcast(-0.693359375f), x);
-  r = fmadd(n, broadcast(2.12194440e-4f), r);
-  V p = broadcast(1.9875691500e-4f);
-  p = fmadd(p, r, broadcast(1.3981999507e-3f));
-  p = fmadd(p, r, broadcast(8.3334519073e-3f));
-  p = fmadd(p, r, broadcast(4.1665795894e-2f));
-  p = fmadd(p, r, broadcast(1.6666665459e-1f));
-  p = fmadd(p, r, broadcast(5.0000001201e-1f));
-  return fmadd(p, r * r, r);
+  if constexpr (kBf16) {
+    const V r = fmadd(n, broadcast(-0.693147180559945f), x);
+    V p = broadcast(8.333317004144192e-3f);
+    p = fmadd(p, r, broadcast(4.187510162591934e-2f));
+    p = fmadd(p, r, broadcast(1.666693538427353e-1f));
+    p = fmadd(p, r, broadcast(4.999937713146210e-1f));
+    p = fmadd(p, r, broadcast(9.999999403953552e-1f));
+    return p * r;
+  } else {
+    V r = fmadd(n, broadcast(-0.693359375f), x);
+    r = fmadd(n, broadcast(2.12194440e-4f), r);
+    V p = broadcast(1.9875691500e-4f);
+    p = fmadd(p, r, broadcast(1.3981999507e-3f));
+    p = fmadd(p, r, broadcast(8.3334519073e-3f));
+    p = fmadd(p, r, broadcast(4.1665795894e-2f));
+    p = fmadd(p, r, broadcast(1.6666665459e-1f));
+    p = fmadd(p, r, broadcast(5.0000001201e-1f));
+    return fmadd(p, r * r, r);
+  }
 }
 
 /// e^(x - n ln2) for fp32 lanes (see expm1_reduced). Callers scale the result by 2^n.
+template <bool kBf16 = false>
 SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
-  return expm1_reduced(x, n) + 1.0f;
+  return expm1_reduced<kBf16>(x, n) + 1.0f;
 }
 
 /// exp for fp32 lanes (Cephes expf: Cody-Waite reduction, degree-6 polynomial, ~1 ulp). The vector
@@ -228,6 +242,8 @@ SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
 /// 0 * inf = NaN in the weight gradient of an infinite input). Exactly 0 below -104 (-inf included), so that a
 /// masked attention score, -inf minus the row maximum, weighs exactly 0 (avx512: denormals down to there; other
 /// levels: 0 below the smallest normal result). NaN stays NaN.
+/// kBf16: the bfloat16-result accuracy of expm1_reduced.
+template <bool kBf16 = false>
 SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   using V = Simd<float>;
 #if defined(__AVX512F__)
@@ -237,7 +253,7 @@ SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   // operand when one is NaN: x goes second.
   x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
   const V n = nearest_log2_multiple(x);
-  return times_pow2(exp_reduced(x, n), n);
+  return times_pow2(exp_reduced<kBf16>(x, n), n);
 #else
   using Bits = SimdTraits<float>::bits;
   const auto overflow = x > 88.72284f, underflow = x < -87.33654f;
@@ -246,7 +262,7 @@ SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   x = x < -87.0f ? broadcast(-87.0f) : x;
   const V round_magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   V n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  const V p = exp_reduced(x, n);
+  const V p = exp_reduced<kBf16>(x, n);
   Bits exponent = (__builtin_convertvector(n, Bits) + 127) << 23;
   V scale;
   std::memcpy(&scale, &exponent, sizeof(scale));
@@ -277,27 +293,88 @@ SEQKERN_SIMD_INLINE Simd<T> sigmoid_simd(Simd<T> x) {
   return T(1) / (T(1) + exp_simd(-x));
 }
 
-/// tanh with ~1 ulp *relative* error in fp32 (Cephes tanhf): an odd polynomial for |x| < 0.625, else
-/// 1 - 2 / (exp(2|x|) + 1). The shorter 2 sigmoid(2x) - 1 has ~1 ulp of 1 *absolute* error everywhere
-/// (1.5e-7 at small |x| where torch's is ~1e-9; max abs error vs fp64 on [-10, 10] 1.8e-7, this one 7.9e-8,
-/// torch.tanh 3.1e-8), and the gradients amplify it where tanh saturates (1 - t^2 from a t a few ulps off):
-/// the Elman RNN missed the 2x rule on fp32 gradients with it (grad_b 2.3x torch's error at T=12, B=32,
-/// H=256), and the LSTM, which kept it for g and tanh(c) until 2026-12-05, ran at median 2.3x torch.nn's
-/// float32 output error on small saturated samples (1.0x with this one; NOTES.md, "Correctness rule").
-template <bool kApproxReciprocal = false>
-SEQKERN_SIMD_INLINE Simd<float> tanh_accurate(Simd<float> x) {
+/// 2^n for integer-valued fp32 lanes n in [-126, 127].
+SEQKERN_SIMD_INLINE Simd<float> pow2(Simd<float> n) {
+#if defined(__AVX512F__)
+  return times_pow2(broadcast(1.0f), n);
+#else
+  using Bits = SimdTraits<float>::bits;
+  const Bits exponent = (__builtin_convertvector(n, Bits) + 127) << 23;
+  Simd<float> v;
+  std::memcpy(&v, &exponent, sizeof(v));
+  return v;
+#endif
+}
+
+/// num / den, kept apart so that a product of activations costs one division (the LSTM's i tanh(g) and
+/// o tanh(c): 3 divisions per 16 units instead of 5).
+template <typename A>
+struct Quotient {
+  Simd<A> num, den;
+};
+
+template <typename A>
+SEQKERN_SIMD_INLINE Quotient<A> operator*(const Quotient<A>& a, const Quotient<A>& b) {
+  return {a.num * b.num, a.den * b.den};
+}
+
+/// num / den rounded once, or with kApproxReciprocal num times one vrcp14ps of den (~2^-14 relative).
+template <bool kApproxReciprocal, typename A>
+SEQKERN_SIMD_INLINE Simd<A> value(const Quotient<A>& q) {
+  if constexpr (kApproxReciprocal) {
+    return q.num * reciprocal<true>(q.den);
+  } else {
+    return q.num / q.den;
+  }
+}
+
+/// tanh(x) as a quotient for fp32 lanes (tanh_accurate divides it: small *relative* error everywhere, small |x|
+/// included, one exp-like evaluation and one division, or with kApproxReciprocal one vrcp14ps, ~2^-14 relative,
+/// for bfloat16 storage). With a = min(|x|, 9.1) (tanh(9.1) rounds to 1 in fp32) and e = expm1(2a) >= 0,
+///   tanh(x) = sign(x) e / (e + 2),
+/// no cancellation anywhere: 2a = n ln2 + r (Cody-Waite), e = 2^n (e^r - 1) + (2^n - 1), e^r - 1 = expm1_reduced,
+/// 2^n - 1 exact. Against float64 tanh on every 7th fp32 in [-12, 12]: max 2.4 ulp, max abs error 8.9e-8, mean
+/// 0.09 ulp (torch.tanh fp32: 3.1e-8 abs). Why these properties (issue 13): 2 sigmoid(2x) - 1 has ~1 ulp of 1
+/// *absolute* error everywhere (1.5e-7 at small |x| where torch's is ~1e-9), and the gradients amplify it where
+/// tanh saturates (1 - t^2 from a t a few ulps off): the Elman RNN missed the 2x rule on fp32 gradients with it,
+/// and the LSTM ran at median 2.3x torch.nn's float32 output error on small saturated samples.
+/// Cost: the Cephes form it replaces (odd polynomial below 0.625, else 1 - 2 / (exp(2|x|) + 1), both evaluated
+/// and one selected) took ~95 cycles per 16 LSTM units with three sigmoids, this one ~75 (cell microbenchmark,
+/// one thread, data in L1; NOTES.md "Round 6"). Additive attention's tanh is this one too (it was expm1(-2a),
+/// e in (-1, 0]: 1.5e-7 abs error, the quotient doubling e's relative error near |x| = 1..3).
+template <bool kBf16 = false>
+SEQKERN_SIMD_INLINE Quotient<float> tanh_quotient(Simd<float> x) {
   using V = Simd<float>;
-  const V abs_x = x < 0.0f ? -x : x;
-  const V z = x * x;
-  V p = broadcast(-5.70498872745e-3f);
-  p = fmadd(p, z, broadcast(2.06390887954e-2f));
-  p = fmadd(p, z, broadcast(-5.37397155531e-2f));
-  p = fmadd(p, z, broadcast(1.33314422036e-1f));
-  p = fmadd(p, z, broadcast(-3.33332819422e-1f));
-  const V small = fmadd(p * z, x, x);
-  const V large_abs = 1.0f - 2.0f * reciprocal<kApproxReciprocal>(exp_simd(abs_x * 2.0f) + 1.0f);
-  const V large = x < 0.0f ? -large_abs : large_abs;
-  return abs_x < 0.625f ? small : large;
+  using Bits = SimdTraits<float>::bits;
+  const Bits sign_mask = Bits{} + static_cast<int32_t>(0x80000000u);
+  Bits x_bits;
+  std::memcpy(&x_bits, &x, sizeof(x));
+  const Bits abs_bits = x_bits & ~sign_mask;
+  V a;
+  std::memcpy(&a, &abs_bits, sizeof(a));
+  a = a > 9.1f ? broadcast(9.1f) : a;  // NaN fails the test and passes through to a NaN result
+  const V y = a + a;
+  const V n = nearest_log2_multiple(y);
+  const V two_n = pow2(n);
+  const V e = fmadd(two_n, expm1_reduced<kBf16>(y, n), two_n - 1.0f);
+  Bits e_bits;
+  std::memcpy(&e_bits, &e, sizeof(e));
+  e_bits |= x_bits & sign_mask;  // e >= 0: x's sign by one OR
+  V signed_e;
+  std::memcpy(&signed_e, &e_bits, sizeof(signed_e));
+  return {signed_e, e + 2.0f};
+}
+
+/// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed), over 1.
+SEQKERN_SIMD_INLINE Quotient<double> tanh_quotient(Simd<double> x) {
+  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::tanh(x[l]);
+  return {x, broadcast(1.0)};
+}
+
+/// kBf16: for a result stored in bfloat16 (expm1_reduced's polynomial, vrcp14ps instead of the division).
+template <bool kBf16 = false>
+SEQKERN_SIMD_INLINE Simd<float> tanh_accurate(Simd<float> x) {
+  return value<kBf16>(tanh_quotient<kBf16>(x));
 }
 
 /// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
@@ -308,29 +385,45 @@ SEQKERN_SIMD_INLINE Simd<double> tanh_accurate(Simd<double> x) {
 
 /// sigmoid and tanh of a recurrent cell whose results are stored in dtype S. float / double storage: the forms
 /// above (the correctness rule holds them to torch's float32 error). bfloat16 storage rounds every result to
-/// 2^-9 relative, so one vrcp14ps (2^-14) replaces each division there (an LSTM unit has five): perf of a bf16
-/// LSTM inference layer (b32 t100 h256, one thread, 2026-12-05) had the cell at 28% of the samples against 15%
-/// for its AMX products.
+/// 2^-9 relative, so there the exps take expm1_reduced's shorter polynomial (5.8e-7 relative) and one vrcp14ps
+/// (2^-14) replaces each division (an LSTM unit has three: its products i tanh(g) and o tanh(c) are formed as
+/// quotients, lstm.cpp's lstm_cell_math). Why: perf of a bf16 LSTM inference layer (b32 t100 h256, one thread,
+/// 2026-12-05) had the cell at 28% of the samples against 15% for its AMX products.
 template <typename S>
 struct CellActivations {
   static constexpr bool kApprox = std::is_same_v<S, c10::BFloat16>;
 
   template <typename A>
-  static SEQKERN_SIMD_INLINE Simd<A> sigmoid(Simd<A> x) {
-    if constexpr (kApprox) {
-      return reciprocal<true>(1.0f + exp_simd(-x));
+  static SEQKERN_SIMD_INLINE Quotient<A> sigmoid_quotient(Simd<A> x) {
+    if constexpr (std::is_same_v<A, float>) {
+      return {broadcast(1.0f), 1.0f + exp_simd<kApprox>(-x)};
     } else {
-      return sigmoid_simd<A>(x);
+      return {broadcast(A(1)), A(1) + exp_simd(-x)};
     }
   }
 
   template <typename A>
-  static SEQKERN_SIMD_INLINE Simd<A> tanh(Simd<A> x) {
-    if constexpr (kApprox) {
-      return tanh_accurate<true>(x);
+  static SEQKERN_SIMD_INLINE Quotient<A> tanh_quotient(Simd<A> x) {
+    if constexpr (std::is_same_v<A, float>) {
+      return seqkern::cpu::tanh_quotient<kApprox>(x);
     } else {
-      return tanh_accurate(x);
+      return seqkern::cpu::tanh_quotient(x);
     }
+  }
+
+  template <typename A>
+  static SEQKERN_SIMD_INLINE Simd<A> value(const Quotient<A>& q) {
+    return seqkern::cpu::value<kApprox>(q);
+  }
+
+  template <typename A>
+  static SEQKERN_SIMD_INLINE Simd<A> sigmoid(Simd<A> x) {
+    return value(sigmoid_quotient<A>(x));
+  }
+
+  template <typename A>
+  static SEQKERN_SIMD_INLINE Simd<A> tanh(Simd<A> x) {
+    return value(tanh_quotient<A>(x));
   }
 };
 
