@@ -1006,7 +1006,9 @@ inline at::Tensor recurrent_weight_gradient(const at::Tensor& d_gates_h, const a
   const int64_t T = sched.seq_len, B = sched.batch, P = output.size(2);
   const auto dtype = output.scalar_type();
   const bool shifted = !sched.flags.lengths && !sched.flags.resets && !(sched.reverse && sched.batch_sizes);
-  if (!shifted || T == 0 || B == 0 || dtype != gemm_dtype)
+  // Only where the rows are summed in the storage dtype (fp32, fp64): bf16's go through weight_gradient's one
+  // product over all rows (fp32 accumulation, one rounding), never the chunks' addmm_ in bf16.
+  if (!shifted || T == 0 || B == 0 || dtype != at::toOpMathType(dtype))
     return weight_gradient(d_gates_h, previous_hidden(output, h0, sched, gemm_dtype), dtype);
   const at::Tensor out_rows = output.view({T * B, P});
   const int64_t later = (T - 1) * B;  // the rows whose h_{t-1} is an output row
