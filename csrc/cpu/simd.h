@@ -199,6 +199,19 @@ SEQKERN_SIMD_INLINE Simd<float> times_pow2(Simd<float> p, Simd<float> n) {
 #endif
 }
 
+/// 2^n for integer-valued fp32 lanes n in [-126, 127].
+SEQKERN_SIMD_INLINE Simd<float> pow2(Simd<float> n) {
+#if defined(__AVX512F__)
+  return times_pow2(broadcast(1.0f), n);
+#else
+  using Bits = SimdTraits<float>::bits;
+  const Bits exponent = (__builtin_convertvector(n, Bits) + 127) << 23;
+  Simd<float> v;
+  std::memcpy(&v, &exponent, sizeof(v));
+  return v;
+#endif
+}
+
 /// e^r - 1 for fp32 lanes, r = x - n ln2 with n = round(x / ln2) (|r| <= ln2 / 2). Full accuracy: Cody-Waite
 /// reduction with a two-part ln2, then r + r^2 P(r) with Cephes expf's degree-6 polynomial P (~1 ulp, no
 /// cancellation near r = 0). kBf16 (a result stored in bfloat16, 2^-9 relative): one-part ln2 (<= 3e-6 relative
@@ -255,7 +268,6 @@ SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   const V n = nearest_log2_multiple(x);
   return times_pow2(exp_reduced<kBf16>(x, n), n);
 #else
-  using Bits = SimdTraits<float>::bits;
   const auto overflow = x > 88.72284f, underflow = x < -87.33654f;
   // Written so that a NaN lane fails both comparisons and stays NaN (`x < 88 ? x : 88` would turn it into 88).
   x = x > 88.0f ? broadcast(88.0f) : x;
@@ -263,10 +275,7 @@ SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   const V round_magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   V n = (x * 1.44269504088896341f + round_magic) - round_magic;
   const V p = exp_reduced<kBf16>(x, n);
-  Bits exponent = (__builtin_convertvector(n, Bits) + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &exponent, sizeof(scale));
-  const V result = overflow ? broadcast(std::numeric_limits<float>::infinity()) : p * scale;
+  const V result = overflow ? broadcast(std::numeric_limits<float>::infinity()) : p * pow2(n);
   return underflow ? V{} : result;
 #endif
 }
@@ -291,19 +300,6 @@ SEQKERN_SIMD_INLINE Simd<float> reciprocal(Simd<float> x) {
 template <typename T>
 SEQKERN_SIMD_INLINE Simd<T> sigmoid_simd(Simd<T> x) {
   return T(1) / (T(1) + exp_simd(-x));
-}
-
-/// 2^n for integer-valued fp32 lanes n in [-126, 127].
-SEQKERN_SIMD_INLINE Simd<float> pow2(Simd<float> n) {
-#if defined(__AVX512F__)
-  return times_pow2(broadcast(1.0f), n);
-#else
-  using Bits = SimdTraits<float>::bits;
-  const Bits exponent = (__builtin_convertvector(n, Bits) + 127) << 23;
-  Simd<float> v;
-  std::memcpy(&v, &exponent, sizeof(v));
-  return v;
-#endif
 }
 
 /// num / den, kept apart so that a product of activations costs one division (the LSTM's i tanh(g) and
@@ -377,10 +373,9 @@ SEQKERN_SIMD_INLINE Simd<float> tanh_accurate(Simd<float> x) {
   return value<kBf16>(tanh_quotient<kBf16>(x));
 }
 
-/// fp64 lanes: libm per lane (the float64 path is for accuracy, not speed).
+/// fp64 lanes: libm per lane (tanh_quotient's numerator, over 1).
 SEQKERN_SIMD_INLINE Simd<double> tanh_accurate(Simd<double> x) {
-  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::tanh(x[l]);
-  return x;
+  return tanh_quotient(x).num;
 }
 
 /// sigmoid and tanh of a recurrent cell whose results are stored in dtype S. float / double storage: the forms
