@@ -19,26 +19,26 @@ namespace seqkern::cpu {
 // ------------------------------------------------------------------------------------------------
 // Packed GEMM micro-kernel.
 // ------------------------------------------------------------------------------------------------
-/// W (depth x width) re-laid as panels of up to kPanelVectors SIMD vectors of columns; panel p holds
-/// W[0:depth, p*panel_width : p*panel_width + its width] row after row, so the micro-kernel reads one
-/// contiguous stream. width is a multiple of the lane count (padding columns are zero).
 // Register blocks of the micro-kernel: MR rows x NV vectors of accumulators, NV the panel width.
 #if defined(__AVX512F__)
 // 8 x 3 (24 of 32 zmm registers): a 3-vector fp32 panel at depth 256 is 48 KB, about L1, so the row blocks after
 // the first read it from L1 where 6 x 4 (64 KB panels) streamed it from L2 for every 6 rows. Microbenchmark, one
 // thread, C = A (M x 256) @ W (256 x 768), flop per TSC cycle: M = 32 78-82 vs 67-72 (6 x 4), M = 8 76-81 vs 55-57,
 // M = 1 and 4 equal within noise (NOTES.md "Round 6").
-constexpr int kPanelVectorsAvx512 = 3;
+constexpr int kMicroVectors = 3;
 constexpr int kMaxMicroRows = 8;
 #else
 // Below AVX-512 (micro_kernel_ymm re-blocks the panels into ymm columns; the generic level's vectors are emulated).
-constexpr int kPanelVectorsAvx512 = 4;
+constexpr int kMicroVectors = 4;
 constexpr int kMaxMicroRows = 6;
 #endif
 
+/// W (depth x width) re-laid as panels of up to kPanelVectors SIMD vectors of columns; panel p holds
+/// W[0:depth, p*panel_width : p*panel_width + its width] row after row, so the micro-kernel reads one
+/// contiguous stream. width is a multiple of the lane count (padding columns are zero).
 template <typename T>
 struct PackedPanels {
-  static constexpr int kPanelVectors = kPanelVectorsAvx512;
+  static constexpr int kPanelVectors = kMicroVectors;
   static constexpr int64_t kPanelWidth = kPanelVectors * kLanes<T>;
   int64_t depth = 0;
   int64_t width = 0;
@@ -91,8 +91,8 @@ struct PackedPanels {
 };
 
 /// C[0:MR, 0:NV*lanes) = A[0:MR, 0:depth) @ panel; MR x NV accumulators stay in registers
-/// (MR=8, NV=3 at avx512: 24 of the 32 zmm registers). Figures below are from its 6 x 4 days. One thread, best of runs, against at::mm (MKL) on the same
-/// product: 32 x 256 x 512 (a batch-32 step) 72.7 vs 95.7 us; 64 x 512 x 1024 577 vs 728 us;
+/// (MR=8, NV=3 at avx512: 24 of the 32 zmm registers). Figures below are from its 6 x 4 days. One thread, best
+/// of runs, against at::mm (MKL) on the same product: 32 x 256 x 512 (a batch-32 step) 72.7 vs 95.7 us; 64 x 512 x 1024 577 vs 728 us;
 /// 1 x 256 x 512 (batch 1: bound by L2 bandwidth, ~110 GB/s) 4.9 vs 11.1 us. So the persistent loop
 /// uses it at every batch size rather than calling at::mm per step.
 template <typename T, int MR, int NV>
