@@ -729,9 +729,10 @@ def _query_gradients_kernel(
 # instead of held (again from L1 / L2). Narrower chunks recompute S and dP once per chunk (the cost: NOTES.md,
 # "Head-dim chunks in the flash backward"). Used only where the unchunked kernel spilled at its smallest tile (16 x
 # 16, capped at 255 registers): float32 at d256, float64 at d128 / d256; one chunk fits all of them (ptxas figures
-# below), so no list recomputes. Past head dim 256 (the shrink rule in `configs`) CHUNK 256 is several chunks.
-_STREAMED_128 = {"CHUNK": 128, "maxnreg": 255}
-_STREAMED_256 = {"CHUNK": 256, "maxnreg": 255}
+# below) but the float64 dK/dV kernel at d256 without mask and dropout: two chunks there. Past head dim 256 (the
+# shrink rule in `configs`) CHUNK 256 is several chunks.
+_CHUNKS_OF_128 = {"CHUNK": 128, "maxnreg": 255}
+_CHUNKS_OF_256 = {"CHUNK": 256, "maxnreg": 255}
 _GPU_CONFIGS = {
     # unit "mma": bfloat16 / float16 operands on the tensor cores (float32 accumulators). Every bf16 config
     # here and in _LIGHT_GPU_CONFIGS compiled without spills for both sm_80 and sm_90; those that spilled on
@@ -779,7 +780,7 @@ _GPU_CONFIGS = {
                                    256: [(16, 16, 8, 2)]},
     ("key_gradients", "fma32"): {64: [(16, 16, 8, 1)],
                                  128: [(64, 16, 8, 1)],
-                                 256: [(16, 16, 8, 1, _STREAMED_256)]},
+                                 256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
     # unit "fma": float64, on the float64 tensor cores (triton emits mma.m8n8k4.f64 on sm_80 / sm_90), operands in
     # registers. ptxas (2026-12-05, sm_80 and sm_90): the dK/dV kernel's 16 x 32 / 8 warps at d64 spilled 12 bytes
     # (heavy) and 48 (light) on sm_80, 16 x 16 fits (172-205 registers). The backward at d128 / d256 spills at the
@@ -789,9 +790,9 @@ _GPU_CONFIGS = {
     # targets, no spill): dK/dV d128 160-180 registers, d256 250-255; dQ d256 254-255 (two chunks of 128 would take
     # 160-176, for 1.7x the backward's FLOPs).
     ("forward", "fma"): {64: [(32, 32, 8, 2)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
-    ("query_gradients", "fma"): {64: [(32, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1, _STREAMED_256)]},
-    ("key_gradients", "fma"): {64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1, _STREAMED_128)],
-                               256: [(16, 16, 8, 1, _STREAMED_256)]},
+    ("query_gradients", "fma"): {64: [(32, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
+    ("key_gradients", "fma"): {64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1, _CHUNKS_OF_128)],
+                               256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
 }
 # The light variant (no attention mask, no dropout: the mask tile's 64-bit addresses and the dropout hash are
 # gone) has registers for FlashAttention-2's tiles: 64-128 keys. Kernels and units not here use the lists above.
@@ -815,10 +816,10 @@ _LIGHT_GPU_CONFIGS = {
                                   256: [(16, 16, 8, 2)]},
     ("key_gradients", "tf32"): {64: [(32, 32, 8, 1)],
                                 128: [(32, 16, 8, 1), (16, 16, 8, 1)],
-                                256: [(16, 16, 8, 1, _STREAMED_256)]},
+                                256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
     ("key_gradients", "fma32"): {64: [(16, 16, 8, 1)],
                                  128: [(16, 16, 4, 1)],
-                                 256: [(16, 16, 8, 1, _STREAMED_256)]},
+                                 256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
     # The fma32 dQ kernel at d256: 16 x 16 / 8 warps / 2 stages spilled 104-128 bytes at 128 registers (ptxas's
     # choice: with 1 stage it took 255 and spilled 1.3 KB); capped at 255 (triton's maxnreg) it takes 232-238 and
     # spills nothing.
@@ -826,10 +827,14 @@ _LIGHT_GPU_CONFIGS = {
                                    128: [(16, 16, 8, 2), (16, 16, 8, 1)],
                                    256: [(16, 16, 8, 2, {"maxnreg": 255})]},
     # float64: the dQ kernel's 32 x 16 / 8 warps at d64 spilled 16 bytes on sm_80 and 112 on sm_90 without mask
-    # and dropout (ptxas settled on 255 registers); 16 x 32 and 16 x 16 fit (188-216 registers).
+    # and dropout (ptxas settled on 255 registers); 16 x 32 and 16 x 16 fit (188-216 registers). The dK/dV kernel
+    # at d256 streamed (one chunk) spilled 44 bytes at 255 registers on sm_80 without mask and dropout (the heavy
+    # variant fits): two chunks of 128 (162-174 registers), for 1.5x the dK/dV kernel's FLOPs (NOTES.md).
     ("query_gradients", "fma"): {64: [(16, 32, 8, 1), (16, 16, 8, 1)],
                                  128: [(16, 16, 8, 1)],
-                                 256: [(16, 16, 8, 1, _STREAMED_256)]},
+                                 256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
+    ("key_gradients", "fma"): {64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1, _CHUNKS_OF_128)],
+                               256: [(16, 16, 8, 1, _CHUNKS_OF_128)]},
 }
 # The kernels that take CHUNK (see the lists above; 0, none, where a config does not set it).
 CHUNKED = ("query_gradients", "key_gradients")

@@ -11,7 +11,7 @@ variant with the most live registers, which bounds the lighter ones; flash atten
 tiles for launches without mask and dropout, compiled as "[light]" kernels.
 
 Cost: a compile takes ~5-10 s of one core (ptxas included), 20-40 s on this loaded 2-core machine (the recurrent
-split kernel: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 7 kernels, plus 4
+split kernel: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 8 kernels, plus 4
 compiles for the tf32 check; 13-20 s with triton's cache warm); `pytest -m gpu_compile` compiles the full matrix
 (kernels x configs x dtypes x head dims x targets, float32 under allow_tf32 off and on). Triton caches compiled
 kernels on disk (~/.triton/cache), so a second run costs seconds but for ptxas's reports (it runs again for each case:
@@ -498,6 +498,7 @@ def _compile_here(where: tuple[str, str], arguments: dict, config: dict, target:
 DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90", False),
                  ("flash_attention.key_gradients[light]", torch.float16, 64, "sm_80", False),
                  ("flash_attention.query_gradients", torch.float32, 128, "sm_90", False),  # ieee: float32 FMAs
+                 ("flash_attention.key_gradients", torch.float64, 256, "sm_80", False),  # one head-dim CHUNK
                  ("flash_attention_decode.split", torch.bfloat16, 128, "sm_90", False),
                  ("additive_attention.forward", torch.float16, 64, "sm_80", False),
                  ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90", False),  # persistent, 16 units, streamed

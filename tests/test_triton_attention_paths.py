@@ -160,11 +160,13 @@ def test_config_selection(dtype, head_dim):
         tuned = flash.configs(kernel, dtype, CUDA, head_dim, head_dim)
         assert tuned and all(c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16 for c in tuned)
         assert len(flash.configs(kernel, dtype, CPU, head_dim, head_dim)) == 1
-        if kernel in flash.CHUNKED:  # head-dim chunks only in float32 / float64, one per 256 columns at most
+        light = flash.configs(kernel, dtype, CUDA, head_dim, head_dim, light=True)
+        if kernel in flash.CHUNKED:  # head-dim chunks only in float32 / float64, at most two up to head dim 256
             width = max(16, triton.next_power_of_2(head_dim))
-            assert all(c["CHUNK"] == 0 or (dtype.itemsize >= 4 and c["CHUNK"] >= min(width, 256)) for c in tuned)
+            assert all(c["CHUNK"] == 0 or (dtype.itemsize >= 4 and c["CHUNK"] >= min(width, 256) // 2)
+                       for c in tuned + light)
         else:
-            assert all("CHUNK" not in c for c in tuned)
+            assert all("CHUNK" not in c for c in tuned + light)
     tuned = decode.configs(dtype, CUDA, head_dim, head_dim)
     assert tuned and all(c["BLOCK_N"] >= 16 for c in tuned)
     if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128:
