@@ -308,6 +308,9 @@ SINGLE_STATE_LAYER_CASES = [
     dict(seq_len=6, batch=4, input_size=3, hidden=17, bias=False, lengths=[6, 4, 4, 1]),
     dict(seq_len=6, batch=4, input_size=3, hidden=17, lengths=[6, 5, 2, 1], reverse=True),
     dict(seq_len=40, batch=32, input_size=33, hidden=256),
+    # batch >= 8: the forward projects the input inside the team, step by step (project_input_per_step)
+    dict(seq_len=5, batch=9, input_size=7, hidden=21, lengths=[5, 5, 4, 4, 3, 2, 2, 1, 1], reverse=True),
+    dict(seq_len=4, batch=11, input_size=5, hidden=19, bias=False),
 ]
 SINGLE_STATE_TRITON_CASES = [SINGLE_STATE_LAYER_CASES[0], dict(seq_len=4, batch=3, input_size=5, hidden=17),
                              SINGLE_STATE_LAYER_CASES[3], SINGLE_STATE_LAYER_CASES[4]]

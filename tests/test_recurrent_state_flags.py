@@ -258,6 +258,10 @@ CPU_FLAG_CASES = [
     ("lstm", dict(input_size=6, hidden_size=16), True, 0.3, True, None, torch.bfloat16),
     ("lstm", dict(input_size=6, hidden_size=16, proj_size=4), False, 0.3, True, [5, 6, 2], torch.bfloat16),
     ("gru", dict(input_size=6, hidden_size=16), True, 0.25, False, [4, 6, 1], torch.bfloat16),
+    # batch >= 8: the input projected inside the team, step by step (project_input_per_step)
+    ("lstm", dict(input_size=5, hidden_size=9, proj_size=4), True, 0.3, True, [6, 2, 4, 0, 6, 1, 3, 5, 2], torch.float32),
+    ("gru", dict(input_size=5, hidden_size=9), True, 0.25, True, [3, 6, 1, 6, 2, 5, 4, 0, 6], torch.float32),
+    ("rnn", dict(input_size=5, hidden_size=9), True, 0.0, True, [6, 5, 4, 3, 2, 1, 6, 6, 2], torch.float32),
 ]
 
 
@@ -271,6 +275,7 @@ def _check_against_composed(backend, family, options, use_resets, zoneout, train
                             dtype=torch.float32):
     """seqkern.nn's module on `backend` against the composed loop: every output, state and gradient, in dtype."""
     seq_len, batch = (6, 3) if backend.startswith("cpu") else (4, 3)
+    batch = batch if lengths is None else len(lengths)
     oracle, theirs, ours = _modules(family, options, dtype, zoneout)
     x64, hx64 = _inputs(family, options, seq_len, batch)
     resets = _resets(seq_len, batch, options.get("batch_first", False)) if use_resets else None

@@ -416,10 +416,27 @@ inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at
   }
 }
 
+/// Whether the forward loop projects the input step by step inside the team (each thread x_t @ its W_ih rows^T, W_ih
+/// slice packed beside its W_hh slice) instead of input_projection's one product before the loop. Per step, the
+/// gates then never leave the thread's cache, where the product before the loop writes (T*B, gates*H) to memory and
+/// the steps read it back (13 MB per LSTM layer at b32 t100 h256); one thread, process CPU time, alternating
+/// processes on a loaded machine: LSTM / GRU / RNN inference b32 t100 h256 1.07-1.46x / 1.02-1.52x / 1.02-1.39x
+/// (NOTES.md "Round 7"). Only where the step's product is a matrix product (a whole register block of rows: at
+/// batch 1 it is a GEMV bound by L2 bandwidth, and reading W_ih too per step would double that) and the thread's
+/// W_ih slice fits in L2 beside its W_hh slice. The bf16 units keep the product before the loop (AMX tiles).
+inline bool project_input_per_step(const LayerShape& d, int gates, int threads, at::ScalarType dtype) {
+  constexpr int64_t kMaxInputSliceBytes = int64_t{1} << 20;
+  const at::ScalarType acc = at::toOpMathType(dtype);
+  const int64_t slice_bytes = d.input_size * (gates * d.hidden / threads) * c10::elementSize(acc);
+  return !use_bf16_units(dtype) && d.batch >= kMaxMicroRows && slice_bytes <= kMaxInputSliceBytes;
+}
+
 /// Thread k owns a slice of hidden units: the kGates rows of W_hh for those units are packed once into its
 /// micro-kernel panels and stay in its L2 for all T steps; per step it computes its gate columns
 /// (h_{t-1} @ W_hh-slice^T), then the cell's fused pointwise update of its units, thread-local since it
 /// owns every gate of each of its units (and their private states). One barrier per step publishes h_t.
+/// Without gates_x (project_input_per_step) it also keeps its W_ih rows packed and computes its gate columns of
+/// x_t W_ih^T at the start of each step.
 /// With a projection (Options::kProjection) a second phase follows behind its own barrier: thread k owns
 /// output columns p of h_t[:, p] = (cell output) W_hr[p]^T.
 template <typename Cell, typename S, typename Options>
@@ -432,7 +449,9 @@ class CellForwardLoop {
   static_assert(!kProjection || (Cell::kProjectable && !Cell::kDirectPath), "a projection needs a projectable cell");
 
   struct Buffers {
-    const A* gates_x;         // (T*B, G*H) x W_ih^T (input_projection)
+    const A* gates_x;         // (T*B, G*H) x W_ih^T (input_projection), or null: projected per step from `input`
+    const A* input;           // (T*B, I) the layer input in the accumulation dtype, when gates_x is null
+    const A* w_ih;            // (G*H, I) in the accumulation dtype, when gates_x is null
     const A* input_bias;      // (G*H,) added to gates_x by the cell, with kBias
     const A* recurrent_bias;  // (H,) the cell's recurrent-side bias (GRU: b_hn) with kBias, or null
     const A* w_hh;            // (G*H, P)
@@ -450,7 +469,8 @@ class CellForwardLoop {
         step_slices_(d.hidden, threads, G, d.state_size, d.batch,
                      use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()),
         proj_slices_(kProjection ? d.state_size : 0, threads, 1, d.hidden, kProjection ? d.batch : 0,
-                     use_bf16_units(c10::CppTypeToScalarType<S>::value)) {}
+                     use_bf16_units(c10::CppTypeToScalarType<S>::value)),
+        input_slices_(buf.gates_x ? 0 : d.hidden, threads, G, d.input_size, d.batch) {}
 
   /// Runs all T steps; h_n is then h_state[(T-1) & 1], the other final states are in state[k].
   void run() {
@@ -477,6 +497,7 @@ class CellForwardLoop {
   /// Packs slice s's weights (one group for W_hr: column j <- row p0 + j).
   void prepare(size_t s) {
     step_slices_.slices[s].pack_rows(buf_.w_hh, d_.hidden);
+    if (!buf_.gates_x) input_slices_.slices[s].pack_rows(buf_.w_ih, d_.hidden);
     if constexpr (kProjection) proj_slices_.slices[s].pack_rows(buf_.w_hr, d_.state_size);
   }
 
@@ -524,7 +545,12 @@ class CellForwardLoop {
     const int64_t t = sched_.time(step), rows = sched_.rows(t);
     const int64_t B = d_.batch, H = d_.hidden, u0 = sl.cols.begin;
     if constexpr (kFlags) restart_private_states(sl.cols, t);
-    prefetch_gates_x(sl.cols, t, rows);
+    const Slice<A>* xs = buf_.gates_x ? nullptr : &input_slices_.slices[s];
+    if (xs) {
+      xs->multiply(buf_.input + t * B * d_.input_size, d_.input_size, rows, xs->scratch, xs->w.width);
+    } else {
+      prefetch_gates_x(sl.cols, t, rows);
+    }
     sl.multiply(h_prev(step), d_.state_size, rows, sl.scratch, sl.w.width);
     for (int64_t b = 0; b < rows; ++b) {
       if (!active(t, b)) {
@@ -534,9 +560,9 @@ class CellForwardLoop {
       const int64_t row = t * B + b;
       for_each_chunk<A>(sl.cols.size(), [&](int64_t u, int n) {
         const int64_t unit = u0 + u;
-        const StepIn<A, A, S> in{buf_.gates_x + row * G * H + unit,
+        const StepIn<A, A, S> in{xs ? xs->scratch + b * xs->w.width + u : buf_.gates_x + row * G * H + unit,
                                  sl.scratch + b * sl.w.width + u,
-                                 H,
+                                 xs ? xs->padded : H,
                                  sl.padded,
                                  Options::kBias ? buf_.input_bias + unit : nullptr,
                                  Options::kBias && buf_.recurrent_bias ? buf_.recurrent_bias + unit : nullptr,
@@ -623,7 +649,7 @@ class CellForwardLoop {
   Schedule sched_;
   Buffers buf_;
   int threads_;
-  SliceSet<A> step_slices_, proj_slices_;
+  SliceSet<A> step_slices_, proj_slices_, input_slices_;
 };
 
 /// A layer's weights: w_ih (G*H, I), w_hh (G*H, P), w_hr (P, H) or undefined, in the storage dtype;
@@ -661,10 +687,19 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
   }
   const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
   const auto acc_options = input.options().dtype(acc);
-  at::Tensor gates_x = pooled_empty({T * B, Cell::kGates * H}, acc_options);
-  // The input bias is the cell's to add (in registers), not the GEMM's: at::addmm first copies the
-  // broadcast bias into all T*B rows (1.8 ms of a 200 ms LSTM training step at b32 t100 h256, one thread).
-  input_projection(input.contiguous(), wts.w_ih, gates_x);
+  const int64_t macs_per_step = B * Cell::kGates * H * P + (projection ? B * H * P : 0);
+  const int threads = loop_threads(macs_per_step, H, 64 / c10::elementSize(acc));
+  const bool per_step = project_input_per_step(d, Cell::kGates, threads, dtype);
+  at::Tensor gates_x, input_acc, w_ih_acc;
+  if (per_step) {
+    input_acc = input.to(acc).contiguous();
+    w_ih_acc = wts.w_ih.to(acc).contiguous();
+  } else {
+    gates_x = pooled_empty({T * B, Cell::kGates * H}, acc_options);
+    // The input bias is the cell's to add (in registers), not the GEMM's: at::addmm first copies the
+    // broadcast bias into all T*B rows (1.8 ms of a 200 ms LSTM training step at b32 t100 h256, one thread).
+    input_projection(input.contiguous(), wts.w_ih, gates_x);
+  }
   const at::Tensor w_hh_acc = wts.w_hh.to(acc).contiguous();
   const at::Tensor w_hr_acc = projection ? wts.w_hr.to(acc).contiguous() : at::Tensor();
   at::Tensor h_state = at::empty({2, B, P}, acc_options);
@@ -676,10 +711,8 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
   std::array<at::Tensor, K> initial_acc;
   if (sched.flags.resets)
     for (int k = 0; k < K; ++k) initial_acc[k] = initial[k].to(acc).contiguous();
-  const int64_t macs_per_step = B * Cell::kGates * H * P + (projection ? B * H * P : 0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "seqkern_layer_forward", [&] {
     using A = Acc<scalar_t>;
-    const int threads = loop_threads(macs_per_step, H, kLanes<A>);
     flag_switch(has_bias, [&](auto bias) {
       flag_switch<(Cell::kWorkspaceBlocks > 0 || K > 1)>(save_workspace, [&](auto save) {
         flag_switch<Cell::kProjectable>(projection, [&](auto proj) {
@@ -688,7 +721,9 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
                                         decltype(flags)::value>;
             using Loop = CellForwardLoop<Cell, scalar_t, Options>;
             typename Loop::Buffers buf{};
-            buf.gates_x = gates_x.data_ptr<A>();
+            buf.gates_x = per_step ? nullptr : gates_x.data_ptr<A>();
+            buf.input = per_step ? input_acc.data_ptr<A>() : nullptr;
+            buf.w_ih = per_step ? w_ih_acc.data_ptr<A>() : nullptr;
             buf.input_bias = has_bias ? wts.input_bias.data_ptr<A>() : nullptr;
             buf.recurrent_bias = wts.recurrent_bias.defined() ? wts.recurrent_bias.data_ptr<A>() : nullptr;
             buf.w_hh = w_hh_acc.data_ptr<A>();

@@ -7,9 +7,17 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <climits>
 #include <cstdint>
 #include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace seqkern::cpu {
 
@@ -50,9 +58,14 @@ inline int persistent_thread_count(int64_t work_per_step, int64_t min_work_per_t
 /// The barrier of a persistent team, used instead of `#pragma omp barrier`: it spins (with pause) rather
 /// than sleeping, so a waiting thread keeps its core and leaves ~0.1-0.2 us after the last arrival.
 /// Measured with 2 threads (tmp barrier_bench, machine shared with other jobs): libgomp's barrier
-/// 2.2-7.6 us, this one 0.12-0.2 us - against a batch-1 step of ~5 us. It yields only after ~2^20 spins
-/// (milliseconds), as a last resort on an oversubscribed machine: yielding early is what hurts there
-/// (512-step loop at load average 6: 335 ms yielding after 2^14 spins, 60 ms after 2^24).
+/// 2.2-7.6 us, this one 0.12-0.2 us - against a batch-1 step of ~5 us.
+/// After kSpinBudget of spinning a waiter sleeps on a futex until the last arrival wakes it. Spinning alone
+/// (yielding after ~2^20 spins) broke down when another process shared the cores: two team threads that
+/// the scheduler queued on one core handed the core over only at the scheduler tick, so every step cost
+/// one tick (LSTM b32 t100 inference at 2 threads beside one nice-19 job: 410-420 ms per call instead of
+/// ~20). A sleeping waiter gives its core to the thread it waits for at once. On a quiet machine no wait
+/// reaches the budget (a b32 step is ~100 us, its imbalance a few us) and the last arrival pays one relaxed
+/// load of the sleeper count.
 /// Release/acquire on the generation counter make every write before arrive_and_wait() visible to
 /// every thread after it.
 class SpinBarrier {
@@ -63,27 +76,58 @@ class SpinBarrier {
     const int generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
-      generation_.store(generation + 1, std::memory_order_release);
+      generation_.store(generation + 1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all(generation_);
       return;
     }
-    constexpr int kSpinsBeforeYield = 1 << 20;
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-      if (spins < kSpinsBeforeYield) {
-        pause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
+    if (spin_while_equal(generation)) return;
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    while (generation_.load(std::memory_order_seq_cst) == generation) sleep_while_equal(generation_, generation);
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
 
  private:
+  /// How long a waiter spins before it sleeps: far above a step's imbalance on a quiet machine, far below
+  /// the scheduler tick (4 ms) that spinning alone cost per step on a shared one.
+  static constexpr std::chrono::microseconds kSpinBudget{200};
+
+  /// Spins until the generation moves on (true) or the budget is spent (false); the clock is read once
+  /// per 64 pauses.
+  bool spin_while_equal(int generation) const {
+    const auto deadline = std::chrono::steady_clock::now() + kSpinBudget;
+    for (int spins = 1;; ++spins) {
+      if (generation_.load(std::memory_order_acquire) != generation) return true;
+      pause();
+      if (spins % 64 == 0 && std::chrono::steady_clock::now() > deadline) return false;
+    }
+  }
+
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
   }
+
+  /// Blocks while *word == value (returns at once if it differs; may return spuriously).
+  static void sleep_while_equal(std::atomic<int>& word, int value) {
+#if defined(__linux__)
+    syscall(SYS_futex, reinterpret_cast<int*>(&word), FUTEX_WAIT_PRIVATE, value, nullptr, nullptr, 0);
+#else
+    if (word.load(std::memory_order_acquire) == value) std::this_thread::yield();
+#endif
+  }
+
+  static void wake_all(std::atomic<int>& word) {
+#if defined(__linux__)
+    syscall(SYS_futex, reinterpret_cast<int*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+#else
+    (void)word;
+#endif
+  }
+
   alignas(64) std::atomic<int> arrived_{0};
   alignas(64) std::atomic<int> generation_{0};
+  alignas(64) std::atomic<int> sleepers_{0};
   int threads_ = 1;
 };
 
