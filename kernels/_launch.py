@@ -23,15 +23,24 @@ import triton
 import triton.language as tl
 
 
+# Launch keywords for the compiler and the driver only (triton.Config's options, the cooperative launch). Configs
+# and launchers pass them whatever the device; an interpreted launch drops them here, the one place that knows the
+# interpreter has no use for them (triton 3.9's interpreter happens to ignore unknown keywords too: not relied on).
+COMPILE_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "launch_cooperative_grid",
+                             "launch_pdl"})
+
+
 def launch(kernel, grid: Sequence[int], device: torch.device) -> Callable:
-    """`kernel[grid]` for tensors on `device`: call the result with the kernel's arguments."""
+    """`kernel[grid]` for tensors on `device`: call the result with the kernel's arguments and, optionally, the
+    COMPILE_OPTIONS (used on CUDA, dropped under the interpreter)."""
     grid = tuple(grid)
     if device.type == "cuda":
         return torch.library.wrap_triton(kernel)[grid]
 
     def run_interpreted(*args, **kwargs):
+        arguments = {name: value for name, value in kwargs.items() if name not in COMPILE_OPTIONS}
         with _INTERPRETER_LOCK, _jit_helpers_interpreted():
-            return _interpreted(kernel.fn)[grid](*args, **kwargs)
+            return _interpreted(kernel.fn)[grid](*args, **arguments)
 
     return run_interpreted
 
@@ -89,8 +98,9 @@ def dot_precision(dtype: torch.dtype, device: torch.device, float32: str = "tf32
     (each operand split into two tf32 halves, three tensor-core products: about float32's accuracy at
     tensor-core speed, but four operand tiles live at once) or "ieee" (float32 FMAs, what torch runs without
     tf32: flash attention, whose tf32x3 tiles spilled registers at every tile size, and decoding, see
-    kernels/flash_attention.py and flash_attention_decode.py). Everything else, and everything under the interpreter (where tl.dot is exact
-    numpy arithmetic whatever is asked), is "ieee"; the setting only matters for float32 operands.
+    kernels/flash_attention.py and flash_attention_decode.py). Everything else, and everything under the
+    interpreter (where tl.dot is exact numpy arithmetic whatever is asked), is "ieee"; the setting only matters
+    for float32 operands.
     """
     if dtype == torch.float32 and device.type == "cuda":
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else float32
@@ -103,9 +113,9 @@ def launch_tuned(kernel, configs: Sequence[dict], interpreter_config: dict, grid
     minus the tuned ones.
 
     A config is a dict of the kernel's tuned constexprs (e.g. BLOCK_M, BLOCK_N) plus num_warps and num_stages
-    (and optionally maxnreg, ptxas's register cap: on CUDA only, the interpreter config must not hold it);
-    `grid` maps one (the meta-parameters) to the launch grid. On CUDA triton.autotune times every config once
-    per distinct value of the `key` arguments and keeps the fastest. The interpreter would run every config
+    (and optionally maxnreg, ptxas's register cap; `launch` drops these three under the interpreter); `grid` maps
+    one (the meta-parameters) to the launch grid. On CUDA triton.autotune times every config once per distinct
+    value of the `key` arguments and keeps the fastest. The interpreter would run every config
     in Python each time, so there the one `interpreter_config` is launched: deterministic, and the fewest,
     largest tiles (the interpreter's cost is per program).
     """

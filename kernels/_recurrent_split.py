@@ -306,21 +306,15 @@ def split_forward(cell: int, mode: dict, gates_x: Tensor, w_hh: Tensor, b_hh: Te
 
 
 def split_tiles(mode: dict, hidden: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The constexprs and launch options of a split launch in `mode` (dtypes, precision, tiles, warps; on CUDA
-    the register cap, which the interpreter does not take)."""
-    tiles = dict(ACC=accumulator_dtype(dtype), DOT=dot_operand_dtype(dtype, device),
-                 PRECISION=dot_precision(dtype, device), RESIDENT=bool(mode["RESIDENT"]), BLOCK_B=mode["BLOCK_B"],
-                 BLOCK_U=mode["BLOCK_U"], BLOCK_K=BLOCK_K, BLOCK_HK=pow2_at_least(hidden, MIN_DOT_SIZE),
-                 num_warps=mode["num_warps"], num_stages=mode["num_stages"])
-    if device.type == "cuda":
-        tiles["maxnreg"] = mode["maxnreg"]
-    return tiles
+    """The constexprs and launch options of a split launch in `mode` (dtypes, precision, tiles, warps, the register
+    cap)."""
+    return dict(ACC=accumulator_dtype(dtype), DOT=dot_operand_dtype(dtype, device),
+                PRECISION=dot_precision(dtype, device), RESIDENT=bool(mode["RESIDENT"]), BLOCK_B=mode["BLOCK_B"],
+                BLOCK_U=mode["BLOCK_U"], BLOCK_K=BLOCK_K, BLOCK_HK=pow2_at_least(hidden, MIN_DOT_SIZE),
+                num_warps=mode["num_warps"], num_stages=mode["num_stages"], maxnreg=mode["maxnreg"])
 
 
 def _launch_persistent(grid: tuple, device: torch.device):
-    """The persistent launch: cooperative on CUDA (all programs co-resident, or the launch fails rather than
-    hanging at the first barrier); under the interpreter a plain one (the launcher allows one program per
-    barrier group there)."""
-    if device.type == "cuda":
-        return functools.partial(launch(_split_forward_kernel, grid, device), launch_cooperative_grid=True)
-    return launch(_split_forward_kernel, grid, device)
+    """The persistent launch: cooperative (all programs co-resident, or the launch fails rather than hanging at the
+    first barrier); the interpreter drops the keyword (the launcher allows one program per barrier group there)."""
+    return functools.partial(launch(_split_forward_kernel, grid, device), launch_cooperative_grid=True)

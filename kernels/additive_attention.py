@@ -407,9 +407,9 @@ _TILES = {"gpu": (32, 32, 4, 4), "interpreter": (64, 64, 64, 4)}
 # warps at d128 / d256: 16-344; ptxas gives 16 warps at most 128 registers): it takes no doubled config, and at
 # value dims up to 64 (32 x 32 tiles) half the hidden units per broadcast (32 x 32 x 2: 202-206 registers, no spill
 # on sm_80 / sm_90; past 64 the tiles shrink instead, and 16 x 16 x 2 at d256 spilled on sm_90 where x 4 did not).
-# ptxas's register cap on CUDA (triton's maxnreg), every kernel: uncapped, ptxas settled on 128 registers in the
-# float32 forward with tf32 at d64 (32 bytes spilled on sm_90) and on 64 in the bfloat16 key_proj_gradient kernel
-# (20 bytes on sm_90): an occupancy choice, not the tiles' need.
+# ptxas's register cap (triton's maxnreg; an interpreted launch drops it, _launch.COMPILE_OPTIONS), every kernel:
+# uncapped, ptxas settled on 128 registers in the float32 forward with tf32 at d64 (32 bytes spilled on sm_90) and
+# on 64 in the bfloat16 key_proj_gradient kernel (20 bytes on sm_90): an occupancy choice, not the tiles' need.
 MAXNREG = 255
 # The backward's dO . values products sweep the value dim this many at a time (ptxas, sm_80, the float32 dS
 # kernel: chunks of 64 spill 112 bytes at 255 registers, chunks of 32 none at 192).
@@ -440,7 +440,7 @@ def blocks(kernel: str, dtype: torch.dtype, device: torch.device, len_q: int, le
             "BLOCK_H": min(block_h, triton.next_power_of_2(max(hidden, 1))),
             "BLOCK_DV": block_dv if kernel == "forward" else min(block_dv, _VALUE_CHUNK),
             "num_warps": 2 * num_warps if wide else num_warps, "num_stages": 2 if device.type == "cuda" else 1,
-            **({"maxnreg": MAXNREG} if device.type == "cuda" else {})}
+            "maxnreg": MAXNREG}
 
 
 def forward_configs(dtype: torch.dtype, device: torch.device, len_q: int, len_k: int, hidden: int,
@@ -547,7 +547,7 @@ def additive_attention_backward(grad_out: Tensor, grad_weights: Tensor | None, q
     fast_tanh, precision = _fast_tanh(query_proj.dtype, device), dot_precision(query_proj.dtype, device)
     query_blocks, key_blocks = triton.cdiv(len_q, tiles["BLOCK_M"]), triton.cdiv(len_k, tiles["BLOCK_N"])
     hidden_blocks, value_blocks = triton.cdiv(hidden, tiles["BLOCK_H"]), triton.cdiv(value_dim, tiles["BLOCK_DV"])
-    options = {name: tiles[name] for name in ("num_warps", "num_stages", "maxnreg") if name in tiles}
+    options = {name: tiles[name] for name in ("num_warps", "num_stages", "maxnreg")}
     proj_tiles = {**{name: tiles[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_H")}, **options}
     value_tiles = {**{name: tiles[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_DV")}, **options}
 

@@ -36,6 +36,8 @@ CPU tensors too: kernels/_launch.py runs the kernels under the Triton interprete
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -177,23 +179,68 @@ def _scales(scale_hi, scale_lo, PRESCALE: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _head_dims(BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """The head-dim columns a program outputs: all BLOCK of them, or with CHUNK (the chunked backward) the chunk of
+    CHUNK columns its grid index on axis 2 names."""
+    if CHUNK:
+        dims = tl.program_id(2) * CHUNK + tl.arange(0, CHUNK)
+    else:
+        dims = tl.arange(0, BLOCK)
+    return dims
+
+
+@triton.jit
+def _first_chunk(CHUNK: tl.constexpr):
+    """Whether this program stores what every chunk's program computes alike (the dQ kernel's delta and dS): the
+    first chunk's with CHUNK, a constant True without (no branch then)."""
+    if CHUNK:
+        first = tl.program_id(2) == 0
+    else:
+        first = True
+    return first
+
+
+@triton.jit
 def _query_block(q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
                  stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                  stride_mb, stride_mh, q_scale, PRESCALE: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-                 DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                 DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 CHUNK: tl.constexpr):
     """What a program over the query block starting at first_row of (sequence, head) loads first, in the
-    forward and in the dQ kernel: its rows and their mask, the head-dim ranges, the bases of its kv head's K
-    and V and of its mask, and its q tile (BLOCK_M, BLOCK_D) times q_scale (PRESCALE) as a tl.dot operand."""
+    forward and in the dQ kernel: its rows and their mask, the head-dim ranges it outputs (_head_dims), the bases
+    of its q, of its kv head's K and V and of its mask, and its q tile (BLOCK_M, BLOCK_D) times q_scale
+    (PRESCALE) as a tl.dot operand -- 0 with CHUNK, whose products load q a chunk at a time (_chunked_product)."""
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < len_q
-    dims = tl.arange(0, BLOCK_D)
-    value_dims = tl.arange(0, BLOCK_DV)
+    dims = _head_dims(BLOCK_D, CHUNK)
+    value_dims = _head_dims(BLOCK_DV, CHUNK)
+    q_base = _at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql)
     k_base = _at(k_ptr, batch, head // group, start_k, stride_kb, stride_kh, stride_kl)
     v_base = _at(v_ptr, batch, head // group, start_k, stride_vb, stride_vh, stride_vl)
     mask_base = _mask_base(mask_ptr, batch, head, stride_mb, stride_mh, HAS_MASK)
-    q = _scaled_q(_tile(_at(q_ptr, batch, head, start_q, stride_qb, stride_qh, stride_ql),
-                        rows, row_mask, stride_ql, dims, D, False), q_scale, PRESCALE, ACC, DOT)
-    return rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q
+    if CHUNK:
+        q = 0
+    else:
+        q = _scaled_q(_tile(q_base, rows, row_mask, stride_ql, dims, D, False), q_scale, PRESCALE, ACC, DOT)
+    return rows, row_mask, dims, value_dims, q_base, k_base, v_base, mask_base, q
+
+
+@triton.jit
+def _chunked_product(a_base, a_rows, a_mask, a_stride, a_scale, b_base, b_rows, b_mask, b_stride, b_scale, count,
+                     PRESCALE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                     CHUNK: tl.constexpr):
+    """A B^T, (len(a_rows), len(b_rows)) in ACC, for row-major A (a_rows x count) and B (b_rows x count) `a_stride`
+    / `b_stride` apart, over the `count` columns CHUNK at a time: the chunked backward's score products, which hold
+    no operand across the whole head dim. With PRESCALE the operands are times a_scale / b_scale (q's scale, or 1).
+    The sum enters each tl.dot as its accumulator: a GPU's FMA or MMA chain then runs the columns in the order of
+    the unchunked product."""
+    product = tl.zeros((a_rows.shape[0], b_rows.shape[0]), ACC)
+    for first in range(0, count, CHUNK):
+        cols = first + tl.arange(0, CHUNK)
+        a = _scaled_q(_tile(a_base, a_rows, a_mask, a_stride, cols, count, False), a_scale, PRESCALE, ACC, DOT)
+        b_t = _scaled_q(_tile(b_base, b_rows, b_mask, b_stride, cols, count, True), b_scale, PRESCALE, ACC, DOT)
+        product = tl.dot(a, b_t, product, input_precision=PRECISION, out_dtype=ACC)
+    return product
 
 
 @triton.jit
@@ -300,10 +347,10 @@ def _forward_kernel(
     if first_row >= len_q:
         return
     _, q_scale, qk_scale = _scales(scale_hi, scale_lo, PRESCALE, ACC)
-    rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
+    rows, row_mask, dims, value_dims, _, k_base, v_base, mask_base, q = _query_block(
         q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_mb, stride_mh, q_scale, PRESCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
+        stride_mb, stride_mh, q_scale, PRESCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV, 0)
     dropout_scale = runtime_float(dropout_scale_hi, dropout_scale_lo, ACC)
     head_key = 0
     threshold = 0
@@ -343,20 +390,26 @@ def _forward_kernel(
 # Backward. dQ (and delta): grid (query blocks, sequences * Hq); then dK/dV: (key blocks, sequences * Hkv).
 # ==================================================================================================
 @triton.jit
-def _key_block_sweep(grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
-                     value_dims, head_key, threshold, row_lo, row_hi, len_q, len_k, shift, window_left, window_right,
-                     D, Dv, stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale,
-                     PRESCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dK and dV of one key block accumulated over the query blocks starting in [row_lo, row_hi) of one query
-    head, in transposed (keys, queries) tiles. Without MASKED the caller knows every pair is visible
-    (_query_ranges): no per-element test."""
+def _key_block_sweep(grad_k, grad_v, k, v, k_base, v_base, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr,
+                     row_base, cols, col_mask, dims, value_dims, head_key, threshold, row_lo, row_hi, len_q, len_k,
+                     shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_ql, stride_gl, stride_mi,
+                     stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE: tl.constexpr, HAS_MASK: tl.constexpr,
+                     DROPOUT: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """dK and dV of one key block (the columns `dims` / `value_dims` of them) accumulated over the query blocks
+    starting in [row_lo, row_hi) of one query head, in transposed (keys, queries) tiles. Without MASKED the caller
+    knows every pair is visible (_query_ranges): no per-element test. The score products S^T = K Q^T and
+    dP^T = V dO^T take the held k, v tiles, or with CHUNK (k, v are 0 then) K, V, Q, dO a chunk at a time."""
     for first_row in range(row_lo, row_hi, BLOCK_M):
         rows = first_row + tl.arange(0, BLOCK_M)
         row_mask = rows < len_q
         q = _scaled_q(_tile(q_base, rows, row_mask, stride_ql, dims, D, False), q_scale, PRESCALE, ACC, DOT)
         grad_out = _tile(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, False).to(DOT)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
+        if CHUNK:
+            qk_t = _chunked_product(k_base, cols, col_mask, stride_kl, 1.0, q_base, rows, row_mask, stride_ql, q_scale,
+                                    D, PRESCALE, ACC, DOT, PRECISION, CHUNK)
+        else:
+            qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
         s_t = _scores(qk_t, mask_base, stride_mi, stride_mj, rows[None, :], cols[:, None], len_q, len_k, shift,
                       window_left, window_right, qk_scale, 1.0, HAS_MASK, MASKED)
         lse_hi, lse_lo = _saved_lse(lse_ptr + row_base, rows, row_mask, ACC)
@@ -365,7 +418,12 @@ def _key_block_sweep(grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse
             # A hidden pair takes no part: P = dS = 0 there even in a NaN row (exp(-inf - NaN) would be NaN).
             seen_t = _visible(rows[None, :], cols[:, None], len_q, len_k, shift, window_left, window_right)
             p_t = tl.where(seen_t, p_t, 0)
-        dp_t = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION, out_dtype=ACC)
+        # dP after P, as before CHUNK existed: the order of the live tiles is ptxas's register allocation
+        if CHUNK:
+            dp_t = _chunked_product(v_base, cols, col_mask, stride_vl, 1.0, grad_out_base, rows, row_mask, stride_gl,
+                                    1.0, Dv, PRESCALE, ACC, DOT, PRECISION, CHUNK)
+        else:
+            dp_t = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION, out_dtype=ACC)
         if DROPOUT:
             kept = _kept(head_key, rows[None, :], cols[:, None], threshold)
             dp_t = tl.where(kept, dp_t * dropout_scale, 0)
@@ -392,11 +450,12 @@ def _key_gradients_kernel(
     scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo,
     PRESCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """dV_j = sum_i P~_ij dO_i and dK_j = scale sum_i dS_ij q_i over the rows i that see key j, all query heads
     of the kv group; P~ is P after dropout. Tiles are transposed, (keys, queries), so no operand needs a
-    transpose in registers but q's and dO's."""
+    transpose in registers but q's and dO's. With CHUNK a program outputs one chunk of CHUNK head-dim columns of
+    dK and dV (grid axis 2) and holds no K / V tile: see the config lists for when, NOTES.md for the cost."""
     Hkv = Hq // group
     n = tl.program_id(1) // Hkv
     kv_head = tl.program_id(1) % Hkv
@@ -409,14 +468,18 @@ def _key_gradients_kernel(
     dropout_scale = runtime_float(dropout_scale_hi, dropout_scale_lo, ACC)
     cols = first_col + tl.arange(0, BLOCK_N)
     col_mask = cols < len_k
-    dims = tl.arange(0, BLOCK_D)
-    value_dims = tl.arange(0, BLOCK_DV)
-    k = _tile(_at(k_ptr, batch, kv_head, start_k, stride_kb, stride_kh, stride_kl),
-              cols, col_mask, stride_kl, dims, D, False).to(DOT)
-    v = _tile(_at(v_ptr, batch, kv_head, start_k, stride_vb, stride_vh, stride_vl),
-              cols, col_mask, stride_vl, value_dims, Dv, False).to(DOT)
-    grad_k = tl.zeros((BLOCK_N, BLOCK_D), ACC)
-    grad_v = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+    dims = _head_dims(BLOCK_D, CHUNK)
+    value_dims = _head_dims(BLOCK_DV, CHUNK)
+    k_base = _at(k_ptr, batch, kv_head, start_k, stride_kb, stride_kh, stride_kl)
+    v_base = _at(v_ptr, batch, kv_head, start_k, stride_vb, stride_vh, stride_vl)
+    if CHUNK:  # the score products load K and V a chunk at a time
+        k = 0
+        v = 0
+    else:
+        k = _tile(k_base, cols, col_mask, stride_kl, dims, D, False).to(DOT)
+        v = _tile(v_base, cols, col_mask, stride_vl, value_dims, Dv, False).to(DOT)
+    grad_k = tl.zeros((BLOCK_N, dims.shape[0]), ACC)
+    grad_v = tl.zeros((BLOCK_N, value_dims.shape[0]), ACC)
     lo, mid_lo, mid_hi, hi = _query_ranges(first_col, first_col + BLOCK_N - 1, shift, window_left, window_right, len_q,
                                            len_k, BLOCK_M)
     head_key = tl.full((), 0, tl.uint32)  # uint32 before the loop too: loop-carried types must not change
@@ -432,20 +495,20 @@ def _key_gradients_kernel(
             head_key = _head_key(seed_ptr, n * Hq + head)
         # Three sweeps in query order (masked, unmasked, masked): the sums' order is the plain loop's.
         grad_k, grad_v = _key_block_sweep(
-            grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
-            value_dims, head_key, threshold, lo, mid_lo, len_q, len_k, shift, window_left, window_right, D, Dv,
-            stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
-            DROPOUT, True, ACC, DOT, PRECISION, BLOCK_M)
+            grad_k, grad_v, k, v, k_base, v_base, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols,
+            col_mask, dims, value_dims, head_key, threshold, lo, mid_lo, len_q, len_k, shift, window_left, window_right,
+            D, Dv, stride_kl, stride_vl, stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale,
+            PRESCALE, HAS_MASK, DROPOUT, True, ACC, DOT, PRECISION, BLOCK_M, CHUNK)
         grad_k, grad_v = _key_block_sweep(
-            grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
-            value_dims, head_key, threshold, mid_lo, mid_hi, len_q, len_k, shift, window_left, window_right, D, Dv,
-            stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
-            DROPOUT, False, ACC, DOT, PRECISION, BLOCK_M)
+            grad_k, grad_v, k, v, k_base, v_base, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols,
+            col_mask, dims, value_dims, head_key, threshold, mid_lo, mid_hi, len_q, len_k, shift, window_left,
+            window_right, D, Dv, stride_kl, stride_vl, stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale,
+            dropout_scale, PRESCALE, HAS_MASK, DROPOUT, False, ACC, DOT, PRECISION, BLOCK_M, CHUNK)
         grad_k, grad_v = _key_block_sweep(
-            grad_k, grad_v, k, v, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols, dims,
-            value_dims, head_key, threshold, mid_hi, hi, len_q, len_k, shift, window_left, window_right, D, Dv,
-            stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
-            DROPOUT, True, ACC, DOT, PRECISION, BLOCK_M)
+            grad_k, grad_v, k, v, k_base, v_base, q_base, grad_out_base, mask_base, lse_ptr, delta_ptr, row_base, cols,
+            col_mask, dims, value_dims, head_key, threshold, mid_hi, hi, len_q, len_k, shift, window_left, window_right,
+            D, Dv, stride_kl, stride_vl, stride_ql, stride_gl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale,
+            PRESCALE, HAS_MASK, DROPOUT, True, ACC, DOT, PRECISION, BLOCK_M, CHUNK)
 
     out_rows = tl.cast(batch * Hkv + kv_head, tl.int64) * rows_k + start_k + cols
     # q carried q_scale already: dK = scale sum_i dS_ij q_i.
@@ -456,23 +519,33 @@ def _key_gradients_kernel(
 
 
 @triton.jit
-def _row_block_gradients(q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims,
-                         head_key, threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl,
-                         stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale, HAS_MASK: tl.constexpr,
+def _row_block_gradients(q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, k_base, v_base, mask_base, rows,
+                         row_mask, cols, dims, value_dims, head_key, threshold, len_q, len_k, shift, window_left,
+                         window_right, D, Dv, stride_ql, stride_gl, stride_kl, stride_vl, stride_mi, stride_mj, q_scale,
+                         qk_scale, dropout_scale, PRESCALE: tl.constexpr, HAS_MASK: tl.constexpr,
                          DROPOUT: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, CHUNK: tl.constexpr):
     """For the query rows of q / grad_out against key columns `cols`: P (BLOCK_M, BLOCK_N), dP after dropout
-    (dO . v times keep / (1 - p)) and the K^T tile (BLOCK_D, BLOCK_N) as a tl.dot operand. With MASKED a
-    hidden pair takes no part: P = dP = 0 there, even in a NaN row or for a key whose values are NaN; without
-    it the caller knows every pair is visible (_key_ranges)."""
+    (dO . v times keep / (1 - p)) and the K^T tile (the columns `dims`, BLOCK_N) as a tl.dot operand. The score
+    products take the held q, grad_out tiles, or with CHUNK (q, grad_out are 0 then) Q, K, dO, V a chunk at a time
+    (_chunked_product). With MASKED a hidden pair takes no part: P = dP = 0 there, even in a NaN row or for a key
+    whose values are NaN; without it the caller knows every pair is visible (_key_ranges)."""
     col_mask = cols < len_k
     k_t = _tile(k_base, cols, col_mask, stride_kl, dims, D, True).to(DOT)
-    v_t = _tile(v_base, cols, col_mask, stride_vl, value_dims, Dv, True).to(DOT)
-    qk = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
+    if CHUNK:
+        qk = _chunked_product(q_base, rows, row_mask, stride_ql, q_scale, k_base, cols, col_mask, stride_kl, 1.0, D,
+                              PRESCALE, ACC, DOT, PRECISION, CHUNK)
+    else:
+        v_t = _tile(v_base, cols, col_mask, stride_vl, value_dims, Dv, True).to(DOT)
+        qk = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
     s = _scores(qk, mask_base, stride_mi, stride_mj, rows[:, None], cols[None, :], len_q, len_k, shift,
                 window_left, window_right, qk_scale, 1.0, HAS_MASK, MASKED)
     p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])
-    dp = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
+    if CHUNK:  # dP after P, as before CHUNK existed: the order of the live tiles is ptxas's register allocation
+        dp = _chunked_product(grad_out_base, rows, row_mask, stride_gl, 1.0, v_base, cols, col_mask, stride_vl, 1.0,
+                              Dv, PRESCALE, ACC, DOT, PRECISION, CHUNK)
+    else:
+        dp = tl.dot(grad_out, v_t, input_precision=PRECISION, out_dtype=ACC)
     if DROPOUT:
         dp = tl.where(_kept(head_key, rows[:, None], cols[None, :], threshold), dp * dropout_scale, 0)
     if MASKED:
@@ -483,45 +556,51 @@ def _row_block_gradients(q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base,
 
 
 @triton.jit
-def _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims, value_dims,
-                 head_key, threshold, col_lo, col_hi, len_q, len_k, shift, window_left, window_right, D, Dv,
-                 stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale, HAS_MASK: tl.constexpr,
-                 DROPOUT: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _delta_sweep(delta, mass, q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, k_base, v_base, mask_base, rows,
+                 row_mask, dims, value_dims, head_key, threshold, col_lo, col_hi, len_q, len_k, shift, window_left,
+                 window_right, D, Dv, stride_ql, stride_gl, stride_kl, stride_vl, stride_mi, stride_mj, q_scale,
+                 qk_scale, dropout_scale, PRESCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                 MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     """delta's float64 sums (sum_j P dP and sum_j P) over the key blocks starting in [col_lo, col_hi)."""
     for first_col in range(col_lo, col_hi, BLOCK_N):
         cols = first_col + tl.arange(0, BLOCK_N)
         p, dp, _ = _row_block_gradients(
-            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
-            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
-            stride_mj, qk_scale, dropout_scale, HAS_MASK, DROPOUT, MASKED, ACC, DOT, PRECISION)
+            q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, k_base, v_base, mask_base, rows, row_mask, cols, dims,
+            value_dims, head_key, threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_ql,
+            stride_gl, stride_kl, stride_vl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE,
+            HAS_MASK, DROPOUT, MASKED, ACC, DOT, PRECISION, CHUNK)
         delta += tl.sum(p.to(tl.float64) * dp.to(tl.float64), 1)
         mass += tl.sum(p.to(tl.float64), 1)
     return delta, mass
 
 
 @triton.jit
-def _query_block_sweep(grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base,
-                       grad_scores_ptr, out_rows, rows, row_mask, dims, value_dims, head_key, threshold, col_lo, col_hi,
-                       start_k, rows_k, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl,
-                       stride_mi, stride_mj, qk_scale, dropout_scale, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+def _query_block_sweep(grad_q, q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base,
+                       mask_base, grad_scores_ptr, out_rows, rows, row_mask, dims, value_dims, head_key, threshold,
+                       col_lo, col_hi, start_k, rows_k, len_q, len_k, shift, window_left, window_right, D, Dv,
+                       stride_ql, stride_gl, stride_kl, stride_vl, stride_mi, stride_mj, q_scale, qk_scale,
+                       dropout_scale, PRESCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                        GRAD_SCORES: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ (unscaled) accumulated over the key blocks starting in [col_lo, col_hi), dS written with GRAD_SCORES."""
+                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """dQ (unscaled, the columns `dims`) accumulated over the key blocks starting in [col_lo, col_hi), dS written
+    with GRAD_SCORES (by the first chunk's program only, with CHUNK: every chunk computes the same dS)."""
     for first_col in range(col_lo, col_hi, BLOCK_N):
         cols = first_col + tl.arange(0, BLOCK_N)
         p, dp, k_t = _row_block_gradients(
-            q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, cols, dims, value_dims, head_key,
-            threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi,
-            stride_mj, qk_scale, dropout_scale, HAS_MASK, DROPOUT, MASKED, ACC, DOT, PRECISION)
+            q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, k_base, v_base, mask_base, rows, row_mask, cols, dims,
+            value_dims, head_key, threshold, len_q, len_k, shift, window_left, window_right, D, Dv, stride_ql,
+            stride_gl, stride_kl, stride_vl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE,
+            HAS_MASK, DROPOUT, MASKED, ACC, DOT, PRECISION, CHUNK)
         # dp - delta_hi: exact near the row's top keys
         ds = p * ((dp - delta_hi[:, None]) - delta_lo[:, None])
         if MASKED:  # hidden pairs: dS = 0 even in a NaN row (NaN delta)
             ds = tl.where(_visible(rows[:, None], cols[None, :], len_q, len_k, shift, window_left, window_right),
                           ds, 0)
         if GRAD_SCORES:
-            store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
-                  row_mask[:, None] & (cols < len_k)[None, :])
+            if _first_chunk(CHUNK):
+                store(grad_scores_ptr + out_rows[:, None] * rows_k + start_k + cols[None, :], ds,
+                      row_mask[:, None] & (cols < len_k)[None, :])
         grad_q = tl.dot(ds.to(DOT), tl.trans(k_t), grad_q, input_precision=PRECISION, out_dtype=ACC)
     return grad_q
 
@@ -537,11 +616,13 @@ def _query_gradients_kernel(
     scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo,
     PRESCALE: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     GRAD_SCORES: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """dQ_i = scale sum_j dS_ij k_j over the keys row i sees, dS = P * (dP - delta), dP_ij = dO_i . v_j after
     dropout, delta_i = sum_j P_ij dP_ij / sum_j P_ij (a first sweep; float64, stored for the dK/dV kernel);
-    dS is grad_scores, written here where its tile lies in memory order."""
+    dS is grad_scores, written here where its tile lies in memory order. With CHUNK a program outputs one chunk of
+    CHUNK head-dim columns of dQ (grid axis 2) and holds no Q / dO tile; each chunk's program computes the same
+    delta and dS, the first one stores them (see the config lists for when, NOTES.md for the cost)."""
     n = tl.program_id(1) // Hq
     head = tl.program_id(1) % Hq
     batch, start_q, start_k, len_q, len_k, shift = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, n, rows_q, rows_k,
@@ -551,12 +632,15 @@ def _query_gradients_kernel(
         return
     scale, q_scale, qk_scale = _scales(scale_hi, scale_lo, PRESCALE, ACC)
     dropout_scale = runtime_float(dropout_scale_hi, dropout_scale_lo, ACC)
-    rows, row_mask, dims, value_dims, k_base, v_base, mask_base, q = _query_block(
+    rows, row_mask, dims, value_dims, q_base, k_base, v_base, mask_base, q = _query_block(
         q_ptr, k_ptr, v_ptr, mask_ptr, batch, head, group, start_q, start_k, first_row, len_q, D,
         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-        stride_mb, stride_mh, q_scale, PRESCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV)
-    grad_out = _tile(_at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl), rows, row_mask,
-                     stride_gl, value_dims, Dv, False).to(DOT)
+        stride_mb, stride_mh, q_scale, PRESCALE, HAS_MASK, ACC, DOT, BLOCK_M, BLOCK_D, BLOCK_DV, CHUNK)
+    grad_out_base = _at(grad_out_ptr, batch, head, start_q, stride_gb, stride_gh, stride_gl)
+    if CHUNK:  # the score products load dO a chunk at a time
+        grad_out = 0
+    else:
+        grad_out = _tile(grad_out_base, rows, row_mask, stride_gl, value_dims, Dv, False).to(DOT)
     out_rows = tl.cast(batch * Hq + head, tl.int64) * rows_q + start_q + rows
     lse_hi, lse_lo = _saved_lse(lse_ptr, out_rows, row_mask, ACC)
     head_key = 0
@@ -578,38 +662,45 @@ def _query_gradients_kernel(
     # of the backward's seven tile products again, and float64 row sums (BLOCK_M x BLOCK_N products per tile).
     delta = tl.zeros((BLOCK_M,), tl.float64)
     mass = tl.zeros((BLOCK_M,), tl.float64)
-    delta, mass = _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims,
-                               value_dims, head_key, threshold, lo, mid_lo, len_q, len_k, shift, window_left,
-                               window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
-                               HAS_MASK, DROPOUT, True, ACC, DOT, PRECISION, BLOCK_N)
-    delta, mass = _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims,
-                               value_dims, head_key, threshold, mid_lo, mid_hi, len_q, len_k, shift, window_left,
-                               window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
-                               HAS_MASK, DROPOUT, False, ACC, DOT, PRECISION, BLOCK_N)
-    delta, mass = _delta_sweep(delta, mass, q, grad_out, lse_hi, lse_lo, k_base, v_base, mask_base, rows, dims,
-                               value_dims, head_key, threshold, mid_hi, hi, len_q, len_k, shift, window_left,
-                               window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
-                               HAS_MASK, DROPOUT, True, ACC, DOT, PRECISION, BLOCK_N)
+    delta, mass = _delta_sweep(delta, mass, q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, k_base, v_base,
+                               mask_base, rows, row_mask, dims, value_dims, head_key, threshold, lo, mid_lo, len_q,
+                               len_k, shift, window_left, window_right, D, Dv, stride_ql, stride_gl, stride_kl,
+                               stride_vl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
+                               DROPOUT, True, ACC, DOT, PRECISION, BLOCK_N, CHUNK)
+    delta, mass = _delta_sweep(delta, mass, q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, k_base, v_base,
+                               mask_base, rows, row_mask, dims, value_dims, head_key, threshold, mid_lo, mid_hi, len_q,
+                               len_k, shift, window_left, window_right, D, Dv, stride_ql, stride_gl, stride_kl,
+                               stride_vl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
+                               DROPOUT, False, ACC, DOT, PRECISION, BLOCK_N, CHUNK)
+    delta, mass = _delta_sweep(delta, mass, q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, k_base, v_base,
+                               mask_base, rows, row_mask, dims, value_dims, head_key, threshold, mid_hi, hi, len_q,
+                               len_k, shift, window_left, window_right, D, Dv, stride_ql, stride_gl, stride_kl,
+                               stride_vl, stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK,
+                               DROPOUT, True, ACC, DOT, PRECISION, BLOCK_N, CHUNK)
     delta = tl.where(mass > 0, delta / tl.where(mass > 0, mass, 1), delta)  # NaN stays NaN; no key: 0
-    tl.store(delta_ptr + out_rows, delta, mask=row_mask)
+    if _first_chunk(CHUNK):
+        tl.store(delta_ptr + out_rows, delta, mask=row_mask)
     delta_hi, delta_lo = _split(delta, ACC)
 
-    grad_q = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+    grad_q = tl.zeros((BLOCK_M, dims.shape[0]), ACC)
     grad_q = _query_block_sweep(
-        grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base, grad_scores_ptr, out_rows,
-        rows, row_mask, dims, value_dims, head_key, threshold, lo, mid_lo, start_k, rows_k, len_q, len_k, shift,
-        window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
-        HAS_MASK, DROPOUT, GRAD_SCORES, True, ACC, DOT, PRECISION, BLOCK_N)
+        grad_q, q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base,
+        grad_scores_ptr, out_rows, rows, row_mask, dims, value_dims, head_key, threshold, lo, mid_lo, start_k, rows_k,
+        len_q, len_k, shift, window_left, window_right, D, Dv, stride_ql, stride_gl, stride_kl, stride_vl, stride_mi,
+        stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK, DROPOUT, GRAD_SCORES, True, ACC, DOT,
+        PRECISION, BLOCK_N, CHUNK)
     grad_q = _query_block_sweep(
-        grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base, grad_scores_ptr, out_rows,
-        rows, row_mask, dims, value_dims, head_key, threshold, mid_lo, mid_hi, start_k, rows_k, len_q, len_k, shift,
-        window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
-        HAS_MASK, DROPOUT, GRAD_SCORES, False, ACC, DOT, PRECISION, BLOCK_N)
+        grad_q, q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base,
+        grad_scores_ptr, out_rows, rows, row_mask, dims, value_dims, head_key, threshold, mid_lo, mid_hi, start_k,
+        rows_k, len_q, len_k, shift, window_left, window_right, D, Dv, stride_ql, stride_gl, stride_kl, stride_vl,
+        stride_mi, stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK, DROPOUT, GRAD_SCORES, False, ACC,
+        DOT, PRECISION, BLOCK_N, CHUNK)
     grad_q = _query_block_sweep(
-        grad_q, q, grad_out, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base, grad_scores_ptr, out_rows,
-        rows, row_mask, dims, value_dims, head_key, threshold, mid_hi, hi, start_k, rows_k, len_q, len_k, shift,
-        window_left, window_right, D, Dv, stride_kl, stride_vl, stride_mi, stride_mj, qk_scale, dropout_scale,
-        HAS_MASK, DROPOUT, GRAD_SCORES, True, ACC, DOT, PRECISION, BLOCK_N)
+        grad_q, q, grad_out, q_base, grad_out_base, lse_hi, lse_lo, delta_hi, delta_lo, k_base, v_base, mask_base,
+        grad_scores_ptr, out_rows, rows, row_mask, dims, value_dims, head_key, threshold, mid_hi, hi, start_k, rows_k,
+        len_q, len_k, shift, window_left, window_right, D, Dv, stride_ql, stride_gl, stride_kl, stride_vl, stride_mi,
+        stride_mj, q_scale, qk_scale, dropout_scale, PRESCALE, HAS_MASK, DROPOUT, GRAD_SCORES, True, ACC, DOT,
+        PRECISION, BLOCK_N, CHUNK)
 
     store(grad_q_ptr + out_rows[:, None] * D + dims[None, :], grad_q * scale, row_mask[:, None] & (dims < D)[None, :])
 
@@ -629,6 +720,19 @@ def _query_gradients_kernel(
 # float32 has two units, chosen as torch chooses for its own float32 matmuls: tf32 tensor-core products where
 # torch.backends.cuda.matmul.allow_tf32 allows them, else float32 FMAs (FLOAT32_PRECISION), each with its lists.
 # No GPU here to time them: which config wins on an A100 / H100 is for the autotuner (and `make gpu-check`).
+# A list entry is (BLOCK_M, BLOCK_N, num_warps, num_stages) and optionally a dict of options (_config): "maxnreg"
+# (ptxas's register cap) and, in the backward kernels, "CHUNK": with CHUNK a program outputs CHUNK head-dim columns
+# of its gradients (dQ; or dK and dV), the grid's third axis walking the chunks, and holds no operand over the whole
+# head dim: the score products S = Q K^T and dP = dO V^T are summed CHUNK columns at a time from tiles loaded per
+# key (query) block, so only the accumulators (16 x CHUNK) stay in registers. CHUNK >= the padded head dim is ONE
+# chunk ("streamed"): nothing is recomputed, Q and dO (dQ kernel) or K and V (dK/dV kernel) are loaded per tile
+# instead of held (again from L1 / L2). Narrower chunks recompute S and dP once per chunk (the cost: NOTES.md,
+# "Head-dim chunks in the flash backward"). Used only where the unchunked kernel spilled at its smallest tile (16 x
+# 16, capped at 255 registers): float32 at d256, float64 at d128 / d256; one chunk fits all of them (ptxas figures
+# below) but the float64 dK/dV kernel at d256 without mask and dropout: two chunks there. Past head dim 256 (the
+# shrink rule in `configs`) CHUNK 256 is several chunks.
+_CHUNKS_OF_128 = {"CHUNK": 128, "maxnreg": 255}
+_CHUNKS_OF_256 = {"CHUNK": 256, "maxnreg": 255}
 _GPU_CONFIGS = {
     # unit "mma": bfloat16 / float16 operands on the tensor cores (float32 accumulators). Every bf16 config
     # here and in _LIGHT_GPU_CONFIGS compiled without spills for both sm_80 and sm_90; those that spilled on
@@ -647,7 +751,7 @@ _GPU_CONFIGS = {
     # twice the bytes of a bfloat16 tile in shared memory and registers. ptxas (2026-12-05, heavy and light, sm_80
     # and sm_90): dropped 32 x 32 / 4 warps at d128 (104 bytes spilled on sm_80), the dQ kernel's 32 x 32 / 8 at
     # d64 (268 on sm_90). At d256 the backward's tiles fit the heavy variant but spill in the light one (16 x 16:
-    # dQ on sm_90, dK/dV on sm_80; 16 x 32 dK/dV on both): open.
+    # dQ on sm_90, dK/dV on sm_80; 16 x 32 dK/dV on both): see _LIGHT_GPU_CONFIGS.
     ("forward", "tf32"): {64: [(64, 64, 8, 2), (32, 32, 4, 2)],
                           128: [(64, 32, 8, 2), (32, 32, 8, 2)],
                           256: [(32, 32, 8, 1), (32, 16, 4, 1)]},
@@ -666,9 +770,8 @@ _GPU_CONFIGS = {
     # with ptxas settling on 64-128 registers (an allocation choice, not the tile's size). At d128 the dK/dV
     # kernel's 64 x 16 / 8 fits the heavy variant but not the light one. At d256 no dK/dV tile fits (2026-12-05,
     # dev_gpu6): 64 x 16 / 8 spilled 3.9-141 KB (ptxas settling on 32 registers on sm_90), 32 x 16 / 8 132-136 bytes,
-    # 16 x 16 / 8 56-88 at 128 registers; capped at 255 (the fifth entry) 16 x 16 is clean on sm_80 heavy and spills
-    # 8 bytes on sm_90 heavy, 60 light: kept as the least spilling (tests/test_gpu_compile.py NO_FIT). Chunking the
-    # head dim in the score products would bound the operand registers: open.
+    # 16 x 16 / 8 56-88 at 128 registers, capped at 255 still 8 bytes on sm_90 heavy, 60 light. Streamed (one
+    # CHUNK, 2026-12-06): 125-142 registers, clean on both targets, heavy and light.
     ("forward", "fma32"): {64: [(16, 64, 8, 1), (16, 32, 8, 2)],
                            128: [(16, 32, 8, 2), (16, 16, 8, 1)],
                            256: [(16, 16, 8, 1)]},
@@ -677,17 +780,19 @@ _GPU_CONFIGS = {
                                    256: [(16, 16, 8, 2)]},
     ("key_gradients", "fma32"): {64: [(16, 16, 8, 1)],
                                  128: [(64, 16, 8, 1)],
-                                 256: [(16, 16, 8, 1, 255)]},
+                                 256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
     # unit "fma": float64, on the float64 tensor cores (triton emits mma.m8n8k4.f64 on sm_80 / sm_90), operands in
     # registers. ptxas (2026-12-05, sm_80 and sm_90): the dK/dV kernel's 16 x 32 / 8 warps at d64 spilled 12 bytes
     # (heavy) and 48 (light) on sm_80, 16 x 16 fits (172-205 registers). The backward at d128 / d256 spills at the
     # smallest tile, 16 x 16 (at 255 registers, so not ptxas's choice; 4 or 16 warps spill more): dK/dV d128 heavy 44
-    # bytes on sm_90, light 24 / 72; dQ d256 heavy 112 on sm_90, light 3.6 KB; dK/dV d256 more. The kernels hold K,
-    # V, dK, dV (or Q, dO, dQ) over the whole head dim: only chunking the head dim in the products would fit them
-    # (open). Those launches still run correctly on a GPU, with local-memory traffic.
+    # bytes on sm_90, light 24 / 72; dQ d256 heavy 112 on sm_90, light 3.6 KB; dK/dV d256 452-556. The kernels held
+    # K, V, dK, dV (or Q, dO, dQ) over the whole head dim. Streamed (one CHUNK, 2026-12-06, heavy and light, both
+    # targets, no spill): dK/dV d128 160-180 registers, d256 250-255; dQ d256 254-255 (two chunks of 128 would take
+    # 160-176, for 1.7x the backward's FLOPs).
     ("forward", "fma"): {64: [(32, 32, 8, 2)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
-    ("query_gradients", "fma"): {64: [(32, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
-    ("key_gradients", "fma"): {64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+    ("query_gradients", "fma"): {64: [(32, 16, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
+    ("key_gradients", "fma"): {64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1, _CHUNKS_OF_128)],
+                               256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
 }
 # The light variant (no attention mask, no dropout: the mask tile's 64-bit addresses and the dropout hash are
 # gone) has registers for FlashAttention-2's tiles: 64-128 keys. Kernels and units not here use the lists above.
@@ -703,25 +808,37 @@ _LIGHT_GPU_CONFIGS = {
                                256: [(16, 32, 8, 1)]},
     # float32: not larger tiles but others where the heavy variant's spilled in the light one (ptxas, sm_80 and
     # sm_90): the tf32 dQ kernel at d256 (16 x 16 / 4 warps: 20-100 bytes; 2 stages on 8 warps fit), the fma32
-    # dK/dV kernel at d128 (64 x 16 / 8: spilled; 16 x 16 / 4, which spills in the heavy one, fits).
+    # dK/dV kernel at d128 (64 x 16 / 8: spilled; 16 x 16 / 4, which spills in the heavy one, fits). The tf32 dK/dV
+    # kernel at d256 spilled at every tile (16 x 16 / 8 at 255 registers: 48 bytes on sm_80; 2 stages 84, 32 x 16 36,
+    # 16 x 32 120): streamed (one CHUNK) 140-158 registers, clean.
     ("query_gradients", "tf32"): {64: [(32, 16, 4, 1)],
                                   128: [(32, 16, 8, 1), (16, 16, 4, 1)],
                                   256: [(16, 16, 8, 2)]},
+    ("key_gradients", "tf32"): {64: [(32, 32, 8, 1)],
+                                128: [(32, 16, 8, 1), (16, 16, 8, 1)],
+                                256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
     ("key_gradients", "fma32"): {64: [(16, 16, 8, 1)],
                                  128: [(16, 16, 4, 1)],
-                                 256: [(16, 16, 8, 1, 255)]},
+                                 256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
     # The fma32 dQ kernel at d256: 16 x 16 / 8 warps / 2 stages spilled 104-128 bytes at 128 registers (ptxas's
-    # choice: with 1 stage it took 255 and spilled 1.3 KB); capped at 255 (the fifth entry, triton's maxnreg) it
-    # takes 232-238 and spills nothing.
+    # choice: with 1 stage it took 255 and spilled 1.3 KB); capped at 255 (triton's maxnreg) it takes 232-238 and
+    # spills nothing.
     ("query_gradients", "fma32"): {64: [(16, 32, 8, 1)],
                                    128: [(16, 16, 8, 2), (16, 16, 8, 1)],
-                                   256: [(16, 16, 8, 2, 255)]},
+                                   256: [(16, 16, 8, 2, {"maxnreg": 255})]},
     # float64: the dQ kernel's 32 x 16 / 8 warps at d64 spilled 16 bytes on sm_80 and 112 on sm_90 without mask
-    # and dropout (ptxas settled on 255 registers); 16 x 32 and 16 x 16 fit (188-216 registers).
+    # and dropout (ptxas settled on 255 registers); 16 x 32 and 16 x 16 fit (188-216 registers). The dK/dV kernel
+    # at d256 streamed (one chunk) spilled 44 bytes at 255 registers on sm_80 without mask and dropout (the heavy
+    # variant fits): two chunks of 128 (162-174 registers), for 1.5x the dK/dV kernel's FLOPs (NOTES.md).
     ("query_gradients", "fma"): {64: [(16, 32, 8, 1), (16, 16, 8, 1)],
                                  128: [(16, 16, 8, 1)],
-                                 256: [(16, 16, 8, 1)]},
+                                 256: [(16, 16, 8, 1, _CHUNKS_OF_256)]},
+    ("key_gradients", "fma"): {64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1, _CHUNKS_OF_128)],
+                               256: [(16, 16, 8, 1, _CHUNKS_OF_128)]},
 }
+# The kernels that take CHUNK (see the lists above; 0, none, where a config does not set it).
+CHUNKED = ("query_gradients", "key_gradients")
+_forced_chunk: int | None = None  # forced_chunk
 # Under the interpreter one config, no autotuning: it runs each program in Python, so the fewest, largest tiles
 # are fastest (forward + backward over 6 heads, 256 tokens, head dim 64, float32: 6.9 s with these, 27 s with
 # the old float32 GPU tiles). Past head dim 64 both sides shrink in proportion (see configs).
@@ -752,13 +869,11 @@ def unit(dtype: torch.dtype, device: torch.device) -> str:
     return {torch.float64: "fma"}.get(dtype, "mma")
 
 
-def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
-    """A list entry as a config; a fifth entry is ptxas's register cap (where ptxas otherwise settles on fewer
-    registers than the tile needs and spills)."""
-    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
-    if maxnreg is not None:
-        config["maxnreg"] = maxnreg
-    return config
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, options: dict | None = None) -> dict:
+    """A list entry as a config; its optional fifth element, a dict, adds "maxnreg" (ptxas's register cap, where
+    ptxas otherwise settles on fewer registers than the tile needs and spills) and / or "CHUNK" (the backward's
+    head-dim chunk, CHUNKED)."""
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages, **(options or {})}
 
 
 def configs(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int, value_dim: int,
@@ -769,20 +884,49 @@ def configs(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int
 
     Lists are given for padded head dims up to 64, 128 and 256. Past 256 (head dims of 512 or 1024 work too)
     the 256 list's tiles shrink in proportion, down to MIN_DOT_SIZE, with one stage, so that the register and
-    shared-memory tiles stay the size they are at 256."""
+    shared-memory tiles stay the size they are at 256 (a CHUNK stays: several chunks then). The backward kernels'
+    configs always hold "CHUNK" (0 where the list sets none; forced_chunk's width inside its block)."""
     width = max(_padded(head_dim), _padded(value_dim))
     where = unit(dtype, device)
     if where == "interpreter":
         block_m, block_n, num_warps, num_stages = _INTERPRETER_CONFIGS[kernel]
         shrink = max(width // 64, 1)
-        return [_config(max(MIN_DOT_SIZE, block_m // shrink), max(MIN_DOT_SIZE, block_n // shrink), num_warps,
-                        num_stages)]
-    lists = (_LIGHT_GPU_CONFIGS if light else _GPU_CONFIGS).get((kernel, where)) or _GPU_CONFIGS[kernel, where]
-    if width <= 256:
-        return [_config(*tile) for tile in lists[max(width, 64)]]
-    shrink = width // 256
-    return [_config(max(MIN_DOT_SIZE, block_m // shrink), max(MIN_DOT_SIZE, block_n // shrink), num_warps, 1,
-                    *cap) for block_m, block_n, num_warps, _, *cap in lists[256]]
+        chosen = [_config(max(MIN_DOT_SIZE, block_m // shrink), max(MIN_DOT_SIZE, block_n // shrink), num_warps,
+                          num_stages)]
+    else:
+        lists = (_LIGHT_GPU_CONFIGS if light else _GPU_CONFIGS).get((kernel, where)) or _GPU_CONFIGS[kernel, where]
+        if width <= 256:
+            chosen = [_config(*tile) for tile in lists[max(width, 64)]]
+        else:
+            shrink = width // 256
+            chosen = [_config(max(MIN_DOT_SIZE, block_m // shrink), max(MIN_DOT_SIZE, block_n // shrink), num_warps,
+                              1, *options) for block_m, block_n, num_warps, _, *options in lists[256]]
+    if kernel in CHUNKED:
+        for config in chosen:
+            config["CHUNK"] = config.get("CHUNK", 0) if _forced_chunk is None else _forced_chunk
+    return chosen
+
+
+@contextlib.contextmanager
+def forced_chunk(width: int):
+    """Within the block the backward kernels run head-dim chunked, `width` columns per chunk (a power of two >=
+    MIN_DOT_SIZE), whatever `configs` would choose: how the tests reach the chunked kernels under the
+    interpreter."""
+    global _forced_chunk
+    if width < MIN_DOT_SIZE or width & (width - 1):
+        raise ValueError(f"width: expected a power of two >= {MIN_DOT_SIZE}, got {width}")
+    before, _forced_chunk = _forced_chunk, width
+    try:
+        yield
+    finally:
+        _forced_chunk = before
+
+
+def _chunks(config: dict, arguments: dict) -> int:
+    """The backward grid's third axis: the head-dim chunks of a CHUNK config (1 without)."""
+    if not config["CHUNK"]:
+        return 1
+    return triton.cdiv(max(arguments["BLOCK_D"], arguments["BLOCK_DV"]), config["CHUNK"])
 
 
 def _launch_kernel(kernel, name: str, arguments: dict, grid):
@@ -954,14 +1098,16 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     # The dQ kernel first: it computes delta, which the dK/dV kernel reads.
     sequences, longest_q = _sequences(cu_seqlens_q, batch, rows_q, max_seqlen_q)
     if longest_q and sequences * heads:
-        grid = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), sequences * heads)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), sequences * heads,  # noqa: E731
+                             _chunks(meta, arguments))
         _launch_kernel(_query_gradients_kernel, "query_gradients", arguments, grid)(
             grad_q_ptr=grad_q, grad_scores_ptr=grad_scores if want_grad_scores else None,
             GRAD_SCORES=bool(want_grad_scores), **arguments,
         )
     sequences, longest_k = _sequences(cu_seqlens_k, batch, k.shape[2], max_seqlen_k)
     if longest_k and sequences * k.shape[1]:
-        grid = lambda meta: (triton.cdiv(longest_k, meta["BLOCK_N"]), sequences * k.shape[1])  # noqa: E731
+        grid = lambda meta: (triton.cdiv(longest_k, meta["BLOCK_N"]), sequences * k.shape[1],  # noqa: E731
+                             _chunks(meta, arguments))
         _launch_kernel(_key_gradients_kernel, "key_gradients", arguments, grid)(
             grad_k_ptr=grad_k, grad_v_ptr=grad_v, **arguments)
     return grad_q, grad_k, grad_v, grad_scores

@@ -307,16 +307,17 @@ def flash_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     blocks = _split_blocks(rows, head_dim, value_dim)
     acc = accumulator_dtype(q.dtype)
     choices = configs(q.dtype, q.device, head_dim, value_dim)
+    grid = (items, splits, triton.cdiv(rows, blocks["BLOCK_R"]))  # row blocks: the third axis (MAX_BLOCK_R)
     # Tuned per head dims and rows; not per cache length (every decode step has a new one).
-    launch_tuned(_decode_split_kernel, choices, choices[0], lambda meta: (items, splits, triton.cdiv(rows, blocks["BLOCK_R"])), q.device,
-                 ("D", "Dv", "R"))(
+    launch_tuned(_decode_split_kernel, choices, choices[0], lambda meta: grid, q.device, ("D", "Dv", "R"))(
         q, k_cache, v_cache, cache_seqlens, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         kv_heads, seq, len_q, rows, head_dim, value_dim, splits, *float_halves("scale", float(scale)).values(),
         max(int(window_left), 0),
         HAS_SEQLENS=cache_seqlens is not None, IS_CAUSAL=bool(is_causal), HAS_WINDOW=window_left >= 0,
-        ACC=acc, DOT=dot_operand_dtype(q.dtype, q.device), PRECISION=dot_precision(q.dtype, q.device, FLOAT32_PRECISION), **blocks,
+        ACC=acc, DOT=dot_operand_dtype(q.dtype, q.device),
+        PRECISION=dot_precision(q.dtype, q.device, FLOAT32_PRECISION), **blocks,
     )
     launch(_decode_merge_kernel, (items * rows,), q.device)(
         part_out, part_lse, out, lse, kv_heads, len_q, rows, value_dim, splits,

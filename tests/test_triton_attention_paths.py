@@ -160,6 +160,13 @@ def test_config_selection(dtype, head_dim):
         tuned = flash.configs(kernel, dtype, CUDA, head_dim, head_dim)
         assert tuned and all(c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16 for c in tuned)
         assert len(flash.configs(kernel, dtype, CPU, head_dim, head_dim)) == 1
+        light = flash.configs(kernel, dtype, CUDA, head_dim, head_dim, light=True)
+        if kernel in flash.CHUNKED:  # head-dim chunks only in float32 / float64, at most two up to head dim 256
+            width = max(16, triton.next_power_of_2(head_dim))
+            assert all(c["CHUNK"] == 0 or (dtype.itemsize >= 4 and c["CHUNK"] >= min(width, 256) // 2)
+                       for c in tuned + light)
+        else:
+            assert all("CHUNK" not in c for c in tuned + light)
     tuned = decode.configs(dtype, CUDA, head_dim, head_dim)
     assert tuned and all(c["BLOCK_N"] >= 16 for c in tuned)
     if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128:
@@ -173,3 +180,66 @@ def test_decode_rows_past_one_tile_become_a_grid_axis(rows):
     R launches a larger tile than tests/test_gpu_compile.py compiles (before, R was one tile: 1024 rows)."""
     assert decode.MAX_BLOCK_R == 16
     assert decode._split_blocks(rows, 128, 128)["BLOCK_R"] == min(max(16, triton.next_power_of_2(rows)), 16)
+
+
+def _recorded_grids(monkeypatch) -> list[tuple[str, int, tuple]]:
+    """Records every flash attention launch: the kernel's name, its CHUNK (None for the forward) and its grid."""
+    launches = []
+
+    def recording(kernel, configs, interpreter_config, grid, device, key):
+        launches.append((kernel.__name__, interpreter_config.get("CHUNK"), grid(interpreter_config)))
+        return _launch.launch_tuned(kernel, configs, interpreter_config, grid, device, key)
+    monkeypatch.setattr(flash, "launch_tuned", recording)
+    return launches
+
+
+# The head-dim chunked backward (kernels/flash_attention.py CHUNK), forced: several chunks over q / k with grouped
+# heads, a mask's gradient (dS, written by the first chunk only) and v narrower than one chunk; v wider than q / k
+# (the last chunks hold value columns only) with a window; one chunk of the whole head dim, as the GPU lists use it.
+CHUNKED_CASES = [
+    (_case(20, 17, dim=256, batch=1, heads=2, kv_heads=1, dim_v=40, causal=True, alignment="bottom_right",
+           mask="float_grad"), 64, 4),
+    (_case(17, 24, dim=128, batch=1, heads=1, dim_v=200, window=(9, 3), mask="bool"), 64, 4),
+    (_case(20, 17, dim=128, batch=1, heads=2, causal=True), 128, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case, chunk, chunks", CHUNKED_CASES, ids=["chunks", "wide_v", "one_chunk"])
+def test_chunked_backward_against_sdpa_and_reference(case, chunk, chunks, dtype, monkeypatch):
+    """dQ, dK, dV (and the mask's gradient) through the chunked kernels, under the rule against SDPA and the
+    float64 reference; the launches prove the path: both backward kernels with CHUNK and `chunks` programs on the
+    grid's third axis."""
+    launches = _recorded_grids(monkeypatch)
+    with flash.forced_chunk(chunk):
+        check_attention(case, dtype, "triton")
+    backward = [(name, forced, grid[2]) for name, forced, grid in launches if forced is not None]
+    assert sorted(backward) == [("_key_gradients_kernel", chunk, chunks), ("_query_gradients_kernel", chunk, chunks)]
+
+
+def test_chunked_backward_with_dropout_and_varlen_matches_the_unchunked_one():
+    """Dropout (the same kept pairs in every chunk's program) and packed sequences: the chunked gradients are the
+    unchunked ones in float64 up to the order of the head-dim sums."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(30, 2, 48, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 13, 30], dtype=torch.int32)
+    grad = torch.randn(30, 2, 48, generator=gen, dtype=torch.float64)
+
+    def gradients():
+        torch.manual_seed(0)
+        with seqkern.backend("triton"):
+            out = seqkern.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, 17, 17, dropout_p=0.3, is_causal=True)
+            return torch.autograd.grad(out, (q, k, v), grad)
+    plain = gradients()
+    with flash.forced_chunk(16):
+        chunked = gradients()
+    for got, want in zip(chunked, plain):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_forced_chunk_refuses_a_width_tl_dot_cannot_take():
+    for width in (8, 48):
+        with pytest.raises(ValueError, match="power of two"):
+            with flash.forced_chunk(width):
+                pass
