@@ -444,6 +444,11 @@ def _ddp_worker(rank, world, port, family, state, inputs, result_path):
     # is still using it, and gloo aborts rank 1 (seen as an occasional SIGABRT).
     dist.barrier()
     dist.destroy_process_group()
+    # End the process here, skipping interpreter teardown: freeing `ddp` at return destroys its Reducer's
+    # ProcessGroupGloo, whose destructor joins gloo's loop thread while holding the GIL, and that thread can be
+    # waiting for the GIL to drop a Python object (torch's teardown deadlock: seen once, a CI run hung here).
+    # mp.spawn only needs the exit code; the result file is written and closed above.
+    os._exit(0)
 
 
 @pytest.mark.slow
