@@ -424,8 +424,8 @@ inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at
 /// slice packed beside its W_hh slice) instead of input_projection's one product before the loop. Per step, the
 /// gates then never leave the thread's cache, where the product before the loop writes (T*B, gates*H) to memory and
 /// the steps read it back (13 MB per LSTM layer at b32 t100 h256); one thread, process CPU time, alternating
-/// processes on a loaded machine: LSTM / GRU / RNN inference b32 t100 h256 1.07-1.46x / 1.02-1.52x / 1.02-1.39x
-/// (NOTES.md "Round 7"). Only where the step's product is a matrix product (a whole register block of rows: at
+/// processes on a loaded machine, medians: LSTM / GRU / RNN inference b32 t100 h256 1.08x / 1.23x / 1.12x (NOTES.md
+/// "Round 7"). Only where the step's product is a matrix product (a whole register block of rows: at
 /// batch 1 it is a GEMV bound by L2 bandwidth, and reading W_ih too per step would double that) and the thread's
 /// W_ih slice fits in L2 beside its W_hh slice. The bf16 units keep the product before the loop (AMX tiles).
 inline bool project_input_per_step(const LayerShape& d, int gates, int threads, at::ScalarType dtype) {
@@ -1067,7 +1067,8 @@ inline std::vector<at::Tensor> layer_weight_gradients(const at::Tensor& d_gates_
     if (hidden_all.defined()) grads.push_back(bf16_weight_gradient(d_h_all, hidden_all));
     return grads;
   }
-  std::vector<OuterPieces> jobs{{{d_gates_x, x_rows}}, recurrent_weight_pieces(d_gates_h, output, h0, sched, gemm_dtype)};
+  std::vector<OuterPieces> jobs{{{d_gates_x, x_rows}},
+                                recurrent_weight_pieces(d_gates_h, output, h0, sched, gemm_dtype)};
   if (hidden_all.defined()) jobs.push_back({{d_h_all, hidden_all}});
   for (const at::Tensor& g : sums_of_outer_products(jobs, weight_gradient_chunk_rows(x_rows.size(0))))
     grads.push_back(g.to(dtype));
@@ -1107,7 +1108,8 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
   const auto bias_options = acc_options.dtype(at::kDouble);
   const at::Tensor d_bias_x = has_bias ? at::zeros({Cell::kGates * H}, bias_options) : at::Tensor();
   const at::Tensor d_bias_h = has_bias && !Cell::kSameGateGrads ? at::zeros({Cell::kGates * H}, bias_options) : at::Tensor();
-  // The dtype of the gradient GEMMs' operands (see layer_weight_gradients), in which x and the previous h are gathered.
+  // The dtype of the gradient GEMMs' operands (see layer_weight_gradients), in which x and the previous h are
+  // gathered.
   const auto gemm_dtype = use_bf16_gradients(dtype) ? at::kBFloat16 : acc;
   const at::Tensor x_rows = input.reshape({T * B, d.input_size}).to(gemm_dtype).contiguous();
   std::array<at::Tensor, K> d_state, initial, sequence;
