@@ -44,9 +44,14 @@ from ._recurrent import (
     accumulator_dtype,
     grid_barrier,
     pow2_at_least,
+    previous_state,
     reset_rows,
+    restart_gradient,
     step_rows,
     store,
+    zoneout_blend,
+    zoneout_gradients,
+    zoneout_weight,
 )
 
 # CELL values: which op's split_cell the kernel calls, and its number of W_hh gate blocks.
@@ -66,6 +71,25 @@ def _cell(CELL: tl.constexpr, x_0, x_1, x_2, x_3, hh_0, hh_1, hh_2, hh_3, state)
     else:
         h, new_state, w_0, w_1, w_2, w_3 = rnn.split_cell(x_0, hh_0, state, CELL == 3)
     return h, new_state, w_0, w_1, w_2, w_3
+
+
+@triton.jit
+def _zoneout(CELL: tl.constexpr, h_new, state_new, h_prev, state, seed_ptr, t, rows, units, H, zoneout_hi,
+             zoneout_lo, threshold, keep_all, ZONEOUT_MASK: tl.constexpr, ACC: tl.constexpr):
+    """Zoneout of the step's new h (state 0) and, for the LSTM, c (state 1): each unit keeps its value from before
+    the step where the training mask says so (or the evaluation blend). The mask bits are the row-block kernels'
+    (element rows * H + units of state 0 / 1), so both kernels zone out the same elements."""
+    h_weight = zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout_hi, zoneout_lo, threshold, keep_all,
+                              ZONEOUT_MASK, ACC)
+    if CELL == 0:
+        h_new = zoneout_blend(h_new, h_prev.to(ACC), h_weight, ZONEOUT_MASK)
+        state_new = zoneout_blend(state_new, state, zoneout_weight(seed_ptr, 1, t, rows, units, H, zoneout_hi,
+                                                                   zoneout_lo, threshold, keep_all, ZONEOUT_MASK,
+                                                                   ACC), ZONEOUT_MASK)
+    else:  # the GRU: its running state is h itself (float32)
+        h_new = zoneout_blend(h_new, state, h_weight, ZONEOUT_MASK)
+        state_new = h_new
+    return h_new, state_new
 
 
 @triton.jit
@@ -189,6 +213,7 @@ def _split_forward_kernel(
     gates_x_ptr,  # (T,B,GATES*H) the input projection (with the biases the op folds into it)
     w_hh_ptr, b_hh_ptr,  # (GATES*H,H), (GATES*H,) if HAS_HH_BIAS (the GRU's: r scales the n part of it)
     batch_sizes_ptr, lengths_ptr, resets_ptr,  # (T,) if HAS_BATCH_SIZES, (B,) if USE_LENGTHS, (T,B) if USE_RESETS
+    seed_ptr,  # () if ZONEOUT_MASK
     h0_ptr, state0_ptr,  # (B,H) the initial h; (B,H) the initial state if HAS_STATE (c0 / h0)
     output_ptr,  # out (T,B,H)
     h_buffers_ptr,  # (2,B,H): h_{t-1} of every unit; [0] = h0 before the first step
@@ -197,9 +222,11 @@ def _split_forward_kernel(
     states_ptr,  # out (T,B,H) the state after each step (the LSTM's cells), if SAVE_STATES
     arrivals_ptr,  # (batch blocks,) int32 zeros: the grid barrier's counters, if PERSISTENT
     T, B, H, step_begin, step_end,  # this launch runs steps [step_begin, step_end)
+    zoneout_hi, zoneout_lo, threshold, keep_all,  # zoneout (kernels/_recurrent.py state_flags), if ZONEOUT
     CELL: tl.constexpr, GATES: tl.constexpr, HAS_STATE: tl.constexpr, HAS_HH_BIAS: tl.constexpr,
     SAVE_WORKSPACE: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr,
-    USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr, ZONEOUT: tl.constexpr, ZONEOUT_MASK: tl.constexpr,
+    REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
     RESIDENT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HK: tl.constexpr,
 ):
@@ -233,9 +260,12 @@ def _split_forward_kernel(
         h_new, state_new, w_a, w_b, w_c, w_d = _cell(CELL, x_0, x_1, x_2, x_3, hh_0 + b_0[None, :],
                                                     hh_1 + b_1[None, :], hh_2 + b_2[None, :], hh_3 + b_3[None, :],
                                                     state)
+        h_prev = _previous_hidden(read_ptr, h0_ptr, rows, units, unit_mask, reset, B, H)
+        if ZONEOUT:
+            h_new, state_new = _zoneout(CELL, h_new, state_new, h_prev, state, seed_ptr, t, rows, units, H,
+                                        zoneout_hi, zoneout_lo, threshold, keep_all, ZONEOUT_MASK, ACC)
 
         # Commit: output (zeros on inactive rows), h_t into the other buffer (inactive rows carry h_{t-1}).
-        h_prev = _previous_hidden(read_ptr, h0_ptr, rows, units, unit_mask, reset, B, H)
         store(output_ptr + t * B * H + unit_offsets, tl.where(keep, h_new, 0), in_rows)
         store(h_buffers_ptr + ((step + 1) % 2) * B * H + unit_offsets, tl.where(keep, h_new, h_prev.to(ACC)),
               in_rows)
@@ -256,6 +286,153 @@ def _split_forward_kernel(
 
 
 # ==================================================================================================
+# The backward, split the same way (a program: BLOCK_U units x BLOCK_B rows, all gate columns of its units).
+# ==================================================================================================
+@triton.jit
+def _cell_gradients(CELL: tl.constexpr, grad_h, grad_c, output_ptr, workspace_ptr, states_ptr, h0_ptr, state0_ptr,
+                    step, t, rows, units, unit_mask, keep, B, H, T, batch_sizes_ptr, lengths_ptr, resets_ptr,
+                    HAS_BATCH_SIZES: tl.constexpr, USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr,
+                    ZONEOUT: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
+    """The op's cell backward at step `step` (time t) for this program's units, from the forward's saved tensors:
+    grad_h, grad_c (BLOCK_B, BLOCK_U) the gradients reaching the step's new h and c (the LSTM's; unused else)
+    -> the four pre-activation gradient tiles the op's layout stores (kernels/<op>.py split_cell_backward), the
+    share of grad h_{t-1} that bypasses W_hh, and grad c_{t-1}."""
+    unit_offsets = rows[:, None] * H + units[None, :]
+    wide_offsets = (t * B + rows)[:, None] * 4 * H + units[None, :]
+    if CELL == 0:
+        i, f, g, o = lstm._load_gates(workspace_ptr, wide_offsets, keep, H, ACC)
+        c_prev = previous_state(states_ptr, state0_ptr, step, T, rows, B, units, unit_mask, H, batch_sizes_ptr,
+                                lengths_ptr, resets_ptr, HAS_BATCH_SIZES, USE_LENGTHS, USE_RESETS, REVERSE).to(ACC)
+        if ZONEOUT:  # the recorded c_t is after zoneout; the cell's own c_t is recomputed
+            c = f * c_prev + i * g
+        else:
+            c = tl.load(states_ptr + t * B * H + unit_offsets, mask=keep, other=0).to(ACC)
+        d_0, d_1, d_2, d_3, bypass, grad_c_prev = lstm.split_cell_backward(grad_h, grad_c, i, f, g, o, c_prev, c)
+    elif CELL == 1:
+        r, z, n, hidden_n = gru._load_workspace(workspace_ptr, wide_offsets, keep, H, ACC)
+        h_prev = previous_state(output_ptr, h0_ptr, step, T, rows, B, units, unit_mask, H, batch_sizes_ptr,
+                                lengths_ptr, resets_ptr, HAS_BATCH_SIZES, USE_LENGTHS, USE_RESETS, REVERSE).to(ACC)
+        d_0, d_1, d_2, d_3, bypass, grad_c_prev = gru.split_cell_backward(grad_h, r, z, n, hidden_n, h_prev)
+    else:
+        hy = tl.load(output_ptr + t * B * H + unit_offsets, mask=keep, other=0).to(ACC)
+        d_0, d_1, d_2, d_3, bypass, grad_c_prev = rnn.split_cell_backward(grad_h, hy, CELL == 3)
+    return d_0, d_1, d_2, d_3, bypass, grad_c_prev
+
+
+@triton.jit
+def _recurrent_gradient(grad_pre_ptr, w_hh_ptr, t, rows, units, unit_mask, B, H, CELL: tl.constexpr,
+                        GATES: tl.constexpr, WIDTH: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's units of d_gates_t @ W_hh, the recurrent share of grad h_{t-1}: (BLOCK_B, BLOCK_U).
+    d_gates_t is every program's: the hidden parts of the pre-activation gradients at time t, columns gate * H
+    of grad_pre (T,B,WIDTH*H) (the GRU's n gate: column 3H, d n_pre * r), read in BLOCK_K-wide slices against
+    the (BLOCK_K, BLOCK_U) blocks W_hh[gate * H + k, units]."""
+    acc = tl.zeros((rows.shape[0], BLOCK_U), ACC)
+    row_offsets = (t * B + rows) * (WIDTH * H)
+    for gate in tl.static_range(GATES):
+        column = gate * H
+        if CELL == 1 and gate == 2:
+            column = 3 * H
+        for k_start in range(0, H, BLOCK_K):
+            ks = k_start + tl.arange(0, BLOCK_K)
+            k_mask = ks < H
+            # .cg: straight from L2 (other SMs wrote these columns; the barrier's acquire orders the read).
+            a = tl.load(grad_pre_ptr + row_offsets[:, None] + column + ks[None, :],
+                        mask=(rows < B)[:, None] & k_mask[None, :], other=0, cache_modifier=".cg")
+            w = tl.load(w_hh_ptr + (gate * H + ks)[:, None] * H + units[None, :],
+                        mask=k_mask[:, None] & unit_mask[None, :], other=0)
+            acc = tl.dot(a.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["T", "step_begin", "step_end"])
+def _split_backward_kernel(
+    grad_output_ptr,  # (T,B,H)
+    output_ptr, workspace_ptr, states_ptr,  # the forward's (T,B,H) output, (T,B,4H) workspace, (T,B,H) cells (LSTM)
+    h0_ptr, state0_ptr,  # (B,H) h0 (the GRU's state before its first step), c0 (the LSTM's)
+    w_hh_ptr,  # (GATES*H,H)
+    batch_sizes_ptr, lengths_ptr, resets_ptr, seed_ptr,  # as the forward's
+    grad_pre_ptr,  # out (T,B,WIDTH*H) the pre-activation gradients (the op's layout), exchanged between programs
+    carry_ptr,  # (4,B,H) ACC: grad h, grad c, and what resets handed to h0 and c0; read at launch, written at its end
+    arrivals_ptr,  # (batch blocks,) int32 zeros: the grid barrier's counters, if PERSISTENT
+    T, B, H, step_begin, step_end,  # this launch runs the phases of [step_begin, step_end) (see below)
+    zoneout_hi, zoneout_lo, threshold, keep_all,
+    CELL: tl.constexpr, GATES: tl.constexpr, WIDTH: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr,
+    USE_LENGTHS: tl.constexpr, USE_RESETS: tl.constexpr, ZONEOUT: tl.constexpr, ZONEOUT_MASK: tl.constexpr,
+    REVERSE: tl.constexpr, PERSISTENT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Undoes the forward's steps last-first; index s (0 .. T) of this loop has two phases:
+      * (s > 0) the recurrent share of the step undone at s - 1: grad h_{t-1}[units] += d_gates_t @ W_hh[:, units]
+        (every program's d_gates_t, written before the barrier that ended s - 1), then that step's resets;
+      * (s < T) the cell backward of forward step T - 1 - s for this program's units (grad_output added, zoneout),
+        its d_gates written to grad_pre for every program, then the barrier (PERSISTENT; or the launch's end).
+    grad_pre[t] is a fresh slice per step, so one barrier per step suffices (nothing read is overwritten).
+    The persistent launch runs s = 0 .. T; per step, launch s runs s alone (the last, s = T, only the first phase)."""
+    units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    unit_mask = units < H
+    in_rows = (rows < B)[:, None] & unit_mask[None, :]
+    unit_offsets = rows[:, None] * H + units[None, :]
+    grad_h = tl.load(carry_ptr + unit_offsets, mask=in_rows, other=0)
+    grad_c = tl.load(carry_ptr + B * H + unit_offsets, mask=in_rows, other=0)
+    grad_h0 = tl.load(carry_ptr + 2 * B * H + unit_offsets, mask=in_rows, other=0)
+    grad_c0 = tl.load(carry_ptr + 3 * B * H + unit_offsets, mask=in_rows, other=0)
+
+    for s in range(step_begin, step_end):
+        if s > 0:
+            t, active = step_rows(T - s, T, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES, USE_LENGTHS,
+                                  REVERSE)
+            recurrent = _recurrent_gradient(grad_pre_ptr, w_hh_ptr, t, rows, units, unit_mask, B, H, CELL, GATES,
+                                            WIDTH, ACC, DOT, PRECISION, BLOCK_U, BLOCK_K)
+            grad_h += tl.where(active[:, None] & unit_mask[None, :], recurrent, 0)
+            if USE_RESETS:
+                grad_h, grad_h0 = restart_gradient(grad_h, grad_h0, reset_rows(t, rows, B, resets_ptr, USE_RESETS))
+        if s < T:
+            step = T - 1 - s
+            t, active = step_rows(step, T, rows, B, batch_sizes_ptr, lengths_ptr, HAS_BATCH_SIZES, USE_LENGTHS,
+                                  REVERSE)
+            keep = active[:, None] & unit_mask[None, :]
+            grad_h += tl.load(grad_output_ptr + t * B * H + unit_offsets, mask=keep, other=0).to(ACC)
+            grad_h_new = grad_h  # the gradients of the step's new h and c (before zoneout)
+            grad_c_new = grad_c
+            grad_h_kept = tl.zeros(grad_h.shape, ACC)
+            grad_c_kept = grad_h_kept
+            if ZONEOUT:
+                grad_h_new, grad_h_kept = zoneout_gradients(
+                    grad_h, zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout_hi, zoneout_lo, threshold,
+                                           keep_all, ZONEOUT_MASK, ACC), ZONEOUT_MASK)
+                if CELL == 0:
+                    grad_c_new, grad_c_kept = zoneout_gradients(
+                        grad_c, zoneout_weight(seed_ptr, 1, t, rows, units, H, zoneout_hi, zoneout_lo, threshold,
+                                               keep_all, ZONEOUT_MASK, ACC), ZONEOUT_MASK)
+            d_0, d_1, d_2, d_3, bypass, grad_c_prev = _cell_gradients(
+                CELL, grad_h_new, grad_c_new, output_ptr, workspace_ptr, states_ptr, h0_ptr, state0_ptr, step, t,
+                rows, units, unit_mask, keep, B, H, T, batch_sizes_ptr, lengths_ptr, resets_ptr, HAS_BATCH_SIZES,
+                USE_LENGTHS, USE_RESETS, ZONEOUT, REVERSE, ACC)
+            pre_offsets = (t * B + rows)[:, None] * (WIDTH * H) + units[None, :]
+            store(grad_pre_ptr + pre_offsets, tl.where(keep, d_0, 0), in_rows)
+            if WIDTH > 1:
+                store(grad_pre_ptr + pre_offsets + H, tl.where(keep, d_1, 0), in_rows)
+                store(grad_pre_ptr + pre_offsets + 2 * H, tl.where(keep, d_2, 0), in_rows)
+                store(grad_pre_ptr + pre_offsets + 3 * H, tl.where(keep, d_3, 0), in_rows)
+            # The recurrent share joins in the next phase, on the same rows (active at t).
+            grad_h = tl.where(keep, bypass + grad_h_kept, grad_h)
+            if CELL == 0:
+                grad_c = tl.where(keep, grad_c_prev + grad_c_kept, grad_c)
+                if USE_RESETS:
+                    grad_c, grad_c0 = restart_gradient(grad_c, grad_c0, reset_rows(t, rows, B, resets_ptr,
+                                                                                   USE_RESETS))
+            if PERSISTENT:
+                grid_barrier(arrivals_ptr + tl.program_id(1), (s - step_begin + 1) * tl.num_programs(0))
+
+    tl.store(carry_ptr + unit_offsets, grad_h, mask=in_rows)
+    tl.store(carry_ptr + B * H + unit_offsets, grad_c, mask=in_rows)
+    tl.store(carry_ptr + 2 * B * H + unit_offsets, grad_h0, mask=in_rows)
+    tl.store(carry_ptr + 3 * B * H + unit_offsets, grad_c0, mask=in_rows)
+
+
+# ==================================================================================================
 # Launcher.
 # ==================================================================================================
 def split_forward(cell: int, mode: dict, gates_x: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor,
@@ -270,12 +447,8 @@ def split_forward(cell: int, mode: dict, gates_x: Tensor, w_hh: Tensor, b_hh: Te
     seq_len, batch, _ = gates_x.shape
     hidden = h0.shape[1]
     device = gates_x.device
-    block_u = mode["BLOCK_U"]
-    grid = (triton.cdiv(hidden, block_u), triton.cdiv(batch, mode["BLOCK_B"]))
+    grid = _split_grid(mode, batch, hidden, device)
     persistent = mode["mode"] == "persistent"
-    if persistent and device.type != "cuda" and grid[0] > 1:
-        raise ShapeError(f"the persistent split mode under the interpreter needs one program per batch block "
-                         f"(BLOCK_U {block_u} >= hidden {hidden}): programs run one after another there")
     output = gates_x.new_empty(seq_len, batch, hidden)
     h_buffers = gates_x.new_empty(2, batch, hidden)
     h_buffers[0] = h0
@@ -286,18 +459,17 @@ def split_forward(cell: int, mode: dict, gates_x: Tensor, w_hh: Tensor, b_hh: Te
     states = gates_x.new_empty(seq_len, batch, hidden) if save_workspace and cell == LSTM else None
     arguments = dict(
         gates_x_ptr=gates_x, w_hh_ptr=w_hh.contiguous(), b_hh_ptr=b_hh.contiguous() if b_hh is not None else None,
-        batch_sizes_ptr=batch_sizes, lengths_ptr=flags["lengths_ptr"], resets_ptr=flags["resets_ptr"],
-        h0_ptr=h0.contiguous(), state0_ptr=state0.contiguous() if state0 is not None else None,
+        batch_sizes_ptr=batch_sizes, h0_ptr=h0.contiguous(), state0_ptr=state0.contiguous() if state0 is not None else None,
         output_ptr=output, h_buffers_ptr=h_buffers, state_ptr=state, workspace_ptr=workspace, states_ptr=states,
         arrivals_ptr=torch.zeros(grid[1], dtype=torch.int32, device=device) if persistent else None,
         T=seq_len, B=batch, H=hidden,
         CELL=cell, GATES=GATES[cell], HAS_STATE=state0 is not None, HAS_HH_BIAS=b_hh is not None,
         SAVE_WORKSPACE=workspace is not None, SAVE_STATES=states is not None,
-        HAS_BATCH_SIZES=batch_sizes is not None, USE_LENGTHS=flags["USE_LENGTHS"], USE_RESETS=flags["USE_RESETS"],
-        REVERSE=bool(reverse), PERSISTENT=persistent, **split_tiles(mode, hidden, gates_x.dtype, device),
+        HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse), PERSISTENT=persistent, **flags,
+        **split_tiles(mode, hidden, gates_x.dtype, device),
     )
     if persistent:
-        _launch_persistent(grid, device)(step_begin=0, step_end=seq_len, **arguments)
+        _launch_persistent(_split_forward_kernel, grid, device)(step_begin=0, step_end=seq_len, **arguments)
     else:
         run = launch(_split_forward_kernel, grid, device)
         for step in range(seq_len):
@@ -314,7 +486,60 @@ def split_tiles(mode: dict, hidden: int, dtype: torch.dtype, device: torch.devic
                 num_warps=mode["num_warps"], num_stages=mode["num_stages"], maxnreg=mode["maxnreg"])
 
 
-def _launch_persistent(grid: tuple, device: torch.device):
+def _launch_persistent(kernel, grid: tuple, device: torch.device):
     """The persistent launch: cooperative (all programs co-resident, or the launch fails rather than hanging at the
     first barrier); the interpreter drops the keyword (the launcher allows one program per barrier group there)."""
-    return functools.partial(launch(_split_forward_kernel, grid, device), launch_cooperative_grid=True)
+    return functools.partial(launch(kernel, grid, device), launch_cooperative_grid=True)
+
+
+def _split_grid(mode: dict, batch: int, hidden: int, device: torch.device) -> tuple[int, int]:
+    """(unit blocks, batch blocks) of a split launch; refuses a persistent one the interpreter cannot run."""
+    grid = (triton.cdiv(hidden, mode["BLOCK_U"]), triton.cdiv(batch, mode["BLOCK_B"]))
+    if mode["mode"] == "persistent" and device.type != "cuda" and grid[0] > 1:
+        raise ShapeError(f"the persistent split mode under the interpreter needs one program per batch block "
+                         f"(BLOCK_U {mode['BLOCK_U']} >= hidden {hidden}): programs run one after another there")
+    return grid
+
+
+def split_backward(cell: int, mode: dict, grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor | None,
+                   output: Tensor, workspace: Tensor | None, states: Tensor | None, h0: Tensor, c0: Tensor | None,
+                   w_hh: Tensor, batch_sizes: Tensor | None, flags: dict, reverse: bool
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The backward of one layer, one direction, through the time loop, in `mode` (as split_forward; the forward
+    may have run in any mode: the saved tensors are the same). grad_output, output (T,B,H), grad_h_n, h0 (B,H),
+    the LSTM's grad_c_n and c0 (B,H) and cells `states` (T,B,H) (else None), the LSTM's / GRU's workspace
+    (T,B,4H) (else None), w_hh (G*H,H), batch_sizes on the tensors' device, flags from state_flags
+    -> grad_pre: the pre-activation gradients in the op's layout ((T,B,4H) LSTM [i, f, g, o], GRU
+       [r, z, n_x, n_h]; (T,B,H) RNN), grad_h0 (B,H), grad_c0 (B,H) (LSTM, else None).
+    The weight gradients are the callers' torch GEMMs over all T*B rows of grad_pre, as after the row-block
+    kernels."""
+    seq_len, batch, hidden = output.shape
+    device = output.device
+    grid = _split_grid(mode, batch, hidden, device)
+    persistent = mode["mode"] == "persistent"
+    width = 4 if GATES[cell] > 1 else 1
+    grad_pre = output.new_empty(seq_len, batch, width * hidden)
+    acc = torch.float64 if output.dtype == torch.float64 else torch.float32
+    carry = torch.zeros(4, batch, hidden, dtype=acc, device=device)  # grad h, grad c, resets' grad h0 and grad c0
+    carry[0] = grad_h_n
+    if grad_c_n is not None:
+        carry[1] = grad_c_n
+    tiles = split_tiles(mode, hidden, output.dtype, device)
+    del tiles["RESIDENT"], tiles["BLOCK_HK"]  # the backward streams its W_hh columns (see NOTES.md)
+    arguments = dict(
+        grad_output_ptr=grad_output.contiguous(), output_ptr=output.contiguous(), workspace_ptr=workspace,
+        states_ptr=states, h0_ptr=h0.contiguous(), state0_ptr=c0, w_hh_ptr=w_hh.contiguous(),
+        batch_sizes_ptr=batch_sizes, grad_pre_ptr=grad_pre, carry_ptr=carry,
+        arrivals_ptr=torch.zeros(grid[1], dtype=torch.int32, device=device) if persistent else None,
+        T=seq_len, B=batch, H=hidden, CELL=cell, GATES=GATES[cell], WIDTH=width,
+        HAS_BATCH_SIZES=batch_sizes is not None, REVERSE=bool(reverse), PERSISTENT=persistent, **flags, **tiles,
+    )
+    if persistent:
+        _launch_persistent(_split_backward_kernel, grid, device)(step_begin=0, step_end=seq_len + 1, **arguments)
+    else:
+        run = launch(_split_backward_kernel, grid, device)
+        for index in range(seq_len + 1):
+            run(step_begin=index, step_end=index + 1, **arguments)
+    grad_h0 = (carry[0] + carry[2]).to(output.dtype)
+    grad_c0 = (carry[1] + carry[3]).to(output.dtype) if grad_c_n is not None else None
+    return grad_pre, grad_h0, grad_c0
