@@ -1,14 +1,14 @@
-"""The recurrent forward with the hidden units split across programs (kernels/_recurrent_split.py, issue 17 item 1)
-under the Triton interpreter, and the rule that picks a launch mode per shape (kernels/_recurrent.py
-recurrent_mode).
+"""The recurrent forward and backward with the hidden units split across programs (kernels/_recurrent_split.py,
+issue 17 item 1) under the Triton interpreter, and the rule that picks a launch mode per shape (kernels/_recurrent.py
+recurrent_mode; the backward follows it as the forward does).
 
 Without a GPU the rule picks the row-block kernels, so the tests force a mode (`forced_mode`). "per_step" runs as
 on a GPU (one launch per step over every program); "persistent" runs with one program per barrier group
 (BLOCK_U >= H: under the interpreter programs run one after another, so a barrier among several would never
 open), which still walks the single-launch time loop, the double buffer and the barrier's counter. The oracles
 are torch.nn's kernels stepped in the test (helpers.py) and, for resets and lengths, the tests of
-test_recurrent_state_flags.py run again in the forced mode; every output, final state and gradient under the
-rule (the backward is the row-block kernel's, fed by the split forward's workspace). The barrier's memory
+test_recurrent_state_flags.py run again in the forced mode; every output, final state and gradient (inputs,
+weights, biases, initial states: the split backward, in the same forced mode) under the rule. The barrier's memory
 ordering on a GPU is checked by the compiler tests (test_gpu_compile.py) and by reading, not here.
 """
 from __future__ import annotations
@@ -103,6 +103,51 @@ def test_split_forward_resets(family):
     with forced_mode("per_step", 16):
         state_flags.test_resets_and_zoneout_match_composed_loop(
             family, dict(input_size=3, hidden_size=20), True, 0.0, False, "triton")
+
+
+# (mode, family, use resets, zoneout, training, lengths, dtype): zoneout (mask and evaluation blend), resets and lengths
+# together, through the split forward and backward. 20 units: two programs per batch block per step, or (persistent)
+# one of 32.
+ZONEOUT_CASES = [
+    (("per_step", 16), "lstm", True, 0.3, True, None, torch.float32),
+    (("per_step", 16), "gru", True, 0.4, False, [4, 1, 3], torch.float32),
+    (("persistent", 32), "lstm", True, 0.4, False, [2, 4, 3], torch.float32),
+    (("persistent", 32), "gru", True, 0.3, True, None, torch.float32),
+    (("per_step", 16), "lstm", False, 0.3, True, [4, 2, 3], torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("mode,family,resets,zoneout,training,lengths,dtype", ZONEOUT_CASES,
+                         ids=[f"{c[0][0]}-{c[1]}-{i}" for i, c in enumerate(ZONEOUT_CASES)])
+def test_split_zoneout_resets_lengths(mode, family, resets, zoneout, training, lengths, dtype):
+    """Against the loop composed in test_recurrent_state_flags.py (the same zoneout mask bits as the row-block
+    kernels): every output, state and gradient."""
+    with forced_mode(*mode):
+        state_flags._check_against_composed("triton", family, dict(input_size=3, hidden_size=20), resets, zoneout,
+                                            training, lengths, dtype)
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+def test_forced_mode_runs_the_split_backward(family, monkeypatch):
+    """A forced split mode reaches the backward too (so every gradient test above checks the split backward):
+    its launcher runs once per layer and direction, and its gradients match the row-block backward's."""
+    from seqkern.kernels import _recurrent_split
+
+    calls = []
+    original = _recurrent_split.split_backward
+    monkeypatch.setattr(_recurrent_split, "split_backward", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    module = {"lstm": seqkern.nn.LSTM, "gru": seqkern.nn.GRU, "rnn": seqkern.nn.RNN}[family](
+        3, 20, bidirectional=True).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    grads = []
+    with seqkern.backend("triton"):
+        for mode in (("rows",), ("per_step", 16)):
+            with forced_mode(*mode):
+                output, _ = module(x)
+                grads.append(torch.autograd.grad(output.square().sum(), [x, *module.parameters()]))
+    assert [call["mode"] for call in calls] == ["per_step", "per_step"]
+    for split, rows in zip(grads[1], grads[0]):
+        torch.testing.assert_close(split, rows, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("family", ["lstm", "gru"])
