@@ -407,7 +407,7 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
     grad_h0 = grad_h_n.clone(memory_format=torch.contiguous_format)
     mode = recurrent_mode(batch, hidden, 3, input.dtype, sm_count(input.device))
     if seq_len and batch and mode["mode"] != "rows":
-        grad_pre, grad_h0, _ = _recurrent_split.split_backward(
+        grad_pre, grad_h0, *_ = _recurrent_split.split_backward(
             _recurrent_split.GRU, mode, grad_output, grad_h_n, None, output, workspace.contiguous(), None, h0, None,
             w_hh, on_device(batch_sizes, input), flags, reverse)
     elif seq_len and batch:

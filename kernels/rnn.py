@@ -290,7 +290,7 @@ def rnn_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
     mode = recurrent_mode(batch, hidden, 1, input.dtype, sm_count(input.device))
     if seq_len and batch and mode["mode"] != "rows":
         cell = _recurrent_split.RNN_RELU if relu else _recurrent_split.RNN_TANH
-        grad_preact, grad_h0, _ = _recurrent_split.split_backward(
+        grad_preact, grad_h0, *_ = _recurrent_split.split_backward(
             cell, mode, grad_output, grad_h_n, None, output, None, None, h0, None, w_hh, on_device(batch_sizes, input),
             flags, reverse)
     elif seq_len and batch:

@@ -20,7 +20,7 @@ import seqkern
 import test_recurrent_state_flags as state_flags
 from helpers import case_id, check_op, layer_args, torch_lstm_layer, torch_single_state_layer
 from seqkern.kernels._recurrent import (
-    RESIDENT_BYTES, RESIDENT_MAX_HIDDEN, ROWS_MAX_HIDDEN, forced_mode, recurrent_mode, unit_blocks,
+    RESIDENT_BYTES, RESIDENT_MAX_HIDDEN, ROWS_MAX_HIDDEN, backward_mode, forced_mode, recurrent_mode, unit_blocks,
 )
 
 OPS = torch.ops.seqkern
@@ -170,12 +170,42 @@ def test_split_forward_inference_returns_no_workspace():
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
 
 
-def test_unsupported_features_keep_the_row_block_kernel():
-    """The LSTM's projection (and zoneout) exist only in the row-block kernel: a forced split mode yields to it,
-    and the results still obey the rule."""
-    with forced_mode("per_step", 16):
-        assert recurrent_mode(1, 1024, 4, torch.float32, 132, supported=False) == {"mode": "rows"}
-        args = layer_args(4, 4, 3, 3, 17, proj=5, cell_state=True)
+# The LSTM's projection in the split kernels (two phases per step): (mode, hidden, proj, dtype, lengths). 17 units /
+# 5 columns in 16-unit slices: the second program has units but no columns; 33 / 20: two of three have columns.
+PROJECTION_CASES = [
+    (("per_step", 16), 17, 5, torch.float32, None),
+    (("per_step", 16), 33, 20, torch.float64, [4, 3, 1]),
+    (("per_step", 16, False, 32), 33, 20, torch.bfloat16, None),
+    (("persistent", 64, True), 33, 20, torch.float32, [4, 4, 2]),
+    (("persistent", 64), 17, 5, torch.float64, None),
+]
+
+
+@pytest.mark.parametrize("mode,hidden,proj,dtype,lengths", PROJECTION_CASES,
+                         ids=[f"{c[0][0]}-h{c[1]}-p{c[2]}-{i}" for i, c in enumerate(PROJECTION_CASES)])
+def test_split_projection_against_torch(mode, hidden, proj, dtype, lengths):
+    """h_t = (o * tanh(c_t)) W_hr^T: every output, state and gradient (w_hr's included) against torch.nn's LSTM;
+    reverse with packed lengths."""
+    args = layer_args(4, 4, 3, 3, hidden, proj=proj, cell_state=True, lengths=lengths, reverse=lengths is not None)
+    with forced_mode(*mode):
+        check_op(_lstm, torch_lstm_layer, args, OPS_UNDER_TEST["lstm"][3], dtype, "triton")
+
+
+@pytest.mark.parametrize("mode", [("per_step", 16), ("persistent", 32)], ids=lambda m: m[0])
+def test_split_projection_zoneout_resets(mode):
+    """The projection with zoneout (training mask) and resets against the loop composed in
+    test_recurrent_state_flags.py."""
+    with forced_mode(*mode):
+        state_flags._check_against_composed("triton", "lstm", dict(input_size=3, hidden_size=20, proj_size=7), True,
+                                            0.3, True, [4, 2, 3])
+
+
+@pytest.mark.parametrize("mode", [("per_step", 16), ("persistent", 32)], ids=lambda m: m[0])
+def test_split_projection_wider_than_hidden(mode):
+    """The op (not torch.nn.LSTM) allows proj_size > hidden_size: the split grid then covers the P columns (programs
+    past the units own columns only). Against torch's own LSTM kernel (torch._VF.lstm takes it)."""
+    args = layer_args(4, 3, 2, 3, 6, proj=20, cell_state=True)
+    with forced_mode(*mode):
         check_op(_lstm, torch_lstm_layer, args, OPS_UNDER_TEST["lstm"][3], torch.float32, "triton")
 
 
@@ -226,6 +256,10 @@ def test_rule_examples():
     assert recurrent_mode(4096, 1024, 4, torch.float32, H100)["mode"] == "per_step"
     # Per step, W_hh crosses L2 once per 64 batch rows (tiles of 64 rows x 32 units; 16 x 64 in float32).
     assert recurrent_mode(4096, 1024, 4, torch.bfloat16, H100)["BLOCK_B"] == 64
+    # ... the backward's at most 32 (its 64-row LSTM tile spilled); other modes as the forward's.
+    assert backward_mode(recurrent_mode(4096, 1024, 4, torch.bfloat16, H100))["BLOCK_B"] == 32
+    assert backward_mode(recurrent_mode(1, 1024, 4, torch.bfloat16, H100)) == recurrent_mode(1, 1024, 4, torch.bfloat16,
+                                                                                              H100)
     assert recurrent_mode(2200, 333, 4, torch.float32, A100)["BLOCK_B"] == 16
 
 
