@@ -636,10 +636,10 @@ def split_backward(cell: int, mode: dict, grad_output: Tensor, grad_h_n: Tensor,
                    w_hh: Tensor, batch_sizes: Tensor | None, flags: dict, reverse: bool, w_hr: Tensor | None = None
                    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The backward of one layer, one direction, through the time loop, in `mode` (as split_forward, with
-    backward_mode's tiles; the forward may have run in any mode: the saved tensors are the same). grad_output, output (T,B,P), grad_h_n, h0 (B,P),
-    the LSTM's grad_c_n and c0 (B,H) and cells `states` (T,B,H) (else None), the LSTM's / GRU's workspace
-    (T,B,4H) (else None), w_hh (G*H,P), batch_sizes on the tensors' device, flags from state_flags, w_hr (P,H)
-    the LSTM's projection or None (then P = H)
+    backward_mode's tiles; the forward may have run in any mode: the saved tensors are the same). grad_output,
+    output (T,B,P), grad_h_n, h0 (B,P), the LSTM's grad_c_n and c0 (B,H) and cells `states` (T,B,H) (else None),
+    the LSTM's / GRU's workspace (T,B,4H) (else None), w_hh (G*H,P), batch_sizes on the tensors' device, flags
+    from state_flags, w_hr (P,H) the LSTM's projection or None (then P = H)
     -> grad_pre: the pre-activation gradients in the op's layout ((T,B,4H) LSTM [i, f, g, o], GRU
        [r, z, n_x, n_h]; (T,B,H) RNN), grad_h0 (B,P), grad_c0 (B,H) (LSTM, else None), grad_h_all (T,B,P) the
        gradient reaching each projected h_t (with w_hr, else None).

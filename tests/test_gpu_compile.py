@@ -1,8 +1,8 @@
 """Static GPU checks with no GPU: every Triton kernel (attention, decode, additive, the recurrent row-block forwards
-and backwards where the rule keeps them, the split recurrent forward and backward, the LayerNorm LSTM / GRU kernels), for every configuration its launcher
-can choose on CUDA, compiled ahead of time for sm_80 (A100) and sm_90 (H100) with triton.compile +
-GPUTarget, asserting that ptxas spilled no registers and that the kernel's shared memory fits the target's
-per-block limit.
+and backwards where the rule keeps them, the split recurrent forward and backward, the LayerNorm LSTM / GRU
+kernels), for every configuration its launcher can choose on CUDA, compiled ahead of time for sm_80 (A100) and
+sm_90 (H100) with triton.compile + GPUTarget, asserting that ptxas spilled no registers and that the kernel's shared
+memory fits the target's per-block limit.
 
 The configurations are the launchers' own selection functions called for CUDA (`configs(...)`): a tile that
 cannot fit must be kept out by that rule, and these tests prove it does, by compiling exactly what it returns.
