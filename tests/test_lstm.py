@@ -67,6 +67,22 @@ def test_cpu_kernel_against_torch(case, dtype):
     _check_against_torch(_op_forward, case, dtype, "cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("threads", [1, 3, 4])
+@pytest.mark.parametrize("case", [dict(seq_len=6, batch=9, input_size=70, hidden=33, proj=17),
+                                  dict(seq_len=3, batch=2, input_size=5, hidden=3, proj=2)], ids=case_id)
+def test_weight_gradients_at_any_thread_count(case, threads, dtype):
+    """The weight gradients run side by side, their output rows cut into one run of equal work per thread
+    (csrc/cpu/outer_sum.h): an input wider than the hidden state (unequal work per gradient), a projection (a third
+    gradient), gradients narrower than a 16-row run, and thread counts other than the suite's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_against_torch(_op_forward, case, dtype, "cpu")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CELL_CASES, ids=case_id)
 def test_cpu_cell_kernel_against_formula(case, dtype):

@@ -39,7 +39,7 @@ struct GruCell {
   };
 
   template <typename A, typename In, typename Ws>
-  States<A, 1> forward(const StepIn<A, In, Ws>& in, const States<A, 1>& prev) const {
+  SEQKERN_SIMD_INLINE States<A, 1> forward(const StepIn<A, In, Ws>& in, const States<A, 1>& prev) const {
     const int n = in.n;
     Simd<A> x_r = load<A>(in.gates_x, n), x_z = load<A>(in.gates_x + in.x_stride, n),
             x_n = load<A>(in.gates_x + 2 * in.x_stride, n);
@@ -64,7 +64,7 @@ struct GruCell {
   }
 
   template <typename A, typename S>
-  Grad<A> grad(const GradIn<S, 1>& in, const States<A, 1>& d) const {
+  SEQKERN_SIMD_INLINE Grad<A> grad(const GradIn<S, 1>& in, const States<A, 1>& d) const {
     const int n = in.n;
     const A one = 1;
     const Simd<A> d_h = d[0];
@@ -78,7 +78,7 @@ struct GruCell {
   /// Rows [d_r | d_z | d_n] of the gradient of x W_ih^T and [d_r | d_z | d_hn] of that of h W_hh^T, two
   /// contiguous buffers: the weight-gradient GEMMs then read neither a strided view nor an at::cat copy.
   template <typename A>
-  static void store_grad(A* d_x, A* d_h, int64_t hidden, const Grad<A>& g, int n) {
+  SEQKERN_SIMD_INLINE static void store_grad(A* d_x, A* d_h, int64_t hidden, const Grad<A>& g, int n) {
     store(d_x, g.d_r, n);
     store(d_x + hidden, g.d_z, n);
     store(d_x + 2 * hidden, g.d_n, n);

@@ -517,8 +517,10 @@ LayerGradients layer_backward(const std::vector<at::Tensor>& cell_params, const 
   g.input = pooled_empty({T, B, I}, opts);
   at::Tensor input_rows = g.input.view({T * B, I});
   at::mm_out(input_rows, d_gx, w_ih.to(acc));
-  g.w_ih = sum_of_outer_products(d_gx, input.reshape({T * B, I}).to(acc), chunk_rows);
-  g.w_hh = sum_of_outer_products(d_gh, h_prev, chunk_rows);
+  const std::vector<at::Tensor> weights =
+      sums_of_outer_products({{{d_gx, input.reshape({T * B, I}).to(acc)}}, {{d_gh, h_prev}}}, chunk_rows);
+  g.w_ih = weights[0];
+  g.w_hh = weights[1];
   return g;
 }
 

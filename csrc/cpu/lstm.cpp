@@ -82,8 +82,8 @@ struct CellBackward {
 
 /// act: activated gates; d_hidden: gradient of o tanh(c); d_c: gradient of c from later steps.
 template <typename A, typename S>
-inline CellBackward<A> lstm_cell_grad(const Gates<A>& act, Simd<A> c_prev, Simd<A> c, Simd<A> d_hidden,
-                                      Simd<A> d_c) {
+SEQKERN_SIMD_INLINE CellBackward<A> lstm_cell_grad(const Gates<A>& act, Simd<A> c_prev, Simd<A> c,
+                                                   Simd<A> d_hidden, Simd<A> d_c) {
   const A one = 1;
   const Simd<A> tanh_c = CellActivations<S>::template tanh<A>(c);
   const Simd<A> d_c_total = d_c + d_hidden * act.o * (one - tanh_c * tanh_c);
@@ -111,8 +111,6 @@ struct LstmCell {
     Simd<A> output;        // o tanh(c), recomputed for the projection's weight gradient
   };
 
-  // Inlined into the loop: out of line (GCC's choice) the call passed the states and the result through the stack
-  // and was 27% of a bf16 layer's samples as its own symbol.
   template <typename A, typename In, typename Ws>
   SEQKERN_SIMD_INLINE States<A, 2> forward(const StepIn<A, In, Ws>& in, const States<A, 2>& prev) const {
     Gates<A> pre = load_gates<A>(in.gates_x, in.x_stride, 0, in.n) + load_gates<A>(in.gates_h, in.h_stride, 0, in.n);
@@ -125,7 +123,7 @@ struct LstmCell {
   /// d[0]: gradient of o tanh(c) (the cell's output), d[1]: of c from later steps. c is the recorded one, or
   /// under zoneout (cur[1] null: the record is the blended state) f c_prev + i g again from the saved gates.
   template <typename A, typename S>
-  Grad<A> grad(const GradIn<S, 2>& in, const States<A, 2>& d) const {
+  SEQKERN_SIMD_INLINE Grad<A> grad(const GradIn<S, 2>& in, const States<A, 2>& d) const {
     const Gates<A> act = load_gates<A>(in.workspace, in.stride, 0, in.n);
     const Simd<A> c_prev = load<A>(in.prev[1], in.n);
     const Simd<A> c = in.cur[1] ? load<A>(in.cur[1], in.n) : fmadd(act.f, c_prev, act.i * act.g);
@@ -134,7 +132,7 @@ struct LstmCell {
   }
 
   template <typename A>
-  static void store_grad(A* d_x, A* /*d_h*/, int64_t hidden, const Grad<A>& g, int n) {
+  SEQKERN_SIMD_INLINE static void store_grad(A* d_x, A* /*d_h*/, int64_t hidden, const Grad<A>& g, int n) {
     store_gates(d_x, hidden, 0, g.d_pre, n);
   }
 };

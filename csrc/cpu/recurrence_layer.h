@@ -282,6 +282,10 @@ void flag_switch(bool value, const F& f) {
 //                     recorded states k >= 1 are the blended ones: GradIn::cur[k] is then null and a cell that
 //                     reads its own new private state recomputes it from the workspace (LSTM: c);
 //   store_grad(d_gates_x row, d_gates_h row, H, grad, n) (the rows alias if kSameGateGrads).
+// forward, grad and store_grad are SEQKERN_SIMD_INLINE: out of line (GCC's choice for the GRU's and the Elman
+// cell's) each call built its StepIn / GradIn on the stack and returned the States through it (perf, RNN
+// inference b32 t100 h256, 2 threads: the cell loop 21% of the samples, a third of them on the call's `ret`;
+// the LSTM's forward, out of line, was 27% of a bf16 layer's samples).
 // An option a loop does not have reaches the cell as a constant null pointer (the loops' flags are
 // compile-time and the cell's math is inlined into them), so the cell's `if (in.bias_x)` costs nothing.
 // ================================================================================================
@@ -420,8 +424,8 @@ inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at
 /// slice packed beside its W_hh slice) instead of input_projection's one product before the loop. Per step, the
 /// gates then never leave the thread's cache, where the product before the loop writes (T*B, gates*H) to memory and
 /// the steps read it back (13 MB per LSTM layer at b32 t100 h256); one thread, process CPU time, alternating
-/// processes on a loaded machine: LSTM / GRU / RNN inference b32 t100 h256 1.07-1.46x / 1.02-1.52x / 1.02-1.39x
-/// (NOTES.md "Round 7"). Only where the step's product is a matrix product (a whole register block of rows: at
+/// processes on a loaded machine, medians: LSTM / GRU / RNN inference b32 t100 h256 1.08x / 1.23x / 1.12x (NOTES.md
+/// "Round 7"). Only where the step's product is a matrix product (a whole register block of rows: at
 /// batch 1 it is a GEMV bound by L2 bandwidth, and reading W_ih too per step would double that) and the thread's
 /// W_ih slice fits in L2 beside its W_hh slice. The bf16 units keep the product before the loop (AMX tiles).
 inline bool project_input_per_step(const LayerShape& d, int gates, int threads, at::ScalarType dtype) {
@@ -1007,13 +1011,12 @@ inline at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0
   return prev.view({-1, prev.size(2)});
 }
 
-/// A weight gradient lhs^T @ rhs over all rows, in storage dtype `dtype`. In bf16: one at::mm
-/// of the bf16-rounded operands (oneDNN: AMX where the CPU has it, fp32 accumulation over all rows, one
-/// rounding to bf16 at the end; the fp32 chunking above exists for fp32's 2x rule, while bf16's output
-/// rounding, 2^-9 relative, dwarfs the fp32 sum's error). Else sum_of_outer_products.
-inline at::Tensor weight_gradient(const at::Tensor& lhs, const at::Tensor& rhs, at::ScalarType dtype) {
-  if (use_bf16_gradients(dtype)) return at::mm(lhs.to(at::kBFloat16).t(), rhs.to(at::kBFloat16));
-  return sum_of_outer_products(lhs, rhs, weight_gradient_chunk_rows(lhs.size(0))).to(dtype);
+/// A bf16 layer's weight gradient lhs^T @ rhs over all rows: one at::mm of the bf16-rounded operands (oneDNN:
+/// AMX where the CPU has it, fp32 accumulation over all rows, one rounding to bf16 at the end; the fp32 chunking
+/// of sum_of_outer_products exists for fp32's 2x rule, while bf16's output rounding, 2^-9 relative, dwarfs the
+/// fp32 sum's error).
+inline at::Tensor bf16_weight_gradient(const at::Tensor& lhs, const at::Tensor& rhs) {
+  return at::mm(lhs.to(at::kBFloat16).t(), rhs.to(at::kBFloat16));
 }
 
 /// grad_input = d_gates (rows, gates*H, accumulation dtype) @ w_ih (gates*H, I), in storage dtype
@@ -1030,28 +1033,46 @@ inline at::Tensor input_gradient(const at::Tensor& d_gates, const at::Tensor& w_
   return out.to(dtype);
 }
 
-/// grad_w_hh = the sum over steps of d_gates_h(t)^T h_{t-1}, in the storage dtype; output (T,B,P) and h0 (B,P)
+/// The (lhs, rhs) pieces of grad_w_hh = the sum over steps of d_gates_h(t)^T h_{t-1}; output (T,B,P) and h0 (B,P)
 /// contiguous. In the plain schedule (no lengths or resets, no batch_sizes in the reverse direction) the rows
-/// h_{t-1} are h0's and the output's shifted by one step, and are summed from there (sum_of_outer_products'
-/// pieces, same chunks) rather than first copied into one (T*B, P) matrix by previous_hidden (3.3 MB at b32 t100
-/// h256: a page-faulting copy of 0.85 ms in a 20 ms RNN training step at one thread). Otherwise (other schedules,
-/// bf16 storage) previous_hidden gathers them in the GEMMs' operand dtype `gemm_dtype`.
-inline at::Tensor recurrent_weight_gradient(const at::Tensor& d_gates_h, const at::Tensor& output, const at::Tensor& h0,
-                                            const Schedule& sched, at::ScalarType gemm_dtype) {
+/// h_{t-1} are h0's and the output's shifted by one step, and are summed from there rather than first copied
+/// into one (T*B, P) matrix by previous_hidden (3.3 MB at b32 t100 h256: a page-faulting copy of 0.85 ms in a
+/// 20 ms RNN training step at one thread). Otherwise (other schedules, an output stored in another dtype than
+/// d_gates_h's) previous_hidden gathers them in the GEMMs' operand dtype `gemm_dtype`.
+inline OuterPieces recurrent_weight_pieces(const at::Tensor& d_gates_h, const at::Tensor& output, const at::Tensor& h0,
+                                           const Schedule& sched, at::ScalarType gemm_dtype) {
   const int64_t T = sched.seq_len, B = sched.batch, P = output.size(2);
-  const auto dtype = output.scalar_type();
   const bool shifted = !sched.flags.lengths && !sched.flags.resets && !(sched.reverse && sched.batch_sizes);
-  // Only where the rows are summed in the storage dtype (fp32, fp64): bf16's go through weight_gradient's one
-  // product over all rows (fp32 accumulation, one rounding), never the chunks' addmm_ in bf16.
-  if (!shifted || T == 0 || B == 0 || dtype != at::toOpMathType(dtype))
-    return weight_gradient(d_gates_h, previous_hidden(output, h0, sched, gemm_dtype), dtype);
+  if (!shifted || T == 0 || B == 0 || output.scalar_type() != d_gates_h.scalar_type())
+    return {{d_gates_h, previous_hidden(output, h0, sched, gemm_dtype)}};
   const at::Tensor out_rows = output.view({T * B, P});
   const int64_t later = (T - 1) * B;  // the rows whose h_{t-1} is an output row
   // Time order, as previous_hidden's rows: forward, h0 comes first; reverse, last.
   const std::pair<at::Tensor, at::Tensor> initial{d_gates_h.narrow(0, sched.reverse ? later : 0, B), h0},
       outputs{d_gates_h.narrow(0, sched.reverse ? 0 : B, later), out_rows.narrow(0, sched.reverse ? B : 0, later)};
-  const auto pieces = sched.reverse ? std::vector{outputs, initial} : std::vector{initial, outputs};
-  return sum_of_outer_products(pieces, weight_gradient_chunk_rows(T * B));
+  return sched.reverse ? OuterPieces{outputs, initial} : OuterPieces{initial, outputs};
+}
+
+/// grad_w_ih, grad_w_hh and (with a projection: hidden_all defined) grad_w_hr, in the storage dtype `dtype`. In
+/// bf16, bf16_weight_gradient each; else sums_of_outer_products, side by side.
+inline std::vector<at::Tensor> layer_weight_gradients(const at::Tensor& d_gates_x, const at::Tensor& x_rows,
+                                                      const at::Tensor& d_gates_h, const at::Tensor& output,
+                                                      const at::Tensor& h0, const at::Tensor& d_h_all,
+                                                      const at::Tensor& hidden_all, const Schedule& sched,
+                                                      at::ScalarType dtype, at::ScalarType gemm_dtype) {
+  std::vector<at::Tensor> grads;
+  if (use_bf16_gradients(dtype)) {
+    grads = {bf16_weight_gradient(d_gates_x, x_rows),
+             bf16_weight_gradient(d_gates_h, previous_hidden(output, h0, sched, gemm_dtype))};
+    if (hidden_all.defined()) grads.push_back(bf16_weight_gradient(d_h_all, hidden_all));
+    return grads;
+  }
+  std::vector<OuterPieces> jobs{{{d_gates_x, x_rows}},
+                                recurrent_weight_pieces(d_gates_h, output, h0, sched, gemm_dtype)};
+  if (hidden_all.defined()) jobs.push_back({{d_h_all, hidden_all}});
+  for (const at::Tensor& g : sums_of_outer_products(jobs, weight_gradient_chunk_rows(x_rows.size(0))))
+    grads.push_back(g.to(dtype));
+  return grads;
 }
 
 /// Gradients of one layer, in the storage dtype: of the input, of each initial state (in the cell's state
@@ -1087,7 +1108,8 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
   const auto bias_options = acc_options.dtype(at::kDouble);
   const at::Tensor d_bias_x = has_bias ? at::zeros({Cell::kGates * H}, bias_options) : at::Tensor();
   const at::Tensor d_bias_h = has_bias && !Cell::kSameGateGrads ? at::zeros({Cell::kGates * H}, bias_options) : at::Tensor();
-  // The dtype of the gradient GEMMs' operands (see weight_gradient), in which x and the previous h are gathered.
+  // The dtype of the gradient GEMMs' operands (see layer_weight_gradients), in which x and the previous h are
+  // gathered.
   const auto gemm_dtype = use_bf16_gradients(dtype) ? at::kBFloat16 : acc;
   const at::Tensor x_rows = input.reshape({T * B, d.input_size}).to(gemm_dtype).contiguous();
   std::array<at::Tensor, K> d_state, initial, sequence;
@@ -1145,13 +1167,17 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
   LayerGrads grads;
   grads.input = input_gradient(d_gates_x_gemm, w_ih, dtype).view({T, B, d.input_size});
   for (int k = 0; k < K; ++k) grads.initial.push_back(d_state[k].to(dtype, false, /*copy=*/true));
-  grads.w_ih = weight_gradient(d_gates_x_gemm, x_rows, dtype);
-  grads.w_hh = recurrent_weight_gradient(d_gates_h_gemm, sequence[0], initial[0], sched, gemm_dtype);
+  const std::vector<at::Tensor> weights = layer_weight_gradients(
+      d_gates_x_gemm, x_rows, d_gates_h_gemm, sequence[0], initial[0],
+      projection ? d_h_all.view({T * B, P}) : at::Tensor(), projection ? hidden_all.view({T * B, H}) : at::Tensor(),
+      sched, dtype, gemm_dtype);
+  grads.w_ih = weights[0];
+  grads.w_hh = weights[1];
   if (has_bias) {
     grads.b_ih = d_bias_x.to(dtype);
     grads.b_hh = Cell::kSameGateGrads ? grads.b_ih : d_bias_h.to(dtype);
   }
-  if (projection) grads.w_hr = weight_gradient(d_h_all.view({T * B, P}), hidden_all.view({T * B, H}), dtype);
+  if (projection) grads.w_hr = weights[2];
   return grads;
 }
 

@@ -40,7 +40,7 @@ struct ElmanCell {
   };
 
   template <typename A, typename In, typename Ws>
-  States<A, 1> forward(const StepIn<A, In, Ws>& in, const States<A, 1>& /*prev*/) const {
+  SEQKERN_SIMD_INLINE States<A, 1> forward(const StepIn<A, In, Ws>& in, const States<A, 1>& /*prev*/) const {
     Simd<A> pre = load<A>(in.gates_x, in.n) + load<A>(in.gates_h, in.n);
     if (in.bias_x) pre += load<A>(in.bias_x, in.n);
     // `pre < 0 ? 0 : pre` rather than max: a NaN propagates, as torch.relu's does.
@@ -48,7 +48,7 @@ struct ElmanCell {
   }
 
   template <typename A, typename S>
-  Grad<A> grad(const GradIn<S, 1>& in, const States<A, 1>& d) const {
+  SEQKERN_SIMD_INLINE Grad<A> grad(const GradIn<S, 1>& in, const States<A, 1>& d) const {
     const Simd<A> h = load<A>(in.cur[0], in.n), d_h = d[0];
     // As torch's threshold_backward: only h <= 0 blocks, so a NaN output passes its gradient on.
     return {relu ? (h <= A(0) ? Simd<A>{} : d_h) : d_h * (A(1) - h * h), {}};
@@ -56,7 +56,7 @@ struct ElmanCell {
 
   /// d_x and d_h are the same row (kSameGateGrads).
   template <typename A>
-  static void store_grad(A* d_x, A* /*d_h*/, int64_t /*hidden*/, const Grad<A>& g, int n) {
+  SEQKERN_SIMD_INLINE static void store_grad(A* d_x, A* /*d_h*/, int64_t /*hidden*/, const Grad<A>& g, int n) {
     store(d_x, g.d_pre, n);
   }
 };
