@@ -353,6 +353,11 @@ RESIDENT_MAX_HIDDEN = 512
 # 4x at large batch in 16-bit dtypes. float32 stays at 16 rows x 64 units: its LSTM spilled 192-552 bytes with
 # 32 or 64 rows at 4 or 8 warps (tf32x3 holds two halves of each operand).
 PER_STEP_TILE = {2: (64, 32), 4: (16, 64)}
+# ... but the backward's tile takes at most 32 rows: its cell backward holds more tiles (workspace, cells, gradients)
+# and the bfloat16 LSTM's 64 x 32 tile spilled 72 bytes at 255 registers on sm_80 (32 x 32: 190-195 registers, clean;
+# 64 x 16 was clean too but doubles the d_gates reads, which the backward's K = 4H makes the larger operand: per
+# step at b512 h1024 ~330 MB from L2 against ~260 MB with 32 x 32 and ~200 MB with 64 x 32).
+PER_STEP_BACKWARD_ROWS = 32
 # The register cap ptxas gets for every split launch (triton's `maxnreg`: the PTX's .maxnreg). Without it ptxas
 # settled on 128 registers and spilled 16-48 bytes in 15 float32 configs with tf32 products (allow_tf32): the LSTM
 # at 32 units / 4 warps on sm_80 and 64 / 8 on sm_90, the GRU at 64 / 8 on sm_90 (persistent and per step), every
@@ -367,28 +372,26 @@ def unit_blocks(dtype: torch.dtype) -> tuple[int, ...]:
     return (16, 32, 64) if torch.empty((), dtype=dtype).element_size() == 2 else (32, 64)
 
 
-def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_count: int,
-                   supported: bool = True) -> dict:
-    """The launch mode of a recurrent forward and its tiles, by shape: batch B, hidden H, `gates` blocks of H
-    columns in W_hh (LSTM 4, GRU 3, RNN 1), dtype, and the number of SMs (0 without a GPU: the interpreter).
-    `supported` is False for features only the row-block kernel has (the LSTM's projection, zoneout).
+def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_count: int) -> dict:
+    """The launch mode of a recurrent layer's forward and backward and their tiles, by shape: batch B, hidden H
+    (max(H, P) for an LSTM with a projection of size P: the split grid covers both), `gates` blocks of H columns in
+    W_hh (LSTM 4, GRU 3, RNN 1), dtype, and the number of SMs (0 without a GPU: the interpreter). The split kernels
+    implement every feature of the layers (lengths, resets, zoneout, the projection), so only the shape decides.
 
     -> {"mode": "rows"} or {"mode": "persistent" | "per_step", "BLOCK_B": batch rows and "BLOCK_U": units per program,
        "RESIDENT": W_hh slice loaded once before the time loop (persistent only), "num_warps", "num_stages",
        "maxnreg" (ptxas's register cap, SPLIT_MAXNREG)}
 
     The rule, in order:
-      * rows without a GPU, for unsupported features, for H <= 64 (the whole W_hh of such a layer is at most
+      * rows without a GPU, for H <= 64 (the whole W_hh of such a layer is at most
         64 KB: one program holds it, and a split would only add barriers), and while the row blocks alone
         fill half the SMs at H <= ROWS_MAX_HIDDEN (then every SM is busy and there is no barrier);
       * persistent with the narrowest unit slice (`unit_blocks`) for which batch blocks x unit blocks <= SMs:
         one program per SM, all co-resident (a cooperative launch), each keeping its slice resident when
         gates x BLOCK_U x H fits RESIDENT_BYTES in a 16-bit dtype at H <= RESIDENT_MAX_HIDDEN;
       * per_step otherwise (more programs than SMs: a grid barrier would deadlock), PER_STEP_TILE tiles.
-    A test can force a mode with `forced_mode` (unsupported features still get "rows").
+    A test can force a mode with `forced_mode`.
     """
-    if not supported:
-        return {"mode": "rows"}
     if _forced is not None:
         return dict(_forced)
     batch_blocks = triton.cdiv(batch, MIN_DOT_SIZE)
@@ -406,6 +409,14 @@ def recurrent_mode(batch: int, hidden: int, gates: int, dtype: torch.dtype, sm_c
     return _split_mode("per_step", units, False, dtype, min(rows, pow2_at_least(batch, MIN_DOT_SIZE)))
 
 
+def backward_mode(mode: dict) -> dict:
+    """The split backward's tiles for the forward's `mode` (recurrent_mode's result): the same, but at most
+    PER_STEP_BACKWARD_ROWS batch rows per program."""
+    if mode["mode"] == "rows" or mode["BLOCK_B"] <= PER_STEP_BACKWARD_ROWS:
+        return mode
+    return dict(mode, BLOCK_B=PER_STEP_BACKWARD_ROWS)
+
+
 def _split_mode(mode: str, block_u: int, resident: bool, dtype: torch.dtype, block_b: int = MIN_DOT_SIZE) -> dict:
     warps = UNIT_WARPS.get(torch.empty((), dtype=dtype).element_size(), UNIT_WARPS[4]).get(block_u, 8)
     if mode == "per_step":  # PER_STEP_TILE
@@ -416,9 +427,9 @@ def _split_mode(mode: str, block_u: int, resident: bool, dtype: torch.dtype, blo
 
 @contextlib.contextmanager
 def forced_mode(mode: str, block_u: int = 16, resident: bool = False, block_b: int = MIN_DOT_SIZE):
-    """Within the block every recurrent forward uses `mode` ("rows" | "persistent" | "per_step") with BLOCK_U
-    units and BLOCK_B batch rows per program: how the tests reach the split kernels without a GPU. Under the
-    interpreter programs run one after another, so "persistent" needs BLOCK_U >= H (one program per barrier
+    """Within the block every recurrent forward and backward uses `mode` ("rows" | "persistent" | "per_step") with
+    BLOCK_U units and BLOCK_B batch rows per program: how the tests reach the split kernels without a GPU. Under the
+    interpreter programs run one after another, so "persistent" needs BLOCK_U >= max(H, P) (one program per barrier
     group) or it would wait for ever (kernels/_recurrent_split.py refuses that launch). Warps and stages are
     the rule's for float32."""
     global _forced

@@ -98,6 +98,15 @@ def split_cell(x_r, x_z, x_n, h_r, h_z, h_n, h):
 
 
 @triton.jit
+def split_cell_backward(grad_h, r, z, n, hidden_n, h_prev):
+    """The cell backward of the split kernels: the gradient reaching h_t, the workspace, h_{t-1} -> d r_pre,
+    d z_pre, d n_pre, d n_pre * r (the workspace layout of grad_pre), grad_h * z (the share of grad h_{t-1}
+    that bypasses W_hh) and no cell gradient."""
+    d_r, d_z, d_x_n, d_h_n, bypass = _cell_backward_math(grad_h, r, z, n, hidden_n, h_prev)
+    return d_r, d_z, d_x_n, d_h_n, bypass, tl.zeros(grad_h.shape, grad_h.dtype)
+
+
+@triton.jit
 def _load_three(ptr, offsets, mask, H, ACC: tl.constexpr):
     """The three gate tiles [r, z, n] at `offsets` (into the first H columns of a 3H-wide layout), as ACC."""
     r = tl.load(ptr + offsets, mask=mask, other=0).to(ACC)
@@ -364,7 +373,7 @@ def gru_forward(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Ten
 
     # The input projection of every step at once: one GEMM over T*B rows, b_ih folded in.
     gates_x = linear(input.reshape(seq_len * batch, input_size), w_ih, b_ih).view(seq_len, batch, 3 * hidden)
-    mode = recurrent_mode(batch, hidden, 3, input.dtype, sm_count(input.device), not zoneout)
+    mode = recurrent_mode(batch, hidden, 3, input.dtype, sm_count(input.device))
     if mode["mode"] != "rows":
         output, h_n, _, split_workspace, _ = _recurrent_split.split_forward(
             _recurrent_split.GRU, mode, gates_x, w_hh, b_hh, h0, h0, on_device(batch_sizes, input), flags, reverse,
@@ -396,7 +405,12 @@ def gru_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
     grad_pre = input.new_empty(seq_len, batch, 4 * hidden)
     # Cloned rather than empty: with no time step (or no row) the gradient passes straight through.
     grad_h0 = grad_h_n.clone(memory_format=torch.contiguous_format)
-    if seq_len and batch:
+    mode = recurrent_mode(batch, hidden, 3, input.dtype, sm_count(input.device))
+    if seq_len and batch and mode["mode"] != "rows":
+        grad_pre, grad_h0, *_ = _recurrent_split.split_backward(
+            _recurrent_split.GRU, mode, grad_output, grad_h_n, None, output, workspace.contiguous(), None, h0, None,
+            w_hh, on_device(batch_sizes, input), flags, reverse)
+    elif seq_len and batch:
         launch(_gru_sequence_backward_kernel, sequence_grid(batch), input.device)(
             grad_output.contiguous(), grad_h_n.contiguous(), h0.contiguous(), output.contiguous(),
             workspace.contiguous(), w_hh.contiguous(), on_device(batch_sizes, input),

@@ -114,6 +114,14 @@ def split_cell(x_i, x_f, x_g, x_o, h_i, h_f, h_g, h_o, c_prev):
 
 
 @triton.jit
+def split_cell_backward(grad_h, grad_c, i, f, g, o, c_prev, c):
+    """The cell backward of the split kernels: gradients reaching h_t and c_t, the workspace, c_{t-1}, c_t ->
+    the four pre-activation gradients, the share of grad h_{t-1} that bypasses W_hh (none), grad c_{t-1}."""
+    d_i, d_f, d_g, d_o, grad_c_prev = _cell_backward_math(grad_h, grad_c, i, f, g, o, c_prev, c)
+    return d_i, d_f, d_g, d_o, tl.zeros(grad_h.shape, grad_h.dtype), grad_c_prev
+
+
+@triton.jit
 def _load_gates(ptr, offsets, mask, H, ACC: tl.constexpr):
     """The four gate tiles [i, f, g, o] at `offsets` (into the first H columns of a 4H-wide layout), as ACC."""
     i = tl.load(ptr + offsets, mask=mask, other=0).to(ACC)
@@ -441,11 +449,12 @@ def lstm_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     # The input projection of every step at once: one GEMM over T*B rows, biases folded in.
     bias = b_ih + b_hh if b_ih is not None else None
     gates_x = linear(input.reshape(seq_len * batch, input_size), w_ih, bias).view(seq_len, batch, 4 * hidden)
-    mode = recurrent_mode(batch, hidden, 4, input.dtype, sm_count(input.device), w_hr is None and not zoneout)
+    # The split kernels' grid covers max(H, P): a program's units and the same block of h's columns.
+    mode = recurrent_mode(batch, max(hidden, out_size), 4, input.dtype, sm_count(input.device))
     if mode["mode"] != "rows":
         output, h_n, c_n, split_gates, split_cells = _recurrent_split.split_forward(
             _recurrent_split.LSTM, mode, gates_x, w_hh, None, h0, c0, on_device(batch_sizes, input), flags,
-            reverse, save_workspace)
+            reverse, save_workspace, w_hr)
         if save_workspace:
             gates, cells = split_gates, split_cells
         return output, h_n, c_n.to(input.dtype), gates, cells
@@ -484,7 +493,12 @@ def lstm_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, input
     # Cloned rather than empty: with no time step (or no row) the gradients pass straight through.
     grad_h0 = grad_h_n.clone(memory_format=torch.contiguous_format)
     grad_c0 = grad_c_n.clone(memory_format=torch.contiguous_format)
-    if seq_len and batch:
+    mode = recurrent_mode(batch, max(hidden, out_size), 4, input.dtype, sm_count(input.device))
+    if seq_len and batch and mode["mode"] != "rows":
+        grad_gates, grad_h0, grad_c0, grad_h_all = _recurrent_split.split_backward(
+            _recurrent_split.LSTM, mode, grad_output, grad_h_n, grad_c_n, output, gates.contiguous(),
+            cells.contiguous(), h0, c0.contiguous(), w_hh, on_device(batch_sizes, input), flags, reverse, w_hr)
+    elif seq_len and batch:
         blocks = _sequence_blocks(hidden, out_size, input.dtype)
         launch(_lstm_sequence_backward_kernel, sequence_grid(batch), input.device)(
             grad_output.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), c0.contiguous(),

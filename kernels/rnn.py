@@ -80,6 +80,15 @@ def split_cell(x, hh, state, RELU: tl.constexpr):
     return h, state, h, h, h, h
 
 
+@triton.jit
+def split_cell_backward(grad_h, hy, RELU: tl.constexpr):
+    """The cell backward of the split kernels: the gradient reaching h_t and h_t -> the pre-activation gradient
+    (in the first of the four slots; the RNN stores one), no bypass of W_hh, no cell gradient."""
+    grad_pre = _preact_gradient(grad_h, hy, RELU)
+    zeros = tl.zeros(grad_h.shape, grad_h.dtype)
+    return grad_pre, grad_pre, grad_pre, grad_pre, zeros, zeros
+
+
 # ==================================================================================================
 # Cell step kernels. Grid: forward (batch blocks, hidden blocks); backward (hidden blocks,) so that one
 # program owns whole columns of the bias gradient and sums them without atomics (deterministic).
@@ -278,7 +287,13 @@ def rnn_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, h0: Tenso
     grad_preact = input.new_empty(seq_len, batch, hidden)
     # Cloned rather than empty: with no time step (or no row) the gradient passes straight through.
     grad_h0 = grad_h_n.clone(memory_format=torch.contiguous_format)
-    if seq_len and batch:
+    mode = recurrent_mode(batch, hidden, 1, input.dtype, sm_count(input.device))
+    if seq_len and batch and mode["mode"] != "rows":
+        cell = _recurrent_split.RNN_RELU if relu else _recurrent_split.RNN_TANH
+        grad_preact, grad_h0, *_ = _recurrent_split.split_backward(
+            cell, mode, grad_output, grad_h_n, None, output, None, None, h0, None, w_hh, on_device(batch_sizes, input),
+            flags, reverse)
+    elif seq_len and batch:
         launch(_rnn_sequence_backward_kernel, sequence_grid(batch), input.device)(
             grad_output.contiguous(), grad_h_n.contiguous(), output.contiguous(), w_hh.contiguous(),
             on_device(batch_sizes, input), flags["lengths_ptr"], flags["resets_ptr"], grad_preact, grad_h0,

@@ -1,8 +1,8 @@
 """Static GPU checks with no GPU: every Triton kernel (attention, decode, additive, the recurrent row-block forwards
-and backwards, the split recurrent forward, the LayerNorm LSTM / GRU kernels), for every configuration its launcher
-can choose on CUDA, compiled ahead of time for sm_80 (A100) and sm_90 (H100) with triton.compile +
-GPUTarget, asserting that ptxas spilled no registers and that the kernel's shared memory fits the target's
-per-block limit.
+and backwards where the rule keeps them, the split recurrent forward and backward, the LayerNorm LSTM / GRU
+kernels), for every configuration its launcher can choose on CUDA, compiled ahead of time for sm_80 (A100) and
+sm_90 (H100) with triton.compile + GPUTarget, asserting that ptxas spilled no registers and that the kernel's shared
+memory fits the target's per-block limit.
 
 The configurations are the launchers' own selection functions called for CUDA (`configs(...)`): a tile that
 cannot fit must be kept out by that rule, and these tests prove it does, by compiling exactly what it returns.
@@ -11,11 +11,11 @@ variant with the most live registers, which bounds the lighter ones; flash atten
 tiles for launches without mask and dropout, compiled as "[light]" kernels.
 
 Cost: a compile takes ~5-10 s of one core (ptxas included), 20-40 s on this loaded 2-core machine (the recurrent
-split kernel: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 8 kernels, plus 4
+split kernels: 1-6 s). The default run compiles a representative subset (DEFAULT_CASES: 9 kernels, plus 4
 compiles for the tf32 check; 13-20 s with triton's cache warm); `pytest -m gpu_compile` compiles the full matrix
 (kernels x configs x dtypes x head dims x targets, float32 under allow_tf32 off and on). Triton caches compiled
 kernels on disk (~/.triton/cache), so a second run costs seconds but for ptxas's reports (it runs again for each case:
-~15 min for the row-block kernels' large spills at hidden 512-1024). Cases listed in NO_FIT (no config fits) are
+~10 min for the LayerNorm kernels' large spills at hidden 512-1024). Cases listed in NO_FIT (no config fits) are
 xfail(strict=True).
 
 To add a kernel, append a Kernel to KERNELS: its JIT function, the arguments
@@ -48,7 +48,7 @@ from seqkern.kernels import flash_attention_decode as decode
 from seqkern.kernels import _recurrent_split as split
 from seqkern.kernels import gru, lstm, rnn
 from seqkern.kernels import layernorm_lstm as layernorm
-from seqkern.kernels._recurrent import recurrent_mode
+from seqkern.kernels._recurrent import backward_mode, recurrent_mode
 from seqkern.kernels._recurrent import sequence_blocks as recurrent_blocks
 from seqkern.testing import allow_tf32
 
@@ -221,7 +221,8 @@ def _additive_backward_configs(kernel: triton.JITFunction):
 # ------------------------------------------------------------------------------------------------------------
 # Recurrent forward, hidden units split across programs (kernels/_recurrent_split.py): every config the launcher's
 # rule (kernels/_recurrent.py recurrent_mode) picks for A100 / H100 SM counts and batches 1 .. 4096, with every
-# flag on (batch sizes, lengths, resets, reverse, workspace). "head_dim" is the hidden size here.
+# flag on (batch sizes, lengths, resets, reverse, workspace, the LSTM's / GRU's zoneout with a mask), and the split
+# backward in the same modes. "head_dim" is the hidden size here.
 # ------------------------------------------------------------------------------------------------------------
 RECURRENT_HIDDEN = (128, 256, 512, 1024)
 RECURRENT_DTYPES = (torch.bfloat16, torch.float32)
@@ -229,24 +230,70 @@ SM_COUNTS = (108, 132)  # A100, H100 SXM
 BATCHES = (1, 8, 16, 32, 64, 128, 256, 1024, 4096)
 
 
-def _split_arguments(cell: int) -> Callable:
+def _split_arguments(cell: int, proj: bool = False) -> Callable:
+    """The split forward with every flag on; with `proj` the LSTM's projection at P = H (the widest h)."""
     def arguments(dtype, hidden):
         state = split.GATES[cell] > 1  # the LSTM's c, the GRU's h
         given = dict(
+            w_hr_ptr=torch.zeros(1, dtype=dtype) if proj else None,
+            proj_in_ptr=torch.zeros(1, dtype=dtype) if proj else None, P=hidden, HAS_PROJ=proj,
             b_hh_ptr=torch.zeros(1, dtype=dtype) if cell == split.GRU else None,
             batch_sizes_ptr=torch.zeros(1, dtype=torch.int64), lengths_ptr=torch.zeros(1, dtype=torch.int64),
-            resets_ptr=torch.zeros(1, dtype=torch.uint8), state0_ptr=torch.zeros(1, dtype=dtype) if state else None,
+            resets_ptr=torch.zeros(1, dtype=torch.uint8), seed_ptr=torch.zeros(1, dtype=torch.int64) if state else None,
+            state0_ptr=torch.zeros(1, dtype=dtype) if state else None,
             state_ptr=torch.zeros(1, dtype=_accumulator(dtype)) if state else None,
             workspace_ptr=torch.zeros(1, dtype=dtype) if state else None,
             states_ptr=torch.zeros(1, dtype=dtype) if cell == split.LSTM else None,
-            arrivals_ptr=torch.zeros(1, dtype=torch.int32), H=hidden,
+            arrivals_ptr=torch.zeros(1, dtype=torch.int32), H=hidden, zoneout_hi=0.25, zoneout_lo=0.0,
             CELL=cell, GATES=split.GATES[cell], HAS_STATE=state, HAS_HH_BIAS=cell == split.GRU,
             SAVE_WORKSPACE=state, SAVE_STATES=cell == split.LSTM, HAS_BATCH_SIZES=True, USE_LENGTHS=True,
-            USE_RESETS=True, REVERSE=True)
+            USE_RESETS=True, ZONEOUT=state, ZONEOUT_MASK=state, REVERSE=True)
         tiles = split.split_tiles(_split_modes(cell, dtype, hidden)[0], hidden, dtype, CUDA)
         given.update({name: tiles[name] for name in ("ACC", "DOT", "PRECISION", "BLOCK_K", "BLOCK_HK")})
         return _filled(split._split_forward_kernel, dtype, given)
     return arguments
+
+
+def _split_backward_arguments(cell: int, proj: bool = False) -> Callable:
+    """The split backward with every flag on (batch sizes, lengths, resets, reverse; zoneout with a mask for the LSTM
+    and the GRU); with `proj` the LSTM's projection at P = H."""
+    def arguments(dtype, hidden):
+        state = split.GATES[cell] > 1
+        given = dict(
+            w_hr_ptr=torch.zeros(1, dtype=dtype) if proj else None,
+            grad_h_all_ptr=torch.zeros(1, dtype=dtype) if proj else None, P=hidden, HAS_PROJ=proj,
+            workspace_ptr=torch.zeros(1, dtype=dtype) if state else None,
+            states_ptr=torch.zeros(1, dtype=dtype) if cell == split.LSTM else None,
+            state0_ptr=torch.zeros(1, dtype=dtype) if cell == split.LSTM else None,
+            batch_sizes_ptr=torch.zeros(1, dtype=torch.int64), lengths_ptr=torch.zeros(1, dtype=torch.int64),
+            resets_ptr=torch.zeros(1, dtype=torch.uint8), seed_ptr=torch.zeros(1, dtype=torch.int64) if state else None,
+            carry_ptr=torch.zeros(1, dtype=_accumulator(dtype)), arrivals_ptr=torch.zeros(1, dtype=torch.int32),
+            H=hidden, zoneout_hi=0.25, zoneout_lo=0.0, CELL=cell, GATES=split.GATES[cell],
+            WIDTH=4 if state else 1, HAS_BATCH_SIZES=True, USE_LENGTHS=True, USE_RESETS=True, ZONEOUT=state,
+            ZONEOUT_MASK=state, REVERSE=True)
+        tiles = split.split_tiles(_split_modes(cell, dtype, hidden)[0], hidden, dtype, CUDA)
+        given.update({name: tiles[name] for name in ("ACC", "DOT", "PRECISION", "BLOCK_K")})
+        return _filled(split._split_backward_kernel, dtype, given)
+    return arguments
+
+
+def _split_backward_configs(cell: int) -> Callable:
+    """The backward's configs: the forward's modes through backward_mode, less RESIDENT (the backward streams its
+    W_hh columns), deduplicated."""
+    def configs(dtype, hidden):
+        distinct = []
+        for mode in _split_modes(cell, dtype, hidden):
+            config = _backward_config(mode)
+            if config not in distinct:
+                distinct.append(config)
+        return distinct
+    return configs
+
+
+def _backward_config(mode: dict) -> dict:
+    mode = backward_mode(mode)
+    return {"PERSISTENT": mode["mode"] == "persistent", "BLOCK_B": mode["BLOCK_B"], "BLOCK_U": mode["BLOCK_U"],
+            "num_warps": mode["num_warps"], "num_stages": mode["num_stages"], "maxnreg": mode["maxnreg"]}
 
 
 def _split_modes(cell: int, dtype: torch.dtype, hidden: int) -> list[dict]:
@@ -269,10 +316,10 @@ def _split_configs(cell: int) -> Callable:
     return configs
 
 
-# The row-block kernels: the rule keeps their forward at hidden <= 128 for the features the split kernel has, but at
-# every hidden size for the LSTM's projection and zoneout; every backward is theirs; the LayerNorm kernels too.
+# The row-block kernels: the rule keeps them (forward and backward) at hidden <= ROWS_MAX_HIDDEN (128) only; the
+# LayerNorm kernels at every hidden size.
 ROWS_HIDDEN = (64, 128, 256, 512, 1024)
-ROWS_FORWARD_HIDDEN = (64, 128)  # the RNN has neither projection nor zoneout: rows only at hidden <= ROWS_MAX_HIDDEN
+ROWS_RULE_HIDDEN = (64, 128)
 
 
 def _rows_arguments(function: triton.JITFunction, **flags) -> Callable:
@@ -335,23 +382,35 @@ def _layernorm_kernel(name: str, function: triton.JITFunction) -> Kernel:
                   dtypes=RECURRENT_DTYPES, head_dims=ROWS_HIDDEN)
 
 
-def _split_kernel(name: str, cell: int) -> Kernel:
-    return Kernel(f"recurrent_split.{name}", split._split_forward_kernel, _split_arguments(cell), _split_configs(cell),
-                  dtypes=RECURRENT_DTYPES, head_dims=RECURRENT_HIDDEN)
+def _split_kernel(name: str, cell: int, proj: bool = False) -> Kernel:
+    return Kernel(f"recurrent_split.{name}{'[proj]' if proj else ''}", split._split_forward_kernel,
+                  _split_arguments(cell, proj), _split_configs(cell), dtypes=RECURRENT_DTYPES,
+                  head_dims=RECURRENT_HIDDEN)
+
+
+def _split_backward_kernel(name: str, cell: int, proj: bool = False) -> Kernel:
+    return Kernel(f"recurrent_split.{name}.backward{'[proj]' if proj else ''}", split._split_backward_kernel,
+                  _split_backward_arguments(cell, proj), _split_backward_configs(cell), dtypes=RECURRENT_DTYPES,
+                  head_dims=RECURRENT_HIDDEN)
 
 
 KERNELS = [
-    _rows_kernel("lstm", lstm._lstm_sequence_forward_kernel, HAS_PROJ=True),
-    _rows_kernel("gru", gru._gru_sequence_forward_kernel, HAS_BIAS=True),
-    _rows_kernel("rnn", rnn._rnn_sequence_forward_kernel, RELU=False, hidden=ROWS_FORWARD_HIDDEN),
-    _rows_kernel("lstm.backward", lstm._lstm_sequence_backward_kernel, HAS_PROJ=True),
-    _rows_kernel("gru.backward", gru._gru_sequence_backward_kernel, HAS_BIAS=True),
-    _rows_kernel("rnn.backward", rnn._rnn_sequence_backward_kernel, RELU=False),
+    _rows_kernel("lstm", lstm._lstm_sequence_forward_kernel, HAS_PROJ=True, hidden=ROWS_RULE_HIDDEN),
+    _rows_kernel("gru", gru._gru_sequence_forward_kernel, HAS_BIAS=True, hidden=ROWS_RULE_HIDDEN),
+    _rows_kernel("rnn", rnn._rnn_sequence_forward_kernel, RELU=False, hidden=ROWS_RULE_HIDDEN),
+    _rows_kernel("lstm.backward", lstm._lstm_sequence_backward_kernel, HAS_PROJ=True, hidden=ROWS_RULE_HIDDEN),
+    _rows_kernel("gru.backward", gru._gru_sequence_backward_kernel, HAS_BIAS=True, hidden=ROWS_RULE_HIDDEN),
+    _rows_kernel("rnn.backward", rnn._rnn_sequence_backward_kernel, RELU=False, hidden=ROWS_RULE_HIDDEN),
     _layernorm_kernel("forward", layernorm._layernorm_sequence_forward_kernel),
     _layernorm_kernel("backward", layernorm._layernorm_sequence_backward_kernel),
     _split_kernel("lstm", split.LSTM),
     _split_kernel("gru", split.GRU),
     _split_kernel("rnn", split.RNN_TANH),
+    _split_kernel("lstm", split.LSTM, proj=True),
+    _split_backward_kernel("lstm", split.LSTM),
+    _split_backward_kernel("lstm", split.LSTM, proj=True),
+    _split_backward_kernel("gru", split.GRU),
+    _split_backward_kernel("rnn", split.RNN_TANH),
     Kernel("flash_attention.forward", flash._forward_kernel, _flash_forward, _flash_configs("forward")),
     Kernel("flash_attention.query_gradients", flash._query_gradients_kernel, _flash_query_gradients,
            _flash_configs("query_gradients")),
@@ -502,52 +561,23 @@ DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90", False
                  ("flash_attention_decode.split", torch.bfloat16, 128, "sm_90", False),
                  ("additive_attention.forward", torch.float16, 64, "sm_80", False),
                  ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90", False),  # persistent, 16 units, streamed
-                 ("recurrent_split.gru", torch.float32, 256, "sm_80", False))  # persistent, 32 units, tf32x3
+                 ("recurrent_split.gru", torch.float32, 256, "sm_80", False),  # persistent, 32 units, tf32x3
+                 ("recurrent_split.lstm.backward[proj]", torch.float32, 512, "sm_80", False))  # two phases per step
 
 
 # Kernels, dtypes and head dims (hidden sizes) for which no config fits: ptxas spills at the smallest tile (16 rows
 # is tl.dot's minimum) and with the register cap at 255, so the launcher keeps the least spilling config (the kernel
 # still runs correctly on a GPU, with local-memory traffic). (kernel, dtype, allow_tf32, head dim) -> {target: the
 # ptxas figures}. These cases are xfail(strict=True): they assert that the spill is still there. What would fit them
-# (hidden units split across programs in the recurrent backward and the LayerNorm kernels) is a design change, open
-# in NOTES.md ("GPU compile matrix: what does not fit"). Flash attention's backward left this table when it learned
-# to stream its operands over the head dim (kernels/flash_attention.py, CHUNK).
-def _ptxas(**targets) -> dict:
-    """{target: the figures} from target=(bytes spilled, registers)."""
-    return {target: f"{spilled} bytes spilled at {registers} registers"
-            for target, (spilled, registers) in targets.items()}
-
-
+# (hidden units split across programs in the LayerNorm kernels, with a cross-program reduction of the row
+# statistics) is a design change, open in NOTES.md ("Recurrent kernels on a GPU"). Flash attention's backward left
+# this table when it learned to stream its operands over the head dim (kernels/flash_attention.py, CHUNK); the
+# row-block recurrent kernels (they spilled from hidden 256: NOTES.md "GPU compile matrix") when the split kernels
+# took the backward, zoneout and the projection and the rule kept the row blocks at hidden <= 128.
 _LAYERNORM_ROWS = {target: "LayerNorm row-block kernel (16 rows x G*H columns in registers): at H=128 with one "
                    "stage the forward spilled 32-124 bytes and the backward 528-576; at H=256 with 3 stages 1.8-7.3 KB"
                    for target in TARGETS}
 NO_FIT = {
-    # The row-block recurrent kernels hold 16 batch rows x all H hidden units (x the gates' tiles) in registers: the
-    # register file (64K per SM) bounds H whatever the warps (16 warps at H = 256: the LSTM backward still spilled
-    # 416-620 bytes). (bytes spilled, registers) per target, 8 warps, the launcher's stages:
-    ("recurrent_rows.lstm", torch.bfloat16, False, 256): _ptxas(sm_80=(48, 255)),
-    ("recurrent_rows.lstm", torch.bfloat16, False, 512): _ptxas(sm_80=(1896, 255), sm_90=(2028, 255)),
-    ("recurrent_rows.lstm", torch.bfloat16, False, 1024): _ptxas(sm_80=(36812, 32), sm_90=(42714, 32)),
-    ("recurrent_rows.lstm", torch.float32, False, 256): _ptxas(sm_90=(240, 255)),
-    ("recurrent_rows.lstm", torch.float32, False, 512): _ptxas(sm_80=(3492, 255), sm_90=(4272, 255)),
-    ("recurrent_rows.lstm", torch.float32, False, 1024): _ptxas(sm_80=(17456, 128), sm_90=(19644, 128)),
-    ("recurrent_rows.gru", torch.bfloat16, False, 512): _ptxas(sm_80=(828, 255), sm_90=(1200, 255)),
-    ("recurrent_rows.gru", torch.bfloat16, False, 1024): _ptxas(sm_80=(27012, 32), sm_90=(29954, 32)),
-    ("recurrent_rows.gru", torch.float32, False, 512): _ptxas(sm_80=(1284, 255), sm_90=(1780, 255)),
-    ("recurrent_rows.gru", torch.float32, False, 1024): _ptxas(sm_80=(12188, 128), sm_90=(13116, 128)),
-    ("recurrent_rows.lstm.backward", torch.bfloat16, False, 256): _ptxas(sm_80=(472, 255), sm_90=(740, 255)),
-    ("recurrent_rows.lstm.backward", torch.bfloat16, False, 512): _ptxas(sm_80=(7844, 128), sm_90=(5168, 255)),
-    ("recurrent_rows.lstm.backward", torch.bfloat16, False, 1024): _ptxas(sm_80=(43200, 32), sm_90=(11824, 255)),
-    ("recurrent_rows.lstm.backward", torch.float32, False, 256): _ptxas(sm_80=(776, 255), sm_90=(896, 255)),
-    ("recurrent_rows.lstm.backward", torch.float32, False, 512): _ptxas(sm_80=(4228, 255), sm_90=(4380, 255)),
-    ("recurrent_rows.lstm.backward", torch.float32, False, 1024): _ptxas(sm_80=(13148, 255), sm_90=(13000, 255)),
-    ("recurrent_rows.gru.backward", torch.bfloat16, False, 256): _ptxas(sm_80=(36, 255), sm_90=(24, 255)),
-    ("recurrent_rows.gru.backward", torch.bfloat16, False, 512): _ptxas(sm_80=(1328, 255), sm_90=(2092, 255)),
-    ("recurrent_rows.gru.backward", torch.bfloat16, False, 1024): _ptxas(sm_80=(11048, 128), sm_90=(31584, 32)),
-    ("recurrent_rows.gru.backward", torch.float32, False, 512): _ptxas(sm_80=(1424, 255), sm_90=(1984, 255)),
-    ("recurrent_rows.gru.backward", torch.float32, False, 1024): _ptxas(sm_80=(5016, 255), sm_90=(5684, 255)),
-    ("recurrent_rows.rnn.backward", torch.bfloat16, False, 1024): _ptxas(sm_80=(496, 255), sm_90=(864, 255)),
-    ("recurrent_rows.rnn.backward", torch.float32, False, 1024): _ptxas(sm_80=(1092, 255), sm_90=(1044, 255)),
     ("layernorm_recurrent.forward", torch.bfloat16, False, 128): _LAYERNORM_ROWS,
     ("layernorm_recurrent.forward", torch.bfloat16, False, 256): _LAYERNORM_ROWS,
     ("layernorm_recurrent.forward", torch.bfloat16, False, 512): _LAYERNORM_ROWS,
@@ -659,6 +689,55 @@ def test_float32_products_follow_torch_allow_tf32():
     # three tf32 products per pair at least (measured: 96 against 16 in this kernel; flash attention's forward,
     # when it ran tf32x3, had exactly 3x)
     assert counts[False] >= 3 * counts[True]
+
+
+# The recurrent layers as the launchers pass them to the rule: (kernel name, gates). The LSTM with a projection of
+# size P passes max(H, P) as the hidden size: covered by the same hidden sizes.
+RULE_OPS = (("lstm", 4), ("gru", 3), ("rnn", 1))
+
+
+def _rule_modes(gates: int):
+    """(dtype, hidden, mode) over hidden sizes 1-1024 (odd ones too), batches 1-4096, A100 / H100 SM counts."""
+    for dtype in RECURRENT_DTYPES:
+        for hidden in (1, 17, 64, 65, 100, 128, 129, 200, 256, 333, 512, 700, 1000, 1024):
+            for batch in (1, 2, 3, 8, 16, 17, 32, 64, 100, 128, 256, 512, 1000, 1024, 2048, 4096):
+                for sms in SM_COUNTS:
+                    yield dtype, hidden, recurrent_mode(batch, hidden, gates, dtype, sms)
+
+
+def _matrix_hidden(hidden: int) -> int:
+    """The matrix's hidden size that compiles a layer of `hidden` units: the kernels' tiles are padded to a power of
+    two (at least 64, the smallest the matrix compiles; smaller tiles hold less)."""
+    return max(64, triton.next_power_of_2(hidden))
+
+
+def test_recurrent_rule_never_picks_a_kernel_that_does_not_fit():
+    """Issue 17: a configuration that cannot fit is excluded by the launcher's selection rule. Over hidden sizes,
+    batches and SM counts, the rule (kernels/_recurrent.py recurrent_mode, which the forward and the backward
+    launchers both follow) picks the row-block kernels (forward and backward) only where the matrix compiles them
+    and they fit (not in NO_FIT), and split configs the matrix compiles at the padded hidden size (tiles, warps,
+    launch mode, resident slice)."""
+    by_name = {kernel.name: kernel for kernel in KERNELS}
+    compiled = {}
+    for name, gates in RULE_OPS:
+        for dtype, hidden, mode in _rule_modes(gates):
+            size = _matrix_hidden(hidden)
+            if mode["mode"] == "rows":
+                for kernel in (f"recurrent_rows.{name}", f"recurrent_rows.{name}.backward"):
+                    assert size in by_name[kernel].head_dims and (kernel, dtype, False, size) not in NO_FIT, (
+                        kernel, dtype, hidden)
+                continue
+            if (name, dtype, size) not in compiled:
+                compiled[name, dtype, size] = (_split_configs(_CELLS[name])(dtype, size),
+                                               _split_backward_configs(_CELLS[name])(dtype, size))
+            config = {"PERSISTENT": mode["mode"] == "persistent", "RESIDENT": mode["RESIDENT"],
+                      "BLOCK_B": mode["BLOCK_B"], "BLOCK_U": mode["BLOCK_U"], "num_warps": mode["num_warps"],
+                      "num_stages": mode["num_stages"], "maxnreg": mode["maxnreg"]}
+            assert config in compiled[name, dtype, size][0], (name, dtype, hidden, mode)
+            assert _backward_config(mode) in compiled[name, dtype, size][1], (name, dtype, hidden, mode)
+
+
+_CELLS = {"lstm": split.LSTM, "gru": split.GRU, "rnn": split.RNN_TANH}
 
 
 def test_no_fit_entries_name_compiled_cases():

@@ -1,14 +1,14 @@
-"""The recurrent forward with the hidden units split across programs (kernels/_recurrent_split.py, issue 17 item 1)
-under the Triton interpreter, and the rule that picks a launch mode per shape (kernels/_recurrent.py
-recurrent_mode).
+"""The recurrent forward and backward with the hidden units split across programs (kernels/_recurrent_split.py,
+issue 17 item 1) under the Triton interpreter, and the rule that picks a launch mode per shape (kernels/_recurrent.py
+recurrent_mode; the backward follows it as the forward does).
 
 Without a GPU the rule picks the row-block kernels, so the tests force a mode (`forced_mode`). "per_step" runs as
 on a GPU (one launch per step over every program); "persistent" runs with one program per barrier group
 (BLOCK_U >= H: under the interpreter programs run one after another, so a barrier among several would never
 open), which still walks the single-launch time loop, the double buffer and the barrier's counter. The oracles
 are torch.nn's kernels stepped in the test (helpers.py) and, for resets and lengths, the tests of
-test_recurrent_state_flags.py run again in the forced mode; every output, final state and gradient under the
-rule (the backward is the row-block kernel's, fed by the split forward's workspace). The barrier's memory
+test_recurrent_state_flags.py run again in the forced mode; every output, final state and gradient (inputs,
+weights, biases, initial states: the split backward, in the same forced mode) under the rule. The barrier's memory
 ordering on a GPU is checked by the compiler tests (test_gpu_compile.py) and by reading, not here.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import seqkern
 import test_recurrent_state_flags as state_flags
 from helpers import case_id, check_op, layer_args, torch_lstm_layer, torch_single_state_layer
 from seqkern.kernels._recurrent import (
-    RESIDENT_BYTES, RESIDENT_MAX_HIDDEN, ROWS_MAX_HIDDEN, forced_mode, recurrent_mode, unit_blocks,
+    RESIDENT_BYTES, RESIDENT_MAX_HIDDEN, ROWS_MAX_HIDDEN, backward_mode, forced_mode, recurrent_mode, unit_blocks,
 )
 
 OPS = torch.ops.seqkern
@@ -105,6 +105,51 @@ def test_split_forward_resets(family):
             family, dict(input_size=3, hidden_size=20), True, 0.0, False, "triton")
 
 
+# (mode, family, use resets, zoneout, training, lengths, dtype): zoneout (mask and evaluation blend), resets and lengths
+# together, through the split forward and backward. 20 units: two programs per batch block per step, or (persistent)
+# one of 32.
+ZONEOUT_CASES = [
+    (("per_step", 16), "lstm", True, 0.3, True, None, torch.float32),
+    (("per_step", 16), "gru", True, 0.4, False, [4, 1, 3], torch.float32),
+    (("persistent", 32), "lstm", True, 0.4, False, [2, 4, 3], torch.float32),
+    (("persistent", 32), "gru", True, 0.3, True, None, torch.float32),
+    (("per_step", 16), "lstm", False, 0.3, True, [4, 2, 3], torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("mode,family,resets,zoneout,training,lengths,dtype", ZONEOUT_CASES,
+                         ids=[f"{c[0][0]}-{c[1]}-{i}" for i, c in enumerate(ZONEOUT_CASES)])
+def test_split_zoneout_resets_lengths(mode, family, resets, zoneout, training, lengths, dtype):
+    """Against the loop composed in test_recurrent_state_flags.py (the same zoneout mask bits as the row-block
+    kernels): every output, state and gradient."""
+    with forced_mode(*mode):
+        state_flags._check_against_composed("triton", family, dict(input_size=3, hidden_size=20), resets, zoneout,
+                                            training, lengths, dtype)
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+def test_forced_mode_runs_the_split_backward(family, monkeypatch):
+    """A forced split mode reaches the backward too (so every gradient test above checks the split backward):
+    its launcher runs once per layer and direction, and its gradients match the row-block backward's."""
+    from seqkern.kernels import _recurrent_split
+
+    calls = []
+    original = _recurrent_split.split_backward
+    monkeypatch.setattr(_recurrent_split, "split_backward", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    module = {"lstm": seqkern.nn.LSTM, "gru": seqkern.nn.GRU, "rnn": seqkern.nn.RNN}[family](
+        3, 20, bidirectional=True).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    grads = []
+    with seqkern.backend("triton"):
+        for mode in (("rows",), ("per_step", 16)):
+            with forced_mode(*mode):
+                output, _ = module(x)
+                grads.append(torch.autograd.grad(output.square().sum(), [x, *module.parameters()]))
+    assert [call["mode"] for call in calls] == ["per_step", "per_step"]
+    for split, rows in zip(grads[1], grads[0]):
+        torch.testing.assert_close(split, rows, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("family", ["lstm", "gru"])
 def test_split_forward_lengths_bidirectional(family):
     """lengths, both directions, against torch.nn on the packed sequence (test_recurrent_state_flags.py)."""
@@ -125,12 +170,42 @@ def test_split_forward_inference_returns_no_workspace():
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
 
 
-def test_unsupported_features_keep_the_row_block_kernel():
-    """The LSTM's projection (and zoneout) exist only in the row-block kernel: a forced split mode yields to it,
-    and the results still obey the rule."""
-    with forced_mode("per_step", 16):
-        assert recurrent_mode(1, 1024, 4, torch.float32, 132, supported=False) == {"mode": "rows"}
-        args = layer_args(4, 4, 3, 3, 17, proj=5, cell_state=True)
+# The LSTM's projection in the split kernels (two phases per step): (mode, hidden, proj, dtype, lengths). 17 units /
+# 5 columns in 16-unit slices: the second program has units but no columns; 33 / 20: two of three have columns.
+PROJECTION_CASES = [
+    (("per_step", 16), 17, 5, torch.float32, None),
+    (("per_step", 16), 33, 20, torch.float64, [4, 3, 1]),
+    (("per_step", 16, False, 32), 33, 20, torch.bfloat16, None),
+    (("persistent", 64, True), 33, 20, torch.float32, [4, 4, 2]),
+    (("persistent", 64), 17, 5, torch.float64, None),
+]
+
+
+@pytest.mark.parametrize("mode,hidden,proj,dtype,lengths", PROJECTION_CASES,
+                         ids=[f"{c[0][0]}-h{c[1]}-p{c[2]}-{i}" for i, c in enumerate(PROJECTION_CASES)])
+def test_split_projection_against_torch(mode, hidden, proj, dtype, lengths):
+    """h_t = (o * tanh(c_t)) W_hr^T: every output, state and gradient (w_hr's included) against torch.nn's LSTM;
+    reverse with packed lengths."""
+    args = layer_args(4, 4, 3, 3, hidden, proj=proj, cell_state=True, lengths=lengths, reverse=lengths is not None)
+    with forced_mode(*mode):
+        check_op(_lstm, torch_lstm_layer, args, OPS_UNDER_TEST["lstm"][3], dtype, "triton")
+
+
+@pytest.mark.parametrize("mode", [("per_step", 16), ("persistent", 32)], ids=lambda m: m[0])
+def test_split_projection_zoneout_resets(mode):
+    """The projection with zoneout (training mask) and resets against the loop composed in
+    test_recurrent_state_flags.py."""
+    with forced_mode(*mode):
+        state_flags._check_against_composed("triton", "lstm", dict(input_size=3, hidden_size=20, proj_size=7), True,
+                                            0.3, True, [4, 2, 3])
+
+
+@pytest.mark.parametrize("mode", [("per_step", 16), ("persistent", 32)], ids=lambda m: m[0])
+def test_split_projection_wider_than_hidden(mode):
+    """The op (not torch.nn.LSTM) allows proj_size > hidden_size: the split grid then covers the P columns (programs
+    past the units own columns only). Against torch's own LSTM kernel (torch._VF.lstm takes it)."""
+    args = layer_args(4, 3, 2, 3, 6, proj=20, cell_state=True)
+    with forced_mode(*mode):
         check_op(_lstm, torch_lstm_layer, args, OPS_UNDER_TEST["lstm"][3], torch.float32, "triton")
 
 
@@ -181,6 +256,10 @@ def test_rule_examples():
     assert recurrent_mode(4096, 1024, 4, torch.float32, H100)["mode"] == "per_step"
     # Per step, W_hh crosses L2 once per 64 batch rows (tiles of 64 rows x 32 units; 16 x 64 in float32).
     assert recurrent_mode(4096, 1024, 4, torch.bfloat16, H100)["BLOCK_B"] == 64
+    # ... the backward's at most 32 (its 64-row LSTM tile spilled); other modes as the forward's.
+    assert backward_mode(recurrent_mode(4096, 1024, 4, torch.bfloat16, H100))["BLOCK_B"] == 32
+    assert backward_mode(recurrent_mode(1, 1024, 4, torch.bfloat16, H100)) == recurrent_mode(1, 1024, 4, torch.bfloat16,
+                                                                                              H100)
     assert recurrent_mode(2200, 333, 4, torch.float32, A100)["BLOCK_B"] == 16
 
 
