@@ -21,7 +21,7 @@ from torch import Tensor
 from ._hash import _head_key, _mix
 from ._launch import launch
 from ._recurrent import (accumulate_matmul, column_sums, kernel_dtypes, reset_rows, sequence_blocks, sequence_grid,
-                         sigmoid, store, tanh)
+                         sigmoid, sm_count, store, tanh)
 
 
 # ==================================================================================================
@@ -475,14 +475,21 @@ def sequence_forward(is_lstm: bool, input, states0, w_ih, w_hh, bias_x, bias_h, 
     c0 = states[1].clone() if is_lstm else h0
     c_state = states[1] if is_lstm else h0.clone()
     vec = lambda t: None if t is None else t.to(acc).contiguous()  # noqa: E731
-    launch(_layernorm_sequence_forward_kernel, sequence_grid(batch), input.device)(
-        gx.contiguous(), w_hh.to(acc).contiguous(), vec(ln_hh_w), vec(ln_hh_b), vec(bias_h), vec(cell_w), vec(cell_b),
-        *options["args"], h0, c0, states[0], c_state, output, workspace if save_workspace else None,
-        seq_len, batch, hidden, eps, zoneout, options["keep_below"],
-        IS_LSTM=is_lstm, HAS_BIAS_H=bias_h is not None, REVERSE=bool(reverse), SAVE_WORKSPACE=bool(save_workspace),
-        **options["flags"], **{**kernel_dtypes(input), "DOT": kernel_dtypes(states[0])["DOT"]},
-        **sequence_tiles(hidden),
-    )
+    tensors = (gx.contiguous(), w_hh.to(acc).contiguous(), vec(ln_hh_w), vec(ln_hh_b), vec(bias_h), vec(cell_w),
+               vec(cell_b), *options["args"], h0, c0, states[0], c_state, output,
+               workspace if save_workspace else None)
+    scalars = (seq_len, batch, hidden, eps, zoneout, options["keep_below"])
+    flags = dict(IS_LSTM=is_lstm, HAS_BIAS_H=bias_h is not None, REVERSE=bool(reverse),
+                 SAVE_WORKSPACE=bool(save_workspace), **options["flags"],
+                 **{**kernel_dtypes(input), "DOT": kernel_dtypes(states[0])["DOT"]})
+    # Imported here: kernels/_layernorm_split.py builds on this module's device helpers.
+    from ._layernorm_split import layernorm_mode, split_forward
+    mode = layernorm_mode(hidden, sm_count(input.device))
+    if mode["mode"] == "rows":
+        launch(_layernorm_sequence_forward_kernel, sequence_grid(batch), input.device)(
+            *tensors, *scalars, **flags, **sequence_tiles(hidden))
+    else:
+        split_forward(tensors, scalars, flags, mode, gates, states[0])
     return output, [s.to(input.dtype) for s in states], workspace
 
 

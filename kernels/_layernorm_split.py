@@ -1,0 +1,299 @@
+"""The split LayerNorm LSTM / GRU forward (issue 17): the hidden units split across programs, the LayerNorms' row
+statistics merged across them, one launch per phase of a time step (kernels/_recurrent_split.py's per-step mode,
+the cell a constexpr plug-in: IS_LSTM as in kernels/layernorm_lstm.py).
+
+Why: the row-block kernel (kernels/layernorm_lstm.py) holds 16 rows x all G*H gate columns in registers and spills
+from hidden 128 on sm_80 / sm_90 (tests/test_gpu_compile.py). Here a program owns BLOCK_B batch rows x BLOCK_U
+units (all G gate columns of those units). The LayerNorm of a row's G*H columns of h W_hh^T (and the LSTM's
+LayerNorm of c_t over H) then needs every program's columns: each program writes its partial statistics (count,
+mean, M2 of its columns; Chan et al.'s pairwise merge, not sum and sum of squares, which cancel in float32) to a
+(2, B, programs, 3) buffer, and after the launch boundary every program merges all partials in program order, so
+every program gets the same mean and variance bit for bit (deterministic, no atomics).
+
+Phases of step t (one launch each; grid (batch blocks, unit blocks)):
+  0  p = h_{t-1} W_hh[units]^T for the G gates (streams its W_hh rows), p to `scratch`, partial stats of p;
+  1  merge -> mean, rstd of the row; LN, + the x side, the cell: the GRU finishes (h_t, output); the LSTM writes
+     its gates and c' (before LayerNorm) to `scratch`, partial stats of c', c_t to the state;
+  2  (LSTM) merge -> LN(c'), h_t = o * tanh(LN(c') * w + b), output.
+The last phase of step t also puts the initial state back into the rows that step t + 1 resets (resets come with
+no reverse), so phase 0 reads the operand it needs. A phase writes only its own units' states, and the states
+it reads of other programs (h_{t-1} in phase 0) were written in an earlier launch: one state buffer suffices.
+The workspace is the row-block kernel's layout, so its backward (kernels/layernorm_lstm.py) follows this forward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import launch
+from ._recurrent import accumulate_matmul, forced, sigmoid, store, tanh
+from .layernorm_lstm import _active, _blend, _gate_tile, _load_gate_vecs, _load_vec, _workspace_layout, _zoneout_weight
+
+# The split tile on a GPU: 16 batch rows (tl.dot's minimum) x 32 units, 4 warps, one stage, ptxas's register cap at
+# 255 (as kernels/_recurrent.py's split modes). Everything is float32 math (the launcher converts W_hh and the
+# states, as for the row-block kernel), so one tile serves every storage dtype.
+SPLIT_TILE = {"BLOCK_B": 16, "BLOCK_U": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1, "maxnreg": 255}
+# The padded hidden size up to which the row-block kernel is kept: it compiles clean at 64, spills from 128.
+ROWS_MAX_HIDDEN = 64
+
+
+# ==================================================================================================
+# Device helpers.
+# ==================================================================================================
+@triton.jit
+def _store_partials(stats_ptr, rows, B, unit_block, n_blocks, tiles_sum, count, m2):
+    """Writes this program's (count, mean, M2) of each row to stats[rows, unit_block, :] (stats (B, n_blocks, 3))."""
+    offsets = (rows * n_blocks + unit_block) * 3
+    tl.store(stats_ptr + offsets, count + rows * 0, mask=rows < B)
+    tl.store(stats_ptr + offsets + 1, tiles_sum / count, mask=rows < B)
+    tl.store(stats_ptr + offsets + 2, m2, mask=rows < B)
+
+
+@triton.jit
+def _merged_stats(stats_ptr, rows, B, n_blocks, eps, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(mean, 1/sqrt(var + eps)) of each row from all programs' partials, merged in program order (Chan's pairwise
+    update: delta = mean_b - mean_a, mean += delta n_b / n, M2 += M2_b + delta^2 n_a n_b / n)."""
+    n = tl.zeros((BLOCK_B,), ACC)
+    mean = tl.zeros((BLOCK_B,), ACC)
+    m2 = tl.zeros((BLOCK_B,), ACC)
+    for block in range(n_blocks):
+        offsets = (rows * n_blocks + block) * 3
+        n_b = tl.load(stats_ptr + offsets, mask=rows < B, other=1).to(ACC)
+        mean_b = tl.load(stats_ptr + offsets + 1, mask=rows < B, other=0).to(ACC)
+        m2_b = tl.load(stats_ptr + offsets + 2, mask=rows < B, other=0).to(ACC)
+        total = n + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (n * n_b / total)
+        n = total
+    return mean, 1 / tl.sqrt(m2 / n + eps)
+
+
+@triton.jit
+def _centered_sq(x, mean, col_mask):
+    d = tl.where(col_mask[None, :], x - mean[:, None], 0)
+    return tl.sum(d * d, 1)
+
+
+@triton.jit
+def _commit_h(h_new, h_old, keep, t, rows, B, T, units, umask, H, h_ptr, h0_ptr, output_ptr, resets_ptr,
+              HAS_RESETS: tl.constexpr):
+    """h_t of the active rows to the output (zero elsewhere) and to the state, whose rows that step t + 1 resets
+    get h0 back."""
+    state_mask = (rows < B)[:, None] & umask[None, :]
+    offsets = rows[:, None] * H + units[None, :]
+    h = tl.where(keep, h_new, h_old)
+    store(output_ptr + (t * B + rows)[:, None] * H + units[None, :], tl.where(keep, h, 0), state_mask)
+    h = _restart(h, h0_ptr, offsets, t, rows, B, T, state_mask, resets_ptr, HAS_RESETS)
+    tl.store(h_ptr + offsets, h, mask=state_mask)
+
+
+@triton.jit
+def _restart(state, state0_ptr, offsets, t, rows, B, T, state_mask, resets_ptr, HAS_RESETS: tl.constexpr):
+    """The state entering step t + 1: the initial state's in the rows that step resets (resets: t increasing)."""
+    if HAS_RESETS:
+        following = rows * 0 + t + 1  # a vector: the interpreter turns a block mask & a scalar into int32
+        nxt = tl.load(resets_ptr + following * B + rows, mask=(rows < B) & (following < T), other=0) != 0
+        reset = nxt[:, None] & state_mask
+        state = tl.where(reset, tl.load(state0_ptr + offsets, mask=reset, other=0), state)
+    return state
+
+
+# ==================================================================================================
+# The kernel: one phase of one step. Grid: (cdiv(B, BLOCK_B), cdiv(H, BLOCK_U)).
+# ==================================================================================================
+@triton.jit(do_not_specialize=["T", "step"])
+def _layernorm_split_forward_kernel(
+    gx_ptr,  # (T,B,G*H) ACC: the finished x side
+    w_hh_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr,  # (G*H,H) ACC; (G*H,) LN(h W_hh^T) affine; (G*H,) after it or None
+    cell_w_ptr, cell_b_ptr,  # (H,) ln_cell (LSTM)
+    lengths_ptr, resets_ptr, seed_ptr,  # (B,) int64, (T,B) bool, () int64, each if its flag
+    h0_ptr, c0_ptr,  # (B,H) ACC
+    h_ptr, c_ptr,  # (B,H) ACC: the states (h0 / c0 before the first step, the final states after the last)
+    output_ptr,  # out (T,B,H), the storage dtype
+    ws_ptr,  # out (T,B,W) ACC if SAVE_WORKSPACE (kernels/layernorm_lstm.py's layout)
+    scratch_ptr,  # (B,(G+1)*H) ACC: p, then the LSTM's activated gates and c' between the phases
+    stats_ptr,  # (2,B,n_blocks,3) ACC: the partial statistics of p, then of c'
+    T, B, H, eps, zoneout, keep_below, step,
+    IS_LSTM: tl.constexpr, HAS_BIAS_H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    ZONEOUT: tl.constexpr, REVERSE: tl.constexpr, SAVE_WORKSPACE: tl.constexpr, PHASE: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    unit_block = tl.program_id(1)
+    n_blocks = tl.num_programs(1)
+    units = unit_block * BLOCK_U + tl.arange(0, BLOCK_U)
+    umask = units < H
+    t = T - 1 - step if REVERSE else step
+    active = _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS)
+    keep = active[:, None] & umask[None, :]
+    G = 4 if IS_LSTM else 3
+    SW = (G + 1) * H  # scratch row width
+    scratch = rows[:, None] * SW + units[None, :]
+    state_mask = (rows < B)[:, None] & umask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    n_units = tl.minimum(H - unit_block * BLOCK_U, BLOCK_U).to(ACC)
+    if PHASE == 0:
+        # The hidden part of the gates for this program's units, one gate block of W_hh (H rows) at a time.
+        p0 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr, 1, H, units,
+                               umask, H, DOT, BLOCK_K)
+        p1 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + H * H, 1, H,
+                               units, umask, H, DOT, BLOCK_K)
+        p2 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 2 * H * H, 1,
+                               H, units, umask, H, DOT, BLOCK_K)
+        total = _row_sum(p0, umask) + _row_sum(p1, umask) + _row_sum(p2, umask)
+        if IS_LSTM:
+            p3 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 3 * H * H,
+                                   1, H, units, umask, H, DOT, BLOCK_K)
+            total += _row_sum(p3, umask)
+        count = n_units * G
+        mean = total / count
+        m2 = _centered_sq(p0, mean, umask) + _centered_sq(p1, mean, umask) + _centered_sq(p2, mean, umask)
+        tl.store(scratch_ptr + scratch, p0, mask=state_mask)
+        tl.store(scratch_ptr + scratch + H, p1, mask=state_mask)
+        tl.store(scratch_ptr + scratch + 2 * H, p2, mask=state_mask)
+        if IS_LSTM:
+            m2 += _centered_sq(p3, mean, umask)
+            tl.store(scratch_ptr + scratch + 3 * H, p3, mask=state_mask)
+        _store_partials(stats_ptr, rows, B, unit_block, n_blocks, total, count, m2)
+    elif PHASE == 1:
+        _cell_phase(gx_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr, resets_ptr, seed_ptr, h0_ptr, c0_ptr, h_ptr, c_ptr,
+                    output_ptr, ws_ptr, scratch_ptr, stats_ptr, t, T, B, H, eps, zoneout, keep_below, rows, units,
+                    umask, unit_block, n_blocks, n_units, active, keep, scratch, state_mask, state_offsets,
+                    IS_LSTM, HAS_BIAS_H, HAS_RESETS, ZONEOUT, SAVE_WORKSPACE, ACC, BLOCK_B)
+    else:
+        # The LSTM's h_t: LN of c' over H from the merged partials.
+        W, _, _, RSTD = _workspace_layout(H, IS_LSTM)
+        mean, rstd_c = _merged_stats(stats_ptr + B * n_blocks * 3, rows, B, n_blocks, eps, ACC, BLOCK_B)
+        c_raw = tl.load(scratch_ptr + scratch + 4 * H, mask=keep, other=0)
+        o = tl.load(scratch_ptr + scratch + 3 * H, mask=keep, other=0)
+        c_hat = tl.where(umask[None, :], c_raw - mean[:, None], 0) * rstd_c[:, None]
+        h_new = o * tanh(c_hat * _load_vec(cell_w_ptr, units, umask, ACC)[None, :]
+                         + _load_vec(cell_b_ptr, units, umask, ACC)[None, :])
+        h_old = tl.load(h_ptr + state_offsets, mask=state_mask, other=0)
+        h_new = _blend(h_new, h_old, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
+                       ZONEOUT)
+        if SAVE_WORKSPACE:
+            ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+            tl.store(ws_ptr + ws_offsets + 12 * H, c_hat, mask=keep)
+            tl.store(ws_ptr + (t * B + rows) * W + RSTD + 2, rstd_c, mask=active & (rows * 0 + unit_block == 0))
+        _commit_h(h_new, h_old, keep, t, rows, B, T, units, umask, H, h_ptr, h0_ptr, output_ptr, resets_ptr,
+                  HAS_RESETS)
+
+
+@triton.jit
+def _row_sum(x, col_mask):
+    return tl.sum(tl.where(col_mask[None, :], x, 0), 1)
+
+
+@triton.jit
+def _cell_phase(gx_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr, resets_ptr, seed_ptr, h0_ptr, c0_ptr, h_ptr, c_ptr,
+                output_ptr, ws_ptr, scratch_ptr, stats_ptr, t, T, B, H, eps, zoneout, keep_below, rows, units, umask,
+                unit_block, n_blocks, n_units, active, keep, scratch, state_mask, state_offsets,
+                IS_LSTM: tl.constexpr, HAS_BIAS_H: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
+                SAVE_WORKSPACE: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Phase 1: the gates' LayerNorm from the merged partials, the x side, the cell (see the module docstring)."""
+    G = 4 if IS_LSTM else 3
+    W, _, HHAT, RSTD = _workspace_layout(H, IS_LSTM)
+    mean, rstd_h = _merged_stats(stats_ptr, rows, B, n_blocks, eps, ACC, BLOCK_B)
+    lw0, lw1, lw2, lw3 = _load_gate_vecs(ln_w_ptr, units, umask, H, ACC, IS_LSTM)
+    lb0, lb1, lb2, lb3 = _load_gate_vecs(ln_b_ptr, units, umask, H, ACC, IS_LSTM)
+    if HAS_BIAS_H:
+        lb0 += _load_vec(bias_h_ptr, units, umask, ACC)
+        lb1 += _load_vec(bias_h_ptr + H, units, umask, ACC)
+        lb2 += _load_vec(bias_h_ptr + 2 * H, units, umask, ACC)
+    a0 = (tl.load(scratch_ptr + scratch, mask=keep, other=0) - mean[:, None]) * rstd_h[:, None]
+    a1 = (tl.load(scratch_ptr + scratch + H, mask=keep, other=0) - mean[:, None]) * rstd_h[:, None]
+    a2 = (tl.load(scratch_ptr + scratch + 2 * H, mask=keep, other=0) - mean[:, None]) * rstd_h[:, None]
+    row_offsets = (t * B + rows)[:, None] * (G * H) + units[None, :]
+    x0 = _gate_tile(gx_ptr, row_offsets, 0, H, keep, ACC)
+    x1 = _gate_tile(gx_ptr, row_offsets, 1, H, keep, ACC)
+    x2 = _gate_tile(gx_ptr, row_offsets, 2, H, keep, ACC)
+    ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+    n2 = a2 * lw2[None, :] + lb2[None, :]
+    h_old = tl.load(h_ptr + state_offsets, mask=state_mask, other=0)
+    if IS_LSTM:
+        a3 = (tl.load(scratch_ptr + scratch + 3 * H, mask=keep, other=0) - mean[:, None]) * rstd_h[:, None]
+        i = sigmoid(x0 + a0 * lw0[None, :] + lb0[None, :])
+        f = sigmoid(x1 + a1 * lw1[None, :] + lb1[None, :])
+        g = tanh(x2 + n2)
+        o = sigmoid(_gate_tile(gx_ptr, row_offsets, 3, H, keep, ACC) + a3 * lw3[None, :] + lb3[None, :])
+        c_old = tl.load(c_ptr + state_offsets, mask=state_mask, other=0)
+        c_raw = f * c_old + i * g
+        # c' (before LayerNorm and zoneout) and o for phase 2; the partial statistics of c' over these units.
+        tl.store(scratch_ptr + scratch + 3 * H, o, mask=state_mask)
+        tl.store(scratch_ptr + scratch + 4 * H, c_raw, mask=state_mask)
+        c_sum = _row_sum(c_raw, umask)
+        _store_partials(stats_ptr + B * n_blocks * 3, rows, B, unit_block, n_blocks, c_sum, n_units,
+                        _centered_sq(c_raw, c_sum / n_units, umask))
+        c_new = _blend(c_raw, c_old, _zoneout_weight(seed_ptr, 1, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
+                       ZONEOUT)
+        c = _restart(tl.where(keep, c_new, c_old), c0_ptr, state_offsets, t, rows, B, T, state_mask, resets_ptr,
+                     HAS_RESETS)
+        tl.store(c_ptr + state_offsets, c, mask=state_mask)
+        if SAVE_WORKSPACE:
+            tl.store(ws_ptr + ws_offsets, i, mask=keep)
+            tl.store(ws_ptr + ws_offsets + H, f, mask=keep)
+            tl.store(ws_ptr + ws_offsets + 2 * H, g, mask=keep)
+            tl.store(ws_ptr + ws_offsets + 3 * H, o, mask=keep)
+            tl.store(ws_ptr + ws_offsets + 13 * H, c_new, mask=keep)
+            tl.store(ws_ptr + ws_offsets + HHAT + 3 * H, a3, mask=keep)
+    else:
+        r = sigmoid(x0 + a0 * lw0[None, :] + lb0[None, :])
+        z = sigmoid(x1 + a1 * lw1[None, :] + lb1[None, :])
+        cand = tanh(x2 + r * n2)
+        h_new = (1 - z) * cand + z * h_old
+        h_new = _blend(h_new, h_old, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC,
+                                                     ZONEOUT), ZONEOUT)
+        if SAVE_WORKSPACE:
+            tl.store(ws_ptr + ws_offsets, r, mask=keep)
+            tl.store(ws_ptr + ws_offsets + H, z, mask=keep)
+            tl.store(ws_ptr + ws_offsets + 2 * H, cand, mask=keep)
+            tl.store(ws_ptr + ws_offsets + 3 * H, n2, mask=keep)
+        _commit_h(h_new, h_old, keep, t, rows, B, T, units, umask, H, h_ptr, h0_ptr, output_ptr, resets_ptr,
+                  HAS_RESETS)
+    if SAVE_WORKSPACE:
+        tl.store(ws_ptr + ws_offsets + HHAT, a0, mask=keep)
+        tl.store(ws_ptr + ws_offsets + HHAT + H, a1, mask=keep)
+        tl.store(ws_ptr + ws_offsets + HHAT + 2 * H, a2, mask=keep)
+        tl.store(ws_ptr + (t * B + rows) * W + RSTD + 1, rstd_h, mask=active & (rows * 0 + unit_block == 0))
+
+
+# ==================================================================================================
+# The rule and the launcher.
+# ==================================================================================================
+def layernorm_mode(hidden: int, sm_count: int) -> dict:
+    """{"mode": "rows"} (kernels/layernorm_lstm.py's row-block kernel) without a GPU (sm_count 0: the interpreter,
+    where the split's extra launches only cost time) and at padded hidden <= ROWS_MAX_HIDDEN (where it compiles
+    clean), else {"mode": "per_step", **SPLIT_TILE}: wherever the row-block kernel spills (tests/test_gpu_compile.py
+    NO_FIT). A test forces a mode with kernels/_recurrent.py's forced_mode ("rows" or "per_step"; the LayerNorm
+    split has no persistent mode yet)."""
+    forced_now = forced()
+    if forced_now is not None:
+        if forced_now["mode"] == "persistent":
+            raise ValueError("the LayerNorm split kernel has no persistent mode (per_step or rows only)")
+        if forced_now["mode"] == "rows":
+            return forced_now
+        return {"mode": "per_step", **SPLIT_TILE, "BLOCK_B": forced_now["BLOCK_B"], "BLOCK_U": forced_now["BLOCK_U"],
+                "BLOCK_K": 16}
+    if sm_count == 0 or max(16, triton.next_power_of_2(hidden)) <= ROWS_MAX_HIDDEN:
+        return {"mode": "rows"}
+    return {"mode": "per_step", **SPLIT_TILE}
+
+
+def split_forward(tensors: tuple, scalars: tuple, flags: dict, mode: dict, gates: int, like: Tensor) -> None:
+    """Runs the T steps, (3 if LSTM else 2) launches per step, (batch blocks, unit blocks) programs each.
+    tensors: the kernel's pointer arguments from gx_ptr to ws_ptr (kernels/layernorm_lstm.py sequence_forward);
+    scalars: (T, B, H, eps, zoneout, keep_below); flags: its constexprs but the tiles and PHASE; mode: layernorm_mode's
+    (tiles and compile options); like: an ACC tensor on the device."""
+    seq_len, batch, hidden = scalars[:3]
+    tile = {name: value for name, value in mode.items() if name != "mode"}
+    n_blocks = triton.cdiv(hidden, tile["BLOCK_U"])
+    scratch = like.new_empty(batch, (gates + 1) * hidden)
+    stats = like.new_empty(2, batch, n_blocks, 3)
+    kernel = launch(_layernorm_split_forward_kernel, (triton.cdiv(batch, tile["BLOCK_B"]), n_blocks), like.device)
+    for step in range(seq_len):
+        for phase in range(3 if gates == 4 else 2):
+            kernel(*tensors, scratch, stats, *scalars, step, PHASE=phase, **flags, **tile)
