@@ -445,3 +445,56 @@ TRITON_CASES = [CASES[0], dict(seq_len=4, batch=3, input_size=5, hidden=17), CAS
                          ids=lambda v: str(v) if isinstance(v, torch.dtype) else case_id(v))
 def test_triton_kernel_against_composed(case, dtype):
     check_op(op_forward, composed_layernorm_lstm, layer_args(**case), TENSOR_NAMES, dtype, "triton")
+
+
+# The split forward (kernels/_layernorm_split.py: hidden units split across programs, the LayerNorms' row statistics
+# merged across them), forced: 40 units in 16-unit slices = 3 programs per batch block, the last one partial; 18 rows
+# = 2 batch blocks. The backward is the row-block kernel's, from the split forward's workspace, so every gradient
+# checks the workspace too.
+SPLIT_CASES = [
+    dict(seq_len=4, batch=18, input_size=5, hidden=40, resets=True, zoneout=0.3, train=True,
+         lengths=[4, 3, 2, 1, 0, 4] * 3),
+    dict(seq_len=4, batch=3, input_size=4, hidden=33, zoneout=0.25, lengths=[2, 4, 3], reverse=True),
+]
+SPLIT_DTYPE_CASES = [(SPLIT_CASES[0], torch.float64), (SPLIT_CASES[0], torch.float32),
+                     (SPLIT_CASES[1], torch.float32), (SPLIT_CASES[1], torch.bfloat16)]
+
+
+def check_split_forward(op, oracle, args, names, dtype, monkeypatch) -> None:
+    """check_op with the split forward forced (16-unit slices) and a spy proving that it ran."""
+    from seqkern.kernels import _layernorm_split
+    from seqkern.kernels._recurrent import forced_mode
+
+    calls = []
+    original = _layernorm_split.split_forward
+    monkeypatch.setattr(_layernorm_split, "split_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with forced_mode("per_step", block_u=16):
+        check_op(op, oracle, args, names, dtype, "triton")
+    assert calls
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case,dtype", SPLIT_DTYPE_CASES,
+                         ids=lambda v: str(v) if isinstance(v, torch.dtype) else case_id(v))
+def test_triton_split_forward_against_composed(case, dtype, monkeypatch):
+    check_split_forward(op_forward, composed_layernorm_lstm, layer_args(**case), TENSOR_NAMES, dtype, monkeypatch)
+
+
+@pytest.mark.triton
+def test_triton_split_rule():
+    """The rule (kernels/_layernorm_split.py layernorm_mode): the row-block kernel without a GPU and at padded
+    hidden <= 64, the split forward above (where the row-block kernel spills: tests/test_gpu_compile.py proves the
+    split configs fit); no persistent mode to force."""
+    from seqkern.kernels._layernorm_split import SPLIT_TILE, layernorm_mode
+    from seqkern.kernels._recurrent import forced_mode
+
+    assert layernorm_mode(1024, 0) == {"mode": "rows"}
+    assert layernorm_mode(64, 132) == {"mode": "rows"}
+    assert layernorm_mode(65, 132) == {"mode": "per_step", **SPLIT_TILE}
+    with forced_mode("rows"):
+        assert layernorm_mode(1024, 132)["mode"] == "rows"
+    with forced_mode("per_step", block_u=16, block_b=32):
+        mode = layernorm_mode(8, 0)
+        assert (mode["mode"], mode["BLOCK_U"], mode["BLOCK_B"]) == ("per_step", 16, 32)
+    with forced_mode("persistent"), pytest.raises(ValueError, match="no persistent mode"):
+        layernorm_mode(8, 0)
