@@ -48,6 +48,7 @@ from seqkern.kernels import flash_attention_decode as decode
 from seqkern.kernels import _recurrent_split as split
 from seqkern.kernels import gru, lstm, rnn
 from seqkern.kernels import layernorm_lstm as layernorm
+from seqkern.kernels import _layernorm_split as layernorm_split
 from seqkern.kernels._recurrent import backward_mode, recurrent_mode
 from seqkern.kernels._recurrent import sequence_blocks as recurrent_blocks
 from seqkern.testing import allow_tf32
@@ -377,9 +378,43 @@ def _layernorm_configs(dtype, hidden):
     return [{"num_warps": blocks["num_warps"], "num_stages": blocks["num_stages"]}]
 
 
-def _layernorm_kernel(name: str, function: triton.JITFunction) -> Kernel:
+def _layernorm_kernel(name: str, function: triton.JITFunction, hidden: tuple = ROWS_HIDDEN) -> Kernel:
     return Kernel(f"layernorm_recurrent.{name}", function, _layernorm_arguments(function), _layernorm_configs,
-                  dtypes=RECURRENT_DTYPES, head_dims=ROWS_HIDDEN)
+                  dtypes=RECURRENT_DTYPES, head_dims=hidden)
+
+
+# The split LayerNorm forward (kernels/_layernorm_split.py): the rule picks it on CUDA above padded hidden 64 (the
+# row-block forward is compiled at 64 only, where the rule keeps it). One config per phase of a step (PHASE is a
+# constexpr: each phase is its own kernel); the GRU (IS_LSTM off) has two phases and fewer tiles.
+LAYERNORM_SPLIT_HIDDEN = (128, 256, 512, 1024)
+
+
+def _layernorm_split_arguments(is_lstm: bool) -> Callable:
+    """The split forward with every flag on (the recurrent bias, lengths, resets, zoneout with a mask, reverse,
+    workspace); float32 math whatever the storage dtype (the launcher converts W_hh and the states)."""
+    def arguments(dtype, hidden):
+        acc = _accumulator(dtype)
+        given = dict(lengths_ptr=torch.zeros(1, dtype=torch.int64), resets_ptr=torch.zeros(1, dtype=torch.bool),
+                     seed_ptr=torch.zeros(1, dtype=torch.int64), output_ptr=torch.zeros(1, dtype=dtype), H=hidden,
+                     eps=1e-5, zoneout=0.25, IS_LSTM=is_lstm, HAS_BIAS_H=True, HAS_LENGTHS=True, HAS_RESETS=True,
+                     ZONEOUT=2, REVERSE=True, SAVE_WORKSPACE=True, ACC=_launch_acc(dtype),
+                     DOT=_launch.dot_operand_dtype(acc, CUDA))
+        return _filled(layernorm_split._layernorm_split_forward_kernel, acc, given)
+    return arguments
+
+
+def _layernorm_split_configs(is_lstm: bool) -> Callable:
+    def configs(dtype, hidden):
+        mode = layernorm_split.layernorm_mode(hidden, SM_COUNTS[-1])
+        tile = {name: value for name, value in mode.items() if name != "mode"}
+        return [{"PHASE": phase, **tile} for phase in range(3 if is_lstm else 2)]
+    return configs
+
+
+def _layernorm_split_kernel(name: str, is_lstm: bool) -> Kernel:
+    return Kernel(f"layernorm_split.{name}.forward", layernorm_split._layernorm_split_forward_kernel,
+                  _layernorm_split_arguments(is_lstm), _layernorm_split_configs(is_lstm), dtypes=RECURRENT_DTYPES,
+                  head_dims=LAYERNORM_SPLIT_HIDDEN)
 
 
 def _split_kernel(name: str, cell: int, proj: bool = False) -> Kernel:
@@ -401,7 +436,9 @@ KERNELS = [
     _rows_kernel("lstm.backward", lstm._lstm_sequence_backward_kernel, HAS_PROJ=True, hidden=ROWS_RULE_HIDDEN),
     _rows_kernel("gru.backward", gru._gru_sequence_backward_kernel, HAS_BIAS=True, hidden=ROWS_RULE_HIDDEN),
     _rows_kernel("rnn.backward", rnn._rnn_sequence_backward_kernel, RELU=False, hidden=ROWS_RULE_HIDDEN),
-    _layernorm_kernel("forward", layernorm._layernorm_sequence_forward_kernel),
+    _layernorm_kernel("forward", layernorm._layernorm_sequence_forward_kernel, hidden=(64,)),
+    _layernorm_split_kernel("lstm", True),
+    _layernorm_split_kernel("gru", False),
     _layernorm_kernel("backward", layernorm._layernorm_sequence_backward_kernel),
     _split_kernel("lstm", split.LSTM),
     _split_kernel("gru", split.GRU),
@@ -578,14 +615,6 @@ _LAYERNORM_ROWS = {target: "LayerNorm row-block kernel (16 rows x G*H columns in
                    "stage the forward spilled 32-124 bytes and the backward 528-576; at H=256 with 3 stages 1.8-7.3 KB"
                    for target in TARGETS}
 NO_FIT = {
-    ("layernorm_recurrent.forward", torch.bfloat16, False, 128): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.bfloat16, False, 256): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.bfloat16, False, 512): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.bfloat16, False, 1024): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.float32, False, 128): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.float32, False, 256): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.float32, False, 512): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.float32, False, 1024): _LAYERNORM_ROWS,
     ("layernorm_recurrent.backward", torch.bfloat16, False, 128): _LAYERNORM_ROWS,
     ("layernorm_recurrent.backward", torch.bfloat16, False, 256): _LAYERNORM_ROWS,
     ("layernorm_recurrent.backward", torch.bfloat16, False, 512): _LAYERNORM_ROWS,
@@ -738,6 +767,29 @@ def test_recurrent_rule_never_picks_a_kernel_that_does_not_fit():
 
 
 _CELLS = {"lstm": split.LSTM, "gru": split.GRU, "rnn": split.RNN_TANH}
+
+
+def test_layernorm_rule_never_picks_a_forward_that_does_not_fit():
+    """The LayerNorm LSTM / GRU forward's rule (kernels/_layernorm_split.py layernorm_mode): over hidden sizes 1-1024
+    and the SM counts it picks the row-block forward only where the matrix compiles it and it fits (not in NO_FIT),
+    and otherwise a split config that the matrix compiles, every phase, at the padded hidden size. (The backward is
+    still the row-block kernel at every hidden size: its NO_FIT entries stay, open.)"""
+    by_name = {kernel.name: kernel for kernel in KERNELS}
+    for dtype in RECURRENT_DTYPES:
+        for hidden in (1, 17, 64, 65, 100, 128, 129, 200, 256, 333, 512, 700, 1000, 1024):
+            size = _matrix_hidden(hidden)
+            for sms in SM_COUNTS:
+                mode = layernorm_split.layernorm_mode(hidden, sms)
+                if mode["mode"] == "rows":
+                    name = "layernorm_recurrent.forward"
+                    assert size in by_name[name].head_dims and (name, dtype, False, size) not in NO_FIT, (dtype, hidden)
+                    continue
+                tile = {name: value for name, value in mode.items() if name != "mode"}
+                for name, phases in (("layernorm_split.lstm.forward", 3), ("layernorm_split.gru.forward", 2)):
+                    kernel = by_name[name]
+                    assert size in kernel.head_dims, (name, hidden)
+                    configs = kernel.configs(dtype, size)
+                    assert all({"PHASE": phase, **tile} in configs for phase in range(phases)), (name, hidden, mode)
 
 
 def test_no_fit_entries_name_compiled_cases():
