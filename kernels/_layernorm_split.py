@@ -1,23 +1,29 @@
 """The split LayerNorm LSTM / GRU forward (issue 17): the hidden units split across programs, the LayerNorms' row
-statistics merged across them, one launch per phase of a time step (kernels/_recurrent_split.py's per-step mode,
-the cell a constexpr plug-in: IS_LSTM as in kernels/layernorm_lstm.py).
+statistics merged across them (kernels/_recurrent_split.py's design; the cell a constexpr plug-in: IS_LSTM as in
+kernels/layernorm_lstm.py).
 
 Why: the row-block kernel (kernels/layernorm_lstm.py) holds 16 rows x all G*H gate columns in registers and spills
 from hidden 128 on sm_80 / sm_90 (tests/test_gpu_compile.py). Here a program owns BLOCK_B batch rows x BLOCK_U
 units (all G gate columns of those units). The LayerNorm of a row's G*H columns of h W_hh^T (and the LSTM's
 LayerNorm of c_t over H) then needs every program's columns: each program writes its partial statistics (count,
 mean, M2 of its columns; Chan et al.'s pairwise merge, not sum and sum of squares, which cancel in float32) to a
-(2, B, programs, 3) buffer, and after the launch boundary every program merges all partials in program order, so
-every program gets the same mean and variance bit for bit (deterministic, no atomics).
+(2, B, programs, 3) buffer, and after a barrier every program merges all partials in program order, so every
+program gets the same mean and variance bit for bit (deterministic, no atomics).
 
-Phases of step t (one launch each; grid (batch blocks, unit blocks)):
+Phases of step t, each ended by a barrier among the programs of a batch block:
   0  p = h_{t-1} W_hh[units]^T for the G gates (streams its W_hh rows), p to `scratch`, partial stats of p;
   1  merge -> mean, rstd of the row; LN, + the x side, the cell: the GRU finishes (h_t, output); the LSTM writes
-     its gates and c' (before LayerNorm) to `scratch`, partial stats of c', c_t to the state;
+     o and c' (before LayerNorm) to `scratch`, partial stats of c', c_t to the state;
   2  (LSTM) merge -> LN(c'), h_t = o * tanh(LN(c') * w + b), output.
 The last phase of step t also puts the initial state back into the rows that step t + 1 resets (resets come with
-no reverse), so phase 0 reads the operand it needs. A phase writes only its own units' states, and the states
-it reads of other programs (h_{t-1} in phase 0) were written in an earlier launch: one state buffer suffices.
+no reverse), so phase 0 reads the operand it needs. A phase writes only its own units' states and scratch
+columns, and what it reads of other programs (h_{t-1} in phase 0, the partials in phases 1 and 2) was written
+before the last barrier and is not overwritten before the next: one state buffer suffices. Two partials buffers,
+because the LSTM's phase 1 reads every program's partials of p while it writes its own of c'.
+Launch modes (`layernorm_mode`): "per_step", a launch per phase (the launch boundary is the barrier; 3T launches
+for the LSTM, 2T for the GRU), and "persistent", one cooperative launch over all phases with kernels/_recurrent.py's
+grid_barrier (when the programs fit one per SM). Under the interpreter programs run one after another, so
+"persistent" runs only with one program per batch block (the launcher refuses more).
 The workspace is the row-block kernel's layout, so its backward (kernels/layernorm_lstm.py) follows this forward.
 """
 from __future__ import annotations
@@ -28,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import launch
-from ._recurrent import accumulate_matmul, forced, sigmoid, store, tanh
+from ._recurrent import accumulate_matmul, forced, grid_barrier, sigmoid, store, tanh
 from .layernorm_lstm import _active, _blend, _gate_tile, _load_gate_vecs, _load_vec, _workspace_layout, _zoneout_weight
 
 # The split tile on a GPU: 16 batch rows (tl.dot's minimum) x 32 units, 4 warps, one stage, ptxas's register cap at
@@ -102,9 +108,9 @@ def _restart(state, state0_ptr, offsets, t, rows, B, T, state_mask, resets_ptr, 
 
 
 # ==================================================================================================
-# The kernel: one phase of one step. Grid: (cdiv(B, BLOCK_B), cdiv(H, BLOCK_U)).
+# The kernel. Grid: (cdiv(B, BLOCK_B), cdiv(H, BLOCK_U)).
 # ==================================================================================================
-@triton.jit(do_not_specialize=["T", "step"])
+@triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
 def _layernorm_split_forward_kernel(
     gx_ptr,  # (T,B,G*H) ACC: the finished x side
     w_hh_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr,  # (G*H,H) ACC; (G*H,) LN(h W_hh^T) affine; (G*H,) after it or None
@@ -116,71 +122,102 @@ def _layernorm_split_forward_kernel(
     ws_ptr,  # out (T,B,W) ACC if SAVE_WORKSPACE (kernels/layernorm_lstm.py's layout)
     scratch_ptr,  # (B,(G+1)*H) ACC: p, then the LSTM's activated gates and c' between the phases
     stats_ptr,  # (2,B,n_blocks,3) ACC: the partial statistics of p, then of c'
-    T, B, H, eps, zoneout, keep_below, step,
+    arrivals_ptr,  # (batch blocks,) int32 zeros: the grid barrier's counters, if PERSISTENT
+    T, B, H, eps, zoneout, keep_below, phase_begin, phase_end,
     IS_LSTM: tl.constexpr, HAS_BIAS_H: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
-    ZONEOUT: tl.constexpr, REVERSE: tl.constexpr, SAVE_WORKSPACE: tl.constexpr, PHASE: tl.constexpr,
+    ZONEOUT: tl.constexpr, REVERSE: tl.constexpr, SAVE_WORKSPACE: tl.constexpr, PERSISTENT: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Phases j = phase_begin .. phase_end - 1 (step j // PHASES, phase j % PHASES; PHASES = 3 for the LSTM, 2 for
+    the GRU), each ended by the grid barrier of the batch block's programs (PERSISTENT: one launch for all phases)
+    or by the launch's end (per step: one launch per phase)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     unit_block = tl.program_id(1)
     n_blocks = tl.num_programs(1)
     units = unit_block * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < H
-    t = T - 1 - step if REVERSE else step
-    active = _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS)
-    keep = active[:, None] & umask[None, :]
+    PHASES = 3 if IS_LSTM else 2
     G = 4 if IS_LSTM else 3
     SW = (G + 1) * H  # scratch row width
     scratch = rows[:, None] * SW + units[None, :]
     state_mask = (rows < B)[:, None] & umask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
     n_units = tl.minimum(H - unit_block * BLOCK_U, BLOCK_U).to(ACC)
-    if PHASE == 0:
-        # The hidden part of the gates for this program's units, one gate block of W_hh (H rows) at a time.
-        p0 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr, 1, H, units,
-                               umask, H, DOT, BLOCK_K)
-        p1 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + H * H, 1, H,
-                               units, umask, H, DOT, BLOCK_K)
-        p2 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 2 * H * H, 1,
-                               H, units, umask, H, DOT, BLOCK_K)
-        total = _row_sum(p0, umask) + _row_sum(p1, umask) + _row_sum(p2, umask)
-        if IS_LSTM:
-            p3 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 3 * H * H,
-                                   1, H, units, umask, H, DOT, BLOCK_K)
-            total += _row_sum(p3, umask)
-        count = n_units * G
-        mean = total / count
-        m2 = _centered_sq(p0, mean, umask) + _centered_sq(p1, mean, umask) + _centered_sq(p2, mean, umask)
-        tl.store(scratch_ptr + scratch, p0, mask=state_mask)
-        tl.store(scratch_ptr + scratch + H, p1, mask=state_mask)
-        tl.store(scratch_ptr + scratch + 2 * H, p2, mask=state_mask)
-        if IS_LSTM:
-            m2 += _centered_sq(p3, mean, umask)
-            tl.store(scratch_ptr + scratch + 3 * H, p3, mask=state_mask)
-        _store_partials(stats_ptr, rows, B, unit_block, n_blocks, total, count, m2)
-    elif PHASE == 1:
-        _cell_phase(gx_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr, resets_ptr, seed_ptr, h0_ptr, c0_ptr, h_ptr, c_ptr,
-                    output_ptr, ws_ptr, scratch_ptr, stats_ptr, t, T, B, H, eps, zoneout, keep_below, rows, units,
-                    umask, unit_block, n_blocks, n_units, active, keep, scratch, state_mask, state_offsets,
-                    IS_LSTM, HAS_BIAS_H, HAS_RESETS, ZONEOUT, SAVE_WORKSPACE, ACC, BLOCK_B)
-    else:
-        # The LSTM's h_t: LN of c' over H from the merged partials.
-        W, _, _, RSTD = _workspace_layout(H, IS_LSTM)
-        mean, rstd_c = _merged_stats(stats_ptr + B * n_blocks * 3, rows, B, n_blocks, eps, ACC, BLOCK_B)
-        c_raw = tl.load(scratch_ptr + scratch + 4 * H, mask=keep, other=0)
-        o = tl.load(scratch_ptr + scratch + 3 * H, mask=keep, other=0)
-        c_hat = tl.where(umask[None, :], c_raw - mean[:, None], 0) * rstd_c[:, None]
-        h_new = o * tanh(c_hat * _load_vec(cell_w_ptr, units, umask, ACC)[None, :]
-                         + _load_vec(cell_b_ptr, units, umask, ACC)[None, :])
-        h_old = tl.load(h_ptr + state_offsets, mask=state_mask, other=0)
-        h_new = _blend(h_new, h_old, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
-                       ZONEOUT)
-        if SAVE_WORKSPACE:
-            ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
-            tl.store(ws_ptr + ws_offsets + 12 * H, c_hat, mask=keep)
-            tl.store(ws_ptr + (t * B + rows) * W + RSTD + 2, rstd_c, mask=active & (rows * 0 + unit_block == 0))
-        _commit_h(h_new, h_old, keep, t, rows, B, T, units, umask, H, h_ptr, h0_ptr, output_ptr, resets_ptr,
-                  HAS_RESETS)
+    for j in range(phase_begin, phase_end):
+        step = j // PHASES
+        phase = j % PHASES
+        t = T - 1 - step if REVERSE else step
+        active = _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS)
+        keep = active[:, None] & umask[None, :]
+        if phase == 0:
+            _gates_phase(w_hh_ptr, h_ptr, scratch_ptr, stats_ptr, B, H, rows, units, umask, unit_block, n_blocks,
+                         n_units, active, scratch, state_mask, IS_LSTM, ACC, DOT, BLOCK_B, BLOCK_U, BLOCK_K)
+        elif phase == 1:
+            _cell_phase(gx_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr, resets_ptr, seed_ptr, h0_ptr, c0_ptr, h_ptr, c_ptr,
+                        output_ptr, ws_ptr, scratch_ptr, stats_ptr, t, T, B, H, eps, zoneout, keep_below, rows, units,
+                        umask, unit_block, n_blocks, n_units, active, keep, scratch, state_mask, state_offsets,
+                        IS_LSTM, HAS_BIAS_H, HAS_RESETS, ZONEOUT, SAVE_WORKSPACE, ACC, BLOCK_B)
+        else:
+            _cell_norm_phase(cell_w_ptr, cell_b_ptr, resets_ptr, seed_ptr, h0_ptr, h_ptr, output_ptr, ws_ptr,
+                             scratch_ptr, stats_ptr, t, T, B, H, eps, zoneout, keep_below, rows, units, umask,
+                             unit_block, n_blocks, active, keep, scratch, state_mask, state_offsets, IS_LSTM,
+                             HAS_RESETS, ZONEOUT, SAVE_WORKSPACE, ACC, BLOCK_B)
+        if PERSISTENT:
+            grid_barrier(arrivals_ptr + tl.program_id(0), (j - phase_begin + 1) * n_blocks)
+
+
+@triton.jit
+def _gates_phase(w_hh_ptr, h_ptr, scratch_ptr, stats_ptr, B, H, rows, units, umask, unit_block, n_blocks, n_units,
+                 active, scratch, state_mask, IS_LSTM: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase 0: p = h_{t-1} W_hh^T for this program's units, one gate block of W_hh (H rows) at a time, to the
+    scratch; the partial statistics of its G x BLOCK_U columns."""
+    G = 4 if IS_LSTM else 3
+    p0 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr, 1, H, units,
+                           umask, H, DOT, BLOCK_K)
+    p1 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + H * H, 1, H,
+                           units, umask, H, DOT, BLOCK_K)
+    p2 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 2 * H * H, 1,
+                           H, units, umask, H, DOT, BLOCK_K)
+    total = _row_sum(p0, umask) + _row_sum(p1, umask) + _row_sum(p2, umask)
+    p3 = p2
+    if IS_LSTM:
+        p3 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 3 * H * H,
+                               1, H, units, umask, H, DOT, BLOCK_K)
+        total += _row_sum(p3, umask)
+    count = n_units * G
+    mean = total / count
+    m2 = _centered_sq(p0, mean, umask) + _centered_sq(p1, mean, umask) + _centered_sq(p2, mean, umask)
+    tl.store(scratch_ptr + scratch, p0, mask=state_mask)
+    tl.store(scratch_ptr + scratch + H, p1, mask=state_mask)
+    tl.store(scratch_ptr + scratch + 2 * H, p2, mask=state_mask)
+    if IS_LSTM:
+        m2 += _centered_sq(p3, mean, umask)
+        tl.store(scratch_ptr + scratch + 3 * H, p3, mask=state_mask)
+    _store_partials(stats_ptr, rows, B, unit_block, n_blocks, total, count, m2)
+
+
+@triton.jit
+def _cell_norm_phase(cell_w_ptr, cell_b_ptr, resets_ptr, seed_ptr, h0_ptr, h_ptr, output_ptr, ws_ptr, scratch_ptr,
+                     stats_ptr, t, T, B, H, eps, zoneout, keep_below, rows, units, umask, unit_block, n_blocks, active,
+                     keep, scratch, state_mask, state_offsets, IS_LSTM: tl.constexpr, HAS_RESETS: tl.constexpr,
+                     ZONEOUT: tl.constexpr, SAVE_WORKSPACE: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Phase 2 (LSTM): LN of c' over H from the merged partials, h_t = o * tanh(LN(c')), the output."""
+    W, _, _, RSTD = _workspace_layout(H, IS_LSTM)
+    mean, rstd_c = _merged_stats(stats_ptr + B * n_blocks * 3, rows, B, n_blocks, eps, ACC, BLOCK_B)
+    c_raw = tl.load(scratch_ptr + scratch + 4 * H, mask=keep, other=0)
+    o = tl.load(scratch_ptr + scratch + 3 * H, mask=keep, other=0)
+    c_hat = tl.where(umask[None, :], c_raw - mean[:, None], 0) * rstd_c[:, None]
+    h_new = o * tanh(c_hat * _load_vec(cell_w_ptr, units, umask, ACC)[None, :]
+                     + _load_vec(cell_b_ptr, units, umask, ACC)[None, :])
+    h_old = tl.load(h_ptr + state_offsets, mask=state_mask, other=0)
+    h_new = _blend(h_new, h_old, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
+                   ZONEOUT)
+    if SAVE_WORKSPACE:
+        ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+        tl.store(ws_ptr + ws_offsets + 12 * H, c_hat, mask=keep)
+        tl.store(ws_ptr + (t * B + rows) * W + RSTD + 2, rstd_c, mask=active & (rows * 0 + unit_block == 0))
+    _commit_h(h_new, h_old, keep, t, rows, B, T, units, umask, H, h_ptr, h0_ptr, output_ptr, resets_ptr, HAS_RESETS)
 
 
 @triton.jit
@@ -264,36 +301,45 @@ def _cell_phase(gx_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr, resets_ptr, seed_ptr, h0
 # ==================================================================================================
 # The rule and the launcher.
 # ==================================================================================================
-def layernorm_mode(hidden: int, sm_count: int) -> dict:
-    """{"mode": "rows"} (kernels/layernorm_lstm.py's row-block kernel) without a GPU (sm_count 0: the interpreter,
-    where the split's extra launches only cost time) and at padded hidden <= ROWS_MAX_HIDDEN (where it compiles
-    clean), else {"mode": "per_step", **SPLIT_TILE}: wherever the row-block kernel spills (tests/test_gpu_compile.py
-    NO_FIT). A test forces a mode with kernels/_recurrent.py's forced_mode ("rows" or "per_step"; the LayerNorm
-    split has no persistent mode yet)."""
+def layernorm_mode(batch: int, hidden: int, sm_count: int) -> dict:
+    """The forward's launch mode: {"mode": "rows"} (kernels/layernorm_lstm.py's row-block kernel) without a GPU
+    (sm_count 0: the interpreter, where the split's extra launches only cost time) and at padded hidden <=
+    ROWS_MAX_HIDDEN (where it compiles clean); above (where it spills: tests/test_gpu_compile.py NO_FIT) the split
+    kernel, SPLIT_TILE, "persistent" (one cooperative launch, a grid barrier after each phase) when its programs
+    fit one per SM, else "per_step" (a launch per phase). A test forces a mode with kernels/_recurrent.py's
+    forced_mode (its BLOCK_U and BLOCK_B)."""
     forced_now = forced()
     if forced_now is not None:
-        if forced_now["mode"] == "persistent":
-            raise ValueError("the LayerNorm split kernel has no persistent mode (per_step or rows only)")
         if forced_now["mode"] == "rows":
             return forced_now
-        return {"mode": "per_step", **SPLIT_TILE, "BLOCK_B": forced_now["BLOCK_B"], "BLOCK_U": forced_now["BLOCK_U"],
-                "BLOCK_K": 16}
+        return {**SPLIT_TILE, "mode": forced_now["mode"], "BLOCK_B": forced_now["BLOCK_B"],
+                "BLOCK_U": forced_now["BLOCK_U"], "BLOCK_K": 16}
     if sm_count == 0 or max(16, triton.next_power_of_2(hidden)) <= ROWS_MAX_HIDDEN:
         return {"mode": "rows"}
-    return {"mode": "per_step", **SPLIT_TILE}
+    programs = triton.cdiv(batch, SPLIT_TILE["BLOCK_B"]) * triton.cdiv(hidden, SPLIT_TILE["BLOCK_U"])
+    return {"mode": "persistent" if programs <= sm_count else "per_step", **SPLIT_TILE}
 
 
 def split_forward(tensors: tuple, scalars: tuple, flags: dict, mode: dict, gates: int, like: Tensor) -> None:
-    """Runs the T steps, (3 if LSTM else 2) launches per step, (batch blocks, unit blocks) programs each.
-    tensors: the kernel's pointer arguments from gx_ptr to ws_ptr (kernels/layernorm_lstm.py sequence_forward);
-    scalars: (T, B, H, eps, zoneout, keep_below); flags: its constexprs but the tiles and PHASE; mode: layernorm_mode's
-    (tiles and compile options); like: an ACC tensor on the device."""
+    """Runs the T steps of (3 if LSTM else 2) phases over (batch blocks, unit blocks) programs: one cooperative
+    launch (persistent) or a launch per phase. tensors: the kernel's pointer arguments from gx_ptr to ws_ptr
+    (kernels/layernorm_lstm.py sequence_forward); scalars: (T, B, H, eps, zoneout, keep_below); flags: its
+    constexprs but the tiles and PERSISTENT; mode: layernorm_mode's; like: an ACC tensor on the device."""
     seq_len, batch, hidden = scalars[:3]
     tile = {name: value for name, value in mode.items() if name != "mode"}
-    n_blocks = triton.cdiv(hidden, tile["BLOCK_U"])
+    grid = (triton.cdiv(batch, tile["BLOCK_B"]), triton.cdiv(hidden, tile["BLOCK_U"]))
+    persistent = mode["mode"] == "persistent"
+    if persistent and like.device.type != "cuda" and grid[1] > 1:
+        raise ValueError(f"the persistent LayerNorm split under the interpreter needs one program per batch block "
+                         f"(BLOCK_U {tile['BLOCK_U']} >= hidden {hidden}): programs run one after another there")
     scratch = like.new_empty(batch, (gates + 1) * hidden)
-    stats = like.new_empty(2, batch, n_blocks, 3)
-    kernel = launch(_layernorm_split_forward_kernel, (triton.cdiv(batch, tile["BLOCK_B"]), n_blocks), like.device)
-    for step in range(seq_len):
-        for phase in range(3 if gates == 4 else 2):
-            kernel(*tensors, scratch, stats, *scalars, step, PHASE=phase, **flags, **tile)
+    stats = like.new_empty(2, batch, grid[1], 3)
+    arrivals = torch.zeros(grid[0], dtype=torch.int32, device=like.device) if persistent else None
+    kernel = launch(_layernorm_split_forward_kernel, grid, like.device)
+    arguments = (*tensors, scratch, stats, arrivals, *scalars)
+    phases = (3 if gates == 4 else 2) * seq_len
+    if persistent:
+        kernel(*arguments, 0, phases, PERSISTENT=True, **flags, **tile, launch_cooperative_grid=True)
+        return
+    for phase in range(phases):
+        kernel(*arguments, phase, phase + 1, PERSISTENT=False, **flags, **tile)

@@ -484,7 +484,7 @@ def sequence_forward(is_lstm: bool, input, states0, w_ih, w_hh, bias_x, bias_h, 
                  **{**kernel_dtypes(input), "DOT": kernel_dtypes(states[0])["DOT"]})
     # Imported here: kernels/_layernorm_split.py builds on this module's device helpers.
     from ._layernorm_split import layernorm_mode, split_forward
-    mode = layernorm_mode(hidden, sm_count(input.device))
+    mode = layernorm_mode(batch, hidden, sm_count(input.device))
     if mode["mode"] == "rows":
         launch(_layernorm_sequence_forward_kernel, sequence_grid(batch), input.device)(
             *tensors, *scalars, **flags, **sequence_tiles(hidden))

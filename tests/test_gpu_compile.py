@@ -384,8 +384,8 @@ def _layernorm_kernel(name: str, function: triton.JITFunction, hidden: tuple = R
 
 
 # The split LayerNorm forward (kernels/_layernorm_split.py): the rule picks it on CUDA above padded hidden 64 (the
-# row-block forward is compiled at 64 only, where the rule keeps it). One config per phase of a step (PHASE is a
-# constexpr: each phase is its own kernel); the GRU (IS_LSTM off) has two phases and fewer tiles.
+# row-block forward is compiled at 64 only, where the rule keeps it), persistent or per step. Its phases are branches
+# of one kernel (a runtime phase index), so a config is a launch mode; the GRU (IS_LSTM off) has fewer tiles.
 LAYERNORM_SPLIT_HIDDEN = (128, 256, 512, 1024)
 
 
@@ -395,25 +395,32 @@ def _layernorm_split_arguments(is_lstm: bool) -> Callable:
     def arguments(dtype, hidden):
         acc = _accumulator(dtype)
         given = dict(lengths_ptr=torch.zeros(1, dtype=torch.int64), resets_ptr=torch.zeros(1, dtype=torch.bool),
-                     seed_ptr=torch.zeros(1, dtype=torch.int64), output_ptr=torch.zeros(1, dtype=dtype), H=hidden,
-                     eps=1e-5, zoneout=0.25, IS_LSTM=is_lstm, HAS_BIAS_H=True, HAS_LENGTHS=True, HAS_RESETS=True,
-                     ZONEOUT=2, REVERSE=True, SAVE_WORKSPACE=True, ACC=_launch_acc(dtype),
-                     DOT=_launch.dot_operand_dtype(acc, CUDA))
+                     seed_ptr=torch.zeros(1, dtype=torch.int64), output_ptr=torch.zeros(1, dtype=dtype),
+                     arrivals_ptr=torch.zeros(1, dtype=torch.int32), H=hidden, eps=1e-5, zoneout=0.25,
+                     IS_LSTM=is_lstm, HAS_BIAS_H=True, HAS_LENGTHS=True, HAS_RESETS=True, ZONEOUT=2, REVERSE=True,
+                     SAVE_WORKSPACE=True, ACC=_launch_acc(dtype), DOT=_launch.dot_operand_dtype(acc, CUDA))
         return _filled(layernorm_split._layernorm_split_forward_kernel, acc, given)
     return arguments
 
 
-def _layernorm_split_configs(is_lstm: bool) -> Callable:
-    def configs(dtype, hidden):
-        mode = layernorm_split.layernorm_mode(hidden, SM_COUNTS[-1])
-        tile = {name: value for name, value in mode.items() if name != "mode"}
-        return [{"PHASE": phase, **tile} for phase in range(3 if is_lstm else 2)]
+def _layernorm_split_config(mode: dict) -> dict:
+    return {"PERSISTENT": mode["mode"] == "persistent", **{k: v for k, v in mode.items() if k != "mode"}}
+
+
+def _layernorm_split_configs(dtype, hidden):
+    """The distinct split configs layernorm_mode picks for `hidden` over SM_COUNTS x BATCHES."""
+    configs = []
+    for sms in SM_COUNTS:
+        for batch in BATCHES:
+            mode = layernorm_split.layernorm_mode(batch, hidden, sms)
+            if mode["mode"] != "rows" and _layernorm_split_config(mode) not in configs:
+                configs.append(_layernorm_split_config(mode))
     return configs
 
 
 def _layernorm_split_kernel(name: str, is_lstm: bool) -> Kernel:
     return Kernel(f"layernorm_split.{name}.forward", layernorm_split._layernorm_split_forward_kernel,
-                  _layernorm_split_arguments(is_lstm), _layernorm_split_configs(is_lstm), dtypes=RECURRENT_DTYPES,
+                  _layernorm_split_arguments(is_lstm), _layernorm_split_configs, dtypes=RECURRENT_DTYPES,
                   head_dims=LAYERNORM_SPLIT_HIDDEN)
 
 
@@ -599,7 +606,8 @@ DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90", False
                  ("additive_attention.forward", torch.float16, 64, "sm_80", False),
                  ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90", False),  # persistent, 16 units, streamed
                  ("recurrent_split.gru", torch.float32, 256, "sm_80", False),  # persistent, 32 units, tf32x3
-                 ("recurrent_split.lstm.backward[proj]", torch.float32, 512, "sm_80", False))  # two phases per step
+                 ("recurrent_split.lstm.backward[proj]", torch.float32, 512, "sm_80", False),  # two phases per step
+                 ("layernorm_split.lstm.forward", torch.bfloat16, 1024, "sm_90", False))  # persistent, 3 phases
 
 
 # Kernels, dtypes and head dims (hidden sizes) for which no config fits: ptxas spills at the smallest tile (16 rows
@@ -770,26 +778,25 @@ _CELLS = {"lstm": split.LSTM, "gru": split.GRU, "rnn": split.RNN_TANH}
 
 
 def test_layernorm_rule_never_picks_a_forward_that_does_not_fit():
-    """The LayerNorm LSTM / GRU forward's rule (kernels/_layernorm_split.py layernorm_mode): over hidden sizes 1-1024
-    and the SM counts it picks the row-block forward only where the matrix compiles it and it fits (not in NO_FIT),
-    and otherwise a split config that the matrix compiles, every phase, at the padded hidden size. (The backward is
-    still the row-block kernel at every hidden size: its NO_FIT entries stay, open.)"""
+    """The LayerNorm LSTM / GRU forward's rule (kernels/_layernorm_split.py layernorm_mode): over hidden sizes 1-1024,
+    batches 1-4096 and the SM counts it picks the row-block forward only where the matrix compiles it and it fits
+    (not in NO_FIT), and otherwise a split config that the matrix compiles at the padded hidden size. (The backward
+    is still the row-block kernel at every hidden size: its NO_FIT entries stay, open.)"""
     by_name = {kernel.name: kernel for kernel in KERNELS}
     for dtype in RECURRENT_DTYPES:
         for hidden in (1, 17, 64, 65, 100, 128, 129, 200, 256, 333, 512, 700, 1000, 1024):
             size = _matrix_hidden(hidden)
-            for sms in SM_COUNTS:
-                mode = layernorm_split.layernorm_mode(hidden, sms)
-                if mode["mode"] == "rows":
-                    name = "layernorm_recurrent.forward"
-                    assert size in by_name[name].head_dims and (name, dtype, False, size) not in NO_FIT, (dtype, hidden)
-                    continue
-                tile = {name: value for name, value in mode.items() if name != "mode"}
-                for name, phases in (("layernorm_split.lstm.forward", 3), ("layernorm_split.gru.forward", 2)):
-                    kernel = by_name[name]
-                    assert size in kernel.head_dims, (name, hidden)
-                    configs = kernel.configs(dtype, size)
-                    assert all({"PHASE": phase, **tile} in configs for phase in range(phases)), (name, hidden, mode)
+            for batch in (1, 2, 16, 17, 64, 65, 100, 256, 1000, 4096):
+                for sms in SM_COUNTS:
+                    mode = layernorm_split.layernorm_mode(batch, hidden, sms)
+                    if mode["mode"] == "rows":
+                        name = "layernorm_recurrent.forward"
+                        assert size in by_name[name].head_dims and (name, dtype, False, size) not in NO_FIT, hidden
+                        continue
+                    for name in ("layernorm_split.lstm.forward", "layernorm_split.gru.forward"):
+                        kernel = by_name[name]
+                        assert size in kernel.head_dims, (name, hidden)
+                        assert _layernorm_split_config(mode) in kernel.configs(dtype, size), (name, hidden, mode)
 
 
 def test_no_fit_entries_name_compiled_cases():

@@ -460,15 +460,15 @@ SPLIT_DTYPE_CASES = [(SPLIT_CASES[0], torch.float64), (SPLIT_CASES[0], torch.flo
                      (SPLIT_CASES[1], torch.float32), (SPLIT_CASES[1], torch.bfloat16)]
 
 
-def check_split_forward(op, oracle, args, names, dtype, monkeypatch) -> None:
-    """check_op with the split forward forced (16-unit slices) and a spy proving that it ran."""
+def check_split_forward(op, oracle, args, names, dtype, monkeypatch, mode=("per_step", 16)) -> None:
+    """check_op with the split forward forced (mode, BLOCK_U) and a spy proving that it ran."""
     from seqkern.kernels import _layernorm_split
     from seqkern.kernels._recurrent import forced_mode
 
     calls = []
     original = _layernorm_split.split_forward
     monkeypatch.setattr(_layernorm_split, "split_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
-    with forced_mode("per_step", block_u=16):
+    with forced_mode(*mode):
         check_op(op, oracle, args, names, dtype, "triton")
     assert calls
 
@@ -481,20 +481,33 @@ def test_triton_split_forward_against_composed(case, dtype, monkeypatch):
 
 
 @pytest.mark.triton
+def test_triton_split_forward_persistent(monkeypatch):
+    """The persistent mode (one launch, the grid barrier after each phase) with one program per batch block (the
+    interpreter runs programs one after another): the phase loop and the barrier's counter."""
+    check_split_forward(op_forward, composed_layernorm_lstm, layer_args(**SPLIT_CASES[1]), TENSOR_NAMES,
+                        torch.float32, monkeypatch, mode=("persistent", 64))
+
+
+@pytest.mark.triton
 def test_triton_split_rule():
     """The rule (kernels/_layernorm_split.py layernorm_mode): the row-block kernel without a GPU and at padded
-    hidden <= 64, the split forward above (where the row-block kernel spills: tests/test_gpu_compile.py proves the
-    split configs fit); no persistent mode to force."""
+    hidden <= 64; above it the split forward, persistent while its programs fit one per SM, else per step
+    (tests/test_gpu_compile.py proves the picks compile clean). Forced modes; the interpreter refuses a persistent
+    launch of several programs per batch block."""
     from seqkern.kernels._layernorm_split import SPLIT_TILE, layernorm_mode
     from seqkern.kernels._recurrent import forced_mode
 
-    assert layernorm_mode(1024, 0) == {"mode": "rows"}
-    assert layernorm_mode(64, 132) == {"mode": "rows"}
-    assert layernorm_mode(65, 132) == {"mode": "per_step", **SPLIT_TILE}
+    assert layernorm_mode(1, 1024, 0) == {"mode": "rows"}
+    assert layernorm_mode(1, 64, 132) == {"mode": "rows"}
+    assert layernorm_mode(1, 65, 132) == {"mode": "persistent", **SPLIT_TILE}
+    assert layernorm_mode(64, 1024, 132) == {"mode": "persistent", **SPLIT_TILE}  # 4 x 32 programs
+    assert layernorm_mode(80, 1024, 132) == {"mode": "per_step", **SPLIT_TILE}  # 5 x 32
     with forced_mode("rows"):
-        assert layernorm_mode(1024, 132)["mode"] == "rows"
+        assert layernorm_mode(1, 1024, 132)["mode"] == "rows"
     with forced_mode("per_step", block_u=16, block_b=32):
-        mode = layernorm_mode(8, 0)
+        mode = layernorm_mode(1, 8, 0)
         assert (mode["mode"], mode["BLOCK_U"], mode["BLOCK_B"]) == ("per_step", 16, 32)
-    with forced_mode("persistent"), pytest.raises(ValueError, match="no persistent mode"):
-        layernorm_mode(8, 0)
+    args = layer_args(**SPLIT_CASES[1])
+    with forced_mode("persistent", block_u=16), seqkern.backend("triton"):
+        with pytest.raises(ValueError, match="one program per batch block"):
+            op_forward(*args)
