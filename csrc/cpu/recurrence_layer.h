@@ -529,32 +529,13 @@ class CellForwardLoop {
   }
 
   /// Gate columns of slice s's units, then their fused pointwise update, for step `step`.
-  /// Asks for the slice's gates_x rows of time t (G gate blocks x rows, written by the input projection
-  /// before the loop and long evicted to L3) to be brought into L2 while the step's GEMM runs, so the cell
-  /// reads them from L2. Without it the cell's loads of gates_x were 7% of an LSTM inference layer at b32 t100
-  /// h256 on one thread (perf, Intel Xeon, 2026-12-05), the hardware prefetchers not following G strided
-  /// streams per row.
-  void prefetch_gates_x(const Range& cols, int64_t t, int64_t rows) const {
-    constexpr int64_t kLine = 64 / sizeof(A);
-    const int64_t H = d_.hidden;
-    for (int64_t b = 0; b < rows; ++b)
-      for (int g = 0; g < G; ++g) {
-        const A* row = buf_.gates_x + (t * d_.batch + b) * G * H + g * H;
-        for (int64_t u = cols.begin; u < cols.end; u += kLine) __builtin_prefetch(row + u, 0, 2);
-      }
-  }
-
   void cell_phase(size_t s, int64_t step) const {
     const Slice<A>& sl = step_slices_.slices[s];
     const int64_t t = sched_.time(step), rows = sched_.rows(t);
     const int64_t B = d_.batch, H = d_.hidden, u0 = sl.cols.begin;
     if constexpr (kFlags) restart_private_states(sl.cols, t);
     const Slice<A>* xs = buf_.gates_x ? nullptr : &input_slices_.slices[s];
-    if (xs) {
-      xs->multiply(buf_.input + t * B * d_.input_size, d_.input_size, rows, xs->scratch, xs->w.width);
-    } else {
-      prefetch_gates_x(sl.cols, t, rows);
-    }
+    if (xs) xs->multiply(buf_.input + t * B * d_.input_size, d_.input_size, rows, xs->scratch, xs->w.width);
     sl.multiply(h_prev(step), d_.state_size, rows, sl.scratch, sl.w.width);
     for (int64_t b = 0; b < rows; ++b) {
       if (!active(t, b)) {
