@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ._launch import launch
 from ._recurrent import accumulate_matmul, forced, grid_barrier, sigmoid, store, tanh
-from .layernorm_lstm import _active, _blend, _gate_tile, _load_gate_vecs, _load_vec, _workspace_layout, _zoneout_weight
+from .layernorm_lstm import (_active, _blend, _gate_tile, _ln_backward, _ln_backward_means, _load_gate_vecs, _load_vec,
+                             _split_grad, _workspace_layout, _zoneout_weight)
 
 # The split tile on a GPU: 16 batch rows (tl.dot's minimum) x 32 units, 4 warps, one stage, ptxas's register cap at
 # 255 (as kernels/_recurrent.py's split modes). Everything is float32 math (the launcher converts W_hh and the
@@ -343,3 +344,293 @@ def split_forward(tensors: tuple, scalars: tuple, flags: dict, mode: dict, gates
         return
     for phase in range(phases):
         kernel(*arguments, phase, phase + 1, PERSISTENT=False, **flags, **tile)
+
+
+# ==================================================================================================
+# The split backward. Grid: (cdiv(B, BLOCK_B), cdiv(H, BLOCK_U)); reverse time, per step the phases
+#   A  (LSTM) grad_output joins grad h (to its state buffer); h_{t-1} of its units to h_prev; the gradient of
+#      LN(c') (d_nc, to `extra`) and the partial sums of d_nc w and d_nc w c_hat over its units;
+#   B  (the GRU's first phase does A's part too) merge -> LN(c')'s backward, the cell backward: the gradients of
+#      the two normalized gate sides (d_post_x, d_post_h), grad c_{t-1}; the partial sums of the gates'
+#      LayerNorm backwards (x side and h side: dy w and dy w xhat over its G x BLOCK_U columns);
+#   C  merge -> d_gx, d_gh of its columns;
+#   D  grad h_{t-1}[its units] = the unit-local part + d_gh_t (every program's columns) @ W_hh[:, its units], then
+#      the step's resets (their share of grad h0 / c0 to `d_init`).
+# Partial sums, not means, in a (B, unit blocks, 6) buffer (2 for A's sums, 4 for B's), summed in program order.
+# ==================================================================================================
+@triton.jit
+def _store_sums(sums_ptr, rows, B, unit_block, n_blocks, column, a, b):
+    offsets = (rows * n_blocks + unit_block) * 6 + column
+    tl.store(sums_ptr + offsets, a, mask=rows < B)
+    tl.store(sums_ptr + offsets + 1, b, mask=rows < B)
+
+
+@triton.jit
+def _merged_sums(sums_ptr, rows, B, n_blocks, column, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The sums of two partial columns over all programs, in program order."""
+    a = tl.zeros((BLOCK_B,), ACC)
+    b = tl.zeros((BLOCK_B,), ACC)
+    for block in range(n_blocks):
+        offsets = (rows * n_blocks + block) * 6 + column
+        a += tl.load(sums_ptr + offsets, mask=rows < B, other=0)
+        b += tl.load(sums_ptr + offsets + 1, mask=rows < B, other=0)
+    return a, b
+
+
+@triton.jit
+def _step_rows(t, T, rows, B, lengths_ptr, resets_ptr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+               HAS_RESETS: tl.constexpr):
+    """(active at t, reset before t, continues from t_prev: state entering t is the one step t_prev left)."""
+    t_prev = t + 1 if REVERSE else t - 1
+    active = _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS)
+    reset = _reset_at(t, rows, B, resets_ptr, HAS_RESETS)
+    continues = _active(t_prev, rows, B, T, lengths_ptr, HAS_LENGTHS) & (reset == 0) & active
+    return active, reset, continues, t_prev
+
+
+@triton.jit
+def _reset_at(t, rows, B, resets_ptr, HAS_RESETS: tl.constexpr):
+    if HAS_RESETS:
+        return tl.load(resets_ptr + t * B + rows, mask=rows < B, other=0) != 0
+    return rows < 0
+
+
+@triton.jit
+def _cell_backward(ws_ptr, output_ptr, h0_ptr, c0_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, d_c, t, t_prev, B, H,
+                   zoneout, keep_below, rows, units, umask, continues, active, keep, c_means,
+                   IS_LSTM: tl.constexpr, ZONEOUT: tl.constexpr, ACC: tl.constexpr):
+    """The cell backward of this program's units (the row-block kernel's, with the LSTM's LN(c') row means given):
+    -> (px0..px3: the gradients of the normalized x side, ph0..ph3: of the h side, the new grad c, d_nc, the
+    unit-local part of grad h_{t-1}, h_{t-1})."""
+    W, _, _, RSTD = _workspace_layout(H, IS_LSTM)
+    state_mask = (rows < B)[:, None] & umask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    from_record = continues[:, None] & umask[None, :]
+    h_prev = tl.where(from_record, tl.load(output_ptr + (t_prev * B + rows)[:, None] * H + units[None, :],
+                                           mask=from_record, other=0).to(ACC),
+                      tl.load(h0_ptr + state_offsets, mask=state_mask, other=0))
+    h_prev = tl.where(keep, h_prev, 0)
+    ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+    dn_h, dk_h = _split_grad(d_h, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
+                             ZONEOUT)
+    if IS_LSTM:
+        dn_c, dk_c = _split_grad(d_c, _zoneout_weight(seed_ptr, 1, t, rows, units, H, zoneout, keep_below, ACC,
+                                                      ZONEOUT), ZONEOUT)
+        c_prev = tl.where(from_record, tl.load(ws_ptr + (t_prev * B + rows)[:, None] * W + 13 * H + units[None, :],
+                                               mask=from_record, other=0),
+                          tl.load(c0_ptr + state_offsets, mask=state_mask, other=0))
+        i = _gate_tile(ws_ptr, ws_offsets, 0, H, keep, ACC)
+        f = _gate_tile(ws_ptr, ws_offsets, 1, H, keep, ACC)
+        g = _gate_tile(ws_ptr, ws_offsets, 2, H, keep, ACC)
+        o = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
+        c_hat = _gate_tile(ws_ptr, ws_offsets, 12, H, keep, ACC)
+        rstd_c = tl.load(ws_ptr + (t * B + rows) * W + RSTD + 2, mask=active, other=0)
+        cw = _load_vec(cell_w_ptr, units, umask, ACC)
+        tn = tanh(c_hat * cw[None, :] + _load_vec(cell_b_ptr, units, umask, ACC)[None, :])
+        d_o = dn_h * tn * o * (1 - o)
+        d_nc = tl.where(keep, dn_h * o * (1 - tn * tn), 0)
+        gc = d_nc * cw[None, :]
+        mean_g, mean_gh = c_means
+        d_cn = (gc - mean_g[:, None] - c_hat * mean_gh[:, None]) * rstd_c[:, None] + dn_c
+        px0 = d_cn * g * i * (1 - i)
+        px1 = d_cn * c_prev * f * (1 - f)
+        px2 = d_cn * i * (1 - g * g)
+        px3 = d_o
+        ph0, ph1, ph2, ph3 = px0, px1, px2, px3
+        d_c = tl.where(keep, dk_c + d_cn * f, d_c)
+        direct_h = dk_h
+    else:
+        d_nc = d_h * 0
+        r = _gate_tile(ws_ptr, ws_offsets, 0, H, keep, ACC)
+        z = _gate_tile(ws_ptr, ws_offsets, 1, H, keep, ACC)
+        cand = _gate_tile(ws_ptr, ws_offsets, 2, H, keep, ACC)
+        gh_n = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
+        d_n = dn_h * (1 - z) * (1 - cand * cand)
+        px0 = d_n * gh_n * r * (1 - r)
+        px1 = dn_h * (h_prev - cand) * z * (1 - z)
+        px2 = d_n
+        px3 = d_n * 0
+        ph0, ph1, ph2, ph3 = px0, px1, d_n * r, px3
+        direct_h = dk_h + dn_h * z
+    return (tl.where(keep, px0, 0), tl.where(keep, px1, 0), tl.where(keep, px2, 0), tl.where(keep, px3, 0),
+            tl.where(keep, ph0, 0), tl.where(keep, ph1, 0), tl.where(keep, ph2, 0), tl.where(keep, ph3, 0),
+            d_c, d_nc, direct_h, h_prev)
+
+
+@triton.jit
+def _lstm_cell_sums(ws_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, t, B, H, zoneout, keep_below, rows, units, umask,
+                    keep, ZONEOUT: tl.constexpr, ACC: tl.constexpr):
+    """Phase A's partial sums over this program's units: d_nc w and d_nc w c_hat (LN(c')'s backward)."""
+    W, _, _, _ = _workspace_layout(H, True)
+    ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+    dn_h, _ = _split_grad(d_h, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
+                          ZONEOUT)
+    o = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
+    c_hat = _gate_tile(ws_ptr, ws_offsets, 12, H, keep, ACC)
+    cw = _load_vec(cell_w_ptr, units, umask, ACC)
+    tn = tanh(c_hat * cw[None, :] + _load_vec(cell_b_ptr, units, umask, ACC)[None, :])
+    gc = tl.where(keep, dn_h * o * (1 - tn * tn), 0) * cw[None, :]
+    return _row_sum(gc, umask), _row_sum(gc * c_hat, umask)
+
+
+@triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
+def _layernorm_split_backward_kernel(
+    grad_output_ptr,  # (T,B,H)
+    output_ptr, ws_ptr,  # the forward's (T,B,H) output and (T,B,W) ACC workspace
+    w_hh_ptr, ln_ih_w_ptr, ln_hh_w_ptr, cell_w_ptr, cell_b_ptr,
+    lengths_ptr, resets_ptr, seed_ptr,
+    h0_ptr, c0_ptr,  # (B,H) ACC
+    d_h_ptr, d_c_ptr,  # (B,H) ACC: grad_h_n / grad_c_n on entry, the carried grad h / grad c on exit
+    d_post_x_ptr, d_post_h_ptr,  # out (T,B,G*H) ACC: gradients of the two normalized sides (zero when inactive)
+    d_gx_ptr, d_gh_ptr,  # out (T,B,G*H) ACC: gradients of x W_ih^T and h W_hh^T; d_gh re-read by phase D
+    extra_ptr,  # out (T,B,H) ACC: the LSTM's gradient of LN(c')
+    h_prev_ptr,  # out (T,B,H) ACC: the h each step read (zero when inactive)
+    d_init_ptr,  # (2,B,H) ACC zeros: the resets' shares of grad h0 / grad c0
+    sums_ptr,  # (B,n_blocks,6) ACC: the partial sums
+    arrivals_ptr,  # (batch blocks,) int32 zeros: the grid barrier's counters, if PERSISTENT
+    T, B, H, zoneout, keep_below, phase_begin, phase_end,
+    IS_LSTM: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
+    REVERSE: tl.constexpr, PERSISTENT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Phases j = phase_begin .. phase_end - 1 (reverse step j // PHASES, phase j % PHASES; PHASES = 4 for the
+    LSTM: A B C D, 3 for the GRU: B C D), each ended by the grid barrier (PERSISTENT) or the launch's end."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    unit_block = tl.program_id(1)
+    n_blocks = tl.num_programs(1)
+    units = unit_block * BLOCK_U + tl.arange(0, BLOCK_U)
+    umask = units < H
+    PHASES = 4 if IS_LSTM else 3
+    G = 4 if IS_LSTM else 3
+    W, XHAT, HHAT, RSTD = _workspace_layout(H, IS_LSTM)
+    state_mask = (rows < B)[:, None] & umask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    for j in range(phase_begin, phase_end):
+        step = T - 1 - j // PHASES
+        phase = j % PHASES + (0 if IS_LSTM else 1)  # the GRU has no phase A
+        t = T - 1 - step if REVERSE else step
+        active, reset, continues, t_prev = _step_rows(t, T, rows, B, lengths_ptr, resets_ptr, REVERSE, HAS_LENGTHS,
+                                                      HAS_RESETS)
+        keep = active[:, None] & umask[None, :]
+        wide = (t * B + rows)[:, None] * (G * H) + units[None, :]
+        d_h = tl.load(d_h_ptr + state_offsets, mask=state_mask, other=0)
+        if phase == 0:
+            d_h += tl.load(grad_output_ptr + (t * B + rows)[:, None] * H + units[None, :], mask=keep,
+                           other=0).to(ACC)
+            tl.store(d_h_ptr + state_offsets, d_h, mask=state_mask)
+            s_g, s_gh = _lstm_cell_sums(ws_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, t, B, H, zoneout, keep_below,
+                                        rows, units, umask, keep, ZONEOUT, ACC)
+            _store_sums(sums_ptr, rows, B, unit_block, n_blocks, 0, s_g, s_gh)
+        elif phase == 1:
+            if not IS_LSTM:
+                d_h += tl.load(grad_output_ptr + (t * B + rows)[:, None] * H + units[None, :], mask=keep,
+                               other=0).to(ACC)
+                tl.store(d_h_ptr + state_offsets, d_h, mask=state_mask)
+            s_g, s_gh = _merged_sums(sums_ptr, rows, B, n_blocks, 0, ACC, BLOCK_B)
+            d_c = tl.load(d_c_ptr + state_offsets, mask=state_mask, other=0)
+            px0, px1, px2, px3, ph0, ph1, ph2, ph3, d_c, d_nc, _, h_prev = _cell_backward(
+                ws_ptr, output_ptr, h0_ptr, c0_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, d_c, t, t_prev, B, H,
+                zoneout, keep_below, rows, units, umask, continues, active, keep, (s_g / H, s_gh / H), IS_LSTM,
+                ZONEOUT, ACC)
+            tl.store(h_prev_ptr + (t * B + rows)[:, None] * H + units[None, :], h_prev, mask=state_mask)
+            tl.store(d_post_x_ptr + wide, px0, mask=state_mask)
+            tl.store(d_post_x_ptr + wide + H, px1, mask=state_mask)
+            tl.store(d_post_x_ptr + wide + 2 * H, px2, mask=state_mask)
+            tl.store(d_post_h_ptr + wide, ph0, mask=state_mask)
+            tl.store(d_post_h_ptr + wide + H, ph1, mask=state_mask)
+            tl.store(d_post_h_ptr + wide + 2 * H, ph2, mask=state_mask)
+            if IS_LSTM:
+                tl.store(d_post_x_ptr + wide + 3 * H, px3, mask=state_mask)
+                tl.store(d_post_h_ptr + wide + 3 * H, ph3, mask=state_mask)
+                tl.store(extra_ptr + (t * B + rows)[:, None] * H + units[None, :], d_nc, mask=state_mask)
+                tl.store(d_c_ptr + state_offsets, d_c, mask=state_mask)
+            wx0, wx1, wx2, wx3 = _load_gate_vecs(ln_ih_w_ptr, units, umask, H, ACC, IS_LSTM)
+            wh0, wh1, wh2, wh3 = _load_gate_vecs(ln_hh_w_ptr, units, umask, H, ACC, IS_LSTM)
+            ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+            x0, x1, x2, x3 = _normalized(ws_ptr, ws_offsets + XHAT, H, keep, ACC, IS_LSTM)
+            y0, y1, y2, y3 = _normalized(ws_ptr, ws_offsets + HHAT, H, keep, ACC, IS_LSTM)
+            mg, mgh = _ln_backward_means(px0, px1, px2, px3, x0, x1, x2, x3, wx0, wx1, wx2, wx3, umask, 1, IS_LSTM)
+            ng, ngh = _ln_backward_means(ph0, ph1, ph2, ph3, y0, y1, y2, y3, wh0, wh1, wh2, wh3, umask, 1, IS_LSTM)
+            _store_sums(sums_ptr, rows, B, unit_block, n_blocks, 2, mg, mgh)
+            _store_sums(sums_ptr, rows, B, unit_block, n_blocks, 4, ng, ngh)
+        elif phase == 2:
+            mg, mgh = _merged_sums(sums_ptr, rows, B, n_blocks, 2, ACC, BLOCK_B)
+            ng, ngh = _merged_sums(sums_ptr, rows, B, n_blocks, 4, ACC, BLOCK_B)
+            rstd_x = tl.load(ws_ptr + (t * B + rows) * W + RSTD, mask=active, other=0)
+            rstd_y = tl.load(ws_ptr + (t * B + rows) * W + RSTD + 1, mask=active, other=0)
+            ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+            _ln_backward_side(d_post_x_ptr, d_gx_ptr, ln_ih_w_ptr, ws_ptr, ws_offsets + XHAT, wide, units, umask, H,
+                              keep, state_mask, mg / (G * H), mgh / (G * H), rstd_x, ACC, IS_LSTM)
+            _ln_backward_side(d_post_h_ptr, d_gh_ptr, ln_hh_w_ptr, ws_ptr, ws_offsets + HHAT, wide, units, umask, H,
+                              keep, state_mask, ng / (G * H), ngh / (G * H), rstd_y, ACC, IS_LSTM)
+        else:
+            # grad h_{t-1} of its units: the unit-local part + d_gh_t (every program's columns) @ W_hh[:, units].
+            d_c = tl.load(d_c_ptr + state_offsets, mask=state_mask, other=0)
+            _, _, _, _, _, _, _, _, _, _, direct_h, _ = _cell_backward(
+                ws_ptr, output_ptr, h0_ptr, c0_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, d_c, t, t_prev, B, H,
+                zoneout, keep_below, rows, units, umask, continues, active, keep,
+                (tl.zeros((BLOCK_B,), ACC), tl.zeros((BLOCK_B,), ACC)), IS_LSTM, ZONEOUT, ACC)
+            rec = direct_h
+            for gate in range(G):
+                rec = accumulate_matmul(rec, d_gh_ptr + t * B * G * H + gate * H, G * H, rows, active,
+                                        w_hh_ptr + gate * H * H, H, 1, units, umask, H, DOT, BLOCK_K)
+            d_h = tl.where(keep, rec, d_h)
+            reset_mask = reset[:, None] & state_mask
+            d_init = d_init_ptr + state_offsets
+            tl.store(d_init, tl.load(d_init, mask=state_mask, other=0) + tl.where(reset_mask, d_h, 0),
+                     mask=state_mask)
+            tl.store(d_init + B * H, tl.load(d_init + B * H, mask=state_mask, other=0) + tl.where(reset_mask, d_c, 0),
+                     mask=state_mask)
+            tl.store(d_h_ptr + state_offsets, tl.where(reset_mask, 0, d_h), mask=state_mask)
+            tl.store(d_c_ptr + state_offsets, tl.where(reset_mask, 0, d_c), mask=state_mask)
+        if PERSISTENT:
+            grid_barrier(arrivals_ptr + tl.program_id(0), (j - phase_begin + 1) * n_blocks)
+
+
+@triton.jit
+def _normalized(ws_ptr, offsets, H, keep, ACC: tl.constexpr, IS_LSTM: tl.constexpr):
+    """The G gate tiles of a saved normalized side (zeros for the GRU's fourth)."""
+    v0 = _gate_tile(ws_ptr, offsets, 0, H, keep, ACC)
+    v1 = _gate_tile(ws_ptr, offsets, 1, H, keep, ACC)
+    v2 = _gate_tile(ws_ptr, offsets, 2, H, keep, ACC)
+    v3 = v2 * 0
+    if IS_LSTM:
+        v3 = _gate_tile(ws_ptr, offsets, 3, H, keep, ACC)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _ln_backward_side(d_post_ptr, d_out_ptr, ln_w_ptr, ws_ptr, hat_offsets, wide, units, umask, H, keep, state_mask,
+                      mean_g, mean_gh, rstd, ACC: tl.constexpr, IS_LSTM: tl.constexpr):
+    """Phase C, one side: d_out[its columns] = the LayerNorm backward of d_post with the merged row means."""
+    G = 4 if IS_LSTM else 3
+    for gate in range(G):
+        w = _load_vec(ln_w_ptr + gate * H, units, umask, ACC)
+        dy = tl.load(d_post_ptr + wide + gate * H, mask=state_mask, other=0)
+        hat = _gate_tile(ws_ptr, hat_offsets, gate, H, keep, ACC)
+        tl.store(d_out_ptr + wide + gate * H, _ln_backward(dy, hat, w, mean_g, mean_gh, rstd), mask=state_mask)
+
+
+def split_backward(tensors: tuple, scalars: tuple, flags: dict, mode: dict, gates: int, like: Tensor) -> Tensor:
+    """The backward's T steps of (4 if LSTM else 3) phases, as split_forward. tensors: the kernel's pointer
+    arguments from grad_output_ptr to h_prev_ptr (kernels/layernorm_lstm.py sequence_backward); scalars: (T, B, H,
+    zoneout, keep_below). -> d_init (2, B, H): the resets' shares of grad h0 / grad c0, to add to the carried ones."""
+    seq_len, batch, hidden = scalars[:3]
+    tile = {name: value for name, value in mode.items() if name != "mode"}
+    grid = (triton.cdiv(batch, tile["BLOCK_B"]), triton.cdiv(hidden, tile["BLOCK_U"]))
+    persistent = mode["mode"] == "persistent"
+    if persistent and like.device.type != "cuda" and grid[1] > 1:
+        raise ValueError(f"the persistent LayerNorm split under the interpreter needs one program per batch block "
+                         f"(BLOCK_U {tile['BLOCK_U']} >= hidden {hidden}): programs run one after another there")
+    d_init = like.new_zeros(2, batch, hidden)
+    sums = like.new_empty(batch, grid[1], 6)
+    arrivals = torch.zeros(grid[0], dtype=torch.int32, device=like.device) if persistent else None
+    kernel = launch(_layernorm_split_backward_kernel, grid, like.device)
+    arguments = (*tensors, d_init, sums, arrivals, *scalars)
+    phases = (4 if gates == 4 else 3) * seq_len
+    if persistent:
+        kernel(*arguments, 0, phases, PERSISTENT=True, **flags, **tile, launch_cooperative_grid=True)
+    else:
+        for phase in range(phases):
+            kernel(*arguments, phase, phase + 1, PERSISTENT=False, **flags, **tile)
+    return d_init

@@ -460,31 +460,34 @@ SPLIT_DTYPE_CASES = [(SPLIT_CASES[0], torch.float64), (SPLIT_CASES[0], torch.flo
                      (SPLIT_CASES[1], torch.float32), (SPLIT_CASES[1], torch.bfloat16)]
 
 
-def check_split_forward(op, oracle, args, names, dtype, monkeypatch, mode=("per_step", 16)) -> None:
-    """check_op with the split forward forced (mode, BLOCK_U) and a spy proving that it ran."""
+def check_split_kernels(op, oracle, args, names, dtype, monkeypatch, mode=("per_step", 16)) -> None:
+    """check_op with the split kernels forced (mode, BLOCK_U) and spies proving that the split forward and backward
+    ran (every output and gradient is theirs)."""
     from seqkern.kernels import _layernorm_split
     from seqkern.kernels._recurrent import forced_mode
 
     calls = []
-    original = _layernorm_split.split_forward
-    monkeypatch.setattr(_layernorm_split, "split_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for name in ("split_forward", "split_backward"):
+        original = getattr(_layernorm_split, name)
+        monkeypatch.setattr(_layernorm_split, name,
+                            lambda *a, _name=name, _original=original, **k: calls.append(_name) or _original(*a, **k))
     with forced_mode(*mode):
         check_op(op, oracle, args, names, dtype, "triton")
-    assert calls
+    assert set(calls) == {"split_forward", "split_backward"}, calls
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("case,dtype", SPLIT_DTYPE_CASES,
                          ids=lambda v: str(v) if isinstance(v, torch.dtype) else case_id(v))
-def test_triton_split_forward_against_composed(case, dtype, monkeypatch):
-    check_split_forward(op_forward, composed_layernorm_lstm, layer_args(**case), TENSOR_NAMES, dtype, monkeypatch)
+def test_triton_split_kernels_against_composed(case, dtype, monkeypatch):
+    check_split_kernels(op_forward, composed_layernorm_lstm, layer_args(**case), TENSOR_NAMES, dtype, monkeypatch)
 
 
 @pytest.mark.triton
-def test_triton_split_forward_persistent(monkeypatch):
+def test_triton_split_kernels_persistent(monkeypatch):
     """The persistent mode (one launch, the grid barrier after each phase) with one program per batch block (the
     interpreter runs programs one after another): the phase loop and the barrier's counter."""
-    check_split_forward(op_forward, composed_layernorm_lstm, layer_args(**SPLIT_CASES[1]), TENSOR_NAMES,
+    check_split_kernels(op_forward, composed_layernorm_lstm, layer_args(**SPLIT_CASES[1]), TENSOR_NAMES,
                         torch.float32, monkeypatch, mode=("persistent", 64))
 
 
