@@ -1,6 +1,6 @@
-"""The split LayerNorm LSTM / GRU forward (issue 17): the hidden units split across programs, the LayerNorms' row
-statistics merged across them (kernels/_recurrent_split.py's design; the cell a constexpr plug-in: IS_LSTM as in
-kernels/layernorm_lstm.py).
+"""The split LayerNorm LSTM / GRU forward and backward (issue 17): the hidden units split across programs, the
+LayerNorms' row statistics merged across them (kernels/_recurrent_split.py's design; the cell a constexpr plug-in:
+IS_LSTM as in kernels/layernorm_lstm.py).
 
 Why: the row-block kernel (kernels/layernorm_lstm.py) holds 16 rows x all G*H gate columns in registers and spills
 from hidden 128 on sm_80 / sm_90 (tests/test_gpu_compile.py). Here a program owns BLOCK_B batch rows x BLOCK_U
@@ -24,7 +24,8 @@ Launch modes (`layernorm_mode`): "per_step", a launch per phase (the launch boun
 for the LSTM, 2T for the GRU), and "persistent", one cooperative launch over all phases with kernels/_recurrent.py's
 grid_barrier (when the programs fit one per SM). Under the interpreter programs run one after another, so
 "persistent" runs only with one program per batch block (the launcher refuses more).
-The workspace is the row-block kernel's layout, so its backward (kernels/layernorm_lstm.py) follows this forward.
+The workspace is the row-block kernel's layout, so either backward follows either forward. The backward (below) has
+the same grid and modes and four phases per step (three for the GRU): see its section.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import launch
-from ._recurrent import accumulate_matmul, forced, grid_barrier, sigmoid, store, tanh
+from ._recurrent import accumulate_matmul, forced, grid_barrier, reset_rows, sigmoid, store, tanh
 from .layernorm_lstm import (_active, _blend, _gate_tile, _ln_backward, _ln_backward_means, _load_gate_vecs, _load_vec,
                              _split_grad, _workspace_layout, _zoneout_weight)
 
@@ -383,16 +384,9 @@ def _step_rows(t, T, rows, B, lengths_ptr, resets_ptr, REVERSE: tl.constexpr, HA
     """(active at t, reset before t, continues from t_prev: state entering t is the one step t_prev left)."""
     t_prev = t + 1 if REVERSE else t - 1
     active = _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS)
-    reset = _reset_at(t, rows, B, resets_ptr, HAS_RESETS)
+    reset = reset_rows(t, rows, B, resets_ptr, HAS_RESETS)
     continues = _active(t_prev, rows, B, T, lengths_ptr, HAS_LENGTHS) & (reset == 0) & active
     return active, reset, continues, t_prev
-
-
-@triton.jit
-def _reset_at(t, rows, B, resets_ptr, HAS_RESETS: tl.constexpr):
-    if HAS_RESETS:
-        return tl.load(resets_ptr + t * B + rows, mask=rows < B, other=0) != 0
-    return rows < 0
 
 
 @triton.jit
