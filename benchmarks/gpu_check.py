@@ -183,7 +183,8 @@ def composed_layernorm_lstm(x, h0, c0, params: dict, eps: float):
 
 
 def _layernorm_lstm_check(device, dtype, batch, steps, hidden):
-    """seqkern.nn.LayerNormLSTM on the Triton row-block kernels (forward + backward) against the composed layer."""
+    """seqkern.nn.LayerNormLSTM on the Triton kernels (forward + backward; the rule's: at hidden > 64 the split ones,
+    kernels/_layernorm_split.py) against the composed layer."""
     def run():
         import seqkern
 
@@ -222,8 +223,10 @@ def _correctness_cases(device, quick: bool) -> list[tuple[str, Callable]]:
                           _attention_check(device, dtype, 2, 4, length, dim, True)))
         cases.append((f"decode {name} 8q/2kv heads cache 4096 d128", _decode_check(device, dtype, 2, 8, 2, 4096, 128)))
         cases.append((f"additive {name} L256 H128 Dv64", _additive_check(device, dtype, 2, 256, 128, 64)))
-        # The row-block kernels with LayerNorm inside the step (kernels/layernorm_lstm.py), forward + backward.
+        # LayerNorm inside the step, forward + backward: the split kernels at h256 (kernels/_layernorm_split.py,
+        # persistent: 32 programs), the row-block ones at h64 (kernels/layernorm_lstm.py).
         cases.append((f"LayerNormLSTM {name} b16 t50 h256", _layernorm_lstm_check(device, dtype, 16, 50, 256)))
+        cases.append((f"LayerNormLSTM {name} b16 t50 h64", _layernorm_lstm_check(device, dtype, 16, 50, 64)))
         for kind in ("LSTM", "GRU"):
             cases.append((f"{kind} {name} b16 t50 h256", _recurrent_check(device, dtype, kind, 16, 50, 256)))
             # The split launch modes (kernels/_recurrent_split.py), each where the rule picks it on an

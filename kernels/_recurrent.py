@@ -442,6 +442,11 @@ def forced_mode(mode: str, block_u: int = 16, resident: bool = False, block_b: i
         _forced = before
 
 
+def forced():
+    """The mode forced_mode set (a copy), or None: how other launchers' rules (kernels/_layernorm_split.py) follow it."""
+    return None if _forced is None else dict(_forced)
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter)."""

@@ -21,7 +21,7 @@ from torch import Tensor
 from ._hash import _head_key, _mix
 from ._launch import launch
 from ._recurrent import (accumulate_matmul, column_sums, kernel_dtypes, reset_rows, sequence_blocks, sequence_grid,
-                         sigmoid, store, tanh)
+                         sigmoid, sm_count, store, tanh)
 
 
 # ==================================================================================================
@@ -475,14 +475,21 @@ def sequence_forward(is_lstm: bool, input, states0, w_ih, w_hh, bias_x, bias_h, 
     c0 = states[1].clone() if is_lstm else h0
     c_state = states[1] if is_lstm else h0.clone()
     vec = lambda t: None if t is None else t.to(acc).contiguous()  # noqa: E731
-    launch(_layernorm_sequence_forward_kernel, sequence_grid(batch), input.device)(
-        gx.contiguous(), w_hh.to(acc).contiguous(), vec(ln_hh_w), vec(ln_hh_b), vec(bias_h), vec(cell_w), vec(cell_b),
-        *options["args"], h0, c0, states[0], c_state, output, workspace if save_workspace else None,
-        seq_len, batch, hidden, eps, zoneout, options["keep_below"],
-        IS_LSTM=is_lstm, HAS_BIAS_H=bias_h is not None, REVERSE=bool(reverse), SAVE_WORKSPACE=bool(save_workspace),
-        **options["flags"], **{**kernel_dtypes(input), "DOT": kernel_dtypes(states[0])["DOT"]},
-        **sequence_tiles(hidden),
-    )
+    tensors = (gx.contiguous(), w_hh.to(acc).contiguous(), vec(ln_hh_w), vec(ln_hh_b), vec(bias_h), vec(cell_w),
+               vec(cell_b), *options["args"], h0, c0, states[0], c_state, output,
+               workspace if save_workspace else None)
+    scalars = (seq_len, batch, hidden, eps, zoneout, options["keep_below"])
+    flags = dict(IS_LSTM=is_lstm, HAS_BIAS_H=bias_h is not None, REVERSE=bool(reverse),
+                 SAVE_WORKSPACE=bool(save_workspace), **options["flags"],
+                 **{**kernel_dtypes(input), "DOT": kernel_dtypes(states[0])["DOT"]})
+    # Imported here: kernels/_layernorm_split.py builds on this module's device helpers.
+    from ._layernorm_split import layernorm_mode, split_forward
+    mode = layernorm_mode(batch, hidden, sm_count(input.device))
+    if mode["mode"] == "rows":
+        launch(_layernorm_sequence_forward_kernel, sequence_grid(batch), input.device)(
+            *tensors, *scalars, **flags, **sequence_tiles(hidden))
+    else:
+        split_forward(tensors, scalars, flags, mode, gates, states[0])
     return output, [s.to(input.dtype) for s in states], workspace
 
 
@@ -505,14 +512,24 @@ def sequence_backward(is_lstm: bool, grad_output, grad_finals, input, states0, w
         initial = [s.to(acc).contiguous() for s in states0]
         d_c = d_states[1] if is_lstm else d_states[0].clone()
         vec = lambda t: None if t is None else t.to(acc).contiguous()  # noqa: E731
-        launch(_layernorm_sequence_backward_kernel, sequence_grid(batch), input.device)(
-            grad_output.contiguous(), output.contiguous(), workspace.contiguous(), w_hh.to(acc).contiguous(),
-            vec(ln_ih_w), vec(ln_hh_w), vec(cell_w), vec(cell_b), *options["args"], initial[0],
-            initial[1] if is_lstm else initial[0], d_states[0], d_c, d_post_x, d_post_h, d_gx, d_gh, extra, h_prev,
-            seq_len, batch, hidden, zoneout, options["keep_below"],
-            IS_LSTM=is_lstm, REVERSE=bool(reverse), **options["flags"],
-            **{**kernel_dtypes(input), "DOT": kernel_dtypes(d_gx)["DOT"]}, **sequence_tiles(hidden),
-        )
+        tensors = (grad_output.contiguous(), output.contiguous(), workspace.contiguous(), w_hh.to(acc).contiguous(),
+                   vec(ln_ih_w), vec(ln_hh_w), vec(cell_w), vec(cell_b), *options["args"], initial[0],
+                   initial[1] if is_lstm else initial[0], d_states[0], d_c, d_post_x, d_post_h, d_gx, d_gh, extra,
+                   h_prev)
+        scalars = (seq_len, batch, hidden, zoneout, options["keep_below"])
+        flags = dict(IS_LSTM=is_lstm, REVERSE=bool(reverse), **options["flags"],
+                     **{**kernel_dtypes(input), "DOT": kernel_dtypes(d_gx)["DOT"]})
+        # The forward's rule (the same arguments: a layer's forward and backward share the mode).
+        from ._layernorm_split import layernorm_mode, split_backward
+        mode = layernorm_mode(batch, hidden, sm_count(input.device))
+        if mode["mode"] == "rows":
+            launch(_layernorm_sequence_backward_kernel, sequence_grid(batch), input.device)(
+                *tensors, *scalars, **flags, **sequence_tiles(hidden))
+        else:
+            d_init = split_backward(tensors, scalars, flags, mode, gates, d_gx)
+            d_states[0] += d_init[0]
+            if is_lstm:
+                d_states[1] += d_init[1]
     grad_input = (d_gx @ w_ih.to(acc)).view(seq_len, batch, input_size).to(input.dtype)
     grad_w_ih = d_gx.t() @ input.reshape(rows, input_size).to(acc)
     grad_w_hh = d_gh.t() @ h_prev

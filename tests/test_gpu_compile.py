@@ -15,8 +15,7 @@ split kernels: 1-6 s). The default run compiles a representative subset (DEFAULT
 compiles for the tf32 check; 13-20 s with triton's cache warm); `pytest -m gpu_compile` compiles the full matrix
 (kernels x configs x dtypes x head dims x targets, float32 under allow_tf32 off and on). Triton caches compiled
 kernels on disk (~/.triton/cache), so a second run costs seconds but for ptxas's reports (it runs again for each case:
-~10 min for the LayerNorm kernels' large spills at hidden 512-1024). Cases listed in NO_FIT (no config fits) are
-xfail(strict=True).
+a few minutes). Cases listed in NO_FIT (no config fits; empty now) are xfail(strict=True).
 
 To add a kernel, append a Kernel to KERNELS: its JIT function, the arguments
 of its heaviest launch for a dtype and head dim, the launcher's config list for them, and the dtypes and head
@@ -48,6 +47,7 @@ from seqkern.kernels import flash_attention_decode as decode
 from seqkern.kernels import _recurrent_split as split
 from seqkern.kernels import gru, lstm, rnn
 from seqkern.kernels import layernorm_lstm as layernorm
+from seqkern.kernels import _layernorm_split as layernorm_split
 from seqkern.kernels._recurrent import backward_mode, recurrent_mode
 from seqkern.kernels._recurrent import sequence_blocks as recurrent_blocks
 from seqkern.testing import allow_tf32
@@ -377,9 +377,54 @@ def _layernorm_configs(dtype, hidden):
     return [{"num_warps": blocks["num_warps"], "num_stages": blocks["num_stages"]}]
 
 
-def _layernorm_kernel(name: str, function: triton.JITFunction) -> Kernel:
+def _layernorm_kernel(name: str, function: triton.JITFunction, hidden: tuple = ROWS_HIDDEN) -> Kernel:
     return Kernel(f"layernorm_recurrent.{name}", function, _layernorm_arguments(function), _layernorm_configs,
-                  dtypes=RECURRENT_DTYPES, head_dims=ROWS_HIDDEN)
+                  dtypes=RECURRENT_DTYPES, head_dims=hidden)
+
+
+# The split LayerNorm forward (kernels/_layernorm_split.py): the rule picks it on CUDA above padded hidden 64 (the
+# row-block forward is compiled at 64 only, where the rule keeps it), persistent or per step. Its phases are branches
+# of one kernel (a runtime phase index), so a config is a launch mode; the GRU (IS_LSTM off) has fewer tiles.
+LAYERNORM_SPLIT_HIDDEN = (128, 256, 512, 1024)
+
+
+def _layernorm_split_arguments(function: triton.JITFunction, is_lstm: bool) -> Callable:
+    """A split LayerNorm kernel (forward or backward) with every flag on (the recurrent bias, lengths, resets,
+    zoneout with a mask, reverse, workspace); float32 math whatever the storage dtype (the launchers convert W_hh
+    and the states)."""
+    def arguments(dtype, hidden):
+        acc = _accumulator(dtype)
+        given = dict(lengths_ptr=torch.zeros(1, dtype=torch.int64), resets_ptr=torch.zeros(1, dtype=torch.bool),
+                     seed_ptr=torch.zeros(1, dtype=torch.int64), output_ptr=torch.zeros(1, dtype=dtype),
+                     grad_output_ptr=torch.zeros(1, dtype=dtype), arrivals_ptr=torch.zeros(1, dtype=torch.int32),
+                     H=hidden, eps=1e-5, zoneout=0.25, IS_LSTM=is_lstm, HAS_BIAS_H=True, HAS_LENGTHS=True,
+                     HAS_RESETS=True, ZONEOUT=2, REVERSE=True, SAVE_WORKSPACE=True, ACC=_launch_acc(dtype),
+                     DOT=_launch.dot_operand_dtype(acc, CUDA))
+        return _filled(function, acc, {name: value for name, value in given.items() if name in function.arg_names})
+    return arguments
+
+
+def _layernorm_split_config(mode: dict) -> dict:
+    return {"PERSISTENT": mode["mode"] == "persistent", **{k: v for k, v in mode.items() if k != "mode"}}
+
+
+def _layernorm_split_configs(dtype, hidden):
+    """The distinct split configs layernorm_mode picks for `hidden` over SM_COUNTS x BATCHES."""
+    configs = []
+    for sms in SM_COUNTS:
+        for batch in BATCHES:
+            mode = layernorm_split.layernorm_mode(batch, hidden, sms)
+            if mode["mode"] != "rows" and _layernorm_split_config(mode) not in configs:
+                configs.append(_layernorm_split_config(mode))
+    return configs
+
+
+def _layernorm_split_kernel(name: str, is_lstm: bool, backward: bool = False) -> Kernel:
+    function = (layernorm_split._layernorm_split_backward_kernel if backward
+                else layernorm_split._layernorm_split_forward_kernel)
+    return Kernel(f"layernorm_split.{name}.{'backward' if backward else 'forward'}", function,
+                  _layernorm_split_arguments(function, is_lstm), _layernorm_split_configs, dtypes=RECURRENT_DTYPES,
+                  head_dims=LAYERNORM_SPLIT_HIDDEN)
 
 
 def _split_kernel(name: str, cell: int, proj: bool = False) -> Kernel:
@@ -401,8 +446,12 @@ KERNELS = [
     _rows_kernel("lstm.backward", lstm._lstm_sequence_backward_kernel, HAS_PROJ=True, hidden=ROWS_RULE_HIDDEN),
     _rows_kernel("gru.backward", gru._gru_sequence_backward_kernel, HAS_BIAS=True, hidden=ROWS_RULE_HIDDEN),
     _rows_kernel("rnn.backward", rnn._rnn_sequence_backward_kernel, RELU=False, hidden=ROWS_RULE_HIDDEN),
-    _layernorm_kernel("forward", layernorm._layernorm_sequence_forward_kernel),
-    _layernorm_kernel("backward", layernorm._layernorm_sequence_backward_kernel),
+    _layernorm_kernel("forward", layernorm._layernorm_sequence_forward_kernel, hidden=(64,)),
+    _layernorm_split_kernel("lstm", True),
+    _layernorm_split_kernel("gru", False),
+    _layernorm_kernel("backward", layernorm._layernorm_sequence_backward_kernel, hidden=(64,)),
+    _layernorm_split_kernel("lstm", True, backward=True),
+    _layernorm_split_kernel("gru", False, backward=True),
     _split_kernel("lstm", split.LSTM),
     _split_kernel("gru", split.GRU),
     _split_kernel("rnn", split.RNN_TANH),
@@ -562,39 +611,20 @@ DEFAULT_CASES = (("flash_attention.forward", torch.bfloat16, 128, "sm_90", False
                  ("additive_attention.forward", torch.float16, 64, "sm_80", False),
                  ("recurrent_split.lstm", torch.bfloat16, 1024, "sm_90", False),  # persistent, 16 units, streamed
                  ("recurrent_split.gru", torch.float32, 256, "sm_80", False),  # persistent, 32 units, tf32x3
-                 ("recurrent_split.lstm.backward[proj]", torch.float32, 512, "sm_80", False))  # two phases per step
+                 ("recurrent_split.lstm.backward[proj]", torch.float32, 512, "sm_80", False),  # two phases per step
+                 ("layernorm_split.lstm.forward", torch.bfloat16, 1024, "sm_90", False),  # persistent, 3 phases
+                 ("layernorm_split.lstm.backward", torch.float32, 512, "sm_80", False))  # persistent, 4 phases
 
 
-# Kernels, dtypes and head dims (hidden sizes) for which no config fits: ptxas spills at the smallest tile (16 rows
-# is tl.dot's minimum) and with the register cap at 255, so the launcher keeps the least spilling config (the kernel
-# still runs correctly on a GPU, with local-memory traffic). (kernel, dtype, allow_tf32, head dim) -> {target: the
-# ptxas figures}. These cases are xfail(strict=True): they assert that the spill is still there. What would fit them
-# (hidden units split across programs in the LayerNorm kernels, with a cross-program reduction of the row
-# statistics) is a design change, open in NOTES.md ("Recurrent kernels on a GPU"). Flash attention's backward left
-# this table when it learned to stream its operands over the head dim (kernels/flash_attention.py, CHUNK); the
-# row-block recurrent kernels (they spilled from hidden 256: NOTES.md "GPU compile matrix") when the split kernels
-# took the backward, zoneout and the projection and the rule kept the row blocks at hidden <= 128.
-_LAYERNORM_ROWS = {target: "LayerNorm row-block kernel (16 rows x G*H columns in registers): at H=128 with one "
-                   "stage the forward spilled 32-124 bytes and the backward 528-576; at H=256 with 3 stages 1.8-7.3 KB"
-                   for target in TARGETS}
-NO_FIT = {
-    ("layernorm_recurrent.forward", torch.bfloat16, False, 128): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.bfloat16, False, 256): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.bfloat16, False, 512): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.bfloat16, False, 1024): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.float32, False, 128): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.float32, False, 256): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.float32, False, 512): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.forward", torch.float32, False, 1024): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.backward", torch.bfloat16, False, 128): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.backward", torch.bfloat16, False, 256): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.backward", torch.bfloat16, False, 512): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.backward", torch.bfloat16, False, 1024): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.backward", torch.float32, False, 128): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.backward", torch.float32, False, 256): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.backward", torch.float32, False, 512): _LAYERNORM_ROWS,
-    ("layernorm_recurrent.backward", torch.float32, False, 1024): _LAYERNORM_ROWS,
-}
+# Kernels, dtypes and head dims (hidden sizes) for which no config fits: ptxas spills at the smallest tile and with
+# the register cap at 255, so the launcher would keep the least spilling config. (kernel, dtype, allow_tf32, head dim)
+# -> {target: the ptxas figures}; such cases are xfail(strict=True): they assert that the spill is still there.
+# Empty since the LayerNorm kernels were split (kernels/_layernorm_split.py; the row-block LayerNorm kernels spilled
+# from hidden 128: forward 32-124 bytes, backward 528-576 at one stage; 1.8-7.3 KB at 256 with 3 stages, and the
+# rule now keeps them at 64). Before: flash attention's backward (fitted by streaming its operands over the head
+# dim, kernels/flash_attention.py CHUNK) and the row-block recurrent kernels past hidden 128 (fitted by the split
+# kernels, kernels/_recurrent_split.py). NOTES.md "GPU compile matrix" has the history.
+NO_FIT: dict = {}
 
 
 def _tf32_settings(kernel: Kernel, dtype: torch.dtype) -> tuple:
@@ -738,6 +768,29 @@ def test_recurrent_rule_never_picks_a_kernel_that_does_not_fit():
 
 
 _CELLS = {"lstm": split.LSTM, "gru": split.GRU, "rnn": split.RNN_TANH}
+
+
+def test_layernorm_rule_never_picks_a_kernel_that_does_not_fit():
+    """The LayerNorm LSTM / GRU rule (kernels/_layernorm_split.py layernorm_mode, which the forward and backward
+    launchers both follow): over hidden sizes 1-1024, batches 1-4096 and the SM counts it picks the row-block
+    kernels only where the matrix compiles them and they fit (not in NO_FIT), and otherwise a split config that
+    the matrix compiles at the padded hidden size, forward and backward."""
+    by_name = {kernel.name: kernel for kernel in KERNELS}
+    for dtype in RECURRENT_DTYPES:
+        for hidden in (1, 17, 64, 65, 100, 128, 129, 200, 256, 333, 512, 700, 1000, 1024):
+            size = _matrix_hidden(hidden)
+            for batch in (1, 2, 16, 17, 64, 65, 100, 256, 1000, 4096):
+                for sms in SM_COUNTS:
+                    mode = layernorm_split.layernorm_mode(batch, hidden, sms)
+                    rows = mode["mode"] == "rows"
+                    names = ([f"layernorm_recurrent.{kind}" for kind in ("forward", "backward")] if rows else
+                             [f"layernorm_split.{cell}.{kind}" for cell in ("lstm", "gru")
+                              for kind in ("forward", "backward")])
+                    for name in names:
+                        kernel = by_name[name]
+                        assert size in kernel.head_dims and (name, dtype, False, size) not in NO_FIT, (name, hidden)
+                        if not rows:
+                            assert _layernorm_split_config(mode) in kernel.configs(dtype, size), (name, hidden, mode)
 
 
 def test_no_fit_entries_name_compiled_cases():

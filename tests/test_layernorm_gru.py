@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import seqkern
 from helpers import case_id, check_op, gradcheck_op
 from test_layernorm_lstm import (
-    check_lengths_match_packing, check_module_against_composed, composed_scan, random_layer_args,
+    SPLIT_DTYPE_CASES, check_lengths_match_packing, check_module_against_composed, check_split_kernels, composed_scan,
+    random_layer_args,
 )
 
 OPS = torch.ops.seqkern
@@ -216,3 +217,11 @@ TRITON_CASES = [CASES[0], dict(seq_len=4, batch=3, input_size=5, hidden=17), CAS
                          ids=lambda v: str(v) if isinstance(v, torch.dtype) else case_id(v))
 def test_triton_kernel_against_composed(case, dtype):
     check_op(op_forward, composed_layernorm_gru, layer_args(**case), TENSOR_NAMES, dtype, "triton")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case,dtype", SPLIT_DTYPE_CASES,
+                         ids=lambda v: str(v) if isinstance(v, torch.dtype) else case_id(v))
+def test_triton_split_kernels_against_composed(case, dtype, monkeypatch):
+    """The split forward and backward (kernels/_layernorm_split.py), forced, as test_layernorm_lstm.py's."""
+    check_split_kernels(op_forward, composed_layernorm_gru, layer_args(**case), TENSOR_NAMES, dtype, monkeypatch)

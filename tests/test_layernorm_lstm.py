@@ -445,3 +445,72 @@ TRITON_CASES = [CASES[0], dict(seq_len=4, batch=3, input_size=5, hidden=17), CAS
                          ids=lambda v: str(v) if isinstance(v, torch.dtype) else case_id(v))
 def test_triton_kernel_against_composed(case, dtype):
     check_op(op_forward, composed_layernorm_lstm, layer_args(**case), TENSOR_NAMES, dtype, "triton")
+
+
+# The split forward (kernels/_layernorm_split.py: hidden units split across programs, the LayerNorms' row statistics
+# merged across them), forced: 40 units in 16-unit slices = 3 programs per batch block, the last one partial; 18 rows
+# = 2 batch blocks. The backward is the row-block kernel's, from the split forward's workspace, so every gradient
+# checks the workspace too.
+SPLIT_CASES = [
+    dict(seq_len=4, batch=18, input_size=5, hidden=40, resets=True, zoneout=0.3, train=True,
+         lengths=[4, 3, 2, 1, 0, 4] * 3),
+    dict(seq_len=4, batch=3, input_size=4, hidden=33, zoneout=0.25, lengths=[2, 4, 3], reverse=True),
+]
+SPLIT_DTYPE_CASES = [(SPLIT_CASES[0], torch.float64), (SPLIT_CASES[0], torch.float32),
+                     (SPLIT_CASES[1], torch.float32), (SPLIT_CASES[1], torch.bfloat16)]
+
+
+def check_split_kernels(op, oracle, args, names, dtype, monkeypatch, mode=("per_step", 16)) -> None:
+    """check_op with the split kernels forced (mode, BLOCK_U) and spies proving that the split forward and backward
+    ran (every output and gradient is theirs)."""
+    from seqkern.kernels import _layernorm_split
+    from seqkern.kernels._recurrent import forced_mode
+
+    calls = []
+    for name in ("split_forward", "split_backward"):
+        original = getattr(_layernorm_split, name)
+        monkeypatch.setattr(_layernorm_split, name,
+                            lambda *a, _name=name, _original=original, **k: calls.append(_name) or _original(*a, **k))
+    with forced_mode(*mode):
+        check_op(op, oracle, args, names, dtype, "triton")
+    assert set(calls) == {"split_forward", "split_backward"}, calls
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case,dtype", SPLIT_DTYPE_CASES,
+                         ids=lambda v: str(v) if isinstance(v, torch.dtype) else case_id(v))
+def test_triton_split_kernels_against_composed(case, dtype, monkeypatch):
+    check_split_kernels(op_forward, composed_layernorm_lstm, layer_args(**case), TENSOR_NAMES, dtype, monkeypatch)
+
+
+@pytest.mark.triton
+def test_triton_split_kernels_persistent(monkeypatch):
+    """The persistent mode (one launch, the grid barrier after each phase) with one program per batch block (the
+    interpreter runs programs one after another): the phase loop and the barrier's counter."""
+    check_split_kernels(op_forward, composed_layernorm_lstm, layer_args(**SPLIT_CASES[1]), TENSOR_NAMES,
+                        torch.float32, monkeypatch, mode=("persistent", 64))
+
+
+@pytest.mark.triton
+def test_triton_split_rule():
+    """The rule (kernels/_layernorm_split.py layernorm_mode): the row-block kernel without a GPU and at padded
+    hidden <= 64; above it the split forward, persistent while its programs fit one per SM, else per step
+    (tests/test_gpu_compile.py proves the picks compile clean). Forced modes; the interpreter refuses a persistent
+    launch of several programs per batch block."""
+    from seqkern.kernels._layernorm_split import SPLIT_TILE, layernorm_mode
+    from seqkern.kernels._recurrent import forced_mode
+
+    assert layernorm_mode(1, 1024, 0) == {"mode": "rows"}
+    assert layernorm_mode(1, 64, 132) == {"mode": "rows"}
+    assert layernorm_mode(1, 65, 132) == {"mode": "persistent", **SPLIT_TILE}
+    assert layernorm_mode(64, 1024, 132) == {"mode": "persistent", **SPLIT_TILE}  # 4 x 32 programs
+    assert layernorm_mode(80, 1024, 132) == {"mode": "per_step", **SPLIT_TILE}  # 5 x 32
+    with forced_mode("rows"):
+        assert layernorm_mode(1, 1024, 132)["mode"] == "rows"
+    with forced_mode("per_step", block_u=16, block_b=32):
+        mode = layernorm_mode(1, 8, 0)
+        assert (mode["mode"], mode["BLOCK_U"], mode["BLOCK_B"]) == ("per_step", 16, 32)
+    args = layer_args(**SPLIT_CASES[1])
+    with forced_mode("persistent", block_u=16), seqkern.backend("triton"):
+        with pytest.raises(ValueError, match="one program per batch block"):
+            op_forward(*args)
