@@ -36,8 +36,9 @@ from torch import Tensor
 
 from ._launch import launch
 from ._recurrent import accumulate_matmul, forced, grid_barrier, reset_rows, sigmoid, store, tanh
-from .layernorm_lstm import (_active, _blend, _gate_tile, _ln_backward, _ln_backward_means, _load_gate_vecs, _load_vec,
-                             _split_grad, _workspace_layout, _zoneout_weight)
+from .layernorm_lstm import (_active, _blend, _cell_backward, _gate_tile, _hidden_gate_products, _ln_backward,
+                             _ln_backward_means, _load_gate_vecs, _load_vec, _lstm_cell_sums, _masked_sum, _split_grad,
+                             _workspace_layout, _zoneout_weight)
 
 # The split tile on a GPU: 16 batch rows (tl.dot's minimum) x 32 units, 4 warps, one stage, ptxas's register cap at
 # 255 (as kernels/_recurrent.py's split modes). Everything is float32 math (the launcher converts W_hh and the
@@ -175,18 +176,11 @@ def _gates_phase(w_hh_ptr, h_ptr, scratch_ptr, stats_ptr, B, H, rows, units, uma
     """Phase 0: p = h_{t-1} W_hh^T for this program's units, one gate block of W_hh (H rows) at a time, to the
     scratch; the partial statistics of its G x BLOCK_U columns."""
     G = 4 if IS_LSTM else 3
-    p0 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr, 1, H, units,
-                           umask, H, DOT, BLOCK_K)
-    p1 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + H * H, 1, H,
-                           units, umask, H, DOT, BLOCK_K)
-    p2 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 2 * H * H, 1,
-                           H, units, umask, H, DOT, BLOCK_K)
-    total = _row_sum(p0, umask) + _row_sum(p1, umask) + _row_sum(p2, umask)
-    p3 = p2
+    p0, p1, p2, p3 = _hidden_gate_products(h_ptr, w_hh_ptr, H, rows, active, units, umask, IS_LSTM, ACC, DOT, BLOCK_B,
+                                           BLOCK_U, BLOCK_K)
+    total = _masked_sum(p0, umask) + _masked_sum(p1, umask) + _masked_sum(p2, umask)
     if IS_LSTM:
-        p3 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 3 * H * H,
-                               1, H, units, umask, H, DOT, BLOCK_K)
-        total += _row_sum(p3, umask)
+        total += _masked_sum(p3, umask)
     count = n_units * G
     mean = total / count
     m2 = _centered_sq(p0, mean, umask) + _centered_sq(p1, mean, umask) + _centered_sq(p2, mean, umask)
@@ -223,7 +217,7 @@ def _cell_norm_phase(cell_w_ptr, cell_b_ptr, resets_ptr, seed_ptr, h0_ptr, h_ptr
 
 
 @triton.jit
-def _row_sum(x, col_mask):
+def _masked_sum(x, col_mask):
     return tl.sum(tl.where(col_mask[None, :], x, 0), 1)
 
 
@@ -264,7 +258,7 @@ def _cell_phase(gx_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr, resets_ptr, seed_ptr, h0
         # c' (before LayerNorm and zoneout) and o for phase 2; the partial statistics of c' over these units.
         tl.store(scratch_ptr + scratch + 3 * H, o, mask=state_mask)
         tl.store(scratch_ptr + scratch + 4 * H, c_raw, mask=state_mask)
-        c_sum = _row_sum(c_raw, umask)
+        c_sum = _masked_sum(c_raw, umask)
         _store_partials(stats_ptr + B * n_blocks * 3, rows, B, unit_block, n_blocks, c_sum, n_units,
                         _centered_sq(c_raw, c_sum / n_units, umask))
         c_new = _blend(c_raw, c_old, _zoneout_weight(seed_ptr, 1, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
@@ -387,84 +381,6 @@ def _step_rows(t, T, rows, B, lengths_ptr, resets_ptr, REVERSE: tl.constexpr, HA
     reset = reset_rows(t, rows, B, resets_ptr, HAS_RESETS)
     continues = _active(t_prev, rows, B, T, lengths_ptr, HAS_LENGTHS) & (reset == 0) & active
     return active, reset, continues, t_prev
-
-
-@triton.jit
-def _cell_backward(ws_ptr, output_ptr, h0_ptr, c0_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, d_c, t, t_prev, B, H,
-                   zoneout, keep_below, rows, units, umask, continues, active, keep, c_means,
-                   IS_LSTM: tl.constexpr, ZONEOUT: tl.constexpr, ACC: tl.constexpr):
-    """The cell backward of this program's units (the row-block kernel's, with the LSTM's LN(c') row means given):
-    -> (px0..px3: the gradients of the normalized x side, ph0..ph3: of the h side, the new grad c, d_nc, the
-    unit-local part of grad h_{t-1}, h_{t-1})."""
-    W, _, _, RSTD = _workspace_layout(H, IS_LSTM)
-    state_mask = (rows < B)[:, None] & umask[None, :]
-    state_offsets = rows[:, None] * H + units[None, :]
-    from_record = continues[:, None] & umask[None, :]
-    h_prev = tl.where(from_record, tl.load(output_ptr + (t_prev * B + rows)[:, None] * H + units[None, :],
-                                           mask=from_record, other=0).to(ACC),
-                      tl.load(h0_ptr + state_offsets, mask=state_mask, other=0))
-    h_prev = tl.where(keep, h_prev, 0)
-    ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
-    dn_h, dk_h = _split_grad(d_h, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
-                             ZONEOUT)
-    if IS_LSTM:
-        dn_c, dk_c = _split_grad(d_c, _zoneout_weight(seed_ptr, 1, t, rows, units, H, zoneout, keep_below, ACC,
-                                                      ZONEOUT), ZONEOUT)
-        c_prev = tl.where(from_record, tl.load(ws_ptr + (t_prev * B + rows)[:, None] * W + 13 * H + units[None, :],
-                                               mask=from_record, other=0),
-                          tl.load(c0_ptr + state_offsets, mask=state_mask, other=0))
-        i = _gate_tile(ws_ptr, ws_offsets, 0, H, keep, ACC)
-        f = _gate_tile(ws_ptr, ws_offsets, 1, H, keep, ACC)
-        g = _gate_tile(ws_ptr, ws_offsets, 2, H, keep, ACC)
-        o = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
-        c_hat = _gate_tile(ws_ptr, ws_offsets, 12, H, keep, ACC)
-        rstd_c = tl.load(ws_ptr + (t * B + rows) * W + RSTD + 2, mask=active, other=0)
-        cw = _load_vec(cell_w_ptr, units, umask, ACC)
-        tn = tanh(c_hat * cw[None, :] + _load_vec(cell_b_ptr, units, umask, ACC)[None, :])
-        d_o = dn_h * tn * o * (1 - o)
-        d_nc = tl.where(keep, dn_h * o * (1 - tn * tn), 0)
-        gc = d_nc * cw[None, :]
-        mean_g, mean_gh = c_means
-        d_cn = (gc - mean_g[:, None] - c_hat * mean_gh[:, None]) * rstd_c[:, None] + dn_c
-        px0 = d_cn * g * i * (1 - i)
-        px1 = d_cn * c_prev * f * (1 - f)
-        px2 = d_cn * i * (1 - g * g)
-        px3 = d_o
-        ph0, ph1, ph2, ph3 = px0, px1, px2, px3
-        d_c = tl.where(keep, dk_c + d_cn * f, d_c)
-        direct_h = dk_h
-    else:
-        d_nc = d_h * 0
-        r = _gate_tile(ws_ptr, ws_offsets, 0, H, keep, ACC)
-        z = _gate_tile(ws_ptr, ws_offsets, 1, H, keep, ACC)
-        cand = _gate_tile(ws_ptr, ws_offsets, 2, H, keep, ACC)
-        gh_n = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
-        d_n = dn_h * (1 - z) * (1 - cand * cand)
-        px0 = d_n * gh_n * r * (1 - r)
-        px1 = dn_h * (h_prev - cand) * z * (1 - z)
-        px2 = d_n
-        px3 = d_n * 0
-        ph0, ph1, ph2, ph3 = px0, px1, d_n * r, px3
-        direct_h = dk_h + dn_h * z
-    return (tl.where(keep, px0, 0), tl.where(keep, px1, 0), tl.where(keep, px2, 0), tl.where(keep, px3, 0),
-            tl.where(keep, ph0, 0), tl.where(keep, ph1, 0), tl.where(keep, ph2, 0), tl.where(keep, ph3, 0),
-            d_c, d_nc, direct_h, h_prev)
-
-
-@triton.jit
-def _lstm_cell_sums(ws_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, t, B, H, zoneout, keep_below, rows, units, umask,
-                    keep, ZONEOUT: tl.constexpr, ACC: tl.constexpr):
-    """Phase A's partial sums over this program's units: d_nc w and d_nc w c_hat (LN(c')'s backward)."""
-    W, _, _, _ = _workspace_layout(H, True)
-    ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
-    dn_h, _ = _split_grad(d_h, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
-                          ZONEOUT)
-    o = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
-    c_hat = _gate_tile(ws_ptr, ws_offsets, 12, H, keep, ACC)
-    cw = _load_vec(cell_w_ptr, units, umask, ACC)
-    tn = tanh(c_hat * cw[None, :] + _load_vec(cell_b_ptr, units, umask, ACC)[None, :])
-    gc = tl.where(keep, dn_h * o * (1 - tn * tn), 0) * cw[None, :]
-    return _row_sum(gc, umask), _row_sum(gc * c_hat, umask)
 
 
 @triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])

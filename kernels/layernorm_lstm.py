@@ -139,6 +139,24 @@ def _gate_tile(ptr, offsets, gate, H, mask, ACC: tl.constexpr):
 # ==================================================================================================
 # Whole-sequence kernels. Grid: (batch blocks,); each program runs every time step for its rows.
 # ==================================================================================================
+@triton.jit
+def _hidden_gate_products(h_ptr, w_hh_ptr, H, rows, active, units, umask, IS_LSTM: tl.constexpr, ACC: tl.constexpr,
+                          DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h_{t-1} W_hh^T at columns `units` of each gate block (H rows of W_hh at a time): (p0, p1, p2, p3), p3 = p2
+    for the GRU. All H units in the row-block kernel, a program's BLOCK_U in the split one."""
+    p0 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr, 1, H, units, umask,
+                           H, DOT, BLOCK_K)
+    p1 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + H * H, 1, H, units,
+                           umask, H, DOT, BLOCK_K)
+    p2 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 2 * H * H, 1, H,
+                           units, umask, H, DOT, BLOCK_K)
+    p3 = p2
+    if IS_LSTM:
+        p3 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_U), ACC), h_ptr, H, rows, active, w_hh_ptr + 3 * H * H, 1, H,
+                               units, umask, H, DOT, BLOCK_K)
+    return p0, p1, p2, p3
+
+
 @triton.jit(do_not_specialize=["T"])
 def _layernorm_sequence_forward_kernel(
     gx_ptr,  # (T,B,G*H) ACC: the finished x side
@@ -184,17 +202,8 @@ def _layernorm_sequence_forward_kernel(
         active = _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS)
         keep = active[:, None] & hid_mask[None, :]
         row_offsets = (t * B + rows)[:, None] * (G * H) + hid[None, :]
-        # h W_hh^T, one gate block of W_hh (H rows) at a time.
-        p0 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_H), ACC), h_ptr, H, rows, active, w_hh_ptr, 1, H, hid,
-                               hid_mask, H, DOT, BLOCK_K)
-        p1 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_H), ACC), h_ptr, H, rows, active, w_hh_ptr + H * H, 1, H,
-                               hid, hid_mask, H, DOT, BLOCK_K)
-        p2 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_H), ACC), h_ptr, H, rows, active, w_hh_ptr + 2 * H * H, 1,
-                               H, hid, hid_mask, H, DOT, BLOCK_K)
-        p3 = p2
-        if IS_LSTM:
-            p3 = accumulate_matmul(tl.zeros((BLOCK_B, BLOCK_H), ACC), h_ptr, H, rows, active, w_hh_ptr + 3 * H * H,
-                                   1, H, hid, hid_mask, H, DOT, BLOCK_K)
+        p0, p1, p2, p3 = _hidden_gate_products(h_ptr, w_hh_ptr, H, rows, active, hid, hid_mask, IS_LSTM, ACC, DOT,
+                                               BLOCK_B, BLOCK_H, BLOCK_K)
         mean, rstd_h = _row_stats(p0, p1, p2, p3, hid_mask, G * H, eps, IS_LSTM)
         a0 = (p0 - mean[:, None]) * rstd_h[:, None]
         a1 = (p1 - mean[:, None]) * rstd_h[:, None]
@@ -262,6 +271,86 @@ def _layernorm_sequence_forward_kernel(
     tl.store(c_ptr + state_offsets, c, mask=state_mask)
 
 
+@triton.jit
+def _cell_backward(ws_ptr, output_ptr, h0_ptr, c0_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, d_c, t, t_prev, B, H,
+                   zoneout, keep_below, rows, units, umask, continues, active, keep, c_means,
+                   IS_LSTM: tl.constexpr, ZONEOUT: tl.constexpr, ACC: tl.constexpr):
+    """The cell backward of units `units` of rows `rows` (all H in the row-block kernel, BLOCK_U in a split program),
+    with the LSTM's LN(c') row means given (_lstm_cell_sums over the whole row / H):
+    -> (px0..px3: the gradients of the normalized x side, ph0..ph3: of the h side, the new grad c, d_nc, the
+    unit-local part of grad h_{t-1}, h_{t-1})."""
+    W, _, _, RSTD = _workspace_layout(H, IS_LSTM)
+    state_mask = (rows < B)[:, None] & umask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    from_record = continues[:, None] & umask[None, :]
+    h_prev = tl.where(from_record, tl.load(output_ptr + (t_prev * B + rows)[:, None] * H + units[None, :],
+                                           mask=from_record, other=0).to(ACC),
+                      tl.load(h0_ptr + state_offsets, mask=state_mask, other=0))
+    h_prev = tl.where(keep, h_prev, 0)
+    ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+    dn_h, dk_h = _split_grad(d_h, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
+                             ZONEOUT)
+    if IS_LSTM:
+        dn_c, dk_c = _split_grad(d_c, _zoneout_weight(seed_ptr, 1, t, rows, units, H, zoneout, keep_below, ACC,
+                                                      ZONEOUT), ZONEOUT)
+        c_prev = tl.where(from_record, tl.load(ws_ptr + (t_prev * B + rows)[:, None] * W + 13 * H + units[None, :],
+                                               mask=from_record, other=0),
+                          tl.load(c0_ptr + state_offsets, mask=state_mask, other=0))
+        i = _gate_tile(ws_ptr, ws_offsets, 0, H, keep, ACC)
+        f = _gate_tile(ws_ptr, ws_offsets, 1, H, keep, ACC)
+        g = _gate_tile(ws_ptr, ws_offsets, 2, H, keep, ACC)
+        o = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
+        c_hat = _gate_tile(ws_ptr, ws_offsets, 12, H, keep, ACC)
+        rstd_c = tl.load(ws_ptr + (t * B + rows) * W + RSTD + 2, mask=active, other=0)
+        cw = _load_vec(cell_w_ptr, units, umask, ACC)
+        tn = tanh(c_hat * cw[None, :] + _load_vec(cell_b_ptr, units, umask, ACC)[None, :])
+        d_o = dn_h * tn * o * (1 - o)
+        d_nc = tl.where(keep, dn_h * o * (1 - tn * tn), 0)
+        gc = d_nc * cw[None, :]
+        mean_g, mean_gh = c_means
+        d_cn = (gc - mean_g[:, None] - c_hat * mean_gh[:, None]) * rstd_c[:, None] + dn_c
+        px0 = d_cn * g * i * (1 - i)
+        px1 = d_cn * c_prev * f * (1 - f)
+        px2 = d_cn * i * (1 - g * g)
+        px3 = d_o
+        ph0, ph1, ph2, ph3 = px0, px1, px2, px3
+        d_c = tl.where(keep, dk_c + d_cn * f, d_c)
+        direct_h = dk_h
+    else:
+        d_nc = d_h * 0
+        r = _gate_tile(ws_ptr, ws_offsets, 0, H, keep, ACC)
+        z = _gate_tile(ws_ptr, ws_offsets, 1, H, keep, ACC)
+        cand = _gate_tile(ws_ptr, ws_offsets, 2, H, keep, ACC)
+        gh_n = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
+        d_n = dn_h * (1 - z) * (1 - cand * cand)
+        px0 = d_n * gh_n * r * (1 - r)
+        px1 = dn_h * (h_prev - cand) * z * (1 - z)
+        px2 = d_n
+        px3 = d_n * 0
+        ph0, ph1, ph2, ph3 = px0, px1, d_n * r, px3
+        direct_h = dk_h + dn_h * z
+    return (tl.where(keep, px0, 0), tl.where(keep, px1, 0), tl.where(keep, px2, 0), tl.where(keep, px3, 0),
+            tl.where(keep, ph0, 0), tl.where(keep, ph1, 0), tl.where(keep, ph2, 0), tl.where(keep, ph3, 0),
+            d_c, d_nc, direct_h, h_prev)
+
+
+@triton.jit
+def _lstm_cell_sums(ws_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, t, B, H, zoneout, keep_below, rows, units, umask,
+                    keep, ZONEOUT: tl.constexpr, ACC: tl.constexpr):
+    """Sums over units `units` of d_nc w and d_nc w c_hat (LN(c')'s backward): the row's in the row-block kernel,
+    a split program's partial ones (merged across programs by the split backward)."""
+    W, _, _, _ = _workspace_layout(H, True)
+    ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+    dn_h, _ = _split_grad(d_h, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC, ZONEOUT),
+                          ZONEOUT)
+    o = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
+    c_hat = _gate_tile(ws_ptr, ws_offsets, 12, H, keep, ACC)
+    cw = _load_vec(cell_w_ptr, units, umask, ACC)
+    tn = tanh(c_hat * cw[None, :] + _load_vec(cell_b_ptr, units, umask, ACC)[None, :])
+    gc = tl.where(keep, dn_h * o * (1 - tn * tn), 0) * cw[None, :]
+    return _masked_sum(gc, umask), _masked_sum(gc * c_hat, umask)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _layernorm_sequence_backward_kernel(
     grad_output_ptr,  # (T,B,H)
@@ -290,8 +379,6 @@ def _layernorm_sequence_backward_kernel(
     d_c = tl.load(d_c_ptr + state_offsets, mask=state_mask, other=0)
     d_h0 = d_h * 0
     d_c0 = d_h * 0
-    h0 = tl.load(h0_ptr + state_offsets, mask=state_mask, other=0)
-    c0 = tl.load(c0_ptr + state_offsets, mask=state_mask, other=0)
     wx0, wx1, wx2, wx3 = _load_gate_vecs(ln_ih_w_ptr, hid, hid_mask, H, ACC, IS_LSTM)
     wh0, wh1, wh2, wh3 = _load_gate_vecs(ln_hh_w_ptr, hid, hid_mask, H, ACC, IS_LSTM)
 
@@ -303,63 +390,20 @@ def _layernorm_sequence_backward_kernel(
         reset = reset_rows(t, rows, B, resets_ptr, HAS_RESETS)
         keep = active[:, None] & hid_mask[None, :]
         continues = _active(t_prev, rows, B, T, lengths_ptr, HAS_LENGTHS) & (reset == 0) & active
-        from_record = continues[:, None] & hid_mask[None, :]
-        h_prev = tl.where(from_record, tl.load(output_ptr + (t_prev * B + rows)[:, None] * H + hid[None, :],
-                                               mask=from_record, other=0).to(ACC), h0)
-        h_prev = tl.where(keep, h_prev, 0)
-        tl.store(h_prev_ptr + (t * B + rows)[:, None] * H + hid[None, :], h_prev, mask=state_mask)
         d_h += tl.load(grad_output_ptr + (t * B + rows)[:, None] * H + hid[None, :], mask=keep, other=0).to(ACC)
         ws_offsets = (t * B + rows)[:, None] * W + hid[None, :]
         wide = (t * B + rows)[:, None] * (G * H) + hid[None, :]
-        dn_h, dk_h = _split_grad(d_h, _zoneout_weight(seed_ptr, 0, t, rows, hid, H, zoneout, keep_below, ACC, ZONEOUT),
-                                 ZONEOUT)
+        s_g = tl.zeros((BLOCK_B,), ACC)
+        s_gh = s_g
         if IS_LSTM:
-            dn_c, dk_c = _split_grad(d_c, _zoneout_weight(seed_ptr, 1, t, rows, hid, H, zoneout, keep_below, ACC,
-                                                          ZONEOUT), ZONEOUT)
-            c_prev = tl.where(from_record, tl.load(ws_ptr + (t_prev * B + rows)[:, None] * W + 13 * H + hid[None, :],
-                                                   mask=from_record, other=0), c0)
-            i = _gate_tile(ws_ptr, ws_offsets, 0, H, keep, ACC)
-            f = _gate_tile(ws_ptr, ws_offsets, 1, H, keep, ACC)
-            g = _gate_tile(ws_ptr, ws_offsets, 2, H, keep, ACC)
-            o = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
-            c_hat = _gate_tile(ws_ptr, ws_offsets, 12, H, keep, ACC)
-            rstd_c = tl.load(ws_ptr + (t * B + rows) * W + RSTD + 2, mask=active, other=0)
-            cw = _load_vec(cell_w_ptr, hid, hid_mask, ACC)
-            tn = tanh(c_hat * cw[None, :] + _load_vec(cell_b_ptr, hid, hid_mask, ACC)[None, :])
-            d_o = dn_h * tn * o * (1 - o)
-            d_nc = tl.where(keep, dn_h * o * (1 - tn * tn), 0)
+            s_g, s_gh = _lstm_cell_sums(ws_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, t, B, H, zoneout, keep_below,
+                                        rows, hid, hid_mask, keep, ZONEOUT, ACC)
+        px0, px1, px2, px3, ph0, ph1, ph2, ph3, d_c, d_nc, direct_h, h_prev = _cell_backward(
+            ws_ptr, output_ptr, h0_ptr, c0_ptr, cell_w_ptr, cell_b_ptr, seed_ptr, d_h, d_c, t, t_prev, B, H, zoneout,
+            keep_below, rows, hid, hid_mask, continues, active, keep, (s_g / H, s_gh / H), IS_LSTM, ZONEOUT, ACC)
+        tl.store(h_prev_ptr + (t * B + rows)[:, None] * H + hid[None, :], h_prev, mask=state_mask)
+        if IS_LSTM:
             tl.store(extra_ptr + (t * B + rows)[:, None] * H + hid[None, :], d_nc, mask=state_mask)
-            gc = d_nc * cw[None, :]
-            mean_g = _masked_sum(gc, hid_mask) / H
-            mean_gh = _masked_sum(gc * c_hat, hid_mask) / H
-            d_cn = (gc - mean_g[:, None] - c_hat * mean_gh[:, None]) * rstd_c[:, None] + dn_c
-            px0 = d_cn * g * i * (1 - i)
-            px1 = d_cn * c_prev * f * (1 - f)
-            px2 = d_cn * i * (1 - g * g)
-            px3 = d_o
-            ph0, ph1, ph2, ph3 = px0, px1, px2, px3
-            d_c = tl.where(keep, dk_c + d_cn * f, d_c)
-            direct_h = dk_h
-        else:
-            r = _gate_tile(ws_ptr, ws_offsets, 0, H, keep, ACC)
-            z = _gate_tile(ws_ptr, ws_offsets, 1, H, keep, ACC)
-            cand = _gate_tile(ws_ptr, ws_offsets, 2, H, keep, ACC)
-            gh_n = _gate_tile(ws_ptr, ws_offsets, 3, H, keep, ACC)
-            d_n = dn_h * (1 - z) * (1 - cand * cand)
-            px0 = d_n * gh_n * r * (1 - r)
-            px1 = dn_h * (h_prev - cand) * z * (1 - z)
-            px2 = d_n
-            px3 = d_n * 0
-            ph0, ph1, ph2, ph3 = px0, px1, d_n * r, px3
-            direct_h = dk_h + dn_h * z
-        px0 = tl.where(keep, px0, 0)
-        px1 = tl.where(keep, px1, 0)
-        px2 = tl.where(keep, px2, 0)
-        px3 = tl.where(keep, px3, 0)
-        ph0 = tl.where(keep, ph0, 0)
-        ph1 = tl.where(keep, ph1, 0)
-        ph2 = tl.where(keep, ph2, 0)
-        ph3 = tl.where(keep, ph3, 0)
         # LN backward on the x side and on the h side.
         x0 = _gate_tile(ws_ptr, ws_offsets + XHAT, 0, H, keep, ACC)
         x1 = _gate_tile(ws_ptr, ws_offsets + XHAT, 1, H, keep, ACC)
