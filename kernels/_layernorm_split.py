@@ -113,6 +113,15 @@ def _restart(state, state0_ptr, offsets, t, rows, B, T, state_mask, resets_ptr, 
 # ==================================================================================================
 # The kernel. Grid: (cdiv(B, BLOCK_B), cdiv(H, BLOCK_U)).
 # ==================================================================================================
+@triton.jit
+def _program_tile(H, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+    """This program's batch rows and units: grid axis 0 the batch blocks, axis 1 the unit blocks (n_blocks of them)
+    -> (rows, unit_block, n_blocks, units, units < H)."""
+    unit_block = tl.program_id(1)
+    units = unit_block * BLOCK_U + tl.arange(0, BLOCK_U)
+    return tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B), unit_block, tl.num_programs(1), units, units < H
+
+
 @triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
 def _layernorm_split_forward_kernel(
     gx_ptr,  # (T,B,G*H) ACC: the finished x side
@@ -134,11 +143,7 @@ def _layernorm_split_forward_kernel(
     """Phases j = phase_begin .. phase_end - 1 (step j // PHASES, phase j % PHASES; PHASES = 3 for the LSTM, 2 for
     the GRU), each ended by the grid barrier of the batch block's programs (PERSISTENT: one launch for all phases)
     or by the launch's end (per step: one launch per phase)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    unit_block = tl.program_id(1)
-    n_blocks = tl.num_programs(1)
-    units = unit_block * BLOCK_U + tl.arange(0, BLOCK_U)
-    umask = units < H
+    rows, unit_block, n_blocks, units, umask = _program_tile(H, BLOCK_B, BLOCK_U)
     PHASES = 3 if IS_LSTM else 2
     G = 4 if IS_LSTM else 3
     SW = (G + 1) * H  # scratch row width
@@ -322,18 +327,32 @@ def split_forward(tensors: tuple, scalars: tuple, flags: dict, mode: dict, gates
     (kernels/layernorm_lstm.py sequence_forward); scalars: (T, B, H, eps, zoneout, keep_below); flags: its
     constexprs but the tiles and PERSISTENT; mode: layernorm_mode's; like: an ACC tensor on the device."""
     seq_len, batch, hidden = scalars[:3]
-    tile = {name: value for name, value in mode.items() if name != "mode"}
-    grid = (triton.cdiv(batch, tile["BLOCK_B"]), triton.cdiv(hidden, tile["BLOCK_U"]))
-    persistent = mode["mode"] == "persistent"
-    if persistent and like.device.type != "cuda" and grid[1] > 1:
-        raise ValueError(f"the persistent LayerNorm split under the interpreter needs one program per batch block "
-                         f"(BLOCK_U {tile['BLOCK_U']} >= hidden {hidden}): programs run one after another there")
+    tile, grid = _split_grid(mode, batch, hidden, like)
     scratch = like.new_empty(batch, (gates + 1) * hidden)
     stats = like.new_empty(2, batch, grid[1], 3)
+    _run_phases(_layernorm_split_forward_kernel, grid, mode, tile, like, (*tensors, scratch, stats), scalars,
+                (3 if gates == 4 else 2) * seq_len, flags)
+
+
+def _split_grid(mode: dict, batch: int, hidden: int, like: Tensor) -> tuple:
+    """(the tile constexprs, the grid (batch blocks, unit blocks)) of a split launch in `mode`. Under the
+    interpreter programs run one after another, so a persistent launch needs one program per batch block."""
+    tile = {name: value for name, value in mode.items() if name != "mode"}
+    grid = (triton.cdiv(batch, tile["BLOCK_B"]), triton.cdiv(hidden, tile["BLOCK_U"]))
+    if mode["mode"] == "persistent" and like.device.type != "cuda" and grid[1] > 1:
+        raise ValueError(f"the persistent LayerNorm split under the interpreter needs one program per batch block "
+                         f"(BLOCK_U {tile['BLOCK_U']} >= hidden {hidden}): programs run one after another there")
+    return tile, grid
+
+
+def _run_phases(function, grid: tuple, mode: dict, tile: dict, like: Tensor, pointers: tuple, scalars: tuple,
+                phases: int, flags: dict) -> None:
+    """All `phases` of a split kernel: one cooperative launch (persistent: the grid barrier's counters between the
+    pointers and the scalars) or one launch per phase."""
+    persistent = mode["mode"] == "persistent"
     arrivals = torch.zeros(grid[0], dtype=torch.int32, device=like.device) if persistent else None
-    kernel = launch(_layernorm_split_forward_kernel, grid, like.device)
-    arguments = (*tensors, scratch, stats, arrivals, *scalars)
-    phases = (3 if gates == 4 else 2) * seq_len
+    kernel = launch(function, grid, like.device)
+    arguments = (*pointers, arrivals, *scalars)
     if persistent:
         kernel(*arguments, 0, phases, PERSISTENT=True, **flags, **tile, launch_cooperative_grid=True)
         return
@@ -405,11 +424,7 @@ def _layernorm_split_backward_kernel(
 ):
     """Phases j = phase_begin .. phase_end - 1 (reverse step j // PHASES, phase j % PHASES; PHASES = 4 for the
     LSTM: A B C D, 3 for the GRU: B C D), each ended by the grid barrier (PERSISTENT) or the launch's end."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    unit_block = tl.program_id(1)
-    n_blocks = tl.num_programs(1)
-    units = unit_block * BLOCK_U + tl.arange(0, BLOCK_U)
-    umask = units < H
+    rows, unit_block, n_blocks, units, umask = _program_tile(H, BLOCK_B, BLOCK_U)
     PHASES = 4 if IS_LSTM else 3
     G = 4 if IS_LSTM else 3
     W, XHAT, HHAT, RSTD = _workspace_layout(H, IS_LSTM)
@@ -526,21 +541,9 @@ def split_backward(tensors: tuple, scalars: tuple, flags: dict, mode: dict, gate
     arguments from grad_output_ptr to h_prev_ptr (kernels/layernorm_lstm.py sequence_backward); scalars: (T, B, H,
     zoneout, keep_below). -> d_init (2, B, H): the resets' shares of grad h0 / grad c0, to add to the carried ones."""
     seq_len, batch, hidden = scalars[:3]
-    tile = {name: value for name, value in mode.items() if name != "mode"}
-    grid = (triton.cdiv(batch, tile["BLOCK_B"]), triton.cdiv(hidden, tile["BLOCK_U"]))
-    persistent = mode["mode"] == "persistent"
-    if persistent and like.device.type != "cuda" and grid[1] > 1:
-        raise ValueError(f"the persistent LayerNorm split under the interpreter needs one program per batch block "
-                         f"(BLOCK_U {tile['BLOCK_U']} >= hidden {hidden}): programs run one after another there")
+    tile, grid = _split_grid(mode, batch, hidden, like)
     d_init = like.new_zeros(2, batch, hidden)
     sums = like.new_empty(batch, grid[1], 6)
-    arrivals = torch.zeros(grid[0], dtype=torch.int32, device=like.device) if persistent else None
-    kernel = launch(_layernorm_split_backward_kernel, grid, like.device)
-    arguments = (*tensors, d_init, sums, arrivals, *scalars)
-    phases = (4 if gates == 4 else 3) * seq_len
-    if persistent:
-        kernel(*arguments, 0, phases, PERSISTENT=True, **flags, **tile, launch_cooperative_grid=True)
-    else:
-        for phase in range(phases):
-            kernel(*arguments, phase, phase + 1, PERSISTENT=False, **flags, **tile)
+    _run_phases(_layernorm_split_backward_kernel, grid, mode, tile, like, (*tensors, d_init, sums), scalars,
+                (4 if gates == 4 else 3) * seq_len, flags)
     return d_init
