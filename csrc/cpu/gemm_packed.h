@@ -8,7 +8,7 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -79,8 +79,7 @@ struct PackedPanels {
     for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
       const int64_t k1 = std::min(depth, k0 + kDepthBlock);
       if (contiguous_along_k) {
-        for (int64_t j = 0; j < columns; ++j)
-          for (int64_t k = k0; k < k1; ++k) dst[k * columns + j] = sources[j].first ? sources[j].first[k] : T(0);
+        for (int64_t j = 0; j < columns; j += kLanes<T>) transpose_rows(sources + j, k0, k1, dst + j, columns);
       } else {
         for (int64_t k = k0; k < k1; ++k)
           for (int64_t j = 0; j < columns; ++j)
@@ -88,15 +87,65 @@ struct PackedPanels {
       }
     }
   }
+
+ private:
+  /// dst[k * ld + j] = rows[j][k] (0 for a null row) for the kLanes<T> rows j and k in [k0, k1): one vector
+  /// of a panel's columns, from rows of W.
+  static void transpose_rows(const std::pair<const T*, int64_t>* rows, int64_t k0, int64_t k1, T* dst, int64_t ld) {
+    int64_t k = k0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      bool whole = true;
+      for (int j = 0; j < 16; ++j) whole &= rows[j].first != nullptr;
+      if (whole) {
+        const float* starts[16];
+        for (int j = 0; j < 16; ++j) starts[j] = rows[j].first;
+        for (; k + 16 <= k1; k += 16) transpose_16x16(starts, k, dst + k * ld, ld);
+      }
+    }
+#endif
+    for (int64_t j = 0; j < kLanes<T>; ++j)
+      for (int64_t kk = k; kk < k1; ++kk) dst[kk * ld + j] = rows[j].first ? rows[j].first[kk] : T(0);
+  }
+
+#if defined(__AVX512F__)
+  /// dst[i * ld + j] = rows[j][k + i] for i, j < 16: a 16 x 16 block transposed in registers (unpack pairs,
+  /// then pairs of pairs, then 128-bit lanes twice). The scalar loop wrote one float per store with a 192-byte
+  /// stride: 57 us per 512 KB slice of W_hh, 5% of the LSTM's batch-1 inference samples with W_ih's packing.
+  static void transpose_16x16(const float* const* rows, int64_t k, float* dst, int64_t ld) {
+    __m512 r[16], t[16];
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(rows[j] + k);
+    for (int j = 0; j < 16; j += 2) {
+      t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+      t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 16; j += 4)
+      for (int h = 0; h < 2; ++h) {
+        const __m512d a = _mm512_castps_pd(t[j + h]), b = _mm512_castps_pd(t[j + h + 2]);
+        r[j + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        r[j + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+      }
+    for (int j = 0; j < 16; j += 8)
+      for (int q = 0; q < 4; ++q) {
+        t[j + q] = _mm512_shuffle_f32x4(r[j + q], r[j + q + 4], 0x88);
+        t[j + q + 4] = _mm512_shuffle_f32x4(r[j + q], r[j + q + 4], 0xdd);
+      }
+    for (int q = 0; q < 8; ++q) {
+      r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
+      r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xdd);
+    }
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld, r[i]);
+  }
+#endif
 };
 
-/// C[0:MR, 0:NV*lanes) = A[0:MR, 0:depth) @ panel; MR x NV accumulators stay in registers
+/// C[0:MR, 0:NV*lanes) = A[0:MR, 0:depth) @ panel (+= with accumulate); MR x NV accumulators stay in registers
 /// (MR=8, NV=3 at avx512: 24 of the 32 zmm registers). Figures below are from its 6 x 4 days. One thread, best
 /// of runs, against at::mm (MKL) on the same product: 32 x 256 x 512 (a batch-32 step) 72.7 vs 95.7 us; 64 x 512 x 1024 577 vs 728 us;
 /// 1 x 256 x 512 (batch 1: bound by L2 bandwidth, ~110 GB/s) 4.9 vs 11.1 us. So the persistent loop
 /// uses it at every batch size rather than calling at::mm per step.
 template <typename T, int MR, int NV>
-void micro_kernel(const T* a, int64_t lda, const T* panel, int64_t depth, T* c, int64_t ldc) {
+void micro_kernel(const T* a, int64_t lda, const T* panel, int64_t depth, T* c, int64_t ldc, bool accumulate) {
   using V = Simd<T>;
   constexpr int L = kLanes<T>;
   V acc[MR][NV];
@@ -111,22 +160,30 @@ void micro_kernel(const T* a, int64_t lda, const T* panel, int64_t depth, T* c, 
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) std::memcpy(c + m * ldc + v * L, &acc[m][v], sizeof(V));
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate) {
+        V sum;
+        std::memcpy(&sum, c + m * ldc + v * L, sizeof(V));
+        acc[m][v] += sum;
+      }
+      std::memcpy(c + m * ldc + v * L, &acc[m][v], sizeof(V));
+    }
 }
 
 template <typename T, int NV>
-void micro_kernel_rows(int rows, const T* a, int64_t lda, const T* panel, int64_t depth, T* c, int64_t ldc) {
+void micro_kernel_rows(int rows, const T* a, int64_t lda, const T* panel, int64_t depth, T* c, int64_t ldc,
+                       bool accumulate) {
   switch (rows) {
-    case 1: return micro_kernel<T, 1, NV>(a, lda, panel, depth, c, ldc);
-    case 2: return micro_kernel<T, 2, NV>(a, lda, panel, depth, c, ldc);
-    case 3: return micro_kernel<T, 3, NV>(a, lda, panel, depth, c, ldc);
-    case 4: return micro_kernel<T, 4, NV>(a, lda, panel, depth, c, ldc);
-    case 5: return micro_kernel<T, 5, NV>(a, lda, panel, depth, c, ldc);
-    case 6: return micro_kernel<T, 6, NV>(a, lda, panel, depth, c, ldc);
+    case 1: return micro_kernel<T, 1, NV>(a, lda, panel, depth, c, ldc, accumulate);
+    case 2: return micro_kernel<T, 2, NV>(a, lda, panel, depth, c, ldc, accumulate);
+    case 3: return micro_kernel<T, 3, NV>(a, lda, panel, depth, c, ldc, accumulate);
+    case 4: return micro_kernel<T, 4, NV>(a, lda, panel, depth, c, ldc, accumulate);
+    case 5: return micro_kernel<T, 5, NV>(a, lda, panel, depth, c, ldc, accumulate);
+    case 6: return micro_kernel<T, 6, NV>(a, lda, panel, depth, c, ldc, accumulate);
   }
   if constexpr (kMaxMicroRows == 8) {
-    if (rows == 7) return micro_kernel<T, 7, NV>(a, lda, panel, depth, c, ldc);
-    return micro_kernel<T, 8, NV>(a, lda, panel, depth, c, ldc);
+    if (rows == 7) return micro_kernel<T, 7, NV>(a, lda, panel, depth, c, ldc, accumulate);
+    return micro_kernel<T, 8, NV>(a, lda, panel, depth, c, ldc, accumulate);
   }
 }
 
@@ -149,7 +206,7 @@ constexpr int ymm_block_columns(int rows) { return rows == 1 ? 8 : rows == 2 ? 6
 /// each FMA from L1 as a memory operand (3 x 4, 2 x 6: 12 accumulators + the broadcasts).
 template <int MR, int NY>
 inline void micro_kernel_ymm(const float* a, int64_t lda, const float* panel, int64_t panel_width, int64_t depth,
-                             float* c, int64_t ldc) {
+                             float* c, int64_t ldc, bool accumulate) {
   constexpr bool kWInRegisters = MR * NY + NY + 1 <= 16;
   __m256 acc[MR][NY];
 #pragma GCC unroll 8
@@ -181,14 +238,16 @@ inline void micro_kernel_ymm(const float* a, int64_t lda, const float* panel, in
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
-    for (int v = 0; v < NY; ++v) _mm256_storeu_ps(c + m * ldc + 8 * v, acc[m][v]);
+    for (int v = 0; v < NY; ++v)
+      _mm256_storeu_ps(c + m * ldc + 8 * v,
+                       accumulate ? _mm256_add_ps(acc[m][v], _mm256_loadu_ps(c + m * ldc + 8 * v)) : acc[m][v]);
 }
 
 /// C[0:MR, 0:8 ymm) = A @ panel for a panel of `ymm` (2..8) ymm columns: blocks of ymm_block_columns(MR)
 /// columns, the last one narrower (an 8-vector panel at MR = 2: 6 + 2).
 template <int MR>
 inline void panel_block_ymm(const float* a, int64_t lda, const float* panel, int ymm, int64_t depth, float* c,
-                            int64_t ldc) {
+                            int64_t ldc, bool accumulate) {
   constexpr int kNY = ymm_block_columns(MR);
   const int64_t panel_width = 8 * ymm;
   for (int y = 0; y < ymm; y += kNY) {
@@ -196,60 +255,69 @@ inline void panel_block_ymm(const float* a, int64_t lda, const float* panel, int
     float* c_y = c + 8 * y;
     // Widths above kNY never occur: std::min keeps them from being instantiated.
     switch (std::min(kNY, ymm - y)) {
-      case 1: micro_kernel_ymm<MR, 1>(a, lda, p, panel_width, depth, c_y, ldc); break;
-      case 2: micro_kernel_ymm<MR, std::min(kNY, 2)>(a, lda, p, panel_width, depth, c_y, ldc); break;
-      case 3: micro_kernel_ymm<MR, std::min(kNY, 3)>(a, lda, p, panel_width, depth, c_y, ldc); break;
-      case 4: micro_kernel_ymm<MR, std::min(kNY, 4)>(a, lda, p, panel_width, depth, c_y, ldc); break;
-      case 5: micro_kernel_ymm<MR, std::min(kNY, 5)>(a, lda, p, panel_width, depth, c_y, ldc); break;
-      case 6: micro_kernel_ymm<MR, std::min(kNY, 6)>(a, lda, p, panel_width, depth, c_y, ldc); break;
-      case 7: micro_kernel_ymm<MR, std::min(kNY, 7)>(a, lda, p, panel_width, depth, c_y, ldc); break;
-      default: micro_kernel_ymm<MR, std::min(kNY, 8)>(a, lda, p, panel_width, depth, c_y, ldc); break;
+      case 1: micro_kernel_ymm<MR, 1>(a, lda, p, panel_width, depth, c_y, ldc, accumulate); break;
+      case 2: micro_kernel_ymm<MR, std::min(kNY, 2)>(a, lda, p, panel_width, depth, c_y, ldc, accumulate); break;
+      case 3: micro_kernel_ymm<MR, std::min(kNY, 3)>(a, lda, p, panel_width, depth, c_y, ldc, accumulate); break;
+      case 4: micro_kernel_ymm<MR, std::min(kNY, 4)>(a, lda, p, panel_width, depth, c_y, ldc, accumulate); break;
+      case 5: micro_kernel_ymm<MR, std::min(kNY, 5)>(a, lda, p, panel_width, depth, c_y, ldc, accumulate); break;
+      case 6: micro_kernel_ymm<MR, std::min(kNY, 6)>(a, lda, p, panel_width, depth, c_y, ldc, accumulate); break;
+      case 7: micro_kernel_ymm<MR, std::min(kNY, 7)>(a, lda, p, panel_width, depth, c_y, ldc, accumulate); break;
+      default: micro_kernel_ymm<MR, std::min(kNY, 8)>(a, lda, p, panel_width, depth, c_y, ldc, accumulate); break;
     }
   }
 }
 #endif
 
-/// C[0:rows, 0:panel_vectors * lanes) = A[0:rows, 0:depth) @ panel for rows <= kMaxMicroRows.
+/// C[0:rows, 0:panel_vectors * lanes) = A[0:rows, 0:depth) @ panel (+= with accumulate) for rows <= kMaxMicroRows.
 template <typename T>
 inline void panel_block(int rows, const T* a, int64_t lda, const T* panel, int panel_vectors, int64_t depth, T* c,
-                        int64_t ldc) {
+                        int64_t ldc, bool accumulate) {
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     const int ymm = panel_vectors * 2;
     switch (rows) {
-      case 1: return panel_block_ymm<1>(a, lda, panel, ymm, depth, c, ldc);
-      case 2: return panel_block_ymm<2>(a, lda, panel, ymm, depth, c, ldc);
-      case 3: return panel_block_ymm<3>(a, lda, panel, ymm, depth, c, ldc);
-      case 4: return panel_block_ymm<4>(a, lda, panel, ymm, depth, c, ldc);
-      case 5: return panel_block_ymm<5>(a, lda, panel, ymm, depth, c, ldc);
-      default: return panel_block_ymm<6>(a, lda, panel, ymm, depth, c, ldc);
+      case 1: return panel_block_ymm<1>(a, lda, panel, ymm, depth, c, ldc, accumulate);
+      case 2: return panel_block_ymm<2>(a, lda, panel, ymm, depth, c, ldc, accumulate);
+      case 3: return panel_block_ymm<3>(a, lda, panel, ymm, depth, c, ldc, accumulate);
+      case 4: return panel_block_ymm<4>(a, lda, panel, ymm, depth, c, ldc, accumulate);
+      case 5: return panel_block_ymm<5>(a, lda, panel, ymm, depth, c, ldc, accumulate);
+      default: return panel_block_ymm<6>(a, lda, panel, ymm, depth, c, ldc, accumulate);
     }
   }
 #endif
   constexpr int kWidest = PackedPanels<T>::kPanelVectors;
   switch (panel_vectors) {
-    case 1: return micro_kernel_rows<T, 1>(rows, a, lda, panel, depth, c, ldc);
-    case 2: return micro_kernel_rows<T, 2>(rows, a, lda, panel, depth, c, ldc);
-    case 3: return micro_kernel_rows<T, std::min(3, kWidest)>(rows, a, lda, panel, depth, c, ldc);
-    default: return micro_kernel_rows<T, kWidest>(rows, a, lda, panel, depth, c, ldc);
+    case 1: return micro_kernel_rows<T, 1>(rows, a, lda, panel, depth, c, ldc, accumulate);
+    case 2: return micro_kernel_rows<T, 2>(rows, a, lda, panel, depth, c, ldc, accumulate);
+    case 3: return micro_kernel_rows<T, std::min(3, kWidest)>(rows, a, lda, panel, depth, c, ldc, accumulate);
+    default: return micro_kernel_rows<T, kWidest>(rows, a, lda, panel, depth, c, ldc, accumulate);
   }
 }
 
 /// C (rows x w.width) = A (rows x w.depth) @ W for at most kGemmRowBlock rows (A stays in L2 while
 /// every panel of W streams past it). Rows are cut into balanced micro-blocks of at most kMaxMicroRows
 /// (with 6: 32 rows -> 6,6,5,5,5,5 rather than 6x5 + a 2-row straggler).
+/// Each output sums blocks of kDepthBlock products in registers and adds the blocks in C: a sum's rounding error
+/// grows with the length of its chain, and one chain over all of a long depth lost to MKL's blocked sums under
+/// the correctness rule (an Elman layer with 2100 inputs: grad_w_ih 5.4e-5 against torch's 1.2e-5). Depths up to
+/// kDepthBlock (hidden 256) run as before; above it the extra load and add of C per block is ~1/256 of the work.
 template <typename T>
 void gemm_packed_row_block(const T* a, int64_t lda, int64_t rows, const PackedPanels<T>& w, T* c, int64_t ldc) {
+  constexpr int64_t kDepthBlock = 256;
   const int64_t blocks = (rows + kMaxMicroRows - 1) / kMaxMicroRows;
   for (int64_t p = 0; p < w.panel_count(); ++p) {
-    const T* panel = w.panel(p);
+    const int vectors = w.panel_vectors(p);
     const int64_t col = p * PackedPanels<T>::kPanelWidth;
-    int64_t row = 0;
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int block_rows = static_cast<int>((rows - row) / (blocks - blk) +
-                                              ((rows - row) % (blocks - blk) != 0));
-      panel_block(block_rows, a + row * lda, lda, panel, w.panel_vectors(p), w.depth, c + row * ldc + col, ldc);
-      row += block_rows;
+    for (int64_t k0 = 0; k0 < w.depth; k0 += kDepthBlock) {
+      const T* panel = w.panel(p) + k0 * vectors * kLanes<T>;
+      const int64_t depth = std::min(kDepthBlock, w.depth - k0);
+      int64_t row = 0;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int block_rows = static_cast<int>((rows - row) / (blocks - blk) +
+                                                ((rows - row) % (blocks - blk) != 0));
+        panel_block(block_rows, a + row * lda + k0, lda, panel, vectors, depth, c + row * ldc + col, ldc, k0 > 0);
+        row += block_rows;
+      }
     }
   }
 }

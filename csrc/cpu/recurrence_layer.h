@@ -333,17 +333,21 @@ struct GradIn {
 // ================================================================================================
 // Layer forward: the input projection, then the persistent time loop.
 // ================================================================================================
-/// c (rows x w.width, contiguous) = a (rows x w.depth, contiguous) @ W, packed by the caller: row blocks of 96 in
-/// parallel on the packed micro-kernels (gemm_packed; gemm_bf16 for bf16 pairs: AMX or vdpbf16ps, fp32 out).
-/// The whole layer's input projection and grad_input. Needs w.width a multiple of the vector width (the kernels
-/// write whole vectors). Against MKL's at::mm on the same products in a GRU training step (b32 t100 h256, one
-/// thread, perf samples): the micro-kernel ran ~162 GFLOP/s in the recurrent steps, MKL ~143 on these.
+/// c (rows x w.width, contiguous) = a (rows x w.depth, contiguous) @ W, packed by the caller, on the packed
+/// micro-kernels (gemm_packed; gemm_bf16 for bf16 pairs: AMX or vdpbf16ps, fp32 out). The whole layer's input
+/// projection and grad_input. Needs w.width a multiple of the vector width (the kernels write whole vectors).
+/// Against MKL's at::mm on the same products in a GRU training step (b32 t100 h256, one thread, perf samples):
+/// the micro-kernel ran ~162 GFLOP/s in the recurrent steps, MKL ~143 on these.
+/// Each thread gets one run of 16-row blocks (equal to within a block), done 96 rows at a time. The tasks of 96
+/// rows they replace split unevenly: 512 rows (batch 1, t512) went 288 / 224 to two threads, and libgomp's wait
+/// for the longer half was 5.5% of the LSTM b1 inference samples.
 template <typename Packed, typename In, typename Out>
 void packed_product(const In* a, int64_t rows, const Packed& w, Out* c) {
-  constexpr int64_t kRowsPerTask = 96;
-  at::parallel_for(0, (rows + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * kRowsPerTask, n = std::min(kRowsPerTask, rows - r0);
+  constexpr int64_t kBlockRows = 16, kRowsPerCall = 96;
+  at::parallel_for(0, (rows + kBlockRows - 1) / kBlockRows, 1, [&](int64_t begin, int64_t end) {
+    const int64_t last = std::min(rows, end * kBlockRows);
+    for (int64_t r0 = begin * kBlockRows; r0 < last; r0 += kRowsPerCall) {
+      const int64_t n = std::min(kRowsPerCall, last - r0);
       if constexpr (std::is_same_v<Packed, PackedPairs>) {
         gemm_bf16(a + r0 * w.depth, w.depth, n, w, c + r0 * w.width, w.width);
       } else {
@@ -420,27 +424,36 @@ inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at
   }
 }
 
-/// Whether the forward loop projects the input step by step inside the team (each thread x_t @ its W_ih rows^T, W_ih
-/// slice packed beside its W_hh slice) instead of input_projection's one product before the loop. Per step, the
-/// gates then never leave the thread's cache, where the product before the loop writes (T*B, gates*H) to memory and
-/// the steps read it back (13 MB per LSTM layer at b32 t100 h256); one thread, process CPU time, alternating
-/// processes on a loaded machine, medians: LSTM / GRU / RNN inference b32 t100 h256 1.08x / 1.23x / 1.12x (NOTES.md
-/// "Round 7"). Only where the step's product is a matrix product (a whole register block of rows: at
-/// batch 1 it is a GEMV bound by L2 bandwidth, and reading W_ih too per step would double that) and the thread's
-/// W_ih slice fits in L2 beside its W_hh slice. The bf16 units keep the product before the loop (AMX tiles).
-inline bool project_input_per_step(const LayerShape& d, int gates, int threads, at::ScalarType dtype) {
+/// Whether the forward loop projects the input inside the team (each thread x_t @ its W_ih rows^T, W_ih slice packed
+/// beside its W_hh slice) instead of input_projection's one product before the loop. The gates then never leave the
+/// thread's cache, where the product before the loop writes (T*B, gates*H) to memory and the steps read it back (13
+/// MB per LSTM layer at b32 t100 h256); one thread, process CPU time, alternating processes on a loaded machine,
+/// medians: LSTM / GRU / RNN inference b32 t100 h256 1.08x / 1.23x / 1.12x (NOTES.md "Round 7"). Below a register
+/// block of rows it projects blocks of steps (input_block_steps). Only where the thread's W_ih slice fits in L2
+/// beside its W_hh slice. The bf16 units keep the product before the loop (AMX tiles).
+inline bool project_input_in_team(const LayerShape& d, int gates, int threads, at::ScalarType dtype) {
   constexpr int64_t kMaxInputSliceBytes = int64_t{1} << 20;
   const at::ScalarType acc = at::toOpMathType(dtype);
   const int64_t slice_bytes = d.input_size * (gates * d.hidden / threads) * c10::elementSize(acc);
-  return !use_bf16_units(dtype) && d.batch >= kMaxMicroRows && slice_bytes <= kMaxInputSliceBytes;
+  return !use_bf16_units(dtype) && slice_bytes <= kMaxInputSliceBytes;
+}
+
+/// How many steps the team's input projection covers at once: one at batch >= a register block of rows (the
+/// step's product is then a matrix product already), else enough steps for 32 rows. At batch 1 a step's product
+/// is a GEMV bound by L2 bandwidth, and projecting x_t alone would read the W_ih slice per step too, doubling it;
+/// per 32 steps it adds 1/32. Against the product before the loop at b1 t512 h256 it also saves that product's
+/// fork / join and the (T*B, gates*H) buffer's round trip through memory.
+inline int64_t input_block_steps(int64_t batch) {
+  constexpr int64_t kProjectedRows = 32;
+  return batch >= kMaxMicroRows ? 1 : (kProjectedRows + batch - 1) / batch;
 }
 
 /// Thread k owns a slice of hidden units: the kGates rows of W_hh for those units are packed once into its
 /// micro-kernel panels and stay in its L2 for all T steps; per step it computes its gate columns
 /// (h_{t-1} @ W_hh-slice^T), then the cell's fused pointwise update of its units, thread-local since it
 /// owns every gate of each of its units (and their private states). One barrier per step publishes h_t.
-/// Without gates_x (project_input_per_step) it also keeps its W_ih rows packed and computes its gate columns of
-/// x_t W_ih^T at the start of each step.
+/// Without gates_x (project_input_in_team) it also keeps its W_ih rows packed and computes its gate columns of
+/// x W_ih^T for a block of steps (input_block_steps) at the start of the block's first step.
 /// With a projection (Options::kProjection) a second phase follows behind its own barrier: thread k owns
 /// output columns p of h_t[:, p] = (cell output) W_hr[p]^T.
 template <typename Cell, typename S, typename Options>
@@ -470,11 +483,12 @@ class CellForwardLoop {
 
   CellForwardLoop(const Cell& cell, const LayerShape& d, const Schedule& sched, const Buffers& buf, int threads)
       : cell_(cell), d_(d), sched_(sched), buf_(buf), threads_(threads),
+        input_block_steps_(input_block_steps(d.batch)),
         step_slices_(d.hidden, threads, G, d.state_size, d.batch,
                      use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()),
         proj_slices_(kProjection ? d.state_size : 0, threads, 1, d.hidden, kProjection ? d.batch : 0,
                      use_bf16_units(c10::CppTypeToScalarType<S>::value)),
-        input_slices_(buf.gates_x ? 0 : d.hidden, threads, G, d.input_size, d.batch) {}
+        input_slices_(buf.gates_x ? 0 : d.hidden, threads, G, d.input_size, input_block_steps_ * d.batch) {}
 
   /// Runs all T steps; h_n is then h_state[(T-1) & 1], the other final states are in state[k].
   void run() {
@@ -528,6 +542,22 @@ class CellForwardLoop {
         }
   }
 
+  /// The lowest time index of the block of input_block_steps_ steps that `step` is in (the block's times are
+  /// consecutive, falling in the reverse direction).
+  int64_t first_block_time(int64_t step) const {
+    const int64_t first = step - step % input_block_steps_;
+    const int64_t last = std::min(d_.seq_len, first + input_block_steps_) - 1;
+    return std::min(sched_.time(first), sched_.time(last));
+  }
+
+  /// x W_ih^T at slice xs's gate columns for the block of steps starting at `step`, into xs.scratch (its row
+  /// (t - first_block_time) * B + b). A one-step block covers the step's GEMM rows; a longer one every row.
+  void project_input(const Slice<A>& xs, int64_t step) const {
+    const int64_t steps = std::min(input_block_steps_, d_.seq_len - step), t = first_block_time(step);
+    const int64_t rows = input_block_steps_ == 1 ? sched_.rows(t) : steps * d_.batch;
+    xs.multiply(buf_.input + t * d_.batch * d_.input_size, d_.input_size, rows, xs.scratch, xs.w.width);
+  }
+
   /// Gate columns of slice s's units, then their fused pointwise update, for step `step`.
   void cell_phase(size_t s, int64_t step) const {
     const Slice<A>& sl = step_slices_.slices[s];
@@ -535,7 +565,8 @@ class CellForwardLoop {
     const int64_t B = d_.batch, H = d_.hidden, u0 = sl.cols.begin;
     if constexpr (kFlags) restart_private_states(sl.cols, t);
     const Slice<A>* xs = buf_.gates_x ? nullptr : &input_slices_.slices[s];
-    if (xs) xs->multiply(buf_.input + t * B * d_.input_size, d_.input_size, rows, xs->scratch, xs->w.width);
+    if (xs && step % input_block_steps_ == 0) project_input(*xs, step);
+    const A* x_rows = xs ? xs->scratch + (t - first_block_time(step)) * B * xs->w.width : nullptr;
     sl.multiply(h_prev(step), d_.state_size, rows, sl.scratch, sl.w.width);
     for (int64_t b = 0; b < rows; ++b) {
       if (!active(t, b)) {
@@ -545,7 +576,7 @@ class CellForwardLoop {
       const int64_t row = t * B + b;
       for_each_chunk<A>(sl.cols.size(), [&](int64_t u, int n) {
         const int64_t unit = u0 + u;
-        const StepIn<A, A, S> in{xs ? xs->scratch + b * xs->w.width + u : buf_.gates_x + row * G * H + unit,
+        const StepIn<A, A, S> in{xs ? x_rows + b * xs->w.width + u : buf_.gates_x + row * G * H + unit,
                                  sl.scratch + b * sl.w.width + u,
                                  xs ? xs->padded : H,
                                  sl.padded,
@@ -634,6 +665,7 @@ class CellForwardLoop {
   Schedule sched_;
   Buffers buf_;
   int threads_;
+  const int64_t input_block_steps_;  // steps per input projection (input_block_steps), when gates_x is null
   SliceSet<A> step_slices_, proj_slices_, input_slices_;
 };
 
@@ -674,9 +706,9 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
   const auto acc_options = input.options().dtype(acc);
   const int64_t macs_per_step = B * Cell::kGates * H * P + (projection ? B * H * P : 0);
   const int threads = loop_threads(macs_per_step, H, 64 / c10::elementSize(acc));
-  const bool per_step = project_input_per_step(d, Cell::kGates, threads, dtype);
+  const bool in_team = project_input_in_team(d, Cell::kGates, threads, dtype);
   at::Tensor gates_x, input_acc, w_ih_acc;
-  if (per_step) {
+  if (in_team) {
     input_acc = input.to(acc).contiguous();
     w_ih_acc = wts.w_ih.to(acc).contiguous();
   } else {
@@ -706,9 +738,9 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
                                         decltype(flags)::value>;
             using Loop = CellForwardLoop<Cell, scalar_t, Options>;
             typename Loop::Buffers buf{};
-            buf.gates_x = per_step ? nullptr : gates_x.data_ptr<A>();
-            buf.input = per_step ? input_acc.data_ptr<A>() : nullptr;
-            buf.w_ih = per_step ? w_ih_acc.data_ptr<A>() : nullptr;
+            buf.gates_x = in_team ? nullptr : gates_x.data_ptr<A>();
+            buf.input = in_team ? input_acc.data_ptr<A>() : nullptr;
+            buf.w_ih = in_team ? w_ih_acc.data_ptr<A>() : nullptr;
             buf.input_bias = has_bias ? wts.input_bias.data_ptr<A>() : nullptr;
             buf.recurrent_bias = wts.recurrent_bias.defined() ? wts.recurrent_bias.data_ptr<A>() : nullptr;
             buf.w_hh = w_hh_acc.data_ptr<A>();
