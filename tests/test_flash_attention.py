@@ -508,6 +508,30 @@ def test_bf16_units_with_dropout_against_the_reference(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", BF16_PATHS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_scores_rising_from_key_tile_to_key_tile(dtype, path, monkeypatch):
+    """The online softmax keeps a row's running maximum while a key tile's scores rise less than kMaxRiseKept (8)
+    above it and rescales past that: head 0's tile maxima rise by ~2-3 per 128-key tile, head 1's by ~10-12,
+    over 5 tiles (odd sizes, a partial last tile). Output and log-sum-exp within the rule of SDPA's (and the
+    formula's) error in the same dtype, against float64."""
+    monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 2, 131, 40, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, 600, 40, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 2, 600, 40, generator=gen, dtype=torch.float64)
+    tile = (torch.arange(600, dtype=torch.float64) // 128 + 1)[:, None]
+    k = k * tile * torch.tensor([1.0, 4.5], dtype=torch.float64)[None, :, None, None]
+
+    def lse(q, k):
+        return torch.logsumexp((q @ k.transpose(-1, -2)).double() * q.shape[-1] ** -0.5, dim=-1)
+
+    low = [t.to(dtype) for t in (q, k, v)]
+    out, ours_lse = seqkern.attention(*low, return_lse=True)
+    assert_rule(f"out {path}", out, F.scaled_dot_product_attention(*low), F.scaled_dot_product_attention(q, k, v))
+    assert_rule(f"lse {path}", ours_lse, lse(low[0], low[1]).to(ours_lse.dtype), lse(q, k))
+
+
+@pytest.mark.parametrize("path", BF16_PATHS)
 def test_bf16_units_on_saturated_scores_against_sdpa(path, monkeypatch):
     """Scores in the hundreds (one key takes nearly all the weight of a row), odd sizes, causal: the forward
     within the rule of SDPA's own bf16 error, against SDPA in float64."""

@@ -203,16 +203,25 @@ inline double reduce_sum(Simd<double> v) {
 ///
 /// Over the tiles seen so far the row keeps row_max m = max_j s_j and row_sum l = sum_j exp(s_j - m), and
 /// its output accumulator holds sum_j exp(s_j - m) v_j. A new tile's scores s[0:width) (already scaled and
-/// masked; -inf where a key is hidden, tile_max their maximum) move the maximum to m' = max(m, tile_max);
+/// masked; -inf where a key is hidden, tile_max their maximum) move the maximum to m' = max(m, tile_max) (unless
+/// tile_max <= m + kMaxRiseKept: then m' = m and alpha = 1, see kMaxRiseKept; m is then a bound, not the maximum);
 /// the old sums are then off by exp(m - m'), so l' = l exp(m - m') + sum_tile exp(s_j - m'). s is
 /// overwritten with exp(s_j - m') and the returned factor alpha = exp(m - m') must rescale the row's output
 /// accumulator before the tile's P V is added. A row that has seen only -inf keeps m = -inf, l = 0, and
 /// gets p = 0 (never exp(-inf - -inf) = NaN). NaN scores make m, l and alpha NaN (as the reference's out
 /// and lse are), also when the maximum, which skips NaN, came out -inf.
+/// The running maximum moves only where a tile's maximum rises more than kMaxRiseKept above it. Below that the
+/// row keeps its maximum: p reaches e^8 ~ 3000 at most (far from overflow in the fp32 sums and in bf16 P), m + log l
+/// is the same log-sum-exp, and the row's sum and output need no rescaling, which in fp32 at L 1024 d128 was a
+/// pass over the row's 128 outputs and a libm exp per row and tile (~3% of the forward's samples together).
+constexpr float kMaxRiseKept = 8.0f;
+
 template <typename T>
 inline T online_softmax_update(T* s, int64_t width, T tile_max, T& row_max, T& row_sum) {
   using V = Simd<T>;
-  const T new_max = std::max(row_max, tile_max);  // NaN once row_max is NaN
+  // NaN once row_max is NaN (the comparison fails); -inf until the row sees a key.
+  const bool keep = row_max != -std::numeric_limits<T>::infinity() && tile_max <= row_max + T(kMaxRiseKept);
+  const T new_max = keep ? row_max : std::max(row_max, tile_max);
   if (new_max == -std::numeric_limits<T>::infinity()) {
     const bool has_nan = std::any_of(s, s + width, [](T x) { return std::isnan(x); });
     const T value = has_nan ? std::numeric_limits<T>::quiet_NaN() : T(0);
@@ -220,7 +229,7 @@ inline T online_softmax_update(T* s, int64_t width, T tile_max, T& row_max, T& r
     if (has_nan) row_max = row_sum = value;
     return has_nan ? value : T(1);
   }
-  const T alpha = std::exp(row_max - new_max);  // exp(-inf) = 0 on the first visible tile
+  const T alpha = keep ? T(1) : std::exp(row_max - new_max);  // exp(-inf) = 0 on the first visible tile
   const V shift = broadcast(new_max);
   V sum{};
   for (int64_t c = 0; c < width; c += kLanes<T>) {

@@ -502,13 +502,13 @@ void rescale_row(A* o, int64_t dim_v_pad, A alpha) {
 }
 
 #if SEQKERN_BF16_X86
-/// exp(x) for x <= 0 (or NaN, kept) with ~1e-5 relative error, exactly 0 for x <= -104 (-inf too): for P that
+/// exp(x) for x <= kMaxRiseKept (or NaN, kept) with ~1e-5 relative error, exactly 0 for x <= -104 (-inf too): for P that
 /// is rounded to bf16 next (2^-9 relative), and its fp32 row sum, whose 1e-5 vanishes in the bf16 output's
 /// rounding (and the bf16 backward renormalizes the lse with its own sum). attention.h's exp_attention (~1 ulp)
 /// takes 17 instructions per vector where this one takes 11, in the pass that dominates the bf16 forward.
 /// Reduction x = n ln2 + r with one FMA (n <= 150: error 3e-7), then a degree-4 fit of e^r on |r| <= ln2 / 2
 /// (1 + r + r^2 (c2 + c3 r + c4 r^2), Chebyshev-weighted least squares: max relative error 1.1e-5 measured).
-/// Lanes with x > 0 (hidden keys, which the caller zeroes) may come out inf.
+/// Lanes far above kMaxRiseKept (hidden keys, which the caller zeroes) may come out inf.
 SEQKERN_TARGET_BF16 inline __m512 exp_nonpositive_bf16(__m512 x) {
   x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), _mm512_set1_ps(-104.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -523,8 +523,9 @@ SEQKERN_TARGET_BF16 inline __m512 exp_nonpositive_bf16(__m512 x) {
 /// The bf16 path's step of the online softmax for rows [r0, r1) of the worker's score tile, fused into two
 /// passes over each row's fp32 scores (the generic path makes four: scale and max, exp and sum, dropout,
 /// rounding to bf16):
-///   1. tile_max = scale * max of the raw scores s = q . k over the visible keys [first, last] (read only);
-///      then every row's alpha = exp(m - m') at once, in vectors (one libm exp per row cost ~10% of the pass);
+///   1. tile_max = scale * max of the raw scores s = q . k over the visible keys [first, last] (read only), the
+///      row's m' = max(m, tile_max) or m where tile_max <= m + kMaxRiseKept (attention.h); then every row's
+///      alpha = exp(m - m') at once, in vectors (one libm exp per row cost ~10% of the pass);
 ///   2. p = exp(scale s - m') (one FMA, then exp_nonpositive_bf16), 0 outside [first, last] and on the padding past width,
 ///      summed into l in fp32, dropped entries set to 0, stored rounded to bf16 into p16 (zeros from
 ///      pad_lanes(width) up to `depth`, P V's depth), and the row's output accumulator rescaled by alpha.
@@ -553,7 +554,11 @@ SEQKERN_TARGET_BF16 void softmax_rows_bf16(ForwardScratch<float>& w, int64_t r0,
       if (partial) x = lanes_in_range<float>(c, first, last) ? x : minus_inf;
       vmax = x > vmax ? x : vmax;  // skips NaN, as reduce_max
     }
-    new_max[r] = std::max(w.row_max[r], reduce_max(vmax) * scale);  // NaN once row_max is NaN
+    // As online_softmax_update: the maximum moves only where the tile's rises more than kMaxRiseKept above it
+    // (then alpha = exp(0) = 1 and the output is not rescaled). NaN once row_max is NaN.
+    const float tile_max = reduce_max(vmax) * scale;
+    const bool keep = w.row_max[r] != kMinusInf && tile_max <= w.row_max[r] + kMaxRiseKept;
+    new_max[r] = keep ? w.row_max[r] : std::max(w.row_max[r], tile_max);
     cold[r] = new_max[r] == kMinusInf;
   }
   for (int64_t r = r0; r < r1; r += L) {  // exp(-inf) = 0 on the first visible tile; cold rows: unused
