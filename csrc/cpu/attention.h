@@ -216,12 +216,18 @@ inline double reduce_sum(Simd<double> v) {
 /// pass over the row's 128 outputs and a libm exp per row and tile (~3% of the forward's samples together).
 constexpr float kMaxRiseKept = 8.0f;
 
+/// A row's running maximum after a tile whose maximum is tile_max (kMaxRiseKept): the old one unless the tile rose
+/// more than kMaxRiseKept above it, or the row has none yet (-inf). NaN once row_max is NaN.
+template <typename T>
+inline T next_row_max(T row_max, T tile_max) {
+  const bool keep = row_max != -std::numeric_limits<T>::infinity() && tile_max <= row_max + T(kMaxRiseKept);
+  return keep ? row_max : std::max(row_max, tile_max);
+}
+
 template <typename T>
 inline T online_softmax_update(T* s, int64_t width, T tile_max, T& row_max, T& row_sum) {
   using V = Simd<T>;
-  // NaN once row_max is NaN (the comparison fails); -inf until the row sees a key.
-  const bool keep = row_max != -std::numeric_limits<T>::infinity() && tile_max <= row_max + T(kMaxRiseKept);
-  const T new_max = keep ? row_max : std::max(row_max, tile_max);
+  const T new_max = next_row_max(row_max, tile_max);
   if (new_max == -std::numeric_limits<T>::infinity()) {
     const bool has_nan = std::any_of(s, s + width, [](T x) { return std::isnan(x); });
     const T value = has_nan ? std::numeric_limits<T>::quiet_NaN() : T(0);
@@ -229,7 +235,8 @@ inline T online_softmax_update(T* s, int64_t width, T tile_max, T& row_max, T& r
     if (has_nan) row_max = row_sum = value;
     return has_nan ? value : T(1);
   }
-  const T alpha = keep ? T(1) : std::exp(row_max - new_max);  // exp(-inf) = 0 on the first visible tile
+  // exp(-inf) = 0 on the first visible tile; a NaN maximum gives a NaN alpha (NaN != NaN).
+  const T alpha = new_max == row_max ? T(1) : std::exp(row_max - new_max);
   const V shift = broadcast(new_max);
   V sum{};
   for (int64_t c = 0; c < width; c += kLanes<T>) {

@@ -575,11 +575,8 @@ SEQKERN_TARGET_BF16 void softmax_rows_bf16(ForwardScratch<float>& w, int64_t r0,
       if (partial) x = lanes_in_range<float>(c, first, last) ? x : minus_inf;
       vmax = x > vmax ? x : vmax;  // skips NaN, as reduce_max
     }
-    // As online_softmax_update: the maximum moves only where the tile's rises more than kMaxRiseKept above it
-    // (then alpha = exp(0) = 1 and the output is not rescaled). NaN once row_max is NaN.
-    const float tile_max = reduce_max(vmax) * scale;
-    const bool keep = w.row_max[r] != kMinusInf && tile_max <= w.row_max[r] + kMaxRiseKept;
-    new_max[r] = keep ? w.row_max[r] : std::max(w.row_max[r], tile_max);
+    // A kept maximum gives alpha = exp(0) = 1 below: the output is not rescaled.
+    new_max[r] = next_row_max(w.row_max[r], reduce_max(vmax) * scale);
     cold[r] = new_max[r] == kMinusInf;
   }
   for (int64_t r = r0; r < r1; r += L) {  // exp(-inf) = 0 on the first visible tile; cold rows: unused
