@@ -35,10 +35,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import launch
-from ._recurrent import accumulate_matmul, forced, grid_barrier, reset_rows, sigmoid, store, tanh
-from .layernorm_lstm import (_active, _blend, _cell_backward, _gate_tile, _hidden_gate_products, _ln_backward,
-                             _ln_backward_means, _load_gate_vecs, _load_vec, _lstm_cell_sums, _masked_sum, _split_grad,
-                             _workspace_layout, _zoneout_weight)
+from ._recurrent import accumulate_matmul, forced, grid_barrier, reset_rows, store, tanh
+from .layernorm_lstm import (_active, _blend, _cell_backward, _cell_gates, _gate_affine, _gate_tile,
+                             _hidden_gate_products, _ln_backward, _ln_backward_means, _load_gate_vecs, _load_vec,
+                             _lstm_cell_sums, _masked_sum, _split_grad, _store_blocks, _workspace_layout,
+                             _zoneout_weight)
 
 # The split tile on a GPU: 16 batch rows (tl.dot's minimum) x 32 units, 4 warps, one stage, ptxas's register cap at
 # 255 (as kernels/_recurrent.py's split modes). Everything is float32 math (the launcher converts W_hh and the
@@ -222,11 +223,6 @@ def _cell_norm_phase(cell_w_ptr, cell_b_ptr, resets_ptr, seed_ptr, h0_ptr, h_ptr
 
 
 @triton.jit
-def _masked_sum(x, col_mask):
-    return tl.sum(tl.where(col_mask[None, :], x, 0), 1)
-
-
-@triton.jit
 def _cell_phase(gx_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr, resets_ptr, seed_ptr, h0_ptr, c0_ptr, h_ptr, c_ptr,
                 output_ptr, ws_ptr, scratch_ptr, stats_ptr, t, T, B, H, eps, zoneout, keep_below, rows, units, umask,
                 unit_block, n_blocks, n_units, active, keep, scratch, state_mask, state_offsets,
@@ -236,32 +232,24 @@ def _cell_phase(gx_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr, resets_ptr, seed_ptr, h0
     G = 4 if IS_LSTM else 3
     W, _, HHAT, RSTD = _workspace_layout(H, IS_LSTM)
     mean, rstd_h = _merged_stats(stats_ptr, rows, B, n_blocks, eps, ACC, BLOCK_B)
-    lw0, lw1, lw2, lw3 = _load_gate_vecs(ln_w_ptr, units, umask, H, ACC, IS_LSTM)
-    lb0, lb1, lb2, lb3 = _load_gate_vecs(ln_b_ptr, units, umask, H, ACC, IS_LSTM)
-    if HAS_BIAS_H:
-        lb0 += _load_vec(bias_h_ptr, units, umask, ACC)
-        lb1 += _load_vec(bias_h_ptr + H, units, umask, ACC)
-        lb2 += _load_vec(bias_h_ptr + 2 * H, units, umask, ACC)
+    lw0, lw1, lw2, lw3, lb0, lb1, lb2, lb3 = _gate_affine(ln_w_ptr, ln_b_ptr, bias_h_ptr, units, umask, H, ACC,
+                                                          IS_LSTM, HAS_BIAS_H)
     a0 = (tl.load(scratch_ptr + scratch, mask=keep, other=0) - mean[:, None]) * rstd_h[:, None]
     a1 = (tl.load(scratch_ptr + scratch + H, mask=keep, other=0) - mean[:, None]) * rstd_h[:, None]
     a2 = (tl.load(scratch_ptr + scratch + 2 * H, mask=keep, other=0) - mean[:, None]) * rstd_h[:, None]
-    row_offsets = (t * B + rows)[:, None] * (G * H) + units[None, :]
-    x0 = _gate_tile(gx_ptr, row_offsets, 0, H, keep, ACC)
-    x1 = _gate_tile(gx_ptr, row_offsets, 1, H, keep, ACC)
-    x2 = _gate_tile(gx_ptr, row_offsets, 2, H, keep, ACC)
-    ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
-    n2 = a2 * lw2[None, :] + lb2[None, :]
-    h_old = tl.load(h_ptr + state_offsets, mask=state_mask, other=0)
+    a3 = a2
     if IS_LSTM:
         a3 = (tl.load(scratch_ptr + scratch + 3 * H, mask=keep, other=0) - mean[:, None]) * rstd_h[:, None]
-        i = sigmoid(x0 + a0 * lw0[None, :] + lb0[None, :])
-        f = sigmoid(x1 + a1 * lw1[None, :] + lb1[None, :])
-        g = tanh(x2 + n2)
-        o = sigmoid(_gate_tile(gx_ptr, row_offsets, 3, H, keep, ACC) + a3 * lw3[None, :] + lb3[None, :])
+    row_offsets = (t * B + rows)[:, None] * (G * H) + units[None, :]
+    g0, g1, g2, g3 = _cell_gates(gx_ptr, row_offsets, H, keep, a0, a1, a2, a3, lw0, lw1, lw2, lw3, lb0, lb1, lb2,
+                                 lb3, ACC, IS_LSTM)
+    ws_offsets = (t * B + rows)[:, None] * W + units[None, :]
+    h_old = tl.load(h_ptr + state_offsets, mask=state_mask, other=0)
+    if IS_LSTM:
         c_old = tl.load(c_ptr + state_offsets, mask=state_mask, other=0)
-        c_raw = f * c_old + i * g
+        c_raw = g1 * c_old + g0 * g2  # f c + i g
         # c' (before LayerNorm and zoneout) and o for phase 2; the partial statistics of c' over these units.
-        tl.store(scratch_ptr + scratch + 3 * H, o, mask=state_mask)
+        tl.store(scratch_ptr + scratch + 3 * H, g3, mask=state_mask)
         tl.store(scratch_ptr + scratch + 4 * H, c_raw, mask=state_mask)
         c_sum = _masked_sum(c_raw, umask)
         _store_partials(stats_ptr + B * n_blocks * 3, rows, B, unit_block, n_blocks, c_sum, n_units,
@@ -272,30 +260,16 @@ def _cell_phase(gx_ptr, ln_w_ptr, ln_b_ptr, bias_h_ptr, resets_ptr, seed_ptr, h0
                      HAS_RESETS)
         tl.store(c_ptr + state_offsets, c, mask=state_mask)
         if SAVE_WORKSPACE:
-            tl.store(ws_ptr + ws_offsets, i, mask=keep)
-            tl.store(ws_ptr + ws_offsets + H, f, mask=keep)
-            tl.store(ws_ptr + ws_offsets + 2 * H, g, mask=keep)
-            tl.store(ws_ptr + ws_offsets + 3 * H, o, mask=keep)
             tl.store(ws_ptr + ws_offsets + 13 * H, c_new, mask=keep)
-            tl.store(ws_ptr + ws_offsets + HHAT + 3 * H, a3, mask=keep)
     else:
-        r = sigmoid(x0 + a0 * lw0[None, :] + lb0[None, :])
-        z = sigmoid(x1 + a1 * lw1[None, :] + lb1[None, :])
-        cand = tanh(x2 + r * n2)
-        h_new = (1 - z) * cand + z * h_old
+        h_new = (1 - g1) * g2 + g1 * h_old  # (1 - z) n + z h
         h_new = _blend(h_new, h_old, _zoneout_weight(seed_ptr, 0, t, rows, units, H, zoneout, keep_below, ACC,
                                                      ZONEOUT), ZONEOUT)
-        if SAVE_WORKSPACE:
-            tl.store(ws_ptr + ws_offsets, r, mask=keep)
-            tl.store(ws_ptr + ws_offsets + H, z, mask=keep)
-            tl.store(ws_ptr + ws_offsets + 2 * H, cand, mask=keep)
-            tl.store(ws_ptr + ws_offsets + 3 * H, n2, mask=keep)
         _commit_h(h_new, h_old, keep, t, rows, B, T, units, umask, H, h_ptr, h0_ptr, output_ptr, resets_ptr,
                   HAS_RESETS)
     if SAVE_WORKSPACE:
-        tl.store(ws_ptr + ws_offsets + HHAT, a0, mask=keep)
-        tl.store(ws_ptr + ws_offsets + HHAT + H, a1, mask=keep)
-        tl.store(ws_ptr + ws_offsets + HHAT + 2 * H, a2, mask=keep)
+        _store_blocks(ws_ptr + ws_offsets, H, keep, g0, g1, g2, g3, True)
+        _store_blocks(ws_ptr + ws_offsets + HHAT, H, keep, a0, a1, a2, a3, IS_LSTM)
         tl.store(ws_ptr + (t * B + rows) * W + RSTD + 1, rstd_h, mask=active & (rows * 0 + unit_block == 0))
 
 

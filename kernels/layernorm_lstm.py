@@ -91,6 +91,51 @@ def _load_gate_vecs(ptr, hid, hid_mask, H, ACC: tl.constexpr, IS_LSTM: tl.conste
 
 
 @triton.jit
+def _gate_affine(ln_w_ptr, ln_b_ptr, bias_h_ptr, hid, hid_mask, H, ACC: tl.constexpr, IS_LSTM: tl.constexpr,
+                 HAS_BIAS_H: tl.constexpr):
+    """The slice `hid` of LN(h W_hh^T)'s affine per gate: weights w0..w3 and shifts b0..b3 (bias_h, added after the
+    LayerNorm, folded into the shifts of the first three gates)."""
+    w0, w1, w2, w3 = _load_gate_vecs(ln_w_ptr, hid, hid_mask, H, ACC, IS_LSTM)
+    b0, b1, b2, b3 = _load_gate_vecs(ln_b_ptr, hid, hid_mask, H, ACC, IS_LSTM)
+    if HAS_BIAS_H:
+        b0 += _load_vec(bias_h_ptr, hid, hid_mask, ACC)
+        b1 += _load_vec(bias_h_ptr + H, hid, hid_mask, ACC)
+        b2 += _load_vec(bias_h_ptr + 2 * H, hid, hid_mask, ACC)
+    return w0, w1, w2, w3, b0, b1, b2, b3
+
+
+@triton.jit
+def _cell_gates(gx_ptr, row_offsets, H, keep, a0, a1, a2, a3, w0, w1, w2, w3, b0, b1, b2, b3, ACC: tl.constexpr,
+                IS_LSTM: tl.constexpr):
+    """The gates from the normalized hidden products a0..a3 (LN(h W_hh^T) before its affine, _gate_affine's w, b)
+    and the x side gx at row_offsets (_gate_tile), which are also the workspace's first four blocks: the LSTM's
+    i, f, g, o; the GRU's r, z, the candidate n = tanh(x_n + r n2) and n2, the hidden part r scales (a3 unused)."""
+    n0 = a0 * w0[None, :] + b0[None, :]
+    n1 = a1 * w1[None, :] + b1[None, :]
+    n2 = a2 * w2[None, :] + b2[None, :]
+    g0 = sigmoid(_gate_tile(gx_ptr, row_offsets, 0, H, keep, ACC) + n0)
+    g1 = sigmoid(_gate_tile(gx_ptr, row_offsets, 1, H, keep, ACC) + n1)
+    x2 = _gate_tile(gx_ptr, row_offsets, 2, H, keep, ACC)
+    if IS_LSTM:
+        g2 = tanh(x2 + n2)
+        g3 = sigmoid(_gate_tile(gx_ptr, row_offsets, 3, H, keep, ACC) + a3 * w3[None, :] + b3[None, :])
+    else:
+        g2 = tanh(x2 + g0 * n2)
+        g3 = n2
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _store_blocks(ptr, H, mask, v0, v1, v2, v3, FOURTH: tl.constexpr):
+    """v0, v1, v2 (and v3 with FOURTH) into consecutive H-wide blocks of a workspace row: ptr + k H."""
+    tl.store(ptr, v0, mask=mask)
+    tl.store(ptr + H, v1, mask=mask)
+    tl.store(ptr + 2 * H, v2, mask=mask)
+    if FOURTH:
+        tl.store(ptr + 3 * H, v3, mask=mask)
+
+
+@triton.jit
 def _active(t, rows, B, T, lengths_ptr, HAS_LENGTHS: tl.constexpr):
     """Rows active at time t: t < lengths[row] (and t inside the sequence)."""
     tt = rows * 0 + t  # a vector: the interpreter turns a block mask & a scalar into int32
@@ -183,12 +228,8 @@ def _layernorm_sequence_forward_kernel(
     c = tl.load(c_ptr + state_offsets, mask=state_mask, other=0)
     h0 = h
     c0 = c
-    lw0, lw1, lw2, lw3 = _load_gate_vecs(ln_w_ptr, hid, hid_mask, H, ACC, IS_LSTM)
-    lb0, lb1, lb2, lb3 = _load_gate_vecs(ln_b_ptr, hid, hid_mask, H, ACC, IS_LSTM)
-    if HAS_BIAS_H:
-        lb0 += _load_vec(bias_h_ptr, hid, hid_mask, ACC)
-        lb1 += _load_vec(bias_h_ptr + H, hid, hid_mask, ACC)
-        lb2 += _load_vec(bias_h_ptr + 2 * H, hid, hid_mask, ACC)
+    lw0, lw1, lw2, lw3, lb0, lb1, lb2, lb3 = _gate_affine(ln_w_ptr, ln_b_ptr, bias_h_ptr, hid, hid_mask, H, ACC,
+                                                          IS_LSTM, HAS_BIAS_H)
 
     for step in range(T):
         t = T - 1 - step if REVERSE else step
@@ -209,57 +250,32 @@ def _layernorm_sequence_forward_kernel(
         a1 = (p1 - mean[:, None]) * rstd_h[:, None]
         a2 = (p2 - mean[:, None]) * rstd_h[:, None]
         a3 = (p3 - mean[:, None]) * rstd_h[:, None]
-        n0 = a0 * lw0[None, :] + lb0[None, :]
-        n1 = a1 * lw1[None, :] + lb1[None, :]
-        n2 = a2 * lw2[None, :] + lb2[None, :]
-        n3 = a3 * lw3[None, :] + lb3[None, :]
-        x0 = _gate_tile(gx_ptr, row_offsets, 0, H, keep, ACC)
-        x1 = _gate_tile(gx_ptr, row_offsets, 1, H, keep, ACC)
-        x2 = _gate_tile(gx_ptr, row_offsets, 2, H, keep, ACC)
+        g0, g1, g2, g3 = _cell_gates(gx_ptr, row_offsets, H, keep, a0, a1, a2, a3, lw0, lw1, lw2, lw3, lb0, lb1,
+                                     lb2, lb3, ACC, IS_LSTM)
         ws_offsets = (t * B + rows)[:, None] * W + hid[None, :]
         if IS_LSTM:
-            x3 = _gate_tile(gx_ptr, row_offsets, 3, H, keep, ACC)
-            i = sigmoid(x0 + n0)
-            f = sigmoid(x1 + n1)
-            g = tanh(x2 + n2)
-            o = sigmoid(x3 + n3)
-            c_new = f * c + i * g
+            c_new = g1 * c + g0 * g2  # f c + i g
             c_mean = _masked_sum(c_new, hid_mask) / H
             c_centered = tl.where(hid_mask[None, :], c_new - c_mean[:, None], 0)
             rstd_c = 1 / tl.sqrt(_masked_sum(c_centered * c_centered, hid_mask) / H + eps)
             c_hat = c_centered * rstd_c[:, None]
-            h_new = o * tanh(c_hat * _load_vec(cell_w_ptr, hid, hid_mask, ACC)[None, :]
-                             + _load_vec(cell_b_ptr, hid, hid_mask, ACC)[None, :])
+            h_new = g3 * tanh(c_hat * _load_vec(cell_w_ptr, hid, hid_mask, ACC)[None, :]
+                              + _load_vec(cell_b_ptr, hid, hid_mask, ACC)[None, :])  # o tanh(LN(c'))
             h_new = _blend(h_new, h, _zoneout_weight(seed_ptr, 0, t, rows, hid, H, zoneout, keep_below, ACC, ZONEOUT),
                            ZONEOUT)
             c_new = _blend(c_new, c, _zoneout_weight(seed_ptr, 1, t, rows, hid, H, zoneout, keep_below, ACC, ZONEOUT),
                            ZONEOUT)
             if SAVE_WORKSPACE:
-                tl.store(ws_ptr + ws_offsets, i, mask=keep)
-                tl.store(ws_ptr + ws_offsets + H, f, mask=keep)
-                tl.store(ws_ptr + ws_offsets + 2 * H, g, mask=keep)
-                tl.store(ws_ptr + ws_offsets + 3 * H, o, mask=keep)
                 tl.store(ws_ptr + ws_offsets + 12 * H, c_hat, mask=keep)
                 tl.store(ws_ptr + ws_offsets + 13 * H, c_new, mask=keep)
                 tl.store(ws_ptr + (t * B + rows) * W + RSTD + 2, rstd_c, mask=active)
         else:
-            r = sigmoid(x0 + n0)
-            z = sigmoid(x1 + n1)
-            cand = tanh(x2 + r * n2)
-            h_new = (1 - z) * cand + z * h
+            h_new = (1 - g1) * g2 + g1 * h  # (1 - z) n + z h
             h_new = _blend(h_new, h, _zoneout_weight(seed_ptr, 0, t, rows, hid, H, zoneout, keep_below, ACC, ZONEOUT),
                            ZONEOUT)
-            if SAVE_WORKSPACE:
-                tl.store(ws_ptr + ws_offsets, r, mask=keep)
-                tl.store(ws_ptr + ws_offsets + H, z, mask=keep)
-                tl.store(ws_ptr + ws_offsets + 2 * H, cand, mask=keep)
-                tl.store(ws_ptr + ws_offsets + 3 * H, n2, mask=keep)
         if SAVE_WORKSPACE:
-            tl.store(ws_ptr + ws_offsets + HHAT, a0, mask=keep)
-            tl.store(ws_ptr + ws_offsets + HHAT + H, a1, mask=keep)
-            tl.store(ws_ptr + ws_offsets + HHAT + 2 * H, a2, mask=keep)
-            if IS_LSTM:
-                tl.store(ws_ptr + ws_offsets + HHAT + 3 * H, a3, mask=keep)
+            _store_blocks(ws_ptr + ws_offsets, H, keep, g0, g1, g2, g3, True)
+            _store_blocks(ws_ptr + ws_offsets + HHAT, H, keep, a0, a1, a2, a3, IS_LSTM)
             tl.store(ws_ptr + (t * B + rows) * W + RSTD + 1, rstd_h, mask=active)
         h = tl.where(keep, h_new, h)
         if IS_LSTM:
