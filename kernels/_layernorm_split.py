@@ -38,8 +38,8 @@ from ._launch import launch
 from ._recurrent import accumulate_matmul, forced, grid_barrier, reset_rows, store, tanh
 from .layernorm_lstm import (_active, _blend, _cell_backward, _cell_gates, _gate_affine, _gate_tile,
                              _hidden_gate_products, _ln_backward, _ln_backward_means, _load_gate_vecs, _load_vec,
-                             _lstm_cell_sums, _masked_sum, _split_grad, _store_blocks, _workspace_layout,
-                             _zoneout_weight)
+                             _lstm_cell_sums, _masked_sum, _normalized, _split_grad, _store_blocks,
+                             _workspace_layout, _zoneout_weight)
 
 # The split tile on a GPU: 16 batch rows (tl.dot's minimum) x 32 units, 4 warps, one stage, ptxas's register cap at
 # 255 (as kernels/_recurrent.py's split modes). Everything is float32 math (the launcher converts W_hh and the
@@ -190,12 +190,9 @@ def _gates_phase(w_hh_ptr, h_ptr, scratch_ptr, stats_ptr, B, H, rows, units, uma
     count = n_units * G
     mean = total / count
     m2 = _centered_sq(p0, mean, umask) + _centered_sq(p1, mean, umask) + _centered_sq(p2, mean, umask)
-    tl.store(scratch_ptr + scratch, p0, mask=state_mask)
-    tl.store(scratch_ptr + scratch + H, p1, mask=state_mask)
-    tl.store(scratch_ptr + scratch + 2 * H, p2, mask=state_mask)
+    _store_blocks(scratch_ptr + scratch, H, state_mask, p0, p1, p2, p3, IS_LSTM)
     if IS_LSTM:
         m2 += _centered_sq(p3, mean, umask)
-        tl.store(scratch_ptr + scratch + 3 * H, p3, mask=state_mask)
     _store_partials(stats_ptr, rows, B, unit_block, n_blocks, total, count, m2)
 
 
@@ -432,15 +429,9 @@ def _layernorm_split_backward_kernel(
                 zoneout, keep_below, rows, units, umask, continues, active, keep, (s_g / H, s_gh / H), IS_LSTM,
                 ZONEOUT, ACC)
             tl.store(h_prev_ptr + (t * B + rows)[:, None] * H + units[None, :], h_prev, mask=state_mask)
-            tl.store(d_post_x_ptr + wide, px0, mask=state_mask)
-            tl.store(d_post_x_ptr + wide + H, px1, mask=state_mask)
-            tl.store(d_post_x_ptr + wide + 2 * H, px2, mask=state_mask)
-            tl.store(d_post_h_ptr + wide, ph0, mask=state_mask)
-            tl.store(d_post_h_ptr + wide + H, ph1, mask=state_mask)
-            tl.store(d_post_h_ptr + wide + 2 * H, ph2, mask=state_mask)
+            _store_blocks(d_post_x_ptr + wide, H, state_mask, px0, px1, px2, px3, IS_LSTM)
+            _store_blocks(d_post_h_ptr + wide, H, state_mask, ph0, ph1, ph2, ph3, IS_LSTM)
             if IS_LSTM:
-                tl.store(d_post_x_ptr + wide + 3 * H, px3, mask=state_mask)
-                tl.store(d_post_h_ptr + wide + 3 * H, ph3, mask=state_mask)
                 tl.store(extra_ptr + (t * B + rows)[:, None] * H + units[None, :], d_nc, mask=state_mask)
                 tl.store(d_c_ptr + state_offsets, d_c, mask=state_mask)
             wx0, wx1, wx2, wx3 = _load_gate_vecs(ln_ih_w_ptr, units, umask, H, ACC, IS_LSTM)
@@ -484,18 +475,6 @@ def _layernorm_split_backward_kernel(
             tl.store(d_c_ptr + state_offsets, tl.where(reset_mask, 0, d_c), mask=state_mask)
         if PERSISTENT:
             grid_barrier(arrivals_ptr + tl.program_id(0), (j - phase_begin + 1) * n_blocks)
-
-
-@triton.jit
-def _normalized(ws_ptr, offsets, H, keep, ACC: tl.constexpr, IS_LSTM: tl.constexpr):
-    """The G gate tiles of a saved normalized side (zeros for the GRU's fourth)."""
-    v0 = _gate_tile(ws_ptr, offsets, 0, H, keep, ACC)
-    v1 = _gate_tile(ws_ptr, offsets, 1, H, keep, ACC)
-    v2 = _gate_tile(ws_ptr, offsets, 2, H, keep, ACC)
-    v3 = v2 * 0
-    if IS_LSTM:
-        v3 = _gate_tile(ws_ptr, offsets, 3, H, keep, ACC)
-    return v0, v1, v2, v3
 
 
 @triton.jit

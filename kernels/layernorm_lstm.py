@@ -126,6 +126,18 @@ def _cell_gates(gx_ptr, row_offsets, H, keep, a0, a1, a2, a3, w0, w1, w2, w3, b0
 
 
 @triton.jit
+def _normalized(ws_ptr, offsets, H, keep, ACC: tl.constexpr, IS_LSTM: tl.constexpr):
+    """The G gate tiles of a saved normalized side (zeros for the GRU's fourth)."""
+    v0 = _gate_tile(ws_ptr, offsets, 0, H, keep, ACC)
+    v1 = _gate_tile(ws_ptr, offsets, 1, H, keep, ACC)
+    v2 = _gate_tile(ws_ptr, offsets, 2, H, keep, ACC)
+    v3 = v2 * 0
+    if IS_LSTM:
+        v3 = _gate_tile(ws_ptr, offsets, 3, H, keep, ACC)
+    return v0, v1, v2, v3
+
+
+@triton.jit
 def _store_blocks(ptr, H, mask, v0, v1, v2, v3, FOURTH: tl.constexpr):
     """v0, v1, v2 (and v3 with FOURTH) into consecutive H-wide blocks of a workspace row: ptr + k H."""
     tl.store(ptr, v0, mask=mask)
@@ -421,39 +433,20 @@ def _layernorm_sequence_backward_kernel(
         if IS_LSTM:
             tl.store(extra_ptr + (t * B + rows)[:, None] * H + hid[None, :], d_nc, mask=state_mask)
         # LN backward on the x side and on the h side.
-        x0 = _gate_tile(ws_ptr, ws_offsets + XHAT, 0, H, keep, ACC)
-        x1 = _gate_tile(ws_ptr, ws_offsets + XHAT, 1, H, keep, ACC)
-        x2 = _gate_tile(ws_ptr, ws_offsets + XHAT, 2, H, keep, ACC)
-        x3 = x2 * 0
-        if IS_LSTM:
-            x3 = _gate_tile(ws_ptr, ws_offsets + XHAT, 3, H, keep, ACC)
+        x0, x1, x2, x3 = _normalized(ws_ptr, ws_offsets + XHAT, H, keep, ACC, IS_LSTM)
         rstd_x = tl.load(ws_ptr + (t * B + rows) * W + RSTD, mask=active, other=0)
         mg, mgh = _ln_backward_means(px0, px1, px2, px3, x0, x1, x2, x3, wx0, wx1, wx2, wx3, hid_mask, G * H, IS_LSTM)
-        y0 = _gate_tile(ws_ptr, ws_offsets + HHAT, 0, H, keep, ACC)
-        y1 = _gate_tile(ws_ptr, ws_offsets + HHAT, 1, H, keep, ACC)
-        y2 = _gate_tile(ws_ptr, ws_offsets + HHAT, 2, H, keep, ACC)
-        y3 = y2 * 0
-        if IS_LSTM:
-            y3 = _gate_tile(ws_ptr, ws_offsets + HHAT, 3, H, keep, ACC)
+        y0, y1, y2, y3 = _normalized(ws_ptr, ws_offsets + HHAT, H, keep, ACC, IS_LSTM)
         rstd_y = tl.load(ws_ptr + (t * B + rows) * W + RSTD + 1, mask=active, other=0)
         ng, ngh = _ln_backward_means(ph0, ph1, ph2, ph3, y0, y1, y2, y3, wh0, wh1, wh2, wh3, hid_mask, G * H, IS_LSTM)
-        tl.store(d_post_x_ptr + wide, px0, mask=state_mask)
-        tl.store(d_post_x_ptr + wide + H, px1, mask=state_mask)
-        tl.store(d_post_x_ptr + wide + 2 * H, px2, mask=state_mask)
-        tl.store(d_post_h_ptr + wide, ph0, mask=state_mask)
-        tl.store(d_post_h_ptr + wide + H, ph1, mask=state_mask)
-        tl.store(d_post_h_ptr + wide + 2 * H, ph2, mask=state_mask)
-        tl.store(d_gx_ptr + wide, _ln_backward(px0, x0, wx0, mg, mgh, rstd_x), mask=state_mask)
-        tl.store(d_gx_ptr + wide + H, _ln_backward(px1, x1, wx1, mg, mgh, rstd_x), mask=state_mask)
-        tl.store(d_gx_ptr + wide + 2 * H, _ln_backward(px2, x2, wx2, mg, mgh, rstd_x), mask=state_mask)
-        tl.store(d_gh_ptr + wide, _ln_backward(ph0, y0, wh0, ng, ngh, rstd_y), mask=state_mask)
-        tl.store(d_gh_ptr + wide + H, _ln_backward(ph1, y1, wh1, ng, ngh, rstd_y), mask=state_mask)
-        tl.store(d_gh_ptr + wide + 2 * H, _ln_backward(ph2, y2, wh2, ng, ngh, rstd_y), mask=state_mask)
-        if IS_LSTM:
-            tl.store(d_post_x_ptr + wide + 3 * H, px3, mask=state_mask)
-            tl.store(d_post_h_ptr + wide + 3 * H, ph3, mask=state_mask)
-            tl.store(d_gx_ptr + wide + 3 * H, _ln_backward(px3, x3, wx3, mg, mgh, rstd_x), mask=state_mask)
-            tl.store(d_gh_ptr + wide + 3 * H, _ln_backward(ph3, y3, wh3, ng, ngh, rstd_y), mask=state_mask)
+        _store_blocks(d_post_x_ptr + wide, H, state_mask, px0, px1, px2, px3, IS_LSTM)
+        _store_blocks(d_post_h_ptr + wide, H, state_mask, ph0, ph1, ph2, ph3, IS_LSTM)
+        _store_blocks(d_gx_ptr + wide, H, state_mask, _ln_backward(px0, x0, wx0, mg, mgh, rstd_x),
+                      _ln_backward(px1, x1, wx1, mg, mgh, rstd_x), _ln_backward(px2, x2, wx2, mg, mgh, rstd_x),
+                      _ln_backward(px3, x3, wx3, mg, mgh, rstd_x), IS_LSTM)
+        _store_blocks(d_gh_ptr + wide, H, state_mask, _ln_backward(ph0, y0, wh0, ng, ngh, rstd_y),
+                      _ln_backward(ph1, y1, wh1, ng, ngh, rstd_y), _ln_backward(ph2, y2, wh2, ng, ngh, rstd_y),
+                      _ln_backward(ph3, y3, wh3, ng, ngh, rstd_y), IS_LSTM)
         tl.debug_barrier()  # the whole gradient row is visible before the GEMM re-reads it
         rec = direct_h
         for gate in range(G):
