@@ -543,3 +543,30 @@ def test_bf16_units_on_saturated_scores_against_sdpa(path, monkeypatch):
     theirs = F.scaled_dot_product_attention(*(t.bfloat16() for t in (q, k, v)), is_causal=True)
     ours = seqkern.attention(*(t.bfloat16() for t in (q, k, v)), is_causal=True)
     assert_rule(f"out {path}", ours, theirs, ref)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Thread counts.
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, path", [(torch.float32, "fp32")] + [(torch.bfloat16, path) for path in BF16_PATHS],
+                         ids=str)
+def test_forward_is_the_same_at_any_thread_count(dtype, path, monkeypatch):
+    """The forward deals its query tiles to the workers that packed their keys (each worker's own tiles first,
+    then the others'), and each tile is computed from scratch: out and lse are bit-identical at 1, 2, 3 and 4
+    threads. Varlen sequences of unequal length (tiles of unequal cost and a short last key tile), GQA, causal."""
+    monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
+    q, k, v, cu_q, cu_k = _varlen_inputs([300, 45, 520], [300, 260, 700], 6, 2, 72, 40, dtype, seed=4)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3, 4):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                results.append(seqkern.attention_varlen(q, k, v, cu_q, cu_k, 520, 700, is_causal=True,
+                                                        causal_alignment="bottom_right", enable_gqa=True,
+                                                        return_lse=True))
+    finally:
+        torch.set_num_threads(threads)
+    for count, (out, lse) in zip((2, 3, 4), results[1:]):
+        assert torch.equal(out, results[0][0]), f"out at {count} threads"
+        assert torch.equal(lse, results[0][1]), f"lse at {count} threads"

@@ -5,7 +5,7 @@
 //   * store_rounded: output rows to the storage dtype (bf16 by vector round-to-nearest-even);
 //   * (the dropout mask, DropoutHash, is counter_hash.h: zoneout draws from it too);
 //   * Visibility: which keys a query sees (window / causal / bottom-right), as index ranges;
-//   * for_each_worker: dynamic scheduling of unequal work items over at::parallel_for's threads.
+//   * for_each_worker_homed / _strided: scheduling of unequal work items over at::parallel_for's threads.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -292,25 +292,44 @@ inline typename SimdTraits<T>::bits lanes_in_range(int64_t index0, int64_t first
 // ------------------------------------------------------------------------------------------------
 // Scheduling.
 // ------------------------------------------------------------------------------------------------
-/// Runs body(worker, item) for items [0, count) over at::parallel_for's threads, each worker taking the
-/// next item from a shared counter, so items of unequal cost (the rows of causal attention) balance
-/// themselves; a caller that puts cheap items last lets the workers finish together.
-/// worker < worker_count(count) identifies per-worker scratch: it is used by one thread at a time.
+/// Workers for `count` items: at most one per thread of at::parallel_for. A worker index < worker_count(count)
+/// identifies per-worker scratch: it is used by one thread at a time.
 inline int64_t worker_count(int64_t count) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
 }
 
-template <typename Body>
-void for_each_worker(int64_t count, const Body& body) {
+/// [0, count) cut into `parts` contiguous runs, run w = [begin(w), begin(w + 1)), sizes within 1 of each other.
+struct Runs {
+  int64_t count, parts;
+  int64_t begin(int64_t w) const { return w * count / parts; }
+  /// The run holding x (0 when count is 0).
+  int64_t of(int64_t x) const { return count == 0 ? 0 : ((x + 1) * parts - 1) / count; }
+};
+
+/// Runs body(worker, item) for items [0, count) over at::parallel_for's threads. Each item has a home worker,
+/// home_of(item) < worker_count(count), where its data are hot (the worker packed them). Each worker runs its own
+/// items in order, then helps with the others', claiming items from per-home counters: every item runs once,
+/// items of unequal cost (the rows of causal attention) balance themselves, and none waits on a descheduled
+/// thread. A caller that puts cheap items last lets the workers finish together.
+template <typename Home, typename Body>
+void for_each_worker_homed(int64_t count, const Home& home_of, const Body& body) {
   if (count <= 0) return;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, worker_count(count), 1, [&](int64_t begin, int64_t end) {
+  const int64_t workers = worker_count(count);
+  std::vector<std::vector<int64_t>> own(workers);
+  for (int64_t item = 0; item < count; ++item) own[home_of(item)].push_back(item);
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[workers]);
+  for (int64_t w = 0; w < workers; ++w) next[w] = 0;
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t worker = begin; worker < end; ++worker)
-      for (int64_t item = next.fetch_add(1); item < count; item = next.fetch_add(1)) body(worker, item);
+      for (int64_t i = 0; i < workers; ++i) {
+        const int64_t home = (worker + i) % workers;
+        const int64_t size = static_cast<int64_t>(own[home].size());
+        for (int64_t at = next[home].fetch_add(1); at < size; at = next[home].fetch_add(1)) body(worker, own[home][at]);
+      }
   });
 }
 
-/// As for_each_worker, but worker w runs the fixed items w, w + W, w + 2W, ... (W = worker_count(count)):
+/// As for_each_worker_homed without homes, but worker w runs the fixed items w, w + W, w + 2W, ... (W = worker_count(count)):
 /// what a worker accumulates, and in which order, does not depend on timing, so sums over per-worker
 /// buffers are reproducible run to run (for a given thread count). Dealt out this way, items sorted by
 /// decreasing cost within each head still give every worker a near-equal share.

@@ -27,9 +27,9 @@
 // are summed at the end in worker order (no atomics). The backward deals its key tiles to the workers in a
 // fixed pattern (for_each_worker_strided), so the summation order, hence grad_q, is the same on every run.
 //
-// Work is spread over at::parallel_for's threads: the forward's items are pulled from a shared counter
-// (for_each_worker, attention.h), so the unequal items of causal attention balance themselves; the backward's
-// are dealt round-robin from the same decreasing-cost order.
+// Work is spread over at::parallel_for's threads: the forward's items are pulled from counters, each worker's
+// own first (for_each_worker_homed, attention.h: the items whose keys it packed), so the unequal items of causal
+// attention balance themselves; the backward's are dealt round-robin from the same decreasing-cost order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -288,7 +288,7 @@ struct Item {
 };
 
 /// The items over `heads` heads and the query tiles (or, with key_tiles, the key tiles) of every sequence,
-/// for for_each_worker. Head-major, so that workers running consecutive items share that
+/// for for_each_worker_homed / _strided. Head-major, so that workers running consecutive items share that
 /// head's packed operands in cache; within a head the tiles in decreasing cost(vis, first_row, end_row)
 /// order (the number of tiles of the other side they see), so the cheap ones come last and the workers
 /// finish together.
@@ -330,12 +330,20 @@ struct KeyTiles {
 
 /// Calls fill(h, g, width, k_row, v_row) for every (kv head h, key tile g), in parallel: the tile's `width` keys
 /// and k_row(r) / v_row(r), the source rows of its r-th key. What pack_keys and pack_keys_bf16 share.
+/// How for_each_key_tile deals the packing of the (kv head, key tile) pairs, numbered h * k_tiles + g, to the
+/// workers: one contiguous run each (the forward homes its items by it).
+Runs packing_runs(const Problem& p) {
+  const int64_t count = p.kv_heads * p.k_tiles;
+  return Runs{count, worker_count(count)};
+}
+
 template <typename S, typename Fill>
 void for_each_key_tile(const Problem& p, const at::Tensor& k, const at::Tensor& v, const Fill& fill) {
   const auto owners = tile_owners(p, /*keys=*/true);
   const Rows<const S> k_src(k), v_src(v);
-  at::parallel_for(0, p.kv_heads * p.k_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
+  const Runs runs = packing_runs(p);
+  at::parallel_for(0, runs.parts, 1, [&](int64_t first_worker, int64_t end_worker) {
+    for (int64_t item = runs.begin(first_worker); item < runs.begin(end_worker); ++item) {
       const int64_t h = item / p.k_tiles, g = item % p.k_tiles;
       const Sequence& s = p.sequences[owners[g].first];
       const int64_t j0 = owners[g].second * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
@@ -383,46 +391,75 @@ struct KeyTilesBf16 {
   TileArray<bf16::bf16_t> kt, v;
 };
 
-/// dst (pair rows x 2 * cols, VNNI) of the (depth x cols) matrix whose column c is source row src_row(c)
-/// (K^T: column = key), or (transposed_source) whose row r is src_row(r) (V: row = key); zeros elsewhere.
-/// Element (depth d, column n) of the product's B lives at pair row d / 2, slot 2 n + d % 2. Written as 32-bit
-/// moves (a source pair (2p, 2p + 1) of a K row is one slot pair) and interleaved row pairs (V), not element by
-/// element with index arithmetic: that loop was ~8% of the bf16 forward.
+#if SEQKERN_BF16_X86
+/// The first n (<= 32, may be <= 0) bf16 of src, zeros after: one 64-byte vector (a masked load reads nothing
+/// past n; a null src gives zeros).
+SEQKERN_TARGET_BF16 inline __m512i load_bf16_zero_padded(const bf16::bf16_t* src, int64_t n) {
+  if (src == nullptr || n <= 0) return _mm512_setzero_si512();
+  const __mmask32 mask = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+  return _mm512_maskz_loadu_epi16(mask, src);
+}
+
+/// K^T tile in the VNNI layout: dst[p * 2 * cols + 2 n + e] = K[n][2p + e] for the keys n < keys (row src_row(n),
+/// dim elements), zeros for n >= keys and 2p + e >= dim; cols (keys per tile) a multiple of 16, pair_rows of 16.
+/// A key's pair (2p, 2p + 1) is one 32-bit element, so each 16-key x 16-pair block is a 16 x 16 transpose of
+/// 32-bit elements in registers (simd.h). Writes every element of the tile (no fill first).
+/// Element by element (32-bit moves with a stride of 2 cols) after a fill of the tile, packing K and V took
+/// 0.36 ms of a 5.8 ms bf16 forward at L 1024, d64, 8 heads (one thread).
 template <typename RowPtr>
-void pack_vnni(bf16::bf16_t* dst, int64_t size, int64_t cols, int64_t src_rows, int64_t src_cols,
-               const RowPtr& src_row, bool rows_are_columns) {
-  std::fill(dst, dst + size, bf16::bf16_t(0.0f));
-  if (rows_are_columns) {  // K^T: source row r = column r, its elements the depth
-    for (int64_t r = 0; r < src_rows; ++r) {
-      const bf16::bf16_t* src = src_row(r);
-      for (int64_t pair = 0; pair < src_cols / 2; ++pair)
-        std::memcpy(dst + pair * 2 * cols + 2 * r, src + 2 * pair, 2 * sizeof(bf16::bf16_t));
-      if (src_cols % 2) dst[(src_cols / 2) * 2 * cols + 2 * r] = src[src_cols - 1];
-    }
-    return;
-  }
-  const bf16::bf16_t zero(0.0f);
-  for (int64_t r = 0; r < src_rows; r += 2) {  // V: source rows 2p, 2p + 1 interleave into pair row p
-    const bf16::bf16_t* even = src_row(r);
-    const bf16::bf16_t* odd = r + 1 < src_rows ? src_row(r + 1) : nullptr;
-    bf16::bf16_t* out = dst + (r / 2) * 2 * cols;
-    for (int64_t c = 0; c < src_cols; ++c) {
-      out[2 * c] = even[c];
-      out[2 * c + 1] = odd ? odd[c] : zero;
+SEQKERN_TARGET_BF16 void pack_kt_vnni(bf16::bf16_t* dst, int64_t cols, int64_t pair_rows, int64_t keys, int64_t dim,
+                                      const RowPtr& src_row) {
+  for (int64_t n0 = 0; n0 < cols; n0 += 16) {
+    const bf16::bf16_t* rows[16];
+    for (int j = 0; j < 16; ++j) rows[j] = n0 + j < keys ? src_row(n0 + j) : nullptr;
+    for (int64_t p0 = 0; p0 < pair_rows; p0 += 16) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) {
+        const bf16::bf16_t* src = rows[j] ? rows[j] + 2 * p0 : nullptr;
+        r[j] = _mm512_castsi512_ps(load_bf16_zero_padded(src, dim - 2 * p0));
+      }
+      transpose_16x16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(dst + (p0 + i) * 2 * cols + 2 * n0), r[i]);
     }
   }
 }
+
+/// V tile in the VNNI layout: dst[p * 2 * cols + 2 c + e] = V[2p + e][c] for the keys 2p + e < keys (row
+/// src_row(key), dim elements), zeros past them and for c >= dim; cols (padded Dv) a multiple of 16, pair_rows
+/// any. Each 16 columns of a key pair interleave in one permute.
+template <typename RowPtr>
+SEQKERN_TARGET_BF16 void pack_v_vnni(bf16::bf16_t* dst, int64_t cols, int64_t pair_rows, int64_t keys, int64_t dim,
+                                     const RowPtr& src_row) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  for (int64_t p = 0; p < pair_rows; ++p) {
+    const bf16::bf16_t* even = 2 * p < keys ? src_row(2 * p) : nullptr;
+    const bf16::bf16_t* odd = 2 * p + 1 < keys ? src_row(2 * p + 1) : nullptr;
+    bf16::bf16_t* out = dst + p * 2 * cols;
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t n = std::min<int64_t>(16, dim - c0);
+      const __m512i e = load_bf16_zero_padded(even ? even + c0 : nullptr, n);
+      const __m512i o = load_bf16_zero_padded(odd ? odd + c0 : nullptr, n);
+      const __m512i both = _mm512_inserti64x4(e, _mm512_castsi512_si256(o), 1);  // e's first 16, then o's
+      _mm512_storeu_si512(out + 2 * c0, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
+}
+#endif
 
 KeyTilesBf16 pack_keys_bf16(const Problem& p, const at::Tensor& k, const at::Tensor& v, bf16::Path path,
                             int64_t dim_v_pad) {
   const int64_t dim_pad = bf16::round_up(std::max<int64_t>(p.dim, 1), bf16::kDepthGranule);
   KeyTilesBf16 t{path, dim_pad, TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, dim_pad * kKeyTile),
                  TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, kKeyTile * dim_v_pad)};
+#if SEQKERN_BF16_X86  // elsewhere the path is always kFp32: never called
   for_each_key_tile<bf16::bf16_t>(
       p, k, v, [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
-        pack_vnni(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*rows_are_columns=*/true);
-        pack_vnni(t.v(h, g), t.v.tile_size, dim_v_pad, width, p.dim_v, v_row, /*rows_are_columns=*/false);
+        pack_kt_vnni(t.kt(h, g), kKeyTile, dim_pad / 2, width, p.dim, k_row);
+        pack_v_vnni(t.v(h, g), dim_v_pad, kKeyTile / 2, width, p.dim_v, v_row);
       });
+#endif
   return t;
 }
 
@@ -708,22 +745,35 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
   std::fill(w.row_sum.begin(), w.row_sum.end(), A(0));
 
   const bf16::TileScope amx_tiles(args.keys16 ? args.keys16->path : bf16::Path::kFp32);
-  const int64_t first_key = vis.first_key(i0), last_key = vis.last_key(i0 + rows - 1);
-  for (int64_t kt = first_key / kKeyTile; first_key <= last_key && kt <= last_key / kKeyTile; ++kt) {
+  // Rows [r0, r1) against key tile kt, up to the last key their last row sees.
+  const auto visit = [&](int64_t r0, int64_t r1, int64_t kt) {
     const int64_t j0 = kt * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
-    // A tile whose right end the first rows do not see (the diagonal tile of causal attention) goes by
-    // groups of kRowGroup rows, each computing only the columns up to the last key its last row sees:
-    // 3/8 of the diagonal tile's products, 8% of the causal forward's GEMM work at L = 1024 (counted; the
-    // timing difference was inside this shared machine's noise).
-    const bool ragged = vis.last_key(i0) - j0 + 1 < width;
-    // The bf16 path always goes by kRowGroup rows: its products take so little time that the passes over the
-    // score tile (max, then exp + sum + rounding to bf16) weigh as much, and a 32-row slice of scores (16 KB)
-    // stays in L1 through them where the whole 128-row tile (64 KB) does not (64 and 128 measured no better).
-    const int64_t group = ragged || args.keys16 ? kRowGroup : rows;
-    for (int64_t r0 = 0; r0 < rows; r0 += group) {
-      const int64_t r1 = std::min(rows, r0 + group);
-      const int64_t columns = std::min(width, vis.last_key(i0 + r1 - 1) - j0 + 1);
-      if (columns > 0) forward_rows<S>(args, w, s, n, h, i0, r0, r1, kt, columns);  // else: no key seen here
+    const int64_t columns = std::min(width, vis.last_key(i0 + r1 - 1) - j0 + 1);
+    if (columns > 0) forward_rows<S>(args, w, s, n, h, i0, r0, r1, kt, columns);  // else: no key seen here
+  };
+  if (args.keys16) {
+    // The bf16 path goes by kRowGroup rows: its products take so little time that the passes over the score tile
+    // (max, then exp + sum + rounding to bf16) weigh as much, and a 32-row slice of scores (16 KB) stays in L1
+    // through them where the whole 128-row tile (64 KB) does not (64 and 128 measured no better). Each group
+    // walks all its key tiles before the next group starts, so its scores, P and output rows stay in L1 from tile
+    // to tile while K and V stream from L2 (one-thread CPU time, L 1024, d64, 8 heads: 5.40 -> 5.22 ms).
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
+      const int64_t r1 = std::min(rows, r0 + kRowGroup);
+      const int64_t first_key = vis.first_key(i0 + r0), last_key = vis.last_key(i0 + r1 - 1);
+      for (int64_t kt = first_key / kKeyTile; first_key <= last_key && kt <= last_key / kKeyTile; ++kt)
+        visit(r0, r1, kt);
+    }
+  } else {
+    const int64_t first_key = vis.first_key(i0), last_key = vis.last_key(i0 + rows - 1);
+    for (int64_t kt = first_key / kKeyTile; first_key <= last_key && kt <= last_key / kKeyTile; ++kt) {
+      // A tile whose right end the first rows do not see (the diagonal tile of causal attention) goes by
+      // groups of kRowGroup rows, each computing only the columns up to the last key its last row sees:
+      // 3/8 of the diagonal tile's products, 8% of the causal forward's GEMM work at L = 1024 (counted; the
+      // timing difference was inside this shared machine's noise).
+      const int64_t j0 = kt * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
+      const bool ragged = vis.last_key(i0) - j0 + 1 < width;
+      const int64_t group = ragged ? kRowGroup : rows;
+      for (int64_t r0 = 0; r0 < rows; r0 += group) visit(r0, std::min(rows, r0 + group), kt);
     }
   }
 
@@ -765,14 +815,23 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   const std::vector<Item> items = make_items(p, p.heads, /*key_tiles=*/false, key_tiles_seen);
   const int64_t workers = worker_count(static_cast<int64_t>(items.size()));
   std::vector<std::unique_ptr<ForwardScratch<A>>> scratch(workers);
-  // Items claimed from a shared counter: each item computes its rows from scratch, so the result does not depend
-  // on which worker runs it (deterministic either way), and a thread descheduled on a shared machine does not hold
-  // a fixed half of the items (the backward needs the fixed deal for its dQ sums; the forward does not).
-  for_each_worker(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
+  const auto body = [&](int64_t worker, int64_t index) {
     if (!scratch[worker]) scratch[worker] = std::make_unique<ForwardScratch<A>>(p.dim, keys.dim_v_pad, args.keys16);
     const Item& it = items[index];
     forward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile);
-  });
+  };
+  // An item's home is the worker that packed its head's first key tile of its sequence, whose cache holds the
+  // packed tiles: with items dealt from one shared counter, half the K / V reads of a 2-thread bf16 forward (L 1024,
+  // d64, 8 heads) came from the other core's cache and its Q K^T products took 1.7x their one-thread time. Items
+  // are still claimed from counters, so a worker that finishes its own takes the others' (a thread descheduled on
+  // a shared machine holds nothing back), and each item computes its rows from scratch: the result does not depend
+  // on which worker runs it (the backward needs a fixed deal for its dQ sums; the forward does not).
+  const Runs packed = packing_runs(p);
+  const auto home_of = [&](int64_t index) {
+    const Item& it = items[index];
+    return std::min(workers - 1, packed.of((it.head / p.group) * p.k_tiles + p.sequences[it.n].k_tile_base));
+  };
+  for_each_worker_homed(static_cast<int64_t>(items.size()), home_of, body);
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(

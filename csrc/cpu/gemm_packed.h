@@ -100,7 +100,7 @@ struct PackedPanels {
       if (whole) {
         const float* starts[16];
         for (int j = 0; j < 16; ++j) starts[j] = rows[j].first;
-        for (; k + 16 <= k1; k += 16) transpose_16x16(starts, k, dst + k * ld, ld);
+        for (; k + 16 <= k1; k += 16) transpose_block(starts, k, dst + k * ld, ld);
       }
     }
 #endif
@@ -109,31 +109,13 @@ struct PackedPanels {
   }
 
 #if defined(__AVX512F__)
-  /// dst[i * ld + j] = rows[j][k + i] for i, j < 16: a 16 x 16 block transposed in registers (unpack pairs,
-  /// then pairs of pairs, then 128-bit lanes twice). The scalar loop wrote one float per store with a 192-byte
-  /// stride: 57 us per 512 KB slice of W_hh, 5% of the LSTM's batch-1 inference samples with W_ih's packing.
-  static void transpose_16x16(const float* const* rows, int64_t k, float* dst, int64_t ld) {
-    __m512 r[16], t[16];
+  /// dst[i * ld + j] = rows[j][k + i] for i, j < 16 (simd.h's transpose_16x16). The scalar loop wrote one float
+  /// per store with a 192-byte stride: 57 us per 512 KB slice of W_hh, 5% of the LSTM's batch-1 inference samples
+  /// with W_ih's packing.
+  static void transpose_block(const float* const* rows, int64_t k, float* dst, int64_t ld) {
+    __m512 r[16];
     for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(rows[j] + k);
-    for (int j = 0; j < 16; j += 2) {
-      t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
-      t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
-    }
-    for (int j = 0; j < 16; j += 4)
-      for (int h = 0; h < 2; ++h) {
-        const __m512d a = _mm512_castps_pd(t[j + h]), b = _mm512_castps_pd(t[j + h + 2]);
-        r[j + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-        r[j + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-      }
-    for (int j = 0; j < 16; j += 8)
-      for (int q = 0; q < 4; ++q) {
-        t[j + q] = _mm512_shuffle_f32x4(r[j + q], r[j + q + 4], 0x88);
-        t[j + q + 4] = _mm512_shuffle_f32x4(r[j + q], r[j + q + 4], 0xdd);
-      }
-    for (int q = 0; q < 8; ++q) {
-      r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
-      r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xdd);
-    }
+    cpu::transpose_16x16(r);
     for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld, r[i]);
   }
 #endif

@@ -8,7 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
 
@@ -421,5 +421,36 @@ struct CellActivations {
     return value(tanh_quotient<A>(x));
   }
 };
+
+#if defined(__x86_64__) || defined(_M_X64)
+// ------------------------------------------------------------------------------------------------
+// 16 x 16 transposes of 32-bit elements (packing GEMM operands).
+// ------------------------------------------------------------------------------------------------
+/// r[i] lane j <- r[j] lane i: a 16 x 16 block of 32-bit elements (floats, or bf16 pairs) transposed in registers
+/// (unpack pairs, then pairs of pairs, then 128-bit lanes twice). Compiled for AVX-512 whatever the build level:
+/// call it only from AVX-512 code (the avx512 level, or functions targeting it).
+inline __attribute__((always_inline, target("avx512f"))) void transpose_16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int j = 0; j < 16; j += 2) {
+    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 16; j += 4)
+    for (int h = 0; h < 2; ++h) {
+      const __m512d a = _mm512_castps_pd(t[j + h]), b = _mm512_castps_pd(t[j + h + 2]);
+      r[j + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[j + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  for (int j = 0; j < 16; j += 8)
+    for (int q = 0; q < 4; ++q) {
+      t[j + q] = _mm512_shuffle_f32x4(r[j + q], r[j + q + 4], 0x88);
+      t[j + q + 4] = _mm512_shuffle_f32x4(r[j + q], r[j + q + 4], 0xdd);
+    }
+  for (int q = 0; q < 8; ++q) {
+    r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
+    r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xdd);
+  }
+}
+#endif
 
 }  // namespace seqkern::cpu
