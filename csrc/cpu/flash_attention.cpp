@@ -39,6 +39,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/aligned_vector.h"
 #include "cpu/attention.h"
 #include "cpu/tile_gemm_bf16.h"
 #include "cpu/workspace_pool.h"
@@ -471,8 +472,8 @@ KeyTilesBf16 pack_keys_bf16(const Problem& p, const at::Tensor& k, const at::Ten
 /// the probabilities rounded to bf16 (p16) instead of q.
 template <typename A>
 struct ForwardScratch {
-  std::vector<A> q, scores, out, row_max, row_sum;
-  std::vector<bf16::bf16_t> q16, p16;
+  AlignedVector<A> q, scores, out, row_max, row_sum;
+  AlignedVector<bf16::bf16_t> q16, p16;
   ForwardScratch(int64_t dim, int64_t dim_v_pad, const KeyTilesBf16* keys16)
       : q(keys16 ? 0 : kQueryTile * dim), scores(kQueryTile * kKeyTile), out(kQueryTile * dim_v_pad),
         row_max(kQueryTile), row_sum(kQueryTile), q16(keys16 ? kQueryTile * keys16->dim_pad : 0, bf16::bf16_t(0.0f)),
@@ -560,22 +561,23 @@ void rescale_row(A* o, int64_t dim_v_pad, A alpha) {
 }
 
 #if SEQKERN_BF16_X86
-/// exp(x) for x <= kMaxRiseKept (or NaN, kept) with ~1e-5 relative error, exactly 0 for x <= -104 (-inf too): for P that
-/// is rounded to bf16 next (2^-9 relative), and its fp32 row sum, whose 1e-5 vanishes in the bf16 output's
-/// rounding (and the bf16 backward renormalizes the lse with its own sum). attention.h's exp_attention (~1 ulp)
-/// takes 17 instructions per vector where this one takes 11, in the pass that dominates the bf16 forward.
-/// Reduction x = n ln2 + r with one FMA (n <= 150: error 3e-7), then a degree-4 fit of e^r on |r| <= ln2 / 2
-/// (1 + r + r^2 (c2 + c3 r + c4 r^2), Chebyshev-weighted least squares: max relative error 1.1e-5 measured).
-/// Lanes far above kMaxRiseKept (hidden keys, which the caller zeroes) may come out inf.
-SEQKERN_TARGET_BF16 inline __m512 exp_nonpositive_bf16(__m512 x) {
-  x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693147180559945f), x);
-  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.04133401f), r, _mm512_set1_ps(0.16740404f));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5000269f));
-  const __m512 p = _mm512_fmadd_ps(q, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);  // times 2^n; flushes to 0 far below
+/// 2^x for x <= kMaxRiseKept / ln 2 (or NaN, kept) with 5.3e-6 relative error at most, exactly 0 for x <= -151 (-inf
+/// too): for P that is rounded to bf16 next (2^-9 relative), and its fp32 row sum, whose 5e-6 vanishes in the bf16
+/// output's rounding (and the bf16 backward renormalizes the lse with its own sum). In base 2 the caller's one FMA
+/// gives the argument (scale log2(e) s - log2(e) m'), and the reduction x = n + f is a subtraction: 9 instructions
+/// per vector against attention.h's exp_attention's 17 and the 12 of the natural-base form this replaced, in the
+/// pass that dominates the bf16 forward. f in [-1/2, 1/2], 2^f by a degree-4 polynomial fitted for relative
+/// error (Chebyshev-weighted least squares, reweighted). Lanes far above the bound (hidden keys, which the caller
+/// zeroes) may come out inf.
+SEQKERN_TARGET_BF16 inline __m512 exp2_bf16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-151.0f), x);  // vmaxps returns its second operand, x, when x is NaN
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00962711963802576f), f, _mm512_set1_ps(0.05598687008023262f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402331829071045f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693108856678009f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);  // times 2^n; 2^-151 rounds to 0
 }
 
 /// The bf16 path's step of the online softmax for rows [r0, r1) of the worker's score tile, fused into two
@@ -584,12 +586,14 @@ SEQKERN_TARGET_BF16 inline __m512 exp_nonpositive_bf16(__m512 x) {
 ///   1. tile_max = scale * max of the raw scores s = q . k over the visible keys [first, last] (read only), the
 ///      row's m' = max(m, tile_max) or m where tile_max <= m + kMaxRiseKept (attention.h); then every row's
 ///      alpha = exp(m - m') at once, in vectors (one libm exp per row cost ~10% of the pass);
-///   2. p = exp(scale s - m') (one FMA, then exp_nonpositive_bf16), 0 outside [first, last] and on the padding past width,
+///   2. p = exp(scale s - m') = 2^(scale log2(e) s - log2(e) m') (one FMA, then exp2_bf16), 0 outside [first, last]
+///      and on the padding past width,
 ///      summed into l in fp32, dropped entries set to 0, stored rounded to bf16 into p16 (zeros from
 ///      pad_lanes(width) up to `depth`, P V's depth), and the row's output accumulator rescaled by alpha.
 /// Needs scale > 0 (so max(scale s) = scale max(s)) and no mask. A row that has seen only hidden or NaN scores
 /// so far (m' = -inf) is left untouched and reported in `cold` (true) for the caller's generic steps.
-/// Rounding: exp's argument is scale * s - m' with one rounding (the generic path rounds scale * s first).
+/// Rounding: exp's argument is (scale log2 e) s - (log2 e) m' with one rounding (the generic path rounds scale * s
+/// first); the rounding of (log2 e) m' shifts a whole row's p by one factor, which its normalization cancels.
 /// keys(i) gives the visible key range [first, last] of row i (tile-local columns, last < width).
 template <typename KeysOf>
 SEQKERN_TARGET_BF16 void softmax_rows_bf16(ForwardScratch<float>& w, int64_t r0, int64_t r1, int64_t width,
@@ -620,7 +624,8 @@ SEQKERN_TARGET_BF16 void softmax_rows_bf16(ForwardScratch<float>& w, int64_t r0,
     const int n = static_cast<int>(std::min<int64_t>(L, r1 - r));
     store(alpha + r, exp_attention(load<float>(w.row_max.data() + r, n) - load<float>(new_max + r, n)), n);
   }
-  const V factor = broadcast(scale);
+  constexpr float kLog2e = 1.44269504088896341f;
+  const V factor = broadcast(scale * kLog2e);
   for (int64_t r = r0; r < r1; ++r) {
     if (cold[r]) continue;
     const auto [first, last] = keys(i0 + r);
@@ -628,11 +633,11 @@ SEQKERN_TARGET_BF16 void softmax_rows_bf16(ForwardScratch<float>& w, int64_t r0,
     const float* s = w.scores.data() + r * kKeyTile;
     bf16::bf16_t* p16 = w.p16.data() + r * kKeyTile;
     const uint32_t row_key = hash ? DropoutHash::row_key(head_key, i0 + r) : 0;
-    const V shift = broadcast(-new_max[r]);
+    const V shift = broadcast(-new_max[r] * kLog2e);
     V sum{};
     for (int64_t c = 0; c < padded; c += L) {
-      const V x = fmadd(load_vector(s + c), factor, shift);
-      V p = reinterpret_cast<V>(exp_nonpositive_bf16(reinterpret_cast<__m512>(x)));
+      const V x = fmadd(load_vector(s + c), factor, shift);  // log2(e) (scale s - m')
+      V p = reinterpret_cast<V>(exp2_bf16(reinterpret_cast<__m512>(x)));
       if (partial) p = lanes_in_range<float>(c, first, last) ? p : V{};
       sum += p;
       if (hash) p = hash->keep_row<float>(row_key, j0 + c) ? p : V{};
@@ -923,7 +928,7 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
 /// query row (the first pass's).
 template <typename A>
 struct BackwardScratch {
-  std::vector<A> probs, grads, dk, dv, dq_t;
+  AlignedVector<A> probs, grads, dk, dv, dq_t;
   std::vector<double> delta_sum, mass;
   std::vector<uint32_t> row_keys;
   BackwardScratch(int64_t dim_pad, int64_t dim_v_pad, int64_t dq_t_size, int64_t rows_size)

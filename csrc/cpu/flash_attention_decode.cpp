@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/aligned_vector.h"
 #include "cpu/attention.h"
 #include "cpu/arg_checks.h"
 
@@ -417,7 +418,7 @@ struct Partial {
 /// scores / probabilities (R_pad x kBlockKeys).
 template <typename A>
 struct Scratch {
-  std::vector<A> q, scores;
+  AlignedVector<A> q, scores;
 };
 
 template <typename T, int RT>
@@ -437,7 +438,7 @@ class ChunkAttention {
   int64_t rows_pad() const { return rows_pad_; }
 
   Scratch<A> scratch() const {
-    return {std::vector<A>(rows_pad_ * dim_pad_, A(0)), std::vector<A>(rows_pad_ * kBlockKeys, A(0))};
+    return {AlignedVector<A>(rows_pad_ * dim_pad_, A(0)), AlignedVector<A>(rows_pad_ * kBlockKeys, A(0))};
   }
 
   /// Attends the R query rows of (b, h) to keys `chunk` of a sequence of `length` keys; leaves (m, l, acc).

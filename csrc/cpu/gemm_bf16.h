@@ -40,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/aligned_vector.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm_amx.h"
 #include "cpu/simd.h"
@@ -227,7 +228,7 @@ template <typename In>
 SEQKERN_TARGET_BF16 void gemm_bf16(const In* a, int64_t lda, int64_t rows, const PackedPairs& w, float* c,
                                    int64_t ldc) {
   constexpr int64_t kRowBlock = 96;
-  thread_local std::vector<uint16_t> a16;
+  thread_local AlignedVector<uint16_t> a16;
   const int64_t ld16 = 2 * w.pair_rows();
   const bool amx = w.kernel == Bf16Kernel::kAmx && amx_pays_off(rows);
   a16.resize(std::max<size_t>(a16.size(), static_cast<size_t>(std::min(kRowBlock, rows) * ld16)));
