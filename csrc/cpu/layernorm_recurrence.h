@@ -27,6 +27,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/aligned_vector.h"
 #include "cpu/arg_checks.h"
 #include "cpu/gemm_packed.h"
 #include "cpu/outer_sum.h"
@@ -209,7 +210,7 @@ void normalize_input_side(A* gx, int64_t rows, int64_t H, A eps, const LayerWeig
   const int64_t GH = Cell::kGates * H, W = Cell::workspace_width(H);
   const A *w = lw.ln_ih_weight.data_ptr<A>(), *b = lw.ln_ih_bias.data_ptr<A>(), *bias = ptr_or_null<A>(lw.bias_x);
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / GH), [&](int64_t r0, int64_t r1) {
-    std::vector<A> hat(ws ? 0 : GH);
+    AlignedVector<A> hat(ws ? 0 : GH);
     for (int64_t r = r0; r < r1; ++r) {
       A* row_ws = ws ? ws + r * W : nullptr;
       const A rstd = layer_norm_row<A>(gx + r * GH, GH, eps, w, b, bias, gx + r * GH,
@@ -246,7 +247,7 @@ struct ForwardLoop {
   void run_rows(Range rows) const {
     if (rows.size() == 0) return;
     const int64_t B = opt.batch, GH = G * H, W = Cell::workspace_width(H), ldc = w_hh.width;
-    std::vector<A> gh(rows.size() * ldc), temp_ws(W), next(K * H);
+    AlignedVector<A> gh(rows.size() * ldc), temp_ws(W), next(K * H);
     for (int64_t step = 0; step < opt.seq_len; ++step) {
       const int64_t t = opt.time(step);
       for (int64_t b = rows.begin; b < rows.end; ++b)
@@ -372,7 +373,7 @@ struct BackwardLoop {
     if (rows.size() == 0) return;
     const int64_t B = opt.batch, GH = G * H, W = Cell::workspace_width(H), ldc = w_hh.width;
     const int64_t E = Cell::kExtra * H;
-    std::vector<A> rec(rows.size() * ldc), d_new(K * H), d_direct(K * H), prev_buf(K * H);
+    AlignedVector<A> rec(rows.size() * ldc), d_new(K * H), d_direct(K * H), prev_buf(K * H);
     for (int64_t step = 0; step < opt.seq_len; ++step) {
       const int64_t t = opt.time(opt.seq_len - 1 - step);
       for (int64_t b = rows.begin; b < rows.end; ++b) {
