@@ -635,13 +635,23 @@ SEQKERN_TARGET_BF16 void softmax_rows_bf16(ForwardScratch<float>& w, int64_t r0,
     const uint32_t row_key = hash ? DropoutHash::row_key(head_key, i0 + r) : 0;
     const V shift = broadcast(-new_max[r] * kLog2e);
     V sum{};
-    for (int64_t c = 0; c < padded; c += L) {
+    const auto probabilities = [&](int64_t c) {  // p at columns [c, c + L), summed, then dropped
       const V x = fmadd(load_vector(s + c), factor, shift);  // log2(e) (scale s - m')
       V p = reinterpret_cast<V>(exp2_bf16(reinterpret_cast<__m512>(x)));
       if (partial) p = lanes_in_range<float>(c, first, last) ? p : V{};
       sum += p;
       if (hash) p = hash->keep_row<float>(row_key, j0 + c) ? p : V{};
-      const __m256bh rounded = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(p));
+      return reinterpret_cast<__m512>(p);
+    };
+    // Two vectors rounded by one VCVTNE2PS2BF16 and stored as one 64-byte line.
+    int64_t c = 0;
+    for (; c + 2 * L <= padded; c += 2 * L) {
+      const __m512 low = probabilities(c), high = probabilities(c + L);
+      const __m512bh rounded = _mm512_cvtne2ps_pbh(high, low);
+      std::memcpy(p16 + c, &rounded, sizeof(rounded));
+    }
+    if (c < padded) {
+      const __m256bh rounded = _mm512_cvtneps_pbh(probabilities(c));
       std::memcpy(p16 + c, &rounded, sizeof(rounded));
     }
     std::memset(p16 + padded, 0, (depth - padded) * sizeof(bf16::bf16_t));
