@@ -329,8 +329,6 @@ struct KeyTiles {
   int64_t v_row_stride() const { return v_rows.empty() ? dim_v_pad : v_stride; }
 };
 
-/// Calls fill(h, g, width, k_row, v_row) for every (kv head h, key tile g), in parallel: the tile's `width` keys
-/// and k_row(r) / v_row(r), the source rows of its r-th key. What pack_keys and pack_keys_bf16 share.
 /// How for_each_key_tile deals the packing of the (kv head, key tile) pairs, numbered h * k_tiles + g, to the
 /// workers: one contiguous run each (the forward homes its items by it).
 Runs packing_runs(const Problem& p) {
@@ -338,6 +336,9 @@ Runs packing_runs(const Problem& p) {
   return Runs{count, worker_count(count)};
 }
 
+/// Calls fill(h, g, width, k_row, v_row) for every (kv head h, key tile g), in parallel (worker w packs run w of
+/// packing_runs): the tile's `width` keys and k_row(r) / v_row(r), the source rows of its r-th key. What pack_keys
+/// and pack_keys_bf16 share.
 template <typename S, typename Fill>
 void for_each_key_tile(const Problem& p, const at::Tensor& k, const at::Tensor& v, const Fill& fill) {
   const auto owners = tile_owners(p, /*keys=*/true);

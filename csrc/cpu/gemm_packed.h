@@ -8,11 +8,7 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
-#include "cpu/simd.h"
+#include "cpu/simd.h"  // also <immintrin.h> on x86
 
 namespace seqkern::cpu {
 
