@@ -154,12 +154,14 @@ struct Slice {
   A* scratch = nullptr;
 
   /// Columns [group | unit] <- rows group * group_rows + cols.begin + unit of the row-major matrix m
-  /// (rows w.depth long): the slice's gate rows of a (groups*H, depth) W with group_rows = H.
-  void pack_rows(const A* m, int64_t group_rows) {
+  /// (rows w.depth long): the slice's gate rows of a (groups*H, depth) W with group_rows = H. m is in the
+  /// accumulation dtype, or in bf16 for bf16 slices (packed as they are, no fp32 copy of W first).
+  template <typename M>
+  void pack_rows(const M* m, int64_t group_rows) {
     pack([&](int64_t j) {
       const int64_t group = j / padded, u = j % padded;
-      const A* row = u < cols.size() ? m + (group * group_rows + cols.begin + u) * w.depth : nullptr;
-      return std::pair<const A*, int64_t>{row, 1};
+      const M* row = u < cols.size() ? m + (group * group_rows + cols.begin + u) * w.depth : nullptr;
+      return std::pair<const M*, int64_t>{row, 1};
     });
   }
   /// Column j <- column cols.begin + j of the row-major matrix m (w.depth rows, each row_length long).
@@ -168,21 +170,30 @@ struct Slice {
       return std::pair<const A*, int64_t>{j < cols.size() ? m + cols.begin + j : nullptr, row_length};
     });
   }
-  /// c (rows x w.width, leading dim ldc) = a (rows x w.depth, leading dim lda) @ the packed weights.
-  void multiply(const A* a, int64_t lda, int64_t rows, A* c, int64_t ldc) const {
+  /// c (rows x w.width, leading dim ldc) = a (rows x w.depth, leading dim lda) @ the packed weights; a in the
+  /// accumulation dtype, or in bf16 for bf16 slices.
+  template <typename In>
+  void multiply(const In* a, int64_t lda, int64_t rows, A* c, int64_t ldc) const {
     if constexpr (std::is_same_v<A, float>) {
       if (bf16) return gemm_bf16(a, lda, rows, w16, c, ldc);
     }
-    gemm_packed(a, lda, rows, w, c, ldc);
+    if constexpr (std::is_same_v<In, A>) {
+      gemm_packed(a, lda, rows, w, c, ldc);
+    } else {
+      TORCH_INTERNAL_ASSERT(false, "bf16 operands need a bf16 slice");
+    }
   }
 
  private:
   template <typename ColumnSource>
   void pack(const ColumnSource& column) {
+    using M = std::remove_cv_t<std::remove_pointer_t<decltype(column(int64_t{0}).first)>>;
     if (bf16) {
       w16.pack(column);
-    } else {
+    } else if constexpr (std::is_same_v<M, A>) {
       w.pack(column);
+    } else {
+      TORCH_INTERNAL_ASSERT(false, "bf16 weights need a bf16 slice");
     }
   }
 };
@@ -430,12 +441,16 @@ inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at
 /// MB per LSTM layer at b32 t100 h256); one thread, process CPU time, alternating processes on a loaded machine,
 /// medians: LSTM / GRU / RNN inference b32 t100 h256 1.08x / 1.23x / 1.12x (NOTES.md "Round 7"). Below a register
 /// block of rows it projects blocks of steps (input_block_steps). Only where the thread's W_ih slice fits in L2
-/// beside its W_hh slice. The bf16 units keep the product before the loop (AMX tiles).
+/// beside its W_hh slice. In bf16 on the bf16 units too (x and W_ih packed as they are, AMX or vdpbf16ps): the
+/// product before the loop wrote fp32 gates (13 MB at b32 t100 h256) that the cells read back from memory; 2 threads,
+/// alternating processes, bf16 b32 t100 h256: LSTM inference 1.20-1.28x, training 1.03-1.06x, GRU inference 1.18x
+/// (NOTES.md "Round 11"). bf16 storage without the units keeps the product before the loop (fp32 micro-kernel).
 inline bool project_input_in_team(const LayerShape& d, int gates, int threads, at::ScalarType dtype) {
   constexpr int64_t kMaxInputSliceBytes = int64_t{1} << 20;
+  if (dtype == at::kBFloat16 && !use_bf16_units(dtype)) return false;  // the team's kernels take bf16 x on those only
   const at::ScalarType acc = at::toOpMathType(dtype);
   const int64_t slice_bytes = d.input_size * (gates * d.hidden / threads) * c10::elementSize(acc);
-  return !use_bf16_units(dtype) && slice_bytes <= kMaxInputSliceBytes;
+  return slice_bytes <= kMaxInputSliceBytes;
 }
 
 /// How many steps the team's input projection covers at once: one at batch >= a register block of rows (the
@@ -467,8 +482,8 @@ class CellForwardLoop {
 
   struct Buffers {
     const A* gates_x;         // (T*B, G*H) x W_ih^T (input_projection), or null: projected per step from `input`
-    const A* input;           // (T*B, I) the layer input in the accumulation dtype, when gates_x is null
-    const A* w_ih;            // (G*H, I) in the accumulation dtype, when gates_x is null
+    const S* input;           // (T*B, I) the layer input, when gates_x is null
+    const S* w_ih;            // (G*H, I), when gates_x is null
     const A* input_bias;      // (G*H,) added to gates_x by the cell, with kBias
     const A* recurrent_bias;  // (H,) the cell's recurrent-side bias (GRU: b_hn) with kBias, or null
     const A* w_hh;            // (G*H, P)
@@ -488,7 +503,8 @@ class CellForwardLoop {
                      use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell.bf16_state_ok()),
         proj_slices_(kProjection ? d.state_size : 0, threads, 1, d.hidden, kProjection ? d.batch : 0,
                      use_bf16_units(c10::CppTypeToScalarType<S>::value)),
-        input_slices_(buf.gates_x ? 0 : d.hidden, threads, G, d.input_size, input_block_steps_ * d.batch) {}
+        input_slices_(buf.gates_x ? 0 : d.hidden, threads, G, d.input_size, input_block_steps_ * d.batch,
+                      use_bf16_units(c10::CppTypeToScalarType<S>::value)) {}
 
   /// Runs all T steps; h_n is then h_state[(T-1) & 1], the other final states are in state[k].
   void run() {
@@ -707,10 +723,10 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
   const int64_t macs_per_step = B * Cell::kGates * H * P + (projection ? B * H * P : 0);
   const int threads = loop_threads(macs_per_step, H, 64 / c10::elementSize(acc));
   const bool in_team = project_input_in_team(d, Cell::kGates, threads, dtype);
-  at::Tensor gates_x, input_acc, w_ih_acc;
+  at::Tensor gates_x, input_contiguous, w_ih_contiguous;
   if (in_team) {
-    input_acc = input.to(acc).contiguous();
-    w_ih_acc = wts.w_ih.to(acc).contiguous();
+    input_contiguous = input.contiguous();
+    w_ih_contiguous = wts.w_ih.contiguous();
   } else {
     gates_x = pooled_empty({T * B, Cell::kGates * H}, acc_options);
     // The input bias is the cell's to add (in registers), not the GEMM's: at::addmm first copies the
@@ -739,8 +755,8 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
             using Loop = CellForwardLoop<Cell, scalar_t, Options>;
             typename Loop::Buffers buf{};
             buf.gates_x = in_team ? nullptr : gates_x.data_ptr<A>();
-            buf.input = in_team ? input_acc.data_ptr<A>() : nullptr;
-            buf.w_ih = in_team ? w_ih_acc.data_ptr<A>() : nullptr;
+            buf.input = in_team ? input_contiguous.data_ptr<scalar_t>() : nullptr;
+            buf.w_ih = in_team ? w_ih_contiguous.data_ptr<scalar_t>() : nullptr;
             buf.input_bias = has_bias ? wts.input_bias.data_ptr<A>() : nullptr;
             buf.recurrent_bias = wts.recurrent_bias.defined() ? wts.recurrent_bias.data_ptr<A>() : nullptr;
             buf.w_hh = w_hh_acc.data_ptr<A>();
