@@ -67,19 +67,29 @@ inline int persistent_thread_count(int64_t work_per_step, int64_t min_work_per_t
 /// reaches the budget (a b32 step is ~100 us, its imbalance a few us) and the last arrival pays one relaxed
 /// load of the sleeper count.
 /// Release/acquire on the generation counter make every write before arrive_and_wait() visible to
-/// every thread after it.
+/// every thread after it. Split phase: arrive() then wait(ticket), with work between the two that needs
+/// nothing the others write before the barrier; it fills the time a thread would spin for the last arrival.
 class SpinBarrier {
  public:
   void reset(int threads) { threads_ = threads; }
 
-  void arrive_and_wait() {
+  void arrive_and_wait() { wait(arrive()); }
+
+  /// This thread's arrival; the ticket to pass to wait().
+  int arrive() {
     const int generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
       generation_.store(generation + 1, std::memory_order_seq_cst);
       if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all(generation_);
-      return;
     }
+    return generation;
+  }
+
+  /// Returns once every thread has arrived in the round of `ticket` (at once if the last arrival was ours).
+  void wait(int ticket) {
+    const int generation = ticket;
+    if (generation_.load(std::memory_order_acquire) != generation) return;
     if (spin_while_equal(generation)) return;
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     while (generation_.load(std::memory_order_seq_cst) == generation) sleep_while_equal(generation_, generation);
