@@ -463,6 +463,15 @@ inline int64_t input_block_steps(int64_t batch) {
   return batch >= kMaxMicroRows ? 1 : (kProjectedRows + batch - 1) / batch;
 }
 
+/// Asks for every cache line of a forward step's h_{t-1} rows at once: the other threads wrote their columns, so
+/// those lines are in other cores' caches, and the product's broadcasts otherwise miss on them one line after
+/// another. In-process A/B, 2 threads, h256: LSTM inference b1 t512 1.014x, b32 t100 1.022x (the same for the
+/// backward's d_gates_h rows: training 0.996-1.014x, not kept).
+template <typename A>
+void prefetch_lines(const A* rows, int64_t elements) {
+  for (int64_t i = 0; i < elements; i += 64 / static_cast<int64_t>(sizeof(A))) __builtin_prefetch(rows + i);
+}
+
 /// Thread k owns a slice of hidden units: the kGates rows of W_hh for those units are packed once into its
 /// micro-kernel panels and stay in its L2 for all T steps; per step it computes its gate columns
 /// (h_{t-1} @ W_hh-slice^T), then the cell's fused pointwise update of its units, thread-local since it
@@ -594,6 +603,7 @@ class CellForwardLoop {
     if constexpr (kFlags) restart_private_states(sl.cols, t);
     const Slice<A>* xs = buf_.gates_x ? nullptr : &input_slices_.slices[s];
     const A* x_rows = xs ? xs->scratch + (t - first_block_time(step)) * B * xs->w.width : nullptr;
+    prefetch_lines(h_prev(step), rows * d_.state_size);
     sl.multiply(h_prev(step), d_.state_size, rows, sl.scratch, sl.w.width);
     for (int64_t b = 0; b < rows; ++b) {
       if (!active(t, b)) {
