@@ -86,9 +86,8 @@ class SpinBarrier {
     return generation;
   }
 
-  /// Returns once every thread has arrived in the round of `ticket` (at once if the last arrival was ours).
-  void wait(int ticket) {
-    const int generation = ticket;
+  /// Returns once every thread has arrived in the round whose ticket (arrive()'s) is `generation`.
+  void wait(int generation) {
     if (generation_.load(std::memory_order_acquire) != generation) return;
     if (spin_while_equal(generation)) return;
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
