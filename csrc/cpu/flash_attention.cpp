@@ -767,6 +767,11 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
     const int64_t columns = std::min(width, vis.last_key(i0 + r1 - 1) - j0 + 1);
     if (columns > 0) forward_rows<S>(args, w, s, n, h, i0, r0, r1, kt, columns);  // else: no key seen here
   };
+  // Calls f(kt) for every key tile holding a key that some row of [r0, r1) sees.
+  const auto for_each_seen_tile = [&](int64_t r0, int64_t r1, const auto& f) {
+    const int64_t first_key = vis.first_key(i0 + r0), last_key = vis.last_key(i0 + r1 - 1);
+    for (int64_t kt = first_key / kKeyTile; first_key <= last_key && kt <= last_key / kKeyTile; ++kt) f(kt);
+  };
   if (args.keys16) {
     // The bf16 path goes by kRowGroup rows: its products take so little time that the passes over the score tile
     // (max, then exp + sum + rounding to bf16) weigh as much, and a 32-row slice of scores (16 KB) stays in L1
@@ -775,13 +780,10 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
     // to tile while K and V stream from L2 (one-thread CPU time, L 1024, d64, 8 heads: 5.40 -> 5.22 ms).
     for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
       const int64_t r1 = std::min(rows, r0 + kRowGroup);
-      const int64_t first_key = vis.first_key(i0 + r0), last_key = vis.last_key(i0 + r1 - 1);
-      for (int64_t kt = first_key / kKeyTile; first_key <= last_key && kt <= last_key / kKeyTile; ++kt)
-        visit(r0, r1, kt);
+      for_each_seen_tile(r0, r1, [&](int64_t kt) { visit(r0, r1, kt); });
     }
   } else {
-    const int64_t first_key = vis.first_key(i0), last_key = vis.last_key(i0 + rows - 1);
-    for (int64_t kt = first_key / kKeyTile; first_key <= last_key && kt <= last_key / kKeyTile; ++kt) {
+    for_each_seen_tile(0, rows, [&](int64_t kt) {
       // A tile whose right end the first rows do not see (the diagonal tile of causal attention) goes by
       // groups of kRowGroup rows, each computing only the columns up to the last key its last row sees:
       // 3/8 of the diagonal tile's products, 8% of the causal forward's GEMM work at L = 1024 (counted; the
@@ -790,7 +792,7 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
       const bool ragged = vis.last_key(i0) - j0 + 1 < width;
       const int64_t group = ragged ? kRowGroup : rows;
       for (int64_t r0 = 0; r0 < rows; r0 += group) visit(r0, std::min(rows, r0 + group), kt);
-    }
+    });
   }
 
   const A keep_scale = p.dropout ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
