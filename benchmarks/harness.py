@@ -17,6 +17,7 @@ computed the same thing as the subject before trusting its time.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -178,12 +179,41 @@ def configure_process() -> None:
     - every core this process may run on, the same thread count for every contender;
     - Inductor compiles in this process: its default pool of compile worker processes would otherwise
       start up after the first compilation and compete with the timings that follow for the 2 cores;
-    - a compiled baseline that runs out of recompilations fails loudly instead of silently running eager.
+    - a compiled baseline that runs out of recompilations fails loudly instead of silently running eager;
+    - freed memory stays in the process (keep_freed_memory).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(cores)
     torch._inductor.config.compile_threads = 1
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+    keep_freed_memory()
+
+
+# What keep_freed_memory did, for environment().
+_ALLOCATOR = {"state": "as the process started"}
+
+
+def keep_freed_memory(threshold: int = 2**30) -> None:
+    """Makes glibc's malloc keep freed memory in the process: blocks up to `threshold` bytes come from its heaps
+    (M_MMAP_THRESHOLD) and freed ones are not handed back to the kernel before `threshold` bytes are free at the
+    top (M_TRIM_THRESHOLD).
+
+    Why: by default glibc maps a large block afresh and unmaps it when freed, unless its history of earlier
+    frees has raised its (dynamic) threshold above that size, so whether a contender's buffers cost page faults
+    (the kernel zeroing every 4 KiB page on first touch) depends on what ran before in the process. torch.nn.LSTM's
+    training call at b32 t100 h256 took ~8100 page faults a call in a fresh process and 46-47 ms, 36-39 ms with
+    memory kept (Intel Xeon model 167, 2026-12-06): one round's baseline was 31 ms, the next limits run's 45.7 ms,
+    on the same machine. Kept memory is also what a long training process or a caching allocator (jemalloc,
+    tcmalloc) gives every contender, and it times the kernels rather than the page zeroing. seqkern's own
+    workspace blocks are cached (seqkern.memory) either way. No-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+        if libc.mallopt(m_mmap_threshold, threshold) and libc.mallopt(m_trim_threshold, threshold):
+            _ALLOCATOR["state"] = f"glibc malloc keeps freed memory (mmap and trim thresholds {threshold >> 20} MiB)"
+    except (OSError, AttributeError):
+        pass
 
 
 def _git_commit() -> str | None:
@@ -213,6 +243,7 @@ def environment() -> dict[str, Any]:
         "seqkern_cpu_kernels_built": seqkern.backends.cpu_kernel_available(),
         "seqkern_backend_in_force": seqkern.current_backend(),
         "mkldnn_enabled": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
+        "allocator": _ALLOCATOR["state"],
         "git_commit": _git_commit(),
     }
 
@@ -390,13 +421,24 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def _return_free_memory() -> None:
+    """glibc's malloc_trim(0): free heap memory back to the kernel (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_bytes(call: Call) -> int | None:
     """Resident memory one call added at its peak, everything included: tensors, and what kernels or libraries
     allocate outside c10's allocator (C++ workspaces, oneDNN scratchpads). None where Linux's counters are not
     available. Writing 5 to /proc/self/clear_refs resets the process's peak RSS (VmHWM) to its current RSS, so
-    VmHWM after the call minus VmRSS before it is the call's own peak. Pages that malloc reuses from earlier
-    calls (a warmed-up cache, a freed workspace) add no RSS: this is the cost of one more call, as peak_memory_bytes.
+    VmHWM after the call minus VmRSS before it is the call's own peak. malloc first hands its free memory back to
+    the kernel (kept there by keep_freed_memory), so the call's buffers count even where malloc reuses them; a
+    cache a library holds across calls (a warmed-up oneDNN primitive, seqkern's cached workspace blocks) adds no
+    RSS: this is the cost of one more call, as peak_memory_bytes.
     """
+    _return_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
