@@ -32,6 +32,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -129,6 +134,7 @@ class Measurement:
     gbytes_per_s: float | None = None  # Case.bytes_moved / median_s, when the case sets bytes_moved
     peak_memory_bytes: int | None = None
     peak_rss_bytes: int | None = None  # resident memory the call added (allocations outside c10's allocator too)
+    page_faults_per_call: float | None = None  # minor page faults while timed (see keep_freed_memory)
     max_rel_diff_vs_subject: float | None = None  # see max_relative_diff
     gate: str | None = None  # the correctness gate's verdict on this contender's row, see Case
     gate_failed: bool = False
@@ -295,6 +301,7 @@ class Timing:
     min_s: float
     max_s: float
     repeats: int
+    page_faults_per_call: float | None = None  # minor faults of the whole process over the timed calls
 
 
 def _timed(call: Call) -> tuple[float, Sequence[torch.Tensor]]:
@@ -335,23 +342,31 @@ def time_interleaved(calls: dict[str, Call], budget: TimingBudget) -> dict[str, 
         lowest, highest = math.ceil(budget.min_repeats / budget.rounds), max(1, budget.max_repeats // budget.rounds)
         batch[name] = max(1, lowest, min(highest, wanted))
     samples: dict[str, list[float]] = {name: [] for name in names}
+    faults = dict.fromkeys(names, 0)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for round_index in range(budget.rounds):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
+                faults_before, start = _minor_page_faults(), time.perf_counter()
                 for _ in range(batch[name]):
                     calls[name]()
                 samples[name].append((time.perf_counter() - start) / batch[name])
+                faults[name] += _minor_page_faults() - faults_before
     finally:
         if gc_was_enabled:
             gc.enable()
     return {
-        name: Timing(statistics.median(times), min(times), max(times), budget.rounds * batch[name])
+        name: Timing(statistics.median(times), min(times), max(times), budget.rounds * batch[name],
+                      faults[name] / (budget.rounds * batch[name]))
         for name, times in samples.items()
     }
+
+
+def _minor_page_faults() -> int:
+    """The process's minor page faults so far (0 where getrusage is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 @contextlib.contextmanager
@@ -557,7 +572,7 @@ def _timed_measurements(case: Case, prepared: dict[str, _Prepared], budget: Timi
             repeats=timing.repeats, first_call_s=p.first_call_s, gflops=gflops,
             fraction_of_matmul_peak=gflops / matmul_peak_gflops,
             gbytes_per_s=case.bytes_moved / timing.median_s / 1e9 if case.bytes_moved else None,
-            peak_memory_bytes=memory, peak_rss_bytes=rss,
+            peak_memory_bytes=memory, peak_rss_bytes=rss, page_faults_per_call=timing.page_faults_per_call,
         )
     return measurements
 
