@@ -308,14 +308,15 @@ SINGLE_STATE_LAYER_CASES = [
     dict(seq_len=6, batch=4, input_size=3, hidden=17, bias=False, lengths=[6, 4, 4, 1]),
     dict(seq_len=6, batch=4, input_size=3, hidden=17, lengths=[6, 5, 2, 1], reverse=True),
     dict(seq_len=40, batch=32, input_size=33, hidden=256),
-    # The forward projects the input inside the team (project_input_in_team): step by step at batch >= 8,
+    # The forward projects the input inside the team (project_input_in_team): step by step at batch >= 8, where
+    # the backward also forms grad_input inside the team (input_gradient_in_team; after the loop below batch 8),
     dict(seq_len=5, batch=9, input_size=7, hidden=21, lengths=[5, 5, 4, 4, 3, 2, 2, 1, 1], reverse=True),
     dict(seq_len=4, batch=11, input_size=5, hidden=19, bias=False),
     # in blocks of steps below (input_block_steps: 32 at batch 1, 11 at batch 3), the last one partial,
     dict(seq_len=37, batch=1, input_size=9, hidden=40, reverse=True),
     dict(seq_len=23, batch=3, input_size=6, hidden=24, lengths=[23, 17, 5], reverse=True),
-    # and before the loop where a thread's W_ih slice would not fit in L2 beside its W_hh slice.
-    dict(seq_len=3, batch=2, input_size=2100, hidden=256),
+    # and before (after) the loop where a thread's W_ih slice would not fit in L2 beside its W_hh slice.
+    dict(seq_len=2, batch=8, input_size=2100, hidden=256),
 ]
 SINGLE_STATE_TRITON_CASES = [SINGLE_STATE_LAYER_CASES[0], dict(seq_len=4, batch=3, input_size=5, hidden=17),
                              SINGLE_STATE_LAYER_CASES[3], SINGLE_STATE_LAYER_CASES[4]]
