@@ -3,8 +3,8 @@
     python -m benchmarks.limits        # idle machine, ~1 min; prints a table, writes bench_results/limits.json
 
 For each row it takes the default benchmark set's case of that name, times its baseline contender (torch.nn, SDPA,
-the composed LayerNorm LSTM: the call the benchmark row times) and measures a *floor*, a time no implementation can
-beat on this machine:
+the composed LayerNorm LSTM: the call the benchmark row times, in the benchmark's allocator state: freed memory kept,
+see harness.keep_freed_memory) and measures a *floor*, a time no implementation can beat on this machine:
 
 - GEMM-bound rows: the case's matrix-product work (Case.flops) at the best float32 (or bfloat16) rate this machine
   reaches on a large square product (MKL / oneDNN through torch.mm, both threads), every other part of the work
