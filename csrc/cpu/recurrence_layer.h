@@ -1171,9 +1171,10 @@ struct LayerGrads {
 };
 
 /// The whole layer backward (shapes checked by the caller) from the gradients of the output and of the last
-/// states: the persistent loop for d_gates, the initial states' gradients, the bias sums and (input_gradient_in_team)
-/// grad_input, then grad_input otherwise, grad_w_ih, grad_w_hh (and grad_w_hr) as GEMMs over all T*B rows. `sequence` holds the
-/// forward's saved states k >= 1 (T,B,H); w_hr is undefined without a projection.
+/// states: the persistent loop for d_gates, the initial states' gradients, the bias sums and (where
+/// input_gradient_in_team) grad_input; then grad_input otherwise, grad_w_ih, grad_w_hh (and grad_w_hr) as GEMMs
+/// over all T*B rows. `sequence` holds the forward's saved states k >= 1 (T,B,H); w_hr is undefined without a
+/// projection.
 template <typename Cell>
 LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tensor& grad_output_,
                           const std::array<at::Tensor, Cell::kStates>& grad_last, const at::Tensor& input,
