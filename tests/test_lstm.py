@@ -55,6 +55,7 @@ CASES = [
     # the backward also forms grad_input inside the team (input_gradient_in_team; after the loop below batch 8),
     dict(seq_len=5, batch=9, input_size=7, hidden=21, proj=6, lengths=[5, 5, 4, 4, 3, 2, 2, 1, 1], reverse=True),
     dict(seq_len=4, batch=11, input_size=5, hidden=19, bias=False),
+    dict(seq_len=3, batch=8, input_size=5, hidden=128),  # two threads, the second with no input columns
     # in blocks of steps below (input_block_steps: 32 at batch 1, 11 at batch 3), the last one partial,
     dict(seq_len=37, batch=1, input_size=9, hidden=40, reverse=True),
     dict(seq_len=23, batch=3, input_size=6, hidden=24, proj=6, lengths=[23, 17, 5], reverse=True),
