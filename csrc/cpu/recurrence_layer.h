@@ -237,11 +237,15 @@ struct SliceSet {
   }
 };
 
-/// Threads for a loop doing `macs_per_step` multiply-adds per step over `hidden` units.
+/// Threads for a layer's forward or backward loop (the same count for both, so that the backward's choices made
+/// from it, input_gradient_in_team, match the forward's): its step's products (the recurrent GEMM, and the
+/// projection's) in multiply-adds, over its hidden units in vectors of the accumulation dtype `acc`.
 /// 32K multiply-adds is ~1 us of one core at the micro-kernel's speed, the order of a barrier's cost.
-inline int loop_threads(int64_t macs_per_step, int64_t hidden, int64_t lanes) {
+inline int loop_threads(const LayerShape& d, int gates, bool projection, at::ScalarType acc) {
   constexpr int64_t kMinMacsPerThreadStep = 32 * 1024;
-  return persistent_thread_count(macs_per_step, kMinMacsPerThreadStep, (hidden + lanes - 1) / lanes);
+  const int64_t macs_per_step = d.batch * d.hidden * d.state_size * (gates + (projection ? 1 : 0));
+  const int64_t lanes = 64 / static_cast<int64_t>(c10::elementSize(acc));
+  return persistent_thread_count(macs_per_step, kMinMacsPerThreadStep, (d.hidden + lanes - 1) / lanes);
 }
 
 // ================================================================================================
@@ -752,8 +756,7 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
   }
   const auto dtype = input.scalar_type(), acc = at::toOpMathType(dtype);
   const auto acc_options = input.options().dtype(acc);
-  const int64_t macs_per_step = B * Cell::kGates * H * P + (projection ? B * H * P : 0);
-  const int threads = loop_threads(macs_per_step, H, 64 / c10::elementSize(acc));
+  const int threads = loop_threads(d, Cell::kGates, projection, acc);
   const bool in_team = project_input_in_team(d, Cell::kGates, threads, dtype);
   at::Tensor gates_x, input_contiguous, w_ih_contiguous;
   if (in_team) {
@@ -1213,8 +1216,7 @@ LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tenso
   std::array<at::Tensor, K> d_initial;
   if (sched.flags.resets)
     for (int k = 0; k < K; ++k) d_initial[k] = at::zeros_like(d_state[k]);
-  const int64_t macs_per_step = B * Cell::kGates * H * P + (projection ? B * H * P : 0);
-  const int threads = loop_threads(macs_per_step, H, 64 / c10::elementSize(acc));
+  const int threads = loop_threads(d, Cell::kGates, projection, acc);
   const bool grad_input_in_team = T > 0 && B > 0 && input_gradient_in_team(d, Cell::kGates, threads, dtype);
   const at::Tensor grad_input = grad_input_in_team ? pooled_empty({T, B, d.input_size}, acc_options) : at::Tensor();
   const at::Tensor w_ih_acc = grad_input_in_team ? w_ih.to(acc).contiguous() : at::Tensor();
