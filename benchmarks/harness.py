@@ -213,13 +213,19 @@ def keep_freed_memory(threshold: int = 2**30) -> None:
     tcmalloc) gives every contender, and it times the kernels rather than the page zeroing. seqkern's own
     workspace blocks are cached (seqkern.memory) either way. No-op where the C library is not glibc.
     """
+    libc = _glibc()
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    if libc is not None and libc.mallopt(m_mmap_threshold, threshold) and libc.mallopt(m_trim_threshold, threshold):
+        _ALLOCATOR["state"] = f"glibc malloc keeps freed memory (mmap and trim thresholds {threshold >> 20} MiB)"
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library through ctypes if it is glibc (has mallopt and malloc_trim), else None."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-        if libc.mallopt(m_mmap_threshold, threshold) and libc.mallopt(m_trim_threshold, threshold):
-            _ALLOCATOR["state"] = f"glibc malloc keeps freed memory (mmap and trim thresholds {threshold >> 20} MiB)"
-    except (OSError, AttributeError):
-        pass
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def _git_commit() -> str | None:
@@ -301,7 +307,7 @@ class Timing:
     min_s: float
     max_s: float
     repeats: int
-    page_faults_per_call: float | None = None  # minor faults of the whole process over the timed calls
+    page_faults_per_call: float  # minor faults of the whole process over the timed calls
 
 
 def _timed(call: Call) -> tuple[float, Sequence[torch.Tensor]]:
@@ -438,10 +444,9 @@ def _proc_status_kib(field: str) -> int:
 
 def _return_free_memory() -> None:
     """glibc's malloc_trim(0): free heap memory back to the kernel (no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def peak_rss_bytes(call: Call) -> int | None:
