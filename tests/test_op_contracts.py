@@ -161,3 +161,42 @@ def test_bad_arguments_refused_alike_in_eager_and_under_compile(op, name, change
         getattr(OPS, op)(*args.values())
     with pytest.raises(RuntimeError, match=re.escape(name)):
         _call_fake(op, args)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Autograd kernels (seqkern/ops/_registry.py register_autograd).
+# --------------------------------------------------------------------------------------------------
+_TEST_LIBRARY = torch.library.Library("seqkern_contract_test", "DEF")
+_TEST_LIBRARY.define("with_default(Tensor x, float scale=1.0) -> Tensor")
+_TEST_LIBRARY.define("with_keyword(Tensor x, *, float scale) -> Tensor")
+
+
+@pytest.mark.parametrize("name", ["with_default", "with_keyword"])
+def test_autograd_registration_refuses_arguments_the_formula_would_not_see(name, monkeypatch):
+    """register_autograd hands setup_context the arguments as the dispatcher delivers them (no schema defaults
+    filled in per call): a schema with a default value, which the dispatcher may drop, or a keyword-only argument
+    is refused when the op is registered."""
+    from seqkern.ops import _registry
+
+    monkeypatch.setattr(_registry, "op", lambda op_name: getattr(torch.ops.seqkern_contract_test, op_name).default)
+    with pytest.raises(RuntimeError, match="no default values and no keyword-only"):
+        _registry.register_autograd(name, lambda ctx, grad: (grad, None), lambda ctx, inputs, output: None)
+
+
+def test_formulas_see_which_of_the_op_arguments_need_grad():
+    """The Autograd kernel passes the op's arguments and one more (the dispatch key set) to autograd.Function;
+    the formula's ctx.needs_input_grad must be the op's alone: with only w_hh and h0 requiring grad, the
+    create_graph=True gradients (the reference recompute, which differentiates exactly the arguments
+    needs_input_grad names) match torch.nn.GRU's."""
+    torch.manual_seed(0)
+    x, h0 = _randn(T, B, I), _randn(1, B, H).requires_grad_()
+    ours, theirs = seqkern.nn.GRU(I, H), torch.nn.GRU(I, H)
+    theirs.load_state_dict(ours.state_dict())
+    grads = []
+    for module in (ours, theirs):
+        for p in module.parameters():
+            p.requires_grad_(p is module.weight_hh_l0)
+        output, h_n = module(x, h0)
+        grads.append(torch.autograd.grad(output.square().sum() + h_n.sum(), (module.weight_hh_l0, h0), create_graph=True))
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -63,8 +63,54 @@ def register_ops(fakes: dict[str, Callable], autograd: dict[str, Autograd], trit
         if _triton.available():
             register_triton(name, triton_module)
     for name, formula in autograd.items():
-        torch.library.register_autograd(f"seqkern::{name}", _twice_differentiable(formula),
-                                        setup_context=_unmaterialized(formula.setup_context))
+        register_autograd(name, _twice_differentiable(formula), _unmaterialized(formula.setup_context))
+
+
+# The library that holds seqkern's Autograd kernels (kept alive: dropping it would unregister them).
+_AUTOGRAD_LIBRARY = torch.library.Library("seqkern", "FRAGMENT")
+
+
+def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
+    """torch.library.register_autograd(f"seqkern::{name}", backward, setup_context=setup_context), the same
+    Autograd kernel (an autograd.Function whose forward runs the op below autograd) without the per-call cost
+    of torch's: its forward calls torch._library.utils.fill_defaults on every call that saves for backward,
+    which reads op._schema.arguments (a fresh list of pybind objects) once per argument, ~36 us a call at our
+    ~15 arguments (seqkern.nn.RNN(16, 16) training at x (1, 1, 16): 225 us a call against torch.nn's 102; NOTES.md
+    "Round 13"). seqkern's schemas have no default values and no keyword-only arguments (checked here), so the
+    arguments the kernel receives are always all of them and setup_context gets them as they come."""
+    overload = op(name)
+    if any(a.has_default_value() or a.kwarg_only for a in overload._schema.arguments):
+        raise RuntimeError(f"seqkern::{name}: register_autograd assumes no default values and no keyword-only "
+                           f"arguments (setup_context gets the arguments as passed), got {overload._schema}")
+
+    def run_below_autograd(keyset, args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    def forward(ctx, *args_and_keyset):
+        *args, keyset = args_and_keyset
+        result = run_below_autograd(keyset, args)
+        setup_context(ctx, tuple(args), result)
+        return result
+
+    def backward_without_keyset(ctx, *grads):
+        needs_input_grad = ctx.needs_input_grad
+        ctx.needs_input_grad = needs_input_grad[:-1]  # the formula sees the op's arguments only
+        try:
+            result = backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs_input_grad
+        return (*result, None) if isinstance(result, tuple) else (result, None)
+
+    function = type(f"SeqkernAutograd_{name}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_without_keyset)})
+
+    def autograd_kernel(keyset, *args):
+        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(*args, keyset)
+        return run_below_autograd(keyset, args)
+
+    _AUTOGRAD_LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 def _unmaterialized(setup_context: Callable) -> Callable:
@@ -87,7 +133,7 @@ def register_no_autograd(name: str, alternative: str) -> None:
     def refuse(ctx, *grads):
         raise RuntimeError(f"seqkern::{name} has no autograd formula: {alternative}")
 
-    torch.library.register_autograd(f"seqkern::{name}", refuse, setup_context=lambda ctx, inputs, output: None)
+    register_autograd(name, refuse, lambda ctx, inputs, output: None)
 
 
 # --------------------------------------------------------------------------------------------------
