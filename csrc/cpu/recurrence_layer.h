@@ -392,11 +392,13 @@ inline void packed_product(const at::Tensor& a, const at::Tensor& w, int64_t wid
 }
 
 /// Whether a (rows x width) product in like's dtype runs on the packed micro-kernel rather than MKL's at::mm: at
-/// the avx512 level (the level it was measured at: MKL picks its own ISA whatever seqkern's level) and for whole
-/// vectors of columns (the kernel writes whole vectors).
-inline bool packed_products_pay(int64_t width, const at::Tensor& like) {
+/// the avx512 level (the level it was measured at: MKL picks its own ISA whatever seqkern's level), for whole
+/// vectors of columns (the kernel writes whole vectors) and for at least a register block of rows: below that the
+/// packed copy of W is read once, so packing triples W's memory traffic for nothing (grad_input of a GRU(128, 128)
+/// step at batch 1: its packing was 13% of the backward op's samples; at::mm runs a GEMV on W as it is).
+inline bool packed_products_pay(int64_t rows, int64_t width, const at::Tensor& like) {
 #if defined(__AVX512F__)
-  return width % (64 / like.element_size()) == 0;
+  return rows >= kMaxMicroRows && width % (64 / like.element_size()) == 0;
 #else
   return false;
 #endif
@@ -432,7 +434,7 @@ inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at
   const auto acc = out.scalar_type();
   const at::Tensor x = input.reshape({rows, depth}).to(acc).contiguous();
   const at::Tensor w = w_ih.to(acc).contiguous();
-  if (packed_products_pay(width, out)) {
+  if (packed_products_pay(rows, width, out)) {
     packed_product(x, w, width, /*column_step=*/depth, /*k_step=*/1, out);  // column j of W_ih^T: row j of W_ih
   } else {
     at::mm_out(out, x, w.t());
@@ -449,8 +451,11 @@ inline void input_projection(const at::Tensor& input, const at::Tensor& w_ih, at
 /// product before the loop wrote fp32 gates (13 MB at b32 t100 h256) that the cells read back from memory; 2 threads,
 /// alternating processes, bf16 b32 t100 h256: LSTM inference 1.20-1.28x, training 1.03-1.06x, GRU inference 1.18x
 /// (NOTES.md "Round 11"). bf16 storage without the units keeps the product before the loop (fp32 micro-kernel).
+/// Not below a register block of rows in all (T*B): packing the W_ih slices would cost more than the product that
+/// reads them once (input_projection's at::mm runs it on W_ih as it is; see packed_products_pay).
 inline bool project_input_in_team(const LayerShape& d, int gates, int threads, at::ScalarType dtype) {
   constexpr int64_t kMaxInputSliceBytes = int64_t{1} << 20;
+  if (d.seq_len * d.batch < kMaxMicroRows) return false;
   if (dtype == at::kBFloat16 && !use_bf16_units(dtype)) return false;  // the team's kernels take bf16 x on those only
   const at::ScalarType acc = at::toOpMathType(dtype);
   const int64_t slice_bytes = d.input_size * (gates * d.hidden / threads) * c10::elementSize(acc);
@@ -1116,7 +1121,7 @@ inline at::Tensor input_gradient(const at::Tensor& d_gates, const at::Tensor& w_
   if (use_bf16_gradients(dtype)) return at::mm(d_gates.to(at::kBFloat16), w_ih);
   const at::Tensor w = w_ih.to(d_gates.scalar_type()).contiguous();
   const int64_t width = w.size(1);
-  if (!packed_products_pay(width, d_gates)) return at::mm(d_gates, w).to(dtype);
+  if (!packed_products_pay(d_gates.size(0), width, d_gates)) return at::mm(d_gates, w).to(dtype);
   // The packed micro-kernel, as the input projection: column j of W_ih, its rows `width` apart.
   at::Tensor out = pooled_empty({d_gates.size(0), width}, d_gates.options());
   packed_product(d_gates.contiguous(), w, width, /*column_step=*/1, /*k_step=*/width, out);
