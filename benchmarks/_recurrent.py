@@ -88,6 +88,12 @@ BF16_SHAPES = (
     Shape(batch=32, steps=100, hidden=256, training=False, dtype=torch.bfloat16),
     Shape(batch=32, steps=100, hidden=256, training=True, dtype=torch.bfloat16),
 )
+# One step of a small layer, as an agent acting or an online decoder calls it: the time is the per-call overhead
+# (Python, dispatch, autograd, allocations, packing), not the products.
+STEP_SHAPES = (
+    Shape(batch=1, steps=1, hidden=64, training=False),
+    Shape(batch=1, steps=1, hidden=64, training=True),
+)
 # Small enough that the whole smoke run of one op is dominated by its two torch.compile compilations (~15 s).
 QUICK_SHAPES = (
     Shape(batch=3, steps=8, hidden=32, training=False),

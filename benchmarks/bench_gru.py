@@ -33,7 +33,8 @@ LAYER = _recurrent.RecurrentLayer(
     cell_step=_reference_cell_step, hidden_bias_in_step=True,
 )
 
-DEFAULT_SHAPES = (*_recurrent.INFERENCE_SHAPES, *_recurrent.TRAINING_SHAPES, *_recurrent.BF16_SHAPES)
+DEFAULT_SHAPES = (*_recurrent.INFERENCE_SHAPES, *_recurrent.TRAINING_SHAPES, *_recurrent.BF16_SHAPES,
+                  *_recurrent.STEP_SHAPES)
 
 
 def cases(quick: bool = False) -> list[Case]:

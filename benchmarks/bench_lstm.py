@@ -31,6 +31,7 @@ DEFAULT_SHAPES = (
     Shape(batch=64, steps=50, hidden=512, training=False),
     *_recurrent.TRAINING_SHAPES,
     *_recurrent.BF16_SHAPES,
+    *_recurrent.STEP_SHAPES,
 )
 
 

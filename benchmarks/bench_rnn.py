@@ -24,7 +24,8 @@ LAYER = _recurrent.RecurrentLayer(
     cell_step=_reference_cell_step, module_kwargs={"nonlinearity": "tanh"},
 )
 
-DEFAULT_SHAPES = (*_recurrent.INFERENCE_SHAPES, *_recurrent.TRAINING_SHAPES, *_recurrent.BF16_SHAPES)
+DEFAULT_SHAPES = (*_recurrent.INFERENCE_SHAPES, *_recurrent.TRAINING_SHAPES, *_recurrent.BF16_SHAPES,
+                  *_recurrent.STEP_SHAPES)
 
 
 def cases(quick: bool = False) -> list[Case]:
