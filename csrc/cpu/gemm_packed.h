@@ -89,8 +89,8 @@ struct PackedPanels {
  private:
   /// How many leading columns are consecutive elements of one row of the source (column j at column 0's pointer
   /// + j, the same stride, not 1), the others all padding; 0 if the panel is not laid out so. Such a panel (the
-  /// backward's W_hh columns) is a copy of `run` elements per k, where the element-by-element loop cost ~20 us per
-  /// call at GRU(128, 128), a quarter of its one-step backward op.
+  /// backward's W_hh columns) is a copy of `run` elements per k: the element-by-element loop below took the
+  /// one-step backward op of a GRU(128, 128) from 66 to 81 us.
   static int64_t leading_run(const std::pair<const T*, int64_t>* sources, int64_t columns) {
     if (sources[0].first == nullptr || sources[0].second == 1) return 0;
     int64_t run = 0;
