@@ -8,6 +8,8 @@
 #include <type_traits>
 #include <utility>
 
+#include <c10/util/Exception.h>
+
 #include "cpu/simd.h"  // also <immintrin.h> on x86
 
 namespace seqkern::cpu {
@@ -50,10 +52,11 @@ struct PackedPanels {
   const T* panel(int64_t p) const { return data + p * depth * kPanelWidth; }
 
   /// Fills data from column(j) -> {pointer to element (0, j), stride between consecutive k}, pointer null
-  /// for a padding column. Per panel the 64-ish column sources are looked up once; blocks of 64 k keep
-  /// the lines read and written in L1 whichever way the source runs. The loop order follows the source:
-  /// along k when columns are contiguous rows of W (W_hh rows: 26 us per 512 KB slice, by 16 x 16 register
-  /// transposes), along j when they are columns of W (backward; that order measured 200 us the other way round).
+  /// for a padding column. Per panel the 64-ish column sources are looked up once. A panel's real columns are
+  /// either rows of W (stride 1: the forward's W_hh / W_ih / W_hr rows), transposed 16 x 16 in registers in
+  /// blocks of 64 k that keep the lines read and written in L1 (26 us per 512 KB slice of W_hh), or consecutive
+  /// elements of W's rows (the backward's W_hh / W_ih / W_hr columns, grad_input's W_ih), copied row by row;
+  /// padding columns follow the real ones. Any other layout is refused.
   template <typename ColumnSource>
   void pack(const ColumnSource& column) {
     for (int64_t p = 0; p < panel_count(); ++p) pack_panel(p, column);
@@ -74,23 +77,19 @@ struct PackedPanels {
     }
     const int64_t run = leading_run(sources, columns);
     if (run > 0) return copy_rows(sources[0].first, sources[0].second, run, columns, dst);
+    TORCH_INTERNAL_ASSERT(contiguous_along_k, "PackedPanels: a panel's columns must be rows of W or consecutive "
+                                              "elements of W's rows");
     for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
       const int64_t k1 = std::min(depth, k0 + kDepthBlock);
-      if (contiguous_along_k) {
-        for (int64_t j = 0; j < columns; j += kLanes<T>) transpose_rows(sources + j, k0, k1, dst + j, columns);
-      } else {
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t j = 0; j < columns; ++j)
-            dst[k * columns + j] = sources[j].first ? sources[j].first[k * sources[j].second] : T(0);
-      }
+      for (int64_t j = 0; j < columns; j += kLanes<T>) transpose_rows(sources + j, k0, k1, dst + j, columns);
     }
   }
 
  private:
   /// How many leading columns are consecutive elements of one row of the source (column j at column 0's pointer
   /// + j, the same stride, not 1), the others all padding; 0 if the panel is not laid out so. Such a panel (the
-  /// backward's W_hh columns) is a copy of `run` elements per k: the element-by-element loop below took the
-  /// one-step backward op of a GRU(128, 128) from 66 to 81 us.
+  /// backward's W_hh columns) is a copy of `run` elements per k: packed element by element, as it was, the
+  /// one-step backward op of a GRU(128, 128) took 81 us instead of 66.
   static int64_t leading_run(const std::pair<const T*, int64_t>* sources, int64_t columns) {
     if (sources[0].first == nullptr || sources[0].second == 1) return 0;
     int64_t run = 0;
