@@ -200,3 +200,126 @@ def test_formulas_see_which_of_the_op_arguments_need_grad():
         grads.append(torch.autograd.grad(output.square().sum() + h_n.sum(), (module.weight_hh_l0, h0), create_graph=True))
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad): the Autograd kernel runs an op below
+# autograd when no argument requires grad, which drops any tangent riding on the arguments (torch.func.jvp
+# through seqkern.nn.GRU returned a tangent of zeros). An argument carrying a tangent now runs the op's reference
+# (composed torch ops, which carry tangents); the decode op, which has none, refuses. The oracle: central finite
+# differences in float64 (independent of seqkern), and torch.nn's own jvp where torch has the layer.
+# ------------------------------------------------------------------------------------------------------------
+def _modules_for_forward_ad():
+    """(name, seqkern callable of one tensor x (T=4, B=3, 6), torch.nn's counterpart or None)."""
+    torch.manual_seed(0)
+    pairs = []
+    for name, ours, theirs in [
+        ("LSTM proj bidirectional x2", seqkern.nn.LSTM(6, 5, num_layers=2, bidirectional=True, proj_size=3),
+         torch.nn.LSTM(6, 5, num_layers=2, bidirectional=True, proj_size=3)),
+        ("GRU", seqkern.nn.GRU(6, 5), torch.nn.GRU(6, 5)),
+        ("RNN relu", seqkern.nn.RNN(6, 5, nonlinearity="relu"), torch.nn.RNN(6, 5, nonlinearity="relu")),
+        ("LSTMCell", seqkern.nn.LSTMCell(6, 5), torch.nn.LSTMCell(6, 5)),
+        ("GRUCell", seqkern.nn.GRUCell(6, 5), torch.nn.GRUCell(6, 5)),
+        ("RNNCell", seqkern.nn.RNNCell(6, 5), torch.nn.RNNCell(6, 5)),
+        ("LayerNormLSTM", seqkern.nn.LayerNormLSTM(6, 5), None),
+        ("LayerNormGRU", seqkern.nn.LayerNormGRU(6, 5), None),
+    ]:
+        ours, theirs = ours.double(), theirs.double() if theirs is not None else None
+        if theirs is not None:
+            theirs.load_state_dict(ours.state_dict())
+        cell = "Cell" in name
+        pairs.append((name, _first_output(ours, cell), _first_output(theirs, cell) if theirs is not None else None))
+    keys = torch.randn(3, 7, 6, dtype=torch.float64)
+    values = torch.randn(3, 7, 4, dtype=torch.float64)
+    w_q, w_k, v = (torch.randn(*s, dtype=torch.float64) for s in ((8, 6), (8, 6), (8,)))
+    pairs.append(("additive_attention", lambda x: seqkern.additive_attention(x.transpose(0, 1), keys, values, w_q, w_k, v), None))
+    k, vv = torch.randn(3, 2, 9, 6, dtype=torch.float64), torch.randn(3, 2, 9, 4, dtype=torch.float64)
+
+    def math(q):
+        return torch.softmax(q @ k.transpose(-1, -2) / 6 ** 0.5, dim=-1) @ vv
+
+    # (T, B, 6) -> q (B=3, heads 2, 2 queries, 6): a decoding shape, which must leave the decode kernel.
+    pairs.append(("attention", lambda x: seqkern.attention(x[:2].permute(1, 0, 2)[:, None].expand(3, 2, 2, 6), k, vv),
+                  lambda x: math(x[:2].permute(1, 0, 2)[:, None].expand(3, 2, 2, 6))))
+    return pairs
+
+
+def _first_output(module, cell: bool):
+    """x (T, B, 6) -> the output sequence (a layer) or h' of the first step's input (a cell)."""
+    def run(x):
+        out = module(x[0]) if cell else module(x)[0]
+        return out[0] if isinstance(out, tuple) else out
+    return run
+
+
+@pytest.mark.parametrize("case", _modules_for_forward_ad(), ids=lambda case: case[0])
+def test_forward_mode_ad_carries_the_tangent(case):
+    """torch.func.jvp of every differentiable module / function against central finite differences (and torch.nn's
+    jvp where torch has the layer), float64; the primal output equals the plain call's."""
+    _, ours, theirs = case
+    gen = torch.Generator().manual_seed(1)
+    x, tangent = (torch.randn(4, 3, 6, generator=gen, dtype=torch.float64) for _ in range(2))
+    primal, got = torch.func.jvp(ours, (x,), (tangent,))
+    eps = 1e-6
+    expected = (ours(x + eps * tangent) - ours(x - eps * tangent)) / (2 * eps)
+    assert got.abs().max() > 0.01  # not the zero tangent of the bug
+    torch.testing.assert_close(primal, ours(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+    if theirs is not None:
+        torch.testing.assert_close(got, torch.func.jvp(theirs, (x,), (tangent,))[1], rtol=1e-9, atol=1e-11)
+
+
+def test_forward_mode_ad_through_parameters_and_initial_states():
+    """Tangents on the weights (torch.func.functional_call) and on h0 / c0, and the forward_ad API with frozen
+    parameters (no argument requires grad: the case that ran below autograd), against torch.nn.LSTM."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(2)
+    ours, theirs = seqkern.nn.LSTM(6, 5).double(), torch.nn.LSTM(6, 5).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    h0, c0 = (torch.randn(1, 3, 5, dtype=torch.float64) for _ in range(2))
+    params = {name: p.detach() for name, p in ours.named_parameters()}
+    tangents = {name: torch.randn_like(p) for name, p in params.items()}
+
+    def run(module):
+        def f(p, h, c):
+            return torch.func.functional_call(module, p, (x, (h, c)))[1][1]  # c_n
+        return torch.func.jvp(f, (params, h0, c0), (tangents, torch.randn_like(h0), torch.randn_like(c0)))[1]
+
+    torch.manual_seed(3)
+    got = run(ours)
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, run(theirs), rtol=1e-9, atol=1e-11)
+
+    for module in (ours, theirs):
+        module.requires_grad_(False)
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        results = [fwAD.unpack_dual(m(fwAD.make_dual(x, t))[0]).tangent for m in (ours, theirs)]
+    torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-11)
+
+
+def test_jacfwd_of_a_layer_matches_torch():
+    torch.manual_seed(4)
+    ours, theirs = seqkern.nn.GRU(3, 4).double(), torch.nn.GRU(3, 4).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.jacfwd(lambda x: ours(x)[0])(x), torch.func.jacfwd(lambda x: theirs(x)[0])(x),
+                               rtol=1e-9, atol=1e-11)
+
+
+def test_forward_mode_ad_refused_by_the_decode_op():
+    """attention_decode is the decode kernel by name (no derivative of either kind): a tangent raises, never a
+    silent zero."""
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="flash_attention_decode has no forward-mode derivative"):
+        torch.func.jvp(lambda q: seqkern.attention_decode(q, k, v), (q,), (torch.randn_like(q),))
+
+
+def test_vmap_of_a_layer_equals_the_loop():
+    """torch.func.vmap runs the ops through functorch's per-sample fallback: the result equals the loop's."""
+    torch.manual_seed(5)
+    module = seqkern.nn.GRU(3, 4)
+    xs = torch.randn(3, 5, 2, 3)
+    torch.testing.assert_close(torch.func.vmap(lambda x: module(x)[0])(xs), torch.stack([module(x)[0] for x in xs]))

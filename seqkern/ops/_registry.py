@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -63,21 +64,28 @@ def register_ops(fakes: dict[str, Callable], autograd: dict[str, Autograd], trit
         if _triton.available():
             register_triton(name, triton_module)
     for name, formula in autograd.items():
-        register_autograd(name, _twice_differentiable(formula), _unmaterialized(formula.setup_context))
+        register_autograd(name, _twice_differentiable(formula), _unmaterialized(formula.setup_context),
+                          forward_mode=formula.reference)
 
 
 # The library that holds seqkern's Autograd kernels (kept alive: dropping it would unregister them).
 _AUTOGRAD_LIBRARY = torch.library.Library("seqkern", "FRAGMENT")
 
 
-def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
+def register_autograd(name: str, backward: Callable, setup_context: Callable,
+                      forward_mode: Callable | None = None) -> None:
     """torch.library.register_autograd(f"seqkern::{name}", backward, setup_context=setup_context), the same
     Autograd kernel (an autograd.Function whose forward runs the op below autograd) without the per-call cost
     of torch's: its forward calls torch._library.utils.fill_defaults on every call that saves for backward,
     which reads op._schema.arguments (a fresh list of pybind objects) once per argument, ~36 us a call at our
     ~15 arguments (seqkern.nn.RNN(16, 16) training at x (1, 1, 16): 225 us a call against torch.nn's 102; NOTES.md
     "Round 13"). seqkern's schemas have no default values and no keyword-only arguments (checked here), so the
-    arguments the kernel receives are always all of them and setup_context gets them as they come."""
+    arguments the kernel receives are always all of them and setup_context gets them as they come.
+
+    Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad): an argument that carries a tangent runs
+    `forward_mode` instead (the op's reference: composed torch ops, which carry tangents), or raises where there
+    is none. Both kernels (torch's and this one) otherwise run the op below autograd whenever no argument requires
+    grad, which drops the tangents: torch.func.jvp through seqkern.nn.GRU returned a tangent of zeros."""
     overload = op(name)
     if any(a.has_default_value() or a.kwarg_only for a in overload._schema.arguments):
         raise RuntimeError(f"seqkern::{name}: register_autograd assumes no default values and no keyword-only "
@@ -106,11 +114,23 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_without_keyset)})
 
     def autograd_kernel(keyset, *args):
+        if carries_tangent(*args):
+            if forward_mode is None:
+                raise RuntimeError(f"seqkern::{name} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+                                   f"torch.autograd.forward_ad): one of its arguments carries a tangent")
+            return forward_mode(*args)
         if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return function.apply(*args, keyset)
         return run_below_autograd(keyset, args)
 
     _AUTOGRAD_LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def carries_tangent(*args) -> bool:
+    """Whether forward-mode AD is on and an argument is a dual tensor at its innermost level (a tangent rides on
+    it); outside forward AD one integer comparison."""
+    return forward_ad._current_level >= 0 and any(
+        isinstance(a, Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
 
 
 def _unmaterialized(setup_context: Callable) -> Callable:

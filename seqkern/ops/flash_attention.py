@@ -18,7 +18,7 @@ from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
 from seqkern.reference.flash_attention import visible
 from seqkern.ops._contract import ATTENTION_DTYPES, Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, needs_grad, register_no_autograd, register_ops, save_inputs, saved_inputs,
+    Autograd, carries_tangent, empty, kernel_scope, needs_grad, register_no_autograd, register_ops, save_inputs, saved_inputs,
     zeros_if_none,
 )
 
@@ -364,7 +364,8 @@ def decode_route(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
 
     The rule: decode runs when all of
       * 1 <= Lq <= DECODE_MAX_QUERIES and Lq <= Lk (decoding shapes);
-      * no gradient is needed (grad mode off, or none of q, k, v, mask requires grad): decode has no backward;
+      * no gradient is needed (grad mode off, or none of q, k, v, mask requires grad) and no tangent rides on them
+        (forward-mode AD): decode has neither derivative;
       * dropout_p == 0;
       * a kernel (not the reference) serves the decode op on this device and dtype;
       * the visibility is one decode expresses (query i at position p = len - Lq + i of a cache of `len` keys):
@@ -378,7 +379,8 @@ def decode_route(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
     # specialize the program; such a program keeps the flash forward, which serves every length.
     if not (isinstance(len_q, int) and isinstance(len_k, int)):
         return None
-    if not 1 <= len_q <= min(DECODE_MAX_QUERIES, len_k) or dropout_p != 0.0 or needs_grad(q, k, v, mask):
+    if not 1 <= len_q <= min(DECODE_MAX_QUERIES, len_k) or dropout_p != 0.0 or needs_grad(q, k, v, mask) \
+            or carries_tangent(q, k, v, mask):
         return None
     impl = backends.resolve("flash_attention_decode", q.device, q.dtype, SUPPORTED_DTYPES,
                             kernel="flash_attention_decode")
