@@ -309,12 +309,63 @@ def test_jacfwd_of_a_layer_matches_torch():
                                rtol=1e-9, atol=1e-11)
 
 
-def test_forward_mode_ad_refused_by_the_decode_op():
-    """attention_decode is the decode kernel by name (no derivative of either kind): a tangent raises, never a
-    silent zero."""
+def test_transforms_refused_by_the_decode_op():
+    """The decode op has no derivative of either kind: a tangent (attention_decode, the decode kernel by name) or
+    functorch's grad transform (the op called directly) raises, never a silent zero."""
     q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
-    with pytest.raises(RuntimeError, match="flash_attention_decode has no forward-mode derivative"):
+    with pytest.raises(RuntimeError, match="flash_attention_decode has no derivative for torch.func transforms"):
         torch.func.jvp(lambda q: seqkern.attention_decode(q, k, v), (q,), (torch.randn_like(q),))
+    with pytest.raises(RuntimeError, match="flash_attention_decode has no derivative for torch.func transforms"):
+        torch.func.grad(lambda q: OPS.flash_attention_decode(q, k, v, None, 0.3, False, -1, 0)[0].sum())(q)
+
+
+# functorch's grad transform (torch.func.grad, vjp, jacrev, hessian, per-sample gradients through vmap(grad)):
+# autograd.Function.apply inside an Autograd kernel fails under it, so the kernel runs the op's reference there.
+def _gru_pair():
+    torch.manual_seed(6)
+    ours, theirs = seqkern.nn.GRU(5, 4).double(), torch.nn.GRU(5, 4).double()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def test_functorch_grad_jacrev_and_hessian_match_torch():
+    ours, theirs = _gru_pair()
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+
+    def loss(module):
+        return lambda x: module(x)[0].square().sum()
+
+    torch.testing.assert_close(torch.func.grad(loss(ours))(x), torch.func.grad(loss(theirs))(x), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(torch.func.jacrev(lambda x: ours(x)[0])(x), torch.func.jacrev(lambda x: theirs(x)[0])(x),
+                               rtol=1e-9, atol=1e-11)
+    small = x[:2, :1]
+    torch.testing.assert_close(torch.func.hessian(loss(ours))(small), torch.func.hessian(loss(theirs))(small),
+                               rtol=1e-9, atol=1e-11)
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for n in (4, 6, 6))
+
+    def math(q):
+        return torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+
+    torch.testing.assert_close(torch.func.grad(lambda q: seqkern.attention(q, k, v).sin().sum())(q),
+                               torch.func.grad(lambda q: math(q).sin().sum())(q), rtol=1e-9, atol=1e-11)
+
+
+def test_per_sample_gradients_through_vmap_of_grad():
+    """The per-sample gradients of the weights (vmap over the batch of grad of functional_call, as Opacus-style
+    training computes them) equal torch.nn.GRU's gradients taken one sample at a time."""
+    ours, theirs = _gru_pair()
+    xs = torch.randn(4, 3, 5, dtype=torch.float64)  # 4 samples of 3 steps
+    params = {name: p.detach() for name, p in ours.named_parameters()}
+
+    def sample_loss(p, x):
+        return torch.func.functional_call(ours, p, (x[:, None],))[0].square().sum()
+
+    got = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0))(params, xs)
+    for i, x in enumerate(xs):
+        theirs.zero_grad()
+        theirs(x[:, None])[0].square().sum().backward()
+        for name, p in theirs.named_parameters():
+            torch.testing.assert_close(got[name][i], p.grad, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}[{i}]: {m}")
 
 
 def test_vmap_of_a_layer_equals_the_loop():

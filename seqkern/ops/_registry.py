@@ -65,7 +65,7 @@ def register_ops(fakes: dict[str, Callable], autograd: dict[str, Autograd], trit
             register_triton(name, triton_module)
     for name, formula in autograd.items():
         register_autograd(name, _twice_differentiable(formula), _unmaterialized(formula.setup_context),
-                          forward_mode=formula.reference)
+                          composed=formula.reference)
 
 
 # The library that holds seqkern's Autograd kernels (kept alive: dropping it would unregister them).
@@ -73,7 +73,7 @@ _AUTOGRAD_LIBRARY = torch.library.Library("seqkern", "FRAGMENT")
 
 
 def register_autograd(name: str, backward: Callable, setup_context: Callable,
-                      forward_mode: Callable | None = None) -> None:
+                      composed: Callable | None = None) -> None:
     """torch.library.register_autograd(f"seqkern::{name}", backward, setup_context=setup_context), the same
     Autograd kernel (an autograd.Function whose forward runs the op below autograd) without the per-call cost
     of torch's: its forward calls torch._library.utils.fill_defaults on every call that saves for backward,
@@ -82,10 +82,15 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable,
     "Round 13"). seqkern's schemas have no default values and no keyword-only arguments (checked here), so the
     arguments the kernel receives are always all of them and setup_context gets them as they come.
 
-    Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad): an argument that carries a tangent runs
-    `forward_mode` instead (the op's reference: composed torch ops, which carry tangents), or raises where there
-    is none. Both kernels (torch's and this one) otherwise run the op below autograd whenever no argument requires
-    grad, which drops the tangents: torch.func.jvp through seqkern.nn.GRU returned a tangent of zeros."""
+    Where the fused kernels cannot carry the derivative, the call runs `composed` instead (the op's reference:
+    composed torch ops), or raises where there is none:
+      * forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad), an argument carrying a tangent: both
+        kernels (torch's and this one) otherwise run the op below autograd whenever no argument requires grad,
+        which drops the tangents (torch.func.jvp through seqkern.nn.GRU returned a tangent of zeros);
+      * functorch's grad transform (torch.func.grad, vjp, jacrev, hessian, vmap of grad): autograd.Function.apply
+        from inside an Autograd kernel fails there (torch raises "must override the setup_context staticmethod",
+        or with one "could not find kernel for ... custom_function_call at AutogradCPU").
+    vmap alone runs functorch's per-sample fallback, which calls this kernel on plain tensors."""
     overload = op(name)
     if any(a.has_default_value() or a.kwarg_only for a in overload._schema.arguments):
         raise RuntimeError(f"seqkern::{name}: register_autograd assumes no default values and no keyword-only "
@@ -114,11 +119,11 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable,
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_without_keyset)})
 
     def autograd_kernel(keyset, *args):
-        if carries_tangent(*args):
-            if forward_mode is None:
-                raise RuntimeError(f"seqkern::{name} has no forward-mode derivative (torch.func.jvp, jacfwd, "
-                                   f"torch.autograd.forward_ad): one of its arguments carries a tangent")
-            return forward_mode(*args)
+        if carries_tangent(*args) or _under_functorch_grad(keyset):
+            if composed is None:
+                raise RuntimeError(f"seqkern::{name} has no derivative for torch.func transforms or forward-mode "
+                                   f"AD (jvp, jacfwd, grad, jacrev, torch.autograd.forward_ad)")
+            return composed(*args)
         if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return function.apply(*args, keyset)
         return run_below_autograd(keyset, args)
@@ -131,6 +136,15 @@ def carries_tangent(*args) -> bool:
     it); outside forward AD one integer comparison."""
     return forward_ad._current_level >= 0 and any(
         isinstance(a, Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+
+
+def _under_functorch_grad(keyset) -> bool:
+    """Whether functorch's grad transform (torch.func.grad, vjp, jacrev, ...) dispatched this call: its
+    interpreter is the innermost one (outside functorch the key set has no FuncTorch key: one test)."""
+    if not keyset.has(torch._C.DispatchKey.FuncTorchDynamicLayerBackMode):
+        return False
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    return interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Grad
 
 
 def _unmaterialized(setup_context: Callable) -> Callable:
