@@ -232,7 +232,8 @@ def _modules_for_forward_ad():
     keys = torch.randn(3, 7, 6, dtype=torch.float64)
     values = torch.randn(3, 7, 4, dtype=torch.float64)
     w_q, w_k, v = (torch.randn(*s, dtype=torch.float64) for s in ((8, 6), (8, 6), (8,)))
-    pairs.append(("additive_attention", lambda x: seqkern.additive_attention(x.transpose(0, 1), keys, values, w_q, w_k, v), None))
+    pairs.append(("additive_attention",
+                  lambda x: seqkern.additive_attention(x.transpose(0, 1), keys, values, w_q, w_k, v), None))
     k, vv = torch.randn(3, 2, 9, 6, dtype=torch.float64), torch.randn(3, 2, 9, 4, dtype=torch.float64)
 
     def math(q):

@@ -18,8 +18,8 @@ from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
 from seqkern.reference.flash_attention import visible
 from seqkern.ops._contract import ATTENTION_DTYPES, Contract
 from seqkern.ops._registry import (
-    Autograd, carries_tangent, empty, kernel_scope, needs_grad, register_no_autograd, register_ops, save_inputs, saved_inputs,
-    zeros_if_none,
+    Autograd, carries_tangent, empty, kernel_scope, needs_grad, register_no_autograd, register_ops, save_inputs,
+    saved_inputs, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
