@@ -67,6 +67,24 @@ def test_large_hidden(family, dtype):
     _compare(family, dtype, dict(input_size=64, hidden_size=500, num_layers=2), seq_len=7, batch=5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("lengths", [None, [5, 3, 5, 1, 4, 2, 5, 5, 3]], ids=["plain", "packed"])
+def test_step_products_split_across_threads(family, dtype, threads, lengths):
+    """Several threads split each step's product (csrc/cpu/recurrence_layer.h step_product, recurrent_product): a
+    thread's own columns of h_{t-1} (backward: of d_gates_h) before the barrier, the others' after it. 72 units cut
+    32 / 32 / 8 over three threads (one slice shorter than the others), both directions, sequences of unequal
+    lengths (packed: fewer rows in the later steps)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _compare(family, dtype, dict(input_size=20, hidden_size=72, bidirectional=True), seq_len=5, batch=9,
+                 lengths=lengths)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _packed_cases():
     for dtype in DTYPES:
         for family, options in [(f, o) for f in FAMILIES for o in OPTIONS[:3]] + [("lstm", LSTM_PROJ_OPTIONS[0])]:

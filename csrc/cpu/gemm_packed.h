@@ -295,42 +295,51 @@ inline void panel_block(int rows, const T* a, int64_t lda, const T* panel, int p
   }
 }
 
-/// C (rows x w.width) = A (rows x w.depth) @ W for at most kGemmRowBlock rows (A stays in L2 while
-/// every panel of W streams past it). Rows are cut into balanced micro-blocks of at most kMaxMicroRows
-/// (with 6: 32 rows -> 6,6,5,5,5,5 rather than 6x5 + a 2-row straggler).
+/// C (rows x w.width) = A[:, k_begin:k_end) @ W[k_begin:k_end, :) (+= C with `accumulate`) for at most
+/// kGemmRowBlock rows (A stays in L2 while every panel of W streams past it); a's columns are W's depth indices.
+/// Rows are cut into balanced micro-blocks of at most kMaxMicroRows (with 6: 32 rows -> 6,6,5,5,5,5 rather than
+/// 6x5 + a 2-row straggler).
 /// Each output sums blocks of kDepthBlock products in registers and adds the blocks in C: a sum's rounding error
 /// grows with the length of its chain, and one chain over all of a long depth lost to MKL's blocked sums under
 /// the correctness rule (an Elman layer with 2100 inputs: grad_w_ih 5.4e-5 against torch's 1.2e-5). Depths up to
-/// kDepthBlock (hidden 256) run as before; above it the extra load and add of C per block is ~1/256 of the work.
+/// kDepthBlock (hidden 256) run as one block; above it the extra load and add of C per block is ~1/256 of the work.
 template <typename T>
-void gemm_packed_row_block(const T* a, int64_t lda, int64_t rows, const PackedPanels<T>& w, T* c, int64_t ldc) {
+void gemm_packed_row_block(const T* a, int64_t lda, int64_t rows, const PackedPanels<T>& w, int64_t k_begin,
+                           int64_t k_end, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t kDepthBlock = 256;
   const int64_t blocks = (rows + kMaxMicroRows - 1) / kMaxMicroRows;
   for (int64_t p = 0; p < w.panel_count(); ++p) {
     const int vectors = w.panel_vectors(p);
     const int64_t col = p * PackedPanels<T>::kPanelWidth;
-    for (int64_t k0 = 0; k0 < w.depth; k0 += kDepthBlock) {
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kDepthBlock) {
       const T* panel = w.panel(p) + k0 * vectors * kLanes<T>;
-      const int64_t depth = std::min(kDepthBlock, w.depth - k0);
+      const int64_t depth = std::min(kDepthBlock, k_end - k0);
       int64_t row = 0;
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int block_rows = static_cast<int>((rows - row) / (blocks - blk) +
                                                 ((rows - row) % (blocks - blk) != 0));
-        panel_block(block_rows, a + row * lda + k0, lda, panel, vectors, depth, c + row * ldc + col, ldc, k0 > 0);
+        panel_block(block_rows, a + row * lda + k0, lda, panel, vectors, depth, c + row * ldc + col, ldc,
+                    accumulate || k0 > k_begin);
         row += block_rows;
       }
     }
   }
 }
 
-/// C (rows x w.width, leading dim ldc) = A (rows x w.depth, leading dim lda) @ W. Row blocks of 192 keep
-/// A in L2 across the panels: at 3200 x 256 x 512 (one thread) 64 GFLOP/s, against 48 GFLOP/s when all
-/// of A streamed past each panel (both measured on a loaded machine; MKL: 33-36).
+/// C (rows x w.width, leading dim ldc) = A[:, k_begin:k_end) @ W[k_begin:k_end, :) (+= C with `accumulate`), A
+/// (rows x w.depth) with leading dim lda; by default the whole depth. Row blocks of 192 keep A in L2 across the
+/// panels: at 3200 x 256 x 512 (one thread) 64 GFLOP/s, against 48 GFLOP/s when all of A streamed past each panel
+/// (both measured on a loaded machine; MKL: 33-36). A depth range lets a recurrent step start on the columns of
+/// h_{t-1} its own thread wrote before the others' are there (recurrence_layer.h's split products).
 template <typename T>
-void gemm_packed(const T* a, int64_t lda, int64_t rows, const PackedPanels<T>& w, T* c, int64_t ldc) {
+void gemm_packed(const T* a, int64_t lda, int64_t rows, const PackedPanels<T>& w, T* c, int64_t ldc,
+                 int64_t k_begin = 0, int64_t k_end = -1, bool accumulate = false) {
   constexpr int64_t kGemmRowBlock = 192;
+  if (k_end < 0) k_end = w.depth;
+  if (k_end <= k_begin) return;
   for (int64_t row = 0; row < rows; row += kGemmRowBlock)
-    gemm_packed_row_block(a + row * lda, lda, std::min(kGemmRowBlock, rows - row), w, c + row * ldc, ldc);
+    gemm_packed_row_block(a + row * lda, lda, std::min(kGemmRowBlock, rows - row), w, k_begin, k_end,
+                          c + row * ldc, ldc, accumulate);
 }
 
 }  // namespace seqkern::cpu

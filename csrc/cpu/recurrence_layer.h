@@ -31,6 +31,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/arg_checks.h"
@@ -182,6 +183,11 @@ struct Slice {
     } else {
       TORCH_INTERNAL_ASSERT(false, "bf16 operands need a bf16 slice");
     }
+  }
+  /// multiply's product over the depth indices `k` only, added to c with `accumulate` (not for bf16 slices).
+  void multiply_depth(const A* a, int64_t lda, int64_t rows, A* c, int64_t ldc, Range k, bool accumulate) const {
+    TORCH_INTERNAL_ASSERT(!bf16, "a depth range of a bf16 slice");
+    gemm_packed(a, lda, rows, w, c, ldc, k.begin, k.end, accumulate);
   }
 
  private:
@@ -492,6 +498,43 @@ void prefetch_lines(const A* rows, int64_t elements) {
   for (int64_t i = 0; i < elements; i += 64 / static_cast<int64_t>(sizeof(A))) __builtin_prefetch(rows + i);
 }
 
+/// Depth ranges of a split step product (a few: kept in place, no allocation per step).
+struct DepthRanges {
+  std::array<Range, 5> ranges{};
+  int count = 0;
+  void add(Range r) {
+    if (r.size() > 0) ranges[count++] = r;
+  }
+};
+
+/// Where a thread's units sit in the depth of a step product whose depth is `groups` blocks of `group` indices
+/// (the forward's h_{t-1} @ W_hh^T: one block, h's columns; the backward's d_gates_h @ W_hh: a block per gate): its
+/// own indices, written by this thread, and the others', written by the other threads before the barrier.
+inline DepthRanges own_depth(Range units, int64_t group, int groups) {
+  DepthRanges own;
+  for (int g = 0; g < groups; ++g) own.add({g * group + units.begin, g * group + units.end});
+  return own;
+}
+inline DepthRanges others_depth(Range units, int64_t group, int groups) {
+  DepthRanges others;
+  others.add({0, units.begin});
+  for (int g = 0; g + 1 < groups; ++g) others.add({g * group + units.end, (g + 1) * group + units.begin});
+  others.add({(groups - 1) * group + units.end, groups * group});
+  return others;
+}
+
+/// c (rows x s.w.width) = (or += where `written`) a @ the slice's panels over `depth`'s ranges in turn; `written`
+/// is set once c holds a partial sum. Each range adds one pass over c: the backward's LSTM product (four gate
+/// blocks a side) makes 9 where the whole depth makes 4 (its blocks of 256), ~1% of the step's instructions.
+template <typename A>
+void multiply_ranges(const Slice<A>& s, const A* a, int64_t lda, int64_t rows, const DepthRanges& depth,
+                     bool& written) {
+  for (int i = 0; i < depth.count; ++i) {
+    s.multiply_depth(a, lda, rows, s.scratch, s.w.width, depth.ranges[i], written);
+    written = true;
+  }
+}
+
 /// Thread k owns a slice of hidden units: the kGates rows of W_hh for those units are packed once into its
 /// micro-kernel panels and stay in its L2 for all T steps; per step it computes its gate columns
 /// (h_{t-1} @ W_hh-slice^T), then the cell's fused pointwise update of its units, thread-local since it
@@ -539,20 +582,27 @@ class CellForwardLoop {
   void run() {
     run_persistent(threads_, [&](int first, int stride, SpinBarrier& barrier) {
       const size_t slices = step_slices_.slices.size();
+      // The split product needs the thread's columns of h to be exactly its one slice's.
+      const bool split = splits_products() && static_cast<size_t>(stride) == slices;
       for (size_t s = first; s < slices; s += stride) prepare(s);
+      int ticket = -1;  // the previous step's barrier, arrived at and not yet waited on
+      const auto wait_for_others = [&] {
+        if (ticket >= 0) barrier.wait(std::exchange(ticket, -1));
+      };
       for (int64_t step = 0; step < d_.seq_len; ++step) {
-        for (size_t s = first; s < slices; s += stride) cell_phase(s, step);
+        if (!split) wait_for_others();
+        for (size_t s = first; s < slices; s += stride) cell_phase(s, step, split, wait_for_others);
         if constexpr (kProjection) {
           barrier.arrive_and_wait();
           for (size_t s = first; s < slices; s += stride) projection_phase(proj_slices_.slices[s], step);
         }
         // The next step's input projection needs no h: it runs between arrival and wait, in the time this
         // thread would otherwise spin for the others (LSTM inference b32 t100 h256 fp32, 2 threads: 1.01-1.06x).
-        const int ticket = barrier.arrive();
+        ticket = barrier.arrive();
         if (step + 1 < d_.seq_len)
           for (size_t s = first; s < slices; s += stride) project_input_at(s, step + 1);
-        barrier.wait(ticket);
       }
+      wait_for_others();
     });
   }
 
@@ -615,16 +665,43 @@ class CellForwardLoop {
     xs.multiply(buf_.input + t * d_.batch * d_.input_size, d_.input_size, rows, xs.scratch, xs.w.width);
   }
 
-  /// Gate columns of slice s's units, then their fused pointwise update, for step `step`.
-  void cell_phase(size_t s, int64_t step) const {
+  /// Whether a step's product runs split (step_product): several threads, each h column written by the thread
+  /// that owns the unit (no projection), fp32 / fp64 panels.
+  bool splits_products() const {
+    return threads_ > 1 && !kProjection && !step_slices_.slices.empty() && !step_slices_.slices[0].bf16;
+  }
+
+  /// Slice sl's gate columns of h_{t-1} @ W_hh^T into its scratch, for `rows` rows; wait_for_others() returns once
+  /// every thread wrote its columns of h_{t-1}. Split: the depth indices of the slice's own columns first (this
+  /// thread wrote them), then the wait, then the others' columns; the barrier's latency and the others' late
+  /// arrival fall into the first part.
+  template <typename Wait>
+  void step_product(const Slice<A>& sl, int64_t step, int64_t rows, bool split, const Wait& wait_for_others) const {
+    const A* h = h_prev(step);
+    const int64_t P = d_.state_size;
+    if (!split) {
+      wait_for_others();
+      prefetch_lines(h, rows * P);
+      return sl.multiply(h, P, rows, sl.scratch, sl.w.width);
+    }
+    bool written = false;
+    multiply_ranges(sl, h, P, rows, own_depth(sl.cols, P, 1), written);
+    wait_for_others();
+    prefetch_lines(h, rows * P);
+    multiply_ranges(sl, h, P, rows, others_depth(sl.cols, P, 1), written);
+  }
+
+  /// Gate columns of slice s's units, then their fused pointwise update, for step `step` (the product split or
+  /// not: step_product).
+  template <typename Wait>
+  void cell_phase(size_t s, int64_t step, bool split, const Wait& wait_for_others) const {
     const Slice<A>& sl = step_slices_.slices[s];
     const int64_t t = sched_.time(step), rows = sched_.rows(t);
     const int64_t B = d_.batch, H = d_.hidden, u0 = sl.cols.begin;
     if constexpr (kFlags) restart_private_states(sl.cols, t);
     const Slice<A>* xs = buf_.gates_x ? nullptr : &input_slices_.slices[s];
     const A* x_rows = xs ? xs->scratch + (t - first_block_time(step)) * B * xs->w.width : nullptr;
-    prefetch_lines(h_prev(step), rows * d_.state_size);
-    sl.multiply(h_prev(step), d_.state_size, rows, sl.scratch, sl.w.width);
+    step_product(sl, step, rows, split, wait_for_others);
     for (int64_t b = 0; b < rows; ++b) {
       if (!active(t, b)) {
         skip_row(sl.cols, step, b);
@@ -880,14 +957,21 @@ class CellBackwardLoop {
         col_slices_.slices[s].pack_columns(buf_.w_hh, d_.state_size);
         if (buf_.grad_input) input_slices_.slices[s].pack_columns(buf_.w_ih, d_.input_size);
       }
+      // The split product needs the thread's gate columns of d_gates_h to be exactly its one slice's units.
+      const bool split = splits_products() && static_cast<size_t>(stride) == slices;
       for (int64_t step = 0; step < d_.seq_len; ++step) {
         for (size_t s = first; s < slices; s += stride)
           cell_grad_phase(unit_slices_.slices[s], sched_.backward_time(step));
         const int ticket = barrier.arrive();
         if (step > 0)
           for (size_t s = first; s < slices; s += stride) input_grad_phase(s, sched_.backward_time(step - 1));
+        // Split: the product over this thread's own gate columns (it just wrote them) before the wait.
+        if (split) recurrent_product(col_slices_.slices[first], step, true);
         barrier.wait(ticket);
-        for (size_t s = first; s < slices; s += stride) recurrent_phase(col_slices_.slices[s], step);
+        for (size_t s = first; s < slices; s += stride) {
+          recurrent_product(col_slices_.slices[s], step, false, split);
+          recurrent_phase(col_slices_.slices[s], step);
+        }
         if constexpr (kProjection) barrier.arrive_and_wait();
       }
       // The last step's d_gates_x rows were all written before its barrier.
@@ -897,6 +981,21 @@ class CellBackwardLoop {
 
  private:
   bool bf16() const { return use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell_.bf16_state_ok(); }
+  /// Whether a step's product runs split (recurrent_product): several threads, unit and column slices the same
+  /// split (no projection), fp32 / fp64 panels.
+  bool splits_products() const { return threads_ > 1 && !kProjection && !bf16(); }
+
+  /// d_gates_h(t) @ W_hh at slice s's columns of d h, into its scratch. Not split: all of it (`own` false). Split:
+  /// the depth indices of the slice's own units in every gate block (`own`: before the barrier's wait), then the
+  /// others' (after it, adding to the first part).
+  void recurrent_product(const Slice<A>& s, int64_t step, bool own, bool split = true) const {
+    const int64_t t = sched_.backward_time(step), rows = sched_.rows(t), GH = G * d_.hidden;
+    const A* d_gates_h = buf_.d_gates_h + t * d_.batch * GH;
+    if (!split) return s.multiply(d_gates_h, GH, rows, s.scratch, s.w.width);
+    bool written = !own && s.cols.size() > 0 && rows > 0;
+    multiply_ranges(s, d_gates_h, GH, rows, own ? own_depth(s.cols, d_.hidden, G) : others_depth(s.cols, d_.hidden, G),
+                    written);
+  }
   bool zoneout() const { return kFlags && sched_.flags.zoneout.on(); }
   bool active(int64_t t, int64_t b) const { return kFlags ? sched_.active(t, b) : b < sched_.rows(t); }
   bool restarts(int64_t t, int64_t b) const { return kFlags && sched_.reset(t, b); }
@@ -1035,15 +1134,14 @@ class CellBackwardLoop {
                 buf_.grad_input + (t * B + b) * I + xs.cols.begin);
   }
 
-  /// d h entering time t at the slice's columns: d_gates_h(t) @ W_hh, plus the direct path (the cell's and
-  /// zoneout's share, left in d_state by cell_grad_phase; behind a projection zoneout's share of d h_t is taken
-  /// here), on the rows active at t (inactive rows carry theirs); a restarting row hands it to d_initial; then
-  /// plus grad_output of the next step's time on its active rows: d h for the next backward step.
+  /// d h entering time t at the slice's columns: d_gates_h(t) @ W_hh (recurrent_product's, in the scratch), plus the
+  /// direct path (the cell's and zoneout's share, left in d_state by cell_grad_phase; behind a projection zoneout's
+  /// share of d h_t is taken here), on the rows active at t (inactive rows carry theirs); a restarting row hands it
+  /// to d_initial; then plus grad_output of the next step's time on its active rows: d h for the next backward step.
   void recurrent_phase(const Slice<A>& s, int64_t step) const {
     const int64_t t = sched_.backward_time(step), rows = sched_.rows(t), B = d_.batch, P = d_.state_size;
     const bool has_next = step + 1 < d_.seq_len;
     const int64_t next_t = has_next ? sched_.backward_time(step + 1) : 0;
-    s.multiply(buf_.d_gates_h + t * B * G * d_.hidden, G * d_.hidden, rows, s.scratch, s.w.width);
     for (int64_t b = 0; b < B; ++b) {
       A* d_h = buf_.d_state[0] + b * P + s.cols.begin;
       const bool on = active(t, b), next_on = has_next && active(next_t, b);
