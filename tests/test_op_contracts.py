@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import seqkern  # noqa: F401  (loads the ops)
@@ -311,13 +312,47 @@ def test_jacfwd_of_a_layer_matches_torch():
 
 
 def test_transforms_refused_by_the_decode_op():
-    """The decode op has no derivative of either kind: a tangent (attention_decode, the decode kernel by name) or
-    functorch's grad transform (the op called directly) raises, never a silent zero."""
+    """The decode op has no derivative of either kind: called directly, a tangent or functorch's grad transform
+    raises, never a silent zero."""
     q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(RuntimeError, match="flash_attention_decode has no derivative for torch.func transforms"):
-        torch.func.jvp(lambda q: seqkern.attention_decode(q, k, v), (q,), (torch.randn_like(q),))
+        torch.func.jvp(lambda q: OPS.flash_attention_decode(q, k, v, None, 0.3, False, -1, 0)[0], (q,),
+                       (torch.randn_like(q),))
     with pytest.raises(RuntimeError, match="flash_attention_decode has no derivative for torch.func transforms"):
         torch.func.grad(lambda q: OPS.flash_attention_decode(q, k, v, None, 0.3, False, -1, 0)[0].sum())(q)
+
+
+def test_attention_decode_differentiates_through_its_reference():
+    """seqkern.attention_decode runs its reference when differentiated, by gradient (as before) and by tangent
+    alike: jvp, the forward_ad API and functorch's grad equal the same through the composed math (float64, GQA,
+    lengths of the cache)."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 2, 8, dtype=torch.float64), torch.randn(2, 2, 9, 8, dtype=torch.float64),
+               torch.randn(2, 2, 9, 8, dtype=torch.float64))
+    lengths = torch.tensor([9, 6])
+    keep = torch.arange(9)[None, :] < lengths[:, None]
+    # The last 2 positions of each sequence, causal: query i sees keys [0, lengths - 2 + i].
+    visible = torch.arange(9)[None, None, :] <= (lengths[:, None, None] - 2 + torch.arange(2)[None, :, None])
+    mask = (keep[:, None, :] & visible)[:, None]
+
+    def ours(q, k, v):
+        return seqkern.attention_decode(q, k, v, lengths.to(torch.int32), is_causal=True)
+
+    def theirs(q, k, v):  # the math (torch's CPU SDPA has no forward-mode derivative)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    for got, want in zip(torch.func.jvp(ours, (q, k, v), tangents), torch.func.jvp(theirs, (q, k, v), tangents)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    with forward_ad.dual_level():
+        dual = forward_ad.unpack_dual(ours(forward_ad.make_dual(q, tangents[0]), k, v)).tangent
+    torch.testing.assert_close(dual, torch.func.jvp(lambda q: theirs(q, k, v), (q,), (tangents[0],))[1],
+                               rtol=1e-9, atol=1e-11)
+    for got, want in zip(torch.func.grad(lambda *t: ours(*t).square().sum(), argnums=(0, 1, 2))(q, k, v),
+                         torch.func.grad(lambda *t: theirs(*t).square().sum(), argnums=(0, 1, 2))(q, k, v)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
 # functorch's grad transform (torch.func.grad, vjp, jacrev, hessian, per-sample gradients through vmap(grad)):

@@ -517,7 +517,9 @@ def attention_decode(
     num_splits: int = 0, return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Decoding: a few new queries against a long KV cache, split over the cache length across cores and
-    merged through the log-sum-exp. For inference (use `attention` to differentiate).
+    merged through the log-sum-exp. For inference: differentiated (inputs that require grad, or tangents under
+    forward-mode AD) it runs its reference, at the composed math's speed and memory (`attention` differentiates
+    on the flash kernels).
 
     query (B,Hq,Lq,D), k_cache (B,Hkv,S,D), v_cache (B,Hkv,S,Dv) (any strides with a contiguous last dim: a
     (B,S,Hkv,D) cache passed as .transpose(1, 2) is read in place); cache_seqlens (B,) ints: sequence b holds
@@ -548,7 +550,9 @@ def attention_decode(
             window_left, num_splits)
     impl = backends.resolve("flash_attention_decode", query.device, query.dtype, SUPPORTED_DTYPES,
                             kernel="flash_attention_decode")
-    if impl == "reference" or needs_grad(query, k_cache, v_cache):
+    # Differentiated (gradients, or tangents under forward-mode AD) through the reference: the kernel has no
+    # derivative of either kind.
+    if impl == "reference" or needs_grad(query, k_cache, v_cache) or carries_tangent(query, k_cache, v_cache):
         out, lse = reference.flash_attention_decode(*args)
     else:
         with kernel_scope(impl, query.device):
