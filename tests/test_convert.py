@@ -167,3 +167,108 @@ def test_model_without_sequence_layers_is_unchanged():
 def test_bad_input():
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         seqkern.convert(torch.randn(3))
+
+
+# The module objects are converted where they stand (their class reassigned): everything they hold carries over.
+# Rebuilding each layer and copying its state_dict (round 14's convert) lost each of these silently.
+class ScaledAttention(nn.MultiheadAttention):
+    """A user's attention inside a stock layer: it must survive the layer's conversion."""
+
+    def forward(self, *args, **kwargs):
+        out, weights = super().forward(*args, **kwargs)
+        return 3.0 * out, weights
+
+
+def _layer_with_user_parts() -> nn.TransformerEncoderLayer:
+    layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 16, dropout=0.0, batch_first=True)
+    layer.self_attn = ScaledAttention(WIDTH, HEADS, batch_first=True)
+    layer.linear1 = nn.Sequential(nn.Linear(WIDTH, 16), nn.Tanh())  # no in_features / weight of its own
+    layer.norm2.eps = 0.25  # outside the state_dict
+    layer.linear2.register_forward_hook(lambda module, args, out: out * 0.5)
+    return layer.double()
+
+
+def test_keeps_user_parts_child_hooks_and_changed_attributes():
+    torch.manual_seed(2)
+    lstm = nn.LSTM(WIDTH, WIDTH, batch_first=True).double()
+    backward_calls = []
+    lstm.register_full_backward_hook(lambda module, grad_in, grad_out: backward_calls.append(1))
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(WIDTH, HEADS, 16, dropout=0.0, batch_first=True),
+                                    2).double().eval()
+    encoder.use_nested_tensor = False  # changed after construction: padded positions keep their values
+    model = nn.ModuleDict(dict(layer=_layer_with_user_parts(), lstm=lstm, encoder=encoder))
+    converted, report = seqkern.convert(model)
+    layer = converted["layer"]
+    assert isinstance(layer, seqkern.nn.TransformerEncoderLayer) and type(layer.self_attn) is ScaledAttention
+    assert {r.path: r.kind for r in report.left_alone} == {"layer.self_attn": "ScaledAttention"}, str(report)
+    assert layer.norm2.eps == 0.25 and layer.linear2._forward_hooks and converted["encoder"].use_nested_tensor is False
+    x = torch.randn(2, 5, WIDTH, dtype=torch.float64, requires_grad=True)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with torch.no_grad():
+        torch.testing.assert_close(converted["encoder"](x, src_key_padding_mask=padding),
+                                   model["encoder"](x, src_key_padding_mask=padding), rtol=1e-12, atol=1e-12)
+    results = []
+    for m in (model, converted):
+        out = m["lstm"](m["layer"](x))[0]
+        results.append((out, *torch.autograd.grad(out.square().sum(), (x, *m.parameters()), allow_unused=True)))
+    for got, want in zip(results[1], results[0]):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert len(backward_calls) == 2  # the full backward hook ran for the converted LSTM too
+
+
+def test_tied_weights_and_an_optimizer_built_before_stay_on_the_model():
+    """An embedding tied to the LSTM's input weights, two attentions sharing their projection, an optimizer built
+    before convert(inplace=True): the same Parameters before and after, and training equals torch.nn's."""
+    torch.manual_seed(3)
+    model = nn.ModuleDict(dict(embed=nn.Embedding(4 * WIDTH, WIDTH), lstm=nn.LSTM(WIDTH, WIDTH),
+                               first=nn.MultiheadAttention(WIDTH, HEADS), second=nn.MultiheadAttention(WIDTH, HEADS)))
+    model["embed"].weight = model["lstm"].weight_ih_l0  # (4W, W) both
+    model["second"].in_proj_weight = model["first"].in_proj_weight
+    model.double()
+    reference = copy.deepcopy(model)
+    parameters = list(model.parameters())
+    optimizer = torch.optim.SGD(parameters, lr=0.1)
+    converted, _ = seqkern.convert(model, inplace=True)
+    assert all(a is b for a, b in zip(converted.parameters(), parameters, strict=True))
+    assert converted["embed"].weight is converted["lstm"].weight_ih_l0
+    assert converted["second"].in_proj_weight is converted["first"].in_proj_weight
+    assert isinstance(converted["lstm"], seqkern.nn.LSTM) and isinstance(converted["first"], seqkern.nn.MultiheadAttention)
+
+    def loss(m, tokens):
+        h = m["lstm"](m["embed"](tokens))[0]
+        return (m["first"](h, h, h)[0] + m["second"](h, h, h)[0]).square().sum()
+
+    tokens = torch.randint(0, 4 * WIDTH, (4, 3))
+    before = converted["lstm"].weight_hh_l0.detach().clone()
+    for m, opt in ((converted, optimizer), (reference, torch.optim.SGD(reference.parameters(), lr=0.1))):
+        for _ in range(2):
+            opt.zero_grad()
+            loss(m, tokens).backward()
+            opt.step()
+    for (name, got), want in zip(converted.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    assert not torch.equal(converted["lstm"].weight_hh_l0, before)  # the optimizer trained the converted model
+
+
+@pytest.mark.parametrize("torch_cls", seqkern.conversion.SUPPORTED, ids=lambda c: c.__name__)
+def test_converted_modules_hold_every_attribute_of_the_seqkern_constructors(torch_cls):
+    """A converted module holds every attribute the seqkern.nn constructor would have set (torch.nn's own, plus
+    conversion's _ADDED_ATTRIBUTES): a seqkern class that gains a constructor attribute fails here until convert
+    sets it too."""
+    args = {nn.MultiheadAttention: (WIDTH, HEADS), nn.TransformerEncoderLayer: (WIDTH, HEADS, 16),
+            nn.TransformerDecoderLayer: (WIDTH, HEADS, 16), nn.Transformer: (WIDTH, HEADS, 1, 1, 16)}
+    if torch_cls in (nn.TransformerEncoder, nn.TransformerDecoder):
+        layer = (nn.TransformerEncoderLayer if torch_cls is nn.TransformerEncoder else nn.TransformerDecoderLayer)
+        make = lambda module: module(layer(WIDTH, HEADS, 16), 2)  # noqa: E731
+        ours_layer = (seqkern.nn.TransformerEncoderLayer if torch_cls is nn.TransformerEncoder
+                      else seqkern.nn.TransformerDecoderLayer)
+        fresh = seqkern.conversion.TARGETS[torch_cls](ours_layer(WIDTH, HEADS, 16), 2)
+        converted, _ = seqkern.convert(make(torch_cls))
+    else:
+        converted, _ = seqkern.convert(torch_cls(*args.get(torch_cls, (WIDTH, WIDTH))))
+        fresh = seqkern.conversion.TARGETS[torch_cls](*args.get(torch_cls, (WIDTH, WIDTH)))
+    assert type(converted) is type(fresh)
+    for name, module in fresh.named_modules():
+        missing = set(vars(module)) - set(vars(converted.get_submodule(name)))
+        assert not missing, f"{name or '<model>'}: {sorted(missing)}"

@@ -306,5 +306,28 @@ def run_stack(
             finals.append(final)
         layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
         if module.dropout and module.training and layer < module.num_layers - 1:
-            layer_input = F.dropout(layer_input, module.dropout, training=True)
+            layer_input = dropout_between_layers(layer_input, module.dropout, batch_sizes, flags.lengths)
     return layer_input, [torch.stack(parts) for parts in zip(*finals)]
+
+
+def dropout_between_layers(x: Tensor, p: float, batch_sizes: Tensor | None, lengths: Tensor | None) -> Tensor:
+    """F.dropout of a layer's output x (T, B, F) with torch.nn's masks for the same seed: torch.nn draws them over
+    the packed data of a PackedSequence (its rows, time-major), so with a PackedSequence input (x holds its rows in
+    their sorted order, batch_sizes (T,) the active rows per step) and with `lengths` (B,) (as torch.nn on
+    pack_padded_sequence(x, lengths, enforce_sorted=False), whose torch.sort orders the rows) the mask is drawn
+    over the active positions alone, in that order; padded positions stay 0. Plain input: over all of x. Under
+    torch.compile (whose generator streams differ from eager anyway) always over all of x: the active count is
+    data-dependent."""
+    if (batch_sizes is None and lengths is None) or torch.compiler.is_compiling():
+        return F.dropout(x, p, training=True)
+    order = None
+    if batch_sizes is None:
+        sorted_lengths, order = torch.sort(lengths.cpu(), descending=True)
+        order = order.to(x.device)
+        x = x.index_select(1, order)
+        active = torch.arange(x.shape[0])[:, None] < sorted_lengths[None, :]
+    else:
+        active = torch.arange(x.shape[1])[None, :] < batch_sizes.cpu()[:, None]
+    active = active.to(x.device).unsqueeze(-1).expand_as(x)
+    dropped = torch.zeros_like(x).masked_scatter(active, F.dropout(x[active], p, training=True))
+    return dropped if order is None else dropped.index_select(1, torch.argsort(order))

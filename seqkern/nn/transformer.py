@@ -61,14 +61,18 @@ def _attend(attn: torch.nn.Module, query: Tensor, memory: Tensor, attn_mask: Ten
 # ------------------------------------------------------------------------------------------------------------
 # Pieces the layers share.
 # ------------------------------------------------------------------------------------------------------------
-def _check_sequence(name: str, x: Tensor, reference: Tensor, width: int) -> None:
-    """x (L,B,E), (B,L,E) or (L,E) with E = width, in the dtype and on the device of `reference` (a parameter)."""
+def _check_sequence(name: str, x: Tensor, layer: torch.nn.Module) -> None:
+    """x (L,B,E), (B,L,E) or (L,E) with E = the layer's d_model (its self_attn's embed_dim), in the dtype and on
+    the device of the layer's parameters. A layer whose parts a user replaced (seqkern.convert keeps them) may have
+    no embed_dim or no parameters: those checks are then left to the parts."""
     check_tensor(name, x)
     if x.dim() not in (2, 3):
         raise ShapeError(f"{name}: expected a 2-D (unbatched) or 3-D tensor, got shape {tuple(x.shape)}")
-    if x.shape[-1] != width:
+    width = getattr(layer.self_attn, "embed_dim", None)
+    if isinstance(width, int) and x.shape[-1] != width:
         raise ShapeError(f"{name}: expected {width} features (d_model) in the last dim, got shape {tuple(x.shape)}")
-    if x.dtype != reference.dtype or x.device != reference.device:
+    reference = next(layer.parameters(), None)
+    if reference is not None and (x.dtype != reference.dtype or x.device != reference.device):
         raise DTypeError(f"{name}: expected {reference.dtype} on {reference.device} (as the module's parameters), "
                          f"got {x.dtype} on {x.device}")
 
@@ -152,7 +156,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     @onnx.reference_while_exporting
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
-        _check_sequence("src", src, self.linear1.weight, self.self_attn.embed_dim)
+        _check_sequence("src", src, self)
         own = _owns_block_outputs(self, TransformerEncoderLayer, ("_sa_block", "_ff_block"))
         x = src
         if self.norm_first:
@@ -193,8 +197,8 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
                 memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False) -> Tensor:
-        _check_sequence("tgt", tgt, self.linear1.weight, self.self_attn.embed_dim)
-        _check_sequence("memory", memory, self.linear1.weight, self.self_attn.embed_dim)
+        _check_sequence("tgt", tgt, self)
+        _check_sequence("memory", memory, self)
         if memory.dim() != tgt.dim():
             raise ShapeError(f"memory: expected {tgt.dim()} dims (as tgt {tuple(tgt.shape)}), "
                              f"got shape {tuple(memory.shape)}")
@@ -261,11 +265,15 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
             padded = key_padding_mask.bool()
             if bool((padded[:, :-1] & ~padded[:, 1:]).any()):  # torch.nn: only right padding (left-aligned)
                 return False
-        parameters = (first.self_attn.in_proj_weight, first.self_attn.in_proj_bias, first.self_attn.out_proj.weight,
-                      first.self_attn.out_proj.bias, first.norm1.weight, first.norm1.bias, first.norm2.weight,
-                      first.norm2.bias, first.linear1.weight, first.linear1.bias, first.linear2.weight,
-                      first.linear2.bias)
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in (src, *parameters)))
+        # torch.nn's list of the first layer's tensors (a part a user replaced may lack one: skipped)
+        parts = {"self_attn": ("in_proj_weight", "in_proj_bias"), "norm1": ("weight", "bias"),
+                 "norm2": ("weight", "bias"), "linear1": ("weight", "bias"), "linear2": ("weight", "bias")}
+        parameters = [getattr(getattr(first, part, None), name, None)
+                      for part, names in parts.items() for name in names]
+        out_proj = getattr(first.self_attn, "out_proj", None)
+        parameters += [getattr(out_proj, "weight", None), getattr(out_proj, "bias", None)]
+        return not (torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                                    for t in (src, *parameters)))
 
 
 class TransformerDecoder(torch.nn.TransformerDecoder):
