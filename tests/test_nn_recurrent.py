@@ -72,10 +72,10 @@ def test_large_hidden(family, dtype):
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("lengths", [None, [5, 3, 5, 1, 4, 2, 5, 5, 3]], ids=["plain", "packed"])
 def test_step_products_split_across_threads(family, dtype, threads, lengths):
-    """Several threads split each step's product (csrc/cpu/recurrence_layer.h step_product, recurrent_product): a
-    thread's own columns of h_{t-1} (backward: of d_gates_h) before the barrier, the others' after it. 72 units cut
-    32 / 32 / 8 over three threads (one slice shorter than the others), both directions, sequences of unequal
-    lengths (packed: fewer rows in the later steps)."""
+    """Several threads split each forward step's product (csrc/cpu/recurrence_layer.h step_product): a thread's
+    own columns of h_{t-1} before the barrier, the others' after it. 72 units cut 32 / 32 / 8 over three threads
+    (one slice shorter than the others), both directions, sequences of unequal lengths (packed: fewer rows in the
+    later steps)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -498,43 +498,6 @@ void prefetch_lines(const A* rows, int64_t elements) {
   for (int64_t i = 0; i < elements; i += 64 / static_cast<int64_t>(sizeof(A))) __builtin_prefetch(rows + i);
 }
 
-/// Depth ranges of a split step product (a few: kept in place, no allocation per step).
-struct DepthRanges {
-  std::array<Range, 5> ranges{};
-  int count = 0;
-  void add(Range r) {
-    if (r.size() > 0) ranges[count++] = r;
-  }
-};
-
-/// Where a thread's units sit in the depth of a step product whose depth is `groups` blocks of `group` indices
-/// (the forward's h_{t-1} @ W_hh^T: one block, h's columns; the backward's d_gates_h @ W_hh: a block per gate): its
-/// own indices, written by this thread, and the others', written by the other threads before the barrier.
-inline DepthRanges own_depth(Range units, int64_t group, int groups) {
-  DepthRanges own;
-  for (int g = 0; g < groups; ++g) own.add({g * group + units.begin, g * group + units.end});
-  return own;
-}
-inline DepthRanges others_depth(Range units, int64_t group, int groups) {
-  DepthRanges others;
-  others.add({0, units.begin});
-  for (int g = 0; g + 1 < groups; ++g) others.add({g * group + units.end, (g + 1) * group + units.begin});
-  others.add({(groups - 1) * group + units.end, groups * group});
-  return others;
-}
-
-/// c (rows x s.w.width) = (or += where `written`) a @ the slice's panels over `depth`'s ranges in turn; `written`
-/// is set once c holds a partial sum. Each range adds one pass over c: the backward's LSTM product (four gate
-/// blocks a side) makes 9 where the whole depth makes 4 (its blocks of 256), ~1% of the step's instructions.
-template <typename A>
-void multiply_ranges(const Slice<A>& s, const A* a, int64_t lda, int64_t rows, const DepthRanges& depth,
-                     bool& written) {
-  for (int i = 0; i < depth.count; ++i) {
-    s.multiply_depth(a, lda, rows, s.scratch, s.w.width, depth.ranges[i], written);
-    written = true;
-  }
-}
-
 /// Thread k owns a slice of hidden units: the kGates rows of W_hh for those units are packed once into its
 /// micro-kernel panels and stay in its L2 for all T steps; per step it computes its gate columns
 /// (h_{t-1} @ W_hh-slice^T), then the cell's fused pointwise update of its units, thread-local since it
@@ -674,7 +637,9 @@ class CellForwardLoop {
   /// Slice sl's gate columns of h_{t-1} @ W_hh^T into its scratch, for `rows` rows; wait_for_others() returns once
   /// every thread wrote its columns of h_{t-1}. Split: the depth indices of the slice's own columns first (this
   /// thread wrote them), then the wait, then the others' columns; the barrier's latency and the others' late
-  /// arrival fall into the first part.
+  /// arrival fall into the first part. In-process A/B, 2 threads, h256 (NOTES.md "Round 15"): LSTM inference b1
+  /// t512 1.018x (faster in 11 of 12 rounds), b32 0.99-1.01x; the backward's product split the same way measured
+  /// 0.99-1.02x and was not kept.
   template <typename Wait>
   void step_product(const Slice<A>& sl, int64_t step, int64_t rows, bool split, const Wait& wait_for_others) const {
     const A* h = h_prev(step);
@@ -684,11 +649,12 @@ class CellForwardLoop {
       prefetch_lines(h, rows * P);
       return sl.multiply(h, P, rows, sl.scratch, sl.w.width);
     }
-    bool written = false;
-    multiply_ranges(sl, h, P, rows, own_depth(sl.cols, P, 1), written);
+    sl.multiply_depth(h, P, rows, sl.scratch, sl.w.width, sl.cols, false);
     wait_for_others();
     prefetch_lines(h, rows * P);
-    multiply_ranges(sl, h, P, rows, others_depth(sl.cols, P, 1), written);
+    // Each call adds to what the calls before it wrote (none when their ranges were empty).
+    sl.multiply_depth(h, P, rows, sl.scratch, sl.w.width, Range{0, sl.cols.begin}, sl.cols.size() > 0);
+    sl.multiply_depth(h, P, rows, sl.scratch, sl.w.width, Range{sl.cols.end, P}, sl.cols.end > 0);
   }
 
   /// Gate columns of slice s's units, then their fused pointwise update, for step `step` (the product split or
@@ -957,21 +923,14 @@ class CellBackwardLoop {
         col_slices_.slices[s].pack_columns(buf_.w_hh, d_.state_size);
         if (buf_.grad_input) input_slices_.slices[s].pack_columns(buf_.w_ih, d_.input_size);
       }
-      // The split product needs the thread's gate columns of d_gates_h to be exactly its one slice's units.
-      const bool split = splits_products() && static_cast<size_t>(stride) == slices;
       for (int64_t step = 0; step < d_.seq_len; ++step) {
         for (size_t s = first; s < slices; s += stride)
           cell_grad_phase(unit_slices_.slices[s], sched_.backward_time(step));
         const int ticket = barrier.arrive();
         if (step > 0)
           for (size_t s = first; s < slices; s += stride) input_grad_phase(s, sched_.backward_time(step - 1));
-        // Split: the product over this thread's own gate columns (it just wrote them) before the wait.
-        if (split) recurrent_product(col_slices_.slices[first], step, true);
         barrier.wait(ticket);
-        for (size_t s = first; s < slices; s += stride) {
-          recurrent_product(col_slices_.slices[s], step, false, split);
-          recurrent_phase(col_slices_.slices[s], step);
-        }
+        for (size_t s = first; s < slices; s += stride) recurrent_phase(col_slices_.slices[s], step);
         if constexpr (kProjection) barrier.arrive_and_wait();
       }
       // The last step's d_gates_x rows were all written before its barrier.
@@ -981,21 +940,6 @@ class CellBackwardLoop {
 
  private:
   bool bf16() const { return use_bf16_units(c10::CppTypeToScalarType<S>::value) && cell_.bf16_state_ok(); }
-  /// Whether a step's product runs split (recurrent_product): several threads, unit and column slices the same
-  /// split (no projection), fp32 / fp64 panels.
-  bool splits_products() const { return threads_ > 1 && !kProjection && !bf16(); }
-
-  /// d_gates_h(t) @ W_hh at slice s's columns of d h, into its scratch. Not split: all of it (`own` false). Split:
-  /// the depth indices of the slice's own units in every gate block (`own`: before the barrier's wait), then the
-  /// others' (after it, adding to the first part).
-  void recurrent_product(const Slice<A>& s, int64_t step, bool own, bool split = true) const {
-    const int64_t t = sched_.backward_time(step), rows = sched_.rows(t), GH = G * d_.hidden;
-    const A* d_gates_h = buf_.d_gates_h + t * d_.batch * GH;
-    if (!split) return s.multiply(d_gates_h, GH, rows, s.scratch, s.w.width);
-    bool written = !own && s.cols.size() > 0 && rows > 0;
-    multiply_ranges(s, d_gates_h, GH, rows, own ? own_depth(s.cols, d_.hidden, G) : others_depth(s.cols, d_.hidden, G),
-                    written);
-  }
   bool zoneout() const { return kFlags && sched_.flags.zoneout.on(); }
   bool active(int64_t t, int64_t b) const { return kFlags ? sched_.active(t, b) : b < sched_.rows(t); }
   bool restarts(int64_t t, int64_t b) const { return kFlags && sched_.reset(t, b); }
@@ -1134,14 +1078,15 @@ class CellBackwardLoop {
                 buf_.grad_input + (t * B + b) * I + xs.cols.begin);
   }
 
-  /// d h entering time t at the slice's columns: d_gates_h(t) @ W_hh (recurrent_product's, in the scratch), plus the
-  /// direct path (the cell's and zoneout's share, left in d_state by cell_grad_phase; behind a projection zoneout's
-  /// share of d h_t is taken here), on the rows active at t (inactive rows carry theirs); a restarting row hands it
-  /// to d_initial; then plus grad_output of the next step's time on its active rows: d h for the next backward step.
+  /// d h entering time t at the slice's columns: d_gates_h(t) @ W_hh, plus the direct path (the cell's and
+  /// zoneout's share, left in d_state by cell_grad_phase; behind a projection zoneout's share of d h_t is taken
+  /// here), on the rows active at t (inactive rows carry theirs); a restarting row hands it to d_initial; then
+  /// plus grad_output of the next step's time on its active rows: d h for the next backward step.
   void recurrent_phase(const Slice<A>& s, int64_t step) const {
     const int64_t t = sched_.backward_time(step), rows = sched_.rows(t), B = d_.batch, P = d_.state_size;
     const bool has_next = step + 1 < d_.seq_len;
     const int64_t next_t = has_next ? sched_.backward_time(step + 1) : 0;
+    s.multiply(buf_.d_gates_h + t * B * G * d_.hidden, G * d_.hidden, rows, s.scratch, s.w.width);
     for (int64_t b = 0; b < B; ++b) {
       A* d_h = buf_.d_state[0] + b * P + s.cols.begin;
       const bool on = active(t, b), next_on = has_next && active(next_t, b);
