@@ -629,17 +629,20 @@ class CellForwardLoop {
   }
 
   /// Whether a step's product runs split (step_product): several threads, each h column written by the thread
-  /// that owns the unit (no projection), fp32 / fp64 panels.
+  /// that owns the unit (no projection), fp32 / fp64 panels, and fewer rows than a register block: a product of
+  /// more rows pays a second pass over its output rows for the split, what the split saves (RNN inference b32
+  /// 0.98x split, LSTM 0.99x).
   bool splits_products() const {
-    return threads_ > 1 && !kProjection && !step_slices_.slices.empty() && !step_slices_.slices[0].bf16;
+    return threads_ > 1 && !kProjection && d_.batch < kMaxMicroRows && !step_slices_.slices.empty() &&
+           !step_slices_.slices[0].bf16;
   }
 
   /// Slice sl's gate columns of h_{t-1} @ W_hh^T into its scratch, for `rows` rows; wait_for_others() returns once
   /// every thread wrote its columns of h_{t-1}. Split: the depth indices of the slice's own columns first (this
   /// thread wrote them), then the wait, then the others' columns; the barrier's latency and the others' late
   /// arrival fall into the first part. In-process A/B, 2 threads, h256 (NOTES.md "Round 15"): LSTM inference b1
-  /// t512 1.018x (faster in 11 of 12 rounds), b32 0.99-1.01x; the backward's product split the same way measured
-  /// 0.99-1.02x and was not kept.
+  /// t512 1.018x (faster in 11 of 12 rounds); the backward's product split the same way measured 0.99-1.02x and
+  /// was not kept.
   template <typename Wait>
   void step_product(const Slice<A>& sl, int64_t step, int64_t rows, bool split, const Wait& wait_for_others) const {
     const A* h = h_prev(step);
