@@ -519,3 +519,20 @@ def test_functional_call_uses_the_given_weights(family):
     want = torch.func.functional_call(theirs, params, (x,))
     for g, w in zip(_outputs(got), _outputs(want), strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("family", CELLS)
+def test_cells_under_autocast_compute_in_the_module_dtype(family):
+    """Under torch.autocast the cells' input products came out in bf16 beside float32 states and the fused step
+    raised ("gates_x must have dtype Float, got BFloat16"): they run in the module's dtype, as the layers do
+    (float32 results, against the float32 cell without autocast)."""
+    torch_cls, ours_cls, extra = CELLS[family]
+    torch.manual_seed(0)
+    ours = ours_cls(5, 7, **extra)
+    x = torch.randn(3, 5)
+    want = ours(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(x)
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w)

@@ -143,6 +143,17 @@ def cell_input(module: torch.nn.Module, input: Tensor) -> tuple[Tensor, bool]:
     return (input if batched else input.unsqueeze(0)), batched
 
 
+def cell_products(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
+    """x W_ih^T and h W_hh^T for a cell's fused step, in the module's dtype. Under torch.autocast the products
+    would come out in the autocast dtype beside states in the module's and the fused step refused them ("gates_x
+    must have dtype Float, got BFloat16"): they run with autocast off, as seqkern's layers run in the module's dtype
+    under autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, w_ih), F.linear(h, w_hh)
+    return F.linear(x, w_ih), F.linear(h, w_hh)
+
+
 def cell_states(
     module: torch.nn.Module, hx: Tensor | Sequence[Tensor] | None, names: Sequence[str], x: Tensor, batched: bool
 ) -> list[Tensor]:

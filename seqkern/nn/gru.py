@@ -6,7 +6,6 @@ initialization and state_dict are torch.nn's own; forward runs on seqkern.ops.gr
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
@@ -56,5 +55,6 @@ class GRUCell(torch.nn.GRUCell):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, batched = _recurrent.cell_input(self, input)
         (h,) = _recurrent.cell_states(self, hx, ("hx",), x, batched)
-        hy = gru_cell(F.linear(x, self.weight_ih), F.linear(h, self.weight_hh), h, self.bias_ih, self.bias_hh)
+        gates_x, gates_h = _recurrent.cell_products(x, h, self.weight_ih, self.weight_hh)
+        hy = gru_cell(gates_x, gates_h, h, self.bias_ih, self.bias_hh)
         return hy if batched else hy.squeeze(0)

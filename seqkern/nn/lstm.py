@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
@@ -74,5 +73,6 @@ class LSTMCell(torch.nn.LSTMCell):
     def forward(self, input: Tensor, hx: Sequence[Tensor] | None = None):
         x, batched = _recurrent.cell_input(self, input)
         h, c = _recurrent.cell_states(self, hx, ("hx[0]", "hx[1]"), x, batched)
-        hy, cy = lstm_cell(F.linear(x, self.weight_ih), F.linear(h, self.weight_hh), c, self.bias_ih, self.bias_hh)
+        gates_x, gates_h = _recurrent.cell_products(x, h, self.weight_ih, self.weight_hh)
+        hy, cy = lstm_cell(gates_x, gates_h, c, self.bias_ih, self.bias_hh)
         return (hy, cy) if batched else (hy.squeeze(0), cy.squeeze(0))

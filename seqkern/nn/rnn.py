@@ -6,7 +6,6 @@ initialization and state_dict are torch.nn's own; forward runs on seqkern.ops.rn
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
@@ -59,5 +58,6 @@ class RNNCell(torch.nn.RNNCell):
         x, batched = _recurrent.cell_input(self, input)
         (h,) = _recurrent.cell_states(self, hx, ("hx",), x, batched)
         relu = self.nonlinearity == "relu"
-        hy = rnn_cell(F.linear(x, self.weight_ih), F.linear(h, self.weight_hh), self.bias_ih, self.bias_hh, relu)
+        gates_x, gates_h = _recurrent.cell_products(x, h, self.weight_ih, self.weight_hh)
+        hy = rnn_cell(gates_x, gates_h, self.bias_ih, self.bias_hh, relu)
         return hy if batched else hy.squeeze(0)
