@@ -521,18 +521,32 @@ def test_functional_call_uses_the_given_weights(family):
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("family", CELLS)
-def test_cells_under_autocast_compute_in_the_module_dtype(family):
-    """Under torch.autocast the cells' input products came out in bf16 beside float32 states and the fused step
-    raised ("gates_x must have dtype Float, got BFloat16"): they run in the module's dtype, as the layers do
-    (float32 results, against the float32 cell without autocast)."""
-    torch_cls, ours_cls, extra = CELLS[family]
+@pytest.mark.parametrize("kind", [*FAMILIES, *(f"{family}_cell" for family in CELLS)])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_runs_float32_modules_in_bfloat16(kind, input_dtype):
+    """Under torch.autocast a float32 layer or cell runs in autocast's dtype: inputs (float32, or bf16 from an
+    autocast Linear), states and weights cast per call, bf16 out, as the same module in bf16 computes it; the
+    gradients reach the float32 parameters. Before, a bf16 input raised and the cells raised on their own products."""
+    cell = kind.endswith("_cell")
+    _, ours_cls, extra = CELLS[kind.removesuffix("_cell")] if cell else FAMILIES[kind]
     torch.manual_seed(0)
-    ours = ours_cls(5, 7, **extra)
-    x = torch.randn(3, 5)
-    want = ours(x)
+    ours = ours_cls(5, 7, **extra) if cell else ours_cls(5, 7, num_layers=2, bidirectional=True, **extra)
+    as_bf16 = copy.deepcopy(ours).bfloat16()
+    x = torch.randn((3, 5) if cell else (6, 3, 5)).to(input_dtype)
+    states = [torch.randn((3, 7) if cell else (4, 3, 7)) for _ in range(2 if kind.startswith("lstm") else 1)]
+
+    def as_hx(tensors):
+        return tuple(tensors) if len(tensors) == 2 else tensors[0]
+
+    def flat(result):
+        items = result if isinstance(result, tuple) else (result,)
+        return [t for item in items for t in (item if isinstance(item, tuple) else (item,))]
+
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = ours(x)
-    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g, w)
+        got = ours(x, as_hx(states))
+    want = as_bf16(x.bfloat16(), as_hx([s.bfloat16() for s in states]))
+    for g, w in zip(flat(got), flat(want), strict=True):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    sum(t.float().sum() for t in flat(got)).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())

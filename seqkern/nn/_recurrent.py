@@ -42,20 +42,47 @@ class SequenceLayout:
         return None if self.packed is None else self.packed.batch_sizes
 
 
-def to_time_major(module: torch.nn.Module, input: Tensor | PackedSequence) -> tuple[Tensor, SequenceLayout]:
-    """Checks `input` against the module and returns it as a (T, B, input_size) tensor and its layout.
+def autocast_dtype(weight: Tensor) -> torch.dtype | None:
+    """The dtype a module whose parameters are like `weight` runs in under torch.autocast on their device: autocast's
+    lower-precision dtype for a float32 module (inputs, states and weights cast per call, as autocast casts a
+    Linear's, so the bf16 kernels run and return bf16, as torch.nn.LSTM and RNN do there), None otherwise (autocast
+    off, or a float64 / bf16 module: autocast leaves those dtypes alone)."""
+    if weight.dtype != torch.float32 or not torch.is_autocast_enabled(weight.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(weight.device.type)
+    return None if dtype == torch.float32 else dtype
+
+
+def cast_floating(value, dtype: torch.dtype | None):
+    """A tensor, a PackedSequence or a sequence of tensors with its floating tensors in `dtype` (None: as it is)."""
+    if dtype is None or value is None:
+        return value
+    if isinstance(value, PackedSequence):
+        return PackedSequence(cast_floating(value.data, dtype), value.batch_sizes, value.sorted_indices,
+                              value.unsorted_indices)
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floating(v, dtype) for v in value)
+    return value
+
+
+def to_time_major(module: torch.nn.Module, input: Tensor | PackedSequence,
+                  dtype: torch.dtype | None = None) -> tuple[Tensor, SequenceLayout]:
+    """Checks `input` against the module (its dtype: `dtype`, else the parameters') and returns it as a
+    (T, B, input_size) tensor and its layout.
 
     A PackedSequence is padded in its sorted order (batch_sizes then marks the active rows per step).
     """
     weight = module.weight_ih_l0
     if isinstance(input, PackedSequence):
-        _check_input_tensor(module, input.data, weight, allowed_ndim=(2,))
+        _check_input_tensor(module, input.data, weight, allowed_ndim=(2,), dtype=dtype)
         layout = SequenceLayout(batched=True, batch_first=False, packed=input)
         padded, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes))
         layout.lengths = lengths
         return padded, layout
     input = check_tensor("input", input)
-    _check_input_tensor(module, input, weight, allowed_ndim=(2, 3))
+    _check_input_tensor(module, input, weight, allowed_ndim=(2, 3), dtype=dtype)
     layout = SequenceLayout(batched=input.dim() == 3, batch_first=module.batch_first)
     if not layout.batched:
         input = input.unsqueeze(1)
@@ -71,16 +98,18 @@ class InputDTypeError(DTypeError, ValueError):
     ValueError as well as seqkern's DTypeError (TypeError, RuntimeError)."""
 
 
-def _check_input_tensor(module: torch.nn.Module, input: Tensor, weight: Tensor, allowed_ndim) -> None:
+def _check_input_tensor(module: torch.nn.Module, input: Tensor, weight: Tensor, allowed_ndim,
+                        dtype: torch.dtype | None = None) -> None:
     check_floating("input", input)
     check_ndim("input", input, allowed_ndim)
     if input.shape[-1] != module.input_size:
         raise ShapeError(
             f"input: expected the last dimension to be input_size={module.input_size}, got shape {tuple(input.shape)}"
         )
-    if input.device == weight.device and input.dtype != weight.dtype:
-        raise InputDTypeError(f"input: expected dtype {weight.dtype} (as the module's parameters), got {input.dtype}")
-    check_matches("input", input, weight.dtype, weight.device, "the module's parameters")
+    dtype = dtype or weight.dtype
+    if input.device == weight.device and input.dtype != dtype:
+        raise InputDTypeError(f"input: expected dtype {dtype} (as the module's parameters), got {input.dtype}")
+    check_matches("input", input, dtype, weight.device, "the module's parameters")
 
 
 def from_time_major(output: Tensor, layout: SequenceLayout) -> Tensor | PackedSequence:
@@ -138,16 +167,24 @@ def cell_input(module: torch.nn.Module, input: Tensor) -> tuple[Tensor, bool]:
         raise ShapeError(
             f"input: expected the last dimension to be input_size={module.input_size}, got shape {tuple(input.shape)}"
         )
-    check_matches("input", input, module.weight_ih.dtype, module.weight_ih.device, "the module's parameters")
+    dtype = autocast_dtype(module.weight_ih)
+    input = cast_floating(input, dtype)
+    check_matches("input", input, dtype or module.weight_ih.dtype, module.weight_ih.device, "the module's parameters")
     batched = input.dim() == 2
     return (input if batched else input.unsqueeze(0)), batched
 
 
+def cell_weights(module: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """A cell's (weight_ih, weight_hh, bias_ih, bias_hh) in the dtype of its checked input x (cast per call under
+    torch.autocast: see autocast_dtype)."""
+    weights = (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh)
+    return tuple(w if w is None or w.dtype == x.dtype else w.to(x.dtype) for w in weights)
+
+
 def cell_products(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
-    """x W_ih^T and h W_hh^T for a cell's fused step, in the module's dtype. Under torch.autocast the products
-    would come out in the autocast dtype beside states in the module's and the fused step refused them ("gates_x
-    must have dtype Float, got BFloat16"): they run with autocast off, as seqkern's layers run in the module's dtype
-    under autocast."""
+    """x W_ih^T and h W_hh^T for a cell's fused step, in x's dtype: autocast is off for them (under it they would come
+    out in its dtype whatever the cell's, and the fused step refused them: "gates_x must have dtype Float, got
+    BFloat16"); the cell casts its operands itself (cell_input, cell_weights)."""
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x, w_ih), F.linear(h, w_hh)
@@ -166,7 +203,7 @@ def cell_states(
         raise ShapeError(f"hx: expected {'a tuple (' + ', '.join(names) + ')' if len(names) > 1 else 'a tensor'}")
     states = []
     for name, state in zip(names, given):
-        state = check_tensor(name, state)
+        state = cast_floating(check_tensor(name, state), autocast_dtype(module.weight_ih))
         check_floating(name, state)
         check_shape(name, state, (x.shape[0], module.hidden_size) if batched else (module.hidden_size,))
         check_matches(name, state, x.dtype, x.device, "input")
@@ -182,15 +219,16 @@ def forward(module: torch.nn.RNNBase, input: Tensor | PackedSequence, hx, state_
 
     -> (output, h_n) for a one-state layer, (output, (h_n, c_n)) for the LSTM, in the caller's layout.
     """
-    x, layout = to_time_major(module, input)
+    dtype = autocast_dtype(module.weight_ih_l0)
+    x, layout = to_time_major(module, cast_floating(input, dtype), dtype)
     _check_hx_kind(module, hx, len(state_sizes))
     names = ("hx",) if len(state_sizes) == 1 else tuple(f"hx[{i}]" for i in range(len(state_sizes)))
-    states = initial_states(module, hx, names, state_sizes, x.shape[1], x, layout)
+    states = initial_states(module, cast_floating(hx, dtype), names, state_sizes, x.shape[1], x, layout)
     flags = StateFlags(
         check_lengths(lengths, x, layout), check_resets(module, resets, x, layout), zoneout,
         training=module.training,
     )
-    output, finals = run_stack(module, x, states, run_direction, layout.batch_sizes, flags)
+    output, finals = run_stack(module, x, states, run_direction, layout.batch_sizes, flags, dtype)
     finals = final_states(finals, layout)
     return from_time_major(output, layout), (finals[0] if len(finals) == 1 else tuple(finals))
 
@@ -293,9 +331,10 @@ def check_resets(module: torch.nn.RNNBase, resets: Tensor | None, x: Tensor, lay
 
 def run_stack(
     module: torch.nn.Module, input: Tensor, states: Sequence[Tensor], run_direction: DirectionFn,
-    batch_sizes: Tensor | None, flags: StateFlags | None = None,
+    batch_sizes: Tensor | None, flags: StateFlags | None = None, dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """The layer/direction loop: input (T,B,I), states [(L*D, B, size)] -> output (T,B,D*out), final states."""
+    """The layer/direction loop: input (T,B,I), states [(L*D, B, size)] -> output (T,B,D*out), final states; the
+    weights cast to `dtype` per call (autocast_dtype) unless it is None."""
     flags = flags or StateFlags()
     directions = 2 if module.bidirectional else 1
     # By name, not module._flat_weights: that list keeps the tensors of construction time, which torch.export
@@ -309,7 +348,8 @@ def run_stack(
         for direction in range(directions):
             index = layer * directions + direction
             first = index * weights_per_direction
-            weights = [getattr(module, name) for name in names[first : first + weights_per_direction]]
+            weights = cast_floating([getattr(module, name) for name in names[first : first + weights_per_direction]],
+                                    dtype)
             state = tuple(s[index] for s in states)
             output, final = run_direction(layer_input, state, weights, batch_sizes, direction == 1,
                                           **flags.for_direction(input.device))

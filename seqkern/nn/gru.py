@@ -55,6 +55,7 @@ class GRUCell(torch.nn.GRUCell):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, batched = _recurrent.cell_input(self, input)
         (h,) = _recurrent.cell_states(self, hx, ("hx",), x, batched)
-        gates_x, gates_h = _recurrent.cell_products(x, h, self.weight_ih, self.weight_hh)
-        hy = gru_cell(gates_x, gates_h, h, self.bias_ih, self.bias_hh)
+        w_ih, w_hh, b_ih, b_hh = _recurrent.cell_weights(self, x)
+        gates_x, gates_h = _recurrent.cell_products(x, h, w_ih, w_hh)
+        hy = gru_cell(gates_x, gates_h, h, b_ih, b_hh)
         return hy if batched else hy.squeeze(0)
