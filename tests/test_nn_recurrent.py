@@ -521,19 +521,23 @@ def test_functional_call_uses_the_given_weights(family):
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("kind", [*FAMILIES, *(f"{family}_cell" for family in CELLS)])
+@pytest.mark.parametrize("kind", [*FAMILIES, *(f"{family}_cell" for family in CELLS), "layernorm_lstm",
+                                  "layernorm_gru"])
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_autocast_runs_float32_modules_in_bfloat16(kind, input_dtype):
     """Under torch.autocast a float32 layer or cell runs in autocast's dtype: inputs (float32, or bf16 from an
     autocast Linear), states and weights cast per call, bf16 out, as the same module in bf16 computes it; the
     gradients reach the float32 parameters. Before, a bf16 input raised and the cells raised on their own products."""
     cell = kind.endswith("_cell")
-    _, ours_cls, extra = CELLS[kind.removesuffix("_cell")] if cell else FAMILIES[kind]
+    layernorm = {"layernorm_lstm": (None, seqkern.nn.LayerNormLSTM, {}),
+                 "layernorm_gru": (None, seqkern.nn.LayerNormGRU, {})}
+    _, ours_cls, extra = CELLS[kind.removesuffix("_cell")] if cell else layernorm.get(kind) or FAMILIES[kind]
     torch.manual_seed(0)
     ours = ours_cls(5, 7, **extra) if cell else ours_cls(5, 7, num_layers=2, bidirectional=True, **extra)
     as_bf16 = copy.deepcopy(ours).bfloat16()
     x = torch.randn((3, 5) if cell else (6, 3, 5)).to(input_dtype)
-    states = [torch.randn((3, 7) if cell else (4, 3, 7)) for _ in range(2 if kind.startswith("lstm") else 1)]
+    two_states = kind.startswith("lstm") or kind == "layernorm_lstm"
+    states = [torch.randn((3, 7) if cell else (4, 3, 7)) for _ in range(2 if two_states else 1)]
 
     def as_hx(tensors):
         return tuple(tensors) if len(tensors) == 2 else tensors[0]
