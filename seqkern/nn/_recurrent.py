@@ -67,14 +67,23 @@ def cast_floating(value, dtype: torch.dtype | None):
     return value
 
 
-def to_time_major(module: torch.nn.Module, input: Tensor | PackedSequence,
-                  dtype: torch.dtype | None = None) -> tuple[Tensor, SequenceLayout]:
-    """Checks `input` against the module (its dtype: `dtype`, else the parameters') and returns it as a
-    (T, B, input_size) tensor and its layout.
+def in_input_dtype(value, x: Tensor, weight: Tensor):
+    """`value` (a tensor or a sequence of them: a call's states, a layer's weights) with its floating tensors in the
+    dtype of the checked input x where autocast made it differ from the module's (`weight`'s; autocast_dtype), else
+    as it is (a wrong dtype is then the caller's, for the checks to report)."""
+    return value if x.dtype == weight.dtype else cast_floating(value, x.dtype)
+
+
+def to_time_major(module: torch.nn.Module, input: Tensor | PackedSequence) -> tuple[Tensor, SequenceLayout]:
+    """Checks `input` against the module and returns it as a (T, B, input_size) tensor and its layout, in the
+    module's dtype (under torch.autocast in autocast_dtype's: the call's states and weights then follow it,
+    in_input_dtype).
 
     A PackedSequence is padded in its sorted order (batch_sizes then marks the active rows per step).
     """
     weight = module.weight_ih_l0
+    dtype = autocast_dtype(weight)
+    input = cast_floating(input, dtype)
     if isinstance(input, PackedSequence):
         _check_input_tensor(module, input.data, weight, allowed_ndim=(2,), dtype=dtype)
         layout = SequenceLayout(batched=True, batch_first=False, packed=input)
@@ -134,6 +143,7 @@ def initial_states(
     stacked = module.num_layers * (2 if module.bidirectional else 1)
     if hx is None:
         return [like.new_zeros(stacked, batch, size) for size in sizes]
+    hx = in_input_dtype(hx, like, module.weight_ih_l0)
     given = [hx] if isinstance(hx, Tensor) else list(hx)
     if len(given) != len(names):
         raise ShapeError(f"hx: expected {len(names)} tensor(s) ({', '.join(names)}), got {len(given)}")
@@ -174,21 +184,14 @@ def cell_input(module: torch.nn.Module, input: Tensor) -> tuple[Tensor, bool]:
     return (input if batched else input.unsqueeze(0)), batched
 
 
-def cell_weights(module: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """A cell's (weight_ih, weight_hh, bias_ih, bias_hh) in the dtype of its checked input x (cast per call under
-    torch.autocast: see autocast_dtype)."""
-    weights = (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh)
-    return tuple(w if w is None or w.dtype == x.dtype else w.to(x.dtype) for w in weights)
-
-
-def cell_products(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
-    """x W_ih^T and h W_hh^T for a cell's fused step, in x's dtype: autocast is off for them (under it they would come
-    out in its dtype whatever the cell's, and the fused step refused them: "gates_x must have dtype Float, got
-    BFloat16"); the cell casts its operands itself (cell_input, cell_weights)."""
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, w_ih), F.linear(h, w_hh)
-    return F.linear(x, w_ih), F.linear(h, w_hh)
+def cell_gates(module: torch.nn.Module, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """A cell's x W_ih^T, h W_hh^T and its biases (bias_ih, bias_hh or None) for its fused step, in the dtype of its
+    checked input x: the weights are cast per call where autocast made x's dtype differ from the module's (under
+    autocast the products alone came out in its dtype beside states in the module's, and the fused step refused
+    them: "gates_x must have dtype Float, got BFloat16")."""
+    w_ih, w_hh, b_ih, b_hh = in_input_dtype((module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh), x,
+                                            module.weight_ih)
+    return F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh
 
 
 def cell_states(
@@ -203,7 +206,7 @@ def cell_states(
         raise ShapeError(f"hx: expected {'a tuple (' + ', '.join(names) + ')' if len(names) > 1 else 'a tensor'}")
     states = []
     for name, state in zip(names, given):
-        state = cast_floating(check_tensor(name, state), autocast_dtype(module.weight_ih))
+        state = in_input_dtype(check_tensor(name, state), x, module.weight_ih)
         check_floating(name, state)
         check_shape(name, state, (x.shape[0], module.hidden_size) if batched else (module.hidden_size,))
         check_matches(name, state, x.dtype, x.device, "input")
@@ -219,16 +222,15 @@ def forward(module: torch.nn.RNNBase, input: Tensor | PackedSequence, hx, state_
 
     -> (output, h_n) for a one-state layer, (output, (h_n, c_n)) for the LSTM, in the caller's layout.
     """
-    dtype = autocast_dtype(module.weight_ih_l0)
-    x, layout = to_time_major(module, cast_floating(input, dtype), dtype)
+    x, layout = to_time_major(module, input)
     _check_hx_kind(module, hx, len(state_sizes))
     names = ("hx",) if len(state_sizes) == 1 else tuple(f"hx[{i}]" for i in range(len(state_sizes)))
-    states = initial_states(module, cast_floating(hx, dtype), names, state_sizes, x.shape[1], x, layout)
+    states = initial_states(module, hx, names, state_sizes, x.shape[1], x, layout)
     flags = StateFlags(
         check_lengths(lengths, x, layout), check_resets(module, resets, x, layout), zoneout,
         training=module.training,
     )
-    output, finals = run_stack(module, x, states, run_direction, layout.batch_sizes, flags, dtype)
+    output, finals = run_stack(module, x, states, run_direction, layout.batch_sizes, flags)
     finals = final_states(finals, layout)
     return from_time_major(output, layout), (finals[0] if len(finals) == 1 else tuple(finals))
 
@@ -331,10 +333,10 @@ def check_resets(module: torch.nn.RNNBase, resets: Tensor | None, x: Tensor, lay
 
 def run_stack(
     module: torch.nn.Module, input: Tensor, states: Sequence[Tensor], run_direction: DirectionFn,
-    batch_sizes: Tensor | None, flags: StateFlags | None = None, dtype: torch.dtype | None = None,
+    batch_sizes: Tensor | None, flags: StateFlags | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """The layer/direction loop: input (T,B,I), states [(L*D, B, size)] -> output (T,B,D*out), final states; the
-    weights cast to `dtype` per call (autocast_dtype) unless it is None."""
+    weights in the input's dtype (in_input_dtype)."""
     flags = flags or StateFlags()
     directions = 2 if module.bidirectional else 1
     # By name, not module._flat_weights: that list keeps the tensors of construction time, which torch.export
@@ -348,8 +350,8 @@ def run_stack(
         for direction in range(directions):
             index = layer * directions + direction
             first = index * weights_per_direction
-            weights = cast_floating([_parameter(module, name) for name in names[first : first + weights_per_direction]],
-                                    dtype)
+            weights = [parameter(module, name) for name in names[first : first + weights_per_direction]]
+            weights = in_input_dtype(weights, input, weights[0])
             state = tuple(s[index] for s in states)
             output, final = run_direction(layer_input, state, weights, batch_sizes, direction == 1,
                                           **flags.for_direction(input.device))
@@ -362,7 +364,7 @@ def run_stack(
     return layer_input, [parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts) for parts in zip(*finals)]
 
 
-def _parameter(module: torch.nn.Module, name: str) -> Tensor:
+def parameter(module: torch.nn.Module, name: str) -> Tensor:
     """getattr(module, name) for a weight: from the module's _parameters directly where it is one (what
     torch.func.functional_call and torch.export swap in), else through getattr (a parametrized or weight-normed
     weight). nn.Module.__getattr__ costs ~0.5 us a weight, ~4% of a one-step GRU call."""

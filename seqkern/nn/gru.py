@@ -55,7 +55,6 @@ class GRUCell(torch.nn.GRUCell):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, batched = _recurrent.cell_input(self, input)
         (h,) = _recurrent.cell_states(self, hx, ("hx",), x, batched)
-        w_ih, w_hh, b_ih, b_hh = _recurrent.cell_weights(self, x)
-        gates_x, gates_h = _recurrent.cell_products(x, h, w_ih, w_hh)
+        gates_x, gates_h, b_ih, b_hh = _recurrent.cell_gates(self, x, h)
         hy = gru_cell(gates_x, gates_h, h, b_ih, b_hh)
         return hy if batched else hy.squeeze(0)

@@ -92,8 +92,7 @@ class LayerNormRecurrentBase(torch.nn.Module):
         as running on pack_padded_sequence(input, lengths, enforce_sorted=False), padded back; resets bool
         (B,T) with batch_first else (T,B) (unidirectional only): where True the state entering that step is
         the initial one again. -> (output, h_n) or (output, (h_n, c_n)) in the caller's layout."""
-        dtype = _recurrent.autocast_dtype(self.weight_ih_l0)  # under torch.autocast: as seqkern.nn.LSTM
-        x, layout = _recurrent.to_time_major(self, _recurrent.cast_floating(input, dtype), dtype)
+        x, layout = _recurrent.to_time_major(self, input)
         seq_len, batch = x.shape[0], x.shape[1]
         if layout.packed is not None:
             if lengths is not None:
@@ -104,14 +103,12 @@ class LayerNormRecurrentBase(torch.nn.Module):
         resets = self._check_resets(resets, seq_len, batch, layout.batched, x.device)
         self._check_hx_kind(hx)
         names = ("hx",) if len(self.STATES) == 1 else tuple(f"hx[{i}]" for i in range(len(self.STATES)))
-        states = _recurrent.initial_states(self, _recurrent.cast_floating(hx, dtype), names,
-                                           (self.hidden_size,) * len(self.STATES), batch, x, layout)
-        output, finals = self._run_stack(x, states, lengths, resets, dtype)
+        states = _recurrent.initial_states(self, hx, names, (self.hidden_size,) * len(self.STATES), batch, x, layout)
+        output, finals = self._run_stack(x, states, lengths, resets)
         finals = _recurrent.final_states(finals, layout)
         return _recurrent.from_time_major(output, layout), (finals[0] if len(finals) == 1 else tuple(finals))
 
-    def _run_stack(self, x: Tensor, states: Sequence[Tensor], lengths, resets,
-                   dtype: torch.dtype | None = None) -> tuple[Tensor, list[Tensor]]:
+    def _run_stack(self, x: Tensor, states: Sequence[Tensor], lengths, resets) -> tuple[Tensor, list[Tensor]]:
         directions = 2 if self.bidirectional else 1
         per_direction = len(self._flat_weights_names) // (self.num_layers * directions)
         finals = []
@@ -120,8 +117,9 @@ class LayerNormRecurrentBase(torch.nn.Module):
             for direction in range(directions):
                 index = layer * directions + direction
                 names = self._flat_weights_names[index * per_direction:(index + 1) * per_direction]
-                params = {name.rsplit("_l", 1)[0]: _recurrent.cast_floating(getattr(self, name), dtype)
-                          for name in names}
+                weights = [_recurrent.parameter(self, name) for name in names]
+                weights = _recurrent.in_input_dtype(weights, x, weights[0])  # under torch.autocast
+                params = {name.rsplit("_l", 1)[0]: weight for name, weight in zip(names, weights)}
                 seed = None
                 if self.training and self.zoneout > 0:  # one draw per layer and direction from torch's generator
                     seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)

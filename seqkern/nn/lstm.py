@@ -73,7 +73,6 @@ class LSTMCell(torch.nn.LSTMCell):
     def forward(self, input: Tensor, hx: Sequence[Tensor] | None = None):
         x, batched = _recurrent.cell_input(self, input)
         h, c = _recurrent.cell_states(self, hx, ("hx[0]", "hx[1]"), x, batched)
-        w_ih, w_hh, b_ih, b_hh = _recurrent.cell_weights(self, x)
-        gates_x, gates_h = _recurrent.cell_products(x, h, w_ih, w_hh)
+        gates_x, gates_h, b_ih, b_hh = _recurrent.cell_gates(self, x, h)
         hy, cy = lstm_cell(gates_x, gates_h, c, b_ih, b_hh)
         return (hy, cy) if batched else (hy.squeeze(0), cy.squeeze(0))

@@ -58,7 +58,6 @@ class RNNCell(torch.nn.RNNCell):
         x, batched = _recurrent.cell_input(self, input)
         (h,) = _recurrent.cell_states(self, hx, ("hx",), x, batched)
         relu = self.nonlinearity == "relu"
-        w_ih, w_hh, b_ih, b_hh = _recurrent.cell_weights(self, x)
-        gates_x, gates_h = _recurrent.cell_products(x, h, w_ih, w_hh)
+        gates_x, gates_h, b_ih, b_hh = _recurrent.cell_gates(self, x, h)
         hy = rnn_cell(gates_x, gates_h, b_ih, b_hh, relu)
         return hy if batched else hy.squeeze(0)
