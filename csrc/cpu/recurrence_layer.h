@@ -553,7 +553,7 @@ class CellForwardLoop {
         if (ticket >= 0) barrier.wait(std::exchange(ticket, -1));
       };
       for (int64_t step = 0; step < d_.seq_len; ++step) {
-        if (!split) wait_for_others();
+        if (!split) wait_for_others();  // here, not in step_product: a thread may have no slice
         for (size_t s = first; s < slices; s += stride) cell_phase(s, step, split, wait_for_others);
         if constexpr (kProjection) {
           barrier.arrive_and_wait();
@@ -637,10 +637,10 @@ class CellForwardLoop {
            !step_slices_.slices[0].bf16;
   }
 
-  /// Slice sl's gate columns of h_{t-1} @ W_hh^T into its scratch, for `rows` rows; wait_for_others() returns once
-  /// every thread wrote its columns of h_{t-1}. Split: the depth indices of the slice's own columns first (this
-  /// thread wrote them), then the wait, then the others' columns; the barrier's latency and the others' late
-  /// arrival fall into the first part. In-process A/B, 2 threads, h256 (NOTES.md "Round 15"): LSTM inference b1
+  /// Slice sl's gate columns of h_{t-1} @ W_hh^T into its scratch, for `rows` rows. Not split, run() has waited for
+  /// every thread's columns of h_{t-1} before the step. Split: the depth indices of the slice's own columns first
+  /// (this thread wrote them), then wait_for_others(), then the others' columns; the barrier's latency and the
+  /// others' late arrival fall into the first part. In-process A/B, 2 threads, h256 (NOTES.md "Round 15"): LSTM inference b1
   /// t512 1.018x (faster in 11 of 12 rounds); the backward's product split the same way measured 0.99-1.02x and
   /// was not kept.
   template <typename Wait>
@@ -648,7 +648,6 @@ class CellForwardLoop {
     const A* h = h_prev(step);
     const int64_t P = d_.state_size;
     if (!split) {
-      wait_for_others();
       prefetch_lines(h, rows * P);
       return sl.multiply(h, P, rows, sl.scratch, sl.w.width);
     }

@@ -307,3 +307,9 @@ def lengths_as_batch_sizes(lengths: Tensor, seq_len: int) -> tuple[Tensor, Tenso
 def needs_grad(*tensors: Tensor | None) -> bool:
     """Whether a forward must save what its backward needs."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def differentiated(*tensors: Tensor | None) -> bool:
+    """Whether a call on `tensors` is differentiated by either mode: a gradient needed (needs_grad) or a tangent
+    riding on one of them (carries_tangent). A kernel without a derivative (the decode op) must not serve it."""
+    return needs_grad(*tensors) or carries_tangent(*tensors)

@@ -18,7 +18,7 @@ from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
 from seqkern.reference.flash_attention import visible
 from seqkern.ops._contract import ATTENTION_DTYPES, Contract
 from seqkern.ops._registry import (
-    Autograd, carries_tangent, empty, kernel_scope, needs_grad, register_no_autograd, register_ops, save_inputs,
+    Autograd, differentiated, empty, kernel_scope, register_no_autograd, register_ops, save_inputs,
     saved_inputs, zeros_if_none,
 )
 
@@ -379,8 +379,7 @@ def decode_route(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
     # specialize the program; such a program keeps the flash forward, which serves every length.
     if not (isinstance(len_q, int) and isinstance(len_k, int)):
         return None
-    if not 1 <= len_q <= min(DECODE_MAX_QUERIES, len_k) or dropout_p != 0.0 or needs_grad(q, k, v, mask) \
-            or carries_tangent(q, k, v, mask):
+    if not 1 <= len_q <= min(DECODE_MAX_QUERIES, len_k) or dropout_p != 0.0 or differentiated(q, k, v, mask):
         return None
     impl = backends.resolve("flash_attention_decode", q.device, q.dtype, SUPPORTED_DTYPES,
                             kernel="flash_attention_decode")
@@ -552,7 +551,7 @@ def attention_decode(
                             kernel="flash_attention_decode")
     # Differentiated (gradients, or tangents under forward-mode AD) through the reference: the kernel has no
     # derivative of either kind.
-    if impl == "reference" or needs_grad(query, k_cache, v_cache) or carries_tangent(query, k_cache, v_cache):
+    if impl == "reference" or differentiated(query, k_cache, v_cache):
         out, lse = reference.flash_attention_decode(*args)
     else:
         with kernel_scope(impl, query.device):
