@@ -93,10 +93,9 @@ struct GruCell {
 std::tuple<at::Tensor, at::Tensor> split_biases(const std::optional<at::Tensor>& b_ih,
                                                 const std::optional<at::Tensor>& b_hh, int64_t hidden) {
   if (!b_ih.has_value()) return {};
-  const auto acc = at::toOpMathType(b_ih->scalar_type());
-  at::Tensor input_bias = b_ih->to(acc, false, /*copy=*/true).contiguous();
-  input_bias.narrow(0, 0, 2 * hidden).add_(b_hh->narrow(0, 0, 2 * hidden).to(acc));
-  return {input_bias, b_hh->narrow(0, 2 * hidden, hidden).to(acc).contiguous()};
+  const auto dtype = b_ih->scalar_type();
+  return {cell_bias(3 * hidden, dtype, {{*b_ih, 0, 3 * hidden, 0}, {*b_hh, 0, 2 * hidden, 0}}),
+          cell_bias(hidden, dtype, {{*b_hh, 2 * hidden, hidden, 0}})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(

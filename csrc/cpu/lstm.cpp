@@ -145,13 +145,6 @@ LayerShape check_layer(const at::Tensor& input, const at::Tensor& h0, const at::
   return d;
 }
 
-/// b_ih + b_hh in the accumulation dtype (undefined without biases): the gates see only their sum.
-at::Tensor summed_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-  if (!b_ih.has_value()) return {};
-  const auto acc = at::toOpMathType(b_ih->scalar_type());
-  return (b_ih->to(acc) + b_hh->to(acc)).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,

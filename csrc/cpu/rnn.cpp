@@ -61,13 +61,6 @@ struct ElmanCell {
   }
 };
 
-/// b_ih + b_hh in the accumulation dtype (undefined without biases): the activation sees only their sum.
-at::Tensor summed_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-  if (!b_ih.has_value()) return {};
-  const auto acc = at::toOpMathType(b_ih->scalar_type());
-  return (b_ih->to(acc) + b_hh->to(acc)).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> rnn_forward_cpu(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
                                                    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                                    const std::optional<at::Tensor>& b_hh,
