@@ -177,9 +177,10 @@ def cell_input(module: torch.nn.Module, input: Tensor) -> tuple[Tensor, bool]:
         raise ShapeError(
             f"input: expected the last dimension to be input_size={module.input_size}, got shape {tuple(input.shape)}"
         )
-    dtype = autocast_dtype(module.weight_ih)
+    weight = parameter(module, "weight_ih")
+    dtype = autocast_dtype(weight)
     input = cast_floating(input, dtype)
-    check_matches("input", input, dtype or module.weight_ih.dtype, module.weight_ih.device, "the module's parameters")
+    check_matches("input", input, dtype or weight.dtype, weight.device, "the module's parameters")
     batched = input.dim() == 2
     return (input if batched else input.unsqueeze(0)), batched
 
@@ -189,8 +190,8 @@ def cell_gates(module: torch.nn.Module, x: Tensor, h: Tensor) -> tuple[Tensor, T
     checked input x: the weights are cast per call where autocast made x's dtype differ from the module's (under
     autocast the products alone came out in its dtype beside states in the module's, and the fused step refused
     them: "gates_x must have dtype Float, got BFloat16")."""
-    w_ih, w_hh, b_ih, b_hh = in_input_dtype((module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh), x,
-                                            module.weight_ih)
+    weights = tuple(parameter(module, name) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    w_ih, w_hh, b_ih, b_hh = in_input_dtype(weights, x, weights[0])
     return F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh
 
 
@@ -206,7 +207,7 @@ def cell_states(
         raise ShapeError(f"hx: expected {'a tuple (' + ', '.join(names) + ')' if len(names) > 1 else 'a tensor'}")
     states = []
     for name, state in zip(names, given):
-        state = in_input_dtype(check_tensor(name, state), x, module.weight_ih)
+        state = in_input_dtype(check_tensor(name, state), x, parameter(module, "weight_ih"))
         check_floating(name, state)
         check_shape(name, state, (x.shape[0], module.hidden_size) if batched else (module.hidden_size,))
         check_matches(name, state, x.dtype, x.device, "input")
