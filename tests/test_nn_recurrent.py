@@ -61,6 +61,15 @@ def test_matches_torch(family, dtype, options, seq_len, batch):
     _compare(family, dtype, options, seq_len, batch)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("family,options", list(_cases()), ids=lambda v: v if isinstance(v, str) else case_id(v))
+@pytest.mark.parametrize("batch", [1, 9])
+def test_one_step_matches_torch(family, dtype, options, batch):
+    """One step, which float32 / float64 layers without a projection run as a cell step on two GEMMs
+    (csrc/cpu/recurrence_layer.h single_step), forward and backward; 9 rows: a register block and more."""
+    _compare(family, dtype, options, 1, batch)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_large_hidden(family, dtype):
@@ -101,6 +110,8 @@ def _packed_cases():
 def test_packed_sequence(family, dtype, options):
     _compare(family, dtype, options, seq_len=11, batch=5, lengths=torch.tensor([4, 11, 1, 7, 11]))
     _compare(family, dtype, options, seq_len=6, batch=3, with_hx=False, lengths=torch.tensor([6, 6, 2]))
+    # One step, every row active (batch_sizes [3]: the single-step path) and one row empty (the loop).
+    _compare(family, dtype, options, seq_len=1, batch=3, lengths=torch.tensor([1, 1, 1]))
 
 
 # Each bfloat16 path of the CPU kernels, forced with SEQKERN_BF16_KERNEL (csrc/cpu/gemm_bf16.h): "fallback"

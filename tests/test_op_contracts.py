@@ -410,3 +410,52 @@ def test_vmap_of_a_layer_equals_the_loop():
     module = seqkern.nn.GRU(3, 4)
     xs = torch.randn(3, 5, 2, 3)
     torch.testing.assert_close(torch.func.vmap(lambda x: module(x)[0])(xs), torch.stack([module(x)[0] for x in xs]))
+
+
+def _modules_called_without_gradients():
+    """One module of each op family that run_op enters below autograd, and an input for it."""
+    torch.manual_seed(6)
+    x = torch.randn(5, 2, 8)
+    keys = torch.randn(64, 2, 8)  # 64 queries: the attention forward kernel, not the decode route
+    return [
+        (seqkern.nn.GRU(8, 8), (x,), "gru_forward"),
+        (seqkern.nn.LSTM(8, 8), (x,), "lstm_forward"),
+        (seqkern.nn.RNN(8, 8), (x,), "rnn_forward"),
+        (seqkern.nn.GRUCell(8, 8), (x[0],), "gru_cell_forward"),
+        (seqkern.nn.LSTMCell(8, 8), (x[0],), "lstm_cell_forward"),
+        (seqkern.nn.RNNCell(8, 8), (x[0],), "rnn_cell_forward"),
+        (seqkern.nn.MultiheadAttention(8, 2), (keys, keys, keys), "flash_attention_forward"),
+    ]
+
+
+def test_calls_without_gradients_equal_those_with_and_record_no_graph():
+    """Without gradients (no_grad, or no input that requires one) run_op enters the ops below autograd: the results
+    are bitwise those of the same call under autograd, and carry no graph."""
+    for module, inputs, _ in _modules_called_without_gradients():
+        with_graph = module(*inputs)
+        with torch.no_grad():
+            without = module(*inputs)
+        for a, b in zip(torch.utils._pytree.tree_leaves(with_graph), torch.utils._pytree.tree_leaves(without)):
+            if isinstance(a, torch.Tensor):
+                assert a.requires_grad and not b.requires_grad and b.grad_fn is None
+                assert torch.equal(a.detach(), b), type(module).__name__
+
+
+def test_a_dispatch_mode_sees_the_ops_called_without_gradients():
+    """A TorchDispatchMode sits below autograd, so entering an op below autograd (run_op) keeps it in the call: a
+    mode that records, counts (FlopCounterMode) or reroutes (seqkern's TritonOnCPU) still sees every op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func)
+            return func(*args, **(kwargs or {}))
+
+    for module, inputs, name in _modules_called_without_gradients():
+        with torch.no_grad(), Seen() as seen:
+            module(*inputs)
+        assert getattr(torch.ops.seqkern, name).default in seen.ops, name

@@ -821,6 +821,47 @@ struct LayerOutputs {
   std::array<at::Tensor, K> last, sequence;
 };
 
+/// Whether a layer call runs as one cell step on two GEMMs (single_step_forward) rather than the time loop: one
+/// step in a plain schedule (all rows active, no lengths, resets or zoneout), no projection, float32 / float64. The
+/// loop packs W_hh into its threads' panels to reuse them over the steps, which one step never does.
+inline bool single_step(const LayerShape& d, const Schedule& sched, bool projection, at::ScalarType dtype) {
+  return d.seq_len == 1 && d.batch > 0 && !projection && !sched.flags.any() &&
+         (!sched.batch_sizes || sched.rows(0) == d.batch) && dtype == at::toOpMathType(dtype);
+}
+
+template <typename Cell>
+std::array<at::Tensor, Cell::kStates> cell_forward(const Cell& cell, const at::Tensor& gates_x,
+                                                   const at::Tensor& gates_h,
+                                                   const std::array<at::Tensor, Cell::kStates>& prev,
+                                                   const at::Tensor& bias_x, const at::Tensor& recurrent_bias,
+                                                   at::Tensor workspace);
+
+/// layer_forward of one step (single_step): gates x W_ih^T and h0 W_hh^T by at::mm, then cell_forward's fused
+/// step over the rows (the cell op's own path), its workspace rows written in place of the loop's.
+template <typename Cell>
+LayerOutputs<Cell::kStates> single_step_forward(const Cell& cell, const LayerShape& d, const at::Tensor& input,
+                                                const std::array<at::Tensor, Cell::kStates>& initial,
+                                                const LayerWeights& wts, bool save_workspace,
+                                                const at::Tensor& workspace) {
+  constexpr int K = Cell::kStates;
+  const int64_t B = d.batch;
+  const at::Tensor gates_x = at::mm(input.reshape({B, d.input_size}), wts.w_ih.t());
+  const at::Tensor gates_h = at::mm(initial[0], wts.w_hh.t());
+  std::array<at::Tensor, K> prev;
+  for (int k = 0; k < K; ++k) prev[k] = initial[k].contiguous();
+  const std::array<at::Tensor, K> next =
+      cell_forward(cell, gates_x, gates_h, prev, wts.input_bias, wts.recurrent_bias,
+                   save_workspace && Cell::kWorkspaceBlocks > 0 ? workspace.view({B, -1}) : at::Tensor());
+  LayerOutputs<K> out;
+  out.output = next[0].view({1, B, d.state_size});
+  out.last[0] = next[0].clone();  // the op's results may not alias each other
+  for (int k = 1; k < K; ++k) {
+    out.last[k] = next[k];
+    if (save_workspace) out.sequence[k] = next[k].clone().view({1, B, d.hidden});
+  }
+  return out;
+}
+
 /// The whole layer forward from the initial states (state 0 (B,P), the others (B,H)); fills `workspace`
 /// (T,B,kWorkspaceBlocks*H) and returns the states' sequences if save_workspace.
 template <typename Cell>
@@ -831,6 +872,8 @@ LayerOutputs<Cell::kStates> layer_forward(const Cell& cell, const LayerShape& d,
   constexpr int K = Cell::kStates;
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden, P = d.state_size;
   const bool projection = wts.w_hr.defined(), has_bias = wts.input_bias.defined();
+  if (single_step(d, sched, projection, input.scalar_type()))
+    return single_step_forward(cell, d, input, initial, wts, save_workspace, workspace);
   LayerOutputs<K> out;
   out.output = pooled_empty({T, B, P}, input.options());
   for (int k = 1; k < K; ++k)
@@ -1264,12 +1307,61 @@ struct LayerGrads {
 /// over all T*B rows. `sequence` holds the forward's saved states k >= 1 (T,B,H); w_hr is undefined without a
 /// projection.
 template <typename Cell>
+struct CellGrads;
+template <typename Cell>
+CellGrads<Cell> cell_backward(const Cell& cell, const std::array<at::Tensor, Cell::kStates>& grad_next,
+                              const at::Tensor& workspace, const std::array<at::Tensor, Cell::kStates>& prev,
+                              const std::array<at::Tensor, Cell::kStates>& next);
+
+/// layer_backward of one step (single_step, as the forward ran it): cell_backward's fused gradient over the rows,
+/// grad_input and the initial h's gradient through W_ih and W_hh by at::mm, the weight gradients as the loop's path
+/// sums them (layer_weight_gradients), the bias gradients as the sums of the gate gradients' rows (as the cell ops').
+template <typename Cell>
+LayerGrads single_step_backward(const Cell& cell, const LayerShape& d, const at::Tensor& grad_output,
+                                const std::array<at::Tensor, Cell::kStates>& grad_last, const at::Tensor& input,
+                                const std::array<at::Tensor, Cell::kStates>& initial, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& workspace,
+                                const std::array<at::Tensor, Cell::kStates>& sequence, const Schedule& sched,
+                                bool has_bias) {
+  constexpr int K = Cell::kStates;
+  const int64_t B = d.batch, H = d.hidden;
+  const auto dtype = input.scalar_type();
+  std::array<at::Tensor, K> grad_next, prev, next;
+  for (int k = 0; k < K; ++k) {
+    grad_next[k] = k == 0 ? grad_output.reshape({B, H}) + grad_last[0] : grad_last[k].contiguous();
+    prev[k] = initial[k].contiguous();
+    next[k] = (k == 0 ? output : sequence[k]).reshape({B, H});  // the states the step produced
+  }
+  const CellGrads<Cell> g = cell_backward(
+      cell, grad_next, Cell::kWorkspaceBlocks > 0 ? workspace.reshape({B, -1}) : at::Tensor(), prev, next);
+  LayerGrads grads;
+  grads.input = at::mm(g.d_gates_x, w_ih).view({1, B, d.input_size});
+  at::Tensor d_h0 = at::mm(g.d_gates_h, w_hh);
+  if (Cell::kDirectPath) d_h0 += g.d_prev[0];
+  grads.initial.push_back(d_h0);
+  for (int k = 1; k < K; ++k) grads.initial.push_back(g.d_prev[k]);
+  const std::vector<at::Tensor> weights =
+      layer_weight_gradients(g.d_gates_x, input.reshape({B, d.input_size}), g.d_gates_h, output.contiguous(),
+                             prev[0], at::Tensor(), at::Tensor(), sched, dtype, dtype);
+  grads.w_ih = weights[0];
+  grads.w_hh = weights[1];
+  if (has_bias) {
+    grads.b_ih = g.d_gates_x.sum(0);
+    grads.b_hh = Cell::kSameGateGrads ? grads.b_ih : g.d_gates_h.sum(0);
+  }
+  return grads;
+}
+
+template <typename Cell>
 LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tensor& grad_output_,
                           const std::array<at::Tensor, Cell::kStates>& grad_last, const at::Tensor& input,
                           const std::array<at::Tensor, Cell::kStates>& initial_, const at::Tensor& w_ih,
                           const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& output_,
                           const at::Tensor& workspace_, const std::array<at::Tensor, Cell::kStates>& sequence_,
                           const Schedule& sched, bool has_bias) {
+  if (single_step(d, sched, w_hr.defined(), input.scalar_type()))
+    return single_step_backward(cell, d, grad_output_, grad_last, input, initial_, w_ih, w_hh, output_, workspace_,
+                                sequence_, sched, has_bias);
   constexpr int K = Cell::kStates;
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden, P = d.state_size;
   const bool projection = w_hr.defined();

@@ -309,6 +309,21 @@ def needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def run_op(name: str, *args):
+    """torch.ops.seqkern.<name>(*args), entered below autograd where nothing differentiates the call: no gradient
+    needed (needs_grad), no tangent (carries_tangent), no functorch transform, torch.compile not tracing. That is
+    what the op's Autograd kernel does itself then (register_autograd's run_below_autograd), without the cost of
+    reaching it: the dispatcher boxes the arguments into Python, the kernel checks them and redispatches back, ~4.7
+    us of a one-step GRU cell op's 8.1 (NOTES.md "Round 16"). A TorchDispatchMode (seqkern's TritonOnCPU, a user's)
+    still sees the call: it sits below autograd."""
+    overload = op(name)
+    if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or differentiated(*(a for a in args if isinstance(a, Tensor)))):
+        return overload(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return overload(*args)
+
+
 def differentiated(*tensors: Tensor | None) -> bool:
     """Whether a call on `tensors` is differentiated by either mode: a gradient needed (needs_grad) or a tangent
     riding on one of them (carries_tangent). A kernel without a derivative (the decode op) must not serve it."""

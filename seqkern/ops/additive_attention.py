@@ -15,7 +15,7 @@ from seqkern import backends, reference
 from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+    Autograd, empty, kernel_scope, needs_grad, register_ops, run_op, save_inputs, saved_inputs, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
@@ -123,7 +123,7 @@ def _run_forward(query_proj, key_proj, values, v, key_padding_mask, return_weigh
     if impl == "reference":
         return reference.additive_attention_forward(*args)
     with kernel_scope(impl, query_proj.device):
-        return torch.ops.seqkern.additive_attention_forward(*args)
+        return run_op("additive_attention_forward", *args)
 
 
 # ------------------------------------------------------------------------------------------------------------

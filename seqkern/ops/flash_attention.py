@@ -18,7 +18,7 @@ from seqkern._checks import DTypeError, ShapeError, check_floating, check_tensor
 from seqkern.reference.flash_attention import visible
 from seqkern.ops._contract import ATTENTION_DTYPES, Contract
 from seqkern.ops._registry import (
-    Autograd, differentiated, empty, kernel_scope, register_no_autograd, register_ops, save_inputs,
+    Autograd, differentiated, empty, kernel_scope, register_no_autograd, register_ops, run_op, save_inputs,
     saved_inputs, zeros_if_none,
 )
 
@@ -277,7 +277,7 @@ def run_forward(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if impl == "reference":
         return reference.flash_attention_forward(*args)
     with kernel_scope(impl, q.device):
-        return torch.ops.seqkern.flash_attention_forward(*args)
+        return run_op("flash_attention_forward", *args)
 
 
 def _split_lead(name: str, t: Tensor) -> tuple[tuple[int, ...], int]:
@@ -398,7 +398,7 @@ def decode_route(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
     if causal and not bottom_right:
         lengths = torch.full((q.shape[0],), len_q, dtype=torch.int32, device=q.device)
     with kernel_scope(impl, q.device):
-        return torch.ops.seqkern.flash_attention_decode(q, k, v, lengths, scale, causal, window_left, 0)
+        return run_op("flash_attention_decode", q, k, v, lengths, scale, causal, window_left, 0)
 
 
 def attention(
@@ -555,7 +555,7 @@ def attention_decode(
         out, lse = reference.flash_attention_decode(*args)
     else:
         with kernel_scope(impl, query.device):
-            out, lse = torch.ops.seqkern.flash_attention_decode(*args)
+            out, lse = run_op("flash_attention_decode", *args)
     return (out, lse) if return_lse else out
 
 

@@ -12,8 +12,8 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, state_flag_route,
-    lengths_as_batch_sizes, zeros_if_none,
+    Autograd, empty, kernel_scope, lengths_as_batch_sizes, needs_grad, register_ops, run_op, save_inputs,
+    saved_inputs, state_flag_route, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
@@ -158,7 +158,7 @@ def gru_layer(
     if route == "reference":
         return reference.gru_forward(*args, False)[:2]
     with kernel_scope(impl, input.device):
-        return torch.ops.seqkern.gru_forward(*args, save_workspace)[:2]
+        return run_op("gru_forward", *args, save_workspace)[:2]
 
 
 def gru_cell(gates_x: Tensor, gates_h: Tensor, hx: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
@@ -167,4 +167,4 @@ def gru_cell(gates_x: Tensor, gates_h: Tensor, hx: Tensor, b_ih: Tensor | None, 
     if impl == "reference":
         return reference.gru_cell_forward(gates_x, gates_h, hx, b_ih, b_hh)[0]
     with kernel_scope(impl, hx.device):
-        return torch.ops.seqkern.gru_cell_forward(gates_x, gates_h, hx, b_ih, b_hh)[0]
+        return run_op("gru_cell_forward", gates_x, gates_h, hx, b_ih, b_hh)[0]

@@ -12,7 +12,7 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+    Autograd, empty, kernel_scope, needs_grad, register_ops, run_op, save_inputs, saved_inputs, zeros_if_none,
 )
 from seqkern.ops.layernorm_lstm import (
     GRU_WORKSPACE, SUPPORTED_DTYPES, accumulation_dtype, check_layer_norms, check_options, workspace_width,
@@ -101,4 +101,4 @@ def layernorm_gru_layer(
     if impl == "reference":
         return reference.layernorm_gru_forward(*args, False)[:2]
     with kernel_scope(impl, input.device):
-        return torch.ops.seqkern.layernorm_gru_forward(*args, needs_grad(*params))[:2]
+        return run_op("layernorm_gru_forward", *args, needs_grad(*params))[:2]

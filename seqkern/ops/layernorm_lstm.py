@@ -13,7 +13,7 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, zeros_if_none,
+    Autograd, empty, kernel_scope, needs_grad, register_ops, run_op, save_inputs, saved_inputs, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
@@ -162,4 +162,4 @@ def layernorm_lstm_layer(
     if impl == "reference":
         return reference.layernorm_lstm_forward(*args, False)[:3]
     with kernel_scope(impl, input.device):
-        return torch.ops.seqkern.layernorm_lstm_forward(*args, needs_grad(*params))[:3]
+        return run_op("layernorm_lstm_forward", *args, needs_grad(*params))[:3]

@@ -14,8 +14,8 @@ from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import empty as _empty
 from seqkern.ops._registry import (
-    Autograd, kernel_scope, needs_grad, register_ops, save_inputs, saved_inputs, state_flag_route,
-    lengths_as_batch_sizes, zeros_if_none,
+    Autograd, kernel_scope, lengths_as_batch_sizes, needs_grad, register_ops, run_op, save_inputs, saved_inputs,
+    state_flag_route, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
@@ -194,7 +194,7 @@ def lstm_layer(
     if route == "reference":
         return reference.lstm_forward(*args[:-1], False)[:3]
     with kernel_scope(impl, input.device):
-        return torch.ops.seqkern.lstm_forward(*args)[:3]
+        return run_op("lstm_forward", *args)[:3]
 
 
 def lstm_cell(
@@ -205,4 +205,4 @@ def lstm_cell(
     if impl == "reference":
         return reference.lstm_cell_forward(gates_x, gates_h, cx, b_ih, b_hh)[:2]
     with kernel_scope(impl, cx.device):
-        return torch.ops.seqkern.lstm_cell_forward(gates_x, gates_h, cx, b_ih, b_hh)[:2]
+        return run_op("lstm_cell_forward", gates_x, gates_h, cx, b_ih, b_hh)[:2]

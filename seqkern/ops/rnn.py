@@ -12,8 +12,8 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern.ops._contract import Contract
 from seqkern.ops._registry import (
-    Autograd, empty, kernel_scope, register_ops, save_inputs, saved_inputs, state_flag_route,
-    lengths_as_batch_sizes, zeros_if_none,
+    Autograd, empty, kernel_scope, lengths_as_batch_sizes, register_ops, run_op, save_inputs, saved_inputs,
+    state_flag_route, zeros_if_none,
 )
 
 SUPPORTED_DTYPES = {
@@ -140,7 +140,7 @@ def rnn_layer(
     if route == "reference":
         return reference.rnn_forward(*args)
     with kernel_scope(impl, input.device):
-        return torch.ops.seqkern.rnn_forward(*args)
+        return run_op("rnn_forward", *args)
 
 
 def rnn_cell(gates_x: Tensor, gates_h: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, relu: bool) -> Tensor:
@@ -149,4 +149,4 @@ def rnn_cell(gates_x: Tensor, gates_h: Tensor, b_ih: Tensor | None, b_hh: Tensor
     if impl == "reference":
         return reference.rnn_cell_forward(gates_x, gates_h, b_ih, b_hh, relu)
     with kernel_scope(impl, gates_x.device):
-        return torch.ops.seqkern.rnn_cell_forward(gates_x, gates_h, b_ih, b_hh, relu)
+        return run_op("rnn_cell_forward", gates_x, gates_h, b_ih, b_hh, relu)
