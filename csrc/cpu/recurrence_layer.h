@@ -1301,11 +1301,6 @@ struct LayerGrads {
   at::Tensor w_ih, w_hh, b_ih, b_hh, w_hr;
 };
 
-/// The whole layer backward (shapes checked by the caller) from the gradients of the output and of the last
-/// states: the persistent loop for d_gates, the initial states' gradients, the bias sums and (where
-/// input_gradient_in_team) grad_input; then grad_input otherwise, grad_w_ih, grad_w_hh (and grad_w_hr) as GEMMs
-/// over all T*B rows. `sequence` holds the forward's saved states k >= 1 (T,B,H); w_hr is undefined without a
-/// projection.
 template <typename Cell>
 struct CellGrads;
 template <typename Cell>
@@ -1352,6 +1347,11 @@ LayerGrads single_step_backward(const Cell& cell, const LayerShape& d, const at:
   return grads;
 }
 
+/// The whole layer backward (shapes checked by the caller) from the gradients of the output and of the last
+/// states: the persistent loop for d_gates, the initial states' gradients, the bias sums and (where
+/// input_gradient_in_team) grad_input; then grad_input otherwise, grad_w_ih, grad_w_hh (and grad_w_hr) as GEMMs
+/// over all T*B rows. `sequence` holds the forward's saved states k >= 1 (T,B,H); w_hr is undefined without a
+/// projection.
 template <typename Cell>
 LayerGrads layer_backward(const Cell& cell, const LayerShape& d, const at::Tensor& grad_output_,
                           const std::array<at::Tensor, Cell::kStates>& grad_last, const at::Tensor& input,

@@ -313,9 +313,9 @@ def run_op(name: str, *args):
     """torch.ops.seqkern.<name>(*args), entered below autograd where nothing differentiates the call: no gradient
     needed (needs_grad), no tangent (carries_tangent), no functorch transform, torch.compile not tracing. That is
     what the op's Autograd kernel does itself then (register_autograd's run_below_autograd), without the cost of
-    reaching it: the dispatcher boxes the arguments into Python, the kernel checks them and redispatches back, ~4.7
-    us of a one-step GRU cell op's 8.1 (NOTES.md "Round 16"). A TorchDispatchMode (seqkern's TritonOnCPU, a user's)
-    still sees the call: it sits below autograd."""
+    reaching it: the dispatcher boxes the arguments into Python, the kernel checks them and redispatches back (a
+    one-step GRU cell op 7.6-8.2 -> 5.4-5.8 us; NOTES.md "Round 16"). A TorchDispatchMode (seqkern's TritonOnCPU, a
+    user's) still sees the call: it sits below autograd."""
     overload = op(name)
     if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
             or differentiated(*(a for a in args if isinstance(a, Tensor)))):
