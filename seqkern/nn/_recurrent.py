@@ -205,9 +205,10 @@ def cell_states(
     given = [hx] if isinstance(hx, Tensor) else list(hx)
     if len(given) != len(names) or (len(names) > 1 and isinstance(hx, Tensor)):
         raise ShapeError(f"hx: expected {'a tuple (' + ', '.join(names) + ')' if len(names) > 1 else 'a tensor'}")
+    weight = parameter(module, "weight_ih")
     states = []
     for name, state in zip(names, given):
-        state = in_input_dtype(check_tensor(name, state), x, parameter(module, "weight_ih"))
+        state = in_input_dtype(check_tensor(name, state), x, weight)
         check_floating(name, state)
         check_shape(name, state, (x.shape[0], module.hidden_size) if batched else (module.hidden_size,))
         check_matches(name, state, x.dtype, x.device, "input")
