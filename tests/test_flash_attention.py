@@ -492,19 +492,23 @@ def test_bf16_units_against_sdpa_and_reference(case, path, monkeypatch):
 
 @pytest.mark.parametrize("path", BF16_PATHS)
 def test_bf16_units_with_dropout_against_the_reference(path, monkeypatch):
-    """The bf16 forward's fused softmax pass drops probabilities after taking their row sum (as the fp32 path):
+    """The bf16 forward's fused softmax pass drops probabilities after taking their row sum (as the fp32 path), and
+    the backward's products on the same unit read the dropped P^T and dS^T rounded to bf16: output and gradients
     against the float64 reference with the same mask, within the rule of the reference run in bf16."""
     monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, 2, n, 40, generator=gen, dtype=torch.float64) for n in (150, 150, 150))
+    cotangent = torch.randn(1, 2, 150, 40, generator=gen, dtype=torch.float64)
 
     def run(dtype, backend):
         torch.manual_seed(3)
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
         with seqkern.backend(backend):
-            return seqkern.attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, dropout_p=0.3)
+            out = seqkern.attention(*inputs, is_causal=True, dropout_p=0.3)
+        return {"out": out, **dict(zip(("grad_q", "grad_k", "grad_v"),
+                                       torch.autograd.grad(out, inputs, cotangent.to(dtype))))}
 
-    ref = run(torch.float64, "reference")
-    assert_rule(f"out {path}", run(torch.bfloat16, "cpu"), run(torch.bfloat16, "reference"), ref)
+    assert_all_rule(run(torch.bfloat16, "cpu"), run(torch.bfloat16, "reference"), run(torch.float64, "reference"))
 
 
 @pytest.mark.parametrize("path", BF16_PATHS)
@@ -533,16 +537,48 @@ def test_scores_rising_from_key_tile_to_key_tile(dtype, path, monkeypatch):
 
 @pytest.mark.parametrize("path", BF16_PATHS)
 def test_bf16_units_on_saturated_scores_against_sdpa(path, monkeypatch):
-    """Scores in the hundreds (one key takes nearly all the weight of a row), odd sizes, causal: the forward
-    within the rule of SDPA's own bf16 error, against SDPA in float64."""
+    """Scores in the hundreds (one key takes nearly all the weight of a row), odd sizes, causal: output and
+    gradients within the rule of SDPA's own bf16 error, against SDPA in float64."""
     monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 3, n, 72, generator=gen, dtype=torch.float64) * s
                for n, s in ((257, 4.0), (257, 4.0), (257, 1.0)))
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    theirs = F.scaled_dot_product_attention(*(t.bfloat16() for t in (q, k, v)), is_causal=True)
-    ours = seqkern.attention(*(t.bfloat16() for t in (q, k, v)), is_causal=True)
-    assert_rule(f"out {path}", ours, theirs, ref)
+    cotangent = torch.randn(2, 3, 257, 72, generator=gen, dtype=torch.float64)
+
+    def run(attention, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs, is_causal=True)
+        return {"out": out, **dict(zip(("grad_q", "grad_k", "grad_v"),
+                                       torch.autograd.grad(out, inputs, cotangent.to(dtype))))}
+
+    assert_all_rule(run(seqkern.attention, torch.bfloat16), run(F.scaled_dot_product_attention, torch.bfloat16),
+                    run(F.scaled_dot_product_attention, torch.float64))
+
+
+@pytest.mark.parametrize("path", BF16_PATHS)
+def test_bf16_backward_is_deterministic(path, monkeypatch):
+    """The bf16 backward on each unit, bit for bit: run to run at 1 and at 2 threads (its key tiles are dealt in a
+    fixed pattern and the workers' dQ^T sums added in worker order), and dK, dV at any thread count (a key tile's
+    rows are summed by the one item that owns them, over the query tiles in order). Odd sizes, GQA, causal."""
+    monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 4, 301, 40, generator=gen).bfloat16().requires_grad_()
+    k, v = (torch.randn(1, 2, 333, 40, generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            for _ in range(2):
+                out = seqkern.attention(q, k, v, is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
+                runs.setdefault(count, []).append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+    finally:
+        torch.set_num_threads(threads)
+    for count, (first, again) in runs.items():
+        for name, got, want in zip("qkv", again, first):
+            assert torch.equal(got, want), f"grad_{name} at {count} threads"
+        for name, got, want in zip("kv", first[1:], runs[1][0][1:]):
+            assert torch.equal(got, want), f"grad_{name} at {count} threads against 1"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -481,17 +481,18 @@ struct ForwardScratch {
         p16(keys16 ? kQueryTile * kKeyTile : 0, bf16::bf16_t(0.0f)) {}
 };
 
-/// Rows a bf16 product computes for rows [r0, r1): AMX works on 16-row tiles, so it rounds up (into the
-/// scratch tiles' spare rows: r0 is 0 or a multiple of kRowGroup, and kQueryTile a multiple of 16).
-int64_t bf16_rows(const KeyTilesBf16& keys, int64_t r0, int64_t r1) {
-  return keys.path == bf16::Path::kAmx ? bf16::round_up(r1 - r0, bf16::kRowGranule) : r1 - r0;
+/// Rows a bf16 product on `path` computes for `rows` rows: AMX works on 16-row tiles, so it rounds up (into the
+/// scratch tiles' spare rows: the products start at row 0 or a multiple of kRowGroup, and the tiles have a multiple
+/// of 16 rows).
+int64_t bf16_rows(bf16::Path path, int64_t rows) {
+  return path == bf16::Path::kAmx ? bf16::round_up(rows, bf16::kRowGranule) : rows;
 }
 
 /// scores[r0:r1, 0:padded) = Q K^T on the bf16 units (fp32 accumulation). Unscaled: prepare_score_row applies
 /// the scale in fp32 (folded into bf16 Q it would add a rounding).
 void scores_bf16(const KeyTilesBf16& keys, ForwardScratch<float>& w, int64_t kv_head, int64_t g, int64_t r0,
                  int64_t r1, int64_t padded) {
-  bf16::gemm(keys.path, bf16_rows(keys, r0, r1), padded, keys.dim_pad, w.q16.data() + r0 * keys.dim_pad,
+  bf16::gemm(keys.path, bf16_rows(keys.path, r1 - r0), padded, keys.dim_pad, w.q16.data() + r0 * keys.dim_pad,
              keys.dim_pad, keys.kt(kv_head, g), 2 * kKeyTile, w.scores.data() + r0 * kKeyTile, kKeyTile,
              /*accumulate=*/false);
 }
@@ -499,7 +500,7 @@ void scores_bf16(const KeyTilesBf16& keys, ForwardScratch<float>& w, int64_t kv_
 /// out[r0:r1] += P V on the bf16 units, P = p16[r0:r1, 0:depth) (softmax_row_bf16's).
 void accumulate_pv_bf16(const KeyTilesBf16& keys, ForwardScratch<float>& w, int64_t kv_head, int64_t g, int64_t r0,
                         int64_t r1, int64_t depth, int64_t dim_v_pad) {
-  bf16::gemm(keys.path, bf16_rows(keys, r0, r1), dim_v_pad, depth, w.p16.data() + r0 * kKeyTile, kKeyTile,
+  bf16::gemm(keys.path, bf16_rows(keys.path, r1 - r0), dim_v_pad, depth, w.p16.data() + r0 * kKeyTile, kKeyTile,
              keys.v(kv_head, g), 2 * dim_v_pad, w.out.data() + r0 * dim_v_pad, dim_v_pad, /*accumulate=*/true);
 }
 
@@ -880,22 +881,80 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 /// exp((s - lse_hi) - lse_lo) in A keeps its precision; lse_hi = +inf on rows that see nothing, so the
 /// probabilities are 0); zero-padded, in the accumulation dtype. delta = delta_hi + delta_lo (sum_j P dP /
 /// sum_j P per row, summed in float64) is filled by the backward's first pass, which for bf16 also adds
-/// log(sum_j P) to the lse (reduce_delta).
+/// log(sum_j P) to the lse (reduce_delta). On the bf16 units the four operand tiles are BackwardTilesBf16's
+/// instead (these stay empty).
 template <typename A>
 struct QueryTiles {
   int64_t dim_pad, dim_v_pad;
   TileArray<A> qt, q, dot, dout, lse, lse_lo, delta, delta_lo;
 };
 
+/// The backward's operands for the bf16 units (bf16 storage, gemm_path() not kFp32), copied from the inputs (no
+/// rounding), zero-padded:
+///   per kv head and key tile: K and V rows (kKeyTile x D / Dv padded to 32 deep: the A of S^T = K Q^T and
+///   dP^T = V dO^T) and K^T (D padded to 16 rows x kKeyTile: the A of dQ^T += K^T dS^T);
+///   per head and query tile, in the VNNI layout (tile_gemm_bf16.h): Q^T and dO^T (pairs along D / Dv, kQueryTile
+///   columns: the B of S^T and dP^T) and Q and dO (pairs of query rows, D / Dv padded to 16 columns: the B of
+///   dK += dS^T Q and dV += P^T dO).
+/// With P^T and dS^T rounded to bf16 for the last three products (BackwardScratch::p16, g16), as SDPA's bf16
+/// backward does, the products run at the bf16 units' rate; their errors against float64 stayed at 0.35-1.0x
+/// SDPA's bf16 error in an emulation (L 128-512, D 32-128, inputs of magnitude 1-8, causal or not).
+struct BackwardTilesBf16 {
+  bf16::Path path;
+  int64_t depth, depth_v;        // D, Dv rounded up to bf16::kDepthGranule
+  int64_t dim_rows;              // D rounded up to bf16::kRowGranule
+  int64_t dim_cols, dim_v_cols;  // D, Dv rounded up to bf16::kColGranule (pad_lanes<float>: the dK, dV rows)
+  TileArray<bf16::bf16_t> k, v, kt, qt, dot, q, dout;
+};
+
+/// The key side of BackwardTilesBf16 packed, its query side allocated (pack_queries fills it).
+BackwardTilesBf16 pack_backward_keys_bf16(const Problem& p, const at::Tensor& k, const at::Tensor& v, bf16::Path path) {
+  using bf16::round_up;
+  const int64_t depth = round_up(std::max<int64_t>(p.dim, 1), bf16::kDepthGranule);
+  const int64_t depth_v = round_up(std::max<int64_t>(p.dim_v, 1), bf16::kDepthGranule);
+  const int64_t dim_rows = round_up(std::max<int64_t>(p.dim, 1), bf16::kRowGranule);
+  const int64_t dim_cols = pad_lanes<float>(p.dim), dim_v_cols = pad_lanes<float>(p.dim_v);
+  using Tiles = TileArray<bf16::bf16_t>;
+  BackwardTilesBf16 t{path,
+                      depth,
+                      depth_v,
+                      dim_rows,
+                      dim_cols,
+                      dim_v_cols,
+                      Tiles(p.kv_heads, p.k_tiles, kKeyTile * depth),
+                      Tiles(p.kv_heads, p.k_tiles, kKeyTile * depth_v),
+                      Tiles(p.kv_heads, p.k_tiles, dim_rows * kKeyTile),
+                      Tiles(p.heads, p.q_tiles, depth * kQueryTile),
+                      Tiles(p.heads, p.q_tiles, depth_v * kQueryTile),
+                      Tiles(p.heads, p.q_tiles, kQueryTile * dim_cols),
+                      Tiles(p.heads, p.q_tiles, kQueryTile * dim_v_cols)};
+  // Plain copies as 16-bit patterns (copy_tile in c10::BFloat16 would round-trip every value through float).
+  for_each_key_tile<bf16::bf16_t>(
+      p, k, v, [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
+        const auto k_bits = [&](int64_t r) { return reinterpret_cast<const uint16_t*>(k_row(r)); };
+        const auto v_bits = [&](int64_t r) { return reinterpret_cast<const uint16_t*>(v_row(r)); };
+        copy_tile<uint16_t, uint16_t>(reinterpret_cast<uint16_t*>(t.k(h, g)), t.k.tile_size, depth, width, p.dim,
+                                      k_bits, /*transpose=*/false);
+        copy_tile<uint16_t, uint16_t>(reinterpret_cast<uint16_t*>(t.v(h, g)), t.v.tile_size, depth_v, width, p.dim_v,
+                                      v_bits, /*transpose=*/false);
+        copy_tile<uint16_t, uint16_t>(reinterpret_cast<uint16_t*>(t.kt(h, g)), t.kt.tile_size, kKeyTile, width, p.dim,
+                                      k_bits, /*transpose=*/true);
+      });
+  return t;
+}
+
+/// The query side (QueryTiles; with `t16` its bf16 operand tiles instead of the fp32 ones).
 template <typename S, typename A = Acc<S>>
-QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& lse) {
+QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& lse,
+                           BackwardTilesBf16* t16) {
   const int64_t dim_pad = pad_lanes<A>(p.dim), dim_v_pad = pad_lanes<A>(p.dim_v), heads = p.heads, tiles = p.q_tiles;
+  const auto operand = [&](int64_t size) { return t16 ? TileArray<A>() : TileArray<A>(heads, tiles, size); };
   QueryTiles<A> t{dim_pad,
                   dim_v_pad,
-                  TileArray<A>(heads, tiles, p.dim * kQueryTile),
-                  TileArray<A>(heads, tiles, kQueryTile * dim_pad),
-                  TileArray<A>(heads, tiles, p.dim_v * kQueryTile),
-                  TileArray<A>(heads, tiles, kQueryTile * dim_v_pad),
+                  operand(p.dim * kQueryTile),
+                  operand(kQueryTile * dim_pad),
+                  operand(p.dim_v * kQueryTile),
+                  operand(kQueryTile * dim_v_pad),
                   TileArray<A>(heads, tiles, kQueryTile),
                   TileArray<A>(heads, tiles, kQueryTile),
                   TileArray<A>(heads, tiles, kQueryTile),
@@ -911,11 +970,22 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
       const int64_t i0 = owners[g].second * kQueryTile, rows = std::min(kQueryTile, s.len_q - i0);
       const auto q_row = [&](int64_t r) { return q_src(s.batch, h, s.q_begin + i0 + r); };
       const auto do_row = [&](int64_t r) { return do_src(s.batch, h, s.q_begin + i0 + r); };
-      // Q^T times scale, as the forward scales Q: S^T comes out of the GEMM with the forward's rounding.
-      copy_tile<A, S>(t.qt(h, g), t.qt.tile_size, kQueryTile, rows, p.dim, q_row, /*transpose=*/true, A(p.scale));
-      copy_tile<A, S>(t.q(h, g), t.q.tile_size, dim_pad, rows, p.dim, q_row, false);
-      copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
-      copy_tile<A, S>(t.dout(h, g), t.dout.tile_size, dim_v_pad, rows, p.dim_v, do_row, false);
+      if (t16 == nullptr) {
+        // Q^T times scale, as the forward scales Q: S^T comes out of the GEMM with the forward's rounding.
+        copy_tile<A, S>(t.qt(h, g), t.qt.tile_size, kQueryTile, rows, p.dim, q_row, /*transpose=*/true, A(p.scale));
+        copy_tile<A, S>(t.q(h, g), t.q.tile_size, dim_pad, rows, p.dim, q_row, false);
+        copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
+        copy_tile<A, S>(t.dout(h, g), t.dout.tile_size, dim_v_pad, rows, p.dim_v, do_row, false);
+      } else {
+#if SEQKERN_BF16_X86  // elsewhere the path is always kFp32: t16 is null
+        if constexpr (std::is_same_v<S, c10::BFloat16>) {
+          pack_kt_vnni(t16->qt(h, g), kQueryTile, t16->depth / 2, rows, p.dim, q_row);
+          pack_kt_vnni(t16->dot(h, g), kQueryTile, t16->depth_v / 2, rows, p.dim_v, do_row);
+          pack_v_vnni(t16->q(h, g), t16->dim_cols, kQueryTile / 2, rows, p.dim, q_row);
+          pack_v_vnni(t16->dout(h, g), t16->dim_v_cols, kQueryTile / 2, rows, p.dim_v, do_row);
+        }
+#endif
+      }
       A* row_lse = t.lse(h, g);
       A* row_lse_lo = t.lse_lo(h, g);
       for (int64_t r = 0; r < kQueryTile; ++r) {
@@ -938,15 +1008,19 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
 /// One worker's tiles: S^T / P^T and dP^T / dS^T (kKeyTile x kQueryTile), the key tile's dK and dV rows,
 /// the dropout row keys of a query tile, the worker's dQ^T accumulator over all heads and query tiles
 /// (dq_t_size elements, zeroed by the worker thread that creates it), and its partial sums of P dP and of P per
-/// query row (the first pass's).
+/// query row (the first pass's). On the bf16 units also P^T and dS^T rounded to bf16 (p16, g16: the A of dV and
+/// dK) and dS^T in the VNNI layout (g16_pairs: the B of dQ^T).
 template <typename A>
 struct BackwardScratch {
   AlignedVector<A> probs, grads, dk, dv, dq_t;
   std::vector<double> delta_sum, mass;
   std::vector<uint32_t> row_keys;
-  BackwardScratch(int64_t dim_pad, int64_t dim_v_pad, int64_t dq_t_size, int64_t rows_size)
+  AlignedVector<bf16::bf16_t> p16, g16, g16_pairs;
+  BackwardScratch(int64_t dim_pad, int64_t dim_v_pad, int64_t dq_t_size, int64_t rows_size, bool bf16_units)
       : probs(kKeyTile * kQueryTile), grads(kKeyTile * kQueryTile), dk(kKeyTile * dim_pad),
-        dv(kKeyTile * dim_v_pad), dq_t(dq_t_size), delta_sum(rows_size), mass(rows_size), row_keys(kQueryTile) {}
+        dv(kKeyTile * dim_v_pad), dq_t(dq_t_size), delta_sum(rows_size), mass(rows_size), row_keys(kQueryTile),
+        p16(bf16_units ? kKeyTile * kQueryTile : 0), g16(bf16_units ? kKeyTile * kQueryTile : 0),
+        g16_pairs(bf16_units ? kKeyTile * kQueryTile : 0) {}
 };
 
 template <typename S>
@@ -959,10 +1033,16 @@ struct BackwardArgs {
   S* grad_k;         // (B, Hkv, Lk, D) contiguous
   S* grad_v;         // (B, Hkv, Lk, Dv) contiguous
   S* grad_scores;    // (B, Hq, Lq, Lk) contiguous, or null
+  const BackwardTilesBf16* t16 = nullptr;  // set: the tile products run on the bf16 units (keys' tiles are empty)
+
+  /// Rows of a dQ^T tile: D (D padded to whole AMX tiles on the bf16 units).
+  int64_t dq_rows() const { return t16 ? t16->dim_rows : p.dim; }
+  /// Query columns of a ragged group start at a multiple of this: a vector (a bf16 product's depth on the units).
+  int64_t column_granule() const { return t16 ? bf16::kDepthGranule : kLanes<A>; }
 };
 
-/// Row r (key j) of the transposed tiles, query columns [c0, kQueryTile), from the scores S^T (already scaled
-/// through Q^T) in probs and dP^T in grads; queries [first, last] (tile-local) see key j. Calls
+/// Row r (key j) of the transposed tiles, query columns [c0, kQueryTile), from the scores S^T (scaled through
+/// Q^T; on the bf16 units here) in probs and dP^T in grads; queries [first, last] (tile-local) see key j. Calls
 /// body(c, P^T before dropout, P^T after it, dP^T after it, seen) for each vector of columns (after dropout:
 /// times keep / (1 - p)); `seen` marks the lanes whose query sees key j: a hidden pair takes no part (its P, dP
 /// and dS count as 0), also in a NaN row (NaN lse) and when key j's own values are NaN.
@@ -982,8 +1062,9 @@ void score_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Se
   const A* grad_row = w.grads.data() + r * kQueryTile;
   const A* lse = args.queries.lse(h, g);
   const A* lse_lo = args.queries.lse_lo(h, g);
+  const V score_scale = broadcast(args.t16 ? A(p.scale) : A(1));  // bf16 Q^T is not scaled (a rounding)
   for (int64_t c = c0; c < kQueryTile; c += L) {
-    V x = load_vector(prob_row + c), dp = load_vector(grad_row + c);
+    V x = load_vector(prob_row + c) * score_scale, dp = load_vector(grad_row + c);
     if (args.mask) {  // a column of the mask: strided, read lane by lane
       for (int l = 0; l < L && c + l < queries; ++l)
         x[l] += static_cast<A>((*args.mask)(s.batch, h, s.q_begin + i0 + c + l)[s.k_begin + j]);
@@ -1046,6 +1127,53 @@ void delta_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Se
   });
 }
 
+/// S^T (probs) and dP^T (grads), key rows [r0, r0 + rows) x query columns [c0, kQueryTile), on the bf16 units.
+void score_products_bf16(const BackwardTilesBf16& t, BackwardScratch<float>& w, int64_t kv_head, int64_t gk,
+                         int64_t h, int64_t gq, int64_t r0, int64_t rows, int64_t c0) {
+  const int64_t m = bf16_rows(t.path, rows), columns = kQueryTile - c0;
+  bf16::gemm(t.path, m, columns, t.depth, t.k(kv_head, gk) + r0 * t.depth, t.depth, t.qt(h, gq) + 2 * c0,
+             2 * kQueryTile, w.probs.data() + r0 * kQueryTile + c0, kQueryTile, /*accumulate=*/false);
+  bf16::gemm(t.path, m, columns, t.depth_v, t.v(kv_head, gk) + r0 * t.depth_v, t.depth_v, t.dot(h, gq) + 2 * c0,
+             2 * kQueryTile, w.grads.data() + r0 * kQueryTile + c0, kQueryTile, /*accumulate=*/false);
+}
+
+/// dV += P^T dO, dK += dS^T Q (key rows [r0, r1)) and dQ^T += K^T dS^T (query columns [c0, kQueryTile), into
+/// `dq_t`, the query tile's D_rows x kQueryTile accumulator) on the bf16 units, from the fp32 P^T and dS^T rows
+/// rounded to bf16. c0 is a multiple of bf16::kDepthGranule, so the query depth rounded up to it stays inside
+/// the tile (the columns past the last query are zeros: score_grad_row writes them).
+void gradient_products_bf16(const BackwardTilesBf16& t, BackwardScratch<float>& w, int64_t kv_head, int64_t gk,
+                            int64_t h, int64_t gq, int64_t r0, int64_t r1, int64_t c0, int64_t queries, float* dq_t) {
+#if SEQKERN_BF16_X86  // elsewhere the path is always kFp32: never called
+  const int64_t rows = r1 - r0, m = bf16_rows(t.path, rows), columns = kQueryTile - c0;
+  const int64_t query_depth = bf16::round_up(queries - c0, bf16::kDepthGranule);
+  const int64_t key_depth = bf16::round_up(rows, bf16::kDepthGranule);  // r0 + key_depth <= kKeyTile
+  for (int64_t r = r0; r < r0 + key_depth; ++r) {
+    bf16::bf16_t* p16 = w.p16.data() + r * kQueryTile + c0;
+    bf16::bf16_t* g16 = w.g16.data() + r * kQueryTile + c0;
+    if (r < r1) {
+      bf16::round_to_bf16(w.probs.data() + r * kQueryTile + c0, columns, p16, columns);
+      bf16::round_to_bf16(w.grads.data() + r * kQueryTile + c0, columns, g16, columns);
+    } else {  // the padding rows AMX's 16-row tiles read: finite
+      std::fill(p16, p16 + columns, bf16::bf16_t(0.0f));
+      std::fill(g16, g16 + columns, bf16::bf16_t(0.0f));
+    }
+  }
+  const bf16::bf16_t* p16 = w.p16.data() + r0 * kQueryTile + c0;
+  const bf16::bf16_t* g16 = w.g16.data() + r0 * kQueryTile + c0;
+  // Pair row c0 / 2 of the VNNI tiles starts c0 * columns elements in.
+  bf16::gemm(t.path, m, t.dim_v_cols, query_depth, p16, kQueryTile, t.dout(h, gq) + c0 * t.dim_v_cols,
+             2 * t.dim_v_cols, w.dv.data() + r0 * t.dim_v_cols, t.dim_v_cols, /*accumulate=*/true);
+  bf16::gemm(t.path, m, t.dim_cols, query_depth, g16, kQueryTile, t.q(h, gq) + c0 * t.dim_cols, 2 * t.dim_cols,
+             w.dk.data() + r0 * t.dim_cols, t.dim_cols, /*accumulate=*/true);
+  pack_v_vnni(w.g16_pairs.data(), columns, key_depth / 2, rows, columns,
+              [&](int64_t i) { return g16 + i * kQueryTile; });
+  bf16::gemm(t.path, t.dim_rows, columns, key_depth, t.kt(kv_head, gk) + r0, kKeyTile, w.g16_pairs.data(),
+             2 * columns, dq_t + c0, kQueryTile, /*accumulate=*/true);
+#else
+  (void)t, (void)w, (void)kv_head, (void)gk, (void)h, (void)gq, (void)r0, (void)r1, (void)c0, (void)queries, (void)dq_t;
+#endif
+}
+
 /// Key rows [r0, r1) of key tile gk against query columns [c0, kQueryTile) of query tile gq (rows i0..,
 /// `queries` of them) of head h: recomputes P^T and dP^T; in the delta pass adds their row sums to the worker's,
 /// else forms dS^T, then dV, dK (rows r0..r1) and dQ^T (columns c0..) += their products.
@@ -1062,10 +1190,16 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
   const int64_t dim_pad = qs.dim_pad, dim_v_pad = keys.dim_v_pad;
   A* probs = w.probs.data() + r0 * kQueryTile + c0;
   A* grads = w.grads.data() + r0 * kQueryTile + c0;
-  tile_gemm<A, false>(rows, columns, p.dim, keys.k(kv_head, gk) + r0 * p.dim, p.dim, qs.qt(h, gq) + c0, kQueryTile,
-                      probs, kQueryTile);
-  tile_gemm<A, false>(rows, columns, p.dim_v, keys.v(kv_head, gk) + r0 * dim_v_pad, dim_v_pad, qs.dot(h, gq) + c0,
-                      kQueryTile, grads, kQueryTile);
+  A* dq_t = w.dq_t.data() + (h * p.q_tiles + gq) * args.dq_rows() * kQueryTile;
+  if constexpr (std::is_same_v<A, float>) {
+    if (args.t16) score_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, rows, c0);
+  }
+  if (!args.t16) {
+    tile_gemm<A, false>(rows, columns, p.dim, keys.k(kv_head, gk) + r0 * p.dim, p.dim, qs.qt(h, gq) + c0, kQueryTile,
+                        probs, kQueryTile);
+    tile_gemm<A, false>(rows, columns, p.dim_v, keys.v(kv_head, gk) + r0 * dim_v_pad, dim_v_pad, qs.dot(h, gq) + c0,
+                        kQueryTile, grads, kQueryTile);
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t j = j0 + r;
     const int64_t first = vis.first_query(j) - i0, last = std::min(vis.last_query(j) - i0, queries - 1);
@@ -1076,12 +1210,17 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
     }
   }
   if (delta_pass) return;
-  tile_gemm<A, true>(rows, dim_v_pad, depth, probs, kQueryTile, qs.dout(h, gq) + c0 * dim_v_pad, dim_v_pad,
-                     w.dv.data() + r0 * dim_v_pad, dim_v_pad);
-  tile_gemm<A, true>(rows, dim_pad, depth, grads, kQueryTile, qs.q(h, gq) + c0 * dim_pad, dim_pad,
-                     w.dk.data() + r0 * dim_pad, dim_pad);
-  tile_gemm<A, true>(p.dim, columns, rows, keys.kt(kv_head, gk) + r0, kKeyTile, grads, kQueryTile,
-                     w.dq_t.data() + (h * p.q_tiles + gq) * p.dim * kQueryTile + c0, kQueryTile);
+  if constexpr (std::is_same_v<A, float>) {
+    if (args.t16) gradient_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, r1, c0, queries, dq_t);
+  }
+  if (!args.t16) {
+    tile_gemm<A, true>(rows, dim_v_pad, depth, probs, kQueryTile, qs.dout(h, gq) + c0 * dim_v_pad, dim_v_pad,
+                       w.dv.data() + r0 * dim_v_pad, dim_v_pad);
+    tile_gemm<A, true>(rows, dim_pad, depth, grads, kQueryTile, qs.q(h, gq) + c0 * dim_pad, dim_pad,
+                       w.dk.data() + r0 * dim_pad, dim_pad);
+    tile_gemm<A, true>(p.dim, columns, rows, keys.kt(kv_head, gk) + r0, kKeyTile, grads, kQueryTile, dq_t + c0,
+                       kQueryTile);
+  }
   if (args.grad_scores) {
     for (int64_t c = c0; c < queries; ++c) {
       S* dst = args.grad_scores + ((s.batch * p.heads + h) * p.len_q + s.q_begin + i0 + c) * p.len_k + s.k_begin + j0;
@@ -1103,6 +1242,7 @@ void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int6
   const Visibility vis = p.visibility(s);
   const int64_t j0 = tile * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
   const int64_t gk = s.k_tile_base + tile;
+  const bf16::TileScope amx_tiles(args.t16 ? args.t16->path : bf16::Path::kFp32);
   std::fill(w.dk.begin(), w.dk.end(), A(0));
   std::fill(w.dv.begin(), w.dv.end(), A(0));
 
@@ -1120,7 +1260,7 @@ void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int6
       const int64_t group = ragged ? kRowGroup : width;
       for (int64_t r0 = 0; r0 < width; r0 += group) {
         const int64_t first = std::max<int64_t>(0, vis.first_query(j0 + r0) - i0);
-        const int64_t c0 = ragged ? first / kLanes<A> * kLanes<A> : 0;
+        const int64_t c0 = ragged ? first / args.column_granule() * args.column_granule() : 0;
         if (c0 < queries)  // else no query of the tile sees these keys
           backward_rows<S>(args, w, s, h, kv_head, gk, j0, s.q_tile_base + qt, i0, queries, r0,
                            std::min(width, r0 + group), c0, delta_pass);
@@ -1136,11 +1276,11 @@ void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int6
   }
 }
 
-/// grad_q rows = scale * (sum over the workers' dQ^T tiles)^T.
+/// grad_q rows = scale * (sum over the workers' dQ^T tiles, `dq_rows` x kQueryTile each)^T.
 template <typename S, typename A = Acc<S>>
-void reduce_grad_q(const Problem& p, const std::vector<const A*>& dq_t, at::Tensor& grad_q) {
+void reduce_grad_q(const Problem& p, const std::vector<const A*>& dq_t, int64_t dq_rows, at::Tensor& grad_q) {
   const auto owners = tile_owners(p, /*keys=*/false);
-  const int64_t tile_size = p.dim * kQueryTile;
+  const int64_t tile_size = dq_rows * kQueryTile;
   S* out = grad_q.data_ptr<S>();
   at::parallel_for(0, p.heads * p.q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> sum(tile_size);
@@ -1199,15 +1339,21 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
               const at::Tensor& v, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
               at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, at::Tensor& grad_scores) {
   using A = Acc<S>;
-  const KeyTiles<A> keys = pack_keys<S>(p, k, v, /*with_rows=*/true);
-  QueryTiles<A> queries = pack_queries<S>(p, q, grad_out, lse);
+  // bf16 storage: the five tile products on AMX / AVX512-BF16 where the CPU has them, as the forward's.
+  const bf16::Path path = std::is_same_v<S, c10::BFloat16> ? bf16::gemm_path() : bf16::Path::kFp32;
+  std::optional<BackwardTilesBf16> t16;
+  if (path != bf16::Path::kFp32) t16.emplace(pack_backward_keys_bf16(p, k, v, path));
+  const KeyTiles<A> keys = t16 ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
+                               : pack_keys<S>(p, k, v, /*with_rows=*/true);
+  QueryTiles<A> queries = pack_queries<S>(p, q, grad_out, lse, t16 ? &*t16 : nullptr);
   BackwardArgs<S> args{p,
                        keys,
                        queries,
                        std::nullopt,
                        grad_k.data_ptr<S>(),
                        grad_v.data_ptr<S>(),
-                       grad_scores.numel() > 0 ? grad_scores.data_ptr<S>() : nullptr};
+                       grad_scores.numel() > 0 ? grad_scores.data_ptr<S>() : nullptr,
+                       t16 ? &*t16 : nullptr};
   if (mask) args.mask.emplace(*mask);
 
   const auto query_tiles_seen = [](const Visibility& vis, int64_t j0, int64_t j1) {
@@ -1221,8 +1367,8 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
     for_each_worker_strided(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
       if (!scratch[worker])
         scratch[worker] = std::make_unique<BackwardScratch<A>>(queries.dim_pad, keys.dim_v_pad,
-                                                               p.heads * p.q_tiles * p.dim * kQueryTile,
-                                                               p.heads * p.q_tiles * kQueryTile);
+                                                               p.heads * p.q_tiles * args.dq_rows() * kQueryTile,
+                                                               p.heads * p.q_tiles * kQueryTile, t16.has_value());
       const Item& it = items[index];
       backward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile, delta_pass);
     });
@@ -1241,7 +1387,7 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   std::vector<const A*> dq_t;
   for (const auto& w : scratch)
     if (w) dq_t.push_back(w->dq_t.data());
-  reduce_grad_q<S>(p, dq_t, grad_q);
+  reduce_grad_q<S>(p, dq_t, args.dq_rows(), grad_q);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
