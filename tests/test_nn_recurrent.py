@@ -184,6 +184,43 @@ def test_without_initial_state_and_unbatched(family):
     _assert_same(ours(x, hx), theirs(x, hx))
 
 
+@pytest.mark.parametrize("family,options", list(_cases()) + [("gru", dict(input_size=4, hidden_size=8, num_layers=3,
+                                                                                dropout=0.5))],
+                         ids=lambda v: v if isinstance(v, str) else case_id(v))
+def test_plain_call_equals_the_general_path(family, options):
+    """A plain call (a batched tensor; hx None or tensors of exactly the expected shapes) skips forward's general
+    layout and argument handling (_recurrent.plain_call); the same sequence given unbatched takes the general path.
+    Outputs, final states and every gradient (input, states, weights) bit for bit the same, also with dropout between
+    layers in training (the same generator draws)."""
+    ours, _ = _pair(family, **options)
+    ours.train()
+    directions = 2 if options.get("bidirectional") else 1
+    stacked = options.get("num_layers", 1) * directions
+    sizes = (options.get("proj_size") or options["hidden_size"], options["hidden_size"]) if family == "lstm" else (
+        options["hidden_size"],)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, options["input_size"], generator=gen)
+    states = [torch.randn(stacked, size, generator=gen) for size in sizes]
+    batch_dim = 0 if options.get("batch_first") else 1
+
+    def run(x, states):
+        leaves = [x.requires_grad_(), *(s.requires_grad_() for s in states), *ours.parameters()]
+        torch.manual_seed(5)
+        output, final = ours(x, tuple(states) if family == "lstm" else states[0])
+        finals = final if family == "lstm" else (final,)
+        loss = sum((t * torch.linspace(-1, 1, t.numel()).view(t.shape)).sum() for t in (output, *finals))
+        return [output, *finals, *torch.autograd.grad(loss, leaves)]
+
+    general = run(x.clone(), [s.clone() for s in states])
+    plain = run(x.unsqueeze(batch_dim), [s.unsqueeze(1) for s in states])
+    for name, got, want in zip(["output", *(f"h_n[{i}]" for i in range(len(sizes))), "grad_input",
+                                *(f"grad_hx[{i}]" for i in range(len(sizes))),
+                                *(n for n, _ in ours.named_parameters())], plain, general):
+        got = got.squeeze(batch_dim) if name in ("output", "grad_input") else got
+        got = got.squeeze(1) if name.startswith(("h_n", "grad_hx")) else got
+        assert torch.equal(got, want), name
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dropout_between_layers_matches_torch(family):
     ours, theirs = _pair(family, input_size=4, hidden_size=8, num_layers=3, dropout=0.5)
