@@ -1,5 +1,5 @@
 """Transformer encoder layer benchmark: seqkern.nn.TransformerEncoderLayer against torch.nn's with the same
-weights, post-norm, ReLU, batch_first, float32, dropout 0.1.
+weights, post-norm, ReLU, batch_first, dropout 0.1, float32 and (both modules in it) bfloat16.
 
   * forward: eval mode under torch.no_grad(), where torch.nn runs its native fast path
     (torch._transformer_encoder_layer_fwd: fused bias/rescale/transpose of q, k, v, bmm-softmax-bmm attention);
@@ -37,21 +37,28 @@ class Shape:
     heads: int
     dim_feedforward: int
     training: bool
+    dtype: torch.dtype = DTYPE
 
     @property
     def name(self) -> str:
         mode = "fwd+bwd train" if self.training else "fwd eval"
+        dtype = "" if self.dtype == DTYPE else f" {str(self.dtype).removeprefix('torch.')}"
         return (f"{mode} b{self.batch} l{self.length} d{self.d_model} h{self.heads} "
-                f"ff{self.dim_feedforward}")
+                f"ff{self.dim_feedforward}{dtype}")
 
 
-def _shapes(batch: int, length: int, d_model: int, heads: int, dim_feedforward: int) -> tuple[Shape, Shape]:
-    return tuple(Shape(batch, length, d_model, heads, dim_feedforward, training) for training in (False, True))
+def _shapes(batch: int, length: int, d_model: int, heads: int, dim_feedforward: int,
+            dtype: torch.dtype = DTYPE) -> tuple[Shape, Shape]:
+    return tuple(Shape(batch, length, d_model, heads, dim_feedforward, training, dtype) for training in (False, True))
 
 
 BERT_BASE = _shapes(batch=8, length=512, d_model=768, heads=12, dim_feedforward=3072)
 SMALL = _shapes(batch=8, length=128, d_model=256, heads=4, dim_feedforward=1024)
-QUICK = _shapes(batch=2, length=16, d_model=32, heads=2, dim_feedforward=64)
+# bfloat16: the attention's tile products (forward and backward) and torch's GEMMs on the bf16 units.
+BERT_BASE_BF16 = _shapes(batch=8, length=512, d_model=768, heads=12, dim_feedforward=3072, dtype=torch.bfloat16)
+SMALL_BF16 = _shapes(batch=8, length=128, d_model=256, heads=4, dim_feedforward=1024, dtype=torch.bfloat16)
+QUICK = _shapes(batch=2, length=16, d_model=32, heads=2, dim_feedforward=64) + _shapes(
+    batch=2, length=16, d_model=32, heads=2, dim_feedforward=64, dtype=torch.bfloat16)
 
 
 def flops(shape: Shape) -> float:
@@ -69,11 +76,11 @@ def _layer_call(cls: type[torch.nn.TransformerEncoderLayer], shape: Shape) -> Ca
     torch.manual_seed(SEED)
     weights = torch.nn.TransformerEncoderLayer(shape.d_model, shape.heads, shape.dim_feedforward, DROPOUT,
                                                batch_first=True, dtype=DTYPE).state_dict()
-    layer = cls(shape.d_model, shape.heads, shape.dim_feedforward, DROPOUT, batch_first=True, dtype=DTYPE)
+    layer = cls(shape.d_model, shape.heads, shape.dim_feedforward, DROPOUT, batch_first=True, dtype=shape.dtype)
     layer.load_state_dict(weights)
     layer.train(shape.training)
     generator = torch.Generator().manual_seed(SEED)
-    x = torch.randn(shape.batch, shape.length, shape.d_model, generator=generator, dtype=DTYPE)
+    x = torch.randn(shape.batch, shape.length, shape.d_model, generator=generator, dtype=DTYPE).to(shape.dtype)
     if not shape.training:
         def forward() -> tuple[Tensor]:
             with torch.no_grad():
@@ -81,7 +88,7 @@ def _layer_call(cls: type[torch.nn.TransformerEncoderLayer], shape: Shape) -> Ca
         return forward
 
     x.requires_grad_()
-    grad_out = torch.randn(x.shape, generator=generator, dtype=DTYPE)
+    grad_out = torch.randn(x.shape, generator=generator, dtype=DTYPE).to(shape.dtype)
     leaves = (x, *layer.parameters())
 
     def train() -> list[Tensor]:
@@ -103,11 +110,12 @@ def _case(shape: Shape) -> Case:
     # with dropout at 0 and with the same masks.
     differs = {TORCH_NN: f"dropout {DROPOUT} in training mode draws different masks"} if shape.training else {}
     return Case(op="transformer", name=shape.name, flops=flops(shape), contenders=contenders,
-                params={**dataclasses.asdict(shape), "dtype": str(DTYPE).removeprefix("torch."), "dropout": DROPOUT,
-                        "batch_first": True, "norm_first": False, "activation": "relu"},
+                params={**dataclasses.asdict(shape), "dtype": str(shape.dtype).removeprefix("torch."),
+                        "dropout": DROPOUT, "batch_first": True, "norm_first": False, "activation": "relu"},
                 differs_on_purpose=differs)
 
 
 def cases(quick: bool = False) -> list[Case]:
-    """BERT-base and a smaller layer, forward and forward+backward; with `quick` one tiny layer."""
-    return [_case(shape) for shape in (QUICK if quick else (*BERT_BASE, *SMALL))]
+    """BERT-base and a smaller layer, forward and forward+backward, float32 then bfloat16; with `quick` one tiny
+    layer in each dtype."""
+    return [_case(shape) for shape in (QUICK if quick else (*BERT_BASE, *SMALL, *BERT_BASE_BF16, *SMALL_BF16))]
