@@ -5,6 +5,7 @@ version under torch.compile; the decoder step of a Seq2Seq model; the peak memor
 Shapes: batch 32, Lq = Lk = 100 / 200 / 400, d_q = d_k = d_v = hidden = 256, a random key padding mask (a
 quarter of the keys of every sequence is padding); the decoder step: one query per sequence against 50 source
 keys projected once (seqkern.additive_attention_projected with the query projected each step), B 32 and 64.
+float32, and bfloat16 rows (every contender's inputs and weights in bf16) at Lq = Lk = 100 and the decoder step.
 
 Targets (read off the table, not asserted):
   * forward + backward >= 4x the composed version at batch 32, 100..400 queries and keys, hidden 256;
@@ -48,28 +49,33 @@ class Shape:
     dim: int = 256  # d_q = d_k = d_v
     training: bool = False
     decoder: bool = False
+    dtype: torch.dtype = DTYPE
 
     @property
     def name(self) -> str:
         mode = "fwd+bwd" if self.training else "fwd"
         kind = "decoder step " if self.decoder else ""
-        return f"{kind}{mode} b{self.batch} lq{self.len_q} lk{self.len_k} h{self.hidden} d{self.dim}"
+        dtype = "" if self.dtype == DTYPE else f" {str(self.dtype).removeprefix('torch.')}"
+        return f"{kind}{mode} b{self.batch} lq{self.len_q} lk{self.len_k} h{self.hidden} d{self.dim}{dtype}"
 
     @property
     def tanh_bytes(self) -> int:
-        """One (B, Lq, Lk, H) float32 tensor of the composed version."""
-        return self.batch * self.len_q * self.len_k * self.hidden * DTYPE.itemsize
+        """One (B, Lq, Lk, H) tensor of the composed version."""
+        return self.batch * self.len_q * self.len_k * self.hidden * self.dtype.itemsize
 
 
 LENGTHS = (100, 200, 400)
 FORWARD_SHAPES = tuple(Shape(32, n, n) for n in LENGTHS)
 TRAINING_SHAPES = tuple(Shape(32, n, n, training=True) for n in LENGTHS)
 DECODER_SHAPES = tuple(Shape(b, 1, 50, decoder=True, training=t) for b in (32, 64) for t in (False, True))
+BF16_SHAPES = (Shape(32, 100, 100, dtype=torch.bfloat16), Shape(32, 100, 100, training=True, dtype=torch.bfloat16),
+               Shape(32, 1, 50, decoder=True, dtype=torch.bfloat16))
 MEMORY_SHAPE = Shape(32, 100, 100, training=True)
 
 QUICK_FORWARD_SHAPES = (Shape(2, 9, 11, hidden=16, dim=8),)
 QUICK_TRAINING_SHAPES = (Shape(2, 9, 11, hidden=16, dim=8, training=True),)
 QUICK_DECODER_SHAPES = (Shape(4, 1, 7, hidden=16, dim=8, decoder=True, training=True),)
+QUICK_BF16_SHAPES = (Shape(2, 9, 11, hidden=16, dim=8, training=True, dtype=torch.bfloat16),)
 QUICK_MEMORY_SHAPE = Shape(2, 9, 11, hidden=16, dim=8, training=True)
 
 
@@ -124,7 +130,7 @@ def _call(attention: Callable[..., Tensor], shape: Shape) -> Call:
     grad = shape.training
 
     def randn(*sizes: int, scale: float = 1.0) -> Tensor:
-        return (torch.randn(sizes, generator=gen, dtype=DTYPE) * scale).requires_grad_(grad)
+        return (torch.randn(sizes, generator=gen, dtype=DTYPE) * scale).to(shape.dtype).requires_grad_(grad)
 
     b, d, h = shape.batch, shape.dim, shape.hidden
     query, values = randn(b, shape.len_q, d), randn(b, shape.len_k, d)
@@ -140,7 +146,7 @@ def _call(attention: Callable[..., Tensor], shape: Shape) -> Call:
                 return (attention(*args),)
         return forward
 
-    grad_out = torch.randn(b, shape.len_q, d, generator=gen, dtype=DTYPE)
+    grad_out = torch.randn(b, shape.len_q, d, generator=gen, dtype=DTYPE).to(shape.dtype)
     inputs = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
 
     def train() -> list[Tensor]:
@@ -149,10 +155,10 @@ def _call(attention: Callable[..., Tensor], shape: Shape) -> Call:
     return train
 
 
-def _implementation() -> str:
-    """Which seqkern implementation serves float32 CPU tensors here ("reference" until the C++ kernel is
+def _implementation(dtype: torch.dtype) -> str:
+    """Which seqkern implementation serves CPU tensors of `dtype` here ("reference" until the C++ kernel is
     registered, or when the extension is not built)."""
-    return seqkern.backends.resolve("additive_attention", torch.device("cpu"), DTYPE,
+    return seqkern.backends.resolve("additive_attention", torch.device("cpu"), dtype,
                                     seqkern.ops.additive_attention.SUPPORTED_DTYPES,
                                     kernel="additive_attention_forward")
 
@@ -160,8 +166,8 @@ def _implementation() -> str:
 def _case(shape: Shape, contenders: dict[str, Callable[[], Call]], *, name: str | None = None,
           notes: dict | None = None, **options) -> Case:
     return Case(op="additive_attention", name=name or shape.name, flops=flops(shape), contenders=contenders,
-                params={**dataclasses.asdict(shape), "dtype": str(DTYPE).removeprefix("torch.")},
-                notes={"seqkern_implementation": _implementation(), **(notes or {})}, **options)
+                params={**dataclasses.asdict(shape), "dtype": str(shape.dtype).removeprefix("torch.")},
+                notes={"seqkern_implementation": _implementation(shape.dtype), **(notes or {})}, **options)
 
 
 def _setup(attention: Callable[..., Tensor], shape: Shape) -> Callable[[], Call]:
@@ -194,7 +200,8 @@ def cases(quick: bool = False) -> list[Case]:
     forward = QUICK_FORWARD_SHAPES if quick else FORWARD_SHAPES
     training = QUICK_TRAINING_SHAPES if quick else TRAINING_SHAPES
     decoder = QUICK_DECODER_SHAPES if quick else DECODER_SHAPES
+    bf16 = QUICK_BF16_SHAPES if quick else BF16_SHAPES
     return [
-        *(_timed_case(shape, quick) for shape in (*forward, *training, *decoder)),
+        *(_timed_case(shape, quick) for shape in (*forward, *training, *decoder, *bf16)),
         _memory_case(QUICK_MEMORY_SHAPE if quick else MEMORY_SHAPE),
     ]
