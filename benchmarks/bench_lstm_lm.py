@@ -5,7 +5,8 @@ after `seqkern.convert` (its LSTM swapped for seqkern.nn.LSTM, nothing else touc
 One timed call is one step of truncated BPTT as the example trains: the hidden state carried over from the
 previous step (detached), forward over `bptt` tokens, cross-entropy on the next tokens, backward, gradient clipping
 at 0.25, and an SGD update. It returns the loss and every parameter's gradient of that step, which the correctness
-gate compares (first call, from the seed's weights and a zero state) with the torch.nn model in float64.
+gate compares (first call, from the seed's weights and a zero state) with the torch.nn model in float64. float32,
+and a bfloat16 row: both models held and trained in bf16 (the float64 oracle starts from the bf16-rounded weights).
 """
 from __future__ import annotations
 
@@ -33,15 +34,19 @@ class Shape:
     layers: int
     batch: int
     bptt: int
+    dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:
+        dtype = "" if self.dtype == torch.float32 else f" {str(self.dtype).removeprefix('torch.')}"
         return (f"train step v{self.vocab} e{self.embed} h{self.hidden} x{self.layers} "
-                f"b{self.batch} bptt{self.bptt}")
+                f"b{self.batch} bptt{self.bptt}{dtype}")
 
 
-DEFAULT_SHAPES = (Shape(vocab=10000, embed=256, hidden=256, layers=2, batch=32, bptt=35),)
-QUICK_SHAPES = (Shape(vocab=50, embed=16, hidden=16, layers=2, batch=3, bptt=5),)
+DEFAULT_SHAPES = (Shape(vocab=10000, embed=256, hidden=256, layers=2, batch=32, bptt=35),
+                  Shape(vocab=10000, embed=256, hidden=256, layers=2, batch=32, bptt=35, dtype=torch.bfloat16))
+QUICK_SHAPES = (Shape(vocab=50, embed=16, hidden=16, layers=2, batch=3, bptt=5),
+                Shape(vocab=50, embed=16, hidden=16, layers=2, batch=3, bptt=5, dtype=torch.bfloat16))
 
 
 class WordLanguageModel(nn.Module):
@@ -102,22 +107,23 @@ def _training_step(model: nn.Module, shape: Shape, dtype: torch.dtype) -> Call:
 
 def _contenders(shape: Shape) -> dict[str, Callable[[], Call]]:
     def torch_model() -> Call:
-        return _training_step(_model(shape, torch.float32), shape, torch.float32)
+        return _training_step(_model(shape, shape.dtype), shape, shape.dtype)
 
     def converted() -> Call:
-        converted_model, _report = seqkern.convert(_model(shape, torch.float32))
-        return _training_step(converted_model, shape, torch.float32)
+        converted_model, _report = seqkern.convert(_model(shape, shape.dtype))
+        return _training_step(converted_model, shape, shape.dtype)
 
     return {SUBJECT: converted, TORCH_MODEL: torch_model}
 
 
 def _oracle(shape: Shape) -> Callable[[], Sequence[Tensor]]:
-    return lambda: _training_step(_model(shape, torch.float64), shape, torch.float64)()
+    return lambda: _training_step(_model(shape, shape.dtype).to(torch.float64), shape, torch.float64)()
 
 
 def cases(quick: bool = False) -> list[Case]:
     return [
-        Case(op="lstm_lm", name=shape.name, params={**dataclasses.asdict(shape), "dtype": "float32"},
+        Case(op="lstm_lm", name=shape.name,
+             params={**dataclasses.asdict(shape), "dtype": str(shape.dtype).removeprefix("torch.")},
              flops=flops(shape), contenders=_contenders(shape), oracle=_oracle(shape), rule_baseline=TORCH_MODEL)
         for shape in (QUICK_SHAPES if quick else DEFAULT_SHAPES)
     ]
