@@ -5,7 +5,8 @@ torch.compile of that torch-built model; plus greedy decoding.
 
 Every contender loads the same state_dict (the torch-built model's, drawn from one seed) and gets the same batch:
 source and target length 50, ragged source lengths (uniform in 25..50, the longest 50), additive attention, a
-bidirectional encoder, embed 256, hidden 256, vocabulary 1000, float32, dropout 0.
+bidirectional encoder, embed 256, hidden 256, vocabulary 1000, dropout 0; float32, and a bfloat16 LSTM training
+step (both models in bf16).
 
   * training step: forward with teacher forcing, cross-entropy (ignore_index = pad), backward to every parameter
     (autograd.grad; no optimizer), LSTM and GRU, batch 32;
@@ -46,17 +47,21 @@ class Shape:
     rnn: str
     training: bool
     attention: str = "additive"
+    dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:
         mode = "train step" if self.training else "greedy decode"
-        return f"{mode} {self.rnn} b{self.batch} s{self.src_len} t{self.tgt_len} e{self.embed} h{self.hidden} v{self.vocab}"
+        dtype = "" if self.dtype == torch.float32 else f" {str(self.dtype).removeprefix('torch.')}"
+        return (f"{mode} {self.rnn} b{self.batch} s{self.src_len} t{self.tgt_len} e{self.embed} h{self.hidden} "
+                f"v{self.vocab}{dtype}")
 
     def build(self, layers: str) -> Seq2Seq:
-        """The model with `layers`, holding the weights torch's layers draw from SEED (the same for every contender)."""
+        """The model with `layers`, holding the weights torch's layers draw from SEED (the same for every contender),
+        in the shape's dtype."""
         model = self._model(layers)
         model.load_state_dict(_weights(self))
-        return model.train(self.training)
+        return model.to(self.dtype).train(self.training)
 
     def _model(self, layers: str) -> Seq2Seq:
         return Seq2Seq(self.vocab, self.vocab, embed_dim=self.embed, hidden_size=self.hidden, rnn=self.rnn,
@@ -73,10 +78,12 @@ def _weights(shape: Shape) -> dict[str, Tensor]:
 SHAPES = (
     *(Shape(32, 50, 50, 256, 256, 1000, rnn, training=True) for rnn in ("lstm", "gru")),
     Shape(32, 50, 50, 256, 256, 1000, "lstm", training=False),
+    Shape(32, 50, 50, 256, 256, 1000, "lstm", training=True, dtype=torch.bfloat16),
 )
 QUICK_SHAPES = (
     Shape(3, 7, 5, 16, 16, 23, "lstm", training=True),
     Shape(3, 7, 5, 16, 16, 23, "gru", training=False),
+    Shape(3, 7, 5, 16, 16, 23, "gru", training=True, dtype=torch.bfloat16),
 )
 
 
@@ -110,9 +117,10 @@ def _batch(shape: Shape) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return src, lengths, tgt[:, :-1].contiguous(), tgt[:, 1:].contiguous()
 
 
-def _call(shape: Shape, layers: str, compiled: bool = False) -> Call:
-    """Training returns the loss and the gradient of every parameter; inference the decoded tokens and scores."""
-    model = shape.build(layers)
+def _call(shape: Shape, layers: str, compiled: bool = False, dtype: torch.dtype | None = None) -> Call:
+    """Training returns the loss and the gradient of every parameter; inference the decoded tokens and scores.
+    `dtype`: the model's weights (rounded to the shape's dtype) held in this one (float64: the gate's oracle)."""
+    model = shape.build(layers).to(dtype or shape.dtype)
     src, lengths, tgt_in, tgt_out = _batch(shape)
     if not shape.training:
         def decode() -> tuple[Tensor, Tensor]:
@@ -145,8 +153,14 @@ def _case(shape: Shape, quick: bool) -> Case:
         skipped[COMPILED] = "quick set (compilation takes tens of seconds)"
     else:
         contenders[COMPILED] = _setup(shape, "torch", compiled=True)
+    # bf16: the gate checks the rule against the float64 model on the bf16-rounded weights (seqkern's and the
+    # torch-built model's bf16 gradients differ by ~10-20% of a tensor's largest magnitude, more than the fixed
+    # tolerance of a case without an oracle).
+    oracle = (lambda: _call(shape, "torch", dtype=torch.float64)()) if shape.dtype != torch.float32 else None
     return Case(op="seq2seq", name=shape.name, flops=flops(shape, shape.build("torch")), contenders=contenders,
-                skipped=skipped, params={**dataclasses.asdict(shape), "bidirectional": True, "dtype": "float32",
+                oracle=oracle, rule_baseline=TORCH_NN if oracle else None,
+                skipped=skipped, params={**dataclasses.asdict(shape), "bidirectional": True,
+                                         "dtype": str(shape.dtype).removeprefix("torch."),
                                          "src_lengths": f"uniform in {shape.src_len // 2}..{shape.src_len}"})
 
 
