@@ -556,6 +556,27 @@ def test_bf16_units_on_saturated_scores_against_sdpa(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", BF16_PATHS)
+def test_bf16_units_varlen_against_the_reference(path, monkeypatch):
+    """Packed sequences of unequal lengths (query and key tiles of several sequences, short last tiles, an empty
+    one), GQA, causal bottom-right with a left window, on each bf16 unit: output and gradients against the
+    float64 reference, within the rule of the reference run in bf16."""
+    monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
+    lengths_q, lengths_k = [300, 45, 0, 130], [300, 260, 7, 200]
+    q, k, v, cu_q, cu_k = _varlen_inputs(lengths_q, lengths_k, 4, 2, 40, 24, torch.float64, seed=8)
+    cotangent = torch.randn(q.shape[0], 4, 24, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def run(dtype, backend):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        with seqkern.backend(backend):
+            out = seqkern.attention_varlen(*inputs, cu_q, cu_k, max(lengths_q), max(lengths_k), is_causal=True,
+                                           causal_alignment="bottom_right", window_size=(90, -1), enable_gqa=True)
+        return {"out": out, **dict(zip(("grad_q", "grad_k", "grad_v"),
+                                       torch.autograd.grad(out, inputs, cotangent.to(dtype))))}
+
+    assert_all_rule(run(torch.bfloat16, "cpu"), run(torch.bfloat16, "reference"), run(torch.float64, "reference"))
+
+
+@pytest.mark.parametrize("path", BF16_PATHS)
 def test_bf16_backward_is_deterministic(path, monkeypatch):
     """The bf16 backward on each unit, bit for bit: run to run at 1 and at 2 threads (its key tiles are dealt in a
     fixed pattern and the workers' dQ^T sums added in worker order), and dK, dV at any thread count (a key tile's
