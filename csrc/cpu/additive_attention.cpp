@@ -107,6 +107,22 @@ struct Rows {
 /// t in the accumulation dtype: itself for fp32 / fp64, a converted copy for bf16.
 at::Tensor in_acc_dtype(const at::Tensor& t) { return t.to(stats_dtype(t)); }
 
+/// Whether every element of t (float or double, any strides) is finite, in one pass without temporaries: a value is
+/// not finite iff its exponent bits are all ones, an integer test the compiler vectorizes. at::isfinite(t).all()
+/// took four ATen passes and their bool tensors: 0.56 ms of a 1.5 ms decoder-step backward (B 32, Lk 50, H 256;
+/// 2026-12-07, Intel Xeon model 167).
+bool all_finite(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const auto scan = [&c](auto exponent) {
+    using Bits = decltype(exponent);
+    const Bits* bits = static_cast<const Bits*>(c.data_ptr());
+    Bits non_finite = 0;
+    for (int64_t i = 0, n = c.numel(); i < n; ++i) non_finite |= static_cast<Bits>((bits[i] & exponent) == exponent);
+    return non_finite == 0;
+  };
+  return c.scalar_type() == at::kDouble ? scan(uint64_t{0x7FF0000000000000ull}) : scan(uint32_t{0x7F800000u});
+}
+
 // ================================================================================================
 // Scheduling.
 // ================================================================================================
@@ -467,8 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   // Keys with ds = 0 (padding) add ds v (1 - t^2) = 0 to the tanh gradients and are skipped, unless v or t is
   // NaN (or v infinite): then they add 0 * NaN = NaN, as the composed formula does. One finiteness check of the
   // O((Lq + Lk) H) inputs decides, against the O(Lq Lk H) pass.
-  const bool every_key = !(at::isfinite(v_acc).all().item<bool>() && at::isfinite(qp).all().item<bool>() &&
-                           at::isfinite(kp).all().item<bool>());
+  const bool every_key = !(all_finite(v_acc) && all_finite(qp) && all_finite(kp));
   AT_DISPATCH_FLOATING_TYPES(stats, "additive_attention_backward", [&] {
     backward<scalar_t>({d, Rows<scalar_t>(qp), Rows<scalar_t>(kp), v_acc.data_ptr<scalar_t>(),
                         weights.data_ptr<scalar_t>(),

@@ -7,7 +7,10 @@
 // product below is a tile_gemm (attention.h) over plain row-major tiles:
 //   keys    K^T tiles (D x kKeyTile), K tiles (kKeyTile x D), V tiles (kKeyTile x Dv_pad)  [per kv head]
 //   queries (backward only) Q^T, Q, dO^T, dO tiles and per row lse (float64, as two halves) and Delta  [per head]
-// These copies are linear in the sequence lengths; the (Lq, Lk) scores exist one tile at a time only.
+// These copies are linear in the sequence lengths; the (Lq, Lk) scores exist one tile at a time only. bf16 storage
+// on a CPU with bf16 units instead keeps the operands in bf16 (copied, not rounded), in the layouts of
+// tile_gemm_bf16.h (KeyTilesBf16 for the forward, BackwardTilesBf16 for the backward), and every tile product runs
+// there with fp32 accumulation; the softmax, its sums and Delta stay fp32 / float64.
 //
 // Forward (FlashAttention-2): one work item = (sequence, query head, query tile). The item keeps its
 // output rows O, running max m and running sum l, and streams the visible key tiles:
@@ -1042,7 +1045,7 @@ struct BackwardArgs {
 };
 
 /// Row r (key j) of the transposed tiles, query columns [c0, kQueryTile), from the scores S^T (scaled through
-/// Q^T; on the bf16 units here) in probs and dP^T in grads; queries [first, last] (tile-local) see key j. Calls
+/// Q^T on the fp32 products, here on the bf16 units) in probs and dP^T in grads; queries [first, last] (tile-local) see key j. Calls
 /// body(c, P^T before dropout, P^T after it, dP^T after it, seen) for each vector of columns (after dropout:
 /// times keep / (1 - p)); `seen` marks the lanes whose query sees key j: a hidden pair takes no part (its P, dP
 /// and dS count as 0), also in a NaN row (NaN lse) and when key j's own values are NaN.
