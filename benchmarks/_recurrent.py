@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqkern
-from benchmarks.harness import SUBJECT, Call, Case
+from benchmarks.harness import SUBJECT, Call, Case, dtype_suffix
 
 SEED = 0
 
@@ -69,8 +69,8 @@ class Shape:
 
     @property
     def name(self) -> str:
-        dtype = "" if self.dtype == torch.float32 else " " + str(self.dtype).removeprefix("torch.")
-        return f"{'train' if self.training else 'infer'} b{self.batch} t{self.steps} h{self.hidden}{dtype}"
+        mode = "train" if self.training else "infer"
+        return f"{mode} b{self.batch} t{self.steps} h{self.hidden}{dtype_suffix(self.dtype)}"
 
 
 # The shapes every recurrent layer is timed on, split so that a layer can add its own between them and keep

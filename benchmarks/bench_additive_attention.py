@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import seqkern
-from benchmarks.harness import MIB, SUBJECT, Call, Case
+from benchmarks.harness import MIB, SUBJECT, Call, Case, dtype_suffix
 
 SEED = 0
 DTYPE = torch.float32
@@ -55,8 +55,8 @@ class Shape:
     def name(self) -> str:
         mode = "fwd+bwd" if self.training else "fwd"
         kind = "decoder step " if self.decoder else ""
-        dtype = "" if self.dtype == DTYPE else f" {str(self.dtype).removeprefix('torch.')}"
-        return f"{kind}{mode} b{self.batch} lq{self.len_q} lk{self.len_k} h{self.hidden} d{self.dim}{dtype}"
+        return (f"{kind}{mode} b{self.batch} lq{self.len_q} lk{self.len_k} h{self.hidden} d{self.dim}"
+                f"{dtype_suffix(self.dtype)}")
 
     @property
     def tanh_bytes(self) -> int:

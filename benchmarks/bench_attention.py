@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import seqkern
-from benchmarks.harness import MIB, SUBJECT, Call, Case
+from benchmarks.harness import MIB, SUBJECT, Call, Case, dtype_suffix
 
 SEED = 0
 
@@ -65,7 +65,7 @@ class Shape:
     def name(self) -> str:
         mode = "fwd+bwd" if self.training else "fwd"
         causal = " causal" if self.causal else ""
-        return f"{mode} b{self.batch} h{self.heads} l{self.length} d{self.head_dim}{causal}{_dtype_suffix(self.dtype)}"
+        return f"{mode} b{self.batch} h{self.heads} l{self.length} d{self.head_dim}{causal}{dtype_suffix(self.dtype)}"
 
     @property
     def score_bytes(self) -> int:
@@ -87,16 +87,12 @@ class DecodeShape:
     @property
     def name(self) -> str:
         return (f"decode b{self.batch} hq{self.q_heads} hkv{self.kv_heads} cache{self.cache_len} d{self.head_dim}"
-                f"{_dtype_suffix(self.dtype)}")
+                f"{dtype_suffix(self.dtype)}")
 
     @property
     def cache_bytes(self) -> int:
         """K and V caches together: what one step must read at least."""
         return 2 * self.batch * self.kv_heads * self.cache_len * self.head_dim * self.dtype.itemsize
-
-
-def _dtype_suffix(dtype: torch.dtype) -> str:
-    return "" if dtype == torch.float32 else " " + str(dtype).removeprefix("torch.")
 
 
 FORWARD_SHAPES = tuple(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import seqkern
-from benchmarks.harness import SUBJECT, Call, Case
+from benchmarks.harness import SUBJECT, Call, Case, dtype_suffix
 
 SEED = 0
 TORCH_MODEL = "torch.nn model"
@@ -38,9 +38,8 @@ class Shape:
 
     @property
     def name(self) -> str:
-        dtype = "" if self.dtype == torch.float32 else f" {str(self.dtype).removeprefix('torch.')}"
         return (f"train step v{self.vocab} e{self.embed} h{self.hidden} x{self.layers} "
-                f"b{self.batch} bptt{self.bptt}{dtype}")
+                f"b{self.batch} bptt{self.bptt}{dtype_suffix(self.dtype)}")
 
 
 DEFAULT_SHAPES = (Shape(vocab=10000, embed=256, hidden=256, layers=2, batch=32, bptt=35),

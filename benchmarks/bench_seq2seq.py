@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.harness import SUBJECT, Call, Case
+from benchmarks.harness import SUBJECT, Call, Case, dtype_suffix
 from seqkern.models import Seq2Seq
 
 SEED = 0
@@ -52,9 +52,8 @@ class Shape:
     @property
     def name(self) -> str:
         mode = "train step" if self.training else "greedy decode"
-        dtype = "" if self.dtype == torch.float32 else f" {str(self.dtype).removeprefix('torch.')}"
         return (f"{mode} {self.rnn} b{self.batch} s{self.src_len} t{self.tgt_len} e{self.embed} h{self.hidden} "
-                f"v{self.vocab}{dtype}")
+                f"v{self.vocab}{dtype_suffix(self.dtype)}")
 
     def build(self, layers: str) -> Seq2Seq:
         """The model with `layers`, holding the weights torch's layers draw from SEED (the same for every contender),

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 import seqkern
-from benchmarks.harness import SUBJECT, Call, Case
+from benchmarks.harness import SUBJECT, Call, Case, dtype_suffix
 
 SEED = 0
 DTYPE = torch.float32
@@ -42,9 +42,8 @@ class Shape:
     @property
     def name(self) -> str:
         mode = "fwd+bwd train" if self.training else "fwd eval"
-        dtype = "" if self.dtype == DTYPE else f" {str(self.dtype).removeprefix('torch.')}"
         return (f"{mode} b{self.batch} l{self.length} d{self.d_model} h{self.heads} "
-                f"ff{self.dim_feedforward}{dtype}")
+                f"ff{self.dim_feedforward}{dtype_suffix(self.dtype)}")
 
 
 def _shapes(batch: int, length: int, d_model: int, heads: int, dim_feedforward: int,

@@ -50,6 +50,11 @@ MIB = 2**20
 Call = Callable[[], Sequence[torch.Tensor]]
 
 
+def dtype_suffix(dtype: torch.dtype) -> str:
+    """The end of a case name: "" for float32 (every benchmark's default dtype), " bfloat16" and the like otherwise."""
+    return "" if dtype == torch.float32 else " " + str(dtype).removeprefix("torch.")
+
+
 # --------------------------------------------------------------------------------------------------
 # Data model.
 # --------------------------------------------------------------------------------------------------
