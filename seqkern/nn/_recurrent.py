@@ -227,17 +227,16 @@ def forward(module: torch.nn.RNNBase, input: Tensor | PackedSequence, hx, state_
     plain = plain_call(module, input, hx, state_sizes) if lengths is None and resets is None and not zoneout else None
     if plain is not None:
         x, states = plain
-        output, finals = run_stack(module, x, states, run_direction, None)
-        output = output.transpose(0, 1) if module.batch_first else output
-        return output, (finals[0] if len(finals) == 1 else tuple(finals))
-    x, layout = to_time_major(module, input)
-    _check_hx_kind(module, hx, len(state_sizes))
-    names = ("hx",) if len(state_sizes) == 1 else tuple(f"hx[{i}]" for i in range(len(state_sizes)))
-    states = initial_states(module, hx, names, state_sizes, x.shape[1], x, layout)
-    flags = StateFlags(
-        check_lengths(lengths, x, layout), check_resets(module, resets, x, layout), zoneout,
-        training=module.training,
-    )
+        layout, flags = SequenceLayout(batched=True, batch_first=module.batch_first), NO_STATE_FLAGS
+    else:
+        x, layout = to_time_major(module, input)
+        _check_hx_kind(module, hx, len(state_sizes))
+        names = ("hx",) if len(state_sizes) == 1 else tuple(f"hx[{i}]" for i in range(len(state_sizes)))
+        states = initial_states(module, hx, names, state_sizes, x.shape[1], x, layout)
+        flags = StateFlags(
+            check_lengths(lengths, x, layout), check_resets(module, resets, x, layout), zoneout,
+            training=module.training,
+        )
     output, finals = run_stack(module, x, states, run_direction, layout.batch_sizes, flags)
     finals = final_states(finals, layout)
     return from_time_major(output, layout), (finals[0] if len(finals) == 1 else tuple(finals))
@@ -249,9 +248,9 @@ def plain_call(module: torch.nn.RNNBase, input, hx, state_sizes: Sequence[int]) 
     parameters, hx None or tensors of exactly the expected shapes, dtype and device, autocast off (the caller
     passes no lengths, resets or zoneout). Such a call needs none of forward's conversions and its checks reduce
     to these comparisons; any other call, a wrong one included, takes forward's general path, which converts or
-    reports. Both paths then run run_stack alike (the same results, bit for bit). A one-step GRU(64) call at
-    batch 1 spent ~13 us of its ~43 us in the general path's layout and argument handling (2026-12-07, Intel Xeon
-    model 167)."""
+    reports. Both paths then share forward's tail: run_stack and the layout back (the same results, bit for bit).
+    A one-step GRU(64) call at batch 1 spent ~13 us of its ~43 us in the general path's layout and argument handling
+    (2026-12-07, Intel Xeon model 167)."""
     weight = module._parameters.get("weight_ih_l0")
     if (type(input) is not Tensor or weight is None or input.dim() != 3 or input.dtype != weight.dtype
             or input.device != weight.device or input.shape[-1] != module.input_size
@@ -319,6 +318,10 @@ class StateFlags:
         return flags
 
 
+# A call without lengths, resets or zoneout (forward's plain calls, run_stack's default): read, never modified.
+NO_STATE_FLAGS = StateFlags()
+
+
 def check_zoneout(zoneout) -> float:
     """The constructor's zoneout: a probability in [0, 1]."""
     if isinstance(zoneout, bool) or not isinstance(zoneout, (int, float)) or not 0.0 <= zoneout <= 1.0:
@@ -377,7 +380,8 @@ def run_stack(
     batch_sizes: Tensor | None, flags: StateFlags | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """The layer/direction loop: input (T,B,I), states [(L*D, B, size)] -> output (T,B,D*out), final states; the
-    weights in the input's dtype (in_input_dtype). flags None: none (a plain call)."""
+    weights in the input's dtype (in_input_dtype)."""
+    flags = flags or NO_STATE_FLAGS
     directions = 2 if module.bidirectional else 1
     # By name, not module._flat_weights: that list keeps the tensors of construction time, which torch.export
     # and torch.func.functional_call swap out (torch.nn.LSTM.forward refreshes it for the same reason).
@@ -394,13 +398,12 @@ def run_stack(
             weights = in_input_dtype(weights, input, weights[0])
             state = tuple(s[index] for s in states)
             output, final = run_direction(layer_input, state, weights, batch_sizes, direction == 1,
-                                          **(flags.for_direction(input.device) if flags is not None else {}))
+                                          **flags.for_direction(input.device))
             outputs.append(output)
             finals.append(final)
         layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
         if module.dropout and module.training and layer < module.num_layers - 1:
-            layer_input = dropout_between_layers(layer_input, module.dropout, batch_sizes,
-                                                 flags.lengths if flags is not None else None)
+            layer_input = dropout_between_layers(layer_input, module.dropout, batch_sizes, flags.lengths)
     # One layer and direction: the final state as a view (torch.stack copies, ~2 us of a one-step call).
     return layer_input, [parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts) for parts in zip(*finals)]
 
