@@ -1045,10 +1045,10 @@ struct BackwardArgs {
 };
 
 /// Row r (key j) of the transposed tiles, query columns [c0, kQueryTile), from the scores S^T (scaled through
-/// Q^T on the fp32 products, here on the bf16 units) in probs and dP^T in grads; queries [first, last] (tile-local) see key j. Calls
-/// body(c, P^T before dropout, P^T after it, dP^T after it, seen) for each vector of columns (after dropout:
-/// times keep / (1 - p)); `seen` marks the lanes whose query sees key j: a hidden pair takes no part (its P, dP
-/// and dS count as 0), also in a NaN row (NaN lse) and when key j's own values are NaN.
+/// Q^T on the fp32 products, here on the bf16 units) in probs and dP^T in grads; queries [first, last]
+/// (tile-local) see key j. Calls body(c, P^T before dropout, P^T after it, dP^T after it, seen) for each vector of
+/// columns (after dropout: times keep / (1 - p)); `seen` marks the lanes whose query sees key j: a hidden pair
+/// takes no part (its P, dP and dS count as 0), also in a NaN row (NaN lse) and when key j's own values are NaN.
 template <typename S, typename Body>
 void score_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h, int64_t g,
                int64_t i0, int64_t queries, int64_t j, int64_t first, int64_t last, int64_t r, int64_t c0,
@@ -1194,10 +1194,9 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
   A* probs = w.probs.data() + r0 * kQueryTile + c0;
   A* grads = w.grads.data() + r0 * kQueryTile + c0;
   A* dq_t = w.dq_t.data() + (h * p.q_tiles + gq) * args.dq_rows() * kQueryTile;
-  if constexpr (std::is_same_v<A, float>) {
-    if (args.t16) score_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, rows, c0);
-  }
-  if (!args.t16) {
+  if (args.t16) {  // set only for bf16 storage, whose accumulation dtype is float
+    if constexpr (std::is_same_v<A, float>) score_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, rows, c0);
+  } else {
     tile_gemm<A, false>(rows, columns, p.dim, keys.k(kv_head, gk) + r0 * p.dim, p.dim, qs.qt(h, gq) + c0, kQueryTile,
                         probs, kQueryTile);
     tile_gemm<A, false>(rows, columns, p.dim_v, keys.v(kv_head, gk) + r0 * dim_v_pad, dim_v_pad, qs.dot(h, gq) + c0,
@@ -1213,10 +1212,10 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
     }
   }
   if (delta_pass) return;
-  if constexpr (std::is_same_v<A, float>) {
-    if (args.t16) gradient_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, r1, c0, queries, dq_t);
-  }
-  if (!args.t16) {
+  if (args.t16) {
+    if constexpr (std::is_same_v<A, float>)
+      gradient_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, r1, c0, queries, dq_t);
+  } else {
     tile_gemm<A, true>(rows, dim_v_pad, depth, probs, kQueryTile, qs.dout(h, gq) + c0 * dim_v_pad, dim_v_pad,
                        w.dv.data() + r0 * dim_v_pad, dim_v_pad);
     tile_gemm<A, true>(rows, dim_pad, depth, grads, kQueryTile, qs.q(h, gq) + c0 * dim_pad, dim_pad,
