@@ -164,7 +164,7 @@ constexpr int64_t pad_lanes(int64_t n) {
 // ------------------------------------------------------------------------------------------------
 // exp and the online softmax.
 // ------------------------------------------------------------------------------------------------
-/// exp of a score minus its row maximum: simd.h's exp_simd, which is exactly 0 for x <= -104 (-inf, a masked
+/// exp of a score minus its row maximum: simd.h's exp_simd, which is exactly 0 for x < -87 (-inf, a masked
 /// score, included), so masked keys weigh exactly 0; fp64 lanes: libm.
 inline Simd<float> exp_attention(Simd<float> x) { return exp_simd(x); }
 inline Simd<double> exp_attention(Simd<double> x) { return exp_simd(x); }

@@ -566,8 +566,8 @@ void rescale_row(A* o, int64_t dim_v_pad, A alpha) {
 }
 
 #if SEQKERN_BF16_X86
-/// 2^x for x <= kMaxRiseKept / ln 2 (or NaN, kept) with 5.3e-6 relative error at most, exactly 0 for x <= -151 (-inf
-/// too): for P that is rounded to bf16 next (2^-9 relative), and its fp32 row sum, whose 5e-6 vanishes in the bf16
+/// 2^x for x <= kMaxRiseKept / ln 2 (or NaN, kept) with 5.3e-6 relative error at most, exactly 0 for x < -125 (-inf
+/// too; zeroed after, never left to vscalefps to underflow: see simd.h's exp_simd): for P that is rounded to bf16 next (2^-9 relative), and its fp32 row sum, whose 5e-6 vanishes in the bf16
 /// output's rounding (and the bf16 backward renormalizes the lse with its own sum). In base 2 the caller's one FMA
 /// gives the argument (scale log2(e) s - log2(e) m'), and the reduction x = n + f is a subtraction: 9 instructions
 /// per vector against attention.h's exp_attention's 17 and the 12 of the natural-base form this replaced, in the
@@ -575,14 +575,15 @@ void rescale_row(A* o, int64_t dim_v_pad, A alpha) {
 /// error (Chebyshev-weighted least squares, reweighted). Lanes far above the bound (hidden keys, which the caller
 /// zeroes) may come out inf.
 SEQKERN_TARGET_BF16 inline __m512 exp2_bf16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-151.0f), x);  // vmaxps returns its second operand, x, when x is NaN
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);  // x >= -125, or NaN
+  x = _mm512_max_ps(_mm512_set1_ps(-125.0f), x);  // vmaxps returns its second operand, x, when x is NaN
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00962711963802576f), f, _mm512_set1_ps(0.05598687008023262f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402331829071045f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693108856678009f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);  // times 2^n; 2^-151 rounds to 0
+  return _mm512_maskz_mov_ps(kept, _mm512_scalef_ps(p, n));  // times 2^n, a normal result
 }
 
 /// The bf16 path's step of the online softmax for rows [r0, r1) of the worker's score tile, fused into two

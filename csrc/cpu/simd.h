@@ -252,21 +252,24 @@ SEQKERN_SIMD_INLINE Simd<float> exp_reduced(Simd<float> x, Simd<float> n) {
 /// std::exp, 200 ns here, beside a ~5 us step.
 /// Above ln(FLT_MAX) exp is +inf, as std::exp: then sigmoid(-inf) = 1 / (1 + inf) is exactly 0, as torch's, and
 /// so is its slope s (1 - s) (a clamped exp(88) left 6e-39 there, and 6e-39 * inf = inf where torch has
-/// 0 * inf = NaN in the weight gradient of an infinite input). Exactly 0 below -104 (-inf included), so that a
-/// masked attention score, -inf minus the row maximum, weighs exactly 0 (avx512: denormals down to there; other
-/// levels: 0 below the smallest normal result). NaN stays NaN.
+/// 0 * inf = NaN in the weight gradient of an infinite input). Exactly 0 below -87 (-inf included; e^-87 is
+/// 1.6e-38, just above the smallest normal fp32), so that a masked attention score, -inf minus the row maximum,
+/// weighs exactly 0; no result is ever denormal. NaN stays NaN.
 /// kBf16: the bfloat16-result accuracy of expm1_reduced.
 template <bool kBf16 = false>
 SEQKERN_SIMD_INLINE Simd<float> exp_simd(Simd<float> x) {
   using V = Simd<float>;
 #if defined(__AVX512F__)
-  // x clamped to [-104, 89] keeps n = round(x / ln2) in [-150, 128], where vscalefps rounds 2^n p to 0 / +inf
-  // by itself (the attention kernels' exp had this form; the cells' had the form below): 16 instructions against
-  // 24, not measurable end to end in an LSTM layer (one thread, 2026-12-05). vminps / vmaxps return their second
-  // operand when one is NaN: x goes second.
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
+  // x clamped to [-87, 89] keeps n = round(x / ln2) in [-126, 128], where vscalefps gives normal results or +inf
+  // (the attention kernels' exp had this form; the cells' had the form below): 18 instructions against 24. The
+  // lanes below -87 are zeroed after, not left to vscalefps: a result that underflows (denormal, or rounded to
+  // 0) costs a microcode assist per instruction, and a causal attention backward at L 64 (its diagonal tiles
+  // half masked) spent 60% of its time in them (2026-12-07, Intel Xeon model 167). vminps / vmaxps return their
+  // second operand when one is NaN: x goes second; a NaN lane is kept (the comparison is unordered-true).
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
   const V n = nearest_log2_multiple(x);
-  return times_pow2(exp_reduced<kBf16>(x, n), n);
+  return _mm512_maskz_mov_ps(kept, times_pow2(exp_reduced<kBf16>(x, n), n));
 #else
   const auto overflow = x > 88.72284f, underflow = x < -87.33654f;
   // Written so that a NaN lane fails both comparisons and stays NaN (`x < 88 ? x : 88` would turn it into 88).
