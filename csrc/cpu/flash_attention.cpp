@@ -1043,9 +1043,15 @@ struct BackwardArgs {
   int64_t dq_rows() const { return t16 ? t16->dim_rows : p.dim; }
   /// Query columns of a ragged group start at a multiple of this: a vector (a bf16 product's depth on the units).
   int64_t column_granule() const { return t16 ? bf16::kDepthGranule : kLanes<A>; }
+  /// The end of a query tile's columns that the products and the row passes cover: its `queries` rounded up to
+  /// the granule. A sequence shorter than the tile (L 64: half of it) would otherwise pay for the whole tile's
+  /// S^T, dP^T and dQ^T columns and their exps.
+  int64_t column_end(int64_t queries) const {
+    return std::min(kQueryTile, (queries + column_granule() - 1) / column_granule() * column_granule());
+  }
 };
 
-/// Row r (key j) of the transposed tiles, query columns [c0, kQueryTile), from the scores S^T (scaled through
+/// Row r (key j) of the transposed tiles, query columns [c0, column_end(queries)), from the scores S^T (scaled through
 /// Q^T on the fp32 products, here on the bf16 units) in probs and dP^T in grads; queries [first, last]
 /// (tile-local) see key j. Calls body(c, P^T before dropout, P^T after it, dP^T after it, seen) for each vector of
 /// columns (after dropout: times keep / (1 - p)); `seen` marks the lanes whose query sees key j: a hidden pair
@@ -1060,14 +1066,15 @@ void score_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Se
   constexpr int L = kLanes<A>;
   const Problem& p = args.p;
   const A keep_scale = p.dropout ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
-  const bool partial = first > c0 || last < kQueryTile - 1;
+  const int64_t end = args.column_end(queries);
+  const bool partial = first > c0 || last < end - 1;
   const V minus_inf = broadcast(-std::numeric_limits<A>::infinity());
   const A* prob_row = w.probs.data() + r * kQueryTile;
   const A* grad_row = w.grads.data() + r * kQueryTile;
   const A* lse = args.queries.lse(h, g);
   const A* lse_lo = args.queries.lse_lo(h, g);
   const V score_scale = broadcast(args.t16 ? A(p.scale) : A(1));  // bf16 Q^T is not scaled (a rounding)
-  for (int64_t c = c0; c < kQueryTile; c += L) {
+  for (int64_t c = c0; c < end; c += L) {
     V x = load_vector(prob_row + c) * score_scale, dp = load_vector(grad_row + c);
     if (args.mask) {  // a column of the mask: strided, read lane by lane
       for (int l = 0; l < L && c + l < queries; ++l)
@@ -1131,24 +1138,25 @@ void delta_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Se
   });
 }
 
-/// S^T (probs) and dP^T (grads), key rows [r0, r0 + rows) x query columns [c0, kQueryTile), on the bf16 units.
+/// S^T (probs) and dP^T (grads), key rows [r0, r0 + rows) x query columns [c0, c0 + columns), on the bf16 units.
 void score_products_bf16(const BackwardTilesBf16& t, BackwardScratch<float>& w, int64_t kv_head, int64_t gk,
-                         int64_t h, int64_t gq, int64_t r0, int64_t rows, int64_t c0) {
-  const int64_t m = bf16_rows(t.path, rows), columns = kQueryTile - c0;
+                         int64_t h, int64_t gq, int64_t r0, int64_t rows, int64_t c0, int64_t columns) {
+  const int64_t m = bf16_rows(t.path, rows);
   bf16::gemm(t.path, m, columns, t.depth, t.k(kv_head, gk) + r0 * t.depth, t.depth, t.qt(h, gq) + 2 * c0,
              2 * kQueryTile, w.probs.data() + r0 * kQueryTile + c0, kQueryTile, /*accumulate=*/false);
   bf16::gemm(t.path, m, columns, t.depth_v, t.v(kv_head, gk) + r0 * t.depth_v, t.depth_v, t.dot(h, gq) + 2 * c0,
              2 * kQueryTile, w.grads.data() + r0 * kQueryTile + c0, kQueryTile, /*accumulate=*/false);
 }
 
-/// dV += P^T dO, dK += dS^T Q (key rows [r0, r1)) and dQ^T += K^T dS^T (query columns [c0, kQueryTile), into
+/// dV += P^T dO, dK += dS^T Q (key rows [r0, r1)) and dQ^T += K^T dS^T (query columns [c0, c0 + columns), into
 /// `dq_t`, the query tile's D_rows x kQueryTile accumulator) on the bf16 units, from the fp32 P^T and dS^T rows
-/// rounded to bf16. c0 is a multiple of bf16::kDepthGranule, so the query depth rounded up to it stays inside
-/// the tile (the columns past the last query are zeros: score_grad_row writes them).
+/// rounded to bf16. c0 and c0 + columns are multiples of bf16::kDepthGranule, so the query depth rounded up to it
+/// stays inside them (the columns past the last query are zeros: score_grad_row writes them).
 void gradient_products_bf16(const BackwardTilesBf16& t, BackwardScratch<float>& w, int64_t kv_head, int64_t gk,
-                            int64_t h, int64_t gq, int64_t r0, int64_t r1, int64_t c0, int64_t queries, float* dq_t) {
+                            int64_t h, int64_t gq, int64_t r0, int64_t r1, int64_t c0, int64_t columns,
+                            int64_t queries, float* dq_t) {
 #if SEQKERN_BF16_X86  // elsewhere the path is always kFp32: never called
-  const int64_t rows = r1 - r0, m = bf16_rows(t.path, rows), columns = kQueryTile - c0;
+  const int64_t rows = r1 - r0, m = bf16_rows(t.path, rows);
   const int64_t query_depth = bf16::round_up(queries - c0, bf16::kDepthGranule);
   const int64_t key_depth = bf16::round_up(rows, bf16::kDepthGranule);  // r0 + key_depth <= kKeyTile
   for (int64_t r = r0; r < r0 + key_depth; ++r) {
@@ -1174,11 +1182,12 @@ void gradient_products_bf16(const BackwardTilesBf16& t, BackwardScratch<float>& 
   bf16::gemm(t.path, t.dim_rows, columns, key_depth, t.kt(kv_head, gk) + r0, kKeyTile, w.g16_pairs.data(),
              2 * columns, dq_t + c0, kQueryTile, /*accumulate=*/true);
 #else
-  (void)t, (void)w, (void)kv_head, (void)gk, (void)h, (void)gq, (void)r0, (void)r1, (void)c0, (void)queries, (void)dq_t;
+  (void)t, (void)w, (void)kv_head, (void)gk, (void)h, (void)gq, (void)r0, (void)r1, (void)c0, (void)columns,
+      (void)queries, (void)dq_t;
 #endif
 }
 
-/// Key rows [r0, r1) of key tile gk against query columns [c0, kQueryTile) of query tile gq (rows i0..,
+/// Key rows [r0, r1) of key tile gk against query columns [c0, column_end(queries)) of query tile gq (rows i0..,
 /// `queries` of them) of head h: recomputes P^T and dP^T; in the delta pass adds their row sums to the worker's,
 /// else forms dS^T, then dV, dK (rows r0..r1) and dQ^T (columns c0..) += their products.
 template <typename S>
@@ -1190,13 +1199,14 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
   const KeyTiles<A>& keys = args.keys;
   const QueryTiles<A>& qs = args.queries;
   const Visibility vis = p.visibility(s);
-  const int64_t rows = r1 - r0, columns = kQueryTile - c0, depth = queries - c0;
+  const int64_t rows = r1 - r0, columns = args.column_end(queries) - c0, depth = queries - c0;
   const int64_t dim_pad = qs.dim_pad, dim_v_pad = keys.dim_v_pad;
   A* probs = w.probs.data() + r0 * kQueryTile + c0;
   A* grads = w.grads.data() + r0 * kQueryTile + c0;
   A* dq_t = w.dq_t.data() + (h * p.q_tiles + gq) * args.dq_rows() * kQueryTile;
   if (args.t16) {  // set only for bf16 storage, whose accumulation dtype is float
-    if constexpr (std::is_same_v<A, float>) score_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, rows, c0);
+    if constexpr (std::is_same_v<A, float>)
+      score_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, rows, c0, columns);
   } else {
     tile_gemm<A, false>(rows, columns, p.dim, keys.k(kv_head, gk) + r0 * p.dim, p.dim, qs.qt(h, gq) + c0, kQueryTile,
                         probs, kQueryTile);
@@ -1215,7 +1225,7 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
   if (delta_pass) return;
   if (args.t16) {
     if constexpr (std::is_same_v<A, float>)
-      gradient_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, r1, c0, queries, dq_t);
+      gradient_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, r1, c0, columns, queries, dq_t);
   } else {
     tile_gemm<A, true>(rows, dim_v_pad, depth, probs, kQueryTile, qs.dout(h, gq) + c0 * dim_v_pad, dim_v_pad,
                        w.dv.data() + r0 * dim_v_pad, dim_v_pad);
