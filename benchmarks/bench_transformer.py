@@ -8,7 +8,9 @@ weights, post-norm, ReLU, batch_first, dropout 0.1, float32 and (both modules in
     seqkern's attention hashes a seed), so "rel diff" compares different random draws there.
 
 Targets (read off the table, not asserted): >= 1.0x torch.nn at the BERT-base shape (d_model 768, 12 heads,
-dim_feedforward 3072, batch 8, 512 tokens), forward and forward+backward.
+dim_feedforward 3072, batch 8, 512 tokens), forward and forward+backward. The small causal layer (64 tokens, head
+dim 32, a causal src_mask as GPT-style models and examples/rnn_vs_transformer.py pass it) is where short sequences
+and masked tiles cost most: its training step was 0.63x torch.nn's before round 18 (NOTES.md).
 """
 from __future__ import annotations
 
@@ -38,21 +40,24 @@ class Shape:
     dim_feedforward: int
     training: bool
     dtype: torch.dtype = DTYPE
+    causal: bool = False  # a causal src_mask with is_causal=True
 
     @property
     def name(self) -> str:
         mode = "fwd+bwd train" if self.training else "fwd eval"
         return (f"{mode} b{self.batch} l{self.length} d{self.d_model} h{self.heads} "
-                f"ff{self.dim_feedforward}{dtype_suffix(self.dtype)}")
+                f"ff{self.dim_feedforward}{' causal' if self.causal else ''}{dtype_suffix(self.dtype)}")
 
 
 def _shapes(batch: int, length: int, d_model: int, heads: int, dim_feedforward: int,
-            dtype: torch.dtype = DTYPE) -> tuple[Shape, Shape]:
-    return tuple(Shape(batch, length, d_model, heads, dim_feedforward, training, dtype) for training in (False, True))
+            dtype: torch.dtype = DTYPE, causal: bool = False) -> tuple[Shape, Shape]:
+    return tuple(Shape(batch, length, d_model, heads, dim_feedforward, training, dtype, causal)
+                 for training in (False, True))
 
 
 BERT_BASE = _shapes(batch=8, length=512, d_model=768, heads=12, dim_feedforward=3072)
 SMALL = _shapes(batch=8, length=128, d_model=256, heads=4, dim_feedforward=1024)
+SMALL_CAUSAL = _shapes(batch=32, length=64, d_model=128, heads=4, dim_feedforward=512, causal=True)
 # bfloat16: the attention's tile products (forward and backward) and torch's GEMMs on the bf16 units.
 BERT_BASE_BF16 = _shapes(batch=8, length=512, d_model=768, heads=12, dim_feedforward=3072, dtype=torch.bfloat16)
 SMALL_BF16 = _shapes(batch=8, length=128, d_model=256, heads=4, dim_feedforward=1024, dtype=torch.bfloat16)
@@ -63,10 +68,10 @@ QUICK = _shapes(batch=2, length=16, d_model=32, heads=2, dim_feedforward=64) + _
 def flops(shape: Shape) -> float:
     """The matmul work: the q/k/v, output and two feed-forward projections (2*N*(4*E*E + 2*E*F) for
     N = batch*length tokens) and the attention's QK^T and PV (4*B*L*L*E). A backward doubles the projections
-    and is 2.5 attention forwards (bench_attention.py's convention)."""
+    and is 2.5 attention forwards (bench_attention.py's convention); a causal mask halves the attention's."""
     tokens = shape.batch * shape.length
     projections = 2 * tokens * (4 * shape.d_model**2 + 2 * shape.d_model * shape.dim_feedforward)
-    attention = 4 * shape.batch * shape.length**2 * shape.d_model
+    attention = 4 * shape.batch * shape.length**2 * shape.d_model / (2 if shape.causal else 1)
     return 3 * projections + 3.5 * attention if shape.training else projections + attention
 
 
@@ -80,10 +85,11 @@ def _layer_call(cls: type[torch.nn.TransformerEncoderLayer], shape: Shape) -> Ca
     layer.train(shape.training)
     generator = torch.Generator().manual_seed(SEED)
     x = torch.randn(shape.batch, shape.length, shape.d_model, generator=generator, dtype=DTYPE).to(shape.dtype)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(shape.length, dtype=shape.dtype) if shape.causal else None
     if not shape.training:
         def forward() -> tuple[Tensor]:
             with torch.no_grad():
-                return (layer(x),)
+                return (layer(x, src_mask=mask, is_causal=shape.causal),)
         return forward
 
     x.requires_grad_()
@@ -91,7 +97,7 @@ def _layer_call(cls: type[torch.nn.TransformerEncoderLayer], shape: Shape) -> Ca
     leaves = (x, *layer.parameters())
 
     def train() -> list[Tensor]:
-        out = layer(x)
+        out = layer(x, src_mask=mask, is_causal=shape.causal)
         # autograd.grad rather than backward(): fresh gradients every call, none accumulating in .grad.
         return [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
     return train
@@ -115,6 +121,7 @@ def _case(shape: Shape) -> Case:
 
 
 def cases(quick: bool = False) -> list[Case]:
-    """BERT-base and a smaller layer, forward and forward+backward, float32 then bfloat16; with `quick` one tiny
-    layer in each dtype."""
-    return [_case(shape) for shape in (QUICK if quick else (*BERT_BASE, *SMALL, *BERT_BASE_BF16, *SMALL_BF16))]
+    """BERT-base, a smaller layer and a small causal one, forward and forward+backward, float32 then bfloat16 (not
+    the causal one); with `quick` one tiny layer in each dtype."""
+    return [_case(shape) for shape in (QUICK if quick else (*BERT_BASE, *SMALL, *SMALL_CAUSAL, *BERT_BASE_BF16,
+                                                             *SMALL_BF16))]
