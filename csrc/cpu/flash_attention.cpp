@@ -1198,12 +1198,13 @@ void gradient_products_bf16(const BackwardTilesBf16& t, BackwardScratch<float>& 
 }
 
 /// Key rows [r0, r1) of key tile gk against query columns [c0, column_end(queries)) of query tile gq (rows i0..,
-/// `queries` of them) of head h: recomputes P^T and dP^T; in the delta pass adds their row sums to the worker's,
-/// else forms dS^T, then dV, dK (rows r0..r1) and dQ^T (columns c0..) += their products.
+/// `queries` of them) of head h: recomputes P^T and dP^T (unless scores_ready: the worker's tiles hold them from
+/// this tile's delta pass); in the delta pass adds their row sums to the worker's, else forms dS^T, then dV, dK
+/// (rows r0..r1) and dQ^T (columns c0..) += their products.
 template <typename S>
 void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
                    int64_t kv_head, int64_t gk, int64_t j0, int64_t gq, int64_t i0, int64_t queries, int64_t r0,
-                   int64_t r1, int64_t c0, bool delta_pass) {
+                   int64_t r1, int64_t c0, bool delta_pass, bool scores_ready) {
   using A = Acc<S>;
   const Problem& p = args.p;
   const KeyTiles<A>& keys = args.keys;
@@ -1214,7 +1215,8 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
   A* probs = w.probs.data() + r0 * kQueryTile + c0;
   A* grads = w.grads.data() + r0 * kQueryTile + c0;
   A* dq_t = w.dq_t.data() + args.dq_tile(h, gq, s) * args.dq_rows() * kQueryTile;
-  if (args.t16) {  // set only for bf16 storage, whose accumulation dtype is float
+  if (scores_ready) {
+  } else if (args.t16) {  // set only for bf16 storage, whose accumulation dtype is float
     if constexpr (std::is_same_v<A, float>)
       score_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, rows, c0, columns);
   } else {
@@ -1252,6 +1254,38 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
   }
 }
 
+/// queries.delta + delta_lo of head h's query tile g, row c = sum / mass (the row's sums of P dP and of P over the
+/// keys it sees, float64; 0 where it sees none). With `renormalize` the saved lse also takes
+/// log(sum of P): the second pass's P = exp(s - lse) is then the softmax of the scores as this backward
+/// recomputes them, rows summing to 1. For bf16, whose forward may form the scores on AMX / AVX512-BF16 with a
+/// different rounding (a score of 3e6 by up to ~1: a saturated row's dV was 100x SDPA's error without it). The
+/// other dtypes' forward forms them exactly as the backward does; there the correction would only add rounding.
+template <typename A>
+void settle_delta(const QueryTiles<A>& queries, int64_t h, int64_t g, int64_t c, double sum, double mass,
+                  bool renormalize) {
+  A& delta = queries.delta(h, g)[c];
+  A& lse_hi = queries.lse(h, g)[c];
+  A& lse_lo = queries.lse_lo(h, g)[c];
+  const double value = mass == 0 ? 0.0 : sum / mass;  // NaN stays NaN
+  delta = static_cast<A>(value);
+  queries.delta_lo(h, g)[c] = std::isfinite(value) ? static_cast<A>(value - static_cast<double>(delta)) : A(0);
+  if (renormalize && mass > 0 && std::isfinite(mass)) {
+    const double lse = static_cast<double>(lse_hi) + static_cast<double>(lse_lo) + std::log(mass);
+    lse_hi = static_cast<A>(lse);
+    lse_lo = static_cast<A>(lse - static_cast<double>(lse_hi));
+  }
+}
+
+/// settle_delta of every query row of head h's query tile g from the sums of one worker, the only one that has
+/// any (see backward_tile).
+template <typename A>
+void settle_tile_deltas(const Problem& p, const BackwardScratch<A>& w, const QueryTiles<A>& queries, int64_t h,
+                        int64_t g, bool renormalize) {
+  const int64_t at = (h * p.q_tiles + g) * kQueryTile;
+  for (int64_t c = 0; c < kQueryTile; ++c)
+    settle_delta(queries, h, g, c, w.delta_sum[at + c], w.mass[at + c], renormalize);
+}
+
 /// grad_q rows [i0, i0 + kQueryTile) of head h in sequence s (those that exist) = scale * dq_t^T, dq_t a dQ^T tile
 /// (dq_rows x kQueryTile).
 template <typename S, typename A>
@@ -1264,8 +1298,10 @@ void store_grad_q_tile(const Problem& p, const Sequence& s, int64_t h, int64_t i
 }
 
 /// Key tile `tile` of kv head h in sequence n: dK, dV of its rows, and its dQ^T contributions (in the delta
-/// pass: its contributions to the row sums of P dP and P only; with item_query_tiles, dQ of the sequence's query
-/// tiles is then complete, and written).
+/// pass: its contributions to the row sums of P dP and P only). With item_query_tiles, the sequence's only key
+/// tile, there is no separate delta pass: each query tile's delta comes from this item's own S^T and dP^T tiles,
+/// which its gradient phase then reuses (5 tile products instead of 7), and dQ of the sequence's query tiles is
+/// complete at the end, and written.
 template <typename S>
 void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int64_t n, int64_t kv_head, int64_t tile,
                    bool delta_pass) {
@@ -1295,13 +1331,22 @@ void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int6
       // groups of kRowGroup key rows, each starting at the vector holding the first query its first row
       // sees: as in the forward, 3/8 of the diagonal tile's products (counted).
       const bool ragged = vis.first_query(j0 + width - 1) - i0 >= kLanes<A>;
-      const int64_t group = ragged ? kRowGroup : width;
-      for (int64_t r0 = 0; r0 < width; r0 += group) {
-        const int64_t first = std::max<int64_t>(0, vis.first_query(j0 + r0) - i0);
-        const int64_t c0 = ragged ? first / args.column_granule() * args.column_granule() : 0;
-        if (c0 < queries)  // else no query of the tile sees these keys
-          backward_rows<S>(args, w, s, h, kv_head, gk, j0, s.q_tile_base + qt, i0, queries, r0,
-                           std::min(width, r0 + group), c0, delta_pass);
+      const int64_t group = ragged ? kRowGroup : width, gq = s.q_tile_base + qt;
+      const auto row_groups = [&](bool delta, bool scores_ready) {
+        for (int64_t r0 = 0; r0 < width; r0 += group) {
+          const int64_t first = std::max<int64_t>(0, vis.first_query(j0 + r0) - i0);
+          const int64_t c0 = ragged ? first / args.column_granule() * args.column_granule() : 0;
+          if (c0 < queries)  // else no query of the tile sees these keys
+            backward_rows<S>(args, w, s, h, kv_head, gk, j0, gq, i0, queries, r0, std::min(width, r0 + group), c0,
+                             delta, scores_ready);
+        }
+      };
+      if (args.item_query_tiles) {
+        row_groups(/*delta=*/true, /*scores_ready=*/false);
+        settle_tile_deltas(p, w, qs, h, gq, /*renormalize=*/std::is_same_v<S, c10::BFloat16>);
+        row_groups(/*delta=*/false, /*scores_ready=*/true);
+      } else {
+        row_groups(delta_pass, /*scores_ready=*/false);
       }
     }
   }
@@ -1337,21 +1382,12 @@ void reduce_grad_q(const Problem& p, const std::vector<const A*>& dq_t, int64_t 
   });
 }
 
-/// queries.delta + delta_lo = (sum over the workers' sums of P dP) / (sum of their sums of P), per query row (0
-/// where no key is seen), added in worker order in float64. With `renormalize` the saved lse also takes
-/// log(sum of P): the second pass's P = exp(s - lse) is then the softmax of the scores as this backward
-/// recomputes them, rows summing to 1. For bf16, whose forward may form the scores on AMX / AVX512-BF16 with a
-/// different rounding (a score of 3e6 by up to ~1: a saturated row's dV was 100x SDPA's error without it). The
-/// other dtypes' forward forms them exactly as the backward does; there the correction would only add rounding.
+/// settle_delta of every query row from the sums of all workers, added in worker order in float64.
 template <typename A>
 void reduce_delta(const Problem& p, const std::vector<std::unique_ptr<BackwardScratch<A>>>& scratch,
                   QueryTiles<A>& queries, bool renormalize) {
   at::parallel_for(0, p.heads * p.q_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      A* delta = queries.delta(item / p.q_tiles, item % p.q_tiles);
-      A* delta_lo = queries.delta_lo(item / p.q_tiles, item % p.q_tiles);
-      A* lse_hi = queries.lse(item / p.q_tiles, item % p.q_tiles);
-      A* lse_lo = queries.lse_lo(item / p.q_tiles, item % p.q_tiles);
+    for (int64_t item = begin; item < end; ++item)
       for (int64_t c = 0; c < kQueryTile; ++c) {
         double sum = 0, mass = 0;
         for (const auto& w : scratch) {
@@ -1359,16 +1395,8 @@ void reduce_delta(const Problem& p, const std::vector<std::unique_ptr<BackwardSc
           sum += w->delta_sum[item * kQueryTile + c];
           mass += w->mass[item * kQueryTile + c];
         }
-        const double value = mass == 0 ? 0.0 : sum / mass;  // NaN stays NaN
-        delta[c] = static_cast<A>(value);
-        delta_lo[c] = std::isfinite(value) ? static_cast<A>(value - static_cast<double>(delta[c])) : A(0);
-        if (renormalize && mass > 0 && std::isfinite(mass)) {
-          const double lse = static_cast<double>(lse_hi[c]) + static_cast<double>(lse_lo[c]) + std::log(mass);
-          lse_hi[c] = static_cast<A>(lse);
-          lse_lo[c] = static_cast<A>(lse - static_cast<double>(lse_hi[c]));
-        }
+        settle_delta(queries, item / p.q_tiles, item % p.q_tiles, c, sum, mass, renormalize);
       }
-    }
   });
 }
 
@@ -1443,8 +1471,10 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   // rowsum(dO * out) carries the rounding of out, ~1 ulp of |dO| |v| (not of |dP|), into every dS: 16-33x
   // SDPA's float32 error on dq in PyTorch's saturated SDPA samples. Costs two of the backward's five tile
   // products again, and the float64 sums.
-  run_pass(/*delta_pass=*/true);
-  reduce_delta(p, scratch, queries, /*renormalize=*/std::is_same_v<S, c10::BFloat16>);
+  if (!args.item_query_tiles) {  // else each item settles its own tiles' deltas (backward_tile)
+    run_pass(/*delta_pass=*/true);
+    reduce_delta(p, scratch, queries, /*renormalize=*/std::is_same_v<S, c10::BFloat16>);
+  }
   run_pass(/*delta_pass=*/false);
   if (args.item_query_tiles) return;  // the items wrote grad_q
   std::vector<const A*> dq_t;
