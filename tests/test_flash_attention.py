@@ -555,6 +555,37 @@ def test_bf16_units_on_saturated_scores_against_sdpa(path, monkeypatch):
                     run(F.scaled_dot_product_attention, torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_one_hot_rows_over_several_key_tiles_have_zero_grad_q(dtype, causal):
+    """Over several key tiles the fp32 / fp64 backward takes delta = dO . O (output_delta) rather than a first pass.
+    On a row whose softmax is exactly one-hot (query i is 60 k_i: its own key scores ~500, the others at least 119
+    below it, their exp exactly 0) dS = P (dP - delta) must be exactly 0, so that grad_q is exactly 0, which it is only
+    because delta repeats the dP^T tile product's arithmetic (summed in another order it was off by an ulp of dP).
+    257 keys: two key tiles, the second partial. Output and gradients also within the rule against float64 (in
+    float64 too, whose delta is the same dot product)."""
+    gen = torch.Generator().manual_seed(5)
+    k = torch.randn(2, 3, 257, 72, generator=gen, dtype=torch.float64)
+    q, v = 60 * k, torch.randn(2, 3, 257, 72, generator=gen, dtype=torch.float64)
+    cotangent = torch.randn(2, 3, 257, 72, generator=gen, dtype=torch.float64)
+
+    def run(attention, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs, is_causal=causal)
+        return {"out": out, **dict(zip(("grad_q", "grad_k", "grad_v"),
+                                       torch.autograd.grad(out, inputs, cotangent.to(dtype))))}
+
+    got = run(seqkern.attention, dtype)
+    if dtype == torch.float32:  # in float64 the other keys' weights, e^-119 and below, are not 0
+        assert torch.count_nonzero(got["grad_q"]) == 0
+    if dtype == torch.float64:  # SDPA in float64 is the oracle itself: the float64 reference is the baseline
+        with seqkern.backend("reference"):
+            baseline = run(seqkern.attention, dtype)
+    else:
+        baseline = run(F.scaled_dot_product_attention, dtype)
+    assert_all_rule(got, baseline, run(F.scaled_dot_product_attention, torch.float64))
+
+
 @pytest.mark.parametrize("path", BF16_PATHS)
 def test_bf16_units_varlen_against_the_reference(path, monkeypatch):
     """Packed sequences of unequal lengths (query and key tiles of several sequences, short last tiles, an empty

@@ -117,11 +117,14 @@ void tile_gemm_columns(int64_t rows, int vectors, int64_t depth, const T* a, int
 /// row blocks inner: the B block (64 x 4 vectors = 16 KB) stays in L1 while A's rows stream past it.
 /// Depth blocking, forward at L = 1024, 8 heads, one thread (CPU time, best of 10): D = 128 49.8 -> 45.5 ms,
 /// D = 64 25.9 -> 24.4 ms (PV has depth kKeyTile = 128).
+/// tile_gemm's depth block: every element of its C is the sum, in order, of one FMA chain from zero per block.
+constexpr int64_t kTileDepthBlock = 64;
+
 template <typename T, bool kAccumulate>
 void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                int64_t ldc) {
   constexpr int L = kLanes<T>;
-  constexpr int64_t kDepthBlock = 64;
+  constexpr int64_t kDepthBlock = kTileDepthBlock;
   for (int64_t col = 0; col < cols; col += 4 * L) {
     const int vectors = static_cast<int>(std::min<int64_t>(4, (cols - col) / L));
     for (int64_t k0 = 0; k0 < std::max<int64_t>(depth, 1); k0 += kDepthBlock) {

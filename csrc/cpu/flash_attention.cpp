@@ -947,10 +947,32 @@ BackwardTilesBf16 pack_backward_keys_bf16(const Problem& p, const at::Tensor& k,
   return t;
 }
 
-/// The query side (QueryTiles; with `t16` its bf16 operand tiles instead of the fp32 ones).
+/// delta of a query tile's rows, dO . O (FlashAttention-2's), for the fp32 / fp64 products: out_t and dot are the
+/// tile's O^T and dO^T (dim_v x kQueryTile). Summed with the very arithmetic of the dP^T tile product (tile_gemm of
+/// V rows by dO^T: per kTileDepthBlock-deep block one FMA chain from zero, the blocks' sums added in order), so a
+/// saturated row, whose output is exactly one value row v_j, gets delta = dP_ij bit for bit and dS = P (dP - delta)
+/// = 0 there, as the first pass's sum of P dP gave it. That pass recomputed S^T and dP^T for every key tile: 2 of
+/// the backward's 7 tile products.
+template <typename A>
+void output_delta(const A* out_t, const A* dot, int64_t dim_v, A* delta) {
+  constexpr int L = kLanes<A>;
+  for (int64_t c = 0; c < kQueryTile; c += L) {
+    Simd<A> total{};
+    for (int64_t k0 = 0; k0 < dim_v; k0 += kTileDepthBlock) {
+      Simd<A> acc{};
+      for (int64_t k = k0; k < std::min(dim_v, k0 + kTileDepthBlock); ++k)
+        acc = fmadd(load_vector(out_t + k * kQueryTile + c), load_vector(dot + k * kQueryTile + c), acc);
+      total = k0 == 0 ? acc : acc + total;
+    }
+    store_vector(delta + c, total);
+  }
+}
+
+/// The query side (QueryTiles; with `t16` its bf16 operand tiles instead of the fp32 ones). With `out` (fp32 / fp64
+/// products only) also each row's delta, output_delta's.
 template <typename S, typename A = Acc<S>>
 QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& lse,
-                           BackwardTilesBf16* t16) {
+                           BackwardTilesBf16* t16, const at::Tensor* out) {
   const int64_t dim_pad = pad_lanes<A>(p.dim), dim_v_pad = pad_lanes<A>(p.dim_v), heads = p.heads, tiles = p.q_tiles;
   const auto operand = [&](int64_t size) { return t16 ? TileArray<A>() : TileArray<A>(heads, tiles, size); };
   QueryTiles<A> t{dim_pad,
@@ -965,6 +987,7 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
                   TileArray<A>(heads, tiles, kQueryTile)};
   const auto owners = tile_owners(p, /*keys=*/false);
   const Rows<const S> q_src(q), do_src(grad_out);
+  const std::optional<Rows<const S>> out_src = out ? std::optional<Rows<const S>>(*out) : std::nullopt;
   const double* lse_data = lse.data_ptr<double>();
   const int64_t lse_s0 = lse.stride(0), lse_s1 = lse.stride(1), lse_s2 = lse.stride(2);
   at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
@@ -980,6 +1003,13 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
         copy_tile<A, S>(t.q(h, g), t.q.tile_size, dim_pad, rows, p.dim, q_row, false);
         copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
         copy_tile<A, S>(t.dout(h, g), t.dout.tile_size, dim_v_pad, rows, p.dim_v, do_row, false);
+        if (out_src) {
+          std::vector<A> out_t(p.dim_v * kQueryTile);
+          copy_tile<A, S>(out_t.data(), out_t.size(), kQueryTile, rows, p.dim_v,
+                          [&](int64_t r) { return (*out_src)(s.batch, h, s.q_begin + i0 + r); }, /*transpose=*/true);
+          output_delta(out_t.data(), t.dot(h, g), p.dim_v, t.delta(h, g));
+          std::fill(t.delta_lo(h, g), t.delta_lo(h, g) + kQueryTile, A(0));
+        }
       } else {
 #if SEQKERN_BF16_X86  // elsewhere the path is always kFp32: t16 is null
         if constexpr (std::is_same_v<S, c10::BFloat16>) {
@@ -1420,7 +1450,7 @@ void zero_grad_q_without_keys(const Problem& p, at::Tensor& grad_q) {
 
 template <typename S>
 void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-              const at::Tensor& v, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
               at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, at::Tensor& grad_scores) {
   using A = Acc<S>;
   // bf16 storage: the five tile products on AMX / AVX512-BF16 where the CPU has them, as the forward's.
@@ -1429,7 +1459,11 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   if (path != bf16::Path::kFp32) t16.emplace(pack_backward_keys_bf16(p, k, v, path));
   const KeyTiles<A> keys = t16 ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
                                : pack_keys<S>(p, k, v, /*with_rows=*/true);
-  QueryTiles<A> queries = pack_queries<S>(p, q, grad_out, lse, t16 ? &*t16 : nullptr);
+  // delta: on the bf16 units a first pass's sums of P dP (their products' rounding is not tile_gemm's, so
+  // output_delta would not match dP bit for bit); with one key tile per sequence from the item's own tiles
+  // (backward_tile); else dO . O as it is packed (output_delta).
+  const bool items_settle_delta = dq_in_items(p), delta_from_output = !t16 && !items_settle_delta;
+  QueryTiles<A> queries = pack_queries<S>(p, q, grad_out, lse, t16 ? &*t16 : nullptr, delta_from_output ? &out : nullptr);
   BackwardArgs<S> args{p,
                        keys,
                        queries,
@@ -1439,7 +1473,7 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
                        grad_scores.numel() > 0 ? grad_scores.data_ptr<S>() : nullptr,
                        t16 ? &*t16 : nullptr};
   if (mask) args.mask.emplace(*mask);
-  if (dq_in_items(p)) {
+  if (items_settle_delta) {
     args.grad_q = grad_q.data_ptr<S>();
     for (const Sequence& s : p.sequences) args.item_query_tiles = std::max(args.item_query_tiles, p.tiles(s.len_q, kQueryTile));
     zero_grad_q_without_keys<S>(p, grad_q);
@@ -1463,15 +1497,16 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
       backward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile, delta_pass);
     });
   };
-  // Pass 1: delta_i = sum_j P_ij dP_ij / sum_j P_ij, an average of the very dP^T values (the same tile_gemm calls,
-  // bitwise) that pass 2 subtracts it from, so dP_ij - delta_i = sum_k w_k (dP_ij - dP_ik) keeps only relative
-  // errors: 0 on a one-hot row, and near-exact on a near-one-hot one since the sums run in float64 (in float32,
-  // delta's own rounding, 1 ulp of |dP|, is all of dP - delta's error there; torch's composed softmax backward
-  // has it too, but then a lucky rounding made SDPA 14x more accurate than us on an OpInfo sample).
-  // rowsum(dO * out) carries the rounding of out, ~1 ulp of |dO| |v| (not of |dP|), into every dS: 16-33x
-  // SDPA's float32 error on dq in PyTorch's saturated SDPA samples. Costs two of the backward's five tile
-  // products again, and the float64 sums.
-  if (!args.item_query_tiles) {  // else each item settles its own tiles' deltas (backward_tile)
+  // Pass 1 (the bf16 units with several key tiles): delta_i = sum_j P_ij dP_ij / sum_j P_ij, an average of the
+  // very dP^T values that pass 2 subtracts it from, so dP_ij - delta_i = sum_k w_k (dP_ij - dP_ik) keeps only
+  // relative errors: 0 on a one-hot row, near-exact on a near-one-hot one (the sums run in float64). The items'
+  // own settling (one key tile) is this average too. output_delta's dO . O (FlashAttention-2's, and SDPA's)
+  // carries the rounding of out, ~1 ulp of |dO| |v|, into every dS; summed in tile_gemm's order it still gives 0 on
+  // an exactly one-hot row (a plain rowsum gave 16-33x SDPA's float32 error on dq in PyTorch's saturated SDPA
+  // samples). Against SDPA's float32 error, float64 oracle, 64 samples of 200-520 keys (saturated to diffuse,
+  // causal or not): gradients at most 1.89x (pass 1's average: 1.57x), median 1.0x. It saves the pass's two products
+  // of seven: fp32 backward at L 1024 d64 0.77x -> 1.05x SDPA, causal 0.92x -> 1.31x (NOTES.md "Round 18").
+  if (!items_settle_delta && !delta_from_output) {
     run_pass(/*delta_pass=*/true);
     reduce_delta(p, scratch, queries, /*renormalize=*/std::is_same_v<S, c10::BFloat16>);
   }
@@ -1509,7 +1544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backw
   at::Tensor grad_scores = want_grad_scores ? at::zeros({p.batch, p.heads, p.len_q, p.len_k}, q.options())
                                             : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attention_backward", [&] {
-    backward<scalar_t>(p, grad_out, q, k, v, lse, attn_mask, grad_q, grad_k, grad_v, grad_scores);
+    backward<scalar_t>(p, grad_out, q, k, v, out, lse, attn_mask, grad_q, grad_k, grad_v, grad_scores);
   });
   return {grad_q, grad_k, grad_v, grad_scores};
 }
