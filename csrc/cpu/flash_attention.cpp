@@ -1245,11 +1245,11 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
   A* probs = w.probs.data() + r0 * kQueryTile + c0;
   A* grads = w.grads.data() + r0 * kQueryTile + c0;
   A* dq_t = w.dq_t.data() + args.dq_tile(h, gq, s) * args.dq_rows() * kQueryTile;
-  if (scores_ready) {
-  } else if (args.t16) {  // set only for bf16 storage, whose accumulation dtype is float
+  const bool units = args.t16 != nullptr;  // set only for bf16 storage, whose accumulation dtype is float
+  if (!scores_ready && units) {
     if constexpr (std::is_same_v<A, float>)
       score_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, rows, c0, columns);
-  } else {
+  } else if (!scores_ready) {
     tile_gemm<A, false>(rows, columns, p.dim, keys.k(kv_head, gk) + r0 * p.dim, p.dim, qs.qt(h, gq) + c0, kQueryTile,
                         probs, kQueryTile);
     tile_gemm<A, false>(rows, columns, p.dim_v, keys.v(kv_head, gk) + r0 * dim_v_pad, dim_v_pad, qs.dot(h, gq) + c0,
