@@ -535,21 +535,26 @@ def test_scores_rising_from_key_tile_to_key_tile(dtype, path, monkeypatch):
     assert_rule(f"lse {path}", ours_lse, lse(low[0], low[1]).to(ours_lse.dtype), lse(q, k))
 
 
+def _outputs_and_gradients(attention, tensors, cotangent, dtype, **options):
+    """{"out", "grad_q", "grad_k", "grad_v"} of attention(q, k, v, **options) on `tensors` (q, k, v) cast to dtype."""
+    inputs = [t.to(dtype).requires_grad_() for t in tensors]
+    out = attention(*inputs, **options)
+    return {"out": out, **dict(zip(("grad_q", "grad_k", "grad_v"),
+                                   torch.autograd.grad(out, inputs, cotangent.to(dtype))))}
+
+
 @pytest.mark.parametrize("path", BF16_PATHS)
 def test_bf16_units_on_saturated_scores_against_sdpa(path, monkeypatch):
     """Scores in the hundreds (one key takes nearly all the weight of a row), odd sizes, causal: output and
     gradients within the rule of SDPA's own bf16 error, against SDPA in float64."""
     monkeypatch.setenv("SEQKERN_BF16_GEMM", path)
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 3, n, 72, generator=gen, dtype=torch.float64) * s
-               for n, s in ((257, 4.0), (257, 4.0), (257, 1.0)))
+    qkv = [torch.randn(2, 3, n, 72, generator=gen, dtype=torch.float64) * s
+           for n, s in ((257, 4.0), (257, 4.0), (257, 1.0))]
     cotangent = torch.randn(2, 3, 257, 72, generator=gen, dtype=torch.float64)
 
     def run(attention, dtype):
-        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        out = attention(*inputs, is_causal=True)
-        return {"out": out, **dict(zip(("grad_q", "grad_k", "grad_v"),
-                                       torch.autograd.grad(out, inputs, cotangent.to(dtype))))}
+        return _outputs_and_gradients(attention, qkv, cotangent, dtype, is_causal=True)
 
     assert_all_rule(run(seqkern.attention, torch.bfloat16), run(F.scaled_dot_product_attention, torch.bfloat16),
                     run(F.scaled_dot_product_attention, torch.float64))
@@ -566,14 +571,11 @@ def test_one_hot_rows_over_several_key_tiles_have_zero_grad_q(dtype, causal):
     float64 too, whose delta is the same dot product)."""
     gen = torch.Generator().manual_seed(5)
     k = torch.randn(2, 3, 257, 72, generator=gen, dtype=torch.float64)
-    q, v = 60 * k, torch.randn(2, 3, 257, 72, generator=gen, dtype=torch.float64)
+    qkv = [60 * k, k, torch.randn(2, 3, 257, 72, generator=gen, dtype=torch.float64)]
     cotangent = torch.randn(2, 3, 257, 72, generator=gen, dtype=torch.float64)
 
     def run(attention, dtype):
-        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        out = attention(*inputs, is_causal=causal)
-        return {"out": out, **dict(zip(("grad_q", "grad_k", "grad_v"),
-                                       torch.autograd.grad(out, inputs, cotangent.to(dtype))))}
+        return _outputs_and_gradients(attention, qkv, cotangent, dtype, is_causal=causal)
 
     got = run(seqkern.attention, dtype)
     if dtype == torch.float32:  # in float64 the other keys' weights, e^-119 and below, are not 0
