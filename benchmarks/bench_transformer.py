@@ -85,7 +85,8 @@ def _layer_call(cls: type[torch.nn.TransformerEncoderLayer], shape: Shape) -> Ca
     layer.train(shape.training)
     generator = torch.Generator().manual_seed(SEED)
     x = torch.randn(shape.batch, shape.length, shape.d_model, generator=generator, dtype=DTYPE).to(shape.dtype)
-    mask = torch.nn.Transformer.generate_square_subsequent_mask(shape.length, dtype=shape.dtype) if shape.causal else None
+    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask
+    mask = causal_mask(shape.length, dtype=shape.dtype) if shape.causal else None
     if not shape.training:
         def forward() -> tuple[Tensor]:
             with torch.no_grad():
