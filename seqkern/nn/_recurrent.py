@@ -318,7 +318,7 @@ class StateFlags:
         return flags
 
 
-# A call without lengths, resets or zoneout (forward's plain calls, run_stack's default): read, never modified.
+# A call without lengths, resets or zoneout (forward's plain calls): read, never modified.
 NO_STATE_FLAGS = StateFlags()
 
 
@@ -377,11 +377,10 @@ def check_resets(module: torch.nn.RNNBase, resets: Tensor | None, x: Tensor, lay
 
 def run_stack(
     module: torch.nn.Module, input: Tensor, states: Sequence[Tensor], run_direction: DirectionFn,
-    batch_sizes: Tensor | None, flags: StateFlags | None = None,
+    batch_sizes: Tensor | None, flags: StateFlags,
 ) -> tuple[Tensor, list[Tensor]]:
     """The layer/direction loop: input (T,B,I), states [(L*D, B, size)] -> output (T,B,D*out), final states; the
     weights in the input's dtype (in_input_dtype)."""
-    flags = flags or NO_STATE_FLAGS
     directions = 2 if module.bidirectional else 1
     # By name, not module._flat_weights: that list keeps the tensors of construction time, which torch.export
     # and torch.func.functional_call swap out (torch.nn.LSTM.forward refreshes it for the same reason).
