@@ -991,6 +991,7 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
   const double* lse_data = lse.data_ptr<double>();
   const int64_t lse_s0 = lse.stride(0), lse_s1 = lse.stride(1), lse_s2 = lse.stride(2);
   at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> out_t(out_src ? p.dim_v * kQueryTile : 0);  // a tile's O^T, for output_delta
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / tiles, g = item % tiles;
       const Sequence& s = p.sequences[owners[g].first];
@@ -1004,7 +1005,6 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
         copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
         copy_tile<A, S>(t.dout(h, g), t.dout.tile_size, dim_v_pad, rows, p.dim_v, do_row, false);
         if (out_src) {
-          std::vector<A> out_t(p.dim_v * kQueryTile);
           copy_tile<A, S>(out_t.data(), out_t.size(), kQueryTile, rows, p.dim_v,
                           [&](int64_t r) { return (*out_src)(s.batch, h, s.q_begin + i0 + r); }, /*transpose=*/true);
           output_delta(out_t.data(), t.dot(h, g), p.dim_v, t.delta(h, g));
@@ -1492,7 +1492,7 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
         scratch[worker] = std::make_unique<BackwardScratch<A>>(
             queries.dim_pad, keys.dim_v_pad,
             (args.item_query_tiles ? p.group * args.item_query_tiles : p.heads * p.q_tiles) * args.dq_rows() * kQueryTile,
-            p.heads * p.q_tiles * kQueryTile, t16.has_value());
+            delta_from_output ? 0 : p.heads * p.q_tiles * kQueryTile, t16.has_value());  // the sums of P dP and P
       const Item& it = items[index];
       backward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile, delta_pass);
     });
