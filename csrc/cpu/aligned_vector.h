@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <new>
+#include <utility>
 #include <vector>
 
 namespace seqkern::cpu {
@@ -31,5 +32,32 @@ struct CacheLineAllocator {
 /// A std::vector on cache-line-aligned storage.
 template <typename T>
 using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
+
+/// CacheLineAllocator whose construct() without arguments default-initializes (leaves floats unwritten) instead of
+/// value-initializing them to zero.
+template <typename T>
+struct UninitializedCacheLineAllocator : CacheLineAllocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitializedCacheLineAllocator<U>;
+  };
+  UninitializedCacheLineAllocator() = default;
+  template <typename U>
+  UninitializedCacheLineAllocator(const UninitializedCacheLineAllocator<U>&) {}  // NOLINT: rebinding
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+/// An AlignedVector whose `ScratchVector<T> v(n)` leaves its n elements unwritten: for scratch every element of
+/// which is written before it is read. Zeroing the attention kernels' per-worker tiles at every call (~300 KB a
+/// worker for a forward and backward) took ~4% of a short-sequence training call (b32 h4 L17; NOTES.md "Round 19").
+template <typename T>
+using ScratchVector = std::vector<T, UninitializedCacheLineAllocator<T>>;
 
 }  // namespace seqkern::cpu

@@ -257,25 +257,70 @@ struct TileArray {
   A* operator()(int64_t h, int64_t g) const { return data + (h * tiles + g) * tile_size; }
 };
 
+/// How far past its last row a product may read a tile's rows (transposed: its columns): the fp32 / fp64 products
+/// round a tile's extent up to their lane count (column_end, pad_lanes), the bf16 units to kDepthGranule (32).
+constexpr int64_t kPadGranule = 32;
+
+/// The padded extent of a tile of `rows` rows along that dimension, `capacity` at most.
+int64_t padded_extent(int64_t rows, int64_t capacity) {
+  return std::min(capacity, (rows + kPadGranule - 1) / kPadGranule * kPadGranule);
+}
+
+#if defined(__AVX512F__)
+/// dst[c * ld + r] = factor * src_row(r)[c] for c < cols and r < pad_lanes(rows), 0 for r >= rows: 16 x 16 blocks
+/// transposed in registers (simd.h). Element by element, packing K^T took 12% of the samples of a one-thread b32 h4
+/// L17 d32 forward, as much as its Q K^T products.
+template <typename RowPtr>
+void transpose_rows(float* dst, int64_t ld, int64_t rows, int64_t cols, const RowPtr& src_row, float factor) {
+  const __m512 scale = _mm512_set1_ps(factor);
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const float* src[16];
+    for (int i = 0; i < 16; ++i) src[i] = r0 + i < rows ? src_row(r0 + i) : nullptr;
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const __mmask16 lanes = cols - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (cols - c0)) - 1);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = src[i] ? _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src[i] + c0), scale) : _mm512_setzero_ps();
+      transpose_16x16(r);
+      for (int64_t c = c0; c < std::min(cols, c0 + 16); ++c) _mm512_storeu_ps(dst + c * ld + r0, r[c - c0]);
+    }
+  }
+}
+#endif
+
 /// The tile of `size` elements at dst: dst[r * ld + c] = factor * src_row(r)[c] for r < rows, c < cols,
-/// converted to A, and 0 everywhere else (the padding); transpose: dst[c * ld + r] instead.
-/// Only a tile with padding is zeroed first (a full one is written whole), and the transpose goes 16 source rows
-/// at a time, so that each destination row receives one whole 64-byte line per pass instead of one element:
-/// element by element, with a memset of every tile first, packing K and V took 2.7% + 0.9% (memset) of the perf
-/// samples of a one-thread fp32 forward at L 1024, d128 run beside SDPA, now 1.5% (the tile products: 27%).
+/// converted to A, and 0 in the padding a product may read: columns [cols, ld) of those rows and the rows up to
+/// padded_extent(rows); transpose: dst[c * ld + r] instead, the padding columns [rows, padded_extent(rows)) of
+/// every row and the rows past cols up to padded_extent. The rest of the tile is left as it was: a sequence of 17
+/// keys zeroed a whole 128-row tile per head and tile kind, most of the time of a b32 h4 L17 forward (NOTES.md
+/// "Round 19"). The transpose goes 16 source rows at a time, so that each destination row receives one whole
+/// 64-byte line per pass instead of one element (packing K and V took 2.7% of the samples of a one-thread fp32
+/// forward at L 1024, d128 run beside SDPA, 1.5% since; the tile products: 27%).
 template <typename A, typename S, typename RowPtr>
 void copy_tile(A* dst, int64_t size, int64_t ld, int64_t rows, int64_t cols, const RowPtr& src_row, bool transpose,
                A factor = A(1)) {
-  if (rows * cols != size) std::fill(dst, dst + size, A(0));
+  const int64_t tile_rows = size / ld;
   if (!transpose) {
     for (int64_t r = 0; r < rows; ++r) {
       const S* src = src_row(r);
-      for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = factor * static_cast<A>(src[c]);
+      A* out = dst + r * ld;
+      for (int64_t c = 0; c < cols; ++c) out[c] = factor * static_cast<A>(src[c]);
+      std::fill(out + cols, out + ld, A(0));
     }
+    std::fill(dst + rows * ld, dst + padded_extent(rows, tile_rows) * ld, A(0));
     return;
   }
+  const int64_t extent = padded_extent(rows, ld);
   constexpr int64_t kRowBlock = 64 / sizeof(A);
   const S* src[kRowBlock];
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float> && std::is_same_v<S, float>) {
+    transpose_rows(dst, ld, rows, cols, src_row, factor);
+    for (int64_t c = 0; c < tile_rows; ++c)
+      std::fill(dst + c * ld + (c < cols ? pad_lanes<A>(rows) : 0), dst + c * ld + extent, A(0));
+    return;
+  }
+#endif
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t n = std::min(kRowBlock, rows - r0);
     for (int64_t i = 0; i < n; ++i) src[i] = src_row(r0 + i);
@@ -284,6 +329,7 @@ void copy_tile(A* dst, int64_t size, int64_t ld, int64_t rows, int64_t cols, con
       for (int64_t i = 0; i < n; ++i) out[i] = factor * static_cast<A>(src[i][c]);
     }
   }
+  for (int64_t c = 0; c < tile_rows; ++c) std::fill(dst + c * ld + (c < cols ? rows : 0), dst + c * ld + extent, A(0));
 }
 
 /// A work item: one tile (of queries in the forward, of keys in the backward) of one head of one sequence.
@@ -476,7 +522,7 @@ KeyTilesBf16 pack_keys_bf16(const Problem& p, const at::Tensor& k, const at::Ten
 /// the probabilities rounded to bf16 (p16) instead of q.
 template <typename A>
 struct ForwardScratch {
-  AlignedVector<A> q, scores, out, row_max, row_sum;
+  ScratchVector<A> q, scores, out, row_max, row_sum;  // each written before it is read
   AlignedVector<bf16::bf16_t> q16, p16;
   ForwardScratch(int64_t dim, int64_t dim_v_pad, const KeyTilesBf16* keys16)
       : q(keys16 ? 0 : kQueryTile * dim), scores(kQueryTile * kKeyTile), out(kQueryTile * dim_v_pad),
@@ -761,9 +807,12 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
   }
   // Q times scale: the scores come out of the GEMM scaled (one rounding of q instead of a multiply per score).
   if (!args.keys16) copy_tile<A, S>(w.q.data(), rows * p.dim, p.dim, rows, p.dim, q_row, false, A(p.scale));
-  std::fill(w.out.begin(), w.out.end(), A(0));
-  std::fill(w.row_max.begin(), w.row_max.end(), -std::numeric_limits<A>::infinity());
-  std::fill(w.row_sum.begin(), w.row_sum.end(), A(0));
+  // The rows the products may touch (the AMX products go by 16-row tiles), not the whole 128-row tile: a
+  // sequence of 17 queries zeroed 8x the output rows it has.
+  const int64_t touched = padded_extent(rows, kQueryTile);
+  std::fill(w.out.begin(), w.out.begin() + touched * dim_v_pad, A(0));
+  std::fill(w.row_max.begin(), w.row_max.begin() + touched, -std::numeric_limits<A>::infinity());
+  std::fill(w.row_sum.begin(), w.row_sum.begin() + touched, A(0));
 
   const bf16::TileScope amx_tiles(args.keys16 ? args.keys16->path : bf16::Path::kFp32);
   // Rows [r0, r1) against key tile kt, up to the last key their last row sees.
@@ -948,15 +997,15 @@ BackwardTilesBf16 pack_backward_keys_bf16(const Problem& p, const at::Tensor& k,
 }
 
 /// delta of a query tile's rows, dO . O (FlashAttention-2's), for the fp32 / fp64 products: out_t and dot are the
-/// tile's O^T and dO^T (dim_v x kQueryTile). Summed with the very arithmetic of the dP^T tile product (tile_gemm of
+/// tile's O^T and dO^T (dim_v x kQueryTile), over the tile's padded columns (a multiple of the lanes). Summed with the very arithmetic of the dP^T tile product (tile_gemm of
 /// V rows by dO^T: per kTileDepthBlock-deep block one FMA chain from zero, the blocks' sums added in order), so a
 /// saturated row, whose output is exactly one value row v_j, gets delta = dP_ij bit for bit and dS = P (dP - delta)
 /// = 0 there, as the first pass's sum of P dP gave it. That pass recomputed S^T and dP^T for every key tile: 2 of
 /// the backward's 7 tile products.
 template <typename A>
-void output_delta(const A* out_t, const A* dot, int64_t dim_v, A* delta) {
+void output_delta(const A* out_t, const A* dot, int64_t dim_v, int64_t columns, A* delta) {
   constexpr int L = kLanes<A>;
-  for (int64_t c = 0; c < kQueryTile; c += L) {
+  for (int64_t c = 0; c < columns; c += L) {
     Simd<A> total{};
     for (int64_t k0 = 0; k0 < dim_v; k0 += kTileDepthBlock) {
       Simd<A> acc{};
@@ -991,7 +1040,7 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
   const double* lse_data = lse.data_ptr<double>();
   const int64_t lse_s0 = lse.stride(0), lse_s1 = lse.stride(1), lse_s2 = lse.stride(2);
   at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> out_t(out_src ? p.dim_v * kQueryTile : 0);  // a tile's O^T, for output_delta
+    ScratchVector<A> out_t(out_src ? p.dim_v * kQueryTile : 0);  // a tile's O^T, for output_delta
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / tiles, g = item % tiles;
       const Sequence& s = p.sequences[owners[g].first];
@@ -1007,7 +1056,7 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
         if (out_src) {
           copy_tile<A, S>(out_t.data(), out_t.size(), kQueryTile, rows, p.dim_v,
                           [&](int64_t r) { return (*out_src)(s.batch, h, s.q_begin + i0 + r); }, /*transpose=*/true);
-          output_delta(out_t.data(), t.dot(h, g), p.dim_v, t.delta(h, g));
+          output_delta(out_t.data(), t.dot(h, g), p.dim_v, padded_extent(rows, kQueryTile), t.delta(h, g));
           std::fill(t.delta_lo(h, g), t.delta_lo(h, g) + kQueryTile, A(0));
         }
       } else {
@@ -1046,7 +1095,8 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
 /// dK) and dS^T in the VNNI layout (g16_pairs: the B of dQ^T).
 template <typename A>
 struct BackwardScratch {
-  AlignedVector<A> probs, grads, dk, dv, dq_t;
+  ScratchVector<A> probs, grads, dk, dv;  // each written before it is read (dk, dv zeroed per key tile)
+  AlignedVector<A> dq_t;
   std::vector<double> delta_sum, mass;
   std::vector<uint32_t> row_keys;
   AlignedVector<bf16::bf16_t> p16, g16, g16_pairs;
@@ -1076,8 +1126,8 @@ struct BackwardArgs {
 
   /// Rows of a dQ^T tile: D (D padded to whole AMX tiles on the bf16 units).
   int64_t dq_rows() const { return t16 ? t16->dim_rows : p.dim; }
-  /// Head h's query tile gq (of sequence s) among a worker's dQ^T tiles: one per (head, query tile) of the
-  /// problem, or with item_query_tiles one per (head of the kv group, query tile of the sequence).
+  /// Head h's query tile gq (of sequence s) among a worker's dQ^T tiles and delta sums: one per (head, query
+  /// tile) of the problem, or with item_query_tiles one per (head of the kv group, query tile of the sequence).
   int64_t dq_tile(int64_t h, int64_t gq, const Sequence& s) const {
     return item_query_tiles ? (h % p.group) * item_query_tiles + (gq - s.q_tile_base) : h * p.q_tiles + gq;
   }
@@ -1163,8 +1213,8 @@ void delta_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Se
   using A = Acc<S>;
   using V = Simd<A>;
   typedef double Wide __attribute__((vector_size(sizeof(double) * kLanes<A>)));
-  double* sum = w.delta_sum.data() + (h * args.p.q_tiles + g) * kQueryTile;
-  double* mass = w.mass.data() + (h * args.p.q_tiles + g) * kQueryTile;
+  double* sum = w.delta_sum.data() + args.dq_tile(h, g, s) * kQueryTile;
+  double* mass = w.mass.data() + args.dq_tile(h, g, s) * kQueryTile;
   score_row<S>(args, w, s, h, g, i0, queries, j, first, last, r, c0, [&](int64_t c, V prob, V, V dp, auto seen) {
     const Wide p = __builtin_convertvector(seen ? prob : V{}, Wide);
     const Wide d = __builtin_convertvector(seen ? dp : V{}, Wide);
@@ -1307,11 +1357,10 @@ void settle_delta(const QueryTiles<A>& queries, int64_t h, int64_t g, int64_t c,
 }
 
 /// settle_delta of every query row of head h's query tile g from the sums of one worker, the only one that has
-/// any (see backward_tile).
+/// any (see backward_tile), at `at` in its buffers.
 template <typename A>
-void settle_tile_deltas(const Problem& p, const BackwardScratch<A>& w, const QueryTiles<A>& queries, int64_t h,
-                        int64_t g, bool renormalize) {
-  const int64_t at = (h * p.q_tiles + g) * kQueryTile;
+void settle_tile_deltas(const BackwardScratch<A>& w, const QueryTiles<A>& queries, int64_t h, int64_t g, int64_t at,
+                        bool renormalize) {
   for (int64_t c = 0; c < kQueryTile; ++c)
     settle_delta(queries, h, g, c, w.delta_sum[at + c], w.mass[at + c], renormalize);
 }
@@ -1344,11 +1393,21 @@ void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int6
   const int64_t j0 = tile * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
   const int64_t gk = s.k_tile_base + tile;
   const bf16::TileScope amx_tiles(args.t16 ? args.t16->path : bf16::Path::kFp32);
-  std::fill(w.dk.begin(), w.dk.end(), A(0));
-  std::fill(w.dv.begin(), w.dv.end(), A(0));
+  const int64_t touched = padded_extent(width, kKeyTile);  // the key rows the products may touch (as the forward's)
+  std::fill(w.dk.begin(), w.dk.begin() + touched * qs.dim_pad, A(0));
+  std::fill(w.dv.begin(), w.dv.begin() + touched * keys.dim_v_pad, A(0));
   const int64_t dq_tile_size = args.dq_rows() * kQueryTile, query_tiles = p.tiles(s.len_q, kQueryTile);
-  if (args.item_query_tiles && !delta_pass)
-    std::fill(w.dq_t.begin(), w.dq_t.begin() + p.group * args.item_query_tiles * dq_tile_size, A(0));
+  if (args.item_query_tiles && !delta_pass) {  // the item's own dQ^T tiles (the columns its queries may touch)
+    const int64_t tiles = p.group * args.item_query_tiles;  // and delta sums
+    for (int64_t h = kv_head * p.group; h < (kv_head + 1) * p.group; ++h)
+      for (int64_t qt = 0; qt < query_tiles; ++qt) {
+        A* dq_t = w.dq_t.data() + args.dq_tile(h, s.q_tile_base + qt, s) * dq_tile_size;
+        const int64_t columns = padded_extent(std::min(kQueryTile, s.len_q - qt * kQueryTile), kQueryTile);
+        for (int64_t row = 0; row < args.dq_rows(); ++row) std::fill_n(dq_t + row * kQueryTile, columns, A(0));
+      }
+    std::fill(w.delta_sum.begin(), w.delta_sum.begin() + tiles * kQueryTile, 0.0);
+    std::fill(w.mass.begin(), w.mass.begin() + tiles * kQueryTile, 0.0);
+  }
 
   const int64_t first_query = vis.first_query(j0), last_query = vis.last_query(j0 + width - 1);
   for (int64_t h = kv_head * p.group; h < (kv_head + 1) * p.group; ++h) {
@@ -1373,7 +1432,8 @@ void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int6
       };
       if (args.item_query_tiles) {
         row_groups(/*delta=*/true, /*scores_ready=*/false);
-        settle_tile_deltas(p, w, qs, h, gq, /*renormalize=*/std::is_same_v<S, c10::BFloat16>);
+        settle_tile_deltas(w, qs, h, gq, args.dq_tile(h, gq, s) * kQueryTile,
+                           /*renormalize=*/std::is_same_v<S, c10::BFloat16>);
         row_groups(/*delta=*/false, /*scores_ready=*/true);
       } else {
         row_groups(delta_pass, /*scores_ready=*/false);
@@ -1486,13 +1546,14 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   const std::vector<Item> items = make_items(p, p.kv_heads, /*key_tiles=*/true, query_tiles_seen);
   const int64_t workers = worker_count(static_cast<int64_t>(items.size()));
   std::vector<std::unique_ptr<BackwardScratch<A>>> scratch(workers);
+  // A worker's dQ^T tiles and delta sums: the items' own (dq_in_items) or one per head and query tile.
+  const int64_t worker_tiles = args.item_query_tiles ? p.group * args.item_query_tiles : p.heads * p.q_tiles;
   const auto run_pass = [&](bool delta_pass) {
     for_each_worker_strided(static_cast<int64_t>(items.size()), [&](int64_t worker, int64_t index) {
       if (!scratch[worker])
         scratch[worker] = std::make_unique<BackwardScratch<A>>(
-            queries.dim_pad, keys.dim_v_pad,
-            (args.item_query_tiles ? p.group * args.item_query_tiles : p.heads * p.q_tiles) * args.dq_rows() * kQueryTile,
-            delta_from_output ? 0 : p.heads * p.q_tiles * kQueryTile, t16.has_value());  // the sums of P dP and P
+            queries.dim_pad, keys.dim_v_pad, worker_tiles * args.dq_rows() * kQueryTile,
+            delta_from_output ? 0 : worker_tiles * kQueryTile, t16.has_value());  // the sums of P dP and P
       const Item& it = items[index];
       backward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile, delta_pass);
     });
