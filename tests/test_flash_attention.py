@@ -234,11 +234,24 @@ def test_empty_inputs(backend, shape):
     assert (out == 0).all() and (k.grad == 0).all()
 
 
-def test_strided_inputs_are_read_in_place():
-    """(B, L, H, D) projections passed as .transpose(1, 2) views, as MultiheadAttention does."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [16, 12])
+@pytest.mark.parametrize("len_q, len_k", [(10, 12), (140, 131)])
+def test_strided_inputs_are_read_in_place(dtype, dim, len_q, len_k):
+    """(B, L, H, D) projections passed as .transpose(1, 2) views, as MultiheadAttention does, and a strided output
+    gradient: the kernels read K, V, Q and dO rows where they lie (D a multiple of the lanes) or copy them (D 12),
+    over one key tile or two; outputs and every gradient as SDPA's."""
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, n, 3, 16, generator=gen).transpose(1, 2) for n in (10, 12, 12))
-    torch.testing.assert_close(seqkern.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    q, k, v = (torch.randn(2, n, 3, dim, generator=gen, dtype=dtype).transpose(1, 2).requires_grad_()
+               for n in (len_q, len_k, len_k))
+    cotangent = torch.randn(2, len_q, 3, dim, generator=gen, dtype=dtype).transpose(1, 2)
+    out = seqkern.attention(q, k, v, is_causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), cotangent)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want_grads = torch.autograd.grad(want, (q, k, v), cotangent)
+    torch.testing.assert_close(out, want)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -332,6 +332,42 @@ void copy_tile(A* dst, int64_t size, int64_t ld, int64_t rows, int64_t cols, con
   for (int64_t c = 0; c < tile_rows; ++c) std::fill(dst + c * ld + (c < cols ? rows : 0), dst + c * ld + extent, A(0));
 }
 
+/// Row tiles of one operand (K, V, Q or dO rows) for each (head, tile): packed (a TileArray, rows `ld` apart), or
+/// read where the input lies when the product needs neither a conversion nor padding (`first`: each tile's first
+/// row; rows `ld` apart, the input's row stride). A product reads exactly the rows and columns it is given: K and
+/// V rows as its A operand (broadcast element by element, depth D / Dv), Q and dO rows as its B (whole vectors:
+/// in place only when D / Dv is a multiple of the lanes). Copying them took ~10% of a b32 h4 L17 backward.
+template <typename A>
+struct RowTiles {
+  int64_t tiles = 0, ld = 0;
+  TileArray<A> packed;          // empty when in place
+  std::vector<const A*> first;  // empty when packed
+
+  RowTiles() = default;
+  /// `heads` x `tiles` tiles of tile_rows rows `ld` apart: packed, or with in_place of rows `stride` apart.
+  RowTiles(int64_t heads, int64_t tiles_, int64_t tile_rows, int64_t packed_ld, bool in_place, int64_t stride)
+      : tiles(tiles_), ld(in_place ? stride : packed_ld) {
+    if (in_place) {
+      first.resize(heads * tiles_);
+    } else {
+      packed = TileArray<A>(heads, tiles_, tile_rows * packed_ld);
+    }
+  }
+  bool in_place() const { return packed.data == nullptr; }
+  /// Tile g of head h: its first row.
+  const A* operator()(int64_t h, int64_t g) const { return in_place() ? first[h * tiles + g] : packed(h, g); }
+  /// Tile g of head h from its `rows` source rows src_row(r) (cols elements each): their address in place, else a
+  /// zero-padded copy.
+  template <typename S, typename RowPtr>
+  void fill(int64_t h, int64_t g, int64_t rows, int64_t cols, const RowPtr& src_row) {
+    if (in_place()) {
+      first[h * tiles + g] = reinterpret_cast<const A*>(src_row(0));
+    } else {
+      copy_tile<A, S>(packed(h, g), packed.tile_size, ld, rows, cols, src_row, /*transpose=*/false);
+    }
+  }
+};
+
 /// A work item: one tile (of queries in the forward, of keys in the backward) of one head of one sequence.
 struct Item {
   int64_t n, head, tile;
@@ -363,19 +399,14 @@ std::vector<Item> make_items(const Problem& p, int64_t heads, bool key_tiles, co
 // ================================================================================================
 // Packed keys (both directions).
 // ================================================================================================
-/// K^T (D x kKeyTile), K (kKeyTile x D; backward only) and V (kKeyTile x Dv_pad) tiles of every kv head
-/// and key tile, zero-padded, in the accumulation dtype. The forward reads V in place where its rows need no
-/// conversion or padding (v_rows: the first key row of each tile, v_stride elements apart); v is then empty.
+/// K^T (D x kKeyTile), K rows (kKeyTile x D; backward only) and V rows (kKeyTile x Dv_pad) of every kv head and
+/// key tile, zero-padded, in the accumulation dtype; the rows read in place where they need neither conversion nor
+/// padding (RowTiles).
 template <typename A>
 struct KeyTiles {
   int64_t dim_v_pad;
-  TileArray<A> kt, k, v;
-  std::vector<const A*> v_rows;
-  int64_t v_stride = 0;
-
-  /// Key tile g's V rows of kv head h, v_row_stride() apart.
-  const A* v_tile(int64_t h, int64_t g) const { return v_rows.empty() ? v(h, g) : v_rows[h * kt.tiles + g]; }
-  int64_t v_row_stride() const { return v_rows.empty() ? dim_v_pad : v_stride; }
+  TileArray<A> kt;
+  RowTiles<A> k, v;
 };
 
 /// How for_each_key_tile deals the packing of the (kv head, key tile) pairs, numbered h * k_tiles + g, to the
@@ -408,27 +439,19 @@ void for_each_key_tile(const Problem& p, const at::Tensor& k, const at::Tensor& 
 template <typename S, typename A = Acc<S>>
 KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool with_rows) {
   const int64_t dim_v_pad = pad_lanes<A>(p.dim_v);
-  // V in place for the forward (with_rows: the backward, which reads padded V tiles): the P V product reads only
-  // a tile's `width` keys, so only a conversion or padding of Dv needs a copy. Packing K^T and V took 3.8% of the
+  // V in place for the forward's P V product (its B: Dv must need no padding) and the backward's dP^T = V dO^T (its
+  // A), K for the backward's S^T = K Q^T: only a conversion needs a copy. Packing K^T and V took 3.8% of the
   // samples of an fp32 L1024 d128 forward; V was half of it.
-  const bool v_in_place = !with_rows && std::is_same_v<S, A> && v.stride(3) == 1 && dim_v_pad == p.dim_v;
-  KeyTiles<A> t{dim_v_pad, TileArray<A>(p.kv_heads, p.k_tiles, p.dim * kKeyTile), TileArray<A>(),
-                v_in_place ? TileArray<A>() : TileArray<A>(p.kv_heads, p.k_tiles, kKeyTile * dim_v_pad)};
-  if (with_rows) t.k = TileArray<A>(p.kv_heads, p.k_tiles, kKeyTile * p.dim);
-  if (v_in_place) {
-    t.v_rows.resize(p.kv_heads * p.k_tiles);
-    t.v_stride = v.stride(2);
-  }
+  const bool same_dtype = std::is_same_v<S, A>;
+  const bool k_in_place = same_dtype && k.stride(3) == 1;
+  const bool v_in_place = same_dtype && v.stride(3) == 1 && (with_rows || dim_v_pad == p.dim_v);
+  KeyTiles<A> t{dim_v_pad, TileArray<A>(p.kv_heads, p.k_tiles, p.dim * kKeyTile), RowTiles<A>(),
+                RowTiles<A>(p.kv_heads, p.k_tiles, kKeyTile, dim_v_pad, v_in_place, v.stride(2))};
+  if (with_rows) t.k = RowTiles<A>(p.kv_heads, p.k_tiles, kKeyTile, p.dim, k_in_place, k.stride(2));
   for_each_key_tile<S>(p, k, v, [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
     copy_tile<A, S>(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*transpose=*/true);
-    if constexpr (std::is_same_v<S, A>) {
-      if (v_in_place) {
-        t.v_rows[h * p.k_tiles + g] = v_row(0);
-        return;  // the backward's K rows are not wanted here (with_rows is false)
-      }
-    }
-    copy_tile<A, S>(t.v(h, g), t.v.tile_size, dim_v_pad, width, p.dim_v, v_row, false);
-    if (with_rows) copy_tile<A, S>(t.k(h, g), t.k.tile_size, p.dim, width, p.dim, k_row, false);
+    t.v.template fill<S>(h, g, width, p.dim_v, v_row);
+    if (with_rows) t.k.template fill<S>(h, g, width, p.dim, k_row);
   });
   return t;
 }
@@ -784,8 +807,8 @@ void forward_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const S
     if (p.dropout) drop_row(row, padded, p.hash, DropoutHash::row_key(head_key, i), j0);
     if (alpha != A(1)) rescale_row(w.out.data() + r * dim_v_pad, dim_v_pad, alpha);
   }
-  tile_gemm<A, true>(r1 - r0, dim_v_pad, width, scores, kKeyTile, args.keys.v_tile(kv_head, g),
-                     args.keys.v_row_stride(), w.out.data() + r0 * dim_v_pad, dim_v_pad);
+  tile_gemm<A, true>(r1 - r0, dim_v_pad, width, scores, kKeyTile, args.keys.v(kv_head, g), args.keys.v.ld,
+                     w.out.data() + r0 * dim_v_pad, dim_v_pad);
 }
 
 /// Query tile `tile` of head h in sequence n: streams its visible key tiles through the online softmax.
@@ -929,17 +952,21 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 // ================================================================================================
 // Backward.
 // ================================================================================================
-/// Q^T (D x kQueryTile), Q (kQueryTile x D_pad), dO^T (Dv x kQueryTile), dO (kQueryTile x Dv_pad) tiles of
-/// every head and query tile, and per row lse = lse_hi + lse_lo (the float64 lse split into two A's, so that
-/// exp((s - lse_hi) - lse_lo) in A keeps its precision; lse_hi = +inf on rows that see nothing, so the
-/// probabilities are 0); zero-padded, in the accumulation dtype. delta = delta_hi + delta_lo (sum_j P dP /
-/// sum_j P per row, summed in float64) is filled by the backward's first pass, which for bf16 also adds
-/// log(sum_j P) to the lse (reduce_delta). On the bf16 units the four operand tiles are BackwardTilesBf16's
-/// instead (these stay empty).
+/// Q^T (D x kQueryTile), Q rows (kQueryTile x D_pad), dO^T (Dv x kQueryTile), dO rows (kQueryTile x Dv_pad; the
+/// rows in place where they need neither conversion nor padding: RowTiles) of every head and query tile, and per
+/// row lse = lse_hi + lse_lo (the float64 lse split into two A's, so that exp((s - lse_hi) - lse_lo) in A keeps its
+/// precision; lse_hi = +inf on rows that see nothing, so the probabilities are 0); zero-padded, in the accumulation
+/// dtype. delta = delta_hi + delta_lo (sum_j P dP / sum_j P per row, summed in float64) is filled by the backward's
+/// first pass, which for bf16 also adds log(sum_j P) to the lse (reduce_delta). On the bf16 units the four operand
+/// tiles are BackwardTilesBf16's instead (these stay empty).
 template <typename A>
 struct QueryTiles {
   int64_t dim_pad, dim_v_pad;
-  TileArray<A> qt, q, dot, dout, lse, lse_lo, delta, delta_lo;
+  TileArray<A> qt;
+  RowTiles<A> q;
+  TileArray<A> dot;
+  RowTiles<A> dout;
+  TileArray<A> lse, lse_lo, delta, delta_lo;
 };
 
 /// The backward's operands for the bf16 units (bf16 storage, gemm_path() not kFp32), copied from the inputs (no
@@ -997,11 +1024,11 @@ BackwardTilesBf16 pack_backward_keys_bf16(const Problem& p, const at::Tensor& k,
 }
 
 /// delta of a query tile's rows, dO . O (FlashAttention-2's), for the fp32 / fp64 products: out_t and dot are the
-/// tile's O^T and dO^T (dim_v x kQueryTile), over the tile's padded columns (a multiple of the lanes). Summed with the very arithmetic of the dP^T tile product (tile_gemm of
-/// V rows by dO^T: per kTileDepthBlock-deep block one FMA chain from zero, the blocks' sums added in order), so a
-/// saturated row, whose output is exactly one value row v_j, gets delta = dP_ij bit for bit and dS = P (dP - delta)
-/// = 0 there, as the first pass's sum of P dP gave it. That pass recomputed S^T and dP^T for every key tile: 2 of
-/// the backward's 7 tile products.
+/// tile's O^T and dO^T (dim_v x kQueryTile), over the tile's `columns` (its padded queries). Summed with the very
+/// arithmetic of the dP^T tile product (tile_gemm of V rows by dO^T: per kTileDepthBlock-deep block one FMA chain
+/// from zero, the blocks' sums added in order), so a saturated row, whose output is exactly one value row v_j, gets
+/// delta = dP_ij bit for bit and dS = P (dP - delta) = 0 there, as the first pass's sum of P dP gave it. That pass
+/// recomputed S^T and dP^T for every key tile: 2 of the backward's 7 tile products.
 template <typename A>
 void output_delta(const A* out_t, const A* dot, int64_t dim_v, int64_t columns, A* delta) {
   constexpr int L = kLanes<A>;
@@ -1024,12 +1051,18 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
                            BackwardTilesBf16* t16, const at::Tensor* out) {
   const int64_t dim_pad = pad_lanes<A>(p.dim), dim_v_pad = pad_lanes<A>(p.dim_v), heads = p.heads, tiles = p.q_tiles;
   const auto operand = [&](int64_t size) { return t16 ? TileArray<A>() : TileArray<A>(heads, tiles, size); };
+  // The rows as the dK += dS^T Q and dV += P^T dO products read them (their B): in place without a conversion or
+  // padding of D / Dv.
+  const auto row_tiles = [&](const at::Tensor& x, int64_t dim, int64_t dim_pad) {
+    const bool in_place = std::is_same_v<S, A> && x.stride(3) == 1 && dim_pad == dim;
+    return t16 ? RowTiles<A>() : RowTiles<A>(heads, tiles, kQueryTile, dim_pad, in_place, x.stride(2));
+  };
   QueryTiles<A> t{dim_pad,
                   dim_v_pad,
                   operand(p.dim * kQueryTile),
-                  operand(kQueryTile * dim_pad),
+                  row_tiles(q, p.dim, dim_pad),
                   operand(p.dim_v * kQueryTile),
-                  operand(kQueryTile * dim_v_pad),
+                  row_tiles(grad_out, p.dim_v, dim_v_pad),
                   TileArray<A>(heads, tiles, kQueryTile),
                   TileArray<A>(heads, tiles, kQueryTile),
                   TileArray<A>(heads, tiles, kQueryTile),
@@ -1050,9 +1083,9 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
       if (t16 == nullptr) {
         // Q^T times scale, as the forward scales Q: S^T comes out of the GEMM with the forward's rounding.
         copy_tile<A, S>(t.qt(h, g), t.qt.tile_size, kQueryTile, rows, p.dim, q_row, /*transpose=*/true, A(p.scale));
-        copy_tile<A, S>(t.q(h, g), t.q.tile_size, dim_pad, rows, p.dim, q_row, false);
+        t.q.template fill<S>(h, g, rows, p.dim, q_row);
         copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
-        copy_tile<A, S>(t.dout(h, g), t.dout.tile_size, dim_v_pad, rows, p.dim_v, do_row, false);
+        t.dout.template fill<S>(h, g, rows, p.dim_v, do_row);
         if (out_src) {
           copy_tile<A, S>(out_t.data(), out_t.size(), kQueryTile, rows, p.dim_v,
                           [&](int64_t r) { return (*out_src)(s.batch, h, s.q_begin + i0 + r); }, /*transpose=*/true);
@@ -1300,9 +1333,9 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
     if constexpr (std::is_same_v<A, float>)
       score_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, rows, c0, columns);
   } else if (!scores_ready) {
-    tile_gemm<A, false>(rows, columns, p.dim, keys.k(kv_head, gk) + r0 * p.dim, p.dim, qs.qt(h, gq) + c0, kQueryTile,
-                        probs, kQueryTile);
-    tile_gemm<A, false>(rows, columns, p.dim_v, keys.v(kv_head, gk) + r0 * dim_v_pad, dim_v_pad, qs.dot(h, gq) + c0,
+    tile_gemm<A, false>(rows, columns, p.dim, keys.k(kv_head, gk) + r0 * keys.k.ld, keys.k.ld, qs.qt(h, gq) + c0,
+                        kQueryTile, probs, kQueryTile);
+    tile_gemm<A, false>(rows, columns, p.dim_v, keys.v(kv_head, gk) + r0 * keys.v.ld, keys.v.ld, qs.dot(h, gq) + c0,
                         kQueryTile, grads, kQueryTile);
   }
   for (int64_t r = r0; r < r1; ++r) {
@@ -1319,9 +1352,9 @@ void backward_rows(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, cons
     if constexpr (std::is_same_v<A, float>)
       gradient_products_bf16(*args.t16, w, kv_head, gk, h, gq, r0, r1, c0, columns, queries, dq_t);
   } else {
-    tile_gemm<A, true>(rows, dim_v_pad, depth, probs, kQueryTile, qs.dout(h, gq) + c0 * dim_v_pad, dim_v_pad,
+    tile_gemm<A, true>(rows, dim_v_pad, depth, probs, kQueryTile, qs.dout(h, gq) + c0 * qs.dout.ld, qs.dout.ld,
                        w.dv.data() + r0 * dim_v_pad, dim_v_pad);
-    tile_gemm<A, true>(rows, dim_pad, depth, grads, kQueryTile, qs.q(h, gq) + c0 * dim_pad, dim_pad,
+    tile_gemm<A, true>(rows, dim_pad, depth, grads, kQueryTile, qs.q(h, gq) + c0 * qs.q.ld, qs.q.ld,
                        w.dk.data() + r0 * dim_pad, dim_pad);
     tile_gemm<A, true>(p.dim, columns, rows, keys.kt(kv_head, gk) + r0, kKeyTile, grads, kQueryTile, dq_t + c0,
                        kQueryTile);
