@@ -267,35 +267,56 @@ int64_t padded_extent(int64_t rows, int64_t capacity) {
 }
 
 #if defined(__AVX512F__)
-/// dst[c * ld + r] = factor * src_row(r)[c] for c < cols and r < pad_lanes(rows), 0 for r >= rows: 16 x 16 blocks
-/// transposed in registers (simd.h). Element by element, packing K^T took 12% of the samples of a one-thread b32 h4
+/// dst[c * ld + r] = factor * src_row(r)[c] for c < cols and r < rows, and with zero_to_lanes 0 for r up to
+/// pad_lanes(rows) (else nothing more is written): 16 x 16 blocks transposed in registers (simd.h). Element by element, packing K^T took 12% of the samples of a one-thread b32 h4
 /// L17 d32 forward, as much as its Q K^T products.
+/// The first min(n, 16) lanes.
+inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
 template <typename RowPtr>
-void transpose_rows(float* dst, int64_t ld, int64_t rows, int64_t cols, const RowPtr& src_row, float factor) {
+void transpose_rows(float* dst, int64_t ld, int64_t rows, int64_t cols, const RowPtr& src_row, float factor,
+                    bool zero_to_lanes) {
   const __m512 scale = _mm512_set1_ps(factor);
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const float* src[16];
     for (int i = 0; i < 16; ++i) src[i] = r0 + i < rows ? src_row(r0 + i) : nullptr;
+    const __mmask16 written = zero_to_lanes ? lane_mask(16) : lane_mask(rows - r0);
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const __mmask16 lanes = cols - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (cols - c0)) - 1);
+      const __mmask16 lanes = lane_mask(cols - c0);
       __m512 r[16];
       for (int i = 0; i < 16; ++i)
         r[i] = src[i] ? _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src[i] + c0), scale) : _mm512_setzero_ps();
       transpose_16x16(r);
-      for (int64_t c = c0; c < std::min(cols, c0 + 16); ++c) _mm512_storeu_ps(dst + c * ld + r0, r[c - c0]);
+      for (int64_t c = c0; c < std::min(cols, c0 + 16); ++c) _mm512_mask_storeu_ps(dst + c * ld + r0, written, r[c - c0]);
     }
   }
 }
 #endif
+
+/// dst[r * ld + c] = 0 for r < rows, c < cols. A short sequence's tiles have a few elements of padding on each of
+/// many rows: as the memset call per row that GCC makes of a fill loop (tree-loop-distribute-patterns), zeroing them
+/// took 8% of a b32 h4 L17 backward's samples.
+template <typename A>
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void zero_rows(A* dst, int64_t rows, int64_t cols,
+                                                                            int64_t ld) {
+  if (rows <= 0 || cols <= 0) return;
+  if (cols == ld) {
+    std::fill(dst, dst + rows * ld, A(0));
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = A(0);
+}
 
 /// The tile of `size` elements at dst: dst[r * ld + c] = factor * src_row(r)[c] for r < rows, c < cols,
 /// converted to A, and 0 in the padding a product may read: columns [cols, ld) of those rows and the rows up to
 /// padded_extent(rows); transpose: dst[c * ld + r] instead, the padding columns [rows, padded_extent(rows)) of
 /// every row and the rows past cols up to padded_extent. The rest of the tile is left as it was: a sequence of 17
 /// keys zeroed a whole 128-row tile per head and tile kind, most of the time of a b32 h4 L17 forward (NOTES.md
-/// "Round 19"). The transpose goes 16 source rows at a time, so that each destination row receives one whole
-/// 64-byte line per pass instead of one element (packing K and V took 2.7% of the samples of a one-thread fp32
-/// forward at L 1024, d128 run beside SDPA, 1.5% since; the tile products: 27%).
+/// "Round 19"). The transpose of fp32 goes by register blocks (transpose_rows), of other dtypes 16 source rows at a
+/// time, so that each destination row receives one whole 64-byte line per pass instead of one element (packing K
+/// and V took 2.7% of the samples of a one-thread fp32 forward at L 1024, d128 run beside SDPA, 1.5% since; the
+/// tile products: 27%).
 template <typename A, typename S, typename RowPtr>
 void copy_tile(A* dst, int64_t size, int64_t ld, int64_t rows, int64_t cols, const RowPtr& src_row, bool transpose,
                A factor = A(1)) {
@@ -305,31 +326,37 @@ void copy_tile(A* dst, int64_t size, int64_t ld, int64_t rows, int64_t cols, con
       const S* src = src_row(r);
       A* out = dst + r * ld;
       for (int64_t c = 0; c < cols; ++c) out[c] = factor * static_cast<A>(src[c]);
-      std::fill(out + cols, out + ld, A(0));
     }
-    std::fill(dst + rows * ld, dst + padded_extent(rows, tile_rows) * ld, A(0));
+    zero_rows(dst + cols, rows, ld - cols, ld);
+    zero_rows(dst + rows * ld, padded_extent(rows, tile_rows) - rows, ld, ld);
     return;
   }
   const int64_t extent = padded_extent(rows, ld);
   constexpr int64_t kRowBlock = 64 / sizeof(A);
-  const S* src[kRowBlock];
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<A, float> && std::is_same_v<S, float>) {
-    transpose_rows(dst, ld, rows, cols, src_row, factor);
-    for (int64_t c = 0; c < tile_rows; ++c)
-      std::fill(dst + c * ld + (c < cols ? pad_lanes<A>(rows) : 0), dst + c * ld + extent, A(0));
-    return;
-  }
+  constexpr bool kRegisterTranspose = std::is_same_v<A, float> && std::is_same_v<S, float>;
+#else
+  constexpr bool kRegisterTranspose = false;
 #endif
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    const int64_t n = std::min(kRowBlock, rows - r0);
-    for (int64_t i = 0; i < n; ++i) src[i] = src_row(r0 + i);
-    for (int64_t c = 0; c < cols; ++c) {
-      A* out = dst + c * ld + r0;
-      for (int64_t i = 0; i < n; ++i) out[i] = factor * static_cast<A>(src[i][c]);
+  int64_t written = rows;  // columns of dst's first `cols` rows written from here on
+  if constexpr (kRegisterTranspose) {
+#if defined(__AVX512F__)
+    transpose_rows(dst, ld, rows, cols, src_row, factor, /*zero_to_lanes=*/true);
+    written = pad_lanes<A>(rows);
+#endif
+  } else {
+    const S* src[kRowBlock];
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+      const int64_t n = std::min(kRowBlock, rows - r0);
+      for (int64_t i = 0; i < n; ++i) src[i] = src_row(r0 + i);
+      for (int64_t c = 0; c < cols; ++c) {
+        A* out = dst + c * ld + r0;
+        for (int64_t i = 0; i < n; ++i) out[i] = factor * static_cast<A>(src[i][c]);
+      }
     }
   }
-  for (int64_t c = 0; c < tile_rows; ++c) std::fill(dst + c * ld + (c < cols ? rows : 0), dst + c * ld + extent, A(0));
+  zero_rows(dst + written, cols, extent - written, ld);
+  zero_rows(dst + cols * ld, tile_rows - cols, extent, ld);
 }
 
 /// Row tiles of one operand (K, V, Q or dO rows) for each (head, tile): packed (a TileArray, rows `ld` apart), or
@@ -1238,26 +1265,42 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
   });
 }
 
+/// Lanes [8 kHalf, 8 kHalf + 8) of x widened to float64 (for double, x itself: kHalf 0).
+template <int kHalf>
+inline Simd<double> widened(Simd<float> x) {
+  typedef float Eight __attribute__((vector_size(32)));
+  const Eight part = __builtin_shufflevector(x, x, 8 * kHalf, 8 * kHalf + 1, 8 * kHalf + 2, 8 * kHalf + 3,
+                                             8 * kHalf + 4, 8 * kHalf + 5, 8 * kHalf + 6, 8 * kHalf + 7);
+  return __builtin_convertvector(part, Simd<double>);
+}
+template <int kHalf>
+inline Simd<double> widened(Simd<double> x) {
+  return x;
+}
+
+/// sum[l] += p[l] d[l], mass[l] += p[l] in float64 for the lanes of half kHalf of p and d (8 lanes).
+template <int kHalf, typename V>
+inline void accumulate_delta_half(V p, V d, double* sum, double* mass) {
+  const Simd<double> wide_p = widened<kHalf>(p);
+  store_vector(sum, load_vector(sum) + wide_p * widened<kHalf>(d));
+  store_vector(mass, load_vector(mass) + wide_p);
+}
+
 /// The first pass's row: per query column, float64 sums of P dP (dropout included) and of P into the worker's
-/// buffers (products of two floats are exact in float64).
+/// buffers (products of two floats are exact in float64). By 8-lane halves: as one 16-lane float64 vector (a
+/// 128-byte GCC vector type) the sums went through the stack, and that row loop was the top of a b32 h4 L17
+/// backward's profile.
 template <typename S>
 void delta_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h, int64_t g,
                int64_t i0, int64_t queries, int64_t j, int64_t first, int64_t last, int64_t r, int64_t c0) {
   using A = Acc<S>;
   using V = Simd<A>;
-  typedef double Wide __attribute__((vector_size(sizeof(double) * kLanes<A>)));
   double* sum = w.delta_sum.data() + args.dq_tile(h, g, s) * kQueryTile;
   double* mass = w.mass.data() + args.dq_tile(h, g, s) * kQueryTile;
   score_row<S>(args, w, s, h, g, i0, queries, j, first, last, r, c0, [&](int64_t c, V prob, V, V dp, auto seen) {
-    const Wide p = __builtin_convertvector(seen ? prob : V{}, Wide);
-    const Wide d = __builtin_convertvector(seen ? dp : V{}, Wide);
-    Wide acc, total;
-    std::memcpy(&acc, sum + c, sizeof(Wide));
-    std::memcpy(&total, mass + c, sizeof(Wide));
-    acc += p * d;
-    total += p;
-    std::memcpy(sum + c, &acc, sizeof(Wide));
-    std::memcpy(mass + c, &total, sizeof(Wide));
+    const V p = seen ? prob : V{}, d = seen ? dp : V{};
+    accumulate_delta_half<0>(p, d, sum + c, mass + c);
+    if constexpr (kLanes<A> == 16) accumulate_delta_half<1>(p, d, sum + c + 8, mass + c + 8);
   });
 }
 
@@ -1403,6 +1446,13 @@ void settle_tile_deltas(const BackwardScratch<A>& w, const QueryTiles<A>& querie
 template <typename S, typename A>
 void store_grad_q_tile(const Problem& p, const Sequence& s, int64_t h, int64_t i0, const A* dq_t, S* grad_q) {
   const int64_t rows = std::min(kQueryTile, s.len_q - i0);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {  // by registers: a dq_t column is strided
+    S* first = grad_q + ((s.batch * p.heads + h) * p.len_q + s.q_begin + i0) * p.dim;
+    return transpose_rows(first, p.dim, p.dim, rows, [&](int64_t c) { return dq_t + c * kQueryTile; }, float(p.scale),
+                          /*zero_to_lanes=*/false);
+  }
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     S* dst = grad_q + ((s.batch * p.heads + h) * p.len_q + s.q_begin + i0 + r) * p.dim;
     for (int64_t c = 0; c < p.dim; ++c) dst[c] = static_cast<S>(dq_t[c * kQueryTile + r] * A(p.scale));
@@ -1436,7 +1486,7 @@ void backward_tile(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, int6
       for (int64_t qt = 0; qt < query_tiles; ++qt) {
         A* dq_t = w.dq_t.data() + args.dq_tile(h, s.q_tile_base + qt, s) * dq_tile_size;
         const int64_t columns = padded_extent(std::min(kQueryTile, s.len_q - qt * kQueryTile), kQueryTile);
-        for (int64_t row = 0; row < args.dq_rows(); ++row) std::fill_n(dq_t + row * kQueryTile, columns, A(0));
+        zero_rows(dq_t, args.dq_rows(), columns, kQueryTile);
       }
     std::fill(w.delta_sum.begin(), w.delta_sum.begin() + tiles * kQueryTile, 0.0);
     std::fill(w.mass.begin(), w.mass.begin() + tiles * kQueryTile, 0.0);
