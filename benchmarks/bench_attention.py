@@ -98,6 +98,9 @@ class DecodeShape:
 FORWARD_SHAPES = tuple(
     Shape(batch=1, heads=8, length=length, head_dim=head_dim, causal=causal)
     for length in (1024, 4096) for head_dim in (64, 128) for causal in (False, True)
+) + (
+    # Short sentences in a batch (inference): per-call and per-head costs against 32x32 score tiles.
+    Shape(batch=32, heads=4, length=32, head_dim=32, causal=False),
 )
 TRAINING_SHAPES = tuple(
     Shape(batch=1, heads=8, length=length, head_dim=64, causal=causal, training=True)
