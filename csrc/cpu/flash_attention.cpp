@@ -267,12 +267,13 @@ int64_t padded_extent(int64_t rows, int64_t capacity) {
 }
 
 #if defined(__AVX512F__)
-/// dst[c * ld + r] = factor * src_row(r)[c] for c < cols and r < rows, and with zero_to_lanes 0 for r up to
-/// pad_lanes(rows) (else nothing more is written): 16 x 16 blocks transposed in registers (simd.h). Element by element, packing K^T took 12% of the samples of a one-thread b32 h4
-/// L17 d32 forward, as much as its Q K^T products.
 /// The first min(n, 16) lanes.
 inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
+/// dst[c * ld + r] = factor * src_row(r)[c] for c < cols and r < rows, and with zero_to_lanes 0 for r up to
+/// pad_lanes(rows) (else nothing more is written): 16 x 16 blocks transposed in registers (simd.h). Element by
+/// element, packing K^T took 12% of the samples of a one-thread b32 h4 L17 d32 forward, as much as its Q K^T
+/// products.
 template <typename RowPtr>
 void transpose_rows(float* dst, int64_t ld, int64_t rows, int64_t cols, const RowPtr& src_row, float factor,
                     bool zero_to_lanes) {
@@ -287,7 +288,8 @@ void transpose_rows(float* dst, int64_t ld, int64_t rows, int64_t cols, const Ro
       for (int i = 0; i < 16; ++i)
         r[i] = src[i] ? _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src[i] + c0), scale) : _mm512_setzero_ps();
       transpose_16x16(r);
-      for (int64_t c = c0; c < std::min(cols, c0 + 16); ++c) _mm512_mask_storeu_ps(dst + c * ld + r0, written, r[c - c0]);
+      for (int64_t c = c0; c < std::min(cols, c0 + 16); ++c)
+        _mm512_mask_storeu_ps(dst + c * ld + r0, written, r[c - c0]);
     }
   }
 }
@@ -311,12 +313,11 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void zero_rows(A* 
 /// The tile of `size` elements at dst: dst[r * ld + c] = factor * src_row(r)[c] for r < rows, c < cols,
 /// converted to A, and 0 in the padding a product may read: columns [cols, ld) of those rows and the rows up to
 /// padded_extent(rows); transpose: dst[c * ld + r] instead, the padding columns [rows, padded_extent(rows)) of
-/// every row and the rows past cols up to padded_extent. The rest of the tile is left as it was: a sequence of 17
-/// keys zeroed a whole 128-row tile per head and tile kind, most of the time of a b32 h4 L17 forward (NOTES.md
-/// "Round 19"). The transpose of fp32 goes by register blocks (transpose_rows), of other dtypes 16 source rows at a
-/// time, so that each destination row receives one whole 64-byte line per pass instead of one element (packing K
-/// and V took 2.7% of the samples of a one-thread fp32 forward at L 1024, d128 run beside SDPA, 1.5% since; the
-/// tile products: 27%).
+/// every row and the rows past cols up to padded_extent. The rest of the tile is left as it was: zeroing the whole
+/// 128-row tile for a sequence of 17 keys took ~10% of a b32 h4 L17 forward's samples (NOTES.md "Round 19"). The
+/// transpose of fp32 goes by register blocks (transpose_rows), of other dtypes 16 source rows at a time, so that
+/// each destination row receives one whole 64-byte line per pass instead of one element (packing K and V took 2.7%
+/// of the samples of a one-thread fp32 forward at L 1024, d128 run beside SDPA, 1.5% since; the tile products: 27%).
 template <typename A, typename S, typename RowPtr>
 void copy_tile(A* dst, int64_t size, int64_t ld, int64_t rows, int64_t cols, const RowPtr& src_row, bool transpose,
                A factor = A(1)) {
@@ -1288,8 +1289,8 @@ inline void accumulate_delta_half(V p, V d, double* sum, double* mass) {
 
 /// The first pass's row: per query column, float64 sums of P dP (dropout included) and of P into the worker's
 /// buffers (products of two floats are exact in float64). By 8-lane halves: as one 16-lane float64 vector (a
-/// 128-byte GCC vector type) the sums went through the stack, and that row loop was the top of a b32 h4 L17
-/// backward's profile.
+/// 128-byte GCC vector type) the sums made a round trip through the stack, whose reload alone took 11% of
+/// backward_rows' samples in a b32 h4 L17 backward.
 template <typename S>
 void delta_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Sequence& s, int64_t h, int64_t g,
                int64_t i0, int64_t queries, int64_t j, int64_t first, int64_t last, int64_t r, int64_t c0) {
