@@ -262,14 +262,9 @@ struct TileArray {
 constexpr int64_t kPadGranule = 32;
 
 /// The padded extent of a tile of `rows` rows along that dimension, `capacity` at most.
-int64_t padded_extent(int64_t rows, int64_t capacity) {
-  return std::min(capacity, (rows + kPadGranule - 1) / kPadGranule * kPadGranule);
-}
+int64_t padded_extent(int64_t rows, int64_t capacity) { return std::min(capacity, bf16::round_up(rows, kPadGranule)); }
 
 #if defined(__AVX512F__)
-/// The first min(n, 16) lanes.
-inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
-
 /// dst[c * ld + r] = factor * src_row(r)[c] for c < cols and r < rows, and with zero_to_lanes 0 for r up to
 /// pad_lanes(rows) (else nothing more is written): 16 x 16 blocks transposed in registers (simd.h). Element by
 /// element, packing K^T took 12% of the samples of a one-thread b32 h4 L17 d32 forward, as much as its Q K^T
@@ -310,6 +305,30 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void zero_rows(A* 
     for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = A(0);
 }
 
+/// dst[c * ld + r] = factor * src_row(r)[c] converted to A for r < rows, c < cols -> the columns of each of those
+/// rows written (fp32 by register blocks: rows rounded up to the lanes, the extra ones 0; else by 16 source rows at
+/// a time: rows).
+template <typename A, typename S, typename RowPtr>
+int64_t transpose_copy(A* dst, int64_t ld, int64_t rows, int64_t cols, const RowPtr& src_row, A factor) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float> && std::is_same_v<S, float>) {
+    transpose_rows(dst, ld, rows, cols, src_row, factor, /*zero_to_lanes=*/true);
+    return pad_lanes<A>(rows);
+  }
+#endif
+  constexpr int64_t kRowBlock = 64 / sizeof(A);
+  const S* src[kRowBlock];
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t n = std::min(kRowBlock, rows - r0);
+    for (int64_t i = 0; i < n; ++i) src[i] = src_row(r0 + i);
+    for (int64_t c = 0; c < cols; ++c) {
+      A* out = dst + c * ld + r0;
+      for (int64_t i = 0; i < n; ++i) out[i] = factor * static_cast<A>(src[i][c]);
+    }
+  }
+  return rows;
+}
+
 /// The tile of `size` elements at dst: dst[r * ld + c] = factor * src_row(r)[c] for r < rows, c < cols,
 /// converted to A, and 0 in the padding a product may read: columns [cols, ld) of those rows and the rows up to
 /// padded_extent(rows); transpose: dst[c * ld + r] instead, the padding columns [rows, padded_extent(rows)) of
@@ -332,30 +351,8 @@ void copy_tile(A* dst, int64_t size, int64_t ld, int64_t rows, int64_t cols, con
     zero_rows(dst + rows * ld, padded_extent(rows, tile_rows) - rows, ld, ld);
     return;
   }
+  const int64_t written = transpose_copy<A, S>(dst, ld, rows, cols, src_row, factor);
   const int64_t extent = padded_extent(rows, ld);
-  constexpr int64_t kRowBlock = 64 / sizeof(A);
-#if defined(__AVX512F__)
-  constexpr bool kRegisterTranspose = std::is_same_v<A, float> && std::is_same_v<S, float>;
-#else
-  constexpr bool kRegisterTranspose = false;
-#endif
-  int64_t written = rows;  // columns of dst's first `cols` rows written from here on
-  if constexpr (kRegisterTranspose) {
-#if defined(__AVX512F__)
-    transpose_rows(dst, ld, rows, cols, src_row, factor, /*zero_to_lanes=*/true);
-    written = pad_lanes<A>(rows);
-#endif
-  } else {
-    const S* src[kRowBlock];
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-      const int64_t n = std::min(kRowBlock, rows - r0);
-      for (int64_t i = 0; i < n; ++i) src[i] = src_row(r0 + i);
-      for (int64_t c = 0; c < cols; ++c) {
-        A* out = dst + c * ld + r0;
-        for (int64_t i = 0; i < n; ++i) out[i] = factor * static_cast<A>(src[i][c]);
-      }
-    }
-  }
   zero_rows(dst + written, cols, extent - written, ld);
   zero_rows(dst + cols * ld, tile_rows - cols, extent, ld);
 }

@@ -319,8 +319,8 @@ inline void load_chunk(const float* src, int n, Simd<float>& a, Simd<float>& b) 
     a = _mm512_loadu_ps(src);
     b = _mm512_loadu_ps(src + 16);
   } else {
-    a = _mm512_maskz_loadu_ps(static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1), src);
-    b = _mm512_maskz_loadu_ps(static_cast<__mmask16>(n <= 16 ? 0 : (1u << (n - 16)) - 1), src + 16);
+    a = _mm512_maskz_loadu_ps(lane_mask(n), src);
+    b = _mm512_maskz_loadu_ps(lane_mask(n - 16), src + 16);
   }
 }
 inline void load_chunk(const c10::BFloat16* src, int n, Simd<float>& a, Simd<float>& b) {

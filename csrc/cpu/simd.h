@@ -426,6 +426,12 @@ struct CellActivations {
 };
 
 #if defined(__x86_64__) || defined(_M_X64)
+/// The mask of the first n lanes of a 16-lane vector (none for n <= 0, all for n >= 16): masked loads and stores of
+/// a row's ragged end.
+inline __mmask16 lane_mask(int64_t n) {
+  return n <= 0 ? __mmask16(0) : n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+}
+
 // ------------------------------------------------------------------------------------------------
 // 16 x 16 transposes of 32-bit elements (packing GEMM operands).
 // ------------------------------------------------------------------------------------------------
