@@ -421,6 +421,13 @@ std::vector<Item> make_items(const Problem& p, int64_t heads, bool key_tiles, co
   return items;
 }
 
+/// Whether every sequence has at most one query tile and one key tile.
+bool single_tiles(const Problem& p) {
+  return std::all_of(p.sequences.begin(), p.sequences.end(), [&](const Sequence& s) {
+    return p.tiles(s.len_q, kQueryTile) <= 1 && p.tiles(s.len_k, kKeyTile) <= 1;
+  });
+}
+
 // ================================================================================================
 // Packed keys (both directions).
 // ================================================================================================
@@ -441,9 +448,19 @@ Runs packing_runs(const Problem& p) {
   return Runs{count, worker_count(count)};
 }
 
-/// Calls fill(h, g, width, k_row, v_row) for every (kv head h, key tile g), in parallel (worker w packs run w of
-/// packing_runs): the tile's `width` keys and k_row(r) / v_row(r), the source rows of its r-th key. What pack_keys
-/// and pack_keys_bf16 share.
+/// Calls fill(h, g, width, k_row, v_row) for kv head h and key tile t of sequence s (g = s.k_tile_base + t, its
+/// global index): the tile's `width` keys and k_row(r) / v_row(r), the source rows of its r-th key.
+template <typename S, typename Fill>
+void key_tile(const Sequence& s, int64_t h, int64_t t, const Rows<const S>& k_src, const Rows<const S>& v_src,
+              const Fill& fill) {
+  const int64_t j0 = t * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
+  const auto k_row = [&](int64_t r) { return k_src(s.batch, h, s.k_begin + j0 + r); };
+  const auto v_row = [&](int64_t r) { return v_src(s.batch, h, s.k_begin + j0 + r); };
+  fill(h, s.k_tile_base + t, width, k_row, v_row);
+}
+
+/// key_tile's fill for every (kv head h, key tile g), in parallel (worker w packs run w of packing_runs). What
+/// pack_keys and pack_keys_bf16 share.
 template <typename S, typename Fill>
 void for_each_key_tile(const Problem& p, const at::Tensor& k, const at::Tensor& v, const Fill& fill) {
   const auto owners = tile_owners(p, /*keys=*/true);
@@ -452,17 +469,14 @@ void for_each_key_tile(const Problem& p, const at::Tensor& k, const at::Tensor& 
   at::parallel_for(0, runs.parts, 1, [&](int64_t first_worker, int64_t end_worker) {
     for (int64_t item = runs.begin(first_worker); item < runs.begin(end_worker); ++item) {
       const int64_t h = item / p.k_tiles, g = item % p.k_tiles;
-      const Sequence& s = p.sequences[owners[g].first];
-      const int64_t j0 = owners[g].second * kKeyTile, width = std::min(kKeyTile, s.len_k - j0);
-      const auto k_row = [&](int64_t r) { return k_src(s.batch, h, s.k_begin + j0 + r); };
-      const auto v_row = [&](int64_t r) { return v_src(s.batch, h, s.k_begin + j0 + r); };
-      fill(h, g, width, k_row, v_row);
+      key_tile(p.sequences[owners[g].first], h, owners[g].second, k_src, v_src, fill);
     }
   });
 }
 
+/// KeyTiles for k and v, allocated and not filled (fill_key_tile fills them); with_rows: the K rows too.
 template <typename S, typename A = Acc<S>>
-KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool with_rows) {
+KeyTiles<A> key_tiles(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool with_rows) {
   const int64_t dim_v_pad = pad_lanes<A>(p.dim_v);
   // V in place for the forward's P V product (its B: Dv must need no padding) and the backward's dP^T = V dO^T (its
   // A), K for the backward's S^T = K Q^T: only a conversion needs a copy. Packing K^T and V took 3.8% of the
@@ -473,10 +487,23 @@ KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v
   KeyTiles<A> t{dim_v_pad, TileArray<A>(p.kv_heads, p.k_tiles, p.dim * kKeyTile), RowTiles<A>(),
                 RowTiles<A>(p.kv_heads, p.k_tiles, kKeyTile, dim_v_pad, v_in_place, v.stride(2))};
   if (with_rows) t.k = RowTiles<A>(p.kv_heads, p.k_tiles, kKeyTile, p.dim, k_in_place, k.stride(2));
+  return t;
+}
+
+/// key_tile's fill of KeyTiles: key tile g of kv head h, `width` keys.
+template <typename S, typename A, typename KRow, typename VRow>
+void fill_key_tile(const Problem& p, KeyTiles<A>& t, int64_t h, int64_t g, int64_t width, const KRow& k_row,
+                   const VRow& v_row) {
+  copy_tile<A, S>(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*transpose=*/true);
+  t.v.template fill<S>(h, g, width, p.dim_v, v_row);
+  if (t.k.tiles > 0) t.k.template fill<S>(h, g, width, p.dim, k_row);
+}
+
+template <typename S, typename A = Acc<S>>
+KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool with_rows) {
+  KeyTiles<A> t = key_tiles<S>(p, k, v, with_rows);
   for_each_key_tile<S>(p, k, v, [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
-    copy_tile<A, S>(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*transpose=*/true);
-    t.v.template fill<S>(h, g, width, p.dim_v, v_row);
-    if (with_rows) t.k.template fill<S>(h, g, width, p.dim, k_row);
+    fill_key_tile<S>(p, t, h, g, width, k_row, v_row);
   });
   return t;
 }
@@ -547,18 +574,30 @@ SEQKERN_TARGET_BF16 void pack_v_vnni(bf16::bf16_t* dst, int64_t cols, int64_t pa
 }
 #endif
 
+/// KeyTilesBf16 allocated, not filled (fill_key_tile_bf16 fills it).
+KeyTilesBf16 key_tiles_bf16(const Problem& p, bf16::Path path, int64_t dim_v_pad) {
+  const int64_t dim_pad = bf16::round_up(std::max<int64_t>(p.dim, 1), bf16::kDepthGranule);
+  return KeyTilesBf16{path, dim_pad, TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, dim_pad * kKeyTile),
+                      TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, kKeyTile * dim_v_pad)};
+}
+
+/// key_tile's fill of KeyTilesBf16: K^T and V of key tile g of kv head h, `width` keys.
+template <typename KRow, typename VRow>
+void fill_key_tile_bf16(const Problem& p, KeyTilesBf16& t, int64_t h, int64_t g, int64_t width, const KRow& k_row,
+                        const VRow& v_row) {
+#if SEQKERN_BF16_X86  // elsewhere the path is always kFp32: never called
+  pack_kt_vnni(t.kt(h, g), kKeyTile, t.dim_pad / 2, width, p.dim, k_row);
+  pack_v_vnni(t.v(h, g), t.v.tile_size / kKeyTile, kKeyTile / 2, width, p.dim_v, v_row);
+#endif
+}
+
 KeyTilesBf16 pack_keys_bf16(const Problem& p, const at::Tensor& k, const at::Tensor& v, bf16::Path path,
                             int64_t dim_v_pad) {
-  const int64_t dim_pad = bf16::round_up(std::max<int64_t>(p.dim, 1), bf16::kDepthGranule);
-  KeyTilesBf16 t{path, dim_pad, TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, dim_pad * kKeyTile),
-                 TileArray<bf16::bf16_t>(p.kv_heads, p.k_tiles, kKeyTile * dim_v_pad)};
-#if SEQKERN_BF16_X86  // elsewhere the path is always kFp32: never called
+  KeyTilesBf16 t = key_tiles_bf16(p, path, dim_v_pad);
   for_each_key_tile<bf16::bf16_t>(
       p, k, v, [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
-        pack_kt_vnni(t.kt(h, g), kKeyTile, dim_pad / 2, width, p.dim, k_row);
-        pack_v_vnni(t.v(h, g), dim_v_pad, kKeyTile / 2, width, p.dim_v, v_row);
+        fill_key_tile_bf16(p, t, h, g, width, k_row, v_row);
       });
-#endif
   return t;
 }
 
@@ -920,10 +959,28 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   // multiplies and accumulates in fp16 (no fp16 x fp16 -> fp32 dot product before AMX-FP16), and fp16
   // accumulation would break the correctness rule.
   const bf16::Path path = std::is_same_v<S, c10::BFloat16> ? bf16::gemm_path() : bf16::Path::kFp32;
+  // One query tile and one key tile per sequence and one query head per kv head: each key tile has one reader, the
+  // item of its head, which packs the tile itself inside the items' parallel region (one region instead of two).
+  const bool items_pack = p.group == 1 && single_tiles(p);
   std::optional<KeyTilesBf16> keys16;
-  if (path != bf16::Path::kFp32) keys16.emplace(pack_keys_bf16(p, k, v, path, pad_lanes<A>(p.dim_v)));
-  const KeyTiles<A> keys = keys16 ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
+  if (path != bf16::Path::kFp32)
+    keys16.emplace(items_pack ? key_tiles_bf16(p, path, pad_lanes<A>(p.dim_v))
+                              : pack_keys_bf16(p, k, v, path, pad_lanes<A>(p.dim_v)));
+  KeyTiles<A> keys = keys16       ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
+                     : items_pack ? key_tiles<S>(p, k, v, /*with_rows=*/false)
                                   : pack_keys<S>(p, k, v, /*with_rows=*/false);
+  const Rows<const S> k_src(k), v_src(v);
+  const auto pack_item = [&](const Item& it) {
+    const Sequence& s = p.sequences[it.n];
+    if (s.len_k == 0) return;  // no key tile
+    key_tile<S>(s, it.head, /*t=*/0, k_src, v_src,
+                [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
+                  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+                    if (keys16) return fill_key_tile_bf16(p, *keys16, h, g, width, k_row, v_row);
+                  }
+                  fill_key_tile<S>(p, keys, h, g, width, k_row, v_row);
+                });
+  };
   ForwardArgs<S> args{p, keys, Rows<const S>(q), std::nullopt, out.data_ptr<S>(), lse.data_ptr<double>(),
                       keys16 ? &*keys16 : nullptr};
   if (mask) args.mask.emplace(*mask);
@@ -938,6 +995,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   const auto body = [&](int64_t worker, int64_t index) {
     if (!scratch[worker]) scratch[worker] = std::make_unique<ForwardScratch<A>>(p.dim, keys.dim_v_pad, args.keys16);
     const Item& it = items[index];
+    if (items_pack) pack_item(it);
     forward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile);
   };
   // An item's home is the worker that packed its head's first key tile of its sequence, whose cache holds the
@@ -1012,8 +1070,8 @@ struct BackwardTilesBf16 {
   TileArray<bf16::bf16_t> k, v, kt, qt, dot, q, dout;
 };
 
-/// The key side of BackwardTilesBf16 packed, its query side allocated (pack_queries fills it).
-BackwardTilesBf16 pack_backward_keys_bf16(const Problem& p, const at::Tensor& k, const at::Tensor& v, bf16::Path path) {
+/// BackwardTilesBf16 allocated, not filled (fill_backward_key_tile_bf16, fill_query_tile fill it).
+BackwardTilesBf16 backward_tiles_bf16(const Problem& p, bf16::Path path) {
   using bf16::round_up;
   const int64_t depth = round_up(std::max<int64_t>(p.dim, 1), bf16::kDepthGranule);
   const int64_t depth_v = round_up(std::max<int64_t>(p.dim_v, 1), bf16::kDepthGranule);
@@ -1033,17 +1091,30 @@ BackwardTilesBf16 pack_backward_keys_bf16(const Problem& p, const at::Tensor& k,
                       Tiles(p.heads, p.q_tiles, depth_v * kQueryTile),
                       Tiles(p.heads, p.q_tiles, kQueryTile * dim_cols),
                       Tiles(p.heads, p.q_tiles, kQueryTile * dim_v_cols)};
-  // Plain copies as 16-bit patterns (copy_tile in c10::BFloat16 would round-trip every value through float).
+  return t;
+}
+
+/// key_tile's fill of BackwardTilesBf16: the K, V and K^T tiles of key tile g of kv head h. Plain copies as 16-bit
+/// patterns (copy_tile in c10::BFloat16 would round-trip every value through float).
+template <typename KRow, typename VRow>
+void fill_backward_key_tile_bf16(const Problem& p, BackwardTilesBf16& t, int64_t h, int64_t g, int64_t width,
+                                 const KRow& k_row, const VRow& v_row) {
+  const auto k_bits = [&](int64_t r) { return reinterpret_cast<const uint16_t*>(k_row(r)); };
+  const auto v_bits = [&](int64_t r) { return reinterpret_cast<const uint16_t*>(v_row(r)); };
+  copy_tile<uint16_t, uint16_t>(reinterpret_cast<uint16_t*>(t.k(h, g)), t.k.tile_size, t.depth, width, p.dim, k_bits,
+                                /*transpose=*/false);
+  copy_tile<uint16_t, uint16_t>(reinterpret_cast<uint16_t*>(t.v(h, g)), t.v.tile_size, t.depth_v, width, p.dim_v,
+                                v_bits, /*transpose=*/false);
+  copy_tile<uint16_t, uint16_t>(reinterpret_cast<uint16_t*>(t.kt(h, g)), t.kt.tile_size, kKeyTile, width, p.dim,
+                                k_bits, /*transpose=*/true);
+}
+
+/// The key side of BackwardTilesBf16 packed, its query side allocated (pack_queries fills it).
+BackwardTilesBf16 pack_backward_keys_bf16(const Problem& p, const at::Tensor& k, const at::Tensor& v, bf16::Path path) {
+  BackwardTilesBf16 t = backward_tiles_bf16(p, path);
   for_each_key_tile<bf16::bf16_t>(
       p, k, v, [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
-        const auto k_bits = [&](int64_t r) { return reinterpret_cast<const uint16_t*>(k_row(r)); };
-        const auto v_bits = [&](int64_t r) { return reinterpret_cast<const uint16_t*>(v_row(r)); };
-        copy_tile<uint16_t, uint16_t>(reinterpret_cast<uint16_t*>(t.k(h, g)), t.k.tile_size, depth, width, p.dim,
-                                      k_bits, /*transpose=*/false);
-        copy_tile<uint16_t, uint16_t>(reinterpret_cast<uint16_t*>(t.v(h, g)), t.v.tile_size, depth_v, width, p.dim_v,
-                                      v_bits, /*transpose=*/false);
-        copy_tile<uint16_t, uint16_t>(reinterpret_cast<uint16_t*>(t.kt(h, g)), t.kt.tile_size, kKeyTile, width, p.dim,
-                                      k_bits, /*transpose=*/true);
+        fill_backward_key_tile_bf16(p, t, h, g, width, k_row, v_row);
       });
   return t;
 }
@@ -1069,11 +1140,10 @@ void output_delta(const A* out_t, const A* dot, int64_t dim_v, int64_t columns, 
   }
 }
 
-/// The query side (QueryTiles; with `t16` its bf16 operand tiles instead of the fp32 ones). With `out` (fp32 / fp64
-/// products only) also each row's delta, output_delta's.
+/// The query side allocated, not filled (fill_query_tile fills it): QueryTiles, whose fp32 operand tiles stay empty
+/// with `t16` (its bf16 ones take their place).
 template <typename S, typename A = Acc<S>>
-QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& lse,
-                           BackwardTilesBf16* t16, const at::Tensor* out) {
+QueryTiles<A> query_tiles(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, bool t16) {
   const int64_t dim_pad = pad_lanes<A>(p.dim), dim_v_pad = pad_lanes<A>(p.dim_v), heads = p.heads, tiles = p.q_tiles;
   const auto operand = [&](int64_t size) { return t16 ? TileArray<A>() : TileArray<A>(heads, tiles, size); };
   // The rows as the dK += dS^T Q and dV += P^T dO products read them (their B): in place without a conversion or
@@ -1082,65 +1152,92 @@ QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tens
     const bool in_place = std::is_same_v<S, A> && x.stride(3) == 1 && dim_pad == dim;
     return t16 ? RowTiles<A>() : RowTiles<A>(heads, tiles, kQueryTile, dim_pad, in_place, x.stride(2));
   };
-  QueryTiles<A> t{dim_pad,
-                  dim_v_pad,
-                  operand(p.dim * kQueryTile),
-                  row_tiles(q, p.dim, dim_pad),
-                  operand(p.dim_v * kQueryTile),
-                  row_tiles(grad_out, p.dim_v, dim_v_pad),
-                  TileArray<A>(heads, tiles, kQueryTile),
-                  TileArray<A>(heads, tiles, kQueryTile),
-                  TileArray<A>(heads, tiles, kQueryTile),
-                  TileArray<A>(heads, tiles, kQueryTile)};
-  const auto owners = tile_owners(p, /*keys=*/false);
-  const Rows<const S> q_src(q), do_src(grad_out);
-  const std::optional<Rows<const S>> out_src = out ? std::optional<Rows<const S>>(*out) : std::nullopt;
-  const double* lse_data = lse.data_ptr<double>();
-  const int64_t lse_s0 = lse.stride(0), lse_s1 = lse.stride(1), lse_s2 = lse.stride(2);
-  at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
-    ScratchVector<A> out_t(out_src ? p.dim_v * kQueryTile : 0);  // a tile's O^T, for output_delta
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item / tiles, g = item % tiles;
-      const Sequence& s = p.sequences[owners[g].first];
-      const int64_t i0 = owners[g].second * kQueryTile, rows = std::min(kQueryTile, s.len_q - i0);
-      const auto q_row = [&](int64_t r) { return q_src(s.batch, h, s.q_begin + i0 + r); };
-      const auto do_row = [&](int64_t r) { return do_src(s.batch, h, s.q_begin + i0 + r); };
-      if (t16 == nullptr) {
-        // Q^T times scale, as the forward scales Q: S^T comes out of the GEMM with the forward's rounding.
-        copy_tile<A, S>(t.qt(h, g), t.qt.tile_size, kQueryTile, rows, p.dim, q_row, /*transpose=*/true, A(p.scale));
-        t.q.template fill<S>(h, g, rows, p.dim, q_row);
-        copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
-        t.dout.template fill<S>(h, g, rows, p.dim_v, do_row);
-        if (out_src) {
-          copy_tile<A, S>(out_t.data(), out_t.size(), kQueryTile, rows, p.dim_v,
-                          [&](int64_t r) { return (*out_src)(s.batch, h, s.q_begin + i0 + r); }, /*transpose=*/true);
-          output_delta(out_t.data(), t.dot(h, g), p.dim_v, padded_extent(rows, kQueryTile), t.delta(h, g));
-          std::fill(t.delta_lo(h, g), t.delta_lo(h, g) + kQueryTile, A(0));
-        }
-      } else {
+  return QueryTiles<A>{dim_pad,
+                       dim_v_pad,
+                       operand(p.dim * kQueryTile),
+                       row_tiles(q, p.dim, dim_pad),
+                       operand(p.dim_v * kQueryTile),
+                       row_tiles(grad_out, p.dim_v, dim_v_pad),
+                       TileArray<A>(heads, tiles, kQueryTile),
+                       TileArray<A>(heads, tiles, kQueryTile),
+                       TileArray<A>(heads, tiles, kQueryTile),
+                       TileArray<A>(heads, tiles, kQueryTile)};
+}
+
+/// What fill_query_tile reads: Q, dO, the forward's lse and, for output_delta, its output.
+template <typename S>
+struct QuerySources {
+  Rows<const S> q, dout;
+  std::optional<Rows<const S>> out;
+  const double* lse;
+  int64_t lse_s0, lse_s1, lse_s2;
+
+  QuerySources(const at::Tensor& q_, const at::Tensor& grad_out, const at::Tensor& lse_, const at::Tensor* out_)
+      : q(q_), dout(grad_out), out(out_ ? std::optional<Rows<const S>>(*out_) : std::nullopt),
+        lse(lse_.data_ptr<double>()), lse_s0(lse_.stride(0)), lse_s1(lse_.stride(1)), lse_s2(lse_.stride(2)) {}
+};
+
+/// Query tile t of sequence s for head h (g = s.q_tile_base + t): Q^T, dO^T and the Q / dO rows (with `t16` its
+/// bf16 operand tiles instead), the lse halves and, with src.out, delta (output_delta's; out_t: a worker's
+/// dim_v x kQueryTile scratch).
+template <typename S, typename A>
+void fill_query_tile(const Problem& p, QueryTiles<A>& t, BackwardTilesBf16* t16, const QuerySources<S>& src,
+                     const Sequence& s, int64_t h, int64_t tile, A* out_t) {
+  const int64_t g = s.q_tile_base + tile;
+  const int64_t i0 = tile * kQueryTile, rows = std::min(kQueryTile, s.len_q - i0);
+  const auto q_row = [&](int64_t r) { return src.q(s.batch, h, s.q_begin + i0 + r); };
+  const auto do_row = [&](int64_t r) { return src.dout(s.batch, h, s.q_begin + i0 + r); };
+  if (t16 == nullptr) {
+    // Q^T times scale, as the forward scales Q: S^T comes out of the GEMM with the forward's rounding.
+    copy_tile<A, S>(t.qt(h, g), t.qt.tile_size, kQueryTile, rows, p.dim, q_row, /*transpose=*/true, A(p.scale));
+    t.q.template fill<S>(h, g, rows, p.dim, q_row);
+    copy_tile<A, S>(t.dot(h, g), t.dot.tile_size, kQueryTile, rows, p.dim_v, do_row, /*transpose=*/true);
+    t.dout.template fill<S>(h, g, rows, p.dim_v, do_row);
+    if (src.out) {
+      copy_tile<A, S>(out_t, p.dim_v * kQueryTile, kQueryTile, rows, p.dim_v,
+                      [&](int64_t r) { return (*src.out)(s.batch, h, s.q_begin + i0 + r); }, /*transpose=*/true);
+      output_delta(out_t, t.dot(h, g), p.dim_v, padded_extent(rows, kQueryTile), t.delta(h, g));
+      std::fill(t.delta_lo(h, g), t.delta_lo(h, g) + kQueryTile, A(0));
+    }
+  } else {
 #if SEQKERN_BF16_X86  // elsewhere the path is always kFp32: t16 is null
-        if constexpr (std::is_same_v<S, c10::BFloat16>) {
-          pack_kt_vnni(t16->qt(h, g), kQueryTile, t16->depth / 2, rows, p.dim, q_row);
-          pack_kt_vnni(t16->dot(h, g), kQueryTile, t16->depth_v / 2, rows, p.dim_v, do_row);
-          pack_v_vnni(t16->q(h, g), t16->dim_cols, kQueryTile / 2, rows, p.dim, q_row);
-          pack_v_vnni(t16->dout(h, g), t16->dim_v_cols, kQueryTile / 2, rows, p.dim_v, do_row);
-        }
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      pack_kt_vnni(t16->qt(h, g), kQueryTile, t16->depth / 2, rows, p.dim, q_row);
+      pack_kt_vnni(t16->dot(h, g), kQueryTile, t16->depth_v / 2, rows, p.dim_v, do_row);
+      pack_v_vnni(t16->q(h, g), t16->dim_cols, kQueryTile / 2, rows, p.dim, q_row);
+      pack_v_vnni(t16->dout(h, g), t16->dim_v_cols, kQueryTile / 2, rows, p.dim_v, do_row);
+    }
 #endif
-      }
-      A* row_lse = t.lse(h, g);
-      A* row_lse_lo = t.lse_lo(h, g);
-      for (int64_t r = 0; r < kQueryTile; ++r) {
-        row_lse[r] = std::numeric_limits<A>::infinity();
-        row_lse_lo[r] = 0;
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = s.q_begin + i0 + r;
-        const double value = lse_data[s.batch * lse_s0 + h * lse_s1 + i * lse_s2];
-        if (value != -std::numeric_limits<double>::infinity()) {  // NaN passes on through lse_hi
-          row_lse[r] = static_cast<A>(value);
-          row_lse_lo[r] = std::isfinite(value) ? static_cast<A>(value - static_cast<double>(row_lse[r])) : A(0);
-        }
-      }
+  }
+  A* row_lse = t.lse(h, g);
+  A* row_lse_lo = t.lse_lo(h, g);
+  for (int64_t r = 0; r < kQueryTile; ++r) {
+    row_lse[r] = std::numeric_limits<A>::infinity();
+    row_lse_lo[r] = 0;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = s.q_begin + i0 + r;
+    const double value = src.lse[s.batch * src.lse_s0 + h * src.lse_s1 + i * src.lse_s2];
+    if (value != -std::numeric_limits<double>::infinity()) {  // NaN passes on through lse_hi
+      row_lse[r] = static_cast<A>(value);
+      row_lse_lo[r] = std::isfinite(value) ? static_cast<A>(value - static_cast<double>(row_lse[r])) : A(0);
+    }
+  }
+}
+
+/// The query side (QueryTiles; with `t16` its bf16 operand tiles instead of the fp32 ones), every (head, query tile)
+/// in parallel. With `out` (fp32 / fp64 products only) also each row's delta, output_delta's.
+template <typename S, typename A = Acc<S>>
+QueryTiles<A> pack_queries(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& lse,
+                           BackwardTilesBf16* t16, const at::Tensor* out) {
+  QueryTiles<A> t = query_tiles<S>(p, q, grad_out, t16 != nullptr);
+  const auto owners = tile_owners(p, /*keys=*/false);
+  const QuerySources<S> src(q, grad_out, lse, out);
+  at::parallel_for(0, p.heads * p.q_tiles, 1, [&](int64_t begin, int64_t end) {
+    ScratchVector<A> out_t(out ? p.dim_v * kQueryTile : 0);  // a tile's O^T, for output_delta
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / p.q_tiles, g = item % p.q_tiles;
+      fill_query_tile(p, t, t16, src, p.sequences[owners[g].first], h, owners[g].second, out_t.data());
     }
   });
   return t;
@@ -1596,15 +1693,39 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   using A = Acc<S>;
   // bf16 storage: the five tile products on AMX / AVX512-BF16 where the CPU has them, as the forward's.
   const bf16::Path path = std::is_same_v<S, c10::BFloat16> ? bf16::gemm_path() : bf16::Path::kFp32;
+  // One key tile per sequence (dq_in_items): an item's operands (its kv head's key tile, the query tiles of the heads
+  // of its group) are read by that item alone, so it packs them itself, inside the items' parallel region, right
+  // before its products read them. Else three regions: the keys, the queries, the items.
+  const bool items_pack = dq_in_items(p);
   std::optional<BackwardTilesBf16> t16;
-  if (path != bf16::Path::kFp32) t16.emplace(pack_backward_keys_bf16(p, k, v, path));
-  const KeyTiles<A> keys = t16 ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
-                               : pack_keys<S>(p, k, v, /*with_rows=*/true);
+  if (path != bf16::Path::kFp32)
+    t16.emplace(items_pack ? backward_tiles_bf16(p, path) : pack_backward_keys_bf16(p, k, v, path));
+  KeyTiles<A> keys = t16          ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
+                     : items_pack ? key_tiles<S>(p, k, v, /*with_rows=*/true)
+                                  : pack_keys<S>(p, k, v, /*with_rows=*/true);
   // delta: on the bf16 units a first pass's sums of P dP (their products' rounding is not tile_gemm's, so
   // output_delta would not match dP bit for bit); with one key tile per sequence from the item's own tiles
   // (backward_tile); else dO . O as it is packed (output_delta).
-  const bool items_settle_delta = dq_in_items(p), delta_from_output = !t16 && !items_settle_delta;
-  QueryTiles<A> queries = pack_queries<S>(p, q, grad_out, lse, t16 ? &*t16 : nullptr, delta_from_output ? &out : nullptr);
+  const bool items_settle_delta = items_pack, delta_from_output = !t16 && !items_settle_delta;
+  QueryTiles<A> queries =
+      items_pack ? query_tiles<S>(p, q, grad_out, t16.has_value())
+                 : pack_queries<S>(p, q, grad_out, lse, t16 ? &*t16 : nullptr, delta_from_output ? &out : nullptr);
+  const Rows<const S> k_src(k), v_src(v);
+  const QuerySources<S> query_src(q, grad_out, lse, nullptr);
+  const auto pack_item = [&](const Item& it) {
+    const Sequence& s = p.sequences[it.n];
+    key_tile<S>(s, it.head, it.tile, k_src, v_src,
+                [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
+                  if (t16) {
+                    fill_backward_key_tile_bf16(p, *t16, h, g, width, k_row, v_row);
+                  } else {
+                    fill_key_tile<S>(p, keys, h, g, width, k_row, v_row);
+                  }
+                });
+    for (int64_t h = it.head * p.group; h < (it.head + 1) * p.group; ++h)
+      for (int64_t t = 0; t < p.tiles(s.len_q, kQueryTile); ++t)
+        fill_query_tile<S, A>(p, queries, t16 ? &*t16 : nullptr, query_src, s, h, t, nullptr);
+  };
   BackwardArgs<S> args{p,
                        keys,
                        queries,
@@ -1636,6 +1757,7 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
             queries.dim_pad, keys.dim_v_pad, worker_tiles * args.dq_rows() * kQueryTile,
             delta_from_output ? 0 : worker_tiles * kQueryTile, t16.has_value());  // the sums of P dP and P
       const Item& it = items[index];
+      if (items_pack) pack_item(it);
       backward_tile<S>(args, *scratch[worker], it.n, it.head, it.tile, delta_pass);
     });
   };
