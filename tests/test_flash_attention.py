@@ -39,6 +39,7 @@ CASES = [
     _case(33, 45, dim=512, batch=1, heads=1, causal=True, alignment="bottom_right"),
     _case(9, 500, dim=1024, batch=1, heads=2, kv_heads=1, dim_v=40),
     _case(17, dim=40, heads=2, unbatched=True, mask="bool"),
+    _case(45, 60, dim=32, heads=4, kv_heads=2, causal=True),  # one tile per sequence, grouped heads
 ]
 TRITON_CASES = [
     _case(1, dim=16, heads=2),
@@ -331,10 +332,13 @@ VARLEN_CASES = [
 ]
 
 
+# kv_heads 4 (one query head per kv head) and 2 (groups of two): the CPU kernels pack each item's tiles inside the
+# item where every sequence is one tile (the forward only without groups), and a sequence may have no keys there.
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kv_heads", [2, 4])
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=case_id)
-def test_varlen_matches_a_loop_over_sequences(backend, case):
-    q, k, v, cu_q, cu_k = _varlen_inputs(case["lengths_q"], case["lengths_k"], 4, 2, 16, 8, torch.float32)
+def test_varlen_matches_a_loop_over_sequences(backend, case, kv_heads):
+    q, k, v, cu_q, cu_k = _varlen_inputs(case["lengths_q"], case["lengths_k"], 4, kv_heads, 16, 8, torch.float32)
     options = dict(is_causal=case["causal"], enable_gqa=True, window_size=case["window"],
                    causal_alignment=case["alignment"])
     with seqkern.backend(backend):
