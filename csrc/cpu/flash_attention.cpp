@@ -32,7 +32,9 @@
 //
 // Work is spread over at::parallel_for's threads: the forward's items are pulled from counters, each worker's
 // own first (for_each_worker_homed, attention.h: the items whose keys it packed), so the unequal items of causal
-// attention balance themselves; the backward's are dealt round-robin from the same decreasing-cost order.
+// attention balance themselves; the backward's are dealt round-robin from the same decreasing-cost order. K, V (and in
+// the backward Q, dO) are packed into tiles first, in a parallel region of their own; where each tile has one reader
+// (one tile per sequence: the backward always, the forward without grouped heads), each item packs its own instead.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -1716,11 +1718,10 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
     const Sequence& s = p.sequences[it.n];
     key_tile<S>(s, it.head, it.tile, k_src, v_src,
                 [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
-                  if (t16) {
-                    fill_backward_key_tile_bf16(p, *t16, h, g, width, k_row, v_row);
-                  } else {
-                    fill_key_tile<S>(p, keys, h, g, width, k_row, v_row);
+                  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+                    if (t16) return fill_backward_key_tile_bf16(p, *t16, h, g, width, k_row, v_row);
                   }
+                  fill_key_tile<S>(p, keys, h, g, width, k_row, v_row);
                 });
     for (int64_t h = it.head * p.group; h < (it.head + 1) * p.group; ++h)
       for (int64_t t = 0; t < p.tiles(s.len_q, kQueryTile); ++t)
