@@ -228,6 +228,14 @@ struct Rows {
   T* operator()(int64_t b, int64_t h, int64_t i) const { return data + b * s0 + h * s1 + i * s2; }
 };
 
+/// The most tiles (of keys, or of queries) any one sequence has.
+int64_t most_tiles(const Problem& p, bool keys) {
+  int64_t most = 0;
+  for (const Sequence& s : p.sequences)
+    most = std::max(most, keys ? p.tiles(s.len_k, kKeyTile) : p.tiles(s.len_q, kQueryTile));
+  return most;
+}
+
 /// For each global tile index of a sequence family, the sequence it belongs to and its index in it.
 std::vector<std::pair<int64_t, int64_t>> tile_owners(const Problem& p, bool keys) {
   std::vector<std::pair<int64_t, int64_t>> owners;
@@ -421,13 +429,6 @@ std::vector<Item> make_items(const Problem& p, int64_t heads, bool key_tiles, co
       for (const int64_t t : order) items.push_back({static_cast<int64_t>(n), h, t});
   }
   return items;
-}
-
-/// Whether every sequence has at most one query tile and one key tile.
-bool single_tiles(const Problem& p) {
-  return std::all_of(p.sequences.begin(), p.sequences.end(), [&](const Sequence& s) {
-    return p.tiles(s.len_q, kQueryTile) <= 1 && p.tiles(s.len_k, kKeyTile) <= 1;
-  });
 }
 
 // ================================================================================================
@@ -963,7 +964,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   const bf16::Path path = std::is_same_v<S, c10::BFloat16> ? bf16::gemm_path() : bf16::Path::kFp32;
   // One query tile and one key tile per sequence and one query head per kv head: each key tile has one reader, the
   // item of its head, which packs the tile itself inside the items' parallel region (one region instead of two).
-  const bool items_pack = p.group == 1 && single_tiles(p);
+  const bool items_pack = p.group == 1 && most_tiles(p, /*keys=*/false) <= 1 && most_tiles(p, /*keys=*/true) <= 1;
   std::optional<KeyTilesBf16> keys16;
   if (path != bf16::Path::kFp32)
     keys16.emplace(items_pack ? key_tiles_bf16(p, path, pad_lanes<A>(p.dim_v))
@@ -1674,10 +1675,7 @@ void reduce_delta(const Problem& p, const std::vector<std::unique_ptr<BackwardSc
 /// item_query_tiles), where otherwise every worker keeps a dQ^T accumulator of every (head, query tile), zeroed,
 /// then summed across workers: at b32 h4 L64 d32 (fp32, one thread) the zeroing and the sum were 20% of the
 /// backward's samples.
-bool dq_in_items(const Problem& p) {
-  return std::all_of(p.sequences.begin(), p.sequences.end(),
-                     [&](const Sequence& s) { return p.tiles(s.len_k, kKeyTile) <= 1; });
-}
+bool dq_in_items(const Problem& p) { return most_tiles(p, /*keys=*/true) <= 1; }
 
 /// With dq_in_items, grad_q rows of the sequences that have no key at all (no item writes them): zeros.
 template <typename S>
@@ -1738,7 +1736,7 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   if (mask) args.mask.emplace(*mask);
   if (items_settle_delta) {
     args.grad_q = grad_q.data_ptr<S>();
-    for (const Sequence& s : p.sequences) args.item_query_tiles = std::max(args.item_query_tiles, p.tiles(s.len_q, kQueryTile));
+    args.item_query_tiles = most_tiles(p, /*keys=*/false);
     zero_grad_q_without_keys<S>(p, grad_q);
   }
 
