@@ -40,6 +40,8 @@ CASES = [
     _case(9, 500, dim=1024, batch=1, heads=2, kv_heads=1, dim_v=40),
     _case(17, dim=40, heads=2, unbatched=True, mask="bool"),
     _case(45, 60, dim=32, heads=4, kv_heads=2, causal=True),  # one tile per sequence, grouped heads
+    # one key tile, three query tiles, a two-sided window: the key-major forward's row groups and their key ranges
+    _case(300, 100, dim=24, heads=4, kv_heads=2, dim_v=40, window=(50, 10)),
 ]
 TRITON_CASES = [
     _case(1, dim=16, heads=2),

@@ -42,11 +42,12 @@ inline void store_vector(T* p, Simd<T> v) {
 }
 
 /// C[0:MR, 0:NV*L) = A[0:MR, 0:depth) @ B[0:depth, 0:NV*L), or C += that product when kAccumulate.
-/// A and B row-major with leading dims lda, ldb; MR x NV accumulators live in zmm registers (6 x 4 = 24 of
-/// 32), B's row is loaded once per k and each A element is broadcast once. The product is summed from
+/// A and B row-major with leading dims lda, ldb (kTransposedA: A stored as its transpose, A[m, k] at a[k * lda + m]);
+/// MR x NV accumulators live in zmm registers (6 x 4 = 24 of 32), B's row is loaded once per k and each A element
+/// is broadcast once. The product is summed from
 /// zero and added to C at the end, so C, when it accumulates over many tiles (dK, dV over all queries),
 /// sums tile partials (two-level summation) rather than one long fp32 chain.
-template <typename T, int MR, int NV, bool kAccumulate>
+template <typename T, int MR, int NV, bool kAccumulate, bool kTransposedA = false>
 inline void tile_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c, int64_t ldc) {
   using V = Simd<T>;
   constexpr int L = kLanes<T>;
@@ -63,7 +64,7 @@ inline void tile_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, int64_
     for (int v = 0; v < NV; ++v) w[v] = load_vector(b + k * ldb + v * L);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const V a_mk = broadcast(a[m * lda + k]);
+      const V a_mk = broadcast(kTransposedA ? a[k * lda + m] : a[m * lda + k]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[m][v] = fmadd(a_mk, w[v], acc[m][v]);
     }
@@ -77,22 +78,22 @@ inline void tile_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, int64_
     }
 }
 
-template <typename T, int NV, bool kAccumulate>
+template <typename T, int NV, bool kAccumulate, bool kTransposedA>
 inline void tile_kernel_rows(int rows, const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c,
                              int64_t ldc) {
   switch (rows) {
-    case 1: return tile_kernel<T, 1, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
-    case 2: return tile_kernel<T, 2, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
-    case 3: return tile_kernel<T, 3, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
-    case 4: return tile_kernel<T, 4, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
-    case 5: return tile_kernel<T, 5, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
-    default: return tile_kernel<T, 6, NV, kAccumulate>(a, lda, b, ldb, depth, c, ldc);
+    case 1: return tile_kernel<T, 1, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    case 2: return tile_kernel<T, 2, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    case 3: return tile_kernel<T, 3, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    case 4: return tile_kernel<T, 4, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    case 5: return tile_kernel<T, 5, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    default: return tile_kernel<T, 6, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
   }
 }
 
 /// C[:, 0:vectors*L) (+)= A (rows x depth) @ B[:, 0:vectors*L), cut into balanced row blocks of at most
 /// 6 (128 rows -> 18 x 6 + 4 x 5 rather than 21 x 6 + a 2-row straggler).
-template <typename T, bool kAccumulate>
+template <typename T, bool kAccumulate, bool kTransposedA>
 void tile_gemm_columns(int64_t rows, int vectors, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb,
                        T* c, int64_t ldc) {
   constexpr int kMaxRows = 6;
@@ -100,13 +101,13 @@ void tile_gemm_columns(int64_t rows, int vectors, int64_t depth, const T* a, int
   int64_t row = 0;
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int block_rows = static_cast<int>((rows - row + (blocks - blk) - 1) / (blocks - blk));
-    const T* a_blk = a + row * lda;
+    const T* a_blk = kTransposedA ? a + row : a + row * lda;
     T* c_blk = c + row * ldc;
     switch (vectors) {
-      case 1: tile_kernel_rows<T, 1, kAccumulate>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
-      case 2: tile_kernel_rows<T, 2, kAccumulate>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
-      case 3: tile_kernel_rows<T, 3, kAccumulate>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
-      default: tile_kernel_rows<T, 4, kAccumulate>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
+      case 1: tile_kernel_rows<T, 1, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
+      case 2: tile_kernel_rows<T, 2, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
+      case 3: tile_kernel_rows<T, 3, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
+      default: tile_kernel_rows<T, 4, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
     }
     row += block_rows;
   }
@@ -116,12 +117,12 @@ void tile_gemm_columns(int64_t rows, int vectors, int64_t depth, const T* a, int
 /// (flash_attention.cpp's output_delta repeats that arithmetic).
 constexpr int64_t kTileDepthBlock = 64;
 
-/// C (rows x cols) (+)= A (rows x depth) @ B (depth x cols), all row-major; cols a multiple of the lane
-/// count (callers zero-pad their tiles to it). Column chunks of 4 vectors, then depth blocks of 64, outer;
+/// C (rows x cols) (+)= A (rows x depth) @ B (depth x cols), all row-major (kTransposedA: A given as its transpose,
+/// depth x rows with leading dim lda); cols a multiple of the lane count (callers zero-pad their tiles to it). Column chunks of 4 vectors, then depth blocks of 64, outer;
 /// row blocks inner: the B block (64 x 4 vectors = 16 KB) stays in L1 while A's rows stream past it.
 /// Depth blocking, forward at L = 1024, 8 heads, one thread (CPU time, best of 10): D = 128 49.8 -> 45.5 ms,
 /// D = 64 25.9 -> 24.4 ms (PV has depth kKeyTile = 128).
-template <typename T, bool kAccumulate>
+template <typename T, bool kAccumulate, bool kTransposedA = false>
 void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                int64_t ldc) {
   constexpr int L = kLanes<T>;
@@ -130,10 +131,13 @@ void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t ld
     const int vectors = static_cast<int>(std::min<int64_t>(4, (cols - col) / L));
     for (int64_t k0 = 0; k0 < std::max<int64_t>(depth, 1); k0 += kDepthBlock) {
       const int64_t k1 = std::min(depth, k0 + kDepthBlock);
+      const T* a_k0 = kTransposedA ? a + k0 * lda : a + k0;
       if (k0 == 0 && !kAccumulate) {
-        tile_gemm_columns<T, false>(rows, vectors, k1 - k0, a + k0, lda, b + k0 * ldb + col, ldb, c + col, ldc);
+        tile_gemm_columns<T, false, kTransposedA>(rows, vectors, k1 - k0, a_k0, lda, b + k0 * ldb + col, ldb, c + col,
+                                                  ldc);
       } else {
-        tile_gemm_columns<T, true>(rows, vectors, k1 - k0, a + k0, lda, b + k0 * ldb + col, ldb, c + col, ldc);
+        tile_gemm_columns<T, true, kTransposedA>(rows, vectors, k1 - k0, a_k0, lda, b + k0 * ldb + col, ldb, c + col,
+                                                 ldc);
       }
     }
   }

@@ -17,7 +17,10 @@
 //   s = (scale Q) K^T (tile_gemm) + mask, -inf where hidden,
 //   online softmax (attention.h: online_softmax_update) -> P = exp(s - m'), O = alpha O + (P * keep) V,
 // and finally out = O / l / (1 - dropout_p), lse = m + log l (float64). Key tiles no query of the item sees are
-// skipped, which halves causal work; the diagonal tile computes only the columns its rows see.
+// skipped, which halves causal work; the diagonal tile computes only the columns its rows see. Where every sequence
+// has one key tile, without a mask or dropout (off the bf16 units), the item works key-major instead
+// (forward_key_major): S^T = K (scale Q)^T with K read in place, each query's softmax down a column, 16 queries to a
+// vector, then O = P V reading P^T transposed; no K^T tiles are packed.
 //
 // Backward: one work item = (sequence, kv head, key tile), which owns its rows of dK and dV. It loops
 // over the query heads sharing the kv head and over the query tiles that see the key tile, working on
@@ -477,19 +480,26 @@ void for_each_key_tile(const Problem& p, const at::Tensor& k, const at::Tensor& 
   });
 }
 
-/// KeyTiles for k and v, allocated and not filled (fill_key_tile fills them); with_rows: the K rows too.
+/// Which key operands a pass reads, hence what KeyTiles holds:
+///   kForward: K^T tiles (the B of S = (scale Q) K^T) and V as the B of P V;
+///   kForwardKeyMajor: K rows (the A of S^T = K (scale Q)^T, forward_key_major) and V as the B of P V;
+///   kBackward: K^T tiles (the A of dQ^T += K^T dS^T), K rows, and V rows as the A of dP^T = V dO^T.
+enum class KeyUse { kForward, kForwardKeyMajor, kBackward };
+
+/// KeyTiles for k and v, allocated and not filled (fill_key_tile fills them), holding what `use` reads.
 template <typename S, typename A = Acc<S>>
-KeyTiles<A> key_tiles(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool with_rows) {
+KeyTiles<A> key_tiles(const Problem& p, const at::Tensor& k, const at::Tensor& v, KeyUse use) {
   const int64_t dim_v_pad = pad_lanes<A>(p.dim_v);
   // V in place for the forward's P V product (its B: Dv must need no padding) and the backward's dP^T = V dO^T (its
-  // A), K for the backward's S^T = K Q^T: only a conversion needs a copy. Packing K^T and V took 3.8% of the
-  // samples of an fp32 L1024 d128 forward; V was half of it.
+  // A), K for S^T = K Q^T: only a conversion needs a copy. Packing K^T and V took 3.8% of the samples of an fp32
+  // L1024 d128 forward; V was half of it.
   const bool same_dtype = std::is_same_v<S, A>;
   const bool k_in_place = same_dtype && k.stride(3) == 1;
-  const bool v_in_place = same_dtype && v.stride(3) == 1 && (with_rows || dim_v_pad == p.dim_v);
-  KeyTiles<A> t{dim_v_pad, TileArray<A>(p.kv_heads, p.k_tiles, p.dim * kKeyTile), RowTiles<A>(),
+  const bool v_in_place = same_dtype && v.stride(3) == 1 && (use == KeyUse::kBackward || dim_v_pad == p.dim_v);
+  KeyTiles<A> t{dim_v_pad, TileArray<A>(), RowTiles<A>(),
                 RowTiles<A>(p.kv_heads, p.k_tiles, kKeyTile, dim_v_pad, v_in_place, v.stride(2))};
-  if (with_rows) t.k = RowTiles<A>(p.kv_heads, p.k_tiles, kKeyTile, p.dim, k_in_place, k.stride(2));
+  if (use != KeyUse::kForwardKeyMajor) t.kt = TileArray<A>(p.kv_heads, p.k_tiles, p.dim * kKeyTile);
+  if (use != KeyUse::kForward) t.k = RowTiles<A>(p.kv_heads, p.k_tiles, kKeyTile, p.dim, k_in_place, k.stride(2));
   return t;
 }
 
@@ -497,14 +507,14 @@ KeyTiles<A> key_tiles(const Problem& p, const at::Tensor& k, const at::Tensor& v
 template <typename S, typename A, typename KRow, typename VRow>
 void fill_key_tile(const Problem& p, KeyTiles<A>& t, int64_t h, int64_t g, int64_t width, const KRow& k_row,
                    const VRow& v_row) {
-  copy_tile<A, S>(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*transpose=*/true);
+  if (t.kt.tiles > 0) copy_tile<A, S>(t.kt(h, g), t.kt.tile_size, kKeyTile, width, p.dim, k_row, /*transpose=*/true);
   t.v.template fill<S>(h, g, width, p.dim_v, v_row);
   if (t.k.tiles > 0) t.k.template fill<S>(h, g, width, p.dim, k_row);
 }
 
 template <typename S, typename A = Acc<S>>
-KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool with_rows) {
-  KeyTiles<A> t = key_tiles<S>(p, k, v, with_rows);
+KeyTiles<A> pack_keys(const Problem& p, const at::Tensor& k, const at::Tensor& v, KeyUse use) {
+  KeyTiles<A> t = key_tiles<S>(p, k, v, use);
   for_each_key_tile<S>(p, k, v, [&](int64_t h, int64_t g, int64_t width, const auto& k_row, const auto& v_row) {
     fill_key_tile<S>(p, t, h, g, width, k_row, v_row);
   });
@@ -653,6 +663,7 @@ struct ForwardArgs {
   S* out;                                // (B, Hq, Lq, Dv) contiguous
   double* lse;                           // (B, Hq, Lq) contiguous
   const KeyTilesBf16* keys16 = nullptr;  // set: the tile products run on the bf16 units (keys.kt/v are empty)
+  bool key_major = false;                // forward_key_major (keys.k and keys.v filled, keys.kt empty)
 };
 
 /// Scores of row i of the tile, s = scale S + mask (scale = 1 where S was already scaled through Q), -inf
@@ -878,17 +889,16 @@ void forward_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const S
                      w.out.data() + r0 * dim_v_pad, dim_v_pad);
 }
 
-/// Query tile `tile` of head h in sequence n: streams its visible key tiles through the online softmax.
-template <typename S>
-void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t n, int64_t h, int64_t tile) {
+/// Rows [0, rows) of query tile i0.. of head h in sequence s (q_row(r): the source row of row r) through the visible
+/// key tiles, streamed through the online softmax: w.out = the unnormalized O, w.row_max, w.row_sum.
+template <typename S, typename QRow>
+void stream_key_tiles(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t n, int64_t h, int64_t i0,
+                      int64_t rows, const QRow& q_row) {
   using A = Acc<S>;
   const Problem& p = args.p;
   const Sequence& s = p.sequences[n];
   const Visibility vis = p.visibility(s);
-  const int64_t i0 = tile * kQueryTile, rows = std::min(kQueryTile, s.len_q - i0);
   const int64_t dim_v_pad = args.keys.dim_v_pad;
-
-  const auto q_row = [&](int64_t r) { return args.q(s.batch, h, s.q_begin + i0 + r); };
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     if (args.keys16) {  // bf16 Q rows as they are (scaled in the score GEMM); the padding columns stay 0
       const int64_t dim_pad = args.keys16->dim_pad;
@@ -939,6 +949,98 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
     });
   }
 
+}
+
+/// Rows [r0, r1) of query tile i0.. of head h in sequence s against the keys they see in the sequence's one key tile,
+/// key-major: S^T = K (scale Q)^T (w.q holds (scale Q)^T), so that a query's softmax runs down a column of the tile
+/// and one vector holds 16 queries' maxima and sums. The row-major way (forward_rows) reduces each row across its
+/// vector twice (a max, a sum: shuffle chains) and updates its sums one row at a time. Then O = P V, P^T read
+/// transposed. Writes w.out, w.row_max, w.row_sum for the rows, as stream_key_tiles does.
+template <typename S>
+void key_major_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const Sequence& s, int64_t h, int64_t i0,
+                    int64_t r0, int64_t r1) {
+  using A = Acc<S>;
+  using V = Simd<A>;
+  constexpr int L = kLanes<A>;
+  const Problem& p = args.p;
+  const Visibility vis = p.visibility(s);
+  const int64_t kv_head = h / p.group, g = s.k_tile_base, dim_v_pad = args.keys.dim_v_pad;
+  // The keys some row sees: [first_key(first row), last_key(last row)] (both bounds non-decreasing in the query).
+  const int64_t key0 = vis.first_key(i0 + r0), keys = std::min(s.len_k, vis.last_key(i0 + r1 - 1) + 1) - key0;
+  const V minus_inf = broadcast(-std::numeric_limits<A>::infinity());
+  if (keys <= 0) {  // no row sees a key: O = 0 and sum 0 (the output 0, the lse -inf)
+    std::fill(w.out.begin() + r0 * dim_v_pad, w.out.begin() + r1 * dim_v_pad, A(0));
+    std::fill(w.row_max.begin() + r0, w.row_max.begin() + r1, -std::numeric_limits<A>::infinity());
+    std::fill(w.row_sum.begin() + r0, w.row_sum.begin() + r1, A(0));
+    return;
+  }
+  const int64_t lanes_end = r0 + pad_lanes<A>(r1 - r0);
+  A* const scores = w.scores.data() + r0;  // S^T[j - key0][r - r0] at scores[(j - key0) * kQueryTile + r - r0]
+  tile_gemm<A, false>(keys, lanes_end - r0, p.dim, args.keys.k(kv_head, g) + key0 * args.keys.k.ld, args.keys.k.ld,
+                      w.q.data() + r0, kQueryTile, scores, kQueryTile);
+  for (int64_t c = 0; c < lanes_end - r0; c += L) {
+    const int64_t first_query = i0 + r0 + c;
+    V row_max = minus_inf;
+    for (int64_t j = 0; j < keys; ++j) {  // hide the keys a lane's query does not see; the maxima
+      A* x_at = scores + j * kQueryTile + c;
+      V x = load_vector(x_at);
+      const int64_t seen_from = vis.first_query(key0 + j), seen_to = vis.last_query(key0 + j);
+      if (seen_from > first_query || seen_to < first_query + L - 1) {
+        x = lanes_in_range<A>(first_query, seen_from, seen_to) ? x : minus_inf;
+        store_vector(x_at, x);
+      }
+      row_max = x > row_max ? x : row_max;  // a NaN score is passed over here and reaches the sum below
+    }
+    // A query that sees no key keeps max -inf and gets p = exp(-inf - 0) = 0, never exp(-inf - -inf) = NaN.
+    const V shift = row_max == minus_inf ? V{} : row_max;
+    V row_sum{};
+    for (int64_t j = 0; j < keys; ++j) {
+      A* x_at = scores + j * kQueryTile + c;
+      const V e = exp_attention(load_vector(x_at) - shift);
+      store_vector(x_at, e);
+      row_sum += e;
+    }
+    store_vector(w.row_max.data() + r0 + c, row_max);
+    store_vector(w.row_sum.data() + r0 + c, row_sum);
+  }
+  tile_gemm<A, false, /*kTransposedA=*/true>(r1 - r0, dim_v_pad, keys, scores, kQueryTile,
+                                              args.keys.v(kv_head, g) + key0 * args.keys.v.ld, args.keys.v.ld,
+                                              w.out.data() + r0 * dim_v_pad, dim_v_pad);
+}
+
+/// Rows [0, rows) of query tile i0.. of head h in sequence s against the sequence's one key tile (no mask, no
+/// dropout: forward() routes those to stream_key_tiles), key-major (key_major_rows). A tile whose rows see different
+/// keys (causal, windows) goes by groups of kRowGroup rows, each over the keys its rows see, as stream_key_tiles does.
+template <typename S, typename QRow>
+void forward_key_major(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
+                       int64_t i0, int64_t rows, const QRow& q_row) {
+  using A = Acc<S>;
+  const Problem& p = args.p;
+  const Visibility vis = p.visibility(s);
+  // (scale Q)^T: D x kQueryTile, its columns zero-padded to the lanes (the scores of padding queries are 0).
+  copy_tile<A, S>(w.q.data(), kQueryTile * p.dim, kQueryTile, rows, p.dim, q_row, /*transpose=*/true, A(p.scale));
+  const bool ragged = vis.first_key(i0) != vis.first_key(i0 + rows - 1) ||
+                      vis.last_key(i0) != vis.last_key(i0 + rows - 1);
+  const int64_t group = ragged ? kRowGroup : rows;
+  for (int64_t r0 = 0; r0 < rows; r0 += group) key_major_rows<S>(args, w, s, h, i0, r0, std::min(rows, r0 + group));
+}
+
+/// Query tile `tile` of head h in sequence n: O, the row maxima and sums (forward_key_major or stream_key_tiles),
+/// then out = O / l / (1 - dropout_p) and lse = m + log l.
+template <typename S>
+void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t n, int64_t h, int64_t tile) {
+  using A = Acc<S>;
+  const Problem& p = args.p;
+  const Sequence& s = p.sequences[n];
+  const int64_t i0 = tile * kQueryTile, rows = std::min(kQueryTile, s.len_q - i0);
+  const int64_t dim_v_pad = args.keys.dim_v_pad;
+  const auto q_row = [&](int64_t r) { return args.q(s.batch, h, s.q_begin + i0 + r); };
+  if (args.key_major) {
+    forward_key_major<S>(args, w, s, h, i0, rows, q_row);
+  } else {
+    stream_key_tiles<S>(args, w, n, h, i0, rows, q_row);
+  }
+
   const A keep_scale = p.dropout ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row_index = (s.batch * p.heads + h) * p.len_q + s.q_begin + i0 + r;
@@ -964,14 +1066,19 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   const bf16::Path path = std::is_same_v<S, c10::BFloat16> ? bf16::gemm_path() : bf16::Path::kFp32;
   // One query tile and one key tile per sequence and one query head per kv head: each key tile has one reader, the
   // item of its head, which packs the tile itself inside the items' parallel region (one region instead of two).
-  const bool items_pack = p.group == 1 && most_tiles(p, /*keys=*/false) <= 1 && most_tiles(p, /*keys=*/true) <= 1;
+  const bool one_key_tile = most_tiles(p, /*keys=*/true) <= 1;
+  const bool items_pack = p.group == 1 && most_tiles(p, /*keys=*/false) <= 1 && one_key_tile;
   std::optional<KeyTilesBf16> keys16;
   if (path != bf16::Path::kFp32)
     keys16.emplace(items_pack ? key_tiles_bf16(p, path, pad_lanes<A>(p.dim_v))
                               : pack_keys_bf16(p, k, v, path, pad_lanes<A>(p.dim_v)));
+  // The key-major softmax (forward_key_major) where every sequence has one key tile, off the bf16 units, without a
+  // mask or dropout (their per-element reads and hashes go along the keys).
+  const bool key_major = !keys16 && one_key_tile && !mask && !p.dropout;
+  const KeyUse use = key_major ? KeyUse::kForwardKeyMajor : KeyUse::kForward;
   KeyTiles<A> keys = keys16       ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
-                     : items_pack ? key_tiles<S>(p, k, v, /*with_rows=*/false)
-                                  : pack_keys<S>(p, k, v, /*with_rows=*/false);
+                     : items_pack ? key_tiles<S>(p, k, v, use)
+                                  : pack_keys<S>(p, k, v, use);
   const Rows<const S> k_src(k), v_src(v);
   const auto pack_item = [&](const Item& it) {
     const Sequence& s = p.sequences[it.n];
@@ -985,7 +1092,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
                 });
   };
   ForwardArgs<S> args{p, keys, Rows<const S>(q), std::nullopt, out.data_ptr<S>(), lse.data_ptr<double>(),
-                      keys16 ? &*keys16 : nullptr};
+                      keys16 ? &*keys16 : nullptr, key_major};
   if (mask) args.mask.emplace(*mask);
 
   const auto key_tiles_seen = [](const Visibility& vis, int64_t i0, int64_t i1) {
@@ -1701,8 +1808,8 @@ void backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q,
   if (path != bf16::Path::kFp32)
     t16.emplace(items_pack ? backward_tiles_bf16(p, path) : pack_backward_keys_bf16(p, k, v, path));
   KeyTiles<A> keys = t16          ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
-                     : items_pack ? key_tiles<S>(p, k, v, /*with_rows=*/true)
-                                  : pack_keys<S>(p, k, v, /*with_rows=*/true);
+                     : items_pack ? key_tiles<S>(p, k, v, KeyUse::kBackward)
+                                  : pack_keys<S>(p, k, v, KeyUse::kBackward);
   // delta: on the bf16 units a first pass's sums of P dP (their products' rounding is not tile_gemm's, so
   // output_delta would not match dP bit for bit); with one key tile per sequence from the item's own tiles
   // (backward_tile); else dO . O as it is packed (output_delta).
