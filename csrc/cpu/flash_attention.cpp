@@ -67,6 +67,10 @@ using Acc = at::opmath_type<S>;
 constexpr int64_t kQueryTile = 128;
 constexpr int64_t kKeyTile = 128;
 constexpr int64_t kRowGroup = 32;  // rows of a diagonal (ragged) tile that share one column range
+// The bf16 forward widens to fp32 (key-major) where no sequence has more keys than this: AMX against widened, forward
+// op b32 h4, 2 threads (Intel Xeon model 207): L17 d32 / d64 / d128 0.68x / 0.68x / 0.75x, L32 d32 / d64 0.80x /
+// 0.84x, L48 d32 / d64 1.01x / 1.19x (NOTES.md "Round 21").
+constexpr int64_t kWidenedKeys = 32;
 
 // ================================================================================================
 // Arguments.
@@ -230,6 +234,13 @@ struct Rows {
       : data(t.data_ptr<std::remove_const_t<T>>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
   T* operator()(int64_t b, int64_t h, int64_t i) const { return data + b * s0 + h * s1 + i * s2; }
 };
+
+/// The most keys any one sequence has.
+int64_t longest_keys(const Problem& p) {
+  int64_t most = 0;
+  for (const Sequence& s : p.sequences) most = std::max(most, s.len_k);
+  return most;
+}
 
 /// The most tiles (of keys, or of queries) any one sequence has.
 int64_t most_tiles(const Problem& p, bool keys) {
@@ -1060,10 +1071,13 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
              const std::optional<at::Tensor>& mask, at::Tensor& out, at::Tensor& lse) {
   using A = Acc<S>;
   // bf16 storage: the tile products on AMX / AVX512-BF16 where the CPU has them (4-5x the fp32 products'
-  // rate on AMX), else widened to fp32 as the other dtypes. float16 stays on the fp32 path: AVX512-FP16
-  // multiplies and accumulates in fp16 (no fp16 x fp16 -> fp32 dot product before AMX-FP16), and fp16
-  // accumulation would break the correctness rule.
-  const bf16::Path path = std::is_same_v<S, c10::BFloat16> ? bf16::gemm_path() : bf16::Path::kFp32;
+  // rate on AMX), else widened to fp32 as the other dtypes. Also widened where no sequence has more than
+  // kWidenedKeys keys: there the VNNI packing of K^T and V and the row-major softmax cost more than the products save,
+  // and the fp32 key-major path (forward_key_major) on the widened operands is faster. float16 stays on the fp32
+  // path: AVX512-FP16 multiplies and accumulates in fp16 (no fp16 x fp16 -> fp32 dot product before AMX-FP16), and
+  // fp16 accumulation would break the correctness rule.
+  const bool units = std::is_same_v<S, c10::BFloat16> && longest_keys(p) > kWidenedKeys;
+  const bf16::Path path = units ? bf16::gemm_path() : bf16::Path::kFp32;
   // One query tile and one key tile per sequence and one query head per kv head: each key tile has one reader, the
   // item of its head, which packs the tile itself inside the items' parallel region (one region instead of two).
   const bool one_key_tile = most_tiles(p, /*keys=*/true) <= 1;
