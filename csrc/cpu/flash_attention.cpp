@@ -5,9 +5,11 @@
 // Before the main loop every operand is re-laid once, in the accumulation dtype (fp32 for bf16 storage),
 // into zero-padded tiles whose rows are contiguous and a whole number of SIMD vectors wide, so that every
 // product below is a tile_gemm (attention.h) over plain row-major tiles:
-//   keys    K^T tiles (D x kKeyTile), K tiles (kKeyTile x D), V tiles (kKeyTile x Dv_pad)  [per kv head]
+//   keys    K^T tiles (D x kKeyTile), K tiles (kKeyTile x D), V tiles (kKeyTile x Dv_pad)  [per kv head; which of
+//           them a pass reads: KeyUse]
 //   queries (backward only) Q^T, Q, dO^T, dO tiles and per row lse (float64, as two halves) and Delta  [per head]
-// These copies are linear in the sequence lengths; the (Lq, Lk) scores exist one tile at a time only. bf16 storage
+// (rows that need neither a conversion nor padding are read where they lie: RowTiles). These copies are linear in
+// the sequence lengths; the (Lq, Lk) scores exist one tile at a time only. bf16 storage
 // on a CPU with bf16 units instead keeps the operands in bf16 (copied, not rounded), in the layouts of
 // tile_gemm_bf16.h (KeyTilesBf16 for the forward, BackwardTilesBf16 for the backward), and every tile product runs
 // there with fp32 accumulation; the softmax, its sums and Delta stay fp32 / float64.
@@ -17,10 +19,10 @@
 //   s = (scale Q) K^T (tile_gemm) + mask, -inf where hidden,
 //   online softmax (attention.h: online_softmax_update) -> P = exp(s - m'), O = alpha O + (P * keep) V,
 // and finally out = O / l / (1 - dropout_p), lse = m + log l (float64). Key tiles no query of the item sees are
-// skipped, which halves causal work; the diagonal tile computes only the columns its rows see. Where every sequence
-// has one key tile, without a mask or dropout (off the bf16 units), the item works key-major instead
-// (forward_key_major): S^T = K (scale Q)^T with K read in place, each query's softmax down a column, 16 queries to a
-// vector, then O = P V reading P^T transposed; no K^T tiles are packed.
+// skipped, which halves causal work; the diagonal tile computes only the columns its rows see. Without a mask or
+// dropout (off the bf16 units) the item works key-major instead (forward_key_major): S^T = K (scale Q)^T with K read
+// in place, each query's online softmax down a column, 16 queries to a vector, then O = alpha O + P V reading P^T
+// transposed; no K^T tiles are packed.
 //
 // Backward: one work item = (sequence, kv head, key tile), which owns its rows of dK and dV. It loops
 // over the query heads sharing the kv head and over the query tiles that see the key tile, working on
@@ -633,11 +635,12 @@ KeyTilesBf16 pack_keys_bf16(const Problem& p, const at::Tensor& k, const at::Ten
 /// the probabilities rounded to bf16 (p16) instead of q.
 template <typename A>
 struct ForwardScratch {
-  ScratchVector<A> q, scores, out, row_max, row_sum;  // each written before it is read
+  ScratchVector<A> q, scores, out, row_max, row_sum, alpha;  // each written before it is read
   AlignedVector<bf16::bf16_t> q16, p16;
   ForwardScratch(int64_t dim, int64_t dim_v_pad, const KeyTilesBf16* keys16)
       : q(keys16 ? 0 : kQueryTile * dim), scores(kQueryTile * kKeyTile), out(kQueryTile * dim_v_pad),
-        row_max(kQueryTile), row_sum(kQueryTile), q16(keys16 ? kQueryTile * keys16->dim_pad : 0, bf16::bf16_t(0.0f)),
+        row_max(kQueryTile), row_sum(kQueryTile), alpha(keys16 ? 0 : kQueryTile),
+        q16(keys16 ? kQueryTile * keys16->dim_pad : 0, bf16::bf16_t(0.0f)),
         p16(keys16 ? kQueryTile * kKeyTile : 0, bf16::bf16_t(0.0f)) {}
 };
 
@@ -962,36 +965,28 @@ void stream_key_tiles(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int
 
 }
 
-/// Rows [r0, r1) of query tile i0.. of head h in sequence s against the keys they see in the sequence's one key tile,
-/// key-major: S^T = K (scale Q)^T (w.q holds (scale Q)^T), so that a query's softmax runs down a column of the tile
-/// and one vector holds 16 queries' maxima and sums. The row-major way (forward_rows) reduces each row across its
-/// vector twice (a max, a sum: shuffle chains) and updates its sums one row at a time. Then O = P V, P^T read
-/// transposed. Writes w.out, w.row_max, w.row_sum for the rows, as stream_key_tiles does.
+/// Rows [r0, r1) of query tile i0.. of head h in sequence s against keys [key0, key0 + keys) of key tile kt, one step
+/// of the online softmax done key-major: S^T = K (scale Q)^T (w.q holds (scale Q)^T), so that a query's scores run
+/// down a column of the tile and one vector holds 16 queries' maxima, sums and rescale factors. The row-major step
+/// (forward_rows) reduces each row across its vector twice (a max, a sum: shuffle chains) and updates its sums one
+/// row at a time. Then O = alpha O + P V, P^T read transposed; with `first` (no earlier step of these rows) O = P V.
 template <typename S>
-void key_major_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const Sequence& s, int64_t h, int64_t i0,
-                    int64_t r0, int64_t r1) {
+void key_major_step(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const Sequence& s, int64_t h, int64_t i0,
+                    int64_t r0, int64_t r1, int64_t kt, int64_t key0, int64_t keys, bool first) {
   using A = Acc<S>;
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
   const Problem& p = args.p;
   const Visibility vis = p.visibility(s);
-  const int64_t kv_head = h / p.group, g = s.k_tile_base, dim_v_pad = args.keys.dim_v_pad;
-  // The keys some row sees: [first_key(first row), last_key(last row)] (both bounds non-decreasing in the query).
-  const int64_t key0 = vis.first_key(i0 + r0), keys = std::min(s.len_k, vis.last_key(i0 + r1 - 1) + 1) - key0;
-  const V minus_inf = broadcast(-std::numeric_limits<A>::infinity());
-  if (keys <= 0) {  // no row sees a key: O = 0 and sum 0 (the output 0, the lse -inf)
-    std::fill(w.out.begin() + r0 * dim_v_pad, w.out.begin() + r1 * dim_v_pad, A(0));
-    std::fill(w.row_max.begin() + r0, w.row_max.begin() + r1, -std::numeric_limits<A>::infinity());
-    std::fill(w.row_sum.begin() + r0, w.row_sum.begin() + r1, A(0));
-    return;
-  }
-  const int64_t lanes_end = r0 + pad_lanes<A>(r1 - r0);
+  const int64_t kv_head = h / p.group, g = s.k_tile_base + kt, local0 = key0 - kt * kKeyTile;
+  const int64_t dim_v_pad = args.keys.dim_v_pad, lanes_end = r0 + pad_lanes<A>(r1 - r0);
   A* const scores = w.scores.data() + r0;  // S^T[j - key0][r - r0] at scores[(j - key0) * kQueryTile + r - r0]
-  tile_gemm<A, false>(keys, lanes_end - r0, p.dim, args.keys.k(kv_head, g) + key0 * args.keys.k.ld, args.keys.k.ld,
-                      w.q.data() + r0, kQueryTile, scores, kQueryTile);
+  tile_gemm<A, false>(keys, lanes_end - r0, p.dim, args.keys.k(kv_head, g) + local0 * args.keys.k.ld,
+                      args.keys.k.ld, w.q.data() + r0, kQueryTile, scores, kQueryTile);
+  const V minus_inf = broadcast(-std::numeric_limits<A>::infinity()), one = broadcast(A(1));
   for (int64_t c = 0; c < lanes_end - r0; c += L) {
     const int64_t first_query = i0 + r0 + c;
-    V row_max = minus_inf;
+    V tile_max = minus_inf;
     for (int64_t j = 0; j < keys; ++j) {  // hide the keys a lane's query does not see; the maxima
       A* x_at = scores + j * kQueryTile + c;
       V x = load_vector(x_at);
@@ -1000,28 +995,44 @@ void key_major_rows(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const
         x = lanes_in_range<A>(first_query, seen_from, seen_to) ? x : minus_inf;
         store_vector(x_at, x);
       }
-      row_max = x > row_max ? x : row_max;  // a NaN score is passed over here and reaches the sum below
+      tile_max = x > tile_max ? x : tile_max;  // a NaN score is passed over here and reaches the sum below
     }
-    // A query that sees no key keeps max -inf and gets p = exp(-inf - 0) = 0, never exp(-inf - -inf) = NaN.
-    const V shift = row_max == minus_inf ? V{} : row_max;
-    V row_sum{};
+    // next_row_max and online_softmax_update, lane by lane.
+    const V row_max = load_vector(w.row_max.data() + r0 + c);
+    const V raised = tile_max > row_max ? tile_max : row_max;  // std::max(row_max, tile_max): NaN stays
+    const V new_max = (row_max != minus_inf) & (tile_max <= row_max + A(kMaxRiseKept)) ? row_max : raised;
+    // A query that has seen no key keeps max -inf and gets p = exp(-inf - 0) = 0, never exp(-inf - -inf) = NaN; its
+    // O and sum are 0, so its factor is 1 (no pass over its row).
+    const V shift = new_max == minus_inf ? V{} : new_max;
+    const V alpha = (new_max == row_max) | (row_max == minus_inf) ? one : exp_attention(row_max - new_max);
+    V tile_sum{};
     for (int64_t j = 0; j < keys; ++j) {
       A* x_at = scores + j * kQueryTile + c;
       const V e = exp_attention(load_vector(x_at) - shift);
       store_vector(x_at, e);
-      row_sum += e;
+      tile_sum += e;
     }
-    store_vector(w.row_max.data() + r0 + c, row_max);
-    store_vector(w.row_sum.data() + r0 + c, row_sum);
+    store_vector(w.row_max.data() + r0 + c, new_max);
+    store_vector(w.row_sum.data() + r0 + c, load_vector(w.row_sum.data() + r0 + c) * alpha + tile_sum);
+    store_vector(w.alpha.data() + r0 + c, alpha);
   }
-  tile_gemm<A, false, /*kTransposedA=*/true>(r1 - r0, dim_v_pad, keys, scores, kQueryTile,
-                                              args.keys.v(kv_head, g) + key0 * args.keys.v.ld, args.keys.v.ld,
-                                              w.out.data() + r0 * dim_v_pad, dim_v_pad);
+  const A* v_rows = args.keys.v(kv_head, g) + local0 * args.keys.v.ld;
+  A* out = w.out.data() + r0 * dim_v_pad;
+  if (first) {
+    tile_gemm<A, false, /*kTransposedA=*/true>(r1 - r0, dim_v_pad, keys, scores, kQueryTile, v_rows, args.keys.v.ld,
+                                                out, dim_v_pad);
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r)
+    if (w.alpha[r] != A(1)) rescale_row(w.out.data() + r * dim_v_pad, dim_v_pad, w.alpha[r]);
+  tile_gemm<A, true, /*kTransposedA=*/true>(r1 - r0, dim_v_pad, keys, scores, kQueryTile, v_rows, args.keys.v.ld, out,
+                                             dim_v_pad);
 }
 
-/// Rows [0, rows) of query tile i0.. of head h in sequence s against the sequence's one key tile (no mask, no
-/// dropout: forward() routes those to stream_key_tiles), key-major (key_major_rows). A tile whose rows see different
-/// keys (causal, windows) goes by groups of kRowGroup rows, each over the keys its rows see, as stream_key_tiles does.
+/// Rows [0, rows) of query tile i0.. of head h in sequence s through the key tiles they see, key-major
+/// (key_major_step; no mask, no dropout: forward() routes those to stream_key_tiles). A key tile whose part the rows
+/// see differs from row to row (the diagonal tile of causal attention, windows) goes by groups of kRowGroup rows,
+/// each over the keys its rows see, as stream_key_tiles does. Writes what stream_key_tiles does.
 template <typename S, typename QRow>
 void forward_key_major(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
                        int64_t i0, int64_t rows, const QRow& q_row) {
@@ -1030,10 +1041,47 @@ void forward_key_major(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, co
   const Visibility vis = p.visibility(s);
   // (scale Q)^T: D x kQueryTile, its columns zero-padded to the lanes (the scores of padding queries are 0).
   copy_tile<A, S>(w.q.data(), kQueryTile * p.dim, kQueryTile, rows, p.dim, q_row, /*transpose=*/true, A(p.scale));
-  const bool ragged = vis.first_key(i0) != vis.first_key(i0 + rows - 1) ||
-                      vis.last_key(i0) != vis.last_key(i0 + rows - 1);
-  const int64_t group = ragged ? kRowGroup : rows;
-  for (int64_t r0 = 0; r0 < rows; r0 += group) key_major_rows<S>(args, w, s, h, i0, r0, std::min(rows, r0 + group));
+  const int64_t lanes_end = pad_lanes<A>(rows), dim_v_pad = args.keys.dim_v_pad;
+  std::fill(w.row_max.begin(), w.row_max.begin() + lanes_end, -std::numeric_limits<A>::infinity());
+  std::fill(w.row_sum.begin(), w.row_sum.begin() + lanes_end, A(0));
+  // Which groups of kRowGroup rows have O rows yet: a step whose rows have none writes O (no zeroing pass first).
+  bool started[kQueryTile / kRowGroup] = {};
+  const auto zero_unstarted = [&](int64_t r0, int64_t r1) {  // O = 0 on the rows of [r0, r1) not started
+    for (int64_t r = r0; r < r1; r += kRowGroup)
+      if (!started[r / kRowGroup]) {
+        std::fill(w.out.begin() + r * dim_v_pad, w.out.begin() + std::min(r1, r + kRowGroup) * dim_v_pad, A(0));
+        started[r / kRowGroup] = true;
+      }
+  };
+  const auto begin_step = [&](int64_t r0, int64_t r1) {  // whether the step over rows [r0, r1) starts them all
+    bool none = true;
+    for (int64_t r = r0; r < r1; r += kRowGroup) none = none && !started[r / kRowGroup];
+    if (none) {
+      for (int64_t r = r0; r < r1; r += kRowGroup) started[r / kRowGroup] = true;
+      return true;
+    }
+    zero_unstarted(r0, r1);
+    return false;
+  };
+  // The keys rows [r0, r1) see: [first_key(first row), last_key(last row)] (both bounds non-decreasing in the query),
+  // cut to key tile kt.
+  const auto seen_in_tile = [&](int64_t r0, int64_t r1, int64_t kt) {
+    const int64_t begin = std::max(vis.first_key(i0 + r0), kt * kKeyTile);
+    const int64_t end = std::min({vis.last_key(i0 + r1 - 1) + 1, kt * kKeyTile + kKeyTile, s.len_k});
+    return std::pair<int64_t, int64_t>{begin, end};
+  };
+  const int64_t first_key = vis.first_key(i0), last_key = std::min(vis.last_key(i0 + rows - 1), s.len_k - 1);
+  for (int64_t kt = first_key / kKeyTile; first_key <= last_key && kt <= last_key / kKeyTile; ++kt) {
+    const auto [begin, end] = seen_in_tile(0, rows, kt);
+    const bool ragged = seen_in_tile(rows - 1, rows, kt).first > begin || seen_in_tile(0, 1, kt).second < end;
+    const int64_t group = ragged ? kRowGroup : rows;
+    for (int64_t r0 = 0; r0 < rows; r0 += group) {
+      const int64_t r1 = std::min(rows, r0 + group);
+      const auto [key0, key_end] = seen_in_tile(r0, r1, kt);
+      if (key_end > key0) key_major_step<S>(args, w, s, h, i0, r0, r1, kt, key0, key_end - key0, begin_step(r0, r1));
+    }
+  }
+  zero_unstarted(0, rows);  // rows that see no key
 }
 
 /// Query tile `tile` of head h in sequence n: O, the row maxima and sums (forward_key_major or stream_key_tiles),
@@ -1086,9 +1134,9 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   if (path != bf16::Path::kFp32)
     keys16.emplace(items_pack ? key_tiles_bf16(p, path, pad_lanes<A>(p.dim_v))
                               : pack_keys_bf16(p, k, v, path, pad_lanes<A>(p.dim_v)));
-  // The key-major softmax (forward_key_major) where every sequence has one key tile, off the bf16 units, without a
-  // mask or dropout (their per-element reads and hashes go along the keys).
-  const bool key_major = !keys16 && one_key_tile && !mask && !p.dropout;
+  // The key-major softmax (forward_key_major) off the bf16 units, without a mask or dropout (their per-element reads
+  // and hashes go along the keys).
+  const bool key_major = !keys16 && !mask && !p.dropout;
   const KeyUse use = key_major ? KeyUse::kForwardKeyMajor : KeyUse::kForward;
   KeyTiles<A> keys = keys16       ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
                      : items_pack ? key_tiles<S>(p, k, v, use)
