@@ -42,6 +42,10 @@ CASES = [
     _case(45, 60, dim=32, heads=4, kv_heads=2, causal=True),  # one tile per sequence, grouped heads
     # one key tile, three query tiles, a two-sided window: the key-major forward's row groups and their key ranges
     _case(300, 100, dim=24, heads=4, kv_heads=2, dim_v=40, window=(50, 10)),
+    # masks the same for every query (the key-major forward adds them by key): padding over two key tiles, causal;
+    # a float one with its gradient, grouped heads
+    _case(150, 150, dim=32, heads=2, causal=True, mask="key_bool"),
+    _case(40, 70, dim=24, heads=3, kv_heads=1, mask="key_float_grad"),
 ]
 TRITON_CASES = [
     _case(1, dim=16, heads=2),
@@ -66,6 +70,13 @@ def _inputs(case: dict, seed: int = 0) -> dict:
         inputs["attn_mask"] = keep
     elif case["mask"] in ("float", "float_grad"):
         inputs["attn_mask"] = torch.randn(case["heads"], case["len_q"], case["len_k"], generator=gen,
+                                          dtype=torch.float64)
+    elif case["mask"] == "key_bool":  # a key-padding mask: one row per batch entry, for every head and query
+        keep = torch.rand(*lead[:1], 1, 1, case["len_k"], generator=gen) > 0.3
+        keep[..., 0] = True
+        inputs["attn_mask"] = keep
+    elif case["mask"] == "key_float_grad":  # one row per batch entry and head, for every query
+        inputs["attn_mask"] = torch.randn(*lead[:1], case["heads"], 1, case["len_k"], generator=gen,
                                           dtype=torch.float64)
     return inputs
 
@@ -108,7 +119,7 @@ def _run(fn, inputs: dict, dtype, case: dict, cotangent) -> dict:
     args = {}
     for name, t in inputs.items():
         t = t.detach().to(dtype) if t.is_floating_point() else t
-        if name != "attn_mask" or case["mask"] == "float_grad":
+        if name != "attn_mask" or case["mask"] in ("float_grad", "key_float_grad"):
             t.requires_grad_()
         args[name] = t
     out = fn(**args)
@@ -474,7 +485,7 @@ def _random_case(draw):
                  batch=draw(st.integers(1, 2)), heads=kv_heads * draw(st.sampled_from([1, 3])), kv_heads=kv_heads,
                  dim_v=draw(st.sampled_from([None, 5, 33])), causal=draw(st.booleans()),
                  alignment=draw(st.sampled_from(["top_left", "bottom_right"])), window=window,
-                 mask=draw(st.sampled_from([None, "bool", "float_grad"])))
+                 mask=draw(st.sampled_from([None, "bool", "float_grad", "key_bool"])))
 
 
 @settings(max_examples=60, deadline=None)

@@ -19,8 +19,8 @@
 //   s = (scale Q) K^T (tile_gemm) + mask, -inf where hidden,
 //   online softmax (attention.h: online_softmax_update) -> P = exp(s - m'), O = alpha O + (P * keep) V,
 // and finally out = O / l / (1 - dropout_p), lse = m + log l (float64). Key tiles no query of the item sees are
-// skipped, which halves causal work; the diagonal tile computes only the columns its rows see. Without a mask or
-// dropout (off the bf16 units) the item works key-major instead (forward_key_major): S^T = K (scale Q)^T with K read
+// skipped, which halves causal work; the diagonal tile computes only the columns its rows see. Without dropout or a
+// mask that differs from query to query (off the bf16 units) the item works key-major instead (forward_key_major): S^T = K (scale Q)^T with K read
 // in place, each query's online softmax down a column, 16 queries to a vector, then O = alpha O + P V reading P^T
 // transposed; no K^T tiles are packed.
 //
@@ -984,15 +984,20 @@ void key_major_step(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const
   tile_gemm<A, false>(keys, lanes_end - r0, p.dim, args.keys.k(kv_head, g) + local0 * args.keys.k.ld,
                       args.keys.k.ld, w.q.data() + r0, kQueryTile, scores, kQueryTile);
   const V minus_inf = broadcast(-std::numeric_limits<A>::infinity()), one = broadcast(A(1));
+  // A mask is one row for all queries (forward() routes other masks to stream_key_tiles): its value at key j.
+  const S* mask_row = args.mask ? (*args.mask)(s.batch, h, s.q_begin) + s.k_begin + key0 : nullptr;
   for (int64_t c = 0; c < lanes_end - r0; c += L) {
     const int64_t first_query = i0 + r0 + c;
     V tile_max = minus_inf;
-    for (int64_t j = 0; j < keys; ++j) {  // hide the keys a lane's query does not see; the maxima
+    for (int64_t j = 0; j < keys; ++j) {  // add the mask, hide the keys a lane's query does not see; the maxima
       A* x_at = scores + j * kQueryTile + c;
       V x = load_vector(x_at);
+      if (mask_row) x += static_cast<A>(mask_row[j]);
       const int64_t seen_from = vis.first_query(key0 + j), seen_to = vis.last_query(key0 + j);
       if (seen_from > first_query || seen_to < first_query + L - 1) {
         x = lanes_in_range<A>(first_query, seen_from, seen_to) ? x : minus_inf;
+        store_vector(x_at, x);
+      } else if (mask_row) {
         store_vector(x_at, x);
       }
       tile_max = x > tile_max ? x : tile_max;  // a NaN score is passed over here and reaches the sum below
@@ -1030,7 +1035,8 @@ void key_major_step(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const
 }
 
 /// Rows [0, rows) of query tile i0.. of head h in sequence s through the key tiles they see, key-major
-/// (key_major_step; no mask, no dropout: forward() routes those to stream_key_tiles). A key tile whose part the rows
+/// (key_major_step; no dropout, no mask that differs from query to query: forward() routes those to
+/// stream_key_tiles). A key tile whose part the rows
 /// see differs from row to row (the diagonal tile of causal attention, windows) goes by groups of kRowGroup rows,
 /// each over the keys its rows see, as stream_key_tiles does. Writes what stream_key_tiles does.
 template <typename S, typename QRow>
@@ -1134,9 +1140,10 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   if (path != bf16::Path::kFp32)
     keys16.emplace(items_pack ? key_tiles_bf16(p, path, pad_lanes<A>(p.dim_v))
                               : pack_keys_bf16(p, k, v, path, pad_lanes<A>(p.dim_v)));
-  // The key-major softmax (forward_key_major) off the bf16 units, without a mask or dropout (their per-element reads
-  // and hashes go along the keys).
-  const bool key_major = !keys16 && !mask && !p.dropout;
+  // The key-major softmax (forward_key_major) off the bf16 units, without dropout (its hashes go along the keys),
+  // with no mask or one that is a row per batch and head, the same for every query (a key-padding mask: stride 0
+  // along the queries; a general mask's column would be a gather).
+  const bool key_major = !keys16 && !p.dropout && (!mask || mask->size(2) == 1 || mask->stride(2) == 0);
   const KeyUse use = key_major ? KeyUse::kForwardKeyMajor : KeyUse::kForward;
   KeyTiles<A> keys = keys16       ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
                      : items_pack ? key_tiles<S>(p, k, v, use)
