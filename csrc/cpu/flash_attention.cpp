@@ -19,8 +19,8 @@
 //   s = (scale Q) K^T (tile_gemm) + mask, -inf where hidden,
 //   online softmax (attention.h: online_softmax_update) -> P = exp(s - m'), O = alpha O + (P * keep) V,
 // and finally out = O / l / (1 - dropout_p), lse = m + log l (float64). Key tiles no query of the item sees are
-// skipped, which halves causal work; the diagonal tile computes only the columns its rows see. Without dropout or a
-// mask that differs from query to query (off the bf16 units) the item works key-major instead (forward_key_major): S^T = K (scale Q)^T with K read
+// skipped, which halves causal work; the diagonal tile computes only the columns its rows see. Without a mask that
+// differs from query to query (off the bf16 units) the item works key-major instead (forward_key_major): S^T = K (scale Q)^T with K read
 // in place, each query's online softmax down a column, 16 queries to a vector, then O = alpha O + P V reading P^T
 // transposed; no K^T tiles are packed.
 //
@@ -970,9 +970,11 @@ void stream_key_tiles(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int
 /// down a column of the tile and one vector holds 16 queries' maxima, sums and rescale factors. The row-major step
 /// (forward_rows) reduces each row across its vector twice (a max, a sum: shuffle chains) and updates its sums one
 /// row at a time. Then O = alpha O + P V, P^T read transposed; with `first` (no earlier step of these rows) O = P V.
+/// With dropout, P V takes the kept probabilities (the sums all of them, as online_softmax_update then drop_row);
+/// head_key is the head's DropoutHash key.
 template <typename S>
 void key_major_step(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const Sequence& s, int64_t h, int64_t i0,
-                    int64_t r0, int64_t r1, int64_t kt, int64_t key0, int64_t keys, bool first) {
+                    int64_t r0, int64_t r1, int64_t kt, int64_t key0, int64_t keys, bool first, uint32_t head_key) {
   using A = Acc<S>;
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
@@ -1010,12 +1012,18 @@ void key_major_step(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const
     // O and sum are 0, so its factor is 1 (no pass over its row).
     const V shift = new_max == minus_inf ? V{} : new_max;
     const V alpha = (new_max == row_max) | (row_max == minus_inf) ? one : exp_attention(row_max - new_max);
+    using Keys = typename HashLanes<A>::type;
+    Keys row_keys{};  // the lanes' DropoutHash row keys
+    if (p.dropout) {
+      for (int l = 0; l < L; ++l) row_keys[l] = static_cast<uint32_t>(first_query + l);
+      row_keys = DropoutHash::mix<Keys>((Keys{} + head_key) ^ row_keys);
+    }
     V tile_sum{};
     for (int64_t j = 0; j < keys; ++j) {
       A* x_at = scores + j * kQueryTile + c;
       const V e = exp_attention(load_vector(x_at) - shift);
-      store_vector(x_at, e);
       tile_sum += e;
+      store_vector(x_at, p.dropout && !p.hash.keep<A>(row_keys, static_cast<uint32_t>(key0 + j)) ? V{} : e);
     }
     store_vector(w.row_max.data() + r0 + c, new_max);
     store_vector(w.row_sum.data() + r0 + c, load_vector(w.row_sum.data() + r0 + c) * alpha + tile_sum);
@@ -1034,17 +1042,18 @@ void key_major_step(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const
                                              dim_v_pad);
 }
 
-/// Rows [0, rows) of query tile i0.. of head h in sequence s through the key tiles they see, key-major
-/// (key_major_step; no dropout, no mask that differs from query to query: forward() routes those to
-/// stream_key_tiles). A key tile whose part the rows
+/// Rows [0, rows) of query tile i0.. of head h in sequence n (s) through the key tiles they see, key-major
+/// (key_major_step; no mask that differs from query to query: forward() routes those to stream_key_tiles). A key tile whose part the rows
 /// see differs from row to row (the diagonal tile of causal attention, windows) goes by groups of kRowGroup rows,
 /// each over the keys its rows see, as stream_key_tiles does. Writes what stream_key_tiles does.
 template <typename S, typename QRow>
-void forward_key_major(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const Sequence& s, int64_t h,
-                       int64_t i0, int64_t rows, const QRow& q_row) {
+void forward_key_major(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t n, int64_t h, int64_t i0,
+                       int64_t rows, const QRow& q_row) {
   using A = Acc<S>;
   const Problem& p = args.p;
+  const Sequence& s = p.sequences[n];
   const Visibility vis = p.visibility(s);
+  const uint32_t head_key = p.dropout ? p.hash.head_key(n * p.heads + h) : 0;
   // (scale Q)^T: D x kQueryTile, its columns zero-padded to the lanes (the scores of padding queries are 0).
   copy_tile<A, S>(w.q.data(), kQueryTile * p.dim, kQueryTile, rows, p.dim, q_row, /*transpose=*/true, A(p.scale));
   const int64_t lanes_end = pad_lanes<A>(rows), dim_v_pad = args.keys.dim_v_pad;
@@ -1084,7 +1093,8 @@ void forward_key_major(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, co
     for (int64_t r0 = 0; r0 < rows; r0 += group) {
       const int64_t r1 = std::min(rows, r0 + group);
       const auto [key0, key_end] = seen_in_tile(r0, r1, kt);
-      if (key_end > key0) key_major_step<S>(args, w, s, h, i0, r0, r1, kt, key0, key_end - key0, begin_step(r0, r1));
+      if (key_end > key0)
+        key_major_step<S>(args, w, s, h, i0, r0, r1, kt, key0, key_end - key0, begin_step(r0, r1), head_key);
     }
   }
   zero_unstarted(0, rows);  // rows that see no key
@@ -1101,7 +1111,7 @@ void forward_tile(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t
   const int64_t dim_v_pad = args.keys.dim_v_pad;
   const auto q_row = [&](int64_t r) { return args.q(s.batch, h, s.q_begin + i0 + r); };
   if (args.key_major) {
-    forward_key_major<S>(args, w, s, h, i0, rows, q_row);
+    forward_key_major<S>(args, w, n, h, i0, rows, q_row);
   } else {
     stream_key_tiles<S>(args, w, n, h, i0, rows, q_row);
   }
@@ -1140,10 +1150,10 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   if (path != bf16::Path::kFp32)
     keys16.emplace(items_pack ? key_tiles_bf16(p, path, pad_lanes<A>(p.dim_v))
                               : pack_keys_bf16(p, k, v, path, pad_lanes<A>(p.dim_v)));
-  // The key-major softmax (forward_key_major) off the bf16 units, without dropout (its hashes go along the keys),
-  // with no mask or one that is a row per batch and head, the same for every query (a key-padding mask: stride 0
-  // along the queries; a general mask's column would be a gather).
-  const bool key_major = !keys16 && !p.dropout && (!mask || mask->size(2) == 1 || mask->stride(2) == 0);
+  // The key-major softmax (forward_key_major) off the bf16 units, with no mask or one that is a row per batch and
+  // head, the same for every query (a key-padding mask: stride 0 along the queries; a general mask's column would be
+  // a gather).
+  const bool key_major = !keys16 && (!mask || mask->size(2) == 1 || mask->stride(2) == 0);
   const KeyUse use = key_major ? KeyUse::kForwardKeyMajor : KeyUse::kForward;
   KeyTiles<A> keys = keys16       ? KeyTiles<A>{pad_lanes<A>(p.dim_v), {}, {}, {}}
                      : items_pack ? key_tiles<S>(p, k, v, use)
