@@ -1,5 +1,6 @@
 // Tile machinery shared by the CPU attention kernels (flash_attention.cpp; reusable by the decode kernel):
-//   * tile_gemm: C (+)= A @ B on row-major tiles through a register-blocked AVX-512 micro-kernel;
+//   * tile_gemm: C (+)= A @ B on row-major tiles (A possibly given transposed) through a register-blocked AVX-512
+//     micro-kernel;
 //   * exp_attention: exp with exact 0 far below the row maximum (masked scores must weigh exactly 0);
 //   * online_softmax_update: one key tile's step of the streaming softmax of a score row;
 //   * store_rounded: output rows to the storage dtype (bf16 by vector round-to-nearest-even);
@@ -104,10 +105,18 @@ void tile_gemm_columns(int64_t rows, int vectors, int64_t depth, const T* a, int
     const T* a_blk = kTransposedA ? a + row : a + row * lda;
     T* c_blk = c + row * ldc;
     switch (vectors) {
-      case 1: tile_kernel_rows<T, 1, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
-      case 2: tile_kernel_rows<T, 2, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
-      case 3: tile_kernel_rows<T, 3, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
-      default: tile_kernel_rows<T, 4, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc); break;
+      case 1:
+        tile_kernel_rows<T, 1, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc);
+        break;
+      case 2:
+        tile_kernel_rows<T, 2, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc);
+        break;
+      case 3:
+        tile_kernel_rows<T, 3, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc);
+        break;
+      default:
+        tile_kernel_rows<T, 4, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc);
+        break;
     }
     row += block_rows;
   }
@@ -118,8 +127,9 @@ void tile_gemm_columns(int64_t rows, int vectors, int64_t depth, const T* a, int
 constexpr int64_t kTileDepthBlock = 64;
 
 /// C (rows x cols) (+)= A (rows x depth) @ B (depth x cols), all row-major (kTransposedA: A given as its transpose,
-/// depth x rows with leading dim lda); cols a multiple of the lane count (callers zero-pad their tiles to it). Column chunks of 4 vectors, then depth blocks of 64, outer;
-/// row blocks inner: the B block (64 x 4 vectors = 16 KB) stays in L1 while A's rows stream past it.
+/// depth x rows with leading dim lda); cols a multiple of the lane count (callers zero-pad their tiles to it).
+/// Column chunks of 4 vectors, then depth blocks of 64, outer; row blocks inner: the B block (64 x 4 vectors = 16 KB)
+/// stays in L1 while A's rows stream past it.
 /// Depth blocking, forward at L = 1024, 8 heads, one thread (CPU time, best of 10): D = 128 49.8 -> 45.5 ms,
 /// D = 64 25.9 -> 24.4 ms (PV has depth kKeyTile = 128).
 template <typename T, bool kAccumulate, bool kTransposedA = false>

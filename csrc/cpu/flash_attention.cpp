@@ -20,9 +20,9 @@
 //   online softmax (attention.h: online_softmax_update) -> P = exp(s - m'), O = alpha O + (P * keep) V,
 // and finally out = O / l / (1 - dropout_p), lse = m + log l (float64). Key tiles no query of the item sees are
 // skipped, which halves causal work; the diagonal tile computes only the columns its rows see. Without a mask that
-// differs from query to query (off the bf16 units) the item works key-major instead (forward_key_major): S^T = K (scale Q)^T with K read
-// in place, each query's online softmax down a column, 16 queries to a vector, then O = alpha O + P V reading P^T
-// transposed; no K^T tiles are packed.
+// differs from query to query (off the bf16 units) the item works key-major instead (forward_key_major):
+// S^T = K (scale Q)^T with K read in place, each query's online softmax down a column, 16 queries to a vector, then
+// O = alpha O + P V reading P^T transposed; no K^T tiles are packed.
 //
 // Backward: one work item = (sequence, kv head, key tile), which owns its rows of dK and dV. It loops
 // over the query heads sharing the kv head and over the query tiles that see the key tile, working on
@@ -1042,10 +1042,10 @@ void key_major_step(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const
                                              dim_v_pad);
 }
 
-/// Rows [0, rows) of query tile i0.. of head h in sequence n (s) through the key tiles they see, key-major
-/// (key_major_step; no mask that differs from query to query: forward() routes those to stream_key_tiles). A key tile whose part the rows
-/// see differs from row to row (the diagonal tile of causal attention, windows) goes by groups of kRowGroup rows,
-/// each over the keys its rows see, as stream_key_tiles does. Writes what stream_key_tiles does.
+/// Rows [0, rows) of query tile i0.. of head h in sequence n through the key tiles they see, key-major
+/// (key_major_step; a mask that differs from query to query goes to stream_key_tiles instead: forward()). A key tile
+/// whose part the rows see differs from row to row (the diagonal tile of causal attention, windows) goes by groups of
+/// kRowGroup rows, each over the keys its rows see, as stream_key_tiles does. Writes what stream_key_tiles does.
 template <typename S, typename QRow>
 void forward_key_major(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int64_t n, int64_t h, int64_t i0,
                        int64_t rows, const QRow& q_row) {
