@@ -962,7 +962,6 @@ void stream_key_tiles(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, int
       for (int64_t r0 = 0; r0 < rows; r0 += group) visit(r0, std::min(rows, r0 + group), kt);
     });
   }
-
 }
 
 /// Rows [r0, r1) of query tile i0.. of head h in sequence s against keys [key0, key0 + keys) of key tile kt, one step
