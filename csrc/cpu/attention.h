@@ -45,9 +45,8 @@ inline void store_vector(T* p, Simd<T> v) {
 /// C[0:MR, 0:NV*L) = A[0:MR, 0:depth) @ B[0:depth, 0:NV*L), or C += that product when kAccumulate.
 /// A and B row-major with leading dims lda, ldb (kTransposedA: A stored as its transpose, A[m, k] at a[k * lda + m]);
 /// MR x NV accumulators live in zmm registers (6 x 4 = 24 of 32), B's row is loaded once per k and each A element
-/// is broadcast once. The product is summed from
-/// zero and added to C at the end, so C, when it accumulates over many tiles (dK, dV over all queries),
-/// sums tile partials (two-level summation) rather than one long fp32 chain.
+/// is broadcast once. The product is summed from zero and added to C at the end, so C, when it accumulates over many
+/// tiles (dK, dV over all queries), sums tile partials (two-level summation) rather than one long fp32 chain.
 template <typename T, int MR, int NV, bool kAccumulate, bool kTransposedA = false>
 inline void tile_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c, int64_t ldc) {
   using V = Simd<T>;
@@ -235,11 +234,12 @@ inline double reduce_sum(Simd<double> v) {
 constexpr float kMaxRiseKept = 8.0f;
 
 /// A row's running maximum after a tile whose maximum is tile_max (kMaxRiseKept): the old one unless the tile rose
-/// more than kMaxRiseKept above it, or the row has none yet (-inf). NaN once row_max is NaN.
-template <typename T>
-inline T next_row_max(T row_max, T tile_max) {
-  const bool keep = row_max != -std::numeric_limits<T>::infinity() && tile_max <= row_max + T(kMaxRiseKept);
-  return keep ? row_max : std::max(row_max, tile_max);
+/// more than kMaxRiseKept above it, or the row has none yet (-inf). NaN once row_max is NaN. V is a scalar T, or a
+/// Simd<T> of rows lane by lane (the key-major forward's next_row_max<Simd<A>, A>).
+template <typename V, typename T = V>
+inline V next_row_max(V row_max, V tile_max) {
+  const auto keep = (row_max != -std::numeric_limits<T>::infinity()) & (tile_max <= row_max + T(kMaxRiseKept));
+  return keep ? row_max : (tile_max > row_max ? tile_max : row_max);  // std::max(row_max, tile_max), NaN kept
 }
 
 template <typename T>

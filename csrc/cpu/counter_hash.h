@@ -44,6 +44,15 @@ struct DropoutHash {
   }
   static uint32_t row_key(uint32_t head_key, int64_t i) { return mix(head_key ^ static_cast<uint32_t>(i)); }
 
+  /// row_key of rows i0 + l for the lanes l of T.
+  template <typename T>
+  static typename HashLanes<T>::type row_keys(uint32_t head_key, int64_t i0) {
+    using U = typename HashLanes<T>::type;
+    U i{};
+    for (int l = 0; l < kLanes<T>; ++l) i[l] = static_cast<uint32_t>(i0 + l);
+    return mix<U>((U{} + head_key) ^ i);
+  }
+
   /// The bits of (row_key, columns j0 + l) for the lanes l of T.
   template <typename T>
   static typename HashLanes<T>::type row_bits(uint32_t row_key, int64_t j0) {

@@ -237,19 +237,16 @@ struct Rows {
   T* operator()(int64_t b, int64_t h, int64_t i) const { return data + b * s0 + h * s1 + i * s2; }
 };
 
-/// The most keys any one sequence has.
-int64_t longest_keys(const Problem& p) {
+/// The most keys (or queries) any one sequence has.
+int64_t longest(const Problem& p, bool keys) {
   int64_t most = 0;
-  for (const Sequence& s : p.sequences) most = std::max(most, s.len_k);
+  for (const Sequence& s : p.sequences) most = std::max(most, keys ? s.len_k : s.len_q);
   return most;
 }
 
-/// The most tiles (of keys, or of queries) any one sequence has.
+/// The most tiles (of keys, or of queries) any one sequence has: the longest one's.
 int64_t most_tiles(const Problem& p, bool keys) {
-  int64_t most = 0;
-  for (const Sequence& s : p.sequences)
-    most = std::max(most, keys ? p.tiles(s.len_k, kKeyTile) : p.tiles(s.len_q, kQueryTile));
-  return most;
+  return p.tiles(longest(p, keys), keys ? kKeyTile : kQueryTile);
 }
 
 /// For each global tile index of a sequence family, the sequence it belongs to and its index in it.
@@ -1003,20 +1000,15 @@ void key_major_step(const ForwardArgs<S>& args, ForwardScratch<Acc<S>>& w, const
       }
       tile_max = x > tile_max ? x : tile_max;  // a NaN score is passed over here and reaches the sum below
     }
-    // next_row_max and online_softmax_update, lane by lane.
+    // online_softmax_update, lane by lane.
     const V row_max = load_vector(w.row_max.data() + r0 + c);
-    const V raised = tile_max > row_max ? tile_max : row_max;  // std::max(row_max, tile_max): NaN stays
-    const V new_max = (row_max != minus_inf) & (tile_max <= row_max + A(kMaxRiseKept)) ? row_max : raised;
+    const V new_max = next_row_max<V, A>(row_max, tile_max);
     // A query that has seen no key keeps max -inf and gets p = exp(-inf - 0) = 0, never exp(-inf - -inf) = NaN; its
     // O and sum are 0, so its factor is 1 (no pass over its row).
     const V shift = new_max == minus_inf ? V{} : new_max;
     const V alpha = (new_max == row_max) | (row_max == minus_inf) ? one : exp_attention(row_max - new_max);
     using Keys = typename HashLanes<A>::type;
-    Keys row_keys{};  // the lanes' DropoutHash row keys
-    if (p.dropout) {
-      for (int l = 0; l < L; ++l) row_keys[l] = static_cast<uint32_t>(first_query + l);
-      row_keys = DropoutHash::mix<Keys>((Keys{} + head_key) ^ row_keys);
-    }
+    const Keys row_keys = p.dropout ? DropoutHash::row_keys<A>(head_key, first_query) : Keys{};
     V tile_sum{};
     for (int64_t j = 0; j < keys; ++j) {
       A* x_at = scores + j * kQueryTile + c;
@@ -1139,12 +1131,11 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   // and the fp32 key-major path (forward_key_major) on the widened operands is faster. float16 stays on the fp32
   // path: AVX512-FP16 multiplies and accumulates in fp16 (no fp16 x fp16 -> fp32 dot product before AMX-FP16), and
   // fp16 accumulation would break the correctness rule.
-  const bool units = std::is_same_v<S, c10::BFloat16> && longest_keys(p) > kWidenedKeys;
+  const bool units = std::is_same_v<S, c10::BFloat16> && longest(p, /*keys=*/true) > kWidenedKeys;
   const bf16::Path path = units ? bf16::gemm_path() : bf16::Path::kFp32;
   // One query tile and one key tile per sequence and one query head per kv head: each key tile has one reader, the
   // item of its head, which packs the tile itself inside the items' parallel region (one region instead of two).
-  const bool one_key_tile = most_tiles(p, /*keys=*/true) <= 1;
-  const bool items_pack = p.group == 1 && most_tiles(p, /*keys=*/false) <= 1 && one_key_tile;
+  const bool items_pack = p.group == 1 && most_tiles(p, /*keys=*/false) <= 1 && most_tiles(p, /*keys=*/true) <= 1;
   std::optional<KeyTilesBf16> keys16;
   if (path != bf16::Path::kFp32)
     keys16.emplace(items_pack ? key_tiles_bf16(p, path, pad_lanes<A>(p.dim_v))
