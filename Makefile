@@ -2,9 +2,9 @@
 #   make bench   installs everything into .venv, runs the default benchmark set (table, JSON, PNG)
 #   make test    installs everything into .venv, runs the test suite
 # torch is installed first and pinned (2.13.0, the CPU build on this machine's disk). seqkern itself installs
-# as pure Python with a plain `pip install` (no torch in its build env); `python -m seqkern.build --all` then
-# compiles the C++ kernels for every CPU capability level into the cache, so that neither the tests (which run
-# the core ops at each level) nor the benchmarks pay for a first-use build.
+# as pure Python with a plain `pip install` (no torch in its build env); `python -m seqkern.build --runnable`
+# then compiles the C++ kernels for every CPU capability level this CPU runs into the cache, so that neither the
+# tests (which run the core ops at each level) nor the benchmarks pay for a first-use build.
 VENV    ?= .venv
 PYTHON  ?= python3
 TORCH   ?= torch==2.13.0
@@ -23,7 +23,7 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet -e .
-	$(PY) -m seqkern.build --all
+	$(PY) -m seqkern.build --runnable
 	touch $@
 
 test: install

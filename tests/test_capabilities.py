@@ -64,7 +64,7 @@ def _levels_below_this_cpu():
 @pytest.mark.parametrize("level", _levels_below_this_cpu())
 def test_core_ops_at_a_lower_level(level):
     """The core ops' CPU kernel tests, in a process that loads the `level` library (built by `make install`'s
-    `python -m seqkern.build --all`; built here on first use otherwise)."""
+    `python -m seqkern.build --runnable`; built here on first use otherwise)."""
     code = ("import sys, pytest, seqkern\n"
             f"assert seqkern._extension.CAPABILITY == {level!r}, seqkern._extension.IMPORT_ERROR\n"
             f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', {CORE_SELECTION!r}, *{CORE_TESTS!r}]))\n")

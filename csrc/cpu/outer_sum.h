@@ -21,18 +21,21 @@ inline void accumulate_outer_products(const OuterPieces& pieces, int64_t chunk_r
   // operands that require grad (double backward passes such) under grad mode.
   at::NoGradGuard no_grad;
   bool written = false;
+  at::Tensor chunk_sum;  // a chunk's product, summed from zero before it is added to out
   for (const auto& [lhs, rhs] : pieces) {
     const int64_t rows = lhs.size(0);
     const int64_t step = lhs.scalar_type() == at::kDouble ? std::max<int64_t>(rows, 1) : chunk_rows;
     for (int64_t start = 0; start < rows; start += step) {
       const int64_t n = std::min(step, rows - start);
       const at::Tensor a = lhs.narrow(0, start, n).narrow(1, first, out.size(0)).t(), b = rhs.narrow(0, start, n);
-      if (written) {
-        out.addmm_(a, b);
-      } else {
+      if (!written) {
         at::mm_out(out, a, b);
         written = true;
+        continue;
       }
+      if (!chunk_sum.defined()) chunk_sum = at::empty_like(out);
+      at::mm_out(chunk_sum, a, b);
+      out.add_(chunk_sum);
     }
   }
   if (!written) out.zero_();  // no rows at all
@@ -42,8 +45,12 @@ inline void accumulate_outer_products(const OuterPieces& pieces, int64_t chunk_r
 /// One GEMM keeps one running fp32 sum per element over up to K products, torch.nn one per step (T sums of
 /// B-row products). One GEMM gave the GRU's grad_w_hh 3.4x torch.nn's error at T=12, B=32, H=256, and
 /// chunks of K/8 rows still 4x at T=33, B=64, H=9 (3 layers): both fail the 2x rule. So the rows go in
-/// chunks of `chunk_rows`, each chunk's product accumulated into the sum by the GEMM itself (addmm_,
-/// beta = 1), as torch.nn accumulates its steps. With weight_gradient_chunk_rows, N=768, M=256 random rows
+/// chunks of `chunk_rows`, each chunk's product summed from zero and then added to the sum, as torch.nn
+/// accumulates its steps. Not by the GEMM itself (addmm_, beta = 1): how a BLAS orders that sum is its own
+/// choice, and MKL's small-matrix path on an AMD EPYC (Zen 1, AVX2) starts each chunk's chains from C, one
+/// chain over all K: the LSTM above at H=9 had 17x torch.nn's grad_w_hh error (2026-12-07). The separate add
+/// costs ~11% of the weight-gradient products (K = 3200, N = 512, M = 256, one thread, same machine).
+/// With weight_gradient_chunk_rows, N=768, M=256 random rows
 /// vs fp64, max abs error, this / torch.nn's per-step order / one GEMM:
 ///   K = 448 (B 32): 2.0e-5 / 1.8e-5 / 4.8e-5;   K = 3200 (B 32): 8.4e-5 / 1.1e-4 / 1.3e-4;
 ///   K = 16384 (B 64): 2.3e-4 / 4.0e-4 / 2.4e-4;  K = 512 (B 1): 2.3e-5 / 8.7e-5 / 6.4e-5.
