@@ -63,18 +63,46 @@ def _interpreted(python_function):
 
 @contextlib.contextmanager
 def _jit_helpers_interpreted():
-    """Within the block, calling a @triton.jit function from Python interprets it instead of raising."""
+    """Within the block, calling a @triton.jit function from Python interprets it instead of raising, and float32
+    tl.dot products are the host-independent ones of _float32_dot."""
+    from triton.runtime.interpreter import InterpreterBuilder
     from triton.runtime.jit import JITFunction
 
     def call_interpreted(jit_function, *args, **kwargs):
         return _interpreted(jit_function.fn)(*args, **kwargs)
 
-    refuse = JITFunction.__call__
+    refuse, host_dot = JITFunction.__call__, InterpreterBuilder.create_dot
     JITFunction.__call__ = call_interpreted
+    InterpreterBuilder.create_dot = functools.partialmethod(_float32_dot, host_dot)
     try:
         yield
     finally:
-        JITFunction.__call__ = refuse
+        JITFunction.__call__, InterpreterBuilder.create_dot = refuse, host_dot
+
+
+def _float32_dot(builder, host_dot, a, b, d, input_precision, max_num_imprecise_acc):
+    """The interpreter's tl.dot (triton 3.9: numpy's matmul, then + d), with float32 products summed in float64
+    and rounded once before d is added: the same result for either operand order and any tile shape.
+
+    Why: the flash-attention kernels recompute in the backward the scores of the forward, S^T = K Q^T there and
+    S = Q K^T here, and rely on getting them bit for bit (P = exp(s - lse) is exact at a row's maximum only then),
+    as a GPU's float32 FMA loop gives. numpy's float32 matmul is the host's BLAS: OpenBLAS on an AMD EPYC (Zen 1)
+    rounded a quarter of the scores differently when the operands were swapped or the tile was cut differently,
+    and the saturated-softmax tests failed there (dV 30x SDPA's error) while they passed on an Intel Xeon.
+    Products of two float32 are exact in float64, and a tile's depth of them summed in float64 rounds to the
+    correctly rounded float32 dot product but in the rarest ties: host-independent, and more accurate than a
+    GPU's float32 FMA loop, whose rounding within a tile these tests therefore do not see (the rule's margins
+    are in the kernels' own arithmetic around the products). Every other dtype goes to the interpreter's own dot.
+    """
+    import numpy as np
+
+    operands = (a.data, b.data, d.data)
+    if not all(x.dtype == np.float32 for x in operands):
+        return host_dot(builder, a, b, d, input_precision, max_num_imprecise_acc)
+    from triton.runtime.interpreter import TensorHandle
+
+    exact = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)).astype(np.float32)
+    return TensorHandle(exact + d.data, d.dtype.scalar)
 
 
 def dot_operand_dtype(dtype: torch.dtype, device: torch.device):
@@ -99,8 +127,8 @@ def dot_precision(dtype: torch.dtype, device: torch.device, float32: str = "tf32
     tensor-core speed, but four operand tiles live at once) or "ieee" (float32 FMAs, what torch runs without
     tf32: flash attention, whose tf32x3 tiles spilled registers at every tile size, and decoding, see
     kernels/flash_attention.py and flash_attention_decode.py). Everything else, and everything under the
-    interpreter (where tl.dot is exact numpy arithmetic whatever is asked), is "ieee"; the setting only matters
-    for float32 operands.
+    interpreter (where tl.dot is numpy arithmetic whatever is asked: _float32_dot), is "ieee"; the setting only
+    matters for float32 operands.
     """
     if dtype == torch.float32 and device.type == "cuda":
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else float32

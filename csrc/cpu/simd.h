@@ -81,6 +81,56 @@ inline Simd<T> broadcast(T value) {
 #endif
 }
 
+// ------------------------------------------------------------------------------------------------
+// Register vectors: the level's native SIMD register, for register-blocked products.
+// ------------------------------------------------------------------------------------------------
+// Below AVX-512 GCC has no machine mode for a 64-byte vector: a Simd is then a memory object that each operation
+// loads and stores piecewise, and an array of them (a product's accumulators) lives on the stack, its halves moved
+// through general registers (seen in the avx2 level's attention tile kernel, 2026-12-07). Register-blocked kernels
+// work on Reg<T> instead: the Simd itself at avx512 (and at the default level, which has no wider native type
+// to offer GCC's emulation), a 32-byte ymm vector at avx2.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define SEQKERN_YMM_REGISTERS 1
+template <typename T>
+struct RegTraits;
+template <>
+struct RegTraits<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct RegTraits<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Reg = typename RegTraits<T>::type;
+#else
+template <typename T>
+using Reg = Simd<T>;
+#endif
+template <typename T>
+constexpr int kRegLanes = sizeof(Reg<T>) / sizeof(T);
+
+template <typename T>
+SEQKERN_SIMD_INLINE Reg<T> reg_load(const T* p) {
+  Reg<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+SEQKERN_SIMD_INLINE void reg_store(T* p, Reg<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+SEQKERN_SIMD_INLINE Reg<T> reg_broadcast(T value) {
+#if defined(SEQKERN_YMM_REGISTERS)
+  return Reg<T>{} + value;  // a native 32-byte type: one vbroadcastss / vbroadcastsd
+#else
+  return broadcast(value);
+#endif
+}
+
 // bfloat16 <-> float on whole vectors, bit for bit as c10::BFloat16 (widening: the 16 bits on top of a zero
 // mantissa tail; narrowing: round to nearest even, NaN -> 0x7FC0). Lane by lane through c10::BFloat16 the
 // conversions cost more than the math in the bf16 recurrent loops: the GRU's inference step stored its bf16
@@ -171,6 +221,20 @@ inline Simd<double> fmadd(Simd<double> a, Simd<double> b, Simd<double> c) {
   return _mm512_fmadd_pd(a, b, c);
 #else
   return a * b + c;
+#endif
+}
+
+/// a * b + c with one rounding on register vectors.
+template <typename T>
+SEQKERN_SIMD_INLINE Reg<T> reg_fmadd(Reg<T> a, Reg<T> b, Reg<T> c) {
+#if defined(SEQKERN_YMM_REGISTERS)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_fmadd_ps(a, b, c);
+  } else {
+    return _mm256_fmadd_pd(a, b, c);
+  }
+#else
+  return fmadd(a, b, c);
 #endif
 }
 
