@@ -42,70 +42,68 @@ inline void store_vector(T* p, Simd<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-/// Register blocks of tile_kernel: at most kTileRows rows x kTileRegs register vectors (Reg<T>) of accumulators.
-#if defined(SEQKERN_YMM_REGISTERS)
-// 12 ymm accumulators, B's two vectors of the row and the broadcast: 15 of 16 registers. The avx512 level's 6 x 4
-// blocks of 64-byte vectors, emulated here as pairs of ymm, kept all 48 halves on the stack.
-constexpr int kTileRows = 6, kTileRegs = 2;
+/// Register blocks of tile_kernel: at most kTileRows rows x kTileVectors vectors of accumulators.
+#if defined(SEQKERN_SIMD_YMM)
+// 12 ymm accumulators, B's two vectors of the row and the broadcast: 15 of 16 registers.
+constexpr int kTileRows = 6, kTileVectors = 2;
 #else
-constexpr int kTileRows = 6, kTileRegs = 4;  // 24 of 32 zmm
+constexpr int kTileRows = 6, kTileVectors = 4;  // 24 of 32 zmm
 #endif
 
-/// C[0:MR, 0:NR*R) = A[0:MR, 0:depth) @ B[0:depth, 0:NR*R), or C += that product when kAccumulate (R =
-/// kRegLanes<T>). A and B row-major with leading dims lda, ldb (kTransposedA: A stored as its transpose, A[m, k] at
-/// a[k * lda + m]); MR x NR accumulators live in registers, B's row is loaded once per k and each A element is
-/// broadcast once. The product is summed from zero and added to C at the end, so C, when it accumulates over many
-/// tiles (dK, dV over all queries), sums tile partials (two-level summation) rather than one long fp32 chain.
-template <typename T, int MR, int NR, bool kAccumulate, bool kTransposedA = false>
+/// C[0:MR, 0:NV*L) = A[0:MR, 0:depth) @ B[0:depth, 0:NV*L), or C += that product when kAccumulate.
+/// A and B row-major with leading dims lda, ldb (kTransposedA: A stored as its transpose, A[m, k] at a[k * lda + m]);
+/// MR x NV accumulators live in registers, B's row is loaded once per k and each A element is broadcast once. The
+/// product is summed from zero and added to C at the end, so C, when it accumulates over many tiles (dK, dV over all
+/// queries), sums tile partials (two-level summation) rather than one long fp32 chain.
+template <typename T, int MR, int NV, bool kAccumulate, bool kTransposedA = false>
 inline void tile_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c, int64_t ldc) {
-  using R = Reg<T>;
-  constexpr int L = kRegLanes<T>;
+  using V = Simd<T>;
+  constexpr int L = kLanes<T>;
   // Fully unrolled loops let GCC keep acc in registers end to end; without the pragmas it kept a stack
   // copy (zeroed on entry, spilled and reloaded on exit): 6x64x64 fp32 block 457 -> 428 ns best-of-9.
-  R acc[MR][NR];
+  V acc[MR][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NR; ++v) acc[m][v] = R{};
+    for (int v = 0; v < NV; ++v) acc[m][v] = V{};
   for (int64_t k = 0; k < depth; ++k) {
-    R w[NR];
+    V w[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NR; ++v) w[v] = reg_load(b + k * ldb + v * L);
+    for (int v = 0; v < NV; ++v) w[v] = load_vector(b + k * ldb + v * L);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const R a_mk = reg_broadcast(kTransposedA ? a[k * lda + m] : a[m * lda + k]);
+      const V a_mk = broadcast(kTransposedA ? a[k * lda + m] : a[m * lda + k]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NR; ++v) acc[m][v] = reg_fmadd<T>(a_mk, w[v], acc[m][v]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = fmadd(a_mk, w[v], acc[m][v]);
     }
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NR; ++v) {
+    for (int v = 0; v < NV; ++v) {
       T* dst = c + m * ldc + v * L;
-      reg_store(dst, kAccumulate ? acc[m][v] + reg_load(dst) : acc[m][v]);
+      store_vector(dst, kAccumulate ? acc[m][v] + load_vector(dst) : acc[m][v]);
     }
 }
 
-template <typename T, int NR, bool kAccumulate, bool kTransposedA>
+template <typename T, int NV, bool kAccumulate, bool kTransposedA>
 inline void tile_kernel_rows(int rows, const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c,
                              int64_t ldc) {
   static_assert(kTileRows == 6);
   switch (rows) {
-    case 1: return tile_kernel<T, 1, NR, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
-    case 2: return tile_kernel<T, 2, NR, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
-    case 3: return tile_kernel<T, 3, NR, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
-    case 4: return tile_kernel<T, 4, NR, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
-    case 5: return tile_kernel<T, 5, NR, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
-    default: return tile_kernel<T, 6, NR, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    case 1: return tile_kernel<T, 1, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    case 2: return tile_kernel<T, 2, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    case 3: return tile_kernel<T, 3, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    case 4: return tile_kernel<T, 4, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    case 5: return tile_kernel<T, 5, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
+    default: return tile_kernel<T, 6, NV, kAccumulate, kTransposedA>(a, lda, b, ldb, depth, c, ldc);
   }
 }
 
-/// C[:, 0:regs*R) (+)= A (rows x depth) @ B[:, 0:regs*R) for regs <= kTileRegs register vectors (R lanes each),
-/// cut into balanced row blocks of at most kTileRows (128 rows -> 18 x 6 + 4 x 5 rather than 21 x 6 + a 2-row
-/// straggler).
+/// C[:, 0:vectors*L) (+)= A (rows x depth) @ B[:, 0:vectors*L) for vectors <= kTileVectors, cut into balanced row
+/// blocks of at most kTileRows (128 rows -> 18 x 6 + 4 x 5 rather than 21 x 6 + a 2-row straggler).
 template <typename T, bool kAccumulate, bool kTransposedA>
-void tile_gemm_columns(int64_t rows, int regs, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb,
+void tile_gemm_columns(int64_t rows, int vectors, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb,
                        T* c, int64_t ldc) {
   const int64_t blocks = (rows + kTileRows - 1) / kTileRows;
   int64_t row = 0;
@@ -113,21 +111,21 @@ void tile_gemm_columns(int64_t rows, int regs, int64_t depth, const T* a, int64_
     const int block_rows = static_cast<int>((rows - row + (blocks - blk) - 1) / (blocks - blk));
     const T* a_blk = kTransposedA ? a + row : a + row * lda;
     T* c_blk = c + row * ldc;
-    // Widths above kTileRegs never occur: std::min keeps them from being instantiated.
-    switch (regs) {
+    // Widths above kTileVectors never occur: std::min keeps them from being instantiated.
+    switch (vectors) {
       case 1:
         tile_kernel_rows<T, 1, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc);
         break;
       case 2:
-        tile_kernel_rows<T, std::min(2, kTileRegs), kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth,
+        tile_kernel_rows<T, std::min(2, kTileVectors), kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth,
                                                                               c_blk, ldc);
         break;
       case 3:
-        tile_kernel_rows<T, std::min(3, kTileRegs), kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth,
+        tile_kernel_rows<T, std::min(3, kTileVectors), kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth,
                                                                               c_blk, ldc);
         break;
       default:
-        tile_kernel_rows<T, kTileRegs, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc);
+        tile_kernel_rows<T, kTileVectors, kAccumulate, kTransposedA>(block_rows, a_blk, lda, b, ldb, depth, c_blk, ldc);
         break;
     }
     row += block_rows;
@@ -140,25 +138,25 @@ constexpr int64_t kTileDepthBlock = 64;
 
 /// C (rows x cols) (+)= A (rows x depth) @ B (depth x cols), all row-major (kTransposedA: A given as its transpose,
 /// depth x rows with leading dim lda); cols a multiple of the lane count (callers zero-pad their tiles to it).
-/// Column chunks of kTileRegs register vectors, then depth blocks of 64, outer; row blocks inner: the B block (64 x 4
+/// Column chunks of kTileVectors vectors, then depth blocks of 64, outer; row blocks inner: the B block (64 x 4
 /// zmm = 16 KB at avx512) stays in L1 while A's rows stream past it.
 /// Depth blocking, forward at L = 1024, 8 heads, one thread (CPU time, best of 10): D = 128 49.8 -> 45.5 ms,
 /// D = 64 25.9 -> 24.4 ms (PV has depth kKeyTile = 128).
 template <typename T, bool kAccumulate, bool kTransposedA = false>
 void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                int64_t ldc) {
-  constexpr int R = kRegLanes<T>;
+  constexpr int L = kLanes<T>;
   constexpr int64_t kDepthBlock = kTileDepthBlock;
-  for (int64_t col = 0; col < cols; col += kTileRegs * R) {
-    const int regs = static_cast<int>(std::min<int64_t>(kTileRegs, (cols - col) / R));
+  for (int64_t col = 0; col < cols; col += kTileVectors * L) {
+    const int vectors = static_cast<int>(std::min<int64_t>(kTileVectors, (cols - col) / L));
     for (int64_t k0 = 0; k0 < std::max<int64_t>(depth, 1); k0 += kDepthBlock) {
       const int64_t k1 = std::min(depth, k0 + kDepthBlock);
       const T* a_k0 = kTransposedA ? a + k0 * lda : a + k0;
       if (k0 == 0 && !kAccumulate) {
-        tile_gemm_columns<T, false, kTransposedA>(rows, regs, k1 - k0, a_k0, lda, b + k0 * ldb + col, ldb, c + col,
+        tile_gemm_columns<T, false, kTransposedA>(rows, vectors, k1 - k0, a_k0, lda, b + k0 * ldb + col, ldb, c + col,
                                                   ldc);
       } else {
-        tile_gemm_columns<T, true, kTransposedA>(rows, regs, k1 - k0, a_k0, lda, b + k0 * ldb + col, ldb, c + col,
+        tile_gemm_columns<T, true, kTransposedA>(rows, vectors, k1 - k0, a_k0, lda, b + k0 * ldb + col, ldb, c + col,
                                                  ldc);
       }
     }

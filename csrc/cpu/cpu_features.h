@@ -4,6 +4,13 @@
 // the Intel Xeons here have both, AMD Zen 4 has AVX512-BF16 and no AMX, older AVX-512 CPUs have neither.
 #pragma once
 
+// Whether this level compiles the bf16 units' code (AVX512-BF16 dot products, AMX tiles). It is written for
+// 64-byte Simd vectors (simd.h): compiled at the avx512 and default levels, not at avx2, whose Simd is one ymm
+// vector. A CPU with the units runs the avx512 level unless forced lower; at avx2 bf16 computes at fp32 speed.
+#if (defined(__x86_64__) || defined(_M_X64)) && !(defined(__AVX2__) && !defined(__AVX512F__))
+#define SEQKERN_BF16_UNITS 1
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #if defined(__linux__)
@@ -14,7 +21,7 @@
 
 namespace seqkern::cpu {
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(SEQKERN_BF16_UNITS)
 namespace detail {
 
 /// cpuid leaf 7 sub-leaf `sub`: registers {eax, ebx, ecx, edx}, zeros where the leaf does not exist.

@@ -1539,12 +1539,20 @@ void score_grad_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, con
   });
 }
 
-/// Lanes [8 kHalf, 8 kHalf + 8) of x widened to float64 (for double, x itself: kHalf 0).
+/// Lanes [H kHalf, H kHalf + H) of x widened to float64, H = kLanes<double> (half of a float vector's lanes; for
+/// double, x itself: kHalf 0).
+typedef float HalfSimdFloat __attribute__((vector_size(kSimdBytes / 2)));
 template <int kHalf>
 inline Simd<double> widened(Simd<float> x) {
-  typedef float Eight __attribute__((vector_size(32)));
-  const Eight part = __builtin_shufflevector(x, x, 8 * kHalf, 8 * kHalf + 1, 8 * kHalf + 2, 8 * kHalf + 3,
-                                             8 * kHalf + 4, 8 * kHalf + 5, 8 * kHalf + 6, 8 * kHalf + 7);
+  constexpr int H = kLanes<double>;
+  static_assert(kLanes<float> == 2 * H && (H == 8 || H == 4));
+  HalfSimdFloat part;
+  if constexpr (H == 8) {
+    part = __builtin_shufflevector(x, x, 8 * kHalf, 8 * kHalf + 1, 8 * kHalf + 2, 8 * kHalf + 3, 8 * kHalf + 4,
+                                   8 * kHalf + 5, 8 * kHalf + 6, 8 * kHalf + 7);
+  } else {
+    part = __builtin_shufflevector(x, x, 4 * kHalf, 4 * kHalf + 1, 4 * kHalf + 2, 4 * kHalf + 3);
+  }
   return __builtin_convertvector(part, Simd<double>);
 }
 template <int kHalf>
@@ -1552,7 +1560,7 @@ inline Simd<double> widened(Simd<double> x) {
   return x;
 }
 
-/// sum[l] += p[l] d[l], mass[l] += p[l] in float64 for the lanes of half kHalf of p and d (8 lanes).
+/// sum[l] += p[l] d[l], mass[l] += p[l] in float64 for the lanes of half kHalf of p and d (kLanes<double> lanes).
 template <int kHalf, typename V>
 inline void accumulate_delta_half(V p, V d, double* sum, double* mass) {
   const Simd<double> wide_p = widened<kHalf>(p);
@@ -1574,7 +1582,8 @@ void delta_row(const BackwardArgs<S>& args, BackwardScratch<Acc<S>>& w, const Se
   score_row<S>(args, w, s, h, g, i0, queries, j, first, last, r, c0, [&](int64_t c, V prob, V, V dp, auto seen) {
     const V p = seen ? prob : V{}, d = seen ? dp : V{};
     accumulate_delta_half<0>(p, d, sum + c, mass + c);
-    if constexpr (kLanes<A> == 16) accumulate_delta_half<1>(p, d, sum + c + 8, mass + c + 8);
+    if constexpr (kLanes<A> == 2 * kLanes<double>)
+      accumulate_delta_half<1>(p, d, sum + c + kLanes<double>, mass + c + kLanes<double>);
   });
 }
 

@@ -103,6 +103,7 @@ int64_t choose_splits(int64_t num_splits, const DecodeShape& d, int64_t longest)
 // ------------------------------------------------------------------------------------------------
 // SIMD pieces.
 // ------------------------------------------------------------------------------------------------
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 /// 16 bfloat16 bit patterns (uint16 lanes) widened to fp32: zero-extend, shift left by 16.
 typedef uint16_t U16x16 __attribute__((vector_size(32)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
@@ -112,6 +113,7 @@ inline Simd<float> widen_bf16(U16x16 half) {
   std::memcpy(&v, &word, sizeof(v));
   return v;
 }
+#endif
 
 /// The first n (<= lanes) elements of a row as A, the other lanes zero. Whole vectors are plain loads
 /// (bfloat16 widened by two vector instructions, where recurrence.h's load converts lane by lane), partial

@@ -121,7 +121,7 @@ struct PackedPairs {
   }
 };
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(SEQKERN_BF16_UNITS)
 #define SEQKERN_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 /// C[0:MR, 0:NV*16) = A[0:MR, 0:2*pairs) @ panel with MR x NV fp32 accumulators in registers (MR=6,

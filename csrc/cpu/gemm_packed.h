@@ -23,11 +23,19 @@ namespace seqkern::cpu {
 // the first read it from L1 where 6 x 4 (64 KB panels) streamed it from L2 for every 6 rows. Microbenchmark, one
 // thread, C = A (M x 256) @ W (256 x 768), flop per TSC cycle: M = 32 78-82 vs 67-72 (6 x 4), M = 8 76-81 vs 55-57,
 // M = 1 and 4 equal within noise (NOTES.md "Round 6").
-constexpr int kMicroVectors = 3;
+template <typename T>
+constexpr int kMicroVectorsOf = 3;
 constexpr int kMaxMicroRows = 8;
+#elif defined(SEQKERN_SIMD_YMM)
+// float: panels of 8 ymm vectors (64 floats), which micro_kernel_ymm re-blocks into its own register blocks (1 x 8
+// at batch 1); double: the generic micro_kernel's 6 x 4 (an 8-vector block would be 48 accumulators).
+template <typename T>
+constexpr int kMicroVectorsOf = std::is_same_v<T, float> ? 8 : 4;
+constexpr int kMaxMicroRows = 6;
 #else
-// Below AVX-512 (micro_kernel_ymm re-blocks the panels into ymm columns; the generic level's vectors are emulated).
-constexpr int kMicroVectors = 4;
+// The default level's vectors are emulated 64-byte ones.
+template <typename T>
+constexpr int kMicroVectorsOf = 4;
 constexpr int kMaxMicroRows = 6;
 #endif
 
@@ -36,7 +44,7 @@ constexpr int kMaxMicroRows = 6;
 /// contiguous stream. width is a multiple of the lane count (padding columns are zero).
 template <typename T>
 struct PackedPanels {
-  static constexpr int kPanelVectors = kMicroVectors;
+  static constexpr int kPanelVectors = kMicroVectorsOf<T>;
   static constexpr int64_t kPanelWidth = kPanelVectors * kLanes<T>;
   int64_t depth = 0;
   int64_t width = 0;
@@ -188,11 +196,11 @@ void micro_kernel_rows(int rows, const T* a, int64_t lda, const T* panel, int64_
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(SEQKERN_SIMD_YMM)
 // ------------------------------------------------------------------------------------------------
-// The avx2 level's fp32 micro-kernel on 32-byte vectors. Below AVX-512 a Simd<float> (64 bytes) is two ymm
-// registers that GCC emulates: the generic micro_kernel's 6 x 4 block of them is 48 ymm accumulators for 16
-// registers, and it spilled (GRU b1 at 0.8x torch.nn.GRU). Same panels, same interface; the blocks are sized
+// The avx2 level's fp32 micro-kernel on ymm vectors. The generic micro_kernel's 6 x 4 block of 64-byte vectors was
+// 48 ymm accumulators for 16 registers, and it spilled (GRU b1 at 0.8x torch.nn.GRU), when a Simd was 64 bytes at
+// this level. Same panels, same interface; the blocks are sized
 // for 16 ymm registers: MR rows x NY ymm columns of accumulators, MR * NY <= 12 and at least 8 of them where
 // the rows allow (an FMA's latency is 4-5 cycles on two ports: fewer independent sums leave the ports idle,
 // which is what a GEMV at batch 1 otherwise hits).
@@ -273,9 +281,9 @@ inline void panel_block_ymm(const float* a, int64_t lda, const float* panel, int
 template <typename T>
 inline void panel_block(int rows, const T* a, int64_t lda, const T* panel, int panel_vectors, int64_t depth, T* c,
                         int64_t ldc, bool accumulate) {
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(SEQKERN_SIMD_YMM)
   if constexpr (std::is_same_v<T, float>) {
-    const int ymm = panel_vectors * 2;
+    const int ymm = panel_vectors * kLanes<float> / 8;
     switch (rows) {
       case 1: return panel_block_ymm<1>(a, lda, panel, ymm, depth, c, ldc, accumulate);
       case 2: return panel_block_ymm<2>(a, lda, panel, ymm, depth, c, ldc, accumulate);
@@ -291,6 +299,10 @@ inline void panel_block(int rows, const T* a, int64_t lda, const T* panel, int p
     case 1: return micro_kernel_rows<T, 1>(rows, a, lda, panel, depth, c, ldc, accumulate);
     case 2: return micro_kernel_rows<T, 2>(rows, a, lda, panel, depth, c, ldc, accumulate);
     case 3: return micro_kernel_rows<T, std::min(3, kWidest)>(rows, a, lda, panel, depth, c, ldc, accumulate);
+    case 4: return micro_kernel_rows<T, std::min(4, kWidest)>(rows, a, lda, panel, depth, c, ldc, accumulate);
+    case 5: return micro_kernel_rows<T, std::min(5, kWidest)>(rows, a, lda, panel, depth, c, ldc, accumulate);
+    case 6: return micro_kernel_rows<T, std::min(6, kWidest)>(rows, a, lda, panel, depth, c, ldc, accumulate);
+    case 7: return micro_kernel_rows<T, std::min(7, kWidest)>(rows, a, lda, panel, depth, c, ldc, accumulate);
     default: return micro_kernel_rows<T, kWidest>(rows, a, lda, panel, depth, c, ldc, accumulate);
   }
 }

@@ -32,25 +32,36 @@ template <typename S>
 using Acc = at::opmath_type<S>;
 
 // ------------------------------------------------------------------------------------------------
-// 64-byte SIMD vectors.
+// SIMD vectors of the level's register width.
 // ------------------------------------------------------------------------------------------------
+// 64 bytes (a zmm) at avx512, 32 (a ymm) at avx2. GCC has no machine mode for a 64-byte vector below AVX-512: when
+// Simd was 64 bytes at avx2 too, each value of it was a memory object operated on piecewise, its halves moved through
+// the stack and general registers (perf on an AMD EPYC Zen 1, 2026-12-07: stack stores and reloads were the top
+// instructions of the attention softmax, and a GEMM tile's accumulators lived on the stack). The default level keeps
+// 64-byte vectors that GCC emulates (SSE2, NEON: the portable path, not tuned).
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define SEQKERN_SIMD_YMM 1
+constexpr int kSimdBytes = 32;
+#else
+constexpr int kSimdBytes = 64;
+#endif
 template <typename T>
 struct SimdTraits;
 template <>
 struct SimdTraits<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t bits __attribute__((vector_size(64)));
+  typedef float type __attribute__((vector_size(kSimdBytes)));
+  typedef int32_t bits __attribute__((vector_size(kSimdBytes)));
 };
 template <>
 struct SimdTraits<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t bits __attribute__((vector_size(64)));
+  typedef double type __attribute__((vector_size(kSimdBytes)));
+  typedef int64_t bits __attribute__((vector_size(kSimdBytes)));
 };
 
 template <typename T>
 using Simd = typename SimdTraits<T>::type;
 template <typename T>
-constexpr int kLanes = 64 / sizeof(T);
+constexpr int kLanes = kSimdBytes / sizeof(T);
 
 template <typename T>
 inline Simd<T> broadcast(T value) {
@@ -66,68 +77,8 @@ inline Simd<T> broadcast(T value) {
   } else {
     return Simd<T>{} + value;
   }
-#elif defined(__AVX__)
-  // Below AVX-512 a 64-byte vector lives in two ymm registers, and GCC builds `Simd{} + value` lane by lane through
-  // the stack (seen in perf annotate: the avx2 level's GEMM micro-kernel ran GRU b1 at 0.41x torch.nn.GRU, against
-  // 3.7x at avx512). One 32-byte broadcast copied into both halves stays in registers.
-  typedef T Half __attribute__((vector_size(32)));
-  const Half half = Half{} + value;
-  Simd<T> v;
-  std::memcpy(&v, &half, sizeof(half));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(half), &half, sizeof(half));
-  return v;
 #else
   return Simd<T>{} + value;
-#endif
-}
-
-// ------------------------------------------------------------------------------------------------
-// Register vectors: the level's native SIMD register, for register-blocked products.
-// ------------------------------------------------------------------------------------------------
-// Below AVX-512 GCC has no machine mode for a 64-byte vector: a Simd is then a memory object that each operation
-// loads and stores piecewise, and an array of them (a product's accumulators) lives on the stack, its halves moved
-// through general registers (seen in the avx2 level's attention tile kernel, 2026-12-07). Register-blocked kernels
-// work on Reg<T> instead: the Simd itself at avx512 (and at the default level, which has no wider native type
-// to offer GCC's emulation), a 32-byte ymm vector at avx2.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-#define SEQKERN_YMM_REGISTERS 1
-template <typename T>
-struct RegTraits;
-template <>
-struct RegTraits<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct RegTraits<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename T>
-using Reg = typename RegTraits<T>::type;
-#else
-template <typename T>
-using Reg = Simd<T>;
-#endif
-template <typename T>
-constexpr int kRegLanes = sizeof(Reg<T>) / sizeof(T);
-
-template <typename T>
-SEQKERN_SIMD_INLINE Reg<T> reg_load(const T* p) {
-  Reg<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-SEQKERN_SIMD_INLINE void reg_store(T* p, Reg<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <typename T>
-SEQKERN_SIMD_INLINE Reg<T> reg_broadcast(T value) {
-#if defined(SEQKERN_YMM_REGISTERS)
-  return Reg<T>{} + value;  // a native 32-byte type: one vbroadcastss / vbroadcastsd
-#else
-  return broadcast(value);
 #endif
 }
 
@@ -135,8 +86,8 @@ SEQKERN_SIMD_INLINE Reg<T> reg_broadcast(T value) {
 // mantissa tail; narrowing: round to nearest even, NaN -> 0x7FC0). Lane by lane through c10::BFloat16 the
 // conversions cost more than the math in the bf16 recurrent loops: the GRU's inference step stored its bf16
 // output at ~3 cycles a value (perf: the cell phase ~35% of a b32 h256 layer, as much as the AMX products).
-typedef uint16_t Bf16Bits __attribute__((vector_size(32)));
-typedef uint32_t Fp32Bits __attribute__((vector_size(64)));
+typedef uint16_t Bf16Bits __attribute__((vector_size(kSimdBytes / 2)));
+typedef uint32_t Fp32Bits __attribute__((vector_size(kSimdBytes)));
 
 SEQKERN_SIMD_INLINE Simd<float> widen_bf16(const c10::BFloat16* src) {
   Bf16Bits half;
@@ -212,6 +163,8 @@ inline void fill_zero(Dst* dst, int64_t n) {
 inline Simd<float> fmadd(Simd<float> a, Simd<float> b, Simd<float> c) {
 #if defined(__AVX512F__)
   return _mm512_fmadd_ps(a, b, c);
+#elif defined(SEQKERN_SIMD_YMM)
+  return _mm256_fmadd_ps(a, b, c);
 #else
   return a * b + c;
 #endif
@@ -219,22 +172,10 @@ inline Simd<float> fmadd(Simd<float> a, Simd<float> b, Simd<float> c) {
 inline Simd<double> fmadd(Simd<double> a, Simd<double> b, Simd<double> c) {
 #if defined(__AVX512F__)
   return _mm512_fmadd_pd(a, b, c);
+#elif defined(SEQKERN_SIMD_YMM)
+  return _mm256_fmadd_pd(a, b, c);
 #else
   return a * b + c;
-#endif
-}
-
-/// a * b + c with one rounding on register vectors.
-template <typename T>
-SEQKERN_SIMD_INLINE Reg<T> reg_fmadd(Reg<T> a, Reg<T> b, Reg<T> c) {
-#if defined(SEQKERN_YMM_REGISTERS)
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm256_fmadd_ps(a, b, c);
-  } else {
-    return _mm256_fmadd_pd(a, b, c);
-  }
-#else
-  return fmadd(a, b, c);
 #endif
 }
 
@@ -245,6 +186,8 @@ SEQKERN_SIMD_INLINE Reg<T> reg_fmadd(Reg<T> a, Reg<T> b, Reg<T> c) {
 SEQKERN_SIMD_INLINE Simd<float> nearest_log2_multiple(Simd<float> x) {
 #if defined(__AVX512F__)
   return _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif defined(SEQKERN_SIMD_YMM)
+  return _mm256_round_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
   Simd<float> n;
   for (int l = 0; l < kLanes<float>; ++l) n[l] = std::nearbyint(x[l] * 1.44269504088896341f);

@@ -19,7 +19,7 @@
 
 #include "cpu/cpu_features.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(SEQKERN_BF16_UNITS)
 #include <immintrin.h>
 #define SEQKERN_BF16_X86 1
 #endif
