@@ -1,6 +1,7 @@
 // SIMD vectors and the vectorized math every CPU kernel shares (recurrent cells, attention softmax):
-//   * Simd<T>: one 64-byte vector (a zmm register with AVX-512) through GCC vector extensions, with
-//     loads/stores that convert from/to the storage dtype (bf16 storage, fp32 arithmetic);
+//   * Simd<T>: one vector of the level's register width (a zmm at avx512, a ymm at avx2; 64 bytes emulated at the
+//     default level) through GCC vector extensions, with loads/stores that convert from/to the storage dtype
+//     (bf16 storage, fp32 arithmetic);
 //   * Acc<S>: the accumulation dtype of storage dtype S (float for bfloat16);
 //   * vectorized exp / sigmoid / tanh (tanh_accurate: ~1 ulp relative, the only tanh: see its comment).
 #pragma once
