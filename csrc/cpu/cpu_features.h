@@ -4,10 +4,13 @@
 // the Intel Xeons here have both, AMD Zen 4 has AVX512-BF16 and no AMX, older AVX-512 CPUs have neither.
 #pragma once
 
+#include "cpu/simd.h"  // SEQKERN_SIMD_YMM
+
 // Whether this level compiles the bf16 units' code (AVX512-BF16 dot products, AMX tiles). It is written for
-// 64-byte Simd vectors (simd.h): compiled at the avx512 and default levels, not at avx2, whose Simd is one ymm
-// vector. A CPU with the units runs the avx512 level unless forced lower; at avx2 bf16 computes at fp32 speed.
-#if (defined(__x86_64__) || defined(_M_X64)) && !(defined(__AVX2__) && !defined(__AVX512F__))
+// 64-byte Simd vectors: compiled at the avx512 and default levels, not at avx2, whose Simd is one ymm vector
+// (simd.h's SEQKERN_SIMD_YMM). A CPU with the units runs the avx512 level unless forced lower; at avx2 bf16
+// computes at fp32 speed.
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(SEQKERN_SIMD_YMM)
 #define SEQKERN_BF16_UNITS 1
 #endif
 
