@@ -313,12 +313,14 @@ inline void panel_block(int rows, const T* a, int64_t lda, const T* panel, int p
 /// 6x5 + a 2-row straggler).
 /// Each output sums blocks of kDepthBlock products in registers and adds the blocks in C: a sum's rounding error
 /// grows with the length of its chain, and one chain over all of a long depth lost to MKL's blocked sums under
-/// the correctness rule (an Elman layer with 2100 inputs: grad_w_ih 5.4e-5 against torch's 1.2e-5). Depths up to
-/// kDepthBlock (hidden 256) run as one block; above it the extra load and add of C per block is ~1/256 of the work.
+/// the correctness rule (an Elman layer with 2100 inputs: grad_w_ih 5.4e-5 against torch's 1.2e-5). 128 is MKL's
+/// own depth block on an AMD Zen 4 (its sgemm's error at depth 256 is that of two 128-long chains); with blocks of
+/// 256 the step product at hidden 256 had 1.4x MKL's RMS error there and a LayerNorm LSTM's grad_input broke the
+/// rule. Blocks of 128 cost 1-4% of a recurrent layer's time, blocks of 64 4-11% (NOTES.md, "Round 23").
 template <typename T>
 void gemm_packed_row_block(const T* a, int64_t lda, int64_t rows, const PackedPanels<T>& w, int64_t k_begin,
                            int64_t k_end, T* c, int64_t ldc, bool accumulate) {
-  constexpr int64_t kDepthBlock = 256;
+  constexpr int64_t kDepthBlock = 128;
   const int64_t blocks = (rows + kMaxMicroRows - 1) / kMaxMicroRows;
   for (int64_t p = 0; p < w.panel_count(); ++p) {
     const int vectors = w.panel_vectors(p);
