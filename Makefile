@@ -26,8 +26,10 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -m seqkern.build --runnable
 	touch $@
 
+# Two pytest workers (pytest-xdist): the suite is mostly Python-bound (the Triton interpreter, torch.compile,
+# exports), so two processes on two cores take it from ~10 to ~7 min on a Zen 4 (NOTES.md "Round 23").
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench: install
 	$(PY) -m benchmarks
