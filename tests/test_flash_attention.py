@@ -169,9 +169,9 @@ def test_gradcheck(backend):
     case = _case(7, 5, dim=4, batch=1, heads=2, kv_heads=1, dim_v=3, causal=True, alignment="bottom_right",
                  mask="float_grad")
     inputs = {n: t.requires_grad_(n != "attn_mask" or True) for n, t in _inputs(case).items()}
-    # Under the Triton interpreter the full check (two forward calls per input element, one backward per output
-    # element: 39 s) checks each kernel's Jacobian as the random projections of fast mode do (1.2 s): a wrong
-    # entry changes u^T J v with probability 1. The C++ kernels keep the full check.
+    # Under the Triton interpreter the full check takes 39 s (two forward calls per input element, one backward per
+    # output element); fast mode's random projections u^T J v take 1.2 s and miss a wrong Jacobian entry with
+    # probability 0. The C++ kernels keep the full check.
     with seqkern.backend(backend):
         assert torch.autograd.gradcheck(
             lambda q, k, v, m: seqkern.attention(q, k, v, m, **_seqkern_options(case)), tuple(inputs.values()),
