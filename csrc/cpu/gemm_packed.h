@@ -316,7 +316,7 @@ inline void panel_block(int rows, const T* a, int64_t lda, const T* panel, int p
 /// the correctness rule (an Elman layer with 2100 inputs: grad_w_ih 5.4e-5 against torch's 1.2e-5). 128 is MKL's
 /// own depth block on an AMD Zen 4 (its sgemm's error at depth 256 is that of two 128-long chains); with blocks of
 /// 256 the step product at hidden 256 had 1.4x MKL's RMS error there and a LayerNorm LSTM's grad_input broke the
-/// rule. Blocks of 128 cost 1-4% of a recurrent layer's time, blocks of 64 4-11% (NOTES.md, "Round 23").
+/// rule. Blocks of 128 cost 0-4% of a recurrent layer's time, blocks of 64 2-11% (NOTES.md, "Round 23").
 template <typename T>
 void gemm_packed_row_block(const T* a, int64_t lda, int64_t rows, const PackedPanels<T>& w, int64_t k_begin,
                            int64_t k_end, T* c, int64_t ldc, bool accumulate) {
