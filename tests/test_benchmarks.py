@@ -55,19 +55,24 @@ def test_limits_floor_arithmetic_and_verdicts():
     # arithmetic, on made-up times, and the work it takes from the benchmark cases. An LSTM layer's training step
     # is six (T*B x 4H x H) products.
     from benchmarks import bench_attention, bench_gru, bench_lstm
-    from benchmarks.limits import Limit, benchmark_case, table
+    from benchmarks.limits import Limit, Peak, benchmark_case, table
 
     assert benchmark_case(bench_lstm, "lstm train b32 t100 h256").flops == 6 * 2 * 100 * 32 * 1024 * 256
     assert benchmark_case(bench_gru, "gru infer b32 t100 h256").flops == 2 * 2 * 100 * 32 * 768 * 256
     decode = benchmark_case(bench_attention, "attention decode b1 hq32 hkv8 cache32768 d128 bfloat16")
     assert decode.bytes_moved == 2 * 8 * 32768 * 128 * 2
-    reachable = Limit("a", target=1.5, baseline_s=0.040, floor_s=0.020, floor_how="x")
+    reachable = Limit("a", target=1.5, baseline_s=0.040, floor_s=0.020, floor_how="x", practical_floor_s=0.025)
     out_of_reach = Limit("b", target=1.5, baseline_s=0.040, floor_s=0.030, floor_how="y")
     assert reachable.best_ratio == pytest.approx(2.0) and reachable.reachable
+    assert reachable.practical_ratio == pytest.approx(1.6) and out_of_reach.practical_ratio is None
     assert out_of_reach.best_ratio == pytest.approx(4 / 3) and not out_of_reach.reachable
     text = table([reachable, out_of_reach])
-    assert "| a | 1.5x | 40.00 | 20.00 | 2.00x | x |" in text
-    assert "1.33x (target out of reach)" in text
+    assert "| a | 1.5x | 40.00 | 20.00 | 2.00x | 1.60x | x |" in text
+    assert "| b | 1.5x | 40.00 | 30.00 | 1.33x (target out of reach) |  | y |" in text
+    # The floor's rate is the faster of the units' and a large GEMM's: a GEMM's achieved rate is no bound (MKL on
+    # a Zen 4 runs at ~80% of the FMA units'), and a probe that did not build (0) leaves the GEMM's.
+    assert Peak(arithmetic=230e9, gemm=188e9).bound == 230e9
+    assert Peak(arithmetic=0.0, gemm=188e9).bound == 188e9
 
 
 def test_repeat_reports_each_ratio_over_the_runs():
