@@ -148,8 +148,8 @@ struct PackedPanels {
 #endif
 };
 
-/// C[0:MR, 0:NV*lanes) = A[0:MR, 0:depth) @ panel (+= with accumulate); MR x NV accumulators stay in registers
-/// (MR=8, NV=3 at avx512: 24 of the 32 zmm registers). Figures below are from its 6 x 4 days. One thread, best
+/// C[0:MR, 0:NV*lanes) = A[0:MR, 0:depth) @ panel (+= with accumulate), depth >= 1 (gemm_packed returns before an
+/// empty depth range); MR x NV accumulators stay in registers (MR=8, NV=3 at avx512: 24 of the 32 zmm registers). Figures below are from its 6 x 4 days. One thread, best
 /// of runs, against at::mm (MKL) on the same product: 32 x 256 x 512 (a batch-32 step) 72.7 vs 95.7 us; 64 x 512 x 1024 577 vs 728 us;
 /// 1 x 256 x 512 (batch 1: bound by L2 bandwidth, ~110 GB/s) 4.9 vs 11.1 us. So the persistent loop
 /// uses it at every batch size rather than calling at::mm per step.
@@ -157,18 +157,15 @@ template <typename T, int MR, int NV>
 void micro_kernel(const T* a, int64_t lda, const T* panel, int64_t depth, T* c, int64_t ldc, bool accumulate) {
   using V = Simd<T>;
   constexpr int L = kLanes<T>;
-  if (depth <= 0) {
-    if (!accumulate)
-      for (int m = 0; m < MR; ++m) std::memset(c + m * ldc, 0, NV * L * sizeof(T));
-    return;
-  }
+  TORCH_INTERNAL_ASSERT(depth > 0, "micro_kernel: an empty depth range");
   V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = V{};
-  // A loop that runs at least once: with a zero-trip path GCC kept acc in memory, zeroing 24 vectors on the stack
-  // and storing and reloading them around the loop on every call. Without that, gemm_packed at 32 x 256 x 528 ran
-  // 115 instead of 109 GFLOP/s a core (the FMA units' peak) and the recurrent layers 1.5-5.5% faster (NOTES.md
-  // "Round 24").
+  // A loop that runs at least once: for a loop with a zero-trip path GCC kept acc in memory, zeroing 24 vectors on
+  // the stack and storing and reloading them around the loop on every call (attention.h's tile_kernel, the same
+  // register block on unpacked operands, avoids it with unroll pragmas). In registers, gemm_packed at 32 x 256 x 528
+  // runs 115 GFLOP/s a core (the FMA units' peak) rather than 109, and the recurrent layers 1.5-5.5% faster
+  // (NOTES.md "Round 24").
   int64_t k = 0;
   do {
     V w[NV];
